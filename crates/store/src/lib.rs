@@ -1,0 +1,234 @@
+//! Owns tollgate's durable state (sessions, events, reviews) and the audit hash chain.
+//! It never parses a wire protocol: protocol adapters hand it [`EventInput`]s, usually through
+//! the batching [`Recorder`].
+//!
+//! - [`Store`] is the storage interface; [`SqliteStore`] is the embedded implementation
+//!   (a PostgreSQL one for several replicas will follow). [`open_store`] picks one from a URL.
+//! - Every writer process appends to its own hash chain (`chain_id`); the chain head lives in
+//!   the database, updated in the same transaction as the events, so nothing about a chain
+//!   is held only in memory. See [`hash`] for the exact encoding.
+//! - [`Store::verify`] recomputes every chain and reports the first break.
+
+pub mod hash;
+mod recorder;
+mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
+pub use recorder::{Recorder, RecorderStats};
+pub use sqlite::{SqliteStore, SCHEMA_VERSION};
+
+/// Event kind that creates a session row.
+pub const KIND_SESSION_OPEN: &str = "session.open";
+/// Event kind that closes a session row (sets `ended_at`, `outcome` and the close payload).
+pub const KIND_SESSION_CLOSE: &str = "session.close";
+
+/// An event to append; `seq` numbers and hashes are assigned by the store.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct EventInput {
+    pub session_id: String,
+    pub kind: String,
+    pub at: SystemTime,
+    pub payload: serde_json::Value,
+}
+
+/// An event as stored: the evidence.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub chain_id: String,
+    pub chain_seq: i64,
+    pub session_id: String,
+    pub session_seq: i64,
+    pub at_unix_ms: i64,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// A session, materialized from its `session.open` / `session.close` events.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SessionRow {
+    pub id: String,
+    pub started_at_unix_ms: i64,
+    pub ended_at_unix_ms: Option<i64>,
+    pub listener: Option<String>,
+    pub client_addr: Option<String>,
+    pub resource: Option<String>,
+    pub subject: Option<String>,
+    pub auth_method: Option<String>,
+    pub outcome: Option<String>,
+    pub event_count: i64,
+    /// Payload of `session.open` (`null` if only a `session.close` was seen).
+    pub open: serde_json::Value,
+    pub close: Option<serde_json::Value>,
+}
+
+/// Which sessions to list. Newest first; `since` is inclusive, `until` exclusive
+/// (both on `started_at_unix_ms`).
+#[derive(Clone, Debug, Default)]
+pub struct SessionFilter {
+    pub subject: Option<String>,
+    pub resource: Option<String>,
+    pub since_unix_ms: Option<i64>,
+    pub until_unix_ms: Option<i64>,
+    pub outcome: Option<String>,
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifyReport {
+    pub chains: usize,
+    pub events: u64,
+    pub first_break: Option<ChainBreak>,
+}
+
+/// Where a chain stops verifying. For a deleted event, `chain_seq` is the missing number and
+/// `event_id`/`session_id` name the nearest event still present (0/"" if none).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ChainBreak {
+    pub chain_id: String,
+    pub chain_seq: i64,
+    pub event_id: i64,
+    pub session_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL is echoed by scheme only: it may carry credentials.
+    #[error("unsupported store URL scheme {scheme:?}: accepted forms are sqlite://PATH, sqlite:///ABSOLUTE/PATH and sqlite::memory:")]
+    InvalidUrl { scheme: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot prepare the store file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the database schema is version {found}, newer than this tollgate build knows ({known}); upgrade tollgate")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error(
+        "chain {chain_id} was extended by another writer; each process must use its own chain_id"
+    )]
+    ChainConflict { chain_id: String },
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error("recording failed after {attempts} attempts: {source}")]
+    BatchFailed {
+        attempts: u32,
+        #[source]
+        source: Arc<StoreError>,
+    },
+    #[error("the recorder has stopped")]
+    RecorderStopped,
+    #[error("internal store error: {0}")]
+    Internal(String),
+}
+
+/// Durable state. Implementations must be safe for several processes sharing one database:
+/// all chain state lives in the database.
+pub trait Store: Send + Sync + 'static {
+    /// Append a batch atomically (one transaction), extending this writer's chain.
+    fn append(&self, chain_id: &str, events: &[EventInput])
+        -> Result<Vec<StoredEvent>, StoreError>;
+    fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRow>, StoreError>;
+    fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError>;
+    /// A session's events in `session_seq` order.
+    fn events(&self, session_id: &str) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Recompute every chain; reports the first break (chains in `chain_id` order).
+    fn verify(&self) -> Result<VerifyReport, StoreError>;
+    fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens a store from a URL: `sqlite://relative/or/abs/path.db`, `sqlite:///abs/path.db`,
+/// or `sqlite::memory:` (tests). `postgres://…` is recognised but not available yet.
+pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url == "sqlite::memory:" {
+        return Ok(Arc::new(SqliteStore::open_in_memory()?));
+    }
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(StoreError::Unsupported(
+                "the sqlite store URL has no path; use sqlite://PATH".into(),
+            ));
+        }
+        return Ok(Arc::new(SqliteStore::open(path)?));
+    }
+    let scheme = url.split_once("://").map_or(url, |(s, _)| s);
+    if scheme == "postgres" || scheme == "postgresql" {
+        return Err(StoreError::Unsupported(
+            "the PostgreSQL store is not available yet; use sqlite://PATH".into(),
+        ));
+    }
+    let scheme = url.split_once(':').map_or("", |(s, _)| s);
+    Err(StoreError::InvalidUrl {
+        scheme: scheme.to_string(),
+    })
+}
+
+/// Milliseconds since the Unix epoch (negative before it, saturating).
+pub fn unix_ms(at: SystemTime) -> i64 {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_store_accepts_the_documented_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let rel_dir = tempfile::tempdir_in(".").unwrap();
+        let rel = format!(
+            "sqlite://{}/a.db",
+            rel_dir.path().file_name().unwrap().to_str().unwrap()
+        );
+        open_store(&rel).unwrap().ping().unwrap();
+        assert!(rel_dir.path().join("a.db").exists());
+        let abs = format!("sqlite://{}/nested/b.db", dir.path().display());
+        assert!(abs.starts_with("sqlite:///"));
+        open_store(&abs).unwrap().ping().unwrap();
+        assert!(dir.path().join("nested/b.db").exists());
+        open_store("sqlite::memory:").unwrap().ping().unwrap();
+    }
+
+    #[test]
+    fn open_store_rejects_postgres_and_unknown_schemes_without_echoing_secrets() {
+        let err = open_store("postgres://u:hunter2@db/x").err().unwrap();
+        assert!(matches!(err, StoreError::Unsupported(_)));
+        assert_eq!(
+            err.to_string(),
+            "the PostgreSQL store is not available yet; use sqlite://PATH"
+        );
+        let err = open_store("mysql://u:hunter2@db/x").err().unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains("\"mysql\""), "{msg}");
+        assert!(msg.contains("sqlite://PATH"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        assert!(matches!(
+            open_store("sqlite://").err().unwrap(),
+            StoreError::Unsupported(_)
+        ));
+    }
+
+    #[test]
+    fn unix_ms_handles_both_sides_of_the_epoch() {
+        use std::time::Duration;
+        assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
+        assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_millis(5)), -5);
+    }
+}

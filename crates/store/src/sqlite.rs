@@ -1,0 +1,1080 @@
+//! The embedded SQLite store: WAL mode, one writer connection behind a mutex and a separate
+//! read connection so readers never wait for a write transaction.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use serde_json::Value;
+
+use crate::hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
+use crate::{
+    unix_ms, ChainBreak, EventInput, SessionFilter, SessionRow, Store, StoreError, StoredEvent,
+    VerifyReport, KIND_SESSION_CLOSE, KIND_SESSION_OPEN,
+};
+
+/// Ordered schema migrations; entry `i` brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE chains (
+    chain_id           TEXT PRIMARY KEY,
+    last_seq           INTEGER NOT NULL,
+    last_hash          TEXT NOT NULL,
+    created_at_unix_ms INTEGER NOT NULL,
+    updated_at_unix_ms INTEGER NOT NULL
+);
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    chain_id    TEXT NOT NULL,
+    chain_seq   INTEGER NOT NULL,
+    session_id  TEXT NOT NULL,
+    session_seq INTEGER NOT NULL,
+    at_unix_ms  INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    payload     TEXT NOT NULL,   -- canonical JSON, exactly the bytes that were hashed
+    prev_hash   TEXT NOT NULL,
+    hash        TEXT NOT NULL,
+    UNIQUE (chain_id, chain_seq),
+    UNIQUE (session_id, session_seq)
+);
+CREATE TABLE sessions (
+    id                 TEXT PRIMARY KEY,
+    started_at_unix_ms INTEGER NOT NULL,
+    ended_at_unix_ms   INTEGER,
+    listener           TEXT,
+    client_addr        TEXT,
+    resource           TEXT,
+    subject            TEXT,
+    auth_method        TEXT,
+    outcome            TEXT,
+    event_count        INTEGER NOT NULL DEFAULT 0,
+    open_payload       TEXT NOT NULL,
+    close_payload      TEXT
+);
+CREATE INDEX sessions_by_start ON sessions (started_at_unix_ms);
+CREATE INDEX sessions_by_subject ON sessions (subject, started_at_unix_ms);
+CREATE INDEX sessions_by_resource ON sessions (resource, started_at_unix_ms);
+CREATE TABLE reviews (
+    id          TEXT PRIMARY KEY,
+    session_id  TEXT,
+    resource    TEXT NOT NULL,
+    requester   TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    rule        TEXT,
+    statement   TEXT,
+    created_at  INTEGER NOT NULL,   -- unix ms
+    decided_at  INTEGER,            -- unix ms
+    decided_by  TEXT,
+    reason      TEXT,
+    payload     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX reviews_by_status ON reviews (status, created_at);
+"#];
+
+/// The schema version this build creates and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const EVENT_COLUMNS: &str =
+    "id, chain_id, chain_seq, session_id, session_seq, at_unix_ms, kind, payload, prev_hash, hash";
+const SESSION_COLUMNS: &str = "id, started_at_unix_ms, ended_at_unix_ms, listener, client_addr, \
+     resource, subject, auth_method, outcome, event_count, open_payload, close_payload";
+
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    /// `None` for an in-memory database, which a second connection could not see.
+    reader: Option<Mutex<Connection>>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating with mode 0600, and creating parent directories) and migrates a database file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        prepare_file(path)?;
+        let mut writer = Connection::open(path)?;
+        writer.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "sqlite store is not in WAL mode");
+        }
+        // WAL + NORMAL: a commit survives a process crash; fsync happens at checkpoints.
+        writer.pragma_update(None, "synchronous", "NORMAL")?;
+        migrate(&mut writer)?;
+
+        let reader = Connection::open(path)?;
+        reader.busy_timeout(BUSY_TIMEOUT)?;
+        reader.pragma_update(None, "query_only", true)?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: Some(Mutex::new(reader)),
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// A private in-memory database (tests); reads share the writer connection.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let mut writer = Connection::open_in_memory()?;
+        migrate(&mut writer)?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: None,
+            path: None,
+        })
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        // A panic mid-transaction rolls the transaction back when it is dropped,
+        // so the connection is still usable.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        match &self.reader {
+            Some(r) => r.lock().unwrap_or_else(|p| p.into_inner()),
+            None => self.writer(),
+        }
+    }
+}
+
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    let io_err = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        // SQLite creates -wal and -shm with the main file's permissions.
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // IMMEDIATE: two processes opening a fresh database at once migrate one after the other.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY,
+             applied_at INTEGER NOT NULL
+         )",
+    )?;
+    let current: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![index as i64 + 1, unix_ms(SystemTime::now())],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn append(
+        &self,
+        chain_id: &str,
+        events: &[EventInput],
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if chain_id.is_empty() {
+            return Err(StoreError::InvalidEvent("chain_id is empty".into()));
+        }
+        if let Some(ev) = events
+            .iter()
+            .find(|e| e.session_id.is_empty() || e.kind.is_empty())
+        {
+            return Err(StoreError::InvalidEvent(format!(
+                "session_id and kind must not be empty (session_id {:?}, kind {:?})",
+                ev.session_id, ev.kind
+            )));
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let head: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT last_seq, last_hash FROM chains WHERE chain_id = ?1",
+                [chain_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (mut chain_seq, mut prev_hash) = head
+            .clone()
+            .unwrap_or_else(|| (0, GENESIS_HASH.to_string()));
+        let mut stored = Vec::with_capacity(events.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (chain_id, chain_seq, session_id, session_seq, at_unix_ms, \
+                 kind, payload, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut last_session_seq = tx.prepare_cached(
+                "SELECT COALESCE(MAX(session_seq), 0) FROM events WHERE session_id = ?1",
+            )?;
+            let mut session_seqs: HashMap<&str, i64> = HashMap::new();
+            for ev in events {
+                chain_seq += 1;
+                let session_seq = match session_seqs.get_mut(ev.session_id.as_str()) {
+                    Some(seq) => {
+                        *seq += 1;
+                        *seq
+                    }
+                    None => {
+                        let seq = last_session_seq
+                            .query_row([&ev.session_id], |r| r.get::<_, i64>(0))?
+                            + 1;
+                        session_seqs.insert(&ev.session_id, seq);
+                        seq
+                    }
+                };
+                let at_unix_ms = unix_ms(ev.at);
+                let payload = canonical_json(&ev.payload);
+                let hash = event_hash(
+                    &prev_hash,
+                    &HashedFields {
+                        chain_id,
+                        chain_seq,
+                        session_id: &ev.session_id,
+                        session_seq,
+                        at_unix_ms,
+                        kind: &ev.kind,
+                        payload: payload.as_bytes(),
+                    },
+                );
+                insert.execute(params![
+                    chain_id,
+                    chain_seq,
+                    ev.session_id,
+                    session_seq,
+                    at_unix_ms,
+                    ev.kind,
+                    payload,
+                    prev_hash,
+                    hash
+                ])?;
+                let id = tx.last_insert_rowid();
+                materialize_session(&tx, ev, session_seq, at_unix_ms, &payload)?;
+                stored.push(StoredEvent {
+                    id,
+                    chain_id: chain_id.to_string(),
+                    chain_seq,
+                    session_id: ev.session_id.clone(),
+                    session_seq,
+                    at_unix_ms,
+                    kind: ev.kind.clone(),
+                    payload: ev.payload.clone(),
+                    prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                    hash,
+                });
+            }
+        }
+        let now = unix_ms(SystemTime::now());
+        let updated = match &head {
+            Some((old_seq, old_hash)) => tx.execute(
+                "UPDATE chains SET last_seq = ?1, last_hash = ?2, updated_at_unix_ms = ?3 \
+                 WHERE chain_id = ?4 AND last_seq = ?5 AND last_hash = ?6",
+                params![chain_seq, prev_hash, now, chain_id, old_seq, old_hash],
+            )?,
+            None => tx.execute(
+                "INSERT INTO chains (chain_id, last_seq, last_hash, created_at_unix_ms, \
+                 updated_at_unix_ms) VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (chain_id) DO NOTHING",
+                params![chain_id, chain_seq, prev_hash, now],
+            )?,
+        };
+        if updated != 1 {
+            return Err(StoreError::ChainConflict {
+                chain_id: chain_id.to_string(),
+            });
+        }
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRow>, StoreError> {
+        use rusqlite::types::Value as Sql;
+        let mut sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE 1 = 1");
+        let mut args: Vec<Sql> = Vec::new();
+        let mut add = |clause: &str, value: Sql| {
+            sql.push_str(clause);
+            args.push(value);
+        };
+        if let Some(s) = &filter.subject {
+            add(" AND subject = ?", Sql::Text(s.clone()));
+        }
+        if let Some(r) = &filter.resource {
+            add(" AND resource = ?", Sql::Text(r.clone()));
+        }
+        if let Some(t) = filter.since_unix_ms {
+            add(" AND started_at_unix_ms >= ?", Sql::Integer(t));
+        }
+        if let Some(t) = filter.until_unix_ms {
+            add(" AND started_at_unix_ms < ?", Sql::Integer(t));
+        }
+        if let Some(o) = &filter.outcome {
+            add(" AND outcome = ?", Sql::Text(o.clone()));
+        }
+        let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        add(
+            " ORDER BY started_at_unix_ms DESC, id LIMIT ?",
+            Sql::Integer(filter.limit.map_or(-1, to_i64)),
+        );
+        add(" OFFSET ?", Sql::Integer(filter.offset.map_or(0, to_i64)));
+
+        let conn = self.reader();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), read_session)?;
+        rows.map(|r| r?).collect()
+    }
+
+    fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
+        ))?;
+        stmt.query_row([id], read_session).optional()?.transpose()
+    }
+
+    fn events(&self, session_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ?1 ORDER BY session_seq"
+        ))?;
+        let rows = stmt.query_map([session_id], read_event)?;
+        rows.map(|r| r?).collect()
+    }
+
+    fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut conn = self.reader();
+        // One read transaction: a consistent snapshot of heads and rows while writers go on.
+        let tx = conn.transaction()?;
+        let chains: Vec<(String, Option<(i64, String)>)> = {
+            let mut stmt = tx.prepare(
+                "SELECT ids.chain_id, c.last_seq, c.last_hash FROM \
+                 (SELECT chain_id FROM chains UNION SELECT DISTINCT chain_id FROM events) AS ids \
+                 LEFT JOIN chains c ON c.chain_id = ids.chain_id ORDER BY ids.chain_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let head = match r.get::<_, Option<i64>>(1)? {
+                    Some(seq) => Some((seq, r.get::<_, String>(2)?)),
+                    None => None,
+                };
+                Ok((r.get::<_, String>(0)?, head))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut report = VerifyReport {
+            chains: chains.len(),
+            events: 0,
+            first_break: None,
+        };
+        for (chain_id, head) in &chains {
+            let (count, brk) = verify_chain(&tx, chain_id, head.as_ref())?;
+            report.events += count;
+            if report.first_break.is_none() {
+                report.first_break = brk;
+            }
+        }
+        Ok(report)
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.reader().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn materialize_session(
+    tx: &rusqlite::Transaction<'_>,
+    ev: &EventInput,
+    session_seq: i64,
+    at_unix_ms: i64,
+    payload: &str,
+) -> Result<(), StoreError> {
+    // session_seq has no gaps, so it is also the session's event count.
+    let field = |name: &str| payload_field(&ev.payload, name);
+    match ev.kind.as_str() {
+        KIND_SESSION_OPEN => {
+            // A row made earlier by a lone session.close (open_payload 'null') gets its open data.
+            tx.prepare_cached(
+                "INSERT INTO sessions (id, started_at_unix_ms, listener, client_addr, resource, \
+                 subject, auth_method, event_count, open_payload) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (id) DO UPDATE SET started_at_unix_ms = excluded.started_at_unix_ms, \
+                 listener = excluded.listener, client_addr = excluded.client_addr, \
+                 resource = excluded.resource, subject = excluded.subject, \
+                 auth_method = excluded.auth_method, event_count = excluded.event_count, \
+                 open_payload = excluded.open_payload WHERE sessions.open_payload = 'null'",
+            )?
+            .execute(params![
+                ev.session_id,
+                at_unix_ms,
+                field("listener"),
+                field("client_addr"),
+                field("resource"),
+                field("subject"),
+                field("auth_method"),
+                session_seq,
+                payload
+            ])?;
+        }
+        KIND_SESSION_CLOSE => {
+            tx.prepare_cached(
+                "INSERT INTO sessions (id, started_at_unix_ms, ended_at_unix_ms, outcome, \
+                 event_count, open_payload, close_payload) VALUES (?1, ?2, ?2, ?3, ?4, 'null', ?5) \
+                 ON CONFLICT (id) DO UPDATE SET ended_at_unix_ms = excluded.ended_at_unix_ms, \
+                 outcome = excluded.outcome, event_count = excluded.event_count, \
+                 close_payload = excluded.close_payload",
+            )?
+            .execute(params![
+                ev.session_id,
+                at_unix_ms,
+                field("outcome"),
+                session_seq,
+                payload
+            ])?;
+        }
+        _ => {
+            tx.prepare_cached("UPDATE sessions SET event_count = ?1 WHERE id = ?2")?
+                .execute(params![session_seq, ev.session_id])?;
+        }
+    }
+    Ok(())
+}
+
+fn payload_field(payload: &Value, name: &str) -> Option<String> {
+    match payload.get(name)? {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(canonical_json(other)),
+    }
+}
+
+fn parse_json(column: &str, text: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+}
+
+fn read_session(r: &Row<'_>) -> rusqlite::Result<Result<SessionRow, StoreError>> {
+    let open: String = r.get(10)?;
+    let close: Option<String> = r.get(11)?;
+    let row = || -> rusqlite::Result<SessionRow> {
+        Ok(SessionRow {
+            id: r.get(0)?,
+            started_at_unix_ms: r.get(1)?,
+            ended_at_unix_ms: r.get(2)?,
+            listener: r.get(3)?,
+            client_addr: r.get(4)?,
+            resource: r.get(5)?,
+            subject: r.get(6)?,
+            auth_method: r.get(7)?,
+            outcome: r.get(8)?,
+            event_count: r.get(9)?,
+            open: Value::Null,
+            close: None,
+        })
+    };
+    let mut session = row()?;
+    Ok((|| {
+        session.open = parse_json("sessions.open_payload", &open)?;
+        session.close = close
+            .map(|c| parse_json("sessions.close_payload", &c))
+            .transpose()?;
+        Ok(session)
+    })())
+}
+
+fn read_event(r: &Row<'_>) -> rusqlite::Result<Result<StoredEvent, StoreError>> {
+    let payload: String = r.get(7)?;
+    let event = StoredEvent {
+        id: r.get(0)?,
+        chain_id: r.get(1)?,
+        chain_seq: r.get(2)?,
+        session_id: r.get(3)?,
+        session_seq: r.get(4)?,
+        at_unix_ms: r.get(5)?,
+        kind: r.get(6)?,
+        payload: Value::Null,
+        prev_hash: r.get(8)?,
+        hash: r.get(9)?,
+    };
+    Ok(parse_json("events.payload", &payload).map(|payload| StoredEvent { payload, ..event }))
+}
+
+/// A column as raw bytes, whatever type a tamperer left in it.
+fn raw_bytes(r: &Row<'_>, idx: usize) -> rusqlite::Result<Vec<u8>> {
+    Ok(match r.get_ref(idx)? {
+        ValueRef::Text(b) | ValueRef::Blob(b) => b.to_vec(),
+        ValueRef::Integer(n) => n.to_string().into_bytes(),
+        ValueRef::Real(f) => f.to_string().into_bytes(),
+        ValueRef::Null => Vec::new(),
+    })
+}
+
+/// A column as an integer; `None` if a tamperer stored something else.
+fn raw_i64(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<i64>> {
+    Ok(match r.get_ref(idx)? {
+        ValueRef::Integer(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// Walks one chain in `chain_seq` order; returns the number of rows and the first break.
+fn verify_chain(
+    tx: &rusqlite::Transaction<'_>,
+    chain_id: &str,
+    head: Option<&(i64, String)>,
+) -> Result<(u64, Option<ChainBreak>), StoreError> {
+    let mut stmt = tx.prepare(
+        "SELECT id, chain_seq, session_id, session_seq, at_unix_ms, kind, payload, prev_hash, hash \
+         FROM events WHERE chain_id = ?1 ORDER BY chain_seq",
+    )?;
+    let mut rows = stmt.query([chain_id])?;
+    let mut count = 0u64;
+    let mut first_break: Option<ChainBreak> = None;
+    let mut expected_seq = 1i64;
+    let mut prev_hash = GENESIS_HASH.to_string();
+    let mut last: Option<(i64, String)> = None; // (event id, session id) of the last row seen
+    let brk = |seq: i64, id: i64, session_id: &str, reason: String| ChainBreak {
+        chain_id: chain_id.to_string(),
+        chain_seq: seq,
+        event_id: id,
+        session_id: session_id.to_string(),
+        reason,
+    };
+    while let Some(r) = rows.next()? {
+        count += 1;
+        if first_break.is_some() {
+            continue; // everything after a break is unanchored; just count it
+        }
+        let id: i64 = r.get(0)?;
+        let session_id = String::from_utf8_lossy(&raw_bytes(r, 2)?).into_owned();
+        let seq = raw_i64(r, 1)?;
+        let (session_seq, at) = (raw_i64(r, 3)?, raw_i64(r, 4)?);
+        let (kind, payload) = (raw_bytes(r, 5)?, raw_bytes(r, 6)?);
+        let (stored_prev, stored_hash) = (raw_bytes(r, 7)?, raw_bytes(r, 8)?);
+        let Some(seq) = seq else {
+            first_break = Some(brk(
+                expected_seq,
+                id,
+                &session_id,
+                "hash mismatch: event content was altered (chain_seq is not an integer)".into(),
+            ));
+            continue;
+        };
+        if seq != expected_seq {
+            let reason = if seq > expected_seq {
+                format!("gap: chain_seq {expected_seq} missing (event deleted)")
+            } else {
+                format!("duplicate chain_seq {seq} (event inserted)")
+            };
+            first_break = Some(brk(expected_seq, id, &session_id, reason));
+            continue;
+        }
+        if stored_prev != prev_hash.as_bytes() {
+            first_break = Some(brk(
+                seq,
+                id,
+                &session_id,
+                "prev_hash does not match predecessor".into(),
+            ));
+            continue;
+        }
+        let recomputed = match (session_seq, at) {
+            (Some(session_seq), Some(at_unix_ms)) => Some(event_hash(
+                &prev_hash,
+                &HashedFields {
+                    chain_id,
+                    chain_seq: seq,
+                    session_id: &session_id,
+                    session_seq,
+                    at_unix_ms,
+                    kind: &String::from_utf8_lossy(&kind),
+                    payload: &payload,
+                },
+            )),
+            _ => None,
+        };
+        if recomputed.as_deref().map(str::as_bytes) != Some(stored_hash.as_slice()) {
+            first_break = Some(brk(
+                seq,
+                id,
+                &session_id,
+                "hash mismatch: event content was altered".into(),
+            ));
+            continue;
+        }
+        prev_hash = String::from_utf8_lossy(&stored_hash).into_owned();
+        expected_seq += 1;
+        last = Some((id, session_id));
+    }
+    if first_break.is_some() {
+        return Ok((count, first_break));
+    }
+    let last_seq = expected_seq - 1;
+    let (last_id, last_session) = last.unwrap_or((0, String::new()));
+    let at_end = |seq, reason| Some(brk(seq, last_id, &last_session, reason));
+    let head_break = match head {
+        None => at_end(
+            last_seq,
+            "chain head is missing from the chains table".to_string(),
+        ),
+        Some((head_seq, _)) if *head_seq > last_seq => at_end(
+            last_seq + 1,
+            format!("gap: chain_seq {} missing (event deleted)", last_seq + 1),
+        ),
+        Some((head_seq, _)) if *head_seq < last_seq => at_end(
+            last_seq,
+            format!("chain head is at chain_seq {head_seq} but events continue to {last_seq}"),
+        ),
+        Some((_, head_hash)) if *head_hash != prev_hash => at_end(
+            last_seq,
+            "chain head hash does not match the last event (event replaced)".to_string(),
+        ),
+        Some(_) => None,
+    };
+    Ok((count, head_break))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::UNIX_EPOCH;
+
+    fn ev(session: &str, kind: &str, ms: u64, payload: Value) -> EventInput {
+        EventInput {
+            session_id: session.into(),
+            kind: kind.into(),
+            at: UNIX_EPOCH + Duration::from_millis(ms),
+            payload,
+        }
+    }
+
+    fn open_ev(session: &str, ms: u64, subject: &str) -> EventInput {
+        ev(
+            session,
+            KIND_SESSION_OPEN,
+            ms,
+            json!({"listener": "postgres", "client_addr": "10.0.0.1:5000",
+                   "resource": "orders", "subject": subject, "auth_method": "cert"}),
+        )
+    }
+
+    /// A store on a temp file plus a raw connection for tampering with it.
+    fn file_store() -> (tempfile::TempDir, SqliteStore, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let raw = Connection::open(&path).unwrap();
+        raw.busy_timeout(BUSY_TIMEOUT).unwrap();
+        (dir, store, raw)
+    }
+
+    /// Chain "c1": 6 events over sessions a and b.
+    fn seed(store: &SqliteStore) -> Vec<StoredEvent> {
+        store
+            .append(
+                "c1",
+                &[
+                    open_ev("a", 1000, "alice"),
+                    ev("a", "query", 1001, json!({"sql": "select 1"})),
+                    open_ev("b", 1002, "bob"),
+                    ev("b", "query", 1003, json!({"sql": "select 2"})),
+                    ev("a", "query", 1004, json!({"sql": "select 3"})),
+                    ev("b", KIND_SESSION_CLOSE, 1005, json!({"outcome": "ok"})),
+                ],
+            )
+            .unwrap()
+    }
+
+    fn assert_break(store: &SqliteStore, chain_seq: i64, event_id: i64, reason: &str) {
+        let report = store.verify().unwrap();
+        let brk = report.first_break.expect("verify must report a break");
+        assert_eq!(
+            (
+                brk.chain_id.as_str(),
+                brk.chain_seq,
+                brk.event_id,
+                brk.reason.as_str()
+            ),
+            ("c1", chain_seq, event_id, reason),
+            "{brk:?}"
+        );
+    }
+
+    #[test]
+    fn append_then_read_back() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let payload = json!({"sql": "select 1", "params": [1, "x"], "z": {"b": 1, "a": 2}});
+        let stored = store
+            .append(
+                "c1",
+                &[
+                    open_ev("s1", 1000, "alice"),
+                    ev("s1", "query", 1001, payload.clone()),
+                ],
+            )
+            .unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[0].prev_hash, GENESIS_HASH);
+        assert_eq!(stored[1].prev_hash, stored[0].hash);
+        let events = store.events("s1").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].payload, payload);
+        assert_eq!(events[1].kind, "query");
+        assert_eq!(events[1].at_unix_ms, 1001);
+        assert_eq!(events[1].id, stored[1].id);
+        assert_eq!(events[1].hash, stored[1].hash);
+        assert!(store.events("nope").unwrap().is_empty());
+        assert!(store.append("c1", &[]).unwrap().is_empty());
+        assert!(matches!(
+            store.append("c1", &[ev("", "query", 1, json!({}))]),
+            Err(StoreError::InvalidEvent(_))
+        ));
+    }
+
+    #[test]
+    fn session_row_is_materialized_with_outcome() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        seed(&store);
+        let b = store.session("b").unwrap().unwrap();
+        assert_eq!(b.started_at_unix_ms, 1002);
+        assert_eq!(b.ended_at_unix_ms, Some(1005));
+        assert_eq!(b.outcome.as_deref(), Some("ok"));
+        assert_eq!(b.subject.as_deref(), Some("bob"));
+        assert_eq!(b.listener.as_deref(), Some("postgres"));
+        assert_eq!(b.client_addr.as_deref(), Some("10.0.0.1:5000"));
+        assert_eq!(b.resource.as_deref(), Some("orders"));
+        assert_eq!(b.auth_method.as_deref(), Some("cert"));
+        assert_eq!(b.event_count, 3);
+        assert_eq!(b.open["subject"], "bob");
+        assert_eq!(b.close, Some(json!({"outcome": "ok"})));
+        let a = store.session("a").unwrap().unwrap();
+        assert_eq!(a.event_count, 3);
+        assert_eq!(a.ended_at_unix_ms, None);
+        assert_eq!(a.outcome, None);
+        assert!(store.session("zzz").unwrap().is_none());
+    }
+
+    #[test]
+    fn sessions_filter_by_subject_time_outcome_and_page() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        seed(&store);
+        store.append("c1", &[open_ev("c", 2000, "alice")]).unwrap();
+        let ids = |f: SessionFilter| -> Vec<String> {
+            store
+                .sessions(&f)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect()
+        };
+        assert_eq!(ids(SessionFilter::default()), ["c", "b", "a"]);
+        let alice = SessionFilter {
+            subject: Some("alice".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(alice.clone()), ["c", "a"]);
+        assert_eq!(
+            ids(SessionFilter {
+                limit: Some(1),
+                offset: Some(1),
+                ..alice
+            }),
+            ["a"]
+        );
+        assert_eq!(
+            ids(SessionFilter {
+                offset: Some(1),
+                ..Default::default()
+            }),
+            ["b", "a"]
+        );
+        assert_eq!(
+            ids(SessionFilter {
+                since_unix_ms: Some(1002),
+                until_unix_ms: Some(2000),
+                ..Default::default()
+            }),
+            ["b"]
+        );
+        assert_eq!(
+            ids(SessionFilter {
+                outcome: Some("ok".into()),
+                resource: Some("orders".into()),
+                ..Default::default()
+            }),
+            ["b"]
+        );
+    }
+
+    #[test]
+    fn session_and_chain_seq_numbering_with_interleaved_sessions() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let first = seed(&store);
+        // A second batch continues both sequences from the database.
+        let second = store
+            .append(
+                "c1",
+                &[
+                    ev("b", "query", 1006, json!({})),
+                    ev("a", "query", 1007, json!({})),
+                ],
+            )
+            .unwrap();
+        let seqs: Vec<(i64, &str, i64)> = first
+            .iter()
+            .chain(&second)
+            .map(|e| (e.chain_seq, e.session_id.as_str(), e.session_seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                (1, "a", 1),
+                (2, "a", 2),
+                (3, "b", 1),
+                (4, "b", 2),
+                (5, "a", 3),
+                (6, "b", 3),
+                (7, "b", 4),
+                (8, "a", 4)
+            ]
+        );
+        assert_eq!(second[0].prev_hash, first[5].hash);
+        let a: Vec<i64> = store
+            .events("a")
+            .unwrap()
+            .iter()
+            .map(|e| e.session_seq)
+            .collect();
+        assert_eq!(a, [1, 2, 3, 4]);
+        assert_eq!(store.session("b").unwrap().unwrap().event_count, 4);
+    }
+
+    #[test]
+    fn verify_passes_on_a_clean_database() {
+        let (_dir, store, _raw) = file_store();
+        let empty = store.verify().unwrap();
+        assert_eq!((empty.chains, empty.events), (0, 0));
+        seed(&store);
+        store
+            .append("c1", &[ev("a", "query", 1010, json!({"n": 0.1}))])
+            .unwrap();
+        let report = store.verify().unwrap();
+        assert!(report.first_break.is_none(), "{report:?}");
+        assert_eq!((report.chains, report.events), (1, 7));
+    }
+
+    #[test]
+    fn verify_reports_payload_edited_by_sql_update() {
+        let (_dir, store, raw) = file_store();
+        let events = seed(&store);
+        raw.execute(
+            "UPDATE events SET payload = '{\"sql\":\"select 42\"}' WHERE id = ?1",
+            [events[3].id],
+        )
+        .unwrap();
+        assert_break(
+            &store,
+            4,
+            events[3].id,
+            "hash mismatch: event content was altered",
+        );
+    }
+
+    #[test]
+    fn verify_reports_event_deleted_by_sql_delete() {
+        let (_dir, store, raw) = file_store();
+        let events = seed(&store);
+        raw.execute("DELETE FROM events WHERE id = ?1", [events[2].id])
+            .unwrap();
+        assert_break(
+            &store,
+            3,
+            events[3].id,
+            "gap: chain_seq 3 missing (event deleted)",
+        );
+    }
+
+    #[test]
+    fn verify_reports_last_event_deleted_via_chain_head() {
+        let (_dir, store, raw) = file_store();
+        let events = seed(&store);
+        raw.execute("DELETE FROM events WHERE id = ?1", [events[5].id])
+            .unwrap();
+        assert_break(
+            &store,
+            6,
+            events[4].id,
+            "gap: chain_seq 6 missing (event deleted)",
+        );
+    }
+
+    #[test]
+    fn verify_reports_swapped_payloads() {
+        let (_dir, store, raw) = file_store();
+        let events = seed(&store);
+        let (x, y) = (events[1].id, events[3].id);
+        let payload = |id: i64| -> String {
+            raw.query_row("SELECT payload FROM events WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        let (px, py) = (payload(x), payload(y));
+        let set = "UPDATE events SET payload = ?1 WHERE id = ?2";
+        raw.execute(set, params![py, x]).unwrap();
+        raw.execute(set, params![px, y]).unwrap();
+        let a = store.events("a").unwrap();
+        assert_eq!(
+            a[1].payload,
+            json!({"sql": "select 2"}),
+            "the swap happened"
+        );
+        assert_break(&store, 2, x, "hash mismatch: event content was altered");
+    }
+
+    #[test]
+    fn verify_reports_reordered_events() {
+        let (_dir, store, raw) = file_store();
+        let events = seed(&store);
+        // Swap the positions of events 2 and 3 (whole rows, hashes included).
+        raw.execute_batch(&format!(
+            "UPDATE events SET chain_seq = -1 WHERE id = {a};
+             UPDATE events SET chain_seq = 2 WHERE id = {b};
+             UPDATE events SET chain_seq = 3 WHERE id = {a};",
+            a = events[1].id,
+            b = events[2].id
+        ))
+        .unwrap();
+        assert_break(
+            &store,
+            2,
+            events[2].id,
+            "prev_hash does not match predecessor",
+        );
+    }
+
+    #[test]
+    fn two_chains_in_one_database_both_verify() {
+        let (_dir, store, _raw) = file_store();
+        let path = store.path.clone().unwrap();
+        let replica = SqliteStore::open(&path).unwrap();
+        for i in 0..3u64 {
+            store
+                .append("gw-1", &[ev("s1", "query", i, json!({"i": i}))])
+                .unwrap();
+            replica
+                .append("gw-2", &[ev("s2", "query", i, json!({"i": i}))])
+                .unwrap();
+        }
+        let s1 = store.events("s1").unwrap();
+        assert_eq!(
+            s1.iter().map(|e| e.chain_seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        let report = replica.verify().unwrap();
+        assert!(report.first_break.is_none(), "{report:?}");
+        assert_eq!((report.chains, report.events), (2, 6));
+    }
+
+    #[test]
+    fn reopen_is_idempotent_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteStore::open(&path).unwrap();
+        seed(&store);
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.events("a").unwrap().len(), 3);
+        let raw = Connection::open(&path).unwrap();
+        let versions: Vec<i64> = raw
+            .prepare("SELECT version FROM schema_migrations ORDER BY version")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+        raw.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+            [SCHEMA_VERSION + 1],
+        )
+        .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found, known } if found == SCHEMA_VERSION + 1 && known == SCHEMA_VERSION),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade tollgate"), "{err}");
+    }
+
+    #[test]
+    fn file_is_created_with_mode_0600_in_a_new_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/dir/t.db");
+        let store = SqliteStore::open(&path).unwrap();
+        seed(&store);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        let wal = path.with_file_name("t.db-wal");
+        assert_eq!(mode(&wal), 0o600);
+    }
+
+    #[test]
+    fn store_is_in_wal_mode() {
+        let (_dir, _store, raw) = file_store();
+        let mode: String = raw
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn another_writer_on_the_same_chain_is_detected() {
+        let (_dir, store, raw) = file_store();
+        seed(&store);
+        // Simulate a concurrent writer that moved the head between our read and our update.
+        raw.execute_batch(
+            "CREATE TRIGGER bump AFTER INSERT ON events WHEN NEW.chain_seq = 7 BEGIN
+                 UPDATE chains SET last_seq = 99 WHERE chain_id = 'c1';
+             END;",
+        )
+        .unwrap();
+        let err = store
+            .append("c1", &[ev("a", "query", 2000, json!({}))])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ChainConflict { .. }), "{err}");
+        assert_eq!(store.events("a").unwrap().len(), 3, "batch rolled back");
+    }
+}

@@ -1,0 +1,190 @@
+//! Client configs for the upstream leg (gateway → database/API).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::server::{certified_key, client_roots, parse_key};
+use crate::{certs_from_pem, provider, read_file, TlsError};
+
+/// Upstream (gateway → database/API) verification modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamVerify {
+    /// Chain to `ca` and hostname must match (the default).
+    Full,
+    /// Chain to `ca`; hostname not checked.
+    Ca,
+    /// Accept any certificate. Only handshake signatures are checked.
+    InsecureSkipVerify,
+}
+
+impl UpstreamVerify {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Full => "verify-full",
+            Self::Ca => "verify-ca",
+            Self::InsecureSkipVerify => "insecure-skip-verify",
+        }
+    }
+}
+
+/// Build a client config for the upstream leg. `Full` and `Ca` need `ca`: tollgate has no
+/// implicit system trust. `client_cert` is `(cert, key)` for upstreams that want mTLS.
+pub fn upstream_client_config(
+    mode: UpstreamVerify,
+    ca: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier: Arc<dyn ServerCertVerifier> = match mode {
+        UpstreamVerify::Full | UpstreamVerify::Ca => {
+            let ca = ca.ok_or(TlsError::CaRequired { mode: mode.name() })?;
+            let (roots, _) = client_roots(&read_file(ca, "upstream CA file")?, ca)?;
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Other(format!("upstream CA {}: {e}", ca.display())))?;
+            if mode == UpstreamVerify::Full {
+                webpki
+            } else {
+                Arc::new(IgnoreHostname(webpki))
+            }
+        }
+        UpstreamVerify::InsecureSkipVerify => {
+            tracing::warn!(
+                "upstream TLS verification is DISABLED (insecure-skip-verify): any certificate \
+                 is accepted and the connection can be intercepted; use verify-full with tls.ca"
+            );
+            Arc::new(AcceptAnyCert(provider.clone()))
+        }
+    };
+
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(crate::PROTOCOL_VERSIONS)
+        .map_err(|source| TlsError::Rustls {
+            context: "cannot select TLS versions".into(),
+            source,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert_path, key_path)) => {
+            let certs = certs_from_pem(&read_file(cert_path, "certificate")?, cert_path)?;
+            let key = parse_key(&read_file(key_path, "private key")?, key_path)?;
+            crate::server::check_validity(&certs[0], cert_path)?;
+            certified_key(certs.clone(), key.clone_key(), cert_path, key_path)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Rustls {
+                    context: format!("client certificate {}", cert_path.display()),
+                    source,
+                })?
+        }
+    };
+    config.alpn_protocols = alpn;
+    Ok(Arc::new(config))
+}
+
+/// verify-ca: the chain must verify; a hostname mismatch alone is accepted.
+/// webpki checks the name only after the chain, so NotValidForName implies a good chain.
+#[derive(Debug)]
+struct IgnoreHostname(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for IgnoreHostname {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// insecure-skip-verify: any certificate, but handshake signatures are still checked.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
