@@ -1,1 +1,205 @@
-//! placeholder
+//! The running gateway: binds the listeners named in config, wires the protocol adapters to the
+//! store and TLS material, reloads certificates without dropping connections, and serves
+//! `/healthz`, `/readyz` and `/metrics` on the admin listener.
+//!
+//! It owns process-level concerns (sockets, signals, lifecycle); it must not parse a wire
+//! protocol or decide policy itself.
+
+mod admin;
+
+use anyhow::{bail, Context};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpListener;
+use tollgate_config::{ClientCertPolicy, Config, ResourceKind};
+use tollgate_metrics::registry;
+use tollgate_pg::{PgGateway, UpstreamTarget};
+use tollgate_store::{Recorder, Store};
+use tollgate_tls::{ClientAuth, ListenerTlsSpec, ReloadStatus, ReloadableServerTls};
+
+/// Addresses the gateway actually bound (useful when config asked for port 0).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub postgres: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Refuse configurations this build cannot enforce: a guardrail or mask that silently does
+/// nothing is worse than an error.
+pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
+    for r in &config.resources {
+        if r.kind != ResourceKind::Postgres {
+            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; only \"postgres\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+        }
+        if !r.rules.is_empty() {
+            bail!("{}:{}: resource {:?}: [[resources.rules]] (guardrails and reviews) are not enforced by this build yet; remove them rather than run without them", config.path.display(), r.line, r.name);
+        }
+        if !r.masks.is_empty() {
+            bail!("{}:{}: resource {:?}: [[resources.masks]] are not applied by this build yet; remove them rather than run without masking", config.path.display(), r.line, r.name);
+        }
+    }
+    if config.identity.oidc.is_some() {
+        bail!("{}: [identity.oidc] is not supported by this build yet; use client certificates or [[identity.tokens]]", config.path.display());
+    }
+    if config.server.https_listen.is_some() {
+        bail!("{}: server.https_listen: HTTP resources and the HTTPS API are not available in this build yet; remove the key", config.path.display());
+    }
+    if config.server.postgres_listen.is_none() {
+        bail!("{}: server.postgres_listen is required (the only listener this build serves)", config.path.display());
+    }
+    Ok(())
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Run the gateway until `shutdown` resolves. `on_bound` is called once every listener is up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>, on_bound: impl FnOnce(&Bound)) -> anyhow::Result<()> {
+    ensure_supported(&config)?;
+    let store: Arc<dyn Store> = tollgate_store::open_store(&config.server.store).with_context(|| format!("opening store {}", config.server.store))?;
+    let chain_id = format!("gw-{}", random_hex(8));
+    let recorder = Recorder::start(store.clone(), chain_id.clone());
+    tracing::info!(store = %config.server.store, chain = %chain_id, "audit store open");
+
+    let client_auth = match (&config.server.client_ca, config.server.client_cert) {
+        (None, _) => ClientAuth::None,
+        (Some(_), ClientCertPolicy::Optional) => ClientAuth::Optional,
+        (Some(_), ClientCertPolicy::Required) => ClientAuth::Required,
+    };
+    let pg_tls = Arc::new(
+        ReloadableServerTls::load(ListenerTlsSpec {
+            cert: config.server.tls_cert.clone(),
+            key: config.server.tls_key.clone(),
+            client_ca: config.server.client_ca.clone(),
+            client_auth,
+            alpn: vec![b"postgresql".to_vec()],
+        })
+        .context("loading the gateway's TLS material")?,
+    );
+
+    let mut targets = HashMap::new();
+    for r in config.resources.iter().filter(|r| r.kind == ResourceKind::Postgres) {
+        let t = UpstreamTarget::new(r.clone()).with_context(|| format!("resource {:?}: upstream TLS", r.name))?;
+        targets.insert(r.name.clone(), Arc::new(t));
+    }
+
+    let gw = Arc::new(PgGateway {
+        tls: pg_tls.clone(),
+        targets,
+        tokens: tollgate_identity::TokenVerifier::new(&config.identity.tokens),
+        recorder: recorder.clone(),
+        cancels: Default::default(),
+        max_message: config.server.max_message_bytes,
+        handshake_timeout: Duration::from_secs(30),
+    });
+
+    let mut bound = Bound::default();
+    let pg_addr = config.server.postgres_listen.expect("checked by ensure_supported");
+    let pg_listener = TcpListener::bind(pg_addr).await.with_context(|| format!("binding server.postgres_listen {pg_addr}"))?;
+    bound.postgres = Some(pg_listener.local_addr()?);
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_state = Arc::new(admin::AdminState { store: store.clone(), recorder: recorder.clone(), ready: ready.clone(), tls: pg_tls.clone() });
+    let admin_task = match config.server.admin_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding server.admin_listen {addr}"))?;
+            bound.admin = Some(l.local_addr()?);
+            Some(tokio::spawn(admin::serve(l, admin_state)))
+        }
+        None => None,
+    };
+
+    publish_cert_gauges(&pg_tls);
+    let reload_task = tokio::spawn(reload_loop(pg_tls.clone(), config.server.reload_interval));
+
+    let accept_gw = gw.clone();
+    let accept_task = tokio::spawn(async move {
+        loop {
+            match pg_listener.accept().await {
+                Ok((tcp, peer)) => {
+                    tokio::spawn(accept_gw.clone().handle(tcp, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed on the postgres listener");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(postgres = ?bound.postgres, admin = ?bound.admin, "tollgate is serving");
+    on_bound(&bound);
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; flushing the audit trail");
+    ready.store(false, Ordering::SeqCst);
+    accept_task.abort();
+    reload_task.abort();
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    if let Err(e) = recorder.flush().await {
+        tracing::error!(error = %e, "audit events could not be written before shutdown");
+    }
+    Ok(())
+}
+
+fn publish_cert_gauges(tls: &ReloadableServerTls) {
+    let help = "Expiry (unix seconds) of the gateway's own certificates.";
+    registry().gauge("tollgate_cert_expiry_timestamp_seconds", help, &[("cert", "gateway")]).set(unix_secs(tls.cert_not_after()));
+    if let Some(ca) = tls.client_ca_not_after() {
+        registry().gauge("tollgate_cert_expiry_timestamp_seconds", help, &[("cert", "client_ca")]).set(unix_secs(ca));
+    }
+}
+
+/// Poll the certificate files and reload on change or SIGHUP. A bad file is logged and counted;
+/// the previous material keeps serving.
+async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending::<()>().await } } => true,
+        };
+        let result = if forced { tls.reload().map(|_| ReloadStatus::Reloaded) } else { tls.reload_if_changed() };
+        let outcome = match &result {
+            Ok(ReloadStatus::Unchanged) => None,
+            Ok(ReloadStatus::Reloaded) => {
+                tracing::info!(forced, "gateway TLS material reloaded");
+                last_error = None;
+                publish_cert_gauges(&tls);
+                Some("success")
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                // A broken file is reported once per distinct error, not every poll.
+                if forced || last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(error = %msg, "TLS reload rejected; still serving the previous certificate");
+                    last_error = Some(msg);
+                    Some("failure")
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(o) = outcome {
+            registry().counter("tollgate_tls_reloads_total", "Certificate reloads by outcome.", &[("listener", "postgres"), ("outcome", o)]).inc();
+        }
+    }
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system RNG");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,1 +1,193 @@
-fn main() {}
+//! `tollgate`: the one binary. Thin: parses the command line and calls into the library crates.
+
+mod demo;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tollgate_tls::pki;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "An access gateway for databases and APIs: TLS on every leg, identity, credential injection, audit.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// One-command tour: dev PKI, a throwaway TLS PostgreSQL, and the gateway in front of it.
+    Demo {
+        /// Where the demo keeps its PKI, config, database and audit store.
+        #[arg(long, default_value = "tollgate-demo")]
+        dir: PathBuf,
+    },
+    /// The built-in private CA.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Audit trail integrity.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA: DIR/ca.crt and DIR/ca.key (ECDSA P-256, key readable only by its owner).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "tollgate private CA")]
+        name: String,
+    },
+    /// Issue a server or client certificate signed by the CA in DIR: writes PREFIX.crt and PREFIX.key.
+    Issue(IssueArgs),
+    /// Print subject, SANs, groups, validity and fingerprint of every certificate in a PEM file.
+    Inspect { file: PathBuf },
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// A server certificate (needs --dns and/or --ip).
+    #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+    server: bool,
+    /// A short-lived client certificate (needs --name).
+    #[arg(long)]
+    client: bool,
+    #[arg(long)]
+    dns: Vec<String>,
+    #[arg(long)]
+    ip: Vec<IpAddr>,
+    /// Client subject (the certificate's CN).
+    #[arg(long)]
+    name: Option<String>,
+    /// SPIFFE ID for the client (URI SAN), e.g. spiffe://example.org/agent/7.
+    #[arg(long)]
+    spiffe: Option<String>,
+    /// Group membership, carried as an OU attribute (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// Lifetime, e.g. 30m, 12h, 90d. Defaults: 12h for clients, 90d for servers.
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Output prefix: writes PREFIX.crt and PREFIX.key.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Walk the hash chains of the audit store and report the first broken or missing link.
+    Verify {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve { config } => serve(&config),
+        Cmd::Demo { dir } => demo::run(&dir),
+        Cmd::Pki(cmd) => pki_cmd(cmd),
+        Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn serve(config: &Path) -> anyhow::Result<()> {
+    let config = tollgate_config::load(config)?;
+    runtime()?.block_on(tollgate_server::run(config, shutdown_signal(), |_| {}))
+}
+
+fn pki_cmd(cmd: PkiCmd) -> anyhow::Result<()> {
+    match cmd {
+        PkiCmd::Init { dir, name } => {
+            let f = pki::init_ca(&dir, &name)?;
+            println!("CA certificate: {}\nCA key:         {} (keep it private)", f.cert.display(), f.key.display());
+        }
+        PkiCmd::Issue(a) => {
+            let ttl = a.ttl.as_deref().map(pki::parse_ttl).transpose()?;
+            let files = if a.server {
+                if a.dns.is_empty() && a.ip.is_empty() {
+                    bail!("a server certificate needs at least one --dns NAME or --ip ADDR");
+                }
+                pki::issue_server(&a.dir, &pki::ServerCertSpec { dns: a.dns, ips: a.ip, ttl: ttl.unwrap_or(pki::DEFAULT_SERVER_TTL), not_before: None }, &a.out)?
+            } else {
+                let name = a.name.context("a client certificate needs --name SUBJECT")?;
+                pki::issue_client(&a.dir, &pki::ClientCertSpec { name, spiffe: a.spiffe, groups: a.groups, ttl: ttl.unwrap_or(pki::DEFAULT_CLIENT_TTL), not_before: None }, &a.out)?
+            };
+            println!("certificate: {}\nkey:         {}", files.cert.display(), files.key.display());
+            for s in pki::inspect(&files.cert)? {
+                println!("{s}");
+            }
+        }
+        PkiCmd::Inspect { file } => {
+            for s in pki::inspect(&file)? {
+                println!("{s}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Exit 0 when every chain verifies, 1 when a link is broken, 2 when the check could not run.
+fn audit_verify(config: &Path, json: bool) -> ExitCode {
+    let report = tollgate_config::load(config)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(tollgate_store::open_store(&c.server.store)?))
+        .and_then(|store| Ok(store.verify()?));
+    match report {
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else if let Some(b) = &r.first_break {
+                println!("BROKEN: chain {} at seq {} (event id {}, session {}): {}", b.chain_id, b.chain_seq, b.event_id, b.session_id, b.reason);
+            } else {
+                println!("ok: {} events in {} chain(s) verified", r.events, r.chains);
+            }
+            if r.first_break.is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! `tollgate demo`: a dev PKI, a throwaway TLS PostgreSQL with a sample schema, and the gateway
+//! in front of it, with copy-paste client commands. Ctrl-C stops everything.
+
+use anyhow::Context;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use tollgate_testsupport::{ClusterOptions, PgCluster};
+use tollgate_tls::pki;
+
+const SAMPLE_SCHEMA: &str = "
+CREATE TABLE customers (
+    id          serial PRIMARY KEY,
+    full_name   text NOT NULL,
+    email       text NOT NULL,
+    card_number text,
+    ssn         text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO customers (full_name, email, card_number, ssn) VALUES
+    ('Ada Lovelace',    'ada@example.com',     '4242 4242 4242 4242', '078-05-1120'),
+    ('Grace Hopper',    'grace@example.com',   '5555 5555 5555 4444', '219-09-9999'),
+    ('Alan Turing',     'alan@example.org',    '4000 0566 5566 5556', '457-55-5462'),
+    ('Katherine Johnson','kj@example.net',     '3782 822463 10005',   '323-45-6789');
+CREATE TABLE orders (
+    id          serial PRIMARY KEY,
+    customer_id int NOT NULL REFERENCES customers(id),
+    total_cents int NOT NULL,
+    status      text NOT NULL DEFAULT 'new'
+);
+INSERT INTO orders (customer_id, total_cents, status) VALUES (1, 1999, 'paid'), (2, 4250, 'shipped'), (3, 999, 'new'), (1, 12000, 'refunded');
+";
+
+fn free_or(preferred: u16) -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        preferred
+    } else {
+        tollgate_testsupport::free_port()
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+pub fn run(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = fs::canonicalize(dir)?;
+    let pki_dir = dir.join("pki");
+    if !pki_dir.join("ca.key").exists() {
+        pki::init_ca(&pki_dir, "tollgate demo CA")?;
+    }
+    pki::issue_server(&pki_dir, &pki::ServerCertSpec { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse()?], ttl: pki::DEFAULT_SERVER_TTL, not_before: None }, &pki_dir.join("gateway"))?;
+    let alice = pki::issue_client(&pki_dir, &pki::ClientCertSpec { name: "alice".into(), spiffe: None, groups: vec!["sre".into()], ttl: pki::DEFAULT_CLIENT_TTL, not_before: None }, &pki_dir.join("alice"))?;
+    let agent = pki::issue_client(
+        &pki_dir,
+        &pki::ClientCertSpec { name: "agent-7".into(), spiffe: Some("spiffe://demo.tollgate/agent/7".into()), groups: vec!["agents".into()], ttl: pki::DEFAULT_CLIENT_TTL, not_before: None },
+        &pki_dir.join("agent-7"),
+    )?;
+    let token = tollgate_server::random_hex(24);
+    let token_sha = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let token_sha: String = token_sha.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+
+    let cluster = match tollgate_testsupport::pg_bin_dir() {
+        Some(_) => {
+            println!("starting a throwaway PostgreSQL with TLS (data in {}) ...", dir.join("postgres").display());
+            let opts = ClusterOptions {
+                user: "shop_app".into(),
+                database: "shop".into(),
+                ca_dir: Some(pki_dir.clone()),
+                init_sql: vec![SAMPLE_SCHEMA.into()],
+                ..ClusterOptions::default()
+            };
+            Some(PgCluster::start_in(&dir.join("postgres"), opts).context("starting the demo PostgreSQL")?)
+        }
+        None => {
+            println!("PostgreSQL server binaries are not installed, so the demo runs the gateway without a database.");
+            println!("To get the full demo: {}", tollgate_testsupport::install_hint());
+            None
+        }
+    };
+
+    let pg_port = free_or(6432);
+    let admin_port = free_or(9090);
+    let mut resources = String::new();
+    if let Some(c) = &cluster {
+        let secrets = dir.join("secrets");
+        fs::create_dir_all(&secrets)?;
+        write_private(&secrets.join("shop.password"), &c.password)?;
+        resources = format!(
+            r#"
+[[resources]]
+name = "shop"
+kind = "postgres"
+upstream = "127.0.0.1:{port}"
+database = "shop"
+allow_groups = ["sre", "agents", "ci"]
+[resources.tls]
+mode = "verify-full"
+ca = "{ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "secrets/shop.password"
+"#,
+            port = c.port,
+            ca = c.ca_cert.display(),
+            user = c.user,
+        );
+    }
+    let config_text = format!(
+        r#"# Written by `tollgate demo`. Paths are relative to this file.
+[server]
+postgres_listen = "127.0.0.1:{pg_port}"
+admin_listen = "127.0.0.1:{admin_port}"
+tls_cert = "pki/gateway.crt"
+tls_key = "pki/gateway.key"
+client_ca = "pki/ca.crt"
+client_cert = "optional"
+store = "sqlite://audit.db"
+
+[roles]
+admin_groups = ["sre"]
+
+[[identity.tokens]]
+subject = "ci-bot"
+sha256 = "{token_sha}"
+groups = ["ci"]
+{resources}"#
+    );
+    let config_path = dir.join("tollgate.toml");
+    fs::write(&config_path, config_text)?;
+    let config = tollgate_config::load(&config_path)?;
+
+    let rel = |p: &Path| p.strip_prefix(std::env::current_dir().unwrap_or_default()).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let ca = rel(&pki_dir.join("ca.crt"));
+    let (alice_crt, alice_key, agent_crt, agent_key) = (rel(&alice.cert), rel(&alice.key), rel(&agent.cert), rel(&agent.key));
+    let have_db = cluster.is_some();
+    let config_shown = rel(&config_path);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = rt.block_on(tollgate_server::run(config, crate::shutdown_signal(), |bound| {
+        let pg = bound.postgres.map(|a| a.port()).unwrap_or(pg_port);
+        let admin = bound.admin.map(|a| a.port()).unwrap_or(admin_port);
+        println!();
+        println!("tollgate demo is ready. The gateway listens on localhost:{pg} (PostgreSQL, TLS only) and 127.0.0.1:{admin} (health, metrics).");
+        println!("Config: {}", config_shown.display());
+        if have_db {
+            println!();
+            println!("# as alice (group sre), with a client certificate; verify-full checks the gateway's certificate:");
+            println!("psql \"host=localhost port={pg} dbname=shop user=alice sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\" -c 'SELECT full_name, email, card_number FROM customers'", ca.display(), alice_crt.display(), alice_key.display());
+            println!();
+            println!("# as an AI agent with a SPIFFE identity (group agents):");
+            println!("psql \"host=localhost port={pg} dbname=shop user=agent sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\"", ca.display(), agent_crt.display(), agent_key.display());
+            println!();
+            println!("# as the ci-bot service account, with a token as the password (sent only inside TLS):");
+            println!("PGPASSWORD={token} psql \"host=localhost port={pg} dbname=shop user=ci-bot sslmode=verify-full sslrootcert={}\" -c 'SELECT count(*) FROM orders'", ca.display());
+            println!();
+            println!("# plaintext is refused with an explanation:");
+            println!("psql \"host=localhost port={pg} dbname=shop user=alice sslmode=disable\"");
+            println!();
+            println!("# pgbench through the gateway:");
+            println!("PGPASSWORD={token} pgbench -n -S -T 5 \"host=localhost port={pg} dbname=shop user=ci-bot sslmode=verify-full sslrootcert={}\"   # after: pgbench -i against the database directly", ca.display());
+        }
+        println!();
+        println!("# health, readiness and metrics:");
+        println!("curl -s http://127.0.0.1:{admin}/readyz; curl -s http://127.0.0.1:{admin}/metrics | grep tollgate_");
+        println!();
+        println!("# the audit trail's hash chain (every session and statement is recorded):");
+        println!("tollgate audit verify --config {}      # or: cargo run -q -- audit verify --config ...", config_shown.display());
+        println!();
+        println!("Press Ctrl-C to stop the gateway and the database.");
+    }));
+    drop(cluster);
+    println!("demo stopped; files are kept in {}", rel(&dir).display());
+    result
+}
