@@ -395,7 +395,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn addr(&self, key: &str, v: Option<Spanned<String>>) -> Result<Option<SocketAddr>, ConfigError> {
+    fn addr(
+        &self,
+        key: &str,
+        v: Option<Spanned<String>>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
         v.map(|s| {
             s.get_ref().parse::<SocketAddr>().map_err(|_| {
                 self.invalid(
@@ -411,11 +415,17 @@ impl Ctx<'_> {
         .transpose()
     }
 
-    fn duration(&self, key: &str, v: Option<Spanned<String>>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        key: &str,
+        v: Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
-            Some(s) => parse_duration(s.get_ref())
-                .map_err(|m| self.invalid(s.span().start, key, m)),
+            Some(s) => {
+                parse_duration(s.get_ref()).map_err(|m| self.invalid(s.span().start, key, m))
+            }
         }
     }
 
@@ -430,12 +440,20 @@ impl Ctx<'_> {
             client_ca: s.client_ca.as_deref().map(|p| self.resolve(p)),
             client_cert: s.client_cert,
             store: resolve_store_url(&s.store, &self.base),
-            reload_interval: self.duration("server.reload_interval", s.reload_interval, Duration::from_secs(2))?,
+            reload_interval: self.duration(
+                "server.reload_interval",
+                s.reload_interval,
+                Duration::from_secs(2),
+            )?,
             max_message_bytes: s.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
             public_url: s.public_url,
         };
         if server.client_cert == ClientCertPolicy::Required && server.client_ca.is_none() {
-            return Err(self.invalid(0, "server.client_cert", "\"required\" needs server.client_ca (the CA client certificates must chain to)"));
+            return Err(self.invalid(
+                0,
+                "server.client_cert",
+                "\"required\" needs server.client_ca (the CA client certificates must chain to)",
+            ));
         }
         for t in &raw.identity.tokens {
             if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -454,16 +472,32 @@ impl Ctx<'_> {
             let r = spanned.into_inner();
             let name_at = r.name.span().start;
             let name = r.name.into_inner();
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
-                return Err(self.invalid(name_at, "resources.name", format!("{name:?}: use letters, digits, '_', '-' or '.'")));
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            {
+                return Err(self.invalid(
+                    name_at,
+                    "resources.name",
+                    format!("{name:?}: use letters, digits, '_', '-' or '.'"),
+                ));
             }
             if !names.insert(name.clone()) {
-                return Err(self.invalid(name_at, "resources.name", format!("duplicate resource name {name:?}; every resource needs its own name")));
+                return Err(self.invalid(
+                    name_at,
+                    "resources.name",
+                    format!("duplicate resource name {name:?}; every resource needs its own name"),
+                ));
             }
             let up_at = r.upstream.span().start;
             let upstream = r.upstream.into_inner();
             let (host, port) = split_host_port(&upstream).ok_or_else(|| {
-                self.invalid(up_at, "resources.upstream", format!("{upstream:?} must be HOST:PORT, e.g. \"db.internal:5432\""))
+                self.invalid(
+                    up_at,
+                    "resources.upstream",
+                    format!("{upstream:?} must be HOST:PORT, e.g. \"db.internal:5432\""),
+                )
             })?;
             let mode = r.tls.mode.unwrap_or(TlsMode::VerifyFull);
             let ca = r.tls.ca.as_deref().map(|p| self.resolve(p));
@@ -484,13 +518,20 @@ impl Ctx<'_> {
                         (None, Some(p)) => SecretSource::File(self.resolve(&p)),
                         (None, None) => SecretSource::None,
                     };
-                    Some(Credentials { user: c.user, password })
+                    Some(Credentials {
+                        user: c.user,
+                        password,
+                    })
                 }
             };
             if r.kind == ResourceKind::Postgres && credentials.is_none() {
                 return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: a postgres resource needs [resources.credentials] with the upstream user")));
             }
-            let connect_timeout = self.duration("resources.connect_timeout", r.connect_timeout, Duration::from_secs(10))?;
+            let connect_timeout = self.duration(
+                "resources.connect_timeout",
+                r.connect_timeout,
+                Duration::from_secs(10),
+            )?;
             resources.push(Resource {
                 tls: UpstreamTls {
                     mode,
@@ -564,16 +605,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. \"500ms\", \"5s\", \"2m\", \"1h\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration; write e.g. \"500ms\", \"5s\", \"2m\", \"1h\"")
+    })?;
     let ms = match unit {
         "ms" => n,
         "s" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
         "d" => n * 86_400_000,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+            ))
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -620,13 +665,19 @@ password_env = "ORDERS_DB_PASSWORD"
     fn good_config_parses_and_resolves_paths() {
         let c = p(GOOD).unwrap();
         assert_eq!(c.server.postgres_listen.unwrap().port(), 6432);
-        assert_eq!(c.server.tls_cert, PathBuf::from("/etc/tollgate/pki/gateway.crt"));
+        assert_eq!(
+            c.server.tls_cert,
+            PathBuf::from("/etc/tollgate/pki/gateway.crt")
+        );
         assert_eq!(c.server.store, "sqlite:///etc/tollgate/tollgate.db");
         let r = c.resource("orders").unwrap();
         assert_eq!(r.tls.mode, TlsMode::VerifyFull);
         assert_eq!(r.tls.server_name, "db.internal");
         assert_eq!(r.upstream_port, 5432);
-        assert_eq!(r.credentials.as_ref().unwrap().password, SecretSource::Env("ORDERS_DB_PASSWORD".into()));
+        assert_eq!(
+            r.credentials.as_ref().unwrap().password,
+            SecretSource::Env("ORDERS_DB_PASSWORD".into())
+        );
         assert_eq!(r.line, 18);
     }
 
@@ -659,8 +710,13 @@ password_env = "ORDERS_DB_PASSWORD"
 
     #[test]
     fn missing_file_is_clear() {
-        let e = load(Path::new("/nonexistent/tollgate.toml")).unwrap_err().to_string();
-        assert!(e.starts_with("cannot read config file /nonexistent/tollgate.toml"), "{e}");
+        let e = load(Path::new("/nonexistent/tollgate.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot read config file /nonexistent/tollgate.toml"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -672,7 +728,10 @@ password_env = "ORDERS_DB_PASSWORD"
 
     #[test]
     fn bad_token_hash_is_refused() {
-        let text = GOOD.replace("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "secret");
+        let text = GOOD.replace(
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "secret",
+        );
         let e = p(&text).unwrap_err().to_string();
         assert!(e.contains("identity.tokens.sha256"), "{e}");
         assert!(e.contains(":15:"), "{e}");

@@ -57,19 +57,26 @@ pub enum IdentityError {
 /// the SPIFFE URI SAN when present, else the CN; groups from the subject's OU attributes.
 pub fn from_certificate(der: &[u8]) -> Result<Identity, IdentityError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::BadCertificate)?;
-    let spiffe = cert.subject_alternative_name().ok().flatten().and_then(|san| {
-        san.value.general_names.iter().find_map(|n| match n {
-            GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
-            _ => None,
-        })
-    });
+    let spiffe = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+                _ => None,
+            })
+        });
     let cn = cert
         .subject()
         .iter_common_name()
         .next()
         .and_then(|a| a.as_str().ok())
         .map(str::to_string);
-    let subject = spiffe.or(cn).filter(|s| !s.is_empty()).ok_or(IdentityError::NoSubject)?;
+    let subject = spiffe
+        .or(cn)
+        .filter(|s| !s.is_empty())
+        .ok_or(IdentityError::NoSubject)?;
     let groups = cert
         .subject()
         .iter_organizational_unit()
@@ -81,7 +88,10 @@ pub fn from_certificate(der: &[u8]) -> Result<Identity, IdentityError> {
         subject,
         groups,
         method: AuthMethod::Cert,
-        cert_fingerprint: Some(hex::encode(ring::digest::digest(&ring::digest::SHA256, der))),
+        cert_fingerprint: Some(hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            der,
+        ))),
         cert_not_after: u64::try_from(not_after)
             .ok()
             .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)),
@@ -154,6 +164,9 @@ mod tests {
 
     #[test]
     fn garbage_certificate_is_an_error() {
-        assert_eq!(from_certificate(b"not a cert"), Err(IdentityError::BadCertificate));
+        assert_eq!(
+            from_certificate(b"not a cert"),
+            Err(IdentityError::BadCertificate)
+        );
     }
 }

@@ -55,7 +55,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn cell(&self, name: &'static str, help: &'static str, kind: Kind, labels: &[(&'static str, &str)]) -> Arc<Cell> {
+    fn cell(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        kind: Kind,
+        labels: &[(&'static str, &str)],
+    ) -> Arc<Cell> {
         debug_assert!(name.starts_with("tollgate_"));
         let key: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_string())).collect();
         let mut fams = self.families.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,11 +74,21 @@ impl Registry {
     }
 
     /// A counter series; keep the returned handle on hot paths instead of looking it up per event.
-    pub fn counter(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)]) -> Arc<Cell> {
+    pub fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Arc<Cell> {
         self.cell(name, help, Kind::Counter, labels)
     }
 
-    pub fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)]) -> Arc<Cell> {
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Arc<Cell> {
         self.cell(name, help, Kind::Gauge, labels)
     }
 
@@ -107,7 +123,9 @@ impl Registry {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The process-wide registry served on `/metrics`.
@@ -139,18 +157,42 @@ mod tests {
     #[test]
     fn renders_text_format() {
         let r = Registry::default();
-        r.counter("tollgate_handshakes_total", "TLS handshakes.", &[("listener", "postgres"), ("outcome", "failed"), ("reason", "unknown_ca")]).inc();
-        let g = r.gauge("tollgate_connections_active", "Open connections.", &[("listener", "postgres")]);
+        r.counter(
+            "tollgate_handshakes_total",
+            "TLS handshakes.",
+            &[
+                ("listener", "postgres"),
+                ("outcome", "failed"),
+                ("reason", "unknown_ca"),
+            ],
+        )
+        .inc();
+        let g = r.gauge(
+            "tollgate_connections_active",
+            "Open connections.",
+            &[("listener", "postgres")],
+        );
         {
             let _a = GaugeGuard::new(g.clone());
             let _b = GaugeGuard::new(g.clone());
             assert_eq!(g.get(), 2);
         }
-        r.gauge("tollgate_cert_expiry_timestamp_seconds", "Expiry.", &[("cert", "a\"b")]).set(1700000000);
+        r.gauge(
+            "tollgate_cert_expiry_timestamp_seconds",
+            "Expiry.",
+            &[("cert", "a\"b")],
+        )
+        .set(1700000000);
         let text = r.render();
-        assert!(text.contains("# TYPE tollgate_handshakes_total counter\n"), "{text}");
+        assert!(
+            text.contains("# TYPE tollgate_handshakes_total counter\n"),
+            "{text}"
+        );
         assert!(text.contains("tollgate_handshakes_total{listener=\"postgres\",outcome=\"failed\",reason=\"unknown_ca\"} 1\n"), "{text}");
-        assert!(text.contains("tollgate_connections_active{listener=\"postgres\"} 0\n"), "{text}");
+        assert!(
+            text.contains("tollgate_connections_active{listener=\"postgres\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("cert=\"a\\\"b\"} 1700000000\n"), "{text}");
     }
 }

@@ -26,30 +26,57 @@ pub struct CancelTarget {
 
 impl CancelRegistry {
     /// Allocate a fresh client-facing key (`secret_len` 4 for protocol 3.0, 32 for 3.2) for an upstream backend.
-    pub fn register(&self, secret_len: usize, target: Arc<UpstreamTarget>, upstream_pid: i32, upstream_secret: Vec<u8>) -> (i32, Vec<u8>) {
+    pub fn register(
+        &self,
+        secret_len: usize,
+        target: Arc<UpstreamTarget>,
+        upstream_pid: i32,
+        upstream_secret: Vec<u8>,
+    ) -> (i32, Vec<u8>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let mut raw = vec![0u8; 4 + secret_len];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).expect("system RNG");
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+                .expect("system RNG");
             let pid = i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]);
             if pid == 0 || entries.contains_key(&pid) {
                 continue;
             }
             let secret = raw[4..].to_vec();
-            entries.insert(pid, Entry { secret: secret.clone(), target, upstream_pid, upstream_secret });
+            entries.insert(
+                pid,
+                Entry {
+                    secret: secret.clone(),
+                    target,
+                    upstream_pid,
+                    upstream_secret,
+                },
+            );
             return (pid, secret);
         }
     }
 
     pub fn unregister(&self, pid: i32) {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     }
 
     /// The upstream backend for a client key, if the secret matches (compared in constant time).
     pub fn lookup(&self, pid: i32, secret: &[u8]) -> Option<CancelTarget> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let e = entries.get(&pid)?;
-        let equal = e.secret.len() == secret.len() && e.secret.iter().zip(secret).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
-        equal.then(|| CancelTarget { target: e.target.clone(), pid: e.upstream_pid, secret: e.upstream_secret.clone() })
+        let equal = e.secret.len() == secret.len()
+            && e.secret
+                .iter()
+                .zip(secret)
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
+        equal.then(|| CancelTarget {
+            target: e.target.clone(),
+            pid: e.upstream_pid,
+            secret: e.upstream_secret.clone(),
+        })
     }
 }

@@ -27,7 +27,9 @@ impl Default for FrameBuf {
 
 impl FrameBuf {
     pub fn new() -> Self {
-        FrameBuf { buf: BytesMut::with_capacity(8192) }
+        FrameBuf {
+            buf: BytesMut::with_capacity(8192),
+        }
     }
     /// Whatever was read beyond the last frame handed out.
     pub fn take_rest(&mut self) -> Vec<u8> {
@@ -36,7 +38,11 @@ impl FrameBuf {
 }
 
 /// Read one typed message; its length is checked against `limit` before the body is buffered.
-pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S, fb: &mut FrameBuf, limit: usize) -> Result<(u8, Vec<u8>), IoError> {
+pub async fn read_frame<S: AsyncRead + Unpin>(
+    s: &mut S,
+    fb: &mut FrameBuf,
+    limit: usize,
+) -> Result<(u8, Vec<u8>), IoError> {
     loop {
         if let Some(f) = next_frame(&fb.buf, limit)? {
             let body = f.body(&fb.buf).to_vec();

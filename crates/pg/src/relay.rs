@@ -94,8 +94,19 @@ impl Tracker<'_> {
     }
 
     fn push(&self, kind: Kind) -> u64 {
-        let n = if kind == Kind::Sync { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) + 1 };
-        self.lock().push_back(Pending { n, kind, started: Instant::now(), rows: 0, tag: None, error: None });
+        let n = if kind == Kind::Sync {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        self.lock().push_back(Pending {
+            n,
+            kind,
+            started: Instant::now(),
+            rows: 0,
+            tag: None,
+            error: None,
+        });
         n
     }
 
@@ -116,7 +127,9 @@ impl Tracker<'_> {
     /// CommandComplete, EmptyQueryResponse or PortalSuspended.
     fn complete(&self, rows: u64, tag: String) {
         let mut q = self.lock();
-        let Some(i) = q.iter().position(|p| p.kind != Kind::Sync) else { return };
+        let Some(i) = q.iter().position(|p| p.kind != Kind::Sync) else {
+            return;
+        };
         match q[i].kind {
             Kind::Execute => {
                 let mut p = q.remove(i).expect("index is in range");
@@ -136,7 +149,9 @@ impl Tracker<'_> {
     /// ErrorResponse: fails the current command; PostgreSQL skips the rest of the pipeline up to Sync.
     fn error(&self, code: String) {
         let mut q = self.lock();
-        let Some(i) = q.iter().position(|p| p.kind != Kind::Sync) else { return };
+        let Some(i) = q.iter().position(|p| p.kind != Kind::Sync) else {
+            return;
+        };
         if q[i].kind == Kind::Query {
             q[i].error = Some(code);
             return;
@@ -187,14 +202,34 @@ enum Stop {
     Protocol(String),
 }
 
-pub(crate) async fn run(gw: &PgGateway, log: &SessionLog, target: &UpstreamTarget, client: tokio_rustls::server::TlsStream<TcpStream>, up: Connected) -> RelayEnd {
-    let Connected { stream, pid: upstream_pid, secret: upstream_secret, leftover, .. } = up;
+pub(crate) async fn run(
+    gw: &PgGateway,
+    log: &SessionLog,
+    target: &UpstreamTarget,
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    up: Connected,
+) -> RelayEnd {
+    let Connected {
+        stream,
+        pid: upstream_pid,
+        secret: upstream_secret,
+        leftover,
+        ..
+    } = up;
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut urd, mut uwr) = tokio::io::split(stream);
-    let tracker = Tracker { pending: Mutex::new(VecDeque::new()), next: AtomicU64::new(0), log };
+    let tracker = Tracker {
+        pending: Mutex::new(VecDeque::new()),
+        next: AtomicU64::new(0),
+        log,
+    };
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
-    let commands = registry().counter("tollgate_commands_total", "Client commands forwarded, by resource.", &[("resource", &target.resource.name)]);
+    let commands = registry().counter(
+        "tollgate_commands_total",
+        "Client commands forwarded, by resource.",
+        &[("resource", &target.resource.name)],
+    );
     let limit = gw.max_message;
 
     let stop = tokio::select! {
@@ -209,14 +244,24 @@ pub(crate) async fn run(gw: &PgGateway, log: &SessionLog, target: &UpstreamTarge
     match outcome {
         Outcome::UpstreamLost => {
             tracing::warn!(session = %log.id, resource = %target.resource.name, "upstream connection lost");
-            let msg = format!("tollgate lost the connection to resource \"{}\"", target.resource.name);
-            let _ = cwr.write_all(&backend::error(Severity::Fatal, "08006", &msg, None)).await;
+            let msg = format!(
+                "tollgate lost the connection to resource \"{}\"",
+                target.resource.name
+            );
+            let _ = cwr
+                .write_all(&backend::error(Severity::Fatal, "08006", &msg, None))
+                .await;
             let _ = cwr.flush().await;
         }
         Outcome::ProtocolError => {
-            let msg = format!("protocol error: {}", error.as_deref().unwrap_or("invalid message"));
+            let msg = format!(
+                "protocol error: {}",
+                error.as_deref().unwrap_or("invalid message")
+            );
             tracing::info!(session = %log.id, error = %msg, "closing session");
-            let _ = cwr.write_all(&backend::error(Severity::Fatal, "08P01", &msg, None)).await;
+            let _ = cwr
+                .write_all(&backend::error(Severity::Fatal, "08P01", &msg, None))
+                .await;
             let _ = cwr.flush().await;
             let _ = uwr.write_all(&frontend::terminate()).await;
             let _ = uwr.flush().await;
@@ -248,7 +293,14 @@ struct Prepared {
     portals: HashMap<String, (Arc<str>, Value)>,
 }
 
-async fn client_to_upstream<R, W>(rd: &mut R, wr: &mut W, tracker: &Tracker<'_>, bytes: &AtomicU64, commands: &tollgate_metrics::Cell, limit: usize) -> Stop
+async fn client_to_upstream<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    tracker: &Tracker<'_>,
+    bytes: &AtomicU64,
+    commands: &tollgate_metrics::Cell,
+    limit: usize,
+) -> Stop
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -310,23 +362,37 @@ fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
 }
 
 /// Record what a client message asks for; `Ok(true)` when it is a command.
-fn inspect_client(tag: u8, body: &[u8], prepared: &mut Prepared, tracker: &Tracker<'_>) -> Result<bool, String> {
+fn inspect_client(
+    tag: u8,
+    body: &[u8],
+    prepared: &mut Prepared,
+    tracker: &Tracker<'_>,
+) -> Result<bool, String> {
     let malformed = |what: &str| format!("malformed {what} message");
     match tag {
         b'Q' => {
             let text = frontend::parse_query(body).map_err(|_| malformed("Query"))?;
             let n = tracker.push(Kind::Query);
-            tracker.log.event("command", json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)}));
+            tracker.log.event(
+                "command",
+                json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)}),
+            );
             Ok(true)
         }
         b'P' => {
             let p = frontend::parse_parse(body).map_err(|_| malformed("Parse"))?;
-            prepared.statements.insert(p.statement, Arc::from(clip(&p.query, MAX_TEXT)));
+            prepared
+                .statements
+                .insert(p.statement, Arc::from(clip(&p.query, MAX_TEXT)));
             Ok(false)
         }
         b'B' => {
             let b = frontend::parse_bind(body).map_err(|_| malformed("Bind"))?;
-            let text = prepared.statements.get(&b.statement).cloned().unwrap_or_else(|| Arc::from(""));
+            let text = prepared
+                .statements
+                .get(&b.statement)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(""));
             let params = redact_params(&text, &b.params);
             prepared.portals.insert(b.portal, (text, params));
             Ok(false)
@@ -334,7 +400,11 @@ fn inspect_client(tag: u8, body: &[u8], prepared: &mut Prepared, tracker: &Track
         b'E' => {
             let e = frontend::parse_execute(body).map_err(|_| malformed("Execute"))?;
             let n = tracker.push(Kind::Execute);
-            let (text, params) = prepared.portals.get(&e.portal).cloned().unwrap_or_else(|| (Arc::from(""), Value::Array(vec![])));
+            let (text, params) = prepared
+                .portals
+                .get(&e.portal)
+                .cloned()
+                .unwrap_or_else(|| (Arc::from(""), Value::Array(vec![])));
             let mut ev = json!({"n": n, "protocol": "extended", "text": &*text, "params": params});
             if e.max_rows > 0 {
                 ev["max_rows"] = json!(e.max_rows);
@@ -344,7 +414,9 @@ fn inspect_client(tag: u8, body: &[u8], prepared: &mut Prepared, tracker: &Track
         }
         b'F' => {
             let n = tracker.push(Kind::Query);
-            tracker.log.event("command", json!({"n": n, "protocol": "function_call"}));
+            tracker
+                .log
+                .event("command", json!({"n": n, "protocol": "function_call"}));
             Ok(true)
         }
         b'S' => {
@@ -360,11 +432,21 @@ fn inspect_client(tag: u8, body: &[u8], prepared: &mut Prepared, tracker: &Track
             Ok(false)
         }
         b'D' | b'H' | b'd' | b'c' | b'f' | b'X' => Ok(false),
-        other => Err(format!("unexpected message type {:?} from client", other as char)),
+        other => Err(format!(
+            "unexpected message type {:?} from client",
+            other as char
+        )),
     }
 }
 
-async fn upstream_to_client<R, W>(rd: &mut R, wr: &mut W, tracker: &Tracker<'_>, bytes: &AtomicU64, leftover: Vec<u8>, limit: usize) -> Stop
+async fn upstream_to_client<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    tracker: &Tracker<'_>,
+    bytes: &AtomicU64,
+    leftover: Vec<u8>,
+    limit: usize,
+) -> Stop
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -440,7 +522,18 @@ fn redact_params(statement: &str, params: &[ParamValue]) -> Value {
         return Value::Array(vec![]);
     }
     let lower = statement.to_ascii_lowercase();
-    let sensitive_statement = ["password", "passwd", "secret", "token", "api_key", "apikey", "credential", "private_key"].iter().any(|w| lower.contains(w));
+    let sensitive_statement = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "credential",
+        "private_key",
+    ]
+    .iter()
+    .any(|w| lower.contains(w));
     Value::Array(
         params
             .iter()
@@ -458,9 +551,15 @@ fn redact_params(statement: &str, params: &[ParamValue]) -> Value {
 /// Tokens and keys that must not land in an audit trail even when bound to an innocent statement.
 fn looks_secret(v: &str) -> bool {
     let jwt = v.starts_with("eyJ") && v.matches('.').count() == 2;
-    let aws = v.len() == 20 && (v.starts_with("AKIA") || v.starts_with("ASIA")) && v.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    let aws = v.len() == 20
+        && (v.starts_with("AKIA") || v.starts_with("ASIA"))
+        && v.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
     let pem = v.contains("-----BEGIN") && v.contains("PRIVATE KEY");
-    let bearer = v.starts_with("Bearer ") || v.starts_with("ghp_") || v.starts_with("xox") || v.starts_with("sk_live_");
+    let bearer = v.starts_with("Bearer ")
+        || v.starts_with("ghp_")
+        || v.starts_with("xox")
+        || v.starts_with("sk_live_");
     jwt || aws || pem || bearer
 }
 
@@ -470,11 +569,28 @@ mod tests {
 
     #[test]
     fn redaction() {
-        let p = vec![ParamValue::Text("alice".into()), ParamValue::Text("hunter2".into())];
-        assert_eq!(redact_params("UPDATE users SET password = $2 WHERE name = $1", &p), json!(["[REDACTED]", "[REDACTED]"]));
-        assert_eq!(redact_params("SELECT * FROM t WHERE a = $1 AND b = $2", &p), json!(["alice", "hunter2"]));
-        let s = vec![ParamValue::Text("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc".into()), ParamValue::Text("AKIAIOSFODNN7EXAMPLE".into()), ParamValue::Binary(8), ParamValue::Null];
-        assert_eq!(redact_params("SELECT $1, $2, $3, $4", &s), json!(["[REDACTED]", "[REDACTED]", "<binary 8 bytes>", null]));
+        let p = vec![
+            ParamValue::Text("alice".into()),
+            ParamValue::Text("hunter2".into()),
+        ];
+        assert_eq!(
+            redact_params("UPDATE users SET password = $2 WHERE name = $1", &p),
+            json!(["[REDACTED]", "[REDACTED]"])
+        );
+        assert_eq!(
+            redact_params("SELECT * FROM t WHERE a = $1 AND b = $2", &p),
+            json!(["alice", "hunter2"])
+        );
+        let s = vec![
+            ParamValue::Text("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc".into()),
+            ParamValue::Text("AKIAIOSFODNN7EXAMPLE".into()),
+            ParamValue::Binary(8),
+            ParamValue::Null,
+        ];
+        assert_eq!(
+            redact_params("SELECT $1, $2, $3, $4", &s),
+            json!(["[REDACTED]", "[REDACTED]", "<binary 8 bytes>", null])
+        );
     }
 
     #[test]

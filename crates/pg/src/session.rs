@@ -3,8 +3,8 @@
 
 use crate::cancel::CancelRegistry;
 use crate::proto::backend::{self, Severity};
-use crate::proto::startup::{self, Startup, StartupPacket};
 use crate::proto::frontend;
+use crate::proto::startup::{self, Startup, StartupPacket};
 use crate::relay::{self, RelayEnd};
 use crate::{io::read_frame, io::FrameBuf, PgGateway};
 use serde_json::{json, Value};
@@ -32,11 +32,21 @@ impl SessionLog {
         let mut open = serde_json::Map::new();
         open.insert("listener".into(), json!(LISTENER));
         open.insert("client_addr".into(), json!(peer.to_string()));
-        SessionLog { id: new_session_id(), started: Instant::now(), open, gw }
+        SessionLog {
+            id: new_session_id(),
+            started: Instant::now(),
+            open,
+            gw,
+        }
     }
 
     pub fn event(&self, kind: &str, payload: Value) {
-        self.gw.recorder.record(EventInput { session_id: self.id.clone(), kind: kind.into(), at: SystemTime::now(), payload });
+        self.gw.recorder.record(EventInput {
+            session_id: self.id.clone(),
+            kind: kind.into(),
+            at: SystemTime::now(),
+            payload,
+        });
     }
 
     fn set(&mut self, k: &str, v: Value) {
@@ -56,34 +66,59 @@ impl SessionLog {
 fn new_session_id() -> String {
     let mut r = [0u8; 6];
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
-    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     format!("{ms:012x}{}", hex::encode(r))
 }
 
 fn handshake_counter(outcome: &str, reason: &str) {
     registry()
-        .counter("tollgate_handshakes_total", "Client connection handshakes by listener, outcome and failure reason.", &[("listener", LISTENER), ("outcome", outcome), ("reason", reason)])
+        .counter(
+            "tollgate_handshakes_total",
+            "Client connection handshakes by listener, outcome and failure reason.",
+            &[
+                ("listener", LISTENER),
+                ("outcome", outcome),
+                ("reason", reason),
+            ],
+        )
         .inc();
 }
 
 fn auth_failure(reason: &str) {
-    registry().counter("tollgate_auth_failures_total", "Client authentication or authorization failures by reason.", &[("listener", LISTENER), ("reason", reason)]).inc();
+    registry()
+        .counter(
+            "tollgate_auth_failures_total",
+            "Client authentication or authorization failures by reason.",
+            &[("listener", LISTENER), ("reason", reason)],
+        )
+        .inc();
 }
 
 /// Write a FATAL error and close: how every refusal ends, never a silent drop.
 async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: &str, msg: &str, hint: Option<&str>) {
-    let _ = s.write_all(&backend::error(Severity::Fatal, code, msg, hint)).await;
+    let _ = s
+        .write_all(&backend::error(Severity::Fatal, code, msg, hint))
+        .await;
     let _ = s.flush().await;
     let _ = s.shutdown().await;
 }
 
 async fn read_startup<S: AsyncRead + Unpin>(s: &mut S) -> Result<StartupPacket, String> {
     let mut head = [0u8; 4];
-    s.read_exact(&mut head).await.map_err(|e| format!("read: {e}"))?;
-    let len = startup::packet_len(&head).map_err(|e| e.to_string())?.ok_or("short packet")?;
+    s.read_exact(&mut head)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let len = startup::packet_len(&head)
+        .map_err(|e| e.to_string())?
+        .ok_or("short packet")?;
     let mut packet = vec![0u8; len];
     packet[..4].copy_from_slice(&head);
-    s.read_exact(&mut packet[4..]).await.map_err(|e| format!("read: {e}"))?;
+    s.read_exact(&mut packet[4..])
+        .await
+        .map_err(|e| format!("read: {e}"))?;
     startup::parse(&packet).map_err(|e| e.to_string())
 }
 
@@ -91,8 +126,18 @@ impl PgGateway {
     /// Serve one accepted TCP connection until it ends.
     pub async fn handle(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
-        let _active = GaugeGuard::new(registry().gauge("tollgate_connections_active", "Open client connections by listener.", &[("listener", LISTENER)]));
-        registry().counter("tollgate_connections_total", "Accepted client connections by listener.", &[("listener", LISTENER)]).inc();
+        let _active = GaugeGuard::new(registry().gauge(
+            "tollgate_connections_active",
+            "Open client connections by listener.",
+            &[("listener", LISTENER)],
+        ));
+        registry()
+            .counter(
+                "tollgate_connections_total",
+                "Accepted client connections by listener.",
+                &[("listener", LISTENER)],
+            )
+            .inc();
         let mut log = SessionLog::new(self.clone(), peer);
 
         // Before TLS: GSSENCRequest is declined, SSLRequest accepted, a 0x16 byte is PostgreSQL 17 direct TLS,
@@ -153,7 +198,13 @@ impl PgGateway {
             }
             PreTls::Invalid(e) => {
                 handshake_counter("failed", "protocol");
-                refuse(&mut tcp, "08P01", &format!("invalid start-up packet: {e}"), None).await;
+                refuse(
+                    &mut tcp,
+                    "08P01",
+                    &format!("invalid start-up packet: {e}"),
+                    None,
+                )
+                .await;
                 log.rejected("protocol", json!({"error": e}));
                 return;
             }
@@ -165,7 +216,8 @@ impl PgGateway {
         };
 
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
-        let mut tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
+        let mut tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tollgate_tls::classify_handshake_error(&e);
@@ -183,42 +235,80 @@ impl PgGateway {
         let info = tollgate_tls::session_info(tls.get_ref().1);
         if direct && info.alpn.as_deref() != Some("postgresql") {
             handshake_counter("failed", "alpn");
-            refuse(&mut tls, "08P01", "direct TLS connections must negotiate ALPN \"postgresql\"", None).await;
+            refuse(
+                &mut tls,
+                "08P01",
+                "direct TLS connections must negotiate ALPN \"postgresql\"",
+                None,
+            )
+            .await;
             log.rejected("alpn", json!({}));
             return;
         }
         handshake_counter("ok", "none");
         log.set("direct_tls", json!(direct));
-        log.set("client_tls", json!({"version": info.version, "cipher": info.cipher, "alpn": info.alpn}));
-        let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec());
+        log.set(
+            "client_tls",
+            json!({"version": info.version, "cipher": info.cipher, "alpn": info.alpn}),
+        );
+        let peer_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec());
 
-        let startup = match tokio::time::timeout(self.handshake_timeout, read_startup(&mut tls)).await {
-            Ok(Ok(StartupPacket::Startup(s))) => s,
-            Ok(Ok(StartupPacket::Cancel { pid, secret })) => {
-                self.serve_cancel(pid, &secret).await;
-                return;
-            }
-            Ok(Ok(_)) => {
-                refuse(&mut tls, "08P01", "unexpected encryption request inside TLS", None).await;
-                log.rejected("protocol", json!({}));
-                return;
-            }
-            Ok(Err(e)) => {
-                refuse(&mut tls, "08P01", &format!("invalid start-up packet: {e}"), None).await;
-                log.rejected("protocol", json!({"error": e}));
-                return;
-            }
-            Err(_) => {
-                log.rejected("timeout", json!({}));
-                return;
-            }
-        };
-        self.authenticated_session(tls, startup, peer_cert, log).await;
+        let startup =
+            match tokio::time::timeout(self.handshake_timeout, read_startup(&mut tls)).await {
+                Ok(Ok(StartupPacket::Startup(s))) => s,
+                Ok(Ok(StartupPacket::Cancel { pid, secret })) => {
+                    self.serve_cancel(pid, &secret).await;
+                    return;
+                }
+                Ok(Ok(_)) => {
+                    refuse(
+                        &mut tls,
+                        "08P01",
+                        "unexpected encryption request inside TLS",
+                        None,
+                    )
+                    .await;
+                    log.rejected("protocol", json!({}));
+                    return;
+                }
+                Ok(Err(e)) => {
+                    refuse(
+                        &mut tls,
+                        "08P01",
+                        &format!("invalid start-up packet: {e}"),
+                        None,
+                    )
+                    .await;
+                    log.rejected("protocol", json!({"error": e}));
+                    return;
+                }
+                Err(_) => {
+                    log.rejected("timeout", json!({}));
+                    return;
+                }
+            };
+        self.authenticated_session(tls, startup, peer_cert, log)
+            .await;
     }
 
-    async fn authenticated_session(self: Arc<Self>, mut tls: tokio_rustls::server::TlsStream<TcpStream>, startup: Startup, peer_cert: Option<Vec<u8>>, mut log: SessionLog) {
+    async fn authenticated_session(
+        self: Arc<Self>,
+        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        startup: Startup,
+        peer_cert: Option<Vec<u8>>,
+        mut log: SessionLog,
+    ) {
         let client_user = startup.param("user").unwrap_or("").to_string();
-        let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&client_user).to_string();
+        let database = startup
+            .param("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&client_user)
+            .to_string();
         log.set("client_user", json!(client_user));
         log.set("database", json!(database));
         if let Some(app) = startup.param("application_name") {
@@ -227,7 +317,12 @@ impl PgGateway {
 
         // Protocol 3.2 (longer cancel keys) is offered to clients that ask; the upstream leg speaks 3.0.
         let minor = startup.minor.min(startup::LATEST_MINOR);
-        let unknown: Vec<&str> = startup.params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+        let unknown: Vec<&str> = startup
+            .params
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with("_pq_."))
+            .collect();
         let mut out = Vec::with_capacity(512);
         if startup.minor > startup::LATEST_MINOR || !unknown.is_empty() {
             out.extend_from_slice(&backend::negotiate_protocol_version(minor, &unknown));
@@ -236,15 +331,17 @@ impl PgGateway {
 
         // Identity: the verified client certificate, else a token sent as the password (inside TLS).
         let identity: Identity = match peer_cert {
-            Some(der) => match tollgate_identity::from_certificate(&der) {
-                Ok(id) => id,
-                Err(e) => {
-                    auth_failure("bad_certificate");
-                    refuse(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None).await;
-                    log.rejected("authentication", json!({"error": e.to_string()}));
-                    return;
+            Some(der) => {
+                match tollgate_identity::from_certificate(&der) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        auth_failure("bad_certificate");
+                        refuse(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None).await;
+                        log.rejected("authentication", json!({"error": e.to_string()}));
+                        return;
+                    }
                 }
-            },
+            }
             None => {
                 out.extend_from_slice(&backend::auth_cleartext());
                 if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
@@ -253,14 +350,23 @@ impl PgGateway {
                 }
                 out.clear();
                 let mut fb = FrameBuf::new();
-                let token = match tokio::time::timeout(self.handshake_timeout, read_frame(&mut tls, &mut fb, 16 * 1024)).await {
+                let token = match tokio::time::timeout(
+                    self.handshake_timeout,
+                    read_frame(&mut tls, &mut fb, 16 * 1024),
+                )
+                .await
+                {
                     Ok(Ok((b'p', body))) => frontend::parse_password(&body).ok(),
                     _ => None,
                 };
                 match token.as_deref().and_then(|t| self.tokens.verify(t)) {
                     Some(id) => id,
                     None => {
-                        auth_failure(if token.is_some() { "unknown_token" } else { "no_credentials" });
+                        auth_failure(if token.is_some() {
+                            "unknown_token"
+                        } else {
+                            "no_credentials"
+                        });
                         refuse(
                             &mut tls,
                             "28P01",
@@ -279,7 +385,13 @@ impl PgGateway {
         log.set("auth_method", json!(identity.method.as_str()));
         log.set("client_cert_fingerprint", json!(identity.cert_fingerprint));
         if let Some(t) = identity.cert_not_after {
-            log.set("client_cert_not_after_unix", json!(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+            log.set(
+                "client_cert_not_after_unix",
+                json!(t
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)),
+            );
         }
 
         // Authorization: the database name picks the resource. Unknown and forbidden look the same,
@@ -305,14 +417,24 @@ impl PgGateway {
             Ok(c) => c,
             Err(e) => {
                 registry()
-                    .counter("tollgate_upstream_connect_failures_total", "Failed upstream connections by resource and reason.", &[("resource", &target.resource.name), ("reason", e.label())])
+                    .counter(
+                        "tollgate_upstream_connect_failures_total",
+                        "Failed upstream connections by resource and reason.",
+                        &[("resource", &target.resource.name), ("reason", e.label())],
+                    )
                     .inc();
                 tracing::error!(session = %log.id, resource = %target.resource.name, upstream = %target.resource.upstream, error = %e, "upstream connection failed");
                 refuse(
                     &mut tls,
                     "08001",
-                    &format!("tollgate could not connect to resource \"{}\"", target.resource.name),
-                    Some(&format!("the gateway log has the details under session {}", log.id)),
+                    &format!(
+                        "tollgate could not connect to resource \"{}\"",
+                        target.resource.name
+                    ),
+                    Some(&format!(
+                        "the gateway log has the details under session {}",
+                        log.id
+                    )),
                 )
                 .await;
                 log.rejected("upstream", json!({"failure": e.label()}));
@@ -320,19 +442,35 @@ impl PgGateway {
             }
         };
         if let Some(up) = &upstream.tls_info {
-            log.set("upstream_tls", json!({"version": up.version, "cipher": up.cipher}));
+            log.set(
+                "upstream_tls",
+                json!({"version": up.version, "cipher": up.cipher}),
+            );
             log.set("upstream_cert_fingerprint", json!(up.peer_cert_fingerprint));
             if let Some(t) = up.peer_cert_not_after {
                 registry()
-                    .gauge("tollgate_upstream_cert_expiry_timestamp_seconds", "Expiry (unix seconds) of the certificate each upstream presented last.", &[("resource", &target.resource.name)])
-                    .set(t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+                    .gauge(
+                        "tollgate_upstream_cert_expiry_timestamp_seconds",
+                        "Expiry (unix seconds) of the certificate each upstream presented last.",
+                        &[("resource", &target.resource.name)],
+                    )
+                    .set(
+                        t.duration_since(SystemTime::UNIX_EPOCH)
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0),
+                    );
             }
         } else {
             log.set("upstream_tls", Value::Null);
         }
 
         let secret_len = if minor >= 2 { 32 } else { 4 };
-        let (pid, secret) = self.cancels.register(secret_len, target.clone(), upstream.pid, upstream.secret.clone());
+        let (pid, secret) = self.cancels.register(
+            secret_len,
+            target.clone(),
+            upstream.pid,
+            upstream.secret.clone(),
+        );
         let _unregister = Unregister(&self.cancels, pid);
 
         out.extend_from_slice(&backend::auth_ok());
@@ -348,12 +486,27 @@ impl PgGateway {
 
         log.event("session.open", Value::Object(log.open.clone()));
         let resource = target.resource.name.clone();
-        let _sessions = GaugeGuard::new(registry().gauge("tollgate_sessions_active", "Open proxied sessions by resource.", &[("resource", &resource)]));
+        let _sessions = GaugeGuard::new(registry().gauge(
+            "tollgate_sessions_active",
+            "Open proxied sessions by resource.",
+            &[("resource", &resource)],
+        ));
         tracing::debug!(session = %log.id, subject = %identity.subject, %resource, "session open");
 
         let end = relay::run(&self, &log, &target, tls, upstream).await;
-        registry().counter("tollgate_sessions_total", "Proxied sessions by resource and outcome.", &[("resource", &resource), ("outcome", end.outcome.as_str())]).inc();
-        if let RelayEnd { outcome: relay::Outcome::ClientGone, pending: true, .. } = end {
+        registry()
+            .counter(
+                "tollgate_sessions_total",
+                "Proxied sessions by resource and outcome.",
+                &[("resource", &resource), ("outcome", end.outcome.as_str())],
+            )
+            .inc();
+        if let RelayEnd {
+            outcome: relay::Outcome::ClientGone,
+            pending: true,
+            ..
+        } = end
+        {
             // The client vanished mid-command: stop the upstream backend's work.
             if let Err(e) = target.cancel(end.upstream_pid, &end.upstream_secret).await {
                 tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend after the client disconnected");
@@ -376,7 +529,11 @@ impl PgGateway {
     async fn serve_cancel(&self, pid: i32, secret: &[u8]) {
         let matched = self.cancels.lookup(pid, secret);
         registry()
-            .counter("tollgate_cancel_requests_total", "CancelRequests by whether their key matched a session.", &[("matched", if matched.is_some() { "yes" } else { "no" })])
+            .counter(
+                "tollgate_cancel_requests_total",
+                "CancelRequests by whether their key matched a session.",
+                &[("matched", if matched.is_some() { "yes" } else { "no" })],
+            )
             .inc();
         if let Some(c) = matched {
             if let Err(e) = c.target.cancel(c.pid, &c.secret).await {

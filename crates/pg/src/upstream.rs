@@ -41,7 +41,12 @@ impl UpstreamTarget {
                     (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
                     _ => None,
                 };
-                Some(tollgate_tls::upstream_client_config(mode, resource.tls.ca.as_deref(), client_cert, vec![b"postgresql".to_vec()])?)
+                Some(tollgate_tls::upstream_client_config(
+                    mode,
+                    resource.tls.ca.as_deref(),
+                    client_cert,
+                    vec![b"postgresql".to_vec()],
+                )?)
             }
         };
         Ok(UpstreamTarget { resource, tls })
@@ -50,16 +55,21 @@ impl UpstreamTarget {
     /// Open a TCP (+TLS) connection to the upstream, without speaking PostgreSQL yet.
     pub async fn open_stream(&self) -> Result<UpStream, UpstreamError> {
         let r = &self.resource;
-        let tcp = tokio::time::timeout(r.connect_timeout, TcpStream::connect((r.upstream_host.as_str(), r.upstream_port)))
-            .await
-            .map_err(|_| UpstreamError::Timeout(r.connect_timeout))?
-            .map_err(UpstreamError::Connect)?;
+        let tcp = tokio::time::timeout(
+            r.connect_timeout,
+            TcpStream::connect((r.upstream_host.as_str(), r.upstream_port)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout(r.connect_timeout))?
+        .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {
             return Ok(UpStream::Plain(tcp));
         };
         let mut tcp = tcp;
-        tcp.write_all(&startup::encode_ssl_request()).await.map_err(UpstreamError::Connect)?;
+        tcp.write_all(&startup::encode_ssl_request())
+            .await
+            .map_err(UpstreamError::Connect)?;
         let mut answer = [0u8; 1];
         tokio::time::timeout(r.connect_timeout, tcp.read_exact(&mut answer))
             .await
@@ -68,7 +78,8 @@ impl UpstreamTarget {
         if answer[0] != b'S' {
             return Err(UpstreamError::TlsRefused);
         }
-        let name = ServerName::try_from(r.tls.server_name.clone()).map_err(|_| UpstreamError::BadServerName(r.tls.server_name.clone()))?;
+        let name = ServerName::try_from(r.tls.server_name.clone())
+            .map_err(|_| UpstreamError::BadServerName(r.tls.server_name.clone()))?;
         let connector = tokio_rustls::TlsConnector::from(tls.clone());
         let stream = tokio::time::timeout(r.connect_timeout, connector.connect(name, tcp))
             .await
@@ -78,20 +89,30 @@ impl UpstreamTarget {
     }
 
     /// Connect, start up as the resource's user and authenticate; returns once the upstream is ready for queries.
-    pub async fn connect(&self, client_params: &[(String, String)], max_message: usize) -> Result<Connected, UpstreamError> {
+    pub async fn connect(
+        &self,
+        client_params: &[(String, String)],
+        max_message: usize,
+    ) -> Result<Connected, UpstreamError> {
         let r = &self.resource;
         let creds = r.credentials.as_ref().ok_or(UpstreamError::NoCredentials)?;
         let password = creds.password.read().map_err(UpstreamError::Secret)?;
         let mut stream = self.open_stream().await?;
         let tls_info = stream.tls_info();
         let database = r.database.clone().unwrap_or_else(|| r.name.clone());
-        let mut params: Vec<(&str, &str)> = vec![("user", creds.user.as_str()), ("database", database.as_str())];
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", creds.user.as_str()),
+            ("database", database.as_str()),
+        ];
         for (k, v) in client_params {
             if passthrough(k) {
                 params.push((k, v));
             }
         }
-        stream.write_all(&startup::encode_startup(0, &params)).await.map_err(UpstreamError::Connect)?;
+        stream
+            .write_all(&startup::encode_startup(0, &params))
+            .await
+            .map_err(UpstreamError::Connect)?;
 
         let deadline = tokio::time::Instant::now() + r.connect_timeout;
         let mut buf = FrameBuf::new();
@@ -99,13 +120,15 @@ impl UpstreamTarget {
         let mut server_params = Vec::new();
         let mut key = None;
         loop {
-            let (tag, body) = tokio::time::timeout_at(deadline, read_frame(&mut stream, &mut buf, max_message))
-                .await
-                .map_err(|_| UpstreamError::Timeout(r.connect_timeout))?
-                .map_err(UpstreamError::Io)?;
+            let (tag, body) =
+                tokio::time::timeout_at(deadline, read_frame(&mut stream, &mut buf, max_message))
+                    .await
+                    .map_err(|_| UpstreamError::Timeout(r.connect_timeout))?
+                    .map_err(UpstreamError::Io)?;
             match tag {
                 b'R' => {
-                    let req = backend::parse_auth(&body).map_err(|_| UpstreamError::Protocol("malformed authentication request"))?;
+                    let req = backend::parse_auth(&body)
+                        .map_err(|_| UpstreamError::Protocol("malformed authentication request"))?;
                     let reply = match req {
                         AuthRequest::Ok => None,
                         AuthRequest::Cleartext => {
@@ -148,24 +171,51 @@ impl UpstreamTarget {
                         AuthRequest::Other(_) => return Err(UpstreamError::Protocol("upstream asked for an authentication method tollgate does not support (use scram-sha-256, md5 or password)")),
                     };
                     if let Some(reply) = reply {
-                        stream.write_all(&reply).await.map_err(UpstreamError::Connect)?;
+                        stream
+                            .write_all(&reply)
+                            .await
+                            .map_err(UpstreamError::Connect)?;
                     }
                 }
-                b'S' => server_params.push(backend::parse_parameter_status(&body).map_err(|_| UpstreamError::Protocol("malformed ParameterStatus"))?),
-                b'K' => key = Some(backend::parse_backend_key(&body).map_err(|_| UpstreamError::Protocol("malformed BackendKeyData"))?),
+                b'S' => server_params.push(
+                    backend::parse_parameter_status(&body)
+                        .map_err(|_| UpstreamError::Protocol("malformed ParameterStatus"))?,
+                ),
+                b'K' => {
+                    key = Some(
+                        backend::parse_backend_key(&body)
+                            .map_err(|_| UpstreamError::Protocol("malformed BackendKeyData"))?,
+                    )
+                }
                 b'Z' => {
                     let status = body.first().copied().unwrap_or(b'I');
-                    let (pid, secret) = key.ok_or(UpstreamError::Protocol("upstream sent no BackendKeyData"))?;
+                    let (pid, secret) =
+                        key.ok_or(UpstreamError::Protocol("upstream sent no BackendKeyData"))?;
                     // Bytes the upstream sent after ReadyForQuery belong to the relay.
                     let leftover = buf.take_rest();
-                    return Ok(Connected { stream, params: server_params, pid, secret, status, tls_info, leftover });
+                    return Ok(Connected {
+                        stream,
+                        params: server_params,
+                        pid,
+                        secret,
+                        status,
+                        tls_info,
+                        leftover,
+                    });
                 }
                 b'E' => {
                     let e = backend::parse_error(&body).unwrap_or_default();
-                    return Err(UpstreamError::Rejected { code: e.code, message: e.message });
+                    return Err(UpstreamError::Rejected {
+                        code: e.code,
+                        message: e.message,
+                    });
                 }
                 b'N' | b'v' => {}
-                _ => return Err(UpstreamError::Protocol("unexpected message during upstream start-up")),
+                _ => {
+                    return Err(UpstreamError::Protocol(
+                        "unexpected message during upstream start-up",
+                    ))
+                }
             }
         }
     }
@@ -173,7 +223,9 @@ impl UpstreamTarget {
     /// Ask the upstream to cancel what backend `pid` is running (a CancelRequest on a new connection).
     pub async fn cancel(&self, pid: i32, secret: &[u8]) -> Result<(), UpstreamError> {
         let mut s = self.open_stream().await?;
-        s.write_all(&startup::encode_cancel(pid, secret)).await.map_err(UpstreamError::Connect)?;
+        s.write_all(&startup::encode_cancel(pid, secret))
+            .await
+            .map_err(UpstreamError::Connect)?;
         s.flush().await.map_err(UpstreamError::Connect)?;
         // The server closes the connection without replying; wait briefly so the request is read.
         let mut sink = [0u8; 1];
@@ -235,7 +287,9 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::TlsRefused => "tls_refused",
             UpstreamError::Tls(..) | UpstreamError::BadServerName(_) => "tls",
-            UpstreamError::NoCredentials | UpstreamError::PasswordNeeded | UpstreamError::Secret(_) => "credentials",
+            UpstreamError::NoCredentials
+            | UpstreamError::PasswordNeeded
+            | UpstreamError::Secret(_) => "credentials",
             UpstreamError::Scram(_) | UpstreamError::Rejected { .. } => "auth",
             UpstreamError::Protocol(_) => "protocol",
         }
@@ -258,7 +312,11 @@ impl UpStream {
 }
 
 impl AsyncRead for UpStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             UpStream::Plain(t) => Pin::new(t).poll_read(cx, buf),
@@ -267,7 +325,11 @@ impl AsyncRead for UpStream {
 }
 
 impl AsyncWrite for UpStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
             UpStream::Plain(t) => Pin::new(t).poll_write(cx, buf),
@@ -285,7 +347,11 @@ impl AsyncWrite for UpStream {
             UpStream::Plain(t) => Pin::new(t).poll_shutdown(cx),
         }
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
             UpStream::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),

@@ -21,14 +21,18 @@ pub(crate) struct AdminState {
 
 pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
         });
     }
 }
@@ -43,7 +47,11 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 
 async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into(), "text/plain");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET\n".into(),
+            "text/plain",
+        );
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
@@ -63,20 +71,53 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
             if problems.is_empty() {
                 text(StatusCode::OK, "ready\n".into(), "text/plain")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; ")), "text/plain")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", problems.join("; ")),
+                    "text/plain",
+                )
             }
         }
         "/metrics" => {
             let stats = state.recorder.stats();
             let r = registry();
-            r.counter("tollgate_audit_events_written_total", "Audit events written to the store since start.", &[]).set(stats.written as i64);
-            r.counter("tollgate_audit_write_failures_total", "Audit batches that failed to write since start.", &[]).set(stats.failed as i64);
-            r.gauge("tollgate_audit_queue_depth", "Audit events waiting to be written.", &[]).set(stats.queued as i64);
+            r.counter(
+                "tollgate_audit_events_written_total",
+                "Audit events written to the store since start.",
+                &[],
+            )
+            .set(stats.written as i64);
+            r.counter(
+                "tollgate_audit_write_failures_total",
+                "Audit batches that failed to write since start.",
+                &[],
+            )
+            .set(stats.failed as i64);
+            r.gauge(
+                "tollgate_audit_queue_depth",
+                "Audit events waiting to be written.",
+                &[],
+            )
+            .set(stats.queued as i64);
             let now = std::time::SystemTime::now();
-            let left = state.tls.cert_not_after().duration_since(now).map(|d| d.as_secs() as i64).unwrap_or(0);
-            r.gauge("tollgate_cert_seconds_remaining", "Seconds until the gateway certificate expires.", &[("cert", "gateway")]).set(left);
+            let left = state
+                .tls
+                .cert_not_after()
+                .duration_since(now)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            r.gauge(
+                "tollgate_cert_seconds_remaining",
+                "Seconds until the gateway certificate expires.",
+                &[("cert", "gateway")],
+            )
+            .set(left);
             text(StatusCode::OK, r.render(), "text/plain; version=0.0.4")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into(), "text/plain"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "text/plain",
+        ),
     }
 }

@@ -49,19 +49,29 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
         bail!("{}: server.https_listen: HTTP resources and the HTTPS API are not available in this build yet; remove the key", config.path.display());
     }
     if config.server.postgres_listen.is_none() {
-        bail!("{}: server.postgres_listen is required (the only listener this build serves)", config.path.display());
+        bail!(
+            "{}: server.postgres_listen is required (the only listener this build serves)",
+            config.path.display()
+        );
     }
     Ok(())
 }
 
 fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Run the gateway until `shutdown` resolves. `on_bound` is called once every listener is up.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>, on_bound: impl FnOnce(&Bound)) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    on_bound: impl FnOnce(&Bound),
+) -> anyhow::Result<()> {
     ensure_supported(&config)?;
-    let store: Arc<dyn Store> = tollgate_store::open_store(&config.server.store).with_context(|| format!("opening store {}", config.server.store))?;
+    let store: Arc<dyn Store> = tollgate_store::open_store(&config.server.store)
+        .with_context(|| format!("opening store {}", config.server.store))?;
     let chain_id = format!("gw-{}", random_hex(8));
     let recorder = Recorder::start(store.clone(), chain_id.clone());
     tracing::info!(store = %config.server.store, chain = %chain_id, "audit store open");
@@ -83,8 +93,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>, on_bound: i
     );
 
     let mut targets = HashMap::new();
-    for r in config.resources.iter().filter(|r| r.kind == ResourceKind::Postgres) {
-        let t = UpstreamTarget::new(r.clone()).with_context(|| format!("resource {:?}: upstream TLS", r.name))?;
+    for r in config
+        .resources
+        .iter()
+        .filter(|r| r.kind == ResourceKind::Postgres)
+    {
+        let t = UpstreamTarget::new(r.clone())
+            .with_context(|| format!("resource {:?}: upstream TLS", r.name))?;
         targets.insert(r.name.clone(), Arc::new(t));
     }
 
@@ -99,15 +114,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>, on_bound: i
     });
 
     let mut bound = Bound::default();
-    let pg_addr = config.server.postgres_listen.expect("checked by ensure_supported");
-    let pg_listener = TcpListener::bind(pg_addr).await.with_context(|| format!("binding server.postgres_listen {pg_addr}"))?;
+    let pg_addr = config
+        .server
+        .postgres_listen
+        .expect("checked by ensure_supported");
+    let pg_listener = TcpListener::bind(pg_addr)
+        .await
+        .with_context(|| format!("binding server.postgres_listen {pg_addr}"))?;
     bound.postgres = Some(pg_listener.local_addr()?);
 
     let ready = Arc::new(AtomicBool::new(false));
-    let admin_state = Arc::new(admin::AdminState { store: store.clone(), recorder: recorder.clone(), ready: ready.clone(), tls: pg_tls.clone() });
+    let admin_state = Arc::new(admin::AdminState {
+        store: store.clone(),
+        recorder: recorder.clone(),
+        ready: ready.clone(),
+        tls: pg_tls.clone(),
+    });
     let admin_task = match config.server.admin_listen {
         Some(addr) => {
-            let l = TcpListener::bind(addr).await.with_context(|| format!("binding server.admin_listen {addr}"))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding server.admin_listen {addr}"))?;
             bound.admin = Some(l.local_addr()?);
             Some(tokio::spawn(admin::serve(l, admin_state)))
         }
@@ -153,9 +180,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>, on_bound: i
 
 fn publish_cert_gauges(tls: &ReloadableServerTls) {
     let help = "Expiry (unix seconds) of the gateway's own certificates.";
-    registry().gauge("tollgate_cert_expiry_timestamp_seconds", help, &[("cert", "gateway")]).set(unix_secs(tls.cert_not_after()));
+    registry()
+        .gauge(
+            "tollgate_cert_expiry_timestamp_seconds",
+            help,
+            &[("cert", "gateway")],
+        )
+        .set(unix_secs(tls.cert_not_after()));
     if let Some(ca) = tls.client_ca_not_after() {
-        registry().gauge("tollgate_cert_expiry_timestamp_seconds", help, &[("cert", "client_ca")]).set(unix_secs(ca));
+        registry()
+            .gauge(
+                "tollgate_cert_expiry_timestamp_seconds",
+                help,
+                &[("cert", "client_ca")],
+            )
+            .set(unix_secs(ca));
     }
 }
 
@@ -171,7 +210,11 @@ async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
             _ = tick.tick() => false,
             _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending::<()>().await } } => true,
         };
-        let result = if forced { tls.reload().map(|_| ReloadStatus::Reloaded) } else { tls.reload_if_changed() };
+        let result = if forced {
+            tls.reload().map(|_| ReloadStatus::Reloaded)
+        } else {
+            tls.reload_if_changed()
+        };
         let outcome = match &result {
             Ok(ReloadStatus::Unchanged) => None,
             Ok(ReloadStatus::Reloaded) => {
@@ -193,7 +236,13 @@ async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
             }
         };
         if let Some(o) = outcome {
-            registry().counter("tollgate_tls_reloads_total", "Certificate reloads by outcome.", &[("listener", "postgres"), ("outcome", o)]).inc();
+            registry()
+                .counter(
+                    "tollgate_tls_reloads_total",
+                    "Certificate reloads by outcome.",
+                    &[("listener", "postgres"), ("outcome", o)],
+                )
+                .inc();
         }
     }
 }

@@ -42,7 +42,13 @@ fn free_or(preferred: u16) -> u16 {
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
     fs::rename(&tmp, path)?;
     Ok(())
@@ -55,20 +61,52 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     if !pki_dir.join("ca.key").exists() {
         pki::init_ca(&pki_dir, "tollgate demo CA")?;
     }
-    pki::issue_server(&pki_dir, &pki::ServerCertSpec { dns: vec!["localhost".into()], ips: vec!["127.0.0.1".parse()?], ttl: pki::DEFAULT_SERVER_TTL, not_before: None }, &pki_dir.join("gateway"))?;
-    let alice = pki::issue_client(&pki_dir, &pki::ClientCertSpec { name: "alice".into(), spiffe: None, groups: vec!["sre".into()], ttl: pki::DEFAULT_CLIENT_TTL, not_before: None }, &pki_dir.join("alice"))?;
+    pki::issue_server(
+        &pki_dir,
+        &pki::ServerCertSpec {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse()?],
+            ttl: pki::DEFAULT_SERVER_TTL,
+            not_before: None,
+        },
+        &pki_dir.join("gateway"),
+    )?;
+    let alice = pki::issue_client(
+        &pki_dir,
+        &pki::ClientCertSpec {
+            name: "alice".into(),
+            spiffe: None,
+            groups: vec!["sre".into()],
+            ttl: pki::DEFAULT_CLIENT_TTL,
+            not_before: None,
+        },
+        &pki_dir.join("alice"),
+    )?;
     let agent = pki::issue_client(
         &pki_dir,
-        &pki::ClientCertSpec { name: "agent-7".into(), spiffe: Some("spiffe://demo.tollgate/agent/7".into()), groups: vec!["agents".into()], ttl: pki::DEFAULT_CLIENT_TTL, not_before: None },
+        &pki::ClientCertSpec {
+            name: "agent-7".into(),
+            spiffe: Some("spiffe://demo.tollgate/agent/7".into()),
+            groups: vec!["agents".into()],
+            ttl: pki::DEFAULT_CLIENT_TTL,
+            not_before: None,
+        },
         &pki_dir.join("agent-7"),
     )?;
     let token = tollgate_server::random_hex(24);
     let token_sha = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let token_sha: String = token_sha.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let token_sha: String = token_sha
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
 
     let cluster = match tollgate_testsupport::pg_bin_dir() {
         Some(_) => {
-            println!("starting a throwaway PostgreSQL with TLS (data in {}) ...", dir.join("postgres").display());
+            println!(
+                "starting a throwaway PostgreSQL with TLS (data in {}) ...",
+                dir.join("postgres").display()
+            );
             let opts = ClusterOptions {
                 user: "shop_app".into(),
                 database: "shop".into(),
@@ -76,11 +114,17 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
                 init_sql: vec![SAMPLE_SCHEMA.into()],
                 ..ClusterOptions::default()
             };
-            Some(PgCluster::start_in(&dir.join("postgres"), opts).context("starting the demo PostgreSQL")?)
+            Some(
+                PgCluster::start_in(&dir.join("postgres"), opts)
+                    .context("starting the demo PostgreSQL")?,
+            )
         }
         None => {
             println!("PostgreSQL server binaries are not installed, so the demo runs the gateway without a database.");
-            println!("To get the full demo: {}", tollgate_testsupport::install_hint());
+            println!(
+                "To get the full demo: {}",
+                tollgate_testsupport::install_hint()
+            );
             None
         }
     };
@@ -137,13 +181,24 @@ groups = ["ci"]
     fs::write(&config_path, config_text)?;
     let config = tollgate_config::load(&config_path)?;
 
-    let rel = |p: &Path| p.strip_prefix(std::env::current_dir().unwrap_or_default()).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let rel = |p: &Path| {
+        p.strip_prefix(std::env::current_dir().unwrap_or_default())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
     let ca = rel(&pki_dir.join("ca.crt"));
-    let (alice_crt, alice_key, agent_crt, agent_key) = (rel(&alice.cert), rel(&alice.key), rel(&agent.cert), rel(&agent.key));
+    let (alice_crt, alice_key, agent_crt, agent_key) = (
+        rel(&alice.cert),
+        rel(&alice.key),
+        rel(&agent.cert),
+        rel(&agent.key),
+    );
     let have_db = cluster.is_some();
     let config_shown = rel(&config_path);
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(tollgate_server::run(config, crate::shutdown_signal(), |bound| {
         let pg = bound.postgres.map(|a| a.port()).unwrap_or(pg_port);
         let admin = bound.admin.map(|a| a.port()).unwrap_or(admin_port);

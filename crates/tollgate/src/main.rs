@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use tollgate_tls::pki;
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "An access gateway for databases and APIs: TLS on every leg, identity, credential injection, audit.")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An access gateway for databases and APIs: TLS on every leg, identity, credential injection, audit."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -96,7 +100,9 @@ enum AuditCmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -116,12 +122,15 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -137,7 +146,11 @@ fn pki_cmd(cmd: PkiCmd) -> anyhow::Result<()> {
     match cmd {
         PkiCmd::Init { dir, name } => {
             let f = pki::init_ca(&dir, &name)?;
-            println!("CA certificate: {}\nCA key:         {} (keep it private)", f.cert.display(), f.key.display());
+            println!(
+                "CA certificate: {}\nCA key:         {} (keep it private)",
+                f.cert.display(),
+                f.key.display()
+            );
         }
         PkiCmd::Issue(a) => {
             let ttl = a.ttl.as_deref().map(pki::parse_ttl).transpose()?;
@@ -145,12 +158,37 @@ fn pki_cmd(cmd: PkiCmd) -> anyhow::Result<()> {
                 if a.dns.is_empty() && a.ip.is_empty() {
                     bail!("a server certificate needs at least one --dns NAME or --ip ADDR");
                 }
-                pki::issue_server(&a.dir, &pki::ServerCertSpec { dns: a.dns, ips: a.ip, ttl: ttl.unwrap_or(pki::DEFAULT_SERVER_TTL), not_before: None }, &a.out)?
+                pki::issue_server(
+                    &a.dir,
+                    &pki::ServerCertSpec {
+                        dns: a.dns,
+                        ips: a.ip,
+                        ttl: ttl.unwrap_or(pki::DEFAULT_SERVER_TTL),
+                        not_before: None,
+                    },
+                    &a.out,
+                )?
             } else {
-                let name = a.name.context("a client certificate needs --name SUBJECT")?;
-                pki::issue_client(&a.dir, &pki::ClientCertSpec { name, spiffe: a.spiffe, groups: a.groups, ttl: ttl.unwrap_or(pki::DEFAULT_CLIENT_TTL), not_before: None }, &a.out)?
+                let name = a
+                    .name
+                    .context("a client certificate needs --name SUBJECT")?;
+                pki::issue_client(
+                    &a.dir,
+                    &pki::ClientCertSpec {
+                        name,
+                        spiffe: a.spiffe,
+                        groups: a.groups,
+                        ttl: ttl.unwrap_or(pki::DEFAULT_CLIENT_TTL),
+                        not_before: None,
+                    },
+                    &a.out,
+                )?
             };
-            println!("certificate: {}\nkey:         {}", files.cert.display(), files.key.display());
+            println!(
+                "certificate: {}\nkey:         {}",
+                files.cert.display(),
+                files.key.display()
+            );
             for s in pki::inspect(&files.cert)? {
                 println!("{s}");
             }
@@ -179,7 +217,10 @@ fn audit_verify(config: &Path, json: bool) -> ExitCode {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else if let Some(b) = &r.first_break {
-                println!("BROKEN: chain {} at seq {} (event id {}, session {}): {}", b.chain_id, b.chain_seq, b.event_id, b.session_id, b.reason);
+                println!(
+                    "BROKEN: chain {} at seq {} (event id {}, session {}): {}",
+                    b.chain_id, b.chain_seq, b.event_id, b.session_id, b.reason
+                );
             } else {
                 println!("ok: {} events in {} chain(s) verified", r.events, r.chains);
             }

@@ -30,7 +30,12 @@ impl Severity {
 /// An ErrorResponse (or, with `Severity::Notice`, a NoticeResponse) that tollgate itself sends.
 pub fn error(severity: Severity, code: &str, msg: &str, hint: Option<&str>) -> Vec<u8> {
     let mut body = Vec::with_capacity(64 + msg.len());
-    for (field, value) in [(b'S', severity.as_str()), (b'V', severity.as_str()), (b'C', code), (b'M', msg)] {
+    for (field, value) in [
+        (b'S', severity.as_str()),
+        (b'V', severity.as_str()),
+        (b'C', code),
+        (b'M', msg),
+    ] {
         body.push(field);
         body.extend_from_slice(value.as_bytes());
         body.push(0);
@@ -41,7 +46,14 @@ pub fn error(severity: Severity, code: &str, msg: &str, hint: Option<&str>) -> V
         body.push(0);
     }
     body.push(0);
-    message(if severity == Severity::Notice { b'N' } else { b'E' }, &body)
+    message(
+        if severity == Severity::Notice {
+            b'N'
+        } else {
+            b'E'
+        },
+        &body,
+    )
 }
 
 pub fn auth_ok() -> Vec<u8> {
@@ -120,7 +132,8 @@ pub fn command_rows(tag: &[u8]) -> Option<u64> {
 pub fn command_word(tag: &[u8]) -> String {
     let tag = tag.strip_suffix(&[0]).unwrap_or(tag);
     let s = String::from_utf8_lossy(tag);
-    s.trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ').to_string()
+    s.trim_end_matches(|c: char| c.is_ascii_digit() || c == ' ')
+        .to_string()
 }
 
 /// An Authentication request from the upstream.
@@ -181,11 +194,19 @@ mod tests {
 
     #[test]
     fn error_roundtrip() {
-        let m = error(Severity::Fatal, "28000", "tls required", Some("use sslmode=require"));
+        let m = error(
+            Severity::Fatal,
+            "28000",
+            "tls required",
+            Some("use sslmode=require"),
+        );
         let f = next_frame(&m, 1000).unwrap().unwrap();
         assert_eq!(f.tag, b'E');
         let e = parse_error(f.body(&m)).unwrap();
-        assert_eq!((e.severity.as_str(), e.code.as_str(), e.message.as_str()), ("FATAL", "28000", "tls required"));
+        assert_eq!(
+            (e.severity.as_str(), e.code.as_str(), e.message.as_str()),
+            ("FATAL", "28000", "tls required")
+        );
         assert_eq!(error(Severity::Notice, "00000", "n", None)[0], b'N');
     }
 
@@ -202,7 +223,10 @@ mod tests {
     fn auth() {
         let mut body = 10i32.to_be_bytes().to_vec();
         body.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
-        assert_eq!(parse_auth(&body).unwrap(), AuthRequest::Sasl(vec!["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()]));
+        assert_eq!(
+            parse_auth(&body).unwrap(),
+            AuthRequest::Sasl(vec!["SCRAM-SHA-256-PLUS".into(), "SCRAM-SHA-256".into()])
+        );
         let mut md5 = 5i32.to_be_bytes().to_vec();
         md5.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(parse_auth(&md5).unwrap(), AuthRequest::Md5([1, 2, 3, 4]));

@@ -32,11 +32,18 @@ pub fn next_frame(buf: &[u8], limit: usize) -> Result<Option<Frame>, FrameError>
     let tag = buf[0];
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if len < 4 {
-        return Err(FrameError::BadLength { tag: tag as char, len });
+        return Err(FrameError::BadLength {
+            tag: tag as char,
+            len,
+        });
     }
     let total_len = len as usize + 1;
     if total_len > limit {
-        return Err(FrameError::TooLarge { tag: tag as char, len: total_len, limit });
+        return Err(FrameError::TooLarge {
+            tag: tag as char,
+            len: total_len,
+            limit,
+        });
     }
     if buf.len() < total_len {
         return Ok(None);
@@ -105,11 +112,26 @@ mod tests {
         assert_eq!(next_frame(b"Q\0\0", 100), Ok(None));
         assert_eq!(next_frame(b"Q\0\0\0\x09SEL", 100), Ok(None));
         let f = next_frame(b"Q\0\0\0\x09SELECT", 100).unwrap().unwrap();
-        assert_eq!(f, Frame { tag: b'Q', total_len: 10 });
+        assert_eq!(
+            f,
+            Frame {
+                tag: b'Q',
+                total_len: 10
+            }
+        );
         assert_eq!(f.body(b"Q\0\0\0\x09SELECTxx"), b"SELEC");
-        assert!(matches!(next_frame(b"Q\0\0\0\x03", 100), Err(FrameError::BadLength { .. })));
-        assert!(matches!(next_frame(b"Q\xff\xff\xff\xff", 100), Err(FrameError::BadLength { .. })));
-        assert!(matches!(next_frame(b"D\0\x10\0\0", 1024), Err(FrameError::TooLarge { len: 1_048_577, .. })));
+        assert!(matches!(
+            next_frame(b"Q\0\0\0\x03", 100),
+            Err(FrameError::BadLength { .. })
+        ));
+        assert!(matches!(
+            next_frame(b"Q\xff\xff\xff\xff", 100),
+            Err(FrameError::BadLength { .. })
+        ));
+        assert!(matches!(
+            next_frame(b"D\0\x10\0\0", 1024),
+            Err(FrameError::TooLarge { len: 1_048_577, .. })
+        ));
     }
 
     proptest! {

@@ -41,7 +41,10 @@ pub fn parse_query(body: &[u8]) -> Result<String, Malformed> {
 
 pub fn parse_parse(body: &[u8]) -> Result<Parse, Malformed> {
     let mut r = Reader::new(body);
-    Ok(Parse { statement: string(r.cstr()?), query: string(r.cstr()?) })
+    Ok(Parse {
+        statement: string(r.cstr()?),
+        query: string(r.cstr()?),
+    })
 }
 
 pub fn parse_bind(body: &[u8]) -> Result<Bind, Malformed> {
@@ -76,14 +79,25 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind, Malformed> {
             1 => formats[0],
             _ => *formats.get(i).ok_or(Malformed)?,
         };
-        params.push(if format == 0 { ParamValue::Text(string(v)) } else { ParamValue::Binary(v.len()) });
+        params.push(if format == 0 {
+            ParamValue::Text(string(v))
+        } else {
+            ParamValue::Binary(v.len())
+        });
     }
-    Ok(Bind { portal, statement, params })
+    Ok(Bind {
+        portal,
+        statement,
+        params,
+    })
 }
 
 pub fn parse_execute(body: &[u8]) -> Result<Execute, Malformed> {
     let mut r = Reader::new(body);
-    Ok(Execute { portal: string(r.cstr()?), max_rows: r.i32()? })
+    Ok(Execute {
+        portal: string(r.cstr()?),
+        max_rows: r.i32()?,
+    })
 }
 
 /// Close or Describe: (`S` statement | `P` portal, name).
@@ -166,7 +180,10 @@ mod tests {
             b.extend_from_slice(v);
         }
         let bind = parse_bind(&b).unwrap();
-        assert_eq!(bind.params, vec![ParamValue::Text("x".into()), ParamValue::Text("yz".into())]);
+        assert_eq!(
+            bind.params,
+            vec![ParamValue::Text("x".into()), ParamValue::Text("yz".into())]
+        );
     }
 
     #[test]

@@ -9,4 +9,4 @@ pub mod frame;
 pub mod frontend;
 pub mod startup;
 
-pub use frame::{FrameError, Frame, next_frame};
+pub use frame::{next_frame, Frame, FrameError};

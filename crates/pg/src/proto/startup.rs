@@ -30,7 +30,10 @@ pub struct Startup {
 
 impl Startup {
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -76,7 +79,10 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket, StartupError> {
         // Protocol 3.0 keys are 4 bytes; 3.2 allows up to 256.
         CANCEL_REQUEST if (16..=12 + 256).contains(&len) => {
             let pid = r.i32()?;
-            Ok(StartupPacket::Cancel { pid, secret: r.rest().to_vec() })
+            Ok(StartupPacket::Cancel {
+                pid,
+                secret: r.rest().to_vec(),
+            })
         }
         SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::BadLength(len)),
         version => {
@@ -97,7 +103,11 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket, StartupError> {
             if r.remaining() != 0 {
                 return Err(StartupError::Malformed);
             }
-            Ok(StartupPacket::Startup(Startup { major, minor, params }))
+            Ok(StartupPacket::Startup(Startup {
+                major,
+                minor,
+                params,
+            }))
         }
     }
 }
@@ -145,7 +155,10 @@ mod tests {
 
     #[test]
     fn roundtrip_startup() {
-        let p = encode_startup(2, &[("user", "alice"), ("database", "orders"), ("_pq_.x", "1")]);
+        let p = encode_startup(
+            2,
+            &[("user", "alice"), ("database", "orders"), ("_pq_.x", "1")],
+        );
         match parse(&p).unwrap() {
             StartupPacket::Startup(s) => {
                 assert_eq!((s.major, s.minor), (3, 2));
@@ -158,18 +171,32 @@ mod tests {
 
     #[test]
     fn special_requests() {
-        assert_eq!(parse(&encode_ssl_request()).unwrap(), StartupPacket::SslRequest);
+        assert_eq!(
+            parse(&encode_ssl_request()).unwrap(),
+            StartupPacket::SslRequest
+        );
         let c = encode_cancel(42, &[1, 2, 3, 4]);
-        assert_eq!(parse(&c).unwrap(), StartupPacket::Cancel { pid: 42, secret: vec![1, 2, 3, 4] });
+        assert_eq!(
+            parse(&c).unwrap(),
+            StartupPacket::Cancel {
+                pid: 42,
+                secret: vec![1, 2, 3, 4]
+            }
+        );
         let long = encode_cancel(42, &[9; 32]);
-        assert!(matches!(parse(&long).unwrap(), StartupPacket::Cancel { secret, .. } if secret.len() == 32));
+        assert!(
+            matches!(parse(&long).unwrap(), StartupPacket::Cancel { secret, .. } if secret.len() == 32)
+        );
         assert!(parse(&encode_cancel(1, &[0; 300])).is_err());
     }
 
     #[test]
     fn limits() {
         assert_eq!(packet_len(&[0, 0, 0, 4]), Err(StartupError::BadLength(4)));
-        assert_eq!(packet_len(&[0, 1, 0, 0]), Err(StartupError::BadLength(65536)));
+        assert_eq!(
+            packet_len(&[0, 1, 0, 0]),
+            Err(StartupError::BadLength(65536))
+        );
         assert_eq!(packet_len(&[0, 0, 0, 8]), Ok(Some(8)));
         let mut v2 = encode_startup(0, &[("user", "a")]);
         v2[4..8].copy_from_slice(&(2i32 << 16).to_be_bytes());

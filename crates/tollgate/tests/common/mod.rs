@@ -1,0 +1,440 @@
+//! Shared set-up for the integration tests: a PKI made at test time, a real TLS PostgreSQL
+//! (from the installed binaries), and the real `tollgate` binary serving in front of it.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate_testsupport::{ClusterOptions, PgCluster};
+use tollgate_tls::pki::{self, IssuedFiles};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// A CA directory with helpers to issue certificates from it.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let f = pki::init_ca(dir, "test CA").expect("init CA");
+        Pki {
+            dir: dir.to_path_buf(),
+            ca: f.cert,
+        }
+    }
+
+    pub fn server(&self, name: &str) -> IssuedFiles {
+        let spec = pki::ServerCertSpec {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            ttl: Duration::from_secs(86400),
+            not_before: None,
+        };
+        pki::issue_server(&self.dir, &spec, &self.dir.join(name)).expect("issue server cert")
+    }
+
+    pub fn client(&self, name: &str, groups: &[&str]) -> IssuedFiles {
+        let spec = pki::ClientCertSpec {
+            name: name.into(),
+            spiffe: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ttl: Duration::from_secs(3600),
+            not_before: None,
+        };
+        pki::issue_client(&self.dir, &spec, &self.dir.join(name)).expect("issue client cert")
+    }
+}
+
+/// The real `tollgate serve` process; killed on drop.
+pub struct Gateway {
+    child: Child,
+    pub config_path: PathBuf,
+    pub pg_port: u16,
+    pub admin_port: u16,
+    pub log_path: PathBuf,
+}
+
+impl Gateway {
+    /// Write `config_text` (with `{pg_port}` and `{admin_port}` filled in) to `dir/tollgate.toml`,
+    /// start the gateway and wait until `/readyz` answers 200.
+    pub fn start(dir: &Path, config_text: &str, envs: &[(&str, &str)]) -> Gateway {
+        let pg_port = tollgate_testsupport::free_port();
+        let admin_port = tollgate_testsupport::free_port();
+        let text = config_text
+            .replace("{pg_port}", &pg_port.to_string())
+            .replace("{admin_port}", &admin_port.to_string());
+        let config_path = dir.join("tollgate.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let log_path = dir.join("gateway.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn tollgate");
+        let mut gw = Gateway {
+            child,
+            config_path,
+            pg_port,
+            admin_port,
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = gw.child.try_wait().unwrap() {
+                panic!("tollgate exited early ({status}):\n{}", gw.logs());
+            }
+            if matches!(gw.http_get("/readyz"), Some((200, _))) {
+                return gw;
+            }
+            if Instant::now() > deadline {
+                panic!("tollgate did not become ready:\n{}", gw.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A plain HTTP/1.1 GET on the admin listener: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics").expect("metrics").1
+    }
+
+    /// Value of the series whose line starts with `series` (name plus labels, exactly as rendered).
+    pub fn metric(&self, series: &str) -> Option<i64> {
+        self.metrics().lines().find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Wait until `f` returns true, or panic after `timeout` with `what`.
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub const TOKEN: &str = "ci-bot-token-0123456789abcdef";
+
+pub fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Options for [`Env::start_with`].
+pub struct EnvOptions {
+    pub cluster: ClusterOptions,
+    /// Extra lines for `[server]`.
+    pub server_extra: String,
+    /// Extra TOML inside the `[[resources]]` table of "app" (before its sub-tables).
+    pub resource_extra: String,
+    /// Replaces the `[resources.tls]` table of "app".
+    pub resource_tls: Option<String>,
+    pub client_cert: &'static str,
+    pub envs: Vec<(String, String)>,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            cluster: ClusterOptions::default(),
+            server_extra: String::new(),
+            resource_extra: String::new(),
+            resource_tls: None,
+            client_cert: "optional",
+            envs: vec![],
+        }
+    }
+}
+
+/// A TLS PostgreSQL ("app" database), a gateway PKI and the gateway with one resource "app"
+/// reachable by groups `sre` and `ci`; alice (sre) has a client certificate, ci-bot a token.
+pub struct Env {
+    pub gw: Gateway,
+    pub pg: PgCluster,
+    pub pki: Pki,
+    pub alice: IssuedFiles,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn start() -> Env {
+        Env::start_with(EnvOptions::default())
+    }
+
+    pub fn start_with(opts: EnvOptions) -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-it-")
+            .tempdir()
+            .unwrap();
+        let pg = PgCluster::start(opts.cluster).expect("start PostgreSQL (is it installed?)");
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let gw_cert = pki.server("gateway");
+        let alice = pki.client("alice", &["sre"]);
+        std::fs::write(tmp.path().join("app.password"), &pg.password).unwrap();
+        let tls = opts.resource_tls.unwrap_or_else(|| format!("[resources.tls]\nmode = \"verify-full\"\nca = \"{}\"\nserver_name = \"localhost\"\n", pg.ca_cert.display()));
+        let config = format!(
+            r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+client_cert = "{client_cert}"
+store = "sqlite://audit.db"
+reload_interval = "200ms"
+{server_extra}
+
+[[identity.tokens]]
+subject = "ci-bot"
+sha256 = "{token_sha}"
+groups = ["ci"]
+
+[[resources]]
+name = "app"
+kind = "postgres"
+upstream = "127.0.0.1:{up_port}"
+database = "{db}"
+allow_groups = ["sre", "ci"]
+{resource_extra}
+{tls}
+[resources.credentials]
+user = "{user}"
+password_file = "app.password"
+"#,
+            cert = gw_cert.cert.display(),
+            key = gw_cert.key.display(),
+            ca = pki.ca.display(),
+            client_cert = opts.client_cert,
+            server_extra = opts.server_extra,
+            token_sha = sha256_hex(TOKEN),
+            up_port = pg.port,
+            db = pg.database,
+            resource_extra = opts.resource_extra,
+            user = pg.user,
+        );
+        let envs: Vec<(&str, &str)> = opts
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let gw = Gateway::start(tmp.path(), &config, &envs);
+        Env {
+            gw,
+            pg,
+            pki,
+            alice,
+            tmp,
+        }
+    }
+
+    /// libpq conninfo for alice through the gateway with verify-full.
+    pub fn conninfo(&self, db: &str) -> String {
+        self.conninfo_as(&self.alice, db)
+    }
+
+    pub fn conninfo_as(&self, who: &IssuedFiles, db: &str) -> String {
+        format!(
+            "host=localhost port={} dbname={db} user=alice sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            self.gw.pg_port,
+            self.pki.ca.display(),
+            who.cert.display(),
+            who.key.display()
+        )
+    }
+
+    /// libpq conninfo for the ci-bot token (sent as the password by the caller via PGPASSWORD).
+    pub fn conninfo_token(&self, db: &str) -> String {
+        format!(
+            "host=localhost port={} dbname={db} user=ci-bot sslmode=verify-full sslrootcert={}",
+            self.gw.pg_port,
+            self.pki.ca.display()
+        )
+    }
+
+    /// Run psql with `args` against `conninfo`; `-X -A -t -v ON_ERROR_STOP=1` are added.
+    pub fn psql(&self, conninfo: &str, args: &[&str]) -> Output {
+        psql_env(conninfo, args, &[])
+    }
+
+    /// A tokio-postgres client through the gateway as alice (verify-full, client certificate).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        self.client_as(&self.alice, "app").await
+    }
+
+    pub async fn client_as(&self, who: &IssuedFiles, db: &str) -> tokio_postgres::Client {
+        let cfg = client_tls(&self.pki.ca, Some(who));
+        let conninfo = format!(
+            "host=localhost port={} dbname={db} user=alice sslmode=require",
+            self.gw.pg_port
+        );
+        let (client, conn) = tokio_postgres::connect(
+            &conninfo,
+            tokio_postgres_rustls::MakeRustlsConnect::new(cfg),
+        )
+        .await
+        .expect("connect through tollgate");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// All events the gateway recorded, read straight from its SQLite store, as JSON rows.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["audit", "verify", "--json", "--config"])
+            .arg(&self.gw.config_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "audit verify failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        read_events(&self.tmp.path().join("audit.db"))
+    }
+}
+
+impl Env {
+    /// Poll the audit store until `done(events)` holds (events are written asynchronously in batches).
+    pub fn events_until(
+        &self,
+        what: &str,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let evs = read_events(&self.tmp.path().join("audit.db"));
+            if done(&evs) {
+                return evs;
+            }
+            if Instant::now() > deadline {
+                panic!("audit store never showed {what}; events: {evs:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Events once `n` sessions have closed.
+    pub fn events_after_closes(&self, n: usize) -> Vec<serde_json::Value> {
+        self.events_until(&format!("{n} session.close events"), |evs| {
+            evs.iter().filter(|e| e["kind"] == "session.close").count() >= n
+        })
+    }
+}
+
+/// Events from a SQLite audit store, oldest first: {session_id, kind, payload}.
+pub fn read_events(db: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,json,sys\nc=sqlite3.connect(sys.argv[1])\nprint(json.dumps([{'session_id':r[0],'kind':r[1],'payload':json.loads(r[2])} for r in c.execute('select session_id,kind,payload from events order by id')]))")
+        .arg(db)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn psql_env(conninfo: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .arg(conninfo)
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("psql")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+/// A rustls client config trusting `ca`, presenting `who` when given.
+pub fn client_tls(ca: &Path, who: Option<&IssuedFiles>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tollgate_tls::load_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(tollgate_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match who {
+        Some(w) => {
+            use rustls_pki_types::pem::PemObject;
+            let certs = tollgate_tls::load_certs(&w.cert).unwrap();
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&w.key).unwrap();
+            b.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    }
+}
+
+pub fn client_tls_arc(ca: &Path, who: Option<&IssuedFiles>) -> Arc<rustls::ClientConfig> {
+    Arc::new(client_tls(ca, who))
+}
