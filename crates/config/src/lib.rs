@@ -56,8 +56,6 @@ pub struct Server {
     pub reload_interval: Duration,
     /// Largest single protocol message accepted from a client or upstream.
     pub max_message_bytes: usize,
-    /// Base URL people use to reach this gateway's console/API (for links in notices).
-    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -270,7 +268,6 @@ struct RawServer {
     store: String,
     reload_interval: Option<Spanned<String>>,
     max_message_bytes: Option<usize>,
-    public_url: Option<String>,
 }
 
 fn default_client_cert() -> ClientCertPolicy {
@@ -446,7 +443,6 @@ impl Ctx<'_> {
                 Duration::from_secs(2),
             )?,
             max_message_bytes: s.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
-            public_url: s.public_url,
         };
         if server.client_cert == ClientCertPolicy::Required && server.client_ca.is_none() {
             return Err(self.invalid(
