@@ -297,6 +297,11 @@ impl Store for SqliteStore {
                     hash,
                 });
             }
+            let mut count =
+                tx.prepare_cached("UPDATE sessions SET event_count = ?1 WHERE id = ?2")?;
+            for (session_id, seq) in &session_seqs {
+                count.execute(params![seq, session_id])?;
+            }
         }
         let now = unix_ms(SystemTime::now());
         let updated = match &head {
@@ -463,10 +468,8 @@ fn materialize_session(
                 payload
             ])?;
         }
-        _ => {
-            tx.prepare_cached("UPDATE sessions SET event_count = ?1 WHERE id = ?2")?
-                .execute(params![session_seq, ev.session_id])?;
-        }
+        // Other events: the count is brought up to date once per session per batch, by `append`.
+        _ => {}
     }
     Ok(())
 }
