@@ -204,7 +204,10 @@ async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last error reported, and one seen once but not yet reported: certificate and key are
+    // usually replaced by two renames, and a poll between them must not raise a false alarm.
     let mut last_error: Option<String> = None;
+    let mut unconfirmed: Option<String> = None;
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,
@@ -216,17 +219,26 @@ async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
             tls.reload_if_changed()
         };
         let outcome = match &result {
-            Ok(ReloadStatus::Unchanged) => None,
+            Ok(ReloadStatus::Unchanged) => {
+                unconfirmed = None;
+                None
+            }
             Ok(ReloadStatus::Reloaded) => {
                 tracing::info!(forced, "gateway TLS material reloaded");
                 last_error = None;
+                unconfirmed = None;
                 publish_cert_gauges(&tls);
                 Some("success")
             }
             Err(e) => {
                 let msg = e.to_string();
-                // A broken file is reported once per distinct error, not every poll.
-                if forced || last_error.as_deref() != Some(msg.as_str()) {
+                // A broken file is reported once per distinct error, not every poll, and only
+                // once it persists across two polls (or on SIGHUP, which is deliberate).
+                let confirmed = forced || unconfirmed.as_deref() == Some(msg.as_str());
+                if !confirmed {
+                    unconfirmed = Some(msg);
+                    None
+                } else if forced || last_error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(error = %msg, "TLS reload rejected; still serving the previous certificate");
                     last_error = Some(msg);
                     Some("failure")
