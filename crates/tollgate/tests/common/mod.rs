@@ -438,3 +438,61 @@ pub fn client_tls(ca: &Path, who: Option<&IssuedFiles>) -> rustls::ClientConfig 
 pub fn client_tls_arc(ca: &Path, who: Option<&IssuedFiles>) -> Arc<rustls::ClientConfig> {
     Arc::new(client_tls(ca, who))
 }
+
+impl Env {
+    /// Like [`Env::client_as`], but the connection's asynchronous messages (NOTICEs and
+    /// LISTEN/NOTIFY notifications) are forwarded to the returned receiver instead of dropped.
+    pub async fn client_with_messages(
+        &self,
+        who: &IssuedFiles,
+        db: &str,
+    ) -> (
+        tokio_postgres::Client,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+    ) {
+        let cfg = client_tls(&self.pki.ca, Some(who));
+        let conninfo = format!(
+            "host=localhost port={} dbname={db} user=alice sslmode=require",
+            self.gw.pg_port
+        );
+        let (client, mut conn) = tokio_postgres::connect(
+            &conninfo,
+            tokio_postgres_rustls::MakeRustlsConnect::new(cfg),
+        )
+        .await
+        .expect("connect through tollgate");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                match m {
+                    Ok(m) => {
+                        let _ = tx.send(m);
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        (client, rx)
+    }
+
+    /// libpq conninfo straight to the test cluster (bypassing the gateway) as its login user,
+    /// with verify-full; pass `env.pg.password` as PGPASSWORD.
+    pub fn direct_conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={} dbname={} sslmode=verify-full sslrootcert={}",
+            self.pg.port,
+            self.pg.user,
+            self.pg.database,
+            self.pg.ca_cert.display()
+        )
+    }
+}
+
+/// Resident set size of process `pid` in KiB (VmRSS from /proc), if it is still running.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
