@@ -56,6 +56,21 @@ pub struct Server {
     pub reload_interval: Duration,
     /// Largest single protocol message accepted from a client or upstream.
     pub max_message_bytes: usize,
+    /// What happens to a command when its audit event cannot be written.
+    pub audit_failure: AuditFailure,
+    /// How long a command waits for its audit event to be written before `audit_failure` applies.
+    pub audit_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFailure {
+    /// A command is forwarded only after its event is written; if the store cannot write, the
+    /// command is refused (the default).
+    Closed,
+    /// Commands are forwarded without waiting for their events (still queued and written);
+    /// a store outage or a gateway crash can lose the latest events. `tollgate check` flags it.
+    Open,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -268,6 +283,8 @@ struct RawServer {
     store: String,
     reload_interval: Option<Spanned<String>>,
     max_message_bytes: Option<usize>,
+    audit_failure: Option<AuditFailure>,
+    audit_timeout: Option<Spanned<String>>,
 }
 
 fn default_client_cert() -> ClientCertPolicy {
@@ -443,6 +460,12 @@ impl Ctx<'_> {
                 Duration::from_secs(2),
             )?,
             max_message_bytes: s.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            audit_failure: s.audit_failure.unwrap_or(AuditFailure::Closed),
+            audit_timeout: self.duration(
+                "server.audit_timeout",
+                s.audit_timeout,
+                Duration::from_secs(5),
+            )?,
         };
         if server.client_cert == ClientCertPolicy::Required && server.client_ca.is_none() {
             return Err(self.invalid(

@@ -34,4 +34,8 @@ pub struct PgGateway {
     pub max_message: usize,
     /// Limit on everything before the session is established (TLS, start-up, authentication).
     pub handshake_timeout: Duration,
+    /// Forward a command only once its audit event is written (fail closed).
+    pub audit_fail_closed: bool,
+    /// How long a command may wait for its audit event before it is refused.
+    pub audit_timeout: Duration,
 }

@@ -37,6 +37,8 @@ pub(crate) enum Outcome {
     UpstreamLost,
     /// A malformed or oversized message.
     ProtocolError,
+    /// A command's audit event could not be written, so the command was refused.
+    AuditUnavailable,
 }
 
 impl Outcome {
@@ -46,6 +48,7 @@ impl Outcome {
             Outcome::ClientGone => "client_disconnected",
             Outcome::UpstreamLost => "upstream_lost",
             Outcome::ProtocolError => "protocol_error",
+            Outcome::AuditUnavailable => "audit_unavailable",
         }
     }
 }
@@ -192,8 +195,18 @@ impl Tracker<'_> {
         }
     }
 
-    fn has_pending(&self) -> bool {
-        self.lock().iter().any(|p| p.kind != Kind::Sync)
+    /// At the end of a session: every command still waiting for its answer is recorded as
+    /// interrupted; returns whether there was one.
+    fn interrupt_pending(&self) -> bool {
+        let left: Vec<Pending> = self
+            .lock()
+            .drain(..)
+            .filter(|p| p.kind != Kind::Sync)
+            .collect();
+        for p in &left {
+            self.emit(p, "interrupted");
+        }
+        !left.is_empty()
     }
 }
 
@@ -233,14 +246,14 @@ pub(crate) async fn run(
     let limit = gw.max_message;
 
     let stop = tokio::select! {
-        s = client_to_upstream(&mut crd, &mut uwr, &tracker, &from_client, &commands, limit) => s,
+        s = client_to_upstream(gw, &mut crd, &mut uwr, &tracker, &from_client, &commands) => s,
         s = upstream_to_client(&mut urd, &mut cwr, &tracker, &to_client, leftover, limit) => s,
     };
     let (outcome, error) = match stop {
         Stop::Outcome(o) => (o, None),
         Stop::Protocol(e) => (Outcome::ProtocolError, Some(e)),
     };
-    let pending = tracker.has_pending();
+    let pending = tracker.interrupt_pending();
     match outcome {
         Outcome::UpstreamLost => {
             tracing::warn!(session = %log.id, resource = %target.resource.name, "upstream connection lost");
@@ -261,6 +274,17 @@ pub(crate) async fn run(
             tracing::info!(session = %log.id, error = %msg, "closing session");
             let _ = cwr
                 .write_all(&backend::error(Severity::Fatal, "08P01", &msg, None))
+                .await;
+            let _ = cwr.flush().await;
+            let _ = uwr.write_all(&frontend::terminate()).await;
+            let _ = uwr.flush().await;
+        }
+        Outcome::AuditUnavailable => {
+            tracing::error!(session = %log.id, "refusing a command: its audit event could not be written in time (audit_failure = closed)");
+            let msg = "tollgate could not record this command in the audit trail, so it was not forwarded";
+            let hint = "the gateway's audit store is unavailable; try again later or contact the gateway's operator";
+            let _ = cwr
+                .write_all(&backend::error(Severity::Fatal, "58030", msg, Some(hint)))
                 .await;
             let _ = cwr.flush().await;
             let _ = uwr.write_all(&frontend::terminate()).await;
@@ -294,17 +318,18 @@ struct Prepared {
 }
 
 async fn client_to_upstream<R, W>(
+    gw: &PgGateway,
     rd: &mut R,
     wr: &mut W,
     tracker: &Tracker<'_>,
     bytes: &AtomicU64,
     commands: &tollgate_metrics::Cell,
-    limit: usize,
 ) -> Stop
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut prepared = Prepared::default();
     loop {
@@ -315,23 +340,42 @@ where
             }
         }
         let mut pos = 0;
-        let mut terminate = false;
+        let mut recorded = false;
+        // Set when the batch ends the session; the valid messages before it are still forwarded.
+        let mut stop = None;
         loop {
             let f = match next_frame(&buf[pos..], limit) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Stop::Protocol(e.to_string()),
+                Err(e) => {
+                    stop = Some(Stop::Protocol(e.to_string()));
+                    break;
+                }
             };
             let body = f.body(&buf[pos..]);
             match inspect_client(f.tag, body, &mut prepared, tracker) {
-                Ok(true) => commands.inc(),
+                Ok(true) => {
+                    commands.inc();
+                    recorded = true;
+                }
                 Ok(false) => {}
-                Err(e) => return Stop::Protocol(e),
+                Err(e) => {
+                    stop = Some(Stop::Protocol(e));
+                    break;
+                }
             }
             pos += f.total_len;
             if f.tag == b'X' {
-                terminate = true;
+                stop = Some(Stop::Outcome(Outcome::Closed));
                 break;
+            }
+        }
+        // Fail closed: the commands of this batch reach the upstream only once their events are
+        // written. One wait per round trip, and the recorder commits all sessions' events together.
+        if recorded && gw.audit_fail_closed {
+            match tokio::time::timeout(gw.audit_timeout, gw.recorder.flush()).await {
+                Ok(Ok(())) => {}
+                _ => return Stop::Outcome(Outcome::AuditUnavailable),
             }
         }
         if pos > 0 {
@@ -340,8 +384,8 @@ where
                 return Stop::Outcome(Outcome::UpstreamLost);
             }
         }
-        if terminate {
-            return Stop::Outcome(Outcome::Closed);
+        if let Some(stop) = stop {
+            return stop;
         }
         reserve_for_next(&mut buf, limit);
     }

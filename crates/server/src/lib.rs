@@ -111,7 +111,12 @@ pub async fn run(
         cancels: Default::default(),
         max_message: config.server.max_message_bytes,
         handshake_timeout: Duration::from_secs(30),
+        audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
+        audit_timeout: config.server.audit_timeout,
     });
+    if !gw.audit_fail_closed {
+        tracing::warn!("server.audit_failure = \"open\": commands are forwarded without waiting for their audit events; `tollgate check` fails this config");
+    }
 
     let mut bound = Bound::default();
     let pg_addr = config
