@@ -21,6 +21,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_metrics::registry;
+use tollgate_store::EventInput;
 
 const READ_BUF: usize = 64 * 1024;
 /// Longest statement text or parameter value kept in an audit event.
@@ -195,6 +196,14 @@ impl Tracker<'_> {
         }
     }
 
+    /// Drop command `n` (never forwarded) and the Syncs after it.
+    fn forget(&self, n: u64) {
+        let mut q = self.lock();
+        if let Some(i) = q.iter().position(|p| p.n == n && p.kind != Kind::Sync) {
+            q.truncate(i);
+        }
+    }
+
     /// At the end of a session: every command still waiting for its answer is recorded as
     /// interrupted; returns whether there was one.
     fn interrupt_pending(&self) -> bool {
@@ -332,6 +341,7 @@ where
     let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut prepared = Prepared::default();
+    let mut events: Vec<EventInput> = Vec::new();
     loop {
         match rd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return Stop::Outcome(Outcome::ClientGone),
@@ -340,7 +350,6 @@ where
             }
         }
         let mut pos = 0;
-        let mut recorded = false;
         // Set when the batch ends the session; the valid messages before it are still forwarded.
         let mut stop = None;
         loop {
@@ -353,11 +362,8 @@ where
                 }
             };
             let body = f.body(&buf[pos..]);
-            match inspect_client(f.tag, body, &mut prepared, tracker) {
-                Ok(true) => {
-                    commands.inc();
-                    recorded = true;
-                }
+            match inspect_client(f.tag, body, &mut prepared, tracker, &mut events) {
+                Ok(true) => commands.inc(),
                 Ok(false) => {}
                 Err(e) => {
                     stop = Some(Stop::Protocol(e));
@@ -370,13 +376,24 @@ where
                 break;
             }
         }
-        // Fail closed: the commands of this batch reach the upstream only once their events are
-        // written. One wait per round trip, and the recorder commits all sessions' events together.
-        if recorded && gw.audit_fail_closed {
-            match tokio::time::timeout(gw.audit_timeout, gw.recorder.flush()).await {
-                Ok(Ok(())) => {}
-                _ => return Stop::Outcome(Outcome::AuditUnavailable),
+        // The commands of this batch reach the upstream only once their events are in the audit
+        // journal (one write per round trip). Fail closed refuses them when that is impossible.
+        if !events.is_empty() {
+            if let Err(e) = gw.recorder.append(&events) {
+                if gw.audit_fail_closed {
+                    tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written");
+                    // Keep the evidence of what was refused, and do not await answers to it.
+                    for mut ev in events.drain(..) {
+                        tracker.forget(ev.payload["n"].as_u64().unwrap_or(0));
+                        ev.kind = "command.refused".into();
+                        ev.payload["reason"] = json!("audit_unavailable");
+                        gw.recorder.record(ev);
+                    }
+                    return Stop::Outcome(Outcome::AuditUnavailable);
+                }
+                tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written; forwarding anyway (audit_failure = open)");
             }
+            events.clear();
         }
         if pos > 0 {
             let chunk = buf.split_to(pos);
@@ -405,22 +422,24 @@ fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
     }
 }
 
-/// Record what a client message asks for; `Ok(true)` when it is a command.
+/// Record what a client message asks for; `Ok(true)` when it is a command, whose event is
+/// added to `events` (written before the batch is forwarded).
 fn inspect_client(
     tag: u8,
     body: &[u8],
     prepared: &mut Prepared,
     tracker: &Tracker<'_>,
+    events: &mut Vec<EventInput>,
 ) -> Result<bool, String> {
     let malformed = |what: &str| format!("malformed {what} message");
     match tag {
         b'Q' => {
             let text = frontend::parse_query(body).map_err(|_| malformed("Query"))?;
             let n = tracker.push(Kind::Query);
-            tracker.log.event(
+            events.push(tracker.log.input(
                 "command",
                 json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)}),
-            );
+            ));
             Ok(true)
         }
         b'P' => {
@@ -453,14 +472,16 @@ fn inspect_client(
             if e.max_rows > 0 {
                 ev["max_rows"] = json!(e.max_rows);
             }
-            tracker.log.event("command", ev);
+            events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'F' => {
             let n = tracker.push(Kind::Query);
-            tracker
-                .log
-                .event("command", json!({"n": n, "protocol": "function_call"}));
+            events.push(
+                tracker
+                    .log
+                    .input("command", json!({"n": n, "protocol": "function_call"})),
+            );
             Ok(true)
         }
         b'S' => {

@@ -40,13 +40,17 @@ impl SessionLog {
         }
     }
 
-    pub fn event(&self, kind: &str, payload: Value) {
-        self.gw.recorder.record(EventInput {
+    pub fn input(&self, kind: &str, payload: Value) -> EventInput {
+        EventInput {
             session_id: self.id.clone(),
             kind: kind.into(),
             at: SystemTime::now(),
             payload,
-        });
+        }
+    }
+
+    pub fn event(&self, kind: &str, payload: Value) {
+        self.gw.recorder.record(self.input(kind, payload));
     }
 
     fn set(&mut self, k: &str, v: Value) {

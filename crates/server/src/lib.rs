@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tollgate_config::{ClientCertPolicy, Config, ResourceKind};
 use tollgate_metrics::registry;
 use tollgate_pg::{PgGateway, UpstreamTarget};
-use tollgate_store::{Recorder, Store};
+use tollgate_store::{Recorder, RecorderOptions, Store};
 use tollgate_tls::{ClientAuth, ListenerTlsSpec, ReloadStatus, ReloadableServerTls};
 
 /// Addresses the gateway actually bound (useful when config asked for port 0).
@@ -73,8 +73,17 @@ pub async fn run(
     let store: Arc<dyn Store> = tollgate_store::open_store(&config.server.store)
         .with_context(|| format!("opening store {}", config.server.store))?;
     let chain_id = format!("gw-{}", random_hex(8));
-    let recorder = Recorder::start(store.clone(), chain_id.clone());
-    tracing::info!(store = %config.server.store, chain = %chain_id, "audit store open");
+    let journal = journal_path(&config.server.store, &chain_id);
+    let recorder = Recorder::start(
+        store.clone(),
+        chain_id.clone(),
+        RecorderOptions {
+            journal: journal.clone(),
+            stall_limit: config.server.audit_timeout,
+        },
+    )
+    .with_context(|| format!("opening the audit journal {}", journal.display()))?;
+    tracing::info!(store = %config.server.store, journal = %journal.display(), chain = %chain_id, "audit store open");
 
     let client_auth = match (&config.server.client_ca, config.server.client_cert) {
         (None, _) => ClientAuth::None,
@@ -177,10 +186,24 @@ pub async fn run(
     if let Some(t) = admin_task {
         t.abort();
     }
-    if let Err(e) = recorder.flush().await {
-        tracing::error!(error = %e, "audit events could not be written before shutdown");
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), recorder.flush())
+        .await
+        .unwrap_or(Err(tollgate_store::StoreError::Unavailable(
+            "timed out".into(),
+        )))
+    {
+        tracing::error!(error = %e, "audit events are not all in the store yet; they stay in the journal and are imported at the next start");
     }
+    tokio::task::block_in_place(|| recorder.shutdown());
     Ok(())
+}
+
+/// The audit journal sits next to an SQLite store (`<db>.events.log`).
+fn journal_path(store_url: &str, chain_id: &str) -> std::path::PathBuf {
+    match store_url.strip_prefix("sqlite://") {
+        Some(p) if !p.starts_with(':') => std::path::PathBuf::from(format!("{p}.events.log")),
+        _ => std::env::temp_dir().join(format!("tollgate-{chain_id}.events.log")),
+    }
 }
 
 fn publish_cert_gauges(tls: &ReloadableServerTls) {

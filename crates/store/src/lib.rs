@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
-pub use recorder::{Recorder, RecorderStats};
+pub use recorder::{Recorder, RecorderOptions, RecorderStats};
 pub use sqlite::{SqliteStore, SCHEMA_VERSION};
 
 /// Event kind that creates a session row.
@@ -33,6 +33,21 @@ pub struct EventInput {
     pub kind: String,
     pub at: SystemTime,
     pub payload: serde_json::Value,
+}
+
+/// An event already numbered and hashed by a journal writer (see [`Recorder`]), with its
+/// payload as the exact canonical JSON text that was hashed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HashedEvent {
+    pub chain_id: String,
+    pub chain_seq: i64,
+    pub session_id: String,
+    pub session_seq: i64,
+    pub at_unix_ms: i64,
+    pub kind: String,
+    pub payload: String,
+    pub prev_hash: String,
+    pub hash: String,
 }
 
 /// An event as stored: the evidence.
@@ -132,6 +147,8 @@ pub enum StoreError {
     },
     #[error("the recorder has stopped")]
     RecorderStopped,
+    #[error("the audit store is unavailable: {0}")]
+    Unavailable(String),
     #[error("internal store error: {0}")]
     Internal(String),
 }
@@ -142,6 +159,10 @@ pub trait Store: Send + Sync + 'static {
     /// Append a batch atomically (one transaction), extending this writer's chain.
     fn append(&self, chain_id: &str, events: &[EventInput])
         -> Result<Vec<StoredEvent>, StoreError>;
+    /// Insert events numbered and hashed elsewhere (the recorder's journal), in one transaction.
+    /// Events already present (same chain and `chain_seq`) are skipped, so replaying a journal
+    /// after a crash is idempotent; each chain's head advances to its last imported event.
+    fn import(&self, events: &[HashedEvent]) -> Result<(), StoreError>;
     fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRow>, StoreError>;
     fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError>;
     /// A session's events in `session_seq` order.

@@ -1,77 +1,94 @@
-//! The batching writer on the gateway's hot path: callers enqueue without blocking; one OS
-//! thread drains the queue and commits everything queued in one transaction (group commit).
+//! The audit writer on the gateway's hot path.
 //!
-//! Events are never dropped silently: a batch that cannot be written is retried with backoff,
-//! its waiters get `Err`, and its events stay queued (in order) until a later write succeeds.
+//! [`Recorder::append`] numbers and hash-chains events and appends them to a journal file with
+//! one `write` — synchronously, in the caller's thread, so that when it returns the events
+//! survive a crash of the gateway process (they are in the kernel's page cache). A background
+//! thread then imports the journal into the [`Store`] in large transactions (tiny per-event
+//! transactions are what made SQLite the bottleneck), and truncates the journal once everything
+//! in it is stored. At start, a journal left by a crashed process is imported first.
 //!
-//! Shutdown: once every clone is dropped (or passed to [`Recorder::shutdown`]), the thread
-//! writes what is queued and exits. `shutdown` returns its `JoinHandle` so a caller can wait
-//! for that (join from a blocking context, e.g. `tokio::task::spawn_blocking`).
+//! Failure: a journal write error fails the append (the caller refuses the command). When the
+//! store stops accepting imports, appends keep landing in the journal until the oldest event not
+//! yet stored is older than `stall_limit`; after that, appends fail until the store is back.
+//! Nothing is dropped: unimported events stay in the journal and in memory, and are retried.
 
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use crate::hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
+use crate::{unix_ms, EventInput, HashedEvent, Store, StoreError, KIND_SESSION_CLOSE};
 
-use crate::{EventInput, Store, StoreError};
+/// How often the importer looks for new events when nobody wakes it.
+const IMPORT_INTERVAL: Duration = Duration::from_millis(50);
+/// Backlog size that wakes the importer early.
+const IMPORT_WAKE_AT: usize = 4096;
+/// Most events imported in one transaction.
+const IMPORT_BATCH: usize = 8192;
+/// Journal size above which it is truncated once fully imported.
+const JOURNAL_TRUNCATE_AT: u64 = 8 * 1024 * 1024;
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Most events committed in one transaction.
-const MAX_BATCH: usize = 1024;
-/// Immediate retries of a failed batch, with these pauses before each.
-const RETRY_PAUSES: [Duration; 3] = [
-    Duration::from_millis(10),
-    Duration::from_millis(50),
-    Duration::from_millis(250),
-];
-/// Pause before re-trying events kept after a failed batch; doubles up to the maximum.
-const REQUEUE_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const REQUEUE_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Failed rounds tolerated after the last handle is gone before kept events are abandoned.
-const SHUTDOWN_ROUNDS: u32 = 3;
-
-type Waiter = oneshot::Sender<Result<(), StoreError>>;
-
-enum Msg {
-    Event {
-        ev: EventInput,
-        done: Option<Waiter>,
-    },
-    Flush(Waiter),
+#[derive(Clone, Debug)]
+pub struct RecorderOptions {
+    /// The journal file (created mode 0600; one gateway process per journal, enforced by a lock).
+    pub journal: PathBuf,
+    /// How long events may wait to reach the store before appends are refused.
+    pub stall_limit: Duration,
 }
 
 /// Counters since start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RecorderStats {
-    /// Events committed.
+    /// Events written to the journal.
     pub written: u64,
-    /// Batches that failed after all retries (their events stay queued).
+    /// Events imported into the store.
+    pub stored: u64,
+    /// Failed imports and failed appends.
     pub failed: u64,
-    /// Batches committed.
-    pub batches: u64,
-    /// Events enqueued and not yet committed.
+    /// Events in the journal not yet in the store.
     pub queued: u64,
 }
 
-#[derive(Default)]
-struct Shared {
+struct Writer {
+    journal: File,
+    journal_bytes: u64,
+    chain_id: String,
+    chain_seq: i64,
+    prev_hash: String,
+    session_seqs: HashMap<String, i64>,
+    /// Journaled, not yet handed to the importer.
+    backlog: Vec<HashedEvent>,
+    /// When the oldest event not yet in the store was journaled.
+    oldest_unstored: Option<Instant>,
+    line: Vec<u8>,
+}
+
+struct Inner {
+    writer: Mutex<Writer>,
+    wake: Condvar,
+    store: Arc<dyn Store>,
+    stall_limit: Duration,
     written: AtomicU64,
+    stored: AtomicU64,
     failed: AtomicU64,
-    batches: AtomicU64,
-    queued: AtomicU64,
-    unhealthy: AtomicBool,
+    import_failing: AtomicBool,
+    stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Cheap to clone; all clones feed the same writer thread and chain.
+/// Cheap to clone; all clones share one journal, chain and importer thread.
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Msg>,
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -82,257 +99,329 @@ impl std::fmt::Debug for Recorder {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One journal line: a hashed event as JSON.
+fn encode_line(out: &mut Vec<u8>, ev: &HashedEvent) {
+    serde_json::to_writer(&mut *out, ev).expect("serializing to memory cannot fail");
+    out.push(b'\n');
+}
+
 impl Recorder {
-    /// Starts the writer thread for `chain_id` (one chain per gateway process).
-    pub fn start(store: Arc<dyn Store>, chain_id: String) -> Recorder {
-        let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
-        let worker = Worker {
+    /// Opens (and locks) the journal, imports whatever a previous process left in it, and
+    /// starts the importer thread. Events go to the chain `chain_id` (one per process).
+    pub fn start(
+        store: Arc<dyn Store>,
+        chain_id: String,
+        opts: RecorderOptions,
+    ) -> Result<Recorder, StoreError> {
+        let path = &opts.journal;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err(path))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(journal.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Unavailable(format!(
+                "the audit journal {} is locked by another tollgate process; each gateway needs its own store",
+                path.display()
+            )));
+        }
+        replay(&*store, &journal, path)?;
+        journal.set_len(0).map_err(io_err(path))?;
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(Writer {
+                journal,
+                journal_bytes: 0,
+                chain_id,
+                chain_seq: 0,
+                prev_hash: GENESIS_HASH.to_string(),
+                session_seqs: HashMap::new(),
+                backlog: Vec::new(),
+                oldest_unstored: None,
+                line: Vec::with_capacity(4096),
+            }),
+            wake: Condvar::new(),
             store,
-            chain_id,
-            rx,
-            shared: Arc::clone(&shared),
-            pending: Vec::new(),
-            waiters: Vec::new(),
-        };
-        let handle = std::thread::Builder::new()
-            .name("tollgate-recorder".into())
-            .spawn(move || worker.run())
-            .expect("cannot spawn the recorder thread");
-        *shared.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        Recorder { tx, shared }
-    }
-
-    /// Enqueues an event; never blocks.
-    pub fn record(&self, ev: EventInput) {
-        self.send(Msg::Event { ev, done: None });
-    }
-
-    /// Enqueues an event; resolves once the batch holding it is committed (`Ok`) or has
-    /// failed (`Err`; the event stays queued and is written later).
-    pub fn record_durable(
-        &self,
-        ev: EventInput,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let (done, rx) = oneshot::channel();
-        self.send(Msg::Event {
-            ev,
-            done: Some(done),
+            stall_limit: opts.stall_limit,
+            written: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            import_failing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
         });
-        wait(rx)
+        let worker = Arc::clone(&inner);
+        let handle = std::thread::Builder::new()
+            .name("tollgate-record".into())
+            .spawn(move || import_loop(&worker))
+            .map_err(|e| StoreError::Internal(format!("cannot start the audit importer: {e}")))?;
+        *lock(&inner.thread) = Some(handle);
+        Ok(Recorder { inner })
     }
 
-    /// Resolves once everything enqueued before this call is committed (or its batch failed).
-    pub fn flush(&self) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let (done, rx) = oneshot::channel();
-        self.send(Msg::Flush(done));
-        wait(rx)
+    /// Number, hash-chain and journal `events` in one write. When this returns `Ok`, the events
+    /// survive a crash of this process. `Err` means they were not recorded (nothing was written).
+    ///
+    /// Refused while the store has been unavailable for longer than `stall_limit`: this is the
+    /// call that gates new commands.
+    pub fn append(&self, events: &[EventInput]) -> Result<(), StoreError> {
+        self.write(events, true)
+    }
+
+    /// Append one event that gates nothing (session open/close, results): it is journaled even
+    /// while the store is stalled; only a journal write failure loses it, loudly.
+    pub fn record(&self, ev: EventInput) {
+        if let Err(e) = self.write(std::slice::from_ref(&ev), false) {
+            tracing::error!(error = %e, kind = %ev.kind, session = %ev.session_id, "an audit event could not be recorded");
+        }
+    }
+
+    fn write(&self, events: &[EventInput], gate: bool) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let mut w = lock(&inner.writer);
+        if let (true, Some(since)) = (gate, w.oldest_unstored) {
+            if since.elapsed() > inner.stall_limit {
+                inner.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!(
+                    "events have not reached the store for {}s",
+                    since.elapsed().as_secs()
+                )));
+            }
+        }
+        let w = &mut *w;
+        w.line.clear();
+        let mut chain_seq = w.chain_seq;
+        let mut prev_hash = std::mem::take(&mut w.prev_hash);
+        let mut hashed = Vec::with_capacity(events.len());
+        for ev in events {
+            chain_seq += 1;
+            let seq = w.session_seqs.get(&ev.session_id).copied().unwrap_or(0)
+                + 1
+                + hashed
+                    .iter()
+                    .filter(|h: &&HashedEvent| h.session_id == ev.session_id)
+                    .count() as i64;
+            let payload = canonical_json(&ev.payload);
+            let at_unix_ms = unix_ms(ev.at);
+            let hash = event_hash(
+                &prev_hash,
+                &HashedFields {
+                    chain_id: &w.chain_id,
+                    chain_seq,
+                    session_id: &ev.session_id,
+                    session_seq: seq,
+                    at_unix_ms,
+                    kind: &ev.kind,
+                    payload: payload.as_bytes(),
+                },
+            );
+            let h = HashedEvent {
+                chain_id: w.chain_id.clone(),
+                chain_seq,
+                session_id: ev.session_id.clone(),
+                session_seq: seq,
+                at_unix_ms,
+                kind: ev.kind.clone(),
+                payload,
+                prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
+                hash,
+            };
+            encode_line(&mut w.line, &h);
+            hashed.push(h);
+        }
+        if let Err(e) = w.journal.write_all(&w.line) {
+            // Undo a torn write so the journal stays a sequence of whole lines.
+            let _ = w.journal.set_len(w.journal_bytes);
+            w.prev_hash = hashed
+                .first()
+                .map(|h| h.prev_hash.clone())
+                .unwrap_or(prev_hash);
+            inner.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot write the audit journal");
+            return Err(StoreError::Io {
+                path: PathBuf::from("audit journal"),
+                source: e,
+            });
+        }
+        w.journal_bytes += w.line.len() as u64;
+        w.chain_seq = chain_seq;
+        w.prev_hash = prev_hash;
+        for h in &hashed {
+            if h.kind == KIND_SESSION_CLOSE {
+                w.session_seqs.remove(&h.session_id);
+            } else {
+                w.session_seqs.insert(h.session_id.clone(), h.session_seq);
+            }
+        }
+        inner
+            .written
+            .fetch_add(hashed.len() as u64, Ordering::Relaxed);
+        w.oldest_unstored.get_or_insert_with(Instant::now);
+        w.backlog.extend(hashed);
+        if w.backlog.len() >= IMPORT_WAKE_AT {
+            inner.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Resolves once every event appended before the call is in the store, or with `Err` if the
+    /// store is failing imports.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let target = self.inner.written.load(Ordering::SeqCst);
+        loop {
+            if self.inner.stored.load(Ordering::SeqCst) >= target {
+                return Ok(());
+            }
+            if self.inner.import_failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable(
+                    "the store is not accepting events".into(),
+                ));
+            }
+            self.inner.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     pub fn stats(&self) -> RecorderStats {
-        let s = &self.shared;
+        let i = &self.inner;
+        let written = i.written.load(Ordering::Relaxed);
+        let stored = i.stored.load(Ordering::Relaxed);
         RecorderStats {
-            written: s.written.load(Ordering::Relaxed),
-            failed: s.failed.load(Ordering::Relaxed),
-            batches: s.batches.load(Ordering::Relaxed),
-            queued: s.queued.load(Ordering::Relaxed),
+            written,
+            stored,
+            failed: i.failed.load(Ordering::Relaxed),
+            queued: written.saturating_sub(stored),
         }
     }
 
-    /// `false` after a batch failed, `true` again after the next successful one.
+    /// False while imports into the store are failing.
     pub fn healthy(&self) -> bool {
-        !self.shared.unhealthy.load(Ordering::Relaxed)
+        !self.inner.import_failing.load(Ordering::Relaxed)
     }
 
-    /// Gives up this handle. The thread exits after every other clone is dropped too and the
-    /// queue is written; the first caller gets its handle to join.
-    pub fn shutdown(self) -> Option<JoinHandle<()>> {
-        let handle = self
-            .shared
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        drop(self);
-        handle
-    }
-
-    fn send(&self, msg: Msg) {
-        let is_event = matches!(msg, Msg::Event { .. });
-        if is_event {
-            self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.tx.send(msg).is_err() {
-            // Only if the writer thread died; a waiter sees RecorderStopped.
-            if is_event {
-                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-                self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("recorder thread has stopped; an audit event was not recorded");
-            }
+    /// Stop the importer after a last import of everything journaled (blocking).
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        if let Some(h) = lock(&self.inner.thread).take() {
+            let _ = h.join();
         }
     }
 }
 
-async fn wait(rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), StoreError> {
-    rx.await.unwrap_or(Err(StoreError::RecorderStopped))
-}
-
-struct Worker {
-    store: Arc<dyn Store>,
-    chain_id: String,
-    rx: mpsc::Receiver<Msg>,
-    shared: Arc<Shared>,
-    /// The next batch, in enqueue order; kept across a failed write.
-    pending: Vec<EventInput>,
-    waiters: Vec<Waiter>,
-}
-
-impl Worker {
-    fn run(mut self) {
-        let mut connected = true;
-        let mut backoff: Option<Duration> = None;
-        let mut rounds_after_close = 0u32;
-        loop {
-            if self.pending.is_empty() && self.waiters.is_empty() {
-                if !connected {
-                    return;
-                }
-                match self.rx.recv() {
-                    Ok(msg) => self.take(msg),
-                    Err(_) => return,
-                }
-            }
-            if let (Some(delay), true) = (backoff, connected) {
-                // Wait before retrying, while still collecting new work.
-                let deadline = Instant::now() + delay;
-                while self.pending.len() < MAX_BATCH {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match self.rx.recv_timeout(left) {
-                        Ok(msg) => self.take(msg),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            connected = false;
-                            break;
-                        }
-                    }
-                }
-            }
-            while connected && self.pending.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(msg) => self.take(msg),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => connected = false,
-                }
-            }
-            if self.write_batch() {
-                backoff = None;
+/// Import a journal left by a previous process; a torn last line (a crash mid-write, whose
+/// command was therefore never forwarded) is skipped.
+fn replay(store: &dyn Store, journal: &File, path: &Path) -> Result<(), StoreError> {
+    let reader = BufReader::new(journal.try_clone().map_err(io_err(path))?);
+    let mut batch = Vec::new();
+    let mut total = 0usize;
+    for line in reader.split(b'\n') {
+        let line = line.map_err(io_err(path))?;
+        match serde_json::from_slice::<HashedEvent>(&line) {
+            Ok(ev) => batch.push(ev),
+            Err(_) => {
+                tracing::warn!(journal = %path.display(), "skipping a torn line at the end of the audit journal");
                 continue;
             }
-            backoff =
-                Some(backoff.map_or(REQUEUE_BACKOFF_MIN, |d| (d * 2).min(REQUEUE_BACKOFF_MAX)));
-            if !connected {
-                rounds_after_close += 1;
-                if rounds_after_close >= SHUTDOWN_ROUNDS {
-                    self.abandon();
+        }
+        if batch.len() >= IMPORT_BATCH {
+            total += batch.len();
+            store.import(&batch)?;
+            batch.clear();
+        }
+    }
+    total += batch.len();
+    store.import(&batch)?;
+    if total > 0 {
+        tracing::info!(events = total, journal = %path.display(), "imported audit events left by a previous gateway process");
+    }
+    Ok(())
+}
+
+fn import_loop(inner: &Inner) {
+    let mut pending: Vec<HashedEvent> = Vec::new();
+    let mut backoff: Option<Duration> = None;
+    loop {
+        let stopping = inner.stop.load(Ordering::SeqCst);
+        {
+            let w = lock(&inner.writer);
+            let wait = backoff.unwrap_or(IMPORT_INTERVAL);
+            let mut w = if w.backlog.is_empty() && !stopping {
+                inner
+                    .wake
+                    .wait_timeout(w, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            } else {
+                w
+            };
+            if pending.len() < IMPORT_BATCH {
+                let take = (IMPORT_BATCH - pending.len()).min(w.backlog.len());
+                pending.extend(w.backlog.drain(..take));
+            }
+        }
+        if pending.is_empty() {
+            if stopping {
+                return;
+            }
+            continue;
+        }
+        match inner.store.import(&pending) {
+            Ok(()) => {
+                inner
+                    .stored
+                    .fetch_add(pending.len() as u64, Ordering::SeqCst);
+                pending.clear();
+                inner.import_failing.store(false, Ordering::SeqCst);
+                backoff = None;
+                let mut w = lock(&inner.writer);
+                if w.backlog.is_empty() {
+                    w.oldest_unstored = None;
+                    if w.journal_bytes > JOURNAL_TRUNCATE_AT {
+                        // Everything in the journal is in the store now.
+                        if w.journal.set_len(0).is_ok() {
+                            w.journal_bytes = 0;
+                        }
+                    }
+                } else {
+                    w.oldest_unstored = Some(Instant::now());
+                }
+            }
+            Err(e) => {
+                inner.failed.fetch_add(1, Ordering::Relaxed);
+                inner.import_failing.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, events = pending.len(), "audit events could not be stored yet; they are kept in the journal and retried");
+                if stopping {
+                    tracing::error!(events = pending.len(), "stopping with audit events only in the journal; they are imported at the next start");
                     return;
                 }
-                std::thread::sleep(backoff.unwrap_or(REQUEUE_BACKOFF_MIN));
+                backoff = Some(backoff.map_or(RETRY_MIN, |d| (d * 2).min(RETRY_MAX)));
             }
         }
-    }
-
-    fn take(&mut self, msg: Msg) {
-        match msg {
-            Msg::Event { ev, done } => {
-                self.pending.push(ev);
-                self.waiters.extend(done);
-            }
-            Msg::Flush(done) => self.waiters.push(done),
-        }
-    }
-
-    /// Writes `pending` in one transaction; `true` on success.
-    fn write_batch(&mut self) -> bool {
-        if self.pending.is_empty() {
-            self.notify(|| Ok(()));
-            return true;
-        }
-        let mut attempts = 0u32;
-        let err = loop {
-            attempts += 1;
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.store.append(&self.chain_id, &self.pending)
-            }))
-            .unwrap_or_else(|_| Err(StoreError::Internal("store panicked in append".into())));
-            match result {
-                Ok(_) => {
-                    let n = self.pending.len() as u64;
-                    self.pending.clear();
-                    let s = &self.shared;
-                    s.written.fetch_add(n, Ordering::Relaxed);
-                    s.batches.fetch_add(1, Ordering::Relaxed);
-                    s.queued.fetch_sub(n, Ordering::Relaxed);
-                    s.unhealthy.store(false, Ordering::Relaxed);
-                    self.notify(|| Ok(()));
-                    return true;
-                }
-                Err(e) => match RETRY_PAUSES.get(attempts as usize - 1) {
-                    Some(pause) => {
-                        tracing::warn!(error = %e, attempts, "audit batch write failed; retrying");
-                        std::thread::sleep(*pause);
-                    }
-                    None => break e,
-                },
-            }
-        };
-        self.shared.failed.fetch_add(1, Ordering::Relaxed);
-        self.shared.unhealthy.store(true, Ordering::Relaxed);
-        tracing::error!(
-            error = %err,
-            attempts,
-            events = self.pending.len(),
-            "audit batch write failed; events kept for a later retry"
-        );
-        let source = Arc::new(err);
-        self.notify(|| {
-            Err(StoreError::BatchFailed {
-                attempts,
-                source: Arc::clone(&source),
-            })
-        });
-        false
-    }
-
-    fn notify(&mut self, result: impl Fn() -> Result<(), StoreError>) {
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(result()); // the caller may have stopped waiting
-        }
-    }
-
-    /// Last resort at shutdown with a store that keeps failing.
-    fn abandon(&mut self) {
-        let lost = self.pending.len() as u64
-            + self
-                .rx
-                .try_iter()
-                .filter(|m| matches!(m, Msg::Event { .. }))
-                .count() as u64;
-        self.shared.queued.fetch_sub(lost, Ordering::Relaxed);
-        tracing::error!(
-            lost,
-            "recorder shutting down with a failing store; audit events were not written"
-        );
-        self.pending.clear();
-        self.notify(|| Err(StoreError::RecorderStopped));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{SqliteStore, StoredEvent, KIND_SESSION_OPEN};
+    use crate::SqliteStore;
     use serde_json::json;
-    use std::sync::atomic::AtomicUsize;
     use std::time::SystemTime;
 
     fn ev(session: &str, kind: &str, n: u64) -> EventInput {
@@ -344,24 +433,26 @@ mod tests {
         }
     }
 
-    fn file_store() -> (tempfile::TempDir, Arc<SqliteStore>) {
+    fn setup() -> (tempfile::TempDir, Arc<SqliteStore>, RecorderOptions) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(dir.path().join("rec.db")).unwrap());
-        (dir, store)
+        let store = Arc::new(SqliteStore::open(dir.path().join("a.db")).unwrap());
+        let opts = RecorderOptions {
+            journal: dir.path().join("a.db.events.log"),
+            stall_limit: Duration::from_secs(5),
+        };
+        (dir, store, opts)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn ten_thousand_events_from_eight_threads_are_group_committed_in_order() {
-        let (_dir, store) = file_store();
-        let recorder = Recorder::start(store.clone(), "gw-test".into());
+    #[tokio::test]
+    async fn appended_events_are_chained_stored_and_verified() {
+        let (_d, store, opts) = setup();
+        let rec = Recorder::start(store.clone(), "c1".into(), opts).unwrap();
         let threads: Vec<_> = (0..8)
             .map(|t| {
-                let recorder = recorder.clone();
+                let rec = rec.clone();
                 std::thread::spawn(move || {
-                    let session = format!("s{t}");
-                    recorder.record(ev(&session, KIND_SESSION_OPEN, 0));
-                    for n in 1..1250 {
-                        recorder.record(ev(&session, "query", n));
+                    for i in 0..1000 {
+                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
                     }
                 })
             })
@@ -369,131 +460,164 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        recorder.flush().await.unwrap();
-        let stats = recorder.stats();
-        assert_eq!(stats.written, 10_000);
-        assert_eq!((stats.queued, stats.failed), (0, 0));
-        assert!(stats.batches < stats.written, "{stats:?}");
-        for t in 0..8 {
-            let events = store.events(&format!("s{t}")).unwrap();
-            assert_eq!(events.len(), 1250);
-            let order: Vec<(i64, u64)> = events
-                .iter()
-                .map(|e| (e.session_seq, e.payload["n"].as_u64().unwrap()))
-                .collect();
-            let expected: Vec<(i64, u64)> = (0..1250).map(|n| (n as i64 + 1, n)).collect();
-            assert_eq!(order, expected);
-            assert_eq!(
-                store
-                    .session(&format!("s{t}"))
-                    .unwrap()
-                    .unwrap()
-                    .event_count,
-                1250
-            );
-        }
-        let report = store.verify().unwrap();
-        assert!(report.first_break.is_none(), "{report:?}");
-        assert_eq!(report.events, 10_000);
-        assert!(recorder.healthy());
-    }
-
-    #[tokio::test]
-    async fn record_durable_resolves_after_the_row_is_readable() {
-        let (_dir, store) = file_store();
-        let recorder = Recorder::start(store.clone(), "gw-test".into());
-        for n in 0..50 {
-            recorder.record(ev("s", "query", n));
-        }
-        recorder.record_durable(ev("s", "query", 50)).await.unwrap();
-        let events = store.events("s").unwrap();
-        assert_eq!(events.len(), 51, "the durable event and all before it");
-        assert_eq!(events[50].payload, json!({"n": 50}));
-    }
-
-    #[test]
-    fn dropping_every_handle_writes_the_queue_before_the_thread_exits() {
-        let (_dir, store) = file_store();
-        let recorder = Recorder::start(store.clone(), "gw-test".into());
-        let clone = recorder.clone();
-        for n in 0..100 {
-            clone.record(ev("s", "query", n));
-        }
-        drop(clone);
-        let handle = recorder.shutdown().expect("first shutdown gets the handle");
-        handle.join().unwrap();
-        assert_eq!(store.events("s").unwrap().len(), 100);
-    }
-
-    /// Fails the first `failures` appends, then delegates.
-    struct FlakyStore {
-        inner: SqliteStore,
-        failures: AtomicUsize,
-    }
-
-    impl Store for FlakyStore {
-        fn append(&self, chain: &str, evs: &[EventInput]) -> Result<Vec<StoredEvent>, StoreError> {
-            let left = self.failures.load(Ordering::SeqCst);
-            if left > 0 {
-                self.failures.store(left - 1, Ordering::SeqCst);
-                return Err(StoreError::Internal("disk on fire".into()));
+        rec.flush().await.unwrap();
+        assert_eq!(
+            rec.stats(),
+            RecorderStats {
+                written: 8000,
+                stored: 8000,
+                failed: 0,
+                queued: 0
             }
-            self.inner.append(chain, evs)
-        }
-        fn sessions(&self, f: &crate::SessionFilter) -> Result<Vec<crate::SessionRow>, StoreError> {
-            self.inner.sessions(f)
-        }
-        fn session(&self, id: &str) -> Result<Option<crate::SessionRow>, StoreError> {
-            self.inner.session(id)
-        }
-        fn events(&self, session_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
-            self.inner.events(session_id)
-        }
-        fn verify(&self) -> Result<crate::VerifyReport, StoreError> {
-            self.inner.verify()
-        }
-        fn ping(&self) -> Result<(), StoreError> {
-            self.inner.ping()
-        }
+        );
+        let r = store.verify().unwrap();
+        assert_eq!((r.events, r.first_break.is_none()), (8000, true), "{r:?}");
+        let s3 = store.events("s3").unwrap();
+        let ns: Vec<u64> = s3
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ns,
+            (0..1000).collect::<Vec<_>>(),
+            "per-session order is kept"
+        );
+        assert_eq!(
+            s3.iter().map(|e| e.session_seq).collect::<Vec<_>>(),
+            (1..=1000).collect::<Vec<_>>()
+        );
+        rec.shutdown();
     }
 
     #[tokio::test]
-    async fn a_failed_batch_reports_err_keeps_its_events_and_writes_them_later() {
-        let store = Arc::new(FlakyStore {
-            inner: SqliteStore::open_in_memory().unwrap(),
-            failures: AtomicUsize::new(1 + RETRY_PAUSES.len()),
-        });
-        let recorder = Recorder::start(store.clone(), "gw-test".into());
-        let err = recorder
-            .record_durable(ev("s", "query", 1))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&err, StoreError::BatchFailed { attempts: 4, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("disk on fire"), "{err}");
-        assert!(!recorder.healthy());
-        assert_eq!(recorder.stats().failed, 1);
+    async fn a_journal_left_by_a_crash_is_imported_at_the_next_start() {
+        let (dir, store, opts) = setup();
+        // Simulate a crash: journal written, importer never ran (a failing store).
+        struct Down;
+        impl Store for Down {
+            fn append(
+                &self,
+                _: &str,
+                _: &[EventInput],
+            ) -> Result<Vec<crate::StoredEvent>, StoreError> {
+                Err(StoreError::Internal("down".into()))
+            }
+            fn import(&self, evs: &[HashedEvent]) -> Result<(), StoreError> {
+                if evs.is_empty() {
+                    Ok(())
+                } else {
+                    Err(StoreError::Internal("down".into()))
+                }
+            }
+            fn sessions(
+                &self,
+                _: &crate::SessionFilter,
+            ) -> Result<Vec<crate::SessionRow>, StoreError> {
+                Ok(vec![])
+            }
+            fn session(&self, _: &str) -> Result<Option<crate::SessionRow>, StoreError> {
+                Ok(None)
+            }
+            fn events(&self, _: &str) -> Result<Vec<crate::StoredEvent>, StoreError> {
+                Ok(vec![])
+            }
+            fn verify(&self) -> Result<crate::VerifyReport, StoreError> {
+                Err(StoreError::Internal("down".into()))
+            }
+            fn ping(&self) -> Result<(), StoreError> {
+                Err(StoreError::Internal("down".into()))
+            }
+        }
+        let crashed = Recorder::start(Arc::new(Down), "old".into(), opts.clone()).unwrap();
+        crashed
+            .append(&[ev("s", "session.open", 0), ev("s", "command", 1)])
+            .unwrap();
+        crashed.append(&[ev("s", "command", 2)]).unwrap();
+        assert!(crashed.flush().await.is_err());
+        assert_eq!(crashed.stats().queued, 3);
+        crashed.shutdown();
+        drop(crashed);
+        // A torn last line, as from a crash in the middle of a write.
+        let mut f = OpenOptions::new().append(true).open(&opts.journal).unwrap();
+        f.write_all(b"{\"chain_id\":\"old\",\"chain_s").unwrap();
+        drop(f);
 
-        recorder.record_durable(ev("s", "query", 2)).await.unwrap();
+        let rec = Recorder::start(store.clone(), "new".into(), opts.clone()).unwrap();
+        let evs = store.events("s").unwrap();
+        assert_eq!(
+            evs.iter()
+                .map(|e| e.payload["n"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(store.verify().unwrap().first_break.is_none());
+        assert_eq!(
+            std::fs::metadata(&opts.journal).unwrap().len(),
+            0,
+            "imported journal is truncated"
+        );
+        // A second gateway cannot share the journal.
+        assert!(matches!(
+            Recorder::start(store.clone(), "x".into(), opts.clone()),
+            Err(StoreError::Unavailable(_))
+        ));
+        rec.shutdown();
+        drop(dir);
+    }
+
+    #[tokio::test]
+    async fn appends_are_refused_once_the_store_stalls_past_the_limit() {
+        let (_d, store, mut opts) = setup();
+        opts.stall_limit = Duration::from_millis(300);
+        let db = _d.path().join("a.db");
+        let rec = Recorder::start(store.clone(), "c".into(), opts).unwrap();
+        let blocker = rusqlite::Connection::open(&db).unwrap();
+        blocker
+            .execute_batch("PRAGMA busy_timeout = 0; BEGIN EXCLUSIVE")
+            .unwrap();
+        rec.append(&[ev("s", "command", 1)]).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(matches!(
+            rec.append(&[ev("s", "command", 2)]),
+            Err(StoreError::Unavailable(_))
+        ));
+        blocker.execute_batch("ROLLBACK").unwrap();
+        rec.flush().await.ok();
+        // Back to normal once the store takes the backlog.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rec.append(&[ev("s", "command", 3)]).is_err() {
+            assert!(Instant::now() < deadline, "the recorder never recovered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        rec.flush().await.unwrap();
         let ns: Vec<u64> = store
             .events("s")
             .unwrap()
             .iter()
             .map(|e| e.payload["n"].as_u64().unwrap())
             .collect();
-        assert_eq!(ns, [1, 2], "the failed event was kept and written first");
-        assert!(recorder.healthy());
-        let stats = recorder.stats();
-        assert_eq!((stats.written, stats.queued, stats.failed), (2, 0, 1));
+        assert_eq!(
+            ns,
+            vec![1, 3],
+            "the refused event is not recorded, the others are"
+        );
+        assert!(store.verify().unwrap().first_break.is_none());
+        rec.shutdown();
     }
 
-    #[tokio::test]
-    async fn flush_with_nothing_queued_resolves() {
-        let store = Arc::new(SqliteStore::open_in_memory().unwrap());
-        let recorder = Recorder::start(store, "gw-test".into());
-        recorder.flush().await.unwrap();
-        assert_eq!(recorder.stats(), RecorderStats::default());
+    #[test]
+    fn journal_is_private() {
+        let (_d, store, opts) = setup();
+        let rec = Recorder::start(store, "c".into(), opts.clone()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&opts.journal)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        rec.shutdown();
     }
 }

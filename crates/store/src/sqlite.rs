@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
 use crate::{
-    unix_ms, ChainBreak, EventInput, SessionFilter, SessionRow, Store, StoreError, StoredEvent,
-    VerifyReport, KIND_SESSION_CLOSE, KIND_SESSION_OPEN,
+    unix_ms, ChainBreak, EventInput, HashedEvent, SessionFilter, SessionRow, Store, StoreError,
+    StoredEvent, VerifyReport, KIND_SESSION_CLOSE, KIND_SESSION_OPEN,
 };
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`.
@@ -323,6 +323,72 @@ impl Store for SqliteStore {
         }
         tx.commit()?;
         Ok(stored)
+    }
+
+    fn import(&self, events: &[HashedEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events (chain_id, chain_seq, session_id, session_seq, \
+                 at_unix_ms, kind, payload, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let mut heads: HashMap<&str, (i64, &str)> = HashMap::new();
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            for ev in events {
+                let inserted = insert.execute(params![
+                    ev.chain_id,
+                    ev.chain_seq,
+                    ev.session_id,
+                    ev.session_seq,
+                    ev.at_unix_ms,
+                    ev.kind,
+                    ev.payload,
+                    ev.prev_hash,
+                    ev.hash
+                ])?;
+                if inserted == 0 {
+                    continue;
+                }
+                if ev.kind == KIND_SESSION_OPEN || ev.kind == KIND_SESSION_CLOSE {
+                    let input = EventInput {
+                        session_id: ev.session_id.clone(),
+                        kind: ev.kind.clone(),
+                        at: SystemTime::UNIX_EPOCH,
+                        payload: serde_json::from_str(&ev.payload)
+                            .map_err(|e| StoreError::Corrupt(format!("event payload: {e}")))?,
+                    };
+                    materialize_session(&tx, &input, ev.session_seq, ev.at_unix_ms, &ev.payload)?;
+                }
+                let head = heads.entry(&ev.chain_id).or_insert((0, ""));
+                if ev.chain_seq > head.0 {
+                    *head = (ev.chain_seq, &ev.hash);
+                }
+                let count = counts.entry(&ev.session_id).or_insert(0);
+                *count = (*count).max(ev.session_seq);
+            }
+            let now = unix_ms(SystemTime::now());
+            let mut head_stmt = tx.prepare_cached(
+                "INSERT INTO chains (chain_id, last_seq, last_hash, created_at_unix_ms, updated_at_unix_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (chain_id) DO UPDATE SET \
+                 last_seq = excluded.last_seq, last_hash = excluded.last_hash, \
+                 updated_at_unix_ms = excluded.updated_at_unix_ms WHERE excluded.last_seq > chains.last_seq",
+            )?;
+            for (chain, (seq, hash)) in &heads {
+                head_stmt.execute(params![chain, seq, hash, now])?;
+            }
+            let mut count_stmt = tx.prepare_cached(
+                "UPDATE sessions SET event_count = ?1 WHERE id = ?2 AND event_count < ?1",
+            )?;
+            for (session, seq) in &counts {
+                count_stmt.execute(params![seq, session])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRow>, StoreError> {

@@ -1,0 +1,1065 @@
+//! PostgreSQL data-path benchmark: pgbench **directly** against a TLS PostgreSQL versus
+//! **through `tollgate serve`** (TLS on both legs, client certificate, audit recording on),
+//! measured in the same run and printed as ratios against the direct baseline.
+//!
+//! This is a program, not a test: it asserts nothing and always exits 0 once it has measured
+//! (non-zero only when it could not run). Run it with
+//!
+//! ```text
+//! scripts/bench-pg                          # 3 rounds x 10 s per scenario and target
+//! scripts/bench-pg --seconds 3 --rounds 1   # quick look while developing
+//! scripts/bench-pg --json                   # the same results as one JSON object on stdout
+//! ```
+//!
+//! or, after `cargo build --release -p tollgate --bins --examples`,
+//! `target/release/examples/bench_pg [--rounds N] [--seconds S] [--scale K] [--json]`.
+//! It runs `tollgate` from next to itself (`target/release/tollgate`), or `--tollgate PATH`.
+//!
+//! Needs the PostgreSQL server binaries (as the integration tests do) and `pgbench`
+//! (`which pgbench`; on Debian/Ubuntu `sudo apt-get install -y postgresql-client postgresql-contrib`,
+//! on Debian 12 pgbench ships in `postgresql-client-15`).
+//!
+//! What it does:
+//! 1. starts a throwaway TLS PostgreSQL (SCRAM) tuned for benchmarking and runs
+//!    `pgbench -i -s 10` against it directly;
+//! 2. makes a gateway PKI (CA, server certificate for localhost/127.0.0.1, client certificate
+//!    `bench` in group `bench`), writes a config with one postgres resource (verify-full
+//!    upstream, credentials from a password file, SQLite audit store) and starts
+//!    `tollgate serve` with `RUST_LOG=warn`;
+//! 3. for each round and scenario runs pgbench direct and through the gateway back to back
+//!    (alternating which goes first), `-n -T S`;
+//! 4. prints medians, ratios, added latency per query, the targets, the gateway's audit events,
+//!    peak RSS and CPU time per 1000 queries (gateway, postgres, pgbench, from /proc).
+//!
+//! Everything (gateway, pgbench, cluster, temporary files) is cleaned up on return, on error
+//! and on Ctrl-C/SIGTERM. On a small machine pgbench, postgres and the gateway share the
+//! cores, so with 8 clients the ratio mostly reflects CPU per query; see the CPU columns.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tollgate_testsupport::{ClusterOptions, PgCluster};
+use tollgate_tls::pki::{self, ClientCertSpec, ServerCertSpec};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench_pg",
+    about = "pgbench direct vs through tollgate, as ratios measured in the same run"
+)]
+struct Opts {
+    /// Direct/gateway pairs per scenario; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Duration of each pgbench run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// pgbench scale factor for `pgbench -i`.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// Seconds of unmeasured `-S` load against each target before the first round.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// The tollgate binary; default: `tollgate` next to this program's directory.
+    #[arg(long, env = "TOLLGATE_BIN")]
+    tollgate: Option<PathBuf>,
+}
+
+const RESOURCE: &str = "benchdb";
+const CLIENT: &str = "bench";
+
+struct Scenario {
+    key: &'static str,
+    label: &'static str,
+    args: &'static [&'static str],
+    /// Minimum gateway/direct throughput ratio from the issue.
+    min_ratio: f64,
+    /// Maximum added latency per query (µs) from the issue, for the one-client scenarios.
+    max_added_us: Option<f64>,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        key: "select_c8",
+        label: "-S, 8 clients",
+        args: &["-S", "-c", "8", "-j", "2"],
+        min_ratio: 0.80,
+        max_added_us: None,
+    },
+    Scenario {
+        key: "select_prepared_c8",
+        label: "-S -M prepared, 8 clients",
+        args: &["-S", "-M", "prepared", "-c", "8", "-j", "2"],
+        min_ratio: 0.75,
+        max_added_us: None,
+    },
+    Scenario {
+        key: "select_c1",
+        label: "-S, 1 client",
+        args: &["-S", "-c", "1", "-j", "1"],
+        min_ratio: 0.80,
+        max_added_us: Some(20.0),
+    },
+    Scenario {
+        key: "select_prepared_c1",
+        label: "-S -M prepared, 1 client",
+        args: &["-S", "-M", "prepared", "-c", "1", "-j", "1"],
+        min_ratio: 0.75,
+        max_added_us: Some(20.0),
+    },
+];
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    let opts = Opts::parse();
+    // All cleanup lives in Drop impls of values owned by `run`, so it has happened by now.
+    if let Err(e) = run(&opts) {
+        eprintln!("bench_pg: {e:#}");
+        std::process::exit(if INTERRUPTED.load(Ordering::SeqCst) {
+            130
+        } else {
+            2
+        });
+    }
+}
+
+fn run(opts: &Opts) -> Result<()> {
+    if opts.rounds == 0 || opts.seconds == 0 {
+        bail!("--rounds and --seconds must be at least 1");
+    }
+    let pgbench = which("pgbench").with_context(|| {
+        "pgbench not found in $PATH; install it with: \
+         sudo apt-get install -y postgresql-client postgresql-contrib"
+    })?;
+    let tollgate = match &opts.tollgate {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("tollgate"))
+            .context("cannot locate the tollgate binary; pass --tollgate PATH")?,
+    };
+    // Absolute, because the gateway runs with its temporary directory as working directory.
+    let tollgate = fs::canonicalize(&tollgate).unwrap_or(tollgate);
+    if !tollgate.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build --release -p tollgate --bins --examples` \
+             or pass --tollgate PATH",
+            tollgate.display()
+        );
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("tollgate-bench-")
+        .tempdir()?;
+    let load_before = loadavg();
+
+    // 1. The database, tuned for a read-only benchmark, and its pgbench tables.
+    progress(format_args!("starting PostgreSQL ..."));
+    let cluster = PgCluster::start(ClusterOptions {
+        database: "bench".into(),
+        user: "bench_owner".into(),
+        extra_conf: [
+            "max_connections = 100",
+            "shared_buffers = 128MB",
+            "fsync = off",
+            "synchronous_commit = off",
+            "autovacuum = off",
+            "jit = off",
+            "log_min_messages = warning",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOptions::default()
+    })
+    .context("start PostgreSQL")?;
+    check_interrupted()?;
+    let direct_conninfo = cluster.conninfo("verify-full");
+    progress(format_args!("pgbench -i -s {} ...", opts.scale));
+    let init = Pgbench::new(
+        &pgbench,
+        tmp.path(),
+        &direct_conninfo,
+        Some(&cluster.password),
+    );
+    init.run(&["-i", "-q", "-s", &opts.scale.to_string()])
+        .context("pgbench -i")?;
+    let pg_pid = cluster
+        .postmaster_pid()
+        .context("postmaster.pid is missing")?;
+
+    // 2. The gateway PKI, config and process.
+    let pki_dir = tmp.path().join("pki");
+    let ca = pki::init_ca(&pki_dir, "tollgate bench CA")?.cert;
+    let server = pki::issue_server(
+        &pki_dir,
+        &ServerCertSpec {
+            dns: vec!["localhost".into()],
+            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            ttl: Duration::from_secs(86400),
+            not_before: None,
+        },
+        &pki_dir.join("gateway"),
+    )?;
+    let client = pki::issue_client(
+        &pki_dir,
+        &ClientCertSpec {
+            name: CLIENT.into(),
+            spiffe: None,
+            groups: vec![CLIENT.into()],
+            ttl: Duration::from_secs(86400),
+            not_before: None,
+        },
+        &pki_dir.join(CLIENT),
+    )?;
+    let password_file = tmp.path().join("upstream.password");
+    fs::write(&password_file, &cluster.password)?;
+    let pg_listen = tollgate_testsupport::free_port();
+    let admin_listen = tollgate_testsupport::free_port();
+    let config = format!(
+        r#"[server]
+postgres_listen = "127.0.0.1:{pg_listen}"
+admin_listen = "127.0.0.1:{admin_listen}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+client_cert = "required"
+store = "sqlite://audit.db"
+
+[[resources]]
+name = "{RESOURCE}"
+kind = "postgres"
+upstream = "127.0.0.1:{up_port}"
+database = "{db}"
+allow_groups = ["{CLIENT}"]
+[resources.tls]
+mode = "verify-full"
+ca = "{up_ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "{password_file}"
+"#,
+        cert = server.cert.display(),
+        key = server.key.display(),
+        ca = ca.display(),
+        up_port = cluster.port,
+        db = cluster.database,
+        up_ca = cluster.ca_cert.display(),
+        user = cluster.user,
+        password_file = password_file.display(),
+    );
+    let config_path = tmp.path().join("tollgate.toml");
+    fs::write(&config_path, config)?;
+    progress(format_args!("starting {} serve ...", tollgate.display()));
+    let gateway = Gateway::start(&tollgate, &config_path, tmp.path(), admin_listen)?;
+    let gateway_conninfo = format!(
+        "host=localhost port={pg_listen} user={CLIENT} dbname={RESOURCE} sslmode=verify-full \
+         sslrootcert={} sslcert={} sslkey={}",
+        ca.display(),
+        client.cert.display(),
+        client.key.display()
+    );
+
+    let targets = [
+        Target {
+            name: "direct",
+            bench: Pgbench::new(
+                &pgbench,
+                tmp.path(),
+                &direct_conninfo,
+                Some(&cluster.password),
+            ),
+        },
+        Target {
+            name: "gateway",
+            bench: Pgbench::new(&pgbench, tmp.path(), &gateway_conninfo, None),
+        },
+    ];
+    let probe = CpuProbe {
+        gateway: gateway.pid(),
+        postmaster: pg_pid,
+    };
+
+    // 3. Warm-up (caches, first connections), then the interleaved rounds.
+    let mut gateway_queries: u64 = 0;
+    if opts.warmup > 0 {
+        for t in &targets {
+            progress(format_args!("warm-up: {} for {} s", t.name, opts.warmup));
+            let s = t
+                .bench
+                .measure(&["-S", "-c", "2", "-j", "2"], opts.warmup, &probe)?;
+            if t.name == "gateway" {
+                gateway_queries += s.transactions;
+            }
+        }
+    }
+    // samples[scenario][target] = one Sample per round
+    let mut samples: Vec<[Vec<Sample>; 2]> = SCENARIOS.iter().map(|_| [vec![], vec![]]).collect();
+    for round in 0..opts.rounds {
+        for (i, sc) in SCENARIOS.iter().enumerate() {
+            // Alternate the order so neither target always runs on the warmer/cooler side.
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for ti in order {
+                let t = &targets[ti];
+                let s = t
+                    .bench
+                    .measure(sc.args, opts.seconds, &probe)
+                    .with_context(|| format!("pgbench {} {}", sc.label, t.name))?;
+                progress(format_args!(
+                    "round {}/{} {:<26} {:<7} tps {:>9.1}  latency {:>7.3} ms  cpu/1k q: gw {:>6.1} ms, pg {:>6.1} ms, pgbench {:>6.1} ms",
+                    round + 1,
+                    opts.rounds,
+                    sc.label,
+                    t.name,
+                    s.tps,
+                    s.latency_ms,
+                    s.per_1k(s.gateway_cpu),
+                    s.per_1k(s.postgres_cpu),
+                    s.per_1k(s.pgbench_cpu),
+                ));
+                if ti == 1 {
+                    gateway_queries += s.transactions;
+                }
+                samples[i][ti].push(s);
+            }
+        }
+    }
+
+    // 4. Gateway-side numbers, then the report.
+    std::thread::sleep(Duration::from_millis(500)); // let the recorder flush its last batch
+    let metrics = gateway.metrics().unwrap_or_default();
+    let audit_written = metric(&metrics, "tollgate_audit_events_written_total");
+    let audit_failed = metric(&metrics, "tollgate_audit_write_failures_total");
+    let audit_queued = metric(&metrics, "tollgate_audit_queue_depth");
+    let peak_rss_kib = proc_status_kib(gateway.pid(), "VmHWM");
+    let gateway_cpu_total = process_cpu_seconds(gateway.pid());
+    let gateway_threads = cpu_by_thread_name(gateway.pid());
+    let gateway_log_tail = gateway.log_tail(10);
+
+    let report = Report {
+        opts,
+        scenarios: SCENARIOS
+            .iter()
+            .zip(&samples)
+            .map(|(sc, [d, g])| Row::new(sc, d, g))
+            .collect(),
+        audit_written,
+        audit_failed,
+        audit_queued,
+        gateway_queries,
+        peak_rss_kib,
+        gateway_cpu_total,
+        gateway_threads,
+        load_before,
+        load_after: loadavg(),
+        pg_version: cluster
+            .psql("SHOW server_version")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        gateway_log_tail,
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        report.print_table();
+    }
+    // Explicit order: gateway first (it holds upstream connections), then the cluster, then files.
+    drop(gateway);
+    drop(cluster);
+    drop(tmp);
+    Ok(())
+}
+
+fn progress(msg: std::fmt::Arguments) {
+    eprintln!("bench_pg: {msg}");
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// A child process killed (SIGKILL) when this program dies, even without running destructors.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// Waits for `child`, killing it when we are interrupted or it outlives `timeout`.
+fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_interrupted()?;
+            bail!("timed out after {} s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Target<'a> {
+    name: &'static str,
+    bench: Pgbench<'a>,
+}
+
+/// pgbench against one conninfo; connection settings come from the conninfo only.
+struct Pgbench<'a> {
+    program: &'a Path,
+    dir: &'a Path,
+    conninfo: &'a str,
+    password: Option<&'a str>,
+}
+
+/// What one pgbench run measured.
+#[derive(Clone, Debug)]
+struct Sample {
+    tps: f64,
+    latency_ms: f64,
+    transactions: u64,
+    /// CPU seconds spent during the run by each party.
+    gateway_cpu: f64,
+    postgres_cpu: f64,
+    pgbench_cpu: f64,
+    /// Context switches of all gateway threads during the run.
+    gateway_switches: f64,
+}
+
+impl Sample {
+    /// CPU milliseconds per 1000 transactions (= µs per query for the one-statement -S script).
+    fn per_1k(&self, cpu_seconds: f64) -> f64 {
+        if self.transactions == 0 {
+            return f64::NAN;
+        }
+        cpu_seconds * 1e6 / self.transactions as f64
+    }
+}
+
+impl<'a> Pgbench<'a> {
+    fn new(program: &'a Path, dir: &'a Path, conninfo: &'a str, password: Option<&'a str>) -> Self {
+        Pgbench {
+            program,
+            dir,
+            conninfo,
+            password,
+        }
+    }
+
+    /// Runs pgbench with `args` and returns its stdout, or an error with its stderr.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out_path = self.dir.join("pgbench.out");
+        let err_path = self.dir.join("pgbench.err");
+        let mut cmd = Command::new(self.program);
+        cmd.args(args)
+            .arg(self.conninfo)
+            .stdin(Stdio::null())
+            // Files rather than pipes: we poll the child, and a full pipe would stall it.
+            .stdout(fs::File::create(&out_path)?)
+            .stderr(fs::File::create(&err_path)?)
+            .current_dir(self.dir);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        if let Some(p) = self.password {
+            cmd.env("PGPASSWORD", p);
+        }
+        let mut child = die_with_parent(&mut cmd)
+            .spawn()
+            .with_context(|| format!("spawn {}", self.program.display()))?;
+        let status = wait_child(&mut child, Duration::from_secs(3600))?;
+        let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+        if !status.success() {
+            bail!(
+                "pgbench failed ({status}):\n{}\n{}",
+                stdout.trim(),
+                stderr.trim()
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// A timed, read-only run (`-n`: no vacuum of the pgbench tables before it).
+    fn measure(&self, args: &[&str], seconds: u64, probe: &CpuProbe) -> Result<Sample> {
+        let secs = seconds.to_string();
+        let mut all = vec!["-n", "-T", &secs];
+        all.extend_from_slice(args);
+        let before = probe.read();
+        let stdout = self.run(&all)?;
+        // Backends exit just after pgbench does; give the postmaster a moment to reap them
+        // so their CPU time lands in its cutime.
+        std::thread::sleep(Duration::from_millis(150));
+        let after = probe.read();
+        let tps = parse_after(&stdout, "tps = ").context("no `tps = ` in pgbench output")?;
+        let latency_ms = parse_after(&stdout, "latency average = ")
+            .context("no `latency average = ` in pgbench output")?;
+        let transactions = parse_after(&stdout, "number of transactions actually processed: ")
+            .context("no transaction count in pgbench output")? as u64;
+        let failed = parse_after(&stdout, "number of failed transactions: ").unwrap_or(0.0);
+        if failed > 0.0 {
+            bail!("{failed} transactions failed:\n{stdout}");
+        }
+        Ok(Sample {
+            tps,
+            latency_ms,
+            transactions,
+            gateway_cpu: after.gateway - before.gateway,
+            postgres_cpu: after.postgres - before.postgres,
+            pgbench_cpu: after.children - before.children,
+            gateway_switches: after.gateway_switches - before.gateway_switches,
+        })
+    }
+}
+
+/// The number that follows `prefix` on the first line containing it.
+fn parse_after(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = &line[line.find(prefix)? + prefix.len()..];
+        let num: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        num.parse().ok()
+    })
+}
+
+/// CPU time of the gateway, of PostgreSQL (postmaster, its live children and the reaped
+/// ones), and of our own reaped children (pgbench).
+struct CpuProbe {
+    gateway: u32,
+    postmaster: i32,
+}
+
+struct CpuReading {
+    gateway: f64,
+    gateway_switches: f64,
+    postgres: f64,
+    children: f64,
+}
+
+impl CpuProbe {
+    fn read(&self) -> CpuReading {
+        let pg = self.postmaster as u32;
+        let live_children: f64 = children_of(pg)
+            .into_iter()
+            .filter_map(|pid| proc_stat(pid).map(|s| s.utime + s.stime))
+            .sum();
+        let postmaster = proc_stat(pg)
+            .map(|s| s.utime + s.stime + s.cutime + s.cstime)
+            .unwrap_or(0.0);
+        CpuReading {
+            gateway: process_cpu_seconds(self.gateway).unwrap_or(0.0),
+            gateway_switches: context_switches(self.gateway),
+            postgres: postmaster + live_children,
+            children: own_children_cpu(),
+        }
+    }
+}
+
+struct ProcStat {
+    ppid: u32,
+    utime: f64,
+    stime: f64,
+    cutime: f64,
+    cstime: f64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// A /proc/…/stat line, of a process or of one of its threads.
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    // Fields after the parenthesized command name, starting at field 3 (state).
+    let rest: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let field = |n: usize| -> Option<f64> { rest.get(n - 3)?.parse::<f64>().ok() };
+    Some(ProcStat {
+        ppid: field(4)? as u32,
+        utime: field(14)? / hz,
+        stime: field(15)? / hz,
+        cutime: field(16)? / hz,
+        cstime: field(17)? / hz,
+    })
+}
+
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    proc_stat(pid).map(|s| s.utime + s.stime)
+}
+
+/// Voluntary plus involuntary context switches, summed over the live threads of `pid`.
+fn context_switches(pid: u32) -> f64 {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    tasks
+        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter_map(|l| {
+                    let v = l
+                        .strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))?;
+                    v.trim().parse::<f64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// CPU seconds of the live threads of `pid`, summed by thread name, largest first.
+fn cpu_by_thread_name(pid: u32) -> Vec<(String, usize, f64)> {
+    let mut by_name: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(text) = fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = text
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map(|(n, _)| n.to_owned())
+            .unwrap_or_default();
+        if let Some(stat) = parse_stat(&text) {
+            let e = by_name.entry(name).or_default();
+            e.0 += 1;
+            e.1 += stat.utime + stat.stime;
+        }
+    }
+    let mut v: Vec<_> = by_name.into_iter().map(|(n, (c, s))| (n, c, s)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
+}
+
+fn children_of(parent: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_stat(*pid).is_some_and(|s| s.ppid == parent))
+        .collect()
+}
+
+fn own_children_cpu() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// A `Key:   123 kB` line of /proc/PID/status.
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix(key)?.strip_prefix(':')?;
+        v.split_whitespace().next()?.parse().ok()
+    })
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The `tollgate serve` process; killed on drop.
+struct Gateway {
+    child: Child,
+    admin_port: u16,
+    log_path: PathBuf,
+}
+
+impl Gateway {
+    fn start(bin: &Path, config: &Path, dir: &Path, admin_port: u16) -> Result<Gateway> {
+        let log_path = dir.join("gateway.log");
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path)?);
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut gw = Gateway {
+            child,
+            admin_port,
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            check_interrupted()?;
+            if let Some(status) = gw.child.try_wait()? {
+                bail!("tollgate exited early ({status}):\n{}", gw.log_tail(40));
+            }
+            if matches!(gw.http_get("/readyz"), Some((200, _))) {
+                return Ok(gw);
+            }
+            if Instant::now() > deadline {
+                bail!("tollgate did not become ready:\n{}", gw.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.admin_port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((status, body))
+    }
+
+    fn metrics(&self) -> Option<String> {
+        self.http_get("/metrics").map(|(_, body)| body)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an unlabelled series in Prometheus text format.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        if !rest.starts_with(' ') {
+            return None;
+        }
+        rest.trim().parse().ok()
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Side {
+    tps: f64,
+    latency_ms: f64,
+    tps_all: Vec<f64>,
+    latency_all: Vec<f64>,
+    /// Median CPU ms per 1000 queries.
+    gateway_cpu_1k: f64,
+    postgres_cpu_1k: f64,
+    pgbench_cpu_1k: f64,
+    /// Median gateway context switches per query.
+    gateway_switches_per_query: f64,
+}
+
+impl Side {
+    fn new(samples: &[Sample]) -> Side {
+        let col = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+        Side {
+            tps: col(&|s| s.tps),
+            latency_ms: col(&|s| s.latency_ms),
+            tps_all: samples.iter().map(|s| s.tps).collect(),
+            latency_all: samples.iter().map(|s| s.latency_ms).collect(),
+            gateway_cpu_1k: col(&|s| s.per_1k(s.gateway_cpu)),
+            postgres_cpu_1k: col(&|s| s.per_1k(s.postgres_cpu)),
+            pgbench_cpu_1k: col(&|s| s.per_1k(s.pgbench_cpu)),
+            gateway_switches_per_query: col(&|s| s.gateway_switches / s.transactions.max(1) as f64),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "tps_median": self.tps,
+            "latency_ms_median": self.latency_ms,
+            "tps_rounds": self.tps_all,
+            "latency_ms_rounds": self.latency_all,
+            "cpu_ms_per_1000_queries": {
+                "gateway": self.gateway_cpu_1k,
+                "postgres": self.postgres_cpu_1k,
+                "pgbench": self.pgbench_cpu_1k,
+            },
+            "gateway_context_switches_per_query": self.gateway_switches_per_query,
+        })
+    }
+}
+
+struct Row {
+    sc: &'static Scenario,
+    direct: Side,
+    gateway: Side,
+    ratio: f64,
+    added_us: f64,
+}
+
+impl Row {
+    fn new(sc: &'static Scenario, direct: &[Sample], gateway: &[Sample]) -> Row {
+        let direct = Side::new(direct);
+        let gateway = Side::new(gateway);
+        Row {
+            sc,
+            ratio: gateway.tps / direct.tps,
+            added_us: (gateway.latency_ms - direct.latency_ms) * 1000.0,
+            direct,
+            gateway,
+        }
+    }
+
+    fn ratio_ok(&self) -> bool {
+        self.ratio >= self.sc.min_ratio
+    }
+
+    fn latency_ok(&self) -> Option<bool> {
+        self.sc.max_added_us.map(|max| self.added_us <= max)
+    }
+}
+
+struct Report<'a> {
+    opts: &'a Opts,
+    scenarios: Vec<Row>,
+    audit_written: Option<f64>,
+    audit_failed: Option<f64>,
+    audit_queued: Option<f64>,
+    gateway_queries: u64,
+    peak_rss_kib: Option<u64>,
+    gateway_cpu_total: Option<f64>,
+    /// (thread name, live threads, CPU seconds)
+    gateway_threads: Vec<(String, usize, f64)>,
+    load_before: String,
+    load_after: String,
+    pg_version: String,
+    gateway_log_tail: String,
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "MISS"
+    }
+}
+
+fn opt_num(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into())
+}
+
+impl Report<'_> {
+    fn print_table(&self) {
+        let o = self.opts;
+        println!();
+        println!(
+            "tollgate PostgreSQL data path: pgbench direct (TLS) vs through tollgate (TLS both legs, client cert, audit on)"
+        );
+        println!(
+            "PostgreSQL {}, pgbench scale {}, {} round(s) x {} s per target, medians; {} CPUs; loadavg before {} / after {}",
+            self.pg_version,
+            o.scale,
+            o.rounds,
+            o.seconds,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            self.load_before,
+            self.load_after
+        );
+        println!();
+        println!(
+            "{:<26} {:>10} {:>10} {:>7} {:>13} {:>9} {:>9} {:>10} {:>12}",
+            "scenario",
+            "tps direct",
+            "tps gw",
+            "ratio",
+            "target",
+            "lat dir",
+            "lat gw",
+            "added",
+            "target"
+        );
+        println!(
+            "{:<26} {:>10} {:>10} {:>7} {:>13} {:>9} {:>9} {:>10} {:>12}",
+            "", "", "", "gw/dir", "", "ms", "ms", "µs/query", ""
+        );
+        for r in &self.scenarios {
+            let lat_target = match (r.sc.max_added_us, r.latency_ok()) {
+                (Some(max), Some(ok)) => format!("<= {max:.0} {}", verdict(ok)),
+                _ => "-".into(),
+            };
+            println!(
+                "{:<26} {:>10.1} {:>10.1} {:>7.3} {:>13} {:>9.3} {:>9.3} {:>10.1} {:>12}",
+                r.sc.label,
+                r.direct.tps,
+                r.gateway.tps,
+                r.ratio,
+                format!(">= {:.2} {}", r.sc.min_ratio, verdict(r.ratio_ok())),
+                r.direct.latency_ms,
+                r.gateway.latency_ms,
+                r.added_us,
+                lat_target,
+            );
+        }
+        println!();
+        println!("CPU ms per 1000 queries (medians; = µs of CPU per query):");
+        println!(
+            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}",
+            "scenario",
+            "pg dir",
+            "pg gw",
+            "bench dir",
+            "bench gw",
+            "gateway",
+            "total dir",
+            "total gw",
+            "gw csw/q"
+        );
+        for r in &self.scenarios {
+            let (d, g) = (&r.direct, &r.gateway);
+            println!(
+                "{:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>10.2}",
+                r.sc.label,
+                d.postgres_cpu_1k,
+                g.postgres_cpu_1k,
+                d.pgbench_cpu_1k,
+                g.pgbench_cpu_1k,
+                g.gateway_cpu_1k,
+                d.postgres_cpu_1k + d.pgbench_cpu_1k + d.gateway_cpu_1k,
+                g.postgres_cpu_1k + g.pgbench_cpu_1k + g.gateway_cpu_1k,
+                g.gateway_switches_per_query,
+            );
+        }
+        println!();
+        println!(
+            "gateway: audit events written {} (write failures {}, queue {}) for {} queries through it (incl. warm-up); peak RSS (VmHWM) {}; CPU {:.2} s total",
+            opt_num(self.audit_written),
+            opt_num(self.audit_failed),
+            opt_num(self.audit_queued),
+            self.gateway_queries,
+            self.peak_rss_kib
+                .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "n/a".into()),
+            self.gateway_cpu_total.unwrap_or(f64::NAN),
+        );
+        let threads: Vec<String> = self
+            .gateway_threads
+            .iter()
+            .map(|(name, n, cpu)| format!("{name} x{n}: {cpu:.2} s"))
+            .collect();
+        println!("gateway CPU by live thread name: {}", threads.join(", "));
+        if !self.gateway_log_tail.trim().is_empty() {
+            println!(
+                "gateway log (last lines, RUST_LOG=warn):\n{}",
+                self.gateway_log_tail
+            );
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let o = self.opts;
+        json!({
+            "rounds": o.rounds,
+            "seconds": o.seconds,
+            "scale": o.scale,
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "loadavg_before": self.load_before,
+            "loadavg_after": self.load_after,
+            "postgres_version": self.pg_version,
+            "scenarios": self.scenarios.iter().map(|r| json!({
+                "key": r.sc.key,
+                "label": r.sc.label,
+                "pgbench_args": r.sc.args,
+                "direct": r.direct.json(),
+                "gateway": r.gateway.json(),
+                "tps_ratio": r.ratio,
+                "tps_ratio_target": r.sc.min_ratio,
+                "tps_ratio_ok": r.ratio_ok(),
+                "added_latency_us": r.added_us,
+                "added_latency_us_target": r.sc.max_added_us,
+                "added_latency_ok": r.latency_ok(),
+            })).collect::<Vec<_>>(),
+            "gateway": {
+                "audit_events_written": self.audit_written,
+                "audit_write_failures": self.audit_failed,
+                "audit_queue_depth": self.audit_queued,
+                "queries_through_gateway": self.gateway_queries,
+                "peak_rss_kib": self.peak_rss_kib,
+                "cpu_seconds_total": self.gateway_cpu_total,
+                "cpu_seconds_by_thread_name": self.gateway_threads.iter()
+                    .map(|(name, n, cpu)| json!({"name": name, "threads": n, "cpu_seconds": cpu}))
+                    .collect::<Vec<_>>(),
+                "log_tail": self.gateway_log_tail,
+            },
+        })
+    }
+}
