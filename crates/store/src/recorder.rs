@@ -4,8 +4,9 @@
 //! one `write` — synchronously, in the caller's thread, so that when it returns the events
 //! survive a crash of the gateway process (they are in the kernel's page cache). A background
 //! thread then imports the journal into the [`Store`] in large transactions (tiny per-event
-//! transactions are what made SQLite the bottleneck), and truncates the journal once everything
-//! in it is stored. At start, a journal left by a crashed process is imported first.
+//! transactions are what made SQLite the bottleneck). When the journal grows past a size it is
+//! sealed (renamed `<journal>.<seq>`) and a new one started; a sealed segment is deleted once
+//! every event in it is stored. At start, segments left by a crashed process are imported first.
 //!
 //! Failure: a journal write error fails the append (the caller refuses the command). When the
 //! store stops accepting imports, appends keep landing in the journal until the oldest event not
@@ -32,8 +33,8 @@ const IMPORT_INTERVAL: Duration = Duration::from_millis(50);
 const IMPORT_WAKE_AT: usize = 4096;
 /// Most events imported in one transaction.
 const IMPORT_BATCH: usize = 8192;
-/// Journal size above which it is truncated once fully imported.
-const JOURNAL_TRUNCATE_AT: u64 = 8 * 1024 * 1024;
+/// Journal size above which the segment is sealed and a new one started.
+const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -59,6 +60,7 @@ pub struct RecorderStats {
 }
 
 struct Writer {
+    path: PathBuf,
     journal: File,
     journal_bytes: u64,
     chain_id: String,
@@ -83,6 +85,8 @@ struct Inner {
     import_failing: AtomicBool,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Held for the recorder's life: one gateway process per journal.
+    _lock: File,
 }
 
 /// Cheap to clone; all clones share one journal, chain and importer thread.
@@ -128,6 +132,31 @@ impl Recorder {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
+        let lock_path = segment_path(path, "lock");
+        let lock_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Unavailable(format!(
+                "the audit journal {} is locked by another tollgate process; each gateway needs its own store",
+                path.display()
+            )));
+        }
+        let mut segments = sealed_segments(path)?;
+        segments.push(path.clone());
+        for seg in &segments {
+            if seg.exists() {
+                replay(&*store, seg)?;
+            }
+        }
+        for seg in &segments[..segments.len() - 1] {
+            std::fs::remove_file(seg).map_err(io_err(seg))?;
+        }
         let journal = OpenOptions::new()
             .read(true)
             .append(true)
@@ -135,17 +164,10 @@ impl Recorder {
             .mode(0o600)
             .open(path)
             .map_err(io_err(path))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        if unsafe { libc::flock(journal.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(StoreError::Unavailable(format!(
-                "the audit journal {} is locked by another tollgate process; each gateway needs its own store",
-                path.display()
-            )));
-        }
-        replay(&*store, &journal, path)?;
         journal.set_len(0).map_err(io_err(path))?;
         let inner = Arc::new(Inner {
             writer: Mutex::new(Writer {
+                path: path.clone(),
                 journal,
                 journal_bytes: 0,
                 chain_id,
@@ -165,6 +187,7 @@ impl Recorder {
             import_failing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
+            _lock: lock_file,
         });
         let worker = Arc::clone(&inner);
         let handle = std::thread::Builder::new()
@@ -327,8 +350,8 @@ impl Recorder {
 
 /// Import a journal left by a previous process; a torn last line (a crash mid-write, whose
 /// command was therefore never forwarded) is skipped.
-fn replay(store: &dyn Store, journal: &File, path: &Path) -> Result<(), StoreError> {
-    let reader = BufReader::new(journal.try_clone().map_err(io_err(path))?);
+fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
+    let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
     let mut batch = Vec::new();
     let mut total = 0usize;
     for line in reader.split(b'\n') {
@@ -354,8 +377,72 @@ fn replay(store: &dyn Store, journal: &File, path: &Path) -> Result<(), StoreErr
     Ok(())
 }
 
+/// `<journal>.<suffix>`
+fn segment_path(journal: &Path, suffix: &str) -> PathBuf {
+    let mut name = journal.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Sealed segments of `journal` (`<journal>.<last chain_seq>`), oldest first.
+fn sealed_segments(journal: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let dir = journal
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let prefix = format!(
+        "{}.",
+        journal
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+    );
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: u64 = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Seal the current segment once it is large, so that the journal never grows without bound.
+/// Returns the sealed file and the last chain_seq it holds.
+fn maybe_seal(w: &mut Writer) -> Option<(PathBuf, i64)> {
+    if w.journal_bytes < SEGMENT_BYTES {
+        return None;
+    }
+    let sealed = segment_path(&w.path, &w.chain_seq.to_string());
+    let fresh = std::fs::rename(&w.path, &sealed).and_then(|_| {
+        OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&w.path)
+    });
+    match fresh {
+        Ok(f) => {
+            w.journal = f;
+            w.journal_bytes = 0;
+            Some((sealed, w.chain_seq))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, journal = %w.path.display(), "cannot rotate the audit journal; it keeps growing");
+            None
+        }
+    }
+}
+
 fn import_loop(inner: &Inner) {
     let mut pending: Vec<HashedEvent> = Vec::new();
+    let mut sealed: Vec<(PathBuf, i64)> = Vec::new();
+    let mut stored_seq: i64 = 0;
     let mut backoff: Option<Duration> = None;
     loop {
         let stopping = inner.stop.load(Ordering::SeqCst);
@@ -387,21 +474,29 @@ fn import_loop(inner: &Inner) {
                 inner
                     .stored
                     .fetch_add(pending.len() as u64, Ordering::SeqCst);
+                stored_seq = stored_seq.max(pending.last().map_or(0, |e| e.chain_seq));
                 pending.clear();
                 inner.import_failing.store(false, Ordering::SeqCst);
                 backoff = None;
-                let mut w = lock(&inner.writer);
-                if w.backlog.is_empty() {
-                    w.oldest_unstored = None;
-                    if w.journal_bytes > JOURNAL_TRUNCATE_AT {
-                        // Everything in the journal is in the store now.
-                        if w.journal.set_len(0).is_ok() {
-                            w.journal_bytes = 0;
-                        }
-                    }
-                } else {
-                    w.oldest_unstored = Some(Instant::now());
+                {
+                    let mut w = lock(&inner.writer);
+                    w.oldest_unstored = if w.backlog.is_empty() {
+                        None
+                    } else {
+                        Some(Instant::now())
+                    };
+                    sealed.extend(maybe_seal(&mut w));
                 }
+                // A sealed segment whose every event is stored is no longer needed.
+                sealed.retain(|(file, last)| {
+                    if *last > stored_seq {
+                        return true;
+                    }
+                    if let Err(e) = std::fs::remove_file(file) {
+                        tracing::warn!(error = %e, file = %file.display(), "cannot remove a stored audit journal segment");
+                    }
+                    false
+                });
             }
             Err(e) => {
                 inner.failed.fetch_add(1, Ordering::Relaxed);
@@ -602,6 +697,40 @@ mod tests {
             "the refused event is not recorded, the others are"
         );
         assert!(store.verify().unwrap().first_break.is_none());
+        rec.shutdown();
+    }
+
+    #[tokio::test]
+    async fn the_journal_rotates_and_stored_segments_are_removed() {
+        let (dir, store, opts) = setup();
+        let rec = Recorder::start(store.clone(), "c".into(), opts.clone()).unwrap();
+        let big = "x".repeat(4000);
+        for i in 0..5000 {
+            rec.append(&[EventInput {
+                session_id: "s".into(),
+                kind: "command".into(),
+                at: SystemTime::now(),
+                payload: json!({"n": i, "text": big}),
+            }])
+            .unwrap();
+            if i % 1000 == 0 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        rec.flush().await.unwrap();
+        // ~20 MB went through; what is left on disk is at most the live segment and one sealed one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("events.log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        assert!(
+            on_disk <= 2 * SEGMENT_BYTES + 64 * 1024,
+            "journal kept {on_disk} bytes"
+        );
+        assert_eq!(store.verify().unwrap().events, 5000);
         rec.shutdown();
     }
 
