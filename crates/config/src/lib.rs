@@ -60,6 +60,12 @@ pub struct Server {
     pub audit_failure: AuditFailure,
     /// How long a command waits for its audit event to be written before `audit_failure` applies.
     pub audit_timeout: Duration,
+    /// Run the live encryption/bypass scan (`tollgate scan`) this often inside the gateway.
+    pub scan_interval: Option<Duration>,
+    /// Where scan findings are POSTed as JSON (`https://...`; `http://` only to a loopback address).
+    pub alert_webhook: Option<String>,
+    /// CA bundle trusted for an https `alert_webhook` (default: the system bundle).
+    pub alert_webhook_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -285,6 +291,9 @@ struct RawServer {
     max_message_bytes: Option<usize>,
     audit_failure: Option<AuditFailure>,
     audit_timeout: Option<Spanned<String>>,
+    scan_interval: Option<Spanned<String>>,
+    alert_webhook: Option<Spanned<String>>,
+    alert_webhook_ca: Option<String>,
 }
 
 fn default_client_cert() -> ClientCertPolicy {
@@ -466,6 +475,45 @@ impl Ctx<'_> {
                 s.audit_timeout,
                 Duration::from_secs(5),
             )?,
+            scan_interval: match s.scan_interval {
+                None => None,
+                Some(v) => {
+                    let at = v.span().start;
+                    let d = self.duration("server.scan_interval", Some(v), Duration::ZERO)?;
+                    if d < Duration::from_millis(100) {
+                        return Err(self.invalid(
+                            at,
+                            "server.scan_interval",
+                            "must be at least 100ms (e.g. \"5m\"); remove the key to turn the periodic scan off",
+                        ));
+                    }
+                    Some(d)
+                }
+            },
+            alert_webhook: match s.alert_webhook {
+                None => None,
+                Some(v) => {
+                    let url = v.get_ref();
+                    let loopback_http = url
+                        .strip_prefix("http://")
+                        .and_then(|rest| split_host_port(rest.split('/').next().unwrap_or("")))
+                        .is_some_and(|(host, _)| {
+                            host == "localhost"
+                                || host
+                                    .parse::<std::net::IpAddr>()
+                                    .is_ok_and(|ip| ip.is_loopback())
+                        });
+                    if !(url.starts_with("https://") || loopback_http) {
+                        return Err(self.invalid(
+                            v.span().start,
+                            "server.alert_webhook",
+                            format!("{url:?} must be an https:// URL (plain http:// only to a loopback HOST:PORT, for local relays and tests)"),
+                        ));
+                    }
+                    Some(v.into_inner())
+                }
+            },
+            alert_webhook_ca: s.alert_webhook_ca.as_deref().map(|p| self.resolve(p)),
         };
         if server.client_cert == ClientCertPolicy::Required && server.client_ca.is_none() {
             return Err(self.invalid(
@@ -761,6 +809,31 @@ password_env = "ORDERS_DB_PASSWORD"
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn scan_and_webhook_keys() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.server.scan_interval, None);
+        assert_eq!(c.server.alert_webhook, None);
+        let text = GOOD.replace(
+            "store = \"sqlite://tollgate.db\"",
+            "store = \"sqlite://tollgate.db\"\nscan_interval = \"5m\"\nalert_webhook = \"https://hooks.example/x\"",
+        );
+        let c = p(&text).unwrap();
+        assert_eq!(c.server.scan_interval, Some(Duration::from_secs(300)));
+        assert_eq!(
+            c.server.alert_webhook.as_deref(),
+            Some("https://hooks.example/x")
+        );
+        let local = text.replace("https://hooks.example/x", "http://127.0.0.1:9999/hook");
+        assert!(p(&local).is_ok());
+        let plain = text.replace("https://hooks.example/x", "http://hooks.example/x");
+        let e = p(&plain).unwrap_err().to_string();
+        assert!(e.contains(":10: server.alert_webhook"), "{e}");
+        let zero = text.replace("\"5m\"", "\"0s\"");
+        let e = p(&zero).unwrap_err().to_string();
+        assert!(e.contains("server.scan_interval"), "{e}");
     }
 
     #[test]

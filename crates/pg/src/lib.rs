@@ -12,6 +12,7 @@ mod relay;
 pub mod scram;
 mod session;
 pub mod upstream;
+mod upstreams;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tollgate_tls::ReloadableServerTls;
 
 pub use cancel::CancelRegistry;
 pub use upstream::UpstreamTarget;
+pub use upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 
 /// Shared state of the PostgreSQL listener.
 pub struct PgGateway {
@@ -38,4 +40,6 @@ pub struct PgGateway {
     pub audit_fail_closed: bool,
     /// How long a command may wait for its audit event before it is refused.
     pub audit_timeout: Duration,
+    /// The gateway's live upstream connections (for `tollgate scan`'s bypass detection).
+    pub upstreams: UpstreamRegistry,
 }

@@ -445,6 +445,15 @@ impl PgGateway {
                 return;
             }
         };
+        // Tag this connection as the gateway's own for as long as the session lasts.
+        let _upstream_entry = upstream.stream.local_addr().ok().map(|local_addr| {
+            self.upstreams.register(crate::UpstreamConn {
+                resource: target.resource.name.clone(),
+                upstream: target.resource.upstream.clone(),
+                local_addr,
+                backend_pid: Some(upstream.pid),
+            })
+        });
         if let Some(up) = &upstream.tls_info {
             log.set(
                 "upstream_tls",

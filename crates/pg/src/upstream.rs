@@ -303,6 +303,15 @@ pub enum UpStream {
 }
 
 impl UpStream {
+    /// The gateway's own address on this connection: what the upstream sees as the client
+    /// (`pg_stat_activity.client_addr` / `client_port`).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            UpStream::Tls(t) => t.get_ref().0.local_addr(),
+            UpStream::Plain(t) => t.local_addr(),
+        }
+    }
+
     pub fn tls_info(&self) -> Option<TlsSessionInfo> {
         match self {
             UpStream::Tls(t) => Some(tollgate_tls::session_info(t.get_ref().1)),

@@ -17,6 +17,8 @@ pub(crate) struct AdminState {
     pub recorder: Recorder,
     pub ready: Arc<AtomicBool>,
     pub tls: Arc<ReloadableServerTls>,
+    /// The gateway's live upstream connections, for `tollgate scan` (addresses only, no secrets).
+    pub upstreams: tollgate_pg::UpstreamRegistry,
 }
 
 pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>) {
@@ -78,6 +80,26 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 )
             }
         }
+        "/upstreams" => {
+            let list: Vec<serde_json::Value> = state
+                .upstreams
+                .snapshot()
+                .into_iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "resource": c.resource,
+                        "upstream": c.upstream,
+                        "local_addr": c.local_addr.to_string(),
+                        "backend_pid": c.backend_pid,
+                    })
+                })
+                .collect();
+            text(
+                StatusCode::OK,
+                serde_json::Value::Array(list).to_string(),
+                "application/json",
+            )
+        }
         "/metrics" => {
             let stats = state.recorder.stats();
             let r = registry();
@@ -116,7 +138,7 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics or /upstreams\n".into(),
             "text/plain",
         ),
     }

@@ -6,6 +6,7 @@
 //! protocol or decide policy itself.
 
 mod admin;
+mod scan_task;
 
 use anyhow::{bail, Context};
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use tollgate_tls::{ClientAuth, ListenerTlsSpec, ReloadStatus, ReloadableServerTl
 pub struct Bound {
     pub postgres: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
 }
 
 /// Refuse configurations this build cannot enforce: a guardrail or mask that silently does
@@ -45,12 +47,9 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     if config.identity.oidc.is_some() {
         bail!("{}: [identity.oidc] is not supported by this build yet; use client certificates or [[identity.tokens]]", config.path.display());
     }
-    if config.server.https_listen.is_some() {
-        bail!("{}: server.https_listen: HTTP resources and the HTTPS API are not available in this build yet; remove the key", config.path.display());
-    }
     if config.server.postgres_listen.is_none() {
         bail!(
-            "{}: server.postgres_listen is required (the only listener this build serves)",
+            "{}: server.postgres_listen is required: PostgreSQL resources are the only kind this build proxies",
             config.path.display()
         );
     }
@@ -122,6 +121,7 @@ pub async fn run(
         handshake_timeout: Duration::from_secs(30),
         audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
         audit_timeout: config.server.audit_timeout,
+        upstreams: Default::default(),
     });
     if !gw.audit_fail_closed {
         tracing::warn!("server.audit_failure = \"open\": commands are forwarded without waiting for their audit events; `tollgate check` fails this config");
@@ -143,6 +143,7 @@ pub async fn run(
         recorder: recorder.clone(),
         ready: ready.clone(),
         tls: pg_tls.clone(),
+        upstreams: gw.upstreams.clone(),
     });
     let admin_task = match config.server.admin_listen {
         Some(addr) => {
@@ -155,8 +156,67 @@ pub async fn run(
         None => None,
     };
 
+    // The HTTPS API: client certificates are optional there (a token is the alternative).
+    let mut api_tasks = Vec::new();
+    if let Some(addr) = config.server.https_listen {
+        let api_tls = Arc::new(
+            ReloadableServerTls::load(ListenerTlsSpec {
+                cert: config.server.tls_cert.clone(),
+                key: config.server.tls_key.clone(),
+                client_ca: config.server.client_ca.clone(),
+                client_auth: match config.server.client_ca {
+                    Some(_) => ClientAuth::Optional,
+                    None => ClientAuth::None,
+                },
+                alpn: vec![b"http/1.1".to_vec()],
+            })
+            .context("loading the TLS material of server.https_listen")?,
+        );
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding server.https_listen {addr}"))?;
+        bound.https = Some(l.local_addr()?);
+        let state =
+            tollgate_api::ApiState::new(&config, store.clone(), recorder.clone(), api_tls.clone());
+        api_tasks.push(tokio::spawn(tollgate_api::serve(l, Arc::new(state))));
+        api_tasks.push(tokio::spawn(reload_loop(
+            api_tls,
+            config.server.reload_interval,
+            "https",
+        )));
+    }
+
     publish_cert_gauges(&pg_tls);
-    let reload_task = tokio::spawn(reload_loop(pg_tls.clone(), config.server.reload_interval));
+    let reload_task = tokio::spawn(reload_loop(
+        pg_tls.clone(),
+        config.server.reload_interval,
+        "postgres",
+    ));
+
+    // The periodic live scan (tollgate scan) with this gateway's own connection registry.
+    let scan_task = match config.server.scan_interval {
+        Some(every) => {
+            let webhook = match &config.server.alert_webhook {
+                Some(url) => Some(
+                    tollgate_scan::alert::Webhook::start(
+                        url,
+                        config.server.alert_webhook_ca.as_deref(),
+                    )
+                    .map_err(anyhow::Error::msg)
+                    .context("server.alert_webhook")?,
+                ),
+                None => None,
+            };
+            Some(tokio::spawn(scan_task::run(
+                config.clone(),
+                every,
+                gw.upstreams.clone(),
+                recorder.clone(),
+                webhook,
+            )))
+        }
+        None => None,
+    };
 
     let accept_gw = gw.clone();
     let accept_task = tokio::spawn(async move {
@@ -175,7 +235,12 @@ pub async fn run(
     });
 
     ready.store(true, Ordering::SeqCst);
-    tracing::info!(postgres = ?bound.postgres, admin = ?bound.admin, "tollgate is serving");
+    tracing::info!(
+        postgres = ?bound.postgres,
+        admin = ?bound.admin,
+        https = ?bound.https,
+        "tollgate is serving"
+    );
     on_bound(&bound);
 
     shutdown.await;
@@ -183,6 +248,12 @@ pub async fn run(
     ready.store(false, Ordering::SeqCst);
     accept_task.abort();
     reload_task.abort();
+    if let Some(t) = &scan_task {
+        t.abort();
+    }
+    for t in &api_tasks {
+        t.abort();
+    }
     if let Some(t) = admin_task {
         t.abort();
     }
@@ -228,7 +299,7 @@ fn publish_cert_gauges(tls: &ReloadableServerTls) {
 
 /// Poll the certificate files and reload on change or SIGHUP. A bad file is logged and counted;
 /// the previous material keeps serving.
-async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
+async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration, listener: &'static str) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -280,7 +351,7 @@ async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration) {
                 .counter(
                     "tollgate_tls_reloads_total",
                     "Certificate reloads by outcome.",
-                    &[("listener", "postgres"), ("outcome", o)],
+                    &[("listener", listener), ("outcome", o)],
                 )
                 .inc();
         }

@@ -170,6 +170,21 @@ pub trait Store: Send + Sync + 'static {
     /// Recompute every chain; reports the first break (chains in `chain_id` order).
     fn verify(&self) -> Result<VerifyReport, StoreError>;
     fn ping(&self) -> Result<(), StoreError>;
+    /// Up to `limit` events with `id > after_id` in `id` order (insertion order), optionally
+    /// only those with `since_unix_ms <= at_unix_ms < until_unix_ms`: pages for an export that
+    /// walks the whole store without holding it in memory.
+    fn events_page(
+        &self,
+        after_id: i64,
+        since_unix_ms: Option<i64>,
+        until_unix_ms: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let _ = (after_id, since_unix_ms, until_unix_ms, limit);
+        Err(StoreError::Unsupported(
+            "this store cannot page through events".into(),
+        ))
+    }
 }
 
 /// Opens a store from a URL: `sqlite://relative/or/abs/path.db`, `sqlite:///abs/path.db`,

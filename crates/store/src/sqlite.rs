@@ -482,6 +482,27 @@ impl Store for SqliteStore {
         self.reader().query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
     }
+
+    fn events_page(
+        &self,
+        after_id: i64,
+        since_unix_ms: Option<i64>,
+        until_unix_ms: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 \
+             AND (?2 IS NULL OR at_unix_ms >= ?2) AND (?3 IS NULL OR at_unix_ms < ?3) \
+             ORDER BY id LIMIT ?4"
+        ))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(
+            params![after_id, since_unix_ms, until_unix_ms, limit],
+            read_event,
+        )?;
+        rows.map(|r| r?).collect()
+    }
 }
 
 fn materialize_session(
@@ -947,6 +968,32 @@ mod tests {
             .collect();
         assert_eq!(a, [1, 2, 3, 4]);
         assert_eq!(store.session("b").unwrap().unwrap().event_count, 4);
+    }
+
+    #[test]
+    fn events_page_walks_every_event_in_id_order_within_a_time_range() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let all = seed(&store);
+        let mut seen = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.events_page(after, None, None, 4).unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            seen.extend(page.iter().map(|e| e.id));
+        }
+        assert_eq!(seen, all.iter().map(|e| e.id).collect::<Vec<_>>());
+        let ranged: Vec<i64> = store
+            .events_page(0, Some(1002), Some(1005), 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.at_unix_ms)
+            .collect();
+        assert_eq!(ranged, [1002, 1003, 1004]);
+        assert!(store
+            .events_page(all[5].id, None, None, 10)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

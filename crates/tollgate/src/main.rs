@@ -1,6 +1,8 @@
 //! `tollgate`: the one binary. Thin: parses the command line and calls into the library crates.
 
+mod check_cmd;
 mod demo;
+mod sessions_cmd;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -36,9 +38,32 @@ enum Cmd {
     /// The built-in private CA.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Lint a config for encryption and policy weaknesses (offline; exit 1 on any finding).
+    Check {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// Certificates expiring within this many days are findings.
+        #[arg(long, default_value_t = 14)]
+        min_days: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scan every upstream live: TLS, chain, hostname, expiry, versions, plaintext, bypass sessions.
+    Scan {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// Certificates expiring within this many days are findings.
+        #[arg(long, default_value_t = 14)]
+        min_days: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Audit trail integrity.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Recorded sessions: list, show, replay, export (through the gateway's HTTPS API).
+    #[command(subcommand)]
+    Sessions(sessions_cmd::SessionsCmd),
 }
 
 #[derive(Subcommand)]
@@ -110,7 +135,18 @@ fn main() -> ExitCode {
         Cmd::Serve { config } => serve(&config),
         Cmd::Demo { dir } => demo::run(&dir),
         Cmd::Pki(cmd) => pki_cmd(cmd),
+        Cmd::Sessions(cmd) => sessions_cmd::run(cmd),
         Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),
+        Cmd::Check {
+            config,
+            min_days,
+            json,
+        } => return check_cmd::check(&config, min_days, json),
+        Cmd::Scan {
+            config,
+            min_days,
+            json,
+        } => return check_cmd::scan(&config, min_days, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

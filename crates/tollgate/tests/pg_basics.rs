@@ -112,3 +112,106 @@ async fn tokio_postgres_text_and_binary() {
     assert_eq!(result["payload"]["outcome"], "ok");
     assert_eq!(result["payload"]["rows"], 1);
 }
+
+/// Drive `psql` through a pseudo-terminal, as a person would: prompts, `\d`, a query, `\q`.
+fn interactive_psql(conninfo: &str, lines: &[&str]) -> String {
+    // Each line is typed only once psql shows its prompt again, so a slow machine cannot race it.
+    const DRIVER: &str = r#"
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("psql", ["psql", "-X", "-P", "pager=off", sys.argv[1]])
+out = b""
+def read_until(prompts, seconds):
+    global out
+    end = time.time() + seconds
+    while out.count(b"=> ") < prompts and time.time() < end:
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            out += data
+lines = sys.argv[2:]
+for i, line in enumerate(lines):
+    read_until(i + 1, 30)
+    os.write(fd, (line + "\n").encode())
+read_until(len(lines) + 1, 5)
+for _ in range(100):
+    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(DRIVER)
+        .arg(conninfo)
+        .args(lines)
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn psql_describe_commands_and_an_interactive_session() {
+    let env = Env::start();
+    let out = env.psql(
+        &env.conninfo("app"),
+        &[
+            "-c",
+            "CREATE TABLE widgets (id int PRIMARY KEY, name text NOT NULL)",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // \d runs psql's catalog queries through the gateway.
+    let out = env.psql(&env.conninfo("app"), &["-c", "\\d widgets"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let described = stdout(&out);
+    assert!(described.contains("id|integer||not null|"), "{described}");
+    assert!(described.contains("name|text||not null|"), "{described}");
+
+    let screen = interactive_psql(
+        &env.conninfo("app"),
+        &["\\dt", "\\d widgets", "SELECT 6 * 7 AS answer;", "\\q"],
+    );
+    assert!(
+        screen.contains("app=>"),
+        "the interactive prompt is shown:\n{screen}"
+    );
+    assert!(
+        screen.contains("SSL connection (protocol: TLSv1.3"),
+        "psql reports the TLS session:\n{screen}"
+    );
+    assert!(
+        screen.contains("widgets"),
+        "\\dt lists the table:\n{screen}"
+    );
+    assert!(
+        screen.contains("\"widgets_pkey\" PRIMARY KEY, btree (id)"),
+        "\\d shows the index:\n{screen}"
+    );
+    assert!(
+        screen.contains("answer") && screen.contains("42"),
+        "{screen}"
+    );
+    let events = env.events_after_closes(3);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "command" && e["payload"]["text"] == "SELECT 6 * 7 AS answer;"),
+        "the interactive statement is recorded"
+    );
+}

@@ -187,6 +187,26 @@ pub fn parse_parameter_status(body: &[u8]) -> Result<(String, String), Malformed
     Ok((k, v))
 }
 
+/// The fields of a DataRow, in column order; `None` is SQL NULL. Each length is checked against
+/// what is left of the body before the field is sliced.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Malformed> {
+    let mut r = Reader::new(body);
+    let n = r.i16()?;
+    if n < 0 {
+        return Err(Malformed);
+    }
+    let mut fields = Vec::with_capacity((n as usize).min(r.remaining() / 4));
+    for _ in 0..n {
+        let len = r.i32()?;
+        fields.push(match len {
+            -1 => None,
+            l if l < 0 => return Err(Malformed),
+            l => Some(r.bytes(l as usize)?),
+        });
+    }
+    Ok(fields)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +237,26 @@ mod tests {
         assert_eq!(command_rows(b"CREATE TABLE\0"), None);
         assert_eq!(command_word(b"INSERT 0 3\0"), "INSERT");
         assert_eq!(command_word(b"CREATE TABLE\0"), "CREATE TABLE");
+    }
+
+    #[test]
+    fn data_row_fields() {
+        let mut body = 3i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend_from_slice(b"42");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&0i32.to_be_bytes());
+        assert_eq!(
+            parse_data_row(&body).unwrap(),
+            vec![Some(&b"42"[..]), None, Some(&b""[..])]
+        );
+        // A length beyond the body, a negative count and a truncated length are all malformed.
+        let mut long = 1i16.to_be_bytes().to_vec();
+        long.extend_from_slice(&100i32.to_be_bytes());
+        long.extend_from_slice(b"short");
+        assert!(parse_data_row(&long).is_err());
+        assert!(parse_data_row(&(-1i16).to_be_bytes()).is_err());
+        assert!(parse_data_row(&[0, 1, 0, 0]).is_err());
     }
 
     #[test]

@@ -133,6 +133,13 @@ pub fn sasl_response(data: &[u8]) -> Vec<u8> {
     message(b'p', data)
 }
 
+/// A simple-protocol Query.
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
 pub fn terminate() -> Vec<u8> {
     message(b'X', &[])
 }

@@ -1,0 +1,121 @@
+//! tollgate's HTTPS API on `server.https_listen`: its routes, who is calling (a verified client
+//! certificate or a service token), and role checks (`roles.auditor_groups` / `admin_groups`).
+//! Also a small blocking HTTPS client for it ([`client`]), used by the `tollgate` CLI.
+//!
+//! It must not speak PostgreSQL, and it writes no audit data except its own access events
+//! (`api.read`, one per request, through the [`Recorder`]). Store queries are blocking
+//! (SQLite) and run on tokio's blocking pool.
+//!
+//! Routes (GET, JSON): `/api/v1/sessions`, `/api/v1/sessions/{id}`,
+//! `/api/v1/sessions/{id}/events`, `/api/v1/export` (JSON Lines, streamed) and
+//! `/api/v1/audit/verify`. Shapes are in [`view`].
+
+pub mod client;
+pub mod params;
+mod routes;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tollgate_config::{Config, Roles};
+use tollgate_identity::{Identity, IdentityError, TokenVerifier};
+use tollgate_store::{Recorder, Store};
+use tollgate_tls::ReloadableServerTls;
+
+/// Event kind of the API's own access records.
+pub const KIND_API_READ: &str = "api.read";
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the API needs from the running gateway.
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub recorder: Recorder,
+    pub tls: Arc<ReloadableServerTls>,
+    pub tokens: TokenVerifier,
+    pub roles: Roles,
+    /// The session id under which this process records `api.read` events (one per process,
+    /// so the recorder tracks a single sequence; it is not a row in `sessions`).
+    pub audit_session: String,
+}
+
+impl ApiState {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        recorder: Recorder,
+        tls: Arc<ReloadableServerTls>,
+    ) -> Self {
+        let mut id = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        ApiState {
+            store,
+            recorder,
+            tls,
+            tokens: TokenVerifier::new(&config.identity.tokens),
+            roles: config.roles.clone(),
+            audit_session: format!(
+                "api-{}",
+                id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+        }
+    }
+}
+
+/// What is known about one TLS connection before any request is read.
+pub(crate) struct Conn {
+    pub peer: SocketAddr,
+    /// The identity of a verified client certificate, if one was presented.
+    pub cert: Option<Result<Identity, IdentityError>>,
+}
+
+/// Accept connections on `listener` forever: TLS (certificate material from `state.tls`, read
+/// per connection so reloads apply), then HTTP/1.1.
+pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "accept failed on the https listener");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.config());
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "https handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "https handshake timed out");
+                    return;
+                }
+            };
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|der| tollgate_identity::from_certificate(der));
+            let conn = Arc::new(Conn { peer, cert });
+            let svc = hyper::service::service_fn(move |req| {
+                let (state, conn) = (state.clone(), conn.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(routes::handle(&state, &conn, req).await)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,32 @@
+//! The masking engine: finds sensitive content and replaces it, inline, at wire speed.
+//!
+//! It owns the content detectors ([`Detector`]: e-mail, payment card, US SSN, IBAN, phone,
+//! IPv4/IPv6, JWT, AWS key, secret token, PEM private key, each validated so that it does not
+//! fire on noise), the masking rules ([`MaskSpec`] → [`Policy`], with column globs, types,
+//! detectors and per-group exemptions), the strategies ([`Strategy`]: redact, partial, keyed
+//! hash, null) and the rewriting of values: a PostgreSQL DataRow body, COPY TO data (text, CSV,
+//! binary) and free text ([`mask_text`]) such as error details and notification payloads.
+//!
+//! It must not do I/O, hold protocol or session state, or decide access: a protocol adapter
+//! describes the columns ([`ColumnInfo`]), asks the policy for a [`RowPlan`] once per result
+//! shape, and passes bytes through it. It never logs, stores or returns an original value;
+//! [`Reason`]s for the audit record name the rule or detector, not the data, and the
+//! [`MaskKey`] behind `hash` is never printed.
+
+mod detect;
+mod glob;
+mod policy;
+mod row;
+mod strategy;
+mod value;
+
+pub use detect::{find, matches, Detector, DetectorSet, Match, Matches, UnknownDetector};
+pub use glob::Glob;
+pub use policy::{
+    ColumnInfo, Format, MaskSpec, Outcome, Policy, PolicyError, Reason, RowPlan, Rule, TYPE_NAMES,
+};
+pub use row::{CopyFormat, Malformed, MaskedField, RowOutcome};
+pub use strategy::{
+    KeyError, MaskKey, Strategy, UnknownStrategy, DEFAULT_KEEP_LAST, MIN_KEY_BYTES, REDACTED,
+};
+pub use value::mask_text;

@@ -1,0 +1,540 @@
+//! Masking rules as configured, compiled into a [`Policy`], and planned per result shape.
+//!
+//! A rule selects what it masks in two independent ways:
+//! - `columns` (globs) and `types` (PostgreSQL type names): the *whole value* of every
+//!   matching column is masked;
+//! - `detectors`: matches in the *content* of every column of the result are masked (only the
+//!   matched spans, so `notes` keeps its prose and loses the card number).
+//!
+//! A rule applies to a viewer unless one of their groups is in `except_groups` ("the SRE
+//! on-call sees more"), and, when `only_groups` is set, only to members of those groups. When
+//! several rules pick the same column or detector, the first one (in configuration order) wins.
+
+use crate::detect::{Detector, DetectorSet};
+use crate::glob::Glob;
+use crate::strategy::{MaskKey, Strategy};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// One `[[resources.masks]]` table, as written in configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MaskSpec {
+    #[serde(default)]
+    pub columns: Vec<String>,
+    #[serde(default)]
+    pub types: Vec<String>,
+    #[serde(default)]
+    pub detectors: Vec<String>,
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// For `partial`: how many trailing characters stay visible (default 4).
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+    #[serde(default)]
+    pub except_groups: Vec<String>,
+    #[serde(default)]
+    pub only_groups: Vec<String>,
+}
+
+fn default_strategy() -> String {
+    "redact".into()
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub columns: Vec<Glob>,
+    pub type_oids: Vec<u32>,
+    pub detectors: DetectorSet,
+    pub strategy: Strategy,
+    pub except_groups: Vec<String>,
+    pub only_groups: Vec<String>,
+}
+
+impl Rule {
+    pub fn applies_to(&self, groups: &[String]) -> bool {
+        if groups.iter().any(|g| self.except_groups.contains(g)) {
+            return false;
+        }
+        self.only_groups.is_empty() || groups.iter().any(|g| self.only_groups.contains(g))
+    }
+
+    fn selects_column(&self, col: &ColumnInfo) -> bool {
+        self.type_oids.contains(&col.type_oid)
+            || self
+                .columns
+                .iter()
+                .any(|g| g.matches_column(col.table.as_deref(), &col.name))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("mask rule {rule}: {source}")]
+    Detector {
+        rule: usize,
+        source: crate::detect::UnknownDetector,
+    },
+    #[error("mask rule {rule}: {source}")]
+    Strategy {
+        rule: usize,
+        source: crate::strategy::UnknownStrategy,
+    },
+    #[error("mask rule {rule}: unknown column type {name:?} (known: {known})")]
+    Type {
+        rule: usize,
+        name: String,
+        known: String,
+    },
+    #[error("mask rule {rule}: strategy \"hash\" needs a masking key (at least 32 bytes), and none was configured")]
+    HashWithoutKey { rule: usize },
+    #[error("mask rule {rule}: keep_last only applies to strategy \"partial\"")]
+    KeepLastWithoutPartial { rule: usize },
+    #[error("mask rule {rule}: selects nothing (give columns, types or detectors)")]
+    Empty { rule: usize },
+}
+
+/// PostgreSQL type names accepted in `types`, with their OIDs.
+pub const TYPE_NAMES: &[(&str, u32)] = &[
+    ("bool", 16),
+    ("bytea", 17),
+    ("name", 19),
+    ("int8", 20),
+    ("int2", 21),
+    ("int4", 23),
+    ("text", 25),
+    ("oid", 26),
+    ("json", 114),
+    ("xml", 142),
+    ("cidr", 650),
+    ("float4", 700),
+    ("float8", 701),
+    ("money", 790),
+    ("macaddr", 829),
+    ("inet", 869),
+    ("bpchar", 1042),
+    ("varchar", 1043),
+    ("date", 1082),
+    ("time", 1083),
+    ("timestamp", 1114),
+    ("timestamptz", 1184),
+    ("interval", 1186),
+    ("numeric", 1700),
+    ("uuid", 2950),
+    ("jsonb", 3802),
+];
+
+/// The masking rules of one resource, and the key for `hash`.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    key: Option<Arc<MaskKey>>,
+}
+
+impl Policy {
+    pub fn new(rules: Vec<Rule>, key: Option<MaskKey>) -> Result<Policy, PolicyError> {
+        if key.is_none() {
+            if let Some(rule) = rules.iter().position(|r| r.strategy == Strategy::Hash) {
+                return Err(PolicyError::HashWithoutKey { rule });
+            }
+        }
+        Ok(Policy {
+            rules,
+            key: key.map(Arc::new),
+        })
+    }
+
+    /// Compiles configuration tables; errors name the rule by its index.
+    pub fn from_specs(specs: &[MaskSpec], key: Option<MaskKey>) -> Result<Policy, PolicyError> {
+        let mut rules = Vec::with_capacity(specs.len());
+        for (rule, spec) in specs.iter().enumerate() {
+            let mut strategy: Strategy = spec
+                .strategy
+                .parse()
+                .map_err(|source| PolicyError::Strategy { rule, source })?;
+            match (&mut strategy, spec.keep_last) {
+                (Strategy::Partial { keep_last }, Some(k)) => *keep_last = k,
+                (_, Some(_)) => return Err(PolicyError::KeepLastWithoutPartial { rule }),
+                _ => {}
+            }
+            let detectors = spec
+                .detectors
+                .iter()
+                .map(|d| d.parse::<Detector>())
+                .collect::<Result<DetectorSet, _>>()
+                .map_err(|source| PolicyError::Detector { rule, source })?;
+            let type_oids = spec
+                .types
+                .iter()
+                .map(|name| {
+                    TYPE_NAMES
+                        .iter()
+                        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                        .map(|(_, oid)| *oid)
+                        .ok_or_else(|| PolicyError::Type {
+                            rule,
+                            name: name.clone(),
+                            known: TYPE_NAMES
+                                .iter()
+                                .map(|(n, _)| *n)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if spec.columns.is_empty() && type_oids.is_empty() && detectors.is_empty() {
+                return Err(PolicyError::Empty { rule });
+            }
+            rules.push(Rule {
+                columns: spec.columns.iter().map(|c| Glob::new(c)).collect(),
+                type_oids,
+                detectors,
+                strategy,
+                except_groups: spec.except_groups.clone(),
+                only_groups: spec.only_groups.clone(),
+            });
+        }
+        Policy::new(rules, key)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The plan for one result shape (one RowDescription) as seen by a viewer in `groups`.
+    pub fn plan(&self, columns: &[ColumnInfo], groups: &[String]) -> RowPlan {
+        let applicable: Vec<(usize, &Rule)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.applies_to(groups))
+            .collect();
+        let cols = columns
+            .iter()
+            .map(|col| self.column_plan(col, &applicable))
+            .collect::<Vec<_>>();
+        let active = cols.iter().any(ColumnPlan::is_active);
+        RowPlan {
+            cols,
+            extra: None,
+            key: self.key.clone(),
+            active,
+        }
+    }
+
+    /// A plan for data whose columns are not described (COPY without a column list, free text):
+    /// every field, however many, gets the content detectors as text; column and type rules
+    /// cannot apply.
+    pub fn plan_undescribed(&self, groups: &[String]) -> RowPlan {
+        let applicable: Vec<(usize, &Rule)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.applies_to(groups))
+            .collect();
+        let anon = ColumnInfo {
+            name: String::new(),
+            table: None,
+            type_oid: 0,
+            format: Format::Text,
+        };
+        let mut plan = self.column_plan(&anon, &applicable);
+        plan.whole = None;
+        let active = plan.is_active();
+        RowPlan {
+            cols: Vec::new(),
+            extra: Some(plan),
+            key: self.key.clone(),
+            active,
+        }
+    }
+
+    /// Detectors and their strategies for free text (error details, notification payloads).
+    pub fn text_plan(&self, groups: &[String]) -> RowPlan {
+        self.plan_undescribed(groups)
+    }
+
+    fn column_plan(&self, col: &ColumnInfo, rules: &[(usize, &Rule)]) -> ColumnPlan {
+        let mut plan = ColumnPlan {
+            kind: ValueKind::of(col.type_oid, col.format),
+            whole: None,
+            detectors: DetectorSet::EMPTY,
+            strategies: [Strategy::Redact; 11],
+        };
+        for &(idx, rule) in rules {
+            if plan.whole.is_none() && rule.selects_column(col) {
+                plan.whole = Some((rule.strategy, Reason::Column { rule: idx }));
+            }
+            for d in rule.detectors.iter() {
+                if !plan.detectors.contains(d) {
+                    plan.detectors.insert(d);
+                    plan.strategies[d as usize] = rule.strategy;
+                }
+            }
+        }
+        if !plan.kind.scannable() {
+            plan.detectors = DetectorSet::EMPTY;
+        }
+        plan
+    }
+}
+
+/// What a protocol adapter knows about one result column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// The source table (`customers` or `public.customers`) when known.
+    pub table: Option<String>,
+    /// PostgreSQL type OID; 0 when unknown.
+    pub type_oid: u32,
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Binary,
+}
+
+/// Why a value was masked (for the audit record; never carries the value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A content detector matched.
+    Detector(Detector),
+    /// A column or type rule (index into the configured rules) selected the column.
+    Column { rule: usize },
+}
+
+/// The result of masking one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to mask; nothing was written, forward the original.
+    Unchanged,
+    /// The masked value was appended to `out`.
+    Masked(Reason),
+    /// The value must become SQL NULL (strategy `null`, or no type-correct mask exists).
+    Null(Reason),
+}
+
+/// How a column's bytes can be masked, from its type and format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ValueKind {
+    /// Text (any format), or bytes where any replacement is type-correct: mask in place.
+    Text,
+    /// JSON text: mask inside strings and numbers, keep it valid JSON.
+    Json,
+    /// jsonb binary: a version byte, then JSON text.
+    JsonbBinary,
+    /// Text rendering of a non-text type (int8, inet, ...): a match makes it NULL.
+    TypedText,
+    /// Binary int8: rendered in decimal for the digit detectors; a match makes it NULL.
+    Int8Binary,
+    /// Binary of an unknown type: scanned raw; a match makes it NULL.
+    OpaqueBinary,
+    /// Binary of a known non-text type (int4, float8, timestamp, uuid, ...): nothing to scan.
+    Fixed,
+}
+
+const NON_TEXT_TYPES: &[u32] = &[
+    16, 20, 21, 23, 26, 650, 700, 701, 790, 829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700,
+    2950,
+];
+const TEXT_TYPES: &[u32] = &[18, 19, 25, 705, 1042, 1043, 17];
+
+impl ValueKind {
+    fn of(oid: u32, format: Format) -> ValueKind {
+        match (format, oid) {
+            (_, 114) => ValueKind::Json,
+            (Format::Text, 3802) => ValueKind::Json,
+            (Format::Binary, 3802) => ValueKind::JsonbBinary,
+            (Format::Text, o) if NON_TEXT_TYPES.contains(&o) => ValueKind::TypedText,
+            (Format::Text, _) => ValueKind::Text,
+            (Format::Binary, o) if TEXT_TYPES.contains(&o) => ValueKind::Text,
+            (Format::Binary, 20) => ValueKind::Int8Binary,
+            (Format::Binary, o) if NON_TEXT_TYPES.contains(&o) => ValueKind::Fixed,
+            (Format::Binary, _) => ValueKind::OpaqueBinary,
+        }
+    }
+
+    fn scannable(self) -> bool {
+        self != ValueKind::Fixed
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ColumnPlan {
+    pub(crate) kind: ValueKind,
+    pub(crate) whole: Option<(Strategy, Reason)>,
+    pub(crate) detectors: DetectorSet,
+    pub(crate) strategies: [Strategy; 11],
+}
+
+impl ColumnPlan {
+    fn is_active(&self) -> bool {
+        self.whole.is_some() || !self.detectors.is_empty()
+    }
+}
+
+/// The masking plan for one result shape, computed once per RowDescription.
+#[derive(Debug, Clone)]
+pub struct RowPlan {
+    pub(crate) cols: Vec<ColumnPlan>,
+    /// For undescribed data: the plan of every field.
+    pub(crate) extra: Option<ColumnPlan>,
+    pub(crate) key: Option<Arc<MaskKey>>,
+    pub(crate) active: bool,
+}
+
+impl RowPlan {
+    /// A plan that masks nothing (for example after an approved bypass review, which the caller
+    /// records).
+    pub fn passthrough() -> RowPlan {
+        RowPlan {
+            cols: Vec::new(),
+            extra: None,
+            key: None,
+            active: false,
+        }
+    }
+
+    /// False when no value of this shape can ever be masked: the caller may skip the rows.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// Number of described columns (0 for an undescribed plan).
+    pub fn columns(&self) -> usize {
+        self.cols.len()
+    }
+
+    pub(crate) fn column(&self, idx: usize) -> Option<&ColumnPlan> {
+        self.cols.get(idx).or(self.extra.as_ref())
+    }
+
+    /// Masks one non-NULL value of column `col`. Appends the masked value to `out` only when the
+    /// outcome is [`Outcome::Masked`]; columns beyond the plan are left unchanged.
+    pub fn mask_value(&self, col: usize, value: &[u8], out: &mut Vec<u8>) -> Outcome {
+        match self.column(col) {
+            Some(plan) if self.active => {
+                crate::value::mask_value(plan, self.key.as_deref(), value, out)
+            }
+            _ => Outcome::Unchanged,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, table: Option<&str>, oid: u32) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            table: table.map(Into::into),
+            type_oid: oid,
+            format: Format::Text,
+        }
+    }
+
+    fn spec(columns: &[&str], detectors: &[&str], strategy: &str) -> MaskSpec {
+        MaskSpec {
+            columns: columns.iter().map(|s| s.to_string()).collect(),
+            detectors: detectors.iter().map(|s| s.to_string()).collect(),
+            strategy: strategy.into(),
+            ..MaskSpec::default()
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_rule_and_the_fix() {
+        let e = Policy::from_specs(
+            &[spec(&["a"], &[], "redact"), spec(&[], &["ssn"], "redact")],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("mask rule 1: unknown detector \"ssn\""),
+            "{e}"
+        );
+        let e = Policy::from_specs(&[spec(&["a"], &[], "hash")], None).unwrap_err();
+        assert_eq!(e, PolicyError::HashWithoutKey { rule: 0 });
+        assert!(Policy::from_specs(&[spec(&["a"], &[], "scramble")], None)
+            .unwrap_err()
+            .to_string()
+            .contains("redact, partial"));
+        assert_eq!(
+            Policy::from_specs(&[spec(&[], &[], "redact")], None).unwrap_err(),
+            PolicyError::Empty { rule: 0 }
+        );
+        let mut s = spec(&["a"], &[], "redact");
+        s.keep_last = Some(2);
+        assert_eq!(
+            Policy::from_specs(&[s], None).unwrap_err(),
+            PolicyError::KeepLastWithoutPartial { rule: 0 }
+        );
+        let mut s = spec(&[], &[], "null");
+        s.types = vec!["inet".into(), "geometry".into()];
+        assert!(Policy::from_specs(&[s], None)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown column type \"geometry\""));
+    }
+
+    #[test]
+    fn spec_deserializes_from_the_config_shape() {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            masks: Vec<MaskSpec>,
+        }
+        let w: Wrapper = serde_json::from_str(
+            r#"{"masks":[{"columns":["email","*ssn*"],"detectors":["credit_card"],"strategy":"partial","except_groups":["sre"]}]}"#,
+        )
+        .unwrap();
+        let p = Policy::from_specs(&w.masks, None).unwrap();
+        assert_eq!(p.rules()[0].strategy, Strategy::Partial { keep_last: 4 });
+        assert!(
+            serde_json::from_str::<MaskSpec>(r#"{"colums":["x"]}"#).is_err(),
+            "unknown keys are errors"
+        );
+    }
+
+    #[test]
+    fn first_rule_wins_and_groups_exempt() {
+        let mut sre_sees = spec(&["email"], &[], "partial");
+        sre_sees.except_groups = vec!["sre".into()];
+        let p = Policy::from_specs(&[sre_sees, spec(&["e*"], &["iban"], "redact")], None).unwrap();
+        let cols = [col("email", Some("users"), 25), col("name", None, 25)];
+        let agent = p.plan(&cols, &["agents".into()]);
+        assert_eq!(
+            agent.cols[0].whole,
+            Some((
+                Strategy::Partial { keep_last: 4 },
+                Reason::Column { rule: 0 }
+            ))
+        );
+        assert_eq!(agent.cols[1].whole, None);
+        assert!(agent.cols[1].detectors.contains(Detector::Iban));
+        let sre = p.plan(&cols, &["sre".into(), "agents".into()]);
+        assert_eq!(
+            sre.cols[0].whole,
+            Some((Strategy::Redact, Reason::Column { rule: 1 }))
+        );
+    }
+
+    #[test]
+    fn only_groups_and_types() {
+        let mut s = spec(&[], &[], "null");
+        s.types = vec!["INET".into()];
+        s.only_groups = vec!["contractors".into()];
+        let p = Policy::from_specs(&[s], None).unwrap();
+        let cols = [col("client_addr", None, 869)];
+        assert!(p.plan(&cols, &["contractors".into()]).is_active());
+        assert!(!p.plan(&cols, &["staff".into()]).is_active());
+    }
+}

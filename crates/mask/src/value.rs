@@ -1,0 +1,301 @@
+//! Masking one value according to its column plan: spans of text, JSON strings and numbers,
+//! whole values, and the type-correct fallback (NULL) for non-text types.
+
+use crate::detect::{matches, Detector, DetectorSet};
+use crate::policy::{ColumnPlan, Outcome, Reason, ValueKind};
+use crate::strategy::{write_mask, MaskKey, Strategy, REDACTED};
+use std::borrow::Cow;
+
+/// Masks the detector matches in `text` with the strategy of each detector. Appends the masked
+/// text to `out` and returns the first detector when anything matched; writes nothing otherwise.
+pub(crate) fn mask_spans(
+    text: &[u8],
+    set: DetectorSet,
+    strategy_of: impl Fn(Detector) -> Strategy,
+    key: Option<&MaskKey>,
+    out: &mut Vec<u8>,
+) -> Option<Detector> {
+    let mut it = matches(set, text);
+    let first = it.next()?;
+    let mut last = 0;
+    for m in std::iter::once(first.clone()).chain(it) {
+        out.extend_from_slice(&text[last..m.range.start]);
+        write_mask(
+            strategy_of(m.detector),
+            Some(m.detector),
+            &text[m.range.clone()],
+            key,
+            out,
+        );
+        last = m.range.end;
+    }
+    out.extend_from_slice(&text[last..]);
+    Some(first.detector)
+}
+
+/// Masks the detector matches in free text (error details, notification payloads, audit
+/// parameters) with one strategy. `Null` redacts here; `Hash` without a key redacts.
+pub fn mask_text<'a>(
+    detectors: DetectorSet,
+    strategy: Strategy,
+    key: Option<&MaskKey>,
+    text: &'a [u8],
+) -> Cow<'a, [u8]> {
+    let mut out = Vec::new();
+    match mask_spans(text, detectors, |_| strategy, key, &mut out) {
+        Some(_) => Cow::Owned(out),
+        None => Cow::Borrowed(text),
+    }
+}
+
+pub(crate) fn mask_value(
+    plan: &ColumnPlan,
+    key: Option<&MaskKey>,
+    value: &[u8],
+    out: &mut Vec<u8>,
+) -> Outcome {
+    if let Some((strategy, reason)) = plan.whole {
+        return mask_whole(plan.kind, strategy, reason, key, value, out);
+    }
+    if plan.detectors.is_empty() {
+        return Outcome::Unchanged;
+    }
+    let strategy_of = |d: Detector| plan.strategies[d as usize];
+    match plan.kind {
+        ValueKind::Text => match mask_spans(value, plan.detectors, strategy_of, key, out) {
+            Some(d) => Outcome::Masked(Reason::Detector(d)),
+            None => Outcome::Unchanged,
+        },
+        ValueKind::Json => match mask_json(value, plan.detectors, strategy_of, key, out) {
+            Some(d) => Outcome::Masked(Reason::Detector(d)),
+            None => Outcome::Unchanged,
+        },
+        ValueKind::JsonbBinary => {
+            let Some((&version, json)) = value.split_first() else {
+                return Outcome::Unchanged;
+            };
+            let mark = out.len();
+            match mask_json(json, plan.detectors, strategy_of, key, out) {
+                Some(d) => {
+                    out.push(version);
+                    out[mark..].rotate_right(1);
+                    Outcome::Masked(Reason::Detector(d))
+                }
+                None => Outcome::Unchanged,
+            }
+        }
+        ValueKind::TypedText | ValueKind::OpaqueBinary => {
+            match matches(plan.detectors, value).next() {
+                Some(m) => Outcome::Null(Reason::Detector(m.detector)),
+                None => Outcome::Unchanged,
+            }
+        }
+        ValueKind::Int8Binary => {
+            let Ok(bytes) = <[u8; 8]>::try_from(value) else {
+                return Outcome::Unchanged;
+            };
+            let mut buf = [0u8; 20];
+            let text = render_i64(i64::from_be_bytes(bytes), &mut buf);
+            match matches(plan.detectors, text).next() {
+                Some(m) => Outcome::Null(Reason::Detector(m.detector)),
+                None => Outcome::Unchanged,
+            }
+        }
+        ValueKind::Fixed => Outcome::Unchanged,
+    }
+}
+
+fn mask_whole(
+    kind: ValueKind,
+    strategy: Strategy,
+    reason: Reason,
+    key: Option<&MaskKey>,
+    value: &[u8],
+    out: &mut Vec<u8>,
+) -> Outcome {
+    if strategy == Strategy::Null {
+        return Outcome::Null(reason);
+    }
+    match kind {
+        ValueKind::Text => {
+            // A value that is exactly one detected item keeps that item's partial shape
+            // (an e-mail keeps its domain).
+            let detector = match strategy {
+                Strategy::Partial { .. } => matches(DetectorSet::all(), value)
+                    .next()
+                    .filter(|m| m.range.start == 0 && m.range.end == value.len())
+                    .map(|m| m.detector),
+                _ => None,
+            };
+            write_mask(strategy, detector, value, key, out);
+            Outcome::Masked(reason)
+        }
+        ValueKind::Json | ValueKind::JsonbBinary => {
+            // The JSON string "****" or "h:...": valid json/jsonb, never the original.
+            if kind == ValueKind::JsonbBinary {
+                out.push(value.first().copied().unwrap_or(1));
+            }
+            out.push(b'"');
+            match strategy {
+                Strategy::Hash => write_mask(strategy, None, value, key, out),
+                _ => out.extend_from_slice(REDACTED),
+            }
+            out.push(b'"');
+            Outcome::Masked(reason)
+        }
+        _ => Outcome::Null(reason),
+    }
+}
+
+fn render_i64(v: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut n = v.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
+/// Masks detector matches inside the strings (keys included) and numbers of a JSON text,
+/// keeping it valid JSON: a string keeps its quotes, a masked number becomes a JSON string
+/// (or `null` under strategy `null`). Invalid JSON is scanned as plain text.
+pub(crate) fn mask_json(
+    json: &[u8],
+    set: DetectorSet,
+    strategy_of: impl Fn(Detector) -> Strategy + Copy,
+    key: Option<&MaskKey>,
+    out: &mut Vec<u8>,
+) -> Option<Detector> {
+    // Pre-filter: quotes and JSON punctuation are boundaries for every detector, so a value
+    // with no match in its raw text has none inside its strings or numbers either.
+    matches(set, json).next()?;
+    let mark = out.len();
+    let n = json.len();
+    let mut first: Option<Detector> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < n {
+        let c = json[i];
+        if c == b'"' {
+            let start = i + 1;
+            let mut j = start;
+            while j < n && json[j] != b'"' {
+                j += if json[j] == b'\\' { 2 } else { 1 };
+            }
+            if j >= n {
+                // Unterminated string: not JSON, scan it as text.
+                out.truncate(mark);
+                return mask_spans(json, set, strategy_of, key, out);
+            }
+            // Check before writing: the clean path must not touch (or allocate) `out`.
+            if matches(set, &json[start..j]).next().is_some() {
+                out.extend_from_slice(&json[copied..start]);
+                if let Some(d) = mask_spans(&json[start..j], set, strategy_of, key, out) {
+                    first.get_or_insert(d);
+                }
+                copied = j;
+            }
+            i = j + 1;
+        } else if c == b'-' || c.is_ascii_digit() {
+            let start = i;
+            while i < n && matches!(json[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                i += 1;
+            }
+            if let Some(m) = matches(set, &json[start..i]).next() {
+                first.get_or_insert(m.detector);
+                out.extend_from_slice(&json[copied..start]);
+                match strategy_of(m.detector) {
+                    Strategy::Null => out.extend_from_slice(b"null"),
+                    s => {
+                        out.push(b'"');
+                        write_mask(s, Some(m.detector), &json[start..i], key, out);
+                        out.push(b'"');
+                    }
+                }
+                copied = i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    match first {
+        Some(_) => {
+            out.extend_from_slice(&json[copied..]);
+            first
+        }
+        None => {
+            out.truncate(mark);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> Option<String> {
+        let mut out = Vec::new();
+        mask_json(
+            s.as_bytes(),
+            DetectorSet::all(),
+            |_| Strategy::Partial { keep_last: 4 },
+            None,
+            &mut out,
+        )
+        .map(|_| String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn json_strings_and_numbers_stay_valid() {
+        assert_eq!(json(r#"{"a": 1, "b": "plain"}"#), None);
+        let got =
+            json(r#"{"user":{"email":"jane@example.com","card":4111111111111111,"n":[1,2]}}"#)
+                .unwrap();
+        assert_eq!(
+            got,
+            r#"{"user":{"email":"****@example.com","card":"************1111","n":[1,2]}}"#
+        );
+        let got = json(r#"["say \"hi\" to bob@example.org", "x"]"#).unwrap();
+        assert_eq!(got, r#"["say \"hi\" to ****@example.org", "x"]"#);
+        let pem = "{\"k\":\"-----BEGIN PRIVATE KEY-----\\nMIIE\"}";
+        assert_eq!(
+            json(pem).unwrap(),
+            r#"{"k":"****"}"#,
+            "a PEM without END stops at the string's end"
+        );
+    }
+
+    #[test]
+    fn mask_text_borrows_when_clean() {
+        let clean = b"relation \"users\" does not exist";
+        assert!(matches!(
+            mask_text(DetectorSet::all(), Strategy::Redact, None, clean),
+            Cow::Borrowed(_)
+        ));
+        let got = mask_text(
+            DetectorSet::all(),
+            Strategy::Null,
+            None,
+            b"Key (email)=(a@b.io) already exists.",
+        );
+        assert_eq!(&*got, b"Key (email)=(****) already exists.");
+    }
+
+    #[test]
+    fn i64_rendering() {
+        let mut b = [0u8; 20];
+        assert_eq!(render_i64(i64::MIN, &mut b), b"-9223372036854775808");
+        assert_eq!(render_i64(0, &mut b), b"0");
+        assert_eq!(render_i64(4111111111111111, &mut b), b"4111111111111111");
+    }
+}

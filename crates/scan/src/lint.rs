@@ -1,0 +1,531 @@
+//! `tollgate check`: the offline lint. Reads the files a config names (certificates, key
+//! modes, password files) and the environment, never the network.
+
+use crate::{days_until, rfc3339, Finding, Severity};
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::SystemTime;
+use tollgate_config::{AuditFailure, Config, SecretSource, TlsMode};
+
+/// What `check` measures against.
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    /// A certificate that expires within this many days is a finding.
+    pub min_days: u64,
+    pub now: SystemTime,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            min_days: 14,
+            now: SystemTime::now(),
+        }
+    }
+}
+
+/// Every weakness in `config`, most severe first. Empty means the config passes.
+///
+/// tollgate's own listeners speak TLS 1.2 and 1.3 only by construction, so there is no listener
+/// version setting to lint; the versions an upstream accepts are measured by `scan`.
+pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
+    let mut l = Lint {
+        out: Vec::new(),
+        opts,
+    };
+    let s = &config.server;
+    l.cert_file(&s.tls_cert, "server.tls_cert", None, "gateway certificate");
+    l.key_file(&s.tls_key, "server.tls_key", None);
+    if let Some(ca) = &s.client_ca {
+        l.cert_file(ca, "server.client_ca", None, "client CA certificate");
+    }
+    if let Some(ca) = &s.alert_webhook_ca {
+        l.cert_file(
+            ca,
+            "server.alert_webhook_ca",
+            None,
+            "webhook CA certificate",
+        );
+    }
+    if let Some(db) = s.store.strip_prefix("sqlite://") {
+        let dir = Path::new(db).parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|_| !db.starts_with(':')) {
+            if !dir.is_dir() {
+                l.push(Finding::new(
+                    "missing_file",
+                    Severity::High,
+                    None,
+                    "server.store",
+                    format!(
+                        "the audit store's directory {} does not exist",
+                        dir.display()
+                    ),
+                    format!(
+                        "create {} or point server.store at an existing directory",
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+    }
+    if s.audit_failure == AuditFailure::Open {
+        l.push(Finding::new(
+            "audit_fail_open",
+            Severity::High,
+            None,
+            "server.audit_failure",
+            "audit_failure = \"open\": commands are forwarded without waiting for their audit events, so a store outage or crash loses the record of what ran",
+            "remove the key or set audit_failure = \"closed\"",
+        ));
+    }
+
+    // Groups some identity source or role names; rules and approvers must use these.
+    let mut known: BTreeSet<&str> = BTreeSet::new();
+    known.extend(config.roles.admin_groups.iter().map(String::as_str));
+    known.extend(config.roles.auditor_groups.iter().map(String::as_str));
+    for t in &config.identity.tokens {
+        known.extend(t.groups.iter().map(String::as_str));
+    }
+    for r in &config.resources {
+        known.extend(r.allow_groups.iter().map(String::as_str));
+    }
+
+    for r in &config.resources {
+        let name = Some(r.name.as_str());
+        match r.tls.mode {
+            TlsMode::VerifyFull => {}
+            mode => {
+                let (severity, what) = match mode {
+                    TlsMode::Disable => (Severity::Critical, "traffic to the upstream is plaintext"),
+                    TlsMode::InsecureSkipVerify => (Severity::Critical, "any certificate is accepted, so the upstream leg can be intercepted"),
+                    _ => (Severity::High, "the certificate's hostname is not checked, so any server with a certificate from that CA can impersonate the upstream"),
+                };
+                l.push(Finding::new(
+                    "upstream_tls_not_verify_full",
+                    severity,
+                    name,
+                    "resources.tls.mode",
+                    format!("resource {:?}: upstream TLS mode is \"{}\": {what}", r.name, mode.as_str()),
+                    "set mode = \"verify-full\" with tls.ca (the upstream's CA) and tls.server_name (a name in its certificate)",
+                ));
+            }
+        }
+        if let Some(ca) = &r.tls.ca {
+            l.cert_file(ca, "resources.tls.ca", name, "upstream CA certificate");
+        }
+        if let Some(cert) = &r.tls.cert {
+            l.cert_file(
+                cert,
+                "resources.tls.cert",
+                name,
+                "upstream client certificate",
+            );
+        }
+        if let Some(key) = &r.tls.key {
+            l.key_file(key, "resources.tls.key", name);
+        }
+        if let Some(c) = &r.credentials {
+            match &c.password {
+                SecretSource::Env(var) => match std::env::var_os(var) {
+                    Some(v) if !v.is_empty() => {}
+                    _ => l.push(Finding::new(
+                        "unset_env",
+                        Severity::High,
+                        name,
+                        "resources.credentials.password_env",
+                        format!("resource {:?}: environment variable {var} is not set (or empty), so the gateway cannot log in upstream", r.name),
+                        format!("set {var} in the gateway's environment, or use password_file"),
+                    )),
+                },
+                SecretSource::File(p) => {
+                    if l.exists(p, "resources.credentials.password_file", name, "password file") {
+                        l.private(p, "resources.credentials.password_file", name, "password file");
+                    }
+                }
+                SecretSource::None => {}
+            }
+        }
+        if r.allow_groups.is_empty() {
+            l.push(Finding::new(
+                "unreachable_resource",
+                Severity::Medium,
+                name,
+                "resources.allow_groups",
+                format!(
+                    "resource {:?}: allow_groups is empty, so no identity can reach it",
+                    r.name
+                ),
+                "list the groups that may use it in allow_groups, or remove the resource",
+            ));
+        }
+        for (i, rule) in r.rules.iter().enumerate() {
+            for g in &rule.groups {
+                if !r.allow_groups.contains(g) {
+                    l.push(Finding::new(
+                        "unknown_group",
+                        Severity::Medium,
+                        name,
+                        format!("resources.rules[{i}].groups"),
+                        format!("resource {:?}: rule {i} names group {g:?}, which is not in the resource's allow_groups, so the rule can never apply", r.name),
+                        format!("fix the spelling, or add {g:?} to allow_groups"),
+                    ));
+                }
+            }
+            for g in &rule.approvers {
+                if !known.contains(g.as_str()) {
+                    l.push(Finding::new(
+                        "unknown_group",
+                        Severity::Medium,
+                        name,
+                        format!("resources.rules[{i}].approvers"),
+                        format!("resource {:?}: rule {i} names approver group {g:?}, which no role, token or resource mentions, so its reviews may never be approved", r.name),
+                        format!("fix the spelling, or add {g:?} to roles.admin_groups"),
+                    ));
+                }
+            }
+        }
+    }
+    l.out.sort_by_key(|f| f.severity);
+    l.out
+}
+
+struct Lint<'a> {
+    out: Vec<Finding>,
+    opts: &'a CheckOptions,
+}
+
+impl Lint<'_> {
+    fn push(&mut self, f: Finding) {
+        self.out.push(f);
+    }
+
+    fn exists(&mut self, path: &Path, key: &str, resource: Option<&str>, what: &str) -> bool {
+        if path.exists() {
+            return true;
+        }
+        self.push(Finding::new(
+            "missing_file",
+            Severity::High,
+            resource,
+            key,
+            format!("{what} {} does not exist", path.display()),
+            format!("create it, or correct {key}"),
+        ));
+        false
+    }
+
+    /// Secrets must not be readable (or writable) by group or others.
+    fn private(&mut self, path: &Path, key: &str, resource: Option<&str>, what: &str) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            self.push(Finding::new(
+                "key_permissions",
+                Severity::High,
+                resource,
+                key,
+                format!(
+                    "{what} {} has mode {mode:04o}: group or others can read it",
+                    path.display()
+                ),
+                format!("chmod 600 {}", path.display()),
+            ));
+        }
+    }
+
+    fn key_file(&mut self, path: &Path, key: &str, resource: Option<&str>) {
+        if self.exists(path, key, resource, "private key") {
+            self.private(path, key, resource, "private key");
+        }
+    }
+
+    fn cert_file(&mut self, path: &Path, key: &str, resource: Option<&str>, what: &str) {
+        if !self.exists(path, key, resource, what) {
+            return;
+        }
+        let certs = match tollgate_tls::load_certs(path) {
+            Ok(c) => c,
+            Err(e) => {
+                self.push(Finding::new(
+                    "bad_certificate",
+                    Severity::High,
+                    resource,
+                    key,
+                    format!("{what}: {e}"),
+                    format!("point {key} at a PEM certificate file"),
+                ));
+                return;
+            }
+        };
+        for der in &certs {
+            let Ok(s) = tollgate_tls::pki::summarize(der) else {
+                continue;
+            };
+            let days = days_until(s.not_after, self.opts.now);
+            let label = format!("{what} {} ({})", path.display(), s.subject);
+            if s.not_after <= self.opts.now {
+                self.push(Finding::new(
+                    "cert_expired",
+                    Severity::Critical,
+                    resource,
+                    key,
+                    format!("{label} expired on {}", rfc3339(s.not_after)),
+                    "issue a new certificate (tollgate pki issue) and replace the file",
+                ));
+            } else if days < self.opts.min_days as i64 {
+                self.push(Finding::new(
+                    "cert_expiring",
+                    Severity::Medium,
+                    resource,
+                    key,
+                    format!("{label} expires in {days} days ({}), within the {}-day minimum", rfc3339(s.not_after), self.opts.min_days),
+                    "renew it now (tollgate pki issue) and replace the file; the gateway reloads it without a restart",
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+    use std::time::Duration;
+    use tollgate_tls::pki;
+
+    /// A CA, a gateway certificate and an upstream CA in a temp dir, and a clean config over them.
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            pki::init_ca(&dir.path().join("pki"), "test CA").unwrap();
+            pki::init_ca(&dir.path().join("db"), "db CA").unwrap();
+            let f = Fixture { dir };
+            f.server_cert("gateway", None, Duration::from_secs(90 * 86_400));
+            std::fs::write(f.path("app.password"), "pw").unwrap();
+            std::fs::set_permissions(f.path("app.password"), PermissionsExt::from_mode(0o600))
+                .unwrap();
+            f
+        }
+
+        fn path(&self, p: &str) -> PathBuf {
+            self.dir.path().join(p)
+        }
+
+        fn server_cert(&self, name: &str, not_before: Option<SystemTime>, ttl: Duration) {
+            let spec = pki::ServerCertSpec {
+                dns: vec!["localhost".into()],
+                ips: vec![],
+                ttl,
+                not_before,
+            };
+            pki::issue_server(&self.path("pki"), &spec, &self.path(&format!("pki/{name}")))
+                .unwrap();
+        }
+
+        fn config(&self, extra_server: &str, resource: &str) -> Config {
+            let text = format!(
+                r#"[server]
+postgres_listen = "127.0.0.1:6432"
+tls_cert = "pki/gateway.crt"
+tls_key = "pki/gateway.key"
+client_ca = "pki/ca.crt"
+store = "sqlite://tollgate.db"
+{extra_server}
+
+[roles]
+admin_groups = ["sre"]
+
+[[resources]]
+name = "app"
+kind = "postgres"
+upstream = "127.0.0.1:5432"
+allow_groups = ["sre", "agents"]
+{resource}
+"#
+            );
+            let text = if text.contains("[resources.tls]") {
+                text
+            } else {
+                format!("{text}[resources.tls]\nca = \"db/ca.crt\"\nserver_name = \"localhost\"\n[resources.credentials]\nuser = \"app\"\npassword_file = \"app.password\"\n")
+            };
+            let path = self.path("tollgate.toml");
+            std::fs::write(&path, text).unwrap();
+            tollgate_config::load(&path).unwrap()
+        }
+
+        fn check(&self, c: &Config) -> Vec<Finding> {
+            check(c, &CheckOptions::default())
+        }
+    }
+
+    fn kinds(f: &[Finding]) -> Vec<&'static str> {
+        f.iter().map(|f| f.kind).collect()
+    }
+
+    #[test]
+    fn clean_config_passes() {
+        let f = Fixture::new();
+        assert_eq!(f.check(&f.config("", "")), vec![]);
+    }
+
+    #[test]
+    fn tls_opt_outs_fail() {
+        let f = Fixture::new();
+        for (mode, severity) in [
+            ("disable", Severity::Critical),
+            ("insecure-skip-verify", Severity::Critical),
+            ("verify-ca", Severity::High),
+        ] {
+            let c = f.config("", &format!("[resources.tls]\nmode = \"{mode}\"\nca = \"db/ca.crt\"\n[resources.credentials]\nuser = \"app\"\npassword_file = \"app.password\"\n"));
+            let found = f.check(&c);
+            assert_eq!(kinds(&found), ["upstream_tls_not_verify_full"], "{mode}");
+            assert_eq!(found[0].severity, severity);
+            assert_eq!(found[0].resource.as_deref(), Some("app"));
+            assert_eq!(found[0].key, "resources.tls.mode");
+            assert!(found[0].message.contains(mode), "{}", found[0].message);
+            assert!(found[0].fix.contains("verify-full"));
+        }
+    }
+
+    #[test]
+    fn expiring_and_expired_certificates_fail() {
+        let f = Fixture::new();
+        // Expires in about 5 days: inside the default 14-day window, outside a 3-day one.
+        f.server_cert("gateway", None, Duration::from_secs(5 * 86_400 + 3600));
+        let c = f.config("", "");
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["cert_expiring"]);
+        assert_eq!(found[0].key, "server.tls_cert");
+        assert!(
+            found[0].message.contains("expires in 5 days"),
+            "{}",
+            found[0].message
+        );
+        let relaxed = check(
+            &c,
+            &CheckOptions {
+                min_days: 3,
+                ..Default::default()
+            },
+        );
+        assert!(relaxed.is_empty(), "{relaxed:?}");
+
+        // Valid from 10 days ago for 9 days: expired yesterday.
+        let past = SystemTime::now() - Duration::from_secs(10 * 86_400);
+        f.server_cert("gateway", Some(past), Duration::from_secs(9 * 86_400));
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["cert_expired"]);
+        assert_eq!(found[0].severity, Severity::Critical);
+        assert!(
+            found[0].message.contains("expired on"),
+            "{}",
+            found[0].message
+        );
+    }
+
+    #[test]
+    fn expiring_ca_files_are_checked_too() {
+        let f = Fixture::new();
+        // An "upstream CA" file that is really a short-lived leaf: every certificate in it counts.
+        let spec = pki::ServerCertSpec {
+            dns: vec!["db".into()],
+            ips: vec![],
+            ttl: Duration::from_secs(86_400),
+            not_before: None,
+        };
+        pki::issue_server(&f.path("pki"), &spec, &f.path("short")).unwrap();
+        let c = f.config("", "[resources.tls]\nca = \"short.crt\"\n[resources.credentials]\nuser = \"app\"\npassword_file = \"app.password\"\n");
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["cert_expiring"]);
+        assert_eq!(found[0].key, "resources.tls.ca");
+        assert_eq!(found[0].resource.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn readable_keys_and_password_files_fail() {
+        let f = Fixture::new();
+        let c = f.config("", "");
+        std::fs::set_permissions(f.path("pki/gateway.key"), PermissionsExt::from_mode(0o644))
+            .unwrap();
+        std::fs::set_permissions(f.path("app.password"), PermissionsExt::from_mode(0o640)).unwrap();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["key_permissions", "key_permissions"]);
+        assert_eq!(found[0].key, "server.tls_key");
+        assert!(
+            found[0].message.contains("mode 0644"),
+            "{}",
+            found[0].message
+        );
+        assert!(found[0].fix.starts_with("chmod 600 "));
+        assert_eq!(found[1].key, "resources.credentials.password_file");
+    }
+
+    #[test]
+    fn unreachable_resources_and_unknown_groups_fail() {
+        let f = Fixture::new();
+        let mut c = f.config("", "");
+        c.resources[0].allow_groups.clear();
+        assert_eq!(kinds(&f.check(&c)), ["unreachable_resource"]);
+
+        let c = f.config(
+            "",
+            r#"[[resources.rules]]
+statements = ["delete"]
+groups = ["agnets"]
+action = "review"
+approvers = ["sre", "dbas"]
+"#,
+        );
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["unknown_group", "unknown_group"]);
+        assert_eq!(found[0].key, "resources.rules[0].groups");
+        assert!(found[0].message.contains("\"agnets\""));
+        assert_eq!(found[1].key, "resources.rules[0].approvers");
+        assert!(found[1].message.contains("\"dbas\""));
+    }
+
+    #[test]
+    fn fail_open_audit_fails() {
+        let f = Fixture::new();
+        let found = f.check(&f.config("audit_failure = \"open\"", ""));
+        assert_eq!(kinds(&found), ["audit_fail_open"]);
+        assert_eq!(found[0].key, "server.audit_failure");
+    }
+
+    #[test]
+    fn missing_files_and_unset_env_fail() {
+        let f = Fixture::new();
+        let c = f.config("", "");
+        std::fs::remove_file(f.path("pki/gateway.key")).unwrap();
+        std::fs::remove_file(f.path("app.password")).unwrap();
+        std::fs::remove_file(f.path("db/ca.crt")).unwrap();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["missing_file"; 3]);
+        let keys: Vec<&str> = found.iter().map(|f| f.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.tls_key",
+                "resources.tls.ca",
+                "resources.credentials.password_file"
+            ]
+        );
+
+        let var = "TOLLGATE_SCAN_TEST_SURELY_UNSET_VAR";
+        let c = f.config("", &format!("[resources.tls]\nca = \"pki/ca.crt\"\n[resources.credentials]\nuser = \"app\"\npassword_env = \"{var}\"\n"));
+        std::fs::write(f.path("pki/gateway.key"), "k").unwrap();
+        std::fs::set_permissions(f.path("pki/gateway.key"), PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["unset_env"]);
+        assert!(found[0].message.contains(var));
+    }
+}

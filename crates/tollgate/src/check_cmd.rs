@@ -1,0 +1,157 @@
+//! `tollgate check` (offline lint) and `tollgate scan` (live upstream scan): exit 0 clean,
+//! 1 findings, 2 could not run.
+
+use std::path::Path;
+use std::process::ExitCode;
+use tollgate_scan::{CheckOptions, Finding, GatewaySource, ResourceReport, ScanOptions};
+
+fn could_not_run(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+pub fn check(config: &Path, min_days: u64, json: bool) -> ExitCode {
+    let config = match tollgate_config::load(config) {
+        Ok(c) => c,
+        Err(e) => return could_not_run(e),
+    };
+    let findings = tollgate_scan::check(
+        &config,
+        &CheckOptions {
+            min_days,
+            ..Default::default()
+        },
+    );
+    if json {
+        let doc = serde_json::json!({
+            "config": config.path.display().to_string(),
+            "ok": findings.is_empty(),
+            "findings": findings,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else if findings.is_empty() {
+        println!(
+            "ok: {}: no findings ({} resource(s); certificates valid for at least {min_days} days)",
+            config.path.display(),
+            config.resources.len()
+        );
+    } else {
+        for f in &findings {
+            println!("{f}");
+        }
+        eprintln!("{}: {} finding(s)", config.path.display(), findings.len());
+    }
+    if findings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+pub fn scan(config: &Path, min_days: u64, json: bool) -> ExitCode {
+    let config = match tollgate_config::load(config) {
+        Ok(c) => c,
+        Err(e) => return could_not_run(e),
+    };
+    let gateway = match config.server.admin_listen {
+        Some(addr) => GatewaySource::Admin(addr),
+        None => GatewaySource::Unavailable(
+            "the config has no server.admin_listen to ask the gateway".into(),
+        ),
+    };
+    let opts = ScanOptions {
+        min_days,
+        gateway,
+        max_message: config.server.max_message_bytes,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return could_not_run(e),
+    };
+    let reports = rt.block_on(tollgate_scan::scan(&config, &opts));
+    let findings: Vec<&Finding> = reports.iter().flat_map(|r| &r.findings).collect();
+    if json {
+        let doc = serde_json::json!({
+            "config": config.path.display().to_string(),
+            "ok": findings.is_empty(),
+            "resources": reports,
+            "findings": findings,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        for r in &reports {
+            print_report(r);
+        }
+        if findings.is_empty() {
+            println!("ok: {} resource(s) scanned, no findings", reports.len());
+        } else {
+            eprintln!("{} finding(s)", findings.len());
+        }
+    }
+    if findings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn print_report(r: &ResourceReport) {
+    println!(
+        "resource {} ({}, server name {}, {})",
+        r.resource, r.upstream, r.server_name, r.tls_mode
+    );
+    if let Some(t) = &r.tls {
+        let trust = match t.chain_trusted {
+            Some(true) => "chain trusted",
+            Some(false) => "chain NOT trusted",
+            None => "no CA configured",
+        };
+        let host = if t.hostname_matches {
+            "hostname matches"
+        } else {
+            "hostname MISMATCH"
+        };
+        println!(
+            "  tls:       {} {}, {trust}, {host}, certificate expires in {} days",
+            t.version, t.cipher, t.leaf_days_left
+        );
+    }
+    if !r.versions.is_empty() {
+        let v: Vec<String> = r
+            .versions
+            .iter()
+            .map(|v| {
+                let a = match v.accepted {
+                    Some(true) => "accepted",
+                    Some(false) => "refused",
+                    None => "unknown",
+                };
+                format!("{} {a}", v.version)
+            })
+            .collect();
+        println!("  versions:  {}", v.join(", "));
+    }
+    match r.plaintext_accepted {
+        Some(true) => println!("  plaintext: ACCEPTED"),
+        Some(false) => println!("  plaintext: refused"),
+        None => {}
+    }
+    if let Some(s) = &r.sessions {
+        println!(
+            "  sessions:  {} other on the database, {} through the gateway{}",
+            s.total,
+            s.through_gateway,
+            if s.gateway_known {
+                ""
+            } else {
+                " (gateway not reachable to confirm)"
+            }
+        );
+    }
+    for f in &r.findings {
+        println!("  {f}");
+    }
+}

@@ -1,0 +1,576 @@
+//! `tollgate sessions ...`: the audit trail read through the gateway's HTTPS API.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use tollgate_api::client::{ApiClient, ClientError, ClientOptions};
+use tollgate_api::params::{encode, format_time, parse_time};
+use tollgate_api::view::{Event, Session, SessionDetail, SessionsPage};
+
+/// Longest pause `replay` makes between two events, whatever the recording says.
+const MAX_REPLAY_GAP: Duration = Duration::from_secs(2);
+
+/// How to reach the gateway's HTTPS API (`server.https_listen`) and who to be there.
+#[derive(Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// The gateway's HTTPS API, e.g. https://gateway.example:8443.
+    #[arg(long, env = "TOLLGATE_GATEWAY")]
+    gateway: String,
+    /// Client certificate (PEM) issued by the gateway's client CA.
+    #[arg(long, env = "TOLLGATE_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(long, env = "TOLLGATE_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// A service token (instead of a certificate); prefer TOLLGATE_TOKEN, which `ps` does not show.
+    #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate the gateway's certificate must chain to.
+    #[arg(long, env = "TOLLGATE_CA")]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum SessionsCmd {
+    /// Sessions, newest first.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this identity (certificate CN or SPIFFE ID, or token subject).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only this resource.
+        #[arg(long)]
+        resource: Option<String>,
+        /// e.g. closed, rejected, client_disconnected, upstream_lost.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Started at or after: RFC 3339, Unix milliseconds, or a duration ago (30m, 12h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Started before (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// Sessions per page (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Skip this many (the `next_offset` of the previous page).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// JSON (the API's page: `sessions`, `next_offset`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's metadata and its event timeline.
+    Show {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// JSON (`session`, `events`) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Play a session back on the terminal with its original pacing.
+    Replay {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Playback speed: 2 = twice as fast, 0 = no pauses. Pauses are capped at 2 s.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
+    /// Every event as JSON Lines (one event per line, stable field names), for a SIEM.
+    Export {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Events at or after (same forms as `list --since`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Events before.
+        #[arg(long)]
+        until: Option<String>,
+        /// Write to FILE (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
+    match cmd {
+        SessionsCmd::List {
+            api,
+            subject,
+            resource,
+            outcome,
+            since,
+            until,
+            limit,
+            offset,
+            json,
+        } => {
+            let mut q = vec![("limit", limit.to_string()), ("offset", offset.to_string())];
+            q.extend(subject.map(|v| ("subject", v)));
+            q.extend(resource.map(|v| ("resource", v)));
+            q.extend(outcome.map(|v| ("outcome", v)));
+            q.extend(time_arg("--since", since)?.map(|v| ("since", v)));
+            q.extend(time_arg("--until", until)?.map(|v| ("until", v)));
+            let page: SessionsPage = get(&api, &format!("/api/v1/sessions{}", query(&q)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&page)?);
+            } else {
+                print!("{}", sessions_table(&page.sessions));
+                if let Some(next) = page.next_offset {
+                    println!("(more: --offset {next})");
+                }
+            }
+        }
+        SessionsCmd::Show { id, api, json } => {
+            let detail: SessionDetail = get(&api, &format!("/api/v1/sessions/{}", encode(&id)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                print!("{}", show_text(&detail));
+            }
+        }
+        SessionsCmd::Replay { id, api, speed } => {
+            if !speed.is_finite() || speed < 0.0 {
+                bail!("--speed {speed}: write a number, 0 or more (1 = real time, 0 = no pauses)");
+            }
+            let detail: SessionDetail = get(&api, &format!("/api/v1/sessions/{}", encode(&id)))?;
+            replay(&detail, speed, &mut io::stdout().lock())?;
+        }
+        SessionsCmd::Export {
+            api,
+            since,
+            until,
+            out,
+        } => {
+            let mut q = Vec::new();
+            q.extend(time_arg("--since", since)?.map(|v| ("since", v)));
+            q.extend(time_arg("--until", until)?.map(|v| ("until", v)));
+            let path = format!("/api/v1/export{}", query(&q));
+            let client = client(&api)?;
+            match out {
+                Some(file) => {
+                    let f = open_private(&file)?;
+                    let mut w = LineCounter::new(io::BufWriter::new(f));
+                    client.get_to(&path, &mut w).map_err(|e| explain(e, &api))?;
+                    w.flush()?;
+                    eprintln!("wrote {} events to {}", w.lines, file.display());
+                }
+                None => {
+                    let stdout = io::stdout();
+                    let mut w = io::BufWriter::new(stdout.lock());
+                    client.get_to(&path, &mut w).map_err(|e| explain(e, &api))?;
+                    w.flush()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+    ApiClient::new(&ClientOptions {
+        gateway: api.gateway.clone(),
+        ca: api.ca.clone(),
+        cert: api.cert.clone(),
+        key: api.key.clone(),
+        token: api.token.clone(),
+    })
+    .map_err(|e| explain(e, api))
+}
+
+fn get<T: tollgate_api::client::DeserializeOwned>(api: &ApiArgs, path: &str) -> anyhow::Result<T> {
+    client(api)?.get_json(path).map_err(|e| explain(e, api))
+}
+
+/// Turn an API error into what the person at the terminal should do next.
+fn explain(e: ClientError, api: &ApiArgs) -> anyhow::Error {
+    let ClientError::Status { status, body } = &e else {
+        return anyhow::anyhow!(e);
+    };
+    let advice = match status {
+        401 if api.cert.is_none() && api.token.is_none() => "no credentials were given: pass --cert FILE --key FILE (a client certificate from the gateway's CA) or --token TOKEN (or set TOLLGATE_CERT/TOLLGATE_KEY or TOLLGATE_TOKEN)".to_string(),
+        401 => body.hint.clone().unwrap_or_else(|| "check --cert/--key or --token".into()),
+        _ => body.hint.clone().unwrap_or_default(),
+    };
+    let what = match status {
+        401 => "not authenticated",
+        403 => "not allowed",
+        404 => "not found",
+        400 => "bad request",
+        _ => "the gateway refused the request",
+    };
+    if advice.is_empty() {
+        anyhow::anyhow!("{what} ({status}): {}", body.error)
+    } else {
+        anyhow::anyhow!("{what} ({status}): {}\nhint: {advice}", body.error)
+    }
+}
+
+/// `--since`/`--until` as Unix milliseconds: RFC 3339, milliseconds, or a duration ago.
+fn time_arg(flag: &str, value: Option<String>) -> anyhow::Result<Option<String>> {
+    let Some(v) = value else { return Ok(None) };
+    if let Ok(ago) = tollgate_tls::pki::parse_ttl(&v) {
+        let at = SystemTime::now() - ago;
+        let ms = at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        return Ok(Some(ms.to_string()));
+    }
+    parse_time(flag, &v)
+        .map(|ms| Some(ms.to_string()))
+        .map_err(|_| anyhow::anyhow!("{flag} {v:?}: write RFC 3339 (2026-11-25T10:00:00Z), Unix milliseconds, or a duration ago (30m, 12h, 7d)"))
+}
+
+fn query(pairs: &[(&str, String)]) -> String {
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", encode(v)))
+        .collect();
+    format!("?{}", parts.join("&"))
+}
+
+fn open_private(path: &PathBuf) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Counts the lines (events) written through it.
+struct LineCounter<W> {
+    inner: W,
+    lines: u64,
+}
+
+impl<W> LineCounter<W> {
+    fn new(inner: W) -> Self {
+        LineCounter { inner, lines: 0 }
+    }
+}
+
+impl<W: Write> Write for LineCounter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.lines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn opt(s: &Option<String>) -> &str {
+    s.as_deref().unwrap_or("-")
+}
+
+/// `2026-11-25 10:00:00Z` from the API's millisecond RFC 3339.
+fn short_time(ms: i64) -> String {
+    let t = format_time(ms);
+    format!("{} {}Z", &t[..10], &t[11..19])
+}
+
+fn duration(ms: i64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+fn sessions_table(sessions: &[Session]) -> String {
+    if sessions.is_empty() {
+        return "no sessions match\n".into();
+    }
+    let header = [
+        "ID", "STARTED", "DURATION", "SUBJECT", "RESOURCE", "OUTCOME", "COMMANDS",
+    ];
+    let rows: Vec<[String; 7]> = sessions
+        .iter()
+        .map(|s| {
+            [
+                s.id.clone(),
+                short_time(s.started_at_unix_ms),
+                s.duration_ms.map_or_else(|| "open".into(), duration),
+                opt(&s.subject).to_string(),
+                opt(&s.resource).to_string(),
+                s.outcome.clone().unwrap_or_else(|| "open".into()),
+                s.commands.map_or_else(|| "-".into(), |c| c.to_string()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for r in &rows {
+        line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+fn show_text(d: &SessionDetail) -> String {
+    let s = &d.session;
+    let groups = s
+        .open
+        .get("groups")
+        .and_then(Value::as_array)
+        .map(|g| {
+            g.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|g| !g.is_empty());
+    let mut who = opt(&s.subject).to_string();
+    if let Some(m) = &s.auth_method {
+        who.push_str(&format!(" ({m}"));
+        if let Some(g) = &groups {
+            who.push_str(&format!("; groups {g}"));
+        }
+        who.push(')');
+    }
+    let mut out = String::new();
+    let mut field = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
+    field("session", s.id.clone());
+    field("subject", who);
+    field("resource", opt(&s.resource).to_string());
+    field("client", opt(&s.client_addr).to_string());
+    field("started", s.started_at.clone());
+    match (&s.ended_at, s.duration_ms) {
+        (Some(end), Some(ms)) => field("ended", format!("{end} ({})", duration(ms))),
+        _ => field("ended", "- (still open)".into()),
+    }
+    field(
+        "outcome",
+        s.outcome.clone().unwrap_or_else(|| "open".into()),
+    );
+    field(
+        "commands",
+        s.commands.map_or_else(|| "-".into(), |c| c.to_string()),
+    );
+    field("events", s.event_count.to_string());
+    out.push_str("\ntimeline\n");
+    let t0 = d
+        .events
+        .first()
+        .map_or(s.started_at_unix_ms, |e| e.at_unix_ms);
+    for e in &d.events {
+        let (label, text) = describe(e);
+        out.push_str(&format!(
+            "  {}  {label:<14} {text}\n",
+            offset(e.at_unix_ms - t0)
+        ));
+    }
+    out
+}
+
+fn offset(ms: i64) -> String {
+    format!("+{}.{:03}s", ms / 1000, ms % 1000)
+}
+
+fn num(p: &Value, k: &str) -> Option<i64> {
+    p.get(k).and_then(Value::as_i64)
+}
+
+fn text<'a>(p: &'a Value, k: &str) -> Option<&'a str> {
+    p.get(k).and_then(Value::as_str)
+}
+
+/// A result event as a person reads it: `1 row (SELECT), 0.31 ms` or `ERROR 42P01, 0.20 ms`.
+fn result_summary(p: &Value) -> String {
+    let dur = num(p, "duration_us").map(|us| format!("{:.2} ms", us as f64 / 1000.0));
+    let main = match text(p, "outcome") {
+        Some("ok") | None => {
+            let rows = num(p, "rows").unwrap_or(0);
+            let s = if rows == 1 { "" } else { "s" };
+            match text(p, "tag") {
+                Some(tag) => format!("{rows} row{s} ({tag})"),
+                None => format!("{rows} row{s}"),
+            }
+        }
+        Some("error") => format!("ERROR {}", text(p, "sqlstate").unwrap_or("?")),
+        Some(other) => other.to_string(),
+    };
+    match dur {
+        Some(d) => format!("{main}, {d}"),
+        None => main,
+    }
+}
+
+fn command_text(p: &Value) -> String {
+    let mut t = match text(p, "protocol") {
+        Some("function_call") => "(function call)".to_string(),
+        _ => text(p, "text").unwrap_or("").to_string(),
+    };
+    if let Some(params) = p
+        .get("params")
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+    {
+        t.push_str(&format!("  -- params {}", Value::Array(params.clone())));
+    }
+    t
+}
+
+fn describe(e: &Event) -> (String, String) {
+    let p = &e.payload;
+    let n = num(p, "n").map(|n| format!(" #{n}")).unwrap_or_default();
+    match e.kind.as_str() {
+        "session.open" => (
+            e.kind.clone(),
+            format!(
+                "{} from {} via {}",
+                text(p, "subject").unwrap_or("(unidentified)"),
+                text(p, "client_addr").unwrap_or("?"),
+                text(p, "listener").unwrap_or("?")
+            ),
+        ),
+        "session.close" => {
+            let mut t = text(p, "outcome").unwrap_or("?").to_string();
+            if let Some(r) = text(p, "reason") {
+                t.push_str(&format!(" ({r})"));
+            }
+            if let Some(ms) = num(p, "duration_ms") {
+                t.push_str(&format!(" after {}", duration(ms)));
+            }
+            (e.kind.clone(), t)
+        }
+        "command" => (format!("command{n}"), command_text(p)),
+        "result" => (format!("result{n}"), result_summary(p)),
+        _ => (e.kind.clone(), p.to_string()),
+    }
+}
+
+/// Print the session event by event, sleeping the recorded gaps divided by `speed`.
+fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result<()> {
+    let s = &d.session;
+    writeln!(
+        out,
+        "replaying session {}: {} -> {}, started {}{}",
+        s.id,
+        opt(&s.subject),
+        opt(&s.resource),
+        s.started_at,
+        if speed == 0.0 {
+            ", no pauses".to_string()
+        } else {
+            format!(", speed {speed}x")
+        }
+    )?;
+    let t0 = d.events.first().map_or(0, |e| e.at_unix_ms);
+    let mut prev = t0;
+    for e in &d.events {
+        if speed > 0.0 {
+            let gap = Duration::from_millis((e.at_unix_ms - prev).max(0) as u64).div_f64(speed);
+            out.flush()?;
+            std::thread::sleep(gap.min(MAX_REPLAY_GAP));
+        }
+        prev = e.at_unix_ms;
+        let p = &e.payload;
+        let line = match e.kind.as_str() {
+            "session.open" => format!(
+                "connected: {} ({}) from {}",
+                text(p, "subject").unwrap_or("(unidentified)"),
+                text(p, "auth_method").unwrap_or("-"),
+                text(p, "client_addr").unwrap_or("?")
+            ),
+            "session.close" => format!("disconnected: {}", describe(e).1),
+            "command" => format!("SQL> {}", command_text(p)),
+            "result" => format!("  -> {}", result_summary(p)),
+            _ => format!("{} {}", e.kind, p),
+        };
+        writeln!(out, "[{}] {line}", offset(e.at_unix_ms - t0))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn result_summaries() {
+        assert_eq!(
+            result_summary(
+                &json!({"outcome": "ok", "rows": 1, "tag": "SELECT", "duration_us": 310})
+            ),
+            "1 row (SELECT), 0.31 ms"
+        );
+        assert_eq!(
+            result_summary(
+                &json!({"outcome": "error", "sqlstate": "42P01", "rows": 0, "duration_us": 2000})
+            ),
+            "ERROR 42P01, 2.00 ms"
+        );
+        assert_eq!(
+            result_summary(&json!({"outcome": "interrupted"})),
+            "interrupted"
+        );
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let s = |id: &str, subject: &str| Session {
+            id: id.into(),
+            started_at: format_time(0),
+            started_at_unix_ms: 0,
+            ended_at: Some(format_time(1500)),
+            ended_at_unix_ms: Some(1500),
+            duration_ms: Some(1500),
+            listener: Some("postgres".into()),
+            client_addr: None,
+            resource: Some("app".into()),
+            subject: Some(subject.into()),
+            auth_method: Some("cert".into()),
+            outcome: Some("closed".into()),
+            commands: Some(2),
+            event_count: 6,
+            open: json!({}),
+            close: None,
+        };
+        let t = sessions_table(&[s("a", "alice"), s("bb", "spiffe://x/y")]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = |l: &str| l.find("RESOURCE").or_else(|| l.find("app")).unwrap();
+        assert_eq!(col(lines[0]), col(lines[1]));
+        assert_eq!(col(lines[1]), col(lines[2]));
+        assert!(
+            lines[1].starts_with("a   1970-01-01 00:00:00Z  1.5s"),
+            "{t}"
+        );
+    }
+}
