@@ -57,6 +57,20 @@ impl SessionLog {
         self.open.insert(k.into(), v);
     }
 
+    /// End a connection that never reached a command: tell the client why, then record it.
+    async fn refuse<S: AsyncWrite + Unpin>(
+        self,
+        s: &mut S,
+        code: &str,
+        msg: &str,
+        hint: Option<&str>,
+        reason: &str,
+        detail: Value,
+    ) {
+        refuse(s, code, msg, hint).await;
+        self.rejected(reason, detail);
+    }
+
     /// Record a connection that ends before any command ran (refused, failed, cancel request).
     fn rejected(self, reason: &str, detail: Value) {
         self.event("session.open", Value::Object(self.open.clone()));
@@ -189,27 +203,23 @@ impl PgGateway {
                 handshake_counter("failed", "plaintext");
                 log.set("client_user", json!(s.param("user")));
                 log.set("database", json!(s.param("database")));
-                refuse(
-                    &mut tcp,
-                    "28000",
-                    "tollgate requires TLS: this connection did not request encryption",
-                    Some("connect with sslmode=require or stronger (sslmode=verify-full with the gateway's CA is best)"),
-                )
-                .await;
                 tracing::info!(session = %log.id, %peer, "refused plaintext PostgreSQL start-up");
-                log.rejected("plaintext", json!({}));
+                log.refuse(&mut tcp, "28000",
+                    "tollgate requires TLS: this connection did not request encryption",
+                    Some("connect with sslmode=require or stronger (sslmode=verify-full with the gateway's CA is best)"), "plaintext", json!({})).await;
                 return;
             }
             PreTls::Invalid(e) => {
                 handshake_counter("failed", "protocol");
-                refuse(
+                log.refuse(
                     &mut tcp,
                     "08P01",
                     &format!("invalid start-up packet: {e}"),
                     None,
+                    "protocol",
+                    json!({"error": e}),
                 )
                 .await;
-                log.rejected("protocol", json!({"error": e}));
                 return;
             }
             PreTls::Timeout => {
@@ -239,14 +249,15 @@ impl PgGateway {
         let info = tollgate_tls::session_info(tls.get_ref().1);
         if direct && info.alpn.as_deref() != Some("postgresql") {
             handshake_counter("failed", "alpn");
-            refuse(
+            log.refuse(
                 &mut tls,
                 "08P01",
                 "direct TLS connections must negotiate ALPN \"postgresql\"",
                 None,
+                "alpn",
+                json!({}),
             )
             .await;
-            log.rejected("alpn", json!({}));
             return;
         }
         handshake_counter("ok", "none");
@@ -270,25 +281,27 @@ impl PgGateway {
                     return;
                 }
                 Ok(Ok(_)) => {
-                    refuse(
+                    log.refuse(
                         &mut tls,
                         "08P01",
                         "unexpected encryption request inside TLS",
                         None,
+                        "protocol",
+                        json!({}),
                     )
                     .await;
-                    log.rejected("protocol", json!({}));
                     return;
                 }
                 Ok(Err(e)) => {
-                    refuse(
+                    log.refuse(
                         &mut tls,
                         "08P01",
                         &format!("invalid start-up packet: {e}"),
                         None,
+                        "protocol",
+                        json!({"error": e}),
                     )
                     .await;
-                    log.rejected("protocol", json!({"error": e}));
                     return;
                 }
                 Err(_) => {
@@ -340,8 +353,7 @@ impl PgGateway {
                     Ok(id) => id,
                     Err(e) => {
                         auth_failure("bad_certificate");
-                        refuse(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None).await;
-                        log.rejected("authentication", json!({"error": e.to_string()}));
+                        log.refuse(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None, "authentication", json!({"error": e.to_string()})).await;
                         return;
                     }
                 }
@@ -371,14 +383,9 @@ impl PgGateway {
                         } else {
                             "no_credentials"
                         });
-                        refuse(
-                            &mut tls,
-                            "28P01",
+                        log.refuse(&mut tls, "28P01",
                             &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
-                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"),
-                        )
-                        .await;
-                        log.rejected("authentication", json!({"method": "token"}));
+                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"), "authentication", json!({"method": "token"})).await;
                         return;
                     }
                 }
@@ -404,14 +411,9 @@ impl PgGateway {
             Some(t) if identity.in_any(&t.resource.allow_groups) => t.clone(),
             _ => {
                 auth_failure("forbidden");
-                refuse(
-                    &mut tls,
-                    "42501",
+                log.refuse(&mut tls, "42501",
                     &format!("permission denied: \"{}\" may not reach resource \"{database}\" (or it does not exist)", identity.subject),
-                    Some("the database name selects the tollgate resource; ask an administrator for access"),
-                )
-                .await;
-                log.rejected("forbidden", json!({}));
+                    Some("the database name selects the tollgate resource; ask an administrator for access"), "forbidden", json!({})).await;
                 return;
             }
         };
@@ -428,20 +430,19 @@ impl PgGateway {
                     )
                     .inc();
                 tracing::error!(session = %log.id, resource = %target.resource.name, upstream = %target.resource.upstream, error = %e, "upstream connection failed");
-                refuse(
+                let hint = format!("the gateway log has the details under session {}", log.id);
+                log.refuse(
                     &mut tls,
                     "08001",
                     &format!(
                         "tollgate could not connect to resource \"{}\"",
                         target.resource.name
                     ),
-                    Some(&format!(
-                        "the gateway log has the details under session {}",
-                        log.id
-                    )),
+                    Some(&hint),
+                    "upstream",
+                    json!({"failure": e.label()}),
                 )
                 .await;
-                log.rejected("upstream", json!({"failure": e.label()}));
                 return;
             }
         };
