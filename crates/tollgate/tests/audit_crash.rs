@@ -228,16 +228,7 @@ fn sigkill_under_load_loses_no_event_of_a_command_that_reached_the_database() {
     );
 
     // ---- restart on the same config (ports as placeholders; Gateway::start picks new ones)
-    let config = std::fs::read_to_string(&env.gw.config_path)
-        .unwrap()
-        .replace(
-            &format!("127.0.0.1:{}", env.gw.pg_port),
-            "127.0.0.1:{pg_port}",
-        )
-        .replace(
-            &format!("127.0.0.1:{}", env.gw.admin_port),
-            "127.0.0.1:{admin_port}",
-        );
+    let config = env.gw.config_template();
     let restart_at = Instant::now();
     env.gw = Gateway::start(env.tmp.path(), &config, &[]);
     let restart_took = restart_at.elapsed();

@@ -1194,16 +1194,7 @@ fn journaled_events_survive_a_gateway_crash() {
         "the event should still be only in the journal"
     );
     // A restarted gateway imports the journal before serving.
-    let config = std::fs::read_to_string(&env.gw.config_path)
-        .unwrap()
-        .replace(
-            &format!("127.0.0.1:{}", env.gw.pg_port),
-            "127.0.0.1:{pg_port}",
-        )
-        .replace(
-            &format!("127.0.0.1:{}", env.gw.admin_port),
-            "127.0.0.1:{admin_port}",
-        );
+    let config = env.gw.config_template();
     let restarted = Gateway::start(env.tmp.path(), &config, &[]);
     let evs = read_events(&db);
     assert!(

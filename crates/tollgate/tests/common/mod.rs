@@ -139,6 +139,21 @@ impl Gateway {
         })
     }
 
+    /// This gateway's config with its ports turned back into `{pg_port}`/`{admin_port}`, so
+    /// [`Gateway::start`] can restart it on the same store and certificates.
+    pub fn config_template(&self) -> String {
+        std::fs::read_to_string(&self.config_path)
+            .unwrap()
+            .replace(
+                &format!("127.0.0.1:{}", self.pg_port),
+                "127.0.0.1:{pg_port}",
+            )
+            .replace(
+                &format!("127.0.0.1:{}", self.admin_port),
+                "127.0.0.1:{admin_port}",
+            )
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
