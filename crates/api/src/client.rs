@@ -1,4 +1,4 @@
-//! A small blocking HTTPS client for the API: GET only, one request per connection
+//! A small blocking HTTPS client for the API: GET and JSON POST, one request per connection
 //! (`Connection: close`), bodies by `Content-Length`, chunked encoding or end of stream.
 //! The gateway's certificate is always verified against the given CA, hostname included.
 
@@ -161,6 +161,28 @@ impl ApiClient {
 
     /// GET `path_and_query` and copy a 2xx body to `out` as it arrives; returns its length.
     pub fn get_to(&self, path_and_query: &str, out: &mut dyn Write) -> Result<u64, ClientError> {
+        self.send("GET", path_and_query, None, out)
+    }
+
+    /// POST `body` as JSON to `path` and decode a JSON answer.
+    pub fn post_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        let mut out = Vec::new();
+        let body = serde_json::to_vec(body).expect("JSON values serialize");
+        self.send("POST", path, Some(&body), &mut out)?;
+        serde_json::from_slice(&out).map_err(|e| ClientError::Protocol(format!("bad JSON: {e}")))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&[u8]>,
+        out: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
         let mut stream = self.connect()?;
         let auth = self
             .token
@@ -172,12 +194,20 @@ impl ApiClient {
         } else {
             self.host.clone()
         };
-        let request = format!(
-            "GET {}{} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: tollgate-cli\r\nAccept: application/json, application/x-ndjson\r\n{auth}Connection: close\r\n\r\n",
+        let content = body.map_or(String::new(), |b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        });
+        let mut request = format!(
+            "{method} {}{} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: tollgate-cli\r\nAccept: application/json, application/x-ndjson\r\n{auth}{content}Connection: close\r\n\r\n",
             self.base_path, path_and_query, self.port
-        );
+        )
+        .into_bytes();
+        request.extend_from_slice(body.unwrap_or_default());
         stream
-            .write_all(request.as_bytes())
+            .write_all(&request)
             .and_then(|_| stream.flush())
             .map_err(|e| self.io_error(e))?;
         let mut reader = BufReader::new(stream);

@@ -3,15 +3,20 @@
 //! Also a small blocking HTTPS client for it ([`client`]), used by the `tollgate` CLI.
 //!
 //! It must not speak PostgreSQL, and it writes no audit data except its own access events
-//! (`api.read`, one per request, through the [`Recorder`]). Store queries are blocking
-//! (SQLite) and run on tokio's blocking pool.
+//! (`api.read`, or `api.write` for a POST; one per request, through the [`Recorder`]).
+//! Store queries are blocking (SQLite) and run on tokio's blocking pool.
 //!
 //! Routes (GET, JSON): `/api/v1/sessions`, `/api/v1/sessions/{id}`,
 //! `/api/v1/sessions/{id}/events`, `/api/v1/export` (JSON Lines, streamed) and
 //! `/api/v1/audit/verify`. Shapes are in [`view`].
+//!
+//! Review (approval) routes, GET and POST, are in `review_routes`: `/api/v1/reviews`,
+//! `/api/v1/reviews/{id}`, `/api/v1/reviews/{id}/approve`, `/api/v1/reviews/{id}/deny` and
+//! `/api/v1/access`; the workflow itself is `tollgate-review`.
 
 pub mod client;
 pub mod params;
+mod review_routes;
 mod routes;
 pub mod view;
 
@@ -27,6 +32,8 @@ use tollgate_tls::ReloadableServerTls;
 
 /// Event kind of the API's own access records.
 pub const KIND_API_READ: &str = "api.read";
+/// Event kind of the API's own records of POST requests (review decisions, access requests).
+pub const KIND_API_WRITE: &str = "api.write";
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,6 +44,8 @@ pub struct ApiState {
     pub tls: Arc<ReloadableServerTls>,
     pub tokens: TokenVerifier,
     pub roles: Roles,
+    /// The review (approval) workflow.
+    pub reviews: Arc<tollgate_review::Reviews>,
     /// The session id under which this process records `api.read` events (one per process,
     /// so the recorder tracks a single sequence; it is not a row in `sessions`).
     pub audit_session: String,
@@ -48,6 +57,7 @@ impl ApiState {
         store: Arc<dyn Store>,
         recorder: Recorder,
         tls: Arc<ReloadableServerTls>,
+        reviews: Arc<tollgate_review::Reviews>,
     ) -> Self {
         let mut id = [0u8; 8];
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
@@ -57,6 +67,7 @@ impl ApiState {
             tls,
             tokens: TokenVerifier::new(&config.identity.tokens),
             roles: config.roles.clone(),
+            reviews,
             audit_session: format!(
                 "api-{}",
                 id.iter().map(|b| format!("{b:02x}")).collect::<String>()

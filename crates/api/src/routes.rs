@@ -73,12 +73,12 @@ impl Route {
 }
 
 /// A refusal: status plus the JSON body a client sees.
-struct Refusal {
-    status: StatusCode,
-    body: ErrorBody,
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) body: ErrorBody,
 }
 
-fn refusal(status: StatusCode, error: impl Into<String>, hint: Option<&str>) -> Refusal {
+pub(crate) fn refusal(status: StatusCode, error: impl Into<String>, hint: Option<&str>) -> Refusal {
     Refusal {
         status,
         body: ErrorBody {
@@ -94,7 +94,7 @@ impl From<BadParam> for Refusal {
     }
 }
 
-fn store_failed(e: impl std::fmt::Display) -> Refusal {
+pub(crate) fn store_failed(e: impl std::fmt::Display) -> Refusal {
     tracing::error!(error = %e, "API store query failed");
     refusal(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -112,13 +112,34 @@ fn full(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Respon
     resp
 }
 
-fn json_response(status: StatusCode, value: &impl Serialize) -> Response<ApiBody> {
+pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Response<ApiBody> {
     let mut body = serde_json::to_vec(value).expect("API values serialize");
     body.push(b'\n');
     full(status, "application/json", body)
 }
 
-fn refused(r: &Refusal) -> Response<ApiBody> {
+/// Data leaves only once the read that asked for it is in the audit journal (`503` otherwise).
+pub(crate) async fn after_recording(
+    state: &ApiState,
+    event: EventInput,
+    resp: Response<ApiBody>,
+) -> Response<ApiBody> {
+    if let Err(e) = state
+        .recorder
+        .append_async(std::slice::from_ref(&event))
+        .await
+    {
+        tracing::error!(error = %e, "cannot record an API read; refusing it");
+        return refused(&refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit store is unavailable, and reads are refused until they can be recorded",
+            Some("retry once the gateway's /readyz is ready"),
+        ));
+    }
+    resp
+}
+
+pub(crate) fn refused(r: &Refusal) -> Response<ApiBody> {
     let mut resp = json_response(r.status, &r.body);
     if r.status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
@@ -131,7 +152,7 @@ fn refused(r: &Refusal) -> Response<ApiBody> {
 
 /// Who is calling: an `Authorization: Bearer` token when one is sent (it is then the only
 /// credential considered), else the verified client certificate.
-fn authenticate(
+pub(crate) fn authenticate(
     state: &ApiState,
     conn: &Conn,
     req: &Request<impl Body>,
@@ -197,6 +218,9 @@ pub(crate) async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> Response<ApiBody> {
     let path = req.uri().path().to_string();
+    if crate::review_routes::is_review_path(&path) {
+        return crate::review_routes::handle(state, conn, req).await;
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     let route = Route::parse(&path);
     let who = authenticate(state, conn, &req);
@@ -239,18 +263,7 @@ pub(crate) async fn handle(
         status,
     );
     match result {
-        Ok(resp) => {
-            // Data leaves only once its read is recorded.
-            if let Err(e) = state.recorder.append(std::slice::from_ref(&event)) {
-                tracing::error!(error = %e, "cannot record an API read; refusing it");
-                return refused(&refusal(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the audit store is unavailable, and reads of the audit trail are refused until they can be recorded",
-                    Some("retry once the gateway's /readyz is ready"),
-                ));
-            }
-            resp
-        }
+        Ok(resp) => after_recording(state, event, resp).await,
         Err(r) => {
             state.recorder.record(event);
             refused(&r)

@@ -127,6 +127,12 @@ pub struct EventList {
     pub events: Vec<Event>,
 }
 
+/// `GET /api/v1/reviews`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewList {
+    pub reviews: Vec<tollgate_review::Review>,
+}
+
 /// Every non-2xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -62,10 +62,59 @@ pub struct Server {
     pub audit_timeout: Duration,
     /// Run the live encryption/bypass scan (`tollgate scan`) this often inside the gateway.
     pub scan_interval: Option<Duration>,
+    /// Where review (approval) requests are POSTed (resources without their own `review_webhook`).
+    pub review_webhook: Option<String>,
+    /// CA bundle trusted for https review webhooks (default: the system bundle).
+    pub review_webhook_ca: Option<PathBuf>,
+    pub review_webhook_format: WebhookFormat,
+    /// Base URL of the gateway's web console (`https://gateway:8443`), for review links.
+    pub console_url: Option<String>,
+    /// How long after its approval a held statement may be rerun without a new review (the
+    /// client lost its connection, e.g. across a gateway restart).
+    pub review_rerun_window: Duration,
     /// Where scan findings are POSTed as JSON (`https://...`; `http://` only to a loopback address).
     pub alert_webhook: Option<String>,
     /// CA bundle trusted for an https `alert_webhook` (default: the system bundle).
     pub alert_webhook_ca: Option<PathBuf>,
+    /// Key for the `hash` masking strategy (at least 32 bytes), from `mask_key_env` or
+    /// `mask_key_file`; never logged.
+    pub mask_key: SecretSource,
+    /// Sessions that ended longer ago than this are pruned with their events (`None`: kept forever).
+    pub retention: Option<Duration>,
+    /// How often the gateway records and logs an `audit.checkpoint` of every chain head.
+    pub checkpoint_interval: Duration,
+    /// When `Recorder::append` returns: once the journal is written, or once it is fsynced.
+    pub audit_durability: AuditDurability,
+    /// Record command and result events (`false` only as a benchmark baseline; `check` fails it).
+    pub record_commands: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditDurability {
+    /// A command is forwarded once its event is in the journal (the kernel's page cache);
+    /// the journal is fsynced in the background every few milliseconds (the default).
+    Written,
+    /// A command is forwarded only once its event is fsynced (group commit).
+    Fsync,
+}
+
+impl AuditDurability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditDurability::Written => "written",
+            AuditDurability::Fsync => "fsync",
+        }
+    }
+}
+
+/// Body of a review webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// `{"event", "text", "review": {...}, "url", "approve_url", "deny_url"}`.
+    Json,
+    /// A Slack incoming-webhook message: `text` plus `blocks` with approve/deny link buttons.
+    Slack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -156,8 +205,29 @@ pub struct Resource {
     pub connect_timeout: Duration,
     pub tls: UpstreamTls,
     pub credentials: Option<Credentials>,
+    /// Where review requests for this resource are POSTed (instead of `server.review_webhook`).
+    pub review_webhook: Option<String>,
+    /// Groups that may approve just-in-time access requests (default: `roles.admin_groups`).
+    pub access_approvers: Vec<String>,
+    /// Groups that may approve unmask requests, which switch masking off for the requester
+    /// for a while (default: `access_approvers`).
+    pub unmask_approvers: Vec<String>,
+    /// Longest just-in-time access (or unmasked view) that may be requested (default 8h).
+    pub max_access: Duration,
     pub rules: Vec<Rule>,
+    /// `read_only = true`: every write is denied, whatever the rules say (default false).
+    pub read_only: bool,
+    /// What happens to SQL the parser rejects (default deny).
+    pub unparsable: RuleAction,
+    /// How long a held command waits for its approvals (default 5m).
+    pub review_timeout: Duration,
+    /// Functions treated as writes besides the built-in list (names or globs).
+    pub writing_functions: Vec<String>,
     pub masks: Vec<Mask>,
+    /// Record the (masked) rows of each result in its audit event, for replay.
+    pub capture_results: bool,
+    /// Most bytes of row data captured per result (the rest is marked truncated).
+    pub capture_bytes: usize,
     /// Line of the `[[resources]]` entry, for error messages about it.
     pub line: usize,
 }
@@ -216,25 +286,131 @@ impl SecretSource {
                 .map_err(|_| format!("environment variable {var} is not set")),
             SecretSource::File(path) => std::fs::read_to_string(path)
                 .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|e| format!("cannot read password file {}: {e}", path.display())),
+                .map_err(|e| format!("cannot read secret file {}: {e}", path.display())),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A guardrail of a resource: which commands it matches, and what happens to them.
+///
+/// Rules are tried in order; the first that matches decides. Every condition that is set must
+/// hold (an empty list means "any").
+#[derive(Debug, Clone)]
 pub struct Rule {
-    #[serde(default)]
+    /// `name = "..."`, or "rule N" (N its 1-based position in the resource); named in denials.
+    pub name: String,
+    /// Statement kinds (see [`STATEMENT_KINDS`]).
     pub statements: Vec<String>,
-    #[serde(default)]
+    /// Table globs; a pattern without a dot matches the table in any schema.
     pub tables: Vec<String>,
-    #[serde(default)]
+    /// The caller is in one of these groups.
     pub groups: Vec<String>,
+    /// The caller's subject matches one of these globs.
+    pub identities: Vec<String>,
+    /// A called function matches one of these globs.
+    pub functions: Vec<String>,
+    /// `true`: matches only statements holding an UPDATE or DELETE without WHERE.
+    pub where_missing: bool,
+    /// Matches only inside this daily window (UTC).
+    pub hours: Option<HourWindow>,
+    /// Matches only on these days (UTC); empty means every day.
+    pub days: Vec<Weekday>,
     pub action: RuleAction,
-    #[serde(default)]
     pub approvers: Vec<String>,
-    #[serde(default)]
+    /// Approvals a review needs (default 1).
+    pub min_approvals: u32,
     pub message: Option<String>,
+    /// Line of the `[[resources.rules]]` entry.
+    pub line: usize,
+}
+
+/// Statement kinds a rule's `statements` may name. `ddl` covers create, alter, drop, truncate
+/// and comment; `write` any statement that can change data, schema, privileges or settings that
+/// protect them; `copy_from`/`copy_to`/`copy_program` narrow `copy`; `transaction` covers
+/// begin, commit, rollback and savepoint.
+#[rustfmt::skip]
+pub const STATEMENT_KINDS: &[&str] = &[
+    "select", "insert", "update", "delete", "merge", "ddl", "create", "alter", "drop",
+    "truncate", "comment", "grant", "revoke", "copy", "copy_from", "copy_to", "copy_program",
+    "call", "do", "set", "reset", "show", "transaction", "begin", "commit", "rollback",
+    "savepoint", "prepare", "execute", "deallocate", "explain", "listen", "notify", "unlisten",
+    "lock", "vacuum", "analyze", "refresh", "cursor", "discard", "other", "write",
+];
+
+/// A daily time window `HH:MM-HH:MM` in UTC, in minutes since midnight; `start > end` wraps
+/// past midnight (`22:00-06:00`). The end is exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourWindow {
+    pub start_minute: u16,
+    pub end_minute: u16,
+}
+
+impl HourWindow {
+    pub fn contains(&self, minute_of_day: u16) -> bool {
+        if self.start_minute <= self.end_minute {
+            (self.start_minute..self.end_minute).contains(&minute_of_day)
+        } else {
+            minute_of_day >= self.start_minute || minute_of_day < self.end_minute
+        }
+    }
+
+    fn parse(s: &str) -> Option<HourWindow> {
+        fn hm(s: &str) -> Option<u16> {
+            let (h, m) = s.trim().split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
+        }
+        let (a, b) = s.split_once('-')?;
+        let (start_minute, end_minute) = (hm(a)?, hm(b)?);
+        (start_minute != end_minute).then_some(HourWindow {
+            start_minute,
+            end_minute,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+impl Weekday {
+    /// Monday is 0.
+    pub fn from_monday0(n: u8) -> Weekday {
+        [
+            Weekday::Mon,
+            Weekday::Tue,
+            Weekday::Wed,
+            Weekday::Thu,
+            Weekday::Fri,
+            Weekday::Sat,
+            Weekday::Sun,
+        ][usize::from(n % 7)]
+    }
+
+    /// `mon` ... `sun`, or the full English name, in any case.
+    fn parse(s: &str) -> Option<Weekday> {
+        const NAMES: [&str; 7] = [
+            "monday",
+            "tuesday",
+            "wednesday",
+            "thursday",
+            "friday",
+            "saturday",
+            "sunday",
+        ];
+        let s = s.trim().to_ascii_lowercase();
+        NAMES
+            .iter()
+            .position(|full| s == *full || (s.len() == 3 && full.starts_with(&s)))
+            .map(|i| Weekday::from_monday0(i as u8))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -245,15 +421,172 @@ pub enum RuleAction {
     Review,
 }
 
+/// Default `resources.review_timeout`: how long a held command waits for its approvals.
+pub const DEFAULT_REVIEW_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    statements: Vec<Spanned<String>>,
+    #[serde(default)]
+    tables: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    identities: Vec<String>,
+    #[serde(default)]
+    functions: Vec<String>,
+    #[serde(default)]
+    where_missing: bool,
+    hours: Option<Spanned<String>>,
+    #[serde(default)]
+    days: Vec<Spanned<String>>,
+    action: RuleAction,
+    #[serde(default)]
+    approvers: Vec<String>,
+    min_approvals: Option<Spanned<i64>>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl Ctx<'_> {
+    /// Validate a resource's rules: known statement kinds, time windows, approval counts.
+    fn rules(&self, raw: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, ConfigError> {
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, spanned) in raw.into_iter().enumerate() {
+            let at = spanned.span().start;
+            let r = spanned.into_inner();
+            let key = |k: &str| format!("resources.rules[{i}].{k}");
+            let name = match r.name {
+                None => format!("rule {}", i + 1),
+                Some(n) => {
+                    let n_at = n.span().start;
+                    let n = n.into_inner();
+                    if n.trim().is_empty() {
+                        return Err(self.invalid(n_at, &key("name"), "must not be empty"));
+                    }
+                    n
+                }
+            };
+            if !names.insert(name.clone()) {
+                return Err(self.invalid(
+                    at,
+                    &key("name"),
+                    format!("duplicate rule name {name:?} in this resource"),
+                ));
+            }
+            let mut statements = Vec::with_capacity(r.statements.len());
+            for s in r.statements {
+                let kind = s.get_ref().trim().to_ascii_lowercase();
+                if !STATEMENT_KINDS.contains(&kind.as_str()) {
+                    return Err(self.invalid(
+                        s.span().start,
+                        &key("statements"),
+                        format!(
+                            "unknown statement kind {:?}; use one of: {}",
+                            s.get_ref(),
+                            STATEMENT_KINDS.join(", ")
+                        ),
+                    ));
+                }
+                statements.push(kind);
+            }
+            let hours = match r.hours {
+                None => None,
+                Some(h) => Some(HourWindow::parse(h.get_ref()).ok_or_else(|| {
+                    self.invalid(
+                        h.span().start,
+                        &key("hours"),
+                        format!(
+                            "{:?} is not a time window; write \"HH:MM-HH:MM\" in UTC, e.g. \"09:00-17:00\" (\"22:00-06:00\" wraps past midnight)",
+                            h.get_ref()
+                        ),
+                    )
+                })?),
+            };
+            let mut days = Vec::with_capacity(r.days.len());
+            for d in r.days {
+                days.push(Weekday::parse(d.get_ref()).ok_or_else(|| {
+                    self.invalid(
+                        d.span().start,
+                        &key("days"),
+                        format!(
+                            "{:?} is not a day; use mon, tue, wed, thu, fri, sat or sun",
+                            d.get_ref()
+                        ),
+                    )
+                })?);
+            }
+            let min_approvals = match r.min_approvals {
+                None => 1,
+                Some(m) => u32::try_from(*m.get_ref())
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        self.invalid(
+                            m.span().start,
+                            &key("min_approvals"),
+                            format!("{} must be a whole number, at least 1", m.get_ref()),
+                        )
+                    })?,
+            };
+            if min_approvals > 1 && r.action != RuleAction::Review {
+                return Err(self.invalid(
+                    at,
+                    &key("min_approvals"),
+                    "only applies to action = \"review\"",
+                ));
+            }
+            out.push(Rule {
+                name,
+                statements,
+                tables: r.tables,
+                groups: r.groups,
+                identities: r.identities,
+                functions: r.functions,
+                where_missing: r.where_missing,
+                hours,
+                days,
+                action: r.action,
+                approvers: r.approvers,
+                min_approvals,
+                message: r.message,
+                line: self.line_of(at),
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mask {
+    /// Column name globs (`email`, `*ssn*`, `customers.card_*`): the whole value is masked.
     #[serde(default)]
     pub columns: Vec<String>,
+    /// PostgreSQL type names (`text`, `jsonb`, ...): the whole value of such columns is masked.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// Content detectors: matches inside any column's value are masked.
     #[serde(default)]
     pub detectors: Vec<String>,
+    /// Paths inside json/jsonb values (`$.email`, `$.cards[*].number`, `$..ssn`).
+    #[serde(default)]
+    pub json_paths: Vec<String>,
     #[serde(default = "default_strategy")]
     pub strategy: String,
+    /// For `partial`: how many trailing characters stay visible (default 4).
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+    /// Viewers in any of these groups see the original values.
+    #[serde(default)]
+    pub except_groups: Vec<String>,
+    /// When set, the rule applies only to viewers in one of these groups.
+    #[serde(default)]
+    pub only_groups: Vec<String>,
 }
 
 fn default_strategy() -> String {
@@ -292,8 +625,19 @@ struct RawServer {
     audit_failure: Option<AuditFailure>,
     audit_timeout: Option<Spanned<String>>,
     scan_interval: Option<Spanned<String>>,
+    review_webhook: Option<Spanned<String>>,
+    review_webhook_ca: Option<String>,
+    review_webhook_format: Option<WebhookFormat>,
+    console_url: Option<Spanned<String>>,
+    review_rerun_window: Option<Spanned<String>>,
     alert_webhook: Option<Spanned<String>>,
     alert_webhook_ca: Option<String>,
+    mask_key_env: Option<String>,
+    mask_key_file: Option<String>,
+    retention: Option<Spanned<String>>,
+    checkpoint_interval: Option<Spanned<String>>,
+    audit_durability: Option<Spanned<String>>,
+    record_commands: Option<bool>,
 }
 
 fn default_client_cert() -> ClientCertPolicy {
@@ -334,10 +678,22 @@ struct RawResource {
     #[serde(default)]
     tls: RawUpstreamTls,
     credentials: Option<RawCredentials>,
+    review_webhook: Option<Spanned<String>>,
+    access_approvers: Option<Vec<String>>,
+    unmask_approvers: Option<Vec<String>>,
+    max_access: Option<Spanned<String>>,
     #[serde(default)]
-    rules: Vec<Rule>,
+    rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    read_only: bool,
+    unparsable: Option<RuleAction>,
+    review_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    writing_functions: Vec<String>,
     #[serde(default)]
     masks: Vec<Mask>,
+    capture_results: Option<bool>,
+    capture_bytes: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -361,6 +717,16 @@ struct RawCredentials {
 /// Default largest protocol message (PostgreSQL's own limit for most messages is 1 GB; 64 MiB
 /// keeps a hostile client from making the gateway allocate without bound).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Default `server.checkpoint_interval`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
+/// Default and largest `resources.capture_bytes`.
+pub const DEFAULT_CAPTURE_BYTES: usize = 64 * 1024;
+pub const MAX_CAPTURE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default `server.review_rerun_window`.
+pub const DEFAULT_REVIEW_RERUN_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Default `resources.max_access`.
+pub const DEFAULT_MAX_ACCESS: Duration = Duration::from_secs(8 * 3600);
 
 /// Read and validate a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -452,8 +818,58 @@ impl Ctx<'_> {
         }
     }
 
+    /// An optional duration that must be at least `min`.
+    fn min_duration(
+        &self,
+        key: &str,
+        v: Option<Spanned<String>>,
+        min: Duration,
+        example: &str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let at = v.span().start;
+        let d = self.duration(key, Some(v), Duration::ZERO)?;
+        if d < min {
+            return Err(self.invalid(
+                at,
+                key,
+                format!("must be at least {}ms ({example})", min.as_millis()),
+            ));
+        }
+        Ok(Some(d))
+    }
+
+    /// An `https://` URL (plain `http://` only to a loopback HOST:PORT, for local relays and tests).
+    fn webhook_url(
+        &self,
+        key: &str,
+        v: Option<Spanned<String>>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let url = v.get_ref();
+        let loopback_http = url
+            .strip_prefix("http://")
+            .and_then(|rest| split_host_port(rest.split('/').next().unwrap_or("")))
+            .is_some_and(|(host, _)| {
+                host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        if !(url.starts_with("https://") || loopback_http) {
+            return Err(self.invalid(
+                v.span().start,
+                key,
+                format!("{url:?} must be an https:// URL (plain http:// only to a loopback HOST:PORT, for local relays and tests)"),
+            ));
+        }
+        Ok(Some(v.into_inner()))
+    }
+
     fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let s = raw.server;
+        let interval_at =
+            (s.checkpoint_interval.as_ref().or(s.retention.as_ref())).map_or(0, |v| v.span().start);
         let server = Server {
             postgres_listen: self.addr("server.postgres_listen", s.postgres_listen)?,
             https_listen: self.addr("server.https_listen", s.https_listen)?,
@@ -490,31 +906,72 @@ impl Ctx<'_> {
                     Some(d)
                 }
             },
-            alert_webhook: match s.alert_webhook {
-                None => None,
-                Some(v) => {
-                    let url = v.get_ref();
-                    let loopback_http = url
-                        .strip_prefix("http://")
-                        .and_then(|rest| split_host_port(rest.split('/').next().unwrap_or("")))
-                        .is_some_and(|(host, _)| {
-                            host == "localhost"
-                                || host
-                                    .parse::<std::net::IpAddr>()
-                                    .is_ok_and(|ip| ip.is_loopback())
-                        });
-                    if !(url.starts_with("https://") || loopback_http) {
+            alert_webhook: self.webhook_url("server.alert_webhook", s.alert_webhook)?,
+            alert_webhook_ca: s.alert_webhook_ca.as_deref().map(|p| self.resolve(p)),
+            review_webhook: self.webhook_url("server.review_webhook", s.review_webhook)?,
+            review_webhook_ca: s.review_webhook_ca.as_deref().map(|p| self.resolve(p)),
+            review_webhook_format: s.review_webhook_format.unwrap_or(WebhookFormat::Json),
+            console_url: self
+                .webhook_url("server.console_url", s.console_url)?
+                .map(|u| u.trim_end_matches('/').to_string()),
+            review_rerun_window: self.duration(
+                "server.review_rerun_window",
+                s.review_rerun_window,
+                DEFAULT_REVIEW_RERUN_WINDOW,
+            )?,
+            mask_key: match (s.mask_key_env, s.mask_key_file) {
+                (Some(_), Some(_)) => {
+                    return Err(self.invalid(
+                        self.text.find("mask_key_file").unwrap_or(0),
+                        "server.mask_key_file",
+                        "set one of mask_key_env or mask_key_file, not both",
+                    ))
+                }
+                (Some(v), None) => SecretSource::Env(v),
+                (None, Some(p)) => SecretSource::File(self.resolve(&p)),
+                (None, None) => SecretSource::None,
+            },
+            retention: self.min_duration(
+                "server.retention",
+                s.retention,
+                Duration::from_secs(1),
+                "e.g. \"90d\"; remove the key to keep sessions forever",
+            )?,
+            checkpoint_interval: self
+                .min_duration(
+                    "server.checkpoint_interval",
+                    s.checkpoint_interval,
+                    Duration::from_millis(100),
+                    "e.g. \"5m\"",
+                )?
+                .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL),
+            audit_durability: match s.audit_durability {
+                None => AuditDurability::Written,
+                Some(v) => match v.get_ref().as_str() {
+                    "written" => AuditDurability::Written,
+                    "fsync" => AuditDurability::Fsync,
+                    other => {
                         return Err(self.invalid(
                             v.span().start,
-                            "server.alert_webhook",
-                            format!("{url:?} must be an https:// URL (plain http:// only to a loopback HOST:PORT, for local relays and tests)"),
-                        ));
+                            "server.audit_durability",
+                            format!("{other:?}: use \"written\" (journal written before a command is forwarded, fsynced in the background) or \"fsync\" (fsynced before a command is forwarded)"),
+                        ))
                     }
-                    Some(v.into_inner())
-                }
+                },
             },
-            alert_webhook_ca: s.alert_webhook_ca.as_deref().map(|p| self.resolve(p)),
+            record_commands: s.record_commands.unwrap_or(true),
         };
+        if let Some(retention) = server.retention {
+            // Pruning treats a chain that has been silent for the whole retention period as the
+            // chain of a gateway that is gone; a live gateway checkpoints more often than that.
+            if server.checkpoint_interval >= retention {
+                return Err(self.invalid(
+                    interval_at,
+                    "server.checkpoint_interval",
+                    format!("must be shorter than server.retention ({}s): a running gateway's checkpoints are what keeps its open sessions from being pruned", retention.as_secs()),
+                ));
+            }
+        }
         if server.client_cert == ClientCertPolicy::Required && server.client_ca.is_none() {
             return Err(self.invalid(
                 0,
@@ -599,7 +1056,39 @@ impl Ctx<'_> {
                 r.connect_timeout,
                 Duration::from_secs(10),
             )?;
+            let capture_bytes = match r.capture_bytes {
+                None => DEFAULT_CAPTURE_BYTES,
+                Some(v) => match usize::try_from(*v.get_ref()) {
+                    Ok(n) if (1..=MAX_CAPTURE_BYTES).contains(&n) => n,
+                    _ => {
+                        return Err(self.invalid(
+                            v.span().start,
+                            "resources.capture_bytes",
+                            format!("resource {name:?}: {} must be between 1 and {MAX_CAPTURE_BYTES} (bytes of row data kept per result)", v.get_ref()),
+                        ))
+                    }
+                },
+            };
+            let max_access_at = r.max_access.as_ref().map_or(0, |v| v.span().start);
+            let max_access =
+                self.duration("resources.max_access", r.max_access, DEFAULT_MAX_ACCESS)?;
+            if max_access < Duration::from_secs(60) {
+                return Err(self.invalid(
+                    max_access_at,
+                    "resources.max_access",
+                    format!("resource {name:?}: must be at least 1m (e.g. \"8h\")"),
+                ));
+            }
+            let review_webhook = self.webhook_url("resources.review_webhook", r.review_webhook)?;
+            let access_approvers = r
+                .access_approvers
+                .unwrap_or_else(|| raw.roles.admin_groups.clone());
+            let unmask_approvers = r
+                .unmask_approvers
+                .unwrap_or_else(|| access_approvers.clone());
             resources.push(Resource {
+                capture_results: r.capture_results.unwrap_or(false),
+                capture_bytes,
                 tls: UpstreamTls {
                     mode,
                     ca,
@@ -616,7 +1105,19 @@ impl Ctx<'_> {
                 allow_groups: r.allow_groups,
                 connect_timeout,
                 credentials,
-                rules: r.rules,
+                review_webhook,
+                access_approvers,
+                unmask_approvers,
+                max_access,
+                rules: self.rules(r.rules)?,
+                read_only: r.read_only,
+                unparsable: r.unparsable.unwrap_or(RuleAction::Deny),
+                review_timeout: self.duration(
+                    "resources.review_timeout",
+                    r.review_timeout,
+                    DEFAULT_REVIEW_TIMEOUT,
+                )?,
+                writing_functions: r.writing_functions,
                 masks: r.masks,
                 line,
             });
@@ -837,9 +1338,338 @@ password_env = "ORDERS_DB_PASSWORD"
     }
 
     #[test]
+    fn audit_settings_default_and_validate() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.server.retention, None);
+        assert_eq!(c.server.checkpoint_interval, Duration::from_secs(300));
+        assert_eq!(c.server.audit_durability, AuditDurability::Written);
+        assert!(c.server.record_commands);
+        assert!(!c.resources[0].capture_results);
+        assert_eq!(c.resources[0].capture_bytes, 65536);
+        let with = |server: &str, resource: &str| {
+            GOOD.replace(
+                "store = \"sqlite://tollgate.db\"",
+                &format!("store = \"sqlite://tollgate.db\"\n{server}"),
+            )
+            .replace(
+                "allow_groups = [\"sre\", \"agents\"]",
+                &format!("allow_groups = [\"sre\", \"agents\"]\n{resource}"),
+            )
+        };
+        let c = p(&with(
+            "retention = \"90d\"\ncheckpoint_interval = \"1m\"\naudit_durability = \"fsync\"\nrecord_commands = false",
+            "capture_results = true\ncapture_bytes = 1024",
+        ))
+        .unwrap();
+        assert_eq!(c.server.retention, Some(Duration::from_secs(90 * 86400)));
+        assert_eq!(c.server.checkpoint_interval, Duration::from_secs(60));
+        assert_eq!(c.server.audit_durability, AuditDurability::Fsync);
+        assert!(!c.server.record_commands);
+        assert!(c.resources[0].capture_results);
+        assert_eq!(c.resources[0].capture_bytes, 1024);
+        let err =
+            |server: &str, resource: &str| p(&with(server, resource)).unwrap_err().to_string();
+        assert_eq!(
+            err("audit_durability = \"sync\"", ""),
+            "/etc/tollgate/tollgate.toml:9: server.audit_durability: \"sync\": use \"written\" (journal written before a command is forwarded, fsynced in the background) or \"fsync\" (fsynced before a command is forwarded)"
+        );
+        let e = err("retention = \"90\"", "");
+        assert!(
+            e.starts_with("/etc/tollgate/tollgate.toml:9: server.retention: "),
+            "{e}"
+        );
+        let e = err("retention = \"0s\"", "");
+        assert!(
+            e.contains(":9: server.retention: must be at least 1000ms"),
+            "{e}"
+        );
+        let e = err("retention = \"10m\"\ncheckpoint_interval = \"1h\"", "");
+        assert!(
+            e.contains(":10: server.checkpoint_interval: must be shorter than server.retention"),
+            "{e}"
+        );
+        let e = err("checkpoint_interval = \"1ms\"", "");
+        assert!(
+            e.contains(":9: server.checkpoint_interval: must be at least 100ms"),
+            "{e}"
+        );
+        let e = err("", "capture_bytes = 0");
+        assert!(
+            e.contains(
+                ":25: resources.capture_bytes: resource \"orders\": 0 must be between 1 and"
+            ),
+            "{e}"
+        );
+        let e = err("", "capture_bytes = -5");
+        assert!(e.contains("resources.capture_bytes"), "{e}");
+        let e = err("record_commands = \"no\"", "");
+        assert!(e.contains("record_commands"), "{e}");
+    }
+
+    #[test]
+    fn review_keys_defaults_and_validation() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.server.review_webhook, None);
+        assert_eq!(c.server.review_webhook_format, WebhookFormat::Json);
+        assert_eq!(c.server.console_url, None);
+        assert_eq!(c.server.review_rerun_window, Duration::from_secs(900));
+        let r = c.resource("orders").unwrap();
+        assert_eq!(
+            r.access_approvers,
+            ["sre"],
+            "defaults to roles.admin_groups"
+        );
+        assert_eq!(r.unmask_approvers, ["sre"], "defaults to access_approvers");
+        assert_eq!(r.max_access, Duration::from_secs(8 * 3600));
+        assert_eq!(r.review_webhook, None);
+        let text = GOOD
+            .replace(
+                "store = \"sqlite://tollgate.db\"",
+                "store = \"sqlite://tollgate.db\"\nreview_webhook = \"https://hooks.example/r\"\nreview_webhook_format = \"slack\"\nreview_webhook_ca = \"pki/hooks-ca.crt\"\nconsole_url = \"https://gw.example:8443/\"\nreview_rerun_window = \"5m\"",
+            )
+            .replace(
+                "allow_groups = [\"sre\", \"agents\"]",
+                "allow_groups = [\"sre\", \"agents\"]\naccess_approvers = [\"dba\"]\nmax_access = \"2h\"\nreview_webhook = \"http://127.0.0.1:9/orders\"",
+            );
+        let c = p(&text).unwrap();
+        assert_eq!(
+            c.server.review_webhook.as_deref(),
+            Some("https://hooks.example/r")
+        );
+        assert_eq!(c.server.review_webhook_format, WebhookFormat::Slack);
+        assert_eq!(
+            c.server.review_webhook_ca,
+            Some(PathBuf::from("/etc/tollgate/pki/hooks-ca.crt"))
+        );
+        assert_eq!(
+            c.server.console_url.as_deref(),
+            Some("https://gw.example:8443")
+        );
+        assert_eq!(c.server.review_rerun_window, Duration::from_secs(300));
+        let r = c.resource("orders").unwrap();
+        assert_eq!(r.access_approvers, ["dba"]);
+        assert_eq!(r.unmask_approvers, ["dba"], "defaults to access_approvers");
+        assert_eq!(r.max_access, Duration::from_secs(7200));
+        let own = p(&text.replace(
+            "access_approvers = [\"dba\"]",
+            "access_approvers = [\"dba\"]\nunmask_approvers = [\"privacy\"]",
+        ))
+        .unwrap();
+        let r2 = own.resource("orders").unwrap();
+        assert_eq!(
+            (
+                r2.access_approvers.as_slice(),
+                r2.unmask_approvers.as_slice()
+            ),
+            (&["dba".to_string()][..], &["privacy".to_string()][..])
+        );
+        assert_eq!(
+            r.review_webhook.as_deref(),
+            Some("http://127.0.0.1:9/orders")
+        );
+
+        let e = p(&text.replace("\"2h\"", "\"30s\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("resources.max_access: resource \"orders\": must be at least 1m"),
+            "{e}"
+        );
+        let e = p(&text.replace("https://gw.example:8443/", "http://gw.example"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/tollgate/tollgate.toml:12: server.console_url:"),
+            "{e}"
+        );
+        let e = p(&text.replace("http://127.0.0.1:9/orders", "http://hooks.example/o"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                ": resources.review_webhook: \"http://hooks.example/o\" must be an https:// URL"
+            ),
+            "{e}"
+        );
+        let e = p(&text.replace("\"slack\"", "\"teams\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("teams"), "{e}");
+    }
+
+    #[test]
     fn host_port() {
         assert_eq!(split_host_port("[::1]:5432"), Some(("::1".into(), 5432)));
         assert_eq!(split_host_port("db:0"), None);
         assert_eq!(split_host_port("db"), None);
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    use super::*;
+
+    const BASE: &str = r#"[server]
+tls_cert = "gw.crt"
+tls_key = "gw.key"
+
+[[resources]]
+name = "orders"
+kind = "postgres"
+upstream = "db.internal:5432"
+allow_groups = ["sre", "agents"]
+[resources.tls]
+ca = "ca.crt"
+[resources.credentials]
+user = "u"
+"#;
+
+    fn with(extra: &str) -> Result<Config, ConfigError> {
+        parse(&format!("{BASE}{extra}"), Path::new("/etc/tollgate/t.toml"))
+    }
+
+    /// Keys of the `[[resources]]` table itself go before its sub-tables (line 10 on).
+    fn with_resource_keys(keys: &str) -> Result<Config, ConfigError> {
+        let text = BASE.replace("[resources.tls]", &format!("{keys}[resources.tls]"));
+        parse(&text, Path::new("/etc/tollgate/t.toml"))
+    }
+
+    #[test]
+    fn resource_policy_defaults() {
+        let c = with("").unwrap();
+        let r = &c.resources[0];
+        assert!(!r.read_only);
+        assert_eq!(r.unparsable, RuleAction::Deny);
+        assert_eq!(r.review_timeout, Duration::from_secs(300));
+        assert!(r.writing_functions.is_empty());
+    }
+
+    #[test]
+    fn resource_policy_keys() {
+        let c = with_resource_keys("read_only = true\nunparsable = \"review\"\nreview_timeout = \"90s\"\nwriting_functions = [\"audit.log_*\"]\n").unwrap();
+        let r = &c.resources[0];
+        assert!(r.read_only);
+        assert_eq!(r.unparsable, RuleAction::Review);
+        assert_eq!(r.review_timeout, Duration::from_secs(90));
+        assert_eq!(r.writing_functions, vec!["audit.log_*".to_string()]);
+        let e = with_resource_keys("unparsable = \"ignore\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unparsable"), "{e}");
+        let e = with_resource_keys("review_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":10: resources.review_timeout"), "{e}");
+    }
+
+    #[test]
+    fn rule_keys_and_defaults() {
+        let c = with(
+            r#"
+[[resources.rules]]
+statements = ["DROP", "truncate"]
+action = "deny"
+
+[[resources.rules]]
+name = "agents delete"
+statements = ["delete", "update"]
+identities = ["spiffe://prod/agent/*"]
+groups = ["agents"]
+functions = ["pg_*"]
+where_missing = true
+hours = "22:00-06:00"
+days = ["Mon", "friday"]
+action = "review"
+approvers = ["sre"]
+min_approvals = 2
+message = "ask sre"
+"#,
+        )
+        .unwrap();
+        let rules = &c.resources[0].rules;
+        assert_eq!(rules[0].name, "rule 1");
+        assert_eq!(rules[0].statements, vec!["drop", "truncate"]);
+        assert_eq!(rules[0].min_approvals, 1);
+        assert!(!rules[0].where_missing);
+        assert_eq!(rules[0].hours, None);
+        assert_eq!(rules[0].line, 15);
+        let r = &rules[1];
+        assert_eq!(r.name, "agents delete");
+        assert_eq!(r.identities, vec!["spiffe://prod/agent/*"]);
+        assert_eq!(r.functions, vec!["pg_*"]);
+        assert!(r.where_missing);
+        let h = r.hours.unwrap();
+        assert_eq!((h.start_minute, h.end_minute), (22 * 60, 6 * 60));
+        assert!(
+            h.contains(23 * 60) && h.contains(0) && !h.contains(6 * 60) && !h.contains(12 * 60)
+        );
+        assert_eq!(r.days, vec![Weekday::Mon, Weekday::Fri]);
+        assert_eq!(r.min_approvals, 2);
+        assert_eq!(r.message.as_deref(), Some("ask sre"));
+    }
+
+    #[test]
+    fn rule_errors_name_file_line_and_key() {
+        let e =
+            with("\n[[resources.rules]]\nstatements = [\"select\", \"dorp\"]\naction = \"deny\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.starts_with("/etc/tollgate/t.toml:16: resources.rules[0].statements: unknown statement kind \"dorp\"; use one of: select, insert,"),
+            "{e}"
+        );
+        let e = with("\n[[resources.rules]]\naction = \"deny\"\n[[resources.rules]]\nhours = \"9-17\"\naction = \"deny\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "/etc/tollgate/t.toml:18: resources.rules[1].hours: \"9-17\" is not a time window"
+            ),
+            "{e}"
+        );
+        let e = with("\n[[resources.rules]]\ndays = [\"someday\"]\naction = \"deny\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":16: resources.rules[0].days: \"someday\" is not a day"),
+            "{e}"
+        );
+        let e = with("\n[[resources.rules]]\nmin_approvals = 0\naction = \"review\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":16: resources.rules[0].min_approvals: 0 must be"),
+            "{e}"
+        );
+        let e = with("\n[[resources.rules]]\nname = \"x\"\naction = \"deny\"\n[[resources.rules]]\nname = \"x\"\naction = \"allow\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("resources.rules[1].name: duplicate rule name \"x\""),
+            "{e}"
+        );
+        let e = with("\n[[resources.rules]]\nactoin = \"deny\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("actoin"), "{e}");
+    }
+
+    #[test]
+    fn hour_windows() {
+        assert_eq!(
+            HourWindow::parse("09:00-17:30"),
+            Some(HourWindow {
+                start_minute: 540,
+                end_minute: 1050
+            })
+        );
+        assert_eq!(HourWindow::parse("00:00-24:00").unwrap().end_minute, 1440);
+        assert!(HourWindow::parse("09:00-09:00").is_none());
+        assert!(HourWindow::parse("25:00-26:00").is_none());
+        assert!(HourWindow::parse("09:60-10:00").is_none());
+        let day = HourWindow::parse("09:00-17:00").unwrap();
+        assert!(
+            day.contains(540) && day.contains(1019) && !day.contains(1020) && !day.contains(539)
+        );
     }
 }

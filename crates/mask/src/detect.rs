@@ -1,10 +1,13 @@
-//! Content detectors: one left-to-right pass over the bytes of a value.
+//! Content detectors: a first pass over a value, then a left-to-right scan.
 //!
-//! The scanner stops only at bytes that can start a match (an alphanumeric word start, or one
-//! of `@ + ( : -` when the detector that needs it is enabled), so clean text costs a table
-//! lookup per byte. At a stop, only the detectors that can start with that byte are tried, each
-//! with its own validation (Luhn, SSN area rules, IBAN mod-97, ...). Matches are
-//! non-overlapping; at one start the longest candidate wins.
+//! The first pass ([`crate::prefilter`]) keeps only the detectors whose necessary conditions
+//! the value meets; most values keep none and are done. The scanner then stops only at bytes
+//! every match of a remaining detector contains (a digit for cards, `@` for e-mail, `:` for
+//! IPv6, ...), examines the word around a stop from its start, and tries there only the
+//! detectors that can start with that word, each with its own validation (Luhn, SSN area
+//! rules, IBAN mod-97, ...). Matches are non-overlapping; at one start the longest candidate
+//! wins. `tests/fast_path.rs` checks that this finds exactly what scanning with every detector
+//! at every stop finds (the previous scanner, kept in `tests/reference/detect.rs`).
 //!
 //! Decisions on ambiguous input (also pinned by the corpus tests):
 //! - dotted quads such as `1.2.3.4` are IPv4 addresses unless glued to a letter (`v1.2.3.4`)
@@ -15,6 +18,7 @@
 //!   explicit groups and a digit (`fe80::1`, not `::1` or `abc::def`);
 //! - an e-mail's local part starts after the previous match (a match never overlaps another).
 
+use crate::prefilter::candidates;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -101,6 +105,16 @@ pub struct DetectorSet(u16);
 impl DetectorSet {
     pub const EMPTY: DetectorSet = DetectorSet(0);
 
+    pub(crate) const fn bits(self) -> u16 {
+        self.0
+    }
+    pub(crate) const fn without(self, d: Detector) -> DetectorSet {
+        DetectorSet(self.0 & !d.bit())
+    }
+    pub(crate) const fn from_bits(bits: u16) -> DetectorSet {
+        DetectorSet(bits & DetectorSet::all().0)
+    }
+
     pub const fn all() -> DetectorSet {
         DetectorSet((1 << Detector::ALL.len()) - 1)
     }
@@ -155,9 +169,41 @@ pub fn find(detectors: DetectorSet, text: &[u8]) -> Vec<Match> {
 }
 
 /// The matches as an iterator (no allocation).
+///
+/// A first pass over the bytes drops the detectors whose necessary conditions the value does
+/// not meet, so the scanner stops only where a remaining detector can start.
 pub fn matches(detectors: DetectorSet, text: &[u8]) -> Matches<'_> {
-    let s = detectors;
-    let mut stop = 0u16;
+    let set = candidates(detectors, text);
+    if set.is_empty() {
+        return Matches {
+            text,
+            set,
+            stop: 0,
+            words: false,
+            pos: text.len(),
+            last_end: 0,
+            no_token_until: 0,
+        };
+    }
+    scan(set, text)
+}
+
+/// [`matches`] when the first pass leaves a detector to try, `None` otherwise: a clean value
+/// costs the first pass alone, without building an iterator.
+#[inline]
+pub(crate) fn try_matches(detectors: DetectorSet, text: &[u8]) -> Option<Matches<'_>> {
+    let set = candidates(detectors, text);
+    (!set.is_empty()).then(|| scan(set, text))
+}
+
+/// The first match, if any (see [`try_matches`]).
+#[inline]
+pub(crate) fn first_match(detectors: DetectorSet, text: &[u8]) -> Option<Match> {
+    try_matches(detectors, text)?.next()
+}
+
+/// The scanner alone, over every detector of `set`.
+pub(crate) fn scan(set: DetectorSet, text: &[u8]) -> Matches<'_> {
     const WORD: DetectorSet = DetectorSet::EMPTY
         .with(Detector::CreditCard)
         .with(Detector::UsSsn)
@@ -168,29 +214,38 @@ pub fn matches(detectors: DetectorSet, text: &[u8]) -> Matches<'_> {
         .with(Detector::Jwt)
         .with(Detector::AwsKey)
         .with(Detector::SecretToken);
-    if s.0 & WORD.0 != 0 {
-        stop |= DG | UP | T_TOKP;
-        if s.contains(Detector::Ipv6) {
-            stop |= T_COLON;
-        }
+    // Each detector's stops: a byte every one of its matches contains (the word around a stop
+    // is examined from its start; a word ending at punctuation is examined there).
+    // IBANs have check digits; an IPv6 address has a `:` (its first group is the word before).
+    const DIGIT_STOPS: DetectorSet = DIGIT_LED.with(Detector::Iban);
+    let mut stop = 0u16;
+    if set.0 & DIGIT_STOPS.0 != 0 {
+        stop |= DG;
     }
-    if s.contains(Detector::Email) {
+    if set.contains(Detector::Jwt) || set.contains(Detector::AwsKey) {
+        stop |= UP;
+    }
+    if set.contains(Detector::SecretToken) {
+        stop |= DG | UP | T_TOKP;
+    }
+    if set.contains(Detector::Email) {
         stop |= T_AT;
     }
-    if s.contains(Detector::Phone) {
+    if set.contains(Detector::Phone) {
         stop |= T_PHONE;
     }
-    if s.contains(Detector::Ipv6) {
+    if set.contains(Detector::Ipv6) {
         stop |= T_COLON;
     }
-    if s.contains(Detector::PemPrivateKey) {
+    if set.contains(Detector::PemPrivateKey) {
         stop |= T_DASH;
     }
     Matches {
         text,
-        set: s,
+        set,
         stop,
-        pos: 0,
+        words: set.0 & WORD.0 != 0,
+        pos: if set.is_empty() { text.len() } else { 0 },
         last_end: 0,
         no_token_until: 0,
     }
@@ -201,6 +256,8 @@ pub struct Matches<'a> {
     text: &'a [u8],
     set: DetectorSet,
     stop: u16,
+    /// Examine the word that ends at a punctuation stop.
+    words: bool,
     pos: usize,
     last_end: usize,
     no_token_until: usize,
@@ -219,6 +276,7 @@ const T_PHONE: u16 = 256; // + (
 const T_COLON: u16 = 512;
 const T_DASH: u16 = 1024;
 const T_TOKP: u16 = 2048; // token punctuation: _ - + / =
+const LABEL: u16 = 4096; // DNS label: alnum and -
 const AN: u16 = DG | UP | LO;
 
 static CLASS: [u16; 256] = build_classes();
@@ -229,6 +287,9 @@ const fn build_classes() -> [u16; 256] {
     while i < 256 {
         let c = i as u8;
         let mut v = 0;
+        if c.is_ascii_alphanumeric() || c == b'-' {
+            v |= LABEL;
+        }
         if c.is_ascii_digit() {
             v |= DG | HX | LOCAL | TOK | B64U;
         } else if c.is_ascii_uppercase() {
@@ -293,8 +354,11 @@ impl Iterator for Matches<'_> {
     fn next(&mut self) -> Option<Match> {
         let t = self.text;
         let n = t.len();
+        if self.pos >= n {
+            return None;
+        }
         let stop = self.stop;
-        let words = stop & (DG | UP) != 0;
+        let words = self.words;
         let mut i = self.pos;
         // Words before `floor` have been looked at (or cannot start a match).
         let mut floor = self.pos;
@@ -374,6 +438,142 @@ impl Iterator for Matches<'_> {
     }
 }
 
+/// Detectors that start at a word beginning with a digit (phone also at `+` and `(`).
+pub(crate) const DIGIT_LED: DetectorSet = DetectorSet::EMPTY
+    .with(Detector::CreditCard)
+    .with(Detector::UsSsn)
+    .with(Detector::Phone)
+    .with(Detector::Ipv4);
+
+/// Whether the scanner could report any of the detectors of `set` among [`DIGIT_LED`] in `t`:
+/// each is tried, with the same shape checks as [`Matches::at_word`], at every word that starts
+/// with a digit (and phone at every `+` and `(`). Stops at the first candidate: the scan that
+/// follows stops at every digit anyway. `punct` says whether `t` has a `+` or `(` at all.
+pub(crate) fn digit_led_candidate(set: DetectorSet, t: &[u8], punct: bool) -> bool {
+    let phone = set.contains(Detector::Phone) && punct;
+    let n = t.len();
+    let mut i = 0;
+    loop {
+        let Some(start) = next_digit(t, i, phone) else {
+            return false;
+        };
+        if !is_digit(t[start]) {
+            if phone_punct(t, start).is_some() {
+                return true;
+            }
+            i = start + 1;
+            continue;
+        }
+        i = start + 1;
+        while i < n && is_digit(t[i]) {
+            i += 1;
+        }
+        if digit_run_candidate(set, t, start, i) {
+            return true;
+        }
+    }
+}
+
+/// Whether the digit run `t[start..end]` starts a candidate of a digit-led detector of `set`.
+#[inline]
+fn digit_run_candidate(set: DetectorSet, t: &[u8], start: usize, end: usize) -> bool {
+    let run = end - start;
+    let next = t.get(end).copied().unwrap_or(0);
+    // Inside a word led by a letter, or followed by nothing any of them accepts.
+    if (start > 0 && is_an(t[start - 1])) || (run < 13 && !matches!(next, b' ' | b'-' | b'.')) {
+        return false;
+    }
+    let digit_after = digit_at(t, end + 1);
+    let glued = glued_before(t, start);
+    (set.contains(Detector::CreditCard)
+        && card_shape(t, start, glued, run, next)
+        && card(t, start).is_some())
+        || (set.contains(Detector::UsSsn)
+            && ssn_shape(glued, run, next, digit_after)
+            && ssn(t, start).is_some())
+        || (set.contains(Detector::Phone)
+            && phone_shape(t, start, glued, run, next, digit_after)
+            && phone_national(t, start).is_some())
+        || (set.contains(Detector::Ipv4)
+            && ipv4_shape(run, next, digit_after)
+            && ipv4(t, start).is_some())
+}
+
+/// The position of the next digit at or after `from` (or `+` or `(` when `punct`), 8 bytes at
+/// a time: in `x ^ c`, the bytes equal to `c` are zero and digits are below 10.
+fn next_digit(t: &[u8], from: usize, punct: bool) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // High bit of each byte below `n` (the lowest flagged byte is exact; only bytes above a
+    // flagged one can be flagged by the borrow).
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    let mut i = from;
+    while let Some(chunk) = t.get(i..i + 8) {
+        let x = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        let mut m = below(x ^ (ONES * u64::from(b'0')), 10);
+        if punct {
+            m |= below(x ^ (ONES * u64::from(b'+')), 1) | below(x ^ (ONES * u64::from(b'(')), 1);
+        }
+        if m != 0 {
+            return Some(i + (m.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    t[i.min(t.len())..]
+        .iter()
+        .position(|&c| c.is_ascii_digit() || (punct && matches!(c, b'+' | b'(')))
+        .map(|p| i + p)
+}
+
+/// Whether an IBAN can start anywhere in `t` (the scanner tries one at words led by a capital).
+pub(crate) fn iban_candidate(t: &[u8]) -> bool {
+    // An IBAN's third byte is a check digit after two capitals: try only two bytes before
+    // each run of digits (inside a run, the byte before a digit is a digit).
+    let mut from = 2;
+    while let Some(d) = next_digit(t, from, false) {
+        let i = d - 2;
+        if cls(t[i]) & UP != 0 && (i == 0 || !is_an(t[i - 1])) && iban(t, i).is_some() {
+            return true;
+        }
+        from = d + 1;
+        while from < t.len() && is_digit(t[from]) {
+            from += 1;
+        }
+    }
+    false
+}
+
+// The shape checks on a word's leading digit run (`run` digits, then `next`) before each
+// digit-led validator; shared by the scanner and `digit_led_candidate`.
+
+/// 13 to 19 digits, or a group of 3 to 6 then a separator and another group of 3 or more.
+fn card_shape(t: &[u8], i: usize, glued: bool, run: usize, next: u8) -> bool {
+    let j = i + run;
+    !glued
+        && (run >= 13
+            || ((3..=6).contains(&run)
+                && matches!(next, b' ' | b'-')
+                && digit_at(t, j + 1)
+                && digit_at(t, j + 2)
+                && digit_at(t, j + 3)))
+}
+
+fn ssn_shape(glued: bool, run: usize, next: u8, digit_after: bool) -> bool {
+    !glued && run == 3 && matches!(next, b'-' | b' ') && digit_after
+}
+
+fn phone_shape(t: &[u8], i: usize, glued: bool, run: usize, next: u8, digit_after: bool) -> bool {
+    !glued
+        && (i == 0 || t[i - 1] != b'+')
+        && phone_first_group_ok(t[i], run)
+        && matches!(next, b' ' | b'-' | b'.')
+        && (digit_after || t.get(i + run + 1) == Some(&b'('))
+}
+
+fn ipv4_shape(run: usize, next: u8, digit_after: bool) -> bool {
+    run <= 3 && next == b'.' && digit_after
+}
+
 /// The start of the alphanumeric word containing `i`, if it starts at or after `floor`
 /// (a word that began before `floor` was already looked at, or is glued to a match).
 fn word_start(t: &[u8], i: usize, floor: usize) -> Option<usize> {
@@ -416,31 +616,16 @@ impl Matches<'_> {
             let next = t.get(i + run).copied().unwrap_or(0);
             let digit_after = digit_at(t, i + run + 1);
             let glued = glued_before(t, i);
-            if s.contains(Detector::CreditCard)
-                && !glued
-                && (run >= 13
-                    || ((3..=6).contains(&run) && matches!(next, b' ' | b'-') && digit_after))
-            {
+            if s.contains(Detector::CreditCard) && card_shape(t, i, glued, run, next) {
                 consider(Detector::CreditCard, card(t, i));
             }
-            if s.contains(Detector::UsSsn)
-                && !glued
-                && run == 3
-                && matches!(next, b'-' | b' ')
-                && digit_after
-            {
+            if s.contains(Detector::UsSsn) && ssn_shape(glued, run, next, digit_after) {
                 consider(Detector::UsSsn, ssn(t, i));
             }
-            if s.contains(Detector::Phone)
-                && !glued
-                && (i == 0 || t[i - 1] != b'+')
-                && run <= 5
-                && matches!(next, b' ' | b'-' | b'.')
-                && (digit_after || t.get(i + run + 1) == Some(&b'('))
-            {
+            if s.contains(Detector::Phone) && phone_shape(t, i, glued, run, next, digit_after) {
                 consider(Detector::Phone, phone_national(t, i));
             }
-            if s.contains(Detector::Ipv4) && run <= 3 && next == b'.' && digit_after {
+            if s.contains(Detector::Ipv4) && ipv4_shape(run, next, digit_after) {
                 consider(Detector::Ipv4, ipv4(t, i));
             }
         } else {
@@ -502,7 +687,7 @@ fn domain(t: &[u8], start: usize) -> Option<usize> {
     let mut last_label = start..start;
     loop {
         let k = j;
-        while j < n && (is_an(t[j]) || t[j] == b'-') && j - k <= 63 {
+        while j < n && cls(t[j]) & LABEL != 0 && j - k <= 63 {
             j += 1;
         }
         if j == k || j - k > 63 || t[k] == b'-' || t[j - 1] == b'-' {
@@ -735,6 +920,13 @@ fn scan_phone(t: &[u8], start: usize) -> Option<PhoneScan> {
 
 fn nanp_ok(d: &[u8]) -> bool {
     d.len() == 10 && d[0] >= 2 && d[3] >= 2
+}
+
+/// Whether a national number can start with a group of `run` digits led by `c`: what
+/// [`phone_national`] accepts (a 3-digit NANP area code, the NANP trunk `1`, or a trunk `0` with
+/// a 2 to 5 digit area code), checked before scanning the groups.
+fn phone_first_group_ok(c: u8, run: usize) -> bool {
+    (run == 3 && c >= b'2') || (run == 1 && c == b'1') || (c == b'0' && (2..=5).contains(&run))
 }
 
 /// `+` (E.164) or `(` (national with area code in parentheses).

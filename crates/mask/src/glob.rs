@@ -3,7 +3,8 @@
 use std::fmt;
 
 /// A column pattern. Without a `.` it matches the column name; with one it matches
-/// `table.column` (with or without the table's schema), and never a column whose table is unknown.
+/// `table.column` (with or without the table's schema), or, when the column's table is unknown,
+/// the column part alone (over-masking rather than leaking).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Glob {
     pattern: Vec<u8>,
@@ -27,7 +28,14 @@ impl Glob {
         if !self.qualified {
             return wildcard(&self.pattern, column.as_bytes());
         }
-        let Some(table) = table else { return false };
+        // The table is unknown (an adapter that cannot name a column's source table): match
+        // the column part, so that `customers.card_*` masks more rather than less.
+        let Some(table) = table else {
+            return match self.pattern.iter().rposition(|b| *b == b'.') {
+                Some(dot) => wildcard(&self.pattern[dot + 1..], column.as_bytes()),
+                None => false,
+            };
+        };
         let qualified = format!("{table}.{column}");
         if wildcard(&self.pattern, qualified.as_bytes()) {
             return true;
@@ -92,12 +100,14 @@ mod tests {
     }
 
     #[test]
-    fn qualified_patterns_need_the_table() {
+    fn qualified_patterns_match_the_table_when_it_is_known() {
         let g = Glob::new("customers.card_*");
         assert!(g.matches_column(Some("customers"), "card_number"));
         assert!(g.matches_column(Some("public.Customers"), "CARD_number"));
         assert!(!g.matches_column(Some("orders"), "card_number"));
-        assert!(!g.matches_column(None, "card_number"));
+        // Unknown table: the column part decides, masking more rather than less.
+        assert!(g.matches_column(None, "card_number"));
+        assert!(!g.matches_column(None, "cardnumber"));
         assert!(Glob::new("*.ssn").matches_column(Some("hr.people"), "ssn"));
         assert!(Glob::new("public.customers.*").matches_column(Some("public.customers"), "x"));
     }

@@ -15,13 +15,16 @@
 
 mod detect;
 mod glob;
+mod json_path;
 mod policy;
+mod prefilter;
 mod row;
 mod strategy;
 mod value;
 
 pub use detect::{find, matches, Detector, DetectorSet, Match, Matches, UnknownDetector};
 pub use glob::Glob;
+pub use json_path::{BadJsonPath, JsonPath};
 pub use policy::{
     ColumnInfo, Format, MaskSpec, Outcome, Policy, PolicyError, Reason, RowPlan, Rule, TYPE_NAMES,
 };

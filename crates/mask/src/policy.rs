@@ -26,6 +26,10 @@ pub struct MaskSpec {
     pub types: Vec<String>,
     #[serde(default)]
     pub detectors: Vec<String>,
+    /// Paths inside json/jsonb values (`$.email`, `$.cards[*].number`, `$..ssn`): the selected
+    /// values are masked, in the `columns` given or in every JSON column when none are.
+    #[serde(default)]
+    pub json_paths: Vec<String>,
     #[serde(default = "default_strategy")]
     pub strategy: String,
     /// For `partial`: how many trailing characters stay visible (default 4).
@@ -47,6 +51,7 @@ pub struct Rule {
     pub columns: Vec<Glob>,
     pub type_oids: Vec<u32>,
     pub detectors: DetectorSet,
+    pub json_paths: Vec<crate::json_path::JsonPath>,
     pub strategy: Strategy,
     pub except_groups: Vec<String>,
     pub only_groups: Vec<String>,
@@ -60,7 +65,12 @@ impl Rule {
         self.only_groups.is_empty() || groups.iter().any(|g| self.only_groups.contains(g))
     }
 
+    /// The whole value of `col` (a rule with JSON paths masks inside the value instead).
     fn selects_column(&self, col: &ColumnInfo) -> bool {
+        self.json_paths.is_empty() && self.matches_column(col)
+    }
+
+    fn matches_column(&self, col: &ColumnInfo) -> bool {
         self.type_oids.contains(&col.type_oid)
             || self
                 .columns
@@ -91,8 +101,13 @@ pub enum PolicyError {
     HashWithoutKey { rule: usize },
     #[error("mask rule {rule}: keep_last only applies to strategy \"partial\"")]
     KeepLastWithoutPartial { rule: usize },
-    #[error("mask rule {rule}: selects nothing (give columns, types or detectors)")]
+    #[error("mask rule {rule}: selects nothing (give columns, types, detectors or json_paths)")]
     Empty { rule: usize },
+    #[error("mask rule {rule}: {source}")]
+    JsonPath {
+        rule: usize,
+        source: crate::json_path::BadJsonPath,
+    },
 }
 
 /// PostgreSQL type names accepted in `types`, with their OIDs.
@@ -183,13 +198,24 @@ impl Policy {
                         })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            if spec.columns.is_empty() && type_oids.is_empty() && detectors.is_empty() {
+            let json_paths = spec
+                .json_paths
+                .iter()
+                .map(|p| crate::json_path::JsonPath::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| PolicyError::JsonPath { rule, source })?;
+            if spec.columns.is_empty()
+                && type_oids.is_empty()
+                && detectors.is_empty()
+                && json_paths.is_empty()
+            {
                 return Err(PolicyError::Empty { rule });
             }
             rules.push(Rule {
                 columns: spec.columns.iter().map(|c| Glob::new(c)).collect(),
                 type_oids,
                 detectors,
+                json_paths,
                 strategy,
                 except_groups: spec.except_groups.clone(),
                 only_groups: spec.only_groups.clone(),
@@ -265,10 +291,23 @@ impl Policy {
             whole: None,
             detectors: DetectorSet::EMPTY,
             strategies: [Strategy::Redact; 11],
+            json_paths: Vec::new(),
         };
+        let json = matches!(plan.kind, ValueKind::Json | ValueKind::JsonbBinary);
         for &(idx, rule) in rules {
             if plan.whole.is_none() && rule.selects_column(col) {
                 plan.whole = Some((rule.strategy, Reason::Column { rule: idx }));
+            }
+            let in_scope =
+                rule.columns.is_empty() && rule.type_oids.is_empty() || rule.matches_column(col);
+            // A column the rule names is searched for its paths even as text (`profile::text`).
+            let named_text = plan.kind == ValueKind::Text && rule.matches_column(col);
+            if (json && in_scope) || named_text {
+                plan.json_paths.extend(
+                    rule.json_paths
+                        .iter()
+                        .map(|p| (p.clone(), rule.strategy, idx)),
+                );
             }
             for d in rule.detectors.iter() {
                 if !plan.detectors.contains(d) {
@@ -344,6 +383,7 @@ const NON_TEXT_TYPES: &[u32] = &[
     16, 20, 21, 23, 26, 650, 700, 701, 790, 829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700,
     2950,
 ];
+const UNSCANNED_TEXT_TYPES: &[u32] = &[16, 1082, 1083, 1114, 1184, 1186, 1266, 2950];
 const TEXT_TYPES: &[u32] = &[18, 19, 25, 705, 1042, 1043, 17];
 
 impl ValueKind {
@@ -352,6 +392,9 @@ impl ValueKind {
             (_, 114) => ValueKind::Json,
             (Format::Text, 3802) => ValueKind::Json,
             (Format::Binary, 3802) => ValueKind::JsonbBinary,
+            // Dates, times, booleans and UUIDs cannot carry free text, and their digits would
+            // look like phone numbers (`…05.532057-05`): nothing to scan, as in binary.
+            (Format::Text, o) if UNSCANNED_TEXT_TYPES.contains(&o) => ValueKind::Fixed,
             (Format::Text, o) if NON_TEXT_TYPES.contains(&o) => ValueKind::TypedText,
             (Format::Text, _) => ValueKind::Text,
             (Format::Binary, o) if TEXT_TYPES.contains(&o) => ValueKind::Text,
@@ -372,11 +415,13 @@ pub(crate) struct ColumnPlan {
     pub(crate) whole: Option<(Strategy, Reason)>,
     pub(crate) detectors: DetectorSet,
     pub(crate) strategies: [Strategy; 11],
+    /// For json/jsonb columns: paths to mask inside the value, with strategy and rule index.
+    pub(crate) json_paths: Vec<(crate::json_path::JsonPath, Strategy, usize)>,
 }
 
 impl ColumnPlan {
     fn is_active(&self) -> bool {
-        self.whole.is_some() || !self.detectors.is_empty()
+        self.whole.is_some() || !self.detectors.is_empty() || !self.json_paths.is_empty()
     }
 }
 
@@ -418,6 +463,7 @@ impl RowPlan {
 
     /// Masks one non-NULL value of column `col`. Appends the masked value to `out` only when the
     /// outcome is [`Outcome::Masked`]; columns beyond the plan are left unchanged.
+    #[inline]
     pub fn mask_value(&self, col: usize, value: &[u8], out: &mut Vec<u8>) -> Outcome {
         match self.column(col) {
             Some(plan) if self.active => {
@@ -431,6 +477,43 @@ impl RowPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_in_text_are_not_scanned_by_the_digit_detectors() {
+        let p = Policy::from_specs(
+            &[MaskSpec {
+                detectors: vec!["phone".into(), "credit_card".into()],
+                strategy: "redact".into(),
+                ..Default::default()
+            }],
+            None,
+        )
+        .unwrap();
+        let cols = [
+            ColumnInfo {
+                name: "at".into(),
+                table: None,
+                type_oid: 1184,
+                format: Format::Text,
+            },
+            ColumnInfo {
+                name: "note".into(),
+                table: None,
+                type_oid: 25,
+                format: Format::Text,
+            },
+        ];
+        let plan = p.plan(&cols, &[]);
+        let mut out = Vec::new();
+        assert_eq!(
+            plan.mask_value(0, b"2024-08-08 08:50:05.532057-05", &mut out),
+            Outcome::Unchanged
+        );
+        assert_ne!(
+            plan.mask_value(1, b"call +1 415 555 0100", &mut out),
+            Outcome::Unchanged
+        );
+    }
 
     fn col(name: &str, table: Option<&str>, oid: u32) -> ColumnInfo {
         ColumnInfo {

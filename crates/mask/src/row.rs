@@ -95,10 +95,17 @@ impl<'a> Rewriter<'a> {
     }
 
     /// Replaces `data[from..to]` by the `produced` bytes currently at the end of `out`.
-    fn replace_tail(&mut self, out: &mut Vec<u8>, produced_at: usize, from: usize, to: usize) {
-        let produced = out.len() - produced_at;
-        out.extend_from_slice(&self.data[self.flushed..from]);
-        out[produced_at..].rotate_left(produced);
+    /// `header` goes between the untouched bytes and the produced ones (a field's length).
+    fn replace_tail(
+        &mut self,
+        out: &mut Vec<u8>,
+        produced_at: usize,
+        header: &[u8],
+        from: usize,
+        to: usize,
+    ) {
+        let gap = &self.data[self.flushed..from];
+        insert_at(out, produced_at, gap, header);
         self.flushed = to;
     }
 
@@ -120,6 +127,16 @@ impl<'a> Rewriter<'a> {
         out.truncate(self.start_len);
         Err(e)
     }
+}
+
+/// Inserts `a` then `b` at `at` in `out` (one move of the bytes after `at`, not a rotation).
+fn insert_at(out: &mut Vec<u8>, at: usize, a: &[u8], b: &[u8]) {
+    let old_len = out.len();
+    let k = a.len() + b.len();
+    out.resize(old_len + k, 0);
+    out.copy_within(at..old_len, at + k);
+    out[at..at + a.len()].copy_from_slice(a);
+    out[at + a.len()..at + k].copy_from_slice(b);
 }
 
 fn read_i16(d: &[u8], pos: usize) -> Result<i16, Malformed> {
@@ -176,6 +193,7 @@ impl RowPlan {
         count: usize,
     ) -> Result<(), Malformed> {
         let data = rw.data;
+        let key = self.key.as_deref();
         for column in 0..count {
             let len = read_i32(data, *pos)?;
             let field_start = *pos;
@@ -193,13 +211,16 @@ impl RowPlan {
             let value = &data[*pos..*pos + len as usize];
             *pos += len as usize;
             let produced_at = out.len();
-            match self.mask_value(column, value, out) {
+            // The callers checked that the plan is active.
+            let outcome = match self.column(column) {
+                Some(plan) => crate::value::mask_value(plan, key, value, out),
+                None => Outcome::Unchanged,
+            };
+            match outcome {
                 Outcome::Unchanged => {}
                 Outcome::Masked(reason) => {
                     let new_len = (out.len() - produced_at) as i32;
-                    out.extend_from_slice(&new_len.to_be_bytes());
-                    out[produced_at..].rotate_right(4);
-                    rw.replace_tail(out, produced_at, field_start, *pos);
+                    rw.replace_tail(out, produced_at, &new_len.to_be_bytes(), field_start, *pos);
                     rw.fields.push(MaskedField {
                         column,
                         reason,

@@ -1,8 +1,9 @@
 //! Masking one value according to its column plan: spans of text, JSON strings and numbers,
 //! whole values, and the type-correct fallback (NULL) for non-text types.
 
-use crate::detect::{matches, Detector, DetectorSet};
+use crate::detect::{first_match, scan, try_matches, Detector, DetectorSet, Matches};
 use crate::policy::{ColumnPlan, Outcome, Reason, ValueKind};
+use crate::prefilter::candidates;
 use crate::strategy::{write_mask, MaskKey, Strategy, REDACTED};
 use std::borrow::Cow;
 
@@ -15,8 +16,33 @@ pub(crate) fn mask_spans(
     key: Option<&MaskKey>,
     out: &mut Vec<u8>,
 ) -> Option<Detector> {
-    let mut it = matches(set, text);
+    mask_spans_after(&[], text, set, strategy_of, key, out)
+}
+
+/// [`mask_spans`], writing `prefix` first when anything matched (so that a clean `text` costs
+/// one scan and no write).
+fn mask_spans_after(
+    prefix: &[u8],
+    text: &[u8],
+    set: DetectorSet,
+    strategy_of: impl Fn(Detector) -> Strategy,
+    key: Option<&MaskKey>,
+    out: &mut Vec<u8>,
+) -> Option<Detector> {
+    write_spans(prefix, text, try_matches(set, text)?, strategy_of, key, out)
+}
+
+/// Writes `prefix`, then `text` with the matches of `it` masked, when `it` finds any.
+fn write_spans(
+    prefix: &[u8],
+    text: &[u8],
+    mut it: Matches<'_>,
+    strategy_of: impl Fn(Detector) -> Strategy,
+    key: Option<&MaskKey>,
+    out: &mut Vec<u8>,
+) -> Option<Detector> {
     let first = it.next()?;
+    out.extend_from_slice(prefix);
     let mut last = 0;
     for m in std::iter::once(first.clone()).chain(it) {
         out.extend_from_slice(&text[last..m.range.start]);
@@ -48,6 +74,7 @@ pub fn mask_text<'a>(
     }
 }
 
+#[inline]
 pub(crate) fn mask_value(
     plan: &ColumnPlan,
     key: Option<&MaskKey>,
@@ -57,19 +84,46 @@ pub(crate) fn mask_value(
     if let Some((strategy, reason)) = plan.whole {
         return mask_whole(plan.kind, strategy, reason, key, value, out);
     }
-    if plan.detectors.is_empty() {
+    if !plan.json_paths.is_empty() {
+        if let Some(outcome) = mask_json_paths(plan, key, value, out) {
+            return outcome;
+        }
+    }
+    // The first pass alone settles most values, before any call into the masking below.
+    let set = match plan.kind {
+        ValueKind::Text | ValueKind::Json | ValueKind::TypedText | ValueKind::OpaqueBinary => {
+            candidates(plan.detectors, value)
+        }
+        _ => plan.detectors,
+    };
+    if set.is_empty() {
         return Outcome::Unchanged;
     }
+    mask_content(plan, key, value, set, out)
+}
+
+/// Masks the detector matches of a value; `set` is what the first pass left of the plan's
+/// detectors for text, JSON and typed text (the plan's detectors for the other kinds).
+#[inline(never)]
+fn mask_content(
+    plan: &ColumnPlan,
+    key: Option<&MaskKey>,
+    value: &[u8],
+    set: DetectorSet,
+    out: &mut Vec<u8>,
+) -> Outcome {
     let strategy_of = |d: Detector| plan.strategies[d as usize];
     match plan.kind {
-        ValueKind::Text => match mask_spans(value, plan.detectors, strategy_of, key, out) {
+        ValueKind::Text => match write_spans(&[], value, scan(set, value), strategy_of, key, out) {
             Some(d) => Outcome::Masked(Reason::Detector(d)),
             None => Outcome::Unchanged,
         },
-        ValueKind::Json => match mask_json(value, plan.detectors, strategy_of, key, out) {
-            Some(d) => Outcome::Masked(Reason::Detector(d)),
-            None => Outcome::Unchanged,
-        },
+        ValueKind::Json => {
+            match mask_json_scanned(value, set, plan.detectors, strategy_of, key, out) {
+                Some(d) => Outcome::Masked(Reason::Detector(d)),
+                None => Outcome::Unchanged,
+            }
+        }
         ValueKind::JsonbBinary => {
             let Some((&version, json)) = value.split_first() else {
                 return Outcome::Unchanged;
@@ -84,25 +138,53 @@ pub(crate) fn mask_value(
                 None => Outcome::Unchanged,
             }
         }
-        ValueKind::TypedText | ValueKind::OpaqueBinary => {
-            match matches(plan.detectors, value).next() {
-                Some(m) => Outcome::Null(Reason::Detector(m.detector)),
-                None => Outcome::Unchanged,
-            }
-        }
+        ValueKind::TypedText | ValueKind::OpaqueBinary => match scan(set, value).next() {
+            Some(m) => Outcome::Null(Reason::Detector(m.detector)),
+            None => Outcome::Unchanged,
+        },
         ValueKind::Int8Binary => {
             let Ok(bytes) = <[u8; 8]>::try_from(value) else {
                 return Outcome::Unchanged;
             };
             let mut buf = [0u8; 20];
             let text = render_i64(i64::from_be_bytes(bytes), &mut buf);
-            match matches(plan.detectors, text).next() {
+            match first_match(plan.detectors, text) {
                 Some(m) => Outcome::Null(Reason::Detector(m.detector)),
                 None => Outcome::Unchanged,
             }
         }
         ValueKind::Fixed => Outcome::Unchanged,
     }
+}
+
+/// JSON paths first, then the detectors over what is left; `None` when no path matched (the
+/// value then goes through the detectors alone).
+#[inline(never)]
+fn mask_json_paths(
+    plan: &ColumnPlan,
+    key: Option<&MaskKey>,
+    value: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<Outcome> {
+    let (version, doc) = match plan.kind {
+        ValueKind::JsonbBinary => {
+            let (v, d) = value.split_first()?;
+            (Some(*v), d)
+        }
+        _ => (None, value),
+    };
+    let mut masked = Vec::new();
+    let i = crate::json_path::mask_paths(doc, &plan.json_paths, key, &mut masked)?;
+    let strategy_of = |d: Detector| plan.strategies[d as usize];
+    out.extend(version);
+    let mut scanned = Vec::new();
+    match mask_json(&masked, plan.detectors, strategy_of, key, &mut scanned) {
+        Some(_) => out.extend_from_slice(&scanned),
+        None => out.extend_from_slice(&masked),
+    }
+    Some(Outcome::Masked(Reason::Column {
+        rule: plan.json_paths[i].2,
+    }))
 }
 
 fn mask_whole(
@@ -121,8 +203,7 @@ fn mask_whole(
             // A value that is exactly one detected item keeps that item's partial shape
             // (an e-mail keeps its domain).
             let detector = match strategy {
-                Strategy::Partial { .. } => matches(DetectorSet::all(), value)
-                    .next()
+                Strategy::Partial { .. } => first_match(DetectorSet::all(), value)
                     .filter(|m| m.range.start == 0 && m.range.end == value.len())
                     .map(|m| m.detector),
                 _ => None,
@@ -175,9 +256,25 @@ pub(crate) fn mask_json(
     key: Option<&MaskKey>,
     out: &mut Vec<u8>,
 ) -> Option<Detector> {
+    let first_pass = candidates(set, json);
+    if first_pass.is_empty() {
+        return None;
+    }
+    mask_json_scanned(json, first_pass, set, strategy_of, key, out)
+}
+
+/// [`mask_json`] once the first pass over the whole text left `first_pass` of `set`.
+fn mask_json_scanned(
+    json: &[u8],
+    first_pass: DetectorSet,
+    set: DetectorSet,
+    strategy_of: impl Fn(Detector) -> Strategy + Copy,
+    key: Option<&MaskKey>,
+    out: &mut Vec<u8>,
+) -> Option<Detector> {
     // Pre-filter: quotes and JSON punctuation are boundaries for every detector, so a value
     // with no match in its raw text has none inside its strings or numbers either.
-    matches(set, json).next()?;
+    scan(first_pass, json).next()?;
     let mark = out.len();
     let n = json.len();
     let mut first: Option<Detector> = None;
@@ -196,12 +293,10 @@ pub(crate) fn mask_json(
                 out.truncate(mark);
                 return mask_spans(json, set, strategy_of, key, out);
             }
-            // Check before writing: the clean path must not touch (or allocate) `out`.
-            if matches(set, &json[start..j]).next().is_some() {
-                out.extend_from_slice(&json[copied..start]);
-                if let Some(d) = mask_spans(&json[start..j], set, strategy_of, key, out) {
-                    first.get_or_insert(d);
-                }
+            // One scan of the string; nothing is written unless it matches.
+            let (before, string) = (&json[copied..start], &json[start..j]);
+            if let Some(d) = mask_spans_after(before, string, set, strategy_of, key, out) {
+                first.get_or_insert(d);
                 copied = j;
             }
             i = j + 1;
@@ -210,7 +305,7 @@ pub(crate) fn mask_json(
             while i < n && matches!(json[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
                 i += 1;
             }
-            if let Some(m) = matches(set, &json[start..i]).next() {
+            if let Some(m) = first_match(set, &json[start..i]) {
                 first.get_or_insert(m.detector);
                 out.extend_from_slice(&json[copied..start]);
                 match strategy_of(m.detector) {

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 struct Entry {
     secret: Vec<u8>,
+    /// Wakes the session when it holds a command for review, so that a cancel withdraws it.
+    held: Arc<tokio::sync::Notify>,
     target: Arc<UpstreamTarget>,
     upstream_pid: i32,
     upstream_secret: Vec<u8>,
@@ -20,6 +22,7 @@ pub struct CancelRegistry {
 /// What a matched CancelRequest resolves to.
 pub struct CancelTarget {
     pub target: Arc<UpstreamTarget>,
+    pub held: Arc<tokio::sync::Notify>,
     pub pid: i32,
     pub secret: Vec<u8>,
 }
@@ -32,6 +35,7 @@ impl CancelRegistry {
         target: Arc<UpstreamTarget>,
         upstream_pid: i32,
         upstream_secret: Vec<u8>,
+        held: Arc<tokio::sync::Notify>,
     ) -> (i32, Vec<u8>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -47,6 +51,7 @@ impl CancelRegistry {
                 pid,
                 Entry {
                     secret: secret.clone(),
+                    held,
                     target,
                     upstream_pid,
                     upstream_secret,
@@ -75,6 +80,7 @@ impl CancelRegistry {
                 == 0;
         equal.then(|| CancelTarget {
             target: e.target.clone(),
+            held: e.held.clone(),
             pid: e.upstream_pid,
             secret: e.upstream_secret.clone(),
         })

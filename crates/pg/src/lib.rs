@@ -6,6 +6,7 @@
 //! event); it must not decide policy or implement masking itself, and it never logs secrets.
 
 mod cancel;
+mod filter;
 pub mod io;
 pub mod proto;
 mod relay;
@@ -40,6 +41,80 @@ pub struct PgGateway {
     pub audit_fail_closed: bool,
     /// How long a command may wait for its audit event before it is refused.
     pub audit_timeout: Duration,
+    /// Record command and result events (`server.record_commands`; false only for benchmarks).
+    pub record_commands: bool,
     /// The gateway's live upstream connections (for `tollgate scan`'s bypass detection).
     pub upstreams: UpstreamRegistry,
+    /// The review workflow that holds commands for approval (`None`: a `review` rule refuses).
+    pub reviews: Option<Arc<tollgate_review::Reviews>>,
+    /// How long an approval may be reused by the same statement after a restart.
+    pub review_rerun_window: Duration,
+}
+
+/// The masking key for `hash` from `server.mask_key_env`/`mask_key_file`: 64+ hex digits, or
+/// at least 32 raw bytes. `Ok(None)` when none is configured. The error never shows the key.
+pub fn load_mask_key(
+    source: &tollgate_config::SecretSource,
+) -> Result<Option<tollgate_mask::MaskKey>, String> {
+    let Some(secret) = source.read()? else {
+        return Ok(None);
+    };
+    let secret = secret.trim();
+    let hex = secret.len() % 2 == 0 && secret.bytes().all(|b| b.is_ascii_hexdigit());
+    let key = if hex {
+        tollgate_mask::MaskKey::from_hex(secret)
+    } else {
+        tollgate_mask::MaskKey::new(secret.as_bytes())
+    };
+    key.map(Some).map_err(|e| format!("server.mask_key: {e}"))
+}
+
+/// A resource's `[[resources.masks]]`, compiled; `Ok(None)` when it has none.
+pub fn masking_policy(
+    resource: &tollgate_config::Resource,
+    key: Option<tollgate_mask::MaskKey>,
+) -> Result<Option<tollgate_mask::Policy>, tollgate_mask::PolicyError> {
+    compile_masks(resource, key, false)
+}
+
+/// The same rules for everyone (no group exceptions): what the audit record's captured rows
+/// are masked with, so that no original value is stored even when the viewer was exempt.
+pub fn audit_masking_policy(
+    resource: &tollgate_config::Resource,
+    key: Option<tollgate_mask::MaskKey>,
+) -> Result<Option<tollgate_mask::Policy>, tollgate_mask::PolicyError> {
+    compile_masks(resource, key, true)
+}
+
+fn compile_masks(
+    resource: &tollgate_config::Resource,
+    key: Option<tollgate_mask::MaskKey>,
+    for_everyone: bool,
+) -> Result<Option<tollgate_mask::Policy>, tollgate_mask::PolicyError> {
+    if resource.masks.is_empty() {
+        return Ok(None);
+    }
+    let specs: Vec<tollgate_mask::MaskSpec> = resource
+        .masks
+        .iter()
+        .map(|m| tollgate_mask::MaskSpec {
+            columns: m.columns.clone(),
+            types: m.types.clone(),
+            detectors: m.detectors.clone(),
+            json_paths: m.json_paths.clone(),
+            strategy: m.strategy.clone(),
+            keep_last: m.keep_last,
+            except_groups: if for_everyone {
+                vec![]
+            } else {
+                m.except_groups.clone()
+            },
+            only_groups: if for_everyone {
+                vec![]
+            } else {
+                m.only_groups.clone()
+            },
+        })
+        .collect();
+    tollgate_mask::Policy::from_specs(&specs, key).map(Some)
 }

@@ -6,6 +6,7 @@
 //! *before* its bytes are forwarded — that is where a policy decision will sit — and every
 //! response message passes through one place — where a masking filter will sit.
 
+use crate::filter::{copy_format_of, Filter, Verdict};
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend::{self, ParamValue};
 use crate::proto::next_frame;
@@ -18,9 +19,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tollgate_identity::Identity;
+use tollgate_mask::{CopyFormat, RowPlan};
 use tollgate_metrics::registry;
+use tollgate_policy::{Caller, Decision, ResourcePolicy, SessionPolicy};
+use tollgate_review::{NewReview, Review, ReviewKind, Reviewer, Reviews, Verdict as ReviewVerdict};
 use tollgate_store::EventInput;
 
 const READ_BUF: usize = 64 * 1024;
@@ -66,14 +72,43 @@ pub(crate) struct RelayEnd {
     pub upstream_secret: Vec<u8>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// A request whose answer the response direction still expects, in the order sent.
+#[derive(Clone, PartialEq, Eq)]
 enum Kind {
     /// A simple Query or FunctionCall: complete at ReadyForQuery.
-    Query,
+    Query {
+        copy: Option<CopyFormat>,
+    },
     /// An extended-protocol Execute: complete at CommandComplete/EmptyQuery/PortalSuspended/Error.
-    Execute,
+    Execute {
+        portal: String,
+        copy: Option<CopyFormat>,
+    },
     /// A Sync: the end of an extended-protocol pipeline.
     Sync,
+    // Only tracked when the session filters responses (masking or result capture):
+    Parse(String),
+    Bind {
+        portal: String,
+        statement: String,
+        formats: Vec<i16>,
+    },
+    /// `injected`: sent by the gateway to learn a result's shape; its answer is not forwarded.
+    Describe {
+        kind: u8,
+        name: String,
+        injected: bool,
+    },
+    Close {
+        kind: u8,
+        name: String,
+    },
+}
+
+impl Kind {
+    fn is_command(&self) -> bool {
+        matches!(self, Kind::Query { .. } | Kind::Execute { .. })
+    }
 }
 
 struct Pending {
@@ -83,14 +118,20 @@ struct Pending {
     rows: u64,
     tag: Option<String>,
     error: Option<String>,
+    /// The command was refused by the gateway: it was replaced upstream by a statement that
+    /// fails, and the client gets this ErrorResponse instead of that failure.
+    denial: Option<Vec<u8>>,
 }
 
-/// Commands forwarded and not yet answered, in order; shared by the two directions.
+/// Requests forwarded and not yet answered, in order; shared by the two directions. Finished
+/// commands are handed back to the response direction, which records their results.
 struct Tracker<'a> {
     pending: Mutex<VecDeque<Pending>>,
     next: AtomicU64,
     log: &'a SessionLog,
 }
+
+type Finished = Vec<(Pending, &'static str)>;
 
 impl Tracker<'_> {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
@@ -98,10 +139,10 @@ impl Tracker<'_> {
     }
 
     fn push(&self, kind: Kind) -> u64 {
-        let n = if kind == Kind::Sync {
-            0
-        } else {
+        let n = if kind.is_command() {
             self.next.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
         };
         self.lock().push_back(Pending {
             n,
@@ -110,96 +151,158 @@ impl Tracker<'_> {
             rows: 0,
             tag: None,
             error: None,
+            denial: None,
         });
         n
     }
 
-    fn emit(&self, p: &Pending, outcome: &str) {
-        self.log.event(
-            "result",
-            json!({
-                "n": p.n,
-                "outcome": outcome,
-                "sqlstate": p.error,
-                "rows": p.rows,
-                "tag": p.tag,
-                "duration_us": p.started.elapsed().as_micros() as u64,
-            }),
-        );
+    /// Command `n` was refused: its answer becomes `error`.
+    fn deny(&self, n: u64, error: Vec<u8>) {
+        let mut q = self.lock();
+        if let Some(p) = q.iter_mut().rev().find(|p| p.n == n && p.kind.is_command()) {
+            p.denial = Some(error);
+        }
     }
 
-    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
-    fn complete(&self, rows: u64, tag: String) {
+    /// The ErrorResponse to send for the oldest command, when the gateway refused it.
+    fn take_denial(&self) -> Option<Vec<u8>> {
+        // Only when the command is next: otherwise the error answers an earlier request.
         let mut q = self.lock();
-        let Some(i) = q.iter().position(|p| p.kind != Kind::Sync) else {
+        q.front_mut()
+            .filter(|p| p.kind.is_command())
+            .and_then(|p| p.denial.take())
+    }
+
+    fn emit(&self, p: &Pending, outcome: &str, extra: Option<Value>) {
+        if !self.log.records_commands() {
             return;
-        };
+        }
+        let mut payload = json!({
+            "n": p.n,
+            "outcome": outcome,
+            "sqlstate": p.error,
+            "rows": p.rows,
+            "tag": p.tag,
+            "duration_us": p.started.elapsed().as_micros() as u64,
+        });
+        if let Some(Value::Object(extra)) = extra {
+            payload.as_object_mut().expect("an object").extend(extra);
+        }
+        self.log.event("result", payload);
+    }
+
+    /// The oldest request still waiting for its answer.
+    fn front(&self) -> Option<Kind> {
+        self.lock().front().map(|p| p.kind.clone())
+    }
+
+    /// Removes the oldest request when it is of the kind a response answers.
+    fn pop_if(&self, answers: impl Fn(&Kind) -> bool) -> Option<Kind> {
+        let mut q = self.lock();
+        if q.front().is_some_and(|p| answers(&p.kind)) {
+            q.pop_front().map(|p| p.kind)
+        } else {
+            None
+        }
+    }
+
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended: an Execute is finished; a
+    /// Query's statement adds its rows.
+    fn complete(&self, rows: u64, tag: String) -> Option<Pending> {
+        let mut q = self.lock();
+        let i = q.iter().position(|p| p.kind.is_command())?;
         match q[i].kind {
-            Kind::Execute => {
+            Kind::Execute { .. } => {
                 let mut p = q.remove(i).expect("index is in range");
-                drop(q);
                 p.rows = rows;
                 p.tag = Some(tag);
-                self.emit(&p, "ok");
+                Some(p)
             }
             _ => {
                 let p = &mut q[i];
                 p.rows += rows;
                 p.tag = Some(tag);
+                None
             }
         }
     }
 
-    /// ErrorResponse: fails the current command; PostgreSQL skips the rest of the pipeline up to Sync.
-    fn error(&self, code: String) {
+    /// The gateway answered the current command with an error of its own (a refused COPY)
+    /// while the server went on: an Execute is finished; a Query is marked failed.
+    fn refused(&self, code: &str) -> Option<Pending> {
         let mut q = self.lock();
-        let Some(i) = q.iter().position(|p| p.kind != Kind::Sync) else {
-            return;
-        };
-        if q[i].kind == Kind::Query {
-            q[i].error = Some(code);
-            return;
+        let i = q.iter().position(|p| p.kind.is_command())?;
+        if matches!(q[i].kind, Kind::Execute { .. }) {
+            let mut p = q.remove(i).expect("index is in range");
+            p.error = Some(code.into());
+            return Some(p);
         }
-        let mut failed = q.remove(i).expect("index is in range");
-        failed.error = Some(code);
-        let mut skipped = Vec::new();
-        while q.get(i).is_some_and(|p| p.kind == Kind::Execute) {
-            skipped.extend(q.remove(i));
+        q[i].error = Some(code.into());
+        None
+    }
+
+    /// ErrorResponse: fails the oldest request; PostgreSQL skips the rest of the pipeline up to
+    /// Sync. An error at Sync itself (a failed implicit commit) fails nothing still queued.
+    fn error(&self, code: String) -> Finished {
+        let mut q = self.lock();
+        match q.front().map(|p| &p.kind) {
+            None | Some(Kind::Sync) => return Vec::new(),
+            Some(Kind::Query { .. }) => {
+                q[0].error = Some(code);
+                return Vec::new();
+            }
+            _ => {}
         }
-        drop(q);
-        self.emit(&failed, "error");
-        for p in &skipped {
-            self.emit(p, "skipped");
+        let mut failed = q.pop_front().expect("front exists");
+        let mut done = Vec::new();
+        if failed.kind.is_command() {
+            failed.error = Some(code);
+            done.push((failed, "error"));
+        } else if let Some(i) = q.iter().position(|p| p.kind.is_command()) {
+            // A Parse, Bind or Describe failed: the command it prepared is the one that failed.
+            if i == 0 || q.iter().take(i).all(|p| !matches!(p.kind, Kind::Sync)) {
+                let mut p = q.remove(i).expect("index is in range");
+                p.error = Some(code);
+                done.push((p, "error"));
+            }
         }
+        while q
+            .front()
+            .is_some_and(|p| !matches!(p.kind, Kind::Sync | Kind::Query { .. }))
+        {
+            let p = q.pop_front().expect("front exists");
+            if p.kind.is_command() {
+                done.push((p, "skipped"));
+            }
+        }
+        done
     }
 
     /// ReadyForQuery: everything up to the first Sync or Query is finished.
-    fn ready(&self) {
+    fn ready(&self) -> Finished {
         let mut done = Vec::new();
-        {
-            let mut q = self.lock();
-            while let Some(p) = q.pop_front() {
-                let boundary = p.kind != Kind::Execute;
-                done.push(p);
-                if boundary {
-                    break;
-                }
+        let mut q = self.lock();
+        while let Some(p) = q.pop_front() {
+            let boundary = matches!(p.kind, Kind::Sync | Kind::Query { .. });
+            if p.kind.is_command() {
+                let outcome = match (&p.kind, &p.error) {
+                    (Kind::Execute { .. }, _) => "skipped",
+                    (_, Some(_)) => "error",
+                    _ => "ok",
+                };
+                done.push((p, outcome));
+            }
+            if boundary {
+                break;
             }
         }
-        for p in done.iter().filter(|p| p.kind != Kind::Sync) {
-            let outcome = match (p.kind, &p.error) {
-                (Kind::Execute, _) => "skipped",
-                (_, Some(_)) => "error",
-                _ => "ok",
-            };
-            self.emit(p, outcome);
-        }
+        done
     }
 
-    /// Drop command `n` (never forwarded) and the Syncs after it.
+    /// Drop command `n` (never forwarded) and everything queued after it.
     fn forget(&self, n: u64) {
         let mut q = self.lock();
-        if let Some(i) = q.iter().position(|p| p.n == n && p.kind != Kind::Sync) {
+        if let Some(i) = q.iter().position(|p| p.n == n && p.kind.is_command()) {
             q.truncate(i);
         }
     }
@@ -210,10 +313,10 @@ impl Tracker<'_> {
         let left: Vec<Pending> = self
             .lock()
             .drain(..)
-            .filter(|p| p.kind != Kind::Sync)
+            .filter(|p| p.kind.is_command())
             .collect();
         for p in &left {
-            self.emit(p, "interrupted");
+            self.emit(p, "interrupted", None);
         }
         !left.is_empty()
     }
@@ -224,13 +327,28 @@ enum Stop {
     Protocol(String),
 }
 
+/// Who is on the client side of a relay.
+pub(crate) struct Client<'a> {
+    pub identity: &'a Identity,
+    /// Notified when the client sends a CancelRequest (withdraws a held command).
+    pub held: &'a tokio::sync::Notify,
+    /// An approved unmask review lifts masking for this session.
+    pub unmasked: bool,
+}
+
 pub(crate) async fn run(
     gw: &PgGateway,
     log: &SessionLog,
     target: &UpstreamTarget,
     client: tokio_rustls::server::TlsStream<TcpStream>,
     up: Connected,
+    caller: Client<'_>,
 ) -> RelayEnd {
+    let Client {
+        identity,
+        held,
+        unmasked,
+    } = caller;
     let Connected {
         stream,
         pid: upstream_pid,
@@ -238,7 +356,9 @@ pub(crate) async fn run(
         leftover,
         ..
     } = up;
-    let (mut crd, mut cwr) = tokio::io::split(client);
+    let (mut crd, cwr) = tokio::io::split(client);
+    // Both directions write to the client: responses, and the notice of a held command.
+    let client_out = tokio::sync::Mutex::new(cwr);
     let (mut urd, mut uwr) = tokio::io::split(stream);
     let tracker = Tracker {
         pending: Mutex::new(VecDeque::new()),
@@ -253,11 +373,44 @@ pub(crate) async fn run(
         &[("resource", &target.resource.name)],
     );
     let limit = gw.max_message;
+    let resource = &target.resource;
+    let filter = Filter::new(
+        target.mask.clone().filter(|_| !unmasked),
+        target.audit_mask.clone(),
+        &identity.groups,
+        resource.capture_results.then_some(resource.capture_bytes),
+        &resource.name,
+    );
+    let track = filter.is_some();
+    // Statement texts and parameters are recorded with the content detectors applied, so a
+    // literal in a statement does not put an original value in the audit record.
+    let redact = target.audit_mask.as_ref().map(|p| p.text_plan(&[]));
+
+    let guard = target.policy.as_ref().map(|p| Guard {
+        session: p.session(),
+        policy: p,
+        subject: &identity.subject,
+        groups: &identity.groups,
+        resource: &target.resource,
+        reviews: gw.reviews.clone(),
+        rerun_window: gw.review_rerun_window,
+        held,
+        client: &client_out,
+    });
+    let side = ClientSide {
+        gw,
+        tracker: &tracker,
+        bytes: &from_client,
+        commands: &commands,
+        track,
+        redact: redact.as_ref(),
+    };
 
     let stop = tokio::select! {
-        s = client_to_upstream(gw, &mut crd, &mut uwr, &tracker, &from_client, &commands) => s,
-        s = upstream_to_client(&mut urd, &mut cwr, &tracker, &to_client, leftover, limit) => s,
+        s = client_to_upstream(&side, &mut crd, &mut uwr, guard) => s,
+        s = upstream_to_client(&mut urd, &client_out, &tracker, &to_client, leftover, limit, filter) => s,
     };
+    let mut cwr = client_out.into_inner();
     let (outcome, error) = match stop {
         Stop::Outcome(o) => (o, None),
         Stop::Protocol(e) => (Outcome::ProtocolError, Some(e)),
@@ -319,29 +472,128 @@ pub(crate) async fn run(
     }
 }
 
-/// Statement and portal texts, so an Execute can be recorded with the SQL it runs.
+/// Statement and portal texts, so an Execute can be recorded with the SQL it runs, and (when
+/// responses are filtered) whether the client had their result shape described.
 #[derive(Default)]
 struct Prepared {
-    statements: HashMap<String, Arc<str>>,
-    portals: HashMap<String, (Arc<str>, Value)>,
+    statements: HashMap<String, Statement>,
+    portals: HashMap<String, PortalText>,
 }
 
-async fn client_to_upstream<R, W>(
-    gw: &PgGateway,
+#[derive(Clone)]
+struct Statement {
+    text: Arc<str>,
+    described: bool,
+}
+
+#[derive(Clone)]
+struct PortalText {
+    text: Arc<str>,
+    /// The prepared statement it runs.
+    statement: String,
+    params: Value,
+    described: bool,
+}
+
+/// Rewrites a batch of messages: the untouched runs are copied as they are, and nothing is
+/// copied at all while nothing changes (the common case forwards the read buffer itself).
+#[derive(Default)]
+struct Splice {
+    out: Vec<u8>,
+    flushed: usize,
+    active: bool,
+}
+
+impl Splice {
+    /// Replace `buf[start..end]` (one message) by `with` (zero or more messages).
+    fn replace(&mut self, buf: &[u8], start: usize, end: usize, with: &[u8]) {
+        self.out.extend_from_slice(&buf[self.flushed..start]);
+        self.out.extend_from_slice(with);
+        self.flushed = end;
+        self.active = true;
+    }
+
+    /// The bytes to send for `buf[..end]`, or `None` when they are `buf[..end]` unchanged.
+    fn finish(&mut self, buf: &[u8], end: usize) -> Option<Vec<u8>> {
+        if !self.active {
+            return None;
+        }
+        self.out.extend_from_slice(&buf[self.flushed..end]);
+        self.flushed = 0;
+        self.active = false;
+        Some(std::mem::take(&mut self.out))
+    }
+}
+
+/// What the client-to-upstream direction shares with the rest of the relay.
+struct ClientSide<'a> {
+    gw: &'a PgGateway,
+    tracker: &'a Tracker<'a>,
+    bytes: &'a AtomicU64,
+    commands: &'a tollgate_metrics::Cell,
+    /// Queue every request whose answer carries a result shape (the session filters responses).
+    track: bool,
+    /// Content detectors for the recorded statement texts and parameters.
+    redact: Option<&'a RowPlan>,
+}
+
+/// The guardrails of a session: the resource's rules with this session's prepared statements,
+/// and what a hold for review needs.
+struct Guard<'a, CW> {
+    session: SessionPolicy,
+    policy: &'a ResourcePolicy,
+    subject: &'a str,
+    groups: &'a [String],
+    resource: &'a tollgate_config::Resource,
+    reviews: Option<Arc<Reviews>>,
+    /// How long an approval may be reused by the same statement after a restart.
+    rerun_window: std::time::Duration,
+    /// Notified when the client sends a CancelRequest.
+    held: &'a tokio::sync::Notify,
+    client: &'a tokio::sync::Mutex<CW>,
+}
+
+/// What the relay does with a refused command upstream: it sends a statement that fails in its
+/// place, so that PostgreSQL itself aborts the pipeline (and the transaction block) exactly as
+/// for a real error, and the client's answer stays in order.
+fn failing_stand_in(tag: u8) -> Vec<u8> {
+    if tag != b'E' {
+        // Query and FunctionCall: an error, then ReadyForQuery.
+        frontend::query("TOLLGATE REFUSED THIS STATEMENT")
+    } else {
+        // A Parse of a named statement that never exists: the unnamed one is left alone.
+        let body = b"tollgate_refused\0TOLLGATE REFUSED THIS STATEMENT\0\0\0";
+        let mut m = vec![b'P'];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+}
+
+async fn client_to_upstream<R, W, CW>(
+    side: &ClientSide<'_>,
     rd: &mut R,
     wr: &mut W,
-    tracker: &Tracker<'_>,
-    bytes: &AtomicU64,
-    commands: &tollgate_metrics::Cell,
+    mut guard: Option<Guard<'_, CW>>,
 ) -> Stop
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
 {
+    let ClientSide {
+        gw,
+        tracker,
+        bytes,
+        commands,
+        track,
+        redact,
+    } = *side;
     let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut prepared = Prepared::default();
     let mut events: Vec<EventInput> = Vec::new();
+    let mut splice = Splice::default();
     loop {
         match rd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return Stop::Outcome(Outcome::ClientGone),
@@ -362,49 +614,398 @@ where
                 }
             };
             let body = f.body(&buf[pos..]);
-            match inspect_client(f.tag, body, &mut prepared, tracker, &mut events) {
-                Ok(true) => commands.inc(),
+            let mut inject = None;
+            let mut decision = None;
+            match inspect_client(
+                f.tag,
+                body,
+                &mut prepared,
+                tracker,
+                &mut events,
+                track.then_some(&mut inject),
+                guard.as_mut().map(|g| {
+                    let who = Caller {
+                        subject: g.subject,
+                        groups: g.groups,
+                    };
+                    (&mut g.session, g.policy, who, &mut decision)
+                }),
+            ) {
+                Ok(true) => {
+                    commands.inc();
+                    if let (Some(plan), Some(ev)) = (redact, events.last_mut()) {
+                        redact_event(&mut ev.payload, plan);
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => {
                     stop = Some(Stop::Protocol(e));
                     break;
                 }
             }
-            pos += f.total_len;
+            let n = events
+                .last()
+                .and_then(|e| e.payload["n"].as_u64())
+                .unwrap_or(0);
+            let refusal: Option<(&'static str, String, Option<String>)> = match decision {
+                None | Some(Decision::Allow { .. }) => None,
+                Some(Decision::Deny { message, .. }) => Some(("42501", message, None)),
+                Some(Decision::Review {
+                    rule,
+                    approvers,
+                    min_approvals,
+                    timeout,
+                }) => {
+                    let g = guard.as_mut().expect("a decision comes from a guard");
+                    let original = statement_of(f.tag, body, &prepared);
+                    let shown = events
+                        .last()
+                        .and_then(|e| e.payload["text"].as_str())
+                        .unwrap_or_default()
+                        .to_string();
+                    let ask = Ask {
+                        n,
+                        shown,
+                        sha256: hex::encode(ring::digest::digest(
+                            &ring::digest::SHA256,
+                            original.as_bytes(),
+                        )),
+                        rule,
+                        approvers,
+                        min_approvals,
+                        timeout,
+                    };
+                    match open_review(g, tracker, &ask) {
+                        Err(Held::Run) => None,
+                        Err(Held::Refuse(code, msg, hint)) => Some((code, msg, hint)),
+                        Err(Held::ClientGone) => return Stop::Outcome(Outcome::ClientGone),
+                        Ok(review) => {
+                            if let Some(ev) = events.last_mut() {
+                                ev.payload["review"] = json!(review.id);
+                            }
+                            // Everything before the held command goes upstream now, with the
+                            // events (the held command's too: it is recorded before it waits).
+                            if let Err(stop) =
+                                forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events)
+                                    .await
+                            {
+                                return stop;
+                            }
+                            pos = 0;
+                            match await_review(
+                                g, tracker, rd, &mut buf, bytes, limit, &ask, &review,
+                            )
+                            .await
+                            {
+                                Held::Run => None,
+                                Held::Refuse(code, msg, hint) => Some((code, msg, hint)),
+                                Held::ClientGone => return Stop::Outcome(Outcome::ClientGone),
+                            }
+                        }
+                    }
+                }
+            };
+            let end = pos + f.total_len;
+            if let Some((code, msg, hint)) = refusal {
+                // A Describe queued for this Execute still goes first: its answer is expected.
+                let mut with = inject.unwrap_or_default();
+                with.extend_from_slice(&failing_stand_in(f.tag));
+                splice.replace(&buf, pos, end, &with);
+                tracker.deny(
+                    n,
+                    backend::error(Severity::Error, code, &msg, hint.as_deref()),
+                );
+            } else if let Some(describe) = inject {
+                let mut with = describe;
+                with.extend_from_slice(&buf[pos..end]);
+                splice.replace(&buf, pos, end, &with);
+            }
+            pos = end;
             if f.tag == b'X' {
                 stop = Some(Stop::Outcome(Outcome::Closed));
                 break;
             }
         }
-        // The commands of this batch reach the upstream only once their events are in the audit
-        // journal (one write per round trip). Fail closed refuses them when that is impossible.
-        if !events.is_empty() {
-            if let Err(e) = gw.recorder.append(&events) {
-                if gw.audit_fail_closed {
-                    tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written");
-                    // Keep the evidence of what was refused, and do not await answers to it.
-                    for mut ev in events.drain(..) {
-                        tracker.forget(ev.payload["n"].as_u64().unwrap_or(0));
-                        ev.kind = "command.refused".into();
-                        ev.payload["reason"] = json!("audit_unavailable");
-                        gw.recorder.record(ev);
-                    }
-                    return Stop::Outcome(Outcome::AuditUnavailable);
-                }
-                tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written; forwarding anyway (audit_failure = open)");
-            }
-            events.clear();
-        }
-        if pos > 0 {
-            let chunk = buf.split_to(pos);
-            if wr.write_all(&chunk).await.is_err() || wr.flush().await.is_err() {
-                return Stop::Outcome(Outcome::UpstreamLost);
-            }
+        if let Err(stop) = forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events).await {
+            return stop;
         }
         if let Some(stop) = stop {
             return stop;
         }
         reserve_for_next(&mut buf, limit);
+    }
+}
+
+/// A command held for review.
+struct Ask {
+    n: u64,
+    /// The statement as recorded (content detectors applied), for reviewers.
+    shown: String,
+    /// SHA-256 of the statement as the client sent it (an approval survives a restart by it).
+    sha256: String,
+    rule: String,
+    approvers: Vec<String>,
+    min_approvals: u32,
+    timeout: std::time::Duration,
+}
+
+enum Held {
+    Run,
+    Refuse(&'static str, String, Option<String>),
+    ClientGone,
+}
+
+/// The text a held message runs: a Query's SQL, or an Execute's prepared statement.
+fn statement_of(tag: u8, body: &[u8], prepared: &Prepared) -> String {
+    match tag {
+        b'Q' => frontend::parse_query(body).unwrap_or_default(),
+        b'E' => frontend::parse_execute(body)
+            .ok()
+            .and_then(|e| prepared.portals.get(&e.portal))
+            .map(|p| p.text.to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Opens the review of a held command (`Err` when it runs or is refused without one: an
+/// approval of the same statement kept from before a restart, or no review service).
+fn open_review<CW>(g: &Guard<'_, CW>, tracker: &Tracker<'_>, ask: &Ask) -> Result<Review, Held> {
+    let Some(reviews) = g.reviews.as_ref() else {
+        return Err(Held::Refuse(
+            "42501",
+            format!("this statement needs a review (rule \"{}\"), and this gateway has no review service", ask.rule),
+            None,
+        ));
+    };
+    if let Some(r) =
+        reviews.take_approved_rerun(g.subject, &g.resource.name, &ask.sha256, g.rerun_window)
+    {
+        tracker
+            .log
+            .event("review.rerun", json!({"n": ask.n, "review": r.id}));
+        return Err(Held::Run);
+    }
+    let request = NewReview {
+        kind: ReviewKind::Command,
+        session_id: Some(tracker.log.id.clone()),
+        resource: g.resource.name.clone(),
+        requester: Reviewer {
+            subject: g.subject.to_string(),
+            groups: g.groups.to_vec(),
+        },
+        rule: Some(ask.rule.clone()),
+        statement: Some(ask.shown.clone()),
+        statement_sha256: Some(ask.sha256.clone()),
+        approvers: ask.approvers.clone(),
+        min_approvals: ask.min_approvals,
+        timeout: ask.timeout,
+        reason: None,
+        access_for: None,
+    };
+    reviews.request(request).map_err(|e| {
+        tracing::error!(session = %tracker.log.id, error = %e, "could not open a review");
+        Held::Refuse(
+            "58030",
+            "tollgate could not open a review for this statement, so it was not run".into(),
+            Some("try again later or contact the gateway's operator".into()),
+        )
+    })
+}
+
+/// Tells the client its command is held, then waits for the decision, the deadline, a cancel
+/// or the client's disconnection (which withdraws the review).
+#[allow(clippy::too_many_arguments)]
+async fn await_review<R, CW>(
+    g: &Guard<'_, CW>,
+    tracker: &Tracker<'_>,
+    rd: &mut R,
+    buf: &mut BytesMut,
+    bytes: &AtomicU64,
+    limit: usize,
+    ask: &Ask,
+    review: &Review,
+) -> Held
+where
+    R: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let reviews = g.reviews.as_ref().expect("a review was opened");
+    let where_ = review
+        .url
+        .as_deref()
+        .map(|u| format!(" or at {u}"))
+        .unwrap_or_default();
+    let msg = format!(
+        "tollgate: this statement needs approval (rule \"{}\"); it is held as review {} until it is approved or denied, for at most {}",
+        ask.rule,
+        review.id,
+        tollgate_review::format_duration(ask.timeout)
+    );
+    let hint = format!(
+        "a reviewer approves with `tollgate reviews approve {}`{where_}",
+        review.id
+    );
+    let notice = backend::error(Severity::Notice, "00000", &msg, Some(&hint));
+    {
+        let mut c = g.client.lock().await;
+        if c.write_all(&notice).await.is_err() || c.flush().await.is_err() {
+            reviews.withdraw(&review.id);
+            return Held::ClientGone;
+        }
+    }
+    let held_since = Instant::now();
+    let wait = reviews.wait(&review.id);
+    tokio::pin!(wait);
+    let cancelled = g.held.notified();
+    tokio::pin!(cancelled);
+    let verdict = loop {
+        tokio::select! {
+            v = &mut wait => break v,
+            _ = &mut cancelled => {
+                reviews.withdraw(&review.id);
+                break ReviewVerdict::Withdrawn;
+            }
+            // The client may pipeline more (kept for later) or go away (the review is withdrawn).
+            r = rd.read_buf(buf), if buf.len() < limit => match r {
+                Ok(0) | Err(_) => {
+                    reviews.withdraw(&review.id);
+                    return Held::ClientGone;
+                }
+                Ok(n) => {
+                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            },
+        }
+    };
+    let waited_ms = held_since.elapsed().as_millis() as u64;
+    let (outcome, held) = match verdict {
+        ReviewVerdict::Approved { reviewers } => {
+            tracker.log.event(
+                "review.approved",
+                json!({"n": ask.n, "review": review.id, "reviewers": reviewers, "waited_ms": waited_ms}),
+            );
+            return Held::Run;
+        }
+        ReviewVerdict::Denied { reviewer, reason } => (
+            "denied",
+            Held::Refuse(
+                "42501",
+                format!(
+                    "review {} denied by {reviewer}: {}",
+                    review.id,
+                    reason.as_deref().unwrap_or("no reason given")
+                ),
+                None,
+            ),
+        ),
+        ReviewVerdict::Expired => (
+            "expired",
+            Held::Refuse(
+                "42501",
+                format!(
+                    "review {} expired after {} without a decision; the statement was not run",
+                    review.id,
+                    tollgate_review::format_duration(ask.timeout)
+                ),
+                Some("ask a reviewer to decide sooner, then run it again".into()),
+            ),
+        ),
+        ReviewVerdict::Withdrawn => (
+            "withdrawn",
+            Held::Refuse(
+                "57014",
+                "canceling statement due to user request".into(),
+                None,
+            ),
+        ),
+        ReviewVerdict::Unavailable(e) => {
+            tracing::error!(session = %tracker.log.id, review = %review.id, error = %e, "review unavailable");
+            (
+                "unavailable",
+                Held::Refuse(
+                    "58030",
+                    format!(
+                        "tollgate could not read review {}, so the statement was not run",
+                        review.id
+                    ),
+                    None,
+                ),
+            )
+        }
+    };
+    tracker.log.event(
+        "review.refused",
+        json!({"n": ask.n, "review": review.id, "outcome": outcome, "waited_ms": waited_ms}),
+    );
+    held
+}
+
+/// Sends `buf[..pos]` (as spliced) upstream once the events of its commands are in the audit
+/// journal (one write per round trip); fail closed refuses them when that is impossible.
+async fn forward<W: AsyncWrite + Unpin>(
+    gw: &PgGateway,
+    tracker: &Tracker<'_>,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    splice: &mut Splice,
+    pos: usize,
+    events: &mut Vec<EventInput>,
+) -> Result<(), Stop> {
+    if !events.is_empty() && !tracker.log.records_commands() {
+        // server.record_commands = false (a benchmark baseline): nothing is written.
+        events.clear();
+    }
+    if !events.is_empty() {
+        if let Err(e) = gw.recorder.append_async(events).await {
+            if gw.audit_fail_closed {
+                tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written");
+                // Keep the evidence of what was refused, and do not await answers to it.
+                for mut ev in events.drain(..) {
+                    tracker.forget(ev.payload["n"].as_u64().unwrap_or(0));
+                    ev.kind = "command.refused".into();
+                    ev.payload["reason"] = json!("audit_unavailable");
+                    gw.recorder.record(ev);
+                }
+                return Err(Stop::Outcome(Outcome::AuditUnavailable));
+            }
+            tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written; forwarding anyway (audit_failure = open)");
+        }
+        events.clear();
+    }
+    if pos > 0 {
+        let written = match splice.finish(buf, pos) {
+            None => wr.write_all(&buf[..pos]).await,
+            Some(out) => wr.write_all(&out).await,
+        };
+        let _ = buf.split_to(pos);
+        if written.is_err() || wr.flush().await.is_err() {
+            return Err(Stop::Outcome(Outcome::UpstreamLost));
+        }
+    }
+    Ok(())
+}
+
+/// Applies the resource's content detectors to a command event's text and parameters.
+fn redact_event(payload: &mut Value, plan: &RowPlan) {
+    let mut out = Vec::new();
+    let mut mask = |v: &mut Value| {
+        if let Some(s) = v.as_str() {
+            out.clear();
+            match plan.mask_value(0, s.as_bytes(), &mut out) {
+                tollgate_mask::Outcome::Unchanged => {}
+                tollgate_mask::Outcome::Masked(_) => {
+                    *v = json!(String::from_utf8_lossy(&out));
+                }
+                tollgate_mask::Outcome::Null(_) => *v = json!("[REDACTED]"),
+            }
+        }
+    };
+    if let Some(text) = payload.get_mut("text") {
+        mask(text);
+    }
+    if let Some(Value::Array(params)) = payload.get_mut("params") {
+        params.iter_mut().for_each(&mut mask);
     }
 }
 
@@ -422,66 +1023,173 @@ fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
     }
 }
 
+/// The session's guardrails as one message needs them, and where their decision goes.
+type PolicyArgs<'p, 'a> = (
+    &'p mut SessionPolicy,
+    &'p ResourcePolicy,
+    Caller<'a>,
+    &'p mut Option<Decision>,
+);
+
+/// Adds a decision to a command event (the rule, and what the statement is when it was not
+/// simply allowed) and hands a refusal or hold back to the relay.
+fn decided(
+    ev: &mut Value,
+    d: Decision,
+    policy: &ResourcePolicy,
+    text: &str,
+    out: &mut Option<Decision>,
+) {
+    ev["decision"] = d.summary();
+    if !d.is_allow() {
+        ev["classification"] = policy.classify(text).summary();
+        registry()
+            .counter(
+                "tollgate_policy_decisions_total",
+                "Commands refused or held by a rule, by action.",
+                &[("action", if d.is_deny() { "deny" } else { "review" })],
+            )
+            .inc();
+        *out = Some(d);
+    }
+}
+
 /// Record what a client message asks for; `Ok(true)` when it is a command, whose event is
-/// added to `events` (written before the batch is forwarded).
+/// added to `events` (written before the batch is forwarded). With `shapes` (the session
+/// filters responses), every request whose answer carries or changes a result shape is queued,
+/// and an Execute of a portal whose shape nobody asked for gets a Describe sent before it.
 fn inspect_client(
     tag: u8,
     body: &[u8],
     prepared: &mut Prepared,
     tracker: &Tracker<'_>,
     events: &mut Vec<EventInput>,
+    shapes: Option<&mut Option<Vec<u8>>>,
+    mut policy: Option<PolicyArgs<'_, '_>>,
 ) -> Result<bool, String> {
     let malformed = |what: &str| format!("malformed {what} message");
+    let track = shapes.is_some();
     match tag {
         b'Q' => {
             let text = frontend::parse_query(body).map_err(|_| malformed("Query"))?;
-            let n = tracker.push(Kind::Query);
-            events.push(tracker.log.input(
-                "command",
-                json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)}),
-            ));
+            let copy = if track { copy_format_of(&text) } else { None };
+            let n = tracker.push(Kind::Query { copy });
+            let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)});
+            if let Some((session, rp, who, out)) = policy {
+                let d = session.decide_query(&text, &who, OffsetDateTime::now_utc());
+                decided(&mut ev, d, rp, &text, out);
+            }
+            events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'P' => {
             let p = frontend::parse_parse(body).map_err(|_| malformed("Parse"))?;
-            prepared
-                .statements
-                .insert(p.statement, Arc::from(clip(&p.query, MAX_TEXT)));
+            if let Some((session, ..)) = policy.as_mut() {
+                session.parse(&p.statement, &p.query);
+            }
+            if track {
+                tracker.push(Kind::Parse(p.statement.clone()));
+            }
+            prepared.statements.insert(
+                p.statement,
+                Statement {
+                    text: Arc::from(clip(&p.query, MAX_TEXT)),
+                    described: false,
+                },
+            );
             Ok(false)
         }
         b'B' => {
             let b = frontend::parse_bind(body).map_err(|_| malformed("Bind"))?;
-            let text = prepared
-                .statements
-                .get(&b.statement)
-                .cloned()
-                .unwrap_or_else(|| Arc::from(""));
+            let stmt = prepared.statements.get(&b.statement);
+            let text = stmt.map_or_else(|| Arc::from(""), |s| s.text.clone());
+            let described = stmt.is_some_and(|s| s.described);
             let params = redact_params(&text, &b.params);
-            prepared.portals.insert(b.portal, (text, params));
+            if track {
+                tracker.push(Kind::Bind {
+                    portal: b.portal.clone(),
+                    statement: b.statement.clone(),
+                    formats: b.result_formats,
+                });
+            }
+            prepared.portals.insert(
+                b.portal,
+                PortalText {
+                    text,
+                    params,
+                    described,
+                    statement: b.statement.clone(),
+                },
+            );
+            Ok(false)
+        }
+        b'D' => {
+            if track {
+                let (kind, name) =
+                    frontend::parse_target(body).map_err(|_| malformed("Describe"))?;
+                if kind == b'S' {
+                    if let Some(s) = prepared.statements.get_mut(&name) {
+                        s.described = true;
+                    }
+                } else if let Some(p) = prepared.portals.get_mut(&name) {
+                    p.described = true;
+                }
+                tracker.push(Kind::Describe {
+                    kind,
+                    name,
+                    injected: false,
+                });
+            }
             Ok(false)
         }
         b'E' => {
             let e = frontend::parse_execute(body).map_err(|_| malformed("Execute"))?;
-            let n = tracker.push(Kind::Execute);
-            let (text, params) = prepared
-                .portals
-                .get(&e.portal)
-                .cloned()
-                .unwrap_or_else(|| (Arc::from(""), Value::Array(vec![])));
+            let portal = prepared.portals.get_mut(&e.portal);
+            let (text, params, statement) = portal.as_ref().map_or_else(
+                || (Arc::from(""), Value::Array(vec![]), String::new()),
+                |p| (p.text.clone(), p.params.clone(), p.statement.clone()),
+            );
+            let mut copy = None;
+            if let Some(inject) = shapes {
+                copy = copy_format_of(&text);
+                if let Some(p) = portal.filter(|p| !p.described) {
+                    p.described = true;
+                    tracker.push(Kind::Describe {
+                        kind: b'P',
+                        name: e.portal.clone(),
+                        injected: true,
+                    });
+                    *inject = Some(frontend::describe(b'P', &e.portal));
+                }
+            }
+            let n = tracker.push(Kind::Execute {
+                portal: e.portal,
+                copy,
+            });
             let mut ev = json!({"n": n, "protocol": "extended", "text": &*text, "params": params});
             if e.max_rows > 0 {
                 ev["max_rows"] = json!(e.max_rows);
+            }
+            if let Some((session, rp, who, out)) = policy {
+                let d = session.decide_execute(&statement, &who, OffsetDateTime::now_utc());
+                decided(&mut ev, d, rp, &text, out);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'F' => {
-            let n = tracker.push(Kind::Query);
-            events.push(
-                tracker
-                    .log
-                    .input("command", json!({"n": n, "protocol": "function_call"})),
-            );
+            let n = tracker.push(Kind::Query { copy: None });
+            let mut ev = json!({"n": n, "protocol": "function_call"});
+            if let Some((_, _, _, out)) = policy {
+                // A fast-path call names a function by OID: no statement to judge, so none runs.
+                let d = Decision::Deny {
+                    rule: "function_call".into(),
+                    message: "fast-path function calls are not allowed on a resource with guardrails; call the function in a SELECT".into(),
+                };
+                ev["decision"] = d.summary();
+                *out = Some(d);
+            }
+            events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'S' => {
@@ -490,13 +1198,24 @@ fn inspect_client(
         }
         b'C' => {
             let (kind, name) = frontend::parse_target(body).map_err(|_| malformed("Close"))?;
+            if let Some((session, ..)) = policy.as_mut() {
+                if kind == b'S' {
+                    session.close(&name);
+                }
+            }
+            if track {
+                tracker.push(Kind::Close {
+                    kind,
+                    name: name.clone(),
+                });
+            }
             match kind {
-                b'S' => prepared.statements.remove(&name),
-                _ => prepared.portals.remove(&name).map(|(t, _)| t),
+                b'S' => prepared.statements.remove(&name).map(|s| s.text),
+                _ => prepared.portals.remove(&name).map(|p| p.text),
             };
             Ok(false)
         }
-        b'D' | b'H' | b'd' | b'c' | b'f' | b'X' => Ok(false),
+        b'H' | b'd' | b'c' | b'f' | b'X' => Ok(false),
         other => Err(format!(
             "unexpected message type {:?} from client",
             other as char
@@ -506,11 +1225,12 @@ fn inspect_client(
 
 async fn upstream_to_client<R, W>(
     rd: &mut R,
-    wr: &mut W,
+    client: &tokio::sync::Mutex<W>,
     tracker: &Tracker<'_>,
     bytes: &AtomicU64,
     leftover: Vec<u8>,
     limit: usize,
+    mut filter: Option<Filter>,
 ) -> Stop
 where
     R: AsyncRead + Unpin,
@@ -520,6 +1240,7 @@ where
     buf.extend_from_slice(&leftover);
     let mut rows_since: u64 = 0;
     let mut first = !buf.is_empty();
+    let mut splice = Splice::default();
     loop {
         if !first {
             match rd.read_buf(&mut buf).await {
@@ -536,37 +1257,194 @@ where
                 Err(e) => return Stop::Protocol(format!("from upstream: {e}")),
             };
             let body = f.body(&buf[pos..]);
-            match f.tag {
-                b'D' => rows_since += 1,
-                b'C' => {
-                    let rows = backend::command_rows(body).unwrap_or(rows_since);
-                    tracker.complete(rows, backend::command_word(body));
-                    rows_since = 0;
+            let denial = if f.tag == b'E' {
+                tracker.take_denial()
+            } else {
+                None
+            };
+            let verdict = if let Some(err) = denial {
+                // The stand-in of a refused command failed, as intended: the client gets the
+                // refusal instead, and the result is recorded with its SQLSTATE.
+                if let Some(flt) = filter.as_mut() {
+                    flt.result_done();
                 }
-                b'I' => tracker.complete(0, "EMPTY".into()),
-                b's' => {
-                    tracker.complete(rows_since, "SUSPENDED".into());
-                    rows_since = 0;
+                account(b'E', &err[5..], tracker, &mut rows_since, filter.as_mut());
+                Verdict::Replace(err)
+            } else {
+                match filter.as_mut() {
+                    None => {
+                        account(f.tag, body, tracker, &mut rows_since, None);
+                        Verdict::Forward
+                    }
+                    Some(flt) => match filter_message(f.tag, body, tracker, flt, &mut rows_since) {
+                        Ok(v) => v,
+                        Err(e) => return Stop::Protocol(e),
+                    },
                 }
-                b'E' => {
-                    let e = backend::parse_error(body).unwrap_or_default();
-                    tracker.error(e.code);
-                    rows_since = 0;
-                }
-                b'Z' => tracker.ready(),
-                _ => {}
+            };
+            match verdict {
+                Verdict::Forward => {}
+                Verdict::Drop => splice.replace(&buf, pos, pos + f.total_len, &[]),
+                Verdict::Replace(with) => splice.replace(&buf, pos, pos + f.total_len, &with),
             }
             pos += f.total_len;
         }
         if pos > 0 {
-            let chunk = buf.split_to(pos);
-            bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            if wr.write_all(&chunk).await.is_err() || wr.flush().await.is_err() {
+            let mut wr = client.lock().await;
+            let written = match splice.finish(&buf, pos) {
+                None => {
+                    bytes.fetch_add(pos as u64, Ordering::Relaxed);
+                    wr.write_all(&buf[..pos]).await
+                }
+                Some(out) => {
+                    bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    wr.write_all(&out).await
+                }
+            };
+            let _ = buf.split_to(pos);
+            if written.is_err() || wr.flush().await.is_err() {
                 return Stop::Outcome(Outcome::ClientGone);
             }
+            drop(wr);
         }
         reserve_for_next(&mut buf, limit);
     }
+}
+
+/// The audit bookkeeping of one backend message: rows, completions, errors, readiness.
+fn account(
+    tag: u8,
+    body: &[u8],
+    tracker: &Tracker<'_>,
+    rows_since: &mut u64,
+    mut filter: Option<&mut Filter>,
+) {
+    let mut extra = || filter.as_mut().and_then(|f| f.take_result_extra());
+    let finished = match tag {
+        b'D' => {
+            *rows_since += 1;
+            return;
+        }
+        b'C' => {
+            let rows = backend::command_rows(body).unwrap_or(*rows_since);
+            *rows_since = 0;
+            tracker
+                .complete(rows, backend::command_word(body))
+                .map(|p| vec![(p, "ok")])
+        }
+        b'I' => tracker.complete(0, "EMPTY".into()).map(|p| vec![(p, "ok")]),
+        b's' => {
+            let rows = std::mem::take(rows_since);
+            tracker
+                .complete(rows, "SUSPENDED".into())
+                .map(|p| vec![(p, "ok")])
+        }
+        b'E' => {
+            let e = backend::parse_error(body).unwrap_or_default();
+            *rows_since = 0;
+            Some(tracker.error(e.code))
+        }
+        b'Z' => Some(tracker.ready()),
+        _ => None,
+    };
+    for (i, (p, outcome)) in finished.into_iter().flatten().enumerate() {
+        tracker.emit(&p, outcome, if i == 0 { extra() } else { None });
+    }
+}
+
+/// One backend message through the session's filter: keeps result shapes in step with the
+/// requests they answer, masks, and drops the answers to the gateway's own Describes.
+fn filter_message(
+    tag: u8,
+    body: &[u8],
+    tracker: &Tracker<'_>,
+    flt: &mut Filter,
+    rows_since: &mut u64,
+) -> Result<Verdict, String> {
+    let verdict = match tag {
+        b'D' => {
+            if !flt.has_current() {
+                if let Some(Kind::Execute { portal, .. }) = tracker.front() {
+                    flt.execute_rows(&portal);
+                }
+            }
+            flt.data_row(body)?
+        }
+        b'T' | b'n' => match tracker.pop_if(|k| matches!(k, Kind::Describe { .. })) {
+            Some(Kind::Describe {
+                kind,
+                name,
+                injected,
+            }) => {
+                flt.described(kind, &name, (tag == b'T').then_some(body))?;
+                if injected {
+                    Verdict::Drop
+                } else {
+                    Verdict::Forward
+                }
+            }
+            _ => {
+                if tag == b'T' {
+                    flt.row_description(body)?;
+                }
+                Verdict::Forward
+            }
+        },
+        b'1' => {
+            if let Some(Kind::Parse(name)) = tracker.pop_if(|k| matches!(k, Kind::Parse(_))) {
+                flt.parsed(&name);
+            }
+            Verdict::Forward
+        }
+        b'2' => {
+            if let Some(Kind::Bind {
+                portal,
+                statement,
+                formats,
+            }) = tracker.pop_if(|k| matches!(k, Kind::Bind { .. }))
+            {
+                flt.bound(&portal, &statement, formats);
+            }
+            Verdict::Forward
+        }
+        b'3' => {
+            if let Some(Kind::Close { kind, name }) =
+                tracker.pop_if(|k| matches!(k, Kind::Close { .. }))
+            {
+                flt.closed(kind, &name);
+            }
+            Verdict::Forward
+        }
+        b'H' => {
+            let hint = match tracker.front() {
+                Some(Kind::Query { copy } | Kind::Execute { copy, .. }) => copy,
+                _ => None,
+            };
+            flt.copy_out(body, hint)?
+        }
+        b'd' => flt.copy_data(body)?,
+        b'c' => flt.copy_done(),
+        b'C' => {
+            if flt.command_complete() {
+                *rows_since = 0;
+                if let Some(p) = tracker.refused("42501") {
+                    let extra = flt.take_result_extra();
+                    tracker.emit(&p, "refused", extra);
+                }
+                return Ok(Verdict::Drop);
+            }
+            Verdict::Forward
+        }
+        b'E' | b'N' => flt.error_or_notice(tag, body)?,
+        b'A' => flt.notification(body)?,
+        b'V' => flt.function_result(body)?,
+        _ => Verdict::Forward,
+    };
+    if matches!(tag, b'C' | b'I' | b's' | b'E' | b'Z') {
+        flt.result_done();
+    }
+    account(tag, body, tracker, rows_since, Some(flt));
+    Ok(verdict)
 }
 
 fn clip(s: &str, max: usize) -> String {

@@ -40,7 +40,16 @@ impl SessionLog {
         }
     }
 
-    pub fn input(&self, kind: &str, payload: Value) -> EventInput {
+    /// An event of this session: wall-clock time in `at`, and `t_us`, microseconds since the
+    /// connection was accepted on a monotonic clock, so the order and pacing of a session's
+    /// events hold even when the wall clock steps.
+    pub fn input(&self, kind: &str, mut payload: Value) -> EventInput {
+        if let Value::Object(m) = &mut payload {
+            m.insert(
+                "t_us".into(),
+                json!(self.started.elapsed().as_micros() as u64),
+            );
+        }
         EventInput {
             session_id: self.id.clone(),
             kind: kind.into(),
@@ -51,6 +60,11 @@ impl SessionLog {
 
     pub fn event(&self, kind: &str, payload: Value) {
         self.gw.recorder.record(self.input(kind, payload));
+    }
+
+    /// False when `server.record_commands = false`: command and result events are skipped.
+    pub fn records_commands(&self) -> bool {
+        self.gw.record_commands
     }
 
     fn set(&mut self, k: &str, v: Value) {
@@ -79,6 +93,16 @@ impl SessionLog {
             json!({"outcome": "rejected", "reason": reason, "detail": detail, "duration_ms": self.started.elapsed().as_millis() as u64}),
         );
     }
+}
+
+/// A review grant as `session.open` records it.
+fn grant_json(g: &tollgate_review::Grant) -> Value {
+    let until = g
+        .until
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json!({"review": g.review_id, "until_unix": until})
 }
 
 fn new_session_id() -> String {
@@ -407,8 +431,19 @@ impl PgGateway {
 
         // Authorization: the database name picks the resource. Unknown and forbidden look the same,
         // so the answer does not reveal which resources exist.
+        // Just-in-time access: an approved access review reaches a resource until the grant ends.
+        let grant = match self.targets.get(&database) {
+            Some(t) if !identity.in_any(&t.resource.allow_groups) => self
+                .reviews
+                .as_ref()
+                .and_then(|r| r.active_grant(&identity.subject, &database)),
+            _ => None,
+        };
+        if let Some(g) = &grant {
+            log.set("access_grant", grant_json(g));
+        }
         let target = match self.targets.get(&database) {
-            Some(t) if identity.in_any(&t.resource.allow_groups) => t.clone(),
+            Some(t) if grant.is_some() || identity.in_any(&t.resource.allow_groups) => t.clone(),
             _ => {
                 auth_failure("forbidden");
                 log.refuse(&mut tls, "42501",
@@ -418,6 +453,15 @@ impl PgGateway {
             }
         };
         log.set("resource", json!(target.resource.name));
+        // An approved unmask review lets this identity see the resource unmasked for a while
+        // (its audit captures stay masked).
+        let unmask = match (&target.mask, &self.reviews) {
+            (Some(_), Some(r)) => r.active_unmask(&identity.subject, &target.resource.name),
+            _ => None,
+        };
+        if let Some(g) = &unmask {
+            log.set("unmask_grant", grant_json(g));
+        }
 
         let upstream = match target.connect(&startup.params, self.max_message).await {
             Ok(c) => c,
@@ -479,11 +523,13 @@ impl PgGateway {
         }
 
         let secret_len = if minor >= 2 { 32 } else { 4 };
+        let held = Arc::new(tokio::sync::Notify::new());
         let (pid, secret) = self.cancels.register(
             secret_len,
             target.clone(),
             upstream.pid,
             upstream.secret.clone(),
+            held.clone(),
         );
         let _unregister = Unregister(&self.cancels, pid);
 
@@ -507,7 +553,19 @@ impl PgGateway {
         ));
         tracing::debug!(session = %log.id, subject = %identity.subject, %resource, "session open");
 
-        let end = relay::run(&self, &log, &target, tls, upstream).await;
+        let end = relay::run(
+            &self,
+            &log,
+            &target,
+            tls,
+            upstream,
+            relay::Client {
+                identity: &identity,
+                held: &held,
+                unmasked: unmask.is_some(),
+            },
+        )
+        .await;
         registry()
             .counter(
                 "tollgate_sessions_total",
@@ -550,6 +608,8 @@ impl PgGateway {
             )
             .inc();
         if let Some(c) = matched {
+            // A command held for review is not upstream yet: the cancel withdraws it.
+            c.held.notify_waiters();
             if let Err(e) = c.target.cancel(c.pid, &c.secret).await {
                 tracing::warn!(resource = %c.target.resource.name, error = %e, "forwarding a cancel request failed");
             }

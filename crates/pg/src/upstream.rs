@@ -21,6 +21,12 @@ pub struct UpstreamTarget {
     pub resource: Resource,
     /// `None` only for `tls.mode = "disable"`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The resource's masking rules, compiled (`None` when it has none).
+    pub mask: Option<Arc<tollgate_mask::Policy>>,
+    /// The masking rules without group exceptions, for captured results.
+    pub audit_mask: Option<Arc<tollgate_mask::Policy>>,
+    /// The resource's guardrails (`None`: no rules and not read-only, nothing to decide).
+    pub policy: Option<tollgate_policy::ResourcePolicy>,
 }
 
 impl UpstreamTarget {
@@ -49,7 +55,13 @@ impl UpstreamTarget {
                 )?)
             }
         };
-        Ok(UpstreamTarget { resource, tls })
+        Ok(UpstreamTarget {
+            resource,
+            tls,
+            mask: None,
+            audit_mask: None,
+            policy: None,
+        })
     }
 
     /// Open a TCP (+TLS) connection to the upstream, without speaking PostgreSQL yet.
@@ -100,14 +112,33 @@ impl UpstreamTarget {
         let mut stream = self.open_stream().await?;
         let tls_info = stream.tls_info();
         let database = r.database.clone().unwrap_or_else(|| r.name.clone());
+        let guarded = r.read_only || !r.rules.is_empty();
         let mut params: Vec<(&str, &str)> = vec![
             ("user", creds.user.as_str()),
             ("database", database.as_str()),
         ];
         for (k, v) in client_params {
-            if passthrough(k) {
+            // A read-only resource's sessions start read-only, and the client cannot undo that
+            // at start-up (the policy refuses SET default_transaction_read_only and friends).
+            let weakens_read_only = r.read_only
+                && (k.contains("read_only") || (k == "options" && v.contains("read_only")));
+            // Under guardrails the server must read SQL as the classifier does: standard strings
+            // and UTF-8, so a backslash or a multi-byte character cannot hide a statement.
+            let changes_reading = guarded
+                && (k == "standard_conforming_strings"
+                    || k == "client_encoding"
+                    || (k == "options"
+                        && (v.contains("standard_conforming") || v.contains("encoding"))));
+            if passthrough(k) && !weakens_read_only && !changes_reading {
                 params.push((k, v));
             }
+        }
+        if r.read_only {
+            params.push(("default_transaction_read_only", "on"));
+        }
+        if guarded {
+            params.push(("standard_conforming_strings", "on"));
+            params.push(("client_encoding", "UTF8"));
         }
         stream
             .write_all(&startup::encode_startup(0, &params))

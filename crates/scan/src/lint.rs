@@ -79,6 +79,16 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
             "remove the key or set audit_failure = \"closed\"",
         ));
     }
+    if !s.record_commands {
+        l.push(Finding::new(
+            "commands_not_recorded",
+            Severity::Critical,
+            None,
+            "server.record_commands",
+            "record_commands = false: commands and their results are not recorded in the audit trail (a benchmark baseline setting)",
+            "remove the key or set record_commands = true",
+        ));
+    }
 
     // Groups some identity source or role names; rules and approvers must use these.
     let mut known: BTreeSet<&str> = BTreeSet::new();
@@ -159,6 +169,8 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
                 "list the groups that may use it in allow_groups, or remove the resource",
             ));
         }
+        l.masks(config, r);
+        l.rules(r);
         for (i, rule) in r.rules.iter().enumerate() {
             for g in &rule.groups {
                 if !r.allow_groups.contains(g) {
@@ -198,6 +210,65 @@ struct Lint<'a> {
 impl Lint<'_> {
     fn push(&mut self, f: Finding) {
         self.out.push(f);
+    }
+
+    /// Guardrails that would not load, and statements the parser cannot read let through.
+    fn rules(&mut self, r: &tollgate_config::Resource) {
+        let name = Some(r.name.as_str());
+        if !r.rules.is_empty() || r.read_only {
+            if let Err(e) = tollgate_policy::ResourcePolicy::from_config(r) {
+                self.push(Finding::new(
+                    "policy_rule",
+                    Severity::High,
+                    name,
+                    "resources.rules",
+                    format!("{e}; the gateway will not start with it"),
+                    "fix the rule",
+                ));
+            }
+        }
+        if r.unparsable == tollgate_config::RuleAction::Allow && !r.rules.is_empty() {
+            self.push(Finding::new(
+                "unparsable_allowed",
+                Severity::Medium,
+                name,
+                "resources.unparsable",
+                format!("resource {:?}: unparsable = \"allow\": a statement the SQL parser cannot read is forwarded without its rules being applied", r.name),
+                "remove the key (the default denies) or set unparsable = \"review\"",
+            ));
+        }
+    }
+
+    /// Masking rules that would not load, and a `hash` key that is missing or too short.
+    fn masks(&mut self, config: &Config, r: &tollgate_config::Resource) {
+        if r.masks.is_empty() {
+            return;
+        }
+        let name = Some(r.name.as_str());
+        let key = match tollgate_pg::load_mask_key(&config.server.mask_key) {
+            Ok(k) => k,
+            Err(e) => {
+                self.push(Finding::new(
+                    "mask_key",
+                    Severity::High,
+                    name,
+                    "server.mask_key_env",
+                    format!("resource {:?}: the masking key cannot be used: {e}", r.name),
+                    "set server.mask_key_env (or mask_key_file) to at least 32 random bytes, e.g. `openssl rand -hex 32`",
+                ));
+                return;
+            }
+        };
+        if let Err(e) = tollgate_pg::masking_policy(r, key) {
+            self.push(Finding::new(
+                "mask_rule",
+                Severity::High,
+                name,
+                "resources.masks",
+                format!("resource {:?}: {e}; the gateway will not start with it", r.name),
+                "fix the rule (detectors, strategy, types), or set server.mask_key_env for strategy \"hash\"",
+            ));
+        }
     }
 
     fn exists(&mut self, path: &Path, key: &str, resource: Option<&str>, what: &str) -> bool {
@@ -493,11 +564,54 @@ approvers = ["sre", "dbas"]
     }
 
     #[test]
+    fn masking_key_problems_and_bad_mask_rules_fail() {
+        let f = Fixture::new();
+        let hash = "[[resources.masks]]\ncolumns = [\"email\"]\nstrategy = \"hash\"\n";
+        // No key for strategy "hash".
+        let found = f.check(&f.config("", hash));
+        assert_eq!(kinds(&found), ["mask_rule"], "{found:?}");
+        // A key that is too short.
+        std::fs::write(f.path("mask.key"), "0123456789abcdef").unwrap();
+        let found = f.check(&f.config("mask_key_file = \"mask.key\"", hash));
+        assert_eq!(kinds(&found), ["mask_key"], "{found:?}");
+        assert!(found[0].message.contains("at least 32 bytes"), "{found:?}");
+        assert!(
+            !found[0].message.contains("0123456789abcdef"),
+            "the key leaked: {found:?}"
+        );
+        // A good key: clean.
+        std::fs::write(f.path("mask.key"), "ab".repeat(32)).unwrap();
+        let found = f.check(&f.config("mask_key_file = \"mask.key\"", hash));
+        assert!(found.is_empty(), "{found:?}");
+        // An unknown detector.
+        let found = f.check(&f.config("", "[[resources.masks]]\ndetectors = [\"emial\"]\n"));
+        assert_eq!(kinds(&found), ["mask_rule"], "{found:?}");
+    }
+
+    #[test]
+    fn unparsable_statements_allowed_under_rules_is_a_finding() {
+        let f = Fixture::new();
+        let rule = "unparsable = \"allow\"\n[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
+        let found = f.check(&f.config("", rule));
+        assert_eq!(kinds(&found), ["unparsable_allowed"], "{found:?}");
+    }
+
+    #[test]
     fn fail_open_audit_fails() {
         let f = Fixture::new();
         let found = f.check(&f.config("audit_failure = \"open\"", ""));
         assert_eq!(kinds(&found), ["audit_fail_open"]);
         assert_eq!(found[0].key, "server.audit_failure");
+    }
+
+    #[test]
+    fn commands_not_recorded_fails() {
+        let f = Fixture::new();
+        let found = f.check(&f.config("record_commands = false", ""));
+        assert_eq!(kinds(&found), ["commands_not_recorded"]);
+        assert_eq!(found[0].key, "server.record_commands");
+        assert_eq!(found[0].severity, Severity::Critical);
+        assert!(f.check(&f.config("record_commands = true", "")).is_empty());
     }
 
     #[test]

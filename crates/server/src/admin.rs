@@ -121,6 +121,18 @@ async fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Respo
                 &[],
             )
             .set(stats.queued as i64);
+            r.counter(
+                "tollgate_audit_fsyncs_total",
+                "fsyncs of the audit journal since start (concurrent appends share one).",
+                &[],
+            )
+            .set(stats.fsyncs as i64);
+            r.counter(
+                "tollgate_audit_fsync_microseconds_total",
+                "Time spent in audit journal fsyncs since start; divided by tollgate_audit_fsyncs_total, the mean fsync latency.",
+                &[],
+            )
+            .set(stats.fsync_micros as i64);
             let now = std::time::SystemTime::now();
             let left = state
                 .tls

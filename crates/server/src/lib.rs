@@ -6,6 +6,7 @@
 //! protocol or decide policy itself.
 
 mod admin;
+pub mod audit_task;
 mod scan_task;
 
 use anyhow::{bail, Context};
@@ -36,12 +37,6 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     for r in &config.resources {
         if r.kind != ResourceKind::Postgres {
             bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; only \"postgres\" resources can be served", config.path.display(), r.line, r.name, r.kind);
-        }
-        if !r.rules.is_empty() {
-            bail!("{}:{}: resource {:?}: [[resources.rules]] (guardrails and reviews) are not enforced by this build yet; remove them rather than run without them", config.path.display(), r.line, r.name);
-        }
-        if !r.masks.is_empty() {
-            bail!("{}:{}: resource {:?}: [[resources.masks]] are not applied by this build yet; remove them rather than run without masking", config.path.display(), r.line, r.name);
         }
     }
     if config.identity.oidc.is_some() {
@@ -79,10 +74,36 @@ pub async fn run(
         RecorderOptions {
             journal: journal.clone(),
             stall_limit: config.server.audit_timeout,
+            durability: match config.server.audit_durability {
+                tollgate_config::AuditDurability::Written => tollgate_store::Durability::Written,
+                tollgate_config::AuditDurability::Fsync => tollgate_store::Durability::Fsync,
+            },
         },
     )
     .with_context(|| format!("opening the audit journal {}", journal.display()))?;
-    tracing::info!(store = %config.server.store, journal = %journal.display(), chain = %chain_id, "audit store open");
+    tracing::info!(store = %config.server.store, journal = %journal.display(), chain = %chain_id, durability = config.server.audit_durability.as_str(), "audit store open");
+    if !config.server.record_commands {
+        tracing::warn!("server.record_commands = false: COMMANDS AND RESULTS ARE NOT RECORDED in the audit trail (only session open/close); this is a benchmark baseline, not a deployment; `tollgate check` fails this config");
+    }
+    let mut audit_tasks = vec![tokio::spawn(audit_task::checkpoint_loop(
+        store.clone(),
+        recorder.clone(),
+        chain_id.clone(),
+        config.server.checkpoint_interval,
+    ))];
+    if let Some(retention) = config.server.retention {
+        audit_tasks.push(tokio::spawn(audit_task::prune_loop(
+            store.clone(),
+            retention,
+        )));
+    }
+
+    // The review (approval) workflow, shared by the HTTPS API and the protocol adapters.
+    let reviews = Arc::new(
+        tollgate_review::Reviews::from_config(&config, store.clone(), recorder.clone())
+            .map_err(anyhow::Error::msg)
+            .context("review notifications")?,
+    );
 
     let client_auth = match (&config.server.client_ca, config.server.client_cert) {
         (None, _) => ClientAuth::None,
@@ -100,14 +121,36 @@ pub async fn run(
         .context("loading the gateway's TLS material")?,
     );
 
+    let mask_key = tollgate_pg::load_mask_key(&config.server.mask_key)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.path.display()))?;
     let mut targets = HashMap::new();
     for r in config
         .resources
         .iter()
         .filter(|r| r.kind == ResourceKind::Postgres)
     {
-        let t = UpstreamTarget::new(r.clone())
+        let mut t = UpstreamTarget::new(r.clone())
             .with_context(|| format!("resource {:?}: upstream TLS", r.name))?;
+        t.mask = tollgate_pg::masking_policy(r, mask_key.clone())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}:{}: resource {:?}: {e}",
+                    config.path.display(),
+                    r.line,
+                    r.name
+                )
+            })?
+            .map(Arc::new);
+        t.audit_mask = tollgate_pg::audit_masking_policy(r, mask_key.clone())
+            .ok()
+            .flatten()
+            .map(Arc::new);
+        if !r.rules.is_empty() || r.read_only {
+            t.policy = Some(
+                tollgate_policy::ResourcePolicy::from_config(r)
+                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", config.path.display(), r.line))?,
+            );
+        }
         targets.insert(r.name.clone(), Arc::new(t));
     }
 
@@ -121,7 +164,10 @@ pub async fn run(
         handshake_timeout: Duration::from_secs(30),
         audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
         audit_timeout: config.server.audit_timeout,
+        record_commands: config.server.record_commands,
         upstreams: Default::default(),
+        reviews: Some(reviews.clone()),
+        review_rerun_window: config.server.review_rerun_window,
     });
     if !gw.audit_fail_closed {
         tracing::warn!("server.audit_failure = \"open\": commands are forwarded without waiting for their audit events; `tollgate check` fails this config");
@@ -176,8 +222,13 @@ pub async fn run(
             .await
             .with_context(|| format!("binding server.https_listen {addr}"))?;
         bound.https = Some(l.local_addr()?);
-        let state =
-            tollgate_api::ApiState::new(&config, store.clone(), recorder.clone(), api_tls.clone());
+        let state = tollgate_api::ApiState::new(
+            &config,
+            store.clone(),
+            recorder.clone(),
+            api_tls.clone(),
+            reviews.clone(),
+        );
         api_tasks.push(tokio::spawn(tollgate_api::serve(l, Arc::new(state))));
         api_tasks.push(tokio::spawn(reload_loop(
             api_tls,
@@ -251,7 +302,7 @@ pub async fn run(
     if let Some(t) = &scan_task {
         t.abort();
     }
-    for t in &api_tasks {
+    for t in api_tasks.iter().chain(&audit_tasks) {
         t.abort();
     }
     if let Some(t) = admin_task {

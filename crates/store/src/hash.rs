@@ -47,6 +47,21 @@ pub fn event_hash(prev_hash: &str, f: &HashedFields<'_>) -> String {
     ctx.update(&f.at_unix_ms.to_be_bytes());
     put_bytes(&mut ctx, f.kind.as_bytes());
     put_bytes(&mut ctx, f.payload);
+    hex_lower(ctx.finish().as_ref())
+}
+
+/// The digest of an `audit.checkpoint`: chain heads sorted by `chain_id`, each encoded as
+/// `str(chain_id) || i64(seq) || str(hash)`, SHA-256, hex. An operator who copies it elsewhere
+/// can later prove the chains were not rewritten up to those heads.
+pub fn checkpoint_digest(heads: &[crate::ChainPoint]) -> String {
+    let mut sorted: Vec<&crate::ChainPoint> = heads.iter().collect();
+    sorted.sort_by(|a, b| a.chain_id.as_bytes().cmp(b.chain_id.as_bytes()));
+    let mut ctx = Context::new(&SHA256);
+    for h in sorted {
+        put_bytes(&mut ctx, h.chain_id.as_bytes());
+        ctx.update(&h.seq.to_be_bytes());
+        put_bytes(&mut ctx, h.hash.as_bytes());
+    }
     hex::encode(ctx.finish().as_ref())
 }
 
@@ -57,47 +72,103 @@ fn put_bytes(ctx: &mut Context, bytes: &[u8]) {
 
 /// Compact JSON with object keys sorted bytewise at every depth.
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(128);
     write_canonical(value, &mut out);
-    out
+    String::from_utf8(out).expect("canonical JSON is UTF-8")
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+/// Appends the canonical JSON of `value` to `out`, without an allocation per node (this runs
+/// for every event on the gateway's hot path).
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        // `Number`'s Display is its JSON form (itoa / ryu), as `to_string` was.
+        Value::Number(n) => {
+            use std::io::Write;
+            write!(out, "{n}").expect("writing to memory cannot fail");
+        }
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
+            out.push(b'{');
+            // serde_json's default map iterates in key order already; sort only if it does not
+            // (the `preserve_order` feature).
+            let sorted = map
+                .keys()
+                .zip(map.keys().skip(1))
+                .all(|(a, b)| a.as_bytes() <= b.as_bytes());
+            if sorted {
+                for (i, (key, item)) in map.iter().enumerate() {
+                    write_entry(i, key, item, out);
                 }
-                write_string(key, out);
-                out.push(':');
-                write_canonical(item, out);
+            } else {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                for (i, (key, item)) in entries.into_iter().enumerate() {
+                    write_entry(i, key, item, out);
+                }
             }
-            out.push('}');
+            out.push(b'}');
         }
     }
 }
 
-fn write_string(s: &str, out: &mut String) {
-    // serde_json's escaping is deterministic: `"`, `\`, control characters; UTF-8 kept as is.
-    out.push_str(&serde_json::to_string(s).expect("serializing a str cannot fail"));
+fn write_entry(i: usize, key: &str, item: &Value, out: &mut Vec<u8>) {
+    if i > 0 {
+        out.push(b',');
+    }
+    write_string(key, out);
+    out.push(b':');
+    write_canonical(item, out);
+}
+
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    push_json_str(s, out);
+}
+
+/// Appends `s` as a JSON string exactly as serde_json writes it: deterministic escaping of `"`,
+/// `\` and control characters, UTF-8 kept as is. Most strings need no escape: those are copied.
+pub(crate) fn push_json_str(s: &str, out: &mut Vec<u8>) {
+    let bytes = s.as_bytes();
+    // No early exit: the whole scan vectorizes.
+    let plain = !bytes.iter().fold(false, |acc, &c| {
+        acc | (c < 0x20) | (c == b'"') | (c == b'\\')
+    });
+    if plain {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("serializing a str cannot fail");
+    }
+}
+
+/// Appends `n` in decimal, as serde_json writes an integer.
+pub(crate) fn push_int(n: i64, out: &mut Vec<u8>) {
+    use std::io::Write;
+    write!(out, "{n}").expect("writing to memory cannot fail");
+}
+
+/// Lowercase hex, as `hex::encode`, without going through `char`s.
+pub(crate) fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]
@@ -119,6 +190,78 @@ mod tests {
         let v = json!({"n": -12, "f": 0.1, "big": u64::MAX, "s": "\u{1}tab\t"});
         let back: Value = serde_json::from_str(&canonical_json(&v)).unwrap();
         assert_eq!(back, v);
+    }
+
+    /// The encoder before it stopped allocating per node: the output must not change.
+    fn reference_canonical(value: &Value) -> String {
+        fn write(value: &Value, out: &mut String) {
+            match value {
+                Value::Null => out.push_str("null"),
+                Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+                Value::Number(n) => out.push_str(&n.to_string()),
+                Value::String(s) => out.push_str(&serde_json::to_string(s).unwrap()),
+                Value::Array(items) => {
+                    out.push('[');
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        write(item, out);
+                    }
+                    out.push(']');
+                }
+                Value::Object(map) => {
+                    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                    out.push('{');
+                    for (i, (key, item)) in entries.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(&serde_json::to_string(key).unwrap());
+                        out.push(':');
+                        write(item, out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+        let mut out = String::new();
+        write(value, &mut out);
+        out
+    }
+
+    #[test]
+    fn canonical_json_is_byte_identical_to_the_reference_encoder() {
+        let values = [
+            json!(null),
+            json!(true),
+            json!(-0.0),
+            json!(1e300),
+            json!(-1.5e-7),
+            json!(0.1),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!(""),
+            json!("\u{0}\u{1f}\u{7f}\"\\/\u{2028}é😀\r\n\t"),
+            json!([]),
+            json!({}),
+            json!({"é": 1, "e": 2, "Z": 3, "": 4, "a\u{0}": [{"y": null, "x": [1, 2.5, "s"]}]}),
+            json!({"n": 3, "protocol": "simple", "text": "SELECT 'a\"b' FROM t WHERE x = $1;",
+                   "params": ["1", null], "decision": {"action": "allow", "rule": null}}),
+            json!({"n": 3, "outcome": "ok", "sqlstate": null, "rows": 1, "tag": "SELECT 1",
+                   "duration_us": 180}),
+        ];
+        for v in &values {
+            assert_eq!(canonical_json(v), reference_canonical(v), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn hex_lower_matches_hex_encode() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_lower(&bytes), hex::encode(&bytes));
+        assert_eq!(hex_lower(&[]), "");
     }
 
     /// Pins the encoding: changing it would break verification of every stored chain.

@@ -8,23 +8,56 @@
 //!   the database, updated in the same transaction as the events, so nothing about a chain
 //!   is held only in memory. See [`hash`] for the exact encoding.
 //! - [`Store::verify`] recomputes every chain and reports the first break.
+//! - [`Store::prune`] (retention) removes a prefix of each chain behind an anchor that an
+//!   `audit.pruned` event attests; `audit.checkpoint` events record every chain head, and
+//!   `verify` checks both (rules in `sqlite/audit.rs`).
 
 pub mod hash;
 mod recorder;
+pub mod review;
 mod sqlite;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
-pub use recorder::{Recorder, RecorderOptions, RecorderStats};
+pub use hash::{canonical_json, checkpoint_digest, event_hash, HashedFields, GENESIS_HASH};
+pub use recorder::{Durability, Recorder, RecorderOptions, RecorderStats};
+pub use review::{GrantRecord, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome, VoteRecord};
 pub use sqlite::{SqliteStore, SCHEMA_VERSION};
 
 /// Event kind that creates a session row.
 pub const KIND_SESSION_OPEN: &str = "session.open";
 /// Event kind that closes a session row (sets `ended_at`, `outcome` and the close payload).
 pub const KIND_SESSION_CLOSE: &str = "session.close";
+/// Event kind that records a retention prune and the new anchor of every chain it shortened.
+pub const KIND_AUDIT_PRUNED: &str = "audit.pruned";
+/// Event kind that records every chain's head (and their digest) at one moment.
+pub const KIND_AUDIT_CHECKPOINT: &str = "audit.checkpoint";
+/// The chain `audit.pruned` events are appended to (by whoever prunes, in the prune's
+/// transaction). It is never pruned itself: its latest word on each chain attests that chain's anchor.
+pub const PRUNE_CHAIN: &str = "audit-prune";
+/// The session id of `audit.pruned` events.
+pub const PRUNE_SESSION: &str = "audit.prune";
+
+/// Where a chain stands: its last event (a head), or its last pruned event (an anchor).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainPoint {
+    pub chain_id: String,
+    pub seq: i64,
+    pub hash: String,
+}
+
+/// What a retention prune removed (or, with `dry_run`, would remove).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PruneReport {
+    pub cutoff_unix_ms: i64,
+    pub dry_run: bool,
+    pub sessions: u64,
+    pub events: u64,
+    /// The new anchor of every chain that was shortened.
+    pub anchors: Vec<ChainPoint>,
+}
 
 /// An event to append; `seq` numbers and hashes are assigned by the store.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -100,6 +133,8 @@ pub struct SessionFilter {
 pub struct VerifyReport {
     pub chains: usize,
     pub events: u64,
+    /// `audit.checkpoint` events whose recorded heads were checked against the chains.
+    pub checkpoints: u64,
     pub first_break: Option<ChainBreak>,
 }
 
@@ -167,8 +202,24 @@ pub trait Store: Send + Sync + 'static {
     fn session(&self, id: &str) -> Result<Option<SessionRow>, StoreError>;
     /// A session's events in `session_seq` order.
     fn events(&self, session_id: &str) -> Result<Vec<StoredEvent>, StoreError>;
-    /// Recompute every chain; reports the first break (chains in `chain_id` order).
+    /// Recompute every chain from its anchor; check each anchor against the latest
+    /// `audit.pruned` event and each `audit.checkpoint` against the chains. Reports the first
+    /// break (chains in `chain_id` order, then anchors, then checkpoints).
     fn verify(&self) -> Result<VerifyReport, StoreError>;
+    /// The last event of every chain, in `chain_id` order.
+    fn chain_heads(&self) -> Result<Vec<ChainPoint>, StoreError> {
+        Err(StoreError::Unsupported(
+            "this store cannot list chain heads".into(),
+        ))
+    }
+    /// Delete the sessions that ended before `cutoff_unix_ms` with their events, in one
+    /// transaction, re-anchoring each chain and appending an `audit.pruned` event to
+    /// [`PRUNE_CHAIN`]. Only a prefix of each chain is removed; see the implementation for the
+    /// exact rule. `dry_run` reports without changing anything.
+    fn prune(&self, cutoff_unix_ms: i64, dry_run: bool) -> Result<PruneReport, StoreError> {
+        let _ = (cutoff_unix_ms, dry_run);
+        Err(StoreError::Unsupported("this store cannot prune".into()))
+    }
     fn ping(&self) -> Result<(), StoreError>;
     /// Up to `limit` events with `id > after_id` in `id` order (insertion order), optionally
     /// only those with `since_unix_ms <= at_unix_ms < until_unix_ms`: pages for an export that
@@ -185,6 +236,96 @@ pub trait Store: Send + Sync + 'static {
             "this store cannot page through events".into(),
         ))
     }
+
+    // ---- reviews (approvals); the lifecycle rules are in tollgate-review ----
+
+    /// Insert a new review (its `votes` and `grant_until_unix_ms` are ignored).
+    fn review_create(&self, review: &ReviewRecord) -> Result<(), StoreError> {
+        let _ = review;
+        Err(no_reviews())
+    }
+    fn review(&self, id: &str) -> Result<Option<ReviewRecord>, StoreError> {
+        let _ = id;
+        Err(no_reviews())
+    }
+    /// Newest first.
+    fn reviews(&self, filter: &ReviewFilter) -> Result<Vec<ReviewRecord>, StoreError> {
+        let _ = filter;
+        Err(no_reviews())
+    }
+    /// Record a vote atomically: checks pending, deadline, self-vote and duplicate vote; one
+    /// deny, or the `min_approvals`-th distinct approval, decides; an approved access or unmask
+    /// review gets its grant in the same transaction.
+    fn review_vote(&self, vote: &ReviewVote) -> Result<VoteOutcome, StoreError> {
+        let _ = vote;
+        Err(no_reviews())
+    }
+    /// Move a pending review to `status` (expired, withdrawn); `None` if it was not pending.
+    fn review_close(
+        &self,
+        id: &str,
+        status: &str,
+        at_unix_ms: i64,
+        reason: Option<&str>,
+    ) -> Result<Option<ReviewRecord>, StoreError> {
+        let _ = (id, status, at_unix_ms, reason);
+        Err(no_reviews())
+    }
+    /// Mark every pending review past its deadline expired; returns those this call changed.
+    fn review_expire_due(&self, now_unix_ms: i64) -> Result<Vec<ReviewRecord>, StoreError> {
+        let _ = now_unix_ms;
+        Err(no_reviews())
+    }
+    /// Consume an approved review; false if it was not approved or already used.
+    fn review_mark_used(&self, id: &str, at_unix_ms: i64) -> Result<bool, StoreError> {
+        let _ = (id, at_unix_ms);
+        Err(no_reviews())
+    }
+    /// Consume the newest approved, unused command review matching requester, resource and
+    /// statement hash, decided at or after `decided_since_unix_ms`.
+    fn review_take_rerun(
+        &self,
+        requester: &str,
+        resource: &str,
+        statement_sha256: &str,
+        decided_since_unix_ms: i64,
+        now_unix_ms: i64,
+    ) -> Result<Option<ReviewRecord>, StoreError> {
+        let _ = (
+            requester,
+            resource,
+            statement_sha256,
+            decided_since_unix_ms,
+            now_unix_ms,
+        );
+        Err(no_reviews())
+    }
+    /// The access grant (approved `access` review) that lets `subject` reach `resource` at
+    /// `now_unix_ms`, if any (latest-ending). An unmask grant never counts.
+    fn access_grant(
+        &self,
+        subject: &str,
+        resource: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<GrantRecord>, StoreError> {
+        let _ = (subject, resource, now_unix_ms);
+        Err(no_reviews())
+    }
+    /// The unmask grant (approved `unmask` review) that lets `subject` see `resource` without
+    /// masking at `now_unix_ms`, if any (latest-ending). An access grant never counts.
+    fn unmask_grant(
+        &self,
+        subject: &str,
+        resource: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<GrantRecord>, StoreError> {
+        let _ = (subject, resource, now_unix_ms);
+        Err(no_reviews())
+    }
+}
+
+fn no_reviews() -> StoreError {
+    StoreError::Unsupported("this store does not keep reviews".into())
 }
 
 /// Opens a store from a URL: `sqlite://relative/or/abs/path.db`, `sqlite:///abs/path.db`,

@@ -8,6 +8,12 @@
 //! sealed (renamed `<journal>.<seq>`) and a new one started; a sealed segment is deleted once
 //! every event in it is stored. At start, segments left by a crashed process are imported first.
 //!
+//! Durability: with [`Durability::Written`] `append` returns once the journal is written, and a
+//! sync thread fsyncs it in the background (at most every [`WRITTEN_SYNC_PAUSE`]), so a power
+//! loss can lose the last few milliseconds. With [`Durability::Fsync`] `append` returns only once
+//! its bytes are fsynced; appenders that arrive while an fsync is running share the next one
+//! (group commit). A sealed segment is fsynced before it is renamed.
+//!
 //! Failure: a journal write error fails the append (the caller refuses the command). When the
 //! store stops accepting imports, appends keep landing in the journal until the oldest event not
 //! yet stored is older than `stall_limit`; after that, appends fail until the store is back.
@@ -24,10 +30,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
+use crate::hash::{
+    canonical_json, event_hash, push_int, push_json_str, HashedFields, GENESIS_HASH,
+};
 use crate::{unix_ms, EventInput, HashedEvent, Store, StoreError, KIND_SESSION_CLOSE};
 
-/// How often the importer looks for new events when nobody wakes it.
+/// How often the importer imports, unless woken early: also the least time between two of
+/// its transactions, so that a busy gateway makes a few large commits rather than many small
+/// ones (each SQLite commit rewrites its partly filled pages and fsyncs: the cost is per commit).
 const IMPORT_INTERVAL: Duration = Duration::from_millis(50);
 /// Backlog size that wakes the importer early.
 const IMPORT_WAKE_AT: usize = 4096;
@@ -35,6 +45,8 @@ const IMPORT_WAKE_AT: usize = 4096;
 const IMPORT_BATCH: usize = 8192;
 /// Journal size above which the segment is sealed and a new one started.
 const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+/// With [`Durability::Written`], the pause after a background fsync: bounds their rate.
+pub const WRITTEN_SYNC_PAUSE: Duration = Duration::from_millis(5);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -42,8 +54,20 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 pub struct RecorderOptions {
     /// The journal file (created mode 0600; one gateway process per journal, enforced by a lock).
     pub journal: PathBuf,
-    /// How long events may wait to reach the store before appends are refused.
+    /// How long events may wait to reach the store before appends are refused; also the
+    /// longest an append waits for its fsync with [`Durability::Fsync`].
     pub stall_limit: Duration,
+    pub durability: Durability,
+}
+
+/// When [`Recorder::append`] returns (config `server.audit_durability`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the journal `write` returned (survives a crash of the process); fsync in background.
+    #[default]
+    Written,
+    /// Once the journal bytes are fsynced (survives a power loss); concurrent appends share fsyncs.
+    Fsync,
 }
 
 /// Counters since start.
@@ -57,12 +81,19 @@ pub struct RecorderStats {
     pub failed: u64,
     /// Events in the journal not yet in the store.
     pub queued: u64,
+    /// fsyncs of the journal.
+    pub fsyncs: u64,
+    /// Time spent in those fsyncs, in microseconds.
+    pub fsync_micros: u64,
 }
 
 struct Writer {
     path: PathBuf,
-    journal: File,
+    /// Shared with the sync thread, which fsyncs it without holding the writer lock.
+    journal: Arc<File>,
     journal_bytes: u64,
+    /// Successful journal writes so far; the sync thread's progress is measured against it.
+    gen: u64,
     chain_id: String,
     chain_seq: i64,
     prev_hash: String,
@@ -83,10 +114,54 @@ struct Inner {
     stored: AtomicU64,
     failed: AtomicU64,
     import_failing: AtomicBool,
+    /// Set by `flush` and `shutdown`: import what is there without waiting for the interval.
+    import_now: AtomicBool,
     stop: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+    durability: Durability,
+    /// Latest `Writer::gen`, readable without the writer lock.
+    written_gen: AtomicU64,
+    /// Set by an append in `Written` mode when the sync thread may be asleep.
+    dirty: AtomicBool,
+    sync: Mutex<SyncState>,
+    /// Wakes the sync thread.
+    sync_kick: Condvar,
+    /// Wakes appenders blocked in `append` (fsync mode).
+    sync_done: Condvar,
+    /// The same progress for appenders awaiting in `append_async`.
+    synced_tx: tokio::sync::watch::Sender<SyncState>,
+    fsyncs: AtomicU64,
+    fsync_micros: AtomicU64,
+    sync_thread: Mutex<Option<JoinHandle<()>>>,
+    #[cfg(test)]
+    test_fsync_delay: Mutex<Duration>,
     /// Held for the recorder's life: one gateway process per journal.
     _lock: File,
+}
+
+/// How far the journal is known to be on disk.
+#[derive(Clone, Copy, Debug, Default)]
+struct SyncState {
+    /// Every write up to this generation is fsynced.
+    synced: u64,
+    /// The last fsync that failed covered writes up to this generation.
+    failed: u64,
+    stop: bool,
+}
+
+impl SyncState {
+    /// `Some` once generation `gen` is known durable (`Ok`) or its fsync failed (`Err`).
+    fn outcome(&self, gen: u64) -> Option<Result<(), StoreError>> {
+        if self.synced >= gen {
+            Some(Ok(()))
+        } else if self.failed >= gen {
+            Some(Err(StoreError::Unavailable(
+                "the audit journal could not be fsynced".into(),
+            )))
+        } else {
+            None
+        }
+    }
 }
 
 /// Cheap to clone; all clones share one journal, chain and importer thread.
@@ -114,10 +189,28 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// One journal line: a hashed event as JSON.
+/// One journal line: a hashed event as JSON, byte for byte what serde_json writes for a
+/// [`HashedEvent`] (what `replay` reads), without its per-field machinery.
 fn encode_line(out: &mut Vec<u8>, ev: &HashedEvent) {
-    serde_json::to_writer(&mut *out, ev).expect("serializing to memory cannot fail");
-    out.push(b'\n');
+    out.extend_from_slice(b"{\"chain_id\":");
+    push_json_str(&ev.chain_id, out);
+    out.extend_from_slice(b",\"chain_seq\":");
+    push_int(ev.chain_seq, out);
+    out.extend_from_slice(b",\"session_id\":");
+    push_json_str(&ev.session_id, out);
+    out.extend_from_slice(b",\"session_seq\":");
+    push_int(ev.session_seq, out);
+    out.extend_from_slice(b",\"at_unix_ms\":");
+    push_int(ev.at_unix_ms, out);
+    out.extend_from_slice(b",\"kind\":");
+    push_json_str(&ev.kind, out);
+    out.extend_from_slice(b",\"payload\":");
+    push_json_str(&ev.payload, out);
+    out.extend_from_slice(b",\"prev_hash\":");
+    push_json_str(&ev.prev_hash, out);
+    out.extend_from_slice(b",\"hash\":");
+    push_json_str(&ev.hash, out);
+    out.extend_from_slice(b"}\n");
 }
 
 impl Recorder {
@@ -168,8 +261,9 @@ impl Recorder {
         let inner = Arc::new(Inner {
             writer: Mutex::new(Writer {
                 path: path.clone(),
-                journal,
+                journal: Arc::new(journal),
                 journal_bytes: 0,
+                gen: 0,
                 chain_id,
                 chain_seq: 0,
                 prev_hash: GENESIS_HASH.to_string(),
@@ -185,8 +279,21 @@ impl Recorder {
             stored: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             import_failing: AtomicBool::new(false),
+            import_now: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
+            durability: opts.durability,
+            written_gen: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            sync: Mutex::new(SyncState::default()),
+            sync_kick: Condvar::new(),
+            sync_done: Condvar::new(),
+            synced_tx: tokio::sync::watch::Sender::new(SyncState::default()),
+            fsyncs: AtomicU64::new(0),
+            fsync_micros: AtomicU64::new(0),
+            sync_thread: Mutex::new(None),
+            #[cfg(test)]
+            test_fsync_delay: Mutex::new(Duration::ZERO),
             _lock: lock_file,
         });
         let worker = Arc::clone(&inner);
@@ -195,16 +302,78 @@ impl Recorder {
             .spawn(move || import_loop(&worker))
             .map_err(|e| StoreError::Internal(format!("cannot start the audit importer: {e}")))?;
         *lock(&inner.thread) = Some(handle);
+        let worker = Arc::clone(&inner);
+        let handle = std::thread::Builder::new()
+            .name("tollgate-fsync".into())
+            .spawn(move || sync_loop(&worker))
+            .map_err(|e| {
+                StoreError::Internal(format!("cannot start the audit fsync thread: {e}"))
+            })?;
+        *lock(&inner.sync_thread) = Some(handle);
         Ok(Recorder { inner })
     }
 
     /// Number, hash-chain and journal `events` in one write. When this returns `Ok`, the events
-    /// survive a crash of this process. `Err` means they were not recorded (nothing was written).
+    /// survive a crash of this process, and with [`Durability::Fsync`] they are fsynced (this
+    /// blocks; async callers use [`Recorder::append_async`]). `Err` means they may not be
+    /// recorded: the command they describe must not run.
     ///
     /// Refused while the store has been unavailable for longer than `stall_limit`: this is the
     /// call that gates new commands.
     pub fn append(&self, events: &[EventInput]) -> Result<(), StoreError> {
-        self.write(events, true)
+        let gen = self.write(events, true)?;
+        if self.inner.durability == Durability::Fsync {
+            self.wait_synced(gen)?;
+        }
+        Ok(())
+    }
+
+    /// [`Recorder::append`] for async callers: the write happens at once, the wait for its
+    /// fsync (with [`Durability::Fsync`]) yields instead of blocking the runtime's thread.
+    pub async fn append_async(&self, events: &[EventInput]) -> Result<(), StoreError> {
+        let gen = self.write(events, true)?;
+        if self.inner.durability == Durability::Written {
+            return Ok(());
+        }
+        let mut rx = self.inner.synced_tx.subscribe();
+        let waited = tokio::time::timeout(
+            self.inner.stall_limit,
+            rx.wait_for(|s| s.outcome(gen).is_some()),
+        )
+        .await;
+        match waited {
+            Ok(Ok(s)) => s.outcome(gen).expect("checked by wait_for"),
+            Ok(Err(_)) => Err(StoreError::RecorderStopped),
+            Err(_) => Err(self.fsync_timeout()),
+        }
+    }
+
+    fn wait_synced(&self, gen: u64) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        let deadline = Instant::now() + inner.stall_limit;
+        let mut s = lock(&inner.sync);
+        loop {
+            if let Some(outcome) = s.outcome(gen) {
+                return outcome;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.fsync_timeout());
+            }
+            s = inner
+                .sync_done
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn fsync_timeout(&self) -> StoreError {
+        self.inner.failed.fetch_add(1, Ordering::Relaxed);
+        StoreError::Unavailable(format!(
+            "the audit journal was not fsynced within {} ms",
+            self.inner.stall_limit.as_millis()
+        ))
     }
 
     /// Append one event that gates nothing (session open/close, results): it is journaled even
@@ -215,10 +384,11 @@ impl Recorder {
         }
     }
 
-    fn write(&self, events: &[EventInput], gate: bool) -> Result<(), StoreError> {
+    /// Journal `events`; returns the write's generation (for waiting on its fsync).
+    fn write(&self, events: &[EventInput], gate: bool) -> Result<u64, StoreError> {
         let inner = &*self.inner;
-        let mut w = lock(&inner.writer);
-        if let (true, Some(since)) = (gate, w.oldest_unstored) {
+        let mut guard = lock(&inner.writer);
+        if let (true, Some(since)) = (gate, guard.oldest_unstored) {
             if since.elapsed() > inner.stall_limit {
                 inner.failed.fetch_add(1, Ordering::Relaxed);
                 return Err(StoreError::Unavailable(format!(
@@ -227,7 +397,7 @@ impl Recorder {
                 )));
             }
         }
-        let w = &mut *w;
+        let w = &mut *guard;
         w.line.clear();
         let mut chain_seq = w.chain_seq;
         let mut prev_hash = std::mem::take(&mut w.prev_hash);
@@ -268,7 +438,7 @@ impl Recorder {
             encode_line(&mut w.line, &h);
             hashed.push(h);
         }
-        if let Err(e) = w.journal.write_all(&w.line) {
+        if let Err(e) = (&*w.journal).write_all(&w.line) {
             // Undo a torn write so the journal stays a sequence of whole lines.
             let _ = w.journal.set_len(w.journal_bytes);
             w.prev_hash = hashed
@@ -283,6 +453,9 @@ impl Recorder {
             });
         }
         w.journal_bytes += w.line.len() as u64;
+        w.gen += 1;
+        let gen = w.gen;
+        inner.written_gen.store(gen, Ordering::SeqCst);
         w.chain_seq = chain_seq;
         w.prev_hash = prev_hash;
         for h in &hashed {
@@ -300,7 +473,14 @@ impl Recorder {
         if w.backlog.len() >= IMPORT_WAKE_AT {
             inner.wake.notify_one();
         }
-        Ok(())
+        drop(guard);
+        // Fsync mode: every write wants the next fsync. Written mode: wake the sync thread only
+        // if it may be asleep.
+        if inner.durability == Durability::Fsync || !inner.dirty.swap(true, Ordering::SeqCst) {
+            let _s = lock(&inner.sync);
+            inner.sync_kick.notify_one();
+        }
+        Ok(gen)
     }
 
     /// Resolves once every event appended before the call is in the store, or with `Err` if the
@@ -316,6 +496,7 @@ impl Recorder {
                     "the store is not accepting events".into(),
                 ));
             }
+            self.inner.import_now.store(true, Ordering::SeqCst);
             self.inner.wake.notify_one();
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -330,6 +511,8 @@ impl Recorder {
             stored,
             failed: i.failed.load(Ordering::Relaxed),
             queued: written.saturating_sub(stored),
+            fsyncs: i.fsyncs.load(Ordering::Relaxed),
+            fsync_micros: i.fsync_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -338,11 +521,18 @@ impl Recorder {
         !self.inner.import_failing.load(Ordering::Relaxed)
     }
 
-    /// Stop the importer after a last import of everything journaled (blocking).
+    /// Stop the importer after a last import of everything journaled, and the sync thread
+    /// after a last fsync (blocking).
     pub fn shutdown(&self) {
         self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.import_now.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
         if let Some(h) = lock(&self.inner.thread).take() {
+            let _ = h.join();
+        }
+        lock(&self.inner.sync).stop = true;
+        self.inner.sync_kick.notify_one();
+        if let Some(h) = lock(&self.inner.sync_thread).take() {
             let _ = h.join();
         }
     }
@@ -418,6 +608,10 @@ fn maybe_seal(w: &mut Writer) -> Option<(PathBuf, i64)> {
         return None;
     }
     let sealed = segment_path(&w.path, &w.chain_seq.to_string());
+    // The sync thread only ever fsyncs the live segment: make this one durable first.
+    if let Err(e) = w.journal.sync_data() {
+        tracing::error!(error = %e, journal = %w.path.display(), "cannot fsync the audit journal before sealing it");
+    }
     let fresh = std::fs::rename(&w.path, &sealed).and_then(|_| {
         OpenOptions::new()
             .read(true)
@@ -428,7 +622,7 @@ fn maybe_seal(w: &mut Writer) -> Option<(PathBuf, i64)> {
     });
     match fresh {
         Ok(f) => {
-            w.journal = f;
+            w.journal = Arc::new(f);
             w.journal_bytes = 0;
             Some((sealed, w.chain_seq))
         }
@@ -439,36 +633,107 @@ fn maybe_seal(w: &mut Writer) -> Option<(PathBuf, i64)> {
     }
 }
 
+/// The journal's fsyncs: as soon as there is something to sync in fsync mode (one fsync covers
+/// every write before it: group commit), at most every `WRITTEN_SYNC_PAUSE` in written mode.
+fn sync_loop(inner: &Inner) {
+    loop {
+        {
+            let mut s = lock(&inner.sync);
+            loop {
+                if inner.written_gen.load(Ordering::SeqCst) > s.synced.max(s.failed) {
+                    break;
+                }
+                if s.stop {
+                    return;
+                }
+                s = inner
+                    .sync_kick
+                    .wait_timeout(s, Duration::from_secs(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        inner.dirty.store(false, Ordering::SeqCst);
+        let (gen, file) = {
+            let w = lock(&inner.writer);
+            (w.gen, Arc::clone(&w.journal))
+        };
+        #[cfg(test)]
+        std::thread::sleep(*lock(&inner.test_fsync_delay));
+        let started = Instant::now();
+        let result = file.sync_data();
+        inner.fsync_micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        inner.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let state = {
+            let mut s = lock(&inner.sync);
+            match &result {
+                Ok(()) => s.synced = s.synced.max(gen),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot fsync the audit journal");
+                    s.failed = s.failed.max(gen);
+                }
+            }
+            *s
+        };
+        inner.sync_done.notify_all();
+        inner.synced_tx.send_replace(state);
+        if result.is_err() {
+            std::thread::sleep(RETRY_MIN);
+        } else if inner.durability == Durability::Written {
+            std::thread::sleep(WRITTEN_SYNC_PAUSE);
+        }
+    }
+}
+
 fn import_loop(inner: &Inner) {
     let mut pending: Vec<HashedEvent> = Vec::new();
     let mut sealed: Vec<(PathBuf, i64)> = Vec::new();
     let mut stored_seq: i64 = 0;
     let mut backoff: Option<Duration> = None;
+    let mut last_attempt = Instant::now();
     loop {
-        let stopping = inner.stop.load(Ordering::SeqCst);
         {
-            let w = lock(&inner.writer);
-            let wait = backoff.unwrap_or(IMPORT_INTERVAL);
-            let mut w = if w.backlog.is_empty() && !stopping {
-                inner
-                    .wake
-                    .wait_timeout(w, wait)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
+            let mut w = lock(&inner.writer);
+            // Until the interval since the last attempt is over (a full one when idle), unless
+            // the backlog fills a batch, or `flush`/`shutdown` asks.
+            let due = if w.backlog.is_empty() && pending.is_empty() {
+                Instant::now() + IMPORT_INTERVAL
             } else {
-                w
+                last_attempt + backoff.unwrap_or(IMPORT_INTERVAL)
             };
+            loop {
+                if inner.import_now.swap(false, Ordering::SeqCst)
+                    || inner.stop.load(Ordering::SeqCst)
+                    || (backoff.is_none() && w.backlog.len() >= IMPORT_WAKE_AT)
+                {
+                    break;
+                }
+                let left = due.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                w = inner
+                    .wake
+                    .wait_timeout(w, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
             if pending.len() < IMPORT_BATCH {
                 let take = (IMPORT_BATCH - pending.len()).min(w.backlog.len());
                 pending.extend(w.backlog.drain(..take));
             }
         }
+        let stopping = inner.stop.load(Ordering::SeqCst);
         if pending.is_empty() {
             if stopping {
                 return;
             }
             continue;
         }
+        last_attempt = Instant::now();
         match inner.store.import(&pending) {
             Ok(()) => {
                 inner
@@ -534,8 +799,41 @@ mod tests {
         let opts = RecorderOptions {
             journal: dir.path().join("a.db.events.log"),
             stall_limit: Duration::from_secs(5),
+            durability: Durability::Written,
         };
         (dir, store, opts)
+    }
+
+    #[test]
+    fn journal_lines_are_what_serde_json_writes() {
+        let strange = "q\"b\\s\u{0}\u{1f}\u{7f}/é😀\r\n";
+        for (text, n) in [
+            ("plain", 0i64),
+            (strange, -7),
+            ("", i64::MAX),
+            ("x", i64::MIN),
+        ] {
+            let ev = HashedEvent {
+                chain_id: format!("gw-{text}"),
+                chain_seq: n,
+                session_id: text.into(),
+                session_seq: n.wrapping_add(1),
+                at_unix_ms: 1_764_000_000_000,
+                kind: text.into(),
+                payload: canonical_json(&json!({"text": text, "n": n})),
+                prev_hash: GENESIS_HASH.into(),
+                hash: text.into(),
+            };
+            let mut line = Vec::new();
+            encode_line(&mut line, &ev);
+            let mut expected = serde_json::to_vec(&ev).unwrap();
+            expected.push(b'\n');
+            assert_eq!(
+                String::from_utf8(line.clone()).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+            assert_eq!(serde_json::from_slice::<HashedEvent>(&line).unwrap(), ev);
+        }
     }
 
     #[tokio::test]
@@ -556,14 +854,10 @@ mod tests {
             t.join().unwrap();
         }
         rec.flush().await.unwrap();
+        let st = rec.stats();
         assert_eq!(
-            rec.stats(),
-            RecorderStats {
-                written: 8000,
-                stored: 8000,
-                failed: 0,
-                queued: 0
-            }
+            (st.written, st.stored, st.failed, st.queued),
+            (8000, 8000, 0, 0)
         );
         let r = store.verify().unwrap();
         assert_eq!((r.events, r.first_break.is_none()), (8000, true), "{r:?}");
@@ -731,6 +1025,86 @@ mod tests {
             "journal kept {on_disk} bytes"
         );
         assert_eq!(store.verify().unwrap().events, 5000);
+        rec.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fsync_mode_appends_return_only_after_an_fsync() {
+        let (_d, store, mut opts) = setup();
+        opts.durability = Durability::Fsync;
+        let rec = Recorder::start(store.clone(), "c".into(), opts).unwrap();
+        for i in 0..20 {
+            let before = rec.stats().fsyncs;
+            if i % 2 == 0 {
+                rec.append(&[ev("s", "command", i)]).unwrap();
+            } else {
+                rec.append_async(&[ev("s", "command", i)]).await.unwrap();
+            }
+            let s = *lock(&rec.inner.sync);
+            assert!(
+                s.synced >= rec.inner.written_gen.load(Ordering::SeqCst),
+                "append {i} returned before its write was fsynced: {s:?}"
+            );
+            assert!(
+                rec.stats().fsyncs > before,
+                "append {i} did not wait for an fsync"
+            );
+        }
+        rec.flush().await.unwrap();
+        assert_eq!(store.verify().unwrap().events, 20);
+        rec.shutdown();
+    }
+
+    #[test]
+    fn fsync_mode_groups_concurrent_appenders_into_shared_fsyncs() {
+        let (_d, store, mut opts) = setup();
+        opts.durability = Durability::Fsync;
+        let rec = Recorder::start(store, "c".into(), opts).unwrap();
+        // A slow disk: while one fsync runs, the other appenders queue up for the next.
+        *lock(&rec.inner.test_fsync_delay) = Duration::from_millis(3);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let rec = rec.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let st = rec.stats();
+        assert_eq!(st.written, 200);
+        assert!(
+            st.fsyncs < 200 / 2,
+            "{} fsyncs for 200 concurrent appends: not grouped",
+            st.fsyncs
+        );
+        rec.shutdown();
+    }
+
+    #[tokio::test]
+    async fn written_mode_returns_at_once_and_fsyncs_in_the_background() {
+        let (_d, store, opts) = setup();
+        let rec = Recorder::start(store, "c".into(), opts).unwrap();
+        *lock(&rec.inner.test_fsync_delay) = Duration::from_millis(200);
+        let started = Instant::now();
+        for i in 0..50 {
+            rec.append(&[ev("s", "command", i)]).unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(150),
+            "written-mode appends waited for an fsync"
+        );
+        *lock(&rec.inner.test_fsync_delay) = Duration::ZERO;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while lock(&rec.inner.sync).synced < 50 {
+            assert!(Instant::now() < deadline, "the journal was never fsynced");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(rec.stats().fsyncs >= 1 && rec.stats().fsyncs < 50);
         rec.shutdown();
     }
 

@@ -16,6 +16,9 @@ use crate::{
     StoredEvent, VerifyReport, KIND_SESSION_CLOSE, KIND_SESSION_OPEN,
 };
 
+mod audit;
+mod reviews;
+
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE chains (
@@ -71,7 +74,7 @@ CREATE TABLE reviews (
     payload     TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX reviews_by_status ON reviews (status, created_at);
-"#];
+"#, audit::MIGRATION, reviews::MIGRATION];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -109,8 +112,9 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path.display(), mode, "sqlite store is not in WAL mode");
         }
-        // WAL + NORMAL: a commit survives a process crash; fsync happens at checkpoints.
-        writer.pragma_update(None, "synchronous", "NORMAL")?;
+        // WAL + FULL: a commit survives a power loss too (one fsync per commit; the recorder
+        // commits in large batches), so a journal segment is deleted only once its events are.
+        writer.pragma_update(None, "synchronous", "FULL")?;
         migrate(&mut writer)?;
 
         let reader = Connection::open(path)?;
@@ -330,65 +334,12 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut conn = self.writer();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events (chain_id, chain_seq, session_id, session_seq, \
-                 at_unix_ms, kind, payload, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            let mut heads: HashMap<&str, (i64, &str)> = HashMap::new();
-            let mut counts: HashMap<&str, i64> = HashMap::new();
-            for ev in events {
-                let inserted = insert.execute(params![
-                    ev.chain_id,
-                    ev.chain_seq,
-                    ev.session_id,
-                    ev.session_seq,
-                    ev.at_unix_ms,
-                    ev.kind,
-                    ev.payload,
-                    ev.prev_hash,
-                    ev.hash
-                ])?;
-                if inserted == 0 {
-                    continue;
-                }
-                if ev.kind == KIND_SESSION_OPEN || ev.kind == KIND_SESSION_CLOSE {
-                    let input = EventInput {
-                        session_id: ev.session_id.clone(),
-                        kind: ev.kind.clone(),
-                        at: SystemTime::UNIX_EPOCH,
-                        payload: serde_json::from_str(&ev.payload)
-                            .map_err(|e| StoreError::Corrupt(format!("event payload: {e}")))?,
-                    };
-                    materialize_session(&tx, &input, ev.session_seq, ev.at_unix_ms, &ev.payload)?;
-                }
-                let head = heads.entry(&ev.chain_id).or_insert((0, ""));
-                if ev.chain_seq > head.0 {
-                    *head = (ev.chain_seq, &ev.hash);
-                }
-                let count = counts.entry(&ev.session_id).or_insert(0);
-                *count = (*count).max(ev.session_seq);
-            }
-            let now = unix_ms(SystemTime::now());
-            let mut head_stmt = tx.prepare_cached(
-                "INSERT INTO chains (chain_id, last_seq, last_hash, created_at_unix_ms, updated_at_unix_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (chain_id) DO UPDATE SET \
-                 last_seq = excluded.last_seq, last_hash = excluded.last_hash, \
-                 updated_at_unix_ms = excluded.updated_at_unix_ms WHERE excluded.last_seq > chains.last_seq",
-            )?;
-            for (chain, (seq, hash)) in &heads {
-                head_stmt.execute(params![chain, seq, hash, now])?;
-            }
-            let mut count_stmt = tx.prepare_cached(
-                "UPDATE sessions SET event_count = ?1 WHERE id = ?2 AND event_count < ?1",
-            )?;
-            for (session, seq) in &counts {
-                count_stmt.execute(params![seq, session])?;
-            }
+        // Many rows per statement while every row is new (the live importer); row by row,
+        // skipping those already stored, when a replayed journal overlaps the store.
+        if import_batch(&mut conn, events, true)? {
+            return Ok(());
         }
-        tx.commit()?;
-        Ok(())
+        import_batch(&mut conn, events, false).map(|_| ())
     }
 
     fn sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRow>, StoreError> {
@@ -448,9 +399,9 @@ impl Store for SqliteStore {
         let mut conn = self.reader();
         // One read transaction: a consistent snapshot of heads and rows while writers go on.
         let tx = conn.transaction()?;
-        let chains: Vec<(String, Option<(i64, String)>)> = {
+        let chains: Vec<audit::ChainState> = {
             let mut stmt = tx.prepare(
-                "SELECT ids.chain_id, c.last_seq, c.last_hash FROM \
+                "SELECT ids.chain_id, c.last_seq, c.last_hash, c.anchor_seq, c.anchor_hash FROM \
                  (SELECT chain_id FROM chains UNION SELECT DISTINCT chain_id FROM events) AS ids \
                  LEFT JOIN chains c ON c.chain_id = ids.chain_id ORDER BY ids.chain_id",
             )?;
@@ -459,23 +410,110 @@ impl Store for SqliteStore {
                     Some(seq) => Some((seq, r.get::<_, String>(2)?)),
                     None => None,
                 };
-                Ok((r.get::<_, String>(0)?, head))
+                let anchor = (
+                    r.get::<_, Option<i64>>(3)?.unwrap_or(0),
+                    r.get::<_, Option<String>>(4)?
+                        .unwrap_or_else(|| GENESIS_HASH.to_string()),
+                );
+                Ok(audit::ChainState {
+                    chain_id: r.get(0)?,
+                    head,
+                    anchor,
+                })
             })?;
             rows.collect::<Result<_, _>>()?
         };
         let mut report = VerifyReport {
             chains: chains.len(),
             events: 0,
+            checkpoints: 0,
             first_break: None,
         };
-        for (chain_id, head) in &chains {
-            let (count, brk) = verify_chain(&tx, chain_id, head.as_ref())?;
+        let mut checks = audit::AuditChecks::default();
+        for c in &chains {
+            let (count, brk) = verify_chain(&tx, c, &mut checks)?;
             report.events += count;
             if report.first_break.is_none() {
                 report.first_break = brk;
             }
         }
+        let (checkpoints, brk) = checks.finish(&tx, &chains)?;
+        report.checkpoints = checkpoints;
+        if report.first_break.is_none() {
+            report.first_break = brk;
+        }
         Ok(report)
+    }
+
+    fn review_create(&self, review: &crate::ReviewRecord) -> Result<(), StoreError> {
+        self.sql_review_create(review)
+    }
+    fn review(&self, id: &str) -> Result<Option<crate::ReviewRecord>, StoreError> {
+        self.sql_review(id)
+    }
+    fn reviews(
+        &self,
+        filter: &crate::ReviewFilter,
+    ) -> Result<Vec<crate::ReviewRecord>, StoreError> {
+        self.sql_reviews(filter)
+    }
+    fn review_vote(&self, vote: &crate::ReviewVote) -> Result<crate::VoteOutcome, StoreError> {
+        self.sql_review_vote(vote)
+    }
+    fn review_close(
+        &self,
+        id: &str,
+        status: &str,
+        at_unix_ms: i64,
+        reason: Option<&str>,
+    ) -> Result<Option<crate::ReviewRecord>, StoreError> {
+        self.sql_review_close(id, status, at_unix_ms, reason)
+    }
+    fn review_expire_due(&self, now_unix_ms: i64) -> Result<Vec<crate::ReviewRecord>, StoreError> {
+        self.sql_review_expire_due(now_unix_ms)
+    }
+    fn review_mark_used(&self, id: &str, at_unix_ms: i64) -> Result<bool, StoreError> {
+        self.sql_review_mark_used(id, at_unix_ms)
+    }
+    fn review_take_rerun(
+        &self,
+        requester: &str,
+        resource: &str,
+        statement_sha256: &str,
+        decided_since_unix_ms: i64,
+        now_unix_ms: i64,
+    ) -> Result<Option<crate::ReviewRecord>, StoreError> {
+        self.sql_review_take_rerun(
+            requester,
+            resource,
+            statement_sha256,
+            decided_since_unix_ms,
+            now_unix_ms,
+        )
+    }
+    fn access_grant(
+        &self,
+        subject: &str,
+        resource: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<crate::GrantRecord>, StoreError> {
+        self.sql_grant(crate::review::REVIEW_KIND_ACCESS, subject, resource, now_unix_ms)
+    }
+    fn unmask_grant(
+        &self,
+        subject: &str,
+        resource: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<crate::GrantRecord>, StoreError> {
+        self.sql_grant(crate::review::REVIEW_KIND_UNMASK, subject, resource, now_unix_ms)
+    }
+
+    fn chain_heads(&self) -> Result<Vec<crate::ChainPoint>, StoreError> {
+        self.sql_chain_heads()
+    }
+
+    fn prune(&self, cutoff_unix_ms: i64, dry_run: bool) -> Result<crate::PruneReport, StoreError> {
+        self.sql_prune(cutoff_unix_ms, dry_run)
     }
 
     fn ping(&self) -> Result<(), StoreError> {
@@ -503,6 +541,161 @@ impl Store for SqliteStore {
         )?;
         rows.map(|r| r?).collect()
     }
+}
+
+/// Rows per `INSERT` statement in a bulk import: one statement's fixed costs (AUTOINCREMENT
+/// bookkeeping, cursors) are paid once for all of them.
+const IMPORT_ROWS: usize = 32;
+
+const INSERT_EVENT: &str = "INSERT OR IGNORE INTO events (chain_id, chain_seq, session_id, \
+     session_seq, at_unix_ms, kind, payload, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+/// `INSERT_EVENT` for `IMPORT_ROWS` rows.
+fn insert_events_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?)";
+        format!(
+            "INSERT OR IGNORE INTO events (chain_id, chain_seq, session_id, session_seq, \
+             at_unix_ms, kind, payload, prev_hash, hash) VALUES {}",
+            vec![row; IMPORT_ROWS].join(", ")
+        )
+    })
+}
+
+/// One import transaction ([`Store::import`]). With `bulk`, rows go in `IMPORT_ROWS` per
+/// statement, and the transaction is abandoned (`Ok(false)`, nothing written) as soon as a row
+/// turns out to be stored already: which ones were is then known only row by row.
+fn import_batch(
+    conn: &mut Connection,
+    events: &[HashedEvent],
+    bulk: bool,
+) -> Result<bool, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        // Per chain in this batch (one, but for a replay): its anchor, and the head it
+        // reaches. A batch holds one or two chains: a list beats hashing every event.
+        struct Chain<'e> {
+            id: &'e str,
+            anchor: i64,
+            head: (i64, &'e str),
+        }
+        let mut chains: Vec<Chain<'_>> = Vec::new();
+        let mut anchor_of =
+            tx.prepare_cached("SELECT anchor_seq FROM chains WHERE chain_id = ?1")?;
+        // The events to insert, with their chain.
+        let mut fresh: Vec<(usize, &HashedEvent)> = Vec::with_capacity(events.len());
+        for ev in events {
+            let c = match chains.iter().position(|c| c.id == ev.chain_id) {
+                Some(i) => i,
+                None => {
+                    let anchor: i64 = anchor_of
+                        .query_row([&ev.chain_id], |r| r.get(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    chains.push(Chain {
+                        id: &ev.chain_id,
+                        anchor,
+                        head: (0, ""),
+                    });
+                    chains.len() - 1
+                }
+            };
+            // A journal replayed after a prune must not bring pruned events back.
+            if ev.chain_seq > chains[c].anchor {
+                fresh.push((c, ev));
+            }
+        }
+        let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+        let mut inserted: Vec<(usize, &HashedEvent)> = Vec::with_capacity(fresh.len());
+        if bulk {
+            let mut insert_many = tx.prepare_cached(insert_events_sql())?;
+            let mut rows = fresh.chunks_exact(IMPORT_ROWS);
+            for chunk in &mut rows {
+                for (i, (_, ev)) in chunk.iter().enumerate() {
+                    let at = i * 9;
+                    insert_many.raw_bind_parameter(at + 1, &ev.chain_id)?;
+                    insert_many.raw_bind_parameter(at + 2, ev.chain_seq)?;
+                    insert_many.raw_bind_parameter(at + 3, &ev.session_id)?;
+                    insert_many.raw_bind_parameter(at + 4, ev.session_seq)?;
+                    insert_many.raw_bind_parameter(at + 5, ev.at_unix_ms)?;
+                    insert_many.raw_bind_parameter(at + 6, &ev.kind)?;
+                    insert_many.raw_bind_parameter(at + 7, &ev.payload)?;
+                    insert_many.raw_bind_parameter(at + 8, &ev.prev_hash)?;
+                    insert_many.raw_bind_parameter(at + 9, &ev.hash)?;
+                }
+                if insert_many.raw_execute()? != chunk.len() {
+                    return Ok(false);
+                }
+            }
+            for &(_, ev) in rows.remainder() {
+                if insert_one(&mut insert, ev)? != 1 {
+                    return Ok(false);
+                }
+            }
+            inserted = fresh;
+        } else {
+            for (c, ev) in fresh {
+                if insert_one(&mut insert, ev)? == 1 {
+                    inserted.push((c, ev));
+                }
+            }
+        }
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        for (c, ev) in inserted {
+            if ev.kind == KIND_SESSION_OPEN || ev.kind == KIND_SESSION_CLOSE {
+                let input = EventInput {
+                    session_id: ev.session_id.clone(),
+                    kind: ev.kind.clone(),
+                    at: SystemTime::UNIX_EPOCH,
+                    payload: serde_json::from_str(&ev.payload)
+                        .map_err(|e| StoreError::Corrupt(format!("event payload: {e}")))?,
+                };
+                materialize_session(&tx, &input, ev.session_seq, ev.at_unix_ms, &ev.payload)?;
+            }
+            let head = &mut chains[c].head;
+            if ev.chain_seq > head.0 {
+                *head = (ev.chain_seq, &ev.hash);
+            }
+            let count = counts.entry(&ev.session_id).or_insert(0);
+            *count = (*count).max(ev.session_seq);
+        }
+        let now = unix_ms(SystemTime::now());
+        let mut head_stmt = tx.prepare_cached(
+            "INSERT INTO chains (chain_id, last_seq, last_hash, created_at_unix_ms, updated_at_unix_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (chain_id) DO UPDATE SET \
+             last_seq = excluded.last_seq, last_hash = excluded.last_hash, \
+             updated_at_unix_ms = excluded.updated_at_unix_ms WHERE excluded.last_seq > chains.last_seq",
+        )?;
+        for c in chains.iter().filter(|c| c.head.0 > 0) {
+            head_stmt.execute(params![c.id, c.head.0, c.head.1, now])?;
+        }
+        let mut count_stmt = tx.prepare_cached(
+            "UPDATE sessions SET event_count = ?1 WHERE id = ?2 AND event_count < ?1",
+        )?;
+        for (session, seq) in &counts {
+            count_stmt.execute(params![seq, session])?;
+        }
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+fn insert_one(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    ev: &HashedEvent,
+) -> Result<usize, StoreError> {
+    Ok(insert.execute(params![
+        ev.chain_id,
+        ev.chain_seq,
+        ev.session_id,
+        ev.session_seq,
+        ev.at_unix_ms,
+        ev.kind,
+        ev.payload,
+        ev.prev_hash,
+        ev.hash
+    ])?)
 }
 
 fn materialize_session(
@@ -637,21 +830,42 @@ fn raw_i64(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<i64>> {
     })
 }
 
-/// Walks one chain in `chain_seq` order; returns the number of rows and the first break.
+/// Walks one chain in `chain_seq` order from its anchor; returns the number of rows and the
+/// first break. Events that verify are shown to `checks` (prune and checkpoint events).
 fn verify_chain(
     tx: &rusqlite::Transaction<'_>,
-    chain_id: &str,
-    head: Option<&(i64, String)>,
+    chain: &audit::ChainState,
+    checks: &mut audit::AuditChecks,
 ) -> Result<(u64, Option<ChainBreak>), StoreError> {
+    let chain_id = chain.chain_id.as_str();
+    let head = chain.head.as_ref();
+    let (anchor_seq, anchor_hash) = &chain.anchor;
+    let below: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM events WHERE chain_id = ?1 AND chain_seq <= ?2",
+        params![chain_id, anchor_seq],
+        |r| r.get(0),
+    )?;
+    if below > 0 {
+        return Ok((
+            below as u64,
+            Some(ChainBreak {
+                chain_id: chain_id.to_string(),
+                chain_seq: *anchor_seq,
+                event_id: 0,
+                session_id: String::new(),
+                reason: format!("{below} event(s) at or before the prune anchor (chain_seq {anchor_seq}) are still stored"),
+            }),
+        ));
+    }
     let mut stmt = tx.prepare(
         "SELECT id, chain_seq, session_id, session_seq, at_unix_ms, kind, payload, prev_hash, hash \
-         FROM events WHERE chain_id = ?1 ORDER BY chain_seq",
+         FROM events WHERE chain_id = ?1 AND chain_seq > ?2 ORDER BY chain_seq",
     )?;
-    let mut rows = stmt.query([chain_id])?;
+    let mut rows = stmt.query(params![chain_id, anchor_seq])?;
     let mut count = 0u64;
     let mut first_break: Option<ChainBreak> = None;
-    let mut expected_seq = 1i64;
-    let mut prev_hash = GENESIS_HASH.to_string();
+    let mut expected_seq = anchor_seq + 1;
+    let mut prev_hash = anchor_hash.clone();
     let mut last: Option<(i64, String)> = None; // (event id, session id) of the last row seen
     let brk = |seq: i64, id: i64, session_id: &str, reason: String| ChainBreak {
         chain_id: chain_id.to_string(),
@@ -722,6 +936,7 @@ fn verify_chain(
             ));
             continue;
         }
+        checks.observe(chain_id, id, &session_id, &kind, &payload);
         prev_hash = String::from_utf8_lossy(&stored_hash).into_owned();
         expected_seq += 1;
         last = Some((id, session_id));
@@ -818,6 +1033,102 @@ mod tests {
             ),
             ("c1", chain_seq, event_id, reason),
             "{brk:?}"
+        );
+    }
+
+    /// `n` events of chain "j" as a journal holds them: sessions s0..s2 opened first, s0 closed
+    /// last, commands in between.
+    fn journal(n: i64) -> Vec<HashedEvent> {
+        let mut prev = GENESIS_HASH.to_string();
+        let mut session_seqs = [0i64; 3];
+        (1..=n)
+            .map(|seq| {
+                let s = if seq <= 3 { seq - 1 } else { seq % 3 } as usize;
+                session_seqs[s] += 1;
+                let kind = match seq {
+                    1..=3 => KIND_SESSION_OPEN,
+                    _ if seq == n => KIND_SESSION_CLOSE,
+                    _ => "command",
+                };
+                let payload = canonical_json(&match kind {
+                    KIND_SESSION_OPEN => json!({"subject": format!("u{s}"), "resource": "db"}),
+                    KIND_SESSION_CLOSE => json!({"outcome": "ok"}),
+                    _ => json!({"n": seq, "text": "select 1"}),
+                });
+                let session_id = format!("s{s}");
+                let fields = HashedFields {
+                    chain_id: "j",
+                    chain_seq: seq,
+                    session_id: &session_id,
+                    session_seq: session_seqs[s],
+                    at_unix_ms: 1000 + seq,
+                    kind,
+                    payload: payload.as_bytes(),
+                };
+                let hash = event_hash(&prev, &fields);
+                HashedEvent {
+                    chain_id: "j".into(),
+                    chain_seq: seq,
+                    session_id: session_id.clone(),
+                    session_seq: session_seqs[s],
+                    at_unix_ms: 1000 + seq,
+                    kind: kind.into(),
+                    payload,
+                    prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                    hash,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn import_is_idempotent_in_bulk_and_when_replays_overlap() {
+        let (_d, store, raw) = file_store();
+        let evs = journal(100);
+        store.import(&evs[..50]).unwrap();
+        // Overlapping the store (a replay after a crash), then entirely stored already.
+        store.import(&evs[30..]).unwrap();
+        store.import(&evs).unwrap();
+        let report = store.verify().unwrap();
+        assert!(report.first_break.is_none(), "{report:?}");
+        assert_eq!(report.events, 100);
+        let stored: Vec<(i64, String)> = raw
+            .prepare("SELECT chain_seq, hash FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let expected: Vec<(i64, String)> =
+            evs.iter().map(|e| (e.chain_seq, e.hash.clone())).collect();
+        assert_eq!(stored, expected, "each event once, in journal order");
+        let head: (i64, String) = raw
+            .query_row(
+                "SELECT last_seq, last_hash FROM chains WHERE chain_id = 'j'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(head, (100, evs[99].hash.clone()));
+        for s in 0..3 {
+            let id = format!("s{s}");
+            let row = store.session(&id).unwrap().unwrap();
+            let last = evs.iter().filter(|e| e.session_id == id).count() as i64;
+            assert_eq!(row.event_count, last, "{id}");
+            assert_eq!(row.subject.as_deref(), Some(format!("u{s}").as_str()));
+        }
+        let closed = &evs[99].session_id;
+        assert_eq!(
+            store.session(closed).unwrap().unwrap().outcome.as_deref(),
+            Some("ok")
+        );
+        // An event already stored is skipped entirely: its session row is not written again.
+        raw.execute("UPDATE sessions SET outcome = 'marked'", [])
+            .unwrap();
+        store.import(&evs[100 - IMPORT_ROWS..]).unwrap();
+        assert_eq!(
+            store.session(closed).unwrap().unwrap().outcome.as_deref(),
+            Some("marked")
         );
     }
 

@@ -31,6 +31,10 @@
 //! 4. prints medians, ratios, added latency per query, the targets, the gateway's audit events,
 //!    peak RSS and CPU time per 1000 queries (gateway, postgres, pgbench, from /proc).
 //!
+//! With `--recording-off` a second gateway with `server.record_commands = false` (session
+//! open/close recorded, commands and results not) joins every round, and the report adds the
+//! "recording on vs off" ratio: the cost of the audit trail itself. It makes the run 1.5x longer.
+//!
 //! Everything (gateway, pgbench, cluster, temporary files) is cleaned up on return, on error
 //! and on Ctrl-C/SIGTERM. On a small machine pgbench, postgres and the gateway share the
 //! cores, so with 8 clients the ratio mostly reflects CPU per query; see the CPU columns.
@@ -73,7 +77,25 @@ struct Opts {
     /// The tollgate binary; default: `tollgate` next to this program's directory.
     #[arg(long, env = "TOLLGATE_BIN")]
     tollgate: Option<PathBuf>,
+    /// Also measure a gateway with `record_commands = false` and report recording on vs off.
+    #[arg(long)]
+    recording_off: bool,
+    /// Also measure a gateway with masking rules on the fetched column (a column rule and
+    /// every content detector) and report masking on vs off.
+    #[arg(long)]
+    masking: bool,
 }
+
+/// The masking rules of `--masking`: pgbench -S fetches `abalance`, which a column rule
+/// masks (to NULL: it is an integer), and every detector scans every column.
+const MASKS: &str = r#"
+[[resources.masks]]
+columns = ["abalance"]
+strategy = "redact"
+[[resources.masks]]
+detectors = ["credit_card", "email", "us_ssn", "iban", "phone", "ipv4", "ipv6", "jwt", "aws_key", "secret_token", "pem_private_key"]
+strategy = "redact"
+"#;
 
 const RESOURCE: &str = "benchdb";
 const CLIENT: &str = "bench";
@@ -241,12 +263,12 @@ fn run(opts: &Opts) -> Result<()> {
     )?;
     let password_file = tmp.path().join("upstream.password");
     fs::write(&password_file, &cluster.password)?;
-    let pg_listen = tollgate_testsupport::free_port();
-    let admin_listen = tollgate_testsupport::free_port();
-    let config = format!(
-        r#"[server]
+    let gateway_config = |pg_listen: u16, admin_listen: u16, extra: &str, masks: &str| {
+        format!(
+            r#"[server]
 postgres_listen = "127.0.0.1:{pg_listen}"
 admin_listen = "127.0.0.1:{admin_listen}"
+{extra}
 tls_cert = "{cert}"
 tls_key = "{key}"
 client_ca = "{ca}"
@@ -266,29 +288,81 @@ server_name = "localhost"
 [resources.credentials]
 user = "{user}"
 password_file = "{password_file}"
+{masks}
 "#,
-        cert = server.cert.display(),
-        key = server.key.display(),
-        ca = ca.display(),
-        up_port = cluster.port,
-        db = cluster.database,
-        up_ca = cluster.ca_cert.display(),
-        user = cluster.user,
-        password_file = password_file.display(),
-    );
+            cert = server.cert.display(),
+            key = server.key.display(),
+            ca = ca.display(),
+            up_port = cluster.port,
+            db = cluster.database,
+            up_ca = cluster.ca_cert.display(),
+            user = cluster.user,
+            password_file = password_file.display(),
+        )
+    };
+    let gateway_conninfo = |pg_listen: u16| {
+        format!(
+            "host=localhost port={pg_listen} user={CLIENT} dbname={RESOURCE} sslmode=verify-full \
+             sslrootcert={} sslcert={} sslkey={}",
+            ca.display(),
+            client.cert.display(),
+            client.key.display()
+        )
+    };
+    let pg_listen = tollgate_testsupport::free_port();
+    let admin_listen = tollgate_testsupport::free_port();
     let config_path = tmp.path().join("tollgate.toml");
-    fs::write(&config_path, config)?;
+    fs::write(
+        &config_path,
+        gateway_config(pg_listen, admin_listen, "", ""),
+    )?;
     progress(format_args!("starting {} serve ...", tollgate.display()));
     let gateway = Gateway::start(&tollgate, &config_path, tmp.path(), admin_listen)?;
-    let gateway_conninfo = format!(
-        "host=localhost port={pg_listen} user={CLIENT} dbname={RESOURCE} sslmode=verify-full \
-         sslrootcert={} sslcert={} sslkey={}",
-        ca.display(),
-        client.cert.display(),
-        client.key.display()
-    );
+    let gateway_conninfo_on = gateway_conninfo(pg_listen);
+    // The baseline without command recording, in its own directory (config, store, log).
+    let norec = if opts.recording_off {
+        let dir = tmp.path().join("norec");
+        fs::create_dir_all(&dir)?;
+        let (pg, admin) = (
+            tollgate_testsupport::free_port(),
+            tollgate_testsupport::free_port(),
+        );
+        let path = dir.join("tollgate.toml");
+        fs::write(
+            &path,
+            gateway_config(pg, admin, "record_commands = false", ""),
+        )?;
+        progress(format_args!(
+            "starting the gateway with record_commands = false ..."
+        ));
+        Some((
+            Gateway::start(&tollgate, &path, &dir, admin)?,
+            gateway_conninfo(pg),
+        ))
+    } else {
+        None
+    };
 
-    let targets = [
+    // The same gateway with masking rules on the fetched column, in its own directory.
+    let masked = if opts.masking {
+        let dir = tmp.path().join("masked");
+        fs::create_dir_all(&dir)?;
+        let (pg, admin) = (
+            tollgate_testsupport::free_port(),
+            tollgate_testsupport::free_port(),
+        );
+        let path = dir.join("tollgate.toml");
+        fs::write(&path, gateway_config(pg, admin, "", MASKS))?;
+        progress(format_args!("starting the gateway with masking rules ..."));
+        Some((
+            Gateway::start(&tollgate, &path, &dir, admin)?,
+            gateway_conninfo(pg),
+        ))
+    } else {
+        None
+    };
+
+    let mut targets = vec![
         Target {
             name: "direct",
             bench: Pgbench::new(
@@ -297,16 +371,43 @@ password_file = "{password_file}"
                 &direct_conninfo,
                 Some(&cluster.password),
             ),
+            probe: CpuProbe {
+                gateway: gateway.pid(),
+                postmaster: pg_pid,
+            },
         },
         Target {
             name: "gateway",
-            bench: Pgbench::new(&pgbench, tmp.path(), &gateway_conninfo, None),
+            bench: Pgbench::new(&pgbench, tmp.path(), &gateway_conninfo_on, None),
+            probe: CpuProbe {
+                gateway: gateway.pid(),
+                postmaster: pg_pid,
+            },
         },
     ];
-    let probe = CpuProbe {
-        gateway: gateway.pid(),
-        postmaster: pg_pid,
-    };
+    if let Some((gw, conninfo)) = &norec {
+        targets.push(Target {
+            name: "gw-norec",
+            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, None),
+            probe: CpuProbe {
+                gateway: gw.pid(),
+                postmaster: pg_pid,
+            },
+        });
+    }
+
+    if let Some((gw, conninfo)) = &masked {
+        targets.push(Target {
+            name: "gw-masked",
+            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, None),
+            probe: CpuProbe {
+                gateway: gw.pid(),
+                postmaster: pg_pid,
+            },
+        });
+    }
+    let index_of = |name: &str| targets.iter().position(|t| t.name == name);
+    let (norec_at, masked_at) = (index_of("gw-norec"), index_of("gw-masked"));
 
     // 3. Warm-up (caches, first connections), then the interleaved rounds.
     let mut gateway_queries: u64 = 0;
@@ -315,23 +416,29 @@ password_file = "{password_file}"
             progress(format_args!("warm-up: {} for {} s", t.name, opts.warmup));
             let s = t
                 .bench
-                .measure(&["-S", "-c", "2", "-j", "2"], opts.warmup, &probe)?;
+                .measure(&["-S", "-c", "2", "-j", "2"], opts.warmup, &t.probe)?;
             if t.name == "gateway" {
                 gateway_queries += s.transactions;
             }
         }
     }
     // samples[scenario][target] = one Sample per round
-    let mut samples: Vec<[Vec<Sample>; 2]> = SCENARIOS.iter().map(|_| [vec![], vec![]]).collect();
+    let mut samples: Vec<Vec<Vec<Sample>>> = SCENARIOS
+        .iter()
+        .map(|_| targets.iter().map(|_| vec![]).collect())
+        .collect();
     for round in 0..opts.rounds {
         for (i, sc) in SCENARIOS.iter().enumerate() {
-            // Alternate the order so neither target always runs on the warmer/cooler side.
-            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            // Alternate the order so no target always runs on the warmer/cooler side.
+            let mut order: Vec<usize> = (0..targets.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
             for ti in order {
                 let t = &targets[ti];
                 let s = t
                     .bench
-                    .measure(sc.args, opts.seconds, &probe)
+                    .measure(sc.args, opts.seconds, &t.probe)
                     .with_context(|| format!("pgbench {} {}", sc.label, t.name))?;
                 progress(format_args!(
                     "round {}/{} {:<26} {:<7} tps {:>9.1}  latency {:>7.3} ms  cpu/1k q: gw {:>6.1} ms, pg {:>6.1} ms, pgbench {:>6.1} ms",
@@ -355,6 +462,16 @@ password_file = "{password_file}"
 
     // 4. Gateway-side numbers, then the report.
     std::thread::sleep(Duration::from_millis(500)); // let the recorder flush its last batch
+    if let Some((gw, _)) = &masked {
+        // Proof that the masked runs masked: values masked by the column rule.
+        let m = gw.metrics().unwrap_or_default();
+        let series =
+            format!("tollgate_masked_values_total{{resource=\"{RESOURCE}\",by=\"column\"}}");
+        progress(format_args!(
+            "masked gateway: {} values masked by the column rule",
+            opt_num(metric(&m, &series))
+        ));
+    }
     let metrics = gateway.metrics().unwrap_or_default();
     let audit_written = metric(&metrics, "tollgate_audit_events_written_total");
     let audit_failed = metric(&metrics, "tollgate_audit_write_failures_total");
@@ -369,7 +486,11 @@ password_file = "{password_file}"
         scenarios: SCENARIOS
             .iter()
             .zip(&samples)
-            .map(|(sc, [d, g])| Row::new(sc, d, g))
+            .map(|(sc, s)| {
+                let mut row = Row::new(sc, &s[0], &s[1], norec_at.map(|i| s[i].as_slice()));
+                row.masked = masked_at.map(|i| Side::new(&s[i]));
+                row
+            })
             .collect(),
         audit_written,
         audit_failed,
@@ -391,7 +512,9 @@ password_file = "{password_file}"
     } else {
         report.print_table();
     }
-    // Explicit order: gateway first (it holds upstream connections), then the cluster, then files.
+    // Explicit order: gateways first (they hold upstream connections), then the cluster, then files.
+    drop(targets);
+    drop(norec);
     drop(gateway);
     drop(cluster);
     drop(tmp);
@@ -440,6 +563,8 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
 struct Target<'a> {
     name: &'static str,
     bench: Pgbench<'a>,
+    /// CPU readings around each run (the gateway is the one this target goes through).
+    probe: CpuProbe,
 }
 
 /// pgbench against one conninfo; connection settings come from the conninfo only.
@@ -865,10 +990,19 @@ struct Row {
     gateway: Side,
     ratio: f64,
     added_us: f64,
+    /// The gateway with `record_commands = false` (`--recording-off`).
+    norec: Option<Side>,
+    /// The gateway with masking rules on the fetched column (`--masking`).
+    masked: Option<Side>,
 }
 
 impl Row {
-    fn new(sc: &'static Scenario, direct: &[Sample], gateway: &[Sample]) -> Row {
+    fn new(
+        sc: &'static Scenario,
+        direct: &[Sample],
+        gateway: &[Sample],
+        norec: Option<&[Sample]>,
+    ) -> Row {
         let direct = Side::new(direct);
         let gateway = Side::new(gateway);
         Row {
@@ -877,7 +1011,27 @@ impl Row {
             added_us: (gateway.latency_ms - direct.latency_ms) * 1000.0,
             direct,
             gateway,
+            norec: norec.map(Side::new),
+            masked: None,
         }
+    }
+
+    /// Throughput with masking on / off (target >= 0.90), and the latency masking adds (µs).
+    fn masking_cost(&self) -> Option<(f64, f64)> {
+        let on = self.masked.as_ref()?;
+        Some((
+            on.tps / self.gateway.tps,
+            (on.latency_ms - self.gateway.latency_ms) * 1000.0,
+        ))
+    }
+
+    /// Throughput with recording on / off, and the latency recording adds per query (µs).
+    fn recording_cost(&self) -> Option<(f64, f64)> {
+        let off = self.norec.as_ref()?;
+        Some((
+            self.gateway.tps / off.tps,
+            (self.gateway.latency_ms - off.latency_ms) * 1000.0,
+        ))
     }
 
     fn ratio_ok(&self) -> bool {
@@ -970,6 +1124,66 @@ impl Report<'_> {
                 lat_target,
             );
         }
+        if self.scenarios.iter().any(|r| r.norec.is_some()) {
+            println!();
+            println!("recording on vs off: the same gateway with server.record_commands = true (default) vs false");
+            println!(
+                "{:<26} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}",
+                "scenario",
+                "tps on",
+                "tps off",
+                "on/off",
+                "lat on",
+                "lat off",
+                "added",
+                "gw cpu on",
+                "gw cpu off"
+            );
+            println!(
+                "{:<26} {:>10} {:>10} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}",
+                "", "", "", "", "ms", "ms", "µs/query", "ms/1k q", "ms/1k q"
+            );
+            for r in &self.scenarios {
+                let (Some(off), Some((ratio, added))) = (&r.norec, r.recording_cost()) else {
+                    continue;
+                };
+                println!(
+                    "{:<26} {:>10.1} {:>10.1} {:>7.3} {:>9.3} {:>9.3} {:>10.1} {:>9.1} {:>9.1}",
+                    r.sc.label,
+                    r.gateway.tps,
+                    off.tps,
+                    ratio,
+                    r.gateway.latency_ms,
+                    off.latency_ms,
+                    added,
+                    r.gateway.gateway_cpu_1k,
+                    off.gateway_cpu_1k,
+                );
+            }
+        }
+        if self.scenarios.iter().any(|r| r.masked.is_some()) {
+            println!();
+            println!("masking on vs off: the same gateway with a column rule on the fetched column and every detector, vs no rules (target on/off >= 0.90)");
+            println!(
+                "{:<26} {:>10} {:>10} {:>12} {:>10} {:>9} {:>9}",
+                "scenario", "tps on", "tps off", "on/off", "added", "gw cpu on", "gw cpu off"
+            );
+            for r in &self.scenarios {
+                let (Some(on), Some((ratio, added))) = (&r.masked, r.masking_cost()) else {
+                    continue;
+                };
+                println!(
+                    "{:<26} {:>10.1} {:>10.1} {:>12} {:>10.1} {:>9.1} {:>9.1}",
+                    r.sc.label,
+                    on.tps,
+                    r.gateway.tps,
+                    format!("{ratio:.3} {}", verdict(ratio >= 0.90)),
+                    added,
+                    on.gateway_cpu_1k,
+                    r.gateway.gateway_cpu_1k,
+                );
+            }
+        }
         println!();
         println!("CPU ms per 1000 queries (medians; = µs of CPU per query):");
         println!(
@@ -1047,6 +1261,16 @@ impl Report<'_> {
                 "added_latency_us": r.added_us,
                 "added_latency_us_target": r.sc.max_added_us,
                 "added_latency_ok": r.latency_ok(),
+                "masking_on": r.masked.as_ref().map(|on| json!({
+                    "gateway": on.json(),
+                    "tps_ratio_on_off": r.masking_cost().map(|c| c.0),
+                    "added_latency_us_by_masking": r.masking_cost().map(|c| c.1),
+                })),
+                "recording_off": r.norec.as_ref().map(|off| json!({
+                    "gateway": off.json(),
+                    "tps_ratio_on_off": r.recording_cost().map(|c| c.0),
+                    "added_latency_us_by_recording": r.recording_cost().map(|c| c.1),
+                })),
             })).collect::<Vec<_>>(),
             "gateway": {
                 "audit_events_written": self.audit_written,

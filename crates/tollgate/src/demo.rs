@@ -131,6 +131,7 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
 
     let pg_port = free_or(6432);
     let admin_port = free_or(9090);
+    let https_port = free_or(8443);
     let mut resources = String::new();
     if let Some(c) = &cluster {
         let secrets = dir.join("secrets");
@@ -144,6 +145,28 @@ kind = "postgres"
 upstream = "127.0.0.1:{port}"
 database = "shop"
 allow_groups = ["sre", "agents", "ci"]
+capture_results = true               # replays show the (masked) rows each client saw
+
+[[resources.rules]]                  # guardrail: refused before it reaches the database
+name = "no-drop"
+statements = ["drop", "truncate", "do"]
+action = "deny"
+message = "dropping tables is not allowed through the demo gateway"
+[[resources.rules]]                  # agents' writes wait on the wire for an sre's approval
+name = "agent-writes"
+statements = ["delete", "update"]
+groups = ["agents"]
+action = "review"
+approvers = ["sre"]
+
+[[resources.masks]]                  # whole columns, except for the sre group
+columns = ["email", "card_number", "ssn"]
+strategy = "partial"
+except_groups = ["sre"]
+[[resources.masks]]                  # card numbers anywhere, for everyone
+detectors = ["credit_card"]
+strategy = "partial"
+
 [resources.tls]
 mode = "verify-full"
 ca = "{ca}"
@@ -162,6 +185,8 @@ password_file = "secrets/shop.password"
 [server]
 postgres_listen = "127.0.0.1:{pg_port}"
 admin_listen = "127.0.0.1:{admin_port}"
+https_listen = "127.0.0.1:{https_port}"
+console_url = "https://localhost:{https_port}"
 tls_cert = "pki/gateway.crt"
 tls_key = "pki/gateway.key"
 client_ca = "pki/ca.crt"
@@ -170,6 +195,7 @@ store = "sqlite://audit.db"
 
 [roles]
 admin_groups = ["sre"]
+auditor_groups = ["sre"]
 
 [[identity.tokens]]
 subject = "ci-bot"
@@ -210,8 +236,16 @@ groups = ["ci"]
             println!("# as alice (group sre), with a client certificate; verify-full checks the gateway's certificate:");
             println!("psql \"host=localhost port={pg} dbname=shop user=alice sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\" -c 'SELECT full_name, email, card_number FROM customers'", ca.display(), alice_crt.display(), alice_key.display());
             println!();
-            println!("# as an AI agent with a SPIFFE identity (group agents):");
-            println!("psql \"host=localhost port={pg} dbname=shop user=agent sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\"", ca.display(), agent_crt.display(), agent_key.display());
+            println!("# as an AI agent with a SPIFFE identity (group agents): the same rows, masked");
+            println!("psql \"host=localhost port={pg} dbname=shop user=agent sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\" -c 'SELECT full_name, email, card_number FROM customers'", ca.display(), agent_crt.display(), agent_key.display());
+            println!();
+            println!("# the agent's DELETE is held on the wire until alice approves it (run the next command in another terminal):");
+            println!("psql \"host=localhost port={pg} dbname=shop user=agent sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\" -c \"DELETE FROM orders WHERE status = 'refunded'\"", ca.display(), agent_crt.display(), agent_key.display());
+            println!("tollgate reviews list --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
+            println!("tollgate reviews approve REVIEW_ID --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
+            println!();
+            println!("# a guardrail refuses this one outright:");
+            println!("psql \"host=localhost port={pg} dbname=shop user=agent sslmode=verify-full sslrootcert={} sslcert={} sslkey={}\" -c 'DROP TABLE orders'", ca.display(), agent_crt.display(), agent_key.display());
             println!();
             println!("# as the ci-bot service account, with a token as the password (sent only inside TLS):");
             println!("PGPASSWORD={token} psql \"host=localhost port={pg} dbname=shop user=ci-bot sslmode=verify-full sslrootcert={}\" -c 'SELECT count(*) FROM orders'", ca.display());
@@ -228,6 +262,12 @@ groups = ["ci"]
         println!();
         println!("# the audit trail's hash chain (every session and statement is recorded):");
         println!("tollgate audit verify --config {}      # or: cargo run -q -- audit verify --config ...", config_shown.display());
+        if have_db {
+            println!();
+            println!("# the recorded sessions, and a replay of one with the (masked) rows its client saw:");
+            println!("tollgate sessions list --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
+            println!("tollgate sessions replay SESSION_ID --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
+        }
         println!();
         println!("Press Ctrl-C to stop the gateway and the database.");
     }));

@@ -1,7 +1,9 @@
 //! `tollgate`: the one binary. Thin: parses the command line and calls into the library crates.
 
+mod audit_cmd;
 mod check_cmd;
 mod demo;
+mod reviews_cmd;
 mod sessions_cmd;
 
 use anyhow::{bail, Context};
@@ -64,6 +66,12 @@ enum Cmd {
     /// Recorded sessions: list, show, replay, export (through the gateway's HTTPS API).
     #[command(subcommand)]
     Sessions(sessions_cmd::SessionsCmd),
+    /// The approval workflow: list, show, approve and deny reviews (through the HTTPS API).
+    #[command(subcommand)]
+    Reviews(reviews_cmd::ReviewsCmd),
+    /// Just-in-time access: ask for access to a resource for a while.
+    #[command(subcommand)]
+    Access(reviews_cmd::AccessCmd),
 }
 
 #[derive(Subcommand)]
@@ -121,6 +129,17 @@ enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Delete sessions that ended before now - server.retention, with their events, re-anchoring
+    /// each hash chain and recording an audit.pruned event (the gateway also does this periodically).
+    Prune {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// Report what would be pruned without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -136,7 +155,14 @@ fn main() -> ExitCode {
         Cmd::Demo { dir } => demo::run(&dir),
         Cmd::Pki(cmd) => pki_cmd(cmd),
         Cmd::Sessions(cmd) => sessions_cmd::run(cmd),
+        Cmd::Reviews(cmd) => reviews_cmd::run(cmd),
+        Cmd::Access(cmd) => reviews_cmd::run_access(cmd),
         Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),
+        Cmd::Audit(AuditCmd::Prune {
+            config,
+            dry_run,
+            json,
+        }) => return audit_cmd::prune(&config, dry_run, json),
         Cmd::Check {
             config,
             min_days,
@@ -258,7 +284,10 @@ fn audit_verify(config: &Path, json: bool) -> ExitCode {
                     b.chain_id, b.chain_seq, b.event_id, b.session_id, b.reason
                 );
             } else {
-                println!("ok: {} events in {} chain(s) verified", r.events, r.chains);
+                println!(
+                    "ok: {} events in {} chain(s) verified, {} checkpoint(s) match",
+                    r.events, r.chains, r.checkpoints
+                );
             }
             if r.first_break.is_some() {
                 ExitCode::from(1)

@@ -174,7 +174,7 @@ pub fn run(cmd: SessionsCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
+pub(crate) fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
     ApiClient::new(&ClientOptions {
         gateway: api.gateway.clone(),
         ca: api.ca.clone(),
@@ -190,7 +190,7 @@ fn get<T: tollgate_api::client::DeserializeOwned>(api: &ApiArgs, path: &str) -> 
 }
 
 /// Turn an API error into what the person at the terminal should do next.
-fn explain(e: ClientError, api: &ApiArgs) -> anyhow::Error {
+pub(crate) fn explain(e: ClientError, api: &ApiArgs) -> anyhow::Error {
     let ClientError::Status { status, body } = &e else {
         return anyhow::anyhow!(e);
     };
@@ -315,8 +315,13 @@ fn sessions_table(sessions: &[Session]) -> String {
             ]
         })
         .collect();
+    aligned(&header, &rows)
+}
+
+/// Rows under a header, in columns two spaces apart (the last column is not padded).
+pub(crate) fn aligned<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
@@ -334,8 +339,8 @@ fn sessions_table(sessions: &[Session]) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(&header);
-    for r in &rows {
+    line(header);
+    for r in rows {
         line(&r.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
@@ -393,8 +398,93 @@ fn show_text(d: &SessionDetail) -> String {
             "  {}  {label:<14} {text}\n",
             offset(e.at_unix_ms - t0)
         ));
+        for l in capture_lines(&e.payload) {
+            out.push_str(&format!("{:28}{l}\n", ""));
+        }
     }
     out
+}
+
+/// Longest cell shown in a captured-rows table, in characters.
+const MAX_CELL: usize = 60;
+
+/// A captured value as one safe line: control characters (newlines, terminal escapes) are
+/// shown escaped, long values clipped; SQL NULL is `NULL`.
+fn cell(v: &Value) -> String {
+    let raw = match v {
+        Value::Null => return "NULL".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    for (i, c) in raw.chars().enumerate() {
+        if i == MAX_CELL {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The rows a result event captured (`payload.capture`: `columns`, `rows`, `truncated`) as an
+/// aligned table, one string per line; empty when nothing was captured.
+fn capture_lines(p: &Value) -> Vec<String> {
+    let Some(cap) = p.get("capture").filter(|c| c.is_object()) else {
+        return Vec::new();
+    };
+    let columns: Vec<String> = cap
+        .get("columns")
+        .and_then(Value::as_array)
+        .map(|c| c.iter().map(cell).collect())
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = cap
+        .get("rows")
+        .and_then(Value::as_array)
+        .map(|rows| {
+            rows.iter()
+                .map(|r| {
+                    r.as_array()
+                        .map(|r| r.iter().map(cell).collect())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let truncated = cap.get("truncated").and_then(Value::as_bool) == Some(true);
+    let ncols = rows
+        .iter()
+        .map(Vec::len)
+        .chain([columns.len()])
+        .max()
+        .unwrap_or(0);
+    let mut lines = Vec::new();
+    if ncols > 0 {
+        let mut widths = vec![0usize; ncols];
+        for r in std::iter::once(&columns).chain(&rows) {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let line = |r: &[String]| -> String {
+            let cells: Vec<String> = (0..ncols)
+                .map(|i| format!("{:<w$}", r.get(i).map_or("", String::as_str), w = widths[i]))
+                .collect();
+            cells.join(" | ").trim_end().to_string()
+        };
+        lines.push(line(&columns));
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        lines.push(rule.join("-+-"));
+        lines.extend(rows.iter().map(|r| line(r)));
+    }
+    if truncated {
+        lines.push("(truncated)".into());
+    }
+    lines
 }
 
 fn offset(ms: i64) -> String {
@@ -490,15 +580,21 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
             format!(", speed {speed}x")
         }
     )?;
+    // Pacing from the monotonic `t_us` when every event carries it, else the wall clock.
+    let mono = d.events.iter().all(|e| e.payload["t_us"].is_u64());
+    let at_us = |e: &tollgate_api::view::Event| match e.payload["t_us"].as_i64() {
+        Some(t) if mono => t,
+        _ => e.at_unix_ms.saturating_mul(1000),
+    };
     let t0 = d.events.first().map_or(0, |e| e.at_unix_ms);
-    let mut prev = t0;
+    let mut prev = d.events.first().map_or(0, at_us);
     for e in &d.events {
         if speed > 0.0 {
-            let gap = Duration::from_millis((e.at_unix_ms - prev).max(0) as u64).div_f64(speed);
+            let gap = Duration::from_micros((at_us(e) - prev).max(0) as u64).div_f64(speed);
             out.flush()?;
             std::thread::sleep(gap.min(MAX_REPLAY_GAP));
         }
-        prev = e.at_unix_ms;
+        prev = at_us(e);
         let p = &e.payload;
         let line = match e.kind.as_str() {
             "session.open" => format!(
@@ -513,6 +609,9 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
             _ => format!("{} {}", e.kind, p),
         };
         writeln!(out, "[{}] {line}", offset(e.at_unix_ms - t0))?;
+        for l in capture_lines(p) {
+            writeln!(out, "{:16}{l}", "")?;
+        }
     }
     Ok(())
 }
@@ -540,6 +639,157 @@ mod tests {
             result_summary(&json!({"outcome": "interrupted"})),
             "interrupted"
         );
+    }
+
+    fn event(seq: i64, at_unix_ms: i64, kind: &str, payload: Value) -> Event {
+        Event {
+            id: seq,
+            session_id: "s1".into(),
+            seq,
+            chain_id: "gw-1".into(),
+            chain_seq: seq,
+            at: format_time(at_unix_ms),
+            at_unix_ms,
+            kind: kind.into(),
+            payload,
+            hash: String::new(),
+            prev_hash: String::new(),
+        }
+    }
+
+    /// A session with a captured result, a truncated one and one without capture.
+    fn captured_session() -> SessionDetail {
+        let session = Session {
+            id: "s1".into(),
+            started_at: format_time(1_000),
+            started_at_unix_ms: 1_000,
+            ended_at: Some(format_time(1_400)),
+            ended_at_unix_ms: Some(1_400),
+            duration_ms: Some(400),
+            listener: Some("postgres".into()),
+            client_addr: Some("127.0.0.1:5000".into()),
+            resource: Some("app".into()),
+            subject: Some("alice".into()),
+            auth_method: Some("cert".into()),
+            outcome: Some("closed".into()),
+            commands: Some(3),
+            event_count: 8,
+            open: json!({}),
+            close: None,
+        };
+        let events = vec![
+            event(
+                1,
+                1_000,
+                "session.open",
+                json!({"subject": "alice", "auth_method": "cert", "client_addr": "127.0.0.1:5000"}),
+            ),
+            event(
+                2,
+                1_100,
+                "command",
+                json!({"n": 1, "protocol": "simple", "text": "select id, email from users"}),
+            ),
+            event(
+                3,
+                1_101,
+                "result",
+                json!({"n": 1, "outcome": "ok", "rows": 2, "tag": "SELECT 2", "duration_us": 310,
+                "capture": {"columns": ["id", "email"], "rows": [["1", "a***@example.com"], [null, "x\u{1b}[2Jy"]], "truncated": false}}),
+            ),
+            event(
+                4,
+                1_200,
+                "command",
+                json!({"n": 2, "protocol": "simple", "text": "select payload from big"}),
+            ),
+            event(
+                5,
+                1_201,
+                "result",
+                json!({"n": 2, "outcome": "ok", "rows": 500, "tag": "SELECT 500", "duration_us": 2000,
+                "capture": {"columns": ["payload"], "rows": [["<binary 16 bytes>"]], "truncated": true}}),
+            ),
+            event(
+                6,
+                1_300,
+                "command",
+                json!({"n": 3, "protocol": "simple", "text": "update t set x = 1"}),
+            ),
+            event(
+                7,
+                1_301,
+                "result",
+                json!({"n": 3, "outcome": "ok", "rows": 1, "tag": "UPDATE 1", "duration_us": 90}),
+            ),
+            event(
+                8,
+                1_400,
+                "session.close",
+                json!({"outcome": "closed", "duration_ms": 400}),
+            ),
+        ];
+        SessionDetail { session, events }
+    }
+
+    #[test]
+    fn replay_renders_captured_rows_under_their_statement() {
+        let mut out = Vec::new();
+        replay(&captured_session(), 0.0, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let body: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(
+            body,
+            [
+                "[+0.000s] connected: alice (cert) from 127.0.0.1:5000",
+                "[+0.100s] SQL> select id, email from users",
+                "[+0.101s]   -> 2 rows (SELECT 2), 0.31 ms",
+                "                id   | email",
+                "                -----+-----------------",
+                "                1    | a***@example.com",
+                "                NULL | x\\u{1b}[2Jy",
+                "[+0.200s] SQL> select payload from big",
+                "[+0.201s]   -> 500 rows (SELECT 500), 2.00 ms",
+                "                payload",
+                "                -----------------",
+                "                <binary 16 bytes>",
+                "                (truncated)",
+                "[+0.300s] SQL> update t set x = 1",
+                "[+0.301s]   -> 1 row (UPDATE 1), 0.09 ms",
+                "[+0.400s] disconnected: closed after 400ms",
+            ],
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "terminal escapes are not replayed raw"
+        );
+    }
+
+    #[test]
+    fn replay_paces_captured_rows_with_their_result() {
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        replay(&captured_session(), 4.0, &mut out).unwrap();
+        // 400 ms of recording at 4x: about 100 ms.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(95), "{took:?}");
+        assert!(String::from_utf8(out).unwrap().contains("(truncated)"));
+    }
+
+    #[test]
+    fn show_renders_captured_rows_in_the_timeline() {
+        let text = show_text(&captured_session());
+        let at = text.find("result #1").unwrap();
+        let after: Vec<&str> = text[at..].lines().take(5).collect();
+        assert!(after[1].trim_start().starts_with("id   | email"), "{text}");
+        assert!(
+            after[3].trim_start().starts_with("1    | a***@example.com"),
+            "{text}"
+        );
+        assert!(text.contains("(truncated)"), "{text}");
+        let col = |l: &str| l.find('|').unwrap();
+        assert_eq!(col(after[1]), col(after[3]), "{text}");
     }
 
     #[test]

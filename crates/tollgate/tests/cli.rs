@@ -500,14 +500,16 @@ fn help_lists_only_working_commands() {
         .collect();
     assert_eq!(
         commands,
-        ["serve", "demo", "pki", "check", "scan", "audit", "sessions", "help"],
+        [
+            "serve", "demo", "pki", "check", "scan", "audit", "sessions", "reviews", "access",
+            "help"
+        ],
         "{help}"
     );
-    for missing in ["login", "reviews"] {
-        assert!(!commands.contains(&missing), "{help}");
-        let out = tollgate(&[missing]);
-        assert_eq!(out.status.code(), Some(2), "`tollgate {missing}` ran");
-    }
+    // `login` (OIDC) is not built yet, so it is not offered.
+    assert!(!commands.contains(&"login"), "{help}");
+    let out = tollgate(&["login"]);
+    assert_eq!(out.status.code(), Some(2), "`tollgate login` ran");
 }
 
 /// The demo process; interrupted, then killed, if a test leaves it running.

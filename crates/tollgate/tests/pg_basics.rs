@@ -50,6 +50,18 @@ fn psql_with_client_certificate_and_with_token() {
     assert!(texts.iter().any(|t| t == "SELECT 40 + 2"), "{texts:?}");
     // The token itself never reaches the audit trail.
     assert!(!serde_json::to_string(&events).unwrap().contains(TOKEN));
+    // Every event of a session carries a monotonic timestamp that never goes back.
+    let session = &events
+        .iter()
+        .find(|e| e["kind"] == "session.open")
+        .unwrap()["session_id"];
+    let t: Vec<u64> = events
+        .iter()
+        .filter(|e| &e["session_id"] == session)
+        .map(|e| e["payload"]["t_us"].as_u64().expect("t_us on every event"))
+        .collect();
+    assert!(t.len() >= 4, "{t:?}");
+    assert!(t.windows(2).all(|w| w[0] <= w[1]), "{t:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

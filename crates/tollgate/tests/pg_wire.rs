@@ -676,3 +676,86 @@ async fn plaintext_startup_gets_an_explanation_not_a_silent_drop() {
     assert_eq!(open["payload"]["database"], "app");
     assert_eq!(closes(&evs)[0]["outcome"], "rejected");
 }
+
+/// Parse, Bind, Execute, Sync with no Describe: the client never asks for the result's shape,
+/// so the gateway asks for it itself (and hides the answer) to mask by column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_portal_nobody_described_are_masked_by_column() {
+    let env = start_env(EnvOptions {
+        resource_extra: "[[resources.masks]]\ncolumns = [\"email\"]\nstrategy = \"redact\"\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
+    let (mut s, _) = session(&env, V3_0).await;
+    let mut batch = Vec::new();
+    for round in 0..2 {
+        batch.clear();
+        if round == 0 {
+            batch.extend(message(
+                b'P',
+                b"s1\0SELECT 7 AS id, 'alice@example.com'::text AS email\0\0\0",
+            ));
+        }
+        // Portal "", statement "s1", no parameters, results in text.
+        batch.extend(message(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        batch.extend(message(b'E', b"\0\0\0\0\0"));
+        batch.extend(message(b'S', b""));
+        s.write_all(&batch).await.unwrap();
+        s.flush().await.unwrap();
+        let msgs = until_ready(&mut s).await;
+        let expected = if round == 0 { "12DCZ" } else { "2DCZ" };
+        assert_eq!(
+            tags(&msgs),
+            expected,
+            "the gateway's own Describe must not reach the client"
+        );
+        let r = rows(&msgs);
+        assert_eq!(r[0][0].as_deref(), Some("7"));
+        let email = r[0][1].clone().unwrap();
+        assert!(!email.contains("alice"), "email not masked: {email}");
+    }
+    // The same statement with binary results is masked too.
+    batch.clear();
+    batch.extend(message(b'B', b"p\0s1\0\0\0\0\0\0\x01\0\x01"));
+    batch.extend(message(b'E', b"p\0\0\0\0\0"));
+    batch.extend(message(b'S', b""));
+    s.write_all(&batch).await.unwrap();
+    s.flush().await.unwrap();
+    let msgs = until_ready(&mut s).await;
+    assert_eq!(tags(&msgs), "2DCZ");
+    let raw = &msgs[1].1;
+    assert!(
+        !String::from_utf8_lossy(raw).contains("alice"),
+        "binary email not masked"
+    );
+}
+
+/// A refused Execute in a pipeline the client never described: the gateway's own Describe and
+/// the failing stand-in both go upstream, the client sees only its answers in order, the
+/// refusal in place of the Execute's, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_execute_of_an_undescribed_portal_answers_in_order() {
+    let env = start_env(EnvOptions {
+        resource_extra: "capture_results = true\n[[resources.rules]]\nname = \"no-drop\"\nstatements = [\"drop\"]\naction = \"deny\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (mut s, _) = session(&env, V3_0).await;
+    let mut batch = Vec::new();
+    batch.extend(message(b'P', b"\0DROP TABLE IF EXISTS nothing_here\0\0\0"));
+    batch.extend(message(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(message(b'E', b"\0\0\0\0\0"));
+    batch.extend(message(b'S', b""));
+    s.write_all(&batch).await.unwrap();
+    s.flush().await.unwrap();
+    let msgs = until_ready_any(&mut s).await;
+    assert_eq!(tags(&msgs), "12EZ");
+    let err = fields(&msgs[2].1);
+    assert_eq!(err[&'C'], "42501", "{err:?}");
+    assert!(err[&'M'].contains("no-drop"), "{err:?}");
+    assert_eq!(
+        simple(&mut s, "SELECT 1").await,
+        vec![vec![Some("1".to_string())]]
+    );
+}

@@ -2,7 +2,7 @@
 
 use super::frame::{Malformed, Reader};
 
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(5 + body.len());
     out.push(tag);
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
@@ -205,6 +205,101 @@ pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Malformed> {
         });
     }
     Ok(fields)
+}
+
+/// One column of a RowDescription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowField {
+    pub name: String,
+    /// The source table's OID, 0 when the column is not a plain table column.
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    /// 0 text, 1 binary (always 0 in the answer to a statement Describe).
+    pub format: i16,
+}
+
+pub fn parse_row_description(body: &[u8]) -> Result<Vec<RowField>, Malformed> {
+    let mut r = Reader::new(body);
+    let n = r.i16()?;
+    if n < 0 {
+        return Err(Malformed);
+    }
+    // Each field takes at least 19 bytes: no allocation beyond what the body can hold.
+    let mut fields = Vec::with_capacity((n as usize).min(r.remaining() / 19));
+    for _ in 0..n {
+        let name = String::from_utf8_lossy(r.cstr()?).into_owned();
+        let table_oid = r.i32()? as u32;
+        let attnum = r.i16()?;
+        let type_oid = r.i32()? as u32;
+        let _typlen = r.i16()?;
+        let _typmod = r.i32()?;
+        let format = r.i16()?;
+        fields.push(RowField {
+            name,
+            table_oid,
+            attnum,
+            type_oid,
+            format,
+        });
+    }
+    Ok(fields)
+}
+
+/// CopyOutResponse / CopyInResponse: the overall format (0 textual, 1 binary) and per-column formats.
+pub fn parse_copy_response(body: &[u8]) -> Result<(u8, Vec<i16>), Malformed> {
+    let mut r = Reader::new(body);
+    let overall = r.u8()?;
+    let n = r.i16()?;
+    if n < 0 {
+        return Err(Malformed);
+    }
+    let mut formats = Vec::with_capacity((n as usize).min(r.remaining() / 2));
+    for _ in 0..n {
+        formats.push(r.i16()?);
+    }
+    Ok((overall, formats))
+}
+
+/// Every field of an ErrorResponse or NoticeResponse, in order: (field type, value).
+pub fn parse_fields(body: &[u8]) -> Result<Vec<(u8, &[u8])>, Malformed> {
+    let mut r = Reader::new(body);
+    let mut fields = Vec::new();
+    loop {
+        let t = r.u8()?;
+        if t == 0 {
+            return Ok(fields);
+        }
+        fields.push((t, r.cstr()?));
+    }
+}
+
+/// An ErrorResponse (`E`) or NoticeResponse (`N`) from fields.
+pub fn build_fields(tag: u8, fields: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(fields.iter().map(|(_, v)| v.len() + 2).sum::<usize>() + 1);
+    for (t, v) in fields {
+        body.push(*t);
+        body.extend_from_slice(v);
+        body.push(0);
+    }
+    body.push(0);
+    message(tag, &body)
+}
+
+/// NotificationResponse: (backend pid, channel, payload).
+pub fn parse_notification(body: &[u8]) -> Result<(i32, &[u8], &[u8]), Malformed> {
+    let mut r = Reader::new(body);
+    Ok((r.i32()?, r.cstr()?, r.cstr()?))
+}
+
+pub fn notification(pid: i32, channel: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(6 + channel.len() + payload.len());
+    body.extend_from_slice(&pid.to_be_bytes());
+    body.extend_from_slice(channel);
+    body.push(0);
+    body.extend_from_slice(payload);
+    body.push(0);
+    message(b'A', &body)
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub struct Bind {
     pub portal: String,
     pub statement: String,
     pub params: Vec<ParamValue>,
+    /// Result-column format codes: none (all text), one (for all columns), or one per column.
+    pub result_formats: Vec<i16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,10 +87,20 @@ pub fn parse_bind(body: &[u8]) -> Result<Bind, Malformed> {
             ParamValue::Binary(v.len())
         });
     }
+    // A body that ends before the result formats is left for the server to reject.
+    let nres = if r.remaining() == 0 { 0 } else { r.i16()? };
+    if nres < 0 {
+        return Err(Malformed);
+    }
+    let mut result_formats = Vec::with_capacity((nres as usize).min(r.remaining() / 2));
+    for _ in 0..nres {
+        result_formats.push(r.i16()?);
+    }
     Ok(Bind {
         portal,
         statement,
         params,
+        result_formats,
     })
 }
 
@@ -113,6 +125,16 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     out.extend_from_slice(body);
     out
+}
+
+/// Describe of a portal (`P`) or statement (`S`), which the gateway sends when it must learn the
+/// shape of a result the client did not ask it to describe.
+pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(2 + name.len());
+    body.push(kind);
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    message(b'D', &body)
 }
 
 pub fn password(secret: &str) -> Vec<u8> {
@@ -170,6 +192,7 @@ mod tests {
         // result formats
         b.extend_from_slice(&0i16.to_be_bytes());
         let bind = parse_bind(&b).unwrap();
+        assert!(bind.result_formats.is_empty());
         assert_eq!(bind.portal, "p1");
         assert_eq!(bind.statement, "s1");
         // three params but only two formats: malformed in PostgreSQL terms
@@ -191,6 +214,18 @@ mod tests {
             bind.params,
             vec![ParamValue::Text("x".into()), ParamValue::Text("yz".into())]
         );
+    }
+
+    #[test]
+    fn bind_result_formats_and_describe() {
+        let mut b = b"p\0s\0".to_vec();
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        assert_eq!(parse_bind(&b).unwrap().result_formats, vec![1, 0]);
+        assert_eq!(describe(b'P', "p1"), b"D\0\0\0\x08Pp1\0".to_vec());
     }
 
     #[test]

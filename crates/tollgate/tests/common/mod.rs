@@ -280,7 +280,7 @@ password_file = "app.password"
             token_sha = sha256_hex(TOKEN),
             up_port = pg.port,
             db = pg.database,
-            resource_extra = opts.resource_extra,
+            resource_extra = with_forced_capture(opts.resource_extra),
             user = pg.user,
         );
         let envs: Vec<(&str, &str)> = opts
@@ -390,6 +390,17 @@ impl Env {
             evs.iter().filter(|e| e["kind"] == "session.close").count() >= n
         })
     }
+}
+
+/// With `TOLLGATE_IT_CAPTURE` set, every test resource captures results, which makes the relay
+/// track every result's shape: `scripts/test` runs the protocol suite once more that way.
+fn with_forced_capture(resource_extra: String) -> String {
+    if std::env::var_os("TOLLGATE_IT_CAPTURE").is_none()
+        || resource_extra.contains("capture_results")
+    {
+        return resource_extra;
+    }
+    format!("capture_results = true\n{resource_extra}")
 }
 
 /// Events from a SQLite audit store, oldest first: {session_id, kind, payload}.

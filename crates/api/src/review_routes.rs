@@ -1,0 +1,528 @@
+//! The review (approval) routes:
+//!
+//! - `GET /api/v1/reviews?status=&kind=&resource=&limit=` → [`ReviewList`] of the reviews the
+//!   caller may see (admins and auditors: all; others: those they requested or may approve);
+//! - `GET /api/v1/reviews/{id}` → one review;
+//! - `POST /api/v1/reviews/{id}/approve` / `.../deny` with `{"reason": "..."}` (required to deny);
+//! - `POST /api/v1/access` with `{"resource", "for": "1h", "reason"}` → 201 and the new access
+//!   review; with `"unmask": true`, an unmask review instead (the resource without masking, for
+//!   the requester, for a while; approvers: the resource's `unmask_approvers`).
+//!
+//! Every request ends in one audit event: `api.read` for a GET, `api.write` for a POST (the
+//! review workflow records its own `review.*` events).
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tollgate_identity::Identity;
+use tollgate_review::{Review, ReviewError, ReviewFilter, Reviewer};
+use tollgate_store::EventInput;
+
+use crate::params;
+use crate::routes::{
+    authenticate, json_response, refusal, refused, store_failed, ApiBody, Refusal,
+};
+use crate::view::ReviewList;
+use crate::{ApiState, Conn, KIND_API_READ, KIND_API_WRITE};
+
+/// Largest request body accepted (a reason, a resource name).
+const MAX_BODY: usize = 64 * 1024;
+const LIST_LIMIT_MAX: usize = 1000;
+const HINT: &str = "routes: GET /api/v1/reviews, GET /api/v1/reviews/{id}, POST /api/v1/reviews/{id}/approve, POST /api/v1/reviews/{id}/deny, POST /api/v1/access";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReviewRoute {
+    List,
+    Get(String),
+    Decide { id: String, approve: bool },
+    Access,
+}
+
+impl ReviewRoute {
+    fn parse(path: &str) -> Option<ReviewRoute> {
+        let rest = path.strip_prefix("/api/v1/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let id = |s: &str| params::decode(s).ok().filter(|s| !s.is_empty());
+        Some(match parts.as_slice() {
+            ["reviews"] => ReviewRoute::List,
+            ["reviews", i] => ReviewRoute::Get(id(i)?),
+            ["reviews", i, "approve"] => ReviewRoute::Decide {
+                id: id(i)?,
+                approve: true,
+            },
+            ["reviews", i, "deny"] => ReviewRoute::Decide {
+                id: id(i)?,
+                approve: false,
+            },
+            ["access"] => ReviewRoute::Access,
+            _ => return None,
+        })
+    }
+
+    fn method(&self) -> Method {
+        match self {
+            ReviewRoute::List | ReviewRoute::Get(_) => Method::GET,
+            ReviewRoute::Decide { .. } | ReviewRoute::Access => Method::POST,
+        }
+    }
+
+    fn pattern(&self) -> &'static str {
+        match self {
+            ReviewRoute::List => "/api/v1/reviews",
+            ReviewRoute::Get(_) => "/api/v1/reviews/{id}",
+            ReviewRoute::Decide { approve: true, .. } => "/api/v1/reviews/{id}/approve",
+            ReviewRoute::Decide { approve: false, .. } => "/api/v1/reviews/{id}/deny",
+            ReviewRoute::Access => "/api/v1/access",
+        }
+    }
+
+    fn review_id(&self) -> Option<&str> {
+        match self {
+            ReviewRoute::Get(id) | ReviewRoute::Decide { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// Paths this module serves (anything under them that does not parse is a 404 here).
+pub(crate) fn is_review_path(path: &str) -> bool {
+    path == "/api/v1/reviews" || path.starts_with("/api/v1/reviews/") || path == "/api/v1/access"
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessBody {
+    resource: String,
+    #[serde(rename = "for")]
+    for_: String,
+    reason: String,
+    /// Ask to see the resource without masking rather than to reach it.
+    #[serde(default)]
+    unmask: bool,
+}
+
+pub(crate) async fn handle(
+    state: &ApiState,
+    conn: &Conn,
+    req: Request<hyper::body::Incoming>,
+) -> Response<ApiBody> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let method = req.method().clone();
+    let route = ReviewRoute::parse(&path);
+    let who = authenticate(state, conn, &req);
+    let result = async {
+        let route = route.clone().ok_or_else(|| {
+            refusal(
+                StatusCode::NOT_FOUND,
+                format!("no route {path}"),
+                Some(HINT),
+            )
+        })?;
+        if method != route.method() {
+            return Err(refusal(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not supported on {}", route.pattern()),
+                Some(&format!("use {}", route.method())),
+            ));
+        }
+        let who = who.as_ref().map_err(|r| Refusal {
+            status: r.status,
+            body: r.body.clone(),
+        })?;
+        let body = if method == Method::POST {
+            read_body(req).await?
+        } else {
+            Bytes::new()
+        };
+        respond(state, who, &route, &query, &body).await
+    }
+    .await;
+
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(r) => r.status,
+    };
+    let event = access_event(
+        state,
+        conn,
+        who.as_ref().ok(),
+        route.as_ref(),
+        &method,
+        &path,
+        &query,
+        status,
+    );
+    match result {
+        Ok(resp) if method == Method::GET => {
+            crate::routes::after_recording(state, event, resp).await
+        }
+        Ok(resp) => {
+            state.recorder.record(event);
+            resp
+        }
+        Err(r) => {
+            state.recorder.record(event);
+            refused(&r)
+        }
+    }
+}
+
+async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Refusal> {
+    match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {MAX_BODY} bytes"),
+                None,
+            ))
+        }
+        Err(e) => Err(refusal(
+            StatusCode::BAD_REQUEST,
+            format!("the request body could not be read: {e}"),
+            None,
+        )),
+    }
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8], shape: &str) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| {
+        refusal(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not valid JSON of the form {shape}: {e}"),
+            None,
+        )
+    })
+}
+
+fn may_see(state: &ApiState, who: &Identity, r: &Review) -> bool {
+    who.in_any(&state.roles.admin_groups)
+        || who.in_any(&state.roles.auditor_groups)
+        || r.requester == who.subject
+        || who.in_any(&r.approvers)
+}
+
+fn not_found(id: &str) -> Refusal {
+    refusal(
+        StatusCode::NOT_FOUND,
+        format!("no review {id:?}"),
+        Some("list reviews with GET /api/v1/reviews (tollgate reviews list)"),
+    )
+}
+
+/// What the caller sees of a workflow error: status, message and what to do.
+fn review_refusal(e: ReviewError, id: Option<&str>) -> Refusal {
+    match e {
+        ReviewError::NotFound(id) => not_found(&id),
+        ReviewError::NotPending(status) => refusal(
+            StatusCode::CONFLICT,
+            format!("review {} is already {status}", id.unwrap_or("")),
+            Some("only a pending review can be approved or denied"),
+        ),
+        ReviewError::SelfApproval => refusal(
+            StatusCode::FORBIDDEN,
+            "you requested this review, and a requester may not approve or deny their own review",
+            Some("ask someone in an approver group to decide it"),
+        ),
+        e @ ReviewError::NotAnApprover { .. } => refusal(
+            StatusCode::FORBIDDEN,
+            e.to_string(),
+            Some("approvers are set per rule (approvers) or per resource (access_approvers, unmask_approvers); admins (roles.admin_groups) may decide any review"),
+        ),
+        e @ ReviewError::AlreadyVotedBy(_) => refusal(
+            StatusCode::CONFLICT,
+            e.to_string(),
+            Some("this review needs another reviewer"),
+        ),
+        e @ ReviewError::UnknownResource(_) => refusal(StatusCode::NOT_FOUND, e.to_string(), None),
+        e @ (ReviewError::TooLong { .. } | ReviewError::Invalid(_)) => {
+            refusal(StatusCode::BAD_REQUEST, e.to_string(), None)
+        }
+        ReviewError::Audit(e) => {
+            tracing::error!(error = %e, "a review could not be recorded");
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit store is unavailable; reviews are refused until they can be recorded",
+                Some("retry once the gateway's /readyz is ready"),
+            )
+        }
+        ReviewError::Store(e) => store_failed(e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReviewError> + Send + 'static,
+    id: Option<&str>,
+) -> Result<T, Refusal> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(review_refusal(e, id)),
+        Err(e) => Err(store_failed(e)),
+    }
+}
+
+fn reviewer(who: &Identity) -> Reviewer {
+    Reviewer {
+        subject: who.subject.clone(),
+        groups: who.groups.clone(),
+    }
+}
+
+async fn respond(
+    state: &ApiState,
+    who: &Identity,
+    route: &ReviewRoute,
+    query: &str,
+    body: &[u8],
+) -> Result<Response<ApiBody>, Refusal> {
+    let reviews = state.reviews.clone();
+    match route {
+        ReviewRoute::List => {
+            let mut filter = ReviewFilter {
+                limit: Some(100),
+                ..Default::default()
+            };
+            for (k, v) in params::parse_query(query)? {
+                match k.as_str() {
+                    "status" => filter.status = Some(v),
+                    "kind" => filter.kind = Some(v),
+                    "resource" => filter.resource = Some(v),
+                    "requester" => filter.requester = Some(v),
+                    "limit" => {
+                        let n: usize = v
+                            .parse()
+                            .ok()
+                            .filter(|n| (1..=LIST_LIMIT_MAX).contains(n))
+                            .ok_or_else(|| {
+                                refusal(
+                                    StatusCode::BAD_REQUEST,
+                                    format!(
+                                        "limit {v:?}: write a number from 1 to {LIST_LIMIT_MAX}"
+                                    ),
+                                    None,
+                                )
+                            })?;
+                        filter.limit = Some(n);
+                    }
+                    other => {
+                        return Err(refusal(
+                            StatusCode::BAD_REQUEST,
+                            format!("unknown query parameter {other:?}"),
+                            Some("parameters: status, kind, resource, requester, limit"),
+                        ))
+                    }
+                }
+            }
+            if let Some(s) = &filter.status {
+                if !["pending", "approved", "denied", "expired", "withdrawn"].contains(&s.as_str())
+                {
+                    return Err(refusal(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "status {s:?}: use pending, approved, denied, expired or withdrawn"
+                        ),
+                        None,
+                    ));
+                }
+            }
+            if let Some(k) = &filter.kind {
+                if !["command", "access", "unmask"].contains(&k.as_str()) {
+                    return Err(refusal(
+                        StatusCode::BAD_REQUEST,
+                        format!("kind {k:?}: use command, access or unmask"),
+                        None,
+                    ));
+                }
+            }
+            let list = blocking(move || reviews.list(&filter), None).await?;
+            let visible = list
+                .into_iter()
+                .filter(|r| may_see(state, who, r))
+                .collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &ReviewList { reviews: visible },
+            ))
+        }
+        ReviewRoute::Get(id) => {
+            params::no_query(query)?;
+            let key = id.clone();
+            let review = blocking(move || reviews.get(&key), Some(id))
+                .await?
+                .filter(|r| may_see(state, who, r))
+                .ok_or_else(|| not_found(id))?;
+            Ok(json_response(StatusCode::OK, &review))
+        }
+        ReviewRoute::Decide { id, approve } => {
+            params::no_query(query)?;
+            let b: DecideBody = if body.iter().all(u8::is_ascii_whitespace) {
+                DecideBody::default()
+            } else {
+                parse_body(body, r#"{"reason": "..."}"#)?
+            };
+            let (key, me, approve) = (id.clone(), reviewer(who), *approve);
+            let review = blocking(
+                move || reviews.decide(&key, &me, approve, b.reason),
+                Some(id),
+            )
+            .await?;
+            Ok(json_response(StatusCode::OK, &review))
+        }
+        ReviewRoute::Access => {
+            params::no_query(query)?;
+            let b: AccessBody = parse_body(
+                body,
+                r#"{"resource": "...", "for": "1h", "reason": "...", "unmask": false}"#,
+            )?;
+            let duration = tollgate_config::parse_duration(&b.for_)
+                .map_err(|e| refusal(StatusCode::BAD_REQUEST, format!("\"for\": {e}"), None))?;
+            let me = reviewer(who);
+            let review = blocking(
+                move || {
+                    if b.unmask {
+                        reviews.request_unmask(&me, &b.resource, duration, &b.reason)
+                    } else {
+                        reviews.request_access(&me, &b.resource, duration, &b.reason)
+                    }
+                },
+                None,
+            )
+            .await?;
+            Ok(json_response(StatusCode::CREATED, &review))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_event(
+    state: &ApiState,
+    conn: &Conn,
+    who: Option<&Identity>,
+    route: Option<&ReviewRoute>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    status: StatusCode,
+) -> EventInput {
+    let recorded: serde_json::Map<String, Value> = params::parse_query(query)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| ["status", "kind", "resource", "requester", "limit"].contains(&k.as_str()))
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    EventInput {
+        session_id: state.audit_session.clone(),
+        kind: if method == Method::GET {
+            KIND_API_READ
+        } else {
+            KIND_API_WRITE
+        }
+        .into(),
+        at: SystemTime::now(),
+        payload: json!({
+            "listener": "https",
+            "client_addr": conn.peer.to_string(),
+            "subject": who.map(|w| w.subject.as_str()),
+            "groups": who.map(|w| &w.groups),
+            "auth_method": who.map(|w| w.method.as_str()),
+            "method": method.as_str(),
+            "route": route.map_or("unknown", ReviewRoute::pattern),
+            "path": path.chars().take(256).collect::<String>(),
+            "review": route.and_then(ReviewRoute::review_id),
+            "query": recorded,
+            "status": status.as_u16(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn review_routes_parse() {
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/reviews"),
+            Some(ReviewRoute::List)
+        );
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/reviews/rv_a"),
+            Some(ReviewRoute::Get("rv_a".into()))
+        );
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/reviews/rv_a/approve"),
+            Some(ReviewRoute::Decide {
+                id: "rv_a".into(),
+                approve: true
+            })
+        );
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/reviews/rv_a/deny"),
+            Some(ReviewRoute::Decide {
+                id: "rv_a".into(),
+                approve: false
+            })
+        );
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/access"),
+            Some(ReviewRoute::Access)
+        );
+        for bad in [
+            "/api/v1/reviews/",
+            "/api/v1/reviews/a/b",
+            "/api/v1/reviews/a/approve/x",
+        ] {
+            assert_eq!(ReviewRoute::parse(bad), None, "{bad}");
+            assert!(is_review_path(bad), "{bad}");
+        }
+        assert!(!is_review_path("/api/v1/sessions"));
+    }
+
+    #[test]
+    fn workflow_errors_map_to_statuses() {
+        let status = |e| review_refusal(e, Some("rv_a")).status;
+        assert_eq!(
+            status(ReviewError::NotFound("rv_a".into())),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(ReviewError::NotPending("approved".into())),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(status(ReviewError::SelfApproval), StatusCode::FORBIDDEN);
+        assert_eq!(
+            status(ReviewError::NotAnApprover {
+                groups: vec!["sre".into()]
+            }),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            status(ReviewError::AlreadyVotedBy("bob".into())),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            status(ReviewError::Invalid("x".into())),
+            StatusCode::BAD_REQUEST
+        );
+        let r = review_refusal(ReviewError::NotPending("denied".into()), Some("rv_a"));
+        assert_eq!(r.body.error, "review rv_a is already denied");
+    }
+}

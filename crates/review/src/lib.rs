@@ -1,0 +1,892 @@
+//! The review (approval) workflow: a command held on the wire, a just-in-time access request,
+//! or an unmask request (see a resource without masking for a while) waits for people in
+//! approver groups to decide.
+//!
+//! Owns the review lifecycle (pending → approved | denied | expired | withdrawn), who may vote
+//! (approver groups or `roles.admin_groups`, never the requester), the quorum
+//! (`min_approvals` distinct reviewers, one deny ends it), in-process waiting for a decision,
+//! the approved-statement rerun after a gateway restart, access and unmask grants (each kind
+//! only ever answers for itself: [`Reviews::active_grant`], [`Reviews::active_unmask`]), the
+//! `review.*` audit events and the webhook notifications ([`notify`]).
+//!
+//! It must not parse a wire protocol or decide which commands need a review (that is the
+//! policy engine), and it never sees unredacted statements: callers pass text already redacted.
+//! Durable state is in the [`Store`]; a decision is one store transaction, so two reviewers or
+//! two gateway processes cannot both finalize a review. Methods other than [`Reviews::wait`]
+//! block on the store (fast SQLite calls); async callers with long-running work around them
+//! may prefer `spawn_blocking`.
+
+pub mod notify;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tollgate_store::review::{
+    REVIEW_APPROVED, REVIEW_DENIED, REVIEW_EXPIRED, REVIEW_KIND_ACCESS, REVIEW_KIND_COMMAND,
+    REVIEW_KIND_UNMASK, REVIEW_PENDING, REVIEW_WITHDRAWN,
+};
+use tollgate_store::{
+    EventInput, Recorder, ReviewRecord, ReviewVote, Store, StoreError, VoteOutcome,
+};
+
+pub use notify::{Notifier, NotifierConfig, WebhookFormat};
+pub use tollgate_store::ReviewFilter;
+
+/// Audit event kinds.
+pub const EVENT_REQUESTED: &str = "review.requested";
+pub const EVENT_VOTE: &str = "review.vote";
+pub const EVENT_DECIDED: &str = "review.decided";
+pub const EVENT_EXPIRED: &str = "review.expired";
+pub const EVENT_WITHDRAWN: &str = "review.withdrawn";
+/// An approved command review consumed by a rerun of the same statement.
+pub const EVENT_USED: &str = "review.used";
+
+/// Longest statement text kept in a review (characters); the rest is cut with a marker.
+pub const MAX_STATEMENT_CHARS: usize = 4096;
+/// How long an access (or unmask) request stays pending before it expires.
+pub const ACCESS_REVIEW_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How often a waiter re-reads the store, for decisions made by another gateway process.
+const POLL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReviewKind {
+    /// A held command (SQL statement, HTTP request, tool call).
+    Command,
+    /// Just-in-time access to a resource for a while.
+    Access,
+    /// The resource's responses without masking, for the requester, for a while.
+    Unmask,
+}
+
+impl ReviewKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewKind::Command => REVIEW_KIND_COMMAND,
+            ReviewKind::Access => REVIEW_KIND_ACCESS,
+            ReviewKind::Unmask => REVIEW_KIND_UNMASK,
+        }
+    }
+}
+
+/// A person or service account: a requester or a reviewer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reviewer {
+    pub subject: String,
+    pub groups: Vec<String>,
+}
+
+impl Reviewer {
+    fn in_any(&self, groups: &[String]) -> bool {
+        self.groups.iter().any(|g| groups.contains(g))
+    }
+}
+
+/// What a caller asks to have reviewed.
+#[derive(Clone, Debug)]
+pub struct NewReview {
+    pub kind: ReviewKind,
+    /// The held session (command reviews).
+    pub session_id: Option<String>,
+    pub resource: String,
+    pub requester: Reviewer,
+    /// The policy rule that asked for the review.
+    pub rule: Option<String>,
+    /// Statement text, already redacted by the caller; clipped to [`MAX_STATEMENT_CHARS`].
+    pub statement: Option<String>,
+    /// Hex SHA-256 of the statement as the client sent it (for the rerun after a restart).
+    pub statement_sha256: Option<String>,
+    /// Groups whose members may approve; admins always may.
+    pub approvers: Vec<String>,
+    pub min_approvals: u32,
+    /// How long the review stays pending.
+    pub timeout: Duration,
+    pub reason: Option<String>,
+    /// Access and unmask reviews: how long the grant is asked for.
+    pub access_for: Option<Duration>,
+}
+
+/// A review as the API, the CLI and webhooks show it. Field names are a contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    pub id: String,
+    pub kind: String,
+    /// pending, approved, denied, expired or withdrawn.
+    pub status: String,
+    pub resource: String,
+    pub requester: String,
+    pub requester_groups: Vec<String>,
+    pub session_id: Option<String>,
+    pub rule: Option<String>,
+    pub statement: Option<String>,
+    pub statement_sha256: Option<String>,
+    pub approvers: Vec<String>,
+    pub min_approvals: u32,
+    pub approvals: u32,
+    pub votes: Vec<Vote>,
+    /// The requester's reason.
+    pub reason: Option<String>,
+    pub access_for_ms: Option<i64>,
+    /// RFC 3339, UTC, milliseconds.
+    pub created_at: String,
+    pub created_at_unix_ms: i64,
+    pub expires_at: String,
+    pub expires_at_unix_ms: i64,
+    pub decided_at: Option<String>,
+    pub decided_at_unix_ms: Option<i64>,
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+    pub used_at_unix_ms: Option<i64>,
+    /// Approved access and unmask reviews: when the grant ends.
+    pub grant_until: Option<String>,
+    pub grant_until_unix_ms: Option<i64>,
+    /// The review in the web console (`server.console_url`), when configured.
+    pub url: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub reviewer: String,
+    pub groups: Vec<String>,
+    pub approve: bool,
+    pub reason: Option<String>,
+    pub at: String,
+    pub at_unix_ms: i64,
+}
+
+/// How a wait for a decision ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Run the command: these reviewers approved it.
+    Approved { reviewers: Vec<String> },
+    Denied {
+        reviewer: String,
+        reason: Option<String>,
+    },
+    /// Nobody decided before the deadline.
+    Expired,
+    /// The review was withdrawn (the client went away).
+    Withdrawn,
+    /// The review cannot be read (store failure, unknown id): refuse the command.
+    Unavailable(String),
+}
+
+/// What an approved access review (reach the resource) or unmask review (see it without
+/// masking) grants, until `until`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub until: SystemTime,
+    pub review_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("no review {0:?}")]
+    NotFound(String),
+    #[error("the review is already {0}")]
+    NotPending(String),
+    #[error("you requested this review; someone else must approve or deny it")]
+    SelfApproval,
+    #[error("you are not in a group that may decide this review (allowed groups: {})", if groups.is_empty() { "none".to_string() } else { groups.join(", ") })]
+    NotAnApprover { groups: Vec<String> },
+    #[error("{0} has already voted on this review")]
+    AlreadyVotedBy(String),
+    #[error("no resource {0:?}")]
+    UnknownResource(String),
+    #[error("{asked} is longer than this resource allows ({max}, its max_access)")]
+    TooLong { asked: String, max: String },
+    #[error("{0}")]
+    Invalid(String),
+    /// The `review.requested` event could not be recorded: the review is refused.
+    #[error("the audit store is unavailable: {0}")]
+    Audit(#[source] StoreError),
+    #[error("the review store failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Per-resource settings from `[[resources]]`.
+#[derive(Clone, Debug)]
+pub struct ResourceSettings {
+    /// Groups that may approve just-in-time access (`access_approvers`).
+    pub access_approvers: Vec<String>,
+    /// Groups that may approve an unmasked view (`unmask_approvers`, default `access_approvers`).
+    pub unmask_approvers: Vec<String>,
+    /// Longest access or unmasked view that may be asked for (`max_access`).
+    pub max_access: Duration,
+}
+
+type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The review workflow of one gateway process.
+pub struct Reviews {
+    store: Arc<dyn Store>,
+    recorder: Recorder,
+    notifier: Arc<Notifier>,
+    console_url: Option<String>,
+    admin_groups: Vec<String>,
+    resources: HashMap<String, ResourceSettings>,
+    /// The session id under which this process records `review.*` events (one per process:
+    /// a decision can come from any replica, so events never go into the held session's own
+    /// sequence, which belongs to the process that holds it).
+    audit_session: String,
+    waiters: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
+    clock: Clock,
+}
+
+fn now_ms() -> i64 {
+    tollgate_store::unix_ms(SystemTime::now())
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system RNG");
+    b
+}
+
+/// `rv_` and 12 base32 characters (60 random bits): short, URL-safe, unguessable.
+pub fn new_review_id() -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let b = random_bytes::<8>();
+    let n = u64::from_le_bytes(b);
+    let mut id = String::from("rv_");
+    for i in 0..12 {
+        id.push(ALPHABET[((n >> (i * 5)) & 31) as usize] as char);
+    }
+    id
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn format_time(unix_ms: i64) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&fmt).ok())
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
+/// Human form of a duration: 90m → "1h30m", 45s → "45s".
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if sec > 0 || out.is_empty() {
+        out.push_str(&format!("{sec}s"));
+    }
+    out
+}
+
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_STATEMENT_CHARS) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}… [clipped]", &text[..at]),
+    }
+}
+
+impl Reviews {
+    /// `console_url`: base URL of the web console (`server.console_url`), for review links.
+    pub fn new(
+        store: Arc<dyn Store>,
+        recorder: Recorder,
+        notifier: Notifier,
+        console_url: Option<String>,
+    ) -> Self {
+        Reviews {
+            store,
+            recorder,
+            notifier: Arc::new(notifier),
+            console_url: console_url.map(|u| u.trim_end_matches('/').to_string()),
+            admin_groups: Vec::new(),
+            resources: HashMap::new(),
+            audit_session: format!("reviews-{}", hex(&random_bytes::<8>())),
+            waiters: Mutex::new(HashMap::new()),
+            clock: Arc::new(now_ms),
+        }
+    }
+
+    /// Groups that may decide any review (`roles.admin_groups`).
+    pub fn with_admin_groups(mut self, groups: Vec<String>) -> Self {
+        self.admin_groups = groups;
+        self
+    }
+
+    /// Resources that accept just-in-time access and unmask requests.
+    pub fn with_resource(mut self, name: impl Into<String>, settings: ResourceSettings) -> Self {
+        self.resources.insert(name.into(), settings);
+        self
+    }
+
+    /// Everything from the gateway's config: admins, resources, webhooks, console URL.
+    pub fn from_config(
+        config: &tollgate_config::Config,
+        store: Arc<dyn Store>,
+        recorder: Recorder,
+    ) -> Result<Self, String> {
+        let notifier = Notifier::new(&NotifierConfig::from_config(config))?;
+        let mut reviews =
+            Reviews::new(store, recorder, notifier, config.server.console_url.clone())
+                .with_admin_groups(config.roles.admin_groups.clone());
+        for r in &config.resources {
+            reviews = reviews.with_resource(
+                r.name.clone(),
+                ResourceSettings {
+                    access_approvers: r.access_approvers.clone(),
+                    unmask_approvers: r.unmask_approvers.clone(),
+                    max_access: r.max_access,
+                },
+            );
+        }
+        Ok(reviews)
+    }
+
+    #[cfg(test)]
+    fn with_clock(mut self, clock: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// The session id of this process's `review.*` audit events.
+    pub fn audit_session(&self) -> &str {
+        &self.audit_session
+    }
+
+    /// Persist a pending review, notify its webhook in the background, and return it.
+    /// Refused (nothing stored) when its `review.requested` event cannot be recorded.
+    pub fn request(&self, r: NewReview) -> Result<Review, ReviewError> {
+        if r.min_approvals == 0 {
+            return Err(ReviewError::Invalid(
+                "min_approvals must be at least 1".into(),
+            ));
+        }
+        if r.timeout.is_zero() {
+            return Err(ReviewError::Invalid("a review needs a timeout".into()));
+        }
+        if r.requester.subject.is_empty() {
+            return Err(ReviewError::Invalid("a review needs a requester".into()));
+        }
+        let now = self.now();
+        let rec = ReviewRecord {
+            id: new_review_id(),
+            kind: r.kind.as_str().into(),
+            session_id: r.session_id,
+            resource: r.resource,
+            requester: r.requester.subject,
+            requester_groups: r.requester.groups,
+            rule: r.rule,
+            statement: r.statement.as_deref().map(clip),
+            statement_sha256: r.statement_sha256,
+            approvers: r.approvers,
+            min_approvals: r.min_approvals,
+            request_reason: r.reason,
+            access_ms: r.access_for.map(ms),
+            status: REVIEW_PENDING.into(),
+            created_at_unix_ms: now,
+            expires_at_unix_ms: now.saturating_add(ms(r.timeout)),
+            decided_at_unix_ms: None,
+            decided_by: None,
+            decision_reason: None,
+            used_at_unix_ms: None,
+            grant_until_unix_ms: None,
+            votes: Vec::new(),
+        };
+        self.recorder
+            .append(&[self.event(
+                EVENT_REQUESTED,
+                json!({
+                    "review": rec.id,
+                    "review_kind": rec.kind,
+                    "session": rec.session_id,
+                    "resource": rec.resource,
+                    "requester": rec.requester,
+                    "requester_groups": rec.requester_groups,
+                    "rule": rec.rule,
+                    "statement": rec.statement,
+                    "statement_sha256": rec.statement_sha256,
+                    "approvers": rec.approvers,
+                    "min_approvals": rec.min_approvals,
+                    "reason": rec.request_reason,
+                    "access_for_ms": rec.access_ms,
+                    "expires_at_unix_ms": rec.expires_at_unix_ms,
+                }),
+            )])
+            .map_err(ReviewError::Audit)?;
+        self.store.review_create(&rec)?;
+        let review = self.view(rec);
+        tracing::info!(review = %review.id, kind = %review.kind, resource = %review.resource, requester = %review.requester, "review requested");
+        self.notifier.spawn(&review);
+        Ok(review)
+    }
+
+    /// A just-in-time access request for `resource`: checked against the resource's
+    /// `max_access`, approvable by its `access_approvers`.
+    pub fn request_access(
+        &self,
+        requester: &Reviewer,
+        resource: &str,
+        access_for: Duration,
+        reason: &str,
+    ) -> Result<Review, ReviewError> {
+        self.request_grant(ReviewKind::Access, requester, resource, access_for, reason)
+    }
+
+    /// A request to see `resource` without masking for `unmask_for` (the only way masking is
+    /// bypassed): checked against the resource's `max_access`, approvable by its
+    /// `unmask_approvers`. It grants no access: the requester must reach the resource anyway.
+    pub fn request_unmask(
+        &self,
+        requester: &Reviewer,
+        resource: &str,
+        unmask_for: Duration,
+        reason: &str,
+    ) -> Result<Review, ReviewError> {
+        self.request_grant(ReviewKind::Unmask, requester, resource, unmask_for, reason)
+    }
+
+    fn request_grant(
+        &self,
+        kind: ReviewKind,
+        requester: &Reviewer,
+        resource: &str,
+        grant_for: Duration,
+        reason: &str,
+    ) -> Result<Review, ReviewError> {
+        let settings = self
+            .resources
+            .get(resource)
+            .ok_or_else(|| ReviewError::UnknownResource(resource.to_string()))?;
+        let approvers = match kind {
+            ReviewKind::Access => &settings.access_approvers,
+            ReviewKind::Unmask => &settings.unmask_approvers,
+            ReviewKind::Command => {
+                return Err(ReviewError::Invalid(
+                    "a command review is requested by the session that holds the command".into(),
+                ))
+            }
+        };
+        if grant_for.is_zero() {
+            return Err(ReviewError::Invalid(format!(
+                "the {} duration must be more than 0",
+                kind.as_str()
+            )));
+        }
+        if grant_for > settings.max_access {
+            return Err(ReviewError::TooLong {
+                asked: format_duration(grant_for),
+                max: format_duration(settings.max_access),
+            });
+        }
+        if reason.trim().is_empty() {
+            return Err(ReviewError::Invalid(format!(
+                "an {} request needs a reason",
+                kind.as_str()
+            )));
+        }
+        self.request(NewReview {
+            kind,
+            session_id: None,
+            resource: resource.to_string(),
+            requester: requester.clone(),
+            rule: None,
+            statement: None,
+            statement_sha256: None,
+            approvers: approvers.clone(),
+            min_approvals: 1,
+            timeout: ACCESS_REVIEW_TIMEOUT,
+            reason: Some(reason.trim().to_string()),
+            access_for: Some(grant_for),
+        })
+    }
+
+    /// Wait until the review is decided, withdrawn or past its deadline (which is then
+    /// persisted as expired). An approved command review is consumed here, so its approval
+    /// runs the command once. Decisions made by another gateway process are seen within a second.
+    pub async fn wait(&self, id: &str) -> Verdict {
+        let notify = {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            w.entry(id.to_string()).or_default().clone()
+        };
+        let verdict = self.wait_on(id, &notify).await;
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // Two entries: the map's and ours; anyone else still waiting keeps it.
+        if Arc::strong_count(&notify) <= 2 {
+            w.remove(id);
+        }
+        verdict
+    }
+
+    async fn wait_on(&self, id: &str, notify: &tokio::sync::Notify) -> Verdict {
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let store = self.store.clone();
+            let key = id.to_string();
+            let rec = match tokio::task::spawn_blocking(move || store.review(&key)).await {
+                Ok(Ok(Some(rec))) => rec,
+                Ok(Ok(None)) => return Verdict::Unavailable(format!("no review {id:?}")),
+                Ok(Err(e)) => return Verdict::Unavailable(e.to_string()),
+                Err(e) => return Verdict::Unavailable(e.to_string()),
+            };
+            match rec.status.as_str() {
+                REVIEW_APPROVED => return self.consume(rec),
+                REVIEW_DENIED => {
+                    return Verdict::Denied {
+                        reviewer: rec.decided_by.unwrap_or_default(),
+                        reason: rec.decision_reason,
+                    }
+                }
+                REVIEW_EXPIRED => return Verdict::Expired,
+                REVIEW_WITHDRAWN => return Verdict::Withdrawn,
+                _ => {}
+            }
+            let left = rec.expires_at_unix_ms - self.now();
+            if left <= 0 {
+                match self
+                    .store
+                    .review_close(id, REVIEW_EXPIRED, self.now(), None)
+                {
+                    Ok(Some(r)) => self.expired(&r),
+                    Ok(None) => {} // decided meanwhile: read it again
+                    Err(e) => return Verdict::Unavailable(e.to_string()),
+                }
+                continue;
+            }
+            let nap = POLL.min(Duration::from_millis(left as u64));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// An approved review reached its waiter: consume a command approval exactly once.
+    fn consume(&self, rec: ReviewRecord) -> Verdict {
+        let reviewers: Vec<String> = rec
+            .votes
+            .iter()
+            .filter(|v| v.approve)
+            .map(|v| v.reviewer.clone())
+            .collect();
+        if rec.kind == ReviewKind::Command.as_str() {
+            match self.store.review_mark_used(&rec.id, self.now()) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Verdict::Denied {
+                        reviewer: "tollgate".into(),
+                        reason: Some(
+                            "the approval was already used by a rerun of the statement".into(),
+                        ),
+                    }
+                }
+                Err(e) => return Verdict::Unavailable(e.to_string()),
+            }
+        }
+        Verdict::Approved { reviewers }
+    }
+
+    /// The held client went away: the review is withdrawn (if still pending).
+    pub fn withdraw(&self, id: &str) {
+        let reason = "the client disconnected while the command was held";
+        match self
+            .store
+            .review_close(id, REVIEW_WITHDRAWN, self.now(), Some(reason))
+        {
+            Ok(Some(r)) => {
+                self.recorder.record(self.event(
+                    EVENT_WITHDRAWN,
+                    json!({"review": r.id, "review_kind": r.kind, "session": r.session_id,
+                           "resource": r.resource, "requester": r.requester, "reason": reason}),
+                ));
+                self.wake(id);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(review = %id, error = %e, "cannot withdraw a review"),
+        }
+    }
+
+    /// A reviewer's vote. Approvals count distinct reviewers until `min_approvals`; one deny
+    /// decides. A deny needs a reason.
+    pub fn decide(
+        &self,
+        id: &str,
+        reviewer: &Reviewer,
+        approve: bool,
+        reason: Option<String>,
+    ) -> Result<Review, ReviewError> {
+        let reason = reason
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty());
+        if !approve && reason.is_none() {
+            return Err(ReviewError::Invalid("a denial needs a reason".into()));
+        }
+        self.sweep();
+        let rec = self
+            .store
+            .review(id)?
+            .ok_or_else(|| ReviewError::NotFound(id.to_string()))?;
+        if rec.status != REVIEW_PENDING {
+            return Err(ReviewError::NotPending(rec.status));
+        }
+        if rec.requester == reviewer.subject {
+            return Err(ReviewError::SelfApproval);
+        }
+        if !reviewer.in_any(&rec.approvers) && !reviewer.in_any(&self.admin_groups) {
+            let mut groups = rec.approvers.clone();
+            groups.extend(
+                self.admin_groups
+                    .iter()
+                    .filter(|g| !rec.approvers.contains(g))
+                    .cloned(),
+            );
+            return Err(ReviewError::NotAnApprover { groups });
+        }
+        let outcome = self.store.review_vote(&ReviewVote {
+            review_id: id.to_string(),
+            reviewer: reviewer.subject.clone(),
+            groups: reviewer.groups.clone(),
+            approve,
+            reason: reason.clone(),
+            at_unix_ms: self.now(),
+        })?;
+        let rec = match outcome {
+            VoteOutcome::Recorded(rec) => rec,
+            VoteOutcome::NotFound => return Err(ReviewError::NotFound(id.to_string())),
+            VoteOutcome::NotPending(s) => return Err(ReviewError::NotPending(s)),
+            VoteOutcome::Expired(rec) => {
+                self.expired(&rec);
+                return Err(ReviewError::NotPending(rec.status));
+            }
+            VoteOutcome::SelfApproval => return Err(ReviewError::SelfApproval),
+            VoteOutcome::AlreadyVoted => {
+                return Err(ReviewError::AlreadyVotedBy(reviewer.subject.clone()))
+            }
+        };
+        let approvals = rec.votes.iter().filter(|v| v.approve).count();
+        self.recorder.record(self.event(
+            EVENT_VOTE,
+            json!({"review": rec.id, "review_kind": rec.kind, "resource": rec.resource,
+                   "requester": rec.requester, "reviewer": reviewer.subject, "groups": reviewer.groups, "approve": approve,
+                   "reason": reason, "approvals": approvals, "min_approvals": rec.min_approvals}),
+        ));
+        if rec.status != REVIEW_PENDING {
+            self.recorder.record(self.event(
+                EVENT_DECIDED,
+                json!({"review": rec.id, "review_kind": rec.kind, "session": rec.session_id,
+                       "resource": rec.resource, "requester": rec.requester, "status": rec.status,
+                       "decided_by": rec.decided_by, "reason": rec.decision_reason,
+                       "reviewers": rec.votes.iter().filter(|v| v.approve == approve).map(|v| &v.reviewer).collect::<Vec<_>>(),
+                       "grant_until_unix_ms": rec.grant_until_unix_ms}),
+            ));
+            tracing::info!(review = %rec.id, status = %rec.status, by = %reviewer.subject, "review decided");
+            self.wake(id);
+        }
+        Ok(self.view(rec))
+    }
+
+    /// Reviews, newest first (pending ones past their deadline are expired first).
+    pub fn list(&self, filter: &ReviewFilter) -> Result<Vec<Review>, ReviewError> {
+        self.sweep();
+        Ok(self
+            .store
+            .reviews(filter)?
+            .into_iter()
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Review>, ReviewError> {
+        self.sweep();
+        Ok(self.store.review(id)?.map(|r| self.view(r)))
+    }
+
+    /// Restart survival: the newest approved, unused command review of this requester, resource
+    /// and statement hash, decided within `window`, is consumed and returned (the statement may
+    /// run without a new review).
+    pub fn take_approved_rerun(
+        &self,
+        requester: &str,
+        resource: &str,
+        statement_sha256: &str,
+        window: Duration,
+    ) -> Option<Review> {
+        let now = self.now();
+        match self.store.review_take_rerun(
+            requester,
+            resource,
+            statement_sha256,
+            now.saturating_sub(ms(window)),
+            now,
+        ) {
+            Ok(Some(rec)) => {
+                self.recorder.record(self.event(
+                    EVENT_USED,
+                    json!({"review": rec.id, "resource": rec.resource, "requester": rec.requester,
+                           "statement_sha256": rec.statement_sha256, "rerun": true}),
+                ));
+                Some(self.view(rec))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look up an approved rerun; a new review is needed");
+                None
+            }
+        }
+    }
+
+    /// Just-in-time access: the grant (from an approved access review) that lets `subject`
+    /// reach `resource` now. An unmask grant never counts. A store failure means no grant.
+    pub fn active_grant(&self, subject: &str, resource: &str) -> Option<Grant> {
+        grant_of(
+            ReviewKind::Access,
+            self.store.access_grant(subject, resource, self.now()),
+        )
+    }
+
+    /// The grant (from an approved unmask review) that lets `subject` see `resource` without
+    /// masking now. An access grant never counts. A store failure means no grant, so masking
+    /// stays on.
+    pub fn active_unmask(&self, subject: &str, resource: &str) -> Option<Grant> {
+        grant_of(
+            ReviewKind::Unmask,
+            self.store.unmask_grant(subject, resource, self.now()),
+        )
+    }
+
+    /// Expire every pending review past its deadline (whoever notices first records it).
+    fn sweep(&self) {
+        match self.store.review_expire_due(self.now()) {
+            Ok(expired) => {
+                for r in &expired {
+                    self.expired(r);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot expire overdue reviews"),
+        }
+    }
+
+    fn expired(&self, r: &ReviewRecord) {
+        self.recorder.record(self.event(
+            EVENT_EXPIRED,
+            json!({"review": r.id, "review_kind": r.kind, "session": r.session_id,
+                   "resource": r.resource, "requester": r.requester,
+                   "expires_at_unix_ms": r.expires_at_unix_ms,
+                   "approvals": r.votes.iter().filter(|v| v.approve).count()}),
+        ));
+        self.wake(&r.id);
+    }
+
+    fn wake(&self, id: &str) {
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get(id) {
+            n.notify_waiters();
+        }
+    }
+
+    fn event(&self, kind: &str, payload: serde_json::Value) -> EventInput {
+        EventInput {
+            session_id: self.audit_session.clone(),
+            kind: kind.into(),
+            at: SystemTime::now(),
+            payload,
+        }
+    }
+
+    /// The console link of a review.
+    pub fn url(&self, id: &str) -> Option<String> {
+        self.console_url
+            .as_ref()
+            .map(|b| format!("{b}/reviews/{id}"))
+    }
+
+    fn view(&self, r: ReviewRecord) -> Review {
+        Review {
+            url: self.url(&r.id),
+            approvals: r.votes.iter().filter(|v| v.approve).count() as u32,
+            votes: r
+                .votes
+                .into_iter()
+                .map(|v| Vote {
+                    at: format_time(v.at_unix_ms),
+                    reviewer: v.reviewer,
+                    groups: v.groups,
+                    approve: v.approve,
+                    reason: v.reason,
+                    at_unix_ms: v.at_unix_ms,
+                })
+                .collect(),
+            id: r.id,
+            kind: r.kind,
+            status: r.status,
+            resource: r.resource,
+            requester: r.requester,
+            requester_groups: r.requester_groups,
+            session_id: r.session_id,
+            rule: r.rule,
+            statement: r.statement,
+            statement_sha256: r.statement_sha256,
+            approvers: r.approvers,
+            min_approvals: r.min_approvals,
+            reason: r.request_reason,
+            access_for_ms: r.access_ms,
+            created_at: format_time(r.created_at_unix_ms),
+            created_at_unix_ms: r.created_at_unix_ms,
+            expires_at: format_time(r.expires_at_unix_ms),
+            expires_at_unix_ms: r.expires_at_unix_ms,
+            decided_at: r.decided_at_unix_ms.map(format_time),
+            decided_at_unix_ms: r.decided_at_unix_ms,
+            decided_by: r.decided_by,
+            decision_reason: r.decision_reason,
+            used_at_unix_ms: r.used_at_unix_ms,
+            grant_until: r.grant_until_unix_ms.map(format_time),
+            grant_until_unix_ms: r.grant_until_unix_ms,
+        }
+    }
+}
+
+fn grant_of(
+    kind: ReviewKind,
+    found: Result<Option<tollgate_store::GrantRecord>, StoreError>,
+) -> Option<Grant> {
+    match found {
+        // The store filters on the kind; checked again because a wrong kind here would let an
+        // access grant switch masking off, or an unmask grant open a resource.
+        Ok(Some(g)) if g.kind == kind.as_str() => Some(Grant {
+            until: UNIX_EPOCH + Duration::from_millis(g.until_unix_ms.max(0) as u64),
+            review_id: g.review_id,
+        }),
+        Ok(Some(g)) => {
+            tracing::error!(review = %g.review_id, kind = %g.kind, wanted = kind.as_str(), "the store returned a grant of another kind; treating as none");
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!(error = %e, kind = kind.as_str(), "cannot read grants; treating as none");
+            None
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,114 @@
+//! Review (approval) rows as the store keeps them. The lifecycle rules live in
+//! `tollgate-review`; the store only guarantees that a decision is made once, atomically.
+
+/// Status of a review that still waits for reviewers.
+pub const REVIEW_PENDING: &str = "pending";
+pub const REVIEW_APPROVED: &str = "approved";
+pub const REVIEW_DENIED: &str = "denied";
+pub const REVIEW_EXPIRED: &str = "expired";
+pub const REVIEW_WITHDRAWN: &str = "withdrawn";
+
+/// Kind of a review that holds a command (SQL statement, HTTP request, tool call).
+pub const REVIEW_KIND_COMMAND: &str = "command";
+/// Kind of a review that grants just-in-time access to a resource.
+pub const REVIEW_KIND_ACCESS: &str = "access";
+/// Kind of a review that grants a view of a resource with its masking switched off.
+pub const REVIEW_KIND_UNMASK: &str = "unmask";
+
+/// Kinds whose approval is a time-bounded grant (kept until `grant_until_unix_ms`).
+pub fn grants(kind: &str) -> bool {
+    kind == REVIEW_KIND_ACCESS || kind == REVIEW_KIND_UNMASK
+}
+
+/// A review, with its votes and (for an approved access or unmask review) its grant.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReviewRecord {
+    pub id: String,
+    /// `command` (a held statement), `access` (just-in-time access to a resource) or `unmask`
+    /// (the resource seen without masking for a while).
+    pub kind: String,
+    pub session_id: Option<String>,
+    pub resource: String,
+    pub requester: String,
+    pub requester_groups: Vec<String>,
+    pub rule: Option<String>,
+    /// Already redacted and clipped by the caller.
+    pub statement: Option<String>,
+    pub statement_sha256: Option<String>,
+    /// Groups whose members may approve (admins may approve any review).
+    pub approvers: Vec<String>,
+    pub min_approvals: u32,
+    /// Why the requester asks.
+    pub request_reason: Option<String>,
+    /// For an access or unmask review: how long the grant is asked for.
+    pub access_ms: Option<i64>,
+    pub status: String,
+    pub created_at_unix_ms: i64,
+    /// A pending review expires at this time.
+    pub expires_at_unix_ms: i64,
+    pub decided_at_unix_ms: Option<i64>,
+    /// Who made the final decision (the denier, or the approver whose vote reached the quorum).
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+    /// When an approved command review was consumed (by its held session or a rerun).
+    pub used_at_unix_ms: Option<i64>,
+    /// For an approved access or unmask review: when the grant ends.
+    pub grant_until_unix_ms: Option<i64>,
+    pub votes: Vec<VoteRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VoteRecord {
+    pub reviewer: String,
+    pub groups: Vec<String>,
+    pub approve: bool,
+    pub reason: Option<String>,
+    pub at_unix_ms: i64,
+}
+
+/// A vote to record with [`crate::Store::review_vote`].
+#[derive(Clone, Debug)]
+pub struct ReviewVote {
+    pub review_id: String,
+    pub reviewer: String,
+    pub groups: Vec<String>,
+    pub approve: bool,
+    pub reason: Option<String>,
+    pub at_unix_ms: i64,
+}
+
+/// What a vote did. Everything but `Recorded` left the review unchanged, except `Expired`,
+/// which is this call moving a review past its deadline to `expired`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VoteOutcome {
+    /// The vote counted; the record shows whether it decided the review.
+    Recorded(ReviewRecord),
+    NotFound,
+    NotPending(String),
+    /// The deadline had passed: this call marked it expired.
+    Expired(ReviewRecord),
+    SelfApproval,
+    AlreadyVoted,
+}
+
+/// Which reviews to list: newest first.
+#[derive(Clone, Debug, Default)]
+pub struct ReviewFilter {
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    pub resource: Option<String>,
+    pub requester: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// What an approved access or unmask review grants, until `until_unix_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GrantRecord {
+    pub review_id: String,
+    /// The kind of the review that granted it: `access` or `unmask`.
+    pub kind: String,
+    pub subject: String,
+    pub resource: String,
+    pub granted_at_unix_ms: i64,
+    pub until_unix_ms: i64,
+}
