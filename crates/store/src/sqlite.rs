@@ -20,7 +20,8 @@ mod audit;
 mod reviews;
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE chains (
     chain_id           TEXT PRIMARY KEY,
     last_seq           INTEGER NOT NULL,
@@ -74,7 +75,10 @@ CREATE TABLE reviews (
     payload     TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX reviews_by_status ON reviews (status, created_at);
-"#, audit::MIGRATION, reviews::MIGRATION];
+"#,
+    audit::MIGRATION,
+    reviews::MIGRATION,
+];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -497,7 +501,12 @@ impl Store for SqliteStore {
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<crate::GrantRecord>, StoreError> {
-        self.sql_grant(crate::review::REVIEW_KIND_ACCESS, subject, resource, now_unix_ms)
+        self.sql_grant(
+            crate::review::REVIEW_KIND_ACCESS,
+            subject,
+            resource,
+            now_unix_ms,
+        )
     }
     fn unmask_grant(
         &self,
@@ -505,7 +514,12 @@ impl Store for SqliteStore {
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<crate::GrantRecord>, StoreError> {
-        self.sql_grant(crate::review::REVIEW_KIND_UNMASK, subject, resource, now_unix_ms)
+        self.sql_grant(
+            crate::review::REVIEW_KIND_UNMASK,
+            subject,
+            resource,
+            now_unix_ms,
+        )
     }
 
     fn chain_heads(&self) -> Result<Vec<crate::ChainPoint>, StoreError> {

@@ -51,10 +51,7 @@ fn psql_with_client_certificate_and_with_token() {
     // The token itself never reaches the audit trail.
     assert!(!serde_json::to_string(&events).unwrap().contains(TOKEN));
     // Every event of a session carries a monotonic timestamp that never goes back.
-    let session = &events
-        .iter()
-        .find(|e| e["kind"] == "session.open")
-        .unwrap()["session_id"];
+    let session = &events.iter().find(|e| e["kind"] == "session.open").unwrap()["session_id"];
     let t: Vec<u64> = events
         .iter()
         .filter(|e| &e["session_id"] == session)
