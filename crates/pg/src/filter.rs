@@ -360,19 +360,33 @@ impl Filter {
 
     /// A DataRow of the current result.
     pub fn data_row(&mut self, body: &[u8]) -> Result<Verdict, String> {
-        let current = match &self.current {
-            Some(c) => c.clone(),
+        // The plan is taken out while the row is masked (the counts need `&mut self`) and put
+        // back after, so a row costs no reference counting.
+        let current = match self.current.take() {
+            Some(c) => c,
             None => self.unknown_shape(),
         };
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        let verdict = match &current {
+        let verdict = self.mask_row(&current, body, &mut out);
+        self.scratch = out;
+        self.current = Some(current);
+        verdict
+    }
+
+    fn mask_row(
+        &mut self,
+        current: &Current,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Verdict, String> {
+        let verdict = match current {
             Current::Plan(plan, shape, _) => {
                 if !plan.is_active() {
                     Verdict::Forward
                 } else {
                     out.extend_from_slice(&[b'D', 0, 0, 0, 0]);
-                    match plan.mask_data_row(body, &mut out) {
+                    match plan.mask_data_row(body, out) {
                         Ok(RowOutcome::Unchanged) => Verdict::Forward,
                         Ok(RowOutcome::Rewritten(fields)) => {
                             for f in &fields {
@@ -388,7 +402,7 @@ impl Filter {
             }
             Current::Undescribed => {
                 out.extend_from_slice(&[b'D', 0, 0, 0, 0]);
-                match self.undescribed.mask_data_row(body, &mut out) {
+                match self.undescribed.mask_data_row(body, out) {
                     Ok(RowOutcome::Unchanged) => Verdict::Forward,
                     Ok(RowOutcome::Rewritten(fields)) => {
                         for f in &fields {
@@ -419,19 +433,19 @@ impl Filter {
             };
             // What the viewer saw, masked again for everyone when they were exempt.
             let mut stored = Vec::new();
-            let audit = match &current {
-                Current::Plan(_, _, audit) => audit.clone(),
-                _ => self
-                    .audit
-                    .as_ref()
-                    .map(|a| Arc::new(a.plan_undescribed(&[]))),
+            let undescribed;
+            let audit = match current {
+                Current::Plan(_, _, audit) => audit.as_deref(),
+                _ => {
+                    undescribed = self.audit.as_ref().map(|a| a.plan_undescribed(&[]));
+                    undescribed.as_ref()
+                }
             };
             match audit.map(|a| a.mask_data_row(seen, &mut stored)) {
                 Some(Ok(RowOutcome::Rewritten(_))) => self.capture_row(&stored),
                 _ => self.capture_row(seen),
             }
         }
-        self.scratch = out;
         Ok(verdict)
     }
 
