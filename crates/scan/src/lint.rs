@@ -197,6 +197,21 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
                 }
             }
         }
+        for (key, groups, what) in [
+            ("resources.access_approvers", &r.access_approvers, "access"),
+            ("resources.unmask_approvers", &r.unmask_approvers, "unmask"),
+        ] {
+            for g in groups.iter().filter(|g| !known.contains(g.as_str())) {
+                l.push(Finding::new(
+                    "unknown_group",
+                    Severity::Medium,
+                    name,
+                    key,
+                    format!("resource {:?}: {what} approver group {g:?} is not mentioned by any role, token or resource, so its {what} requests may never be approved", r.name),
+                    format!("fix the spelling, or add {g:?} to roles.admin_groups"),
+                ));
+            }
+        }
     }
     l.out.sort_by_key(|f| f.severity);
     l.out
@@ -586,6 +601,18 @@ approvers = ["sre", "dbas"]
         // An unknown detector.
         let found = f.check(&f.config("", "[[resources.masks]]\ndetectors = [\"emial\"]\n"));
         assert_eq!(kinds(&found), ["mask_rule"], "{found:?}");
+    }
+
+    #[test]
+    fn unknown_access_and_unmask_approvers_are_findings() {
+        let f = Fixture::new();
+        let found = f.check(&f.config(
+            "",
+            "access_approvers = [\"sre\"]\nunmask_approvers = [\"privacy-team\"]\n",
+        ));
+        assert_eq!(kinds(&found), ["unknown_group"], "{found:?}");
+        assert_eq!(found[0].key, "resources.unmask_approvers");
+        assert!(found[0].message.contains("privacy-team"), "{found:?}");
     }
 
     #[test]
