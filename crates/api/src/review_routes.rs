@@ -11,13 +11,11 @@
 //! Every request ends in one audit event: `api.read` for a GET, `api.write` for a POST (the
 //! review workflow records its own `review.*` events).
 
-use std::time::SystemTime;
-
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tollgate_identity::Identity;
 use tollgate_review::{Review, ReviewError, ReviewFilter, Reviewer};
 use tollgate_store::EventInput;
@@ -422,35 +420,25 @@ fn access_event(
     query: &str,
     status: StatusCode,
 ) -> EventInput {
-    let recorded: serde_json::Map<String, Value> = params::parse_query(query)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| ["status", "kind", "resource", "requester", "limit"].contains(&k.as_str()))
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect();
-    EventInput {
-        session_id: state.audit_session.clone(),
-        kind: if method == Method::GET {
-            KIND_API_READ
-        } else {
-            KIND_API_WRITE
-        }
-        .into(),
-        at: SystemTime::now(),
-        payload: json!({
-            "listener": "https",
-            "client_addr": conn.peer.to_string(),
-            "subject": who.map(|w| w.subject.as_str()),
-            "groups": who.map(|w| &w.groups),
-            "auth_method": who.map(|w| w.method.as_str()),
+    let kind = if method == Method::GET {
+        KIND_API_READ
+    } else {
+        KIND_API_WRITE
+    };
+    crate::routes::api_event(
+        state,
+        conn,
+        who,
+        kind,
+        path,
+        (query, &["status", "kind", "resource", "requester", "limit"]),
+        status,
+        json!({
             "method": method.as_str(),
             "route": route.map_or("unknown", ReviewRoute::pattern),
-            "path": path.chars().take(256).collect::<String>(),
             "review": route.and_then(ReviewRoute::review_id),
-            "query": recorded,
-            "status": status.as_u16(),
         }),
-    }
+    )
 }
 
 #[cfg(test)]

@@ -280,28 +280,58 @@ fn access_event(
     query: &str,
     status: StatusCode,
 ) -> EventInput {
+    api_event(
+        state,
+        conn,
+        who,
+        KIND_API_READ,
+        path,
+        (query, RECORDED_PARAMS),
+        status,
+        json!({
+            "route": route.map_or("unknown", Route::pattern),
+            "session": route.and_then(Route::session_id),
+        }),
+    )
+}
+
+/// The audit event of one API request: who asked, from where, what (`route_fields` names the
+/// route and what it addressed), which of the `recorded` query parameters, and the answer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn api_event(
+    state: &ApiState,
+    conn: &Conn,
+    who: Option<&Identity>,
+    kind: &str,
+    path: &str,
+    (query, recorded): (&str, &[&str]),
+    status: StatusCode,
+    route_fields: Value,
+) -> EventInput {
     let recorded: serde_json::Map<String, Value> = params::parse_query(query)
         .unwrap_or_default()
         .into_iter()
-        .filter(|(k, _)| RECORDED_PARAMS.contains(&k.as_str()))
+        .filter(|(k, _)| recorded.contains(&k.as_str()))
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
+    let mut payload = json!({
+        "listener": "https",
+        "client_addr": conn.peer.to_string(),
+        "subject": who.map(|w| w.subject.as_str()),
+        "groups": who.map(|w| &w.groups),
+        "auth_method": who.map(|w| w.method.as_str()),
+        "path": path.chars().take(256).collect::<String>(),
+        "query": recorded,
+        "status": status.as_u16(),
+    });
+    if let (Value::Object(p), Value::Object(extra)) = (&mut payload, route_fields) {
+        p.extend(extra);
+    }
     EventInput {
         session_id: state.audit_session.clone(),
-        kind: KIND_API_READ.into(),
+        kind: kind.into(),
         at: SystemTime::now(),
-        payload: json!({
-            "listener": "https",
-            "client_addr": conn.peer.to_string(),
-            "subject": who.map(|w| w.subject.as_str()),
-            "groups": who.map(|w| &w.groups),
-            "auth_method": who.map(|w| w.method.as_str()),
-            "route": route.map_or("unknown", Route::pattern),
-            "path": path.chars().take(256).collect::<String>(),
-            "session": route.and_then(Route::session_id),
-            "query": recorded,
-            "status": status.as_u16(),
-        }),
+        payload,
     }
 }
 
