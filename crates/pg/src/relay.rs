@@ -129,6 +129,10 @@ struct Tracker<'a> {
     pending: Mutex<VecDeque<Pending>>,
     next: AtomicU64,
     log: &'a SessionLog,
+    /// Result events not yet journaled: the response direction records them once the answer
+    /// they describe is on its way to the client (off the round trip's critical path, and in
+    /// one journal write per batch of answers); every other path flushes them first.
+    results: Mutex<Vec<Value>>,
 }
 
 type Finished = Vec<(Pending, &'static str)>;
@@ -188,7 +192,23 @@ impl Tracker<'_> {
         if let Some(Value::Object(extra)) = extra {
             payload.as_object_mut().expect("an object").extend(extra);
         }
-        self.log.event("result", payload);
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(payload);
+    }
+
+    /// Journals the result events emitted so far, in the order they were emitted.
+    fn flush_results(&self) {
+        let payloads = std::mem::take(&mut *self.results.lock().unwrap_or_else(|e| e.into_inner()));
+        if payloads.is_empty() {
+            return;
+        }
+        let events: Vec<EventInput> = payloads
+            .into_iter()
+            .map(|p| self.log.input("result", p))
+            .collect();
+        self.log.record_all(&events);
     }
 
     /// The oldest request still waiting for its answer.
@@ -318,7 +338,15 @@ impl Tracker<'_> {
         for p in &left {
             self.emit(p, "interrupted", None);
         }
+        self.flush_results();
         !left.is_empty()
+    }
+}
+
+impl Drop for Tracker<'_> {
+    /// A relay dropped mid-batch (the session task cancelled) still records what it relayed.
+    fn drop(&mut self) {
+        self.flush_results();
     }
 }
 
@@ -364,6 +392,7 @@ pub(crate) async fn run(
         pending: Mutex::new(VecDeque::new()),
         next: AtomicU64::new(0),
         log,
+        results: Mutex::new(Vec::new()),
     };
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
@@ -952,6 +981,8 @@ async fn forward<W: AsyncWrite + Unpin>(
     pos: usize,
     events: &mut Vec<EventInput>,
 ) -> Result<(), Stop> {
+    // Answers already relayed are recorded before the commands that follow them.
+    tracker.flush_results();
     if !events.is_empty() && !tracker.log.records_commands() {
         // server.record_commands = false (a benchmark baseline): nothing is written.
         events.clear();
@@ -1307,6 +1338,7 @@ where
             }
             drop(wr);
         }
+        tracker.flush_results();
         reserve_for_next(&mut buf, limit);
     }
 }

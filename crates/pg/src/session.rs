@@ -62,6 +62,11 @@ impl SessionLog {
         self.gw.recorder.record(self.input(kind, payload));
     }
 
+    /// Events that gate nothing, in one journal write.
+    pub fn record_all(&self, events: &[EventInput]) {
+        self.gw.recorder.record_all(events);
+    }
+
     /// False when `server.record_commands = false`: command and result events are skipped.
     pub fn records_commands(&self) -> bool {
         self.gw.record_commands

@@ -13,6 +13,7 @@
 //!   `verify` checks both (rules in `sqlite/audit.rs`).
 
 pub mod hash;
+mod journal;
 mod recorder;
 pub mod review;
 mod sqlite;

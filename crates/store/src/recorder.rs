@@ -1,8 +1,9 @@
 //! The audit writer on the gateway's hot path.
 //!
-//! [`Recorder::append`] numbers and hash-chains events and appends them to a journal file with
-//! one `write` — synchronously, in the caller's thread, so that when it returns the events
-//! survive a crash of the gateway process (they are in the kernel's page cache). A background
+//! [`Recorder::append`] numbers and hash-chains events and appends them to a journal file in
+//! one copy into its shared mapping (see [`crate::journal`]) — synchronously, in the caller's
+//! thread, so that when it returns the events survive a crash of the gateway process (they are
+//! in the kernel's page cache). A background
 //! thread then imports the journal into the [`Store`] in large transactions (tiny per-event
 //! transactions are what made SQLite the bottleneck). When the journal grows past a size it is
 //! sealed (renamed `<journal>.<seq>`) and a new one started; a sealed segment is deleted once
@@ -14,14 +15,15 @@
 //! its bytes are fsynced; appenders that arrive while an fsync is running share the next one
 //! (group commit). A sealed segment is fsynced before it is renamed.
 //!
-//! Failure: a journal write error fails the append (the caller refuses the command). When the
-//! store stops accepting imports, appends keep landing in the journal until the oldest event not
-//! yet stored is older than `stall_limit`; after that, appends fail until the store is back.
+//! Failure: a journal append error (no room on disk for the segment's next chunk) fails the
+//! append (the caller refuses the command). When the store stops accepting imports, appends keep
+//! landing in the journal until the oldest event not yet stored is older than `stall_limit`;
+//! after that, appends fail until the store is back.
 //! Nothing is dropped: unimported events stay in the journal and in memory, and are retried.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,7 @@ use std::time::{Duration, Instant};
 use crate::hash::{
     canonical_json, event_hash, push_int, push_json_str, HashedFields, GENESIS_HASH,
 };
+use crate::journal::{trim_zeros, Segment};
 use crate::{unix_ms, EventInput, HashedEvent, Store, StoreError, KIND_SESSION_CLOSE};
 
 /// How often the importer imports, unless woken early: also the least time between two of
@@ -89,12 +92,10 @@ pub struct RecorderStats {
 
 struct Writer {
     path: PathBuf,
-    /// Shared with the sync thread, which fsyncs it without holding the writer lock.
-    journal: Arc<File>,
-    journal_bytes: u64,
+    /// The live segment (its file is shared with the sync thread through `live_journal`).
+    journal: Segment,
     /// Successful journal writes so far; the sync thread's progress is measured against it.
     gen: u64,
-    chain_id: String,
     chain_seq: i64,
     prev_hash: String,
     session_seqs: HashMap<String, i64>,
@@ -108,6 +109,11 @@ struct Writer {
 struct Inner {
     writer: Mutex<Writer>,
     wake: Condvar,
+    /// The chain this process appends to.
+    chain_id: String,
+    /// The live journal segment, for the sync thread (which must not contend for the writer
+    /// lock): replaced together with `Writer::journal`, under the writer lock, when sealing.
+    live_journal: Mutex<Arc<File>>,
     store: Arc<dyn Store>,
     stall_limit: Duration,
     written: AtomicU64,
@@ -182,6 +188,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The writer lock for an append. Its holder runs for a microsecond or two (numbering, hashing,
+/// one `write`), usually on another core: waiting that out beats sleeping on the lock, which
+/// costs two context switches. Sleeps only if the holder takes much longer (it was preempted).
+fn lock_writer(m: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
+    const SPIN: Duration = Duration::from_micros(20);
+    let mut started: Option<Instant> = None;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return g,
+            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        let since = *started.get_or_insert_with(Instant::now);
+        if since.elapsed() > SPIN {
+            return lock(m);
+        }
+        for _ in 0..16 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -250,21 +278,14 @@ impl Recorder {
         for seg in &segments[..segments.len() - 1] {
             std::fs::remove_file(seg).map_err(io_err(seg))?;
         }
-        let journal = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_err(path))?;
-        journal.set_len(0).map_err(io_err(path))?;
+        // Replayed above: the live segment starts empty.
+        let journal = Segment::create(path).map_err(io_err(path))?;
         let inner = Arc::new(Inner {
+            live_journal: Mutex::new(Arc::clone(journal.file())),
             writer: Mutex::new(Writer {
                 path: path.clone(),
-                journal: Arc::new(journal),
-                journal_bytes: 0,
+                journal,
                 gen: 0,
-                chain_id,
                 chain_seq: 0,
                 prev_hash: GENESIS_HASH.to_string(),
                 session_seqs: HashMap::new(),
@@ -273,6 +294,7 @@ impl Recorder {
                 line: Vec::with_capacity(4096),
             }),
             wake: Condvar::new(),
+            chain_id,
             store,
             stall_limit: opts.stall_limit,
             written: AtomicU64::new(0),
@@ -379,15 +401,41 @@ impl Recorder {
     /// Append one event that gates nothing (session open/close, results): it is journaled even
     /// while the store is stalled; only a journal write failure loses it, loudly.
     pub fn record(&self, ev: EventInput) {
-        if let Err(e) = self.write(std::slice::from_ref(&ev), false) {
-            tracing::error!(error = %e, kind = %ev.kind, session = %ev.session_id, "an audit event could not be recorded");
+        self.record_all(std::slice::from_ref(&ev));
+    }
+
+    /// [`Recorder::record`] for several events, in one journal write.
+    pub fn record_all(&self, events: &[EventInput]) {
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = self.write(events, false) {
+            for ev in events {
+                tracing::error!(error = %e, kind = %ev.kind, session = %ev.session_id, "an audit event could not be recorded");
+            }
         }
     }
 
     /// Journal `events`; returns the write's generation (for waiting on its fsync).
     fn write(&self, events: &[EventInput], gate: bool) -> Result<u64, StoreError> {
         let inner = &*self.inner;
-        let mut guard = lock(&inner.writer);
+        // Everything that does not depend on the chain is done before taking the writer lock,
+        // which every session's appends share: only numbering, hashing and the write are inside.
+        let mut hashed: Vec<HashedEvent> = events
+            .iter()
+            .map(|ev| HashedEvent {
+                chain_id: inner.chain_id.clone(),
+                chain_seq: 0,
+                session_id: ev.session_id.clone(),
+                session_seq: 0,
+                at_unix_ms: unix_ms(ev.at),
+                kind: ev.kind.clone(),
+                payload: canonical_json(&ev.payload),
+                prev_hash: String::new(),
+                hash: String::new(),
+            })
+            .collect();
+        let mut guard = lock_writer(&inner.writer);
         if let (true, Some(since)) = (gate, guard.oldest_unstored) {
             if since.elapsed() > inner.stall_limit {
                 inner.failed.fetch_add(1, Ordering::Relaxed);
@@ -401,46 +449,34 @@ impl Recorder {
         w.line.clear();
         let mut chain_seq = w.chain_seq;
         let mut prev_hash = std::mem::take(&mut w.prev_hash);
-        let mut hashed = Vec::with_capacity(events.len());
-        for ev in events {
+        for i in 0..hashed.len() {
             chain_seq += 1;
-            let seq = w.session_seqs.get(&ev.session_id).copied().unwrap_or(0)
+            let (earlier, rest) = hashed.split_at_mut(i);
+            let h = &mut rest[0];
+            h.chain_seq = chain_seq;
+            h.session_seq = w.session_seqs.get(&h.session_id).copied().unwrap_or(0)
                 + 1
-                + hashed
+                + earlier
                     .iter()
-                    .filter(|h: &&HashedEvent| h.session_id == ev.session_id)
+                    .filter(|e| e.session_id == h.session_id)
                     .count() as i64;
-            let payload = canonical_json(&ev.payload);
-            let at_unix_ms = unix_ms(ev.at);
-            let hash = event_hash(
+            h.hash = event_hash(
                 &prev_hash,
                 &HashedFields {
-                    chain_id: &w.chain_id,
+                    chain_id: &h.chain_id,
                     chain_seq,
-                    session_id: &ev.session_id,
-                    session_seq: seq,
-                    at_unix_ms,
-                    kind: &ev.kind,
-                    payload: payload.as_bytes(),
+                    session_id: &h.session_id,
+                    session_seq: h.session_seq,
+                    at_unix_ms: h.at_unix_ms,
+                    kind: &h.kind,
+                    payload: h.payload.as_bytes(),
                 },
             );
-            let h = HashedEvent {
-                chain_id: w.chain_id.clone(),
-                chain_seq,
-                session_id: ev.session_id.clone(),
-                session_seq: seq,
-                at_unix_ms,
-                kind: ev.kind.clone(),
-                payload,
-                prev_hash: std::mem::replace(&mut prev_hash, hash.clone()),
-                hash,
-            };
-            encode_line(&mut w.line, &h);
-            hashed.push(h);
+            h.prev_hash = std::mem::replace(&mut prev_hash, h.hash.clone());
+            encode_line(&mut w.line, h);
         }
-        if let Err(e) = (&*w.journal).write_all(&w.line) {
-            // Undo a torn write so the journal stays a sequence of whole lines.
-            let _ = w.journal.set_len(w.journal_bytes);
+        if let Err(e) = w.journal.append(&w.line) {
+            // Nothing was appended: the chain goes on from where it was.
             w.prev_hash = hashed
                 .first()
                 .map(|h| h.prev_hash.clone())
@@ -452,7 +488,6 @@ impl Recorder {
                 source: e,
             });
         }
-        w.journal_bytes += w.line.len() as u64;
         w.gen += 1;
         let gen = w.gen;
         inner.written_gen.store(gen, Ordering::SeqCst);
@@ -461,6 +496,8 @@ impl Recorder {
         for h in &hashed {
             if h.kind == KIND_SESSION_CLOSE {
                 w.session_seqs.remove(&h.session_id);
+            } else if let Some(seq) = w.session_seqs.get_mut(&h.session_id) {
+                *seq = h.session_seq;
             } else {
                 w.session_seqs.insert(h.session_id.clone(), h.session_seq);
             }
@@ -546,7 +583,12 @@ fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
     let mut total = 0usize;
     for line in reader.split(b'\n') {
         let line = line.map_err(io_err(path))?;
-        match serde_json::from_slice::<HashedEvent>(&line) {
+        // The unwritten end of a segment its writer never closed (a crash).
+        let line = trim_zeros(&line);
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<HashedEvent>(line) {
             Ok(ev) => batch.push(ev),
             Err(_) => {
                 tracing::warn!(journal = %path.display(), "skipping a torn line at the end of the audit journal");
@@ -603,34 +645,35 @@ fn sealed_segments(journal: &Path) -> Result<Vec<PathBuf>, StoreError> {
 
 /// Seal the current segment once it is large, so that the journal never grows without bound.
 /// Returns the sealed file and the last chain_seq it holds.
-fn maybe_seal(w: &mut Writer) -> Option<(PathBuf, i64)> {
-    if w.journal_bytes < SEGMENT_BYTES {
+fn maybe_seal(w: &mut Writer, live: &Mutex<Arc<File>>) -> Option<(PathBuf, i64)> {
+    if w.journal.len() < SEGMENT_BYTES {
         return None;
     }
     let sealed = segment_path(&w.path, &w.chain_seq.to_string());
     // The sync thread only ever fsyncs the live segment: make this one durable first.
-    if let Err(e) = w.journal.sync_data() {
+    if let Err(e) = w.journal.file().sync_data() {
         tracing::error!(error = %e, journal = %w.path.display(), "cannot fsync the audit journal before sealing it");
     }
-    let fresh = std::fs::rename(&w.path, &sealed).and_then(|_| {
-        OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&w.path)
-    });
-    match fresh {
-        Ok(f) => {
-            w.journal = Arc::new(f);
-            w.journal_bytes = 0;
-            Some((sealed, w.chain_seq))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, journal = %w.path.display(), "cannot rotate the audit journal; it keeps growing");
-            None
-        }
+    if let Err(e) = std::fs::rename(&w.path, &sealed) {
+        tracing::error!(error = %e, journal = %w.path.display(), "cannot rotate the audit journal; it keeps growing");
+        return None;
     }
+    let fresh = match Segment::create(&w.path) {
+        Ok(f) => f,
+        Err(e) => {
+            // Keep appending to the segment under its live name.
+            let _ = std::fs::rename(&sealed, &w.path);
+            tracing::error!(error = %e, journal = %w.path.display(), "cannot start a new audit journal segment; the current one keeps growing");
+            return None;
+        }
+    };
+    *lock(live) = Arc::clone(fresh.file());
+    let old = std::mem::replace(&mut w.journal, fresh);
+    if let Err(e) = old.close() {
+        // Only its zero tail stays: a reader skips that.
+        tracing::warn!(error = %e, file = %sealed.display(), "cannot trim a sealed audit journal segment");
+    }
+    Some((sealed, w.chain_seq))
 }
 
 /// The journal's fsyncs: as soon as there is something to sync in fsync mode (one fsync covers
@@ -654,10 +697,10 @@ fn sync_loop(inner: &Inner) {
             }
         }
         inner.dirty.store(false, Ordering::SeqCst);
-        let (gen, file) = {
-            let w = lock(&inner.writer);
-            (w.gen, Arc::clone(&w.journal))
-        };
+        // The generation first: a write it counts is either in the live segment read next, or
+        // in a sealed one, which was fsynced when it was sealed.
+        let gen = inner.written_gen.load(Ordering::SeqCst);
+        let file = Arc::clone(&lock(&inner.live_journal));
         #[cfg(test)]
         std::thread::sleep(*lock(&inner.test_fsync_delay));
         let started = Instant::now();
@@ -678,7 +721,10 @@ fn sync_loop(inner: &Inner) {
             }
             *s
         };
-        inner.sync_done.notify_all();
+        if inner.durability == Durability::Fsync {
+            // Only fsync-mode appenders wait for an fsync.
+            inner.sync_done.notify_all();
+        }
         inner.synced_tx.send_replace(state);
         if result.is_err() {
             std::thread::sleep(RETRY_MIN);
@@ -750,7 +796,7 @@ fn import_loop(inner: &Inner) {
                     } else {
                         Some(Instant::now())
                     };
-                    sealed.extend(maybe_seal(&mut w));
+                    sealed.extend(maybe_seal(&mut w, &inner.live_journal));
                 }
                 // A sealed segment whose every event is stored is no longer needed.
                 sealed.retain(|(file, last)| {
@@ -782,6 +828,7 @@ mod tests {
     use super::*;
     use crate::SqliteStore;
     use serde_json::json;
+    use std::io::Write;
     use std::time::SystemTime;
 
     fn ev(session: &str, kind: &str, n: u64) -> EventInput {
@@ -926,9 +973,11 @@ mod tests {
         assert_eq!(crashed.stats().queued, 3);
         crashed.shutdown();
         drop(crashed);
-        // A torn last line, as from a crash in the middle of a write.
+        // A torn last line, as from a crash in the middle of an append, and the unwritten
+        // (zero) rest of the segment's last allocated chunk, as a crashed writer leaves it.
         let mut f = OpenOptions::new().append(true).open(&opts.journal).unwrap();
         f.write_all(b"{\"chain_id\":\"old\",\"chain_s").unwrap();
+        f.write_all(&[0u8; 8192]).unwrap();
         drop(f);
 
         let rec = Recorder::start(store.clone(), "new".into(), opts.clone()).unwrap();

@@ -9,10 +9,11 @@
 //! scripts/bench-pg                          # 3 rounds x 10 s per scenario and target
 //! scripts/bench-pg --seconds 3 --rounds 1   # quick look while developing
 //! scripts/bench-pg --json                   # the same results as one JSON object on stdout
+//! scripts/bench-pg --pgbouncer              # also pgbouncer, as a reference proxy
 //! ```
 //!
 //! or, after `cargo build --release -p tollgate --bins --examples`,
-//! `target/release/examples/bench_pg [--rounds N] [--seconds S] [--scale K] [--json]`.
+//! `target/release/examples/bench_pg [--rounds N] [--seconds S] [--scale K] [--json] [--pgbouncer]`.
 //! It runs `tollgate` from next to itself (`target/release/tollgate`), or `--tollgate PATH`.
 //!
 //! Needs the PostgreSQL server binaries (as the integration tests do) and `pgbench`
@@ -35,6 +36,16 @@
 //! open/close recorded, commands and results not) joins every round, and the report adds the
 //! "recording on vs off" ratio: the cost of the audit trail itself. It makes the run 1.5x longer.
 //!
+//! With `--pgbouncer` an existing proxy measured on the same machine in the same run joins every
+//! round as a reference: pgbouncer (`pgbouncer` in $PATH or /usr/sbin; Debian 12:
+//! `sudo apt-get install -y pgbouncer`, 1.18) with its own config in a temporary directory and
+//! a free port, set up like the gateway: TLS to the client with the gateway's server certificate
+//! (pgbench verifies it), SCRAM from the client, verify-full to PostgreSQL as the cluster's user,
+//! session pooling (one upstream per client, as tollgate; 1.18 has no `-M prepared` with
+//! transaction pooling). Unlike the gateway it keeps its upstream connections between pgbench
+//! runs. The report adds pgbouncer's tps, its ratio to direct, the tollgate/pgbouncer ratio and
+//! its CPU per query. As root, pgbouncer (which refuses root) runs as PostgreSQL's OS user.
+//!
 //! Everything (gateway, pgbench, cluster, temporary files) is cleaned up on return, on error
 //! and on Ctrl-C/SIGTERM. On a small machine pgbench, postgres and the gateway share the
 //! cores, so with 8 clients the ratio mostly reflects CPU per query; see the CPU columns.
@@ -45,6 +56,7 @@ use serde_json::{json, Value};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -84,6 +96,14 @@ struct Opts {
     /// every content detector) and report masking on vs off.
     #[arg(long)]
     masking: bool,
+    /// Also measure pgbouncer (TLS both legs, session pooling) as a reference proxy and report
+    /// tollgate vs pgbouncer.
+    #[arg(long)]
+    pgbouncer: bool,
+    /// Measure nothing: set up the database and the gateway, print how to reach both (pgbench
+    /// connection strings, the gateway's pid for `perf record -p`), and wait for Ctrl-C.
+    #[arg(long)]
+    hold: bool,
 }
 
 /// The masking rules of `--masking`: pgbench -S fetches `abalance`, which a column rule
@@ -99,6 +119,8 @@ strategy = "redact"
 
 const RESOURCE: &str = "benchdb";
 const CLIENT: &str = "bench";
+/// The name of the `--pgbouncer` target.
+const PGBOUNCER: &str = "pgbouncer";
 
 struct Scenario {
     key: &'static str,
@@ -181,6 +203,18 @@ fn run(opts: &Opts) -> Result<()> {
         "pgbench not found in $PATH; install it with: \
          sudo apt-get install -y postgresql-client postgresql-contrib"
     })?;
+    let pgbouncer_bin = if opts.pgbouncer {
+        let found = which("pgbouncer").or_else(|| {
+            let sbin = PathBuf::from("/usr/sbin/pgbouncer");
+            sbin.is_file().then_some(sbin)
+        });
+        Some(found.context(
+            "--pgbouncer: pgbouncer not found in $PATH or /usr/sbin; install it with: \
+             sudo apt-get install -y pgbouncer",
+        )?)
+    } else {
+        None
+    };
     let tollgate = match &opts.tollgate {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -362,6 +396,44 @@ password_file = "{password_file}"
         None
     };
 
+    // The reference proxy, with the gateway's server certificate towards pgbench.
+    let pgbouncer = match &pgbouncer_bin {
+        Some(bin) => {
+            progress(format_args!("starting {} ...", bin.display()));
+            let pgb = Pgbouncer::start(bin, &cluster, &server.cert, &server.key)?;
+            let conninfo = format!(
+                "host=localhost port={} user={} dbname={} sslmode=verify-full sslrootcert={}",
+                pgb.port,
+                cluster.user,
+                cluster.database,
+                ca.display()
+            );
+            Some((pgb, conninfo))
+        }
+        None => None,
+    };
+
+    if opts.hold {
+        let env = format!("PGPASSWORD={}", cluster.password);
+        println!("direct:  {env} pgbench -n -S -T 10 -c 8 \"{direct_conninfo}\"");
+        println!("gateway: pgbench -n -S -T 10 -c 8 \"{gateway_conninfo_on}\"");
+        println!(
+            "gateway pid {} (perf record -g -p {}); Ctrl-C ends",
+            gateway.pid(),
+            gateway.pid()
+        );
+        if let Some((pgb, conninfo)) = &pgbouncer {
+            println!(
+                "pgbouncer (pid {}): {env} pgbench -n -S -T 10 -c 8 \"{conninfo}\"",
+                pgb.pid()
+            );
+        }
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            check_interrupted()?;
+        }
+    }
+
     let mut targets = vec![
         Target {
             name: "direct",
@@ -372,7 +444,7 @@ password_file = "{password_file}"
                 Some(&cluster.password),
             ),
             probe: CpuProbe {
-                gateway: gateway.pid(),
+                proxy: gateway.pid(),
                 postmaster: pg_pid,
             },
         },
@@ -380,7 +452,7 @@ password_file = "{password_file}"
             name: "gateway",
             bench: Pgbench::new(&pgbench, tmp.path(), &gateway_conninfo_on, None),
             probe: CpuProbe {
-                gateway: gateway.pid(),
+                proxy: gateway.pid(),
                 postmaster: pg_pid,
             },
         },
@@ -390,7 +462,7 @@ password_file = "{password_file}"
             name: "gw-norec",
             bench: Pgbench::new(&pgbench, tmp.path(), conninfo, None),
             probe: CpuProbe {
-                gateway: gw.pid(),
+                proxy: gw.pid(),
                 postmaster: pg_pid,
             },
         });
@@ -401,13 +473,27 @@ password_file = "{password_file}"
             name: "gw-masked",
             bench: Pgbench::new(&pgbench, tmp.path(), conninfo, None),
             probe: CpuProbe {
-                gateway: gw.pid(),
+                proxy: gw.pid(),
+                postmaster: pg_pid,
+            },
+        });
+    }
+    if let Some((pgb, conninfo)) = &pgbouncer {
+        targets.push(Target {
+            name: PGBOUNCER,
+            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, Some(&cluster.password)),
+            probe: CpuProbe {
+                proxy: pgb.pid(),
                 postmaster: pg_pid,
             },
         });
     }
     let index_of = |name: &str| targets.iter().position(|t| t.name == name);
-    let (norec_at, masked_at) = (index_of("gw-norec"), index_of("gw-masked"));
+    let (norec_at, masked_at, pgbouncer_at) = (
+        index_of("gw-norec"),
+        index_of("gw-masked"),
+        index_of(PGBOUNCER),
+    );
 
     // 3. Warm-up (caches, first connections), then the interleaved rounds.
     let mut gateway_queries: u64 = 0;
@@ -440,15 +526,16 @@ password_file = "{password_file}"
                     .bench
                     .measure(sc.args, opts.seconds, &t.probe)
                     .with_context(|| format!("pgbench {} {}", sc.label, t.name))?;
+                let proxy = if t.name == PGBOUNCER { "pgb" } else { "gw" };
                 progress(format_args!(
-                    "round {}/{} {:<26} {:<7} tps {:>9.1}  latency {:>7.3} ms  cpu/1k q: gw {:>6.1} ms, pg {:>6.1} ms, pgbench {:>6.1} ms",
+                    "round {}/{} {:<26} {:<7} tps {:>9.1}  latency {:>7.3} ms  cpu/1k q: {proxy} {:>6.1} ms, pg {:>6.1} ms, pgbench {:>6.1} ms",
                     round + 1,
                     opts.rounds,
                     sc.label,
                     t.name,
                     s.tps,
                     s.latency_ms,
-                    s.per_1k(s.gateway_cpu),
+                    s.per_1k(s.proxy_cpu),
                     s.per_1k(s.postgres_cpu),
                     s.per_1k(s.pgbench_cpu),
                 ));
@@ -480,6 +567,12 @@ password_file = "{password_file}"
     let gateway_cpu_total = process_cpu_seconds(gateway.pid());
     let gateway_threads = cpu_by_thread_name(gateway.pid());
     let gateway_log_tail = gateway.log_tail(10);
+    let pgbouncer_summary = pgbouncer.as_ref().map(|(pgb, _)| PgbouncerSummary {
+        version: pgb.version.clone(),
+        peak_rss_kib: proc_status_kib(pgb.pid(), "VmHWM"),
+        cpu_total: process_cpu_seconds(pgb.pid()),
+        log_problems: pgb.log_problems(),
+    });
 
     let report = Report {
         opts,
@@ -489,6 +582,7 @@ password_file = "{password_file}"
             .map(|(sc, s)| {
                 let mut row = Row::new(sc, &s[0], &s[1], norec_at.map(|i| s[i].as_slice()));
                 row.masked = masked_at.map(|i| Side::new(&s[i]));
+                row.pgbouncer = pgbouncer_at.map(|i| Side::new(&s[i]));
                 row
             })
             .collect(),
@@ -506,14 +600,17 @@ password_file = "{password_file}"
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
         gateway_log_tail,
+        pgbouncer: pgbouncer_summary,
     };
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
         report.print_table();
     }
-    // Explicit order: gateways first (they hold upstream connections), then the cluster, then files.
+    // Explicit order: proxies first (they hold upstream connections), then the cluster, then files.
     drop(targets);
+    drop(pgbouncer);
+    drop(masked);
     drop(norec);
     drop(gateway);
     drop(cluster);
@@ -563,7 +660,7 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
 struct Target<'a> {
     name: &'static str,
     bench: Pgbench<'a>,
-    /// CPU readings around each run (the gateway is the one this target goes through).
+    /// CPU readings around each run (the proxy is the one this target goes through).
     probe: CpuProbe,
 }
 
@@ -582,11 +679,11 @@ struct Sample {
     latency_ms: f64,
     transactions: u64,
     /// CPU seconds spent during the run by each party.
-    gateway_cpu: f64,
+    proxy_cpu: f64,
     postgres_cpu: f64,
     pgbench_cpu: f64,
-    /// Context switches of all gateway threads during the run.
-    gateway_switches: f64,
+    /// Context switches of all proxy threads during the run.
+    proxy_switches: f64,
 }
 
 impl Sample {
@@ -669,10 +766,10 @@ impl<'a> Pgbench<'a> {
             tps,
             latency_ms,
             transactions,
-            gateway_cpu: after.gateway - before.gateway,
+            proxy_cpu: after.proxy - before.proxy,
             postgres_cpu: after.postgres - before.postgres,
             pgbench_cpu: after.children - before.children,
-            gateway_switches: after.gateway_switches - before.gateway_switches,
+            proxy_switches: after.proxy_switches - before.proxy_switches,
         })
     }
 }
@@ -689,16 +786,17 @@ fn parse_after(text: &str, prefix: &str) -> Option<f64> {
     })
 }
 
-/// CPU time of the gateway, of PostgreSQL (postmaster, its live children and the reaped
-/// ones), and of our own reaped children (pgbench).
+/// CPU time of the proxy (the gateway or pgbouncer; for the direct target the idle gateway),
+/// of PostgreSQL (postmaster, its live children and the reaped ones), and of our own reaped
+/// children (pgbench).
 struct CpuProbe {
-    gateway: u32,
+    proxy: u32,
     postmaster: i32,
 }
 
 struct CpuReading {
-    gateway: f64,
-    gateway_switches: f64,
+    proxy: f64,
+    proxy_switches: f64,
     postgres: f64,
     children: f64,
 }
@@ -714,8 +812,8 @@ impl CpuProbe {
             .map(|s| s.utime + s.stime + s.cutime + s.cstime)
             .unwrap_or(0.0);
         CpuReading {
-            gateway: process_cpu_seconds(self.gateway).unwrap_or(0.0),
-            gateway_switches: context_switches(self.gateway),
+            proxy: process_cpu_seconds(self.proxy).unwrap_or(0.0),
+            proxy_switches: context_switches(self.proxy),
             postgres: postmaster + live_children,
             children: own_children_cpu(),
         }
@@ -883,9 +981,7 @@ impl Gateway {
     }
 
     fn log_tail(&self, lines: usize) -> String {
-        let text = fs::read_to_string(&self.log_path).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        file_tail(&self.log_path, lines, |_| true)
     }
 
     fn http_get(&self, path: &str) -> Option<(u16, String)> {
@@ -909,6 +1005,183 @@ impl Gateway {
 }
 
 impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `lines` lines of the file at `path` that `keep` accepts.
+fn file_tail(path: &Path, lines: usize, keep: impl Fn(&str) -> bool) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The `--pgbouncer` reference proxy, in the foreground with its own config; killed on drop.
+struct Pgbouncer {
+    child: Child,
+    port: u16,
+    /// Its stderr, where a foreground pgbouncer logs.
+    log_path: PathBuf,
+    /// The first line of `pgbouncer --version`, e.g. "PgBouncer 1.18.0".
+    version: String,
+    /// Config, user list and certificate copies; removed once the process is gone.
+    _dir: tempfile::TempDir,
+}
+
+impl Pgbouncer {
+    /// Starts `bin` on a free port for `cluster.database`: `cert`/`key` to clients (TLS
+    /// required, SCRAM with the cluster user's password), verify-full against the cluster's CA
+    /// to `localhost` (the name in the cluster's certificate), one upstream per client.
+    fn start(bin: &Path, cluster: &PgCluster, cert: &Path, key: &Path) -> Result<Pgbouncer> {
+        let version = Command::new(bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("run {} --version", bin.display()))?;
+        let version = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .next()
+            .unwrap_or("pgbouncer")
+            .to_owned();
+        // pgbouncer refuses to run as root: then it runs as PostgreSQL's OS user (the owner of
+        // the data directory), from a directory under /tmp that it owns (root's $TMPDIR may be
+        // private). Not through runuser: the pid we probe and kill must be pgbouncer's own.
+        // SAFETY: geteuid has no preconditions.
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            let meta =
+                fs::metadata(cluster.data_dir()).context("stat the PostgreSQL data directory")?;
+            Some((meta.uid(), meta.gid()))
+        } else {
+            None
+        };
+        let base = match run_as {
+            Some(_) => PathBuf::from("/tmp"),
+            None => std::env::temp_dir(),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("tollgate-bench-pgbouncer-")
+            .tempdir_in(&base)?;
+        let give = |path: &Path| -> Result<()> {
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                    .with_context(|| format!("chown {}", path.display()))?;
+            }
+            Ok(())
+        };
+        give(dir.path())?;
+        let write = |name: &str, contents: &[u8]| -> Result<PathBuf> {
+            let path = dir.path().join(name);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(contents))
+                .with_context(|| format!("write {}", path.display()))?;
+            give(&path)?;
+            Ok(path)
+        };
+        let cert = write("server.crt", &fs::read(cert)?)?;
+        let key = write("server.key", &fs::read(key)?)?;
+        let upstream_ca = write("upstream-ca.crt", &fs::read(&cluster.ca_cert)?)?;
+        let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        let userlist = write(
+            "userlist.txt",
+            format!("{} {}\n", quote(&cluster.user), quote(&cluster.password)).as_bytes(),
+        )?;
+        let port = tollgate_testsupport::free_port();
+        let config = format!(
+            r#"[databases]
+{db} = host=localhost port={up_port} dbname={db} user={user}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {userlist}
+pool_mode = session
+max_client_conn = 100
+default_pool_size = 20
+client_tls_sslmode = require
+client_tls_cert_file = {cert}
+client_tls_key_file = {key}
+server_tls_sslmode = verify-full
+server_tls_ca_file = {upstream_ca}
+log_connections = 0
+log_disconnections = 0
+"#,
+            db = cluster.database,
+            up_port = cluster.port,
+            user = cluster.user,
+            userlist = userlist.display(),
+            cert = cert.display(),
+            key = key.display(),
+            upstream_ca = upstream_ca.display(),
+        );
+        let config = write("pgbouncer.ini", config.as_bytes())?;
+        let log_path = dir.path().join("pgbouncer.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg(&config)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log_path)?);
+        if let Some((uid, gid)) = run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        // die_with_parent's prctl runs after the uid change, which would otherwise clear it.
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut pgb = Pgbouncer {
+            child,
+            port,
+            log_path,
+            version,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            check_interrupted()?;
+            if let Some(status) = pgb.child.try_wait()? {
+                bail!(
+                    "pgbouncer exited early ({status}):\n{}",
+                    file_tail(&pgb.log_path, 40, |_| true)
+                );
+            }
+            let addr = (Ipv4Addr::LOCALHOST, port).into();
+            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                return Ok(pgb);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "pgbouncer did not listen on port {port}:\n{}",
+                    file_tail(&pgb.log_path, 40, |_| true)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its last warnings and errors (it logs every start-up step and stats at LOG level).
+    fn log_problems(&self) -> Vec<String> {
+        let problem = |l: &str| {
+            [" WARNING ", " ERROR ", " FATAL "]
+                .iter()
+                .any(|w| l.contains(w))
+        };
+        let tail = file_tail(&self.log_path, 10, problem);
+        tail.lines().map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Pgbouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -946,11 +1219,11 @@ struct Side {
     tps_all: Vec<f64>,
     latency_all: Vec<f64>,
     /// Median CPU ms per 1000 queries.
-    gateway_cpu_1k: f64,
+    proxy_cpu_1k: f64,
     postgres_cpu_1k: f64,
     pgbench_cpu_1k: f64,
-    /// Median gateway context switches per query.
-    gateway_switches_per_query: f64,
+    /// Median proxy context switches per query.
+    proxy_switches_per_query: f64,
 }
 
 impl Side {
@@ -961,25 +1234,26 @@ impl Side {
             latency_ms: col(&|s| s.latency_ms),
             tps_all: samples.iter().map(|s| s.tps).collect(),
             latency_all: samples.iter().map(|s| s.latency_ms).collect(),
-            gateway_cpu_1k: col(&|s| s.per_1k(s.gateway_cpu)),
+            proxy_cpu_1k: col(&|s| s.per_1k(s.proxy_cpu)),
             postgres_cpu_1k: col(&|s| s.per_1k(s.postgres_cpu)),
             pgbench_cpu_1k: col(&|s| s.per_1k(s.pgbench_cpu)),
-            gateway_switches_per_query: col(&|s| s.gateway_switches / s.transactions.max(1) as f64),
+            proxy_switches_per_query: col(&|s| s.proxy_switches / s.transactions.max(1) as f64),
         }
     }
 
-    fn json(&self) -> Value {
+    /// `proxy` names the proxy's keys: "gateway" or "pgbouncer".
+    fn json(&self, proxy: &str) -> Value {
         json!({
             "tps_median": self.tps,
             "latency_ms_median": self.latency_ms,
             "tps_rounds": self.tps_all,
             "latency_ms_rounds": self.latency_all,
             "cpu_ms_per_1000_queries": {
-                "gateway": self.gateway_cpu_1k,
+                proxy: self.proxy_cpu_1k,
                 "postgres": self.postgres_cpu_1k,
                 "pgbench": self.pgbench_cpu_1k,
             },
-            "gateway_context_switches_per_query": self.gateway_switches_per_query,
+            format!("{proxy}_context_switches_per_query"): self.proxy_switches_per_query,
         })
     }
 }
@@ -994,6 +1268,8 @@ struct Row {
     norec: Option<Side>,
     /// The gateway with masking rules on the fetched column (`--masking`).
     masked: Option<Side>,
+    /// pgbouncer, the reference proxy (`--pgbouncer`).
+    pgbouncer: Option<Side>,
 }
 
 impl Row {
@@ -1013,7 +1289,19 @@ impl Row {
             gateway,
             norec: norec.map(Side::new),
             masked: None,
+            pgbouncer: None,
         }
+    }
+
+    /// pgbouncer's throughput / direct, tollgate's / pgbouncer's, and the latency pgbouncer
+    /// adds per query (µs).
+    fn pgbouncer_cmp(&self) -> Option<(f64, f64, f64)> {
+        let pgb = self.pgbouncer.as_ref()?;
+        Some((
+            pgb.tps / self.direct.tps,
+            self.gateway.tps / pgb.tps,
+            (pgb.latency_ms - self.direct.latency_ms) * 1000.0,
+        ))
     }
 
     /// Throughput with masking on / off (target >= 0.90), and the latency masking adds (µs).
@@ -1058,6 +1346,16 @@ struct Report<'a> {
     load_after: String,
     pg_version: String,
     gateway_log_tail: String,
+    pgbouncer: Option<PgbouncerSummary>,
+}
+
+/// Process-wide numbers of the `--pgbouncer` reference proxy.
+struct PgbouncerSummary {
+    version: String,
+    peak_rss_kib: Option<u64>,
+    cpu_total: Option<f64>,
+    /// Its WARNING/ERROR/FATAL log lines, the last few.
+    log_problems: Vec<String>,
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -1124,6 +1422,65 @@ impl Report<'_> {
                 lat_target,
             );
         }
+        if let Some(pgb) = &self.pgbouncer {
+            println!();
+            println!(
+                "reference: {} in the same run (TLS both legs with the gateway's certificate, SCRAM, verify-full upstream, session pooling)",
+                pgb.version
+            );
+            println!(
+                "{:<26} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9} {:>10} {:>9} {:>9}",
+                "scenario",
+                "tps direct",
+                "tps gw",
+                "tps pgb",
+                "gw/dir",
+                "pgb/dir",
+                "gw/pgb",
+                "lat pgb",
+                "added pgb",
+                "pgb cpu",
+                "gw cpu"
+            );
+            println!(
+                "{:<26} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9} {:>10} {:>9} {:>9}",
+                "", "", "", "", "", "", "", "ms", "µs/query", "ms/1k q", "ms/1k q"
+            );
+            for r in &self.scenarios {
+                let (Some(p), Some((vs_direct, gw_vs_pgb, added))) =
+                    (&r.pgbouncer, r.pgbouncer_cmp())
+                else {
+                    continue;
+                };
+                println!(
+                    "{:<26} {:>10.1} {:>10.1} {:>10.1} {:>7.3} {:>7.3} {:>7.3} {:>9.3} {:>10.1} {:>9.1} {:>9.1}",
+                    r.sc.label,
+                    r.direct.tps,
+                    r.gateway.tps,
+                    p.tps,
+                    r.ratio,
+                    vs_direct,
+                    gw_vs_pgb,
+                    p.latency_ms,
+                    added,
+                    p.proxy_cpu_1k,
+                    r.gateway.proxy_cpu_1k,
+                );
+            }
+            println!(
+                "pgbouncer: peak RSS (VmHWM) {}; CPU {:.2} s total",
+                pgb.peak_rss_kib
+                    .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                    .unwrap_or_else(|| "n/a".into()),
+                pgb.cpu_total.unwrap_or(f64::NAN),
+            );
+            if !pgb.log_problems.is_empty() {
+                println!(
+                    "pgbouncer log (warnings and errors, last lines):\n{}",
+                    pgb.log_problems.join("\n")
+                );
+            }
+        }
         if self.scenarios.iter().any(|r| r.norec.is_some()) {
             println!();
             println!("recording on vs off: the same gateway with server.record_commands = true (default) vs false");
@@ -1156,8 +1513,8 @@ impl Report<'_> {
                     r.gateway.latency_ms,
                     off.latency_ms,
                     added,
-                    r.gateway.gateway_cpu_1k,
-                    off.gateway_cpu_1k,
+                    r.gateway.proxy_cpu_1k,
+                    off.proxy_cpu_1k,
                 );
             }
         }
@@ -1179,15 +1536,24 @@ impl Report<'_> {
                     r.gateway.tps,
                     format!("{ratio:.3} {}", verdict(ratio >= 0.90)),
                     added,
-                    on.gateway_cpu_1k,
-                    r.gateway.gateway_cpu_1k,
+                    on.proxy_cpu_1k,
+                    r.gateway.proxy_cpu_1k,
                 );
             }
         }
         println!();
         println!("CPU ms per 1000 queries (medians; = µs of CPU per query):");
+        // The pgbouncer columns follow the gateway's, only with --pgbouncer.
+        let pgb_header = if self.pgbouncer.is_some() {
+            format!(
+                " {:>9} {:>9} {:>9} {:>10}",
+                "pg pgb", "bench pgb", "pgbouncer", "total pgb"
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}",
+            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}{pgb_header}",
             "scenario",
             "pg dir",
             "pg gw",
@@ -1200,17 +1566,30 @@ impl Report<'_> {
         );
         for r in &self.scenarios {
             let (d, g) = (&r.direct, &r.gateway);
+            let pgb_cols = r
+                .pgbouncer
+                .as_ref()
+                .map(|p| {
+                    format!(
+                        " {:>9.1} {:>9.1} {:>9.1} {:>10.1}",
+                        p.postgres_cpu_1k,
+                        p.pgbench_cpu_1k,
+                        p.proxy_cpu_1k,
+                        p.postgres_cpu_1k + p.pgbench_cpu_1k + p.proxy_cpu_1k
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "{:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>10.2}",
+                "{:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>11.1} {:>10.2}{pgb_cols}",
                 r.sc.label,
                 d.postgres_cpu_1k,
                 g.postgres_cpu_1k,
                 d.pgbench_cpu_1k,
                 g.pgbench_cpu_1k,
-                g.gateway_cpu_1k,
-                d.postgres_cpu_1k + d.pgbench_cpu_1k + d.gateway_cpu_1k,
-                g.postgres_cpu_1k + g.pgbench_cpu_1k + g.gateway_cpu_1k,
-                g.gateway_switches_per_query,
+                g.proxy_cpu_1k,
+                d.postgres_cpu_1k + d.pgbench_cpu_1k + d.proxy_cpu_1k,
+                g.postgres_cpu_1k + g.pgbench_cpu_1k + g.proxy_cpu_1k,
+                g.proxy_switches_per_query,
             );
         }
         println!();
@@ -1253,8 +1632,8 @@ impl Report<'_> {
                 "key": r.sc.key,
                 "label": r.sc.label,
                 "pgbench_args": r.sc.args,
-                "direct": r.direct.json(),
-                "gateway": r.gateway.json(),
+                "direct": r.direct.json("gateway"),
+                "gateway": r.gateway.json("gateway"),
                 "tps_ratio": r.ratio,
                 "tps_ratio_target": r.sc.min_ratio,
                 "tps_ratio_ok": r.ratio_ok(),
@@ -1262,12 +1641,21 @@ impl Report<'_> {
                 "added_latency_us_target": r.sc.max_added_us,
                 "added_latency_ok": r.latency_ok(),
                 "masking_on": r.masked.as_ref().map(|on| json!({
-                    "gateway": on.json(),
+                    "gateway": on.json("gateway"),
                     "tps_ratio_on_off": r.masking_cost().map(|c| c.0),
                     "added_latency_us_by_masking": r.masking_cost().map(|c| c.1),
                 })),
+                "pgbouncer": r.pgbouncer.as_ref().map(|p| {
+                    let mut v = p.json("pgbouncer");
+                    if let Some((vs_direct, gw_vs_pgb, added)) = r.pgbouncer_cmp() {
+                        v["tps_ratio_vs_direct"] = json!(vs_direct);
+                        v["tps_ratio_tollgate_vs_pgbouncer"] = json!(gw_vs_pgb);
+                        v["added_latency_us"] = json!(added);
+                    }
+                    v
+                }),
                 "recording_off": r.norec.as_ref().map(|off| json!({
-                    "gateway": off.json(),
+                    "gateway": off.json("gateway"),
                     "tps_ratio_on_off": r.recording_cost().map(|c| c.0),
                     "added_latency_us_by_recording": r.recording_cost().map(|c| c.1),
                 })),
@@ -1284,6 +1672,12 @@ impl Report<'_> {
                     .collect::<Vec<_>>(),
                 "log_tail": self.gateway_log_tail,
             },
+            "pgbouncer": self.pgbouncer.as_ref().map(|p| json!({
+                "version": p.version,
+                "peak_rss_kib": p.peak_rss_kib,
+                "cpu_seconds_total": p.cpu_total,
+                "log_problems": p.log_problems,
+            })),
         })
     }
 }

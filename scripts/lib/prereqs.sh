@@ -1,0 +1,54 @@
+# Sourced by scripts/demo and scripts/test: installs the Debian/Ubuntu packages a command needs
+# when they are missing (as root, or through sudo), or says exactly what to install.
+#
+#   need_build_tools     a C compiler and libclang: `ring`, the bundled SQLite and pg_query
+#                        (tollgate-policy's SQL parser, whose bindings bindgen makes) build C
+#   need_postgres        PostgreSQL server binaries (initdb, pg_ctl), psql and pgbench
+#   need_test_tools      openssl and python3 (certificates and clients made by the tests)
+#   install_needed       installs what the calls above found missing
+#   need_cargo           fails with a hint when there is no Rust toolchain
+
+missing=()
+
+need_build_tools() {
+  command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+  # libclang-dev: the library bindgen loads and the headers it parses with.
+  [ -n "${LIBCLANG_PATH:-}" ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
+}
+
+need_postgres() {
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing+=(postgresql-contrib)
+  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+}
+
+need_test_tools() {
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+}
+
+install_needed() {
+  [ ${#missing[@]} -gt 0 ] || return 0
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "tollgate needs: ${missing[*]} (Debian/Ubuntu package names). Install them and re-run." >&2
+    exit 1
+  fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "missing packages: ${missing[*]}; as root run: apt-get update && apt-get install -y ${missing[*]}" >&2
+      exit 1
+    fi
+  fi
+  echo "installing: ${missing[*]}" >&2
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  missing=()
+}
+
+need_cargo() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install a Rust toolchain (https://rustup.rs) and re-run." >&2
+    exit 1
+  fi
+}
