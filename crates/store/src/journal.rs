@@ -28,6 +28,9 @@ pub(crate) struct Segment {
     cap: usize,
     /// Bytes appended so far.
     len: usize,
+    /// Tests: the disk is full beyond this many bytes.
+    #[cfg(test)]
+    pub(crate) room: Option<usize>,
 }
 
 // SAFETY: the mapping is owned by the segment and only touched through `&mut self`.
@@ -48,6 +51,8 @@ impl Segment {
             map: std::ptr::null_mut(),
             cap: 0,
             len: 0,
+            #[cfg(test)]
+            room: None,
         })
     }
 
@@ -80,6 +85,10 @@ impl Segment {
     /// Makes the file and the mapping at least `need` bytes long (rounded up to `CHUNK`).
     fn grow(&mut self, need: usize) -> io::Result<()> {
         let cap = need.div_ceil(CHUNK) * CHUNK;
+        #[cfg(test)]
+        if self.room.is_some_and(|room| cap > room) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         let fd = self.file.as_raw_fd();
         let len = libc::off_t::try_from(cap)
             .map_err(|_| io::Error::other("audit journal segment too large"))?;

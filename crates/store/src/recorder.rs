@@ -1078,6 +1078,54 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_refuses_the_append_and_the_chain_goes_on_afterwards() {
+        let (_d, store, opts) = setup();
+        let rec = Recorder::start(store.clone(), "c".into(), opts.clone()).unwrap();
+        rec.append(&[ev("s", "session.open", 0)]).unwrap();
+        // No room beyond the chunk already allocated.
+        let room = lock(&rec.inner.writer).journal.len() as usize;
+        lock(&rec.inner.writer).journal.room = Some(room.max(1));
+        let big = EventInput {
+            payload: json!({"n": 1, "text": "x".repeat(2 << 20)}),
+            ..ev("s", "command", 1)
+        };
+        let err = rec
+            .append_async(std::slice::from_ref(&big))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+            "{err:?}"
+        );
+        assert_eq!(rec.stats().failed, 1);
+        // Space again: the next events continue the chain where the refused one would have been.
+        lock(&rec.inner.writer).journal.room = None;
+        rec.append(&[ev("s", "command", 2)]).unwrap();
+        rec.record(ev("s", "result", 3));
+        rec.flush().await.unwrap();
+        let evs = store.events("s").unwrap();
+        assert_eq!(
+            evs.iter()
+                .map(|e| e.payload["n"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            vec![0, 2, 3]
+        );
+        let report = store.verify().unwrap();
+        assert!(report.first_break.is_none(), "{report:?}");
+        assert_eq!(report.events, 3);
+        // And the journal holds exactly those three lines.
+        let text = std::fs::read(&opts.journal).unwrap();
+        assert_eq!(
+            trim_zeros(&text)
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count(),
+            3
+        );
+        rec.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fsync_mode_appends_return_only_after_an_fsync() {
         let (_d, store, mut opts) = setup();
         opts.durability = Durability::Fsync;
