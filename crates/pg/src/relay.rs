@@ -131,7 +131,7 @@ struct Tracker<'a> {
     log: &'a SessionLog,
     /// Result events not yet journaled: the response direction records them once the answer
     /// they describe is on its way to the client (off the round trip's critical path, and in
-    /// one journal write per batch of answers); every other path flushes them first.
+    /// one journal append per batch of answers); every other path flushes them first.
     results: Mutex<Vec<Value>>,
 }
 

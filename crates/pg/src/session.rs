@@ -62,7 +62,7 @@ impl SessionLog {
         self.gw.recorder.record(self.input(kind, payload));
     }
 
-    /// Events that gate nothing, in one journal write.
+    /// Events that gate nothing, in one journal append.
     pub fn record_all(&self, events: &[EventInput]) {
         self.gw.recorder.record_all(events);
     }

@@ -3,11 +3,11 @@
 //! [`Recorder::append`] numbers and hash-chains events and appends them to a journal file in
 //! one copy into its shared mapping (see [`crate::journal`]) — synchronously, in the caller's
 //! thread, so that when it returns the events survive a crash of the gateway process (they are
-//! in the kernel's page cache). A background
-//! thread then imports the journal into the [`Store`] in large transactions (tiny per-event
-//! transactions are what made SQLite the bottleneck). When the journal grows past a size it is
-//! sealed (renamed `<journal>.<seq>`) and a new one started; a sealed segment is deleted once
-//! every event in it is stored. At start, segments left by a crashed process are imported first.
+//! in the kernel's page cache). A background thread then imports the journal into the
+//! [`Store`] in large transactions (tiny per-event transactions are what made SQLite the
+//! bottleneck). When the journal grows past a size it is sealed (renamed `<journal>.<seq>`) and
+//! a new one started; a sealed segment is deleted once every event in it is stored. At start,
+//! segments left by a crashed process are imported first.
 //!
 //! Durability: with [`Durability::Written`] `append` returns once the journal is written, and a
 //! sync thread fsyncs it in the background (at most every [`WRITTEN_SYNC_PAUSE`]), so a power
@@ -189,7 +189,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The writer lock for an append. Its holder runs for a microsecond or two (numbering, hashing,
-/// one `write`), usually on another core: waiting that out beats sleeping on the lock, which
+/// one copy into the journal), usually on another core: waiting that out beats sleeping on the lock, which
 /// costs two context switches. Sleeps only if the holder takes much longer (it was preempted).
 fn lock_writer(m: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
     const SPIN: Duration = Duration::from_micros(20);
@@ -404,7 +404,7 @@ impl Recorder {
         self.record_all(std::slice::from_ref(&ev));
     }
 
-    /// [`Recorder::record`] for several events, in one journal write.
+    /// [`Recorder::record`] for several events, in one journal append.
     pub fn record_all(&self, events: &[EventInput]) {
         if events.is_empty() {
             return;
@@ -420,7 +420,7 @@ impl Recorder {
     fn write(&self, events: &[EventInput], gate: bool) -> Result<u64, StoreError> {
         let inner = &*self.inner;
         // Everything that does not depend on the chain is done before taking the writer lock,
-        // which every session's appends share: only numbering, hashing and the write are inside.
+        // which every session's appends share: only numbering, hashing and the append are inside.
         let mut hashed: Vec<HashedEvent> = events
             .iter()
             .map(|ev| HashedEvent {
