@@ -67,6 +67,10 @@ impl Segment {
 
     /// Appends `bytes` whole, or fails without changing what the segment holds.
     pub(crate) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            // Nothing to copy (and no mapping yet, perhaps: a null pointer is never copied to).
+            return Ok(());
+        }
         let end = self
             .len
             .checked_add(bytes.len())
