@@ -179,31 +179,24 @@ fn action_url(review: &Review, action: &str) -> Option<String> {
 
 /// One line a person reads: who wants what, where.
 pub fn summary(r: &Review) -> String {
+    // Access and unmask requests read alike: what is asked, for how long, and why.
+    let grant = |asks: &str, how: &str| {
+        format!(
+            "{} {asks} {}{how} for {}{}",
+            r.requester,
+            r.resource,
+            r.access_for_ms
+                .map(|ms| crate::format_duration(Duration::from_millis(ms.max(0) as u64)))
+                .unwrap_or_else(|| "?".into()),
+            r.reason
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default()
+        )
+    };
     match r.kind.as_str() {
-        "access" => format!(
-            "{} asks for access to {} for {}{}",
-            r.requester,
-            r.resource,
-            r.access_for_ms
-                .map(|ms| crate::format_duration(Duration::from_millis(ms.max(0) as u64)))
-                .unwrap_or_else(|| "?".into()),
-            r.reason
-                .as_deref()
-                .map(|x| format!(": {x}"))
-                .unwrap_or_default()
-        ),
-        "unmask" => format!(
-            "{} asks to see {} without masking for {}{}",
-            r.requester,
-            r.resource,
-            r.access_for_ms
-                .map(|ms| crate::format_duration(Duration::from_millis(ms.max(0) as u64)))
-                .unwrap_or_else(|| "?".into()),
-            r.reason
-                .as_deref()
-                .map(|x| format!(": {x}"))
-                .unwrap_or_default()
-        ),
+        "access" => grant("asks for access to", ""),
+        "unmask" => grant("asks to see", " without masking"),
         _ => format!(
             "{} wants to run a statement on {}{}",
             r.requester,
