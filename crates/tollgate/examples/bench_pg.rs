@@ -46,6 +46,12 @@
 //! runs. The report adds pgbouncer's tps, its ratio to direct, the tollgate/pgbouncer ratio and
 //! its CPU per query. As root, pgbouncer (which refuses root) runs as PostgreSQL's OS user.
 //!
+//! With `--relay` a plain TCP relay joins every round: this program re-executed as a relay
+//! (a thread per direction copying bytes, TCP_NODELAY, nothing else), with pgbench's TLS going
+//! end to end through it to PostgreSQL. It terminates no TLS, parses nothing and records
+//! nothing, so its ratio to direct is the floor that the two extra loopback hops alone set on
+//! this machine: no proxy, however cheap, does better than that ratio.
+//!
 //! Everything (gateway, pgbench, cluster, temporary files) is cleaned up on return, on error
 //! and on Ctrl-C/SIGTERM. On a small machine pgbench, postgres and the gateway share the
 //! cores, so with 8 clients the ratio mostly reflects CPU per query; see the CPU columns.
@@ -100,6 +106,10 @@ struct Opts {
     /// tollgate vs pgbouncer.
     #[arg(long)]
     pgbouncer: bool,
+    /// Also measure a plain TCP relay (TLS end to end through it, no work): the floor that the
+    /// extra loopback hops alone set, whatever the proxy.
+    #[arg(long)]
+    relay: bool,
     /// Measure nothing: set up the database and the gateway, print how to reach both (pgbench
     /// connection strings, the gateway's pid for `perf record -p`), and wait for Ctrl-C.
     #[arg(long)]
@@ -121,6 +131,10 @@ const RESOURCE: &str = "benchdb";
 const CLIENT: &str = "bench";
 /// The name of the `--pgbouncer` target.
 const PGBOUNCER: &str = "pgbouncer";
+/// The name of the `--relay` target.
+const RELAY: &str = "relay";
+/// Set (to the upstream address) when this program runs as the `--relay` relay.
+const RELAY_ENV: &str = "TOLLGATE_BENCH_RELAY_UPSTREAM";
 
 struct Scenario {
     key: &'static str,
@@ -182,6 +196,15 @@ fn main() {
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
+    }
+    if let Some(upstream) = std::env::var_os(RELAY_ENV) {
+        // Re-executed by `Relay::start`: serve until killed.
+        let upstream = upstream.to_string_lossy().into_owned();
+        if let Err(e) = relay_serve(&upstream) {
+            eprintln!("bench_pg relay: {e:#}");
+            std::process::exit(2);
+        }
+        return;
     }
     let opts = Opts::parse();
     // All cleanup lives in Drop impls of values owned by `run`, so it has happened by now.
@@ -413,6 +436,20 @@ password_file = "{password_file}"
         None => None,
     };
 
+    let relay = if opts.relay {
+        progress(format_args!("starting the TCP relay ..."));
+        let relay = Relay::start(&format!("127.0.0.1:{}", cluster.port))?;
+        // The cluster's certificate names 127.0.0.1: pgbench verifies it through the relay.
+        let conninfo = direct_conninfo.replacen(
+            &format!("port={}", cluster.port),
+            &format!("port={}", relay.port),
+            1,
+        );
+        Some((relay, conninfo))
+    } else {
+        None
+    };
+
     if opts.hold {
         let env = format!("PGPASSWORD={}", cluster.password);
         println!("direct:  {env} pgbench -n -S -T 10 -c 8 \"{direct_conninfo}\"");
@@ -426,6 +463,12 @@ password_file = "{password_file}"
             println!(
                 "pgbouncer (pid {}): {env} pgbench -n -S -T 10 -c 8 \"{conninfo}\"",
                 pgb.pid()
+            );
+        }
+        if let Some((r, conninfo)) = &relay {
+            println!(
+                "relay (pid {}): {env} pgbench -n -S -T 10 -c 8 \"{conninfo}\"",
+                r.pid()
             );
         }
         loop {
@@ -457,42 +500,37 @@ password_file = "{password_file}"
             },
         },
     ];
-    if let Some((gw, conninfo)) = &norec {
+    // The optional targets: (name, proxy pid, conninfo, password for a target that is no gateway).
+    let optional = [
+        norec
+            .as_ref()
+            .map(|(gw, c)| ("gw-norec", gw.pid(), c, None)),
+        masked
+            .as_ref()
+            .map(|(gw, c)| ("gw-masked", gw.pid(), c, None)),
+        pgbouncer
+            .as_ref()
+            .map(|(p, c)| (PGBOUNCER, p.pid(), c, Some(cluster.password.as_str()))),
+        relay
+            .as_ref()
+            .map(|(r, c)| (RELAY, r.pid(), c, Some(cluster.password.as_str()))),
+    ];
+    for (name, proxy, conninfo, password) in optional.into_iter().flatten() {
         targets.push(Target {
-            name: "gw-norec",
-            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, None),
+            name,
+            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, password),
             probe: CpuProbe {
-                proxy: gw.pid(),
-                postmaster: pg_pid,
-            },
-        });
-    }
-
-    if let Some((gw, conninfo)) = &masked {
-        targets.push(Target {
-            name: "gw-masked",
-            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, None),
-            probe: CpuProbe {
-                proxy: gw.pid(),
-                postmaster: pg_pid,
-            },
-        });
-    }
-    if let Some((pgb, conninfo)) = &pgbouncer {
-        targets.push(Target {
-            name: PGBOUNCER,
-            bench: Pgbench::new(&pgbench, tmp.path(), conninfo, Some(&cluster.password)),
-            probe: CpuProbe {
-                proxy: pgb.pid(),
+                proxy,
                 postmaster: pg_pid,
             },
         });
     }
     let index_of = |name: &str| targets.iter().position(|t| t.name == name);
-    let (norec_at, masked_at, pgbouncer_at) = (
+    let (norec_at, masked_at, pgbouncer_at, relay_at) = (
         index_of("gw-norec"),
         index_of("gw-masked"),
         index_of(PGBOUNCER),
+        index_of(RELAY),
     );
 
     // 3. Warm-up (caches, first connections), then the interleaved rounds.
@@ -526,7 +564,11 @@ password_file = "{password_file}"
                     .bench
                     .measure(sc.args, opts.seconds, &t.probe)
                     .with_context(|| format!("pgbench {} {}", sc.label, t.name))?;
-                let proxy = if t.name == PGBOUNCER { "pgb" } else { "gw" };
+                let proxy = match t.name {
+                    PGBOUNCER => "pgb",
+                    RELAY => "relay",
+                    _ => "gw",
+                };
                 progress(format_args!(
                     "round {}/{} {:<26} {:<7} tps {:>9.1}  latency {:>7.3} ms  cpu/1k q: {proxy} {:>6.1} ms, pg {:>6.1} ms, pgbench {:>6.1} ms",
                     round + 1,
@@ -583,6 +625,7 @@ password_file = "{password_file}"
                 let mut row = Row::new(sc, &s[0], &s[1], norec_at.map(|i| s[i].as_slice()));
                 row.masked = masked_at.map(|i| Side::new(&s[i]));
                 row.pgbouncer = pgbouncer_at.map(|i| Side::new(&s[i]));
+                row.relay = relay_at.map(|i| Side::new(&s[i]));
                 row
             })
             .collect(),
@@ -609,6 +652,7 @@ password_file = "{password_file}"
     }
     // Explicit order: proxies first (they hold upstream connections), then the cluster, then files.
     drop(targets);
+    drop(relay);
     drop(pgbouncer);
     drop(masked);
     drop(norec);
@@ -1188,6 +1232,78 @@ impl Drop for Pgbouncer {
     }
 }
 
+/// The `--relay` floor: this program re-executed with `RELAY_ENV` set, relaying bytes between
+/// pgbench and PostgreSQL; killed on drop.
+struct Relay {
+    child: Child,
+    port: u16,
+}
+
+impl Relay {
+    fn start(upstream: &str) -> Result<Relay> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.env(RELAY_ENV, upstream)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = die_with_parent(&mut cmd)
+            .spawn()
+            .context("spawn the relay")?;
+        // Its first line is the port it listens on.
+        let mut line = String::new();
+        let mut out = child.stdout.take().context("the relay's stdout")?;
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte)? == 1 && byte[0] != b'\n' {
+            line.push(byte[0] as char);
+        }
+        let mut relay = Relay { child, port: 0 };
+        relay.port = line
+            .trim()
+            .parse()
+            .with_context(|| format!("the relay did not report its port (got {line:?})"))?;
+        Ok(relay)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The relay process: listens on a free loopback port (printed on stdout), and for each client
+/// connects to `upstream` and copies bytes both ways, one blocking thread per direction: per
+/// message one read and one write, the least a user-space relay can do.
+fn relay_serve(upstream: &str) -> Result<()> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    for client in listener.incoming() {
+        let client = client?;
+        let server = match TcpStream::connect(upstream) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bench_pg relay: connect {upstream}: {e}");
+                continue;
+            }
+        };
+        client.set_nodelay(true)?;
+        server.set_nodelay(true)?;
+        for (mut from, mut to) in [(client.try_clone()?, server.try_clone()?), (server, client)] {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The value of an unlabelled series in Prometheus text format.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
@@ -1270,6 +1386,8 @@ struct Row {
     masked: Option<Side>,
     /// pgbouncer, the reference proxy (`--pgbouncer`).
     pgbouncer: Option<Side>,
+    /// The plain TCP relay (`--relay`): the floor of any proxy.
+    relay: Option<Side>,
 }
 
 impl Row {
@@ -1290,18 +1408,33 @@ impl Row {
             norec: norec.map(Side::new),
             masked: None,
             pgbouncer: None,
+            relay: None,
         }
     }
 
-    /// pgbouncer's throughput / direct, tollgate's / pgbouncer's, and the latency pgbouncer
-    /// adds per query (µs).
-    fn pgbouncer_cmp(&self) -> Option<(f64, f64, f64)> {
-        let pgb = self.pgbouncer.as_ref()?;
+    /// A reference proxy's (pgbouncer's, the relay's) throughput / direct, tollgate's / the
+    /// reference's, and the latency the reference adds per query (µs).
+    fn vs_reference(&self, reference: Option<&Side>) -> Option<(f64, f64, f64)> {
+        let other = reference?;
         Some((
-            pgb.tps / self.direct.tps,
-            self.gateway.tps / pgb.tps,
-            (pgb.latency_ms - self.direct.latency_ms) * 1000.0,
+            other.tps / self.direct.tps,
+            self.gateway.tps / other.tps,
+            (other.latency_ms - self.direct.latency_ms) * 1000.0,
         ))
+    }
+
+    /// [`Row::vs_reference`] as JSON, with the reference's own numbers (`name`: its keys).
+    fn reference_json(&self, reference: Option<&Side>, name: &str) -> Value {
+        let Some(side) = reference else {
+            return Value::Null;
+        };
+        let mut v = side.json(name);
+        if let Some((vs_direct, gw_vs_ref, added)) = self.vs_reference(reference) {
+            v["tps_ratio_vs_direct"] = json!(vs_direct);
+            v[format!("tps_ratio_tollgate_vs_{name}")] = json!(gw_vs_ref);
+            v["added_latency_us"] = json!(added);
+        }
+        v
     }
 
     /// Throughput with masking on / off (target >= 0.90), and the latency masking adds (µs).
@@ -1428,45 +1561,7 @@ impl Report<'_> {
                 "reference: {} in the same run (TLS both legs with the gateway's certificate, SCRAM, verify-full upstream, session pooling)",
                 pgb.version
             );
-            println!(
-                "{:<26} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9} {:>10} {:>9} {:>9}",
-                "scenario",
-                "tps direct",
-                "tps gw",
-                "tps pgb",
-                "gw/dir",
-                "pgb/dir",
-                "gw/pgb",
-                "lat pgb",
-                "added pgb",
-                "pgb cpu",
-                "gw cpu"
-            );
-            println!(
-                "{:<26} {:>10} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9} {:>10} {:>9} {:>9}",
-                "", "", "", "", "", "", "", "ms", "µs/query", "ms/1k q", "ms/1k q"
-            );
-            for r in &self.scenarios {
-                let (Some(p), Some((vs_direct, gw_vs_pgb, added))) =
-                    (&r.pgbouncer, r.pgbouncer_cmp())
-                else {
-                    continue;
-                };
-                println!(
-                    "{:<26} {:>10.1} {:>10.1} {:>10.1} {:>7.3} {:>7.3} {:>7.3} {:>9.3} {:>10.1} {:>9.1} {:>9.1}",
-                    r.sc.label,
-                    r.direct.tps,
-                    r.gateway.tps,
-                    p.tps,
-                    r.ratio,
-                    vs_direct,
-                    gw_vs_pgb,
-                    p.latency_ms,
-                    added,
-                    p.proxy_cpu_1k,
-                    r.gateway.proxy_cpu_1k,
-                );
-            }
+            self.print_reference("pgb", |r| r.pgbouncer.as_ref());
             println!(
                 "pgbouncer: peak RSS (VmHWM) {}; CPU {:.2} s total",
                 pgb.peak_rss_kib
@@ -1480,6 +1575,14 @@ impl Report<'_> {
                     pgb.log_problems.join("\n")
                 );
             }
+        }
+        if self.scenarios.iter().any(|r| r.relay.is_some()) {
+            println!();
+            println!(
+                "floor: a plain TCP relay in the same run (pgbench's TLS end to end through it; no TLS termination, no parsing, no audit)"
+            );
+            self.print_reference("relay", |r| r.relay.as_ref());
+            println!("A ratio target above relay/dir, or an added-latency target below the relay's, is out of reach for any proxy on this machine.");
         }
         if self.scenarios.iter().any(|r| r.norec.is_some()) {
             println!();
@@ -1618,6 +1721,56 @@ impl Report<'_> {
         }
     }
 
+    /// The table comparing the gateway with a reference proxy (`short` heads its columns).
+    fn print_reference(&self, short: &str, side: impl Fn(&Row) -> Option<&Side>) {
+        let heads = [
+            format!("tps {short}"),
+            format!("{short}/dir"),
+            format!("gw/{short}"),
+            format!("lat {short}"),
+            format!("added {short}"),
+            format!("{short} cpu"),
+        ];
+        println!(
+            "{:<26} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9}",
+            "scenario",
+            "tps direct",
+            "tps gw",
+            heads[0],
+            "gw/dir",
+            heads[1],
+            heads[2],
+            heads[3],
+            heads[4],
+            heads[5],
+            "gw cpu"
+        );
+        println!(
+            "{:<26} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9}",
+            "", "", "", "", "", "", "", "ms", "µs/query", "ms/1k q", "ms/1k q"
+        );
+        for r in &self.scenarios {
+            let (Some(p), Some((vs_direct, gw_vs_ref, added))) = (side(r), r.vs_reference(side(r)))
+            else {
+                continue;
+            };
+            println!(
+                "{:<26} {:>10.1} {:>10.1} {:>10.1} {:>7.3} {:>9.3} {:>9.3} {:>9.3} {:>11.1} {:>9.1} {:>9.1}",
+                r.sc.label,
+                r.direct.tps,
+                r.gateway.tps,
+                p.tps,
+                r.ratio,
+                vs_direct,
+                gw_vs_ref,
+                p.latency_ms,
+                added,
+                p.proxy_cpu_1k,
+                r.gateway.proxy_cpu_1k,
+            );
+        }
+    }
+
     fn to_json(&self) -> Value {
         let o = self.opts;
         json!({
@@ -1645,15 +1798,8 @@ impl Report<'_> {
                     "tps_ratio_on_off": r.masking_cost().map(|c| c.0),
                     "added_latency_us_by_masking": r.masking_cost().map(|c| c.1),
                 })),
-                "pgbouncer": r.pgbouncer.as_ref().map(|p| {
-                    let mut v = p.json("pgbouncer");
-                    if let Some((vs_direct, gw_vs_pgb, added)) = r.pgbouncer_cmp() {
-                        v["tps_ratio_vs_direct"] = json!(vs_direct);
-                        v["tps_ratio_tollgate_vs_pgbouncer"] = json!(gw_vs_pgb);
-                        v["added_latency_us"] = json!(added);
-                    }
-                    v
-                }),
+                "pgbouncer": r.reference_json(r.pgbouncer.as_ref(), "pgbouncer"),
+                "relay": r.reference_json(r.relay.as_ref(), "relay"),
                 "recording_off": r.norec.as_ref().map(|off| json!({
                     "gateway": off.json("gateway"),
                     "tps_ratio_on_off": r.recording_cost().map(|c| c.0),
