@@ -27,7 +27,7 @@ use tollgate_mask::{CopyFormat, RowPlan};
 use tollgate_metrics::registry;
 use tollgate_policy::{Caller, Decision, ResourcePolicy, SessionPolicy};
 use tollgate_review::{NewReview, Review, ReviewKind, Reviewer, Reviews, Verdict as ReviewVerdict};
-use tollgate_store::EventInput;
+use tollgate_store::{canonical_json, CanonicalObject, EventInput};
 
 const READ_BUF: usize = 64 * 1024;
 /// Longest statement text or parameter value kept in an audit event.
@@ -132,7 +132,49 @@ struct Tracker<'a> {
     /// Result events not yet journaled: the response direction records them once the answer
     /// they describe is on its way to the client (off the round trip's critical path, and in
     /// one journal append per batch of answers); every other path flushes them first.
-    results: Mutex<Vec<Value>>,
+    results: Mutex<Vec<ResultEvent>>,
+}
+
+/// A command's result event, until `Tracker::flush_results` writes it (as canonical JSON, with
+/// the `t_us` of that moment, without building a `Value` unless it carries extra fields).
+struct ResultEvent {
+    n: u64,
+    outcome: &'static str,
+    sqlstate: Option<String>,
+    rows: u64,
+    tag: Option<String>,
+    duration_us: u64,
+    /// Fields added by the response filter (masking counts).
+    extra: Option<serde_json::Map<String, Value>>,
+}
+
+impl ResultEvent {
+    /// The event's payload; `t_us` is when it is journaled.
+    fn payload(self, t_us: u64) -> String {
+        let Some(extra) = self.extra else {
+            let mut o = CanonicalObject::new();
+            o.uint("duration_us", self.duration_us)
+                .uint("n", self.n)
+                .str("outcome", self.outcome)
+                .uint("rows", self.rows)
+                .opt_str("sqlstate", self.sqlstate.as_deref())
+                .uint("t_us", t_us)
+                .opt_str("tag", self.tag.as_deref());
+            return o.finish();
+        };
+        let mut payload = json!({
+            "n": self.n,
+            "outcome": self.outcome,
+            "sqlstate": self.sqlstate,
+            "rows": self.rows,
+            "tag": self.tag,
+            "duration_us": self.duration_us,
+        });
+        let map = payload.as_object_mut().expect("an object");
+        map.extend(extra);
+        map.insert("t_us".into(), json!(t_us));
+        canonical_json(&payload)
+    }
 }
 
 type Finished = Vec<(Pending, &'static str)>;
@@ -177,38 +219,42 @@ impl Tracker<'_> {
             .and_then(|p| p.denial.take())
     }
 
-    fn emit(&self, p: &Pending, outcome: &str, extra: Option<Value>) {
+    fn emit(&self, p: &Pending, outcome: &'static str, extra: Option<Value>) {
         if !self.log.records_commands() {
             return;
         }
-        let mut payload = json!({
-            "n": p.n,
-            "outcome": outcome,
-            "sqlstate": p.error,
-            "rows": p.rows,
-            "tag": p.tag,
-            "duration_us": p.started.elapsed().as_micros() as u64,
-        });
-        if let Some(Value::Object(extra)) = extra {
-            payload.as_object_mut().expect("an object").extend(extra);
-        }
+        let event = ResultEvent {
+            n: p.n,
+            outcome,
+            sqlstate: p.error.clone(),
+            rows: p.rows,
+            tag: p.tag.clone(),
+            duration_us: p.started.elapsed().as_micros() as u64,
+            extra: match extra {
+                Some(Value::Object(m)) => Some(m),
+                _ => None,
+            },
+        };
         self.results
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(payload);
+            .push(event);
     }
 
     /// Journals the result events emitted so far, in the order they were emitted.
     fn flush_results(&self) {
-        let payloads = std::mem::take(&mut *self.results.lock().unwrap_or_else(|e| e.into_inner()));
-        if payloads.is_empty() {
+        let results = std::mem::take(&mut *self.results.lock().unwrap_or_else(|e| e.into_inner()));
+        if results.is_empty() {
             return;
         }
-        let events: Vec<EventInput> = payloads
+        let events = results
             .into_iter()
-            .map(|p| self.log.input("result", p))
+            .map(|r| {
+                let payload = r.payload(self.log.t_us());
+                self.log.canonical_input("result", payload)
+            })
             .collect();
-        self.log.record_all(&events);
+        self.log.record_canonical(events);
     }
 
     /// The oldest request still waiting for its answer.
@@ -1541,6 +1587,39 @@ fn looks_secret(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_event_written_directly_is_the_canonical_json_of_its_value() {
+        let cases = [
+            (None, None, None),
+            (Some("23505"), Some("INSERT 0 1"), None),
+            (
+                None,
+                Some("SELECT \"1\""),
+                Some(json!({"masked": {"email": 2}, "n": 99})),
+            ),
+        ];
+        for (sqlstate, tag, extra) in cases {
+            let event = ResultEvent {
+                n: 7,
+                outcome: "ok",
+                sqlstate: sqlstate.map(String::from),
+                rows: 3,
+                tag: tag.map(String::from),
+                duration_us: 1234,
+                extra: extra.as_ref().and_then(|e| e.as_object().cloned()),
+            };
+            let mut want = json!({
+                "n": 7, "outcome": "ok", "sqlstate": sqlstate, "rows": 3, "tag": tag,
+                "duration_us": 1234,
+            });
+            if let Some(Value::Object(extra)) = extra {
+                want.as_object_mut().unwrap().extend(extra);
+            }
+            want["t_us"] = json!(u64::MAX);
+            assert_eq!(event.payload(u64::MAX), canonical_json(&want));
+        }
+    }
 
     #[test]
     fn redaction() {

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_identity::Identity;
 use tollgate_metrics::{registry, GaugeGuard};
-use tollgate_store::EventInput;
+use tollgate_store::{CanonicalEvent, EventInput};
 
 const LISTENER: &str = "postgres";
 
@@ -45,10 +45,7 @@ impl SessionLog {
     /// events hold even when the wall clock steps.
     pub fn input(&self, kind: &str, mut payload: Value) -> EventInput {
         if let Value::Object(m) = &mut payload {
-            m.insert(
-                "t_us".into(),
-                json!(self.started.elapsed().as_micros() as u64),
-            );
+            m.insert("t_us".into(), json!(self.t_us()));
         }
         EventInput {
             session_id: self.id.clone(),
@@ -58,13 +55,28 @@ impl SessionLog {
         }
     }
 
-    pub fn event(&self, kind: &str, payload: Value) {
-        self.gw.recorder.record(self.input(kind, payload));
+    /// Microseconds since the connection was accepted: the `t_us` of an event made now.
+    pub fn t_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
     }
 
-    /// Events that gate nothing, in one journal append.
-    pub fn record_all(&self, events: &[EventInput]) {
-        self.gw.recorder.record_all(events);
+    /// [`SessionLog::input`] for a payload already written as canonical JSON, `t_us` included.
+    pub fn canonical_input(&self, kind: &str, payload: String) -> CanonicalEvent {
+        CanonicalEvent {
+            session_id: self.id.clone(),
+            kind: kind.into(),
+            at: SystemTime::now(),
+            payload,
+        }
+    }
+
+    /// Events that gate nothing and whose payloads are canonical JSON, in one journal append.
+    pub fn record_canonical(&self, events: Vec<CanonicalEvent>) {
+        self.gw.recorder.record_canonical(events);
+    }
+
+    pub fn event(&self, kind: &str, payload: Value) {
+        self.gw.recorder.record(self.input(kind, payload));
     }
 
     /// False when `server.record_commands = false`: command and result events are skipped.

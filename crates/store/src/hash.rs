@@ -160,6 +160,73 @@ pub(crate) fn push_int(n: i64, out: &mut Vec<u8>) {
     write!(out, "{n}").expect("writing to memory cannot fail");
 }
 
+/// Writes one JSON object in canonical form field by field, for hot paths that know their
+/// fields and would otherwise build a `Value` only to serialize it: the result is what
+/// [`canonical_json`] writes for the same object, provided the keys come in byte order (checked
+/// in debug builds).
+pub struct CanonicalObject {
+    out: Vec<u8>,
+    last_key: &'static str,
+}
+
+impl Default for CanonicalObject {
+    fn default() -> Self {
+        CanonicalObject::new()
+    }
+}
+
+impl CanonicalObject {
+    pub fn new() -> Self {
+        let mut out = Vec::with_capacity(160);
+        out.push(b'{');
+        CanonicalObject { out, last_key: "" }
+    }
+
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(
+            self.out.len() == 1 || self.last_key.as_bytes() < key.as_bytes(),
+            "canonical keys go in byte order: {key:?} after {:?}",
+            self.last_key
+        );
+        self.last_key = key;
+        if self.out.len() > 1 {
+            self.out.push(b',');
+        }
+        push_json_str(key, &mut self.out);
+        self.out.push(b':');
+    }
+
+    pub fn uint(&mut self, key: &'static str, value: u64) -> &mut Self {
+        use std::io::Write;
+        self.key(key);
+        write!(self.out, "{value}").expect("writing to memory cannot fail");
+        self
+    }
+
+    pub fn str(&mut self, key: &'static str, value: &str) -> &mut Self {
+        self.key(key);
+        push_json_str(value, &mut self.out);
+        self
+    }
+
+    /// A string, or `null`.
+    pub fn opt_str(&mut self, key: &'static str, value: Option<&str>) -> &mut Self {
+        match value {
+            Some(v) => self.str(key, v),
+            None => {
+                self.key(key);
+                self.out.extend_from_slice(b"null");
+                self
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> String {
+        self.out.push(b'}');
+        String::from_utf8(self.out).expect("canonical JSON is UTF-8")
+    }
+}
+
 /// Lowercase hex, as `hex::encode`, without going through `char`s.
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -183,6 +250,32 @@ mod tests {
             canonical_json(&v),
             r#"{"A":"é\n","a":{"m":2.5,"z":[true,null,"x\"y"]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn a_canonical_object_written_field_by_field_is_canonical_json() {
+        for (text, n) in [
+            ("ok", 0u64),
+            ("q\"b\\s\u{0}\u{1f}é😀\r\n", u64::MAX),
+            ("", 7),
+        ] {
+            let mut o = CanonicalObject::new();
+            o.uint("a_n", n)
+                .str("b", text)
+                .opt_str("c", Some(text))
+                .opt_str("d", None);
+            let v = json!({"a_n": n, "b": text, "c": text, "d": null});
+            assert_eq!(o.finish(), canonical_json(&v));
+        }
+        assert_eq!(CanonicalObject::new().finish(), canonical_json(&json!({})));
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "canonical keys go in byte order")]
+    fn a_canonical_object_refuses_keys_out_of_order() {
+        let mut o = CanonicalObject::new();
+        o.uint("tag", 1).uint("t_us", 2);
     }
 
     #[test]

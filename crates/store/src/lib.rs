@@ -22,7 +22,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use hash::{canonical_json, checkpoint_digest, event_hash, HashedFields, GENESIS_HASH};
+pub use hash::{
+    canonical_json, checkpoint_digest, event_hash, CanonicalObject, HashedFields, GENESIS_HASH,
+};
 pub use recorder::{Durability, Recorder, RecorderOptions, RecorderStats};
 pub use review::{GrantRecord, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome, VoteRecord};
 pub use sqlite::{SqliteStore, SCHEMA_VERSION};
@@ -67,6 +69,17 @@ pub struct EventInput {
     pub kind: String,
     pub at: SystemTime,
     pub payload: serde_json::Value,
+}
+
+/// An [`EventInput`] whose payload is already canonical JSON, byte for byte what
+/// [`canonical_json`] writes for it: for the hot paths that write it directly instead of building
+/// a `Value` first (see [`Recorder::record_canonical`]).
+#[derive(Clone, Debug)]
+pub struct CanonicalEvent {
+    pub session_id: String,
+    pub kind: String,
+    pub at: SystemTime,
+    pub payload: String,
 }
 
 /// An event already numbered and hashed by a journal writer (see [`Recorder`]), with its

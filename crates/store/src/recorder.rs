@@ -39,7 +39,9 @@ use crate::hash::{
     canonical_json, event_hash, push_int, push_json_str, HashedFields, GENESIS_HASH,
 };
 use crate::journal::{trim_zeros, Segment};
-use crate::{unix_ms, EventInput, HashedEvent, Store, StoreError, KIND_SESSION_CLOSE};
+use crate::{
+    unix_ms, CanonicalEvent, EventInput, HashedEvent, Store, StoreError, KIND_SESSION_CLOSE,
+};
 
 /// How often the importer imports, unless woken early: also the least time between two of
 /// its transactions, so that a busy gateway makes a few large commits rather than many small
@@ -424,25 +426,75 @@ impl Recorder {
         }
     }
 
+    /// [`Recorder::record_all`] for events whose payloads are already canonical JSON: no `Value`
+    /// is built or walked. Debug builds check that each payload is what [`canonical_json`]
+    /// writes for it.
+    pub fn record_canonical(&self, events: Vec<CanonicalEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        for ev in &events {
+            debug_assert!(
+                serde_json::from_str::<serde_json::Value>(&ev.payload)
+                    .is_ok_and(|v| canonical_json(&v) == ev.payload),
+                "not canonical JSON: {}",
+                ev.payload
+            );
+        }
+        let mut hashed = events
+            .into_iter()
+            .map(|ev| self.unchained(ev.session_id, ev.kind, ev.at, ev.payload))
+            .collect();
+        if let Err(e) = self.write_hashed(&mut hashed, false) {
+            for ev in &hashed {
+                tracing::error!(error = %e, kind = %ev.kind, session = %ev.session_id, "an audit event could not be recorded");
+            }
+        }
+    }
+
+    /// An event ready for the chain: everything but its numbers and hashes.
+    fn unchained(
+        &self,
+        session_id: String,
+        kind: String,
+        at: std::time::SystemTime,
+        payload: String,
+    ) -> HashedEvent {
+        HashedEvent {
+            chain_id: self.inner.chain_id.clone(),
+            chain_seq: 0,
+            session_id,
+            session_seq: 0,
+            at_unix_ms: unix_ms(at),
+            kind,
+            payload,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
     /// Journal `events`; returns the write's generation (for waiting on its fsync).
     fn write(&self, events: &[EventInput], gate: bool) -> Result<u64, StoreError> {
-        let inner = &*self.inner;
         // Everything that does not depend on the chain is done before taking the writer lock,
         // which every session's appends share: only numbering, hashing and the append are inside.
-        let mut hashed: Vec<HashedEvent> = events
+        let mut hashed = events
             .iter()
-            .map(|ev| HashedEvent {
-                chain_id: inner.chain_id.clone(),
-                chain_seq: 0,
-                session_id: ev.session_id.clone(),
-                session_seq: 0,
-                at_unix_ms: unix_ms(ev.at),
-                kind: ev.kind.clone(),
-                payload: canonical_json(&ev.payload),
-                prev_hash: String::new(),
-                hash: String::new(),
+            .map(|ev| {
+                self.unchained(
+                    ev.session_id.clone(),
+                    ev.kind.clone(),
+                    ev.at,
+                    canonical_json(&ev.payload),
+                )
             })
             .collect();
+        self.write_hashed(&mut hashed, gate)
+    }
+
+    /// Number, chain and journal `hashed` (built by [`Recorder::unchained`]); they move to the
+    /// importer's backlog, or stay in `hashed` when this fails.
+    fn write_hashed(&self, hashed: &mut Vec<HashedEvent>, gate: bool) -> Result<u64, StoreError> {
+        let inner = &*self.inner;
         let mut guard = lock_writer(&inner.writer);
         if let (true, Some(since)) = (gate, guard.oldest_unstored) {
             if since.elapsed() > inner.stall_limit {
@@ -501,7 +553,7 @@ impl Recorder {
         inner.written_gen.store(gen, Ordering::SeqCst);
         w.chain_seq = chain_seq;
         w.prev_hash = prev_hash;
-        for h in &hashed {
+        for h in hashed.iter() {
             if h.kind == KIND_SESSION_CLOSE {
                 w.session_seqs.remove(&h.session_id);
             } else if let Some(seq) = w.session_seqs.get_mut(&h.session_id) {
@@ -514,7 +566,7 @@ impl Recorder {
             .written
             .fetch_add(hashed.len() as u64, Ordering::Relaxed);
         w.oldest_unstored.get_or_insert_with(Instant::now);
-        w.backlog.extend(hashed);
+        w.backlog.append(hashed);
         if w.backlog.len() >= IMPORT_WAKE_AT {
             inner.wake.notify_one();
         }
