@@ -227,8 +227,8 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// One journal line: a hashed event as JSON, byte for byte what serde_json writes for a
-/// [`HashedEvent`] (what `replay` reads), without its per-field machinery.
+/// One journal line: a hashed event as a JSON object, with the payload, which is canonical JSON
+/// already, embedded as is (not escaped into a string: less to write, and to copy).
 fn encode_line(out: &mut Vec<u8>, ev: &HashedEvent) {
     out.extend_from_slice(b"{\"chain_id\":");
     push_json_str(&ev.chain_id, out);
@@ -243,7 +243,7 @@ fn encode_line(out: &mut Vec<u8>, ev: &HashedEvent) {
     out.extend_from_slice(b",\"kind\":");
     push_json_str(&ev.kind, out);
     out.extend_from_slice(b",\"payload\":");
-    push_json_str(&ev.payload, out);
+    out.extend_from_slice(ev.payload.as_bytes());
     out.extend_from_slice(b",\"prev_hash\":");
     push_json_str(&ev.prev_hash, out);
     out.extend_from_slice(b",\"hash\":");
@@ -635,6 +635,44 @@ impl Recorder {
     }
 }
 
+/// A journal line as `encode_line` writes it; the payload is the exact canonical JSON that was
+/// hashed. Lines from before payloads were embedded hold it as a JSON string instead.
+#[derive(serde::Deserialize)]
+struct JournalLine<'a> {
+    chain_id: String,
+    chain_seq: i64,
+    session_id: String,
+    session_seq: i64,
+    at_unix_ms: i64,
+    kind: String,
+    #[serde(borrow)]
+    payload: &'a serde_json::value::RawValue,
+    prev_hash: String,
+    hash: String,
+}
+
+/// Parses one journal line (`None`: not a whole event, as a torn last line).
+fn decode_line(line: &[u8]) -> Option<HashedEvent> {
+    let l: JournalLine<'_> = serde_json::from_slice(line).ok()?;
+    let raw = l.payload.get();
+    let payload = if raw.starts_with('"') {
+        serde_json::from_str::<String>(raw).ok()?
+    } else {
+        raw.to_owned()
+    };
+    Some(HashedEvent {
+        chain_id: l.chain_id,
+        chain_seq: l.chain_seq,
+        session_id: l.session_id,
+        session_seq: l.session_seq,
+        at_unix_ms: l.at_unix_ms,
+        kind: l.kind,
+        payload,
+        prev_hash: l.prev_hash,
+        hash: l.hash,
+    })
+}
+
 /// Import a journal left by a previous process; a torn last line (a crash mid-write, whose
 /// command was therefore never forwarded) is skipped.
 fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
@@ -648,9 +686,9 @@ fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
         if line.is_empty() {
             continue;
         }
-        match serde_json::from_slice::<HashedEvent>(line) {
-            Ok(ev) => batch.push(ev),
-            Err(_) => {
+        match decode_line(line) {
+            Some(ev) => batch.push(ev),
+            None => {
                 tracing::warn!(journal = %path.display(), "skipping a torn line at the end of the audit journal");
                 continue;
             }
@@ -971,7 +1009,7 @@ mod tests {
     }
 
     #[test]
-    fn journal_lines_are_what_serde_json_writes() {
+    fn journal_lines_embed_the_canonical_payload_and_decode_to_the_event() {
         let strange = "q\"b\\s\u{0}\u{1f}\u{7f}/é😀\r\n";
         for (text, n) in [
             ("plain", 0i64),
@@ -992,13 +1030,20 @@ mod tests {
             };
             let mut line = Vec::new();
             encode_line(&mut line, &ev);
-            let mut expected = serde_json::to_vec(&ev).unwrap();
-            expected.push(b'\n');
-            assert_eq!(
-                String::from_utf8(line.clone()).unwrap(),
-                String::from_utf8(expected).unwrap()
-            );
-            assert_eq!(serde_json::from_slice::<HashedEvent>(&line).unwrap(), ev);
+            assert_eq!(line.last(), Some(&b'\n'));
+            // One JSON object whose payload is the canonical text itself, not a string.
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(v["payload"], json!({"text": text, "n": n}));
+            let needle = format!(",\"payload\":{},", ev.payload);
+            assert!(String::from_utf8_lossy(&line).contains(&needle));
+            assert_eq!(decode_line(&line).as_ref(), Some(&ev));
+            // A journal written before payloads were embedded: the payload as a JSON string.
+            let old = serde_json::to_vec(&ev).unwrap();
+            assert_eq!(decode_line(&old).as_ref(), Some(&ev));
+            // Torn lines are not events.
+            for cut in [line.len() / 2, line.len() - 2] {
+                assert_eq!(decode_line(&line[..cut]), None);
+            }
         }
     }
 
