@@ -151,25 +151,20 @@ struct ResultEvent {
 impl ResultEvent {
     /// The event's payload; `t_us` is when it is journaled.
     fn payload(self, t_us: u64) -> String {
+        let mut o = CanonicalObject::new();
+        o.uint("duration_us", self.duration_us)
+            .uint("n", self.n)
+            .str("outcome", self.outcome)
+            .uint("rows", self.rows)
+            .opt_str("sqlstate", self.sqlstate.as_deref())
+            .uint("t_us", t_us)
+            .opt_str("tag", self.tag.as_deref());
+        let direct = o.finish();
         let Some(extra) = self.extra else {
-            let mut o = CanonicalObject::new();
-            o.uint("duration_us", self.duration_us)
-                .uint("n", self.n)
-                .str("outcome", self.outcome)
-                .uint("rows", self.rows)
-                .opt_str("sqlstate", self.sqlstate.as_deref())
-                .uint("t_us", t_us)
-                .opt_str("tag", self.tag.as_deref());
-            return o.finish();
+            return direct;
         };
-        let mut payload = json!({
-            "n": self.n,
-            "outcome": self.outcome,
-            "sqlstate": self.sqlstate,
-            "rows": self.rows,
-            "tag": self.tag,
-            "duration_us": self.duration_us,
-        });
+        // Rarely (masking counts): merged through a `Value`, `t_us` last as in other events.
+        let mut payload: Value = serde_json::from_str(&direct).expect("canonical JSON parses");
         let map = payload.as_object_mut().expect("an object");
         map.extend(extra);
         map.insert("t_us".into(), json!(t_us));
