@@ -51,9 +51,9 @@ const IMPORT_INTERVAL: Duration = Duration::from_millis(50);
 const IMPORT_WAKE_AT: usize = 4096;
 /// Most events imported in one transaction.
 const IMPORT_BATCH: usize = 8192;
-/// How many nice steps the importer thread runs below the process. The events it imports are already safe in the journal;
-/// the sessions' relay threads are what clients wait on, so when the cores are busy the
-/// scheduler runs them first and the importer catches up in larger (cheaper per event) batches.
+/// How many nice steps the importer thread runs below the process. The events it imports are
+/// already safe in the journal; the sessions' relay threads are what clients wait on, so when
+/// the cores are busy the scheduler runs them first and the importer catches up in larger (cheaper per event) batches.
 /// Still a weighted share, never starved: 5 steps lower is about a third of a relay thread's.
 const IMPORT_NICE: libc::c_int = 5;
 /// Journal size above which the segment is sealed and a new one started.
@@ -416,23 +416,13 @@ impl Recorder {
 
     /// [`Recorder::record`] for several events, in one journal append.
     pub fn record_all(&self, events: &[EventInput]) {
-        if events.is_empty() {
-            return;
-        }
-        if let Err(e) = self.write(events, false) {
-            for ev in events {
-                tracing::error!(error = %e, kind = %ev.kind, session = %ev.session_id, "an audit event could not be recorded");
-            }
-        }
+        self.record_unchained(self.unchain_all(events));
     }
 
     /// [`Recorder::record_all`] for events whose payloads are already canonical JSON: no `Value`
     /// is built or walked. Debug builds check that each payload is what [`canonical_json`]
     /// writes for it.
     pub fn record_canonical(&self, events: Vec<CanonicalEvent>) {
-        if events.is_empty() {
-            return;
-        }
         for ev in &events {
             debug_assert!(
                 serde_json::from_str::<serde_json::Value>(&ev.payload)
@@ -441,10 +431,18 @@ impl Recorder {
                 ev.payload
             );
         }
-        let mut hashed = events
+        let hashed = events
             .into_iter()
             .map(|ev| self.unchained(ev.session_id, ev.kind, ev.at, ev.payload))
             .collect();
+        self.record_unchained(hashed);
+    }
+
+    /// Journals events that gate nothing; only a journal write failure loses them, loudly.
+    fn record_unchained(&self, mut hashed: Vec<HashedEvent>) {
+        if hashed.is_empty() {
+            return;
+        }
         if let Err(e) = self.write_hashed(&mut hashed, false) {
             for ev in &hashed {
                 tracing::error!(error = %e, kind = %ev.kind, session = %ev.session_id, "an audit event could not be recorded");
@@ -475,9 +473,14 @@ impl Recorder {
 
     /// Journal `events`; returns the write's generation (for waiting on its fsync).
     fn write(&self, events: &[EventInput], gate: bool) -> Result<u64, StoreError> {
-        // Everything that does not depend on the chain is done before taking the writer lock,
-        // which every session's appends share: only numbering, hashing and the append are inside.
-        let mut hashed = events
+        self.write_hashed(&mut self.unchain_all(events), gate)
+    }
+
+    /// `events` ready for the chain. Everything that does not depend on the chain is done here,
+    /// before the writer lock, which every session's appends share: only numbering, hashing and
+    /// the append are inside it.
+    fn unchain_all(&self, events: &[EventInput]) -> Vec<HashedEvent> {
+        events
             .iter()
             .map(|ev| {
                 self.unchained(
@@ -487,8 +490,7 @@ impl Recorder {
                     canonical_json(&ev.payload),
                 )
             })
-            .collect();
-        self.write_hashed(&mut hashed, gate)
+            .collect()
     }
 
     /// Number, chain and journal `hashed` (built by [`Recorder::unchained`]); they move to the
