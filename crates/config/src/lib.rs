@@ -87,7 +87,25 @@ pub struct Server {
     pub audit_durability: AuditDurability,
     /// Record command and result events (`false` only as a benchmark baseline; `check` fails it).
     pub record_commands: bool,
+    /// Certificate revocation lists (PEM or DER) client certificates are checked against,
+    /// re-read with the certificates (empty: none).
+    pub client_crl: Vec<PathBuf>,
+    /// Client connections open at once on the PostgreSQL listener (0: unlimited).
+    pub max_connections: usize,
+    /// Client connections open at once from one source IP address (0: unlimited).
+    pub max_connections_per_source: usize,
+    /// Sessions open at once for one identity (subject) (0: unlimited).
+    pub max_connections_per_identity: usize,
+    /// From TCP accept to an authenticated client (TLS, start-up, authentication); longer
+    /// and the connection is closed.
+    pub handshake_timeout: Duration,
 }
+
+/// Default `server.max_connections`, `max_connections_per_source` and
+/// `max_connections_per_identity`: high enough for a busy agent host behind a pooler.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default `server.handshake_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditDurability {
@@ -223,6 +241,16 @@ pub struct Resource {
     pub review_timeout: Duration,
     /// Functions treated as writes besides the built-in list (names or globs).
     pub writing_functions: Vec<String>,
+    /// How code the gateway cannot see into (`DO`, `CALL`, functions not known safe) is judged.
+    pub opaque_code: OpaqueCode,
+    /// Functions trusted not to write (globs, e.g. `"app.format_*"`): called, they are not opaque.
+    pub trusted_functions: Vec<String>,
+    /// `dry_run = true`: every rule of the resource only records what it would have done.
+    pub dry_run: bool,
+    /// Most prepared statements (protocol-level and SQL `PREPARE`) one session may hold.
+    pub max_prepared_statements: usize,
+    /// Most open portals one session may hold.
+    pub max_portals: usize,
     pub masks: Vec<Mask>,
     /// Record the (masked) rows of each result in its audit event, for replay.
     pub capture_results: bool,
@@ -320,6 +348,9 @@ pub struct Rule {
     /// Approvals a review needs (default 1).
     pub min_approvals: u32,
     pub message: Option<String>,
+    /// `dry_run = true`: the rule only records what it would have done (`decision.dry_run` in
+    /// the command event); the next rules decide.
+    pub dry_run: bool,
     /// Line of the `[[resources.rules]]` entry.
     pub line: usize,
 }
@@ -421,6 +452,23 @@ pub enum RuleAction {
     Review,
 }
 
+/// `resources.opaque_code`: how `DO`, `CALL` and calls of functions that are not known safe are
+/// judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpaqueCode {
+    /// As possibly any write: the strictest decision any write kind would get (the default).
+    Strict,
+    /// By their own kind only (`do`, `call`, or the statement around the call): the behaviour
+    /// before opaque code was judged strictly; `tollgate check` flags it.
+    Kind,
+}
+
+/// Default `resources.max_prepared_statements`.
+pub const DEFAULT_MAX_PREPARED_STATEMENTS: usize = 10_000;
+/// Default `resources.max_portals`.
+pub const DEFAULT_MAX_PORTALS: usize = 10_000;
+
 /// Default `resources.review_timeout`: how long a held command waits for its approvals.
 pub const DEFAULT_REVIEW_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -449,6 +497,8 @@ struct RawRule {
     min_approvals: Option<Spanned<i64>>,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 impl Ctx<'_> {
@@ -554,6 +604,7 @@ impl Ctx<'_> {
                 approvers: r.approvers,
                 min_approvals,
                 message: r.message,
+                dry_run: r.dry_run,
                 line: self.line_of(at),
             });
         }
@@ -638,6 +689,11 @@ struct RawServer {
     checkpoint_interval: Option<Spanned<String>>,
     audit_durability: Option<Spanned<String>>,
     record_commands: Option<bool>,
+    client_crl: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    max_connections_per_identity: Option<usize>,
+    handshake_timeout: Option<Spanned<String>>,
 }
 
 fn default_client_cert() -> ClientCertPolicy {
@@ -690,6 +746,13 @@ struct RawResource {
     review_timeout: Option<Spanned<String>>,
     #[serde(default)]
     writing_functions: Vec<String>,
+    opaque_code: Option<OpaqueCode>,
+    #[serde(default)]
+    trusted_functions: Vec<String>,
+    #[serde(default)]
+    dry_run: bool,
+    max_prepared_statements: Option<Spanned<i64>>,
+    max_portals: Option<Spanned<i64>>,
     #[serde(default)]
     masks: Vec<Mask>,
     capture_results: Option<bool>,
@@ -815,6 +878,23 @@ impl Ctx<'_> {
             Some(s) => {
                 parse_duration(s.get_ref()).map_err(|m| self.invalid(s.span().start, key, m))
             }
+        }
+    }
+
+    /// A positive whole number, or `default` when absent.
+    fn count(&self, key: &str, v: Option<Spanned<i64>>, default: usize) -> Result<usize, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) => usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    self.invalid(
+                        n.span().start,
+                        key,
+                        format!("{} must be a whole number, at least 1", n.get_ref()),
+                    )
+                }),
         }
     }
 
@@ -960,7 +1040,35 @@ impl Ctx<'_> {
                 },
             },
             record_commands: s.record_commands.unwrap_or(true),
+            client_crl: s
+                .client_crl
+                .unwrap_or_default()
+                .iter()
+                .map(|p| self.resolve(p))
+                .collect(),
+            max_connections: s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_source: s
+                .max_connections_per_source
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_identity: s
+                .max_connections_per_identity
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            handshake_timeout: self
+                .min_duration(
+                    "server.handshake_timeout",
+                    s.handshake_timeout,
+                    Duration::from_millis(100),
+                    "e.g. \"10s\"",
+                )?
+                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
         };
+        if !server.client_crl.is_empty() && server.client_ca.is_none() {
+            return Err(self.invalid(
+                self.text.find("client_crl").unwrap_or(0),
+                "server.client_crl",
+                "revocation lists need server.client_ca (the CA whose certificates they revoke)",
+            ));
+        }
         if let Some(retention) = server.retention {
             // Pruning treats a chain that has been silent for the whole retention period as the
             // chain of a gateway that is gone; a live gateway checkpoints more often than that.
@@ -1118,6 +1226,15 @@ impl Ctx<'_> {
                     DEFAULT_REVIEW_TIMEOUT,
                 )?,
                 writing_functions: r.writing_functions,
+                opaque_code: r.opaque_code.unwrap_or(OpaqueCode::Strict),
+                trusted_functions: r.trusted_functions,
+                dry_run: r.dry_run,
+                max_prepared_statements: self.count(
+                    "resources.max_prepared_statements",
+                    r.max_prepared_statements,
+                    DEFAULT_MAX_PREPARED_STATEMENTS,
+                )?,
+                max_portals: self.count("resources.max_portals", r.max_portals, DEFAULT_MAX_PORTALS)?,
                 masks: r.masks,
                 line,
             });

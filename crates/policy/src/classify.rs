@@ -32,6 +32,10 @@ pub struct Statement {
     /// a client encoding other than UTF8, or a `set_config` of those or of a computed name), so
     /// that the gateway's parser and the server's would disagree about what a string says.
     pub changes_sql_reading: bool,
+    /// It may change session or role settings besides a plain `SET`/`RESET`: a `set_config`
+    /// call anywhere, a write to `pg_settings`, `ALTER ROLE/DATABASE ... SET`. Such a statement
+    /// also counts as the kind `set`.
+    pub sets_settings: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +188,19 @@ fn statement(node: &NodeEnum) -> Statement {
             p.as_deref()
                 .is_none_or(|p| p == "standard_conforming_strings" || p == "client_encoding")
         }),
+        sets_settings: false,
     };
+    let writes_settings_table = !st.dml.is_empty()
+        && st.tables.iter().any(|t| {
+            t.eq_ignore_ascii_case("pg_settings")
+                || t.eq_ignore_ascii_case("pg_catalog.pg_settings")
+        });
+    st.sets_settings = !facts.set_config.is_empty()
+        || writes_settings_table
+        || matches!(
+            node,
+            NodeEnum::AlterRoleSetStmt(_) | NodeEnum::AlterDatabaseSetStmt(_)
+        );
     if let NodeEnum::VariableSetStmt(v) = node {
         st.changes_sql_reading |= changes_sql_reading(v);
     }
@@ -616,6 +632,9 @@ impl Statement {
                 v.push(d.as_str());
             }
         }
+        if self.sets_settings && !v.contains(&"set") {
+            v.push("set");
+        }
         v
     }
 
@@ -636,7 +655,7 @@ impl Statement {
             Kind::Explain { analyze, statement } => *analyze && statement.writes_by_itself(),
             Kind::Utility { write, .. } => *write,
         };
-        kind_writes || !self.dml.is_empty()
+        kind_writes || !self.dml.is_empty() || self.sets_settings
     }
 
     fn summary(&self) -> Value {

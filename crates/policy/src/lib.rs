@@ -19,5 +19,8 @@ mod walk;
 
 pub use cache::{ClassifyCache, MAX_CACHED_TEXT};
 pub use classify::{classify, Classification, DdlVerb, Kind, Statement, TxOp};
-pub use engine::{Caller, Decision, PolicyError, ResourcePolicy, SessionPolicy, WRITING_FUNCTIONS};
+pub use engine::{
+    Caller, Confirmation, Decision, FunctionCatalog, Judgement, LimitError, PolicyError,
+    ResourcePolicy, SessionPolicy, CATALOG_QUERY, WRITING_FUNCTIONS,
+};
 pub use walk::Dml;

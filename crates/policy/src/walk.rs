@@ -124,6 +124,26 @@ impl Walker {
                     .push(name.map(str::to_ascii_lowercase));
                 value.serialize(&mut *self)
             }
+            (Some("MergeWhenClause"), "command_type") => {
+                // Rare enough to afford a JSON copy of one integer.
+                let action = serde_json::to_value(value)
+                    .ok()
+                    .and_then(|v| v.as_i64())
+                    .and_then(|v| pg_query::protobuf::CmdType::try_from(v as i32).ok());
+                use pg_query::protobuf::CmdType;
+                match action {
+                    Some(CmdType::CmdInsert) => self.facts.dml.push(Dml::Insert),
+                    Some(CmdType::CmdUpdate) => self.facts.dml.push(Dml::Update),
+                    Some(CmdType::CmdDelete) => self.facts.dml.push(Dml::Delete),
+                    Some(CmdType::CmdNothing) => {}
+                    // Anything newer may do any of them.
+                    _ => self
+                        .facts
+                        .dml
+                        .extend([Dml::Insert, Dml::Update, Dml::Delete]),
+                }
+                Ok(())
+            }
             (Some("RangeVar"), "catalogname" | "schemaname" | "relname") => {
                 let i = match key {
                     "catalogname" => 0,

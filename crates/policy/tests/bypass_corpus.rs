@@ -4,7 +4,7 @@
 use std::path::Path;
 use time::macros::datetime;
 use time::OffsetDateTime;
-use tollgate_policy::{classify, Caller, Classification, Decision, ResourcePolicy};
+use tollgate_policy::{classify, Caller, Classification, Confirmation, Decision, ResourcePolicy};
 
 const BASE: &str = r#"[server]
 tls_cert = "gw.crt"
@@ -54,8 +54,51 @@ min_approvals = 2
 fn policy(resource_keys: &str, rules: &str) -> ResourcePolicy {
     let text = format!("{BASE}{resource_keys}{TAIL}{rules}");
     let config = tollgate_config::parse(&text, Path::new("/t/tollgate.toml")).unwrap();
-    ResourcePolicy::from_config(&config.resources[0]).unwrap()
+    let p = ResourcePolicy::from_config(&config.resources[0]).unwrap();
+    // What the gateway learns from an upstream's catalog (a few of PostgreSQL's built-ins).
+    p.set_catalog(
+        BUILTINS.iter().map(|s| s.to_string()),
+        ["lower".to_string(), "my_func".to_string()],
+    );
+    p
 }
+
+/// A new session, as the gateway starts one: the catalog is reloaded first when something may
+/// have defined functions since it was read.
+fn session(p: &ResourcePolicy) -> tollgate_policy::SessionPolicy {
+    if p.needs_catalog() {
+        p.set_catalog(
+            BUILTINS.iter().map(|s| s.to_string()),
+            ["lower".to_string(), "my_func".to_string()],
+        );
+    }
+    p.session()
+}
+
+/// Built-in function names the policies under test know; `lower` is also defined outside
+/// pg_catalog (shadowed), so an unqualified call of it is opaque.
+const BUILTINS: &[&str] = &[
+    "count",
+    "now",
+    "generate_series",
+    "lower",
+    "upper",
+    "sum",
+    "max",
+    "min",
+    "length",
+    "pg_terminate_backend",
+    "set_config",
+    "nextval",
+    "coalesce",
+    "substring",
+    "abs",
+    "pg_sleep",
+    "current_setting",
+    "lo_import",
+    "dblink_exec",
+    "query_to_xml",
+];
 
 fn read_only() -> ResourcePolicy {
     policy("read_only = true\n", "")
@@ -354,7 +397,9 @@ const CORPUS: &[(&str, &[&str], Want, Want)] = &[
         "CALL do_things()",
         &["call"],
         Deny("read_only"),
-        Review("agent writes"),
+        // Opaque code takes the strictest decision any write would get: an UPDATE without
+        // WHERE is denied by "bulk".
+        Deny("bulk"),
     ),
     (
         "SET default_transaction_read_only = off",
@@ -513,11 +558,11 @@ fn corpus() {
         if let Some(k) = want_kinds.iter().find(|k| !got.contains(k)) {
             failures.push(format!("{sql:?}: kind {k:?} missing from {got:?}"));
         }
-        let d = ro.session().decide_query(sql, &who, NOON);
+        let d = session(&ro).decide_query(sql, &who, NOON);
         if !matches(&d, *want_ro) {
             failures.push(format!("{sql:?}: read-only: want {want_ro:?}, got {d:?}"));
         }
-        let d = rules.session().decide_query(sql, &who, NOON);
+        let d = session(&rules).decide_query(sql, &who, NOON);
         if !matches(&d, *want_rules) {
             failures.push(format!("{sql:?}: rules: want {want_rules:?}, got {d:?}"));
         }
@@ -555,12 +600,10 @@ fn prepared_statements_are_judged_when_executed() {
         subject: "agent-7",
         groups: &groups,
     };
-    let mut s = rules.session();
+    let mut s = session(&rules);
     // PREPARE itself runs nothing.
-    assert!(matches(
-        &s.decide_query("PREPARE p AS DELETE FROM t WHERE id = $1", &who, NOON),
-        Allow
-    ));
+    let j = s.judge_query("PREPARE p AS DELETE FROM t WHERE id = $1", &who, NOON);
+    assert!(matches(&j.decision, Allow));
     assert!(matches(
         &s.decide_query("EXECUTE p(1)", &who, NOON),
         Review("agent writes")
@@ -574,74 +617,180 @@ fn prepared_statements_are_judged_when_executed() {
         Allow
     ));
     // Preparing the same name again (the upstream refuses it) does not launder it.
+    let again = s.judge_query("PREPARE p AS SELECT 1", &who, NOON);
+    assert!(matches(&again.decision, Allow));
     assert!(matches(
-        &s.decide_query("PREPARE p AS SELECT 1", &who, NOON),
-        Allow
+        &s.decide_query("EXECUTE p", &who, NOON),
+        Review("agent writes")
     ));
+    // ...and once the upstream refused it, p is what it was.
+    for seq in again.effects {
+        s.confirm(seq, Confirmation::Failed);
+    }
     assert!(matches(
         &s.decide_query("EXECUTE p", &who, NOON),
         Review("agent writes")
     ));
     // A DEALLOCATE is applied only when the adapter confirms it ran.
-    s.decide_query("DEALLOCATE p", &who, NOON);
+    let dealloc = s.judge_query("DEALLOCATE p", &who, NOON);
     assert!(matches(
         &s.decide_query("EXECUTE p", &who, NOON),
         Review("agent writes")
     ));
-    s.deallocated(Some("p"));
+    for seq in dealloc.effects {
+        s.confirm(seq, Confirmation::Done);
+    }
     assert!(matches(
         &s.decide_query("EXECUTE p", &who, NOON),
         Deny("unparsable")
     ));
-    // Unknown names are not trusted.
+    // Unknown portals are not trusted.
     assert!(matches(
-        &s.decide_execute("never", &who, NOON),
+        &s.judge_execute("never", &who, NOON).decision,
         Deny("unparsable")
     ));
     // A denied PREPARE is not remembered as anything harmless either.
     let d = s.decide_query("PREPARE q AS UPDATE t SET a = 1; DROP TABLE t", &who, NOON);
     assert!(matches(&d, Deny("no ddl")), "{d:?}");
 
-    // Protocol level: Parse remembers, Bind/Execute decides, Close forgets.
-    s.parse("s1", "DELETE FROM t");
-    s.parse("s2", "SELECT abalance FROM pgbench_accounts WHERE aid = $1");
-    assert!(matches(&s.decide_execute("s1", &who, NOON), Deny("bulk")));
-    assert!(matches(&s.decide_execute("s2", &who, NOON), Allow));
+    // Protocol level: Parse remembers, Bind fixes what the portal runs, Execute decides.
+    let exec = |s: &mut tollgate_policy::SessionPolicy, portal: &str| {
+        s.judge_execute(portal, &who, NOON).decision
+    };
+    s.parse("s1", "DELETE FROM t").unwrap();
+    s.parse("s2", "SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+        .unwrap();
+    s.bind("p1", "s1").unwrap();
+    s.bind("p2", "s2").unwrap();
+    assert!(matches(&exec(&mut s, "p1"), Deny("bulk")));
+    assert!(matches(&exec(&mut s, "p2"), Allow));
     // SQL EXECUTE of a protocol-prepared name: one namespace.
     assert!(matches(
         &s.decide_query("EXECUTE s1", &who, NOON),
         Deny("bulk")
     ));
-    // The unnamed statement is replaced by each Parse.
-    s.parse("", "DROP TABLE t");
-    assert!(matches(&s.decide_execute("", &who, NOON), Deny("no ddl")));
-    s.parse("", "SELECT 1");
-    assert!(matches(&s.decide_execute("", &who, NOON), Allow));
-    s.parse("", "SELEC 1");
-    assert!(matches(
-        &s.decide_execute("", &who, NOON),
-        Deny("unparsable")
-    ));
+    // The unnamed statement is replaced by each Parse (within a pipeline, the last one is
+    // certain: had it failed, the server would skip the Bind).
+    s.parse("", "DROP TABLE t").unwrap();
+    s.bind("", "").unwrap();
+    assert!(matches(&exec(&mut s, ""), Deny("no ddl")));
+    s.parse("", "SELECT 1").unwrap();
+    s.bind("", "").unwrap();
+    assert!(matches(&exec(&mut s, ""), Allow));
+    s.parse("", "SELEC 1").unwrap();
+    s.bind("", "").unwrap();
+    assert!(matches(&exec(&mut s, ""), Deny("unparsable")));
     // A protocol-level Parse of SQL EXECUTE runs what that name holds; cycles fail closed.
-    s.parse("via", "EXECUTE s1");
-    assert!(matches(&s.decide_execute("via", &who, NOON), Deny("bulk")));
-    s.parse("loop_a", "EXECUTE loop_b");
-    s.parse("loop_b", "EXECUTE loop_a");
-    assert!(matches(
-        &s.decide_execute("loop_a", &who, NOON),
-        Deny("unparsable")
-    ));
-    // A protocol-level Parse of SQL PREPARE: the name it prepares is known from then on.
-    s.parse("", "PREPARE inner_q AS DELETE FROM t");
+    s.parse("via", "EXECUTE s1").unwrap();
+    s.bind("pv", "via").unwrap();
+    assert!(matches(&exec(&mut s, "pv"), Deny("bulk")));
+    s.parse("loop_a", "EXECUTE loop_b").unwrap();
+    s.parse("loop_b", "EXECUTE loop_a").unwrap();
+    s.bind("pl", "loop_a").unwrap();
+    assert!(matches(&exec(&mut s, "pl"), Deny("unparsable")));
+    // A protocol-level Parse of SQL PREPARE: the name it prepares is known once it runs.
+    s.parse("", "PREPARE inner_q AS DELETE FROM t").unwrap();
+    s.bind("", "").unwrap();
+    let j = s.judge_execute("", &who, NOON);
+    assert!(matches(&j.decision, Allow));
+    assert_eq!(j.effects.len(), 1);
     assert!(matches(
         &s.decide_query("EXECUTE inner_q", &who, NOON),
         Deny("bulk")
     ));
-    s.close("s1");
+}
+
+#[test]
+fn a_portal_runs_what_it_was_bound_to() {
+    let rules = ruled();
+    let groups = agent_groups();
+    let who = Caller {
+        subject: "agent-7",
+        groups: &groups,
+    };
+    // Parse "" as DROP, bind it, Parse "" again as SELECT, execute the portal: the DROP runs.
+    let mut s = session(&rules);
+    s.parse("", "DROP TABLE t").unwrap();
+    s.bind("", "").unwrap();
+    s.parse("", "SELECT 1").unwrap();
     assert!(matches(
-        &s.decide_execute("s1", &who, NOON),
-        Deny("unparsable")
+        &s.judge_execute("", &who, NOON).decision,
+        Deny("no ddl")
     ));
+    // The same with a named statement closed and parsed again between Bind and Execute.
+    let mut s = session(&rules);
+    s.parse("st", "DROP TABLE t").unwrap();
+    s.bind("p", "st").unwrap();
+    let close = s.close(false, "st").unwrap();
+    s.parse("st", "SELECT 1").unwrap();
+    s.confirm(close, Confirmation::Done);
+    assert!(matches(
+        &s.judge_execute("p", &who, NOON).decision,
+        Deny("no ddl")
+    ));
+    // Across a Sync, until the server answers, a name may still hold its older content.
+    let mut s = session(&rules);
+    let first = s.parse("st", "DROP TABLE t").unwrap();
+    s.sync();
+    s.confirm(first, Confirmation::Done);
+    let close = s.close(false, "st").unwrap();
+    let second = s.parse("st", "SELECT 1").unwrap();
+    s.sync();
+    s.bind("p", "st").unwrap();
+    assert!(matches(
+        &s.judge_execute("p", &who, NOON).decision,
+        Deny("no ddl")
+    ));
+    // Once both are confirmed, only the SELECT is left.
+    s.confirm(close, Confirmation::Done);
+    s.confirm(second, Confirmation::Done);
+    s.sync();
+    s.bind("p", "st").unwrap();
+    assert!(matches(&s.judge_execute("p", &who, NOON).decision, Allow));
+    // A Close the server skipped leaves the statement in place.
+    let mut s = session(&rules);
+    let p = s.parse("st", "DROP TABLE t").unwrap();
+    s.confirm(p, Confirmation::Done);
+    let close = s.close(false, "st").unwrap();
+    s.confirm(close, Confirmation::Skipped);
+    s.sync();
+    s.bind("x", "st").unwrap();
+    assert!(matches(
+        &s.judge_execute("x", &who, NOON).decision,
+        Deny("no ddl")
+    ));
+}
+
+#[test]
+fn per_session_limits_are_enforced() {
+    let p = policy(
+        "max_prepared_statements = 3
+max_portals = 2
+",
+        RULES,
+    );
+    let mut s = session(&p);
+    for i in 0..3 {
+        s.parse(&format!("s{i}"), "SELECT 1").unwrap();
+    }
+    let e = s.parse("s3", "SELECT 1").unwrap_err();
+    assert_eq!(e.limit, 3);
+    assert!(
+        e.to_string().contains("too many prepared statements"),
+        "{e}"
+    );
+    // Re-parsing a name it holds is not a new statement.
+    s.parse("s0", "SELECT 2").unwrap();
+    s.bind("a", "s0").unwrap();
+    s.bind("b", "s0").unwrap();
+    assert!(s.bind("c", "s0").is_err());
+    let groups = agent_groups();
+    let who = Caller {
+        subject: "agent-7",
+        groups: &groups,
+    };
+    let d = s.decide_query("PREPARE s9 AS SELECT 1", &who, NOON);
+    assert!(matches(&d, Deny("limits")), "{d:?}");
 }
 
 #[test]
@@ -652,7 +801,7 @@ fn read_only_denial_says_so_and_cannot_be_lifted() {
         subject: "alice",
         groups: &groups,
     };
-    let mut s = ro.session();
+    let mut s = session(&ro);
     match s.decide_query("drop table t", &who, NOON) {
         Decision::Deny { rule, message } => {
             assert_eq!(rule, "read_only");
@@ -675,19 +824,17 @@ fn read_only_denial_says_so_and_cannot_be_lifted() {
         "read_only = true\n",
         "[[resources.rules]]\nstatements = [\"delete\"]\naction = \"allow\"\n",
     );
-    let d = open
-        .session()
-        .decide_query("DELETE FROM t WHERE id = 1", &who, NOON);
+    let d = session(&open).decide_query("DELETE FROM t WHERE id = 1", &who, NOON);
     assert!(matches(&d, Deny("read_only")), "{d:?}");
     // Unparsable statements cannot be shown to be reads, even with unparsable = "allow".
     let lax = policy("read_only = true\nunparsable = \"allow\"\n", "");
     assert!(matches(
-        &lax.session().decide_query("SELEC 1", &who, NOON),
+        &session(&lax).decide_query("SELEC 1", &who, NOON),
         Deny("unparsable")
     ));
     let lax = policy("unparsable = \"allow\"\n", "");
     assert!(matches(
-        &lax.session().decide_query("SELEC 1", &who, NOON),
+        &session(&lax).decide_query("SELEC 1", &who, NOON),
         Allow
     ));
     // Extra writing functions from config.
@@ -696,15 +843,117 @@ fn read_only_denial_says_so_and_cannot_be_lifted() {
         "",
     );
     assert!(matches(
-        &custom
-            .session()
-            .decide_query("SELECT audit.log_event('x')", &who, NOON),
+        &session(&custom).decide_query("SELECT audit.log_event('x')", &who, NOON),
         Deny("read_only")
     ));
+    // A user-defined function is opaque: it may write, so a read-only resource refuses it,
+    // unless it is listed in trusted_functions.
     assert!(matches(
-        &custom
-            .session()
-            .decide_query("SELECT audit.read_event('x')", &who, NOON),
+        &session(&custom).decide_query("SELECT audit.read_event('x')", &who, NOON),
+        Deny("read_only")
+    ));
+    let trusted = policy(
+        "read_only = true\ntrusted_functions = [\"audit.read_*\"]\n",
+        "",
+    );
+    assert!(matches(
+        &session(&trusted).decide_query("SELECT audit.read_event('x')", &who, NOON),
         Allow
     ));
+    // opaque_code = "kind" judges it by its own kind, as before.
+    let by_kind = policy("read_only = true\nopaque_code = \"kind\"\n", "");
+    assert!(matches(
+        &session(&by_kind).decide_query("SELECT audit.read_event('x')", &who, NOON),
+        Allow
+    ));
+}
+
+#[test]
+fn opaque_code_is_judged_as_any_write() {
+    let p = policy(
+        "",
+        "[[resources.rules]]\nname = \"no drop\"\nstatements = [\"drop\"]\naction = \"deny\"\n[[resources.rules]]\nname = \"hold deletes\"\nstatements = [\"delete\", \"update\"]\ngroups = [\"agents\"]\naction = \"review\"\napprovers = [\"sre\"]\n[[resources.rules]]\nname = \"payments\"\ntables = [\"payments\"]\nstatements = [\"insert\"]\naction = \"review\"\napprovers = [\"sre\"]\n",
+    );
+    let groups = agent_groups();
+    let agent = Caller {
+        subject: "agent-7",
+        groups: &groups,
+    };
+    let sre_groups = vec!["sre".to_string()];
+    let sre = Caller {
+        subject: "alice",
+        groups: &sre_groups,
+    };
+    let d = |who: &Caller, sql: &str| session(&p).decide_query(sql, who, NOON);
+    // A DO block may drop: denied, and the message says why.
+    match d(&agent, "DO $$ BEGIN EXECUTE 'drop table t'; END $$") {
+        Decision::Deny { rule, message } => {
+            assert_eq!(rule, "no drop");
+            assert!(message.contains("cannot inspect"), "{message}");
+            assert!(message.contains("DROP"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches(&d(&sre, "CALL purge()"), Deny("no drop")));
+    // A user-defined function in a SELECT, a shadowed built-in, a schema-qualified name.
+    assert!(matches(&d(&agent, "SELECT app.cleanup()"), Deny("no drop")));
+    assert!(matches(&d(&agent, "SELECT lower('X')"), Deny("no drop")));
+    assert!(matches(&d(&agent, "SELECT pg_catalog.lower('X')"), Allow));
+    assert!(matches(&d(&agent, "SELECT my_func()"), Deny("no drop")));
+    // Known built-ins are not opaque.
+    assert!(matches(&d(&agent, "SELECT count(*), now() FROM t"), Allow));
+    // Without a drop rule, the strictest write decision is the review of deletes; a table
+    // condition on a restrictive rule holds for code that may touch any table.
+    let q = policy(
+        "",
+        "[[resources.rules]]\nname = \"payments\"\ntables = [\"payments\"]\nstatements = [\"insert\"]\naction = \"review\"\napprovers = [\"sre\"]\n",
+    );
+    assert!(matches(
+        &session(&q).decide_query("SELECT app.f()", &agent, NOON),
+        Review("payments")
+    ));
+    assert!(matches(
+        &session(&q).decide_query("SELECT 1 FROM orders", &agent, NOON),
+        Allow
+    ));
+    // MERGE counts as every action it contains.
+    let merge = "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE";
+    assert!(kinds(merge).contains(&"delete"));
+    assert!(matches(&d(&agent, merge), Review("hold deletes")));
+    assert!(
+        !kinds("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DO NOTHING")
+            .contains(&"delete")
+    );
+    // Settings written through the catalog or set_config count as `set`.
+    assert!(kinds("UPDATE pg_settings SET setting = 'off' WHERE name = 'x'").contains(&"set"));
+    assert!(kinds("SELECT set_config('app.tenant', '5', false)").contains(&"set"));
+    assert!(kinds("ALTER ROLE bob SET standard_conforming_strings = off").contains(&"set"));
+    assert!(kinds("ALTER DATABASE d SET client_encoding = 'SJIS'").contains(&"set"));
+}
+
+#[test]
+fn dry_run_rules_record_and_do_not_enforce() {
+    let p = policy(
+        "",
+        "[[resources.rules]]\nname = \"would deny\"\nstatements = [\"delete\"]\naction = \"deny\"\ndry_run = true\n[[resources.rules]]\nname = \"hold\"\nstatements = [\"delete\"]\naction = \"review\"\n",
+    );
+    let groups = agent_groups();
+    let who = Caller {
+        subject: "agent-7",
+        groups: &groups,
+    };
+    let j = session(&p).judge_query("DELETE FROM t WHERE id = 1", &who, NOON);
+    assert!(matches(&j.decision, Review("hold")));
+    assert!(matches(j.dry_run.as_ref().unwrap(), Deny("would deny")));
+    // A dry-run resource enforces none of its rules.
+    let all = policy(
+        "dry_run = true\n",
+        "[[resources.rules]]\nname = \"no delete\"\nstatements = [\"delete\"]\naction = \"deny\"\n",
+    );
+    let j = session(&all).judge_query("DELETE FROM t WHERE id = 1", &who, NOON);
+    assert!(j.decision.is_allow());
+    assert!(matches(j.dry_run.as_ref().unwrap(), Deny("no delete")));
+    // Nothing to record when the dry run would change nothing.
+    let j = session(&all).judge_query("SELECT 1", &who, NOON);
+    assert!(j.dry_run.is_none());
 }
