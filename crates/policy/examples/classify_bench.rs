@@ -1,12 +1,13 @@
 //! Microseconds per classification and per decision, parsed every time and through the cache.
 //!
 //! `cargo run --release -p tollgate-policy --example classify_bench [iterations]`
-//! Prints the cost per call and the cached/uncached ratio measured in the same run.
+//! Prints the cost per call and the cached/uncached ratio measured in the same run, and the
+//! share of a parse that the depth pre-scan (tollgate_policy::nesting_depth) costs.
 
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Instant;
-use tollgate_policy::{classify, Caller, ResourcePolicy};
+use tollgate_policy::{classify, nesting_depth, Caller, ResourcePolicy, MAX_DEPTH};
 
 const PGBENCH: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
 const FIVE: &str = "BEGIN; \
@@ -79,6 +80,24 @@ fn main() {
         println!(
             "{label:>15}: classify {parse:8.2}  cached {cached:6.3}  decide_query (cached) {decide:6.3}  parse/cached {:.0}x",
             parse / cached
+        );
+    }
+    // The depth pre-scan that runs before every parse of a text longer than 128 bytes.
+    let long = format!(
+        "SELECT * FROM pgbench_accounts WHERE aid IN ({})",
+        (0..800).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+    );
+    for (label, sql) in [("5 statements", FIVE), ("4 KiB IN list", long.as_str())] {
+        let parse = per_call(iterations / 10, || {
+            black_box(classify(black_box(sql)));
+        });
+        let scan = per_call(iterations, || {
+            black_box(nesting_depth(black_box(sql.as_bytes()), MAX_DEPTH));
+        });
+        println!(
+            "{label:>15}: depth pre-scan {scan:8.3} of classify {parse:8.2} ({:.2} %, {} bytes)",
+            scan / parse * 100.0,
+            sql.len()
         );
     }
     // Distinct texts each time (simple-protocol pgbench inlines literals): every call parses.

@@ -146,6 +146,10 @@ impl TxOp {
 
 /// Parse `sql` with PostgreSQL's grammar and classify every statement in it.
 pub fn classify(sql: &str) -> Classification {
+    // Depth is bounded before anything is parsed: a stack overflow would abort the process.
+    if let Some(refused_or_parsed_elsewhere) = crate::bounds::guard(sql, classify) {
+        return refused_or_parsed_elsewhere;
+    }
     // libpg_query is C; a panic in the Rust glue must not take a session task down with it.
     let parsed = std::panic::catch_unwind(|| pg_query::parse(sql));
     let parsed = match parsed {

@@ -11,12 +11,14 @@
 //! SQL text, statement names and the caller in, and acts on the decision. Deny messages are
 //! written for the client and carry no parser or internal detail.
 
+mod bounds;
 mod cache;
 mod classify;
 mod engine;
 mod glob;
 mod walk;
 
+pub use bounds::{nesting_depth, INLINE_DEPTH, MAX_DEPTH};
 pub use cache::{ClassifyCache, MAX_CACHED_TEXT};
 pub use classify::{classify, Classification, DdlVerb, Kind, Statement, TxOp};
 pub use engine::{

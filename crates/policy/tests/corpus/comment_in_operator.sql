@@ -1,0 +1,3 @@
+-- expect: statements
+select 1 -/* ( */- 2 --)
+, 3
