@@ -7,17 +7,22 @@
 
 mod cancel;
 mod filter;
+mod interrupt;
 pub mod io;
+pub mod limits;
 pub mod proto;
+pub mod refused;
 mod relay;
 pub mod scram;
 mod session;
+mod standing;
 pub mod upstream;
 mod upstreams;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_config::StaticToken;
 use tollgate_identity::TokenVerifier;
 use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
@@ -31,7 +36,18 @@ pub struct PgGateway {
     pub tls: Arc<ReloadableServerTls>,
     /// PostgreSQL resources by name (the database name clients ask for).
     pub targets: HashMap<String, Arc<UpstreamTarget>>,
-    pub tokens: TokenVerifier,
+    /// Service tokens, swapped whole when the config is reloaded.
+    pub tokens: arc_swap::ArcSwap<TokenSet>,
+    /// Bumped whenever something a running session's standing depends on was reloaded (tokens,
+    /// revocation lists) or revoked: every session re-checks its own.
+    pub standing: tokio::sync::watch::Sender<u64>,
+    /// How often a session that depends on an access or unmask grant re-reads it from the store
+    /// (a revocation or a shorter grant by another replica is seen within this).
+    pub grant_recheck: Duration,
+    /// Connection caps (`server.max_connections*`).
+    pub limits: Arc<limits::ConnectionLimits>,
+    /// Connections refused before authentication, recorded in aggregate.
+    pub refusals: Arc<refused::Refusals>,
     pub recorder: Recorder,
     pub cancels: CancelRegistry,
     pub max_message: usize,
@@ -49,6 +65,45 @@ pub struct PgGateway {
     pub reviews: Option<Arc<tollgate_review::Reviews>>,
     /// How long an approval may be reused by the same statement after a restart.
     pub review_rerun_window: Duration,
+}
+
+impl PgGateway {
+    /// Tell running sessions to re-check their standing (after a reload or a revocation).
+    pub fn standing_changed(&self) {
+        self.standing.send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
+/// The `[[identity.tokens]]` in force: the verifier and, per token digest, its subject (so that
+/// a session can tell whether the token it authenticated with is still configured).
+pub struct TokenSet {
+    pub verifier: TokenVerifier,
+    subjects: HashMap<String, String>,
+}
+
+impl TokenSet {
+    pub fn new(tokens: &[StaticToken]) -> Self {
+        TokenSet {
+            verifier: TokenVerifier::new(tokens),
+            subjects: tokens
+                .iter()
+                .map(|t| (t.sha256.to_ascii_lowercase(), t.subject.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether a token with this SHA-256 (lowercase hex) is configured for `subject`.
+    pub fn holds(&self, sha256_hex: &str, subject: &str) -> bool {
+        self.subjects.get(sha256_hex).is_some_and(|s| s == subject)
+    }
+
+    pub fn len(&self) -> usize {
+        self.subjects.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subjects.is_empty()
+    }
 }
 
 /// The masking key for `hash` from `server.mask_key_env`/`mask_key_file`: 64+ hex digits, or

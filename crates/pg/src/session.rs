@@ -2,15 +2,19 @@
 //! authorization, the upstream connection, then the relay.
 
 use crate::cancel::CancelRegistry;
+use crate::interrupt::{Interrupt, Interruptible};
+use crate::limits::{Cap, IdentitySlot, SourceSlot};
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend;
 use crate::proto::startup::{self, Startup, StartupPacket};
 use crate::relay::{self, RelayEnd};
+use crate::standing::{Ended, Standing};
+use crate::upstream::UpStream;
 use crate::{io::read_frame, io::FrameBuf, PgGateway};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_identity::Identity;
@@ -25,6 +29,7 @@ pub(crate) struct SessionLog {
     pub started: Instant,
     pub open: serde_json::Map<String, Value>,
     gw: Arc<PgGateway>,
+    peer: SocketAddr,
 }
 
 impl SessionLog {
@@ -37,6 +42,7 @@ impl SessionLog {
             started: Instant::now(),
             open,
             gw,
+            peer,
         }
     }
 
@@ -100,6 +106,25 @@ impl SessionLog {
     ) {
         refuse(s, code, msg, hint).await;
         self.rejected(reason, detail);
+    }
+
+    /// End a connection refused before it was identified (or over a cap): tell the client why,
+    /// and count it in the aggregate instead of recording a session.
+    async fn refuse_unidentified<S: AsyncWrite + Unpin>(
+        self,
+        s: &mut S,
+        code: &str,
+        msg: &str,
+        hint: Option<&str>,
+        reason: &'static str,
+    ) {
+        refuse(s, code, msg, hint).await;
+        self.dropped_unidentified(reason);
+    }
+
+    /// A connection that ended before it was identified, counted in the aggregate.
+    fn dropped_unidentified(self, reason: &'static str) {
+        self.gw.refusals.record(reason, self.peer.ip());
     }
 
     /// Record a connection that ends before any command ran (refused, failed, cancel request).
@@ -185,6 +210,20 @@ impl PgGateway {
     /// Serve one accepted TCP connection until it ends.
     pub async fn handle(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
+        // One deadline from accept to an authenticated client: TLS, start-up and authentication.
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        // Over a cap, a bounded number of connections are still answered with 53300 after the
+        // start-up packet (what PostgreSQL does too); the rest are closed at once.
+        let (slot, over_cap, _refusing) = match self.limits.admit(peer.ip()) {
+            Ok(slot) => (Some(slot), None, None),
+            Err(cap) => match self.limits.refusing() {
+                Some(permit) => (None, Some(cap), Some(permit)),
+                None => {
+                    self.refusals.record(cap.as_label(), peer.ip());
+                    return;
+                }
+            },
+        };
         let _active = GaugeGuard::new(registry().gauge(
             "tollgate_connections_active",
             "Open client connections by listener.",
@@ -201,7 +240,7 @@ impl PgGateway {
 
         // Before TLS: GSSENCRequest is declined, SSLRequest accepted, a 0x16 byte is PostgreSQL 17 direct TLS,
         // a CancelRequest is served, and a plaintext StartupMessage is refused with an explanation.
-        let pre = tokio::time::timeout(self.handshake_timeout, async {
+        let pre = tokio::time::timeout_at(deadline, async {
             loop {
                 let mut first = [0u8; 1];
                 match tcp.peek(&mut first).await {
@@ -228,7 +267,7 @@ impl PgGateway {
                         return PreTls::Tls { direct: false };
                     }
                     StartupPacket::Cancel { pid, secret } => return PreTls::Cancel { pid, secret },
-                    StartupPacket::Startup(s) => return PreTls::Plaintext(s),
+                    StartupPacket::Startup(_) => return PreTls::Plaintext,
                 }
             }
         })
@@ -240,63 +279,66 @@ impl PgGateway {
                 self.serve_cancel(pid, &secret).await;
                 return;
             }
-            PreTls::Plaintext(s) => {
+            PreTls::Plaintext if over_cap.is_some() => {
+                refuse_over_cap(log, &mut tcp, over_cap.unwrap()).await;
+                return;
+            }
+            PreTls::Plaintext => {
                 handshake_counter("failed", "plaintext");
-                log.set("client_user", json!(s.param("user")));
-                log.set("database", json!(s.param("database")));
-                tracing::info!(session = %log.id, %peer, "refused plaintext PostgreSQL start-up");
-                log.refuse(&mut tcp, "28000",
+                tracing::debug!(%peer, "refused plaintext PostgreSQL start-up");
+                log.refuse_unidentified(&mut tcp, "28000",
                     "tollgate requires TLS: this connection did not request encryption",
-                    Some("connect with sslmode=require or stronger (sslmode=verify-full with the gateway's CA is best)"), "plaintext", json!({})).await;
+                    Some("connect with sslmode=require or stronger (sslmode=verify-full with the gateway's CA is best)"), "plaintext").await;
                 return;
             }
             PreTls::Invalid(e) => {
                 handshake_counter("failed", "protocol");
-                log.refuse(
+                log.refuse_unidentified(
                     &mut tcp,
                     "08P01",
                     &format!("invalid start-up packet: {e}"),
                     None,
                     "protocol",
-                    json!({"error": e}),
                 )
                 .await;
                 return;
             }
             PreTls::Timeout => {
                 handshake_counter("failed", "timeout");
-                log.rejected("timeout", json!({}));
+                log.dropped_unidentified("handshake_timeout");
                 return;
             }
         };
 
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.config());
-        let mut tls = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await
-        {
+        let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = tollgate_tls::classify_handshake_error(&e);
                 handshake_counter("failed", reason.as_label());
-                tracing::info!(session = %log.id, %peer, reason = reason.as_label(), error = %e, "client TLS handshake failed");
-                log.rejected("tls_handshake", json!({"failure": reason.as_label()}));
+                tracing::debug!(%peer, reason = reason.as_label(), error = %e, "client TLS handshake failed");
+                log.dropped_unidentified(if reason == tollgate_tls::HandshakeFailure::Revoked {
+                    "tls_revoked"
+                } else {
+                    "tls_handshake"
+                });
                 return;
             }
             Err(_) => {
                 handshake_counter("failed", "timeout");
-                log.rejected("tls_handshake", json!({"failure": "timeout"}));
+                log.dropped_unidentified("handshake_timeout");
                 return;
             }
         };
         let info = tollgate_tls::session_info(tls.get_ref().1);
         if direct && info.alpn.as_deref() != Some("postgresql") {
             handshake_counter("failed", "alpn");
-            log.refuse(
+            log.refuse_unidentified(
                 &mut tls,
                 "08P01",
                 "direct TLS connections must negotiate ALPN \"postgresql\"",
                 None,
                 "alpn",
-                json!({}),
             )
             .await;
             return;
@@ -314,43 +356,44 @@ impl PgGateway {
             .and_then(|c| c.first())
             .map(|c| c.as_ref().to_vec());
 
-        let startup =
-            match tokio::time::timeout(self.handshake_timeout, read_startup(&mut tls)).await {
-                Ok(Ok(StartupPacket::Startup(s))) => s,
-                Ok(Ok(StartupPacket::Cancel { pid, secret })) => {
-                    self.serve_cancel(pid, &secret).await;
-                    return;
-                }
-                Ok(Ok(_)) => {
-                    log.refuse(
-                        &mut tls,
-                        "08P01",
-                        "unexpected encryption request inside TLS",
-                        None,
-                        "protocol",
-                        json!({}),
-                    )
-                    .await;
-                    return;
-                }
-                Ok(Err(e)) => {
-                    log.refuse(
-                        &mut tls,
-                        "08P01",
-                        &format!("invalid start-up packet: {e}"),
-                        None,
-                        "protocol",
-                        json!({"error": e}),
-                    )
-                    .await;
-                    return;
-                }
-                Err(_) => {
-                    log.rejected("timeout", json!({}));
-                    return;
-                }
-            };
-        self.authenticated_session(tls, startup, peer_cert, log)
+        let startup = match tokio::time::timeout_at(deadline, read_startup(&mut tls)).await {
+            Ok(Ok(StartupPacket::Startup(s))) => s,
+            Ok(Ok(StartupPacket::Cancel { pid, secret })) => {
+                self.serve_cancel(pid, &secret).await;
+                return;
+            }
+            Ok(Ok(_)) => {
+                log.refuse_unidentified(
+                    &mut tls,
+                    "08P01",
+                    "unexpected encryption request inside TLS",
+                    None,
+                    "protocol",
+                )
+                .await;
+                return;
+            }
+            Ok(Err(e)) => {
+                log.refuse_unidentified(
+                    &mut tls,
+                    "08P01",
+                    &format!("invalid start-up packet: {e}"),
+                    None,
+                    "protocol",
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                log.dropped_unidentified("handshake_timeout");
+                return;
+            }
+        };
+        if let Some(cap) = over_cap {
+            refuse_over_cap(log, &mut tls, cap).await;
+            return;
+        }
+        self.authenticated_session(tls, startup, peer_cert, log, deadline, slot)
             .await;
     }
 
@@ -360,6 +403,8 @@ impl PgGateway {
         startup: Startup,
         peer_cert: Option<Vec<u8>>,
         mut log: SessionLog,
+        deadline: tokio::time::Instant,
+        _slot: Option<SourceSlot>,
     ) {
         let client_user = startup.param("user").unwrap_or("").to_string();
         let database = startup
@@ -388,13 +433,14 @@ impl PgGateway {
         log.set("protocol", json!(format!("3.{minor}")));
 
         // Identity: the verified client certificate, else a token sent as the password (inside TLS).
-        let identity: Identity = match peer_cert {
+        let mut token_sha256 = None;
+        let identity: Identity = match &peer_cert {
             Some(der) => {
-                match tollgate_identity::from_certificate(&der) {
+                match tollgate_identity::from_certificate(der) {
                     Ok(id) => id,
                     Err(e) => {
                         auth_failure("bad_certificate");
-                        log.refuse(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None, "authentication", json!({"error": e.to_string()})).await;
+                        log.refuse_unidentified(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None, "bad_certificate").await;
                         return;
                     }
                 }
@@ -402,13 +448,13 @@ impl PgGateway {
             None => {
                 out.extend_from_slice(&backend::auth_cleartext());
                 if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
-                    log.rejected("client_gone", json!({}));
+                    log.dropped_unidentified("client_gone");
                     return;
                 }
                 out.clear();
                 let mut fb = FrameBuf::new();
-                let token = match tokio::time::timeout(
-                    self.handshake_timeout,
+                let token = match tokio::time::timeout_at(
+                    deadline,
                     read_frame(&mut tls, &mut fb, 16 * 1024),
                 )
                 .await
@@ -416,20 +462,51 @@ impl PgGateway {
                     Ok(Ok((b'p', body))) => frontend::parse_password(&body).ok(),
                     _ => None,
                 };
-                match token.as_deref().and_then(|t| self.tokens.verify(t)) {
-                    Some(id) => id,
+                match token
+                    .as_deref()
+                    .and_then(|t| self.tokens.load().verifier.verify(t))
+                {
+                    Some(id) => {
+                        token_sha256 = token.as_deref().map(|t| {
+                            hex::encode(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()))
+                        });
+                        id
+                    }
                     None => {
                         auth_failure(if token.is_some() {
                             "unknown_token"
                         } else {
                             "no_credentials"
                         });
-                        log.refuse(&mut tls, "28P01",
+                        log.refuse_unidentified(&mut tls, "28P01",
                             &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
-                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"), "authentication", json!({"method": "token"})).await;
+                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"), "authentication").await;
                         return;
                     }
                 }
+            }
+        };
+        // rustls compares notAfter in whole seconds; the session watch ends a session at it.
+        if identity
+            .cert_not_after
+            .is_some_and(|t| SystemTime::now() >= t)
+        {
+            auth_failure("expired_certificate");
+            log.refuse_unidentified(
+                &mut tls,
+                "28000",
+                "your client certificate has expired",
+                Some("renew it (e.g. `tollgate login` or `tollgate pki issue`)"),
+                "cert_expired",
+            )
+            .await;
+            return;
+        }
+        let _identity_slot: IdentitySlot = match self.limits.admit_identity(&identity.subject) {
+            Ok(slot) => slot,
+            Err(cap) => {
+                refuse_over_cap(log, &mut tls, cap).await;
+                return;
             }
         };
         log.set("subject", json!(identity.subject));
@@ -539,6 +616,26 @@ impl PgGateway {
             log.set("upstream_tls", Value::Null);
         }
 
+        // The relay reads the upstream through an interruptible wrapper, so that a session whose
+        // standing ends can be told why (a FATAL between two whole messages) and stopped.
+        let interrupt = Interrupt::new();
+        let mut upstream = upstream;
+        let stream = upstream.stream;
+        upstream.stream = UpStream::Interruptible(Box::new(Interruptible::new(
+            stream,
+            interrupt.clone(),
+            &upstream.leftover,
+        )));
+        let (upstream_pid, upstream_secret) = (upstream.pid, upstream.secret.clone());
+        let standing = Standing {
+            subject: identity.subject.clone(),
+            resource: target.resource.name.clone(),
+            cert: peer_cert.map(|der| (der, identity.cert_not_after)),
+            token_sha256,
+            access: grant.clone(),
+            unmask: unmask.clone(),
+        };
+
         let secret_len = if minor >= 2 { 32 } else { 4 };
         let held = Arc::new(tokio::sync::Notify::new());
         let (pid, secret) = self.cancels.register(
@@ -570,7 +667,7 @@ impl PgGateway {
         ));
         tracing::debug!(session = %log.id, subject = %identity.subject, %resource, "session open");
 
-        let end = relay::run(
+        let relay = relay::run(
             &self,
             &log,
             &target,
@@ -581,13 +678,68 @@ impl PgGateway {
                 held: &held,
                 unmasked: unmask.is_some(),
             },
-        )
-        .await;
+        );
+        tokio::pin!(relay);
+        let lost = standing.lost(&self);
+        tokio::pin!(lost);
+        let (end, ended) = tokio::select! {
+            end = &mut relay => (Some(end), None),
+            why = &mut lost => (None, Some(why)),
+        };
+        let end = match &ended {
+            None => end,
+            Some(why) => {
+                self.terminate(
+                    &log,
+                    &target,
+                    &interrupt,
+                    &held,
+                    why,
+                    upstream_pid,
+                    &upstream_secret,
+                )
+                .await;
+                // The relay forwards the FATAL; then it is stopped (the client may not hang up).
+                let delivered = async {
+                    interrupt.delivered.notified().await;
+                    tokio::time::sleep(TERMINATE_GRACE).await;
+                };
+                tokio::select! {
+                    end = &mut relay => Some(end),
+                    _ = tokio::time::timeout(TERMINATE_LIMIT, delivered) => None,
+                }
+            }
+        };
+        let Some(end) = end else {
+            registry()
+                .counter(
+                    "tollgate_sessions_total",
+                    "Proxied sessions by resource and outcome.",
+                    &[("resource", &resource), ("outcome", "terminated")],
+                )
+                .inc();
+            let why = ended
+                .as_ref()
+                .expect("a session without a relay end was terminated");
+            log.event(
+                "session.close",
+                json!({
+                    "outcome": "terminated",
+                    "reason": why.label(),
+                    "duration_ms": log.started.elapsed().as_millis() as u64,
+                }),
+            );
+            return;
+        };
+        let outcome = match &ended {
+            Some(_) => "terminated",
+            None => end.outcome.as_str(),
+        };
         registry()
             .counter(
                 "tollgate_sessions_total",
                 "Proxied sessions by resource and outcome.",
-                &[("resource", &resource), ("outcome", end.outcome.as_str())],
+                &[("resource", &resource), ("outcome", outcome)],
             )
             .inc();
         if let RelayEnd {
@@ -604,7 +756,8 @@ impl PgGateway {
         log.event(
             "session.close",
             json!({
-                "outcome": end.outcome.as_str(),
+                "outcome": outcome,
+                "reason": ended.as_ref().map(Ended::label),
                 "error": end.error,
                 "commands": end.commands,
                 "bytes_from_client": end.bytes_from_client,
@@ -612,6 +765,40 @@ impl PgGateway {
                 "duration_ms": log.started.elapsed().as_millis() as u64,
             }),
         );
+    }
+
+    /// End a running session whose standing is gone: record why, hand the relay the FATAL to
+    /// forward, withdraw a held command and cancel whatever runs upstream.
+    #[allow(clippy::too_many_arguments)]
+    async fn terminate(
+        &self,
+        log: &SessionLog,
+        target: &crate::UpstreamTarget,
+        interrupt: &Interrupt,
+        held: &tokio::sync::Notify,
+        why: &Ended,
+        upstream_pid: i32,
+        upstream_secret: &[u8],
+    ) {
+        let resource = &target.resource.name;
+        tracing::info!(session = %log.id, %resource, reason = why.label(), "ending a session whose standing is gone");
+        registry()
+            .counter(
+                "tollgate_sessions_terminated_total",
+                "Sessions ended by the gateway because a certificate, token or grant they depended on ended.",
+                &[("reason", why.label())],
+            )
+            .inc();
+        let (code, msg, hint) = why.client_error(resource);
+        log.event(
+            "session.terminated",
+            json!({"reason": why.label(), "detail": why.detail(), "sqlstate": code, "message": msg}),
+        );
+        interrupt.fire(backend::error(Severity::Fatal, code, &msg, Some(&hint)));
+        held.notify_waiters();
+        if let Err(e) = target.cancel(upstream_pid, upstream_secret).await {
+            tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend of a terminated session");
+        }
     }
 
     /// A CancelRequest: forward it to the matching upstream backend, or ignore it (as PostgreSQL does).
@@ -634,6 +821,31 @@ impl PgGateway {
     }
 }
 
+/// How long a terminated session's relay is given once it has read the FATAL (to write it to
+/// the client), and at most in all.
+const TERMINATE_GRACE: Duration = Duration::from_millis(300);
+const TERMINATE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Answer a connection over a cap with PostgreSQL's "too many connections" and count it.
+async fn refuse_over_cap<S: AsyncWrite + Unpin>(log: SessionLog, s: &mut S, cap: Cap) {
+    let (msg, hint) = match cap {
+        Cap::Total => (
+            "sorry, too many clients already: tollgate is at its connection limit (server.max_connections)",
+            "retry later, or pool connections",
+        ),
+        Cap::Source => (
+            "sorry, too many clients already from this address (server.max_connections_per_source)",
+            "close idle connections or pool them; an administrator can raise the limit",
+        ),
+        Cap::Identity => (
+            "sorry, too many sessions already for this identity (server.max_connections_per_identity)",
+            "close idle sessions or pool them; an administrator can raise the limit",
+        ),
+    };
+    log.refuse_unidentified(s, "53300", msg, Some(hint), cap.as_label())
+        .await;
+}
+
 struct Unregister<'a>(&'a CancelRegistry, i32);
 
 impl Drop for Unregister<'_> {
@@ -646,7 +858,7 @@ impl Drop for Unregister<'_> {
 enum PreTls {
     Tls { direct: bool },
     Cancel { pid: i32, secret: Vec<u8> },
-    Plaintext(Startup),
+    Plaintext,
     Invalid(String),
     Timeout,
 }

@@ -331,6 +331,8 @@ impl UpstreamError {
 pub enum UpStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Plain(TcpStream),
+    /// Either, wrapped so that the session can be ended from outside the relay.
+    Interruptible(Box<crate::interrupt::Interruptible<UpStream>>),
 }
 
 impl UpStream {
@@ -340,6 +342,7 @@ impl UpStream {
         match self {
             UpStream::Tls(t) => t.get_ref().0.local_addr(),
             UpStream::Plain(t) => t.local_addr(),
+            UpStream::Interruptible(t) => t.get_ref().local_addr(),
         }
     }
 
@@ -347,6 +350,7 @@ impl UpStream {
         match self {
             UpStream::Tls(t) => Some(tollgate_tls::session_info(t.get_ref().1)),
             UpStream::Plain(_) => None,
+            UpStream::Interruptible(t) => t.get_ref().tls_info(),
         }
     }
 }
@@ -360,6 +364,7 @@ impl AsyncRead for UpStream {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             UpStream::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -373,18 +378,21 @@ impl AsyncWrite for UpStream {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
             UpStream::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
             UpStream::Plain(t) => Pin::new(t).poll_flush(cx),
+            UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
             UpStream::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -395,12 +403,14 @@ impl AsyncWrite for UpStream {
         match self.get_mut() {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
             UpStream::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             UpStream::Tls(t) => t.is_write_vectored(),
             UpStream::Plain(t) => t.is_write_vectored(),
+            UpStream::Interruptible(t) => t.is_write_vectored(),
         }
     }
 }

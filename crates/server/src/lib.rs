@@ -117,6 +117,7 @@ pub async fn run(
             client_ca: config.server.client_ca.clone(),
             client_auth,
             alpn: vec![b"postgresql".to_vec()],
+            client_crls: config.server.client_crl.clone(),
         })
         .context("loading the gateway's TLS material")?,
     );
@@ -154,14 +155,33 @@ pub async fn run(
         targets.insert(r.name.clone(), Arc::new(t));
     }
 
+    let refusals = Arc::new(tollgate_pg::refused::Refusals::new(
+        "postgres",
+        format!("{chain_id}-refused"),
+    ));
+    audit_tasks.push(tokio::spawn(
+        refusals
+            .clone()
+            .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
+    ));
     let gw = Arc::new(PgGateway {
         tls: pg_tls.clone(),
         targets,
-        tokens: tollgate_identity::TokenVerifier::new(&config.identity.tokens),
+        tokens: arc_swap::ArcSwap::from_pointee(tollgate_pg::TokenSet::new(
+            &config.identity.tokens,
+        )),
+        standing: tokio::sync::watch::Sender::new(0),
+        grant_recheck: GRANT_RECHECK_INTERVAL,
+        limits: tollgate_pg::limits::ConnectionLimits::new(
+            config.server.max_connections,
+            config.server.max_connections_per_source,
+            config.server.max_connections_per_identity,
+        ),
+        refusals,
         recorder: recorder.clone(),
         cancels: Default::default(),
         max_message: config.server.max_message_bytes,
-        handshake_timeout: Duration::from_secs(30),
+        handshake_timeout: config.server.handshake_timeout,
         audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
         audit_timeout: config.server.audit_timeout,
         record_commands: config.server.record_commands,
@@ -215,6 +235,7 @@ pub async fn run(
                     None => ClientAuth::None,
                 },
                 alpn: vec![b"http/1.1".to_vec()],
+                client_crls: config.server.client_crl.clone(),
             })
             .context("loading the TLS material of server.https_listen")?,
         );
@@ -234,6 +255,7 @@ pub async fn run(
             api_tls,
             config.server.reload_interval,
             "https",
+            None,
         )));
     }
 
@@ -242,6 +264,12 @@ pub async fn run(
         pg_tls.clone(),
         config.server.reload_interval,
         "postgres",
+        Some(gw.clone()),
+    ));
+    let config_reload_task = tokio::spawn(config_reload_loop(
+        gw.clone(),
+        config.path.clone(),
+        config.server.reload_interval,
     ));
 
     // The periodic live scan (tollgate scan) with this gateway's own connection registry.
@@ -299,6 +327,7 @@ pub async fn run(
     ready.store(false, Ordering::SeqCst);
     accept_task.abort();
     reload_task.abort();
+    config_reload_task.abort();
     if let Some(t) = &scan_task {
         t.abort();
     }
@@ -348,9 +377,88 @@ fn publish_cert_gauges(tls: &ReloadableServerTls) {
     }
 }
 
+/// How often the aggregate of refused connections is recorded (one event per reason seen).
+const REFUSED_SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a session that depends on a grant re-reads it from the store.
+const GRANT_RECHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Re-read the config file's `[[identity.tokens]]` on change or SIGHUP. The whole file must
+/// validate; then the token set is swapped at once and running sessions re-check theirs. A bad
+/// file is logged and the previous tokens stay in force.
+async fn config_reload_loop(gw: Arc<PgGateway>, path: std::path::PathBuf, every: Duration) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_text = std::fs::read(&path).ok();
+    let mut last_error: Option<String> = None;
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending::<()>().await } } => true,
+        };
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                let msg = format!("cannot read {}: {e}", path.display());
+                if forced || last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(error = %msg, "config reload rejected; the previous tokens stay in force");
+                    last_error = Some(msg);
+                }
+                continue;
+            }
+        };
+        if !forced && last_text.as_deref() == Some(text.as_slice()) {
+            continue;
+        }
+        let outcome = match tollgate_config::load(&path) {
+            Ok(c) => {
+                let tokens = tollgate_pg::TokenSet::new(&c.identity.tokens);
+                tracing::info!(
+                    tokens = tokens.len(),
+                    forced,
+                    "config reloaded: service tokens swapped"
+                );
+                gw.tokens.store(Arc::new(tokens));
+                gw.standing_changed();
+                last_text = Some(text);
+                last_error = None;
+                "success"
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                // A file caught mid-write is retried at the next poll before it is reported.
+                let repeated = last_error.as_deref() == Some(msg.as_str());
+                if !forced && !repeated {
+                    last_error = Some(msg);
+                    continue;
+                }
+                if forced || repeated {
+                    tracing::error!(error = %msg, "config reload rejected; the previous tokens stay in force");
+                }
+                last_text = Some(text);
+                "failure"
+            }
+        };
+        registry()
+            .counter(
+                "tollgate_config_reloads_total",
+                "Config file reloads (service tokens) by outcome.",
+                &[("outcome", outcome)],
+            )
+            .inc();
+    }
+}
+
 /// Poll the certificate files and reload on change or SIGHUP. A bad file is logged and counted;
 /// the previous material keeps serving.
-async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration, listener: &'static str) {
+/// `sessions`: the gateway whose running sessions re-check their certificates after a reload
+/// (a new revocation list can revoke one).
+async fn reload_loop(
+    tls: Arc<ReloadableServerTls>,
+    every: Duration,
+    listener: &'static str,
+    sessions: Option<Arc<PgGateway>>,
+) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -378,6 +486,9 @@ async fn reload_loop(tls: Arc<ReloadableServerTls>, every: Duration, listener: &
                 last_error = None;
                 unconfirmed = None;
                 publish_cert_gauges(&tls);
+                if let Some(gw) = &sessions {
+                    gw.standing_changed();
+                }
                 Some("success")
             }
             Err(e) => {

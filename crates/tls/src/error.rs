@@ -22,6 +22,8 @@ pub enum TlsError {
     Expired { path: PathBuf, not_after: String },
     #[error("certificate {} is not valid before {not_before}; check the system clock or the certificate", path.display())]
     NotYetValid { path: PathBuf, not_before: String },
+    #[error("certificate revocation list {} is unusable: {reason}", path.display())]
+    BadCrl { path: PathBuf, reason: String },
     #[error("client CA file {} is unusable: {reason}", path.display())]
     ClientCa { path: PathBuf, reason: String },
     #[error("upstream TLS mode {mode} requires `tls.ca`: tollgate has no implicit system trust store; set tls.ca to the CA certificate that signed the upstream's certificate")]

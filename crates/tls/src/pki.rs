@@ -210,6 +210,47 @@ pub fn issue_client(
     ca.issue(params, spec.not_before, spec.ttl, &spec.groups, out_prefix)
 }
 
+/// A certificate revocation list signed by the CA in `ca_dir`, revoking the certificates in
+/// `revoked` (PEM files it issued), valid for `valid_for`; written to `out` as PEM. What
+/// `server.client_crl` reads (as it reads a CRL from any other CA).
+pub fn issue_crl(
+    ca_dir: &Path,
+    revoked: &[&Path],
+    valid_for: Duration,
+    out: &Path,
+) -> Result<PathBuf, PkiError> {
+    let ca = Ca::load(ca_dir)?;
+    let now = SystemTime::now();
+    let mut revoked_certs = Vec::with_capacity(revoked.len());
+    for path in revoked {
+        let pem = read_string(path)?;
+        let bad = |reason: String| PkiError::BadCertificate {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| bad(e.to_string()))?;
+        revoked_certs.push(rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(cert.raw_serial()),
+            revocation_time: time::OffsetDateTime::from(now),
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: time::OffsetDateTime::from(now - CLOCK_SKEW),
+        next_update: time::OffsetDateTime::from(now + valid_for),
+        crl_number: random_serial()?,
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&ca.issuer)?;
+    write_replace(out, crl.pem()?.as_bytes(), 0o644)?;
+    Ok(out.to_path_buf())
+}
+
 struct Ca {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,

@@ -1,5 +1,6 @@
 //! Listener TLS material: loaded, fully validated, then swapped whole.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -9,7 +10,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::{certs_from_pem, fmt_time, provider, read_file, unix_to_system_time, TlsError};
 
@@ -32,6 +33,9 @@ pub struct ListenerTlsSpec {
     pub client_ca: Option<PathBuf>,
     pub client_auth: ClientAuth,
     pub alpn: Vec<Vec<u8>>,
+    /// Revocation lists (PEM or DER) from the client CA, re-read with the certificates: a
+    /// revoked client certificate fails the handshake.
+    pub client_crls: Vec<PathBuf>,
 }
 
 /// Outcome of [`ReloadableServerTls::reload_if_changed`].
@@ -46,6 +50,8 @@ struct Material {
     digest: [u8; 32],
     cert_not_after: SystemTime,
     client_ca_not_after: Option<SystemTime>,
+    /// (issuer DN, serial) of every certificate the loaded CRLs revoke.
+    revoked: HashSet<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Certificate material of one listener, hot-swappable. Each accept calls `config()`;
@@ -123,19 +129,41 @@ impl ReloadableServerTls {
     pub fn client_ca_not_after(&self) -> Option<SystemTime> {
         self.current.load().client_ca_not_after
     }
+
+    /// Whether the revocation lists loaded now revoke this (DER) certificate: for sessions
+    /// opened before a CRL was reloaded. A certificate that does not parse counts as revoked.
+    pub fn is_revoked(&self, cert_der: &[u8]) -> bool {
+        let current = self.current.load();
+        if current.revoked.is_empty() {
+            return false;
+        }
+        match x509_parser::parse_x509_certificate(cert_der) {
+            Ok((_, c)) => current
+                .revoked
+                .contains(&(c.issuer().as_raw().to_vec(), c.raw_serial().to_vec())),
+            Err(_) => true,
+        }
+    }
+
+    /// How many certificates the loaded revocation lists revoke.
+    pub fn revoked_count(&self) -> usize {
+        self.current.load().revoked.len()
+    }
 }
 
 struct Files {
     cert: Vec<u8>,
     key: Vec<u8>,
     ca: Option<Vec<u8>>,
+    crls: Vec<Vec<u8>>,
 }
 
 impl Files {
     fn digest(&self) -> [u8; 32] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         // Length-prefixed so that moving bytes between files changes the digest.
-        for part in [Some(&self.cert), Some(&self.key), self.ca.as_ref()] {
+        let parts = [Some(&self.cert), Some(&self.key), self.ca.as_ref()];
+        for part in parts.into_iter().chain(self.crls.iter().map(Some)) {
             match part {
                 Some(bytes) => {
                     ctx.update(&(bytes.len() as u64).to_be_bytes());
@@ -157,11 +185,61 @@ fn read_files(spec: &ListenerTlsSpec) -> Result<Files, TlsError> {
         }
         _ => None,
     };
+    let crls = match ca {
+        Some(_) => spec
+            .client_crls
+            .iter()
+            .map(|p| read_file(p, "certificate revocation list"))
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
     Ok(Files {
         cert: read_file(&spec.cert, "certificate")?,
         key: read_file(&spec.key, "private key")?,
         ca,
+        crls,
     })
+}
+
+/// The CRLs of one file: PEM (one or more `X509 CRL` blocks) or a single DER CRL. Each must
+/// parse and be issued by one of the client CAs (`ca_subjects`); returns them with the
+/// (issuer, serial) pairs they revoke.
+fn parse_crls(
+    bytes: &[u8],
+    path: &Path,
+    ca_subjects: &[Vec<u8>],
+    revoked: &mut HashSet<(Vec<u8>, Vec<u8>)>,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bad = |reason: String| TlsError::BadCrl {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let ders: Vec<CertificateRevocationListDer<'static>> =
+        if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            CertificateRevocationListDer::pem_slice_iter(bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(format!("invalid PEM: {e}")))?
+        } else {
+            vec![CertificateRevocationListDer::from(bytes.to_vec())]
+        };
+    if ders.is_empty() {
+        return Err(bad("no -----BEGIN X509 CRL----- block".into()));
+    }
+    for der in &ders {
+        let (_, crl) =
+            x509_parser::parse_x509_crl(der).map_err(|e| bad(format!("not a valid CRL: {e}")))?;
+        let issuer = crl.issuer().as_raw().to_vec();
+        if !ca_subjects.contains(&issuer) {
+            return Err(bad(format!(
+                "issued by {}, which is not a CA in server.client_ca",
+                crl.issuer()
+            )));
+        }
+        for r in crl.iter_revoked_certificates() {
+            revoked.insert((issuer.clone(), r.raw_serial().to_vec()));
+        }
+    }
+    Ok(ders)
 }
 
 fn build(spec: &ListenerTlsSpec, files: &Files) -> Result<Material, TlsError> {
@@ -176,10 +254,29 @@ fn build(spec: &ListenerTlsSpec, files: &Files) -> Result<Material, TlsError> {
             context: "cannot select TLS versions".into(),
             source,
         })?;
+    let mut revoked = HashSet::new();
     let (builder, client_ca_not_after) = match (&files.ca, &spec.client_ca) {
         (Some(ca_bytes), Some(ca_path)) => {
             let (roots, not_after) = client_roots(ca_bytes, ca_path)?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let ca_subjects: Vec<Vec<u8>> = certs_from_pem(ca_bytes, ca_path)?
+                .iter()
+                .filter_map(|c| {
+                    x509_parser::parse_x509_certificate(c)
+                        .ok()
+                        .map(|(_, c)| c.subject().as_raw().to_vec())
+                })
+                .collect();
+            let mut crls = Vec::new();
+            for (bytes, path) in files.crls.iter().zip(&spec.client_crls) {
+                crls.extend(parse_crls(bytes, path, &ca_subjects, &mut revoked)?);
+            }
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            if !crls.is_empty() {
+                // Leaves only: an intermediate's revocation needs its own issuer's CRL, which
+                // deployments with a single client CA do not have.
+                verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+            }
             let verifier = if spec.client_auth == ClientAuth::Optional {
                 verifier.allow_unauthenticated()
             } else {
@@ -202,6 +299,7 @@ fn build(spec: &ListenerTlsSpec, files: &Files) -> Result<Material, TlsError> {
         digest: files.digest(),
         cert_not_after,
         client_ca_not_after,
+        revoked,
     })
 }
 

@@ -76,6 +76,7 @@ impl Pki {
             client_ca: Some(self.ca.cert.clone()),
             client_auth: auth,
             alpn: vec![b"postgresql".to_vec()],
+            client_crls: vec![],
         })
         .unwrap()
     }
@@ -174,6 +175,7 @@ fn load_rejects_invalid_material_with_paths() {
         client_ca: ca,
         client_auth: auth,
         alpn: vec![],
+        client_crls: vec![],
     };
     let err = ReloadableServerTls::load(spec(&other.key, None, ClientAuth::None)).unwrap_err();
     let msg = err.to_string();

@@ -48,6 +48,31 @@ impl Pki {
         };
         pki::issue_client(&self.dir, &spec, &self.dir.join(name)).expect("issue client cert")
     }
+
+    /// A client certificate that expires `valid_for` from now.
+    pub fn client_until(&self, name: &str, groups: &[&str], valid_for: Duration) -> IssuedFiles {
+        let skew = Duration::from_secs(2);
+        let spec = pki::ClientCertSpec {
+            name: name.into(),
+            spiffe: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ttl: valid_for + skew,
+            not_before: Some(std::time::SystemTime::now() - skew),
+        };
+        pki::issue_client(&self.dir, &spec, &self.dir.join(name)).expect("issue client cert")
+    }
+
+    /// Write (atomically replace) `pki/crl.pem`, revoking `revoked`.
+    pub fn write_crl(&self, revoked: &[&IssuedFiles]) -> PathBuf {
+        let paths: Vec<&Path> = revoked.iter().map(|f| f.cert.as_path()).collect();
+        pki::issue_crl(
+            &self.dir,
+            &paths,
+            Duration::from_secs(86400),
+            &self.dir.join("crl.pem"),
+        )
+        .expect("issue CRL")
+    }
 }
 
 /// The real `tollgate serve` process; killed on drop.
@@ -202,6 +227,8 @@ pub struct EnvOptions {
     pub resource_tls: Option<String>,
     pub client_cert: &'static str,
     pub envs: Vec<(String, String)>,
+    /// Runs once the PKI exists, before the gateway starts (e.g. to write a CRL it reads).
+    pub prepare: Option<fn(&Pki)>,
 }
 
 impl Default for EnvOptions {
@@ -213,6 +240,7 @@ impl Default for EnvOptions {
             resource_tls: None,
             client_cert: "optional",
             envs: vec![],
+            prepare: None,
         }
     }
 }
@@ -241,6 +269,9 @@ impl Env {
         let pki = Pki::new(&tmp.path().join("pki"));
         let gw_cert = pki.server("gateway");
         let alice = pki.client("alice", &["sre"]);
+        if let Some(prepare) = opts.prepare {
+            prepare(&pki);
+        }
         std::fs::write(tmp.path().join("app.password"), &pg.password).unwrap();
         let tls = opts.resource_tls.unwrap_or_else(|| format!("[resources.tls]\nmode = \"verify-full\"\nca = \"{}\"\nserver_name = \"localhost\"\n", pg.ca_cert.display()));
         let config = format!(
@@ -401,6 +432,15 @@ fn with_forced_capture(resource_extra: String) -> String {
         return resource_extra;
     }
     format!("capture_results = true\n{resource_extra}")
+}
+
+/// Connections refused before authentication with `reason`, summed over the gateway's
+/// aggregate `connection.refused` events (one per reason and interval).
+pub fn refused_count(evs: &[serde_json::Value], reason: &str) -> u64 {
+    evs.iter()
+        .filter(|e| e["kind"] == "connection.refused" && e["payload"]["reason"] == reason)
+        .map(|e| e["payload"]["count"].as_u64().unwrap_or(0))
+        .sum()
 }
 
 /// Events from a SQLite audit store, oldest first: {session_id, kind, payload}.

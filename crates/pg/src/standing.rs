@@ -1,0 +1,189 @@
+//! What a running session's right to continue rests on, and the watch that ends it when that
+//! goes: the client certificate's notAfter and revocation, the service token still being
+//! configured, the access grant (for an identity outside `allow_groups`) and the unmask grant.
+
+use crate::PgGateway;
+use serde_json::{json, Value};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tollgate_review::Grant;
+
+/// Why a session was ended from outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    CertExpired,
+    CertRevoked,
+    TokenRemoved,
+    AccessEnded { review: String },
+    UnmaskEnded { review: String },
+}
+
+impl Ended {
+    /// Fixed label for metrics and the audit event.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Ended::CertExpired => "cert_expired",
+            Ended::CertRevoked => "cert_revoked",
+            Ended::TokenRemoved => "token_removed",
+            Ended::AccessEnded { .. } => "access_grant_ended",
+            Ended::UnmaskEnded { .. } => "unmask_grant_ended",
+        }
+    }
+
+    /// SQLSTATE, message and hint of the FATAL the client receives.
+    pub fn client_error(&self, resource: &str) -> (&'static str, String, String) {
+        match self {
+            Ended::CertExpired => (
+                "28000",
+                "terminating connection: your client certificate has expired".into(),
+                "reconnect with a renewed certificate (e.g. `tollgate login` or `tollgate pki issue`)".into(),
+            ),
+            Ended::CertRevoked => (
+                "28000",
+                "terminating connection: your client certificate has been revoked".into(),
+                "ask an administrator for a new certificate".into(),
+            ),
+            Ended::TokenRemoved => (
+                "28000",
+                "terminating connection: the service token this session authenticated with is no longer accepted".into(),
+                "reconnect with a current token".into(),
+            ),
+            Ended::AccessEnded { review } => (
+                "57P01",
+                format!("terminating connection: your temporary access to resource \"{resource}\" (review {review}) has ended"),
+                format!("request access again with `tollgate access request {resource}`"),
+            ),
+            Ended::UnmaskEnded { review } => (
+                "57P01",
+                format!("terminating connection: your unmasked view of resource \"{resource}\" (review {review}) has ended"),
+                "reconnect to continue with masked results, or request an unmasked view again".into(),
+            ),
+        }
+    }
+
+    pub fn detail(&self) -> Value {
+        match self {
+            Ended::AccessEnded { review } | Ended::UnmaskEnded { review } => {
+                json!({"review": review})
+            }
+            _ => json!({}),
+        }
+    }
+}
+
+/// A session's standing, re-checked on every deadline, reload notice and grant re-read.
+pub(crate) struct Standing {
+    pub subject: String,
+    pub resource: String,
+    /// The client certificate (DER) and its notAfter, when it authenticated with one.
+    pub cert: Option<(Vec<u8>, Option<SystemTime>)>,
+    /// SHA-256 (lowercase hex) of the service token, when it authenticated with one.
+    pub token_sha256: Option<String>,
+    /// The access grant the session depends on (`None`: reached through `allow_groups`).
+    pub access: Option<Grant>,
+    /// The unmask grant the session was opened with.
+    pub unmask: Option<Grant>,
+}
+
+impl Standing {
+    /// The earliest time something runs out.
+    fn deadline(&self) -> Option<SystemTime> {
+        [
+            self.cert.as_ref().and_then(|(_, t)| *t),
+            self.access.as_ref().map(|g| g.until),
+            self.unmask.as_ref().map(|g| g.until),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn has_grant(&self) -> bool {
+        self.access.is_some() || self.unmask.is_some()
+    }
+
+    /// Whether the session may continue now; `recheck_grants` re-reads grants from the store.
+    fn check(&mut self, gw: &PgGateway, now: SystemTime, recheck_grants: bool) -> Option<Ended> {
+        if let Some((der, not_after)) = &self.cert {
+            if not_after.is_some_and(|t| now >= t) {
+                return Some(Ended::CertExpired);
+            }
+            if gw.tls.is_revoked(der) {
+                return Some(Ended::CertRevoked);
+            }
+        }
+        if let Some(sha) = &self.token_sha256 {
+            if !gw.tokens.load().holds(sha, &self.subject) {
+                return Some(Ended::TokenRemoved);
+            }
+        }
+        if let Some(g) = &self.access {
+            let current = if recheck_grants {
+                gw.reviews
+                    .as_ref()
+                    .and_then(|r| r.active_grant(&self.subject, &self.resource))
+            } else {
+                Some(g.clone()).filter(|g| now < g.until)
+            };
+            match current {
+                Some(c) if now < c.until => self.access = Some(c),
+                _ => {
+                    return Some(Ended::AccessEnded {
+                        review: g.review_id.clone(),
+                    })
+                }
+            }
+        }
+        if let Some(g) = &self.unmask {
+            let current = if recheck_grants {
+                gw.reviews
+                    .as_ref()
+                    .and_then(|r| r.active_unmask(&self.subject, &self.resource))
+            } else {
+                Some(g.clone()).filter(|g| now < g.until)
+            };
+            match current {
+                Some(c) if now < c.until => self.unmask = Some(c),
+                _ => {
+                    return Some(Ended::UnmaskEnded {
+                        review: g.review_id.clone(),
+                    })
+                }
+            }
+        }
+        None
+    }
+
+    /// Resolves when the session must end; never resolves while its standing holds.
+    pub async fn lost(mut self, gw: &PgGateway) -> Ended {
+        let mut changes = gw.standing.subscribe();
+        let mut recheck =
+            tokio::time::interval_at(Instant::now() + gw.grant_recheck, gw.grant_recheck);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Far-off deadlines are re-armed hourly, so a stepped wall clock is noticed.
+            let wait = self
+                .deadline()
+                .map(|d| {
+                    d.duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                })
+                .unwrap_or(Duration::from_secs(3600))
+                .min(Duration::from_secs(3600));
+            let recheck_grants = tokio::select! {
+                _ = tokio::time::sleep(wait) => false,
+                r = changes.changed() => {
+                    if r.is_err() {
+                        // The gateway is shutting down: nothing will notify again.
+                        std::future::pending::<()>().await;
+                    }
+                    true
+                }
+                _ = recheck.tick(), if self.has_grant() => true,
+            };
+            if let Some(end) = self.check(gw, SystemTime::now(), recheck_grants) {
+                return end;
+            }
+        }
+    }
+}
