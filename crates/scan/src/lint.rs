@@ -90,6 +90,23 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
         ));
     }
 
+    l.connection_limits(s);
+    if s.client_ca.is_some() {
+        if s.client_crl.is_empty() {
+            l.push(Finding::new(
+                "client_crl_missing",
+                Severity::Low,
+                None,
+                "server.client_crl",
+                "client certificates are accepted but no revocation list is configured: a stolen or withdrawn certificate stays usable until it expires",
+                "list your client CA's CRL files in client_crl (PEM or DER; re-read on change), or keep client certificates short-lived",
+            ));
+        }
+        for p in &s.client_crl {
+            l.exists(p, "server.client_crl", None, "certificate revocation list");
+        }
+    }
+
     // Groups some identity source or role names; rules and approvers must use these.
     let mut known: BTreeSet<&str> = BTreeSet::new();
     known.extend(config.roles.admin_groups.iter().map(String::as_str));
@@ -225,6 +242,41 @@ struct Lint<'a> {
 impl Lint<'_> {
     fn push(&mut self, f: Finding) {
         self.out.push(f);
+    }
+
+    /// Connection caps turned off (0): one client or one leaked credential can exhaust the gateway.
+    fn connection_limits(&mut self, s: &tollgate_config::Server) {
+        for (key, value, severity, what) in [
+            (
+                "server.max_connections",
+                s.max_connections,
+                Severity::Medium,
+                "the gateway accepts connections until it runs out of file descriptors or memory",
+            ),
+            (
+                "server.max_connections_per_source",
+                s.max_connections_per_source,
+                Severity::Low,
+                "one address can take every connection the gateway has",
+            ),
+            (
+                "server.max_connections_per_identity",
+                s.max_connections_per_identity,
+                Severity::Low,
+                "one identity (or a leaked token) can take every connection the gateway has",
+            ),
+        ] {
+            if value == 0 {
+                self.push(Finding::new(
+                    "connection_limit_disabled",
+                    severity,
+                    None,
+                    key,
+                    format!("{key} = 0 turns the limit off: {what}"),
+                    format!("remove the key (default {}) or set a limit above your busiest client's pool size", tollgate_config::DEFAULT_MAX_CONNECTIONS),
+                ));
+            }
+        }
     }
 
     /// Guardrails that would not load, and statements the parser cannot read let through.
@@ -393,6 +445,13 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             pki::init_ca(&dir.path().join("pki"), "test CA").unwrap();
             pki::init_ca(&dir.path().join("db"), "db CA").unwrap();
+            pki::issue_crl(
+                &dir.path().join("pki"),
+                &[],
+                Duration::from_secs(86_400),
+                &dir.path().join("pki/crl.pem"),
+            )
+            .unwrap();
             let f = Fixture { dir };
             f.server_cert("gateway", None, Duration::from_secs(90 * 86_400));
             std::fs::write(f.path("app.password"), "pw").unwrap();
@@ -423,6 +482,7 @@ postgres_listen = "127.0.0.1:6432"
 tls_cert = "pki/gateway.crt"
 tls_key = "pki/gateway.key"
 client_ca = "pki/ca.crt"
+client_crl = ["pki/crl.pem"]
 store = "sqlite://tollgate.db"
 {extra_server}
 
@@ -621,6 +681,41 @@ approvers = ["sre", "dbas"]
         let rule = "unparsable = \"allow\"\n[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
         let found = f.check(&f.config("", rule));
         assert_eq!(kinds(&found), ["unparsable_allowed"], "{found:?}");
+    }
+
+    #[test]
+    fn disabled_connection_limits_are_findings() {
+        let f = Fixture::new();
+        let found = f.check(&f.config(
+            "max_connections = 0\nmax_connections_per_source = 0\nmax_connections_per_identity = 0",
+            "",
+        ));
+        assert_eq!(kinds(&found), vec!["connection_limit_disabled"; 3]);
+        assert_eq!(found[0].severity, Severity::Medium);
+        assert_eq!(found[0].key, "server.max_connections");
+        assert!(found.iter().skip(1).all(|f| f.severity == Severity::Low));
+        // Explicit limits, however high, are fine.
+        assert_eq!(f.check(&f.config("max_connections = 50000", "")), vec![]);
+    }
+
+    #[test]
+    fn client_certificates_without_a_crl_are_a_low_finding() {
+        let f = Fixture::new();
+        let c = f.config("", "");
+        let mut without = c.clone();
+        without.server.client_crl.clear();
+        let found = f.check(&without);
+        assert_eq!(kinds(&found), vec!["client_crl_missing"]);
+        assert_eq!(found[0].severity, Severity::Low);
+        // A listed CRL that is missing is a finding of its own.
+        let mut missing = c.clone();
+        missing.server.client_crl = vec![f.path("pki/nope.pem")];
+        assert_eq!(kinds(&f.check(&missing)), vec!["missing_file"]);
+        // No client CA, no client certificates: nothing to revoke.
+        let mut no_ca = c;
+        no_ca.server.client_ca = None;
+        no_ca.server.client_crl.clear();
+        assert_eq!(f.check(&no_ca), vec![]);
     }
 
     #[test]

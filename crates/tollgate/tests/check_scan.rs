@@ -61,7 +61,8 @@ fn check_passes_a_clean_config_and_fails_each_weakness() {
     let db = Pki::new(&d.join("db"));
     std::fs::write(d.join("app.password"), "pw").unwrap();
     std::fs::set_permissions(d.join("app.password"), PermissionsExt::from_mode(0o600)).unwrap();
-    let server = "[server]\npostgres_listen = \"127.0.0.1:6432\"\ntls_cert = \"pki/gateway.crt\"\ntls_key = \"pki/gateway.key\"\nclient_ca = \"pki/ca.crt\"\nstore = \"sqlite://audit.db\"\n";
+    pki.write_crl(&[]);
+    let server = "[server]\npostgres_listen = \"127.0.0.1:6432\"\ntls_cert = \"pki/gateway.crt\"\ntls_key = \"pki/gateway.key\"\nclient_ca = \"pki/ca.crt\"\nclient_crl = [\"pki/crl.pem\"]\nstore = \"sqlite://audit.db\"\n";
     let clean = format!(
         "{server}\n[[resources]]\nname = \"app\"\nkind = \"postgres\"\nupstream = \"127.0.0.1:5432\"\nallow_groups = [\"sre\"]\n[resources.tls]\nca = \"{}\"\nserver_name = \"localhost\"\n[resources.credentials]\nuser = \"app\"\npassword_file = \"app.password\"\n",
         db.ca.display()
@@ -87,6 +88,7 @@ fn check_passes_a_clean_config_and_fails_each_weakness() {
     .unwrap();
     let weak = format!(
         r#"{server}audit_failure = "open"
+max_connections = 0
 
 [[resources]]
 name = "plain"
@@ -142,6 +144,7 @@ approvers = ["dbas"]
         ("cert_expiring", "", "server.tls_cert"),
         ("key_permissions", "", "server.tls_key"),
         ("audit_fail_open", "", "server.audit_failure"),
+        ("connection_limit_disabled", "", "server.max_connections"),
         (
             "missing_file",
             "[plain]",
@@ -160,7 +163,7 @@ approvers = ["dbas"]
             "no {kind} line for {resource} {key}:\n{text}"
         );
     }
-    assert_eq!(text.lines().count(), 10, "{text}");
+    assert_eq!(text.lines().count(), 11, "{text}");
     assert!(
         text.contains("expires in 2 days") || text.contains("expires in 3 days"),
         "{text}"
@@ -175,6 +178,7 @@ approvers = ["dbas"]
         [
             "audit_fail_open",
             "cert_expiring",
+            "connection_limit_disabled",
             "key_permissions",
             "missing_file",
             "unknown_group",
