@@ -25,7 +25,9 @@ use tokio::net::TcpStream;
 use tollgate_identity::Identity;
 use tollgate_mask::{CopyFormat, RowPlan};
 use tollgate_metrics::registry;
-use tollgate_policy::{Caller, Decision, ResourcePolicy, SessionPolicy};
+use tollgate_policy::{
+    Caller, Confirmation, Decision, Judgement, ResourcePolicy, SessionPolicy, CATALOG_QUERY,
+};
 use tollgate_review::{NewReview, Review, ReviewKind, Reviewer, Reviews, Verdict as ReviewVerdict};
 use tollgate_store::{canonical_json, CanonicalObject, EventInput};
 
@@ -46,6 +48,10 @@ pub(crate) enum Outcome {
     ProtocolError,
     /// A command's audit event could not be written, so the command was refused.
     AuditUnavailable,
+    /// A setting the guardrails' SQL parser depends on left its pinned value upstream.
+    DialectChanged,
+    /// A per-session limit (prepared statements, portals) was reached.
+    LimitReached,
 }
 
 impl Outcome {
@@ -56,6 +62,8 @@ impl Outcome {
             Outcome::UpstreamLost => "upstream_lost",
             Outcome::ProtocolError => "protocol_error",
             Outcome::AuditUnavailable => "audit_unavailable",
+            Outcome::DialectChanged => "dialect_changed",
+            Outcome::LimitReached => "limit_reached",
         }
     }
 }
@@ -75,23 +83,34 @@ pub(crate) struct RelayEnd {
 /// A request whose answer the response direction still expects, in the order sent.
 #[derive(Clone, PartialEq, Eq)]
 enum Kind {
-    /// A simple Query or FunctionCall: complete at ReadyForQuery.
+    /// A simple Query or FunctionCall: complete at ReadyForQuery. `effects`: the guardrails'
+    /// prepared-statement changes it makes, settled by its outcome.
     Query {
         copy: Option<CopyFormat>,
+        effects: Vec<u64>,
     },
     /// An extended-protocol Execute: complete at CommandComplete/EmptyQuery/PortalSuspended/Error.
     Execute {
         portal: String,
         copy: Option<CopyFormat>,
+        effects: Vec<u64>,
     },
-    /// A Sync: the end of an extended-protocol pipeline.
-    Sync,
-    // Only tracked when the session filters responses (masking or result capture):
-    Parse(String),
+    /// A Sync: the end of an extended-protocol pipeline (`segment`: the guardrails' number for
+    /// it, whose portals are gone when the server reports it is idle).
+    Sync {
+        segment: Option<u64>,
+    },
+    // Only tracked when the session filters responses or has guardrails (`seq`: the
+    // guardrails' number for the change, confirmed by the server's answer):
+    Parse {
+        name: String,
+        seq: Option<u64>,
+    },
     Bind {
         portal: String,
         statement: String,
         formats: Vec<i16>,
+        seq: Option<u64>,
     },
     /// `injected`: sent by the gateway to learn a result's shape; its answer is not forwarded.
     Describe {
@@ -102,6 +121,7 @@ enum Kind {
     Close {
         kind: u8,
         name: String,
+        seq: Option<u64>,
     },
 }
 
@@ -109,6 +129,25 @@ impl Kind {
     fn is_command(&self) -> bool {
         matches!(self, Kind::Query { .. } | Kind::Execute { .. })
     }
+
+    /// The guardrails' change this request carries: its own, or those of the command.
+    fn changes(&self) -> Vec<u64> {
+        match self {
+            Kind::Parse { seq, .. } | Kind::Bind { seq, .. } | Kind::Close { seq, .. } => {
+                seq.iter().copied().collect()
+            }
+            Kind::Query { effects, .. } | Kind::Execute { effects, .. } => effects.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// What the server's answers settled about the guardrails' view of the session, for the client
+/// direction to apply before it judges the next message.
+enum Settled {
+    Change(u64, Confirmation),
+    /// ReadyForQuery outside a transaction after the Sync that closed this segment.
+    Idle(u64),
 }
 
 struct Pending {
@@ -118,9 +157,17 @@ struct Pending {
     rows: u64,
     tag: Option<String>,
     error: Option<String>,
-    /// The command was refused by the gateway: it was replaced upstream by a statement that
+    /// The request was refused by the gateway: it was replaced upstream by a statement that
     /// fails, and the client gets this ErrorResponse instead of that failure.
     denial: Option<Vec<u8>>,
+}
+
+impl Pending {
+    fn settle(&self, how: Confirmation, out: &mut Vec<Settled>) {
+        for seq in self.kind.changes() {
+            out.push(Settled::Change(seq, how));
+        }
+    }
 }
 
 /// Requests forwarded and not yet answered, in order; shared by the two directions. Finished
@@ -133,6 +180,10 @@ struct Tracker<'a> {
     /// they describe is on its way to the client (off the round trip's critical path, and in
     /// one journal append per batch of answers); every other path flushes them first.
     results: Mutex<Vec<ResultEvent>>,
+    /// Answers that settle the guardrails' view (prepared statements, portals).
+    settled: Mutex<Vec<Settled>>,
+    /// ReadyForQuery messages seen so far, each after the ParameterStatus before it was checked.
+    ready: tokio::sync::watch::Sender<u64>,
 }
 
 /// A command's result event, until `Tracker::flush_results` writes it (as canonical JSON, with
@@ -205,13 +256,31 @@ impl Tracker<'_> {
         }
     }
 
-    /// The ErrorResponse to send for the oldest command, when the gateway refused it.
+    /// The request queued last (a Parse) was refused: its answer becomes `error`.
+    fn deny_last(&self, error: Vec<u8>) {
+        if let Some(p) = self.lock().back_mut() {
+            p.denial = Some(error);
+        }
+    }
+
+    /// The ErrorResponse to send for the oldest request, when the gateway refused it.
     fn take_denial(&self) -> Option<Vec<u8>> {
-        // Only when the command is next: otherwise the error answers an earlier request.
-        let mut q = self.lock();
-        q.front_mut()
-            .filter(|p| p.kind.is_command())
-            .and_then(|p| p.denial.take())
+        // Only when the request is next: otherwise the error answers an earlier request.
+        self.lock().front_mut().and_then(|p| p.denial.take())
+    }
+
+    fn settle(&self, mut settled: Vec<Settled>) {
+        if !settled.is_empty() {
+            self.settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut settled);
+        }
+    }
+
+    /// What the server settled since the last call.
+    fn take_settled(&self) -> Vec<Settled> {
+        std::mem::take(&mut *self.settled.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn emit(&self, p: &Pending, outcome: &'static str, extra: Option<Value>) {
@@ -257,11 +326,16 @@ impl Tracker<'_> {
         self.lock().front().map(|p| p.kind.clone())
     }
 
-    /// Removes the oldest request when it is of the kind a response answers.
+    /// Removes the oldest request when it is of the kind a response answers (which confirms it).
     fn pop_if(&self, answers: impl Fn(&Kind) -> bool) -> Option<Kind> {
         let mut q = self.lock();
         if q.front().is_some_and(|p| answers(&p.kind)) {
-            q.pop_front().map(|p| p.kind)
+            let p = q.pop_front()?;
+            drop(q);
+            let mut settled = Vec::new();
+            p.settle(Confirmation::Done, &mut settled);
+            self.settle(settled);
+            Some(p.kind)
         } else {
             None
         }
@@ -275,8 +349,12 @@ impl Tracker<'_> {
         match q[i].kind {
             Kind::Execute { .. } => {
                 let mut p = q.remove(i).expect("index is in range");
+                drop(q);
                 p.rows = rows;
                 p.tag = Some(tag);
+                let mut settled = Vec::new();
+                p.settle(Confirmation::Done, &mut settled);
+                self.settle(settled);
                 Some(p)
             }
             _ => {
@@ -307,44 +385,66 @@ impl Tracker<'_> {
     fn error(&self, code: String) -> Finished {
         let mut q = self.lock();
         match q.front().map(|p| &p.kind) {
-            None | Some(Kind::Sync) => return Vec::new(),
+            None | Some(Kind::Sync { .. }) => return Vec::new(),
             Some(Kind::Query { .. }) => {
                 q[0].error = Some(code);
                 return Vec::new();
             }
             _ => {}
         }
+        let mut settled = Vec::new();
         let mut failed = q.pop_front().expect("front exists");
+        failed.settle(Confirmation::Failed, &mut settled);
         let mut done = Vec::new();
         if failed.kind.is_command() {
             failed.error = Some(code);
             done.push((failed, "error"));
         } else if let Some(i) = q.iter().position(|p| p.kind.is_command()) {
             // A Parse, Bind or Describe failed: the command it prepared is the one that failed.
-            if i == 0 || q.iter().take(i).all(|p| !matches!(p.kind, Kind::Sync)) {
+            if i == 0
+                || q.iter()
+                    .take(i)
+                    .all(|p| !matches!(p.kind, Kind::Sync { .. }))
+            {
                 let mut p = q.remove(i).expect("index is in range");
+                p.settle(Confirmation::Skipped, &mut settled);
                 p.error = Some(code);
                 done.push((p, "error"));
             }
         }
         while q
             .front()
-            .is_some_and(|p| !matches!(p.kind, Kind::Sync | Kind::Query { .. }))
+            .is_some_and(|p| !matches!(p.kind, Kind::Sync { .. } | Kind::Query { .. }))
         {
             let p = q.pop_front().expect("front exists");
+            p.settle(Confirmation::Skipped, &mut settled);
             if p.kind.is_command() {
                 done.push((p, "skipped"));
             }
         }
+        drop(q);
+        self.settle(settled);
         done
     }
 
-    /// ReadyForQuery: everything up to the first Sync or Query is finished.
-    fn ready(&self) -> Finished {
+    /// ReadyForQuery (`status`: I idle, T in a transaction, E failed transaction): everything
+    /// up to the first Sync or Query is finished.
+    fn ready(&self, status: u8) -> Finished {
         let mut done = Vec::new();
+        let mut settled = Vec::new();
         let mut q = self.lock();
         while let Some(p) = q.pop_front() {
-            let boundary = matches!(p.kind, Kind::Sync | Kind::Query { .. });
+            let boundary = matches!(p.kind, Kind::Sync { .. } | Kind::Query { .. });
+            match (&p.kind, &p.error) {
+                (Kind::Query { .. }, None) => p.settle(Confirmation::Done, &mut settled),
+                (Kind::Query { .. }, Some(_)) => p.settle(Confirmation::Failed, &mut settled),
+                (Kind::Sync { segment: Some(s) }, _) if status == b'I' => {
+                    settled.push(Settled::Idle(*s))
+                }
+                // Unanswered before ReadyForQuery: skipped.
+                (Kind::Execute { .. }, _) => p.settle(Confirmation::Skipped, &mut settled),
+                _ => {}
+            }
             if p.kind.is_command() {
                 let outcome = match (&p.kind, &p.error) {
                     (Kind::Execute { .. }, _) => "skipped",
@@ -357,6 +457,9 @@ impl Tracker<'_> {
                 break;
             }
         }
+        drop(q);
+        self.settle(settled);
+        self.ready.send_modify(|n| *n += 1);
         done
     }
 
@@ -394,6 +497,10 @@ impl Drop for Tracker<'_> {
 enum Stop {
     Outcome(Outcome),
     Protocol(String),
+    /// A setting the guardrails depend on changed upstream (its name and value).
+    Dialect(String),
+    /// A per-session limit.
+    Limit(String),
 }
 
 /// Who is on the client side of a relay.
@@ -419,12 +526,17 @@ pub(crate) async fn run(
         unmasked,
     } = caller;
     let Connected {
-        stream,
+        mut stream,
         pid: upstream_pid,
         secret: upstream_secret,
         leftover,
         ..
     } = up;
+    if let Some(policy) = target.policy.as_ref() {
+        if policy.needs_catalog() && leftover.is_empty() {
+            learn_catalog(&mut stream, policy, gw.max_message, &target.resource.name).await;
+        }
+    }
     let (mut crd, cwr) = tokio::io::split(client);
     // Both directions write to the client: responses, and the notice of a held command.
     let client_out = tokio::sync::Mutex::new(cwr);
@@ -434,6 +546,8 @@ pub(crate) async fn run(
         next: AtomicU64::new(0),
         log,
         results: Mutex::new(Vec::new()),
+        settled: Mutex::new(Vec::new()),
+        ready: tokio::sync::watch::Sender::new(0),
     };
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
@@ -451,7 +565,10 @@ pub(crate) async fn run(
         resource.capture_results.then_some(resource.capture_bytes),
         &resource.name,
     );
-    let track = filter.is_some();
+    // Guardrails follow prepared statements and portals by the server's answers, as the
+    // filter follows result shapes: both need every request queued.
+    let track = filter.is_some() || target.policy.is_some();
+    let watch_dialect = target.policy.is_some();
     // Statement texts and parameters are recorded with the content detectors applied, so a
     // literal in a statement does not put an original value in the audit record.
     let redact = target.audit_mask.as_ref().map(|p| p.text_plan(&[]));
@@ -473,17 +590,21 @@ pub(crate) async fn run(
         bytes: &from_client,
         commands: &commands,
         track,
+        shapes: filter.is_some(),
         redact: redact.as_ref(),
+        limits: (resource.max_prepared_statements, resource.max_portals),
     };
 
     let stop = tokio::select! {
         s = client_to_upstream(&side, &mut crd, &mut uwr, guard) => s,
-        s = upstream_to_client(&mut urd, &client_out, &tracker, &to_client, leftover, limit, filter) => s,
+        s = upstream_to_client(&mut urd, &client_out, &tracker, &to_client, leftover, limit, filter, (track, watch_dialect)) => s,
     };
     let mut cwr = client_out.into_inner();
     let (outcome, error) = match stop {
         Stop::Outcome(o) => (o, None),
         Stop::Protocol(e) => (Outcome::ProtocolError, Some(e)),
+        Stop::Dialect(e) => (Outcome::DialectChanged, Some(e)),
+        Stop::Limit(e) => (Outcome::LimitReached, Some(e)),
     };
     let pending = tracker.interrupt_pending();
     match outcome {
@@ -522,6 +643,35 @@ pub(crate) async fn run(
             let _ = uwr.write_all(&frontend::terminate()).await;
             let _ = uwr.flush().await;
         }
+        Outcome::DialectChanged | Outcome::LimitReached => {
+            let (code, msg, hint) = if outcome == Outcome::DialectChanged {
+                tracing::warn!(session = %log.id, setting = %error.as_deref().unwrap_or(""), "a setting the guardrails depend on changed upstream; ending the session");
+                (
+                    "08P01",
+                    format!(
+                        "tollgate ended this session: the server reported {}, which the gateway's guardrails cannot read SQL under",
+                        error.as_deref().unwrap_or("a changed setting")
+                    ),
+                    "reconnect; standard_conforming_strings must stay on and client_encoding UTF8 through the gateway",
+                )
+            } else {
+                (
+                    "54000",
+                    format!("tollgate ended this session: {}", error.as_deref().unwrap_or("a limit was reached")),
+                    "close prepared statements and portals the session no longer uses (Close, DEALLOCATE), or ask the operator to raise max_prepared_statements / max_portals",
+                )
+            };
+            log.event(
+                "session.terminated",
+                json!({"reason": outcome.as_str(), "detail": error}),
+            );
+            let _ = cwr
+                .write_all(&backend::error(Severity::Fatal, code, &msg, Some(hint)))
+                .await;
+            let _ = cwr.flush().await;
+            let _ = uwr.write_all(&frontend::terminate()).await;
+            let _ = uwr.flush().await;
+        }
         Outcome::ClientGone => {
             let _ = uwr.write_all(&frontend::terminate()).await;
             let _ = uwr.flush().await;
@@ -542,6 +692,65 @@ pub(crate) async fn run(
     }
 }
 
+/// Reads the upstream's function catalog for the guardrails ([`CATALOG_QUERY`]) on a session's
+/// own upstream connection, before the client's first message. Failure leaves the catalog
+/// unknown, which judges every call as opaque (fail closed) and is logged.
+async fn learn_catalog(
+    stream: &mut crate::upstream::UpStream,
+    policy: &ResourcePolicy,
+    limit: usize,
+    resource: &str,
+) {
+    let result = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        stream.write_all(&frontend::query(CATALOG_QUERY)).await?;
+        stream.flush().await?;
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let mut row: Option<(String, String)> = None;
+        let mut failed = None;
+        loop {
+            while let Some(f) = next_frame(&buf, limit).map_err(std::io::Error::other)? {
+                let body = f.body(&buf);
+                match f.tag {
+                    b'D' => {
+                        row = match backend::parse_data_row(body).ok().as_deref() {
+                            Some([Some(a), Some(b)]) => Some((
+                                String::from_utf8_lossy(a).into_owned(),
+                                String::from_utf8_lossy(b).into_owned(),
+                            )),
+                            _ => None,
+                        }
+                    }
+                    b'E' => failed = Some(backend::parse_error(body).unwrap_or_default().message),
+                    b'Z' => {
+                        return Ok::<_, std::io::Error>(row.ok_or_else(|| {
+                            std::io::Error::other(failed.unwrap_or_else(|| "no row".into()))
+                        })?)
+                    }
+                    _ => {}
+                }
+                let _ = buf.split_to(f.total_len);
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(std::io::Error::other("connection closed"));
+            }
+        }
+    })
+    .await;
+    let parsed = match result {
+        Ok(Ok((builtin, elsewhere))) => serde_json::from_str::<Vec<String>>(&builtin)
+            .and_then(|b| Ok((b, serde_json::from_str::<Vec<String>>(&elsewhere)?)))
+            .map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    };
+    match parsed {
+        Ok((builtin, elsewhere)) => policy.set_catalog(builtin, elsewhere),
+        Err(e) => {
+            tracing::warn!(resource, error = %e, "could not read the upstream's function catalog; every function call is judged as opaque code")
+        }
+    }
+}
+
 /// Statement and portal texts, so an Execute can be recorded with the SQL it runs, and (when
 /// responses are filtered) whether the client had their result shape described.
 #[derive(Default)]
@@ -552,17 +761,22 @@ struct Prepared {
 
 #[derive(Clone)]
 struct Statement {
+    /// Its text, clipped to `MAX_TEXT` (what the audit record shows).
     text: Arc<str>,
+    /// SHA-256 of its full text.
+    full: [u8; 32],
     described: bool,
 }
 
 #[derive(Clone)]
 struct PortalText {
     text: Arc<str>,
-    /// The prepared statement it runs.
-    statement: String,
     params: Value,
     described: bool,
+    /// SHA-256 over the statement's full text and the Bind's parameters (what an approval binds to).
+    digest: String,
+    /// The pipeline segment it was bound in (gone once the server is idle after it).
+    segment: u64,
 }
 
 /// Rewrites a batch of messages: the untouched runs are copied as they are, and nothing is
@@ -601,10 +815,14 @@ struct ClientSide<'a> {
     tracker: &'a Tracker<'a>,
     bytes: &'a AtomicU64,
     commands: &'a tollgate_metrics::Cell,
-    /// Queue every request whose answer carries a result shape (the session filters responses).
+    /// Queue every request (the session filters responses or has guardrails).
     track: bool,
+    /// Send a Describe before an Execute whose result shape nobody asked for (filtering).
+    shapes: bool,
     /// Content detectors for the recorded statement texts and parameters.
     redact: Option<&'a RowPlan>,
+    /// `resources.max_prepared_statements` and `max_portals`.
+    limits: (usize, usize),
 }
 
 /// The guardrails of a session: the resource's rules with this session's prepared statements,
@@ -657,13 +875,20 @@ where
         bytes,
         commands,
         track,
+        shapes,
         redact,
+        limits,
     } = *side;
     let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut prepared = Prepared::default();
     let mut events: Vec<EventInput> = Vec::new();
     let mut splice = Splice::default();
+    // ReadyForQuery messages the requests forwarded so far will bring (one per Query,
+    // FunctionCall and Sync), and the pipeline state of a command that may change settings.
+    let mut boundaries: u64 = 0;
+    let mut segment: u64 = 0;
+    let mut risky_pipeline = false;
     loop {
         match rd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return Stop::Outcome(Outcome::ClientGone),
@@ -684,21 +909,59 @@ where
                 }
             };
             let body = f.body(&buf[pos..]);
+            // What the server settled since: prepared statements, portals, finished pipelines.
+            for settled in tracker.take_settled() {
+                if let Settled::Idle(seg) = settled {
+                    prepared.portals.retain(|_, p| p.segment > seg);
+                }
+                if let Some(g) = guard.as_mut() {
+                    match settled {
+                        Settled::Change(seq, how) => g.session.confirm(seq, how),
+                        Settled::Idle(seg) => g.session.idle(seg),
+                    }
+                }
+            }
+            let end = pos + f.total_len;
+            if guard.is_some() && risky_pipeline && f.tag == b'P' {
+                // The server parses this after a command that may have changed how SQL reads,
+                // before the gateway can see the outcome: refused.
+                let (code, msg, hint) = unsettled_pipeline();
+                if track {
+                    let name = frontend::parse_parse(body)
+                        .map(|p| p.statement)
+                        .unwrap_or_default();
+                    tracker.push(Kind::Parse { name, seq: None });
+                    tracker.deny_last(backend::error(Severity::Error, code, msg, Some(hint)));
+                }
+                tracker.log.event(
+                    "command.refused",
+                    json!({"reason": "unsettled_pipeline", "protocol": "extended"}),
+                );
+                splice.replace(&buf, pos, end, &failing_stand_in(b'E'));
+                pos = end;
+                continue;
+            }
             let mut inject = None;
-            let mut decision = None;
+            let mut judged = Judged::default();
+            let ctx = Inspect {
+                track,
+                segment,
+                limits,
+            };
             match inspect_client(
                 f.tag,
                 body,
                 &mut prepared,
                 tracker,
                 &mut events,
-                track.then_some(&mut inject),
+                shapes.then_some(&mut inject),
+                &ctx,
                 guard.as_mut().map(|g| {
                     let who = Caller {
                         subject: g.subject,
                         groups: g.groups,
                     };
-                    (&mut g.session, g.policy, who, &mut decision)
+                    (&mut g.session, g.policy, who, &mut judged)
                 }),
             ) {
                 Ok(true) => {
@@ -709,17 +972,41 @@ where
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    stop = Some(Stop::Protocol(e));
+                    stop = Some(e);
                     break;
                 }
+            }
+            if let Some(e) = judged.limit.take() {
+                stop = Some(Stop::Limit(e));
+                break;
+            }
+            if matches!(f.tag, b'Q' | b'F' | b'S') {
+                boundaries += 1;
+            }
+            if f.tag == b'S' {
+                segment += 1;
+            }
+            if guard.is_some() && risky_pipeline && f.tag == b'Q' && judged.decision.is_none() {
+                let (code, msg, hint) = unsettled_pipeline();
+                judged.decision = Some(Decision::Deny {
+                    rule: "sql_safety".into(),
+                    message: msg.into(),
+                });
+                judged.hint = Some((code, hint));
             }
             let n = events
                 .last()
                 .and_then(|e| e.payload["n"].as_u64())
                 .unwrap_or(0);
-            let refusal: Option<(&'static str, String, Option<String>)> = match decision {
+            let refusal: Option<(&'static str, String, Option<String>)> = match judged
+                .decision
+                .take()
+            {
                 None | Some(Decision::Allow { .. }) => None,
-                Some(Decision::Deny { message, .. }) => Some(("42501", message, None)),
+                Some(Decision::Deny { message, .. }) => {
+                    let (code, hint) = judged.hint.take().unwrap_or(("42501", ""));
+                    Some((code, message, (!hint.is_empty()).then(|| hint.to_string())))
+                }
                 Some(Decision::Review {
                     rule,
                     approvers,
@@ -727,19 +1014,21 @@ where
                     timeout,
                 }) => {
                     let g = guard.as_mut().expect("a decision comes from a guard");
-                    let original = statement_of(f.tag, body, &prepared);
-                    let shown = events
-                        .last()
-                        .and_then(|e| e.payload["text"].as_str())
-                        .unwrap_or_default()
-                        .to_string();
                     let ask = Ask {
                         n,
-                        shown,
-                        sha256: hex::encode(ring::digest::digest(
-                            &ring::digest::SHA256,
-                            original.as_bytes(),
-                        )),
+                        shown: review_text(
+                            f.tag,
+                            body,
+                            &prepared,
+                            &g.session,
+                            events.last(),
+                            redact,
+                        ),
+                        sha256: events
+                            .last()
+                            .and_then(|e| e.payload["digest"].as_str())
+                            .map(|d| d.trim_start_matches("sha256:").to_string())
+                            .unwrap_or_default(),
                         rule,
                         approvers,
                         min_approvals,
@@ -776,6 +1065,7 @@ where
                 }
             };
             let end = pos + f.total_len;
+            let refused = refusal.is_some();
             if let Some((code, msg, hint)) = refusal {
                 // A Describe queued for this Execute still goes first: its answer is expected.
                 let mut with = inject.unwrap_or_default();
@@ -795,6 +1085,30 @@ where
                 stop = Some(Stop::Outcome(Outcome::Closed));
                 break;
             }
+            // A command that may change a setting the parser depends on: nothing after it is
+            // read until the server's answer (and its ParameterStatus) has been checked. In a
+            // pipeline, the wait is at its Sync, and no statement may be parsed before it.
+            let settle_now = match f.tag {
+                b'Q' | b'F' => judged.may_change_settings && !refused,
+                b'E' => {
+                    risky_pipeline |= judged.may_change_settings && !refused;
+                    false
+                }
+                b'S' => std::mem::take(&mut risky_pipeline),
+                _ => false,
+            };
+            if settle_now {
+                if let Err(stop) =
+                    forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events).await
+                {
+                    return stop;
+                }
+                pos = 0;
+                let mut ready = tracker.ready.subscribe();
+                if ready.wait_for(|seen| *seen >= boundaries).await.is_err() {
+                    return Stop::Outcome(Outcome::UpstreamLost);
+                }
+            }
         }
         if let Err(stop) = forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events).await {
             return stop;
@@ -804,6 +1118,76 @@ where
         }
         reserve_for_next(&mut buf, limit);
     }
+}
+
+/// The refusal of a statement sent after a command that may change session settings, in the
+/// same pipeline.
+fn unsettled_pipeline() -> (&'static str, &'static str, &'static str) {
+    (
+        "0A000",
+        "tollgate refused this statement: it follows a command that may change session settings in the same pipeline (rule \"sql_safety\")",
+        "send Sync after a command that may change settings (SET, DO, CALL, a function the gateway cannot inspect) and wait for ReadyForQuery before the next statement",
+    )
+}
+
+/// What a reviewer is shown for a held command: its full text (values masked, never its
+/// structure), the bound parameters (secrets redacted), what a prepared name runs, and the
+/// digest an approval binds to.
+fn review_text(
+    tag: u8,
+    body: &[u8],
+    prepared: &Prepared,
+    session: &SessionPolicy,
+    event: Option<&EventInput>,
+    redact: Option<&RowPlan>,
+) -> String {
+    let original = statement_of(tag, body, prepared);
+    let mut shown = match redact {
+        Some(plan) => redact_sql(&original, plan),
+        None => original.clone(),
+    };
+    let payload = event.map(|e| &e.payload);
+    if let Some(Value::Array(params)) = payload.and_then(|p| p.get("params")) {
+        if !params.is_empty() {
+            let list: Vec<String> = params
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("${} = {}", i + 1, v))
+                .collect();
+            shown.push_str(&format!("\n-- parameters: {}", list.join(", ")));
+        }
+    }
+    if tag == b'Q' {
+        // `EXECUTE name`: what the name runs.
+        if let Some(tollgate_policy::Classification::Statements(sts)) =
+            Some(&*session_classify(session, &original))
+        {
+            for st in sts {
+                if let tollgate_policy::Kind::Execute { name } = &st.kind {
+                    for body in session.prepared(name) {
+                        shown.push_str(&format!(
+                            "\n-- EXECUTE {name} runs: {}",
+                            body.summary_line()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(c) = payload.and_then(|p| p.get("classification")) {
+        shown.push_str(&format!("\n-- classification: {c}"));
+    }
+    if let Some(d) = payload
+        .and_then(|p| p.get("digest"))
+        .and_then(Value::as_str)
+    {
+        shown.push_str(&format!("\n-- digest: {d}"));
+    }
+    shown
+}
+
+fn session_classify(session: &SessionPolicy, sql: &str) -> Arc<tollgate_policy::Classification> {
+    session.classify(sql)
 }
 
 /// A command held for review.
@@ -1058,7 +1442,43 @@ async fn forward<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Applies the resource's content detectors to a command event's text and parameters.
+/// Applies the content detectors to a SQL text's values only (literals and comments, found by
+/// PostgreSQL's scanner), so a mask can never hide keywords or a statement behind it.
+fn redact_sql(text: &str, plan: &RowPlan) -> String {
+    let mut out = Vec::new();
+    let mask = |s: &str, out: &mut Vec<u8>| -> Option<String> {
+        out.clear();
+        match plan.mask_value(0, s.as_bytes(), out) {
+            tollgate_mask::Outcome::Unchanged => None,
+            tollgate_mask::Outcome::Masked(_) => Some(String::from_utf8_lossy(out).into_owned()),
+            tollgate_mask::Outcome::Null(_) => Some("[REDACTED]".into()),
+        }
+    };
+    // Nearly every text has nothing to mask: one pass over the whole of it tells.
+    let Some(whole) = mask(text, &mut out) else {
+        return text.to_string();
+    };
+    let Some(spans) = tollgate_policy::value_spans(text) else {
+        // The scanner rejects it (an unterminated quote): it runs nothing the server can parse.
+        return whole;
+    };
+    let mut shown = String::with_capacity(text.len());
+    let mut at = 0;
+    for span in spans {
+        shown.push_str(&text[at..span.start]);
+        let value = &text[span.clone()];
+        match mask(value, &mut out) {
+            Some(masked) => shown.push_str(&masked),
+            None => shown.push_str(value),
+        }
+        at = span.end;
+    }
+    shown.push_str(&text[at..]);
+    shown
+}
+
+/// Applies the resource's content detectors to a command event's text (its values only) and
+/// parameters.
 fn redact_event(payload: &mut Value, plan: &RowPlan) {
     let mut out = Vec::new();
     let mut mask = |v: &mut Value| {
@@ -1074,7 +1494,12 @@ fn redact_event(payload: &mut Value, plan: &RowPlan) {
         }
     };
     if let Some(text) = payload.get_mut("text") {
-        mask(text);
+        if let Some(t) = text.as_str() {
+            let shown = redact_sql(t, plan);
+            if shown != t {
+                *text = json!(shown);
+            }
+        }
     }
     if let Some(Value::Array(params)) = payload.get_mut("params") {
         params.iter_mut().for_each(&mut mask);
@@ -1095,41 +1520,110 @@ fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
     }
 }
 
-/// The session's guardrails as one message needs them, and where their decision goes.
+/// The session's guardrails as one message needs them, and where their judgement goes.
 type PolicyArgs<'p, 'a> = (
     &'p mut SessionPolicy,
     &'p ResourcePolicy,
     Caller<'a>,
-    &'p mut Option<Decision>,
+    &'p mut Judged,
 );
 
-/// Adds a decision to a command event (the rule, and what the statement is when it was not
-/// simply allowed) and hands a refusal or hold back to the relay.
-fn decided(
-    ev: &mut Value,
-    d: Decision,
-    policy: &ResourcePolicy,
-    text: &str,
-    out: &mut Option<Decision>,
-) {
-    ev["decision"] = d.summary();
-    if !d.is_allow() {
-        ev["classification"] = policy.classify(text).summary();
+/// What the guardrails made of one client message, for the relay to act on.
+#[derive(Default)]
+struct Judged {
+    /// A refusal or hold (None: forward it).
+    decision: Option<Decision>,
+    /// SQLSTATE and hint for a refusal other than a rule's (42501).
+    hint: Option<(&'static str, &'static str)>,
+    /// The command may change a setting the SQL parser depends on.
+    may_change_settings: bool,
+    /// A per-session limit was reached: the session ends with this message.
+    limit: Option<String>,
+}
+
+/// What `inspect_client` needs besides the message.
+struct Inspect {
+    track: bool,
+    /// The relay's count of Syncs so far (the current pipeline segment).
+    segment: u64,
+    /// `max_prepared_statements`, `max_portals`.
+    limits: (usize, usize),
+}
+
+/// SHA-256 of a simple query's full text: what a review approves and what every command
+/// event records, whatever its size (see [`bound_digest`] for a portal).
+fn digest(text: &str) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
+    )
+}
+
+/// A portal's digest: over the full text's digest and the Bind's parameter section.
+fn bound_digest(full: Option<&[u8; 32]>, values: &[u8]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(full.map_or(&[0u8; 32][..], |f| &f[..]));
+    ctx.update(&[0]);
+    ctx.update(values);
+    format!("sha256:{}", hex::encode(ctx.finish()))
+}
+
+/// A Bind body after its portal and statement names.
+fn bind_values(body: &[u8]) -> &[u8] {
+    let mut at = 0;
+    for _ in 0..2 {
+        match body[at..].iter().position(|b| *b == 0) {
+            Some(i) => at += i + 1,
+            None => return &[],
+        }
+    }
+    &body[at..]
+}
+
+/// Adds the judgement to a command event (decision, what dry-run rules would have done, and
+/// the classification of what runs) and hands a refusal or hold back to the relay.
+fn decided(ev: &mut Value, j: Judgement, policy: &ResourcePolicy, text: &str, out: &mut Judged) {
+    let mut decision = j.decision.summary();
+    if let Some(dry) = &j.dry_run {
+        decision["dry_run"] = dry.summary();
+        registry()
+            .counter(
+                "tollgate_policy_dry_run_total",
+                "Commands a dry-run rule would have refused or held, by action.",
+                &[("action", if dry.is_deny() { "deny" } else { "review" })],
+            )
+            .inc();
+    }
+    if j.opaque {
+        decision["opaque"] = json!(true);
+    }
+    ev["decision"] = decision;
+    ev["classification"] = policy.classify(text).summary();
+    out.may_change_settings = j.may_change_settings;
+    if !j.decision.is_allow() {
         registry()
             .counter(
                 "tollgate_policy_decisions_total",
                 "Commands refused or held by a rule, by action.",
-                &[("action", if d.is_deny() { "deny" } else { "review" })],
+                &[(
+                    "action",
+                    if j.decision.is_deny() {
+                        "deny"
+                    } else {
+                        "review"
+                    },
+                )],
             )
             .inc();
-        *out = Some(d);
+        out.decision = Some(j.decision);
     }
 }
 
 /// Record what a client message asks for; `Ok(true)` when it is a command, whose event is
-/// added to `events` (written before the batch is forwarded). With `shapes` (the session
-/// filters responses), every request whose answer carries or changes a result shape is queued,
-/// and an Execute of a portal whose shape nobody asked for gets a Describe sent before it.
+/// added to `events` (written before the batch is forwarded). Every request whose answer the
+/// relay follows is queued (`ctx.track`); with `shapes` (the session filters responses), an
+/// Execute of a portal whose shape nobody asked for gets a Describe sent before it.
+#[allow(clippy::too_many_arguments)]
 fn inspect_client(
     tag: u8,
     body: &[u8],
@@ -1137,35 +1631,67 @@ fn inspect_client(
     tracker: &Tracker<'_>,
     events: &mut Vec<EventInput>,
     shapes: Option<&mut Option<Vec<u8>>>,
+    ctx: &Inspect,
     mut policy: Option<PolicyArgs<'_, '_>>,
-) -> Result<bool, String> {
-    let malformed = |what: &str| format!("malformed {what} message");
-    let track = shapes.is_some();
+) -> Result<bool, Stop> {
+    let malformed = |what: &str| Stop::Protocol(format!("malformed {what} message"));
+    let track = ctx.track;
+    let filtering = shapes.is_some();
+    let (max_statements, max_portals) = ctx.limits;
     match tag {
         b'Q' => {
             let text = frontend::parse_query(body).map_err(|_| malformed("Query"))?;
-            let copy = if track { copy_format_of(&text) } else { None };
-            let n = tracker.push(Kind::Query { copy });
-            let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)});
-            if let Some((session, rp, who, out)) = policy {
-                let d = session.decide_query(&text, &who, OffsetDateTime::now_utc());
-                decided(&mut ev, d, rp, &text, out);
+            let copy = if filtering {
+                copy_format_of(&text)
+            } else {
+                None
+            };
+            let judgement = policy.as_mut().map(|(session, _, who, _)| {
+                session.judge_query(&text, who, OffsetDateTime::now_utc())
+            });
+            let effects = judgement
+                .as_ref()
+                .map(|j| j.effects.clone())
+                .unwrap_or_default();
+            let n = tracker.push(Kind::Query { copy, effects });
+            let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT), "digest": digest(&text)});
+            if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
+                decided(&mut ev, j, rp, &text, out);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'P' => {
             let p = frontend::parse_parse(body).map_err(|_| malformed("Parse"))?;
-            if let Some((session, ..)) = policy.as_mut() {
-                session.parse(&p.statement, &p.query);
+            let mut seq = None;
+            if let Some((session, _, _, out)) = policy.as_mut() {
+                match session.parse(&p.statement, &p.query) {
+                    Ok(s) => seq = Some(s),
+                    Err(e) => {
+                        out.limit = Some(e.to_string());
+                        return Ok(false);
+                    }
+                }
+            }
+            if !prepared.statements.contains_key(&p.statement)
+                && prepared.statements.len() >= max_statements
+            {
+                return Err(Stop::Limit(format!(
+                    "this session holds too many prepared statements (limit {max_statements}); close the ones it no longer uses"
+                )));
             }
             if track {
-                tracker.push(Kind::Parse(p.statement.clone()));
+                tracker.push(Kind::Parse {
+                    name: p.statement.clone(),
+                    seq,
+                });
             }
+            let full = ring::digest::digest(&ring::digest::SHA256, p.query.as_bytes());
             prepared.statements.insert(
                 p.statement,
                 Statement {
                     text: Arc::from(clip(&p.query, MAX_TEXT)),
+                    full: full.as_ref().try_into().expect("32 bytes"),
                     described: false,
                 },
             );
@@ -1173,15 +1699,32 @@ fn inspect_client(
         }
         b'B' => {
             let b = frontend::parse_bind(body).map_err(|_| malformed("Bind"))?;
+            let mut seq = None;
+            if let Some((session, _, _, out)) = policy.as_mut() {
+                match session.bind(&b.portal, &b.statement) {
+                    Ok(s) => seq = Some(s),
+                    Err(e) => {
+                        out.limit = Some(e.to_string());
+                        return Ok(false);
+                    }
+                }
+            }
+            if !prepared.portals.contains_key(&b.portal) && prepared.portals.len() >= max_portals {
+                return Err(Stop::Limit(format!(
+                    "this session holds too many portals (limit {max_portals}); close the ones it no longer uses"
+                )));
+            }
             let stmt = prepared.statements.get(&b.statement);
             let text = stmt.map_or_else(|| Arc::from(""), |s| s.text.clone());
             let described = stmt.is_some_and(|s| s.described);
             let params = redact_params(&text, &b.params);
+            let digest = bound_digest(stmt.map(|s| &s.full), bind_values(body));
             if track {
                 tracker.push(Kind::Bind {
                     portal: b.portal.clone(),
                     statement: b.statement.clone(),
                     formats: b.result_formats,
+                    seq,
                 });
             }
             prepared.portals.insert(
@@ -1190,7 +1733,8 @@ fn inspect_client(
                     text,
                     params,
                     described,
-                    statement: b.statement.clone(),
+                    digest,
+                    segment: ctx.segment,
                 },
             );
             Ok(false)
@@ -1217,9 +1761,9 @@ fn inspect_client(
         b'E' => {
             let e = frontend::parse_execute(body).map_err(|_| malformed("Execute"))?;
             let portal = prepared.portals.get_mut(&e.portal);
-            let (text, params, statement) = portal.as_ref().map_or_else(
-                || (Arc::from(""), Value::Array(vec![]), String::new()),
-                |p| (p.text.clone(), p.params.clone(), p.statement.clone()),
+            let (text, params, digest) = portal.as_ref().map_or_else(
+                || (Arc::from(""), Value::Array(vec![]), digest("")),
+                |p| (p.text.clone(), p.params.clone(), p.digest.clone()),
             );
             let mut copy = None;
             if let Some(inject) = shapes {
@@ -1234,23 +1778,33 @@ fn inspect_client(
                     *inject = Some(frontend::describe(b'P', &e.portal));
                 }
             }
+            let judgement = policy.as_mut().map(|(session, _, who, _)| {
+                session.judge_execute(&e.portal, who, OffsetDateTime::now_utc())
+            });
+            let effects = judgement
+                .as_ref()
+                .map(|j| j.effects.clone())
+                .unwrap_or_default();
             let n = tracker.push(Kind::Execute {
                 portal: e.portal,
                 copy,
+                effects,
             });
-            let mut ev = json!({"n": n, "protocol": "extended", "text": &*text, "params": params});
+            let mut ev = json!({"n": n, "protocol": "extended", "text": clip(&text, MAX_TEXT), "params": params, "digest": digest});
             if e.max_rows > 0 {
                 ev["max_rows"] = json!(e.max_rows);
             }
-            if let Some((session, rp, who, out)) = policy {
-                let d = session.decide_execute(&statement, &who, OffsetDateTime::now_utc());
-                decided(&mut ev, d, rp, &text, out);
+            if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
+                decided(&mut ev, j, rp, &text, out);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'F' => {
-            let n = tracker.push(Kind::Query { copy: None });
+            let n = tracker.push(Kind::Query {
+                copy: None,
+                effects: Vec::new(),
+            });
             let mut ev = json!({"n": n, "protocol": "function_call"});
             if let Some((_, _, _, out)) = policy {
                 // A fast-path call names a function by OID: no statement to judge, so none runs.
@@ -1259,26 +1813,36 @@ fn inspect_client(
                     message: "fast-path function calls are not allowed on a resource with guardrails; call the function in a SELECT".into(),
                 };
                 ev["decision"] = d.summary();
-                *out = Some(d);
+                out.decision = Some(d);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)
         }
         b'S' => {
-            tracker.push(Kind::Sync);
+            let segment = match policy.as_mut() {
+                Some((session, ..)) => Some(session.sync()),
+                None => Some(ctx.segment),
+            };
+            tracker.push(Kind::Sync { segment });
             Ok(false)
         }
         b'C' => {
             let (kind, name) = frontend::parse_target(body).map_err(|_| malformed("Close"))?;
-            if let Some((session, ..)) = policy.as_mut() {
-                if kind == b'S' {
-                    session.close(&name);
+            let mut seq = None;
+            if let Some((session, _, _, out)) = policy.as_mut() {
+                match session.close(kind == b'P', &name) {
+                    Ok(s) => seq = Some(s),
+                    Err(e) => {
+                        out.limit = Some(e.to_string());
+                        return Ok(false);
+                    }
                 }
             }
             if track {
                 tracker.push(Kind::Close {
                     kind,
                     name: name.clone(),
+                    seq,
                 });
             }
             match kind {
@@ -1288,13 +1852,14 @@ fn inspect_client(
             Ok(false)
         }
         b'H' | b'd' | b'c' | b'f' | b'X' => Ok(false),
-        other => Err(format!(
+        other => Err(Stop::Protocol(format!(
             "unexpected message type {:?} from client",
             other as char
-        )),
+        ))),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn upstream_to_client<R, W>(
     rd: &mut R,
     client: &tokio::sync::Mutex<W>,
@@ -1303,6 +1868,7 @@ async fn upstream_to_client<R, W>(
     leftover: Vec<u8>,
     limit: usize,
     mut filter: Option<Filter>,
+    (track, watch_dialect): (bool, bool),
 ) -> Stop
 where
     R: AsyncRead + Unpin,
@@ -1329,6 +1895,17 @@ where
                 Err(e) => return Stop::Protocol(format!("from upstream: {e}")),
             };
             let body = f.body(&buf[pos..]);
+            if watch_dialect && f.tag == b'S' {
+                if let Some(changed) = dialect_change(body) {
+                    return Stop::Dialect(changed);
+                }
+            }
+            // The request this message answers, when it is one the relay follows.
+            let answered = if track {
+                answered(f.tag, tracker)
+            } else {
+                None
+            };
             let denial = if f.tag == b'E' {
                 tracker.take_denial()
             } else {
@@ -1348,10 +1925,12 @@ where
                         account(f.tag, body, tracker, &mut rows_since, None);
                         Verdict::Forward
                     }
-                    Some(flt) => match filter_message(f.tag, body, tracker, flt, &mut rows_since) {
-                        Ok(v) => v,
-                        Err(e) => return Stop::Protocol(e),
-                    },
+                    Some(flt) => {
+                        match filter_message(f.tag, body, tracker, flt, &mut rows_since, answered) {
+                            Ok(v) => v,
+                            Err(e) => return Stop::Protocol(e),
+                        }
+                    }
                 }
             };
             match verdict {
@@ -1381,6 +1960,33 @@ where
         }
         tracker.flush_results();
         reserve_for_next(&mut buf, limit);
+    }
+}
+
+/// A ParameterStatus that moves a setting the guardrails' SQL parser depends on away from
+/// its pinned value ("name=value"), or None.
+fn dialect_change(body: &[u8]) -> Option<String> {
+    let (name, value) = backend::parse_parameter_status(body).ok()?;
+    let pinned = match name.to_ascii_lowercase().as_str() {
+        "standard_conforming_strings" => value.eq_ignore_ascii_case("on"),
+        "client_encoding" => matches!(
+            value.to_ascii_uppercase().as_str(),
+            "UTF8" | "UTF-8" | "UNICODE"
+        ),
+        _ => true,
+    };
+    (!pinned).then(|| format!("{name}={value}"))
+}
+
+/// Pops the request a ParseComplete, BindComplete, CloseComplete, RowDescription or NoData
+/// answers (which confirms it to the guardrails).
+fn answered(tag: u8, tracker: &Tracker<'_>) -> Option<Kind> {
+    match tag {
+        b'1' => tracker.pop_if(|k| matches!(k, Kind::Parse { .. })),
+        b'2' => tracker.pop_if(|k| matches!(k, Kind::Bind { .. })),
+        b'3' => tracker.pop_if(|k| matches!(k, Kind::Close { .. })),
+        b'T' | b'n' => tracker.pop_if(|k| matches!(k, Kind::Describe { .. })),
+        _ => None,
     }
 }
 
@@ -1417,7 +2023,7 @@ fn account(
             *rows_since = 0;
             Some(tracker.error(e.code))
         }
-        b'Z' => Some(tracker.ready()),
+        b'Z' => Some(tracker.ready(body.first().copied().unwrap_or(b'I'))),
         _ => None,
     };
     for (i, (p, outcome)) in finished.into_iter().flatten().enumerate() {
@@ -1433,6 +2039,7 @@ fn filter_message(
     tracker: &Tracker<'_>,
     flt: &mut Filter,
     rows_since: &mut u64,
+    answered: Option<Kind>,
 ) -> Result<Verdict, String> {
     let verdict = match tag {
         b'D' => {
@@ -1443,7 +2050,7 @@ fn filter_message(
             }
             flt.data_row(body)?
         }
-        b'T' | b'n' => match tracker.pop_if(|k| matches!(k, Kind::Describe { .. })) {
+        b'T' | b'n' => match answered {
             Some(Kind::Describe {
                 kind,
                 name,
@@ -1464,7 +2071,7 @@ fn filter_message(
             }
         },
         b'1' => {
-            if let Some(Kind::Parse(name)) = tracker.pop_if(|k| matches!(k, Kind::Parse(_))) {
+            if let Some(Kind::Parse { name, .. }) = answered {
                 flt.parsed(&name);
             }
             Verdict::Forward
@@ -1474,23 +2081,22 @@ fn filter_message(
                 portal,
                 statement,
                 formats,
-            }) = tracker.pop_if(|k| matches!(k, Kind::Bind { .. }))
+                ..
+            }) = answered
             {
                 flt.bound(&portal, &statement, formats);
             }
             Verdict::Forward
         }
         b'3' => {
-            if let Some(Kind::Close { kind, name }) =
-                tracker.pop_if(|k| matches!(k, Kind::Close { .. }))
-            {
+            if let Some(Kind::Close { kind, name, .. }) = answered {
                 flt.closed(kind, &name);
             }
             Verdict::Forward
         }
         b'H' => {
             let hint = match tracker.front() {
-                Some(Kind::Query { copy } | Kind::Execute { copy, .. }) => copy,
+                Some(Kind::Query { copy, .. } | Kind::Execute { copy, .. }) => copy,
                 _ => None,
             };
             flt.copy_out(body, hint)?

@@ -662,6 +662,21 @@ impl Statement {
         kind_writes || !self.dml.is_empty() || self.sets_settings
     }
 
+    /// One line for people: kind, tables and functions (e.g. "delete on public.t").
+    pub fn summary_line(&self) -> String {
+        let mut line = self.kind_names().join("/");
+        if !self.tables.is_empty() {
+            line.push_str(&format!(" on {}", self.tables.join(", ")));
+        }
+        if !self.functions.is_empty() {
+            line.push_str(&format!(" calling {}", self.functions.join(", ")));
+        }
+        if self.where_missing {
+            line.push_str(" (no WHERE)");
+        }
+        line
+    }
+
     fn summary(&self) -> Value {
         let mut v = json!({
             "kind": self.kind.name(),

@@ -897,6 +897,11 @@ impl SessionPolicy {
         j.settle()
     }
 
+    /// Classify through the resource's cache.
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        self.policy.classify(sql)
+    }
+
     /// The statements a portal may run (for the audit record and reviewers).
     pub fn portal_statements(&self, portal: &str) -> Vec<Arc<Statement>> {
         self.portals
@@ -1141,12 +1146,13 @@ impl SessionPolicy {
                 };
             }
         }
-        if opaque || defines_functions(st) {
+        let may_run = !decision.is_deny();
+        if may_run && (opaque || defines_functions(st)) {
             // It may have defined functions that shadow built-ins: for the rest of this
             // session, unqualified calls resolve to nothing the gateway knows.
             self.tainted = true;
         }
-        if defines_functions(st) || matches!(st.kind, Kind::Do | Kind::Call) {
+        if may_run && (defines_functions(st) || matches!(st.kind, Kind::Do | Kind::Call)) {
             // Sessions that start from now on reload the catalog first.
             self.policy.invalidate_catalog();
         }

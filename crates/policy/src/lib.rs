@@ -16,6 +16,7 @@ mod cache;
 mod classify;
 mod engine;
 mod glob;
+mod literals;
 mod walk;
 
 pub use bounds::{nesting_depth, INLINE_DEPTH, MAX_DEPTH};
@@ -25,4 +26,5 @@ pub use engine::{
     Caller, Confirmation, Decision, FunctionCatalog, Judgement, LimitError, PolicyError,
     ResourcePolicy, SessionPolicy, CATALOG_QUERY, WRITING_FUNCTIONS,
 };
+pub use literals::value_spans;
 pub use walk::Dml;
