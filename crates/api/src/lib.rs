@@ -42,7 +42,8 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub recorder: Recorder,
     pub tls: Arc<ReloadableServerTls>,
-    pub tokens: TokenVerifier,
+    /// Service tokens; swapped whole when the config file is reloaded.
+    pub tokens: arc_swap::ArcSwap<TokenVerifier>,
     pub roles: Roles,
     /// The review (approval) workflow.
     pub reviews: Arc<tollgate_review::Reviews>,
@@ -65,7 +66,7 @@ impl ApiState {
             store,
             recorder,
             tls,
-            tokens: TokenVerifier::new(&config.identity.tokens),
+            tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
             roles: config.roles.clone(),
             reviews,
             audit_session: format!(

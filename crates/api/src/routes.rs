@@ -174,7 +174,7 @@ pub(crate) fn authenticate(
                     Some(HINT),
                 )
             })?;
-        return state.tokens.verify(token).ok_or_else(|| {
+        return state.tokens.load().verify(token).ok_or_else(|| {
             refusal(
                 StatusCode::UNAUTHORIZED,
                 "the token is not valid",

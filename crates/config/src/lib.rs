@@ -1367,6 +1367,38 @@ password_env = "ORDERS_DB_PASSWORD"
     }
 
     #[test]
+    fn connection_limits_crls_and_handshake_timeout() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.server.max_connections_per_source, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.server.max_connections_per_identity, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert!(c.server.client_crl.is_empty());
+        let text = GOOD.replace(
+            "store = \"sqlite://tollgate.db\"",
+            "store = \"sqlite://tollgate.db\"\nmax_connections = 0\nmax_connections_per_source = 20\nmax_connections_per_identity = 5\nhandshake_timeout = \"3s\"\nclient_crl = [\"pki/ca.crl\", \"/srv/other.crl\"]",
+        );
+        let c = p(&text).unwrap();
+        assert_eq!(c.server.max_connections, 0);
+        assert_eq!(c.server.max_connections_per_source, 20);
+        assert_eq!(c.server.max_connections_per_identity, 5);
+        assert_eq!(c.server.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(
+            c.server.client_crl,
+            [
+                PathBuf::from("/etc/tollgate/pki/ca.crl"),
+                PathBuf::from("/srv/other.crl")
+            ]
+        );
+        let e = p(&text.replace("\"3s\"", "\"0s\"")).unwrap_err().to_string();
+        assert!(e.contains("server.handshake_timeout"), "{e}");
+        let e = p(&text.replace("client_ca = \"pki/ca.crt\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.client_crl") && e.contains("client_ca"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let text = GOOD.replace("database = \"orders\"", "databse = \"orders\"");
         let e = p(&text).unwrap_err().to_string();

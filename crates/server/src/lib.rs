@@ -224,6 +224,7 @@ pub async fn run(
 
     // The HTTPS API: client certificates are optional there (a token is the alternative).
     let mut api_tasks = Vec::new();
+    let mut api_state = None;
     if let Some(addr) = config.server.https_listen {
         let api_tls = Arc::new(
             ReloadableServerTls::load(ListenerTlsSpec {
@@ -250,7 +251,9 @@ pub async fn run(
             api_tls.clone(),
             reviews.clone(),
         );
-        api_tasks.push(tokio::spawn(tollgate_api::serve(l, Arc::new(state))));
+        let state = Arc::new(state);
+        api_state = Some(state.clone());
+        api_tasks.push(tokio::spawn(tollgate_api::serve(l, state)));
         api_tasks.push(tokio::spawn(reload_loop(
             api_tls,
             config.server.reload_interval,
@@ -268,6 +271,7 @@ pub async fn run(
     ));
     let config_reload_task = tokio::spawn(config_reload_loop(
         gw.clone(),
+        api_state,
         config.path.clone(),
         config.server.reload_interval,
     ));
@@ -385,7 +389,12 @@ const GRANT_RECHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Re-read the config file's `[[identity.tokens]]` on change or SIGHUP. The whole file must
 /// validate; then the token set is swapped at once and running sessions re-check theirs. A bad
 /// file is logged and the previous tokens stay in force.
-async fn config_reload_loop(gw: Arc<PgGateway>, path: std::path::PathBuf, every: Duration) {
+async fn config_reload_loop(
+    gw: Arc<PgGateway>,
+    api: Option<Arc<tollgate_api::ApiState>>,
+    path: std::path::PathBuf,
+    every: Duration,
+) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -419,6 +428,12 @@ async fn config_reload_loop(gw: Arc<PgGateway>, path: std::path::PathBuf, every:
                     "config reloaded: service tokens swapped"
                 );
                 gw.tokens.store(Arc::new(tokens));
+                if let Some(api) = &api {
+                    api.tokens
+                        .store(Arc::new(tollgate_identity::TokenVerifier::new(
+                            &c.identity.tokens,
+                        )));
+                }
                 gw.standing_changed();
                 last_text = Some(text);
                 last_error = None;
