@@ -459,3 +459,49 @@ async fn upstream_modes_verify_what_they_promise() {
     );
     assert!(matches!(mismatched, Err(TlsError::KeyMismatch { .. })));
 }
+
+#[test]
+fn client_crls_are_validated_reloaded_and_answer_is_revoked() {
+    let pki = Pki::new();
+    let gw = pki.server("ca", "gw", &["localhost"], None, pki::DEFAULT_SERVER_TTL);
+    let alice = pki.client("ca", "alice", None, pki::DEFAULT_CLIENT_TTL);
+    let bob = pki.client("ca", "bob", None, pki::DEFAULT_CLIENT_TTL);
+    let crl = pki.root.join("ca.crl");
+    let day = Duration::from_secs(86_400);
+    pki::issue_crl(&pki.root.join("ca"), &[], day, &crl).unwrap();
+    let tls = ReloadableServerTls::load(ListenerTlsSpec {
+        cert: gw.cert.clone(),
+        key: gw.key.clone(),
+        client_ca: Some(pki.ca.cert.clone()),
+        client_auth: ClientAuth::Optional,
+        alpn: vec![],
+        client_crls: vec![crl.clone()],
+    })
+    .unwrap();
+    let der = |f: &IssuedFiles| load_certs(&f.cert).unwrap().remove(0);
+    assert!(!tls.is_revoked(&der(&alice)));
+    assert_eq!(tls.revoked_count(), 0);
+
+    // The CA revokes bob: picked up by the next reload, and only bob.
+    pki::issue_crl(&pki.root.join("ca"), &[&bob.cert], day, &crl).unwrap();
+    assert_eq!(tls.reload_if_changed().unwrap(), ReloadStatus::Reloaded);
+    assert!(tls.is_revoked(&der(&bob)));
+    assert!(!tls.is_revoked(&der(&alice)));
+
+    // A CRL that is not from the client CA, or not a CRL, is refused and the old one stays.
+    let good = std::fs::read(&crl).unwrap();
+    pki::issue_crl(&pki.root.join("other"), &[], day, &crl).unwrap();
+    let err = tls.reload_if_changed().unwrap_err();
+    assert!(
+        err.to_string().contains("not a CA in server.client_ca"),
+        "{err}"
+    );
+    std::fs::write(&crl, b"garbage").unwrap();
+    assert!(tls.reload().is_err());
+    assert!(tls.is_revoked(&der(&bob)));
+    // DER works as well as PEM.
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&good).unwrap();
+    std::fs::write(&crl, &pem.contents).unwrap();
+    assert_eq!(tls.reload_if_changed().unwrap(), ReloadStatus::Reloaded);
+    assert!(tls.is_revoked(&der(&bob)));
+}
