@@ -210,6 +210,12 @@ impl Filter {
         Ok(())
     }
 
+    /// A simple query may have prepared, deallocated or discarded named statements: no shape
+    /// learned for a statement name is trusted any more (portals already bound keep theirs).
+    pub fn forget_statement_shapes(&mut self) {
+        self.statements.clear();
+    }
+
     /// CloseComplete.
     pub fn closed(&mut self, kind: u8, name: &str) {
         if kind == b'S' {

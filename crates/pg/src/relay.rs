@@ -88,6 +88,9 @@ enum Kind {
     Query {
         copy: Option<CopyFormat>,
         effects: Vec<u64>,
+        /// It may prepare, deallocate or discard named statements (SQL `PREPARE` and kin):
+        /// the result shapes learned for statement names are forgotten when it completes.
+        redefines: bool,
     },
     /// An extended-protocol Execute: complete at CommandComplete/EmptyQuery/PortalSuspended/Error.
     Execute {
@@ -1506,12 +1509,15 @@ fn redact_event(payload: &mut Value, plan: &RowPlan) {
     }
 }
 
-/// Make room for the whole of a large message whose header is already buffered.
+/// Make room for more of a large message whose header is already buffered: as its bytes
+/// arrive (at most doubling what is buffered), never what its header merely claims, so a
+/// 5-byte header cannot make the gateway hold `max_message_bytes` it was never sent.
 fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
     if let Ok(None) = next_frame(buf, limit) {
         if buf.len() >= 5 {
             let total = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
-            buf.reserve(total.saturating_sub(buf.len()).max(READ_BUF));
+            let missing = total.saturating_sub(buf.len());
+            buf.reserve(missing.min(buf.len().max(READ_BUF)));
             return;
         }
     }
@@ -1646,6 +1652,14 @@ fn inspect_client(
             } else {
                 None
             };
+            let redefines = filtering && redefines_statements(&text);
+            if redefines {
+                // Whatever a name held before, its shape is learned again before it is used.
+                prepared
+                    .statements
+                    .values_mut()
+                    .for_each(|s| s.described = false);
+            }
             let judgement = policy.as_mut().map(|(session, _, who, _)| {
                 session.judge_query(&text, who, OffsetDateTime::now_utc())
             });
@@ -1653,7 +1667,11 @@ fn inspect_client(
                 .as_ref()
                 .map(|j| j.effects.clone())
                 .unwrap_or_default();
-            let n = tracker.push(Kind::Query { copy, effects });
+            let n = tracker.push(Kind::Query {
+                copy,
+                effects,
+                redefines,
+            });
             let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT), "digest": digest(&text)});
             if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
                 decided(&mut ev, j, rp, &text, out);
@@ -1804,6 +1822,7 @@ fn inspect_client(
             let n = tracker.push(Kind::Query {
                 copy: None,
                 effects: Vec::new(),
+                redefines: false,
             });
             let mut ev = json!({"n": n, "protocol": "function_call"});
             if let Some((_, _, _, out)) = policy {
@@ -1963,6 +1982,15 @@ where
     }
 }
 
+/// A simple query that may prepare, deallocate or discard named statements (a conservative
+/// test on the text: a false positive only costs a Describe).
+fn redefines_statements(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    ["prepare", "dealloc", "discard"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
 /// A ParameterStatus that moves a setting the guardrails' SQL parser depends on away from
 /// its pinned value ("name=value"), or None.
 fn dialect_change(body: &[u8]) -> Option<String> {
@@ -2114,6 +2142,15 @@ fn filter_message(
             }
             Verdict::Forward
         }
+        b'Z' => {
+            if let Some(Kind::Query {
+                redefines: true, ..
+            }) = tracker.front()
+            {
+                flt.forget_statement_shapes();
+            }
+            Verdict::Forward
+        }
         b'E' | b'N' => flt.error_or_notice(tag, body)?,
         b'A' => flt.notification(body)?,
         b'V' => flt.function_result(body)?,
@@ -2188,6 +2225,20 @@ fn looks_secret(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claimed_length_does_not_reserve_what_was_not_sent() {
+        let mut buf = BytesMut::with_capacity(16);
+        buf.extend_from_slice(b"Q");
+        buf.extend_from_slice(&(64 * 1024 * 1024i32).to_be_bytes());
+        reserve_for_next(&mut buf, 128 * 1024 * 1024);
+        assert!(buf.capacity() <= 2 * READ_BUF, "{}", buf.capacity());
+        // As bytes arrive, room grows with them (geometrically), up to the message.
+        buf.resize(1024 * 1024, b'x');
+        reserve_for_next(&mut buf, 128 * 1024 * 1024);
+        assert!(buf.capacity() <= 4 * 1024 * 1024, "{}", buf.capacity());
+        assert!(buf.capacity() >= 2 * 1024 * 1024 - 16);
+    }
 
     #[test]
     fn a_result_event_written_directly_is_the_canonical_json_of_its_value() {

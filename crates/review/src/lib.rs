@@ -45,7 +45,7 @@ pub const EVENT_WITHDRAWN: &str = "review.withdrawn";
 pub const EVENT_USED: &str = "review.used";
 
 /// Longest statement text kept in a review (characters); the rest is cut with a marker.
-pub const MAX_STATEMENT_CHARS: usize = 4096;
+pub const MAX_STATEMENT_CHARS: usize = 256 * 1024;
 /// How long an access (or unmask) request stays pending before it expires.
 pub const ACCESS_REVIEW_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How often a waiter re-reads the store, for decisions made by another gateway process.

@@ -485,3 +485,74 @@ async fn dry_run_rules_record_what_they_would_have_done() {
     assert_eq!(e["payload"]["decision"]["dry_run"]["rule"], "would-deny");
     assert!(env.gw.metrics().contains("tollgate_policy_dry_run_total"));
 }
+
+fn describe_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr(name));
+    message(b'D', &b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_again_in_sql_is_masked_by_its_new_shape() {
+    let env = tokio::task::spawn_blocking(|| {
+        Env::start_with(EnvOptions {
+            cluster: ClusterOptions {
+                init_sql: vec![
+                    "CREATE TABLE vault (id int, secret_col text)".into(),
+                    "INSERT INTO vault VALUES (1, 'hunter2-plain')".into(),
+                ],
+                ..Default::default()
+            },
+            resource_extra:
+                "[[resources.masks]]\ncolumns = [\"secret_col\"]\nstrategy = \"redact\"\n".into(),
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap();
+    let mut s = session(&env).await;
+    // The name is described once with a harmless shape...
+    send(
+        &mut s,
+        &[
+            parse("s", "SELECT 'x'::text AS harmless"),
+            describe_statement("s"),
+            sync(),
+        ],
+    )
+    .await;
+    let msgs = until_ready(&mut s).await;
+    assert!(
+        error_field(&msgs, b'C').is_none(),
+        "{:?}",
+        error_field(&msgs, b'M')
+    );
+    // ...then deallocated and prepared again in SQL as a query of the masked column.
+    send(
+        &mut s,
+        &[query(
+            "DEALLOCATE s; PREPARE s AS SELECT secret_col FROM vault",
+        )],
+    )
+    .await;
+    let msgs = until_ready(&mut s).await;
+    assert!(
+        error_field(&msgs, b'C').is_none(),
+        "{:?}",
+        error_field(&msgs, b'M')
+    );
+    send(&mut s, &[bind("p", "s"), execute("p"), sync()]).await;
+    let msgs = until_ready(&mut s).await;
+    assert!(
+        error_field(&msgs, b'C').is_none(),
+        "{:?}",
+        error_field(&msgs, b'M')
+    );
+    let rows: Vec<&Msg> = msgs.iter().filter(|(t, _)| *t == b'D').collect();
+    assert_eq!(rows.len(), 1, "{:?}", tags(&msgs));
+    let row = String::from_utf8_lossy(&rows[0].1);
+    assert!(
+        !row.contains("hunter2"),
+        "the old shape let the value through: {row:?}"
+    );
+}

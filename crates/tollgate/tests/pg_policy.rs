@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_testsupport::ClusterOptions;
 use tollgate_tls::pki::IssuedFiles;
@@ -476,4 +477,72 @@ fn an_approval_outlives_a_gateway_restart_and_runs_the_same_statement_once() {
         events.iter().any(|e| e["kind"] == "review.used"),
         "no review.used"
     );
+}
+
+#[test]
+fn a_review_shows_and_binds_to_the_exact_statement_and_its_parameters() {
+    let mut s = start(&format!(
+        "{RULES}[[resources.masks]]\ndetectors = [\"pem_private_key\", \"email\"]\nstrategy = \"redact\"\n"
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sql = "DELETE FROM items WHERE id = $1";
+    // bob's parameterised DELETE (extended protocol) is held: the reviewer sees the full
+    // text, the bound parameter and the digest the approval binds to.
+    let c = rt.block_on(s.env.client_as(&s.bob, "app"));
+    let c = Arc::new(c);
+    let runner = {
+        let c = c.clone();
+        rt.spawn(async move { c.execute(sql, &[&9i32]).await })
+    };
+    let review = s.pending(sql);
+    let shown = review["statement"].as_str().unwrap().to_string();
+    assert!(shown.contains("-- parameters: $1 = "), "{shown}");
+    assert!(shown.contains("-- digest: sha256:"), "{shown}");
+    assert!(shown.contains("delete"), "{shown}");
+    let id = review["id"].as_str().unwrap().to_string();
+    // The gateway goes away while it is held; approved afterwards, only the identical
+    // statement with the identical parameter runs without a new review.
+    let template = s.env.gw.config_template();
+    s.env.gw.kill();
+    assert!(rt.block_on(runner).unwrap().is_err());
+    drop(c);
+    s.env.gw = Gateway::start(s.env.tmp.path(), &template, &[]);
+    let out = s.reviews(&s.env.alice, &["approve", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c = Arc::new(rt.block_on(s.env.client_as(&s.bob, "app")));
+    // Another parameter is another statement: held again.
+    let other = {
+        let c = c.clone();
+        rt.spawn(async move { c.execute(sql, &[&8i32]).await })
+    };
+    let again = s.pending(sql);
+    assert_ne!(again["id"].as_str().unwrap(), id);
+    assert_eq!(count(&s), 10);
+    let out = s.reviews(
+        &s.env.alice,
+        &["deny", again["id"].as_str().unwrap(), "--reason", "no"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = rt.block_on(other).unwrap().expect_err("denied");
+    assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{e}");
+    // The approved one runs, once.
+    let n = rt
+        .block_on(c.execute(sql, &[&9i32]))
+        .expect("the approved DELETE runs");
+    assert_eq!(n, 1);
+    assert_eq!(count(&s), 9);
+
+    // A value that looks like the start of a private key cannot hide the statement after it
+    // from the reviewer: values are masked inside their literal only.
+    let hidden = "SELECT '-----BEGIN RSA PRIVATE KEY-----' AS k; DELETE FROM items WHERE id = 4";
+    let mut child = s.psql_bg(&s.bob, hidden);
+    let review = s.pending("SELECT ");
+    let shown = review["statement"].as_str().unwrap();
+    assert!(
+        shown.contains("; DELETE FROM items WHERE id = 4"),
+        "the reviewer must see the DELETE: {shown}"
+    );
+    assert!(!shown.contains("BEGIN RSA PRIVATE KEY"), "{shown}");
+    child.kill().unwrap();
+    let _ = child.wait();
 }
