@@ -239,45 +239,65 @@ async fn a_token_removed_from_the_config_ends_its_session_and_is_refused_after_r
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_reached_through_an_access_grant_ends_when_the_grant_ends() {
+/// The gateway with an HTTPS API (alice, `sre`, is an admin who may approve) and an e-mail
+/// mask on "app"; `cli(who, args)` runs a `tollgate` API command as `who`.
+async fn grant_env() -> (Env, u16) {
     let https = tollgate_testsupport::free_port();
     let env = tokio::task::spawn_blocking(move || {
         Env::start_with(EnvOptions {
             server_extra: format!(
                 "https_listen = \"127.0.0.1:{https}\"\n\n[roles]\nadmin_groups = [\"sre\"]\n"
             ),
+            resource_extra: "[[resources.masks]]\ncolumns = [\"email\"]\nstrategy = \"redact\"\n"
+                .into(),
             ..Default::default()
         })
     })
     .await
     .unwrap();
-    let cli = |who: &IssuedFiles, args: &[&str]| {
-        std::process::Command::new(BIN)
-            .args(args)
-            .env("TOLLGATE_GATEWAY", format!("https://localhost:{https}"))
-            .env("TOLLGATE_CA", &env.pki.ca)
-            .arg("--cert")
-            .arg(&who.cert)
-            .arg("--key")
-            .arg(&who.key)
-            .output()
-            .unwrap()
-    };
-    // carol is in no allowed group: she reaches "app" only through an approved access review.
-    let carol = env.pki.client("carol", &["interns"]);
-    assert!(connect(&env, Some(&carol), "carol", None).await.is_err());
-    let out = cli(
-        &carol,
-        &[
-            "access", "request", "app", "--for", "6s", "--reason", "INC-7", "--json",
-        ],
-    );
+    (env, https)
+}
+
+fn cli(env: &Env, https: u16, who: &IssuedFiles, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .env("TOLLGATE_GATEWAY", format!("https://localhost:{https}"))
+        .env("TOLLGATE_CA", &env.pki.ca)
+        .arg("--cert")
+        .arg(&who.cert)
+        .arg("--key")
+        .arg(&who.key)
+        .output()
+        .unwrap()
+}
+
+/// `who` asks for a grant (`extra`: e.g. `--unmask`) for `for_`, alice approves; the review id.
+fn approved_grant(env: &Env, https: u16, who: &IssuedFiles, for_: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "access", "request", "app", "--for", for_, "--reason", "INC-7", "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = cli(env, https, who, &args);
     assert!(out.status.success(), "{}", stderr(&out));
     let review: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = review["id"].as_str().unwrap().to_string();
-    let out = cli(&env.alice, &["reviews", "approve", &id, "--reason", "ok"]);
+    let out = cli(
+        env,
+        https,
+        &env.alice,
+        &["reviews", "approve", &id, "--reason", "ok"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_reached_through_an_access_grant_ends_when_the_grant_ends() {
+    let (env, https) = grant_env().await;
+    // carol is in no allowed group: she reaches "app" only through an approved access review.
+    let carol = env.pki.client("carol", &["interns"]);
+    assert!(connect(&env, Some(&carol), "carol", None).await.is_err());
+    let id = approved_grant(&env, https, &carol, "6s", &[]);
 
     let (client, _c) = connect(&env, Some(&carol), "carol", None)
         .await
@@ -292,4 +312,22 @@ async fn a_session_reached_through_an_access_grant_ends_when_the_grant_ends() {
     assert_eq!(t["payload"]["detail"]["review"], id.as_str());
     // And she cannot come back.
     assert!(connect(&env, Some(&carol), "carol", None).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmasked_session_ends_when_its_unmask_grant_ends() {
+    let (env, https) = grant_env().await;
+    // bob may reach "app" (group ci) but sees it masked unless an unmask review is approved.
+    let bob = env.pki.client("bob", &["ci"]);
+    let id = approved_grant(&env, https, &bob, "6s", &["--unmask"]);
+    let (client, _c) = connect(&env, Some(&bob), "bob", None).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let (code, message, _) = ended_with(long_query(client), Duration::from_secs(20)).await;
+    assert_eq!(code, SqlState::ADMIN_SHUTDOWN, "{message}");
+    assert!(message.contains("unmasked view"), "{message}");
+    let (t, _) = terminated(&env, "unmask_grant_ended");
+    assert_eq!(t["payload"]["detail"]["review"], id.as_str());
+    // A new session is masked again, and allowed.
+    let (again, _c) = connect(&env, Some(&bob), "bob", None).await.unwrap();
+    again.simple_query("SELECT 1").await.unwrap();
 }
