@@ -251,6 +251,101 @@ pub fn issue_crl(
     Ok(out.to_path_buf())
 }
 
+/// Add the certificates in `revoked` (PEM files issued by the CA in `ca_dir`) to the CRL at
+/// `crl` (created if missing; the certificates it already revokes stay revoked) and re-sign it,
+/// valid for `valid_for`. Returns how many certificates the CRL revokes now.
+pub fn revoke(
+    ca_dir: &Path,
+    revoked: &[&Path],
+    valid_for: Duration,
+    crl: &Path,
+) -> Result<usize, PkiError> {
+    let ca = Ca::load(ca_dir)?;
+    let ca_pem = read_string(&ca_dir.join("ca.crt"))?;
+    let ca_der =
+        CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| PkiError::BadCa {
+            dir: ca_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let ca_subject = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| PkiError::BadCa {
+            dir: ca_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .1
+        .subject()
+        .as_raw()
+        .to_vec();
+    let now = SystemTime::now();
+    let mut entries: Vec<rcgen::RevokedCertParams> = Vec::new();
+    if crl.exists() {
+        let bad = |reason: String| PkiError::BadCertificate {
+            path: crl.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(crl).map_err(|source| PkiError::Io {
+            action: "cannot read",
+            path: crl.to_path_buf(),
+            source,
+        })?;
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(&bytes)
+            .map(|d| d.as_ref().to_vec())
+            .unwrap_or(bytes);
+        let (_, existing) =
+            x509_parser::parse_x509_crl(&der).map_err(|e| bad(format!("not a CRL: {e}")))?;
+        if existing.issuer().as_raw() != ca_subject.as_slice() {
+            return Err(bad(format!(
+                "issued by {}, not by this CA",
+                existing.issuer()
+            )));
+        }
+        for r in existing.iter_revoked_certificates() {
+            entries.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: time::OffsetDateTime::from(unix_to_system_time(
+                    r.revocation_date.timestamp(),
+                )),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    for path in revoked {
+        let pem = read_string(path)?;
+        let bad = |reason: String| PkiError::BadCertificate {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| bad(e.to_string()))?;
+        if cert.issuer().as_raw() != ca_subject.as_slice() {
+            return Err(bad(format!("issued by {}, not by this CA", cert.issuer())));
+        }
+        let serial = SerialNumber::from_slice(cert.raw_serial());
+        if !entries.iter().any(|e| e.serial_number == serial) {
+            entries.push(rcgen::RevokedCertParams {
+                serial_number: serial,
+                revocation_time: time::OffsetDateTime::from(now),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    let count = entries.len();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: time::OffsetDateTime::from(now - CLOCK_SKEW),
+        next_update: time::OffsetDateTime::from(now + valid_for),
+        crl_number: random_serial()?,
+        issuing_distribution_point: None,
+        revoked_certs: entries,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let signed = params.signed_by(&ca.issuer)?;
+    write_replace(crl, signed.pem()?.as_bytes(), 0o644)?;
+    Ok(count)
+}
+
 struct Ca {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
@@ -910,6 +1005,43 @@ mod tests {
             &tmp.path().join("x"),
         );
         assert!(missing.unwrap_err().to_string().contains("ca.crt"));
+    }
+
+    #[test]
+    fn revoke_adds_to_the_crl_and_keeps_earlier_revocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test CA").unwrap();
+        let spec = |name: &str| ClientCertSpec {
+            name: name.into(),
+            spiffe: None,
+            groups: vec![],
+            ttl: DEFAULT_CLIENT_TTL,
+            not_before: None,
+        };
+        let a = issue_client(&ca, &spec("a"), &dir.path().join("a")).unwrap();
+        let b = issue_client(&ca, &spec("b"), &dir.path().join("b")).unwrap();
+        let crl = dir.path().join("ca.crl");
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(revoke(&ca, &[], week, &crl).unwrap(), 0);
+        assert_eq!(revoke(&ca, &[&a.cert], week, &crl).unwrap(), 1);
+        assert_eq!(revoke(&ca, &[&b.cert, &a.cert], week, &crl).unwrap(), 2);
+        let pem = std::fs::read(&crl).unwrap();
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(&pem).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_crl(der.as_ref()).unwrap();
+        let serials: Vec<String> = parsed
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect();
+        for f in [&a, &b] {
+            let serial = inspect(&f.cert).unwrap()[0].serial.clone();
+            assert!(serials.contains(&serial), "{serial} not in {serials:?}");
+        }
+        // A certificate from another CA is refused.
+        let other = dir.path().join("other");
+        init_ca(&other, "other CA").unwrap();
+        let c = issue_client(&other, &spec("c"), &dir.path().join("c")).unwrap();
+        assert!(revoke(&ca, &[&c.cert], week, &crl).is_err());
     }
 
     #[test]
