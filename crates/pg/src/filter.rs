@@ -61,6 +61,8 @@ enum Current {
 
 enum Copy {
     Masking(CopyFormat),
+    /// Masked column by column, with the columns the gateway learned before the COPY ran.
+    Columns(CopyFormat, Arc<RowPlan>, Arc<Shape>),
     /// Refused: everything up to and including its CommandComplete is dropped.
     Refused,
 }
@@ -102,6 +104,8 @@ pub(crate) struct Filter {
     shapes: HashMap<Box<[u8]>, Arc<Shape>>,
     current: Option<Current>,
     copy: Option<Copy>,
+    /// The columns of the next COPY TO output, learned by the gateway's own Describe.
+    copy_shape: Option<Arc<Shape>>,
     acc: Acc,
     resource: String,
     scratch: Vec<u8>,
@@ -148,6 +152,7 @@ impl Filter {
             shapes: HashMap::new(),
             current: None,
             copy: None,
+            copy_shape: None,
             acc: Acc::default(),
             resource: resource.to_string(),
             scratch: Vec::new(),
@@ -207,6 +212,21 @@ impl Filter {
             p.described = d;
             p.plan = None;
         }
+        Ok(())
+    }
+
+    /// Column or type masking rules apply to this viewer.
+    pub fn masks_columns(&self) -> bool {
+        self.masking && self.column_rules
+    }
+
+    /// The answer to the gateway's own Describe of a COPY's source: its columns (`None`: the
+    /// Describe failed or returned no data, and the COPY will be refused).
+    pub fn copy_columns(&mut self, row_description: Option<&[u8]>) -> Result<(), String> {
+        self.copy_shape = match row_description {
+            Some(b) => Some(self.shape_of(b)?),
+            None => None,
+        };
         Ok(())
     }
 
@@ -492,9 +512,21 @@ impl Filter {
     /// CopyOutResponse. `hint` is the format the COPY statement asked for (text or CSV, with
     /// delimiter and quote), which the response itself does not say.
     pub fn copy_out(&mut self, body: &[u8], hint: Option<CopyFormat>) -> Result<Verdict, String> {
-        let (overall, _) = backend::parse_copy_response(body)
+        let (overall, columns) = backend::parse_copy_response(body)
             .map_err(|_| "malformed CopyOutResponse from upstream".to_string())?;
+        let learned = self.copy_shape.take();
         if !self.masking {
+            return Ok(Verdict::Forward);
+        }
+        let format = if overall == 1 {
+            CopyFormat::Binary
+        } else {
+            hint.unwrap_or(CopyFormat::TEXT)
+        };
+        if let Some(shape) = learned.filter(|s| self.column_rules && s.fields.len() == columns.len()) {
+            let formats = vec![if overall == 1 { 1 } else { 0 }; shape.fields.len()];
+            let plan = self.plan_for(&shape, &formats);
+            self.copy = Some(Copy::Columns(format, plan, shape));
             return Ok(Verdict::Forward);
         }
         if self.column_rules {
@@ -513,28 +545,29 @@ impl Filter {
                 Some(hint),
             )));
         }
-        let format = if overall == 1 {
-            CopyFormat::Binary
-        } else {
-            hint.unwrap_or(CopyFormat::TEXT)
-        };
         self.copy = Some(Copy::Masking(format));
         Ok(Verdict::Forward)
     }
 
     /// CopyData while a COPY TO runs.
     pub fn copy_data(&mut self, body: &[u8]) -> Result<Verdict, String> {
-        let format = match &self.copy {
+        let (format, plan, shape) = match &self.copy {
             None => return Ok(Verdict::Forward),
             Some(Copy::Refused) => return Ok(Verdict::Drop),
-            Some(Copy::Masking(f)) => *f,
+            Some(Copy::Masking(f)) => (*f, self.undescribed.clone(), None),
+            Some(Copy::Columns(f, plan, shape)) => (*f, plan.clone(), Some(shape.clone())),
         };
         let mut out = vec![b'd', 0, 0, 0, 0];
-        match self.undescribed.mask_copy_data(format, body, &mut out) {
+        match plan.mask_copy_data(format, body, &mut out) {
             Ok(RowOutcome::Unchanged) => Ok(Verdict::Forward),
             Ok(RowOutcome::Rewritten(fields)) => {
                 for f in &fields {
-                    self.count("?", f.reason);
+                    let name = shape
+                        .as_ref()
+                        .and_then(|s| s.fields.get(f.column))
+                        .map_or("?", |c| c.name.as_str());
+                    let name = name.to_string();
+                    self.count(&name, f.reason);
                 }
                 Ok(Verdict::Replace(finish_message(out)))
             }

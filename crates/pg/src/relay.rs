@@ -126,6 +126,9 @@ enum Kind {
         name: String,
         seq: Option<u64>,
     },
+    /// The gateway's own Parse/Describe/Close/Sync that learns the columns of a `COPY ... TO
+    /// STDOUT` before it runs; none of its answers is forwarded.
+    CopyShape,
 }
 
 impl Kind {
@@ -322,6 +325,11 @@ impl Tracker<'_> {
             })
             .collect();
         self.log.record_canonical(events);
+    }
+
+    /// Whether the oldest request still waiting for its answer is of this kind.
+    fn front_is(&self, kind: impl Fn(&Kind) -> bool) -> bool {
+        self.lock().front().is_some_and(|p| kind(&p.kind))
     }
 
     /// The oldest request still waiting for its answer.
@@ -596,6 +604,7 @@ pub(crate) async fn run(
         shapes: filter.is_some(),
         redact: redact.as_ref(),
         limits: (resource.max_prepared_statements, resource.max_portals),
+        copy_columns: filter.as_ref().is_some_and(Filter::masks_columns),
     };
 
     let stop = tokio::select! {
@@ -826,6 +835,8 @@ struct ClientSide<'a> {
     redact: Option<&'a RowPlan>,
     /// `resources.max_prepared_statements` and `max_portals`.
     limits: (usize, usize),
+    /// Column masking rules apply to this viewer (see [`Inspect`]).
+    copy_columns: bool,
 }
 
 /// The guardrails of a session: the resource's rules with this session's prepared statements,
@@ -881,6 +892,7 @@ where
         shapes,
         redact,
         limits,
+        copy_columns,
     } = *side;
     let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
@@ -948,6 +960,7 @@ where
             let mut judged = Judged::default();
             let ctx = Inspect {
                 track,
+                copy_columns,
                 segment,
                 limits,
             };
@@ -984,6 +997,10 @@ where
                 break;
             }
             if matches!(f.tag, b'Q' | b'F' | b'S') {
+                boundaries += 1;
+            }
+            if f.tag == b'Q' && inject.is_some() {
+                // The Sync of the gateway's own COPY shape request.
                 boundaries += 1;
             }
             if f.tag == b'S' {
@@ -1550,6 +1567,8 @@ struct Judged {
 /// What `inspect_client` needs besides the message.
 struct Inspect {
     track: bool,
+    /// Column masking rules apply to this viewer: COPY TO output needs its columns learned.
+    copy_columns: bool,
     /// The relay's count of Syncs so far (the current pipeline segment).
     segment: u64,
     /// `max_prepared_statements`, `max_portals`.
@@ -1653,6 +1672,12 @@ fn inspect_client(
                 None
             };
             let redefines = filtering && redefines_statements(&text);
+            if let (Some(inject), true, Some(_)) = (shapes, ctx.copy_columns, copy) {
+                if let Some(source) = tollgate_policy::copy_to_stdout_source(&text) {
+                    tracker.push(Kind::CopyShape);
+                    *inject = Some(frontend::describe_only("tollgate_copy_shape", &source));
+                }
+            }
             if redefines {
                 // Whatever a name held before, its shape is learned again before it is used.
                 prepared
@@ -1918,6 +1943,28 @@ where
                 if let Some(changed) = dialect_change(body) {
                     return Stop::Dialect(changed);
                 }
+            }
+            if track && f.tag != b'A' && tracker.front_is(|k| matches!(k, Kind::CopyShape)) {
+                // Answers to the gateway's own Describe of a COPY's source: kept, not forwarded.
+                if let Some(flt) = filter.as_mut() {
+                    let columns = match f.tag {
+                        b'T' => Some(Some(body)),
+                        b'n' | b'E' => Some(None),
+                        _ => None,
+                    };
+                    if let Some(c) = columns {
+                        if let Err(e) = flt.copy_columns(c) {
+                            return Stop::Protocol(e);
+                        }
+                    }
+                }
+                if f.tag == b'Z' {
+                    tracker.pop_if(|k| matches!(k, Kind::CopyShape));
+                    tracker.ready.send_modify(|n| *n += 1);
+                }
+                splice.replace(&buf, pos, pos + f.total_len, &[]);
+                pos += f.total_len;
+                continue;
             }
             // The request this message answers, when it is one the relay follows.
             let answered = if track {

@@ -26,5 +26,5 @@ pub use engine::{
     Caller, Confirmation, Decision, FunctionCatalog, Judgement, LimitError, PolicyError,
     ResourcePolicy, SessionPolicy, CATALOG_QUERY, WRITING_FUNCTIONS,
 };
-pub use literals::value_spans;
+pub use literals::{copy_to_stdout_source, value_spans};
 pub use walk::Dml;

@@ -66,3 +66,79 @@ mod tests {
         assert_eq!(spans, vec!["$q$ -----BEGIN PRIVATE KEY $q$"]);
     }
 }
+
+/// For a text that is exactly one `COPY ... TO STDOUT`: a `SELECT` with the same output
+/// columns, which the gateway can describe to mask COPY data column by column.
+/// `COPY (query) TO STDOUT` gives the query; `COPY table [(cols)] TO STDOUT` selects those
+/// columns (or all) from the table.
+pub fn copy_to_stdout_source(sql: &str) -> Option<String> {
+    use pg_query::protobuf::{self, node::Node as N};
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql)).ok()?.ok()?;
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    let Some(N::CopyStmt(copy)) = raw.stmt.as_ref()?.node.as_ref() else {
+        return None;
+    };
+    if copy.is_from || copy.is_program || !copy.filename.is_empty() {
+        return None;
+    }
+    if let Some(query) = copy.query.as_deref() {
+        let tree = protobuf::ParseResult {
+            version: parsed.protobuf.version,
+            stmts: vec![protobuf::RawStmt {
+                stmt: Some(Box::new(query.clone())),
+                stmt_location: 0,
+                stmt_len: 0,
+            }],
+        };
+        return pg_query::deparse(&tree).ok();
+    }
+    let rel = copy.relation.as_ref()?;
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let table = [&rel.catalogname, &rel.schemaname, &rel.relname]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| quote(p))
+        .collect::<Vec<_>>()
+        .join(".");
+    let columns: Vec<String> = copy
+        .attlist
+        .iter()
+        .filter_map(|n| match n.node.as_ref() {
+            Some(N::String(s)) => Some(quote(&s.sval)),
+            _ => None,
+        })
+        .collect();
+    let columns = if columns.is_empty() {
+        "*".to_string()
+    } else {
+        columns.join(", ")
+    };
+    Some(format!("SELECT {columns} FROM {table}"))
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::*;
+
+    #[test]
+    fn copy_sources() {
+        assert_eq!(
+            copy_to_stdout_source("COPY people TO STDOUT").as_deref(),
+            Some("SELECT * FROM \"people\"")
+        );
+        assert_eq!(
+            copy_to_stdout_source("copy app.people (id, \"E mail\") to stdout with (format csv)")
+                .as_deref(),
+            Some("SELECT \"id\", \"E mail\" FROM \"app\".\"people\"")
+        );
+        let q = copy_to_stdout_source("COPY (SELECT email FROM people WHERE id > 1) TO STDOUT")
+            .unwrap();
+        assert!(q.starts_with("SELECT email FROM people"), "{q}");
+        assert!(copy_to_stdout_source("COPY people FROM STDIN").is_none());
+        assert!(copy_to_stdout_source("COPY people TO '/tmp/x'").is_none());
+        assert!(copy_to_stdout_source("SELECT 1; COPY people TO STDOUT").is_none());
+        assert!(copy_to_stdout_source("SELECT 1").is_none());
+    }
+}

@@ -294,6 +294,32 @@ impl Lint<'_> {
                 ));
             }
         }
+        if r.opaque_code == tollgate_config::OpaqueCode::Kind && (!r.rules.is_empty() || r.read_only) {
+            self.push(Finding::new(
+                "opaque_code_kind",
+                Severity::Medium,
+                name,
+                "resources.opaque_code",
+                format!("resource {:?}: opaque_code = \"kind\": DO blocks, CALL and functions tollgate cannot inspect are judged by their own kind only, so code inside them may run writes the rules deny or hold", r.name),
+                "remove the key (the default, \"strict\", judges such code as any write); list functions you trust in trusted_functions, and grant the upstream role only the privileges its clients need",
+            ));
+        }
+        let dry_rules: Vec<&str> = r
+            .rules
+            .iter()
+            .filter(|rule| rule.dry_run || r.dry_run)
+            .map(|rule| rule.name.as_str())
+            .collect();
+        if !dry_rules.is_empty() {
+            self.push(Finding::new(
+                "rules_dry_run",
+                Severity::Low,
+                name,
+                if r.dry_run { "resources.dry_run" } else { "resources.rules.dry_run" },
+                format!("resource {:?}: rules {dry_rules:?} only record what they would do (dry_run); they enforce nothing", r.name),
+                "once the audit trail's decision.dry_run shows what they would change, remove dry_run",
+            ));
+        }
         if r.unparsable == tollgate_config::RuleAction::Allow && !r.rules.is_empty() {
             self.push(Finding::new(
                 "unparsable_allowed",
@@ -681,6 +707,22 @@ approvers = ["sre", "dbas"]
         let rule = "unparsable = \"allow\"\n[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
         let found = f.check(&f.config("", rule));
         assert_eq!(kinds(&found), ["unparsable_allowed"], "{found:?}");
+    }
+
+    #[test]
+    fn opaque_code_by_kind_and_dry_run_rules_are_findings() {
+        let f = Fixture::new();
+        let rule = "opaque_code = \"kind\"\n[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
+        let found = f.check(&f.config("", rule));
+        assert_eq!(kinds(&found), ["opaque_code_kind"], "{found:?}");
+        assert_eq!(found[0].severity, Severity::Medium);
+        let rule = "[[resources.rules]]\nname = \"try\"\nstatements = [\"drop\"]\naction = \"deny\"\ndry_run = true\n";
+        let found = f.check(&f.config("", rule));
+        assert_eq!(kinds(&found), ["rules_dry_run"], "{found:?}");
+        assert!(found[0].message.contains("try"), "{found:?}");
+        // The default judges opaque code strictly: nothing to report.
+        let rule = "[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
+        assert_eq!(f.check(&f.config("", rule)), vec![]);
     }
 
     #[test]

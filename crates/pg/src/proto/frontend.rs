@@ -155,6 +155,25 @@ pub fn sasl_response(data: &[u8]) -> Vec<u8> {
     message(b'p', data)
 }
 
+/// Parse, Describe, Close and Sync of a gateway-private statement: what the gateway sends
+/// to learn the columns `sql` returns (answers: ParseComplete, RowDescription or NoData,
+/// CloseComplete, ReadyForQuery; or an ErrorResponse and ReadyForQuery).
+pub fn describe_only(name: &str, sql: &str) -> Vec<u8> {
+    let mut parse = name.as_bytes().to_vec();
+    parse.push(0);
+    parse.extend_from_slice(sql.as_bytes());
+    parse.push(0);
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut close = vec![b'S'];
+    close.extend_from_slice(name.as_bytes());
+    close.push(0);
+    let mut out = message(b'P', &parse);
+    out.extend(describe(b'S', name));
+    out.extend(message(b'C', &close));
+    out.extend(message(b'S', &[]));
+    out
+}
+
 /// A simple-protocol Query.
 pub fn query(sql: &str) -> Vec<u8> {
     let mut body = sql.as_bytes().to_vec();
