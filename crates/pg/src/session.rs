@@ -616,17 +616,6 @@ impl PgGateway {
             log.set("upstream_tls", Value::Null);
         }
 
-        // The relay reads the upstream through an interruptible wrapper, so that a session whose
-        // standing ends can be told why (a FATAL between two whole messages) and stopped.
-        let interrupt = Interrupt::new();
-        let mut upstream = upstream;
-        let stream = upstream.stream;
-        upstream.stream = UpStream::Interruptible(Box::new(Interruptible::new(
-            stream,
-            interrupt.clone(),
-            &upstream.leftover,
-        )));
-        let (upstream_pid, upstream_secret) = (upstream.pid, upstream.secret.clone());
         let standing = Standing {
             subject: identity.subject.clone(),
             resource: target.resource.name.clone(),
@@ -667,73 +656,23 @@ impl PgGateway {
         ));
         tracing::debug!(session = %log.id, subject = %identity.subject, %resource, "session open");
 
-        let relay = relay::run(
-            &self,
-            &log,
-            &target,
-            tls,
-            upstream,
-            relay::Client {
-                identity: &identity,
-                held: &held,
-                unmasked: unmask.is_some(),
-            },
-        );
-        tokio::pin!(relay);
-        let lost = standing.lost(&self);
-        tokio::pin!(lost);
-        let (end, ended) = tokio::select! {
-            end = &mut relay => (Some(end), None),
-            why = &mut lost => (None, Some(why)),
-        };
-        let end = match &ended {
-            None => end,
-            Some(why) => {
-                self.terminate(
-                    &log,
-                    &target,
-                    &interrupt,
-                    &held,
-                    why,
-                    upstream_pid,
-                    &upstream_secret,
-                )
-                .await;
-                // The relay forwards the FATAL; then it is stopped (the client may not hang up).
-                let delivered = async {
-                    interrupt.delivered.notified().await;
-                    tokio::time::sleep(TERMINATE_GRACE).await;
-                };
-                tokio::select! {
-                    end = &mut relay => Some(end),
-                    _ = tokio::time::timeout(TERMINATE_LIMIT, delivered) => None,
-                }
-            }
-        };
-        let Some(end) = end else {
-            registry()
-                .counter(
-                    "tollgate_sessions_total",
-                    "Proxied sessions by resource and outcome.",
-                    &[("resource", &resource), ("outcome", "terminated")],
-                )
-                .inc();
-            let why = ended
-                .as_ref()
-                .expect("a session without a relay end was terminated");
-            log.event(
-                "session.close",
-                json!({
-                    "outcome": "terminated",
-                    "reason": why.label(),
-                    "duration_ms": log.started.elapsed().as_millis() as u64,
-                }),
-            );
-            return;
-        };
-        let outcome = match &ended {
-            Some(_) => "terminated",
-            None => end.outcome.as_str(),
+        let (end, ended) = self
+            .relay_while_standing(
+                &log,
+                &target,
+                tls,
+                upstream,
+                relay::Client {
+                    identity: &identity,
+                    held: &held,
+                    unmasked: unmask.is_some(),
+                },
+                standing,
+            )
+            .await;
+        let outcome = match (&ended, &end) {
+            (None, Some(end)) => end.outcome.as_str(),
+            _ => "terminated",
         };
         registry()
             .counter(
@@ -742,29 +681,85 @@ impl PgGateway {
                 &[("resource", &resource), ("outcome", outcome)],
             )
             .inc();
-        if let RelayEnd {
+        if let Some(RelayEnd {
             outcome: relay::Outcome::ClientGone,
             pending: true,
+            upstream_pid,
+            upstream_secret,
             ..
-        } = end
+        }) = &end
         {
             // The client vanished mid-command: stop the upstream backend's work.
-            if let Err(e) = target.cancel(end.upstream_pid, &end.upstream_secret).await {
+            if let Err(e) = target.cancel(*upstream_pid, upstream_secret).await {
                 tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend after the client disconnected");
             }
         }
-        log.event(
-            "session.close",
-            json!({
-                "outcome": outcome,
-                "reason": ended.as_ref().map(Ended::label),
-                "error": end.error,
-                "commands": end.commands,
-                "bytes_from_client": end.bytes_from_client,
-                "bytes_to_client": end.bytes_to_client,
-                "duration_ms": log.started.elapsed().as_millis() as u64,
-            }),
-        );
+        let mut close = json!({
+            "outcome": outcome,
+            "reason": ended.as_ref().map(Ended::label),
+            "duration_ms": log.started.elapsed().as_millis() as u64,
+        });
+        // A relay stopped after its session was terminated leaves no totals.
+        if let Some(end) = &end {
+            close["error"] = json!(end.error);
+            close["commands"] = json!(end.commands);
+            close["bytes_from_client"] = json!(end.bytes_from_client);
+            close["bytes_to_client"] = json!(end.bytes_to_client);
+        }
+        log.event("session.close", close);
+    }
+
+    /// Relay the session until it ends by itself or its standing is lost. The relay reads the
+    /// upstream through an interruptible wrapper, so that a session whose standing ends is told
+    /// why (a FATAL between two whole messages) before it is stopped. Returns the relay's end
+    /// (`None`: it had to be stopped) and why the session was terminated, if it was.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_while_standing(
+        &self,
+        log: &SessionLog,
+        target: &crate::UpstreamTarget,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        mut upstream: crate::upstream::Connected,
+        client: relay::Client<'_>,
+        standing: Standing,
+    ) -> (Option<RelayEnd>, Option<Ended>) {
+        let interrupt = Interrupt::new();
+        let stream = upstream.stream;
+        upstream.stream = UpStream::Interruptible(Box::new(Interruptible::new(
+            stream,
+            interrupt.clone(),
+            &upstream.leftover,
+        )));
+        let (upstream_pid, upstream_secret) = (upstream.pid, upstream.secret.clone());
+        let held = client.held;
+        let relay = relay::run(self, log, target, tls, upstream, client);
+        tokio::pin!(relay);
+        let lost = standing.lost(self);
+        tokio::pin!(lost);
+        let why = tokio::select! {
+            end = &mut relay => return (Some(end), None),
+            why = &mut lost => why,
+        };
+        self.terminate(
+            log,
+            target,
+            &interrupt,
+            held,
+            &why,
+            upstream_pid,
+            &upstream_secret,
+        )
+        .await;
+        // The relay forwards the FATAL; then it is stopped (the client may not hang up).
+        let delivered = async {
+            interrupt.delivered.notified().await;
+            tokio::time::sleep(TERMINATE_GRACE).await;
+        };
+        let end = tokio::select! {
+            end = &mut relay => Some(end),
+            _ = tokio::time::timeout(TERMINATE_LIMIT, delivered) => None,
+        };
+        (end, Some(why))
     }
 
     /// End a running session whose standing is gone: record why, hand the relay the FATAL to

@@ -102,8 +102,9 @@ impl Standing {
         self.access.is_some() || self.unmask.is_some()
     }
 
-    /// Whether the session may continue now; `recheck_grants` re-reads grants from the store.
-    fn check(&mut self, gw: &PgGateway, now: SystemTime, recheck_grants: bool) -> Option<Ended> {
+    /// Whether the session may continue now. Grants are re-read from the store: a newer grant
+    /// may extend one that is ending, and a grant shortened elsewhere ends sooner.
+    fn check(&mut self, gw: &PgGateway, now: SystemTime) -> Option<Ended> {
         if let Some((der, not_after)) = &self.cert {
             if not_after.is_some_and(|t| now >= t) {
                 return Some(Ended::CertExpired);
@@ -118,13 +119,10 @@ impl Standing {
             }
         }
         if let Some(g) = &self.access {
-            let current = if recheck_grants {
-                gw.reviews
-                    .as_ref()
-                    .and_then(|r| r.active_grant(&self.subject, &self.resource))
-            } else {
-                Some(g.clone()).filter(|g| now < g.until)
-            };
+            let current = gw
+                .reviews
+                .as_ref()
+                .and_then(|r| r.active_grant(&self.subject, &self.resource));
             match current {
                 Some(c) if now < c.until => self.access = Some(c),
                 _ => {
@@ -135,13 +133,10 @@ impl Standing {
             }
         }
         if let Some(g) = &self.unmask {
-            let current = if recheck_grants {
-                gw.reviews
-                    .as_ref()
-                    .and_then(|r| r.active_unmask(&self.subject, &self.resource))
-            } else {
-                Some(g.clone()).filter(|g| now < g.until)
-            };
+            let current = gw
+                .reviews
+                .as_ref()
+                .and_then(|r| r.active_unmask(&self.subject, &self.resource));
             match current {
                 Some(c) if now < c.until => self.unmask = Some(c),
                 _ => {
@@ -170,18 +165,17 @@ impl Standing {
                 })
                 .unwrap_or(Duration::from_secs(3600))
                 .min(Duration::from_secs(3600));
-            let recheck_grants = tokio::select! {
-                _ = tokio::time::sleep(wait) => false,
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
                 r = changes.changed() => {
                     if r.is_err() {
                         // The gateway is shutting down: nothing will notify again.
                         std::future::pending::<()>().await;
                     }
-                    true
                 }
-                _ = recheck.tick(), if self.has_grant() => true,
+                _ = recheck.tick(), if self.has_grant() => {}
             };
-            if let Some(end) = self.check(gw, SystemTime::now(), recheck_grants) {
+            if let Some(end) = self.check(gw, SystemTime::now()) {
                 return end;
             }
         }

@@ -87,6 +87,21 @@ enum PkiCmd {
     Issue(IssueArgs),
     /// Print subject, SANs, groups, validity and fingerprint of every certificate in a PEM file.
     Inspect { file: PathBuf },
+    /// Revoke certificates issued by the CA in DIR: adds them to the CRL (default DIR/ca.crl,
+    /// what server.client_crl reads; earlier revocations stay) and re-signs it. With no
+    /// certificate, re-signs the CRL with a new validity.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CRL to update or create.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// How long the CRL is valid (its nextUpdate), e.g. 7d.
+        #[arg(long, default_value = "7d")]
+        valid_for: String,
+        /// Certificates (PEM) to revoke.
+        certs: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -259,6 +274,20 @@ fn pki_cmd(cmd: PkiCmd) -> anyhow::Result<()> {
             for s in pki::inspect(&file)? {
                 println!("{s}");
             }
+        }
+        PkiCmd::Revoke {
+            dir,
+            crl,
+            valid_for,
+            certs,
+        } => {
+            let crl = crl.unwrap_or_else(|| dir.join("ca.crl"));
+            let certs: Vec<&Path> = certs.iter().map(PathBuf::as_path).collect();
+            let n = pki::revoke(&dir, &certs, pki::parse_ttl(&valid_for)?, &crl)?;
+            println!(
+                "CRL: {} ({n} revoked certificate(s)); list it in server.client_crl, the gateway re-reads it",
+                crl.display()
+            );
         }
     }
     Ok(())

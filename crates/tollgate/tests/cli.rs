@@ -662,3 +662,57 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         "the gateway port {port} is still open"
     );
 }
+
+#[test]
+fn pki_revoke_writes_a_crl_openssl_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let ds = d.to_str().unwrap();
+    assert!(tollgate(&["pki", "init", "--dir", ds]).status.success());
+    let issue = |name: &str| {
+        let out = d.join(name);
+        let o = tollgate(&[
+            "pki",
+            "issue",
+            "--dir",
+            ds,
+            "--client",
+            "--name",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        out.with_extension("crt")
+    };
+    let (bob, eve) = (issue("bob"), issue("eve"));
+    let serial_of = |crt: &std::path::Path| {
+        let o = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(crt)
+            .output()
+            .unwrap();
+        stdout(&o).trim_start_matches("serial=").to_uppercase()
+    };
+    for crt in [&bob, &eve] {
+        let out = tollgate(&["pki", "revoke", "--dir", ds, crt.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert!(stdout(&tollgate(&["pki", "revoke", "--dir", ds])).contains("2 revoked"));
+    let out = std::process::Command::new("openssl")
+        .args(["crl", "-noout", "-text", "-CAfile"])
+        .arg(d.join("ca.crt"))
+        .arg("-in")
+        .arg(d.join("ca.crl"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(text.contains("verify OK"), "{text}");
+    for crt in [&bob, &eve] {
+        let serial = serial_of(crt);
+        assert!(
+            text.to_uppercase().contains(&serial),
+            "{serial} not in {text}"
+        );
+    }
+}
