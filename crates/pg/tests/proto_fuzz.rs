@@ -95,9 +95,13 @@ const PARSERS: [Parser; 18] = [
     ("error", |b| backend::parse_error(b).is_ok()),
     ("auth", |b| backend::parse_auth(b).is_ok()),
     ("backend key", |b| backend::parse_backend_key(b).is_ok()),
-    ("parameter status", |b| backend::parse_parameter_status(b).is_ok()),
+    ("parameter status", |b| {
+        backend::parse_parameter_status(b).is_ok()
+    }),
     ("data row", |b| backend::parse_data_row(b).is_ok()),
-    ("row description", |b| backend::parse_row_description(b).is_ok()),
+    ("row description", |b| {
+        backend::parse_row_description(b).is_ok()
+    }),
     ("copy response", |b| backend::parse_copy_response(b).is_ok()),
     ("fields", |b| backend::parse_fields(b).is_ok()),
     ("notification", |b| backend::parse_notification(b).is_ok()),
@@ -198,7 +202,9 @@ fn huge_declared_counts_reserve_nothing() {
     let cases: [(&[u8], fn(&[u8]) -> bool); 4] = [
         (&bind, |b| frontend::parse_bind(b).is_ok()),
         (&data_row, |b| backend::parse_data_row(b).is_ok()),
-        (&row_description, |b| backend::parse_row_description(b).is_ok()),
+        (&row_description, |b| {
+            backend::parse_row_description(b).is_ok()
+        }),
         (&copy, |b| backend::parse_copy_response(b).is_ok()),
     ];
     for (b, parse) in cases {

@@ -53,7 +53,9 @@ pub(crate) fn guard(sql: &str, classify: fn(&str) -> Classification) -> Option<C
     }
     if depth > MAX_DEPTH {
         return Some(Classification::Unparsable {
-            error: format!("the statement nests deeper than the gateway parses (more than {MAX_DEPTH} levels)"),
+            error: format!(
+                "the statement nests deeper than the gateway parses (more than {MAX_DEPTH} levels)"
+            ),
         });
     }
     Some(on_big_stack(sql, classify))
@@ -189,7 +191,9 @@ pub fn nesting_depth(sql: &[u8], stop_above: u32) -> u32 {
                 i += 1;
             }
             b',' | b';' => {
-                let top = frames.last_mut().expect("the outermost frame is never closed");
+                let top = frames
+                    .last_mut()
+                    .expect("the outermost frame is never closed");
                 top.chain = 0;
                 top.between = 0;
                 if b == b';' {
@@ -201,11 +205,17 @@ pub fn nesting_depth(sql: &[u8], stop_above: u32) -> u32 {
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
                 i += 1;
-                while i < n && (sql[i].is_ascii_alphanumeric() || matches!(sql[i], b'_' | b'$') || sql[i] >= 0x80) {
+                while i < n
+                    && (sql[i].is_ascii_alphanumeric()
+                        || matches!(sql[i], b'_' | b'$')
+                        || sql[i] >= 0x80)
+                {
                     i += 1;
                 }
                 let word = &sql[start..i];
-                let top = frames.last_mut().expect("the outermost frame is never closed");
+                let top = frames
+                    .last_mut()
+                    .expect("the outermost frame is never closed");
                 let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
                 if is("and") && top.between > 0 {
                     top.between -= 1;
@@ -241,7 +251,9 @@ pub fn nesting_depth(sql: &[u8], stop_above: u32) -> u32 {
             // operators), `::`, and anything else that is not whitespace.
             _ => i += 1,
         }
-        let top = frames.last_mut().expect("the outermost frame is never closed");
+        let top = frames
+            .last_mut()
+            .expect("the outermost frame is never closed");
         top.chain = top.chain.saturating_add(levels);
         max = max.max(top.depth());
         if max > stop_above {
@@ -352,7 +364,11 @@ mod tests {
             format!("select {}1{}", "array[".repeat(n), "]".repeat(n)),
             format!("select {}1{}", "f(".repeat(n), ")".repeat(n)),
             format!("select {}1{}", "(select ".repeat(n), ")".repeat(n)),
-            format!("select {}1{}", "case when true then ".repeat(n), " end".repeat(n)),
+            format!(
+                "select {}1{}",
+                "case when true then ".repeat(n),
+                " end".repeat(n)
+            ),
             format!("select 1{}", " between 1 and 1".repeat(n)),
             format!("select a{}", " is null".repeat(n)),
             format!("select 1, 2{}", " union select 1, 2".repeat(n)),
@@ -377,11 +393,26 @@ mod tests {
     fn large_flat_texts_classify() {
         let n = 5000;
         let list = (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
-        let ors = (0..n).map(|i| format!("a = {i}")).collect::<Vec<_>>().join(" OR ");
-        let ands = (0..n).map(|i| format!("a <> {i}")).collect::<Vec<_>>().join(" AND ");
-        let rows = (0..n).map(|i| format!("({i}, 'x{i}', now())")).collect::<Vec<_>>().join(", ");
-        let whens = (0..n).map(|i| format!("WHEN a = {i} THEN 'v{i}'")).collect::<Vec<_>>().join(" ");
-        let betweens = (0..n).map(|i| format!("a BETWEEN {i} AND {}", i + 1)).collect::<Vec<_>>().join(" OR ");
+        let ors = (0..n)
+            .map(|i| format!("a = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let ands = (0..n)
+            .map(|i| format!("a <> {i}"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let rows = (0..n)
+            .map(|i| format!("({i}, 'x{i}', now())"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let whens = (0..n)
+            .map(|i| format!("WHEN a = {i} THEN 'v{i}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let betweens = (0..n)
+            .map(|i| format!("a BETWEEN {i} AND {}", i + 1))
+            .collect::<Vec<_>>()
+            .join(" OR ");
         let texts = [
             format!("SELECT * FROM t WHERE a IN ({list})"),
             format!("SELECT * FROM t WHERE {ors}"),
@@ -393,7 +424,11 @@ mod tests {
         ];
         for sql in &texts {
             assert!(depth(sql) <= INLINE_DEPTH, "{} {}", depth(sql), &sql[..60]);
-            assert!(matches!(classify(sql), Classification::Statements(s) if s.len() == 1), "{}", &sql[..60]);
+            assert!(
+                matches!(classify(sql), Classification::Statements(s) if s.len() == 1),
+                "{}",
+                &sql[..60]
+            );
         }
     }
 
@@ -426,7 +461,15 @@ mod tests {
 
     #[test]
     fn estimate_stays_below_length() {
-        for sql in ["", "(", "((((", "not not", "a+-b", "case case case", "select $1::int[]"] {
+        for sql in [
+            "",
+            "(",
+            "((((",
+            "not not",
+            "a+-b",
+            "case case case",
+            "select $1::int[]",
+        ] {
             assert!(depth(sql) as usize <= sql.len(), "{sql}");
         }
     }
@@ -437,6 +480,9 @@ mod tests {
         let sql = format!("SELECT {}1{} FROM t", "(".repeat(300), ")".repeat(300));
         assert!((INLINE_DEPTH..=MAX_DEPTH).contains(&depth(&sql)));
         let c = classify(&sql);
-        assert!(matches!(&c, Classification::Statements(s) if s[0].tables == ["t"]), "{c:?}");
+        assert!(
+            matches!(&c, Classification::Statements(s) if s[0].tables == ["t"]),
+            "{c:?}"
+        );
     }
 }

@@ -26,9 +26,9 @@ const TOKENS: &[&str] = &[
     "else", "end", "union", "join", "on", "in", "is", "null", "array", "values", "insert", "into",
     "delete", "update", "set", "drop", "table", "do", "copy", "with", "as", "explain", "prepare",
     "execute", "t", "a", "f", "1", "2.5e3", "$1", "(", ")", "[", "]", ",", ";", "'", "''", "\"",
-    "E'", "e'\\'", "\\", "$$", "$a$", "--", "\n", "/*", "*/", "::", ":", ".", "+", "-", "*",
-    "/", "<", ">", "=", "~", "!", "@", "#", "%", "^", "&", "|", "`", "?", "U&'", "X'", "{",
-    "}", " ", "\u{e9}", "\0",
+    "E'", "e'\\'", "\\", "$$", "$a$", "--", "\n", "/*", "*/", "::", ":", ".", "+", "-", "*", "/",
+    "<", ">", "=", "~", "!", "@", "#", "%", "^", "&", "|", "`", "?", "U&'", "X'", "{", "}", " ",
+    "\u{e9}", "\0",
 ];
 
 /// Constructs that nest, one level each (prefix, suffix).
@@ -110,7 +110,11 @@ fn a_deep_query_does_not_abort_the_process() {
     }
     let me = std::env::current_exe().expect("test binary");
     let out = std::process::Command::new(me)
-        .args(["--exact", "a_deep_query_does_not_abort_the_process", "--test-threads=1"])
+        .args([
+            "--exact",
+            "a_deep_query_does_not_abort_the_process",
+            "--test-threads=1",
+        ])
         .env(CHILD, "1")
         .output()
         .expect("run the child");

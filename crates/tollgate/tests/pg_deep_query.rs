@@ -58,7 +58,10 @@ async fn deep_query_is_refused_and_other_sessions_live_on() {
 
     let bystander = busy.await.expect("the bystander's queries all succeeded");
     // The refused session itself is still usable, and large flat statements still classify.
-    let list = (0..5000).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let list = (0..5000)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let n: i64 = attacker
         .query_one(
             &format!("SELECT count(*) FROM generate_series(1, 10000) g WHERE g IN ({list})"),
@@ -85,7 +88,10 @@ async fn deep_query_is_refused_and_other_sessions_live_on() {
     // The same gateway process is serving: healthy, and a new session connects.
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", env.gw.pid())).unwrap();
     let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
-    assert!(matches!(state, Some("R" | "S" | "D")), "the gateway process is gone: {stat}");
+    assert!(
+        matches!(state, Some("R" | "S" | "D")),
+        "the gateway process is gone: {stat}"
+    );
     assert_eq!(env.gw.http_get("/healthz").map(|(s, _)| s), Some(200));
     let fresh = env.client().await;
     let two: i32 = fresh.query_one("SELECT 2", &[]).await.unwrap().get(0);
