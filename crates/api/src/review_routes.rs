@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate_identity::Identity;
-use tollgate_review::{Review, ReviewError, ReviewFilter, Reviewer};
+use tollgate_review::{Review, ReviewError, ReviewFilter};
 use tollgate_store::EventInput;
 
 use crate::params;
@@ -214,7 +214,7 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8], shape: &str) -> Result<
 fn may_see(state: &ApiState, who: &Identity, r: &Review) -> bool {
     who.in_any(&state.roles.admin_groups)
         || who.in_any(&state.roles.auditor_groups)
-        || r.requester == who.subject
+        || state.reviews.is_requester(r, who)
         || who.in_any(&r.approvers)
 }
 
@@ -274,13 +274,6 @@ async fn blocking<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(review_refusal(e, id)),
         Err(e) => Err(store_failed(e)),
-    }
-}
-
-fn reviewer(who: &Identity) -> Reviewer {
-    Reviewer {
-        subject: who.subject.clone(),
-        groups: who.groups.clone(),
     }
 }
 
@@ -376,7 +369,7 @@ async fn respond(
             } else {
                 parse_body(body, r#"{"reason": "..."}"#)?
             };
-            let (key, me, approve) = (id.clone(), reviewer(who), *approve);
+            let (key, me, approve) = (id.clone(), who.clone(), *approve);
             let review = blocking(
                 move || reviews.decide(&key, &me, approve, b.reason),
                 Some(id),
@@ -392,7 +385,7 @@ async fn respond(
             )?;
             let duration = tollgate_config::parse_duration(&b.for_)
                 .map_err(|e| refusal(StatusCode::BAD_REQUEST, format!("\"for\": {e}"), None))?;
-            let me = reviewer(who);
+            let me = who.clone();
             let review = blocking(
                 move || {
                     if b.unmask {

@@ -5,7 +5,7 @@
 //! It must not open sockets, read certificates or secrets: it only names them.
 
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -165,6 +165,23 @@ pub struct Roles {
 pub struct Identity {
     pub oidc: Option<Oidc>,
     pub tokens: Vec<StaticToken>,
+    pub principals: Vec<PrincipalMapping>,
+}
+
+/// `[[identity.principals]]`: the credentials of one person (or service), which reviews then
+/// count as one reviewer and never let approve each other's requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalMapping {
+    /// The principal's name (no `:`), shown as the requester and reviewer.
+    pub name: String,
+    /// Client certificates: `spiffe://…` URIs and `cn:<common name>` (for certificates without
+    /// a SPIFFE URI).
+    #[serde(default)]
+    pub certificates: Vec<String>,
+    /// Subjects of `[[identity.tokens]]`.
+    #[serde(default)]
+    pub tokens: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -719,6 +736,8 @@ struct RawIdentity {
     oidc: Option<Oidc>,
     #[serde(default)]
     tokens: Vec<StaticToken>,
+    #[serde(default)]
+    principals: Vec<PrincipalMapping>,
 }
 
 #[derive(Deserialize)]
@@ -827,6 +846,52 @@ impl Ctx<'_> {
             .filter(|b| *b == b'\n')
             .count()
             + 1
+    }
+
+    /// Names are distinct and hold no `:` (which credential principals such as `cert:cn:alice`
+    /// do), and a credential belongs to one principal at most.
+    fn check_principals(&self, principals: &[PrincipalMapping]) -> Result<(), ConfigError> {
+        let at = |needle: &str| self.text.find(needle).unwrap_or(0);
+        let mut names = HashSet::new();
+        let mut owner: HashMap<String, &str> = HashMap::new();
+        for p in principals {
+            if p.name.trim().is_empty() || p.name.contains(':') {
+                return Err(self.invalid(
+                    at(&p.name),
+                    "identity.principals.name",
+                    format!(
+                        "{:?} is not a principal name: it must be non-empty and hold no ':'",
+                        p.name
+                    ),
+                ));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(self.invalid(
+                    at(&p.name),
+                    "identity.principals.name",
+                    format!("principal {:?} is defined twice", p.name),
+                ));
+            }
+            for c in &p.certificates {
+                let cn = c.strip_prefix("cn:").filter(|cn| !cn.is_empty());
+                if cn.is_none() && !c.starts_with("spiffe://") {
+                    return Err(self.invalid(at(c), "identity.principals.certificates", format!("{c:?}: certificates are named by SPIFFE URI (spiffe://...) or by common name (cn:NAME)")));
+                }
+            }
+            let credentials = p.certificates.iter().map(|c| format!("certificate {c}"));
+            for credential in credentials.chain(p.tokens.iter().map(|t| format!("token {t}"))) {
+                if let Some(other) = owner.insert(credential.clone(), &p.name) {
+                    if other != p.name {
+                        return Err(self.invalid(
+                            at(&p.name),
+                            "identity.principals",
+                            format!("{credential} belongs to both {other:?} and {:?}", p.name),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn invalid(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
@@ -1096,6 +1161,7 @@ impl Ctx<'_> {
                 ));
             }
         }
+        self.check_principals(&raw.identity.principals)?;
 
         let mut names = HashSet::new();
         let mut resources = Vec::with_capacity(raw.resources.len());
@@ -1250,6 +1316,7 @@ impl Ctx<'_> {
             identity: Identity {
                 oidc: raw.identity.oidc,
                 tokens: raw.identity.tokens,
+                principals: raw.identity.principals,
             },
             resources,
         })
@@ -1414,6 +1481,29 @@ password_env = "ORDERS_DB_PASSWORD"
             e,
             "/etc/tollgate/tollgate.toml:3: server.postgres_listen: \"localhost6432\" is not a socket address; write IP:PORT, e.g. \"127.0.0.1:6432\""
         );
+    }
+
+    #[test]
+    fn principals_map_credentials_to_one_name() {
+        let with = |principals: &str| {
+            let at = GOOD.find("[[resources]]").unwrap();
+            p(&format!("{}{principals}\n{}", &GOOD[..at], &GOOD[at..]))
+        };
+        let c = with("[[identity.principals]]\nname = \"alice\"\ncertificates = [\"spiffe://corp/alice\", \"cn:alice\"]\ntokens = [\"alice-bot\"]\n").unwrap();
+        let alice = &c.identity.principals[0];
+        assert_eq!(alice.name, "alice");
+        assert_eq!(alice.certificates, ["spiffe://corp/alice", "cn:alice"]);
+        assert_eq!(alice.tokens, ["alice-bot"]);
+        assert!(p(GOOD).unwrap().identity.principals.is_empty());
+        for (bad, says) in [
+            ("name = \"cert:cn:alice\"", "hold no ':'"),
+            ("name = \"alice\"\ncertificates = [\"alice\"]", "cn:NAME"),
+            ("name = \"alice\"\n[[identity.principals]]\nname = \"alice\"", "defined twice"),
+            ("name = \"a\"\ntokens = [\"t\"]\n[[identity.principals]]\nname = \"b\"\ntokens = [\"t\"]", "token t belongs to both \"a\" and \"b\""),
+        ] {
+            let e = with(&format!("[[identity.principals]]\n{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("identity.principals"), "{e}");
+        }
     }
 
     #[test]

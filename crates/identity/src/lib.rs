@@ -1,11 +1,17 @@
 //! Who is calling: turns a verified client certificate or a presented token into an [`Identity`],
 //! and answers group-membership questions about it.
 //!
+//! It also owns the [`Principal`]: who a caller is regardless of the credential used, so that
+//! one person with a certificate and a token counts once, and a token subject can never pass
+//! for a certificate user of the same name ([`Principals`], `[[identity.principals]]`).
+//!
 //! It trusts its inputs to be already verified where that is the TLS layer's job (the certificate
 //! chain is checked by rustls before we see it); it never decides policy beyond "is a member of".
 
+use std::collections::HashMap;
+use std::fmt;
 use std::time::SystemTime;
-use tollgate_config::StaticToken;
+use tollgate_config::{PrincipalMapping, StaticToken};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::*;
 
@@ -27,10 +33,97 @@ impl AuthMethod {
     }
 }
 
+/// Who is behind a credential, in one namespace for every kind of credential:
+/// `cert:spiffe://…` (a certificate's SPIFFE URI), `cert:cn:<CN>` (a certificate without one),
+/// `token:<subject>` (a static token), `oidc:<issuer>#<sub>`, or the `name` of an
+/// `[[identity.principals]]` entry that several credentials map to (names hold no `:`, so a
+/// name never equals a credential's own principal). Reviews compare principals, never subjects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct Principal(String);
+
+impl Principal {
+    /// A certificate's principal from its subject as [`from_certificate`] reads it.
+    pub fn certificate(subject: &str) -> Principal {
+        if subject.starts_with("spiffe://") {
+            Principal(format!("cert:{subject}"))
+        } else {
+            Principal(format!("cert:cn:{subject}"))
+        }
+    }
+
+    pub fn token(subject: &str) -> Principal {
+        Principal(format!("token:{subject}"))
+    }
+
+    pub fn oidc(issuer: &str, subject: &str) -> Principal {
+        Principal(format!("oidc:{issuer}#{subject}"))
+    }
+
+    /// A principal read back from storage (written by [`Principal::as_str`]).
+    pub fn from_stored(s: impl Into<String>) -> Principal {
+        Principal(s.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The `[[identity.principals]]` mapping: credentials that belong to one named principal.
+#[derive(Debug, Clone, Default)]
+pub struct Principals {
+    by_credential: HashMap<Principal, Principal>,
+}
+
+impl Principals {
+    /// From validated config (`certificates` entries are `spiffe://…` or `cn:<CN>`).
+    pub fn new(mappings: &[PrincipalMapping]) -> Principals {
+        let mut by_credential = HashMap::new();
+        for m in mappings {
+            let name = Principal(m.name.clone());
+            for c in &m.certificates {
+                let credential = match c.strip_prefix("cn:") {
+                    Some(cn) => Principal(format!("cert:cn:{cn}")),
+                    None => Principal(format!("cert:{c}")),
+                };
+                by_credential.insert(credential, name.clone());
+            }
+            for t in &m.tokens {
+                by_credential.insert(Principal::token(t), name.clone());
+            }
+        }
+        Principals { by_credential }
+    }
+
+    /// The principal a credential's own principal belongs to: its mapped name, else itself.
+    pub fn resolve(&self, credential: &Principal) -> Principal {
+        self.by_credential
+            .get(credential)
+            .unwrap_or(credential)
+            .clone()
+    }
+
+    /// `identity` with its principal resolved through the mapping.
+    pub fn apply(&self, mut identity: Identity) -> Identity {
+        identity.principal = self.resolve(&identity.principal);
+        identity
+    }
+}
+
 /// A caller, as every protocol adapter and the policy engine see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Identity {
+    /// The name the credential carries (SPIFFE URI, CN or token subject): what people read.
     pub subject: String,
+    /// Who that is, for comparisons across credentials (see [`Principal`]).
+    pub principal: Principal,
     pub groups: Vec<String>,
     pub method: AuthMethod,
     pub cert_fingerprint: Option<String>,
@@ -85,6 +178,7 @@ pub fn from_certificate(der: &[u8]) -> Result<Identity, IdentityError> {
         .collect();
     let not_after = cert.validity().not_after.timestamp();
     Ok(Identity {
+        principal: Principal::certificate(&subject),
         subject,
         groups,
         method: AuthMethod::Cert,
@@ -127,6 +221,7 @@ impl TokenVerifier {
         }
         found.map(|t| Identity {
             subject: t.subject.clone(),
+            principal: Principal::token(&t.subject),
             groups: t.groups.clone(),
             method: AuthMethod::Token,
             cert_fingerprint: None,
@@ -155,11 +250,84 @@ mod tests {
         let v = TokenVerifier::new(&tokens);
         let id = v.verify("test").unwrap();
         assert_eq!(id.subject, "ci-bot");
+        assert_eq!(id.principal.as_str(), "token:ci-bot");
         assert_eq!(id.method, AuthMethod::Token);
         assert!(id.in_any(&["ci".to_string()]));
         assert!(!id.in_any(&["sre".to_string()]));
         assert!(v.verify("tesT").is_none());
         assert!(v.verify("").is_none());
+    }
+
+    #[test]
+    fn credentials_have_distinct_principals_unless_mapped() {
+        let cn = Principal::certificate("alice");
+        let token = Principal::token("alice");
+        let spiffe = Principal::certificate("spiffe://corp/alice");
+        assert_eq!(cn.as_str(), "cert:cn:alice");
+        assert_eq!(spiffe.as_str(), "cert:spiffe://corp/alice");
+        assert_eq!(
+            Principal::oidc("https://idp", "42").as_str(),
+            "oidc:https://idp#42"
+        );
+        assert_ne!(cn, token);
+
+        let map = Principals::new(&[PrincipalMapping {
+            name: "alice".into(),
+            certificates: vec!["spiffe://corp/alice".into(), "cn:alice".into()],
+            tokens: vec!["alice-bot".into()],
+        }]);
+        let alice = Principal::from_stored("alice");
+        assert_eq!(map.resolve(&cn), alice);
+        assert_eq!(map.resolve(&spiffe), alice);
+        assert_eq!(map.resolve(&Principal::token("alice-bot")), alice);
+        // Unmapped credentials keep their own principal; a token named like a CN stays apart.
+        assert_eq!(map.resolve(&token), token);
+        assert_eq!(
+            map.resolve(&Principal::certificate("bob")).as_str(),
+            "cert:cn:bob"
+        );
+        // Resolving twice changes nothing.
+        assert_eq!(map.resolve(&alice), alice);
+    }
+
+    fn certificate(cn: &str, spiffe: Option<&str>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationalUnitName, "sre");
+        if let Some(uri) = spiffe {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn certificate_identity_carries_its_principal() {
+        let cn = from_certificate(&certificate("alice", None)).unwrap();
+        assert_eq!(
+            (cn.subject.as_str(), cn.principal.as_str()),
+            ("alice", "cert:cn:alice")
+        );
+        assert_eq!(cn.groups, ["sre"]);
+        let uri = from_certificate(&certificate("alice", Some("spiffe://corp/alice"))).unwrap();
+        assert_eq!(uri.subject, "spiffe://corp/alice");
+        assert_eq!(uri.principal.as_str(), "cert:spiffe://corp/alice");
+        let map = Principals::new(&[PrincipalMapping {
+            name: "alice".into(),
+            certificates: vec!["cn:alice".into()],
+            tokens: vec![],
+        }]);
+        let mapped = map.apply(cn);
+        assert_eq!(
+            (mapped.subject.as_str(), mapped.principal.as_str()),
+            ("alice", "alice")
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! Owns the review lifecycle (pending → approved | denied | expired | withdrawn), who may vote
 //! (approver groups or `roles.admin_groups`, never the requester), the quorum
-//! (`min_approvals` distinct reviewers, one deny ends it), in-process waiting for a decision,
+//! (`min_approvals` distinct reviewers, one deny ends it; requesters and reviewers are compared
+//! by [`Principal`], resolved through `[[identity.principals]]`, never by subject string), in-process waiting for a decision,
 //! the approved-statement rerun after a gateway restart, access and unmask grants (each kind
 //! only ever answers for itself: [`Reviews::active_grant`], [`Reviews::active_unmask`]), the
 //! `review.*` audit events and the webhook notifications ([`notify`]).
@@ -33,6 +34,7 @@ use tollgate_store::{
 };
 
 pub use notify::{Notifier, NotifierConfig, WebhookFormat};
+pub use tollgate_identity::{Identity, Principal, Principals};
 pub use tollgate_store::ReviewFilter;
 
 /// Audit event kinds.
@@ -72,7 +74,9 @@ impl ReviewKind {
     }
 }
 
-/// A person or service account: a requester or a reviewer.
+/// A person or service account: a requester or a reviewer, as shown (its subject) and as
+/// authorized (its groups). Who it *is*, for self-approval and the quorum, is its [`Principal`],
+/// passed beside it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reviewer {
     pub subject: String,
@@ -82,6 +86,15 @@ pub struct Reviewer {
 impl Reviewer {
     fn in_any(&self, groups: &[String]) -> bool {
         self.groups.iter().any(|g| groups.contains(g))
+    }
+}
+
+impl From<&Identity> for Reviewer {
+    fn from(who: &Identity) -> Self {
+        Reviewer {
+            subject: who.subject.clone(),
+            groups: who.groups.clone(),
+        }
     }
 }
 
@@ -117,7 +130,11 @@ pub struct Review {
     /// pending, approved, denied, expired or withdrawn.
     pub status: String,
     pub resource: String,
+    /// Who asked, readable (the subject of the credential used).
     pub requester: String,
+    /// Who asked, canonical (`cert:cn:alice`, `token:ci-bot`, a mapped name); absent when the
+    /// requester's credential was not known (then the subject is what is compared).
+    pub requester_principal: Option<String>,
     pub requester_groups: Vec<String>,
     pub session_id: Option<String>,
     pub rule: Option<String>,
@@ -150,6 +167,9 @@ pub struct Review {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vote {
     pub reviewer: String,
+    /// The reviewer's principal: each counts once toward `min_approvals`.
+    #[serde(default)]
+    pub principal: String,
     pub groups: Vec<String>,
     pub approve: bool,
     pub reason: Option<String>,
@@ -234,6 +254,8 @@ pub struct Reviews {
     audit_session: String,
     waiters: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     clock: Clock,
+    /// `[[identity.principals]]`: credentials of one person resolve to one principal.
+    principals: Principals,
 }
 
 fn now_ms() -> i64 {
@@ -315,7 +337,14 @@ impl Reviews {
             audit_session: format!("reviews-{}", hex(&random_bytes::<8>())),
             waiters: Mutex::new(HashMap::new()),
             clock: Arc::new(now_ms),
+            principals: Principals::default(),
         }
+    }
+
+    /// Credentials that belong to one principal (`[[identity.principals]]`).
+    pub fn with_principals(mut self, principals: Principals) -> Self {
+        self.principals = principals;
+        self
     }
 
     /// Groups that may decide any review (`roles.admin_groups`).
@@ -339,7 +368,8 @@ impl Reviews {
         let notifier = Notifier::new(&NotifierConfig::from_config(config))?;
         let mut reviews =
             Reviews::new(store, recorder, notifier, config.server.console_url.clone())
-                .with_admin_groups(config.roles.admin_groups.clone());
+                .with_admin_groups(config.roles.admin_groups.clone())
+                .with_principals(Principals::new(&config.identity.principals));
         for r in &config.resources {
             reviews = reviews.with_resource(
                 r.name.clone(),
@@ -370,7 +400,20 @@ impl Reviews {
 
     /// Persist a pending review, notify its webhook in the background, and return it.
     /// Refused (nothing stored) when its `review.requested` event cannot be recorded.
+    /// `requester` is the principal of the credential the requester used (resolved here through
+    /// `[[identity.principals]]`): no credential of that principal may then vote on it.
+    pub fn request_by(&self, r: NewReview, requester: &Principal) -> Result<Review, ReviewError> {
+        self.create(r, Some(self.principals.resolve(requester)))
+    }
+
+    /// [`Reviews::request_by`] for a caller that cannot name the requester's principal: the
+    /// requester is then compared by subject, so no reviewer with the same subject string, by
+    /// whatever credential, may vote on it.
     pub fn request(&self, r: NewReview) -> Result<Review, ReviewError> {
+        self.create(r, None)
+    }
+
+    fn create(&self, r: NewReview, principal: Option<Principal>) -> Result<Review, ReviewError> {
         if r.min_approvals == 0 {
             return Err(ReviewError::Invalid(
                 "min_approvals must be at least 1".into(),
@@ -389,6 +432,7 @@ impl Reviews {
             session_id: r.session_id,
             resource: r.resource,
             requester: r.requester.subject,
+            requester_principal: principal.map(|p| p.as_str().to_string()),
             requester_groups: r.requester.groups,
             rule: r.rule,
             statement: r.statement.as_deref().map(clip),
@@ -416,6 +460,7 @@ impl Reviews {
                     "session": rec.session_id,
                     "resource": rec.resource,
                     "requester": rec.requester,
+                    "requester_principal": rec.requester_principal,
                     "requester_groups": rec.requester_groups,
                     "rule": rec.rule,
                     "statement": rec.statement,
@@ -439,7 +484,7 @@ impl Reviews {
     /// `max_access`, approvable by its `access_approvers`.
     pub fn request_access(
         &self,
-        requester: &Reviewer,
+        requester: &Identity,
         resource: &str,
         access_for: Duration,
         reason: &str,
@@ -452,7 +497,7 @@ impl Reviews {
     /// `unmask_approvers`. It grants no access: the requester must reach the resource anyway.
     pub fn request_unmask(
         &self,
-        requester: &Reviewer,
+        requester: &Identity,
         resource: &str,
         unmask_for: Duration,
         reason: &str,
@@ -463,7 +508,7 @@ impl Reviews {
     fn request_grant(
         &self,
         kind: ReviewKind,
-        requester: &Reviewer,
+        requester: &Identity,
         resource: &str,
         grant_for: Duration,
         reason: &str,
@@ -499,20 +544,23 @@ impl Reviews {
                 kind.as_str()
             )));
         }
-        self.request(NewReview {
-            kind,
-            session_id: None,
-            resource: resource.to_string(),
-            requester: requester.clone(),
-            rule: None,
-            statement: None,
-            statement_sha256: None,
-            approvers: approvers.clone(),
-            min_approvals: 1,
-            timeout: ACCESS_REVIEW_TIMEOUT,
-            reason: Some(reason.trim().to_string()),
-            access_for: Some(grant_for),
-        })
+        self.request_by(
+            NewReview {
+                kind,
+                session_id: None,
+                resource: resource.to_string(),
+                requester: Reviewer::from(requester),
+                rule: None,
+                statement: None,
+                statement_sha256: None,
+                approvers: approvers.clone(),
+                min_approvals: 1,
+                timeout: ACCESS_REVIEW_TIMEOUT,
+                reason: Some(reason.trim().to_string()),
+                access_for: Some(grant_for),
+            },
+            &requester.principal,
+        )
     }
 
     /// Wait until the review is decided, withdrawn or past its deadline (which is then
@@ -622,15 +670,17 @@ impl Reviews {
         }
     }
 
-    /// A reviewer's vote. Approvals count distinct reviewers until `min_approvals`; one deny
-    /// decides. A deny needs a reason.
+    /// A reviewer's vote. Approvals count distinct principals until `min_approvals` (two
+    /// credentials of one principal count once); one deny decides. A deny needs a reason.
     pub fn decide(
         &self,
         id: &str,
-        reviewer: &Reviewer,
+        who: &Identity,
         approve: bool,
         reason: Option<String>,
     ) -> Result<Review, ReviewError> {
+        let principal = self.principals.resolve(&who.principal);
+        let reviewer = &Reviewer::from(who);
         let reason = reason
             .map(|r| r.trim().to_string())
             .filter(|r| !r.is_empty());
@@ -645,7 +695,11 @@ impl Reviews {
         if rec.status != REVIEW_PENDING {
             return Err(ReviewError::NotPending(rec.status));
         }
-        if rec.requester == reviewer.subject {
+        let own = match &rec.requester_principal {
+            Some(p) => p == principal.as_str(),
+            None => rec.requester == reviewer.subject,
+        };
+        if own {
             return Err(ReviewError::SelfApproval);
         }
         if !reviewer.in_any(&rec.approvers) && !reviewer.in_any(&self.admin_groups) {
@@ -661,6 +715,7 @@ impl Reviews {
         let outcome = self.store.review_vote(&ReviewVote {
             review_id: id.to_string(),
             reviewer: reviewer.subject.clone(),
+            principal: principal.as_str().to_string(),
             groups: reviewer.groups.clone(),
             approve,
             reason: reason.clone(),
@@ -683,7 +738,7 @@ impl Reviews {
         self.recorder.record(self.event(
             EVENT_VOTE,
             json!({"review": rec.id, "review_kind": rec.kind, "resource": rec.resource,
-                   "requester": rec.requester, "reviewer": reviewer.subject, "groups": reviewer.groups, "approve": approve,
+                   "requester": rec.requester, "reviewer": reviewer.subject, "principal": principal, "groups": reviewer.groups, "approve": approve,
                    "reason": reason, "approvals": approvals, "min_approvals": rec.min_approvals}),
         ));
         if rec.status != REVIEW_PENDING {
@@ -699,6 +754,14 @@ impl Reviews {
             self.wake(id);
         }
         Ok(self.view(rec))
+    }
+
+    /// Whether `who` asked for `review` (by principal; by subject when the requester's is unknown).
+    pub fn is_requester(&self, review: &Review, who: &Identity) -> bool {
+        match &review.requester_principal {
+            Some(p) => *p == self.principals.resolve(&who.principal).as_str(),
+            None => review.requester == who.subject,
+        }
     }
 
     /// Reviews, newest first (pending ones past their deadline are expired first).
@@ -826,6 +889,7 @@ impl Reviews {
                 .map(|v| Vote {
                     at: format_time(v.at_unix_ms),
                     reviewer: v.reviewer,
+                    principal: v.principal,
                     groups: v.groups,
                     approve: v.approve,
                     reason: v.reason,
@@ -837,6 +901,7 @@ impl Reviews {
             status: r.status,
             resource: r.resource,
             requester: r.requester,
+            requester_principal: r.requester_principal,
             requester_groups: r.requester_groups,
             session_id: r.session_id,
             rule: r.rule,

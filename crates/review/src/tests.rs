@@ -35,6 +35,10 @@ fn settings(approvers: &[&str]) -> ResourceSettings {
 /// A file store, a recorder, and reviews with admins `ops`; `mock_clock` pins time to the
 /// returned counter (otherwise real time, for tests that wait).
 fn fx(mock_clock: bool) -> Fx {
+    fx_with(mock_clock, Principals::default())
+}
+
+fn fx_with(mock_clock: bool, principals: Principals) -> Fx {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("t.db")).unwrap());
     let recorder = recorder(&store, dir.path(), "a");
@@ -46,6 +50,7 @@ fn fx(mock_clock: bool) -> Fx {
         Some("https://gw.example:8443/".into()),
     )
     .with_admin_groups(vec!["ops".into()])
+    .with_principals(principals)
     .with_resource("orders", settings(&["dba"]))
     .with_resource(
         "people",
@@ -67,10 +72,24 @@ fn fx(mock_clock: bool) -> Fx {
     }
 }
 
-fn person(subject: &str, groups: &[&str]) -> Reviewer {
-    Reviewer {
+/// Someone with a client certificate whose CN is `subject`.
+fn person(subject: &str, groups: &[&str]) -> Identity {
+    Identity {
         subject: subject.into(),
+        principal: Principal::certificate(subject),
         groups: groups.iter().map(|s| s.to_string()).collect(),
+        method: tollgate_identity::AuthMethod::Cert,
+        cert_fingerprint: None,
+        cert_not_after: None,
+    }
+}
+
+/// Someone presenting the static token of `subject`.
+fn token(subject: &str, groups: &[&str]) -> Identity {
+    Identity {
+        principal: Principal::token(subject),
+        method: tollgate_identity::AuthMethod::Token,
+        ..person(subject, groups)
     }
 }
 
@@ -79,7 +98,7 @@ fn command(min_approvals: u32, timeout: Duration) -> NewReview {
         kind: ReviewKind::Command,
         session_id: Some("sess-1".into()),
         resource: "orders".into(),
-        requester: person("agent-7", &["agents"]),
+        requester: Reviewer::from(&person("agent-7", &["agents"])),
         rule: Some("agent-writes".into()),
         statement: Some("delete from orders where id = $1".into()),
         statement_sha256: Some("ab".repeat(32)),
@@ -149,7 +168,7 @@ fn a_request_is_stored_pending_with_a_console_url_and_a_clipped_statement() {
 fn the_requester_can_never_approve_even_as_an_admin() {
     let f = fx(true);
     let mut r = command(1, MINUTE);
-    r.requester = person("root", &["ops", "sre"]);
+    r.requester = Reviewer::from(&person("root", &["ops", "sre"]));
     let review = f.reviews.request(r).unwrap();
     let e = f
         .reviews
@@ -944,4 +963,117 @@ async fn an_unmask_review_is_recorded_and_notified_as_unmask() {
         body["text"],
         "agent-7 asks to see people without masking for 1h: GDPR-7"
     );
+}
+
+/// alice has a SPIFFE certificate, a CN certificate and a token named "alice"; bob a
+/// certificate and the token "bob-ci". Nobody else is mapped.
+fn alice_and_bob() -> Principals {
+    let mapping =
+        |name: &str, certificates: &[&str], tokens: &[&str]| tollgate_config::PrincipalMapping {
+            name: name.into(),
+            certificates: certificates.iter().map(|c| c.to_string()).collect(),
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
+        };
+    Principals::new(&[
+        mapping("alice", &["spiffe://corp/alice", "cn:alice"], &["alice"]),
+        mapping("bob", &["cn:bob"], &["bob-ci"]),
+    ])
+}
+
+fn requested_by(f: &Fx, who: &Identity, min_approvals: u32) -> Review {
+    let mut r = command(min_approvals, MINUTE);
+    r.requester = Reviewer::from(who);
+    f.reviews.request_by(r, &who.principal).unwrap()
+}
+
+#[test]
+fn another_credential_of_the_requester_cannot_approve() {
+    let f = fx_with(true, alice_and_bob());
+    let review = requested_by(&f, &person("alice", &["agents"]), 1);
+    // Shown by subject, compared by principal.
+    assert_eq!(review.requester, "alice");
+    assert_eq!(review.requester_principal.as_deref(), Some("alice"));
+    for other_credential in [
+        token("alice", &["sre"]),
+        person("spiffe://corp/alice", &["sre"]),
+    ] {
+        let e = f
+            .reviews
+            .decide(&review.id, &other_credential, true, None)
+            .unwrap_err();
+        assert!(matches!(e, ReviewError::SelfApproval), "{e}");
+    }
+    let review = f
+        .reviews
+        .decide(&review.id, &person("bob", &["sre"]), true, None)
+        .unwrap();
+    assert_eq!(review.status, "approved");
+}
+
+#[test]
+fn two_credentials_of_one_principal_count_once() {
+    let f = fx_with(true, alice_and_bob());
+    let review = requested_by(&f, &person("agent-7", &["agents"]), 2);
+    f.reviews
+        .decide(&review.id, &person("bob", &["sre"]), true, None)
+        .unwrap();
+    let e = f
+        .reviews
+        .decide(&review.id, &token("bob-ci", &["sre"]), true, None)
+        .unwrap_err();
+    assert!(
+        matches!(&e, ReviewError::AlreadyVotedBy(who) if who == "bob-ci"),
+        "{e}"
+    );
+    let review = f.reviews.get(&review.id).unwrap().unwrap();
+    assert_eq!((review.status.as_str(), review.approvals), ("pending", 1));
+    let review = f
+        .reviews
+        .decide(&review.id, &token("alice", &["sre"]), true, None)
+        .unwrap();
+    assert_eq!(review.status, "approved");
+    let mut principals: Vec<&str> = review.votes.iter().map(|v| v.principal.as_str()).collect();
+    principals.sort();
+    assert_eq!(principals, ["alice", "bob"]);
+}
+
+#[test]
+fn an_unmapped_certificate_and_token_of_one_name_are_two_principals() {
+    let f = fx(true);
+    // A token named like the requester's CN is someone else: it is not a self-approval ...
+    let review = requested_by(&f, &person("carol", &["agents"]), 2);
+    assert_eq!(review.requester_principal.as_deref(), Some("cert:cn:carol"));
+    f.reviews
+        .decide(&review.id, &token("carol", &["sre"]), true, None)
+        .unwrap();
+    // ... and a token cannot vote in a certificate user's name: cert "dave" still votes
+    // after token "dave" did, each counted, each recorded with its own principal.
+    let review = requested_by(&f, &person("agent-7", &["agents"]), 2);
+    f.reviews
+        .decide(&review.id, &token("dave", &["sre"]), true, None)
+        .unwrap();
+    let review = f
+        .reviews
+        .decide(&review.id, &person("dave", &["sre"]), true, None)
+        .unwrap();
+    assert_eq!(review.status, "approved");
+    let mut votes: Vec<(&str, &str)> = review
+        .votes
+        .iter()
+        .map(|v| (v.reviewer.as_str(), v.principal.as_str()))
+        .collect();
+    votes.sort();
+    assert_eq!(votes, [("dave", "cert:cn:dave"), ("dave", "token:dave")]);
+}
+
+#[test]
+fn a_requester_without_a_principal_is_compared_by_subject() {
+    let f = fx(true);
+    let review = f.reviews.request(command(1, MINUTE)).unwrap();
+    assert_eq!(review.requester_principal, None);
+    let e = f
+        .reviews
+        .decide(&review.id, &token("agent-7", &["sre"]), true, None)
+        .unwrap_err();
+    assert!(matches!(e, ReviewError::SelfApproval), "{e}");
 }

@@ -29,7 +29,12 @@ pub struct ReviewRecord {
     pub kind: String,
     pub session_id: Option<String>,
     pub resource: String,
+    /// Who asked, as people read it (the credential's subject or principal name).
     pub requester: String,
+    /// Who asked, for comparisons: the canonical principal (`cert:cn:alice`, `token:ci-bot`,
+    /// a mapped name). None for a caller that did not say (and reviews from before principals),
+    /// whose requester is then compared by `requester`.
+    pub requester_principal: Option<String>,
     pub requester_groups: Vec<String>,
     pub rule: Option<String>,
     /// Already redacted and clipped by the caller.
@@ -60,6 +65,8 @@ pub struct ReviewRecord {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VoteRecord {
     pub reviewer: String,
+    /// The reviewer's principal: one vote per principal (see [`ReviewRecord::requester_principal`]).
+    pub principal: String,
     pub groups: Vec<String>,
     pub approve: bool,
     pub reason: Option<String>,
@@ -70,7 +77,10 @@ pub struct VoteRecord {
 #[derive(Clone, Debug)]
 pub struct ReviewVote {
     pub review_id: String,
+    /// Shown as who voted.
     pub reviewer: String,
+    /// Compared: a principal votes once and never on its own request.
+    pub principal: String,
     pub groups: Vec<String>,
     pub approve: bool,
     pub reason: Option<String>,

@@ -81,6 +81,7 @@ CREATE INDEX reviews_by_status ON reviews (status, created_at);
 "#,
     audit::MIGRATION,
     reviews::MIGRATION,
+    reviews::MIGRATION_PRINCIPALS,
 ];
 
 /// The schema version this build creates and understands.

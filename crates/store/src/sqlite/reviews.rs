@@ -40,9 +40,30 @@ CREATE TABLE access_grants (
 CREATE INDEX access_grants_by_subject ON access_grants (subject, resource, until);
 "#;
 
+/// Requesters and reviewers are compared by principal: votes are unique per principal (two
+/// credentials of one person count once; a token and a certificate that share a subject string
+/// are two reviewers). Votes from before keep their reviewer string as principal.
+pub(super) const MIGRATION_PRINCIPALS: &str = r#"
+ALTER TABLE reviews ADD COLUMN requester_principal TEXT;
+CREATE TABLE review_votes_by_principal (
+    review_id TEXT NOT NULL REFERENCES reviews (id),
+    reviewer  TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    groups    TEXT NOT NULL,     -- JSON array
+    approve   INTEGER NOT NULL,
+    reason    TEXT,
+    at        INTEGER NOT NULL,  -- unix ms
+    PRIMARY KEY (review_id, principal)
+);
+INSERT INTO review_votes_by_principal (review_id, reviewer, principal, groups, approve, reason, at)
+    SELECT review_id, reviewer, reviewer, groups, approve, reason, at FROM review_votes;
+DROP TABLE review_votes;
+ALTER TABLE review_votes_by_principal RENAME TO review_votes;
+"#;
+
 const COLUMNS: &str = "r.id, r.kind, r.session_id, r.resource, r.requester, r.rule, r.statement, \
      r.statement_sha256, r.min_approvals, r.access_ms, r.status, r.created_at, r.expires_at, \
-     r.decided_at, r.decided_by, r.reason, r.used_at, r.payload, g.until";
+     r.decided_at, r.decided_by, r.reason, r.used_at, r.payload, g.until, r.requester_principal";
 const FROM: &str = "FROM reviews r LEFT JOIN access_grants g ON g.review_id = r.id";
 
 /// Request details kept in the `payload` column.
@@ -72,6 +93,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<ReviewRecord, StoreError>> {
         session_id: r.get(2)?,
         resource: r.get(3)?,
         requester: r.get(4)?,
+        requester_principal: r.get(19)?,
         requester_groups: p.requester_groups,
         rule: r.get(5)?,
         statement: r.get(6)?,
@@ -105,7 +127,7 @@ fn load(conn: &Connection, id: &str) -> Result<Option<ReviewRecord>, StoreError>
 
 fn votes(conn: &Connection, id: &str) -> Result<Vec<VoteRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT reviewer, groups, approve, reason, at FROM review_votes WHERE review_id = ?1 ORDER BY at, reviewer",
+        "SELECT reviewer, groups, approve, reason, at, principal FROM review_votes WHERE review_id = ?1 ORDER BY at, reviewer, principal",
     )?;
     let rows = stmt.query_map([id], |r| {
         Ok((
@@ -114,13 +136,15 @@ fn votes(conn: &Connection, id: &str) -> Result<Vec<VoteRecord>, StoreError> {
             r.get::<_, bool>(2)?,
             r.get::<_, Option<String>>(3)?,
             r.get::<_, i64>(4)?,
+            r.get::<_, String>(5)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (reviewer, groups, approve, reason, at_unix_ms) = row?;
+        let (reviewer, groups, approve, reason, at_unix_ms, principal) = row?;
         out.push(VoteRecord {
             reviewer,
+            principal,
             groups: serde_json::from_str(&groups).map_err(json_err)?,
             approve,
             reason,
@@ -140,8 +164,9 @@ impl SqliteStore {
         .map_err(json_err)?;
         self.writer().execute(
             "INSERT INTO reviews (id, kind, session_id, resource, requester, status, rule, statement, \
-             statement_sha256, min_approvals, access_ms, created_at, expires_at, payload) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             statement_sha256, min_approvals, access_ms, created_at, expires_at, payload, \
+             requester_principal) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 r.id,
                 r.kind,
@@ -156,7 +181,8 @@ impl SqliteStore {
                 r.access_ms,
                 r.created_at_unix_ms,
                 r.expires_at_unix_ms,
-                payload
+                payload,
+                r.requester_principal
             ],
         )?;
         Ok(())
@@ -205,17 +231,22 @@ impl SqliteStore {
             tx.commit()?;
             return Ok(VoteOutcome::Expired(rec));
         }
-        if rec.requester == v.reviewer {
+        let own = match &rec.requester_principal {
+            Some(p) => *p == v.principal,
+            None => rec.requester == v.reviewer,
+        };
+        if own {
             return Ok(VoteOutcome::SelfApproval);
         }
-        if rec.votes.iter().any(|x| x.reviewer == v.reviewer) {
+        if rec.votes.iter().any(|x| x.principal == v.principal) {
             return Ok(VoteOutcome::AlreadyVoted);
         }
         tx.execute(
-            "INSERT INTO review_votes (review_id, reviewer, groups, approve, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO review_votes (review_id, reviewer, principal, groups, approve, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 v.review_id,
                 v.reviewer,
+                v.principal,
                 serde_json::to_string(&v.groups).map_err(json_err)?,
                 v.approve,
                 v.reason,
@@ -382,6 +413,7 @@ mod tests {
             session_id: Some("s1".into()),
             resource: "orders".into(),
             requester: "agent-7".into(),
+            requester_principal: Some("cert:cn:agent-7".into()),
             requester_groups: vec!["agents".into()],
             rule: Some("deletes".into()),
             statement: Some("delete from t where id = $1".into()),
@@ -406,6 +438,7 @@ mod tests {
         ReviewVote {
             review_id: id.into(),
             reviewer: who.into(),
+            principal: format!("cert:cn:{who}"),
             groups: vec!["sre".into()],
             approve,
             reason: Some(format!("{who} says so")),
@@ -458,6 +491,59 @@ mod tests {
             }),
             ["rv_a"]
         );
+    }
+
+    #[test]
+    fn votes_are_counted_and_refused_by_principal() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.review_create(&review("rv_a", "command", 3)).unwrap();
+        let as_principal = |who: &str, principal: &str, at| ReviewVote {
+            principal: principal.into(),
+            ..vote("rv_a", who, true, at)
+        };
+        // A token whose subject is the requester's CN is another principal: it is not the requester.
+        let r = recorded(
+            s.review_vote(&as_principal("agent-7", "token:agent-7", 1100))
+                .unwrap(),
+        );
+        assert_eq!(r.votes[0].principal, "token:agent-7");
+        // Two credentials of one principal count once.
+        recorded(s.review_vote(&as_principal("bob", "bob", 1200)).unwrap());
+        assert_eq!(
+            s.review_vote(&as_principal("spiffe://corp/bob", "bob", 1300))
+                .unwrap(),
+            VoteOutcome::AlreadyVoted
+        );
+        // The requester under another credential mapped to the same principal.
+        s.review_create(&ReviewRecord {
+            requester_principal: Some("alice".into()),
+            ..review("rv_b", "command", 1)
+        })
+        .unwrap();
+        let alice_token = ReviewVote {
+            principal: "alice".into(),
+            ..vote("rv_b", "alice-bot", true, 1400)
+        };
+        assert_eq!(
+            s.review_vote(&alice_token).unwrap(),
+            VoteOutcome::SelfApproval
+        );
+        // A review whose requester gave no principal is compared by subject, as before.
+        s.review_create(&ReviewRecord {
+            requester_principal: None,
+            ..review("rv_c", "command", 1)
+        })
+        .unwrap();
+        let same_subject = ReviewVote {
+            principal: "token:agent-7".into(),
+            ..vote("rv_c", "agent-7", true, 1500)
+        };
+        assert_eq!(
+            s.review_vote(&same_subject).unwrap(),
+            VoteOutcome::SelfApproval
+        );
+        let r = s.review("rv_b").unwrap().unwrap();
+        assert_eq!(r.requester_principal.as_deref(), Some("alice"));
     }
 
     #[test]
