@@ -30,7 +30,7 @@ use tollgate_store::review::{
     REVIEW_KIND_UNMASK, REVIEW_PENDING, REVIEW_WITHDRAWN,
 };
 use tollgate_store::{
-    EventInput, Recorder, ReviewRecord, ReviewVote, Store, StoreError, VoteOutcome,
+    EventInput, Recorder, Requester, ReviewRecord, ReviewVote, Store, StoreError, VoteOutcome,
 };
 
 pub use notify::{Notifier, NotifierConfig, WebhookFormat};
@@ -782,10 +782,43 @@ impl Reviews {
 
     /// Restart survival: the newest approved, unused command review of this requester, resource
     /// and statement hash, decided within `window`, is consumed and returned (the statement may
-    /// run without a new review).
+    /// run without a new review). Only reviews requested by `requester`'s principal count.
+    pub fn take_approved_rerun_by(
+        &self,
+        requester: &Principal,
+        resource: &str,
+        statement_sha256: &str,
+        window: Duration,
+    ) -> Option<Review> {
+        let principal = self.principals.resolve(requester);
+        self.take_rerun(
+            Requester::Principal(principal.as_str()),
+            resource,
+            statement_sha256,
+            window,
+        )
+    }
+
+    /// [`Reviews::take_approved_rerun_by`] for a caller that knows only the requester's subject:
+    /// any review requested under that subject string counts, whatever the credential.
     pub fn take_approved_rerun(
         &self,
         requester: &str,
+        resource: &str,
+        statement_sha256: &str,
+        window: Duration,
+    ) -> Option<Review> {
+        self.take_rerun(
+            Requester::Subject(requester),
+            resource,
+            statement_sha256,
+            window,
+        )
+    }
+
+    fn take_rerun(
+        &self,
+        requester: Requester<'_>,
         resource: &str,
         statement_sha256: &str,
         window: Duration,
@@ -814,22 +847,52 @@ impl Reviews {
         }
     }
 
-    /// Just-in-time access: the grant (from an approved access review) that lets `subject`
-    /// reach `resource` now. An unmask grant never counts. A store failure means no grant.
-    pub fn active_grant(&self, subject: &str, resource: &str) -> Option<Grant> {
+    /// Just-in-time access: the grant (from an approved access review) that lets `who` reach
+    /// `resource` now: one asked for by `who`'s principal, by whichever of its credentials.
+    /// An unmask grant never counts. A store failure means no grant.
+    pub fn active_grant_for(&self, who: &Identity, resource: &str) -> Option<Grant> {
+        let principal = self.principals.resolve(&who.principal);
         grant_of(
             ReviewKind::Access,
-            self.store.access_grant(subject, resource, self.now()),
+            self.store.access_grant(
+                Requester::Principal(principal.as_str()),
+                resource,
+                self.now(),
+            ),
         )
     }
 
-    /// The grant (from an approved unmask review) that lets `subject` see `resource` without
-    /// masking now. An access grant never counts. A store failure means no grant, so masking
-    /// stays on.
+    /// The grant (from an approved unmask review) that lets `who` see `resource` without
+    /// masking now (by principal, as [`Reviews::active_grant_for`]). An access grant never
+    /// counts. A store failure means no grant, so masking stays on.
+    pub fn active_unmask_for(&self, who: &Identity, resource: &str) -> Option<Grant> {
+        let principal = self.principals.resolve(&who.principal);
+        grant_of(
+            ReviewKind::Unmask,
+            self.store.unmask_grant(
+                Requester::Principal(principal.as_str()),
+                resource,
+                self.now(),
+            ),
+        )
+    }
+
+    /// [`Reviews::active_grant_for`] by subject string, for a caller that knows no principal:
+    /// a grant asked for under that subject by any credential counts.
+    pub fn active_grant(&self, subject: &str, resource: &str) -> Option<Grant> {
+        grant_of(
+            ReviewKind::Access,
+            self.store
+                .access_grant(Requester::Subject(subject), resource, self.now()),
+        )
+    }
+
+    /// [`Reviews::active_unmask_for`] by subject string (see [`Reviews::active_grant`]).
     pub fn active_unmask(&self, subject: &str, resource: &str) -> Option<Grant> {
         grant_of(
             ReviewKind::Unmask,
-            self.store.unmask_grant(subject, resource, self.now()),
+            self.store
+                .unmask_grant(Requester::Subject(subject), resource, self.now()),
         )
     }
 

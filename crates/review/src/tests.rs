@@ -1077,3 +1077,43 @@ fn a_requester_without_a_principal_is_compared_by_subject() {
         .unwrap_err();
     assert!(matches!(e, ReviewError::SelfApproval), "{e}");
 }
+
+#[test]
+fn grants_belong_to_the_requesters_principal() {
+    let f = fx_with(true, alice_and_bob());
+    let hour = Duration::from_secs(3600);
+    let review = f
+        .reviews
+        .request_access(&person("alice", &["agents"]), "orders", hour, "INC-1")
+        .unwrap();
+    let namesake = f
+        .reviews
+        .request_access(&person("carol", &["agents"]), "orders", hour, "INC-2")
+        .unwrap();
+    for id in [&review.id, &namesake.id] {
+        f.reviews
+            .decide(id, &person("dora", &["dba"]), true, None)
+            .unwrap();
+    }
+    // alice's other credentials hold her grant ...
+    for alice in [token("alice", &[]), person("spiffe://corp/alice", &[])] {
+        let g = f.reviews.active_grant_for(&alice, "orders").unwrap();
+        assert_eq!(g.review_id, review.id);
+    }
+    // ... a token that merely shares carol's CN does not hold carol's.
+    assert_eq!(
+        f.reviews
+            .active_grant_for(&person("carol", &[]), "orders")
+            .unwrap()
+            .review_id,
+        namesake.id
+    );
+    assert_eq!(
+        f.reviews.active_grant_for(&token("carol", &[]), "orders"),
+        None
+    );
+    assert_eq!(
+        f.reviews.active_unmask_for(&person("carol", &[]), "orders"),
+        None
+    );
+}

@@ -26,7 +26,9 @@ pub use hash::{
     canonical_json, checkpoint_digest, event_hash, CanonicalObject, HashedFields, GENESIS_HASH,
 };
 pub use recorder::{Durability, Recorder, RecorderOptions, RecorderStats};
-pub use review::{GrantRecord, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome, VoteRecord};
+pub use review::{
+    GrantRecord, Requester, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome, VoteRecord,
+};
 pub use sqlite::{SqliteStore, SCHEMA_VERSION};
 
 /// Event kind that creates a session row.
@@ -299,7 +301,7 @@ pub trait Store: Send + Sync + 'static {
     /// statement hash, decided at or after `decided_since_unix_ms`.
     fn review_take_rerun(
         &self,
-        requester: &str,
+        requester: Requester<'_>,
         resource: &str,
         statement_sha256: &str,
         decided_since_unix_ms: i64,
@@ -314,26 +316,26 @@ pub trait Store: Send + Sync + 'static {
         );
         Err(no_reviews())
     }
-    /// The access grant (approved `access` review) that lets `subject` reach `resource` at
+    /// The access grant (approved `access` review) that lets `requester` reach `resource` at
     /// `now_unix_ms`, if any (latest-ending). An unmask grant never counts.
     fn access_grant(
         &self,
-        subject: &str,
+        requester: Requester<'_>,
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError> {
-        let _ = (subject, resource, now_unix_ms);
+        let _ = (requester, resource, now_unix_ms);
         Err(no_reviews())
     }
-    /// The unmask grant (approved `unmask` review) that lets `subject` see `resource` without
+    /// The unmask grant (approved `unmask` review) that lets `requester` see `resource` without
     /// masking at `now_unix_ms`, if any (latest-ending). An access grant never counts.
     fn unmask_grant(
         &self,
-        subject: &str,
+        requester: Requester<'_>,
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError> {
-        let _ = (subject, resource, now_unix_ms);
+        let _ = (requester, resource, now_unix_ms);
         Err(no_reviews())
     }
 }

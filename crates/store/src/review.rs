@@ -111,6 +111,16 @@ pub struct ReviewFilter {
     pub limit: Option<usize>,
 }
 
+/// Whose grants or approved reruns to look up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requester<'a> {
+    /// Reviews that recorded this requester principal ([`ReviewRecord::requester_principal`]).
+    Principal(&'a str),
+    /// Reviews whose requester subject is this string, whatever credential asked: for callers
+    /// that know no principal (a token and a certificate of the same name both match).
+    Subject(&'a str),
+}
+
 /// What an approved access or unmask review grants, until `until_unix_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GrantRecord {

@@ -489,7 +489,7 @@ impl Store for SqliteStore {
     }
     fn review_take_rerun(
         &self,
-        requester: &str,
+        requester: crate::Requester<'_>,
         resource: &str,
         statement_sha256: &str,
         decided_since_unix_ms: i64,
@@ -505,26 +505,26 @@ impl Store for SqliteStore {
     }
     fn access_grant(
         &self,
-        subject: &str,
+        requester: crate::Requester<'_>,
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<crate::GrantRecord>, StoreError> {
         self.sql_grant(
             crate::review::REVIEW_KIND_ACCESS,
-            subject,
+            requester,
             resource,
             now_unix_ms,
         )
     }
     fn unmask_grant(
         &self,
-        subject: &str,
+        requester: crate::Requester<'_>,
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<crate::GrantRecord>, StoreError> {
         self.sql_grant(
             crate::review::REVIEW_KIND_UNMASK,
-            subject,
+            requester,
             resource,
             now_unix_ms,
         )

@@ -154,6 +154,14 @@ fn votes(conn: &Connection, id: &str) -> Result<Vec<VoteRecord>, StoreError> {
     Ok(out)
 }
 
+/// The value a lookup by `requester` compares, and what it is compared with.
+fn requester_key(requester: Requester<'_>) -> (&str, &'static str) {
+    match requester {
+        Requester::Principal(p) => (p, "principal"),
+        Requester::Subject(s) => (s, "subject"),
+    }
+}
+
 impl SqliteStore {
     pub(super) fn sql_review_create(&self, r: &ReviewRecord) -> Result<(), StoreError> {
         let payload = serde_json::to_string(&Payload {
@@ -335,26 +343,29 @@ impl SqliteStore {
 
     pub(super) fn sql_review_take_rerun(
         &self,
-        requester: &str,
+        requester: Requester<'_>,
         resource: &str,
         statement_sha256: &str,
         decided_since_unix_ms: i64,
         now_unix_ms: i64,
     ) -> Result<Option<ReviewRecord>, StoreError> {
+        let (who, by) = requester_key(requester);
         let conn = self.writer();
         let id: Option<String> = conn
             .query_row(
                 "UPDATE reviews SET used_at = ?1 WHERE id = (SELECT id FROM reviews WHERE kind = 'command' \
-                 AND status = ?2 AND used_at IS NULL AND requester = ?3 AND resource = ?4 \
+                 AND status = ?2 AND used_at IS NULL AND resource = ?4 \
+                 AND CASE ?7 WHEN 'principal' THEN requester_principal = ?3 ELSE requester = ?3 END \
                  AND statement_sha256 = ?5 AND decided_at >= ?6 ORDER BY decided_at DESC LIMIT 1) \
                  AND used_at IS NULL RETURNING id",
                 params![
                     now_unix_ms,
                     REVIEW_APPROVED,
-                    requester,
+                    who,
                     resource,
                     statement_sha256,
-                    decided_since_unix_ms
+                    decided_since_unix_ms,
+                    by
                 ],
                 |r| r.get(0),
             )
@@ -370,21 +381,23 @@ impl SqliteStore {
     pub(super) fn sql_grant(
         &self,
         kind: &str,
-        subject: &str,
+        requester: Requester<'_>,
         resource: &str,
         now_unix_ms: i64,
     ) -> Result<Option<GrantRecord>, StoreError> {
+        let (who, by) = requester_key(requester);
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT g.review_id, r.kind, g.subject, g.resource, g.granted_at, g.until \
              FROM access_grants g JOIN reviews r ON r.id = g.review_id \
-             WHERE r.kind = ?1 AND r.status = ?2 AND g.subject = ?3 AND g.resource = ?4 \
+             WHERE r.kind = ?1 AND r.status = ?2 AND g.resource = ?4 \
+             AND CASE ?6 WHEN 'principal' THEN r.requester_principal = ?3 ELSE g.subject = ?3 END \
              AND g.granted_at <= ?5 AND g.until > ?5 \
              ORDER BY g.until DESC LIMIT 1",
         )?;
         let g = stmt
             .query_row(
-                params![kind, REVIEW_APPROVED, subject, resource, now_unix_ms],
+                params![kind, REVIEW_APPROVED, who, resource, now_unix_ms, by],
                 |r| {
                     Ok(GrantRecord {
                         review_id: r.get(0)?,
@@ -637,33 +650,39 @@ mod tests {
         let sha = "ab".repeat(32);
         s.review_create(&review("rv_a", "command", 1)).unwrap();
         assert!(
-            s.review_take_rerun("agent-7", "orders", &sha, 0, 2000)
+            s.review_take_rerun(Requester::Subject("agent-7"), "orders", &sha, 0, 2000)
                 .unwrap()
                 .is_none(),
             "pending"
         );
         recorded(s.review_vote(&vote("rv_a", "bob", true, 5000)).unwrap());
         assert!(
-            s.review_take_rerun("agent-7", "orders", &sha, 5001, 6000)
+            s.review_take_rerun(Requester::Subject("agent-7"), "orders", &sha, 5001, 6000)
                 .unwrap()
                 .is_none(),
             "outside window"
         );
         assert!(s
-            .review_take_rerun("agent-7", "orders", &"cd".repeat(32), 0, 6000)
+            .review_take_rerun(
+                Requester::Subject("agent-7"),
+                "orders",
+                &"cd".repeat(32),
+                0,
+                6000
+            )
             .unwrap()
             .is_none());
         assert!(s
-            .review_take_rerun("mallory", "orders", &sha, 0, 6000)
+            .review_take_rerun(Requester::Subject("mallory"), "orders", &sha, 0, 6000)
             .unwrap()
             .is_none());
         let r = s
-            .review_take_rerun("agent-7", "orders", &sha, 5000, 6000)
+            .review_take_rerun(Requester::Subject("agent-7"), "orders", &sha, 5000, 6000)
             .unwrap()
             .unwrap();
         assert_eq!((r.id.as_str(), r.used_at_unix_ms), ("rv_a", Some(6000)));
         assert!(
-            s.review_take_rerun("agent-7", "orders", &sha, 0, 7000)
+            s.review_take_rerun(Requester::Subject("agent-7"), "orders", &sha, 0, 7000)
                 .unwrap()
                 .is_none(),
             "used once"
@@ -675,22 +694,60 @@ mod tests {
     fn an_approved_access_review_grants_until_its_duration_ends() {
         let s = SqliteStore::open_in_memory().unwrap();
         s.review_create(&review("rv_x", "access", 1)).unwrap();
-        assert!(s.access_grant("agent-7", "orders", 2000).unwrap().is_none());
+        assert!(s
+            .access_grant(Requester::Subject("agent-7"), "orders", 2000)
+            .unwrap()
+            .is_none());
         let r = recorded(s.review_vote(&vote("rv_x", "bob", true, 2000)).unwrap());
         assert_eq!(r.grant_until_unix_ms, Some(2000 + 3_600_000));
-        let g = s.access_grant("agent-7", "orders", 2000).unwrap().unwrap();
+        let g = s
+            .access_grant(Requester::Subject("agent-7"), "orders", 2000)
+            .unwrap()
+            .unwrap();
         assert_eq!((g.review_id.as_str(), g.until_unix_ms), ("rv_x", 3_602_000));
         assert!(
-            s.access_grant("agent-7", "orders", 3_602_000)
+            s.access_grant(Requester::Subject("agent-7"), "orders", 3_602_000)
                 .unwrap()
                 .is_none(),
             "expired"
         );
         assert!(s
-            .access_grant("agent-7", "billing", 3000)
+            .access_grant(Requester::Subject("agent-7"), "billing", 3000)
             .unwrap()
             .is_none());
-        assert!(s.access_grant("bob", "orders", 3000).unwrap().is_none());
+        assert!(s
+            .access_grant(Requester::Subject("bob"), "orders", 3000)
+            .unwrap()
+            .is_none());
+    }
+
+    /// By principal, a grant or an approved rerun belongs to the requester's principal only:
+    /// a token sharing the requester's subject gets neither.
+    #[test]
+    fn grants_and_reruns_by_principal() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let sha = "ab".repeat(32);
+        s.review_create(&review("rv_x", "access", 1)).unwrap();
+        s.review_create(&review("rv_c", "command", 1)).unwrap();
+        recorded(s.review_vote(&vote("rv_x", "bob", true, 2000)).unwrap());
+        recorded(s.review_vote(&vote("rv_c", "bob", true, 2000)).unwrap());
+        let mine = Requester::Principal("cert:cn:agent-7");
+        let namesake = Requester::Principal("token:agent-7");
+        assert!(s.access_grant(namesake, "orders", 3000).unwrap().is_none());
+        assert_eq!(
+            s.access_grant(mine, "orders", 3000)
+                .unwrap()
+                .unwrap()
+                .review_id,
+            "rv_x"
+        );
+        assert!(s.unmask_grant(mine, "orders", 3000).unwrap().is_none());
+        assert!(s
+            .review_take_rerun(namesake, "orders", &sha, 0, 3000)
+            .unwrap()
+            .is_none());
+        let r = s.review_take_rerun(mine, "orders", &sha, 0, 3000).unwrap();
+        assert_eq!(r.unwrap().id, "rv_c");
     }
 
     #[test]
@@ -698,43 +755,59 @@ mod tests {
         let s = SqliteStore::open_in_memory().unwrap();
         s.review_create(&review("rv_u", "unmask", 1)).unwrap();
         assert!(
-            s.unmask_grant("agent-7", "orders", 2000).unwrap().is_none(),
+            s.unmask_grant(Requester::Subject("agent-7"), "orders", 2000)
+                .unwrap()
+                .is_none(),
             "pending"
         );
         let r = recorded(s.review_vote(&vote("rv_u", "bob", true, 2000)).unwrap());
         assert_eq!(r.grant_until_unix_ms, Some(3_602_000));
-        let g = s.unmask_grant("agent-7", "orders", 2000).unwrap().unwrap();
+        let g = s
+            .unmask_grant(Requester::Subject("agent-7"), "orders", 2000)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (g.review_id.as_str(), g.kind.as_str(), g.until_unix_ms),
             ("rv_u", "unmask", 3_602_000)
         );
         assert!(
-            s.access_grant("agent-7", "orders", 2000).unwrap().is_none(),
+            s.access_grant(Requester::Subject("agent-7"), "orders", 2000)
+                .unwrap()
+                .is_none(),
             "an unmask grant is not access"
         );
 
         // An access grant (ending later) for the same subject and resource.
         s.review_create(&review("rv_a", "access", 1)).unwrap();
         recorded(s.review_vote(&vote("rv_a", "bob", true, 3000)).unwrap());
-        let a = s.access_grant("agent-7", "orders", 3000).unwrap().unwrap();
+        let a = s
+            .access_grant(Requester::Subject("agent-7"), "orders", 3000)
+            .unwrap()
+            .unwrap();
         assert_eq!((a.review_id.as_str(), a.kind.as_str()), ("rv_a", "access"));
-        let u = s.unmask_grant("agent-7", "orders", 3000).unwrap().unwrap();
+        let u = s
+            .unmask_grant(Requester::Subject("agent-7"), "orders", 3000)
+            .unwrap()
+            .unwrap();
         assert_eq!(u.review_id, "rv_u", "the later access grant is not unmask");
 
         // The unmask grant ends; the access grant (1s later) still holds, and is still not unmask.
         assert!(s
-            .unmask_grant("agent-7", "orders", 3_602_000)
+            .unmask_grant(Requester::Subject("agent-7"), "orders", 3_602_000)
             .unwrap()
             .is_none());
         assert!(s
-            .access_grant("agent-7", "orders", 3_602_000)
+            .access_grant(Requester::Subject("agent-7"), "orders", 3_602_000)
             .unwrap()
             .is_some());
         assert!(s
-            .unmask_grant("agent-7", "billing", 3000)
+            .unmask_grant(Requester::Subject("agent-7"), "billing", 3000)
             .unwrap()
             .is_none());
-        assert!(s.unmask_grant("bob", "orders", 3000).unwrap().is_none());
+        assert!(s
+            .unmask_grant(Requester::Subject("bob"), "orders", 3000)
+            .unwrap()
+            .is_none());
 
         // A denied unmask review and an approved command review grant nothing.
         s.review_create(&review("rv_d", "unmask", 1)).unwrap();
@@ -743,7 +816,7 @@ mod tests {
         recorded(s.review_vote(&vote("rv_c", "bob", true, 4000)).unwrap());
         assert_eq!(s.review("rv_c").unwrap().unwrap().grant_until_unix_ms, None);
         assert_eq!(
-            s.unmask_grant("agent-7", "orders", 5000)
+            s.unmask_grant(Requester::Subject("agent-7"), "orders", 5000)
                 .unwrap()
                 .unwrap()
                 .review_id,
