@@ -597,31 +597,51 @@ fn unmask_request_reviewed_through_the_cli_is_granted_apart_from_access_and_reco
 
     // In the gateway's store: an unmask grant, and (the access request still pending) no access.
     let store = tollgate_store::SqliteStore::open(s.dir.path().join("audit.db")).unwrap();
-    let g = tollgate_store::Store::unmask_grant(&store, "alice", "app", decided_at)
-        .unwrap()
-        .expect("an unmask grant");
+    let g = tollgate_store::Store::unmask_grant(
+        &store,
+        tollgate_store::Requester::Subject("alice"),
+        "app",
+        decided_at,
+    )
+    .unwrap()
+    .expect("an unmask grant");
     assert_eq!(
         (g.review_id.as_str(), g.kind.as_str()),
         (id.as_str(), "unmask")
     );
     assert!(
-        tollgate_store::Store::access_grant(&store, "alice", "app", decided_at)
-            .unwrap()
-            .is_none(),
+        tollgate_store::Store::access_grant(
+            &store,
+            tollgate_store::Requester::Subject("alice"),
+            "app",
+            decided_at
+        )
+        .unwrap()
+        .is_none(),
         "approving unmasking grants no access"
     );
     ok(&s.run(&s.bob, &["reviews", "approve", &access]));
-    let a = tollgate_store::Store::access_grant(&store, "alice", "app", decided_at + 60_000)
-        .unwrap()
-        .expect("an access grant");
+    let a = tollgate_store::Store::access_grant(
+        &store,
+        tollgate_store::Requester::Subject("alice"),
+        "app",
+        decided_at + 60_000,
+    )
+    .unwrap()
+    .expect("an access grant");
     assert_eq!(
         (a.review_id.as_str(), a.kind.as_str()),
         (access.as_str(), "access")
     );
     assert_eq!(
-        tollgate_store::Store::unmask_grant(&store, "alice", "app", decided_at + 60_000)
-            .unwrap()
-            .map(|g| g.review_id),
+        tollgate_store::Store::unmask_grant(
+            &store,
+            tollgate_store::Requester::Subject("alice"),
+            "app",
+            decided_at + 60_000
+        )
+        .unwrap()
+        .map(|g| g.review_id),
         Some(id.clone()),
         "the later, longer access grant is not an unmask grant"
     );
