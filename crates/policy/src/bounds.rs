@@ -40,45 +40,71 @@ thread_local! {
     static ON_BIG_STACK: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Why a text was not handed to the parser (or the parse did not finish).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundError {
+    #[error("the statement nests deeper than the gateway parses (more than {MAX_DEPTH} levels)")]
+    TooDeep,
+    #[error("the SQL parser could not get a thread for this deeply nested statement")]
+    NoThread,
+    #[error("the SQL parser failed on this input")]
+    Panicked,
+}
+
+enum Placement {
+    Inline,
+    BigStack,
+    Refused,
+}
+
+fn placement(sql: &str) -> Placement {
+    // The estimate never exceeds the length: short texts, the hot path, are not scanned.
+    if sql.len() <= INLINE_DEPTH as usize || ON_BIG_STACK.with(Cell::get) {
+        return Placement::Inline;
+    }
+    match nesting_depth(sql.as_bytes(), MAX_DEPTH) {
+        d if d <= INLINE_DEPTH => Placement::Inline,
+        d if d <= MAX_DEPTH => Placement::BigStack,
+        _ => Placement::Refused,
+    }
+}
+
+/// Runs `parse(sql)` (anything that has libpg_query build a tree for `sql`, such as
+/// `pg_query::parse`) where its stack use is bounded: on this thread for shallow texts, on a
+/// [`BIG_STACK`] thread for deeper ones, not at all beyond [`MAX_DEPTH`]. Every parse of
+/// client-supplied SQL goes through here (or through [`crate::classify`], which does).
+pub fn bounded<T: Send>(sql: &str, parse: impl FnOnce(&str) -> T + Send) -> Result<T, BoundError> {
+    match placement(sql) {
+        Placement::Inline => Ok(parse(sql)),
+        Placement::BigStack => on_big_stack(sql, parse),
+        Placement::Refused => Err(BoundError::TooDeep),
+    }
+}
+
 /// Called first by [`crate::classify`]: `None` when `sql` may be parsed on this thread,
 /// otherwise the classification (`classify` run on a big stack, or unparsable when too deep).
 pub(crate) fn guard(sql: &str, classify: fn(&str) -> Classification) -> Option<Classification> {
-    // The estimate never exceeds the length: short texts, the hot path, are not scanned.
-    if sql.len() <= INLINE_DEPTH as usize || ON_BIG_STACK.with(Cell::get) {
-        return None;
-    }
-    let depth = nesting_depth(sql.as_bytes(), MAX_DEPTH);
-    if depth <= INLINE_DEPTH {
-        return None;
-    }
-    if depth > MAX_DEPTH {
-        return Some(Classification::Unparsable {
-            error: format!(
-                "the statement nests deeper than the gateway parses (more than {MAX_DEPTH} levels)"
-            ),
-        });
-    }
-    Some(on_big_stack(sql, classify))
+    let done = match placement(sql) {
+        Placement::Inline => return None,
+        Placement::BigStack => on_big_stack(sql, classify),
+        Placement::Refused => Err(BoundError::TooDeep),
+    };
+    Some(done.unwrap_or_else(|e| Classification::Unparsable {
+        error: e.to_string(),
+    }))
 }
 
-fn on_big_stack(sql: &str, classify: fn(&str) -> Classification) -> Classification {
-    let failed = |what: &str| Classification::Unparsable {
-        error: format!("the SQL parser {what}"),
-    };
+fn on_big_stack<T: Send>(sql: &str, parse: impl FnOnce(&str) -> T + Send) -> Result<T, BoundError> {
     std::thread::scope(|scope| {
-        let parse = std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("tollgate-classify".into())
             .stack_size(BIG_STACK)
             .spawn_scoped(scope, || {
                 ON_BIG_STACK.with(|b| b.set(true));
-                classify(sql)
-            });
-        match parse {
-            Ok(handle) => handle
-                .join()
-                .unwrap_or_else(|_| failed("failed on this input")),
-            Err(_) => failed("could not get a thread for this deeply nested statement"),
-        }
+                parse(sql)
+            })
+            .map_err(|_| BoundError::NoThread)?;
+        handle.join().map_err(|_| BoundError::Panicked)
     })
 }
 
@@ -472,6 +498,30 @@ mod tests {
         ] {
             assert!(depth(sql) as usize <= sql.len(), "{sql}");
         }
+    }
+
+    /// Other parses of client text get the same bounds.
+    #[test]
+    fn bounded_parses_refuse_what_classify_refuses() {
+        let deep = format!("copy (select {} true) to stdout", "not ".repeat(9000));
+        let shallow = format!(
+            "copy (select {}1{}) to stdout",
+            "(".repeat(300),
+            ")".repeat(300)
+        );
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                assert_eq!(
+                    bounded(&deep, |s| pg_query::parse(s).is_ok()),
+                    Err(BoundError::TooDeep)
+                );
+                assert_eq!(bounded(&shallow, |s| pg_query::parse(s).is_ok()), Ok(true));
+                assert_eq!(bounded("select 1", |s| s.len()), Ok(8));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     /// Texts estimated between the two limits are parsed on a big stack, with the right answer.

@@ -19,7 +19,7 @@ mod glob;
 mod literals;
 mod walk;
 
-pub use bounds::{nesting_depth, INLINE_DEPTH, MAX_DEPTH};
+pub use bounds::{bounded, nesting_depth, BoundError, INLINE_DEPTH, MAX_DEPTH};
 pub use cache::{ClassifyCache, MAX_CACHED_TEXT};
 pub use classify::{classify, Classification, DdlVerb, Kind, Statement, TxOp};
 pub use engine::{
