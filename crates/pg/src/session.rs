@@ -433,81 +433,18 @@ impl PgGateway {
         log.set("protocol", json!(format!("3.{minor}")));
 
         // Identity: the verified client certificate, else a token sent as the password (inside TLS).
-        let mut token_sha256 = None;
-        let identity: Identity = match &peer_cert {
-            Some(der) => {
-                match tollgate_identity::from_certificate(der) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        auth_failure("bad_certificate");
-                        log.refuse_unidentified(&mut tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None, "bad_certificate").await;
-                        return;
-                    }
-                }
-            }
-            None => {
-                out.extend_from_slice(&backend::auth_cleartext());
-                if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
-                    log.dropped_unidentified("client_gone");
-                    return;
-                }
-                out.clear();
-                let mut fb = FrameBuf::new();
-                let token = match tokio::time::timeout_at(
-                    deadline,
-                    read_frame(&mut tls, &mut fb, 16 * 1024),
-                )
-                .await
-                {
-                    Ok(Ok((b'p', body))) => frontend::parse_password(&body).ok(),
-                    _ => None,
-                };
-                match token
-                    .as_deref()
-                    .and_then(|t| self.tokens.load().verifier.verify(t))
-                {
-                    Some(id) => {
-                        token_sha256 = token.as_deref().map(|t| {
-                            hex::encode(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()))
-                        });
-                        id
-                    }
-                    None => {
-                        auth_failure(if token.is_some() {
-                            "unknown_token"
-                        } else {
-                            "no_credentials"
-                        });
-                        log.refuse_unidentified(&mut tls, "28P01",
-                            &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
-                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"), "authentication").await;
-                        return;
-                    }
-                }
-            }
-        };
-        // rustls compares notAfter in whole seconds; the session watch ends a session at it.
-        if identity
-            .cert_not_after
-            .is_some_and(|t| SystemTime::now() >= t)
-        {
-            auth_failure("expired_certificate");
-            log.refuse_unidentified(
+        let Some((mut log, identity, token_sha256, _identity_slot)) = self
+            .identify(
                 &mut tls,
-                "28000",
-                "your client certificate has expired",
-                Some("renew it (e.g. `tollgate login` or `tollgate pki issue`)"),
-                "cert_expired",
+                log,
+                peer_cert.as_deref(),
+                &client_user,
+                &mut out,
+                deadline,
             )
-            .await;
+            .await
+        else {
             return;
-        }
-        let _identity_slot: IdentitySlot = match self.limits.admit_identity(&identity.subject) {
-            Ok(slot) => slot,
-            Err(cap) => {
-                refuse_over_cap(log, &mut tls, cap).await;
-                return;
-            }
         };
         log.set("subject", json!(identity.subject));
         log.set("groups", json!(identity.groups));
@@ -707,6 +644,94 @@ impl PgGateway {
             close["bytes_to_client"] = json!(end.bytes_to_client);
         }
         log.event("session.close", close);
+    }
+
+    /// Who the client is: its verified certificate, or a service token sent as the password
+    /// (with the token's SHA-256, so the session can tell when it is removed), and its place
+    /// under the per-identity cap. `None` when it was refused (answered and counted).
+    async fn identify(
+        &self,
+        tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+        log: SessionLog,
+        peer_cert: Option<&[u8]>,
+        client_user: &str,
+        out: &mut Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> Option<(SessionLog, Identity, Option<String>, IdentitySlot)> {
+        let mut token_sha256 = None;
+        let identity: Identity = match peer_cert {
+            Some(der) => {
+                match tollgate_identity::from_certificate(der) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        auth_failure("bad_certificate");
+                        log.refuse_unidentified(tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None, "bad_certificate").await;
+                        return None;
+                    }
+                }
+            }
+            None => {
+                out.extend_from_slice(&backend::auth_cleartext());
+                if tls.write_all(out).await.is_err() || tls.flush().await.is_err() {
+                    log.dropped_unidentified("client_gone");
+                    return None;
+                }
+                out.clear();
+                let mut fb = FrameBuf::new();
+                let token =
+                    match tokio::time::timeout_at(deadline, read_frame(tls, &mut fb, 16 * 1024))
+                        .await
+                    {
+                        Ok(Ok((b'p', body))) => frontend::parse_password(&body).ok(),
+                        _ => None,
+                    };
+                match token
+                    .as_deref()
+                    .and_then(|t| self.tokens.load().verifier.verify(t))
+                {
+                    Some(id) => {
+                        token_sha256 = token.as_deref().map(|t| {
+                            hex::encode(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()))
+                        });
+                        id
+                    }
+                    None => {
+                        auth_failure(if token.is_some() {
+                            "unknown_token"
+                        } else {
+                            "no_credentials"
+                        });
+                        log.refuse_unidentified(tls, "28P01",
+                            &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
+                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"), "authentication").await;
+                        return None;
+                    }
+                }
+            }
+        };
+        // rustls compares notAfter in whole seconds; the session watch ends a session at it.
+        if identity
+            .cert_not_after
+            .is_some_and(|t| SystemTime::now() >= t)
+        {
+            auth_failure("expired_certificate");
+            log.refuse_unidentified(
+                tls,
+                "28000",
+                "your client certificate has expired",
+                Some("renew it (e.g. `tollgate login` or `tollgate pki issue`)"),
+                "cert_expired",
+            )
+            .await;
+            return None;
+        }
+        match self.limits.admit_identity(&identity.subject) {
+            Ok(slot) => Some((log, identity, token_sha256, slot)),
+            Err(cap) => {
+                refuse_over_cap(log, tls, cap).await;
+                None
+            }
+        }
     }
 
     /// Relay the session until it ends by itself or its standing is lost. The relay reads the
