@@ -167,11 +167,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Interruptible<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                *this
+                let mut waker = this
                     .interrupt
                     .waker
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+                    .unwrap_or_else(|p| p.into_inner());
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                drop(waker);
                 // Fired between the check above and storing the waker: poll again.
                 if this.interrupt.is_requested() {
                     cx.waker().wake_by_ref();

@@ -14,8 +14,8 @@ pub(crate) enum Ended {
     CertExpired,
     CertRevoked,
     TokenRemoved,
-    AccessEnded { review: String },
-    UnmaskEnded { review: String },
+    AccessGrant { review: String },
+    UnmaskGrant { review: String },
 }
 
 impl Ended {
@@ -25,8 +25,8 @@ impl Ended {
             Ended::CertExpired => "cert_expired",
             Ended::CertRevoked => "cert_revoked",
             Ended::TokenRemoved => "token_removed",
-            Ended::AccessEnded { .. } => "access_grant_ended",
-            Ended::UnmaskEnded { .. } => "unmask_grant_ended",
+            Ended::AccessGrant { .. } => "access_grant_ended",
+            Ended::UnmaskGrant { .. } => "unmask_grant_ended",
         }
     }
 
@@ -48,12 +48,12 @@ impl Ended {
                 "terminating connection: the service token this session authenticated with is no longer accepted".into(),
                 "reconnect with a current token".into(),
             ),
-            Ended::AccessEnded { review } => (
+            Ended::AccessGrant { review } => (
                 "57P01",
                 format!("terminating connection: your temporary access to resource \"{resource}\" (review {review}) has ended"),
                 format!("request access again with `tollgate access request {resource}`"),
             ),
-            Ended::UnmaskEnded { review } => (
+            Ended::UnmaskGrant { review } => (
                 "57P01",
                 format!("terminating connection: your unmasked view of resource \"{resource}\" (review {review}) has ended"),
                 "reconnect to continue with masked results, or request an unmasked view again".into(),
@@ -63,7 +63,7 @@ impl Ended {
 
     pub fn detail(&self) -> Value {
         match self {
-            Ended::AccessEnded { review } | Ended::UnmaskEnded { review } => {
+            Ended::AccessGrant { review } | Ended::UnmaskGrant { review } => {
                 json!({"review": review})
             }
             _ => json!({}),
@@ -126,7 +126,7 @@ impl Standing {
             match current {
                 Some(c) if now < c.until => self.access = Some(c),
                 _ => {
-                    return Some(Ended::AccessEnded {
+                    return Some(Ended::AccessGrant {
                         review: g.review_id.clone(),
                     })
                 }
@@ -140,7 +140,7 @@ impl Standing {
             match current {
                 Some(c) if now < c.until => self.unmask = Some(c),
                 _ => {
-                    return Some(Ended::UnmaskEnded {
+                    return Some(Ended::UnmaskGrant {
                         review: g.review_id.clone(),
                     })
                 }
