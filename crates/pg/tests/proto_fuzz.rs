@@ -83,7 +83,8 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-type Parser = (&'static str, fn(&[u8]) -> bool);
+type Check = fn(&[u8]) -> bool;
+type Parser = (&'static str, Check);
 
 const PARSERS: [Parser; 18] = [
     ("query", |b| frontend::parse_query(b).is_ok()),
@@ -199,7 +200,7 @@ fn huge_declared_counts_reserve_nothing() {
     row_description.extend_from_slice(b"x\0");
     let mut copy = vec![0u8];
     copy.extend_from_slice(&i16::MAX.to_be_bytes());
-    let cases: [(&[u8], fn(&[u8]) -> bool); 4] = [
+    let cases: [(&[u8], Check); 4] = [
         (&bind, |b| frontend::parse_bind(b).is_ok()),
         (&data_row, |b| backend::parse_data_row(b).is_ok()),
         (&row_description, |b| {
