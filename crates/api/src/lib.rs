@@ -50,6 +50,9 @@ pub struct ApiState {
     /// The session id under which this process records `api.read` events (one per process,
     /// so the recorder tracks a single sequence; it is not a row in `sessions`).
     pub audit_session: String,
+    /// Unauthenticated requests are tallied here (aggregate `connection.refused` events)
+    /// instead of recorded one event each; `None` records them one by one.
+    pub refusals: Option<Arc<tollgate_store::refused::Refusals>>,
 }
 
 impl ApiState {
@@ -73,7 +76,30 @@ impl ApiState {
                 "api-{}",
                 id.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ),
+            refusals: None,
         }
+    }
+
+    /// Record a refused request: an unauthenticated one only in the aggregate (a flood of them
+    /// must not fill the audit store), any other as its own event.
+    pub(crate) fn record_refused(
+        &self,
+        conn: &Conn,
+        status: hyper::StatusCode,
+        event: tollgate_store::EventInput,
+    ) {
+        if let (hyper::StatusCode::UNAUTHORIZED, Some(refusals)) = (status, &self.refusals) {
+            tollgate_metrics::registry()
+                .counter(
+                    "tollgate_connections_refused_total",
+                    "Client connections (or API requests) refused before authentication completed, or over a connection cap, by listener and reason.",
+                    &[("listener", "https"), ("reason", "unauthenticated")],
+                )
+                .inc();
+            refusals.record("unauthenticated", conn.peer.ip());
+            return;
+        }
+        self.recorder.record(event);
     }
 }
 

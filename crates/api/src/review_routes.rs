@@ -171,7 +171,7 @@ pub(crate) async fn handle(
             resp
         }
         Err(r) => {
-            state.recorder.record(event);
+            state.record_refused(conn, r.status, event);
             refused(&r)
         }
     }

@@ -265,7 +265,7 @@ pub(crate) async fn handle(
     match result {
         Ok(resp) => after_recording(state, event, resp).await,
         Err(r) => {
-            state.recorder.record(event);
+            state.record_refused(conn, r.status, event);
             refused(&r)
         }
     }

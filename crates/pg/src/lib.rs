@@ -11,7 +11,6 @@ mod interrupt;
 pub mod io;
 pub mod limits;
 pub mod proto;
-pub mod refused;
 mod relay;
 pub mod scram;
 mod session;
@@ -47,7 +46,7 @@ pub struct PgGateway {
     /// Connection caps (`server.max_connections*`).
     pub limits: Arc<limits::ConnectionLimits>,
     /// Connections refused before authentication, recorded in aggregate.
-    pub refusals: Arc<refused::Refusals>,
+    pub refusals: Arc<tollgate_store::refused::Refusals>,
     pub recorder: Recorder,
     pub cancels: CancelRegistry,
     pub max_message: usize,

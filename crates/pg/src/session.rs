@@ -124,7 +124,7 @@ impl SessionLog {
 
     /// A connection that ended before it was identified, counted in the aggregate.
     fn dropped_unidentified(self, reason: &'static str) {
-        self.gw.refusals.record(reason, self.peer.ip());
+        self.gw.refused(reason, self.peer.ip());
     }
 
     /// Record a connection that ends before any command ran (refused, failed, cancel request).
@@ -169,6 +169,21 @@ fn handshake_counter(outcome: &str, reason: &str) {
             ],
         )
         .inc();
+}
+
+impl PgGateway {
+    /// A connection refused before it was identified (or over a cap): counted, and tallied for
+    /// the aggregate `connection.refused` event.
+    fn refused(&self, reason: &'static str, source: std::net::IpAddr) {
+        registry()
+            .counter(
+                "tollgate_connections_refused_total",
+                "Client connections (or API requests) refused before authentication completed, or over a connection cap, by listener and reason.",
+                &[("listener", LISTENER), ("reason", reason)],
+            )
+            .inc();
+        self.refusals.record(reason, source);
+    }
 }
 
 fn auth_failure(reason: &str) {
@@ -219,7 +234,7 @@ impl PgGateway {
             Err(cap) => match self.limits.refusing() {
                 Some(permit) => (None, Some(cap), Some(permit)),
                 None => {
-                    self.refusals.record(cap.as_label(), peer.ip());
+                    self.refused(cap.as_label(), peer.ip());
                     return;
                 }
             },

@@ -155,7 +155,7 @@ pub async fn run(
         targets.insert(r.name.clone(), Arc::new(t));
     }
 
-    let refusals = Arc::new(tollgate_pg::refused::Refusals::new(
+    let refusals = Arc::new(tollgate_store::refused::Refusals::new(
         "postgres",
         format!("{chain_id}-refused"),
     ));
@@ -251,6 +251,17 @@ pub async fn run(
             api_tls.clone(),
             reviews.clone(),
         );
+        let mut state = state;
+        let api_refusals = Arc::new(tollgate_store::refused::Refusals::new(
+            "https",
+            format!("{chain_id}-refused-https"),
+        ));
+        api_tasks.push(tokio::spawn(
+            api_refusals
+                .clone()
+                .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
+        ));
+        state.refusals = Some(api_refusals);
         let state = Arc::new(state);
         api_state = Some(state.clone());
         api_tasks.push(tokio::spawn(tollgate_api::serve(l, state)));

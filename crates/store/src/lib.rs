@@ -15,6 +15,7 @@
 pub mod hash;
 mod journal;
 mod recorder;
+pub mod refused;
 pub mod review;
 mod sqlite;
 

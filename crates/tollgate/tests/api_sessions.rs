@@ -513,13 +513,22 @@ fn api_authenticates_checks_roles_and_is_verified() {
     }
 
     // Refused reads are recorded too, with who (if known) and the status; never the token.
+    // Unauthenticated ones only in the aggregate `connection.refused` summary of the listener.
     let evs = env.events_until("api.read events for refused calls", |evs| {
         let st = |s: i64| {
             evs.iter()
                 .any(|e| e["kind"] == "api.read" && e["payload"]["status"] == s)
         };
-        st(401) && st(403) && st(404) && st(400)
+        st(403) && st(404) && st(400) && refused_count(evs, "unauthenticated") >= 3
     });
+    assert!(!evs
+        .iter()
+        .any(|e| e["kind"] == "api.read" && e["payload"]["status"] == 401));
+    let summary = evs
+        .iter()
+        .find(|e| e["kind"] == "connection.refused")
+        .unwrap();
+    assert_eq!(summary["payload"]["listener"], "https");
     let reads: Vec<&Value> = evs.iter().filter(|e| e["kind"] == "api.read").collect();
     assert!(reads
         .iter()

@@ -1,15 +1,15 @@
-//! Connections refused before anyone was identified (plaintext, garbage, failed handshakes,
-//! unknown tokens, caps) are recorded in aggregate: a counter per reason, and at most one
-//! `connection.refused` event per reason and interval with the count and a few sample source
-//! addresses. A flood of connects therefore costs counters, not one audit session each.
+//! Attempts refused before anyone was identified (plaintext, garbage, failed handshakes,
+//! unknown tokens, connection caps, unauthenticated API requests) are recorded in aggregate:
+//! at most one `connection.refused` event per reason and interval, with the count and a few
+//! sample source addresses. A flood of attempts therefore costs a tally (and the caller's
+//! counter), not one audit event each.
 
+use crate::{EventInput, Recorder};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
-use tollgate_metrics::registry;
-use tollgate_store::{EventInput, Recorder};
 
 /// Sample addresses kept per reason and interval.
 const MAX_SAMPLES: usize = 8;
@@ -40,15 +40,8 @@ impl Refusals {
         }
     }
 
-    /// Count one refused connection. `reason` is a fixed label, never client input.
+    /// Count one refused attempt. `reason` is a fixed label, never client input.
     pub fn record(&self, reason: &'static str, source: IpAddr) {
-        registry()
-            .counter(
-                "tollgate_connections_refused_total",
-                "Client connections refused before authentication completed (or over a connection cap), by reason.",
-                &[("listener", self.listener), ("reason", reason)],
-            )
-            .inc();
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let t = p.entry(reason).or_default();
         t.count += 1;
