@@ -586,6 +586,7 @@ pub(crate) async fn run(
 
     let guard = target.policy.as_ref().map(|p| Guard {
         session: p.session(),
+        principal: &identity.principal,
         policy: p,
         subject: &identity.subject,
         groups: &identity.groups,
@@ -843,6 +844,8 @@ struct ClientSide<'a> {
 /// and what a hold for review needs.
 struct Guard<'a, CW> {
     session: SessionPolicy,
+    /// The caller's principal: reviews compare requesters and voters by it.
+    principal: &'a tollgate_identity::Principal,
     policy: &'a ResourcePolicy,
     subject: &'a str,
     groups: &'a [String],
@@ -1184,11 +1187,15 @@ fn review_text(
         {
             for st in sts {
                 if let tollgate_policy::Kind::Execute { name } = &st.kind {
+                    if let Some(text) = prepared.statements.get(name) {
+                        let text = match redact {
+                            Some(plan) => redact_sql(&text.text, plan),
+                            None => text.text.to_string(),
+                        };
+                        shown.push_str(&format!("\n-- EXECUTE {name} runs: {text}"));
+                    }
                     for body in session.prepared(name) {
-                        shown.push_str(&format!(
-                            "\n-- EXECUTE {name} runs: {}",
-                            body.summary_line()
-                        ));
+                        shown.push_str(&format!("\n-- {name} is: {}", body.summary_line()));
                     }
                 }
             }
@@ -1253,7 +1260,7 @@ fn open_review<CW>(g: &Guard<'_, CW>, tracker: &Tracker<'_>, ask: &Ask) -> Resul
         ));
     };
     if let Some(r) =
-        reviews.take_approved_rerun(g.subject, &g.resource.name, &ask.sha256, g.rerun_window)
+        reviews.take_approved_rerun_by(g.principal, &g.resource.name, &ask.sha256, g.rerun_window)
     {
         tracker
             .log
@@ -1277,7 +1284,7 @@ fn open_review<CW>(g: &Guard<'_, CW>, tracker: &Tracker<'_>, ask: &Ask) -> Resul
         reason: None,
         access_for: None,
     };
-    reviews.request(request).map_err(|e| {
+    reviews.request_by(request, g.principal).map_err(|e| {
         tracing::error!(session = %tracker.log.id, error = %e, "could not open a review");
         Held::Refuse(
             "58030",
@@ -1699,6 +1706,27 @@ fn inspect_client(
             });
             let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT), "digest": digest(&text)});
             if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
+                // SQL PREPARE: keep its text, so an EXECUTE of the name can be shown with it.
+                if !j.effects.is_empty() {
+                    for st in rp.classify(&text).statements() {
+                        if let tollgate_policy::Kind::Prepare { name, .. } = &st.kind {
+                            if prepared.statements.contains_key(name)
+                                || prepared.statements.len() < max_statements
+                            {
+                                let full =
+                                    ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+                                prepared.statements.insert(
+                                    name.clone(),
+                                    Statement {
+                                        text: Arc::from(clip(&text, MAX_TEXT)),
+                                        full: full.as_ref().try_into().expect("32 bytes"),
+                                        described: false,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
                 decided(&mut ev, j, rp, &text, out);
             }
             events.push(tracker.log.input("command", ev));
@@ -2272,6 +2300,49 @@ fn looks_secret(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_bind_the_text_and_every_parameter_byte() {
+        let full = [7u8; 32];
+        let bind = |v: &[u8]| {
+            let mut body = b"portal\0stmt\0".to_vec();
+            body.extend_from_slice(v);
+            bound_digest(Some(&full), bind_values(&body))
+        };
+        let nine = bind(b"\0\0\0\x01\0\0\0\x019");
+        assert_eq!(nine, bind(b"\0\0\0\x01\0\0\0\x019"));
+        assert_ne!(nine, bind(b"\0\0\0\x01\0\0\0\x018"));
+        assert_ne!(
+            nine,
+            bound_digest(Some(&[8u8; 32]), b"\0\0\0\x01\0\0\0\x019")
+        );
+        assert!(nine.starts_with("sha256:") && nine.len() == 7 + 64);
+        assert_eq!(bind_values(b"no terminator"), b"");
+        assert_ne!(
+            digest("DELETE FROM t WHERE id = 1"),
+            digest("DELETE FROM t WHERE id = 2")
+        );
+    }
+
+    #[test]
+    fn values_are_masked_inside_literals_only() {
+        let policy = tollgate_mask::Policy::from_specs(
+            &[tollgate_mask::MaskSpec {
+                detectors: vec!["pem_private_key".into(), "email".into()],
+                strategy: "redact".into(),
+                ..Default::default()
+            }],
+            None,
+        )
+        .unwrap();
+        let plan = policy.text_plan(&[]);
+        let sql = "SELECT '-----BEGIN RSA PRIVATE KEY-----' AS k; DELETE FROM t WHERE email = 'a@b.example'";
+        let shown = redact_sql(sql, &plan);
+        assert!(shown.contains("; DELETE FROM t WHERE email = "), "{shown}");
+        assert!(!shown.contains("a@b.example"), "{shown}");
+        assert!(!shown.contains("BEGIN RSA PRIVATE KEY"), "{shown}");
+        assert_eq!(redact_sql("SELECT 1", &plan), "SELECT 1");
+    }
 
     #[test]
     fn a_claimed_length_does_not_reserve_what_was_not_sent() {

@@ -482,7 +482,7 @@ impl PgGateway {
             Some(t) if !identity.in_any(&t.resource.allow_groups) => self
                 .reviews
                 .as_ref()
-                .and_then(|r| r.active_grant(&identity.subject, &database)),
+                .and_then(|r| r.active_grant_for(&identity, &database)),
             _ => None,
         };
         if let Some(g) = &grant {
@@ -502,7 +502,7 @@ impl PgGateway {
         // An approved unmask review lets this identity see the resource unmasked for a while
         // (its audit captures stay masked).
         let unmask = match (&target.mask, &self.reviews) {
-            (Some(_), Some(r)) => r.active_unmask(&identity.subject, &target.resource.name),
+            (Some(_), Some(r)) => r.active_unmask_for(&identity, &target.resource.name),
             _ => None,
         };
         if let Some(g) = &unmask {
@@ -569,7 +569,7 @@ impl PgGateway {
         }
 
         let standing = Standing {
-            subject: identity.subject.clone(),
+            identity: identity.clone(),
             resource: target.resource.name.clone(),
             cert: peer_cert.map(|der| (der, identity.cert_not_after)),
             token_sha256,

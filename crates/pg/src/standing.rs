@@ -73,7 +73,8 @@ impl Ended {
 
 /// A session's standing, re-checked on every deadline, reload notice and grant re-read.
 pub(crate) struct Standing {
-    pub subject: String,
+    /// Who the session is (grants are looked up by its principal).
+    pub identity: tollgate_identity::Identity,
     pub resource: String,
     /// The client certificate (DER) and its notAfter, when it authenticated with one.
     pub cert: Option<(Vec<u8>, Option<SystemTime>)>,
@@ -114,7 +115,7 @@ impl Standing {
             }
         }
         if let Some(sha) = &self.token_sha256 {
-            if !gw.tokens.load().holds(sha, &self.subject) {
+            if !gw.tokens.load().holds(sha, &self.identity.subject) {
                 return Some(Ended::TokenRemoved);
             }
         }
@@ -122,7 +123,7 @@ impl Standing {
             let current = gw
                 .reviews
                 .as_ref()
-                .and_then(|r| r.active_grant(&self.subject, &self.resource));
+                .and_then(|r| r.active_grant_for(&self.identity, &self.resource));
             match current {
                 Some(c) if now < c.until => self.access = Some(c),
                 _ => {
@@ -136,7 +137,7 @@ impl Standing {
             let current = gw
                 .reviews
                 .as_ref()
-                .and_then(|r| r.active_unmask(&self.subject, &self.resource));
+                .and_then(|r| r.active_unmask_for(&self.identity, &self.resource));
             match current {
                 Some(c) if now < c.until => self.unmask = Some(c),
                 _ => {

@@ -73,7 +73,10 @@ mod tests {
 /// columns (or all) from the table.
 pub fn copy_to_stdout_source(sql: &str) -> Option<String> {
     use pg_query::protobuf::{self, node::Node as N};
-    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql)).ok()?.ok()?;
+    let parsed = crate::bounded(sql, |s| std::panic::catch_unwind(|| pg_query::parse(s)))
+        .ok()?
+        .ok()?
+        .ok()?;
     let [raw] = parsed.protobuf.stmts.as_slice() else {
         return None;
     };

@@ -546,3 +546,22 @@ fn a_review_shows_and_binds_to_the_exact_statement_and_its_parameters() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn a_review_of_execute_shows_what_the_prepared_name_runs() {
+    let s = start(RULES);
+    let mut child = s.psql_bg(
+        &s.bob,
+        "PREPARE q(int) AS DELETE FROM items WHERE id = $1; EXECUTE q(5)",
+    );
+    let review = s.pending("PREPARE q");
+    let shown = review["statement"].as_str().unwrap();
+    assert!(
+        shown.contains("-- EXECUTE q runs: PREPARE q(int) AS DELETE FROM items WHERE id = $1"),
+        "{shown}"
+    );
+    assert!(shown.contains("-- q is: delete"), "{shown}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(count(&s), 10);
+}
