@@ -4,6 +4,8 @@
 //!   caller may see (admins and auditors: all; others: those they requested or may approve);
 //! - `GET /api/v1/reviews/{id}` → one review;
 //! - `POST /api/v1/reviews/{id}/approve` / `.../deny` with `{"reason": "..."}` (required to deny);
+//! - `POST /api/v1/reviews/{id}/revoke` with `{"reason": "..."}`: ends the grant of an approved
+//!   access or unmask review now (and the sessions that depend on it);
 //! - `POST /api/v1/access` with `{"resource", "for": "1h", "reason"}` → 201 and the new access
 //!   review; with `"unmask": true`, an unmask review instead (the resource without masking, for
 //!   the requester, for a while; approvers: the resource's `unmask_approvers`).
@@ -30,13 +32,14 @@ use crate::{ApiState, Conn, KIND_API_READ, KIND_API_WRITE};
 /// Largest request body accepted (a reason, a resource name).
 const MAX_BODY: usize = 64 * 1024;
 const LIST_LIMIT_MAX: usize = 1000;
-const HINT: &str = "routes: GET /api/v1/reviews, GET /api/v1/reviews/{id}, POST /api/v1/reviews/{id}/approve, POST /api/v1/reviews/{id}/deny, POST /api/v1/access";
+const HINT: &str = "routes: GET /api/v1/reviews, GET /api/v1/reviews/{id}, POST /api/v1/reviews/{id}/approve, POST /api/v1/reviews/{id}/deny, POST /api/v1/reviews/{id}/revoke, POST /api/v1/access";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ReviewRoute {
     List,
     Get(String),
     Decide { id: String, approve: bool },
+    Revoke(String),
     Access,
 }
 
@@ -56,6 +59,7 @@ impl ReviewRoute {
                 id: id(i)?,
                 approve: false,
             },
+            ["reviews", i, "revoke"] => ReviewRoute::Revoke(id(i)?),
             ["access"] => ReviewRoute::Access,
             _ => return None,
         })
@@ -64,7 +68,9 @@ impl ReviewRoute {
     fn method(&self) -> Method {
         match self {
             ReviewRoute::List | ReviewRoute::Get(_) => Method::GET,
-            ReviewRoute::Decide { .. } | ReviewRoute::Access => Method::POST,
+            ReviewRoute::Decide { .. } | ReviewRoute::Revoke(_) | ReviewRoute::Access => {
+                Method::POST
+            }
         }
     }
 
@@ -74,13 +80,16 @@ impl ReviewRoute {
             ReviewRoute::Get(_) => "/api/v1/reviews/{id}",
             ReviewRoute::Decide { approve: true, .. } => "/api/v1/reviews/{id}/approve",
             ReviewRoute::Decide { approve: false, .. } => "/api/v1/reviews/{id}/deny",
+            ReviewRoute::Revoke(_) => "/api/v1/reviews/{id}/revoke",
             ReviewRoute::Access => "/api/v1/access",
         }
     }
 
     fn review_id(&self) -> Option<&str> {
         match self {
-            ReviewRoute::Get(id) | ReviewRoute::Decide { id, .. } => Some(id),
+            ReviewRoute::Get(id) | ReviewRoute::Decide { id, .. } | ReviewRoute::Revoke(id) => {
+                Some(id)
+            }
             _ => None,
         }
     }
@@ -375,6 +384,14 @@ async fn respond(
                 Some(id),
             )
             .await?;
+            Ok(json_response(StatusCode::OK, &review))
+        }
+        ReviewRoute::Revoke(id) => {
+            params::no_query(query)?;
+            let b: DecideBody = parse_body(body, r#"{"reason": "..."}"#)?;
+            let (key, me) = (id.clone(), who.clone());
+            let review =
+                blocking(move || reviews.revoke_grant(&key, &me, b.reason), Some(id)).await?;
             Ok(json_response(StatusCode::OK, &review))
         }
         ReviewRoute::Access => {

@@ -14,8 +14,15 @@ pub(crate) enum Ended {
     CertExpired,
     CertRevoked,
     TokenRemoved,
-    AccessGrant { review: String },
-    UnmaskGrant { review: String },
+    /// `revoked`: ended early by a reviewer, rather than run out.
+    AccessGrant {
+        review: String,
+        revoked: bool,
+    },
+    UnmaskGrant {
+        review: String,
+        revoked: bool,
+    },
 }
 
 impl Ended {
@@ -25,8 +32,10 @@ impl Ended {
             Ended::CertExpired => "cert_expired",
             Ended::CertRevoked => "cert_revoked",
             Ended::TokenRemoved => "token_removed",
-            Ended::AccessGrant { .. } => "access_grant_ended",
-            Ended::UnmaskGrant { .. } => "unmask_grant_ended",
+            Ended::AccessGrant { revoked: false, .. } => "access_grant_ended",
+            Ended::AccessGrant { revoked: true, .. } => "access_grant_revoked",
+            Ended::UnmaskGrant { revoked: false, .. } => "unmask_grant_ended",
+            Ended::UnmaskGrant { revoked: true, .. } => "unmask_grant_revoked",
         }
     }
 
@@ -48,14 +57,14 @@ impl Ended {
                 "terminating connection: the service token this session authenticated with is no longer accepted".into(),
                 "reconnect with a current token".into(),
             ),
-            Ended::AccessGrant { review } => (
+            Ended::AccessGrant { review, revoked } => (
                 "57P01",
-                format!("terminating connection: your temporary access to resource \"{resource}\" (review {review}) has ended"),
+                format!("terminating connection: your temporary access to resource \"{resource}\" (review {review}) {}", ended_or_revoked(*revoked)),
                 format!("request access again with `tollgate access request {resource}`"),
             ),
-            Ended::UnmaskGrant { review } => (
+            Ended::UnmaskGrant { review, revoked } => (
                 "57P01",
-                format!("terminating connection: your unmasked view of resource \"{resource}\" (review {review}) has ended"),
+                format!("terminating connection: your unmasked view of resource \"{resource}\" (review {review}) {}", ended_or_revoked(*revoked)),
                 "reconnect to continue with masked results, or request an unmasked view again".into(),
             ),
         }
@@ -63,11 +72,19 @@ impl Ended {
 
     pub fn detail(&self) -> Value {
         match self {
-            Ended::AccessGrant { review } | Ended::UnmaskGrant { review } => {
+            Ended::AccessGrant { review, .. } | Ended::UnmaskGrant { review, .. } => {
                 json!({"review": review})
             }
             _ => json!({}),
         }
+    }
+}
+
+fn ended_or_revoked(revoked: bool) -> &'static str {
+    if revoked {
+        "was revoked"
+    } else {
+        "has ended"
     }
 }
 
@@ -129,6 +146,7 @@ impl Standing {
                 _ => {
                     return Some(Ended::AccessGrant {
                         review: g.review_id.clone(),
+                        revoked: now < g.until,
                     })
                 }
             }
@@ -143,6 +161,7 @@ impl Standing {
                 _ => {
                     return Some(Ended::UnmaskGrant {
                         review: g.review_id.clone(),
+                        revoked: now < g.until,
                     })
                 }
             }
@@ -153,6 +172,7 @@ impl Standing {
     /// Resolves when the session must end; never resolves while its standing holds.
     pub async fn lost(mut self, gw: &PgGateway) -> Ended {
         let mut changes = gw.standing.subscribe();
+        let mut revocations = gw.reviews.as_ref().map(|r| r.revocations());
         let mut recheck =
             tokio::time::interval_at(Instant::now() + gw.grant_recheck, gw.grant_recheck);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,6 +195,11 @@ impl Standing {
                     }
                 }
                 _ = recheck.tick(), if self.has_grant() => {}
+                r = async { revocations.as_mut().expect("guarded").changed().await }, if self.has_grant() && revocations.is_some() => {
+                    if r.is_err() {
+                        revocations = None;
+                    }
+                }
             };
             if let Some(end) = self.check(gw, SystemTime::now()) {
                 return end;

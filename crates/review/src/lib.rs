@@ -45,6 +45,8 @@ pub const EVENT_EXPIRED: &str = "review.expired";
 pub const EVENT_WITHDRAWN: &str = "review.withdrawn";
 /// An approved command review consumed by a rerun of the same statement.
 pub const EVENT_USED: &str = "review.used";
+/// The grant of an approved access or unmask review ended early by a reviewer.
+pub const EVENT_REVOKED: &str = "review.revoked";
 
 /// Longest statement text kept in a review (characters); the rest is cut with a marker.
 pub const MAX_STATEMENT_CHARS: usize = 256 * 1024;
@@ -256,6 +258,9 @@ pub struct Reviews {
     clock: Clock,
     /// `[[identity.principals]]`: credentials of one person resolve to one principal.
     principals: Principals,
+    /// Bumped when a grant is revoked here, so running sessions re-check theirs at once
+    /// (sessions re-read their grants periodically too, which covers other replicas).
+    revocations: tokio::sync::watch::Sender<u64>,
 }
 
 fn now_ms() -> i64 {
@@ -338,7 +343,68 @@ impl Reviews {
             waiters: Mutex::new(HashMap::new()),
             clock: Arc::new(now_ms),
             principals: Principals::default(),
+            revocations: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Notified whenever a grant is revoked in this process.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
+    /// End the grant of an approved access or unmask review now. Whoever may decide the review
+    /// (its approvers, admins) may revoke it, and so may its requester (giving it up). Sessions
+    /// that depend on the grant end. A reason is required.
+    pub fn revoke_grant(
+        &self,
+        id: &str,
+        who: &Identity,
+        reason: Option<String>,
+    ) -> Result<Review, ReviewError> {
+        let reviewer = &Reviewer::from(who);
+        let reason = reason
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| ReviewError::Invalid("a revocation needs a reason".into()))?;
+        let rec = self
+            .store
+            .review(id)?
+            .ok_or_else(|| ReviewError::NotFound(id.to_string()))?;
+        if rec.kind == ReviewKind::Command.as_str() || rec.status != REVIEW_APPROVED {
+            return Err(ReviewError::Invalid(format!(
+                "only the grant of an approved access or unmask review can be revoked; this is a {} review, {}",
+                rec.kind, rec.status
+            )));
+        }
+        let principal = self.principals.resolve(&who.principal);
+        let own = match &rec.requester_principal {
+            Some(p) => p == principal.as_str(),
+            None => rec.requester == reviewer.subject,
+        };
+        if !own && !reviewer.in_any(&rec.approvers) && !reviewer.in_any(&self.admin_groups) {
+            let mut groups = rec.approvers.clone();
+            groups.extend(
+                self.admin_groups
+                    .iter()
+                    .filter(|g| !rec.approvers.contains(g))
+                    .cloned(),
+            );
+            return Err(ReviewError::NotAnApprover { groups });
+        }
+        let rec = self
+            .store
+            .review_revoke_grant(id, self.now())?
+            .ok_or_else(|| ReviewError::Invalid("the grant has already ended".into()))?;
+        self.recorder.record(self.event(
+            EVENT_REVOKED,
+            json!({"review": rec.id, "review_kind": rec.kind, "resource": rec.resource,
+                   "requester": rec.requester, "requester_principal": rec.requester_principal,
+                   "revoked_by": reviewer.subject, "principal": principal.as_str(),
+                   "reason": reason, "grant_until_unix_ms": rec.grant_until_unix_ms}),
+        ));
+        tracing::info!(review = %rec.id, by = %reviewer.subject, "grant revoked");
+        self.revocations.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(self.view(rec))
     }
 
     /// Credentials that belong to one principal (`[[identity.principals]]`).

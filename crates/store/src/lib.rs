@@ -288,6 +288,16 @@ pub trait Store: Send + Sync + 'static {
         let _ = (id, status, at_unix_ms, reason);
         Err(no_reviews())
     }
+    /// End the still-running grant of an approved access or unmask review now (a revocation);
+    /// the review, its grant ending at `at_unix_ms`, or `None` if no grant of it was running.
+    fn review_revoke_grant(
+        &self,
+        id: &str,
+        at_unix_ms: i64,
+    ) -> Result<Option<ReviewRecord>, StoreError> {
+        let _ = (id, at_unix_ms);
+        Err(no_reviews())
+    }
     /// Mark every pending review past its deadline expired; returns those this call changed.
     fn review_expire_due(&self, now_unix_ms: i64) -> Result<Vec<ReviewRecord>, StoreError> {
         let _ = now_unix_ms;

@@ -484,6 +484,13 @@ impl Store for SqliteStore {
     fn review_expire_due(&self, now_unix_ms: i64) -> Result<Vec<crate::ReviewRecord>, StoreError> {
         self.sql_review_expire_due(now_unix_ms)
     }
+    fn review_revoke_grant(
+        &self,
+        id: &str,
+        at_unix_ms: i64,
+    ) -> Result<Option<crate::ReviewRecord>, StoreError> {
+        self.sql_review_revoke_grant(id, at_unix_ms)
+    }
     fn review_mark_used(&self, id: &str, at_unix_ms: i64) -> Result<bool, StoreError> {
         self.sql_review_mark_used(id, at_unix_ms)
     }

@@ -66,6 +66,18 @@ pub enum ReviewsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// End the grant of an approved access or unmask review now; sessions that depend on it
+    /// end too (its approvers, admins or its requester may).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: String,
+        /// JSON (the review as the API returns it) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,6 +181,24 @@ pub fn run(cmd: ReviewsCmd) -> anyhow::Result<()> {
                 .post_json(&format!("{}/deny", path(&id)), &json!({ "reason": reason }))
                 .map_err(|e| explain(e, &api))?;
             print_decision(&r, json)?;
+        }
+        ReviewsCmd::Revoke {
+            id,
+            api,
+            reason,
+            json,
+        } => {
+            let r: Review = client(&api)?
+                .post_json(
+                    &format!("{}/revoke", path(&id)),
+                    &json!({ "reason": reason }),
+                )
+                .map_err(|e| explain(e, &api))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{}: grant revoked", r.id);
+            }
         }
     }
     Ok(())

@@ -331,3 +331,52 @@ async fn an_unmasked_session_ends_when_its_unmask_grant_ends() {
     let (again, _c) = connect(&env, Some(&bob), "bob", None).await.unwrap();
     again.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_access_grant_ends_its_sessions_at_once() {
+    let (env, https) = grant_env().await;
+    let carol = env.pki.client("carol", &["interns"]);
+    let id = approved_grant(&env, https, &carol, "1h", &[]);
+    let (client, _c) = connect(&env, Some(&carol), "carol", None)
+        .await
+        .expect("the grant lets carol in");
+    client.simple_query("SELECT 1").await.unwrap();
+    let query = long_query(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Someone who neither approved nor asked for the grant may not revoke it.
+    let mallory = env.pki.client("mallory", &["interns"]);
+    let out = cli(
+        &env,
+        https,
+        &mallory,
+        &["reviews", "revoke", &id, "--reason", "x"],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let started = Instant::now();
+    let out = cli(
+        &env,
+        https,
+        &env.alice,
+        &["reviews", "revoke", &id, "--reason", "INC-7 closed"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (code, message, _) = ended_with(query, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, SqlState::ADMIN_SHUTDOWN, "{message}");
+    assert!(message.contains("was revoked"), "{message}");
+    terminated(&env, "access_grant_revoked");
+    let evs = env.events();
+    let revoked = evs
+        .iter()
+        .find(|e| e["kind"] == "review.revoked")
+        .expect("a review.revoked event");
+    assert_eq!(revoked["payload"]["review"], id.as_str());
+    assert_eq!(revoked["payload"]["revoked_by"], "alice");
+    assert_eq!(revoked["payload"]["reason"], "INC-7 closed");
+    assert!(connect(&env, Some(&carol), "carol", None).await.is_err());
+}

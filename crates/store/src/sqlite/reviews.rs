@@ -305,6 +305,22 @@ impl SqliteStore {
         load(&conn, id)
     }
 
+    pub(super) fn sql_review_revoke_grant(
+        &self,
+        id: &str,
+        at_unix_ms: i64,
+    ) -> Result<Option<ReviewRecord>, StoreError> {
+        let conn = self.writer();
+        let changed = conn.execute(
+            "UPDATE access_grants SET until = ?2 WHERE review_id = ?1 AND until > ?2",
+            params![id, at_unix_ms],
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        load(&conn, id)
+    }
+
     pub(super) fn sql_review_expire_due(
         &self,
         now_unix_ms: i64,
@@ -748,6 +764,21 @@ mod tests {
             .is_none());
         let r = s.review_take_rerun(mine, "orders", &sha, 0, 3000).unwrap();
         assert_eq!(r.unwrap().id, "rv_c");
+    }
+
+    #[test]
+    fn a_revoked_grant_ends_at_once_and_only_once() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.review_create(&review("rv_r", "access", 1)).unwrap();
+        assert!(s.review_revoke_grant("rv_r", 1500).unwrap().is_none(), "pending");
+        recorded(s.review_vote(&vote("rv_r", "bob", true, 2000)).unwrap());
+        let who = Requester::Subject("agent-7");
+        assert!(s.access_grant(who, "orders", 3000).unwrap().is_some());
+        let r = s.review_revoke_grant("rv_r", 3000).unwrap().unwrap();
+        assert_eq!(r.grant_until_unix_ms, Some(3000));
+        assert!(s.access_grant(who, "orders", 3000).unwrap().is_none());
+        assert!(s.review_revoke_grant("rv_r", 4000).unwrap().is_none(), "already over");
+        assert!(s.review_revoke_grant("rv_nope", 4000).unwrap().is_none());
     }
 
     #[test]
