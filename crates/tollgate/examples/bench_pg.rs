@@ -110,6 +110,14 @@ struct Opts {
     /// extra loopback hops alone set, whatever the proxy.
     #[arg(long)]
     relay: bool,
+    /// Give every gateway of the run guardrail rules (none of which refuses the benchmark's
+    /// queries), so each query passes the policy engine: the guardrails' own cost.
+    #[arg(long)]
+    guardrails: bool,
+    /// Another tollgate binary (e.g. a build of the previous commit) started with the same
+    /// config and measured in the same rounds: an A/B of two builds in one run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Measure nothing: set up the database and the gateway, print how to reach both (pgbench
     /// connection strings, the gateway's pid for `perf record -p`), and wait for Ctrl-C.
     #[arg(long)]
@@ -125,6 +133,20 @@ strategy = "redact"
 [[resources.masks]]
 detectors = ["credit_card", "email", "us_ssn", "iban", "phone", "ipv4", "ipv6", "jwt", "aws_key", "secret_token", "pem_private_key"]
 strategy = "redact"
+"#;
+
+/// The rules of `--guardrails`: a deny, and a review for a group the benchmark client is not
+/// in, so every query is classified and judged and none is refused.
+const GUARDRAILS: &str = r#"
+[[resources.rules]]
+name = "no-drop"
+statements = ["drop", "truncate"]
+action = "deny"
+[[resources.rules]]
+name = "held-deletes"
+statements = ["delete"]
+groups = ["nobody-in-this-benchmark"]
+action = "review"
 "#;
 
 const RESOURCE: &str = "benchdb";
@@ -320,6 +342,7 @@ fn run(opts: &Opts) -> Result<()> {
     )?;
     let password_file = tmp.path().join("upstream.password");
     fs::write(&password_file, &cluster.password)?;
+    let rules = if opts.guardrails { GUARDRAILS } else { "" };
     let gateway_config = |pg_listen: u16, admin_listen: u16, extra: &str, masks: &str| {
         format!(
             r#"[server]
@@ -346,6 +369,7 @@ server_name = "localhost"
 user = "{user}"
 password_file = "{password_file}"
 {masks}
+{rules}
 "#,
             cert = server.cert.display(),
             key = server.key.display(),
@@ -398,6 +422,29 @@ password_file = "{password_file}"
         ))
     } else {
         None
+    };
+
+    // The same config served by another build (`--baseline`), in its own directory.
+    let baseline = match &opts.baseline {
+        Some(bin) => {
+            let dir = tmp.path().join("baseline");
+            fs::create_dir_all(&dir)?;
+            let (pg, admin) = (
+                tollgate_testsupport::free_port(),
+                tollgate_testsupport::free_port(),
+            );
+            let path = dir.join("tollgate.toml");
+            fs::write(&path, gateway_config(pg, admin, "", ""))?;
+            progress(format_args!(
+                "starting the baseline {} serve ...",
+                bin.display()
+            ));
+            Some((
+                Gateway::start(bin, &path, &dir, admin)?,
+                gateway_conninfo(pg),
+            ))
+        }
+        None => None,
     };
 
     // The same gateway with masking rules on the fetched column, in its own directory.
@@ -508,6 +555,9 @@ password_file = "{password_file}"
         masked
             .as_ref()
             .map(|(gw, c)| ("gw-masked", gw.pid(), c, None)),
+        baseline
+            .as_ref()
+            .map(|(gw, c)| ("baseline", gw.pid(), c, None)),
         pgbouncer
             .as_ref()
             .map(|(p, c)| (PGBOUNCER, p.pid(), c, Some(cluster.password.as_str()))),
@@ -526,6 +576,7 @@ password_file = "{password_file}"
         });
     }
     let index_of = |name: &str| targets.iter().position(|t| t.name == name);
+    let baseline_at = index_of("baseline");
     let (norec_at, masked_at, pgbouncer_at, relay_at) = (
         index_of("gw-norec"),
         index_of("gw-masked"),
@@ -626,6 +677,7 @@ password_file = "{password_file}"
                 row.masked = masked_at.map(|i| Side::new(&s[i]));
                 row.pgbouncer = pgbouncer_at.map(|i| Side::new(&s[i]));
                 row.relay = relay_at.map(|i| Side::new(&s[i]));
+                row.baseline = baseline_at.map(|i| Side::new(&s[i]));
                 row
             })
             .collect(),
@@ -655,6 +707,7 @@ password_file = "{password_file}"
     drop(relay);
     drop(pgbouncer);
     drop(masked);
+    drop(baseline);
     drop(norec);
     drop(gateway);
     drop(cluster);
@@ -1388,6 +1441,8 @@ struct Row {
     pgbouncer: Option<Side>,
     /// The plain TCP relay (`--relay`): the floor of any proxy.
     relay: Option<Side>,
+    /// Another build of tollgate with the same config (`--baseline`).
+    baseline: Option<Side>,
 }
 
 impl Row {
@@ -1409,6 +1464,7 @@ impl Row {
             masked: None,
             pgbouncer: None,
             relay: None,
+            baseline: None,
         }
     }
 
@@ -1575,6 +1631,15 @@ impl Report<'_> {
                     pgb.log_problems.join("\n")
                 );
             }
+        }
+        if self.scenarios.iter().any(|r| r.baseline.is_some()) {
+            println!();
+            println!(
+                "A/B: this build (gw) vs --baseline {} (base), same config{}, same rounds; gw/base is the throughput ratio",
+                self.opts.baseline.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                if self.opts.guardrails { " with --guardrails" } else { "" }
+            );
+            self.print_reference("base", |r| r.baseline.as_ref());
         }
         if self.scenarios.iter().any(|r| r.relay.is_some()) {
             println!();
@@ -1800,6 +1865,7 @@ impl Report<'_> {
                 })),
                 "pgbouncer": r.reference_json(r.pgbouncer.as_ref(), "pgbouncer"),
                 "relay": r.reference_json(r.relay.as_ref(), "relay"),
+                "baseline": r.reference_json(r.baseline.as_ref(), "baseline"),
                 "recording_off": r.norec.as_ref().map(|off| json!({
                     "gateway": off.json("gateway"),
                     "tps_ratio_on_off": r.recording_cost().map(|c| c.0),

@@ -145,6 +145,25 @@ async fn send<S: AsyncWrite + Unpin>(s: &mut S, parts: &[Vec<u8>]) {
     s.flush().await.unwrap();
 }
 
+/// Sends `parts`, reads the answer up to ReadyForQuery, and checks its first error's SQLSTATE
+/// (`None`: no error).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    parts: &[Vec<u8>],
+    code: Option<&str>,
+) -> Vec<Msg> {
+    send(s, parts).await;
+    let msgs = until_ready(s).await;
+    assert_eq!(
+        error_field(&msgs, b'C').as_deref(),
+        code,
+        "{:?} {:?}",
+        tags(&msgs),
+        error_field(&msgs, b'M')
+    );
+    msgs
+}
+
 async fn start(resource_extra: &str) -> Env {
     let extra = resource_extra.to_string();
     tokio::task::spawn_blocking(move || {
@@ -203,7 +222,7 @@ async fn a_portal_runs_and_is_judged_as_the_statement_it_was_bound_to() {
     let env = start(DENY_DROP).await;
     let mut s = session(&env).await;
     // Parse "" as DROP, bind it, Parse "" again as SELECT, execute the portal.
-    send(
+    let msgs = exchange(
         &mut s,
         &[
             parse("", "DROP TABLE victim"),
@@ -212,19 +231,13 @@ async fn a_portal_runs_and_is_judged_as_the_statement_it_was_bound_to() {
             execute(""),
             sync(),
         ],
+        Some("42501"),
     )
     .await;
-    let msgs = until_ready(&mut s).await;
-    assert_eq!(
-        error_field(&msgs, b'C').as_deref(),
-        Some("42501"),
-        "{:?}",
-        tags(&msgs)
-    );
     assert!(error_field(&msgs, b'M').unwrap().contains("no-drop"));
     assert!(victim_exists(&env), "the DROP ran");
     // The same with a named statement closed and parsed again between Bind and Execute.
-    send(
+    exchange(
         &mut s,
         &[
             parse("st", "DROP TABLE victim"),
@@ -234,15 +247,9 @@ async fn a_portal_runs_and_is_judged_as_the_statement_it_was_bound_to() {
             execute("p"),
             sync(),
         ],
+        Some("42501"),
     )
     .await;
-    let msgs = until_ready(&mut s).await;
-    assert_eq!(
-        error_field(&msgs, b'C').as_deref(),
-        Some("42501"),
-        "{:?}",
-        tags(&msgs)
-    );
     assert!(victim_exists(&env), "the DROP ran");
     // The session goes on, and an honest pipeline works.
     send(
@@ -413,7 +420,7 @@ async fn a_dialect_switched_off_through_opaque_code_ends_the_session() {
     let msgs = until_ready(&mut s).await;
     assert_eq!(error_field(&msgs, b'C').as_deref(), Some("42501"));
     // A statement parsed in the same pipeline after one that may change settings is refused.
-    send(
+    let msgs = exchange(
         &mut s,
         &[
             parse("", "DO $$ BEGIN NULL; END $$"),
@@ -424,15 +431,9 @@ async fn a_dialect_switched_off_through_opaque_code_ends_the_session() {
             execute(""),
             sync(),
         ],
+        Some("0A000"),
     )
     .await;
-    let msgs = until_ready(&mut s).await;
-    assert_eq!(
-        error_field(&msgs, b'C').as_deref(),
-        Some("0A000"),
-        "{:?}",
-        tags(&msgs)
-    );
     assert!(error_field(&msgs, b'H').unwrap().contains("Sync"));
 }
 
@@ -555,4 +556,38 @@ async fn a_statement_prepared_again_in_sql_is_masked_by_its_new_shape() {
         !row.contains("hunter2"),
         "the old shape let the value through: {row:?}"
     );
+}
+
+fn vm_data_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmData:"))
+        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmData in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_message_length_reserves_nothing_until_its_bytes_arrive() {
+    let env = start(DENY_DROP).await;
+    let pid = env.gw.pid();
+    let before = vm_data_kib(pid);
+    // Twenty sessions each announce a 60 MB Query (under max_message_bytes) and send 100 bytes.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut s = session(&env).await;
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&(60 * 1024 * 1024i32).to_be_bytes());
+        m.extend_from_slice(&[b' '; 100]);
+        send(&mut s, &[m]).await;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown_mib = vm_data_kib(pid).saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 200,
+        "20 announced 60 MB messages made the gateway reserve {grown_mib} MiB"
+    );
+    // Another session is unaffected.
+    let mut s = session(&env).await;
+    exchange(&mut s, &[query("SELECT 1")], None).await;
 }
