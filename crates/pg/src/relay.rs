@@ -1127,9 +1127,10 @@ where
                     return stop;
                 }
                 pos = 0;
-                let mut ready = tracker.ready.subscribe();
-                if ready.wait_for(|seen| *seen >= boundaries).await.is_err() {
-                    return Stop::Outcome(Outcome::UpstreamLost);
+                if let Err(stop) =
+                    await_settled(tracker, rd, wr, &mut buf, bytes, limit, boundaries).await
+                {
+                    return stop;
                 }
             }
         }
@@ -1140,6 +1141,55 @@ where
             return stop;
         }
         reserve_for_next(&mut buf, limit);
+    }
+}
+
+/// Waits until the server has answered every Query and Sync forwarded so far (`boundaries`
+/// ReadyForQuery messages, each checked with the ParameterStatus before it). Meanwhile the
+/// client's COPY data (CopyData, CopyDone, CopyFail at the front of what it sends) goes through
+/// untouched, since a `COPY ... FROM STDIN` in the command waits for it; anything else stays
+/// buffered, unread, until then.
+async fn await_settled<R, W>(
+    tracker: &Tracker<'_>,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    bytes: &AtomicU64,
+    limit: usize,
+    boundaries: u64,
+) -> Result<(), Stop>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut ready = tracker.ready.subscribe();
+    loop {
+        // Leading COPY stream messages are forwarded as they come.
+        let mut copy = 0;
+        loop {
+            match next_frame(&buf[copy..], limit) {
+                Ok(Some(f)) if matches!(f.tag, b'd' | b'c' | b'f') => copy += f.total_len,
+                Ok(_) => break,
+                Err(e) => return Err(Stop::Protocol(e.to_string())),
+            }
+        }
+        if copy > 0 {
+            let chunk = buf.split_to(copy);
+            if wr.write_all(&chunk).await.is_err() || wr.flush().await.is_err() {
+                return Err(Stop::Outcome(Outcome::UpstreamLost));
+            }
+        }
+        tokio::select! {
+            r = ready.wait_for(|seen| *seen >= boundaries) => {
+                return r.map(|_| ()).map_err(|_| Stop::Outcome(Outcome::UpstreamLost));
+            }
+            r = rd.read_buf(buf), if buf.len() < limit => match r {
+                Ok(0) | Err(_) => return Err(Stop::Outcome(Outcome::ClientGone)),
+                Ok(n) => {
+                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            },
+        }
     }
 }
 

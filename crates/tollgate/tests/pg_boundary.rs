@@ -591,3 +591,40 @@ async fn a_claimed_message_length_reserves_nothing_until_its_bytes_arrive() {
     let mut s = session(&env).await;
     exchange(&mut s, &[query("SELECT 1")], None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_after_a_settings_changing_command_does_not_stall() {
+    let env = start(DENY_DROP).await;
+    let mut s = session(&env).await;
+    // RESET ALL may change what the parser depends on, so the gateway waits for the server's
+    // answer before reading on; the COPY in the same query needs the client's data first.
+    send(&mut s, &[query("RESET ALL; COPY src FROM STDIN")]).await;
+    let mut msgs = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut s))
+            .await
+            .expect("CopyInResponse")
+            .unwrap();
+        let tag = m.0;
+        msgs.push(m);
+        if tag == b'G' {
+            break;
+        }
+        assert_ne!(tag, b'Z', "{:?}", tags(&msgs));
+    }
+    let mut data = message(b'd', b"7\n8\n");
+    data.extend(message(b'c', &[]));
+    send(&mut s, &[data]).await;
+    let msgs = until_ready(&mut s).await;
+    assert!(
+        error_field(&msgs, b'C').is_none(),
+        "{:?}",
+        error_field(&msgs, b'M')
+    );
+    assert_eq!(
+        env.pg.psql("SELECT count(*) FROM src").unwrap().trim(),
+        "4",
+        "the copied rows arrived"
+    );
+    exchange(&mut s, &[query("SELECT 1")], None).await;
+}
