@@ -188,6 +188,8 @@ struct Tracker<'a> {
     results: Mutex<Vec<ResultEvent>>,
     /// Answers that settle the guardrails' view (prepared statements, portals).
     settled: Mutex<Vec<Settled>>,
+    /// `settled` is not empty (read without the lock, for every client message).
+    has_settled: std::sync::atomic::AtomicBool,
     /// ReadyForQuery messages seen so far, each after the ParameterStatus before it was checked.
     ready: tokio::sync::watch::Sender<u64>,
 }
@@ -281,11 +283,15 @@ impl Tracker<'_> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .append(&mut settled);
+            self.has_settled.store(true, Ordering::Release);
         }
     }
 
     /// What the server settled since the last call.
     fn take_settled(&self) -> Vec<Settled> {
+        if !self.has_settled.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
         std::mem::take(&mut *self.settled.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -541,8 +547,19 @@ pub(crate) async fn run(
         pid: upstream_pid,
         secret: upstream_secret,
         leftover,
+        params,
         ..
     } = up;
+    // The dialect the guardrails' parser assumes, as the server reported it at start-up.
+    let started_off_dialect = target.policy.as_ref().and_then(|_| {
+        params.iter().find_map(|(k, v)| {
+            let mut body = k.as_bytes().to_vec();
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+            dialect_change(&body)
+        })
+    });
     if let Some(policy) = target.policy.as_ref() {
         if policy.needs_catalog() && leftover.is_empty() {
             learn_catalog(&mut stream, policy, gw.max_message, &target.resource.name).await;
@@ -558,6 +575,7 @@ pub(crate) async fn run(
         log,
         results: Mutex::new(Vec::new()),
         settled: Mutex::new(Vec::new()),
+        has_settled: std::sync::atomic::AtomicBool::new(false),
         ready: tokio::sync::watch::Sender::new(0),
     };
     let from_client = AtomicU64::new(0);
@@ -608,9 +626,13 @@ pub(crate) async fn run(
         copy_columns: filter.as_ref().is_some_and(Filter::masks_columns),
     };
 
-    let stop = tokio::select! {
+    let stop = if let Some(changed) = started_off_dialect {
+        Stop::Dialect(changed)
+    } else {
+        tokio::select! {
         s = client_to_upstream(&side, &mut crd, &mut uwr, guard) => s,
         s = upstream_to_client(&mut urd, &client_out, &tracker, &to_client, leftover, limit, filter, (track, watch_dialect)) => s,
+        }
     };
     let mut cwr = client_out.into_inner();
     let (outcome, error) = match stop {
@@ -779,6 +801,8 @@ struct Statement {
     /// SHA-256 of its full text.
     full: [u8; 32],
     described: bool,
+    /// What it is, in one line (under guardrails), for its executions' audit events.
+    classified: Option<Arc<str>>,
 }
 
 #[derive(Clone)]
@@ -790,6 +814,8 @@ struct PortalText {
     digest: String,
     /// The pipeline segment it was bound in (gone once the server is idle after it).
     segment: u64,
+    /// Its statement's [`Statement::classified`].
+    classified: Option<Arc<str>>,
 }
 
 /// Rewrites a batch of messages: the untouched runs are copied as they are, and nothing is
@@ -1233,7 +1259,7 @@ fn review_text(
     if tag == b'Q' {
         // `EXECUTE name`: what the name runs.
         if let Some(tollgate_policy::Classification::Statements(sts)) =
-            Some(&*session_classify(session, &original))
+            Some(&**session_classify(session, &original))
         {
             for st in sts {
                 if let tollgate_policy::Kind::Execute { name } = &st.kind {
@@ -1263,7 +1289,7 @@ fn review_text(
     shown
 }
 
-fn session_classify(session: &SessionPolicy, sql: &str) -> Arc<tollgate_policy::Classification> {
+fn session_classify(session: &SessionPolicy, sql: &str) -> Arc<tollgate_policy::Classified> {
     session.classify(sql)
 }
 
@@ -1635,10 +1661,7 @@ struct Inspect {
 /// SHA-256 of a simple query's full text: what a review approves and what every command
 /// event records, whatever its size (see [`bound_digest`] for a portal).
 fn digest(text: &str) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
-    )
+    digest_text(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
 }
 
 /// A portal's digest: over the full text's digest and the Bind's parameter section.
@@ -1647,7 +1670,19 @@ fn bound_digest(full: Option<&[u8; 32]>, values: &[u8]) -> String {
     ctx.update(full.map_or(&[0u8; 32][..], |f| &f[..]));
     ctx.update(&[0]);
     ctx.update(values);
-    format!("sha256:{}", hex::encode(ctx.finish()))
+    digest_text(ctx.finish().as_ref())
+}
+
+/// "sha256:" and the hex of `d`, in one allocation.
+fn digest_text(d: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(7 + 2 * d.len());
+    s.push_str("sha256:");
+    for b in d {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 /// A Bind body after its portal and statement names.
@@ -1664,7 +1699,14 @@ fn bind_values(body: &[u8]) -> &[u8] {
 
 /// Adds the judgement to a command event (decision, what dry-run rules would have done, and
 /// the classification of what runs) and hands a refusal or hold back to the relay.
-fn decided(ev: &mut Value, j: Judgement, policy: &ResourcePolicy, text: &str, out: &mut Judged) {
+fn decided(
+    ev: &mut Value,
+    j: Judgement,
+    policy: &ResourcePolicy,
+    text: &str,
+    classified: Option<Arc<str>>,
+    out: &mut Judged,
+) {
     let mut decision = j.decision.summary();
     if let Some(dry) = &j.dry_run {
         decision["dry_run"] = dry.summary();
@@ -1680,9 +1722,16 @@ fn decided(ev: &mut Value, j: Judgement, policy: &ResourcePolicy, text: &str, ou
         decision["opaque"] = json!(true);
     }
     ev["decision"] = decision;
-    ev["classification"] = policy.classify(text).summary();
+    // Every command: what it is, in one line; refused or held ones: the full classification.
+    if ev.get("digest").is_none() && !j.decision.is_allow() {
+        // A refused or held simple query: reviews and reruns go by its digest.
+        ev["digest"] = json!(digest(text));
+    }
+    let line = classified.unwrap_or_else(|| policy.classify(text).line());
+    ev["classified"] = Value::String(line.to_string());
     out.may_change_settings = j.may_change_settings;
     if !j.decision.is_allow() {
+        ev["classification"] = policy.classify(text).summary().clone();
         registry()
             .counter(
                 "tollgate_policy_decisions_total",
@@ -1754,7 +1803,11 @@ fn inspect_client(
                 effects,
                 redefines,
             });
-            let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT), "digest": digest(&text)});
+            let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)});
+            if text.len() > MAX_TEXT {
+                // The recorded text is clipped: the digest is what proves the rest.
+                ev["digest"] = json!(digest(&text));
+            }
             if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
                 // SQL PREPARE: keep its text, so an EXECUTE of the name can be shown with it.
                 if !j.effects.is_empty() {
@@ -1771,13 +1824,14 @@ fn inspect_client(
                                         text: Arc::from(clip(&text, MAX_TEXT)),
                                         full: full.as_ref().try_into().expect("32 bytes"),
                                         described: false,
+                                        classified: Some(st.summary_line().into()),
                                     },
                                 );
                             }
                         }
                     }
                 }
-                decided(&mut ev, j, rp, &text, out);
+                decided(&mut ev, j, rp, &text, None, out);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)
@@ -1802,18 +1856,27 @@ fn inspect_client(
                 )));
             }
             if track {
+                // The name only matters to the filter (shapes); the guardrails go by `seq`.
                 tracker.push(Kind::Parse {
-                    name: p.statement.clone(),
+                    name: if filtering {
+                        p.statement.clone()
+                    } else {
+                        String::new()
+                    },
                     seq,
                 });
             }
             let full = ring::digest::digest(&ring::digest::SHA256, p.query.as_bytes());
+            let classified = policy
+                .as_ref()
+                .map(|(_, rp, ..)| rp.classify(&p.query).line());
             prepared.statements.insert(
                 p.statement,
                 Statement {
                     text: Arc::from(clip(&p.query, MAX_TEXT)),
                     full: full.as_ref().try_into().expect("32 bytes"),
                     described: false,
+                    classified,
                 },
             );
             Ok(false)
@@ -1838,13 +1901,19 @@ fn inspect_client(
             let stmt = prepared.statements.get(&b.statement);
             let text = stmt.map_or_else(|| Arc::from(""), |s| s.text.clone());
             let described = stmt.is_some_and(|s| s.described);
+            let classified = stmt.and_then(|s| s.classified.clone());
             let params = redact_params(&text, &b.params);
             let digest = bound_digest(stmt.map(|s| &s.full), bind_values(body));
             if track {
+                let (portal, statement, formats) = if filtering {
+                    (b.portal.clone(), b.statement.clone(), b.result_formats)
+                } else {
+                    (String::new(), String::new(), Vec::new())
+                };
                 tracker.push(Kind::Bind {
-                    portal: b.portal.clone(),
-                    statement: b.statement.clone(),
-                    formats: b.result_formats,
+                    portal,
+                    statement,
+                    formats,
                     seq,
                 });
             }
@@ -1856,6 +1925,7 @@ fn inspect_client(
                     described,
                     digest,
                     segment: ctx.segment,
+                    classified,
                 },
             );
             Ok(false)
@@ -1882,9 +1952,16 @@ fn inspect_client(
         b'E' => {
             let e = frontend::parse_execute(body).map_err(|_| malformed("Execute"))?;
             let portal = prepared.portals.get_mut(&e.portal);
-            let (text, params, digest) = portal.as_ref().map_or_else(
-                || (Arc::from(""), Value::Array(vec![]), digest("")),
-                |p| (p.text.clone(), p.params.clone(), p.digest.clone()),
+            let (text, params, digest, classified) = portal.as_ref().map_or_else(
+                || (Arc::from(""), Value::Array(vec![]), digest(""), None),
+                |p| {
+                    (
+                        p.text.clone(),
+                        p.params.clone(),
+                        p.digest.clone(),
+                        p.classified.clone(),
+                    )
+                },
             );
             let mut copy = None;
             if let Some(inject) = shapes {
@@ -1916,7 +1993,7 @@ fn inspect_client(
                 ev["max_rows"] = json!(e.max_rows);
             }
             if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
-                decided(&mut ev, j, rp, &text, out);
+                decided(&mut ev, j, rp, &text, classified, out);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)

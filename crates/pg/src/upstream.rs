@@ -118,17 +118,25 @@ impl UpstreamTarget {
             ("database", database.as_str()),
         ];
         for (k, v) in client_params {
+            // Setting names are case-insensitive, and `options` also takes `--name-with-dashes`.
+            let (k_norm, v_norm) = (
+                k.to_ascii_lowercase().replace('-', "_"),
+                v.to_ascii_lowercase().replace('-', "_"),
+            );
+            let (k, v) = (k.as_str(), v.as_str());
             // A read-only resource's sessions start read-only, and the client cannot undo that
             // at start-up (the policy refuses SET default_transaction_read_only and friends).
             let weakens_read_only = r.read_only
-                && (k.contains("read_only") || (k == "options" && v.contains("read_only")));
+                && (k_norm.contains("read_only")
+                    || (k_norm == "options" && v_norm.contains("read_only")));
             // Under guardrails the server must read SQL as the classifier does: standard strings
             // and UTF-8, so a backslash or a multi-byte character cannot hide a statement.
             let changes_reading = guarded
-                && (k == "standard_conforming_strings"
-                    || k == "client_encoding"
-                    || (k == "options"
-                        && (v.contains("standard_conforming") || v.contains("encoding"))));
+                && (k_norm == "standard_conforming_strings"
+                    || k_norm == "client_encoding"
+                    || (k_norm == "options"
+                        && (v_norm.contains("standard_conforming")
+                            || v_norm.contains("encoding"))));
             if passthrough(k) && !weakens_read_only && !changes_reading {
                 params.push((k, v));
             }

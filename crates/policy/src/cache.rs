@@ -6,7 +6,7 @@
 //! previous old one is dropped), and a hit in the old map moves the entry back. Keys are the
 //! full text, so two texts never share a classification, whatever their hash.
 
-use crate::classify::{classify, Classification};
+use crate::classify::{classify, Classified};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +15,7 @@ pub const MAX_CACHED_TEXT: usize = 4 * 1024;
 
 pub struct ClassifyCache {
     generation: usize,
-    maps: Mutex<[HashMap<Arc<str>, Arc<Classification>>; 2]>,
+    maps: Mutex<[HashMap<Arc<str>, Arc<Classified>>; 2]>,
 }
 
 impl ClassifyCache {
@@ -27,9 +27,9 @@ impl ClassifyCache {
         }
     }
 
-    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+    pub fn classify(&self, sql: &str) -> Arc<Classified> {
         if sql.len() > MAX_CACHED_TEXT {
-            return Arc::new(classify(sql));
+            return Arc::new(classify(sql).into());
         }
         {
             let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
@@ -42,7 +42,7 @@ impl ClassifyCache {
             }
         }
         // Parse outside the lock; two sessions racing on one new text both parse it once.
-        let c = Arc::new(classify(sql));
+        let c: Arc<Classified> = Arc::new(classify(sql).into());
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         self.insert(&mut maps, Arc::from(sql), c.clone());
         c
@@ -50,9 +50,9 @@ impl ClassifyCache {
 
     fn insert(
         &self,
-        maps: &mut [HashMap<Arc<str>, Arc<Classification>>; 2],
+        maps: &mut [HashMap<Arc<str>, Arc<Classified>>; 2],
         k: Arc<str>,
-        c: Arc<Classification>,
+        c: Arc<Classified>,
     ) {
         if maps[0].len() >= self.generation {
             maps[1] = std::mem::take(&mut maps[0]);
@@ -83,7 +83,7 @@ mod tests {
         assert!(cache.len() <= 8, "{}", cache.len());
         let a = cache.classify("SELECT 1");
         let b = cache.classify("DROP TABLE t");
-        assert_ne!(a, b);
+        assert_ne!(**a, **b);
         assert!(Arc::ptr_eq(&b, &cache.classify("DROP TABLE t")));
     }
 }

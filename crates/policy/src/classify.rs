@@ -4,6 +4,7 @@ use crate::walk::{walk, Dml};
 use pg_query::protobuf::{self, a_const::Val, ObjectType, TransactionStmtKind, VariableSetKind};
 use pg_query::{Node, NodeEnum};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// What a SQL string holds, statement by statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -698,6 +699,54 @@ impl Statement {
             m.insert(k.into(), x);
         }
         v
+    }
+}
+
+/// A classification as the cache keeps it: with its audit summary, built once per text.
+#[derive(Debug)]
+pub struct Classified {
+    classification: Classification,
+    summary: std::sync::OnceLock<Value>,
+    line: std::sync::OnceLock<Arc<str>>,
+}
+
+impl Classified {
+    /// [`Classification::summary`], built on first use.
+    pub fn summary(&self) -> &Value {
+        self.summary.get_or_init(|| self.classification.summary())
+    }
+
+    /// One line for every command's audit event, built on first use: each statement's
+    /// [`Statement::summary_line`], joined by "; " ("unparsable" when the parser refused it).
+    pub fn line(&self) -> Arc<str> {
+        self.line
+            .get_or_init(|| match &self.classification {
+                Classification::Statements(s) => s
+                    .iter()
+                    .map(Statement::summary_line)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+                    .into(),
+                Classification::Unparsable { .. } => "unparsable".into(),
+            })
+            .clone()
+    }
+}
+
+impl From<Classification> for Classified {
+    fn from(classification: Classification) -> Self {
+        Classified {
+            classification,
+            summary: std::sync::OnceLock::new(),
+            line: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Classified {
+    type Target = Classification;
+    fn deref(&self) -> &Classification {
+        &self.classification
     }
 }
 

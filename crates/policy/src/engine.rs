@@ -237,6 +237,7 @@ impl ResourcePolicy {
             segment: 0,
             catalog,
             tainted,
+            last_portal: None,
         }
     }
 
@@ -290,7 +291,7 @@ impl ResourcePolicy {
     }
 
     /// Classify through this policy's bounded cache of recent statement texts.
-    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+    pub fn classify(&self, sql: &str) -> Arc<crate::classify::Classified> {
         self.inner.cache.classify(sql)
     }
 
@@ -650,6 +651,16 @@ impl<T: Clone> Track<T> {
         }
     }
 
+    /// [`candidates`](Self::candidates) when there is exactly one answer (`Some(None)`: the
+    /// name certainly holds nothing), without allocating: the common case.
+    fn single(&self, segment: u64) -> Option<Option<&T>> {
+        match self.pending.last() {
+            Some(c) if c.segment == Some(segment) => Some(c.content.as_ref()),
+            None => Some(self.confirmed.as_ref()),
+            _ => None,
+        }
+    }
+
     fn push(&mut self, seq: u64, segment: Option<u64>, content: Option<T>) -> bool {
         if self.pending.len() >= MAX_PENDING_PER_NAME {
             return false;
@@ -713,6 +724,9 @@ pub struct SessionPolicy {
     /// This session ran something that may define functions: names it calls may no longer
     /// resolve to the built-ins the catalog lists.
     tainted: bool,
+    /// The portal content of the last single-statement Bind, reused by the next Bind of the
+    /// same statement.
+    last_portal: Option<Portal>,
 }
 
 impl SessionPolicy {
@@ -720,7 +734,7 @@ impl SessionPolicy {
     /// its statements wins. Its `PREPARE`/`DEALLOCATE` effects are in `effects`.
     pub fn judge_query(&mut self, sql: &str, who: &Caller, now: OffsetDateTime) -> Judgement {
         let c = self.policy.classify(sql);
-        let statements = match &*c {
+        let statements = match &**c {
             Classification::Unparsable { .. } => {
                 let mut j = Judgement::of(self.policy.inner.unparsable("statement not understood"));
                 j.may_change_settings = true;
@@ -740,7 +754,7 @@ impl SessionPolicy {
         // An empty (or comment-only) query runs nothing.
         let mut j = all.unwrap_or_else(|| Judgement::of(Decision::Allow { rule: None }));
         if !j.decision.is_deny() {
-            if let Err(e) = self.record_effects(statements, &mut j.effects) {
+            if let Err(e) = self.record_effects(statements.iter(), &mut j.effects) {
                 return Judgement::of(self.policy.inner.deny("limits", e.to_string()));
             }
         }
@@ -758,7 +772,7 @@ impl SessionPolicy {
     pub fn parse(&mut self, name: &str, sql: &str) -> Result<u64, LimitError> {
         let c = self.policy.classify(sql);
         let content = match c.statements() {
-            [] if matches!(*c, Classification::Statements(_)) => None,
+            [] if matches!(**c, Classification::Statements(_)) => None,
             [one] => Some(Arc::new(one.clone())),
             // Unparsable, or several statements (which the server refuses in a Parse).
             _ => Some(Arc::new(unparsable_marker())),
@@ -786,22 +800,38 @@ impl SessionPolicy {
     /// Protocol-level Bind of `statement` to `portal`: the portal runs what the statement
     /// holds now.
     pub fn bind(&mut self, portal: &str, statement: &str) -> Result<u64, LimitError> {
-        let content: Portal = self
-            .statements
-            .get(statement)
-            .map(|t| t.candidates(self.segment))
-            .unwrap_or_default()
-            .into();
+        let content: Portal = match self.statements.get(statement) {
+            None => Arc::from(Vec::new()),
+            Some(t) => match t.single(self.segment) {
+                Some(Some(st)) => {
+                    // Binding the same statement again (every execution of a prepared one)
+                    // reuses its one-element portal.
+                    match &self.last_portal {
+                        Some(p) if Arc::ptr_eq(&p[0], st) => p.clone(),
+                        _ => {
+                            let p: Portal = Arc::from(vec![st.clone()]);
+                            self.last_portal = Some(p.clone());
+                            p
+                        }
+                    }
+                }
+                Some(None) => Arc::from(Vec::new()),
+                None => t.candidates(self.segment).into(),
+            },
+        };
         let seq = self.next_seq();
         let limit = self.policy.inner.max_portals;
-        if !self.portals.contains_key(portal) && self.portals.len() >= limit {
-            return Err(LimitError {
-                what: "portals",
-                limit,
-            });
+        if !self.portals.contains_key(portal) {
+            if self.portals.len() >= limit {
+                return Err(LimitError {
+                    what: "portals",
+                    limit,
+                });
+            }
+            self.portals.insert(portal.to_string(), Track::default());
         }
         let segment = Some(self.segment);
-        let track = self.portals.entry(portal.to_string()).or_default();
+        let track = self.portals.get_mut(portal).expect("inserted above");
         if !track.push(seq, segment, Some(content)) {
             return Err(LimitError {
                 what: "unconfirmed changes of one portal",
@@ -859,14 +889,19 @@ impl SessionPolicy {
 
     /// Execute of `portal`: judged by what the portal was bound to.
     pub fn judge_execute(&mut self, portal: &str, who: &Caller, now: OffsetDateTime) -> Judgement {
-        let candidates: Vec<Arc<Statement>> = self
-            .portals
-            .get(portal)
-            .map(|t| t.candidates(self.segment))
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|p| p.iter().cloned())
-            .collect();
+        let track = self.portals.get(portal);
+        let candidates: Portal = match track.map(|t| t.single(self.segment)) {
+            // The common case: one portal content, used as it is.
+            Some(Some(Some(p))) => p.clone(),
+            Some(Some(None)) | None => Arc::from(Vec::new()),
+            Some(None) => track
+                .map(|t| t.candidates(self.segment))
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|p| p.iter().cloned())
+                .collect::<Vec<_>>()
+                .into(),
+        };
         if candidates.is_empty() {
             let mut j = Judgement::of(
                 self.policy
@@ -877,7 +912,7 @@ impl SessionPolicy {
             return j;
         }
         let mut all: Option<Judgement> = None;
-        for st in &candidates {
+        for st in candidates.iter() {
             if is_unparsable_marker(st) {
                 let mut u = Judgement::of(self.policy.inner.unparsable("statement not understood"));
                 u.may_change_settings = true;
@@ -889,8 +924,7 @@ impl SessionPolicy {
         }
         let mut j = all.expect("at least one candidate");
         if !j.decision.is_deny() {
-            let runs: Vec<Statement> = candidates.iter().map(|s| (**s).clone()).collect();
-            if let Err(e) = self.record_effects(&runs, &mut j.effects) {
+            if let Err(e) = self.record_effects(candidates.iter().map(|s| &**s), &mut j.effects) {
                 return Judgement::of(self.policy.inner.deny("limits", e.to_string()));
             }
         }
@@ -898,7 +932,7 @@ impl SessionPolicy {
     }
 
     /// Classify through the resource's cache.
-    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+    pub fn classify(&self, sql: &str) -> Arc<crate::classify::Classified> {
         self.policy.classify(sql)
     }
 
@@ -984,9 +1018,9 @@ impl SessionPolicy {
     }
 
     /// Registers the prepared-statement changes that `statements` make when they run.
-    fn record_effects(
+    fn record_effects<'s>(
         &mut self,
-        statements: &[Statement],
+        statements: impl IntoIterator<Item = &'s Statement>,
         effects: &mut Vec<u64>,
     ) -> Result<(), LimitError> {
         for st in statements {

@@ -21,7 +21,7 @@ mod walk;
 
 pub use bounds::{bounded, nesting_depth, BoundError, INLINE_DEPTH, MAX_DEPTH};
 pub use cache::{ClassifyCache, MAX_CACHED_TEXT};
-pub use classify::{classify, Classification, DdlVerb, Kind, Statement, TxOp};
+pub use classify::{classify, Classification, Classified, DdlVerb, Kind, Statement, TxOp};
 pub use engine::{
     Caller, Confirmation, Decision, FunctionCatalog, Judgement, LimitError, PolicyError,
     ResourcePolicy, SessionPolicy, CATALOG_QUERY, WRITING_FUNCTIONS,

@@ -93,6 +93,14 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         },
         &pki_dir.join("agent-7"),
     )?;
+    // The CA's revocation list (kept across runs: `tollgate pki revoke --dir PKI CERT` adds
+    // to it, and the gateway re-reads it on change).
+    pki::revoke(
+        &pki_dir,
+        &[],
+        std::time::Duration::from_secs(30 * 24 * 3600),
+        &pki_dir.join("ca.crl"),
+    )?;
     let token = tollgate_server::random_hex(24);
     let token_sha = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let token_sha: String = token_sha
@@ -190,6 +198,7 @@ console_url = "https://localhost:{https_port}"
 tls_cert = "pki/gateway.crt"
 tls_key = "pki/gateway.key"
 client_ca = "pki/ca.crt"
+client_crl = ["pki/ca.crl"]
 client_cert = "optional"
 store = "sqlite://audit.db"
 
