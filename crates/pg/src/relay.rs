@@ -148,6 +148,39 @@ impl Kind {
     }
 }
 
+/// ReadyForQuery messages seen so far. Counting is one atomic add; waking happens only while
+/// the client direction waits (after a command that may change settings).
+#[derive(Default)]
+struct ReadyCount {
+    seen: AtomicU64,
+    waiting: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl ReadyCount {
+    fn add(&self) {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Resolves once `target` ReadyForQuery messages have been seen.
+    async fn reached(&self, target: u64) {
+        self.waiting.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.seen.load(Ordering::SeqCst) >= target {
+                break;
+            }
+            notified.await;
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+}
+
 /// What the server's answers settled about the guardrails' view of the session, for the client
 /// direction to apply before it judges the next message.
 enum Settled {
@@ -191,7 +224,7 @@ struct Tracker<'a> {
     /// `settled` is not empty (read without the lock, for every client message).
     has_settled: std::sync::atomic::AtomicBool,
     /// ReadyForQuery messages seen so far, each after the ParameterStatus before it was checked.
-    ready: tokio::sync::watch::Sender<u64>,
+    ready: ReadyCount,
 }
 
 /// A command's result event, until `Tracker::flush_results` writes it (as canonical JSON, with
@@ -476,7 +509,7 @@ impl Tracker<'_> {
         }
         drop(q);
         self.settle(settled);
-        self.ready.send_modify(|n| *n += 1);
+        self.ready.add();
         done
     }
 
@@ -576,7 +609,7 @@ pub(crate) async fn run(
         results: Mutex::new(Vec::new()),
         settled: Mutex::new(Vec::new()),
         has_settled: std::sync::atomic::AtomicBool::new(false),
-        ready: tokio::sync::watch::Sender::new(0),
+        ready: ReadyCount::default(),
     };
     let from_client = AtomicU64::new(0);
     let to_client = AtomicU64::new(0);
@@ -1188,7 +1221,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut ready = tracker.ready.subscribe();
     loop {
         // Leading COPY stream messages are forwarded as they come.
         let mut copy = 0;
@@ -1206,9 +1238,7 @@ where
             }
         }
         tokio::select! {
-            r = ready.wait_for(|seen| *seen >= boundaries) => {
-                return r.map(|_| ()).map_err(|_| Stop::Outcome(Outcome::UpstreamLost));
-            }
+            _ = tracker.ready.reached(boundaries) => return Ok(()),
             r = rd.read_buf(buf), if buf.len() < limit => match r {
                 Ok(0) | Err(_) => return Err(Stop::Outcome(Outcome::ClientGone)),
                 Ok(n) => {
@@ -1791,12 +1821,12 @@ fn inspect_client(
                     .values_mut()
                     .for_each(|s| s.described = false);
             }
-            let judgement = policy.as_mut().map(|(session, _, who, _)| {
-                session.judge_query(&text, who, OffsetDateTime::now_utc())
+            let judged = policy.as_mut().map(|(session, _, who, _)| {
+                session.judge_query_classified(&text, who, OffsetDateTime::now_utc())
             });
-            let effects = judgement
+            let effects = judged
                 .as_ref()
-                .map(|j| j.effects.clone())
+                .map(|(j, _)| j.effects.clone())
                 .unwrap_or_default();
             let n = tracker.push(Kind::Query {
                 copy,
@@ -1808,10 +1838,10 @@ fn inspect_client(
                 // The recorded text is clipped: the digest is what proves the rest.
                 ev["digest"] = json!(digest(&text));
             }
-            if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
+            if let (Some((_, rp, _, out)), Some((j, classified))) = (policy, judged) {
                 // SQL PREPARE: keep its text, so an EXECUTE of the name can be shown with it.
                 if !j.effects.is_empty() {
-                    for st in rp.classify(&text).statements() {
+                    for st in classified.statements() {
                         if let tollgate_policy::Kind::Prepare { name, .. } = &st.kind {
                             if prepared.statements.contains_key(name)
                                 || prepared.statements.len() < max_statements
@@ -1831,7 +1861,7 @@ fn inspect_client(
                         }
                     }
                 }
-                decided(&mut ev, j, rp, &text, None, out);
+                decided(&mut ev, j, rp, &text, Some(classified.line()), out);
             }
             events.push(tracker.log.input("command", ev));
             Ok(true)
@@ -2115,7 +2145,7 @@ where
                 }
                 if f.tag == b'Z' {
                     tracker.pop_if(|k| matches!(k, Kind::CopyShape));
-                    tracker.ready.send_modify(|n| *n += 1);
+                    tracker.ready.add();
                 }
                 splice.replace(&buf, pos, pos + f.total_len, &[]);
                 pos += f.total_len;

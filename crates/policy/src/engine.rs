@@ -132,6 +132,10 @@ impl Decision {
 
     /// For the audit event.
     pub fn summary(&self) -> serde_json::Value {
+        if let Decision::Allow { rule: None } = self {
+            // Nearly every command: built directly.
+            return serde_json::json!({"action": "allow", "rule": null});
+        }
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 }
@@ -733,7 +737,28 @@ impl SessionPolicy {
     /// A simple-protocol Query (one or more statements): the most restrictive decision over
     /// its statements wins. Its `PREPARE`/`DEALLOCATE` effects are in `effects`.
     pub fn judge_query(&mut self, sql: &str, who: &Caller, now: OffsetDateTime) -> Judgement {
+        self.judge_query_classified(sql, who, now).0
+    }
+
+    /// [`judge_query`](Self::judge_query), and the classification it judged (for the audit
+    /// record, without classifying the text again).
+    pub fn judge_query_classified(
+        &mut self,
+        sql: &str,
+        who: &Caller,
+        now: OffsetDateTime,
+    ) -> (Judgement, Arc<crate::classify::Classified>) {
         let c = self.policy.classify(sql);
+        let j = self.judge_classified(&c, who, now);
+        (j, c)
+    }
+
+    fn judge_classified(
+        &mut self,
+        c: &crate::classify::Classified,
+        who: &Caller,
+        now: OffsetDateTime,
+    ) -> Judgement {
         let statements = match &**c {
             Classification::Unparsable { .. } => {
                 let mut j = Judgement::of(self.policy.inner.unparsable("statement not understood"));

@@ -342,19 +342,14 @@ async fn opaque_code_is_judged_as_any_write_and_merge_as_its_actions() {
     assert!(victim_exists(&env));
     assert_eq!(victim_rows(&env), 5);
     // Built-ins, learned from the upstream's catalog, are not opaque.
-    send(
+    exchange(
         &mut s,
         &[query(
             "SELECT count(*), now(), lower('X'), pg_catalog.upper('y') FROM victim",
         )],
+        None,
     )
     .await;
-    let msgs = until_ready(&mut s).await;
-    assert!(
-        error_field(&msgs, b'C').is_none(),
-        "{:?}",
-        error_field(&msgs, b'M')
-    );
     // A function that shadows a built-in by name makes calls of that name opaque, for
     // sessions that start after it exists.
     env.pg
@@ -544,26 +539,15 @@ async fn a_statement_prepared_again_in_sql_is_masked_by_its_new_shape() {
         error_field(&msgs, b'M')
     );
     // ...then deallocated and prepared again in SQL as a query of the masked column.
-    send(
+    exchange(
         &mut s,
         &[query(
             "DEALLOCATE s; PREPARE s AS SELECT secret_col FROM vault",
         )],
+        None,
     )
     .await;
-    let msgs = until_ready(&mut s).await;
-    assert!(
-        error_field(&msgs, b'C').is_none(),
-        "{:?}",
-        error_field(&msgs, b'M')
-    );
-    send(&mut s, &[bind("p", "s"), execute("p"), sync()]).await;
-    let msgs = until_ready(&mut s).await;
-    assert!(
-        error_field(&msgs, b'C').is_none(),
-        "{:?}",
-        error_field(&msgs, b'M')
-    );
+    let msgs = exchange(&mut s, &[bind("p", "s"), execute("p"), sync()], None).await;
     let rows: Vec<&Msg> = msgs.iter().filter(|(t, _)| *t == b'D').collect();
     assert_eq!(rows.len(), 1, "{:?}", tags(&msgs));
     let row = String::from_utf8_lossy(&rows[0].1);
@@ -629,13 +613,7 @@ async fn copy_from_stdin_after_a_settings_changing_command_does_not_stall() {
     }
     let mut data = message(b'd', b"7\n8\n");
     data.extend(message(b'c', &[]));
-    send(&mut s, &[data]).await;
-    let msgs = until_ready(&mut s).await;
-    assert!(
-        error_field(&msgs, b'C').is_none(),
-        "{:?}",
-        error_field(&msgs, b'M')
-    );
+    exchange(&mut s, &[data], None).await;
     assert_eq!(
         env.pg.psql("SELECT count(*) FROM src").unwrap().trim(),
         "4",
