@@ -947,7 +947,12 @@ impl Ctx<'_> {
     }
 
     /// A positive whole number, or `default` when absent.
-    fn count(&self, key: &str, v: Option<Spanned<i64>>, default: usize) -> Result<usize, ConfigError> {
+    fn count(
+        &self,
+        key: &str,
+        v: Option<Spanned<i64>>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
         match v {
             None => Ok(default),
             Some(n) => usize::try_from(*n.get_ref())
@@ -1300,7 +1305,11 @@ impl Ctx<'_> {
                     r.max_prepared_statements,
                     DEFAULT_MAX_PREPARED_STATEMENTS,
                 )?,
-                max_portals: self.count("resources.max_portals", r.max_portals, DEFAULT_MAX_PORTALS)?,
+                max_portals: self.count(
+                    "resources.max_portals",
+                    r.max_portals,
+                    DEFAULT_MAX_PORTALS,
+                )?,
                 masks: r.masks,
                 line,
             });
@@ -1438,7 +1447,10 @@ password_env = "ORDERS_DB_PASSWORD"
         let c = p(GOOD).unwrap();
         assert_eq!(c.server.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(c.server.max_connections_per_source, DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(c.server.max_connections_per_identity, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            c.server.max_connections_per_identity,
+            DEFAULT_MAX_CONNECTIONS
+        );
         assert_eq!(c.server.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert!(c.server.client_crl.is_empty());
         let text = GOOD.replace(
@@ -1457,12 +1469,17 @@ password_env = "ORDERS_DB_PASSWORD"
                 PathBuf::from("/srv/other.crl")
             ]
         );
-        let e = p(&text.replace("\"3s\"", "\"0s\"")).unwrap_err().to_string();
+        let e = p(&text.replace("\"3s\"", "\"0s\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.handshake_timeout"), "{e}");
         let e = p(&text.replace("client_ca = \"pki/ca.crt\"\n", ""))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("server.client_crl") && e.contains("client_ca"), "{e}");
+        assert!(
+            e.contains("server.client_crl") && e.contains("client_ca"),
+            "{e}"
+        );
     }
 
     #[test]

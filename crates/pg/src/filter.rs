@@ -523,7 +523,9 @@ impl Filter {
         } else {
             hint.unwrap_or(CopyFormat::TEXT)
         };
-        if let Some(shape) = learned.filter(|s| self.column_rules && s.fields.len() == columns.len()) {
+        if let Some(shape) =
+            learned.filter(|s| self.column_rules && s.fields.len() == columns.len())
+        {
             let formats = vec![if overall == 1 { 1 } else { 0 }; shape.fields.len()];
             let plan = self.plan_for(&shape, &formats);
             self.copy = Some(Copy::Columns(format, plan, shape));

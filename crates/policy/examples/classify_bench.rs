@@ -85,7 +85,10 @@ fn main() {
     // The depth pre-scan that runs before every parse of a text longer than 128 bytes.
     let long = format!(
         "SELECT * FROM pgbench_accounts WHERE aid IN ({})",
-        (0..800).map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+        (0..800)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     for (label, sql) in [("5 statements", FIVE), ("4 KiB IN list", long.as_str())] {
         let parse = per_call(iterations / 10, || {

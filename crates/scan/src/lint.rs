@@ -294,7 +294,9 @@ impl Lint<'_> {
                 ));
             }
         }
-        if r.opaque_code == tollgate_config::OpaqueCode::Kind && (!r.rules.is_empty() || r.read_only) {
+        if r.opaque_code == tollgate_config::OpaqueCode::Kind
+            && (!r.rules.is_empty() || r.read_only)
+        {
             self.push(Finding::new(
                 "opaque_code_kind",
                 Severity::Medium,

@@ -770,14 +770,20 @@ mod tests {
     fn a_revoked_grant_ends_at_once_and_only_once() {
         let s = SqliteStore::open_in_memory().unwrap();
         s.review_create(&review("rv_r", "access", 1)).unwrap();
-        assert!(s.review_revoke_grant("rv_r", 1500).unwrap().is_none(), "pending");
+        assert!(
+            s.review_revoke_grant("rv_r", 1500).unwrap().is_none(),
+            "pending"
+        );
         recorded(s.review_vote(&vote("rv_r", "bob", true, 2000)).unwrap());
         let who = Requester::Subject("agent-7");
         assert!(s.access_grant(who, "orders", 3000).unwrap().is_some());
         let r = s.review_revoke_grant("rv_r", 3000).unwrap().unwrap();
         assert_eq!(r.grant_until_unix_ms, Some(3000));
         assert!(s.access_grant(who, "orders", 3000).unwrap().is_none());
-        assert!(s.review_revoke_grant("rv_r", 4000).unwrap().is_none(), "already over");
+        assert!(
+            s.review_revoke_grant("rv_r", 4000).unwrap().is_none(),
+            "already over"
+        );
         assert!(s.review_revoke_grant("rv_nope", 4000).unwrap().is_none());
     }
 
