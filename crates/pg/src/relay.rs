@@ -101,7 +101,7 @@ enum Kind {
     /// A Sync: the end of an extended-protocol pipeline (`segment`: the guardrails' number for
     /// it, whose portals are gone when the server reports it is idle).
     Sync {
-        segment: Option<u64>,
+        segment: u64,
     },
     // Only tracked when the session filters responses or has guardrails (`seq`: the
     // guardrails' number for the change, confirmed by the server's answer):
@@ -137,13 +137,13 @@ impl Kind {
     }
 
     /// The guardrails' change this request carries: its own, or those of the command.
-    fn changes(&self) -> Vec<u64> {
+    fn changes(&self) -> &[u64] {
         match self {
             Kind::Parse { seq, .. } | Kind::Bind { seq, .. } | Kind::Close { seq, .. } => {
-                seq.iter().copied().collect()
+                seq.as_slice()
             }
-            Kind::Query { effects, .. } | Kind::Execute { effects, .. } => effects.clone(),
-            _ => Vec::new(),
+            Kind::Query { effects, .. } | Kind::Execute { effects, .. } => effects,
+            _ => &[],
         }
     }
 }
@@ -203,7 +203,7 @@ struct Pending {
 
 impl Pending {
     fn settle(&self, how: Confirmation, out: &mut Vec<Settled>) {
-        for seq in self.kind.changes() {
+        for &seq in self.kind.changes() {
             out.push(Settled::Change(seq, how));
         }
     }
@@ -320,6 +320,15 @@ impl Tracker<'_> {
         }
     }
 
+    /// The server answered `p`: its changes took effect.
+    fn confirm(&self, p: &Pending) {
+        if !p.kind.changes().is_empty() {
+            let mut settled = Vec::new();
+            p.settle(Confirmation::Done, &mut settled);
+            self.settle(settled);
+        }
+    }
+
     /// What the server settled since the last call.
     fn take_settled(&self) -> Vec<Settled> {
         if !self.has_settled.swap(false, Ordering::Acquire) {
@@ -382,9 +391,7 @@ impl Tracker<'_> {
         if q.front().is_some_and(|p| answers(&p.kind)) {
             let p = q.pop_front()?;
             drop(q);
-            let mut settled = Vec::new();
-            p.settle(Confirmation::Done, &mut settled);
-            self.settle(settled);
+            self.confirm(&p);
             Some(p.kind)
         } else {
             None
@@ -402,9 +409,7 @@ impl Tracker<'_> {
                 drop(q);
                 p.rows = rows;
                 p.tag = Some(tag);
-                let mut settled = Vec::new();
-                p.settle(Confirmation::Done, &mut settled);
-                self.settle(settled);
+                self.confirm(&p);
                 Some(p)
             }
             _ => {
@@ -488,9 +493,7 @@ impl Tracker<'_> {
             match (&p.kind, &p.error) {
                 (Kind::Query { .. }, None) => p.settle(Confirmation::Done, &mut settled),
                 (Kind::Query { .. }, Some(_)) => p.settle(Confirmation::Failed, &mut settled),
-                (Kind::Sync { segment: Some(s) }, _) if status == b'I' => {
-                    settled.push(Settled::Idle(*s))
-                }
+                (Kind::Sync { segment: s }, _) if status == b'I' => settled.push(Settled::Idle(*s)),
                 // Unanswered before ReadyForQuery: skipped.
                 (Kind::Execute { .. }, _) => p.settle(Confirmation::Skipped, &mut settled),
                 _ => {}
@@ -584,15 +587,10 @@ pub(crate) async fn run(
         ..
     } = up;
     // The dialect the guardrails' parser assumes, as the server reported it at start-up.
-    let started_off_dialect = target.policy.as_ref().and_then(|_| {
-        params.iter().find_map(|(k, v)| {
-            let mut body = k.as_bytes().to_vec();
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-            dialect_change(&body)
-        })
-    });
+    let started_off_dialect = target
+        .policy
+        .as_ref()
+        .and_then(|_| params.iter().find_map(|(k, v)| dialect_change(k, v)));
     if let Some(policy) = target.policy.as_ref() {
         if policy.needs_catalog() && leftover.is_empty() {
             learn_catalog(&mut stream, policy, gw.max_message, &target.resource.name).await;
@@ -1288,22 +1286,19 @@ fn review_text(
     }
     if tag == b'Q' {
         // `EXECUTE name`: what the name runs.
-        if let Some(tollgate_policy::Classification::Statements(sts)) =
-            Some(&**session_classify(session, &original))
-        {
-            for st in sts {
-                if let tollgate_policy::Kind::Execute { name } = &st.kind {
-                    if let Some(text) = prepared.statements.get(name) {
-                        let text = match redact {
-                            Some(plan) => redact_sql(&text.text, plan),
-                            None => text.text.to_string(),
-                        };
-                        shown.push_str(&format!("\n-- EXECUTE {name} runs: {text}"));
-                    }
-                    for body in session.prepared(name) {
-                        shown.push_str(&format!("\n-- {name} is: {}", body.summary_line()));
-                    }
-                }
+        for st in session.classify(&original).statements() {
+            let tollgate_policy::Kind::Execute { name } = &st.kind else {
+                continue;
+            };
+            if let Some(text) = prepared.statements.get(name) {
+                let text = match redact {
+                    Some(plan) => redact_sql(&text.text, plan),
+                    None => text.text.to_string(),
+                };
+                shown.push_str(&format!("\n-- EXECUTE {name} runs: {text}"));
+            }
+            for body in session.prepared(name) {
+                shown.push_str(&format!("\n-- {name} is: {}", body.summary_line()));
             }
         }
     }
@@ -1317,10 +1312,6 @@ fn review_text(
         shown.push_str(&format!("\n-- digest: {d}"));
     }
     shown
-}
-
-fn session_classify(session: &SessionPolicy, sql: &str) -> Arc<tollgate_policy::Classified> {
-    session.classify(sql)
 }
 
 /// A command held for review.
@@ -1703,15 +1694,13 @@ fn bound_digest(full: Option<&[u8; 32]>, values: &[u8]) -> String {
     digest_text(ctx.finish().as_ref())
 }
 
-/// "sha256:" and the hex of `d`, in one allocation.
+/// "sha256:" and the hex of a SHA-256 digest, in one allocation.
 fn digest_text(d: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(7 + 2 * d.len());
+    let mut hexed = [0u8; 64];
+    hex::encode_to_slice(d, &mut hexed).expect("a SHA-256 digest is 32 bytes");
+    let mut s = String::with_capacity(7 + hexed.len());
     s.push_str("sha256:");
-    for b in d {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
-    }
+    s.push_str(std::str::from_utf8(&hexed).expect("hex is ASCII"));
     s
 }
 
@@ -2048,11 +2037,12 @@ fn inspect_client(
             Ok(true)
         }
         b'S' => {
-            let segment = match policy.as_mut() {
-                Some((session, ..)) => Some(session.sync()),
-                None => Some(ctx.segment),
-            };
-            tracker.push(Kind::Sync { segment });
+            if let Some((session, ..)) = policy.as_mut() {
+                session.sync();
+            }
+            tracker.push(Kind::Sync {
+                segment: ctx.segment,
+            });
             Ok(false)
         }
         b'C' => {
@@ -2125,7 +2115,10 @@ where
             };
             let body = f.body(&buf[pos..]);
             if watch_dialect && f.tag == b'S' {
-                if let Some(changed) = dialect_change(body) {
+                let status = backend::parse_parameter_status(body).ok();
+                if let Some(changed) =
+                    status.and_then(|(name, value)| dialect_change(&name, &value))
+                {
                     return Stop::Dialect(changed);
                 }
             }
@@ -2225,8 +2218,7 @@ fn redefines_statements(sql: &str) -> bool {
 
 /// A ParameterStatus that moves a setting the guardrails' SQL parser depends on away from
 /// its pinned value ("name=value"), or None.
-fn dialect_change(body: &[u8]) -> Option<String> {
-    let (name, value) = backend::parse_parameter_status(body).ok()?;
+fn dialect_change(name: &str, value: &str) -> Option<String> {
     let pinned = match name.to_ascii_lowercase().as_str() {
         "standard_conforming_strings" => value.eq_ignore_ascii_case("on"),
         "client_encoding" => matches!(

@@ -895,11 +895,10 @@ impl SessionPolicy {
         Ok(seq)
     }
 
-    /// A Sync: the pipeline segment ends. Returns the segment it closed (see
-    /// [`idle`](Self::idle)).
-    pub fn sync(&mut self) -> u64 {
+    /// A Sync: the pipeline segment ends. Segments are numbered from 0 by the Syncs before
+    /// them, as the adapter numbers them for [`idle`](Self::idle).
+    pub fn sync(&mut self) {
         self.segment += 1;
-        self.segment - 1
     }
 
     /// The server reported it is outside a transaction after the Sync that closed `segment`:
