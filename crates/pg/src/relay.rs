@@ -1786,6 +1786,13 @@ fn inspect_client(
 ) -> Result<bool, Stop> {
     let malformed = |what: &str| Stop::Protocol(format!("malformed {what} message"));
     let track = ctx.track;
+    if (track || policy.is_some()) && !frontend::names_are_utf8(tag, body) {
+        // Prepared statements and portals are followed by name: two names that differ only in
+        // bytes that are not UTF-8 must not read as one.
+        return Err(Stop::Protocol(
+            "statement and portal names must be valid UTF-8 through the gateway".into(),
+        ));
+    }
     let filtering = shapes.is_some();
     let (max_statements, max_portals) = ctx.limits;
     match tag {

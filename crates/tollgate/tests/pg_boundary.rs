@@ -621,3 +621,17 @@ async fn copy_from_stdin_after_a_settings_changing_command_does_not_stall() {
     );
     exchange(&mut s, &[query("SELECT 1")], None).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_names_that_are_not_utf8_end_the_session() {
+    // The gateway follows statements by name; two names differing only in invalid bytes would
+    // read as one (on a SQL_ASCII database the server keeps them apart). Refused outright.
+    let env = start(DENY_DROP).await;
+    let mut s = session(&env).await;
+    let mut body = b"\xff\0DROP TABLE victim\0".to_vec();
+    body.extend_from_slice(&0i16.to_be_bytes());
+    let msgs = exchange(&mut s, &[message(b'P', &body), sync()], Some("08P01")).await;
+    assert_eq!(error_field(&msgs, b'S').as_deref(), Some("FATAL"));
+    assert!(error_field(&msgs, b'M').unwrap().contains("UTF-8"));
+    assert!(victim_exists(&env));
+}

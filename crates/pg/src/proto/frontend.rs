@@ -36,6 +36,25 @@ fn string(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Whether the statement and portal names a Parse, Bind, Execute, Close or Describe carries
+/// are valid UTF-8. The parsers here decode names lossily, so two different invalid names
+/// would read as one: whoever keys state by name must refuse such names first.
+pub fn names_are_utf8(tag: u8, body: &[u8]) -> bool {
+    let mut r = Reader::new(body);
+    let names = match tag {
+        b'P' | b'E' => 1,
+        b'B' => 2,
+        b'C' | b'D' => {
+            if r.u8().is_err() {
+                return true;
+            }
+            1
+        }
+        _ => 0,
+    };
+    (0..names).all(|_| r.cstr().map_or(true, |n| std::str::from_utf8(n).is_ok()))
+}
+
 /// Query: the SQL text.
 pub fn parse_query(body: &[u8]) -> Result<String, Malformed> {
     Ok(string(Reader::new(body).cstr()?))
@@ -195,6 +214,19 @@ pub fn parse_password(body: &[u8]) -> Result<String, Malformed> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn names_that_are_not_utf8_are_found() {
+        assert!(names_are_utf8(b'P', b"s1\0SELECT 1\0\0\0"));
+        assert!(!names_are_utf8(b'P', b"\xff\0SELECT 1\0\0\0"));
+        assert!(!names_are_utf8(b'B', b"p\0\xfe\0\0\0\0\0\0\0"));
+        assert!(!names_are_utf8(b'E', b"\xc3\0\0\0\0\0"));
+        assert!(!names_are_utf8(b'C', b"S\xff\0"));
+        assert!(names_are_utf8(b'D', b"P\xc3\xa9\0"));
+        // Other messages carry no names; truncated ones are left to the parsers.
+        assert!(names_are_utf8(b'Q', b"SELECT '\xff'\0"));
+        assert!(names_are_utf8(b'P', b"\xff"));
+    }
 
     #[test]
     fn bind_params() {
