@@ -106,6 +106,38 @@ impl JsonPath {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// Whether the path selects the value at `path` (the keys and indices from the root), as
+    /// a streaming reader sees it; `..key` matches that key at any depth.
+    pub fn matches(&self, path: &[PathSeg<'_>]) -> bool {
+        steps_match(&self.steps, path)
+    }
+}
+
+/// One step from the root to a value: an object member or an array element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathSeg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+fn steps_match(steps: &[Step], path: &[PathSeg<'_>]) -> bool {
+    let Some((step, rest)) = steps.split_first() else {
+        return path.is_empty();
+    };
+    match step {
+        Step::Key(k) => {
+            matches!(path.first(), Some(PathSeg::Key(p)) if p == k) && steps_match(rest, &path[1..])
+        }
+        Step::Index(n) => {
+            matches!(path.first(), Some(PathSeg::Index(i)) if i == n)
+                && steps_match(rest, &path[1..])
+        }
+        Step::Any => !path.is_empty() && steps_match(rest, &path[1..]),
+        Step::Descend(k) => (0..path.len()).any(|i| {
+            matches!(path[i], PathSeg::Key(p) if p == k) && steps_match(rest, &path[i + 1..])
+        }),
+    }
 }
 
 impl fmt::Debug for JsonPath {
@@ -273,6 +305,24 @@ mod tests {
         // Null strategy: JSON null.
         let got = run(doc, &["$.profile"], Strategy::Null).unwrap();
         assert!(got.contains("\"profile\":null"), "{got}");
+    }
+
+    #[test]
+    fn matches_follows_the_streaming_path() {
+        use PathSeg::{Index as I, Key as K};
+        let p = |s: &str| JsonPath::parse(s).unwrap();
+        assert!(p("$.a.b").matches(&[K("a"), K("b")]));
+        assert!(!p("$.a.b").matches(&[K("a")]));
+        assert!(!p("$.a.b").matches(&[K("a"), K("b"), K("c")]));
+        assert!(p("$.cards[*].number").matches(&[K("cards"), I(3), K("number")]));
+        assert!(!p("$.cards[*].number").matches(&[K("cards"), K("x"), K("nope")]));
+        assert!(p("$.a.*").matches(&[K("a"), K("z")]));
+        assert!(p("$[1]").matches(&[I(1)]) && !p("$[1]").matches(&[I(2)]));
+        assert!(p("$..ssn").matches(&[K("ssn")]));
+        assert!(p("$..ssn").matches(&[K("x"), I(0), K("ssn")]));
+        assert!(!p("$..ssn").matches(&[K("ssn"), K("x")]));
+        assert!(p("$..a.b").matches(&[K("a"), K("a"), K("b")]));
+        assert!(p("$['weird key']").matches(&[K("weird key")]));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! fire on noise), the masking rules ([`MaskSpec`] → [`Policy`], with column globs, types,
 //! detectors and per-group exemptions), the strategies ([`Strategy`]: redact, partial, keyed
 //! hash, null) and the rewriting of values: a PostgreSQL DataRow body, COPY TO data (text, CSV,
-//! binary) and free text ([`mask_text`]) such as error details and notification payloads.
+//! binary), free text ([`mask_text`]) such as error details and notification payloads, and
+//! HTTP bodies as they stream ([`BodyMasker`]: JSON with paths and detectors, or text).
 //!
 //! It must not do I/O, hold protocol or session state, or decide access: a protocol adapter
 //! describes the columns ([`ColumnInfo`]), asks the policy for a [`RowPlan`] once per result
@@ -13,6 +14,7 @@
 //! [`Reason`]s for the audit record name the rule or detector, not the data, and the
 //! [`MaskKey`] behind `hash` is never printed.
 
+mod body;
 mod detect;
 mod glob;
 mod json_path;
@@ -22,9 +24,13 @@ mod row;
 mod strategy;
 mod value;
 
+pub use body::{
+    BodyError, BodyKind, BodyMasker, BodyPlan, BodySummary, MAX_DEPTH, MAX_KEY, MAX_SCALAR,
+    TEXT_LINE_HOLD, TEXT_MAX_HOLD, TEXT_TAIL,
+};
 pub use detect::{find, matches, Detector, DetectorSet, Match, Matches, UnknownDetector};
 pub use glob::Glob;
-pub use json_path::{BadJsonPath, JsonPath};
+pub use json_path::{BadJsonPath, JsonPath, PathSeg};
 pub use policy::{
     ColumnInfo, Format, MaskSpec, Outcome, Policy, PolicyError, Reason, RowPlan, Rule, TYPE_NAMES,
 };

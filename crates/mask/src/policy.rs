@@ -232,6 +232,10 @@ impl Policy {
         self.rules.is_empty()
     }
 
+    pub(crate) fn key(&self) -> Option<&Arc<MaskKey>> {
+        self.key.as_ref()
+    }
+
     /// The plan for one result shape (one RowDescription) as seen by a viewer in `groups`.
     pub fn plan(&self, columns: &[ColumnInfo], groups: &[String]) -> RowPlan {
         let applicable: Vec<(usize, &Rule)> = self
