@@ -51,6 +51,8 @@ struct PlanInner {
     strategies: [Strategy; 11],
     /// Path, strategy, rule index (configuration order: the first match wins).
     paths: Vec<(JsonPath, Strategy, usize)>,
+    /// `path_depths[n]`: some path can select a value `n` levels deep.
+    path_depths: Vec<bool>,
     key: Option<Arc<MaskKey>>,
 }
 
@@ -62,17 +64,20 @@ impl Policy {
             detectors: DetectorSet::EMPTY,
             strategies: [Strategy::Redact; 11],
             paths: Vec::new(),
+            path_depths: vec![false; MAX_DEPTH + 1],
             key: self.key().cloned(),
         };
         for (idx, rule) in self.rules().iter().enumerate() {
             if !rule.applies_to(groups) {
                 continue;
             }
-            inner.paths.extend(
-                rule.json_paths
-                    .iter()
-                    .map(|p| (p.clone(), rule.strategy, idx)),
-            );
+            for path in &rule.json_paths {
+                inner.paths.push((path.clone(), rule.strategy, idx));
+                let (min, fixed) = path.depth();
+                for (n, d) in inner.path_depths.iter_mut().enumerate() {
+                    *d |= n == min || (!fixed && n > min);
+                }
+            }
             for d in rule.detectors.iter() {
                 if !inner.detectors.contains(d) {
                     inner.detectors.insert(d);
@@ -91,6 +96,7 @@ impl BodyPlan {
             detectors: DetectorSet::EMPTY,
             strategies: [Strategy::Redact; 11],
             paths: Vec::new(),
+            path_depths: Vec::new(),
             key: None,
         }))
     }
@@ -109,6 +115,30 @@ pub enum BodyKind {
     /// JSON when the first non-whitespace byte (after an optional UTF-8 BOM) is `{`, `[` or
     /// `"`; text otherwise.
     Sniff,
+}
+
+impl BodyKind {
+    /// The kind for a `Content-Type` header value: JSON for `application/json` and any
+    /// `+json` type, [`BodyKind::Sniff`] when there is none, text otherwise (detectors work on
+    /// bytes, so any other type is scanned as it is; decoding `Content-Encoding` is the
+    /// caller's). NDJSON is text: its detectors apply, its paths do not.
+    pub fn for_content_type(content_type: Option<&str>) -> BodyKind {
+        let Some(ct) = content_type else {
+            return BodyKind::Sniff;
+        };
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        let Some((_, subtype)) = essence.split_once('/') else {
+            return BodyKind::Sniff;
+        };
+        let json = subtype.eq_ignore_ascii_case("json")
+            || subtype.len() > 5
+                && subtype.as_bytes()[subtype.len() - 5..].eq_ignore_ascii_case(b"+json");
+        if json {
+            BodyKind::Json
+        } else {
+            BodyKind::Text
+        }
+    }
 }
 
 /// What masking one body did, for the audit event: counts and causes, never values.
@@ -391,6 +421,16 @@ struct Frame {
     seg: Seg,
     /// Set when this object or array is (inside) a selected value.
     selected: Option<Selected>,
+}
+
+impl Frame {
+    fn path_seg(&self) -> PathSeg<'_> {
+        match &self.seg {
+            Seg::Key(k) => PathSeg::Key(k),
+            Seg::Index(n) => PathSeg::Index(*n),
+            Seg::Unnamed => PathSeg::Key(""),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -745,18 +785,26 @@ impl JsonMasker {
         if plan.paths.is_empty() {
             return None;
         }
-        let path: Vec<PathSeg<'_>> = self
-            .frames
-            .iter()
-            .map(|f| match &f.seg {
-                Seg::Key(k) => PathSeg::Key(k),
-                Seg::Index(n) => PathSeg::Index(*n),
-                Seg::Unnamed => PathSeg::Key(""),
-            })
-            .collect();
+        let depth = self.frames.len();
+        if !plan.path_depths.get(depth).is_some_and(|&d| d) {
+            return None;
+        }
+        let seg = Frame::path_seg;
+        // On the stack for the usual depths: this runs for every value.
+        let mut short = [PathSeg::Index(0); 16];
+        let long: Vec<PathSeg<'_>>;
+        let path: &[PathSeg<'_>] = if depth <= short.len() {
+            for (slot, f) in short.iter_mut().zip(&self.frames) {
+                *slot = seg(f);
+            }
+            &short[..depth]
+        } else {
+            long = self.frames.iter().map(seg).collect();
+            &long
+        };
         plan.paths
             .iter()
-            .find(|(p, _, _)| p.matches(&path))
+            .find(|(p, _, _)| p.matches(path))
             .map(|&(_, strategy, rule)| Selected {
                 strategy,
                 rule,
@@ -880,9 +928,14 @@ impl JsonMasker {
     ) {
         if key {
             if hold {
-                decode(&self.scalar, &mut self.decoded);
                 self.put(out, &self.scalar);
-                let name = String::from_utf8_lossy(&self.decoded);
+                let raw: &[u8] = if self.scalar.contains(&b'\\') {
+                    decode(&self.scalar, &mut self.decoded);
+                    &self.decoded
+                } else {
+                    &self.scalar
+                };
+                let name = String::from_utf8_lossy(raw);
                 let top = self.frames.last_mut().expect("key inside an object");
                 match &mut top.seg {
                     Seg::Key(k) => {

@@ -107,6 +107,13 @@ impl JsonPath {
         &self.text
     }
 
+    /// How deep the values it selects are: (least depth, whether that is the only one). A
+    /// `..key` step can match deeper.
+    pub(crate) fn depth(&self) -> (usize, bool) {
+        let fixed = !self.steps.iter().any(|s| matches!(s, Step::Descend(_)));
+        (self.steps.len(), fixed)
+    }
+
     /// Whether the path selects the value at `path` (the keys and indices from the root), as
     /// a streaming reader sees it; `..key` matches that key at any depth.
     pub fn matches(&self, path: &[PathSeg<'_>]) -> bool {

@@ -149,6 +149,12 @@ fn escapes_are_decoded_before_detection_and_written_back_escaped() {
         r#"["say \"hi\" \\ caf\u00e9 \ud83d\ude00 \t to x@example.org"]"#,
     );
     assert_eq!(out, "[\"say \\\"hi\\\" \\\\ café 😀 \\t to ****\"]");
+    // Keys are decoded before paths compare them, and written back as they came.
+    let p2 = plan(&[spec(&["$.email"], &[], "redact")]);
+    assert_eq!(
+        json_out(&p2, r#"{"e\u006dail":"x","email2":"y"}"#),
+        r#"{"e\u006dail":"****","email2":"y"}"#
+    );
     // Clean strings keep their escapes byte for byte.
     let clean = r#"["caf\u00e9 \"q\" \/ \ud83d\ude00 \ud800"]"#;
     assert_eq!(run(&p, BodyKind::Json, clean).unwrap().0, clean);
@@ -354,6 +360,45 @@ fn text_holds_a_bounded_tail() {
     }
     m.finish(&mut out).unwrap();
     assert_eq!(out.len(), 40 * (64 << 10));
+}
+
+#[test]
+fn long_lines_are_cut_only_where_no_match_is() {
+    let set = DetectorSet::EMPTY
+        .with(Detector::Email)
+        .with(Detector::CreditCard)
+        .with(Detector::Phone)
+        .with(Detector::Iban);
+    let p = plan(&[spec(
+        &[],
+        &["email", "credit_card", "phone", "iban"],
+        "redact",
+    )]);
+    // No newline for 300 KiB; matches with spaces inside sit everywhere.
+    let unit = "pay 4111 1111 1111 1111 or call +1 415 555 0100, IBAN GB82 WEST 1234 5698 7654 32, mail a.b@example.com; ";
+    let body = unit.repeat((300 << 10) / unit.len());
+    let expected = crate::mask_text(set, Strategy::Redact, None, body.as_bytes());
+    for size in [1000, 4093, 8192, 65537] {
+        let (out, s) = run_chunked(&p, BodyKind::Text, body.as_bytes(), &[size]).unwrap();
+        assert!(out == *expected, "chunks of {size}");
+        assert_eq!(s.masked_values, 4 * (body.len() / unit.len()) as u64);
+    }
+}
+
+#[test]
+fn kinds_from_content_type() {
+    for (ct, kind) in [
+        (Some("application/json"), BodyKind::Json),
+        (Some("application/JSON; charset=utf-8"), BodyKind::Json),
+        (Some("application/problem+json"), BodyKind::Json),
+        (Some("text/html; charset=utf-8"), BodyKind::Text),
+        (Some("application/x-ndjson"), BodyKind::Text),
+        (Some("application/octet-stream"), BodyKind::Text),
+        (Some("garbage"), BodyKind::Sniff),
+        (None, BodyKind::Sniff),
+    ] {
+        assert_eq!(BodyKind::for_content_type(ct), kind, "{ct:?}");
+    }
 }
 
 #[test]
