@@ -1,5 +1,6 @@
 //! tollgate's HTTPS API on `server.https_listen`: its routes, who is calling (a verified client
 //! certificate or a service token), and role checks (`roles.auditor_groups` / `admin_groups`).
+//! Requests under `/r/<name>/` go to the HTTP resource adapter (`tollgate-http`).
 //! Also a small blocking HTTPS client for it ([`client`]), used by the `tollgate` CLI.
 //!
 //! It must not speak PostgreSQL, and it writes no audit data except its own access events
@@ -11,8 +12,9 @@
 //! `/api/v1/audit/verify`. Shapes are in [`view`].
 //!
 //! Review (approval) routes, GET and POST, are in `review_routes`: `/api/v1/reviews`,
-//! `/api/v1/reviews/{id}`, `/api/v1/reviews/{id}/approve`, `/api/v1/reviews/{id}/deny` and
-//! `/api/v1/access`; the workflow itself is `tollgate-review`.
+//! `/api/v1/reviews/{id}`, `/api/v1/reviews/{id}/approve`, `/api/v1/reviews/{id}/deny`,
+//! `/api/v1/reviews/{id}/revoke`, `/api/v1/access`, `/api/v1/grants` and
+//! `/api/v1/grants/{id}/revoke`; the workflow itself is `tollgate-review`.
 
 pub mod client;
 pub mod params;
@@ -53,6 +55,8 @@ pub struct ApiState {
     /// Unauthenticated requests are tallied here (aggregate `connection.refused` events)
     /// instead of recorded one event each; `None` records them one by one.
     pub refusals: Option<Arc<tollgate_store::refused::Refusals>>,
+    /// HTTP resources, served under `/r/<name>/` (`None`: the config has none).
+    pub http: Option<Arc<tollgate_http::HttpGateway>>,
 }
 
 impl ApiState {
@@ -77,6 +81,7 @@ impl ApiState {
                 id.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ),
             refusals: None,
+            http: None,
         }
     }
 
@@ -124,6 +129,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.config());
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -136,24 +142,36 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                     return;
                 }
             };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|der| tollgate_identity::from_certificate(der));
-            let conn = Arc::new(Conn { peer, cert });
+            // HTTP resources under /r/<name>/ share the connection with the API.
+            let ctx = Arc::new(tollgate_http::ConnCtx::new(
+                peer,
+                tls.get_ref().1,
+                tollgate_http::Mount::Prefixed,
+            ));
+            let conn = Arc::new(Conn {
+                peer,
+                cert: ctx.cert.clone(),
+            });
+            let conn_id = ctx.id;
+            let svc_state = state.clone();
             let svc = hyper::service::service_fn(move |req| {
-                let (state, conn) = (state.clone(), conn.clone());
+                let (state, conn, ctx) = (svc_state.clone(), conn.clone(), ctx.clone());
                 async move {
-                    Ok::<_, std::convert::Infallible>(routes::handle(&state, &conn, req).await)
+                    let response = match &state.http {
+                        Some(gw) if req.uri().path().starts_with("/r/") => {
+                            tollgate_http::handle(gw, &ctx, req).await
+                        }
+                        _ => routes::handle(&state, &conn, req).await,
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+            let _ = tollgate_http::builder()
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                 .await;
+            if let Some(gw) = &state.http {
+                gw.connection_closed(conn_id);
+            }
         });
     }
 }

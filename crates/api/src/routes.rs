@@ -158,43 +158,18 @@ pub(crate) fn authenticate(
     req: &Request<impl Body>,
 ) -> Result<Identity, Refusal> {
     const HINT: &str = "present a client certificate issued by the gateway's CA (tollgate: --cert/--key or TOLLGATE_CERT/TOLLGATE_KEY) or a service token as \"Authorization: Bearer <token>\" (tollgate: --token or TOLLGATE_TOKEN)";
-    if let Some(value) = req.headers().get(AUTHORIZATION) {
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                refusal(
-                    StatusCode::UNAUTHORIZED,
-                    "the Authorization header is not \"Bearer <token>\"",
-                    Some(HINT),
-                )
-            })?;
-        return state.tokens.load().verify(token).ok_or_else(|| {
-            refusal(
-                StatusCode::UNAUTHORIZED,
-                "the token is not valid",
-                Some("check the token (only the SHA-256 of each token is in [[identity.tokens]]), or use a client certificate"),
-            )
-        });
-    }
-    match &conn.cert {
-        Some(Ok(identity)) => Ok(identity.clone()),
-        Some(Err(e)) => Err(refusal(
-            StatusCode::UNAUTHORIZED,
-            format!("the client certificate cannot identify you: {e}"),
-            Some(HINT),
-        )),
-        None => Err(refusal(
-            StatusCode::UNAUTHORIZED,
-            "authentication required",
-            Some(HINT),
-        )),
-    }
+    tollgate_gate::identify(
+        conn.cert.as_ref(),
+        req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()),
+        &state.tokens.load(),
+    )
+    .map_err(|e| {
+        let hint = match e {
+            tollgate_gate::AuthError::InvalidToken => "check the token (only the SHA-256 of each token is in [[identity.tokens]]), or use a client certificate",
+            _ => HINT,
+        };
+        refusal(StatusCode::UNAUTHORIZED, e.to_string(), Some(hint))
+    })
 }
 
 /// Reading sessions, events, exports and chain checks is for auditors and admins.

@@ -45,6 +45,9 @@ pub struct Config {
 pub struct Server {
     pub postgres_listen: Option<SocketAddr>,
     pub https_listen: Option<SocketAddr>,
+    /// HTTP resources on their own listener, chosen by host name (`<resource>.<anything>`);
+    /// without it they are served on `https_listen` under `/r/<name>/`.
+    pub http_listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -240,6 +243,8 @@ pub struct Resource {
     pub connect_timeout: Duration,
     pub tls: UpstreamTls,
     pub credentials: Option<Credentials>,
+    /// HTTP resources: the upstream's scheme, base path and injected header.
+    pub http: Option<HttpUpstream>,
     /// Where review requests for this resource are POSTed (instead of `server.review_webhook`).
     pub review_webhook: Option<String>,
     /// Groups that may approve just-in-time access requests (default: `roles.admin_groups`).
@@ -313,6 +318,38 @@ pub struct Credentials {
     pub password: SecretSource,
 }
 
+/// What an HTTP resource's `upstream = "https://host:port/base"` and its HTTP-only keys say.
+#[derive(Debug, Clone)]
+pub struct HttpUpstream {
+    /// `false` only for an `http://` upstream (`tls.mode = "disable"`, which `check` fails).
+    pub tls: bool,
+    /// Path prefix every forwarded path is appended to (`""` or `/base`, no trailing `/`).
+    pub base_path: String,
+    /// `[resources.credentials] header` and its value: set on every forwarded request (the
+    /// client's own copy of that header, and its `Authorization`, are never forwarded).
+    pub inject: Option<(String, SecretSource)>,
+    /// What happens to a response body masks cannot be applied to (binary, unknown encoding).
+    pub unmaskable: Unmaskable,
+    /// Header the caller's identity is passed upstream in (a short-lived JWT signed by the
+    /// gateway); client-supplied copies are always stripped.
+    pub identity_header: Option<String>,
+    /// Largest request body the gateway reads (it holds a body to digest it for reviews).
+    pub max_request_body: usize,
+}
+
+/// `resources.unmaskable`: a response body masks apply to but cannot be masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmaskable {
+    /// Refuse it (502 with a JSON error): the default when masks apply.
+    Refuse,
+    /// Pass it unmasked (recorded as such).
+    Pass,
+}
+
+/// Default `resources.max_request_body` of HTTP resources.
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 16 * 1024 * 1024;
+
 /// Where an injected secret is read from; the value itself never lives in config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
@@ -354,6 +391,14 @@ pub struct Rule {
     pub identities: Vec<String>,
     /// A called function matches one of these globs.
     pub functions: Vec<String>,
+    /// HTTP: the request method (upper case) is one of these.
+    pub methods: Vec<String>,
+    /// HTTP: the normalised request path matches one of these globs (`*` one segment, `**` any).
+    pub paths: Vec<String>,
+    /// HTTP: each named query parameter is present with a value matching the glob.
+    pub query: Vec<(String, String)>,
+    /// HTTP: each named header (case-insensitive) is present with a value matching the glob.
+    pub headers: Vec<(String, String)>,
     /// `true`: matches only statements holding an UPDATE or DELETE without WHERE.
     pub where_missing: bool,
     /// Matches only inside this daily window (UTC).
@@ -504,6 +549,14 @@ struct RawRule {
     #[serde(default)]
     functions: Vec<String>,
     #[serde(default)]
+    methods: Vec<Spanned<String>>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    query: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
     where_missing: bool,
     hours: Option<Spanned<String>>,
     #[serde(default)]
@@ -520,7 +573,11 @@ struct RawRule {
 
 impl Ctx<'_> {
     /// Validate a resource's rules: known statement kinds, time windows, approval counts.
-    fn rules(&self, raw: Vec<Spanned<RawRule>>) -> Result<Vec<Rule>, ConfigError> {
+    fn rules(
+        &self,
+        raw: Vec<Spanned<RawRule>>,
+        kind: ResourceKind,
+    ) -> Result<Vec<Rule>, ConfigError> {
         let mut names = HashSet::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, spanned) in raw.into_iter().enumerate() {
@@ -544,6 +601,40 @@ impl Ctx<'_> {
                     &key("name"),
                     format!("duplicate rule name {name:?} in this resource"),
                 ));
+            }
+            let http = kind == ResourceKind::Http;
+            let sql_only = !r.statements.is_empty()
+                || !r.tables.is_empty()
+                || !r.functions.is_empty()
+                || r.where_missing;
+            let http_only = !r.methods.is_empty()
+                || !r.paths.is_empty()
+                || !r.query.is_empty()
+                || !r.headers.is_empty();
+            if http && sql_only {
+                return Err(self.invalid(at, &key("statements"), "statements, tables, functions and where_missing match SQL; an http resource's rules match methods, paths, query and headers"));
+            }
+            if !http && http_only {
+                return Err(self.invalid(at, &key("methods"), format!("methods, paths, query and headers match HTTP requests; a {kind} resource's rules match statements, tables and functions")));
+            }
+            let mut methods = Vec::with_capacity(r.methods.len());
+            for m in r.methods {
+                let upper = m.get_ref().trim().to_ascii_uppercase();
+                if upper.is_empty()
+                    || !upper
+                        .bytes()
+                        .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'*')
+                {
+                    return Err(self.invalid(m.span().start, &key("methods"), format!("{:?} is not an HTTP method (e.g. \"GET\", \"DELETE\", or \"*\" for any)", m.get_ref())));
+                }
+                methods.push(upper);
+            }
+            let mut paths = Vec::with_capacity(r.paths.len());
+            for p in r.paths {
+                if !p.get_ref().starts_with('/') {
+                    return Err(self.invalid(p.span().start, &key("paths"), format!("{:?} must start with '/' (globs: `*` one path segment, `**` any number of segments)", p.get_ref())));
+                }
+                paths.push(p.into_inner());
             }
             let mut statements = Vec::with_capacity(r.statements.len());
             for s in r.statements {
@@ -614,6 +705,14 @@ impl Ctx<'_> {
                 groups: r.groups,
                 identities: r.identities,
                 functions: r.functions,
+                methods,
+                paths,
+                query: r.query.into_iter().collect(),
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                    .collect(),
                 where_missing: r.where_missing,
                 hours,
                 days,
@@ -680,6 +779,7 @@ struct RawConfig {
 struct RawServer {
     postgres_listen: Option<Spanned<String>>,
     https_listen: Option<Spanned<String>>,
+    http_listen: Option<Spanned<String>>,
     admin_listen: Option<Spanned<String>>,
     tls_cert: String,
     tls_key: String,
@@ -776,6 +876,9 @@ struct RawResource {
     masks: Vec<Mask>,
     capture_results: Option<bool>,
     capture_bytes: Option<Spanned<i64>>,
+    unmaskable: Option<Unmaskable>,
+    identity_header: Option<String>,
+    max_request_body: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -791,9 +894,13 @@ struct RawUpstreamTls {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCredentials {
-    user: String,
+    user: Option<String>,
     password_env: Option<String>,
     password_file: Option<String>,
+    /// HTTP: the header injected upstream, and its value.
+    header: Option<String>,
+    value_env: Option<String>,
+    value_file: Option<String>,
 }
 
 /// Default largest protocol message (PostgreSQL's own limit for most messages is 1 GB; 64 MiB
@@ -1023,6 +1130,7 @@ impl Ctx<'_> {
         let server = Server {
             postgres_listen: self.addr("server.postgres_listen", s.postgres_listen)?,
             https_listen: self.addr("server.https_listen", s.https_listen)?,
+            http_listen: self.addr("server.http_listen", s.http_listen)?,
             admin_listen: self.addr("server.admin_listen", s.admin_listen)?,
             tls_cert: self.resolve(&s.tls_cert),
             tls_key: self.resolve(&s.tls_key),
@@ -1194,7 +1302,27 @@ impl Ctx<'_> {
                 ));
             }
             let up_at = r.upstream.span().start;
-            let upstream = r.upstream.into_inner();
+            let mut upstream = r.upstream.into_inner();
+            let mut http_url = None;
+            if r.kind == ResourceKind::Http {
+                let (tls, host_port, base) = split_http_url(&upstream).ok_or_else(|| {
+                    self.invalid(up_at, "resources.upstream", format!("{upstream:?} must be an https:// URL, e.g. \"https://billing.internal\" or \"https://api.internal:8443/v2\""))
+                })?;
+                if !tls && r.tls.mode != Some(TlsMode::Disable) {
+                    return Err(self.invalid(up_at, "resources.upstream", format!("resource {name:?}: {upstream:?} is plaintext HTTP; use https://, or set [resources.tls] mode = \"disable\" to accept an unencrypted upstream (`tollgate check` fails it)")));
+                }
+                if tls && r.tls.mode == Some(TlsMode::Disable) {
+                    return Err(self.invalid(
+                        up_at,
+                        "resources.tls.mode",
+                        format!(
+                            "resource {name:?}: mode \"disable\" contradicts the https:// upstream"
+                        ),
+                    ));
+                }
+                http_url = Some((tls, base));
+                upstream = host_port;
+            }
             let (host, port) = split_host_port(&upstream).ok_or_else(|| {
                 self.invalid(
                     up_at,
@@ -1210,9 +1338,31 @@ impl Ctx<'_> {
             if r.tls.cert.is_some() != r.tls.key.is_some() {
                 return Err(self.invalid(up_at, "resources.tls", format!("resource {name:?}: set both `cert` and `key` for an upstream client certificate, or neither")));
             }
+            let mut inject = None;
             let credentials = match r.credentials {
                 None => None,
+                Some(c) if r.kind == ResourceKind::Http => {
+                    if c.user.is_some() || c.password_env.is_some() || c.password_file.is_some() {
+                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: an http resource injects a header: set `header` and `value_env` or `value_file` (user and password are for databases)")));
+                    }
+                    let header = c.header.filter(|h| is_header_name(h)).ok_or_else(|| {
+                        self.invalid(up_at, "resources.credentials.header", format!("resource {name:?}: `header` must name the header to inject, e.g. \"Authorization\""))
+                    })?;
+                    let value = match (c.value_env, c.value_file) {
+                        (Some(v), None) => SecretSource::Env(v),
+                        (None, Some(p)) => SecretSource::File(self.resolve(&p)),
+                        _ => return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: set one of value_env or value_file for the injected header"))),
+                    };
+                    inject = Some((header.to_ascii_lowercase(), value));
+                    None
+                }
                 Some(c) => {
+                    if c.header.is_some() || c.value_env.is_some() || c.value_file.is_some() {
+                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: header, value_env and value_file are for http resources; a {} resource takes user and password_env or password_file", r.kind)));
+                    }
+                    let Some(user) = c.user else {
+                        return Err(self.invalid(up_at, "resources.credentials.user", format!("resource {name:?}: set `user`, the upstream user the gateway logs in as")));
+                    };
                     let password = match (c.password_env, c.password_file) {
                         (Some(_), Some(_)) => {
                             return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: set one of password_env or password_file, not both")))
@@ -1221,10 +1371,7 @@ impl Ctx<'_> {
                         (None, Some(p)) => SecretSource::File(self.resolve(&p)),
                         (None, None) => SecretSource::None,
                     };
-                    Some(Credentials {
-                        user: c.user,
-                        password,
-                    })
+                    Some(Credentials { user, password })
                 }
             };
             if r.kind == ResourceKind::Postgres && credentials.is_none() {
@@ -1259,6 +1406,34 @@ impl Ctx<'_> {
                 ));
             }
             let review_webhook = self.webhook_url("resources.review_webhook", r.review_webhook)?;
+            let http = match http_url {
+                None => {
+                    if r.unmaskable.is_some()
+                        || r.identity_header.is_some()
+                        || r.max_request_body.is_some()
+                    {
+                        return Err(self.invalid(up_at, "resources.unmaskable", format!("resource {name:?}: unmaskable, identity_header and max_request_body apply to http resources only")));
+                    }
+                    None
+                }
+                Some((tls, base_path)) => {
+                    if r.identity_header.is_some() {
+                        return Err(self.invalid(up_at, "resources.identity_header", format!("resource {name:?}: passing the caller's identity upstream as a signed token is not supported by this build yet; remove identity_header (client-supplied identity headers are never forwarded)")));
+                    }
+                    Some(HttpUpstream {
+                        tls,
+                        base_path,
+                        inject: inject.take(),
+                        unmaskable: r.unmaskable.unwrap_or(Unmaskable::Refuse),
+                        identity_header: r.identity_header.map(|h| h.to_ascii_lowercase()),
+                        max_request_body: self.count(
+                            "resources.max_request_body",
+                            r.max_request_body,
+                            DEFAULT_MAX_REQUEST_BODY,
+                        )?,
+                    })
+                }
+            };
             let access_approvers = r
                 .access_approvers
                 .unwrap_or_else(|| raw.roles.admin_groups.clone());
@@ -1284,11 +1459,12 @@ impl Ctx<'_> {
                 allow_groups: r.allow_groups,
                 connect_timeout,
                 credentials,
+                http,
                 review_webhook,
                 access_approvers,
                 unmask_approvers,
                 max_access,
-                rules: self.rules(r.rules)?,
+                rules: self.rules(r.rules, r.kind)?,
                 read_only: r.read_only,
                 unparsable: r.unparsable.unwrap_or(RuleAction::Deny),
                 review_timeout: self.duration(
@@ -1346,6 +1522,36 @@ fn resolve_store_url(url: &str, base: &Path) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// `https://host[:port][/base]` → (tls, `host:port`, base path without a trailing `/`).
+fn split_http_url(url: &str) -> Option<(bool, String, String)> {
+    let (tls, rest) = match url.split_once("://")? {
+        (s, rest) if s.eq_ignore_ascii_case("https") => (true, rest),
+        (s, rest) if s.eq_ignore_ascii_case("http") => (false, rest),
+        _ => return None,
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') || path.contains(['?', '#']) {
+        return None;
+    }
+    let host_port = if split_host_port(authority).is_some() {
+        authority.to_string()
+    } else {
+        format!("{authority}:{}", if tls { 443 } else { 80 })
+    };
+    split_host_port(&host_port)?;
+    Some((tls, host_port, path.trim_end_matches('/').to_string()))
+}
+
+/// An HTTP header name (RFC 9110 token).
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn split_host_port(s: &str) -> Option<(String, u16)> {

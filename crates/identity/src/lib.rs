@@ -138,7 +138,7 @@ impl Identity {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("client certificate could not be parsed")]
     BadCertificate,

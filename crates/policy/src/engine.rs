@@ -3,13 +3,12 @@
 use crate::cache::ClassifyCache;
 use crate::classify::{Classification, Kind, Statement};
 use crate::glob::{glob, name_matches};
-use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
-use tollgate_config::{OpaqueCode, Resource, Rule, RuleAction, Weekday};
+use tollgate_config::{OpaqueCode, Resource, Rule, RuleAction};
 
 /// Functions that write or act on the server even when called from a SELECT. Matched on the
 /// last part of the name, case-insensitively (see `resources.writing_functions` for more).
@@ -75,70 +74,7 @@ pub enum PolicyError {
     },
 }
 
-/// The caller of a command.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller<'a> {
-    pub subject: &'a str,
-    pub groups: &'a [String],
-}
-
-/// What happens to a command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "action", rename_all = "lowercase")]
-pub enum Decision {
-    /// Forward it; `rule` is the allow rule that matched (None: no rule matched).
-    Allow { rule: Option<String> },
-    /// Refuse it; `message` is for the client and names the rule.
-    Deny { rule: String, message: String },
-    /// Hold it until `min_approvals` people in `approvers` (or admins) approve, or `timeout`.
-    Review {
-        rule: String,
-        approvers: Vec<String>,
-        min_approvals: u32,
-        #[serde(rename = "timeout_ms", serialize_with = "millis")]
-        timeout: Duration,
-    },
-}
-
-fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis().try_into().unwrap_or(u64::MAX))
-}
-
-impl Decision {
-    fn severity(&self) -> u8 {
-        match self {
-            Decision::Allow { .. } => 0,
-            Decision::Review { .. } => 1,
-            Decision::Deny { .. } => 2,
-        }
-    }
-
-    /// The more restrictive of two decisions (deny > review > allow; the first on a tie).
-    pub fn stricter(self, other: Decision) -> Decision {
-        if other.severity() > self.severity() {
-            other
-        } else {
-            self
-        }
-    }
-
-    pub fn is_allow(&self) -> bool {
-        matches!(self, Decision::Allow { .. })
-    }
-
-    pub fn is_deny(&self) -> bool {
-        matches!(self, Decision::Deny { .. })
-    }
-
-    /// For the audit event.
-    pub fn summary(&self) -> serde_json::Value {
-        if let Decision::Allow { rule: None } = self {
-            // Nearly every command: built directly.
-            return serde_json::json!({"action": "allow", "rule": null});
-        }
-        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-    }
-}
+pub use tollgate_gate::rules::{Caller, Decision};
 
 /// The rules of one resource, compiled from its configuration. Cheap to clone and share
 /// across sessions; build a new one on config reload.
@@ -520,21 +456,7 @@ impl Inner {
         if !rule.identities.is_empty() && !rule.identities.iter().any(|p| glob(p, who.subject)) {
             return false;
         }
-        let now = now.to_offset(time::UtcOffset::UTC);
-        if let Some(h) = rule.hours {
-            let minute = u16::from(now.hour()) * 60 + u16::from(now.minute());
-            if !h.contains(minute) {
-                return false;
-            }
-        }
-        if !rule.days.is_empty()
-            && !rule.days.contains(&Weekday::from_monday0(
-                now.weekday().number_days_from_monday(),
-            ))
-        {
-            return false;
-        }
-        true
+        tollgate_gate::rules::in_window(rule.hours, &rule.days, now)
     }
 }
 

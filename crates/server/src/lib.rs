@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tollgate_config::{ClientCertPolicy, Config, ResourceKind};
 use tollgate_metrics::registry;
-use tollgate_pg::{PgGateway, UpstreamTarget};
+use tollgate_pg::PgGateway;
 use tollgate_store::{Recorder, RecorderOptions, Store};
 use tollgate_tls::{ClientAuth, ListenerTlsSpec, ReloadStatus, ReloadableServerTls};
 
@@ -29,14 +29,21 @@ pub struct Bound {
     pub postgres: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
 }
 
 /// Refuse configurations this build cannot enforce: a guardrail or mask that silently does
 /// nothing is worse than an error.
 pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     for r in &config.resources {
-        if r.kind != ResourceKind::Postgres {
-            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; only \"postgres\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+        if !matches!(r.kind, ResourceKind::Postgres | ResourceKind::Http) {
+            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\" and \"http\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+        }
+        if r.kind == ResourceKind::Http
+            && config.server.https_listen.is_none()
+            && config.server.http_listen.is_none()
+        {
+            bail!("{}:{}: resource {:?}: http resources are served on server.https_listen (under /r/{}/) or server.http_listen; set one of them", config.path.display(), r.line, r.name, r.name);
         }
     }
     if config.identity.oidc.is_some() {
@@ -44,7 +51,7 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     }
     if config.server.postgres_listen.is_none() {
         bail!(
-            "{}: server.postgres_listen is required: PostgreSQL resources are the only kind this build proxies",
+            "{}: server.postgres_listen is required (PostgreSQL clients connect there)",
             config.path.display()
         );
     }
@@ -122,38 +129,7 @@ pub async fn run(
         .context("loading the gateway's TLS material")?,
     );
 
-    let mask_key = tollgate_pg::load_mask_key(&config.server.mask_key)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", config.path.display()))?;
-    let mut targets = HashMap::new();
-    for r in config
-        .resources
-        .iter()
-        .filter(|r| r.kind == ResourceKind::Postgres)
-    {
-        let mut t = UpstreamTarget::new(r.clone())
-            .with_context(|| format!("resource {:?}: upstream TLS", r.name))?;
-        t.mask = tollgate_pg::masking_policy(r, mask_key.clone())
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}:{}: resource {:?}: {e}",
-                    config.path.display(),
-                    r.line,
-                    r.name
-                )
-            })?
-            .map(Arc::new);
-        t.audit_mask = tollgate_pg::audit_masking_policy(r, mask_key.clone())
-            .ok()
-            .flatten()
-            .map(Arc::new);
-        if !r.rules.is_empty() || r.read_only {
-            t.policy = Some(
-                tollgate_policy::ResourcePolicy::from_config(r)
-                    .map_err(|e| anyhow::anyhow!("{}:{}: {e}", config.path.display(), r.line))?,
-            );
-        }
-        targets.insert(r.name.clone(), Arc::new(t));
-    }
+    let targets = tollgate_pg::compile_targets(&config)?;
 
     let refusals = Arc::new(tollgate_store::refused::Refusals::new(
         "postgres",
@@ -166,7 +142,7 @@ pub async fn run(
     ));
     let gw = Arc::new(PgGateway {
         tls: pg_tls.clone(),
-        targets,
+        targets: arc_swap::ArcSwap::from_pointee(targets),
         tokens: arc_swap::ArcSwap::from_pointee(tollgate_pg::TokenSet::new(
             &config.identity.tokens,
         )),
@@ -222,6 +198,42 @@ pub async fn run(
         None => None,
     };
 
+    // HTTP resources: under /r/<name>/ on https_listen, and by host name on http_listen.
+    let http_gw = tollgate_http::HttpGateway::new(
+        &config,
+        reviews.clone(),
+        recorder.clone(),
+        tollgate_pg::load_mask_key(&config.server.mask_key).map_err(anyhow::Error::msg)?,
+    )?;
+    let mut http_tasks = Vec::new();
+    if let (Some(addr), Some(gw)) = (config.server.http_listen, &http_gw) {
+        let http_tls = Arc::new(
+            ReloadableServerTls::load(ListenerTlsSpec {
+                cert: config.server.tls_cert.clone(),
+                key: config.server.tls_key.clone(),
+                client_ca: config.server.client_ca.clone(),
+                client_auth: match config.server.client_ca {
+                    Some(_) => ClientAuth::Optional,
+                    None => ClientAuth::None,
+                },
+                alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                client_crls: config.server.client_crl.clone(),
+            })
+            .context("loading the TLS material of server.http_listen")?,
+        );
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding server.http_listen {addr}"))?;
+        bound.http = Some(l.local_addr()?);
+        http_tasks.push(tokio::spawn(tollgate_http::serve(l, http_tls.clone(), gw.clone())));
+        http_tasks.push(tokio::spawn(reload_loop(
+            http_tls,
+            config.server.reload_interval,
+            "http",
+            None,
+        )));
+    }
+
     // The HTTPS API: client certificates are optional there (a token is the alternative).
     let mut api_tasks = Vec::new();
     let mut api_state = None;
@@ -235,7 +247,7 @@ pub async fn run(
                     Some(_) => ClientAuth::Optional,
                     None => ClientAuth::None,
                 },
-                alpn: vec![b"http/1.1".to_vec()],
+                alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
                 client_crls: config.server.client_crl.clone(),
             })
             .context("loading the TLS material of server.https_listen")?,
@@ -262,6 +274,7 @@ pub async fn run(
                 .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
         ));
         state.refusals = Some(api_refusals);
+        state.http = http_gw.clone();
         let state = Arc::new(state);
         api_state = Some(state.clone());
         api_tasks.push(tokio::spawn(tollgate_api::serve(l, state)));
@@ -281,10 +294,11 @@ pub async fn run(
         Some(gw.clone()),
     ));
     let config_reload_task = tokio::spawn(config_reload_loop(
-        gw.clone(),
+        vec![("postgres", gw.clone() as Arc<dyn ConfigReload>)],
+        reviews.clone(),
         api_state,
-        config.path.clone(),
-        config.server.reload_interval,
+        recorder.clone(),
+        config.clone(),
     ));
 
     // The periodic live scan (tollgate scan) with this gateway's own connection registry.
@@ -346,7 +360,7 @@ pub async fn run(
     if let Some(t) = &scan_task {
         t.abort();
     }
-    for t in api_tasks.iter().chain(&audit_tasks) {
+    for t in api_tasks.iter().chain(&audit_tasks).chain(&http_tasks) {
         t.abort();
     }
     if let Some(t) = admin_task {
@@ -397,20 +411,118 @@ const REFUSED_SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 /// How often a session that depends on a grant re-reads it from the store.
 const GRANT_RECHECK_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Re-read the config file's `[[identity.tokens]]` on change or SIGHUP. The whole file must
-/// validate; then the token set is swapped at once and running sessions re-check theirs. A bad
-/// file is logged and the previous tokens stay in force.
+/// A protocol adapter whose per-resource policy follows the config file. `prepare` compiles
+/// the adapter's part of a new config completely and swaps nothing; the returned closure swaps
+/// it in and describes what changed (resource names, never values). The reload loop prepares
+/// every adapter before it applies any, so a config one adapter rejects changes none.
+pub trait ConfigReload: Send + Sync {
+    fn prepare<'a>(&'a self, config: &Config) -> Result<ApplyReload<'a>, String>;
+}
+
+/// Swaps a prepared config into one adapter; returns what changed there.
+pub type ApplyReload<'a> = Box<dyn FnOnce() -> serde_json::Value + Send + 'a>;
+
+impl ConfigReload for PgGateway {
+    fn prepare<'a>(&'a self, config: &Config) -> Result<ApplyReload<'a>, String> {
+        let prepared = self.prepare_reload(config).map_err(|e| e.to_string())?;
+        Ok(Box::new(move || prepared.apply().to_json()))
+    }
+}
+
+/// Event kind of a config reload attempt (in the review workflow's gateway-level audit session).
+pub const KIND_CONFIG_RELOAD: &str = "config.reload";
+
+/// Settings read only at start-up: a reload that changes them says a restart is needed.
+fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    [
+        ("server.postgres_listen", o.postgres_listen != n.postgres_listen),
+        ("server.https_listen", o.https_listen != n.https_listen),
+        ("server.admin_listen", o.admin_listen != n.admin_listen),
+        ("server.tls_cert", o.tls_cert != n.tls_cert),
+        ("server.tls_key", o.tls_key != n.tls_key),
+        ("server.client_ca", o.client_ca != n.client_ca),
+        ("server.store", o.store != n.store),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| name)
+    .collect()
+}
+
+/// Resources added, removed and changed between two configs, by name (any kind).
+fn resource_changes(old: &Config, new: &Config) -> serde_json::Value {
+    // Compared by their settings, not by where they sit in the file; never shown.
+    let settings = |c: &Config| -> HashMap<String, String> {
+        c.resources
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.line = 0;
+                (r.name.clone(), format!("{r:?}"))
+            })
+            .collect()
+    };
+    let (o, n) = (settings(old), settings(new));
+    let names = |f: &dyn Fn(&String) -> bool, from: &HashMap<String, String>| {
+        let mut v: Vec<&String> = from.keys().filter(|k| f(k)).collect();
+        v.sort();
+        serde_json::json!(v)
+    };
+    serde_json::json!({
+        "added": names(&|k| !o.contains_key(k), &n),
+        "removed": names(&|k| !n.contains_key(k), &o),
+        "changed": names(&|k| o.get(k).is_some_and(|v| *v != n[k]), &n),
+    })
+}
+
+/// A config error for the audit trail: its location and message, without the quoted source
+/// lines a TOML parse error carries (they could hold a value that must not be recorded).
+fn error_for_audit(msg: &str) -> String {
+    msg.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l.split_once('|').is_some_and(|(n, _)| {
+                    let n = n.trim();
+                    !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                })
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Re-read the config file on change or SIGHUP. The whole file must validate (parse, and every
+/// adapter compiles each resource's rules and masks as start-up does) before anything is
+/// swapped; then each adapter's resources (rules, masks, read-only, limits), the review settings
+/// and the service tokens are swapped at once. New connections use the new config; a running
+/// session keeps its resource's policy as it was when it opened (it re-checks its token).
+/// Listener addresses, TLS paths and the store are read at start-up only: changing them logs a
+/// warning that a restart is needed, and the rest still applies. A bad file is logged with its
+/// location and the previous config stays in force. Every attempt is a `config.reload` event
+/// with the file's SHA-256 and what changed, and counts in `tollgate_config_reloads_total`.
 async fn config_reload_loop(
-    gw: Arc<PgGateway>,
+    adapters: Vec<(&'static str, Arc<dyn ConfigReload>)>,
+    reviews: Arc<tollgate_review::Reviews>,
     api: Option<Arc<tollgate_api::ApiState>>,
-    path: std::path::PathBuf,
-    every: Duration,
+    recorder: Recorder,
+    mut running: Config,
 ) {
+    let path = running.path.clone();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(running.server.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_text = std::fs::read(&path).ok();
     let mut last_error: Option<String> = None;
+    let record = |payload: serde_json::Value| {
+        recorder.record(tollgate_store::EventInput {
+            session_id: reviews.audit_session().to_string(),
+            kind: KIND_CONFIG_RELOAD.into(),
+            at: SystemTime::now(),
+            payload,
+        })
+    };
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,
@@ -421,7 +533,9 @@ async fn config_reload_loop(
             Err(e) => {
                 let msg = format!("cannot read {}: {e}", path.display());
                 if forced || last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::error!(error = %msg, "config reload rejected; the previous tokens stay in force");
+                    tracing::error!(error = %msg, "config reload rejected; the previous config stays in force");
+                    record(serde_json::json!({"outcome": "failure", "path": path.display().to_string(), "forced": forced, "error": msg}));
+                    count_reload("failure");
                     last_error = Some(msg);
                 }
                 continue;
@@ -430,49 +544,80 @@ async fn config_reload_loop(
         if !forced && last_text.as_deref() == Some(text.as_slice()) {
             continue;
         }
-        let outcome = match tollgate_config::load(&path) {
-            Ok(c) => {
-                let tokens = tollgate_pg::TokenSet::new(&c.identity.tokens);
-                tracing::info!(
-                    tokens = tokens.len(),
-                    forced,
-                    "config reloaded: service tokens swapped"
-                );
-                gw.tokens.store(Arc::new(tokens));
-                if let Some(api) = &api {
-                    api.tokens
-                        .store(Arc::new(tollgate_identity::TokenVerifier::new(
-                            &c.identity.tokens,
-                        )));
-                }
-                gw.standing_changed();
-                last_text = Some(text);
-                last_error = None;
-                "success"
-            }
-            Err(e) => {
-                let msg = e.to_string();
+        let sha256 = hex_digest(&text);
+        let loaded = std::str::from_utf8(&text)
+            .map_err(|_| format!("{}: the file is not UTF-8", path.display()))
+            .and_then(|t| tollgate_config::parse(t, &path).map_err(|e| e.to_string()))
+            .and_then(|c| ensure_supported(&c).map(|()| c).map_err(|e| e.to_string()));
+        // Every adapter compiles its part before any swaps.
+        let prepared = loaded.and_then(|c| {
+            let applies = adapters
+                .iter()
+                .map(|(name, a)| a.prepare(&c).map(|apply| (*name, apply)))
+                .collect::<Result<Vec<_>, String>>()?;
+            Ok((c, applies))
+        });
+        let (c, applies) = match prepared {
+            Ok(p) => p,
+            Err(msg) => {
                 // A file caught mid-write is retried at the next poll before it is reported.
                 let repeated = last_error.as_deref() == Some(msg.as_str());
                 if !forced && !repeated {
                     last_error = Some(msg);
                     continue;
                 }
-                if forced || repeated {
-                    tracing::error!(error = %msg, "config reload rejected; the previous tokens stay in force");
-                }
+                tracing::error!(error = %msg, sha256 = %sha256, "config reload rejected; the previous config stays in force");
+                record(serde_json::json!({"outcome": "failure", "path": path.display().to_string(),
+                    "sha256": sha256, "forced": forced, "error": error_for_audit(&msg)}));
+                count_reload("failure");
                 last_text = Some(text);
-                "failure"
+                continue;
             }
         };
-        registry()
-            .counter(
-                "tollgate_config_reloads_total",
-                "Config file reloads (service tokens) by outcome.",
-                &[("outcome", outcome)],
-            )
-            .inc();
+        let mut adapters_changed = serde_json::Map::new();
+        for (name, apply) in applies {
+            adapters_changed.insert(name.to_string(), apply());
+        }
+        reviews.reload_resources(&c);
+        if let Some(api) = &api {
+            api.tokens
+                .store(Arc::new(tollgate_identity::TokenVerifier::new(
+                    &c.identity.tokens,
+                )));
+        }
+        let restart = restart_required(&running, &c);
+        if !restart.is_empty() {
+            tracing::warn!(settings = ?restart, "config reloaded, but these settings are read at start-up only: restart tollgate to apply them");
+        }
+        let resources = resource_changes(&running, &c);
+        tracing::info!(forced, sha256 = %sha256, resources = %resources, "config reloaded: new connections use the new resources, rules and masks; running sessions keep theirs");
+        record(serde_json::json!({"outcome": "success", "path": path.display().to_string(),
+            "sha256": sha256, "forced": forced, "resources": resources,
+            "adapters": adapters_changed, "restart_required": restart,
+            "tokens": c.identity.tokens.len()}));
+        count_reload("success");
+        running = c;
+        last_text = Some(text);
+        last_error = None;
     }
+}
+
+fn count_reload(outcome: &'static str) {
+    registry()
+        .counter(
+            "tollgate_config_reloads_total",
+            "Config file reloads by outcome.",
+            &[("outcome", outcome)],
+        )
+        .inc();
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Poll the certificate files and reload on change or SIGHUP. A bad file is logged and counted;

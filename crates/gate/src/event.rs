@@ -1,0 +1,145 @@
+//! Typed audit events, one struct per kind and one serializer ([`crate::SessionLog::input`]):
+//! the store, the API and the CLI read the same field names whatever protocol produced them.
+//!
+//! Kinds shared by every adapter: `session.open`, `session.close`, `review.*`. HTTP adds
+//! `http.request` and `http.response`. (PostgreSQL's `command` and `result` are still written
+//! by its relay.)
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// An audit event: its kind, and a payload serialized as a JSON object.
+pub trait Event: Serialize {
+    fn kind(&self) -> &'static str;
+}
+
+/// The TLS parameters of a client or upstream leg.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsLeg {
+    pub version: Option<String>,
+    pub cipher: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<String>,
+}
+
+/// A session begins: who, from where, to which resource.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionOpen {
+    pub listener: &'static str,
+    pub client_addr: String,
+    pub subject: String,
+    pub groups: Vec<String>,
+    pub auth_method: &'static str,
+    pub principal: String,
+    pub client_cert_fingerprint: Option<String>,
+    pub resource: String,
+    pub resource_kind: &'static str,
+    pub client_tls: TlsLeg,
+    /// Adapter facts (grants, protocol version, host name, ...).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Event for SessionOpen {
+    fn kind(&self) -> &'static str {
+        tollgate_store::KIND_SESSION_OPEN
+    }
+}
+
+/// A session ends.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionClose {
+    /// `ok`, `rejected`, `error`, `revoked`, ...
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub duration_ms: u64,
+    /// Commands (statements, requests) the session carried.
+    pub commands: u64,
+}
+
+impl Event for SessionClose {
+    fn kind(&self) -> &'static str {
+        tollgate_store::KIND_SESSION_CLOSE
+    }
+}
+
+/// A body as recorded: its size, digest and (masked, clipped) capture.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BodyRecord {
+    pub bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The first `capture_bytes` (request bodies as sent; response bodies as masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// An HTTP request, as judged (recorded before it is forwarded).
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRequest {
+    pub n: u64,
+    pub method: String,
+    /// The normalised path the rules saw and the upstream receives (relative to the resource).
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    pub version: &'static str,
+    pub authority: Option<String>,
+    /// Header names and values, secrets redacted.
+    pub headers: Vec<(String, String)>,
+    pub body: BodyRecord,
+    pub decision: Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<Value>,
+}
+
+impl Event for HttpRequest {
+    fn kind(&self) -> &'static str {
+        "http.request"
+    }
+}
+
+/// The answer to an HTTP request, recorded once its body has passed.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpResponse {
+    pub n: u64,
+    /// `ok` (relayed), `refused` (by the gateway), `upstream_error`, `interrupted`.
+    pub outcome: &'static str,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: BodyRecord,
+    /// Masking applied: values masked, and the rules or detectors that fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<Value>,
+    pub duration_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Event for HttpResponse {
+    fn kind(&self) -> &'static str {
+        "http.response"
+    }
+}
+
+/// Review lifecycle events of a held command, in the held session's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReviewEvent {
+    #[serde(skip)]
+    pub kind: &'static str,
+    pub n: u64,
+    pub review: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reviewers: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+}
+
+impl Event for ReviewEvent {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+}

@@ -1,0 +1,325 @@
+//! Rules over a neutral [`Command`], giving a [`Decision`]: the first matching rule decides,
+//! a `dry_run` rule only records what it would have done, and a command with several effects
+//! takes the strictest of their decisions ([`Decision::stricter`]).
+//!
+//! SQL statements are classified by the PostgreSQL crates (pg_query) into the same
+//! [`Decision`]; this module judges what needs no parser: HTTP requests (method, normalised
+//! path, query, headers), and later MCP tool calls.
+
+use serde::Serialize;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tollgate_config::{HourWindow, Rule as RuleConfig, RuleAction, Weekday};
+use tollgate_mask::Glob;
+
+/// The caller of a command.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub subject: &'a str,
+    pub groups: &'a [String],
+}
+
+/// What happens to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Decision {
+    /// Forward it; `rule` is the allow rule that matched (None: no rule matched).
+    Allow { rule: Option<String> },
+    /// Refuse it; `message` is for the client and names the rule.
+    Deny { rule: String, message: String },
+    /// Hold it until `min_approvals` people in `approvers` (or admins) approve, or `timeout`.
+    Review {
+        rule: String,
+        approvers: Vec<String>,
+        min_approvals: u32,
+        #[serde(rename = "timeout_ms", serialize_with = "millis")]
+        timeout: Duration,
+    },
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+impl Decision {
+    /// allow < review < deny.
+    pub fn severity(&self) -> u8 {
+        match self {
+            Decision::Allow { .. } => 0,
+            Decision::Review { .. } => 1,
+            Decision::Deny { .. } => 2,
+        }
+    }
+
+    /// The more restrictive of two decisions (deny > review > allow; the first on a tie).
+    pub fn stricter(self, other: Decision) -> Decision {
+        if other.severity() > self.severity() {
+            other
+        } else {
+            self
+        }
+    }
+
+    pub fn is_allow(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    pub fn is_deny(&self) -> bool {
+        matches!(self, Decision::Deny { .. })
+    }
+
+    /// For the audit event.
+    pub fn summary(&self) -> serde_json::Value {
+        if let Decision::Allow { rule: None } = self {
+            // Nearly every command: built directly.
+            return serde_json::json!({"action": "allow", "rule": null});
+        }
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A command as the rules see it, whatever protocol carried it.
+#[derive(Debug, Clone)]
+pub struct Command<'a> {
+    pub kind: CommandKind<'a>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CommandKind<'a> {
+    /// An HTTP request, as the upstream will see it: the method after any override header,
+    /// the normalised path (relative to the resource), the query pairs (decoded) and headers
+    /// (names lower-case).
+    Http {
+        method: &'a str,
+        path: &'a str,
+        query: &'a [(String, String)],
+        headers: &'a [(String, String)],
+    },
+}
+
+/// The judgement of a command: the decision, and the `dry_run` rules that would have decided
+/// otherwise (recorded, not enforced).
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    pub decision: Decision,
+    pub dry_run: Vec<Decision>,
+}
+
+/// A path glob: `*` one segment (any characters but `/`, within a segment `*` is a wildcard),
+/// `**` any number of segments.
+#[derive(Debug, Clone)]
+struct PathGlob {
+    segments: Vec<String>,
+}
+
+impl PathGlob {
+    fn new(p: &str) -> PathGlob {
+        PathGlob {
+            segments: p
+                .trim_start_matches('/')
+                .split('/')
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match_segments(&self.segments, &segs)
+    }
+}
+
+fn match_segments(pat: &[String], segs: &[&str]) -> bool {
+    match pat.split_first() {
+        None => segs.is_empty(),
+        Some((p, rest)) if p == "**" => (0..=segs.len()).any(|i| match_segments(rest, &segs[i..])),
+        Some((p, rest)) => match segs.split_first() {
+            Some((s, srest)) => Glob::new(p).matches(s) && match_segments(rest, srest),
+            None => false,
+        },
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    name: String,
+    methods: Vec<String>,
+    paths: Vec<PathGlob>,
+    query: Vec<(String, Glob)>,
+    headers: Vec<(String, Glob)>,
+    groups: Vec<String>,
+    identities: Vec<Glob>,
+    hours: Option<HourWindow>,
+    days: Vec<Weekday>,
+    action: RuleAction,
+    approvers: Vec<String>,
+    min_approvals: u32,
+    message: Option<String>,
+    dry_run: bool,
+}
+
+/// The rules of one resource, compiled. Unmatched commands are allowed.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    review_timeout: Duration,
+    /// `resources.dry_run`: every rule only records.
+    dry_run: bool,
+}
+
+impl RuleSet {
+    pub fn new(rules: &[RuleConfig], review_timeout: Duration, dry_run: bool) -> RuleSet {
+        let rules = rules
+            .iter()
+            .map(|r| Rule {
+                name: r.name.clone(),
+                methods: r.methods.clone(),
+                paths: r.paths.iter().map(|p| PathGlob::new(p)).collect(),
+                query: r
+                    .query
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Glob::new(v)))
+                    .collect(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), Glob::new(v)))
+                    .collect(),
+                groups: r.groups.clone(),
+                identities: r.identities.iter().map(|i| Glob::new(i)).collect(),
+                hours: r.hours,
+                days: r.days.clone(),
+                action: r.action,
+                approvers: r.approvers.clone(),
+                min_approvals: r.min_approvals,
+                message: r.message.clone(),
+                dry_run: r.dry_run || dry_run,
+            })
+            .collect();
+        RuleSet {
+            rules,
+            review_timeout,
+            dry_run,
+        }
+    }
+
+    /// The header names some rule looks at: a review's approval binds to their values.
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.headers.iter().map(|(k, _)| k.as_str()))
+    }
+
+    pub fn judge(&self, cmd: &Command<'_>, caller: Caller<'_>, now: OffsetDateTime) -> Judgement {
+        let mut dry_run = Vec::new();
+        for rule in &self.rules {
+            if !rule.matches(cmd, caller, now) {
+                continue;
+            }
+            let decision = self.decision_of(rule);
+            if rule.dry_run {
+                dry_run.push(decision);
+                continue;
+            }
+            return Judgement { decision, dry_run };
+        }
+        let _ = self.dry_run;
+        Judgement {
+            decision: Decision::Allow { rule: None },
+            dry_run,
+        }
+    }
+
+    fn decision_of(&self, rule: &Rule) -> Decision {
+        match rule.action {
+            RuleAction::Allow => Decision::Allow {
+                rule: Some(rule.name.clone()),
+            },
+            RuleAction::Deny => Decision::Deny {
+                rule: rule.name.clone(),
+                message: rule
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("denied by tollgate rule \"{}\"", rule.name)),
+            },
+            RuleAction::Review => Decision::Review {
+                rule: rule.name.clone(),
+                approvers: rule.approvers.clone(),
+                min_approvals: rule.min_approvals,
+                timeout: self.review_timeout,
+            },
+        }
+    }
+}
+
+impl Rule {
+    fn matches(&self, cmd: &Command<'_>, caller: Caller<'_>, now: OffsetDateTime) -> bool {
+        if !self.groups.is_empty() && !caller.groups.iter().any(|g| self.groups.contains(g)) {
+            return false;
+        }
+        if !self.identities.is_empty() && !self.identities.iter().any(|g| g.matches(caller.subject))
+        {
+            return false;
+        }
+        if !in_window(self.hours, &self.days, now) {
+            return false;
+        }
+        match &cmd.kind {
+            CommandKind::Http {
+                method,
+                path,
+                query,
+                headers,
+            } => {
+                (self.methods.is_empty() || self.methods.iter().any(|m| m == "*" || m == method))
+                    && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+                    && self
+                        .query
+                        .iter()
+                        .all(|(k, g)| query.iter().any(|(qk, qv)| qk == k && g.matches(qv)))
+                    && self
+                        .headers
+                        .iter()
+                        .all(|(k, g)| headers.iter().any(|(hk, hv)| hk == k && g.matches(hv)))
+            }
+        }
+    }
+}
+
+/// Whether `now` (any offset; compared in UTC) falls in a rule's `hours` and `days`.
+pub fn in_window(hours: Option<HourWindow>, days: &[Weekday], now: OffsetDateTime) -> bool {
+    let now = now.to_offset(time::UtcOffset::UTC);
+    if let Some(h) = hours {
+        if !h.contains(u16::from(now.hour()) * 60 + u16::from(now.minute())) {
+            return false;
+        }
+    }
+    days.is_empty()
+        || days.contains(&Weekday::from_monday0(
+            now.weekday().number_days_from_monday(),
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_globs() {
+        let g = PathGlob::new("/v1/invoices/*/refund");
+        assert!(g.matches("/v1/invoices/42/refund"));
+        assert!(!g.matches("/v1/invoices/42/43/refund"));
+        assert!(!g.matches("/v1/invoices/refund"));
+        let g = PathGlob::new("/admin/**");
+        assert!(g.matches("/admin/"));
+        assert!(g.matches("/admin/users/1"));
+        assert!(!g.matches("/administrator"));
+        assert!(!g.matches("/v1/admin/x"));
+        let g = PathGlob::new("/**/secret");
+        assert!(g.matches("/secret"));
+        assert!(g.matches("/a/b/secret"));
+        let g = PathGlob::new("/files/*.csv");
+        assert!(g.matches("/files/a.csv"));
+        assert!(!g.matches("/files/a/b.csv"));
+    }
+}

@@ -1,0 +1,74 @@
+//! What a client of an HTTP resource is told when the gateway refuses or fails its request:
+//! an HTTP status and a JSON body `{"error": ..., "code": ..., "hint": ..., "review": ...}`
+//! whose message leaks nothing (no upstream address, no credential, no internal error text).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{header, Response, StatusCode};
+use serde::Serialize;
+
+use crate::upstream::UpstreamBody;
+
+/// A refusal, as the client will see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    #[serde(skip)]
+    pub status: StatusCode,
+    /// Stable machine-readable reason (`unauthenticated`, `forbidden`, `denied`, ...).
+    pub code: &'static str,
+    pub error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: &'static str, error: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            error: error.into(),
+            hint: None,
+            rule: None,
+            review: None,
+            review_url: None,
+            session: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Refusal {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn bad_request(error: impl Into<String>) -> Refusal {
+        Refusal::new(StatusCode::BAD_REQUEST, "bad_request", error)
+    }
+
+    pub fn into_response(self) -> Response<UpstreamBody> {
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut r = Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = self.status;
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer realm=\"tollgate\"".parse().unwrap(),
+            );
+        }
+        r
+    }
+}

@@ -1,0 +1,292 @@
+//! The HTTP adapter: HTTPS APIs behind the gateway (`kind = "http"` resources).
+//!
+//! A request reaches a resource at `https://<gateway>/r/<name>/<path>` on `server.https_listen`
+//! (beside the API; the gateway's own cookies are stripped and responses sandboxed there) or,
+//! with `server.http_listen`, at `https://<name>.<any domain>/<path>` chosen per request by its
+//! `Host` / `:authority`. Per request: identify (client certificate, else bearer token), authorize
+//! (groups or a just-in-time grant), normalise the target and judge it by the resource's rules,
+//! record it (before it is forwarded; fail closed), hold it for review when a rule says so,
+//! forward it over a fresh verified TLS connection with the resource's credential injected, and
+//! stream the answer back through the masking engine, recording it as it passes.
+//!
+//! It owns no policy of its own: authentication, authorization, rules, the review hold and
+//! event shapes are `tollgate-gate`'s; masking is `tollgate-mask`'s.
+
+mod error;
+mod normalize;
+mod relay;
+mod serve;
+mod upstream;
+
+pub use error::Refusal;
+pub use normalize::{normalize_path, query_pairs, BadTarget};
+pub use relay::handle;
+pub use serve::{builder, serve, ConnCtx, Mount};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::header::{HeaderName, HeaderValue};
+use tollgate_config::{Config, Resource, ResourceKind};
+use tollgate_gate::access::Access;
+use tollgate_gate::event::{SessionClose, SessionOpen, TlsLeg};
+use tollgate_gate::{Identity, RuleSet, SessionLog};
+use tollgate_identity::TokenVerifier;
+use tollgate_mask::{MaskKey, Policy};
+use tollgate_review::Reviews;
+use tollgate_store::Recorder;
+
+/// One HTTP resource, compiled.
+pub(crate) struct Target {
+    pub resource: Resource,
+    pub rules: RuleSet,
+    /// The resource's masks (`None`: it has none).
+    pub mask: Option<Policy>,
+    pub client: upstream::UpstreamClient,
+    /// The credential header and its value (never logged: marked sensitive).
+    pub inject: Option<(HeaderName, HeaderValue)>,
+    /// `scheme://host:port` of the upstream.
+    pub origin: String,
+    /// The `Host` the upstream expects.
+    pub host: String,
+}
+
+impl Target {
+    fn new(resource: &Resource, key: Option<&MaskKey>) -> anyhow::Result<Target> {
+        let http = resource.http.as_ref().expect("an http resource");
+        let inject = match &http.inject {
+            None => None,
+            Some((name, source)) => {
+                let value = source
+                    .read()
+                    .map_err(|e| anyhow::anyhow!("resource {:?}: credentials: {e}", resource.name))?
+                    .unwrap_or_default();
+                let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                    anyhow::anyhow!(
+                        "resource {:?}: the injected {name} value is not a valid header value",
+                        resource.name
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some((HeaderName::from_bytes(name.as_bytes())?, value))
+            }
+        };
+        let mask = if resource.masks.is_empty() {
+            None
+        } else {
+            let specs: Vec<tollgate_mask::MaskSpec> = resource
+                .masks
+                .iter()
+                .map(|m| tollgate_mask::MaskSpec {
+                    columns: m.columns.clone(),
+                    types: m.types.clone(),
+                    detectors: m.detectors.clone(),
+                    json_paths: m.json_paths.clone(),
+                    strategy: m.strategy.clone(),
+                    keep_last: m.keep_last,
+                    except_groups: m.except_groups.clone(),
+                    only_groups: m.only_groups.clone(),
+                })
+                .collect();
+            Some(
+                Policy::from_specs(&specs, key.cloned())
+                    .map_err(|e| anyhow::anyhow!("resource {:?}: masks: {e}", resource.name))?,
+            )
+        };
+        let connector = upstream::Connector::new(resource)
+            .map_err(|e| anyhow::anyhow!("resource {:?}: upstream TLS: {e}", resource.name))?;
+        let scheme = if http.tls { "https" } else { "http" };
+        let default_port = if http.tls { 443 } else { 80 };
+        let host = if resource.upstream_port == default_port {
+            resource.upstream_host.clone()
+        } else {
+            resource.upstream.clone()
+        };
+        Ok(Target {
+            rules: RuleSet::new(&resource.rules, resource.review_timeout, resource.dry_run),
+            mask,
+            client: connector.client(),
+            inject,
+            origin: format!("{scheme}://{}", resource.upstream),
+            host,
+            resource: resource.clone(),
+        })
+    }
+}
+
+/// Which audit session a request belongs to: one per client connection, resource and caller.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct SessionKey {
+    conn: u64,
+    resource: String,
+    principal: String,
+}
+
+/// An audit session of HTTP exchanges; `session.close` is recorded when the connection has
+/// ended and its last response body is done.
+pub(crate) struct HttpSession {
+    pub log: SessionLog,
+    pub n: AtomicU64,
+}
+
+impl HttpSession {
+    pub fn next_n(&self) -> u64 {
+        self.n.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl Drop for HttpSession {
+    fn drop(&mut self) {
+        self.log.record(&SessionClose {
+            outcome: "ok",
+            reason: None,
+            duration_ms: self.log.started.elapsed().as_millis() as u64,
+            commands: self.n.load(Ordering::Relaxed),
+        });
+    }
+}
+
+/// The HTTP adapter of one gateway process.
+pub struct HttpGateway {
+    targets: arc_swap::ArcSwap<HashMap<String, Arc<Target>>>,
+    /// Service tokens; swapped whole when the config file is reloaded.
+    pub tokens: arc_swap::ArcSwap<TokenVerifier>,
+    reviews: Arc<Reviews>,
+    recorder: Recorder,
+    rerun_window: Duration,
+    audit_fail_closed: bool,
+    mask_key: Option<MaskKey>,
+    sessions: Mutex<HashMap<SessionKey, Arc<HttpSession>>>,
+}
+
+impl HttpGateway {
+    /// `None` when the config has no HTTP resource.
+    pub fn new(
+        config: &Config,
+        reviews: Arc<Reviews>,
+        recorder: Recorder,
+        mask_key: Option<MaskKey>,
+    ) -> anyhow::Result<Option<Arc<HttpGateway>>> {
+        let targets = compile(config, mask_key.as_ref())?;
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(HttpGateway {
+            targets: arc_swap::ArcSwap::from_pointee(targets),
+            tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
+            reviews,
+            recorder,
+            rerun_window: config.server.review_rerun_window,
+            audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
+            mask_key,
+            sessions: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    /// Swap in the HTTP resources of a reloaded (already validated) config: new requests use
+    /// them; responses in flight finish with the old ones.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<usize> {
+        let targets = compile(config, self.mask_key.as_ref())?;
+        let n = targets.len();
+        self.targets.store(Arc::new(targets));
+        self.tokens
+            .store(Arc::new(TokenVerifier::new(&config.identity.tokens)));
+        Ok(n)
+    }
+
+    pub(crate) fn target(&self, name: &str) -> Option<Arc<Target>> {
+        self.targets.load().get(name).cloned()
+    }
+
+    /// The session this request belongs to, opened (and recorded) on first use.
+    pub(crate) fn session(
+        &self,
+        ctx: &ConnCtx,
+        target: &Target,
+        who: &Identity,
+        access: &Access,
+    ) -> Arc<HttpSession> {
+        let key = SessionKey {
+            conn: ctx.id,
+            resource: target.resource.name.clone(),
+            principal: who.principal.to_string(),
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sessions.get(&key) {
+            return s.clone();
+        }
+        let session = Arc::new(HttpSession {
+            log: SessionLog::new(self.recorder.clone()),
+            n: AtomicU64::new(0),
+        });
+        let mut extra = serde_json::Map::new();
+        access.audit_fields(&mut extra);
+        extra.insert("http_version".into(), ctx.http_version.into());
+        session.log.record(&SessionOpen {
+            listener: ctx.mount.listener(),
+            client_addr: ctx.peer.to_string(),
+            subject: who.subject.clone(),
+            groups: who.groups.clone(),
+            auth_method: who.method.as_str(),
+            principal: who.principal.to_string(),
+            client_cert_fingerprint: who.cert_fingerprint.clone(),
+            resource: target.resource.name.clone(),
+            resource_kind: "http",
+            client_tls: ctx.tls.clone(),
+            extra,
+        });
+        sessions.insert(key, session.clone());
+        session
+    }
+
+    /// A client connection ended: its sessions close once their last response is done.
+    pub fn connection_closed(&self, conn: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.retain(|k, _| k.conn != conn);
+    }
+
+    /// Whether any resource is served on `https_listen` (always, when the adapter exists).
+    pub fn has_resources(&self) -> bool {
+        !self.targets.load().is_empty()
+    }
+
+    pub(crate) fn reviews(&self) -> &Reviews {
+        &self.reviews
+    }
+
+    pub(crate) fn rerun_window(&self) -> Duration {
+        self.rerun_window
+    }
+
+    pub(crate) fn fail_closed(&self) -> bool {
+        self.audit_fail_closed
+    }
+}
+
+fn compile(config: &Config, key: Option<&MaskKey>) -> anyhow::Result<HashMap<String, Arc<Target>>> {
+    let mut out = HashMap::new();
+    for r in config
+        .resources
+        .iter()
+        .filter(|r| r.kind == ResourceKind::Http)
+    {
+        out.insert(r.name.clone(), Arc::new(Target::new(r, key)?));
+    }
+    Ok(out)
+}
+
+/// Microseconds since `t`.
+pub(crate) fn micros(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
+}
+
+/// The TLS leg of a client connection as `session.open` records it.
+pub fn tls_leg(info: &tollgate_tls::TlsSessionInfo) -> TlsLeg {
+    TlsLeg {
+        version: Some(info.version.clone()),
+        cipher: Some(info.cipher.clone()),
+        alpn: info.alpn.clone(),
+    }
+}

@@ -1,0 +1,200 @@
+//! The request as the upstream will see it, so rules judge what will run: the path normalised
+//! (unreserved percent-escapes decoded, `;` parameters, empty and dot segments removed; an
+//! encoded `/` or `\`, a NUL or a raw non-ASCII byte refused) and the method as any override
+//! header would make it. The normalised path is also what is forwarded.
+
+/// Why a request target is refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadTarget {
+    #[error("the request path holds an encoded '/' or '\\' (%2F, %5C) or a backslash; tollgate refuses these so that its rules and the upstream read the same path")]
+    EncodedSeparator,
+    #[error("the request path holds a NUL, a control character or a raw non-ASCII byte")]
+    BadByte,
+    #[error("the request path holds a malformed percent-escape")]
+    BadEscape,
+    #[error("the request path must start with '/'")]
+    NotAbsolute,
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Normalise a raw (still percent-encoded) path. The result starts with `/`; it ends with `/`
+/// when the input did (after dot-segment removal), so `/a/` and `/a` stay distinct.
+pub fn normalize_path(raw: &str) -> Result<String, BadTarget> {
+    if !raw.starts_with('/') {
+        return Err(BadTarget::NotAbsolute);
+    }
+    let b = raw.as_bytes();
+    // 1. Decode unreserved escapes, upper-case the others; refuse separators in disguise.
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'%' => {
+                let (h, l) = match (b.get(i + 1).copied(), b.get(i + 2).copied()) {
+                    (Some(h), Some(l)) => (h, l),
+                    _ => return Err(BadTarget::BadEscape),
+                };
+                let v = match (hex_val(h), hex_val(l)) {
+                    (Some(h), Some(l)) => h * 16 + l,
+                    _ => return Err(BadTarget::BadEscape),
+                };
+                match v {
+                    b'/' | b'\\' => return Err(BadTarget::EncodedSeparator),
+                    0..=0x1f | 0x7f => return Err(BadTarget::BadByte),
+                    v if unreserved(v) => decoded.push(v),
+                    v => decoded.extend_from_slice(format!("%{v:02X}").as_bytes()),
+                }
+                i += 3;
+            }
+            b'\\' => return Err(BadTarget::EncodedSeparator),
+            0..=0x20 | 0x7f..=0xff => return Err(BadTarget::BadByte),
+            _ => {
+                decoded.push(c);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8(decoded).map_err(|_| BadTarget::BadByte)?;
+    // 2. Segments: drop `;` parameters, empty segments and `.`; `..` pops (never above the root).
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        let seg = seg.split(';').next().unwrap_or("");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for s in &out {
+        path.push('/');
+        path.push_str(s);
+    }
+    if path.is_empty() || (trailing && !path.ends_with('/')) {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// Query pairs, decoded (`+` is a space), for rule conditions. Undecodable escapes are kept
+/// as written.
+pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode_component(k), decode_component(v))
+        })
+        .collect()
+}
+
+fn decode_component(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                match (
+                    b.get(i + 1).and_then(|c| hex_val(*c)),
+                    b.get(i + 2).and_then(|c| hex_val(*c)),
+                ) {
+                    (Some(h), Some(l)) => {
+                        out.push(h * 16 + l);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Headers some frameworks read as the real method of a POST.
+pub const METHOD_OVERRIDE_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn paths_normalise() {
+        let n = |p| normalize_path(p).unwrap();
+        assert_eq!(n("/"), "/");
+        assert_eq!(n("/a/b"), "/a/b");
+        assert_eq!(n("/a/b/"), "/a/b/");
+        assert_eq!(n("//admin//users"), "/admin/users");
+        assert_eq!(n("/v1/../admin/x"), "/admin/x");
+        assert_eq!(n("/../../admin"), "/admin");
+        assert_eq!(n("/./admin/."), "/admin/");
+        assert_eq!(n("/%61dmin/%7e"), "/admin/~");
+        assert_eq!(n("/%2e%2e/admin"), "/admin");
+        assert_eq!(n("/v1/%2E%2E/admin"), "/admin");
+        assert_eq!(n("/admin;jsessionid=1/users;x"), "/admin/users");
+        assert_eq!(n("/a%20b/%c3%a9"), "/a%20b/%C3%A9");
+        assert_eq!(n("/a/.."), "/");
+    }
+
+    #[test]
+    fn disguised_separators_and_bad_bytes_are_refused() {
+        assert_eq!(normalize_path("/a%2fb"), Err(BadTarget::EncodedSeparator));
+        assert_eq!(normalize_path("/a%2Fb"), Err(BadTarget::EncodedSeparator));
+        assert_eq!(normalize_path("/a%5cb"), Err(BadTarget::EncodedSeparator));
+        assert_eq!(normalize_path("/a\\b"), Err(BadTarget::EncodedSeparator));
+        assert_eq!(normalize_path("/a%00"), Err(BadTarget::BadByte));
+        assert_eq!(normalize_path("/a%zz"), Err(BadTarget::BadEscape));
+        assert_eq!(normalize_path("/a%2"), Err(BadTarget::BadEscape));
+        assert_eq!(normalize_path("a"), Err(BadTarget::NotAbsolute));
+    }
+
+    #[test]
+    fn query_pairs_decode() {
+        assert_eq!(
+            query_pairs("a=1&b=x+y&c=%41&d&e=%zz"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x y".into()),
+                ("c".into(), "A".into()),
+                ("d".into(), "".into()),
+                ("e".into(), "%zz".into()),
+            ]
+        );
+    }
+
+    proptest! {
+        // Normalising twice changes nothing, and a normalised path has no dot or empty segment.
+        #[test]
+        fn normalisation_is_idempotent(segs in proptest::collection::vec("[a-zA-Z0-9._~%;-]{0,6}", 0..8)) {
+            let raw = format!("/{}", segs.join("/"));
+            if let Ok(once) = normalize_path(&raw) {
+                prop_assert_eq!(normalize_path(&once).unwrap(), once.clone());
+                for s in once.trim_matches('/').split('/') {
+                    prop_assert!(s != "." && s != "..");
+                }
+                prop_assert!(!once.contains("//"));
+            }
+        }
+    }
+}

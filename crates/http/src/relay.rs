@@ -1,0 +1,1200 @@
+//! One request, from its head to the last byte of its answer: resource, identity, access,
+//! the normalised target, the rules, the audit record, the review hold, the forwarded request
+//! and the masked, recorded response.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use tollgate_config::Unmaskable;
+use tollgate_gate::event::{BodyRecord, HttpRequest, HttpResponse, ReviewEvent};
+use tollgate_gate::hold::{self, HoldRequest, Opened};
+use tollgate_gate::rules::{Caller, CommandKind, Decision};
+use tollgate_gate::{authorize, identify, AuthError, Command};
+use tollgate_mask::{BodyKind, BodyMasker, BodyPlan, Reason};
+use tollgate_metrics::registry;
+use tollgate_review::Verdict;
+
+use crate::error::Refusal;
+use crate::normalize::{normalize_path, query_pairs, METHOD_OVERRIDE_HEADERS};
+use crate::serve::{ConnCtx, Mount};
+use crate::upstream::UpstreamBody;
+use crate::{micros, HttpGateway, HttpSession, Target};
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1), never forwarded either way.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Request headers the gateway sets itself or that carry the client's credentials.
+const NOT_FORWARDED: &[&str] = &[
+    "host",
+    "authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-tollgate-identity",
+];
+
+/// Name fragments of headers whose values are never recorded.
+const SECRET_HEADER_HINTS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "token",
+    "secret",
+    "password",
+    "api-key",
+    "apikey",
+    "x-api",
+    "session",
+    "signature",
+    "credential",
+];
+
+/// Where the gateway's own cookies start (never forwarded to a resource).
+const GATEWAY_COOKIE_PREFIX: &str = "tollgate";
+
+pub async fn handle(
+    gw: &Arc<HttpGateway>,
+    ctx: &Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Response<UpstreamBody> {
+    match run(gw, ctx, req).await {
+        Ok(r) => r,
+        Err(refusal) => {
+            registry()
+                .counter(
+                    "tollgate_http_refused_total",
+                    "HTTP resource requests the gateway answered itself, by reason.",
+                    &[("reason", refusal.code)],
+                )
+                .inc();
+            refusal.into_response()
+        }
+    }
+}
+
+/// The resource a request names, and the raw path within it.
+fn route<'a>(ctx: &ConnCtx, req: &'a Request<Incoming>) -> Result<(String, &'a str), Refusal> {
+    let path = req.uri().path();
+    match ctx.mount {
+        Mount::Prefixed => {
+            let rest = path.strip_prefix("/r/").unwrap_or("");
+            let (name, within) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            Ok((name.to_string(), within))
+        }
+        Mount::ByHost => {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.host().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(|h| host_of(h).to_string())
+                })
+                .ok_or_else(|| Refusal::bad_request("the request names no host; resources on this listener are chosen by host name (<resource>.<gateway domain>)"))?;
+            let name = host.split('.').next().unwrap_or("").to_ascii_lowercase();
+            Ok((name, path))
+        }
+    }
+}
+
+fn host_of(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    h.rsplit_once(':').map_or(h, |(host, _)| host)
+}
+
+/// Framing a proxy must not guess at: both Content-Length and Transfer-Encoding, or several
+/// different Content-Lengths.
+fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if headers.contains_key(header::TRANSFER_ENCODING) && !lengths.is_empty() {
+        return Err(Refusal::bad_request(
+            "the request has both Content-Length and Transfer-Encoding; send one",
+        ));
+    }
+    if lengths.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Refusal::bad_request(
+            "the request has conflicting Content-Length headers",
+        ));
+    }
+    Ok(())
+}
+
+fn auth_refusal(e: AuthError) -> Refusal {
+    registry()
+        .counter(
+            "tollgate_auth_failures_total",
+            "Failed client authentications by listener and reason.",
+            &[("listener", "http"), ("reason", e.label())],
+        )
+        .inc();
+    Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).hint(
+        "present a client certificate issued by the gateway's CA, or a token as \"Authorization: Bearer <token>\"",
+    )
+}
+
+async fn run(
+    gw: &Arc<HttpGateway>,
+    ctx: &Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<UpstreamBody>, Refusal> {
+    let started = Instant::now();
+    let (name, raw_path) = route(ctx, &req)?;
+    let raw_path = raw_path.to_string();
+    check_framing(req.headers())?;
+    let who = identify(
+        ctx.cert.as_ref(),
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+        &gw.tokens.load(),
+    )
+    .map_err(auth_refusal)?;
+    let target = gw.target(&name);
+    let access = authorize(
+        &who,
+        target
+            .as_ref()
+            .map(|t| (t.resource.name.as_str(), t.resource.allow_groups.as_slice())),
+        Some(gw.reviews()),
+        target.as_ref().is_some_and(|t| t.mask.is_some()),
+        &name,
+    )
+    .map_err(|e| {
+        Refusal::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            .hint("ask an administrator for access, or request it with `tollgate access request`")
+    })?;
+    let target = target.expect("authorized");
+    let session = gw.session(ctx, &target, &who, &access);
+    let n = session.next_n();
+
+    if req.headers().contains_key(header::UPGRADE) {
+        return Err(refused_event(
+            &session,
+            n,
+            Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "upgrade_unsupported",
+                "protocol upgrades (WebSocket) are not relayed by this gateway yet",
+            ),
+        ));
+    }
+
+    // The target as the upstream will see it.
+    let path = normalize_path(&raw_path)
+        .map_err(|e| refused_event(&session, n, Refusal::bad_request(e.to_string())))?;
+    let raw_query = req.uri().query().map(str::to_string);
+    let query = raw_query.as_deref().map(query_pairs).unwrap_or_default();
+    let method = req.method().clone();
+    let mut methods = vec![method.as_str().to_string()];
+    for h in METHOD_OVERRIDE_HEADERS {
+        for v in req.headers().get_all(*h) {
+            let m = String::from_utf8_lossy(v.as_bytes())
+                .trim()
+                .to_ascii_uppercase();
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
+    }
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(k, _)| !is_secret_header(k.as_str()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+
+    // The body is read whole (up to max_request_body): the approval of a held request binds to
+    // its digest, and nothing is forwarded before it is judged and recorded.
+    let (parts, body) = req.into_parts();
+    let limit = target
+        .resource
+        .http
+        .as_ref()
+        .map_or(0, |h| h.max_request_body);
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(refused_event(&session, n, Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is larger than this resource accepts ({limit} bytes, its max_request_body)"),
+            )));
+        }
+        Err(_) => {
+            return Err(refused_event(
+                &session,
+                n,
+                Refusal::bad_request("the request body could not be read"),
+            ));
+        }
+    };
+    let body_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
+
+    // The strictest decision over every method the request may be read as.
+    let now = time::OffsetDateTime::now_utc();
+    let caller = Caller {
+        subject: &who.subject,
+        groups: &who.groups,
+    };
+    let mut judgement: Option<tollgate_gate::rules::Judgement> = None;
+    for m in &methods {
+        let j = target.rules.judge(
+            &Command {
+                kind: CommandKind::Http {
+                    method: m,
+                    path: &path,
+                    query: &query,
+                    headers: &headers,
+                },
+            },
+            caller,
+            now,
+        );
+        judgement = Some(match judgement {
+            None => j,
+            Some(prev) if j.decision.severity() > prev.decision.severity() => j,
+            Some(prev) => prev,
+        });
+    }
+    let judgement = judgement.expect("at least the request method");
+
+    let audit_plan = target.mask.as_ref().map(|p| p.body_plan(&[]));
+    let capture_limit = target.resource.capture_bytes;
+    let request_event = HttpRequest {
+        n,
+        method: methods.join(" as "),
+        path: path.clone(),
+        query: raw_query.clone(),
+        version: ctx.http_version,
+        authority: parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        }),
+        headers: recorded_headers(&parts.headers),
+        body: capture(&body, body_sha.clone(), capture_limit, audit_plan.as_ref()),
+        decision: judgement.decision.summary(),
+        dry_run: judgement.dry_run.iter().map(Decision::summary).collect(),
+    };
+    if let Err(e) = session.log.append(&request_event).await {
+        tracing::error!(session = %session.log.id, error = %e, "audit event could not be written");
+        if gw.fail_closed() {
+            session
+                .log
+                .record_refused(&request_event, "audit_unavailable");
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                "the gateway cannot record this request, so it was not forwarded",
+            )
+            .hint("try again later; the gateway's audit store is unavailable"));
+        }
+    }
+    registry()
+        .counter(
+            "tollgate_http_requests_total",
+            "HTTP resource requests judged, by resource and decision.",
+            &[
+                ("resource", &target.resource.name),
+                ("decision", decision_label(&judgement.decision)),
+            ],
+        )
+        .inc();
+
+    match &judgement.decision {
+        Decision::Allow { .. } => {}
+        Decision::Deny { rule, message } => {
+            let mut r = Refusal::new(StatusCode::FORBIDDEN, "denied", message.clone());
+            r.rule = Some(rule.clone());
+            r.session = Some(session.log.id.clone());
+            return Err(responded(&session, n, started, r));
+        }
+        Decision::Review {
+            rule,
+            approvers,
+            min_approvals,
+            timeout,
+        } => {
+            let digest = approval_digest(
+                &methods,
+                &path,
+                raw_query.as_deref(),
+                &headers,
+                &target,
+                &body_sha,
+            );
+            let shown = format!(
+                "{} {}{}{}",
+                methods.join(" as "),
+                path,
+                raw_query
+                    .as_deref()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default(),
+                if body.is_empty() {
+                    String::new()
+                } else {
+                    format!("  -- body {} bytes, sha256 {body_sha}", body.len())
+                }
+            );
+            let asked = HoldRequest {
+                session_id: &session.log.id,
+                resource: &target.resource.name,
+                requester: &who,
+                rule,
+                shown,
+                digest,
+                approvers,
+                min_approvals: *min_approvals,
+                timeout: *timeout,
+            };
+            let respond_async = parts.headers.get_all("prefer").iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+                })
+            });
+            if let Some(r) = held(gw, &session, n, started, asked, rule, respond_async).await {
+                return r;
+            }
+        }
+    }
+
+    forward(
+        gw, ctx, &target, &session, n, started, &who, &access, parts, path, raw_query, body,
+    )
+    .await
+}
+
+fn decision_label(d: &Decision) -> &'static str {
+    match d {
+        Decision::Allow { .. } => "allow",
+        Decision::Deny { .. } => "deny",
+        Decision::Review { .. } => "review",
+    }
+}
+
+/// Holds a request for review. `None`: approved, forward it; `Some`: the answer to send.
+async fn held(
+    gw: &Arc<HttpGateway>,
+    session: &Arc<HttpSession>,
+    n: u64,
+    started: Instant,
+    asked: HoldRequest<'_>,
+    rule: &str,
+    respond_async: bool,
+) -> Option<Result<Response<UpstreamBody>, Refusal>> {
+    let timeout = asked.timeout;
+    let reviews = gw.reviews();
+    let review =
+        match hold::open(reviews, asked, gw.rerun_window()) {
+            Ok(Opened::Rerun(r)) => {
+                session.log.record(&ReviewEvent {
+                    kind: "review.rerun",
+                    n,
+                    review: r.id,
+                    reviewers: vec![],
+                    waited_ms: None,
+                });
+                return None;
+            }
+            Ok(Opened::Pending(r)) => r,
+            Err(e) => {
+                tracing::error!(session = %session.log.id, error = %e, "could not open a review");
+                return Some(Err(responded(session, n, started, Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "review_unavailable",
+                "the gateway could not open a review for this request, so it was not forwarded",
+            ))));
+            }
+        };
+    let with_review = |mut r: Refusal| {
+        r.rule = Some(rule.to_string());
+        r.review = Some(review.id.clone());
+        r.review_url = review.url.clone();
+        r.session = Some(session.log.id.clone());
+        r
+    };
+    if respond_async {
+        // The client will not wait: it repeats the identical request once approved.
+        session.log.record(&ReviewEvent {
+            kind: "review.async",
+            n,
+            review: review.id.clone(),
+            reviewers: vec![],
+            waited_ms: None,
+        });
+        let mut r = with_review(Refusal::new(
+            StatusCode::ACCEPTED,
+            "review_pending",
+            format!("this request needs approval (rule \"{rule}\"); it is held as review {}", review.id),
+        ))
+        .hint(format!("a reviewer approves with `tollgate reviews approve {}`; then send the identical request again within the rerun window", review.id));
+        r.status = StatusCode::ACCEPTED;
+        return Some(Err(responded(session, n, started, r)));
+    }
+    // The client's request future is dropped if it goes away: the review is then withdrawn.
+    struct Withdraw<'a>(&'a tollgate_review::Reviews, &'a str, bool);
+    impl Drop for Withdraw<'_> {
+        fn drop(&mut self) {
+            if !self.2 {
+                self.0.withdraw(self.1);
+            }
+        }
+    }
+    let mut guard = Withdraw(reviews, &review.id, false);
+    let held_since = Instant::now();
+    let verdict = hold::hold(reviews, &review.id, std::future::pending()).await;
+    guard.2 = true;
+    let waited_ms = held_since.elapsed().as_millis() as u64;
+    let refusal = match verdict {
+        Verdict::Approved { reviewers } => {
+            session.log.record(&ReviewEvent { kind: "review.approved", n, review: review.id.clone(), reviewers, waited_ms: Some(waited_ms) });
+            return None;
+        }
+        Verdict::Denied { reviewer, reason } => Refusal::new(
+            StatusCode::FORBIDDEN,
+            "review_denied",
+            format!("review {} denied by {reviewer}: {}", review.id, reason.as_deref().unwrap_or("no reason given")),
+        ),
+        Verdict::Expired => Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "review_expired",
+            format!("review {} expired after {} without a decision; the request was not forwarded", review.id, tollgate_review::format_duration(timeout)),
+        )
+        .hint("ask a reviewer to decide sooner, or send `Prefer: respond-async` and repeat the request once approved"),
+        Verdict::Withdrawn => Refusal::new(StatusCode::GATEWAY_TIMEOUT, "review_withdrawn", format!("review {} was withdrawn", review.id)),
+        Verdict::Unavailable(e) => {
+            tracing::error!(session = %session.log.id, error = %e, "review unavailable");
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "review_unavailable", format!("review {} cannot be read; the request was not forwarded", review.id))
+        }
+    };
+    Some(Err(responded(session, n, started, with_review(refusal))))
+}
+
+/// The hash an approval binds to: method(s), normalised path, query, the headers some rule
+/// looks at, and the body's digest.
+fn approval_digest(
+    methods: &[String],
+    path: &str,
+    query: Option<&str>,
+    headers: &[(String, String)],
+    target: &Target,
+    body_sha: &str,
+) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut part = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_be_bytes());
+        ctx.update(b);
+    };
+    part(methods.join(" ").as_bytes());
+    part(path.as_bytes());
+    part(query.unwrap_or("").as_bytes());
+    let mut names: Vec<&str> = target.rules.header_names().collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        for (k, v) in headers.iter().filter(|(k, _)| k == name) {
+            part(k.as_bytes());
+            part(v.as_bytes());
+        }
+    }
+    part(body_sha.as_bytes());
+    hex::encode(ctx.finish())
+}
+
+fn is_secret_header(name: &str) -> bool {
+    SECRET_HEADER_HINTS.iter().any(|h| name.contains(h))
+}
+
+/// Header names and values as the audit trail keeps them: secrets redacted.
+fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            let value = if is_secret_header(k.as_str()) {
+                "[redacted]".to_string()
+            } else {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            };
+            (k.as_str().to_string(), value)
+        })
+        .collect()
+}
+
+/// A body as the audit record keeps it: size, digest, and its first `limit` bytes masked with
+/// the resource's masks (for every viewer: captures stay masked).
+fn capture(body: &[u8], sha256: String, limit: usize, plan: Option<&BodyPlan>) -> BodyRecord {
+    if body.is_empty() {
+        return BodyRecord::default();
+    }
+    let (shown, truncated) = match plan {
+        Some(plan) if plan.is_active() => {
+            let mut m = BodyMasker::new(plan, BodyKind::Sniff);
+            let mut out = Vec::new();
+            let ok = m.feed(body, &mut out).is_ok() && m.finish(&mut out).is_ok();
+            if !ok {
+                // Unparseable as what it claims: keep only what text detectors mask.
+                out.clear();
+                let mut t = BodyMasker::new(plan, BodyKind::Text);
+                let _ = t.feed(body, &mut out);
+                let _ = t.finish(&mut out);
+            }
+            let truncated = out.len() > limit;
+            out.truncate(limit);
+            (out, truncated)
+        }
+        _ => (body[..body.len().min(limit)].to_vec(), body.len() > limit),
+    };
+    BodyRecord {
+        bytes: body.len() as u64,
+        sha256: Some(sha256),
+        capture: Some(String::from_utf8_lossy(&shown).into_owned()),
+        truncated,
+    }
+}
+
+/// Records the refusal of a request before it was judged (bad target, too large, upgrade).
+fn refused_event(session: &HttpSession, n: u64, r: Refusal) -> Refusal {
+    session.log.record(&HttpResponse {
+        n,
+        outcome: "refused",
+        status: r.status.as_u16(),
+        headers: Vec::new(),
+        body: BodyRecord::default(),
+        masked: None,
+        duration_us: 0,
+        error: Some(r.error.clone()),
+    });
+    r
+}
+
+/// Records the gateway's own answer to a judged request.
+fn responded(session: &HttpSession, n: u64, started: Instant, r: Refusal) -> Refusal {
+    session.log.record(&HttpResponse {
+        n,
+        outcome: "refused",
+        status: r.status.as_u16(),
+        headers: Vec::new(),
+        body: BodyRecord::default(),
+        masked: None,
+        duration_us: micros(started),
+        error: Some(r.error.clone()),
+    });
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    gw: &Arc<HttpGateway>,
+    ctx: &Arc<ConnCtx>,
+    target: &Arc<Target>,
+    session: &Arc<HttpSession>,
+    n: u64,
+    started: Instant,
+    who: &tollgate_gate::Identity,
+    access: &tollgate_gate::Access,
+    parts: hyper::http::request::Parts,
+    path: String,
+    query: Option<String>,
+    body: Bytes,
+) -> Result<Response<UpstreamBody>, Refusal> {
+    let _ = gw;
+    let http = target.resource.http.as_ref().expect("http resource");
+    // What the caller sees: masked unless an unmask grant says otherwise.
+    let plan = match (&target.mask, &access.unmask) {
+        (Some(p), None) => Some(p.body_plan(&who.groups)),
+        _ => None,
+    }
+    .filter(BodyPlan::is_active);
+    let audit_plan = target
+        .mask
+        .as_ref()
+        .map(|p| p.body_plan(&[]))
+        .filter(BodyPlan::is_active);
+    let masking = plan.is_some() || audit_plan.is_some();
+
+    let uri = format!(
+        "{}{}{}{}",
+        target.origin,
+        http.base_path,
+        path,
+        query
+            .as_deref()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    );
+    let mut up = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .body(Full::new(body).map_err(|never| match never {}).boxed())
+        .map_err(|_| {
+            responded(
+                session,
+                n,
+                started,
+                Refusal::bad_request("the request cannot be forwarded as written"),
+            )
+        })?;
+    let h = up.headers_mut();
+    let connection_listed = connection_tokens(&parts.headers);
+    let inject_name = target.inject.as_ref().map(|(k, _)| k.clone());
+    for (k, v) in parts.headers.iter() {
+        let name = k.as_str();
+        if HOP_BY_HOP.contains(&name)
+            || NOT_FORWARDED.contains(&name)
+            || connection_listed.iter().any(|c| c == name)
+            || inject_name.as_ref() == Some(k)
+            || (masking && matches!(name, "range" | "if-range" | "accept-encoding"))
+        {
+            continue;
+        }
+        if name == "cookie" && ctx.mount == Mount::Prefixed {
+            if let Some(kept) = without_gateway_cookies(v) {
+                h.append(k.clone(), kept);
+            }
+            continue;
+        }
+        h.append(k.clone(), v.clone());
+    }
+    h.insert(
+        header::HOST,
+        HeaderValue::from_str(&target.host)
+            .map_err(|_| Refusal::bad_request("bad upstream host"))?,
+    );
+    if let Ok(v) = HeaderValue::from_str(&ctx.peer.ip().to_string()) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    if let Some(host) = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }) {
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            h.insert("x-forwarded-host", v);
+        }
+    }
+    if let Some((k, v)) = &target.inject {
+        h.insert(k.clone(), v.clone());
+    }
+    if masking {
+        // Compressed bodies cannot be masked as they pass; ask for them plain.
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    *up.version_mut() = hyper::Version::HTTP_11;
+
+    let resp = match target.client.request(up).await {
+        Ok(r) => r,
+        Err(e) => {
+            registry()
+                .counter(
+                    "tollgate_upstream_connect_failures_total",
+                    "Failed upstream connections by resource and reason.",
+                    &[("resource", &target.resource.name), ("reason", "http")],
+                )
+                .inc();
+            tracing::error!(session = %session.log.id, resource = %target.resource.name, error = %e, "upstream request failed");
+            let mut r = Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                format!(
+                    "tollgate could not reach resource \"{}\"",
+                    target.resource.name
+                ),
+            )
+            .hint(format!(
+                "the gateway log has the details under session {}",
+                session.log.id
+            ));
+            r.session = Some(session.log.id.clone());
+            session.log.record(&HttpResponse {
+                n,
+                outcome: "upstream_error",
+                status: 502,
+                headers: Vec::new(),
+                body: BodyRecord::default(),
+                masked: None,
+                duration_us: micros(started),
+                error: Some(upstream_error_label(&e).into()),
+            });
+            return Err(r);
+        }
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    let encoded = rparts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    let content_type = rparts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let kind = body_kind(&content_type);
+    let head_only = parts.method == Method::HEAD
+        || rparts.status == StatusCode::NO_CONTENT
+        || rparts.status == StatusCode::NOT_MODIFIED;
+    let unmaskable = masking && !head_only && (encoded || kind.is_none());
+    let mut passed_unmasked = false;
+    if unmaskable {
+        match http.unmaskable {
+            Unmaskable::Refuse => {
+                let r = Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "unmaskable",
+                    format!(
+                        "the response of resource \"{}\" cannot be masked ({}), so it was not relayed",
+                        target.resource.name,
+                        if encoded { "it is compressed" } else { "its content type is not text or JSON" }
+                    ),
+                )
+                .hint("the resource's operator can set unmaskable = \"pass\" for such responses");
+                session.log.record(&HttpResponse {
+                    n,
+                    outcome: "refused",
+                    status: 502,
+                    headers: recorded_headers(&rparts.headers),
+                    body: BodyRecord::default(),
+                    masked: None,
+                    duration_us: micros(started),
+                    error: Some(format!(
+                        "unmaskable upstream response (status {})",
+                        rparts.status.as_u16()
+                    )),
+                });
+                return Err(r);
+            }
+            Unmaskable::Pass => passed_unmasked = true,
+        }
+    }
+    let kind = kind.unwrap_or(BodyKind::Text);
+    let client_plan = if passed_unmasked { None } else { plan };
+    let audit = if passed_unmasked { None } else { audit_plan };
+    let rewrites = client_plan.is_some();
+
+    // Response headers: hop-by-hop out; a masked body changes length.
+    let listed = connection_tokens(&rparts.headers);
+    let names: Vec<HeaderName> = rparts.headers.keys().cloned().collect();
+    for k in names {
+        if HOP_BY_HOP.contains(&k.as_str())
+            || listed.iter().any(|c| c == k.as_str())
+            || (rewrites && k == header::CONTENT_LENGTH)
+        {
+            rparts.headers.remove(&k);
+        }
+    }
+    if ctx.mount == Mount::Prefixed {
+        // Served on the console's origin: the resource's pages may run no script there.
+        rparts.headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        );
+    }
+    let recorded = recorded_headers(&rparts.headers);
+    let relay = RelayBody {
+        inner: rbody,
+        masker: client_plan.as_ref().map(|p| BodyMasker::new(p, kind)),
+        audit: audit
+            .as_ref()
+            .map(|p| (BodyMasker::new(p, kind), Vec::new())),
+        capture: Vec::new(),
+        capture_limit: target.resource.capture_bytes,
+        bytes: 0,
+        sha: ring::digest::Context::new(&ring::digest::SHA256),
+        finish: Some(Finish {
+            session: session.clone(),
+            n,
+            status: rparts.status.as_u16(),
+            headers: recorded,
+            started,
+            unmasked: passed_unmasked,
+        }),
+        done: false,
+    };
+    Ok(Response::from_parts(rparts, relay.boxed()))
+}
+
+fn upstream_error_label(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if e.is_connect() {
+        "connect"
+    } else {
+        "request"
+    }
+}
+
+/// How a response body is read for masking (`None`: binary, cannot be masked).
+fn body_kind(content_type: &str) -> Option<BodyKind> {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence.is_empty() {
+        return Some(BodyKind::Sniff);
+    }
+    if essence == "application/json" || essence.ends_with("+json") {
+        return Some(BodyKind::Sniff);
+    }
+    if essence.starts_with("text/")
+        || matches!(
+            essence,
+            "application/xml"
+                | "application/javascript"
+                | "application/x-ndjson"
+                | "application/x-www-form-urlencoded"
+                | "application/graphql"
+                | "application/yaml"
+        )
+        || essence.ends_with("+xml")
+    {
+        return Some(
+            if essence == "application/x-ndjson" || essence == "text/event-stream" {
+                BodyKind::Text
+            } else {
+                BodyKind::Sniff
+            },
+        );
+    }
+    None
+}
+
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// A Cookie header without the gateway's own cookies (`None` when nothing is left).
+fn without_gateway_cookies(v: &HeaderValue) -> Option<HeaderValue> {
+    let s = v.to_str().ok()?;
+    let kept: Vec<&str> = s
+        .split(';')
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && !c
+                    .split('=')
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase()
+                    .starts_with(GATEWAY_COOKIE_PREFIX)
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join("; ")).ok()
+}
+
+/// What `http.response` needs once the body has passed.
+struct Finish {
+    session: Arc<HttpSession>,
+    n: u64,
+    status: u16,
+    headers: Vec<(String, String)>,
+    started: Instant,
+    unmasked: bool,
+}
+
+/// The upstream's body on its way to the client: masked as it passes (for the caller, and
+/// separately for the audit capture when the caller may see it unmasked), counted, digested and
+/// captured; `http.response` is recorded when it ends, fails or is dropped.
+struct RelayBody {
+    inner: Incoming,
+    masker: Option<BodyMasker>,
+    /// The audit capture's own masker and output when the caller sees something else.
+    audit: Option<(BodyMasker, Vec<u8>)>,
+    capture: Vec<u8>,
+    capture_limit: usize,
+    bytes: u64,
+    sha: ring::digest::Context,
+    finish: Option<Finish>,
+    done: bool,
+}
+
+impl RelayBody {
+    fn keep(&mut self, original: &[u8], shown: &[u8]) {
+        self.bytes += original.len() as u64;
+        self.sha.update(original);
+        let room = self.capture_limit.saturating_sub(self.capture.len());
+        if room == 0 {
+            return;
+        }
+        match &mut self.audit {
+            Some((m, out)) if self.masker.is_none() => {
+                out.clear();
+                let _ = m.feed(original, out);
+                let take = out.len().min(room);
+                self.capture.extend_from_slice(&out[..take]);
+            }
+            _ => {
+                let take = shown.len().min(room);
+                self.capture.extend_from_slice(&shown[..take]);
+            }
+        }
+    }
+
+    fn record(
+        &mut self,
+        outcome: &'static str,
+        error: Option<String>,
+        masked: Option<serde_json::Value>,
+    ) {
+        let Some(f) = self.finish.take() else { return };
+        let sha = std::mem::replace(
+            &mut self.sha,
+            ring::digest::Context::new(&ring::digest::SHA256),
+        );
+        let truncated =
+            self.bytes as usize > self.capture.len() && self.capture.len() >= self.capture_limit;
+        let masked = match (masked, f.unmasked) {
+            (m, false) => m,
+            (_, true) => {
+                Some(json!({"unmasked": "unmaskable response passed (unmaskable = \"pass\")"}))
+            }
+        };
+        f.session.log.record(&HttpResponse {
+            n: f.n,
+            outcome,
+            status: f.status,
+            headers: f.headers,
+            body: BodyRecord {
+                bytes: self.bytes,
+                sha256: (self.bytes > 0).then(|| hex::encode(sha.finish())),
+                capture: (!self.capture.is_empty())
+                    .then(|| String::from_utf8_lossy(&self.capture).into_owned()),
+                truncated,
+            },
+            masked,
+            duration_us: micros(f.started),
+            error,
+        });
+    }
+}
+
+fn reasons_json(s: &tollgate_mask::BodySummary) -> serde_json::Value {
+    json!({
+        "values": s.masked_values,
+        "by": s.reasons.iter().map(|r| match r {
+            Reason::Detector(d) => d.to_string(),
+            Reason::Column { rule } => format!("mask rule {}", rule + 1),
+        }).collect::<Vec<_>>(),
+    })
+}
+
+impl Body for RelayBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
+                    let out = match &mut this.masker {
+                        None => {
+                            this.keep(&frame, &frame);
+                            frame
+                        }
+                        Some(m) => {
+                            let mut out = Vec::with_capacity(frame.len());
+                            if let Err(e) = m.feed(&frame, &mut out) {
+                                this.done = true;
+                                this.record("mask_error", Some(e.to_string()), None);
+                                return Poll::Ready(Some(Err(io::Error::other(
+                                    "the response could not be masked; it was cut off",
+                                ))));
+                            }
+                            this.keep(&frame, &out);
+                            Bytes::from(out)
+                        }
+                    };
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    this.record(
+                        "upstream_error",
+                        Some(format!(
+                            "upstream body failed: {}",
+                            if e.is_timeout() {
+                                "timeout"
+                            } else {
+                                "connection"
+                            }
+                        )),
+                        None,
+                    );
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the upstream response was cut off",
+                    ))));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let mut out = Vec::new();
+                    let summary = match &mut this.masker {
+                        Some(m) => match m.finish(&mut out) {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                this.record("mask_error", Some(e.to_string()), None);
+                                return Poll::Ready(Some(Err(io::Error::other(
+                                    "the response could not be masked; it was cut off",
+                                ))));
+                            }
+                        },
+                        None => match &mut this.audit {
+                            Some((m, buf)) => {
+                                buf.clear();
+                                let s = m.finish(buf).ok();
+                                let room = this.capture_limit.saturating_sub(this.capture.len());
+                                let take = buf.len().min(room);
+                                let tail = buf[..take].to_vec();
+                                this.capture.extend_from_slice(&tail);
+                                s
+                            }
+                            None => None,
+                        },
+                    };
+                    if this.masker.is_some() && !out.is_empty() {
+                        let room = this.capture_limit.saturating_sub(this.capture.len());
+                        let take = out.len().min(room);
+                        this.capture.extend_from_slice(&out[..take]);
+                    }
+                    let masked = summary
+                        .as_ref()
+                        .filter(|s| s.masked_values > 0)
+                        .map(reasons_json);
+                    this.record("ok", None, masked);
+                    if out.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.masker.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        // The client went away (or the connection failed) before the body ended.
+        self.record("interrupted", None, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_kinds() {
+        assert_eq!(
+            body_kind("application/json; charset=utf-8"),
+            Some(BodyKind::Sniff)
+        );
+        assert_eq!(body_kind("application/problem+json"), Some(BodyKind::Sniff));
+        assert_eq!(body_kind("text/plain"), Some(BodyKind::Sniff));
+        assert_eq!(body_kind("text/event-stream"), Some(BodyKind::Text));
+        assert_eq!(body_kind(""), Some(BodyKind::Sniff));
+        assert_eq!(body_kind("image/png"), None);
+        assert_eq!(body_kind("application/octet-stream"), None);
+    }
+
+    #[test]
+    fn gateway_cookies_are_not_forwarded() {
+        let v = HeaderValue::from_static("tollgate_session=abc; theme=dark; TOLLGATE_csrf=x");
+        assert_eq!(without_gateway_cookies(&v).unwrap(), "theme=dark");
+        let v = HeaderValue::from_static("tollgate_session=abc");
+        assert!(without_gateway_cookies(&v).is_none());
+    }
+
+    #[test]
+    fn secrets_are_not_recorded() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer x"));
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        let r = recorded_headers(&h);
+        assert!(
+            r.iter().all(|(k, v)| k == "accept" || v == "[redacted]"),
+            "{r:?}"
+        );
+        assert!(r
+            .iter()
+            .any(|(k, v)| k == "accept" && v == "application/json"));
+    }
+}

@@ -1,0 +1,781 @@
+//! HTTP resources end to end: real curl through the real gateway to a real HTTPS upstream
+//! with its own certificate. Identity both ways, header injection and stripping, rules on the
+//! normalised request, review holds, masking of JSON and text (streamed), SSE, recording.
+
+mod common;
+
+use common::upstream::{Upstream, CUSTOMER};
+use common::{read_events, wait_for, Gateway, Pki, BIN, TOKEN};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tollgate_tls::pki::{self, IssuedFiles};
+
+struct HttpEnv {
+    gw: Gateway,
+    up: Upstream,
+    pki: Pki,
+    alice: IssuedFiles,
+    bob: IssuedFiles,
+    https_port: u16,
+    http_port: u16,
+    tmp: tempfile::TempDir,
+}
+
+const UPSTREAM_SECRET: &str = "Bearer upstream-secret-4f9a";
+
+impl HttpEnv {
+    /// `resource_keys`: keys of the "billing" resource; `tables`: its rules and masks.
+    fn start(resource_keys: &str, tables: &str) -> HttpEnv {
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-http-")
+            .tempdir()
+            .unwrap();
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let gw_cert = pki::issue_server(
+            &pki.dir,
+            &pki::ServerCertSpec {
+                dns: vec!["localhost".into(), "billing.localhost".into()],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                ttl: Duration::from_secs(86400),
+                not_before: None,
+            },
+            &pki.dir.join("gateway"),
+        )
+        .unwrap();
+        let up_cert = pki.server("upstream");
+        let up = Upstream::start(&up_cert.cert, &up_cert.key);
+        let alice = pki.client("alice", &["sre"]);
+        let bob = pki.client("bob", &["dev"]);
+        let https_port = tollgate_testsupport::free_port();
+        let http_port = tollgate_testsupport::free_port();
+        let config = format!(
+            r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+https_listen = "127.0.0.1:{https_port}"
+http_listen = "127.0.0.1:{http_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+store = "sqlite://audit.db"
+reload_interval = "200ms"
+
+[roles]
+admin_groups = ["sre"]
+
+[[identity.tokens]]
+subject = "ci-bot"
+sha256 = "{token_sha}"
+groups = ["ci"]
+
+[[resources]]
+name = "billing"
+kind = "http"
+upstream = "https://localhost:{up_port}"
+allow_groups = ["sre", "ci"]
+{resource_keys}
+[resources.tls]
+ca = "{ca}"
+[resources.credentials]
+header = "Authorization"
+value_env = "BILLING_TOKEN"
+{tables}
+"#,
+            cert = gw_cert.cert.display(),
+            key = gw_cert.key.display(),
+            ca = pki.ca.display(),
+            token_sha = common::sha256_hex(TOKEN),
+            up_port = up.port,
+        );
+        let gw = Gateway::start(tmp.path(), &config, &[("BILLING_TOKEN", UPSTREAM_SECRET)]);
+        HttpEnv {
+            gw,
+            up,
+            pki,
+            alice,
+            bob,
+            https_port,
+            http_port,
+            tmp,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}/r/billing{path}", self.https_port)
+    }
+
+    /// curl as `who` (a certificate), or with the service token when `None`.
+    fn curl(&self, who: Option<&IssuedFiles>, args: &[&str]) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
+        .arg(&self.pki.ca);
+        match who {
+            Some(w) => {
+                cmd.arg("--cert").arg(&w.cert).arg("--key").arg(&w.key);
+            }
+            None => {
+                cmd.args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
+            }
+        }
+        let out = cmd.args(args).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    fn json(&self, who: Option<&IssuedFiles>, args: &[&str]) -> (u16, serde_json::Value) {
+        let (code, body) = self.curl(who, args);
+        let v = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {body}\n{}", self.gw.logs()));
+        (code, v)
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        read_events(&self.tmp.path().join("audit.db"))
+    }
+
+    fn events_until(
+        &self,
+        what: &str,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let mut evs = Vec::new();
+        wait_for(Duration::from_secs(15), what, || {
+            evs = self.events();
+            done(&evs)
+        });
+        evs
+    }
+
+    fn cli(&self, who: &IssuedFiles, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env(
+                "TOLLGATE_GATEWAY",
+                format!("https://localhost:{}", self.https_port),
+            )
+            .env("TOLLGATE_CA", &self.pki.ca)
+            .env("TOLLGATE_CERT", &who.cert)
+            .env("TOLLGATE_KEY", &who.key)
+            .output()
+            .unwrap()
+    }
+
+    /// The pending review's id, as an approver sees it in the API.
+    fn pending_review(&self) -> String {
+        let mut id = String::new();
+        wait_for(Duration::from_secs(15), "a pending review", || {
+            let (_, v) = self.json(
+                Some(&self.alice),
+                &[&format!(
+                    "https://localhost:{}/api/v1/reviews?status=pending",
+                    self.https_port
+                )],
+            );
+            match v["reviews"].as_array().and_then(|a| a.first()) {
+                Some(r) => {
+                    id = r["id"].as_str().unwrap().to_string();
+                    true
+                }
+                None => false,
+            }
+        });
+        id
+    }
+}
+
+/// How the test upstream echoes the injected credential.
+fn secret_digest() -> String {
+    format!("sha256:{}", common::sha256_hex(UPSTREAM_SECRET))
+}
+
+fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    echo["headers"][name].as_str()
+}
+
+#[test]
+fn identity_injection_and_header_hygiene() {
+    let env = HttpEnv::start("", "");
+    // A certificate holder: the upstream sees the injected credential, never the client's.
+    let (code, echo) = env.json(
+        Some(&env.alice),
+        &[
+            // Connection-specific headers exist in HTTP/1.1 only.
+            "--http1.1",
+            "-H",
+            "X-Forwarded-For: 6.6.6.6",
+            "-H",
+            "X-Tollgate-Identity: forged",
+            "-H",
+            "Cookie: tollgate_session=abc; theme=dark",
+            "-H",
+            "Proxy-Authorization: Basic Zm9vOmJhcg==",
+            "-H",
+            "Connection: keep-alive, X-Secret-Hop",
+            "-H",
+            "X-Secret-Hop: 1",
+            &env.url("/v1/echo?x=1&y=two"),
+        ],
+    );
+    assert_eq!(code, 200, "{echo}");
+    assert_eq!(echo["path"], "/v1/echo");
+    assert_eq!(echo["query"], "x=1&y=two");
+    assert_eq!(
+        header(&echo, "authorization"),
+        Some(secret_digest().as_str())
+    );
+    assert_eq!(header(&echo, "x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(header(&echo, "x-forwarded-proto"), Some("https"));
+    assert_eq!(header(&echo, "cookie"), Some("theme=dark"));
+    assert_eq!(header(&echo, "x-tollgate-identity"), None);
+    assert_eq!(header(&echo, "proxy-authorization"), None);
+    assert_eq!(
+        header(&echo, "x-secret-hop"),
+        None,
+        "a Connection-listed header is hop-by-hop"
+    );
+    assert_eq!(
+        header(&echo, "host"),
+        Some(format!("localhost:{}", env.up.port).as_str())
+    );
+
+    // A service token: the token is the gateway's credential and goes no further.
+    let (code, echo) = env.json(None, &[&env.url("/echo")]);
+    assert_eq!(code, 200);
+    assert_eq!(
+        header(&echo, "authorization"),
+        Some(secret_digest().as_str())
+    );
+    assert!(!echo.to_string().contains(TOKEN));
+
+    // Responses on the API's origin are sandboxed.
+    let out = Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null", "--cacert"])
+        .arg(&env.pki.ca)
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            &env.url("/x"),
+        ])
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.contains("content-security-policy: sandbox"), "{head}");
+
+    // Who may not reach it: unauthenticated, a wrong token, a group not allowed, an unknown
+    // resource (which looks the same as a forbidden one).
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(&env.pki.ca)
+        .arg(env.url("/echo"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n401"), "{text}");
+    assert!(text.contains("authentication required"), "{text}");
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(&env.pki.ca)
+        .args(["-H", "Authorization: Bearer wrong", &env.url("/echo")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n401") && text.contains("the token is not valid"),
+        "{text}"
+    );
+    let (code, v) = env.json(Some(&env.bob), &[&env.url("/echo")]);
+    assert_eq!(code, 403);
+    assert_eq!(v["code"], "forbidden");
+    let (code, v2) = env.json(
+        Some(&env.bob),
+        &[&format!("https://localhost:{}/r/nope/echo", env.https_port)],
+    );
+    assert_eq!(code, 403);
+    assert_eq!(
+        v["error"].as_str().unwrap().replace("billing", "X"),
+        v2["error"].as_str().unwrap().replace("nope", "X")
+    );
+    // Nothing the refused callers sent reached the upstream.
+    assert_eq!(env.up.seen.count(), 3);
+
+    // The record: sessions with subject and resource, requests and responses, no secrets.
+    let evs = env.events_until("three http.response events", |evs| {
+        evs.iter().filter(|e| e["kind"] == "http.response").count() >= 3
+    });
+    let opens: Vec<_> = evs
+        .iter()
+        .filter(|e| e["kind"] == "session.open" && e["payload"]["resource"] == "billing")
+        .collect();
+    assert!(
+        opens
+            .iter()
+            .any(|e| e["payload"]["subject"] == "alice" && e["payload"]["auth_method"] == "cert"),
+        "{opens:#?}"
+    );
+    assert!(opens
+        .iter()
+        .any(|e| e["payload"]["subject"] == "ci-bot" && e["payload"]["auth_method"] == "token"));
+    let req = evs
+        .iter()
+        .find(|e| e["kind"] == "http.request" && e["payload"]["path"] == "/v1/echo")
+        .unwrap();
+    assert_eq!(req["payload"]["method"], "GET");
+    assert_eq!(req["payload"]["decision"]["action"], "allow");
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(
+        !all.contains(TOKEN),
+        "the client's token is in the audit trail"
+    );
+    assert!(
+        !all.contains("upstream-secret"),
+        "the injected credential is in the audit trail"
+    );
+    assert!(
+        !all.contains("Zm9vOmJhcg"),
+        "a proxy credential is in the audit trail"
+    );
+}
+
+#[test]
+fn rules_judge_the_normalised_request() {
+    let env = HttpEnv::start(
+        "",
+        r#"[[resources.rules]]
+name = "no admin"
+paths = ["/admin/**"]
+action = "deny"
+message = "the admin API is not for agents"
+[[resources.rules]]
+name = "no invoice deletes"
+methods = ["DELETE"]
+paths = ["/v1/invoices/*"]
+action = "deny"
+[[resources.rules]]
+name = "no dry runs off"
+query = { dry_run = "false" }
+action = "deny"
+"#,
+    );
+    let denied = |args: &[&str]| {
+        let (code, v) = env.json(Some(&env.alice), args);
+        assert_eq!(code, 403, "{args:?}: {v}");
+        assert_eq!(v["code"], "denied", "{args:?}: {v}");
+        v
+    };
+    let v = denied(&[&env.url("/admin/users")]);
+    assert_eq!(v["rule"], "no admin");
+    assert_eq!(v["error"], "the admin API is not for agents");
+    // Spellings of the same path.
+    denied(&["--path-as-is", &env.url("/v1/../admin/users")]);
+    denied(&["--path-as-is", &env.url("/v1/%2e%2e/admin/users")]);
+    denied(&[&env.url("//admin//users")]);
+    denied(&[&env.url("/%61dmin/users")]);
+    denied(&[&env.url("/admin;jsessionid=x/users")]);
+    denied(&[&env.url("/ADMIN/users")]);
+    // Methods, including an override header a framework would honour.
+    denied(&["-X", "DELETE", &env.url("/v1/invoices/7")]);
+    denied(&[
+        "-X",
+        "POST",
+        "-H",
+        "X-HTTP-Method-Override: DELETE",
+        &env.url("/v1/invoices/7"),
+    ]);
+    denied(&[&env.url("/v1/invoices?dry_run=false")]);
+    denied(&[&env.url("/v1/invoices?dry%5Frun=fals%65")]);
+    // An encoded separator is refused outright (the rules and the upstream could read it differently).
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/admin%2fusers")]);
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/v1%5cadmin")]);
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(
+        env.up.seen.count(),
+        0,
+        "a refused request reached the upstream: {:?}",
+        env.up.seen.all()
+    );
+
+    // What is allowed reaches the upstream exactly as it was judged.
+    let (code, v) = env.json(
+        Some(&env.alice),
+        &["--path-as-is", &env.url("/v1//invoices/./7/../8")],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["path"], "/v1/invoices/8");
+    let (code, _) = env.json(
+        Some(&env.alice),
+        &["-X", "GET", &env.url("/v1/invoices/7?dry_run=true")],
+    );
+    assert_eq!(code, 200);
+
+    let evs = env.events_until("denials recorded", |evs| {
+        evs.iter()
+            .filter(|e| e["kind"] == "http.request" && e["payload"]["decision"]["action"] == "deny")
+            .count()
+            >= 10
+    });
+    let override_ev = evs
+        .iter()
+        .find(|e| e["kind"] == "http.request" && e["payload"]["method"] == "POST as DELETE")
+        .expect("the override is recorded");
+    assert_eq!(
+        override_ev["payload"]["decision"]["rule"],
+        "no invoice deletes"
+    );
+}
+
+#[test]
+fn held_requests_wait_for_review() {
+    let env = HttpEnv::start(
+        "review_timeout = \"4s\"",
+        r#"[[resources.rules]]
+name = "refunds"
+methods = ["POST"]
+paths = ["/v1/invoices/*/refund"]
+action = "review"
+approvers = ["sre"]
+"#,
+    );
+    // ci-bot's refund is held until alice approves it with the CLI.
+    let url = env.url("/v1/invoices/42/refund");
+    let held = {
+        let (ca, url) = (env.pki.ca.clone(), url.clone());
+        std::thread::spawn(move || {
+            let out = Command::new("curl")
+                .args([
+                    "-sS",
+                    "-w",
+                    "\n%{http_code}",
+                    "--max-time",
+                    "30",
+                    "--cacert",
+                ])
+                .arg(&ca)
+                .args([
+                    "-H",
+                    &format!("Authorization: Bearer {TOKEN}"),
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    r#"{"amount":10}"#,
+                    &url,
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let id = env.pending_review();
+    assert_eq!(
+        env.up.seen.count(),
+        0,
+        "a held request reached the upstream"
+    );
+    let (_, review) = env.json(
+        Some(&env.alice),
+        &[&format!(
+            "https://localhost:{}/api/v1/reviews/{id}",
+            env.https_port
+        )],
+    );
+    let statement = review["statement"].as_str().unwrap();
+    assert!(
+        statement.starts_with("POST /v1/invoices/42/refund"),
+        "{statement}"
+    );
+    let out = env.cli(&env.alice, &["reviews", "approve", &id, "--reason", "ok"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = held.join().unwrap();
+    assert!(text.ends_with("\n200"), "{text}");
+    let seen = env.up.seen.all();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["body"], r#"{"amount":10}"#);
+
+    // Prefer: respond-async → 202 with the review; the identical request runs once approved;
+    // a different body is a different request.
+    let ask = |body: &str| {
+        env.json(
+            None,
+            &[
+                "-H",
+                "Prefer: respond-async",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                &url,
+            ],
+        )
+    };
+    let (code, v) = ask(r#"{"amount":99}"#);
+    assert_eq!(code, 202, "{v}");
+    let id = v["review"].as_str().unwrap().to_string();
+    assert_eq!(v["rule"], "refunds");
+    let out = env.cli(&env.alice, &["reviews", "approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, v) = ask(r#"{"amount":100}"#);
+    assert_eq!(code, 202, "an approval of one body ran another: {v}");
+    let (code, _) = ask(r#"{"amount":99}"#);
+    assert_eq!(code, 200);
+    assert_eq!(env.up.seen.count(), 2);
+    // The approval ran once.
+    let (code, _) = ask(r#"{"amount":99}"#);
+    assert_eq!(code, 202);
+
+    // Denied → 403 with the review; no decision → 504.
+    let denied = {
+        let (ca, url) = (env.pki.ca.clone(), url.clone());
+        std::thread::spawn(move || {
+            let out = Command::new("curl")
+                .args([
+                    "-sS",
+                    "-w",
+                    "\n%{http_code}",
+                    "--max-time",
+                    "30",
+                    "--cacert",
+                ])
+                .arg(&ca)
+                .args([
+                    "-H",
+                    &format!("Authorization: Bearer {TOKEN}"),
+                    "-d",
+                    "x",
+                    &url,
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let mut id = String::new();
+    wait_for(Duration::from_secs(15), "the review with body x", || {
+        let (_, v) = env.json(
+            Some(&env.alice),
+            &[&format!(
+                "https://localhost:{}/api/v1/reviews?status=pending",
+                env.https_port
+            )],
+        );
+        match v["reviews"].as_array().unwrap().iter().find(|r| {
+            r["statement"]
+                .as_str()
+                .unwrap_or("")
+                .contains("body 1 bytes")
+        }) {
+            Some(r) => {
+                id = r["id"].as_str().unwrap().to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    let out = env.cli(
+        &env.alice,
+        &["reviews", "deny", &id, "--reason", "not today"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = denied.join().unwrap();
+    assert!(text.ends_with("\n403"), "{text}");
+    assert!(
+        text.contains("not today") && text.contains("review_denied"),
+        "{text}"
+    );
+    let (code, v) = env.json(None, &["-d", "y", &url]);
+    assert_eq!(code, 504, "{v}");
+    assert_eq!(v["code"], "review_expired");
+    assert_eq!(env.up.seen.count(), 2);
+}
+
+#[test]
+fn responses_are_masked_as_they_stream() {
+    let env = HttpEnv::start(
+        "",
+        r#"[[resources.masks]]
+json_paths = ["$.customer.email", "$..card_number"]
+strategy = "partial"
+[[resources.masks]]
+detectors = ["email"]
+strategy = "redact"
+"#,
+    );
+    let (code, body) = env.curl(Some(&env.alice), &[&env.url("/customers/1")]);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("masked JSON stays JSON");
+    let orig: serde_json::Value = serde_json::from_str(CUSTOMER).unwrap();
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["customer"]["name"], "Ada");
+    assert_ne!(v["customer"]["email"], orig["customer"]["email"]);
+    assert!(v["payments"][0]["card_number"]
+        .as_str()
+        .unwrap()
+        .ends_with("1111"));
+    assert!(!body.contains("4111 1111 1111 1111"), "{body}");
+    assert!(
+        !body.contains("ada@example.com") && !body.contains("bob@example.org"),
+        "{body}"
+    );
+    assert_eq!(v["payments"][1]["amount"], 30);
+
+    // JSON served as text/plain is recognised by its content; plain text by detectors.
+    let (_, body) = env.curl(Some(&env.alice), &[&env.url("/customers/1.txt")]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["payments"][0]["card_number"]
+        .as_str()
+        .unwrap()
+        .ends_with("1111"));
+    assert!(!body.contains("4111 1111 1111 1111"));
+    let (_, body) = env.curl(Some(&env.alice), &[&env.url("/note")]);
+    assert!(
+        !body.contains("ada@example.com") && body.contains("call me:"),
+        "{body}"
+    );
+
+    // A large body streams through, masked, still one valid JSON document.
+    let (code, body) = env.curl(Some(&env.alice), &[&env.url("/big?n=20000")]);
+    assert_eq!(code, 200);
+    assert!(body.len() > 2_000_000, "{}", body.len());
+    let v: serde_json::Value = serde_json::from_str(&body).expect("valid JSON");
+    assert_eq!(v.as_array().unwrap().len(), 20000);
+    assert!(!body.contains("@example.com") && !body.contains("4111111111111111"));
+
+    // What masks cannot read is refused, and ranges and compression are not asked for.
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/image")]);
+    assert_eq!(code, 502);
+    assert_eq!(v["code"], "unmaskable");
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/gzipped")]);
+    assert_eq!(code, 502, "{v}");
+    let (_, echo) = env.json(
+        Some(&env.alice),
+        &[
+            "-H",
+            "Range: bytes=0-10",
+            "-H",
+            "Accept-Encoding: gzip, br",
+            &env.url("/echo"),
+        ],
+    );
+    assert_eq!(header(&echo, "range"), None);
+    assert_eq!(header(&echo, "accept-encoding"), Some("identity"));
+
+    // The record keeps the masked capture, never the originals.
+    let evs = env.events_until("the customer response", |evs| {
+        evs.iter().filter(|e| e["kind"] == "http.response").count() >= 7
+    });
+    let resp = evs
+        .iter()
+        .find(|e| {
+            e["kind"] == "http.response"
+                && e["payload"]["body"]["capture"]
+                    .as_str()
+                    .is_some_and(|c| c.contains("\"Ada\""))
+        })
+        .expect("captured customer");
+    assert!(
+        resp["payload"]["masked"]["values"].as_u64().unwrap() >= 3,
+        "{resp}"
+    );
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(!all.contains("ada@example.com") && !all.contains("4111 1111 1111 1111"));
+}
+
+#[test]
+fn server_sent_events_stream_through_masked() {
+    let env = HttpEnv::start(
+        "",
+        r#"[[resources.masks]]
+detectors = ["email"]
+"#,
+    );
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "30", "--cacert"])
+        .arg(&env.pki.ca)
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            &env.url("/sse"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // Each event reaches the client before the upstream sends the next one.
+    let mut got = String::new();
+    for i in 0..3 {
+        env.up.release_event();
+        let mut buf = [0u8; 4096];
+        while !got.contains(&format!("\"n\":{i}")) {
+            let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+            assert!(n > 0, "stream ended early: {got}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    let _ = child.wait();
+    assert!(got.contains("id: 2"), "{got}");
+    assert!(!got.contains("@example.com"), "{got}");
+}
+
+#[test]
+fn resources_by_host_name_on_their_own_listener() {
+    let env = HttpEnv::start("", "");
+    let resolve = format!("billing.localhost:{}:127.0.0.1", env.http_port);
+    for http in ["--http1.1", "--http2"] {
+        let (code, echo) = env.json(
+            Some(&env.alice),
+            &[
+                http,
+                "--resolve",
+                &resolve,
+                &format!("https://billing.localhost:{}/v1/echo", env.http_port),
+            ],
+        );
+        assert_eq!(code, 200, "{http}: {echo}");
+        assert_eq!(echo["path"], "/v1/echo");
+        assert_eq!(
+            header(&echo, "authorization"),
+            Some(secret_digest().as_str())
+        );
+    }
+    // Over HTTP/2 on https_listen too.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            "--cacert",
+        ])
+        .arg(&env.pki.ca)
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            &env.url("/x"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2");
+    let _ = Path::new("");
+}
