@@ -6,6 +6,11 @@
 //! - `POST /api/v1/reviews/{id}/approve` / `.../deny` with `{"reason": "..."}` (required to deny);
 //! - `POST /api/v1/reviews/{id}/revoke` with `{"reason": "..."}`: ends the grant of an approved
 //!   access or unmask review now (and the sessions that depend on it);
+//! - `GET /api/v1/grants?subject=&resource=&kind=access|unmask&active=true|false` → [`GrantList`]:
+//!   access and unmask grants (default: those in force now), all for admins and auditors, their
+//!   own for others;
+//! - `POST /api/v1/grants/{id}/revoke` with `{"reason": "..."}`: the review revoke route under
+//!   the grant's name (the id is the review's); 404 for no such grant, 409 once it has ended;
 //! - `POST /api/v1/access` with `{"resource", "for": "1h", "reason"}` → 201 and the new access
 //!   review; with `"unmask": true`, an unmask review instead (the resource without masking, for
 //!   the requester, for a while; approvers: the resource's `unmask_approvers`).
@@ -19,28 +24,34 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use tollgate_identity::Identity;
-use tollgate_review::{Review, ReviewError, ReviewFilter};
+use tollgate_review::{GrantFilter, Review, ReviewError, ReviewFilter, ReviewKind};
 use tollgate_store::EventInput;
 
 use crate::params;
 use crate::routes::{
     authenticate, json_response, refusal, refused, store_failed, ApiBody, Refusal,
 };
-use crate::view::ReviewList;
+use crate::view::{GrantList, ReviewList};
 use crate::{ApiState, Conn, KIND_API_READ, KIND_API_WRITE};
 
 /// Largest request body accepted (a reason, a resource name).
 const MAX_BODY: usize = 64 * 1024;
 const LIST_LIMIT_MAX: usize = 1000;
-const HINT: &str = "routes: GET /api/v1/reviews, GET /api/v1/reviews/{id}, POST /api/v1/reviews/{id}/approve, POST /api/v1/reviews/{id}/deny, POST /api/v1/reviews/{id}/revoke, POST /api/v1/access";
+const HINT: &str = "routes: GET /api/v1/reviews, GET /api/v1/reviews/{id}, POST /api/v1/reviews/{id}/approve, POST /api/v1/reviews/{id}/deny, POST /api/v1/reviews/{id}/revoke, POST /api/v1/access, GET /api/v1/grants, POST /api/v1/grants/{id}/revoke";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ReviewRoute {
     List,
     Get(String),
-    Decide { id: String, approve: bool },
+    Decide {
+        id: String,
+        approve: bool,
+    },
     Revoke(String),
     Access,
+    Grants,
+    /// [`ReviewRoute::Revoke`] addressed as a grant.
+    GrantRevoke(String),
 }
 
 impl ReviewRoute {
@@ -61,16 +72,19 @@ impl ReviewRoute {
             },
             ["reviews", i, "revoke"] => ReviewRoute::Revoke(id(i)?),
             ["access"] => ReviewRoute::Access,
+            ["grants"] => ReviewRoute::Grants,
+            ["grants", i, "revoke"] => ReviewRoute::GrantRevoke(id(i)?),
             _ => return None,
         })
     }
 
     fn method(&self) -> Method {
         match self {
-            ReviewRoute::List | ReviewRoute::Get(_) => Method::GET,
-            ReviewRoute::Decide { .. } | ReviewRoute::Revoke(_) | ReviewRoute::Access => {
-                Method::POST
-            }
+            ReviewRoute::List | ReviewRoute::Get(_) | ReviewRoute::Grants => Method::GET,
+            ReviewRoute::Decide { .. }
+            | ReviewRoute::Revoke(_)
+            | ReviewRoute::GrantRevoke(_)
+            | ReviewRoute::Access => Method::POST,
         }
     }
 
@@ -82,14 +96,17 @@ impl ReviewRoute {
             ReviewRoute::Decide { approve: false, .. } => "/api/v1/reviews/{id}/deny",
             ReviewRoute::Revoke(_) => "/api/v1/reviews/{id}/revoke",
             ReviewRoute::Access => "/api/v1/access",
+            ReviewRoute::Grants => "/api/v1/grants",
+            ReviewRoute::GrantRevoke(_) => "/api/v1/grants/{id}/revoke",
         }
     }
 
     fn review_id(&self) -> Option<&str> {
         match self {
-            ReviewRoute::Get(id) | ReviewRoute::Decide { id, .. } | ReviewRoute::Revoke(id) => {
-                Some(id)
-            }
+            ReviewRoute::Get(id)
+            | ReviewRoute::Decide { id, .. }
+            | ReviewRoute::Revoke(id)
+            | ReviewRoute::GrantRevoke(id) => Some(id),
             _ => None,
         }
     }
@@ -97,7 +114,11 @@ impl ReviewRoute {
 
 /// Paths this module serves (anything under them that does not parse is a 404 here).
 pub(crate) fn is_review_path(path: &str) -> bool {
-    path == "/api/v1/reviews" || path.starts_with("/api/v1/reviews/") || path == "/api/v1/access"
+    path == "/api/v1/reviews"
+        || path.starts_with("/api/v1/reviews/")
+        || path == "/api/v1/access"
+        || path == "/api/v1/grants"
+        || path.starts_with("/api/v1/grants/")
 }
 
 #[derive(Deserialize, Default)]
@@ -220,11 +241,12 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8], shape: &str) -> Result<
     })
 }
 
+fn sees_all(state: &ApiState, who: &Identity) -> bool {
+    who.in_any(&state.roles.admin_groups) || who.in_any(&state.roles.auditor_groups)
+}
+
 fn may_see(state: &ApiState, who: &Identity, r: &Review) -> bool {
-    who.in_any(&state.roles.admin_groups)
-        || who.in_any(&state.roles.auditor_groups)
-        || state.reviews.is_requester(r, who)
-        || who.in_any(&r.approvers)
+    sees_all(state, who) || state.reviews.is_requester(r, who) || who.in_any(&r.approvers)
 }
 
 fn not_found(id: &str) -> Refusal {
@@ -260,6 +282,16 @@ fn review_refusal(e: ReviewError, id: Option<&str>) -> Refusal {
             Some("this review needs another reviewer"),
         ),
         e @ ReviewError::UnknownResource(_) => refusal(StatusCode::NOT_FOUND, e.to_string(), None),
+        e @ ReviewError::NotAGrant(_) => refusal(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+            Some("list grants with GET /api/v1/grants (tollgate access list)"),
+        ),
+        e @ ReviewError::GrantEnded { .. } => refusal(
+            StatusCode::CONFLICT,
+            e.to_string(),
+            Some("nothing to revoke: sessions that depended on it have ended"),
+        ),
         e @ (ReviewError::TooLong { .. } | ReviewError::Invalid(_)) => {
             refusal(StatusCode::BAD_REQUEST, e.to_string(), None)
         }
@@ -386,13 +418,38 @@ async fn respond(
             .await?;
             Ok(json_response(StatusCode::OK, &review))
         }
-        ReviewRoute::Revoke(id) => {
+        ReviewRoute::Revoke(id) | ReviewRoute::GrantRevoke(id) => {
             params::no_query(query)?;
             let b: DecideBody = parse_body(body, r#"{"reason": "..."}"#)?;
             let (key, me) = (id.clone(), who.clone());
-            let review =
-                blocking(move || reviews.revoke_grant(&key, &me, b.reason), Some(id)).await?;
-            Ok(json_response(StatusCode::OK, &review))
+            let as_grant = matches!(route, ReviewRoute::GrantRevoke(_));
+            let revoked = blocking(
+                move || {
+                    reviews
+                        .revoke_grant(&key, &me, b.reason)
+                        .map_err(|e| match e {
+                            // Addressed as a grant, a review that granted nothing is no grant.
+                            ReviewError::NotAGrant(_) if as_grant => ReviewError::NotFound(key),
+                            e => e,
+                        })
+                },
+                Some(id),
+            )
+            .await
+            .map_err(|r| match r.status {
+                StatusCode::NOT_FOUND if as_grant => grant_not_found(id),
+                _ => r,
+            })?;
+            Ok(json_response(StatusCode::OK, &revoked))
+        }
+        ReviewRoute::Grants => {
+            let filter = grants_query(query)?;
+            let list = blocking(move || reviews.grants(&filter), None).await?;
+            let grants = list
+                .into_iter()
+                .filter(|g| sees_all(state, who) || state.reviews.is_holder(g, who))
+                .collect();
+            Ok(json_response(StatusCode::OK, &GrantList { grants }))
         }
         ReviewRoute::Access => {
             params::no_query(query)?;
@@ -419,6 +476,53 @@ async fn respond(
     }
 }
 
+fn grant_not_found(id: &str) -> Refusal {
+    refusal(
+        StatusCode::NOT_FOUND,
+        format!("no grant {id:?}"),
+        Some("list grants with GET /api/v1/grants (tollgate access list --all)"),
+    )
+}
+
+/// The parameters of `GET /api/v1/grants`; `active` defaults to true.
+fn grants_query(query: &str) -> Result<GrantFilter, params::BadParam> {
+    let mut f = GrantFilter {
+        active: Some(true),
+        ..Default::default()
+    };
+    for (k, v) in params::parse_query(query)? {
+        let bad = |what: &str| params::BadParam(format!("{k}={v:?}: {what}"));
+        match k.as_str() {
+            "subject" | "resource" if v.is_empty() => {
+                return Err(bad("give a value or leave it out"))
+            }
+            "subject" => f.subject = Some(v),
+            "resource" => f.resource = Some(v),
+            "kind" => {
+                f.kind = Some(match v.as_str() {
+                    "access" => ReviewKind::Access,
+                    "unmask" => ReviewKind::Unmask,
+                    _ => return Err(bad("write access or unmask")),
+                })
+            }
+            "active" => {
+                f.active = match v.as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    "all" => None,
+                    _ => return Err(bad("write true, false or all")),
+                }
+            }
+            _ => {
+                return Err(params::BadParam(format!(
+                "unknown parameter {k:?}: accepted parameters are subject, resource, kind, active"
+            )))
+            }
+        }
+    }
+    Ok(f)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn access_event(
     state: &ApiState,
@@ -441,7 +545,18 @@ fn access_event(
         who,
         kind,
         path,
-        (query, &["status", "kind", "resource", "requester", "limit"]),
+        (
+            query,
+            &[
+                "status",
+                "kind",
+                "resource",
+                "requester",
+                "limit",
+                "subject",
+                "active",
+            ],
+        ),
         status,
         json!({
             "method": method.as_str(),
@@ -492,6 +607,41 @@ mod tests {
             assert!(is_review_path(bad), "{bad}");
         }
         assert!(!is_review_path("/api/v1/sessions"));
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/grants"),
+            Some(ReviewRoute::Grants)
+        );
+        assert_eq!(
+            ReviewRoute::parse("/api/v1/grants/rv_a/revoke"),
+            Some(ReviewRoute::GrantRevoke("rv_a".into()))
+        );
+        assert_eq!(ReviewRoute::parse("/api/v1/grants/rv_a"), None);
+        assert!(is_review_path("/api/v1/grants/rv_a"));
+    }
+
+    #[test]
+    fn grants_query_defaults_to_active_and_names_a_bad_parameter() {
+        let f = grants_query("").unwrap();
+        assert_eq!(f.active, Some(true));
+        let f = grants_query("subject=carol&resource=app&kind=unmask&active=false").unwrap();
+        assert_eq!(f.subject.as_deref(), Some("carol"));
+        assert_eq!(f.resource.as_deref(), Some("app"));
+        assert_eq!(f.kind, Some(ReviewKind::Unmask));
+        assert_eq!(f.active, Some(false));
+        assert_eq!(grants_query("active=all").unwrap().active, None);
+        let err = |q: &str| grants_query(q).unwrap_err().0;
+        assert!(
+            err("active=yes").starts_with("active="),
+            "{}",
+            err("active=yes")
+        );
+        assert!(
+            err("kind=command").starts_with("kind="),
+            "{}",
+            err("kind=command")
+        );
+        assert!(err("subject=").starts_with("subject="));
+        assert!(err("user=x").contains("\"user\""), "{}", err("user=x"));
     }
 
     #[test]
@@ -519,6 +669,13 @@ mod tests {
         assert_eq!(
             status(ReviewError::Invalid("x".into())),
             StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(ReviewError::GrantEnded {
+                id: "rv_a".into(),
+                revoked: true
+            }),
+            StatusCode::CONFLICT
         );
         let r = review_refusal(ReviewError::NotPending("denied".into()), Some("rv_a"));
         assert_eq!(r.body.error, "review rv_a is already denied");

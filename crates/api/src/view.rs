@@ -133,6 +133,12 @@ pub struct ReviewList {
     pub reviews: Vec<tollgate_review::Review>,
 }
 
+/// `GET /api/v1/grants`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantList {
+    pub grants: Vec<tollgate_review::GrantView>,
+}
+
 /// Every non-2xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

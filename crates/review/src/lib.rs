@@ -204,6 +204,85 @@ pub struct Grant {
     pub review_id: String,
 }
 
+fn resource_settings(config: &tollgate_config::Config) -> HashMap<String, ResourceSettings> {
+    config
+        .resources
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                ResourceSettings {
+                    access_approvers: r.access_approvers.clone(),
+                    unmask_approvers: r.unmask_approvers.clone(),
+                    max_access: r.max_access,
+                },
+            )
+        })
+        .collect()
+}
+
+/// An access or unmask grant (the approved review it comes from) as the API and the CLI show
+/// it. Field names are a contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    /// The id of the review that granted it.
+    pub id: String,
+    /// `access` (reach the resource) or `unmask` (see it without masking).
+    pub kind: String,
+    /// Who holds it, readable (the subject of the credential that asked).
+    pub subject: String,
+    /// Who holds it, canonical (see [`Review::requester_principal`]).
+    pub principal: Option<String>,
+    pub resource: String,
+    /// The requester's reason.
+    pub reason: Option<String>,
+    /// The approver whose vote granted it.
+    pub granted_by: Option<String>,
+    /// RFC 3339, UTC, milliseconds.
+    pub granted_at: String,
+    pub granted_at_unix_ms: i64,
+    /// When it ends (or ended: the revocation time of a revoked grant).
+    pub until: String,
+    pub until_unix_ms: i64,
+    /// Whether it is in force now.
+    pub active: bool,
+    /// Set when it was ended early.
+    pub revoked: Option<Revocation>,
+}
+
+/// Who ended a grant early, when and why. `by` and `reason` come from the `review.revoked`
+/// audit event and are `null` when that event cannot be found (e.g. pruned by retention).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub by: Option<String>,
+    pub at: String,
+    pub at_unix_ms: i64,
+    pub reason: Option<String>,
+}
+
+/// Which grants [`Reviews::grants`] lists (newest first); `None` matches any.
+#[derive(Clone, Debug, Default)]
+pub struct GrantFilter {
+    /// The holder's subject.
+    pub subject: Option<String>,
+    pub resource: Option<String>,
+    pub kind: Option<ReviewKind>,
+    /// In force now (`true`) or ended (`false`).
+    pub active: Option<bool>,
+}
+
+/// Whether an approved grant ended before the time it was granted for (it was revoked).
+fn ended_early(rec: &ReviewRecord) -> bool {
+    match (
+        rec.decided_at_unix_ms,
+        rec.access_ms,
+        rec.grant_until_unix_ms,
+    ) {
+        (Some(from), Some(asked), Some(until)) => until < from.saturating_add(asked),
+        _ => false,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
     #[error("no review {0:?}")]
@@ -218,6 +297,12 @@ pub enum ReviewError {
     AlreadyVotedBy(String),
     #[error("no resource {0:?}")]
     UnknownResource(String),
+    /// Revoking something that is not the grant of an approved access or unmask review.
+    #[error("only the grant of an approved access or unmask review can be revoked; {0}")]
+    NotAGrant(String),
+    /// The grant was revoked before, or has run out.
+    #[error("the grant of review {id} {}", if *revoked { "was already revoked" } else { "has already ended" })]
+    GrantEnded { id: String, revoked: bool },
     #[error("{asked} is longer than this resource allows ({max}, its max_access)")]
     TooLong { asked: String, max: String },
     #[error("{0}")]
@@ -249,7 +334,8 @@ pub struct Reviews {
     notifier: Arc<Notifier>,
     console_url: Option<String>,
     admin_groups: Vec<String>,
-    resources: HashMap<String, ResourceSettings>,
+    /// Per resource; replaced whole when the config is reloaded ([`Reviews::reload_resources`]).
+    resources: std::sync::RwLock<HashMap<String, ResourceSettings>>,
     /// The session id under which this process records `review.*` events (one per process:
     /// a decision can come from any replica, so events never go into the held session's own
     /// sequence, which belongs to the process that holds it).
@@ -261,6 +347,9 @@ pub struct Reviews {
     /// Bumped when a grant is revoked here, so running sessions re-check theirs at once
     /// (sessions re-read their grants periodically too, which covers other replicas).
     revocations: tokio::sync::watch::Sender<u64>,
+    /// Revocations made by this process, by review id: shown by [`Reviews::grants`] before their
+    /// `review.revoked` event reaches the store.
+    revoked_here: Mutex<HashMap<String, Revocation>>,
 }
 
 fn now_ms() -> i64 {
@@ -338,12 +427,13 @@ impl Reviews {
             notifier: Arc::new(notifier),
             console_url: console_url.map(|u| u.trim_end_matches('/').to_string()),
             admin_groups: Vec::new(),
-            resources: HashMap::new(),
+            resources: Default::default(),
             audit_session: format!("reviews-{}", hex(&random_bytes::<8>())),
             waiters: Mutex::new(HashMap::new()),
             clock: Arc::new(now_ms),
             principals: Principals::default(),
             revocations: tokio::sync::watch::Sender::new(0),
+            revoked_here: Mutex::new(HashMap::new()),
         }
     }
 
@@ -371,10 +461,17 @@ impl Reviews {
             .review(id)?
             .ok_or_else(|| ReviewError::NotFound(id.to_string()))?;
         if rec.kind == ReviewKind::Command.as_str() || rec.status != REVIEW_APPROVED {
-            return Err(ReviewError::Invalid(format!(
-                "only the grant of an approved access or unmask review can be revoked; this is a {} review, {}",
+            return Err(ReviewError::NotAGrant(format!(
+                "this is a {} review, {}",
                 rec.kind, rec.status
             )));
+        }
+        let ended = |rec: &ReviewRecord| ReviewError::GrantEnded {
+            id: rec.id.clone(),
+            revoked: ended_early(rec),
+        };
+        if rec.grant_until_unix_ms.is_some_and(|u| u <= self.now()) {
+            return Err(ended(&rec));
         }
         let principal = self.principals.resolve(&who.principal);
         let own = match &rec.requester_principal {
@@ -391,10 +488,21 @@ impl Reviews {
             );
             return Err(ReviewError::NotAnApprover { groups });
         }
-        let rec = self
-            .store
-            .review_revoke_grant(id, self.now())?
-            .ok_or_else(|| ReviewError::Invalid("the grant has already ended".into()))?;
+        let Some(rec) = self.store.review_revoke_grant(id, self.now())? else {
+            // Ended between the read and the update (run out, or revoked by someone else).
+            let now = self.store.review(id)?.unwrap_or(rec);
+            return Err(ended(&now));
+        };
+        let revocation = Revocation {
+            by: Some(reviewer.subject.clone()),
+            at: format_time(rec.grant_until_unix_ms.unwrap_or_else(|| self.now())),
+            at_unix_ms: rec.grant_until_unix_ms.unwrap_or_else(|| self.now()),
+            reason: Some(reason.clone()),
+        };
+        self.revoked_here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.id.clone(), revocation);
         self.recorder.record(self.event(
             EVENT_REVOKED,
             json!({"review": rec.id, "review_kind": rec.kind, "resource": rec.resource,
@@ -421,8 +529,18 @@ impl Reviews {
 
     /// Resources that accept just-in-time access and unmask requests.
     pub fn with_resource(mut self, name: impl Into<String>, settings: ResourceSettings) -> Self {
-        self.resources.insert(name.into(), settings);
+        self.resources
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.into(), settings);
         self
+    }
+
+    /// Take every resource's review settings (approvers, `max_access`) from `config`, replacing
+    /// the previous ones at once. Reviews already requested keep the approvers they were given.
+    pub fn reload_resources(&self, config: &tollgate_config::Config) {
+        let settings = resource_settings(config);
+        *self.resources.write().unwrap_or_else(|p| p.into_inner()) = settings;
     }
 
     /// Everything from the gateway's config: admins, resources, webhooks, console URL.
@@ -432,20 +550,10 @@ impl Reviews {
         recorder: Recorder,
     ) -> Result<Self, String> {
         let notifier = Notifier::new(&NotifierConfig::from_config(config))?;
-        let mut reviews =
-            Reviews::new(store, recorder, notifier, config.server.console_url.clone())
-                .with_admin_groups(config.roles.admin_groups.clone())
-                .with_principals(Principals::new(&config.identity.principals));
-        for r in &config.resources {
-            reviews = reviews.with_resource(
-                r.name.clone(),
-                ResourceSettings {
-                    access_approvers: r.access_approvers.clone(),
-                    unmask_approvers: r.unmask_approvers.clone(),
-                    max_access: r.max_access,
-                },
-            );
-        }
+        let reviews = Reviews::new(store, recorder, notifier, config.server.console_url.clone())
+            .with_admin_groups(config.roles.admin_groups.clone())
+            .with_principals(Principals::new(&config.identity.principals));
+        reviews.reload_resources(config);
         Ok(reviews)
     }
 
@@ -581,7 +689,10 @@ impl Reviews {
     ) -> Result<Review, ReviewError> {
         let settings = self
             .resources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(resource)
+            .cloned()
             .ok_or_else(|| ReviewError::UnknownResource(resource.to_string()))?;
         let approvers = match kind {
             ReviewKind::Access => &settings.access_approvers,
@@ -962,6 +1073,97 @@ impl Reviews {
         )
     }
 
+    /// Access and unmask grants (approved reviews of those kinds), newest first.
+    pub fn grants(&self, filter: &GrantFilter) -> Result<Vec<GrantView>, ReviewError> {
+        let kinds = match filter.kind {
+            Some(k) => vec![k],
+            None => vec![ReviewKind::Access, ReviewKind::Unmask],
+        };
+        let now = self.now();
+        let mut out = Vec::new();
+        for kind in kinds {
+            let recs = self.store.reviews(&ReviewFilter {
+                status: Some(REVIEW_APPROVED.into()),
+                kind: Some(kind.as_str().into()),
+                resource: filter.resource.clone(),
+                requester: filter.subject.clone(),
+                limit: None,
+            })?;
+            for rec in recs {
+                let Some(until) = rec.grant_until_unix_ms else {
+                    continue;
+                };
+                if filter.active.is_some_and(|a| a != (until > now)) {
+                    continue;
+                }
+                out.push(self.grant_view(rec, now));
+            }
+        }
+        out.sort_by(|a, b| {
+            b.granted_at_unix_ms
+                .cmp(&a.granted_at_unix_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(out)
+    }
+
+    /// Whether `who` holds `grant` (by principal; by subject when the holder's is unknown).
+    pub fn is_holder(&self, grant: &GrantView, who: &Identity) -> bool {
+        match &grant.principal {
+            Some(p) => *p == self.principals.resolve(&who.principal).as_str(),
+            None => grant.subject == who.subject,
+        }
+    }
+
+    fn grant_view(&self, rec: ReviewRecord, now: i64) -> GrantView {
+        let until = rec.grant_until_unix_ms.unwrap_or_default();
+        let granted_at = rec.decided_at_unix_ms.unwrap_or(rec.created_at_unix_ms);
+        let revoked = ended_early(&rec).then(|| self.revocation(&rec.id, until));
+        GrantView {
+            id: rec.id,
+            kind: rec.kind,
+            subject: rec.requester,
+            principal: rec.requester_principal,
+            resource: rec.resource,
+            reason: rec.request_reason,
+            granted_by: rec.decided_by,
+            granted_at: format_time(granted_at),
+            granted_at_unix_ms: granted_at,
+            until: format_time(until),
+            until_unix_ms: until,
+            active: until > now,
+            revoked,
+        }
+    }
+
+    /// Who revoked the grant of review `id` (which ended at `at_unix_ms`) and why: from this
+    /// process's memory, else from its `review.revoked` event in the store.
+    fn revocation(&self, id: &str, at_unix_ms: i64) -> Revocation {
+        if let Some(r) = self
+            .revoked_here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return r.clone();
+        }
+        let event = find_event_near(&*self.store, at_unix_ms, |e| {
+            e.kind == EVENT_REVOKED && e.payload["review"] == id
+        });
+        let field = |k: &str| {
+            event
+                .as_ref()
+                .and_then(|e| e.payload[k].as_str())
+                .map(str::to_string)
+        };
+        Revocation {
+            by: field("revoked_by"),
+            at: format_time(at_unix_ms),
+            at_unix_ms,
+            reason: field("reason"),
+        }
+    }
+
     /// Expire every pending review past its deadline (whoever notices first records it).
     fn sweep(&self) {
         match self.store.review_expire_due(self.now()) {
@@ -1076,6 +1278,67 @@ fn grant_of(
             None
         }
     }
+}
+
+/// How far before and after a revocation its event is looked for (clocks of replicas differ;
+/// the event is written just after the grant ends).
+const EVENT_SEARCH_BEFORE_MS: i64 = 5_000;
+const EVENT_SEARCH_AFTER_MS: i64 = 60_000;
+/// Most events read while looking for one event near a time.
+const EVENT_SEARCH_MAX: usize = 8192;
+
+/// The first event recorded near `at_unix_ms` that `matches`. Event ids follow insertion order,
+/// which follows time closely: a binary search over ids finds where that time starts, then a
+/// bounded scan reads forward. `None` when the store cannot page through events.
+fn find_event_near(
+    store: &dyn Store,
+    at_unix_ms: i64,
+    matches: impl Fn(&tollgate_store::StoredEvent) -> bool,
+) -> Option<tollgate_store::StoredEvent> {
+    let from = at_unix_ms.saturating_sub(EVENT_SEARCH_BEFORE_MS);
+    let to = at_unix_ms.saturating_add(EVENT_SEARCH_AFTER_MS);
+    // The time of the first event after id `after` (None: there is none).
+    let time_after = |after: i64| -> Option<Option<i64>> {
+        store
+            .events_page(after, None, None, 1)
+            .ok()
+            .map(|p| p.first().map(|e| e.at_unix_ms))
+    };
+    // Invariant: the event after `lo` is before `from` (or lo = 0); the one after `hi` is not.
+    let (mut lo, mut hi) = (0i64, 1i64);
+    loop {
+        match time_after(hi)? {
+            Some(t) if t < from && hi < i64::MAX / 2 => {
+                lo = hi;
+                hi *= 2;
+            }
+            _ => break,
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match time_after(mid)? {
+            Some(t) if t < from => lo = mid,
+            _ => hi = mid,
+        }
+    }
+    let mut after = lo;
+    let mut read = 0;
+    while read < EVENT_SEARCH_MAX {
+        let page = store.events_page(after, None, None, 512).ok()?;
+        let last = page.last()?.id;
+        for e in page {
+            if e.at_unix_ms >= to {
+                return None;
+            }
+            if matches(&e) {
+                return Some(e);
+            }
+            read += 1;
+        }
+        after = last;
+    }
+    None
 }
 
 fn hex(b: &[u8]) -> String {

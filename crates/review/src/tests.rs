@@ -1117,3 +1117,124 @@ fn grants_belong_to_the_requesters_principal() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_are_listed_and_revoked_once_with_who_and_why() {
+    let f = fx(true);
+    let agent = person("agent-7", &["agents"]);
+    let access = f
+        .reviews
+        .request_access(&agent, "orders", Duration::from_secs(3600), "INC-42")
+        .unwrap();
+    let unmask = f
+        .reviews
+        .request_unmask(&agent, "people", Duration::from_secs(600), "INC-43")
+        .unwrap();
+    let pending = f
+        .reviews
+        .request_access(&person("eve", &[]), "orders", MINUTE, "x")
+        .unwrap();
+    let dora = person("dora", &["dba", "privacy"]);
+    f.reviews.decide(&access.id, &dora, true, None).unwrap();
+    f.reviews.decide(&unmask.id, &dora, true, None).unwrap();
+
+    let all = f.reviews.grants(&GrantFilter::default()).unwrap();
+    let ids: Vec<&str> = all.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "a pending review grants nothing: {ids:?}");
+    assert!(!ids.contains(&pending.id.as_str()));
+    let g = all.iter().find(|g| g.id == access.id).unwrap();
+    assert_eq!(
+        (g.kind.as_str(), g.subject.as_str(), g.resource.as_str()),
+        ("access", "agent-7", "orders")
+    );
+    assert_eq!(g.granted_by.as_deref(), Some("dora"));
+    assert!(g.active && g.revoked.is_none());
+    assert!(f.reviews.is_holder(g, &agent));
+    assert!(!f.reviews.is_holder(g, &dora));
+    let only_unmask = f
+        .reviews
+        .grants(&GrantFilter {
+            kind: Some(ReviewKind::Unmask),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(only_unmask.len(), 1);
+    assert_eq!(only_unmask[0].id, unmask.id);
+
+    // Not a grant; someone else's; then revoked once.
+    assert!(matches!(
+        f.reviews.revoke_grant(&pending.id, &dora, Some("x".into())),
+        Err(ReviewError::NotAGrant(_))
+    ));
+    assert!(matches!(
+        f.reviews
+            .revoke_grant(&access.id, &person("eve", &[]), Some("x".into())),
+        Err(ReviewError::NotAnApprover { .. })
+    ));
+    f.clock.fetch_add(1_000, Ordering::SeqCst);
+    f.reviews
+        .revoke_grant(&access.id, &dora, Some("INC-42 closed".into()))
+        .unwrap();
+    let e = f
+        .reviews
+        .revoke_grant(&access.id, &dora, Some("again".into()))
+        .unwrap_err();
+    assert!(
+        matches!(e, ReviewError::GrantEnded { revoked: true, .. }),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("the grant of review {} was already revoked", access.id)
+    );
+    let active = f.reviews.grants(&GrantFilter {
+        active: Some(true),
+        ..Default::default()
+    });
+    assert_eq!(active.unwrap().len(), 1);
+    let ended = f
+        .reviews
+        .grants(&GrantFilter {
+            active: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(ended.len(), 1);
+    let r = ended[0].revoked.clone().expect("revoked");
+    assert_eq!(
+        (r.by.as_deref(), r.reason.as_deref()),
+        (Some("dora"), Some("INC-42 closed"))
+    );
+
+    // Another process (no memory of the revocation) finds who and why in the audit trail.
+    f.recorder.flush().await.unwrap();
+    let other = Reviews::new(f.store.clone(), f.recorder.clone(), Notifier::none(), None);
+    let seen = other
+        .grants(&GrantFilter {
+            subject: Some("agent-7".into()),
+            resource: Some("orders".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].revoked, Some(r));
+
+    // A grant that ran out is not revoked, and cannot be revoked any more.
+    f.clock.fetch_add(600_000, Ordering::SeqCst);
+    let e = f
+        .reviews
+        .revoke_grant(&unmask.id, &dora, Some("late".into()))
+        .unwrap_err();
+    assert!(
+        matches!(e, ReviewError::GrantEnded { revoked: false, .. }),
+        "{e}"
+    );
+    let g = f.reviews.grants(&GrantFilter::default()).unwrap();
+    assert!(g.iter().all(|g| !g.active));
+    assert!(g
+        .iter()
+        .find(|g| g.id == unmask.id)
+        .unwrap()
+        .revoked
+        .is_none());
+}

@@ -1,5 +1,6 @@
 //! `tollgate`: the one binary. Thin: parses the command line and calls into the library crates.
 
+mod access_cmd;
 mod audit_cmd;
 mod check_cmd;
 mod demo;
@@ -69,7 +70,7 @@ enum Cmd {
     /// The approval workflow: list, show, approve and deny reviews (through the HTTPS API).
     #[command(subcommand)]
     Reviews(reviews_cmd::ReviewsCmd),
-    /// Just-in-time access: ask for access to a resource for a while.
+    /// Just-in-time access: ask for access to a resource for a while, list and revoke grants.
     #[command(subcommand)]
     Access(reviews_cmd::AccessCmd),
 }

@@ -112,6 +112,39 @@ pub enum AccessCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Access and unmask grants in force (admins and auditors see everyone's, others their own).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only grants held by this subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only grants on this resource.
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only grants of this kind: access or unmask.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Also grants that have ended (run out or revoked).
+        #[arg(long)]
+        all: bool,
+        /// JSON (the API's `{"grants": [...]}`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a grant now (ID: the review that granted it); sessions that depend on it end too.
+    /// Its approvers, admins or its holder may.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why (recorded in the audit trail).
+        #[arg(long)]
+        reason: String,
+        /// JSON (the review as the API returns it) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn path(id: &str) -> String {
@@ -205,15 +238,40 @@ pub fn run(cmd: ReviewsCmd) -> anyhow::Result<()> {
 }
 
 pub fn run_access(cmd: AccessCmd) -> anyhow::Result<()> {
-    let AccessCmd::Request {
-        resource,
-        api,
-        duration,
-        unmask,
-        reason,
-        wait,
-        json,
-    } = cmd;
+    let (resource, api, duration, unmask, reason, wait, json) = match cmd {
+        AccessCmd::Request {
+            resource,
+            api,
+            duration,
+            unmask,
+            reason,
+            wait,
+            json,
+        } => (resource, api, duration, unmask, reason, wait, json),
+        AccessCmd::List {
+            api,
+            subject,
+            resource,
+            kind,
+            all,
+            json,
+        } => {
+            return crate::access_cmd::list(
+                &api,
+                subject.as_deref(),
+                resource.as_deref(),
+                kind.as_deref(),
+                all,
+                json,
+            )
+        }
+        AccessCmd::Revoke {
+            id,
+            api,
+            reason,
+            json,
+        } => return crate::access_cmd::revoke(&api, &id, &reason, json),
+    };
     let api_client = client(&api)?;
     let r: Review = api_client
         .post_json(
