@@ -4,6 +4,10 @@
 //!
 //! It speaks the wire protocol and translates it into the shared vocabulary (identity, command,
 //! event); it must not decide policy or implement masking itself, and it never logs secrets.
+//!
+//! Config reload ([`PgGateway::reload`]): each resource's compiled policy (rules, masks,
+//! read-only, limits) is swapped whole. A session keeps the [`UpstreamTarget`] it was opened
+//! with until it ends; only new connections see the new config (and added or removed resources).
 
 mod cancel;
 mod filter;
@@ -21,7 +25,7 @@ mod upstreams;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate_config::StaticToken;
+use tollgate_config::{Config, StaticToken};
 use tollgate_identity::TokenVerifier;
 use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
@@ -33,8 +37,9 @@ pub use upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 /// Shared state of the PostgreSQL listener.
 pub struct PgGateway {
     pub tls: Arc<ReloadableServerTls>,
-    /// PostgreSQL resources by name (the database name clients ask for).
-    pub targets: HashMap<String, Arc<UpstreamTarget>>,
+    /// PostgreSQL resources by name (the database name clients ask for), compiled; swapped whole
+    /// when the config is reloaded (running sessions keep the target they started with).
+    pub targets: arc_swap::ArcSwap<Targets>,
     /// Service tokens, swapped whole when the config is reloaded.
     pub tokens: arc_swap::ArcSwap<TokenSet>,
     /// Bumped whenever something a running session's standing depends on was reloaded (tokens,
@@ -70,6 +75,145 @@ impl PgGateway {
     /// Tell running sessions to re-check their standing (after a reload or a revocation).
     pub fn standing_changed(&self) {
         self.standing.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Compile this adapter's part of `config` (its PostgreSQL resources and service tokens)
+    /// completely, exactly as start-up does, swapping nothing yet: a config that fails here
+    /// leaves the running one untouched.
+    pub fn prepare_reload(&self, config: &Config) -> Result<PreparedReload<'_>, CompileError> {
+        let targets = compile_targets(config)?;
+        let current = self.targets.load();
+        let mut summary = ReloadSummary {
+            tokens: config.identity.tokens.len(),
+            ..Default::default()
+        };
+        for (name, t) in &targets {
+            match current.get(name) {
+                None => summary.added.push(name.clone()),
+                Some(old) if fingerprint(&old.resource) != fingerprint(&t.resource) => {
+                    summary.changed.push(name.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        summary.removed = current
+            .keys()
+            .filter(|n| !targets.contains_key(*n))
+            .cloned()
+            .collect();
+        for names in [
+            &mut summary.added,
+            &mut summary.changed,
+            &mut summary.removed,
+        ] {
+            names.sort();
+        }
+        Ok(PreparedReload {
+            gw: self,
+            targets,
+            tokens: TokenSet::new(&config.identity.tokens),
+            summary,
+        })
+    }
+
+    /// [`PgGateway::prepare_reload`] and apply it: new connections use the new resources and
+    /// tokens; running sessions keep their resource's old policy, and re-check their token.
+    pub fn reload(&self, config: &Config) -> Result<ReloadSummary, CompileError> {
+        Ok(self.prepare_reload(config)?.apply())
+    }
+}
+
+/// PostgreSQL resources by name, compiled.
+pub type Targets = HashMap<String, Arc<UpstreamTarget>>;
+
+/// Why a config cannot be served: `file:line: resource "name": ...`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CompileError(String);
+
+/// Compile every PostgreSQL resource of `config`: upstream TLS, masks (with
+/// `server.mask_key`) and rules. What start-up and reload both use.
+pub fn compile_targets(config: &Config) -> Result<Targets, CompileError> {
+    let path = config.path.display();
+    let mask_key =
+        load_mask_key(&config.server.mask_key).map_err(|e| CompileError(format!("{path}: {e}")))?;
+    let mut targets = HashMap::new();
+    for r in config
+        .resources
+        .iter()
+        .filter(|r| r.kind == tollgate_config::ResourceKind::Postgres)
+    {
+        let at = |e: &dyn std::fmt::Display| {
+            CompileError(format!("{path}:{}: resource {:?}: {e}", r.line, r.name))
+        };
+        let mut t =
+            UpstreamTarget::new(r.clone()).map_err(|e| at(&format!("upstream TLS: {e}")))?;
+        t.mask = masking_policy(r, mask_key.clone())
+            .map_err(|e| at(&e))?
+            .map(Arc::new);
+        t.audit_mask = audit_masking_policy(r, mask_key.clone())
+            .ok()
+            .flatten()
+            .map(Arc::new);
+        if !r.rules.is_empty() || r.read_only {
+            t.policy = Some(
+                tollgate_policy::ResourcePolicy::from_config(r)
+                    .map_err(|e| CompileError(format!("{path}:{}: {e}", r.line)))?,
+            );
+        }
+        targets.insert(r.name.clone(), Arc::new(t));
+    }
+    Ok(targets)
+}
+
+/// A resource's settings, for telling whether a reload changed it (its line in the file
+/// does not count). Compared, never shown: it may name secret files or variables.
+fn fingerprint(r: &tollgate_config::Resource) -> String {
+    let mut r = r.clone();
+    r.line = 0;
+    format!("{r:?}")
+}
+
+/// What a reload changed in this adapter, by resource name (never a setting's value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    /// Service tokens now configured.
+    pub tokens: usize,
+}
+
+impl ReloadSummary {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "resources_added": self.added,
+            "resources_removed": self.removed,
+            "resources_changed": self.changed,
+            "tokens": self.tokens,
+        })
+    }
+}
+
+/// A config compiled by [`PgGateway::prepare_reload`], not yet in force.
+pub struct PreparedReload<'a> {
+    gw: &'a PgGateway,
+    targets: Targets,
+    tokens: TokenSet,
+    summary: ReloadSummary,
+}
+
+impl PreparedReload<'_> {
+    pub fn summary(&self) -> &ReloadSummary {
+        &self.summary
+    }
+
+    /// Swap it in: resources first, then tokens; running sessions re-check their standing.
+    pub fn apply(self) -> ReloadSummary {
+        self.gw.targets.store(Arc::new(self.targets));
+        self.gw.tokens.store(Arc::new(self.tokens));
+        self.gw.standing_changed();
+        self.summary
     }
 }
 

@@ -478,7 +478,8 @@ impl PgGateway {
         // Authorization: the database name picks the resource. Unknown and forbidden look the same,
         // so the answer does not reveal which resources exist.
         // Just-in-time access: an approved access review reaches a resource until the grant ends.
-        let grant = match self.targets.get(&database) {
+        let targets = self.targets.load_full();
+        let grant = match targets.get(&database) {
             Some(t) if !identity.in_any(&t.resource.allow_groups) => self
                 .reviews
                 .as_ref()
@@ -488,7 +489,7 @@ impl PgGateway {
         if let Some(g) = &grant {
             log.set("access_grant", grant_json(g));
         }
-        let target = match self.targets.get(&database) {
+        let target = match targets.get(&database) {
             Some(t) if grant.is_some() || identity.in_any(&t.resource.allow_groups) => t.clone(),
             _ => {
                 auth_failure("forbidden");
@@ -498,6 +499,8 @@ impl PgGateway {
                 return;
             }
         };
+        // The session keeps this target (its policy as configured now) until it ends.
+        drop(targets);
         log.set("resource", json!(target.resource.name));
         // An approved unmask review lets this identity see the resource unmasked for a while
         // (its audit captures stay masked).

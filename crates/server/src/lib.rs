@@ -436,7 +436,10 @@ pub const KIND_CONFIG_RELOAD: &str = "config.reload";
 fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.server, &new.server);
     [
-        ("server.postgres_listen", o.postgres_listen != n.postgres_listen),
+        (
+            "server.postgres_listen",
+            o.postgres_listen != n.postgres_listen,
+        ),
         ("server.https_listen", o.https_listen != n.https_listen),
         ("server.admin_listen", o.admin_listen != n.admin_listen),
         ("server.tls_cert", o.tls_cert != n.tls_cert),
@@ -534,7 +537,9 @@ async fn config_reload_loop(
                 let msg = format!("cannot read {}: {e}", path.display());
                 if forced || last_error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(error = %msg, "config reload rejected; the previous config stays in force");
-                    record(serde_json::json!({"outcome": "failure", "path": path.display().to_string(), "forced": forced, "error": msg}));
+                    record(
+                        serde_json::json!({"outcome": "failure", "path": path.display().to_string(), "forced": forced, "error": msg}),
+                    );
                     count_reload("failure");
                     last_error = Some(msg);
                 }
@@ -567,8 +572,10 @@ async fn config_reload_loop(
                     continue;
                 }
                 tracing::error!(error = %msg, sha256 = %sha256, "config reload rejected; the previous config stays in force");
-                record(serde_json::json!({"outcome": "failure", "path": path.display().to_string(),
-                    "sha256": sha256, "forced": forced, "error": error_for_audit(&msg)}));
+                record(
+                    serde_json::json!({"outcome": "failure", "path": path.display().to_string(),
+                    "sha256": sha256, "forced": forced, "error": error_for_audit(&msg)}),
+                );
                 count_reload("failure");
                 last_text = Some(text);
                 continue;
@@ -591,10 +598,12 @@ async fn config_reload_loop(
         }
         let resources = resource_changes(&running, &c);
         tracing::info!(forced, sha256 = %sha256, resources = %resources, "config reloaded: new connections use the new resources, rules and masks; running sessions keep theirs");
-        record(serde_json::json!({"outcome": "success", "path": path.display().to_string(),
+        record(
+            serde_json::json!({"outcome": "success", "path": path.display().to_string(),
             "sha256": sha256, "forced": forced, "resources": resources,
             "adapters": adapters_changed, "restart_required": restart,
-            "tokens": c.identity.tokens.len()}));
+            "tokens": c.identity.tokens.len()}),
+        );
         count_reload("success");
         running = c;
         last_text = Some(text);
