@@ -9,7 +9,7 @@ use serde_json::Value;
 
 const ALLOW_DELETES: &str =
     "[[resources.rules]]\nname = \"deletes-ok\"\nstatements = [\"delete\"]\naction = \"allow\"\n";
-const DENY_DELETES: &str = "[[resources.rules]]\nname = \"no-deletes\"\nstatements = [\"delete\"]\naction = \"deny\"\nmessage = \"deletes are off during the freeze\"\n";
+const DENY_DELETES: &str = "[[resources.rules]]\nname = \"no-deletes\"\nstatements = [\"delete\"]\naction = \"deny\"\nmessage = \"deletes are off during the freeze\"\n[[resources.masks]]\ncolumns = [\"note\"]\nstrategy = \"redact\"\n";
 
 fn start() -> Env {
     Env::start_with(EnvOptions {
@@ -54,6 +54,20 @@ fn message(err: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("not a server error: {err:?}"))
 }
 
+/// The first column of the first row.
+async fn first(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row")
+}
+
 async fn delete(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::Error> {
     client.execute("DELETE FROM items WHERE id = 0", &[]).await
 }
@@ -62,7 +76,9 @@ async fn delete(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::
 async fn a_reload_applies_rules_and_resources_to_new_sessions_and_records_it() {
     let env = tokio::task::spawn_blocking(start).await.unwrap();
     let old = env.client().await;
-    old.batch_execute("CREATE TABLE items (id int); INSERT INTO items VALUES (1), (2)")
+    old.batch_execute(
+        "CREATE TABLE items (id int, note text); INSERT INTO items VALUES (1, 'hello'), (2, 'world')",
+    )
         .await
         .unwrap();
     delete(&old).await.expect("deletes are allowed at start");
@@ -97,10 +113,15 @@ async fn a_reload_applies_rules_and_resources_to_new_sessions_and_records_it() {
         "{db:?}"
     );
     assert!(db.message().contains("no-deletes"), "{db:?}");
-    // The session opened before the reload keeps the rules it opened with (documented).
+    // The new mask applies to new sessions.
+    let note = "SELECT note FROM items WHERE id = 1";
+    let masked = first(&new, note).await;
+    assert_ne!(masked, "hello", "the new mask did not apply");
+    // The session opened before the reload keeps the rules and masks it opened with (documented).
     delete(&old)
         .await
         .expect("a running session keeps its policy");
+    assert_eq!(first(&old, note).await, "hello");
     new.simple_query("SELECT 1").await.unwrap();
 
     // A broken file: rejected, recorded, counted; the deny rule stays in force.
@@ -111,6 +132,9 @@ async fn a_reload_applies_rules_and_resources_to_new_sessions_and_records_it() {
     let error = ev["payload"]["error"].as_str().unwrap();
     assert!(error.contains("tollgate.toml"), "{error}");
     assert!(error.contains("line"), "{error}");
+    // The quoted source line of the parse error is not recorded (it could hold a value).
+    assert!(!error.contains("[[resources]\n"), "{error}");
+    assert!(!error.contains('|'), "{error}");
     assert!(
         env.gw
             .metric("tollgate_config_reloads_total{outcome=\"failure\"}")
