@@ -153,25 +153,22 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
             l.key_file(key, "resources.tls.key", name);
         }
         if let Some(c) = &r.credentials {
-            match &c.password {
-                SecretSource::Env(var) => match std::env::var_os(var) {
-                    Some(v) if !v.is_empty() => {}
-                    _ => l.push(Finding::new(
-                        "unset_env",
-                        Severity::High,
-                        name,
-                        "resources.credentials.password_env",
-                        format!("resource {:?}: environment variable {var} is not set (or empty), so the gateway cannot log in upstream", r.name),
-                        format!("set {var} in the gateway's environment, or use password_file"),
-                    )),
-                },
-                SecretSource::File(p) => {
-                    if l.exists(p, "resources.credentials.password_file", name, "password file") {
-                        l.private(p, "resources.credentials.password_file", name, "password file");
-                    }
-                }
-                SecretSource::None => {}
-            }
+            l.secret(
+                &c.password,
+                "resources.credentials.password",
+                name,
+                "log in upstream",
+                "password file",
+            );
+        }
+        if let Some((_, value)) = r.http.as_ref().and_then(|h| h.inject.as_ref()) {
+            l.secret(
+                value,
+                "resources.credentials.value",
+                name,
+                "authenticate upstream",
+                "credential file",
+            );
         }
         if r.allow_groups.is_empty() {
             l.push(Finding::new(
@@ -280,8 +277,43 @@ impl Lint<'_> {
     }
 
     /// Guardrails that would not load, and statements the parser cannot read let through.
+    /// An injected secret (a database password, an HTTP credential) that will not load.
+    fn secret(
+        &mut self,
+        source: &SecretSource,
+        key: &str,
+        resource: Option<&str>,
+        purpose: &str,
+        what: &str,
+    ) {
+        match source {
+            SecretSource::Env(var) => match std::env::var_os(var) {
+                Some(v) if !v.is_empty() => {}
+                _ => self.push(Finding::new(
+                    "unset_env",
+                    Severity::High,
+                    resource,
+                    &format!("{key}_env"),
+                    format!("resource {:?}: environment variable {var} is not set (or empty), so the gateway cannot {purpose}", resource.unwrap_or("")),
+                    format!("set {var} in the gateway's environment, or use {key}_file"),
+                )),
+            },
+            SecretSource::File(p) => {
+                let key = format!("{key}_file");
+                if self.exists(p, &key, resource, what) {
+                    self.private(p, &key, resource, what);
+                }
+            }
+            SecretSource::None => {}
+        }
+    }
+
     fn rules(&mut self, r: &tollgate_config::Resource) {
         let name = Some(r.name.as_str());
+        if r.kind != tollgate_config::ResourceKind::Postgres {
+            // HTTP rules are validated whole by the config loader; the SQL checks do not apply.
+            return;
+        }
         if !r.rules.is_empty() || r.read_only {
             if let Err(e) = tollgate_policy::ResourcePolicy::from_config(r) {
                 self.push(Finding::new(

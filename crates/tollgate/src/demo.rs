@@ -1,5 +1,6 @@
-//! `tollgate demo`: a dev PKI, a throwaway TLS PostgreSQL with a sample schema, and the gateway
-//! in front of it, with copy-paste client commands. Ctrl-C stops everything.
+//! `tollgate demo`: a dev PKI, a throwaway TLS PostgreSQL with a sample schema, a small HTTPS
+//! API, and the gateway in front of both, with copy-paste client commands. Ctrl-C stops
+//! everything.
 
 use anyhow::Context;
 use std::fs;
@@ -140,12 +141,62 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
     let pg_port = free_or(6432);
     let admin_port = free_or(9090);
     let https_port = free_or(8443);
-    let mut resources = String::new();
+    let api_port = tollgate_testsupport::free_port();
+    let api_cert = pki::issue_server(
+        &pki_dir,
+        &pki::ServerCertSpec {
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse()?],
+            ttl: pki::DEFAULT_SERVER_TTL,
+            not_before: None,
+        },
+        &pki_dir.join("demo-api"),
+    )?;
+    let secrets = dir.join("secrets");
+    fs::create_dir_all(&secrets)?;
+    let api_credential = format!("Bearer demo-api-{}", tollgate_server::random_hex(16));
+    write_private(&secrets.join("billing.token"), &api_credential)?;
+    let mut resources = format!(
+        r#"
+[[resources]]
+name = "billing"                     # https://localhost:{https_port}/r/billing/...
+kind = "http"
+upstream = "https://localhost:{api_port}"
+allow_groups = ["sre", "agents", "ci"]
+review_timeout = "10m"
+
+[[resources.rules]]                  # guardrail: refused before it reaches the API
+name = "no-deletes"
+methods = ["DELETE"]
+action = "deny"
+message = "deleting through the demo gateway is not allowed"
+[[resources.rules]]                  # agents' refunds wait for an sre's approval
+name = "agent-refunds"
+methods = ["POST"]
+paths = ["/v1/invoices/*/refund"]
+groups = ["agents"]
+action = "review"
+approvers = ["sre"]
+
+[[resources.masks]]                  # e-mails in the JSON, except for the sre group
+json_paths = ["$..email"]
+strategy = "partial"
+except_groups = ["sre"]
+[[resources.masks]]                  # card numbers anywhere, for everyone
+detectors = ["credit_card"]
+strategy = "partial"
+
+[resources.tls]
+ca = "pki/ca.crt"
+server_name = "localhost"
+[resources.credentials]              # injected upstream; clients never hold it
+header = "Authorization"
+value_file = "secrets/billing.token"
+"#
+    );
     if let Some(c) = &cluster {
-        let secrets = dir.join("secrets");
-        fs::create_dir_all(&secrets)?;
         write_private(&secrets.join("shop.password"), &c.password)?;
-        resources = format!(
+        resources += &format!(
             r#"
 [[resources]]
 name = "shop"
@@ -234,6 +285,13 @@ groups = ["ci"]
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    rt.block_on(crate::demo_api::serve(
+        api_port,
+        &api_cert.cert,
+        &api_cert.key,
+        api_credential,
+    ))
+    .context("starting the demo HTTPS API")?;
     let result = rt.block_on(tollgate_server::run(config, crate::shutdown_signal(), |bound| {
         let pg = bound.postgres.map(|a| a.port()).unwrap_or(pg_port);
         let admin = bound.admin.map(|a| a.port()).unwrap_or(admin_port);
@@ -266,14 +324,24 @@ groups = ["ci"]
             println!("PGPASSWORD={token} pgbench -n -S -T 5 \"host=localhost port={pg} dbname=shop user=ci-bot sslmode=verify-full sslrootcert={}\"   # after: pgbench -i against the database directly", ca.display());
         }
         println!();
+        println!("# the demo HTTPS API behind the gateway (it only answers with the credential the gateway injects):");
+        let curl_agent = format!("curl --cacert {} --cert {} --key {}", ca.display(), agent_crt.display(), agent_key.display());
+        let api = format!("https://localhost:{https_port}/r/billing");
+        println!("{curl_agent} {api}/v1/customers          # the agent sees e-mails and card numbers masked");
+        println!("curl --cacert {} --cert {} --key {} {api}/v1/customers   # alice (sre) sees e-mails", ca.display(), alice_crt.display(), alice_key.display());
+        println!("{curl_agent} -X POST -d '{{\"amount_cents\": 500}}' {api}/v1/invoices/7/refund   # held until approved:");
+        println!("tollgate reviews approve REVIEW_ID --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
+        println!("{curl_agent} -X DELETE {api}/v1/customers/1          # refused by a guardrail (403)");
+        println!("curl --cacert {} {api}/v1/customers          # no credential: 401", ca.display());
+        println!();
         println!("# health, readiness and metrics:");
         println!("curl -s http://127.0.0.1:{admin}/readyz; curl -s http://127.0.0.1:{admin}/metrics | grep tollgate_");
         println!();
         println!("# the audit trail's hash chain (every session and statement is recorded):");
         println!("tollgate audit verify --config {}      # or: cargo run -q -- audit verify --config ...", config_shown.display());
-        if have_db {
+        {
             println!();
-            println!("# the recorded sessions, and a replay of one with the (masked) rows its client saw:");
+            println!("# the recorded sessions, and a replay of one with the (masked) rows or bodies its client saw:");
             println!("tollgate sessions list --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
             println!("tollgate sessions replay SESSION_ID --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
         }

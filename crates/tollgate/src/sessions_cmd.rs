@@ -520,6 +520,51 @@ fn result_summary(p: &Value) -> String {
     }
 }
 
+/// `GET /v1/invoices?x=1 (allow)`, with the rule when one decided.
+fn http_request_line(p: &Value) -> String {
+    let mut t = format!(
+        "{} {}",
+        text(p, "method").unwrap_or("?"),
+        text(p, "path").unwrap_or("?")
+    );
+    if let Some(q) = text(p, "query") {
+        t.push('?');
+        t.push_str(q);
+    }
+    let d = &p["decision"];
+    match (text(d, "action"), text(d, "rule")) {
+        (Some(a), Some(r)) => t.push_str(&format!(" ({a}: rule \"{r}\")")),
+        (Some(a), None) => t.push_str(&format!(" ({a})")),
+        _ => {}
+    }
+    if let Some(bytes) = num(&p["body"], "bytes").filter(|b| *b > 0) {
+        t.push_str(&format!(", body {bytes} bytes"));
+    }
+    t
+}
+
+/// `200, 1234 bytes, 3 values masked, 1.20 ms` or `403 refused: ...`.
+fn http_response_line(p: &Value) -> String {
+    let mut t = num(p, "status").map_or("?".into(), |s| s.to_string());
+    match text(p, "outcome") {
+        Some("ok") | None => {}
+        Some(o) => t.push_str(&format!(" {o}")),
+    }
+    if let Some(e) = text(p, "error") {
+        t.push_str(&format!(": {e}"));
+    }
+    if let Some(bytes) = num(&p["body"], "bytes") {
+        t.push_str(&format!(", {bytes} bytes"));
+    }
+    if let Some(v) = num(&p["masked"], "values") {
+        t.push_str(&format!(", {v} values masked"));
+    }
+    if let Some(us) = num(p, "duration_us") {
+        t.push_str(&format!(", {:.2} ms", us as f64 / 1000.0));
+    }
+    t
+}
+
 fn command_text(p: &Value) -> String {
     let mut t = match text(p, "protocol") {
         Some("function_call") => "(function call)".to_string(),
@@ -560,9 +605,15 @@ fn describe(e: &Event) -> (String, String) {
         }
         "command" => (format!("command{n}"), command_text(p)),
         "result" => (format!("result{n}"), result_summary(p)),
+        "http.request" => (format!("request{n}"), http_request_line(p)),
+        "http.response" => (format!("response{n}"), http_response_line(p)),
         _ => (e.kind.clone(), p.to_string()),
     }
 }
+
+/// Lines and characters per line of an HTTP body shown by `replay`.
+const REPLAY_BODY_LINES: usize = 20;
+const REPLAY_BODY_WIDTH: usize = 200;
 
 /// Print the session event by event, sleeping the recorded gaps divided by `speed`.
 fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result<()> {
@@ -606,11 +657,20 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
             "session.close" => format!("disconnected: {}", describe(e).1),
             "command" => format!("SQL> {}", command_text(p)),
             "result" => format!("  -> {}", result_summary(p)),
+            "http.request" => format!("HTTP> {}", http_request_line(p)),
+            "http.response" => format!("  -> {}", http_response_line(p)),
             _ => format!("{} {}", e.kind, p),
         };
         writeln!(out, "[{}] {line}", offset(e.at_unix_ms - t0))?;
         for l in capture_lines(p) {
             writeln!(out, "{:16}{l}", "")?;
+        }
+        // HTTP bodies as captured (responses masked), a few lines of each.
+        if let Some(cap) = p["body"]["capture"].as_str() {
+            for l in cap.lines().take(REPLAY_BODY_LINES) {
+                let clipped: String = l.chars().take(REPLAY_BODY_WIDTH).collect();
+                writeln!(out, "{:16}{clipped}", "")?;
+            }
         }
     }
     Ok(())
@@ -620,6 +680,28 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn http_exchanges_read_as_one_line_each() {
+        assert_eq!(
+            http_request_line(
+                &json!({"method": "POST", "path": "/v1/invoices/4/refund", "query": "x=1",
+                "decision": {"action": "review", "rule": "refunds"}, "body": {"bytes": 12}})
+            ),
+            "POST /v1/invoices/4/refund?x=1 (review: rule \"refunds\"), body 12 bytes"
+        );
+        assert_eq!(
+            http_response_line(
+                &json!({"status": 200, "outcome": "ok", "body": {"bytes": 800},
+                "masked": {"values": 3}, "duration_us": 1200})
+            ),
+            "200, 800 bytes, 3 values masked, 1.20 ms"
+        );
+        assert_eq!(
+            http_response_line(&json!({"status": 403, "outcome": "refused", "error": "denied"})),
+            "403 refused: denied"
+        );
+    }
 
     #[test]
     fn result_summaries() {

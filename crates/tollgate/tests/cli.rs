@@ -598,8 +598,9 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
                     alice_cmd = Some(line.clone());
                 }
                 lines.push(line);
-                // The copy-paste commands follow the ready line; stop once alice's is in.
-                if alice_cmd.is_some() && lines.iter().any(|l| l.contains("tollgate demo is ready"))
+                // The copy-paste commands follow the ready line and end with the Ctrl-C hint.
+                if alice_cmd.is_some()
+                    && lines.last().is_some_and(|l| l.starts_with("Press Ctrl-C"))
                 {
                     break;
                 }
@@ -628,6 +629,41 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "4");
+
+    // The printed curl commands work as printed: the agent sees the demo API masked, and a
+    // guardrail refuses its DELETE.
+    let printed = |needle: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("curl ") && l.contains(needle))
+            .unwrap_or_else(|| panic!("no curl line with {needle:?}: {lines:#?}"));
+        let cmd = line
+            .split("   #")
+            .next()
+            .unwrap()
+            .split("  #")
+            .next()
+            .unwrap();
+        let out = Command::new("sh")
+            .args(["-c", &format!("{cmd} -sS -w '\\n%{{http_code}}'")])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    let masked = printed("/v1/customers          # the agent");
+    assert!(masked.ends_with("\n200"), "{masked}");
+    assert!(masked.contains("Ada Lovelace"), "{masked}");
+    assert!(
+        !masked.contains("ada@example.com") && !masked.contains("4242 4242 4242 4242"),
+        "{masked}"
+    );
+    let denied = printed("-X DELETE");
+    assert!(
+        denied.ends_with("\n403") && denied.contains("no-deletes"),
+        "{denied}"
+    );
+
     let pg_dir = demo_dir.canonicalize().unwrap();
     assert!(
         !pgrep(pg_dir.to_str().unwrap()).is_empty(),

@@ -698,6 +698,22 @@ strategy = "redact"
     );
     let all = serde_json::to_string(&evs).unwrap();
     assert!(!all.contains("ada@example.com") && !all.contains("4111 1111 1111 1111"));
+
+    // Replay shows the exchanges, with the masked bodies.
+    let session = resp["session_id"].as_str().unwrap();
+    let out = env.cli(&env.alice, &["sessions", "replay", session, "--speed", "0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("HTTP> GET /customers/1 (allow)"), "{text}");
+    assert!(
+        text.contains("values masked") && text.contains("\"Ada\""),
+        "{text}"
+    );
+    assert!(!text.contains("ada@example.com"), "{text}");
 }
 
 #[test]
