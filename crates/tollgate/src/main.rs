@@ -4,6 +4,7 @@ mod access_cmd;
 mod audit_cmd;
 mod check_cmd;
 mod demo;
+mod demo_api;
 mod reviews_cmd;
 mod sessions_cmd;
 
