@@ -206,7 +206,8 @@ pub async fn run(
         tollgate_pg::load_mask_key(&config.server.mask_key).map_err(anyhow::Error::msg)?,
     )?;
     let mut http_tasks = Vec::new();
-    if let (Some(addr), Some(gw)) = (config.server.http_listen, &http_gw) {
+    if let Some(addr) = config.server.http_listen {
+        let gw = &http_gw;
         let http_tls = Arc::new(
             ReloadableServerTls::load(ListenerTlsSpec {
                 cert: config.server.tls_cert.clone(),
@@ -225,7 +226,11 @@ pub async fn run(
             .await
             .with_context(|| format!("binding server.http_listen {addr}"))?;
         bound.http = Some(l.local_addr()?);
-        http_tasks.push(tokio::spawn(tollgate_http::serve(l, http_tls.clone(), gw.clone())));
+        http_tasks.push(tokio::spawn(tollgate_http::serve(
+            l,
+            http_tls.clone(),
+            gw.clone(),
+        )));
         http_tasks.push(tokio::spawn(reload_loop(
             http_tls,
             config.server.reload_interval,
@@ -274,7 +279,7 @@ pub async fn run(
                 .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
         ));
         state.refusals = Some(api_refusals);
-        state.http = http_gw.clone();
+        state.http = Some(http_gw.clone());
         let state = Arc::new(state);
         api_state = Some(state.clone());
         api_tasks.push(tokio::spawn(tollgate_api::serve(l, state)));
@@ -294,7 +299,10 @@ pub async fn run(
         Some(gw.clone()),
     ));
     let config_reload_task = tokio::spawn(config_reload_loop(
-        vec![("postgres", gw.clone() as Arc<dyn ConfigReload>)],
+        vec![
+            ("postgres", gw.clone() as Arc<dyn ConfigReload>),
+            ("http", http_gw.clone() as Arc<dyn ConfigReload>),
+        ],
         reviews.clone(),
         api_state,
         recorder.clone(),
@@ -422,6 +430,15 @@ pub trait ConfigReload: Send + Sync {
 /// Swaps a prepared config into one adapter; returns what changed there.
 pub type ApplyReload<'a> = Box<dyn FnOnce() -> serde_json::Value + Send + 'a>;
 
+impl ConfigReload for tollgate_http::HttpGateway {
+    fn prepare<'a>(&'a self, config: &Config) -> Result<ApplyReload<'a>, String> {
+        let prepared = self.prepare_reload(config).map_err(|e| e.to_string())?;
+        Ok(Box::new(
+            move || serde_json::json!({"resources": prepared.apply()}),
+        ))
+    }
+}
+
 impl ConfigReload for PgGateway {
     fn prepare<'a>(&'a self, config: &Config) -> Result<ApplyReload<'a>, String> {
         let prepared = self.prepare_reload(config).map_err(|e| e.to_string())?;
@@ -441,6 +458,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
             o.postgres_listen != n.postgres_listen,
         ),
         ("server.https_listen", o.https_listen != n.https_listen),
+        ("server.http_listen", o.http_listen != n.http_listen),
         ("server.admin_listen", o.admin_listen != n.admin_listen),
         ("server.tls_cert", o.tls_cert != n.tls_cert),
         ("server.tls_key", o.tls_key != n.tls_key),

@@ -795,3 +795,35 @@ fn resources_by_host_name_on_their_own_listener() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "2");
     let _ = Path::new("");
 }
+
+#[test]
+fn a_reloaded_config_changes_the_rules_of_new_requests() {
+    let env = HttpEnv::start("", "");
+    let (code, _) = env.json(
+        Some(&env.alice),
+        &["-X", "DELETE", &env.url("/v1/invoices/1")],
+    );
+    assert_eq!(code, 200);
+    let text = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let text = format!(
+        "{text}\n[[resources.rules]]\nname = \"frozen\"\nmethods = [\"DELETE\"]\naction = \"deny\"\nmessage = \"invoices are frozen\"\n"
+    );
+    std::fs::write(&env.gw.config_path, text).unwrap();
+    unsafe {
+        libc::kill(env.gw.pid() as i32, libc::SIGHUP);
+    }
+    wait_for(Duration::from_secs(15), "the reloaded rule", || {
+        let (code, v) = env.json(
+            Some(&env.alice),
+            &["-X", "DELETE", &env.url("/v1/invoices/2")],
+        );
+        code == 403 && v["error"] == "invoices are frozen"
+    });
+    let evs = env.events_until("the reload event", |evs| {
+        evs.iter()
+            .any(|e| e["kind"] == "config.reload" && e["payload"]["outcome"] == "success")
+    });
+    assert!(evs
+        .iter()
+        .any(|e| e["kind"] == "config.reload" && e["payload"]["sha256"].is_string()));
+}
