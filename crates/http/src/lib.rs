@@ -162,18 +162,15 @@ pub struct HttpGateway {
 }
 
 impl HttpGateway {
-    /// `None` when the config has no HTTP resource.
+    /// The adapter for the config's HTTP resources (possibly none yet: a reload may add some).
     pub fn new(
         config: &Config,
         reviews: Arc<Reviews>,
         recorder: Recorder,
         mask_key: Option<MaskKey>,
-    ) -> anyhow::Result<Option<Arc<HttpGateway>>> {
+    ) -> anyhow::Result<Arc<HttpGateway>> {
         let targets = compile(config, mask_key.as_ref())?;
-        if targets.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Arc::new(HttpGateway {
+        Ok(Arc::new(HttpGateway {
             targets: arc_swap::ArcSwap::from_pointee(targets),
             tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
             reviews,
@@ -182,18 +179,17 @@ impl HttpGateway {
             audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
             mask_key,
             sessions: Mutex::new(HashMap::new()),
-        })))
+        }))
     }
 
-    /// Swap in the HTTP resources of a reloaded (already validated) config: new requests use
-    /// them; responses in flight finish with the old ones.
-    pub fn reload(&self, config: &Config) -> anyhow::Result<usize> {
-        let targets = compile(config, self.mask_key.as_ref())?;
-        let n = targets.len();
-        self.targets.store(Arc::new(targets));
-        self.tokens
-            .store(Arc::new(TokenVerifier::new(&config.identity.tokens)));
-        Ok(n)
+    /// Compile the HTTP resources of a new config, swapping nothing yet: `Err` says why the
+    /// config cannot be served (the running one stays).
+    pub fn prepare_reload(&self, config: &Config) -> anyhow::Result<PreparedReload<'_>> {
+        Ok(PreparedReload {
+            gw: self,
+            targets: compile(config, self.mask_key.as_ref())?,
+            tokens: TokenVerifier::new(&config.identity.tokens),
+        })
     }
 
     pub(crate) fn target(&self, name: &str) -> Option<Arc<Target>> {
@@ -262,6 +258,25 @@ impl HttpGateway {
 
     pub(crate) fn fail_closed(&self) -> bool {
         self.audit_fail_closed
+    }
+}
+
+/// A compiled config, ready to be swapped in.
+pub struct PreparedReload<'a> {
+    gw: &'a HttpGateway,
+    targets: HashMap<String, Arc<Target>>,
+    tokens: TokenVerifier,
+}
+
+impl PreparedReload<'_> {
+    /// New requests use the new resources, rules, masks and tokens; responses in flight finish
+    /// with the old ones. Returns the HTTP resources now served.
+    pub fn apply(self) -> Vec<String> {
+        let mut names: Vec<String> = self.targets.keys().cloned().collect();
+        names.sort();
+        self.gw.targets.store(Arc::new(self.targets));
+        self.gw.tokens.store(Arc::new(self.tokens));
+        names
     }
 }
 
