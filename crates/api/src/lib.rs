@@ -166,8 +166,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
+            // With upgrades: a WebSocket on an HTTP resource takes the connection over.
             let _ = tollgate_http::builder()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), svc)
                 .await;
             if let Some(gw) = &state.http {
                 gw.connection_closed(conn_id);

@@ -2,8 +2,8 @@
 //! the store, the API and the CLI read the same field names whatever protocol produced them.
 //!
 //! Kinds shared by every adapter: `session.open`, `session.close`, `review.*`. HTTP adds
-//! `http.request` and `http.response`. (PostgreSQL's `command` and `result` are still written
-//! by its relay.)
+//! `http.request` and `http.response`, and for upgraded WebSockets `ws.message` and `ws.close`.
+//! (PostgreSQL's `command` and `result` are still written by its relay.)
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -141,5 +141,64 @@ pub struct ReviewEvent {
 impl Event for ReviewEvent {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+}
+
+/// One WebSocket message (its fragments reassembled) relayed on an upgraded HTTP request.
+#[derive(Debug, Clone, Serialize)]
+pub struct WsMessage {
+    /// The upgrade request's `n`.
+    pub n: u64,
+    /// Which side sent it: `client` or `upstream`.
+    pub direction: &'static str,
+    /// The message's place among those `direction` sent (from 1).
+    pub seq: u64,
+    /// `text` or `binary`.
+    pub opcode: &'static str,
+    pub frames: u32,
+    /// Size and digest of the message as sent; text captured masked, binary never captured.
+    pub body: BodyRecord,
+    /// Payload compressed by a negotiated extension (not captured).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub compressed: bool,
+    /// `relayed`, `masked` (rewritten for the client), `passed_unmasked`, or `refused`.
+    pub outcome: &'static str,
+    /// Masking applied to what the client received: values masked, and what fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<Value>,
+}
+
+impl Event for WsMessage {
+    fn kind(&self) -> &'static str {
+        "ws.message"
+    }
+}
+
+/// The end of a relayed WebSocket: who closed it, with which codes, and what passed.
+#[derive(Debug, Clone, Serialize)]
+pub struct WsClose {
+    pub n: u64,
+    /// `closed` (close handshake seen), `gateway` (the gateway closed it), `ended` (a
+    /// connection ended without a close frame), `error`.
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_code: Option<u16>,
+    /// The code of a close the gateway sent itself (1008 policy, 1009 too big, 1002 protocol).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub client_messages: u64,
+    pub client_bytes: u64,
+    pub upstream_messages: u64,
+    pub upstream_bytes: u64,
+    pub duration_ms: u64,
+}
+
+impl Event for WsClose {
+    fn kind(&self) -> &'static str {
+        "ws.close"
     }
 }

@@ -17,6 +17,7 @@ mod normalize;
 mod relay;
 mod serve;
 mod upstream;
+mod websocket;
 
 pub use error::Refusal;
 pub use normalize::{normalize_path, query_pairs, BadTarget};

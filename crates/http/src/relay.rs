@@ -31,7 +31,7 @@ use crate::upstream::UpstreamBody;
 use crate::{micros, HttpGateway, HttpSession, Target};
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1), never forwarded either way.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -196,14 +196,16 @@ async fn run(
     let session = gw.session(ctx, &target, &who, &access);
     let n = session.next_n();
 
-    if req.headers().contains_key(header::UPGRADE) {
+    // A WebSocket upgrade is judged and recorded like any GET, then relayed by `websocket`.
+    let websocket = crate::websocket::is_upgrade(&req);
+    if req.headers().contains_key(header::UPGRADE) && !websocket {
         return Err(refused_event(
             &session,
             n,
             Refusal::new(
                 StatusCode::NOT_IMPLEMENTED,
                 "upgrade_unsupported",
-                "protocol upgrades (WebSocket) are not relayed by this gateway yet",
+                "only WebSocket upgrades (an HTTP/1.1 GET with \"Upgrade: websocket\") are relayed",
             ),
         ));
     }
@@ -399,6 +401,12 @@ async fn run(
         }
     }
 
+    if websocket {
+        return crate::websocket::forward(
+            ctx, &target, &session, n, started, &who, &access, parts, path, raw_query,
+        )
+        .await;
+    }
     forward(
         gw, ctx, &target, &session, n, started, &who, &access, parts, path, raw_query, body,
     )
@@ -547,7 +555,7 @@ fn is_secret_header(name: &str) -> bool {
 }
 
 /// Header names and values as the audit trail keeps them: secrets redacted.
-fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+pub(crate) fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .map(|(k, v)| {
@@ -563,7 +571,12 @@ fn recorded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 
 /// A body as the audit record keeps it: size, digest, and its first `limit` bytes masked with
 /// the resource's masks (for every viewer: captures stay masked).
-fn capture(body: &[u8], sha256: String, limit: usize, plan: Option<&BodyPlan>) -> BodyRecord {
+pub(crate) fn capture(
+    body: &[u8],
+    sha256: String,
+    limit: usize,
+    plan: Option<&BodyPlan>,
+) -> BodyRecord {
     if body.is_empty() {
         return BodyRecord::default();
     }
@@ -609,7 +622,7 @@ fn refused_event(session: &HttpSession, n: u64, r: Refusal) -> Refusal {
 }
 
 /// Records the gateway's own answer to a judged request.
-fn responded(session: &HttpSession, n: u64, started: Instant, r: Refusal) -> Refusal {
+pub(crate) fn responded(session: &HttpSession, n: u64, started: Instant, r: Refusal) -> Refusal {
     session.log.record(&HttpResponse {
         n,
         outcome: "refused",
@@ -675,7 +688,27 @@ async fn forward(
                 Refusal::bad_request("the request cannot be forwarded as written"),
             )
         })?;
-    let h = up.headers_mut();
+    forwarded_headers(ctx, target, &parts, masking, up.headers_mut())?;
+    *up.version_mut() = hyper::Version::HTTP_11;
+    let resp = match target.client.request(up).await {
+        Ok(r) => r,
+        Err(e) => return Err(upstream_failed(target, session, n, started, &e)),
+    };
+    let head_only = parts.method == Method::HEAD;
+    relay_response(
+        ctx, target, session, n, started, head_only, plan, audit_plan, resp,
+    )
+}
+
+/// The headers of a request as forwarded upstream: hop-by-hop headers, the client's credentials
+/// and the gateway's cookies out; the resource's credential and `X-Forwarded-*` in.
+pub(crate) fn forwarded_headers(
+    ctx: &ConnCtx,
+    target: &Target,
+    parts: &hyper::http::request::Parts,
+    masking: bool,
+    h: &mut HeaderMap,
+) -> Result<(), Refusal> {
     let connection_listed = connection_tokens(&parts.headers);
     let inject_name = target.inject.as_ref().map(|(k, _)| k.clone());
     for (k, v) in parts.headers.iter() {
@@ -726,45 +759,67 @@ async fn forward(
             HeaderValue::from_static("identity"),
         );
     }
-    *up.version_mut() = hyper::Version::HTTP_11;
+    Ok(())
+}
 
-    let resp = match target.client.request(up).await {
-        Ok(r) => r,
-        Err(e) => {
-            registry()
-                .counter(
-                    "tollgate_upstream_connect_failures_total",
-                    "Failed upstream connections by resource and reason.",
-                    &[("resource", &target.resource.name), ("reason", "http")],
-                )
-                .inc();
-            tracing::error!(session = %session.log.id, resource = %target.resource.name, error = %e, "upstream request failed");
-            let mut r = Refusal::new(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                format!(
-                    "tollgate could not reach resource \"{}\"",
-                    target.resource.name
-                ),
-            )
-            .hint(format!(
-                "the gateway log has the details under session {}",
-                session.log.id
-            ));
-            r.session = Some(session.log.id.clone());
-            session.log.record(&HttpResponse {
-                n,
-                outcome: "upstream_error",
-                status: 502,
-                headers: Vec::new(),
-                body: BodyRecord::default(),
-                masked: None,
-                duration_us: micros(started),
-                error: Some(upstream_error_label(&e).into()),
-            });
-            return Err(r);
-        }
-    };
+/// Records an upstream request that failed, and the client's answer to it.
+pub(crate) fn upstream_failed(
+    target: &Target,
+    session: &HttpSession,
+    n: u64,
+    started: Instant,
+    e: &hyper_util::client::legacy::Error,
+) -> Refusal {
+    registry()
+        .counter(
+            "tollgate_upstream_connect_failures_total",
+            "Failed upstream connections by resource and reason.",
+            &[("resource", &target.resource.name), ("reason", "http")],
+        )
+        .inc();
+    tracing::error!(session = %session.log.id, resource = %target.resource.name, error = %e, "upstream request failed");
+    let mut r = Refusal::new(
+        StatusCode::BAD_GATEWAY,
+        "upstream_unavailable",
+        format!(
+            "tollgate could not reach resource \"{}\"",
+            target.resource.name
+        ),
+    )
+    .hint(format!(
+        "the gateway log has the details under session {}",
+        session.log.id
+    ));
+    r.session = Some(session.log.id.clone());
+    session.log.record(&HttpResponse {
+        n,
+        outcome: "upstream_error",
+        status: 502,
+        headers: Vec::new(),
+        body: BodyRecord::default(),
+        masked: None,
+        duration_us: micros(started),
+        error: Some(upstream_error_label(e).into()),
+    });
+    r
+}
+
+/// The upstream's answer on its way to the client: checked for what can be masked, its
+/// headers cleaned, its body masked and recorded as it streams (see [`RelayBody`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn relay_response(
+    ctx: &ConnCtx,
+    target: &Target,
+    session: &Arc<HttpSession>,
+    n: u64,
+    started: Instant,
+    head_only: bool,
+    plan: Option<BodyPlan>,
+    audit_plan: Option<BodyPlan>,
+    resp: Response<Incoming>,
+) -> Result<Response<UpstreamBody>, Refusal> {
+    let http = target.resource.http.as_ref().expect("http resource");
+    let masking = plan.is_some() || audit_plan.is_some();
     let (mut rparts, rbody) = resp.into_parts();
     let encoded = rparts
         .headers
@@ -778,7 +833,7 @@ async fn forward(
         .unwrap_or("")
         .to_ascii_lowercase();
     let kind = body_kind(&content_type);
-    let head_only = parts.method == Method::HEAD
+    let head_only = head_only
         || rparts.status == StatusCode::NO_CONTENT
         || rparts.status == StatusCode::NOT_MODIFIED;
     let unmaskable = masking && !head_only && (encoded || kind.is_none());
@@ -901,7 +956,7 @@ fn body_kind(content_type: &str) -> Option<BodyKind> {
     None
 }
 
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
         .iter()
@@ -1020,7 +1075,7 @@ impl RelayBody {
     }
 }
 
-fn reasons_json(s: &tollgate_mask::BodySummary) -> serde_json::Value {
+pub(crate) fn reasons_json(s: &tollgate_mask::BodySummary) -> serde_json::Value {
     json!({
         "values": s.masked_values,
         "by": s.reasons.iter().map(|r| match r {

@@ -121,7 +121,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<ReloadableServerTls>, gw: Arc
                     Ok::<_, std::convert::Infallible>(crate::relay::handle(&gw, &ctx, req).await)
                 }
             });
-            let _ = builder().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = builder()
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
             gw.connection_closed(id);
         });
     }

@@ -38,7 +38,7 @@ impl SessionLog {
         open.insert("listener".into(), json!(LISTENER));
         open.insert("client_addr".into(), json!(peer.to_string()));
         SessionLog {
-            id: new_session_id(),
+            id: tollgate_gate::session::new_session_id(),
             started: Instant::now(),
             open,
             gw,
@@ -135,26 +135,6 @@ impl SessionLog {
             json!({"outcome": "rejected", "reason": reason, "detail": detail, "duration_ms": self.started.elapsed().as_millis() as u64}),
         );
     }
-}
-
-/// A review grant as `session.open` records it.
-fn grant_json(g: &tollgate_review::Grant) -> Value {
-    let until = g
-        .until
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    json!({"review": g.review_id, "until_unix": until})
-}
-
-fn new_session_id() -> String {
-    let mut r = [0u8; 6];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r);
-    let ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    format!("{ms:012x}{}", hex::encode(r))
 }
 
 fn handshake_counter(outcome: &str, reason: &str) {
@@ -479,38 +459,30 @@ impl PgGateway {
         // so the answer does not reveal which resources exist.
         // Just-in-time access: an approved access review reaches a resource until the grant ends.
         let targets = self.targets.load_full();
-        let grant = match targets.get(&database) {
-            Some(t) if !identity.in_any(&t.resource.allow_groups) => self
-                .reviews
-                .as_ref()
-                .and_then(|r| r.active_grant_for(&identity, &database)),
-            _ => None,
-        };
-        if let Some(g) = &grant {
-            log.set("access_grant", grant_json(g));
-        }
-        let target = match targets.get(&database) {
-            Some(t) if grant.is_some() || identity.in_any(&t.resource.allow_groups) => t.clone(),
-            _ => {
+        let found = targets.get(&database);
+        let access = match tollgate_gate::authorize(
+            &identity,
+            found.map(|t| (t.resource.name.as_str(), t.resource.allow_groups.as_slice())),
+            self.reviews.as_deref(),
+            found.is_some_and(|t| t.mask.is_some()),
+            &database,
+        ) {
+            Ok(access) => access,
+            Err(forbidden) => {
                 auth_failure("forbidden");
-                log.refuse(&mut tls, "42501",
-                    &format!("permission denied: \"{}\" may not reach resource \"{database}\" (or it does not exist)", identity.subject),
+                log.refuse(&mut tls, "42501", &forbidden.to_string(),
                     Some("the database name selects the tollgate resource; ask an administrator for access"), "forbidden", json!({})).await;
                 return;
             }
         };
         // The session keeps this target (its policy as configured now) until it ends.
+        let target = found.expect("authorized").clone();
         drop(targets);
+        access.audit_fields(&mut log.open);
         log.set("resource", json!(target.resource.name));
         // An approved unmask review lets this identity see the resource unmasked for a while
         // (its audit captures stay masked).
-        let unmask = match (&target.mask, &self.reviews) {
-            (Some(_), Some(r)) => r.active_unmask_for(&identity, &target.resource.name),
-            _ => None,
-        };
-        if let Some(g) = &unmask {
-            log.set("unmask_grant", grant_json(g));
-        }
+        let (grant, unmask) = (access.grant, access.unmask);
 
         let upstream = match target.connect(&startup.params, self.max_message).await {
             Ok(c) => c,

@@ -1,6 +1,7 @@
 //! A real HTTPS API for the HTTP-resource tests, with its own certificate: it echoes what it
 //! received, serves customer records (with e-mails and card numbers to mask), a large streamed
-//! JSON body, server-sent events released by the test, and a few bodies masks cannot handle.
+//! JSON body, server-sent events released by the test, a few bodies masks cannot handle, and a
+//! WebSocket echo on any path ending in `/ws`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -90,6 +91,7 @@ impl Upstream {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -115,6 +117,9 @@ async fn serve(
     seen: Seen,
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<()>>>,
 ) -> Response<Body> {
+    if req.uri().path().ends_with("/ws") && req.headers().contains_key("upgrade") {
+        return websocket(req, seen);
+    }
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -216,4 +221,87 @@ async fn serve(
                 .to_string(),
         ),
     }
+}
+
+/// A WebSocket echo: records the upgrade request (headers as seen) and each message received
+/// (`{"ws": direction, "text"|"binary": ...}`), and sends every text and binary message back.
+fn websocket(mut req: Request<hyper::body::Incoming>, seen: Seen) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let value = if k == "authorization" {
+            format!(
+                "sha256:{}",
+                super::sha256_hex(&String::from_utf8_lossy(v.as_bytes()))
+            )
+        } else {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        };
+        headers.insert(k.as_str().to_string(), serde_json::Value::String(value));
+    }
+    seen.0.lock().unwrap().push(serde_json::json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path(),
+        "query": req.uri().query(),
+        "headers": headers,
+    }));
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        return full("text/plain", "no key");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let protocol = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|p| p.trim().to_string());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let reply = match msg {
+                Message::Text(t) => {
+                    seen.0
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::json!({"ws": "received", "text": t.as_str()}));
+                    Message::Text(t)
+                }
+                Message::Binary(b) => {
+                    seen.0
+                        .lock()
+                        .unwrap()
+                        .push(serde_json::json!({"ws": "received", "binary": b.len()}));
+                    Message::Binary(b)
+                }
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                break;
+            }
+        }
+        // The close handshake is answered by the stream itself; let it flush.
+        let _ = ws.close(None).await;
+    });
+    let mut r = Response::builder()
+        .status(101)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept);
+    if let Some(p) = protocol {
+        r = r.header("sec-websocket-protocol", p);
+    }
+    r.body(Full::new(Bytes::new()).boxed()).unwrap()
 }
