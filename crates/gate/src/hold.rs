@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::time::Duration;
-use tollgate_identity::Identity;
+use tollgate_identity::Principal;
 use tollgate_review::{NewReview, Review, ReviewError, ReviewKind, Reviewer, Reviews, Verdict};
 
 /// How a hold ended.
@@ -15,7 +15,10 @@ pub type HoldOutcome = Verdict;
 pub struct HoldRequest<'a> {
     pub session_id: &'a str,
     pub resource: &'a str,
-    pub requester: &'a Identity,
+    /// Who asked: readable subject and groups, and the principal reviews compare by.
+    pub subject: &'a str,
+    pub groups: &'a [String],
+    pub principal: &'a Principal,
     pub rule: &'a str,
     /// What the reviewer reads (already redacted by the adapter).
     pub shown: String,
@@ -40,12 +43,9 @@ pub fn open(
     req: HoldRequest<'_>,
     rerun_window: Duration,
 ) -> Result<Opened, ReviewError> {
-    if let Some(r) = reviews.take_approved_rerun_by(
-        &req.requester.principal,
-        req.resource,
-        &req.digest,
-        rerun_window,
-    ) {
+    if let Some(r) =
+        reviews.take_approved_rerun_by(req.principal, req.resource, &req.digest, rerun_window)
+    {
         return Ok(Opened::Rerun(r));
     }
     let new = NewReview {
@@ -53,8 +53,8 @@ pub fn open(
         session_id: Some(req.session_id.to_string()),
         resource: req.resource.to_string(),
         requester: Reviewer {
-            subject: req.requester.subject.clone(),
-            groups: req.requester.groups.clone(),
+            subject: req.subject.to_string(),
+            groups: req.groups.to_vec(),
         },
         rule: Some(req.rule.to_string()),
         statement: Some(req.shown),
@@ -65,9 +65,7 @@ pub fn open(
         reason: None,
         access_for: None,
     };
-    reviews
-        .request_by(new, &req.requester.principal)
-        .map(Opened::Pending)
+    reviews.request_by(new, req.principal).map(Opened::Pending)
 }
 
 /// Wait for the decision on `review`; when `client_gone` completes first, the review is

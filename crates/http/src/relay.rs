@@ -381,7 +381,9 @@ async fn run(
             let asked = HoldRequest {
                 session_id: &session.log.id,
                 resource: &target.resource.name,
-                requester: &who,
+                subject: &who.subject,
+                groups: &who.groups,
+                principal: &who.principal,
                 rule,
                 shown,
                 digest,

@@ -22,13 +22,14 @@ use std::time::Instant;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tollgate_gate::hold::{HoldRequest, Opened};
 use tollgate_identity::Identity;
 use tollgate_mask::{CopyFormat, RowPlan};
 use tollgate_metrics::registry;
 use tollgate_policy::{
     Caller, Confirmation, Decision, Judgement, ResourcePolicy, SessionPolicy, CATALOG_QUERY,
 };
-use tollgate_review::{NewReview, Review, ReviewKind, Reviewer, Reviews, Verdict as ReviewVerdict};
+use tollgate_review::{Review, Reviews, Verdict as ReviewVerdict};
 use tollgate_store::{canonical_json, CanonicalObject, EventInput};
 
 const READ_BUF: usize = 64 * 1024;
@@ -1356,39 +1357,36 @@ fn open_review<CW>(g: &Guard<'_, CW>, tracker: &Tracker<'_>, ask: &Ask) -> Resul
             None,
         ));
     };
-    if let Some(r) =
-        reviews.take_approved_rerun_by(g.principal, &g.resource.name, &ask.sha256, g.rerun_window)
-    {
-        tracker
-            .log
-            .event("review.rerun", json!({"n": ask.n, "review": r.id}));
-        return Err(Held::Run);
-    }
-    let request = NewReview {
-        kind: ReviewKind::Command,
-        session_id: Some(tracker.log.id.clone()),
-        resource: g.resource.name.clone(),
-        requester: Reviewer {
-            subject: g.subject.to_string(),
-            groups: g.groups.to_vec(),
-        },
-        rule: Some(ask.rule.clone()),
-        statement: Some(ask.shown.clone()),
-        statement_sha256: Some(ask.sha256.clone()),
-        approvers: ask.approvers.clone(),
+    let request = HoldRequest {
+        session_id: &tracker.log.id,
+        resource: &g.resource.name,
+        subject: g.subject,
+        groups: g.groups,
+        principal: g.principal,
+        rule: &ask.rule,
+        shown: ask.shown.clone(),
+        digest: ask.sha256.clone(),
+        approvers: &ask.approvers,
         min_approvals: ask.min_approvals,
         timeout: ask.timeout,
-        reason: None,
-        access_for: None,
     };
-    reviews.request_by(request, g.principal).map_err(|e| {
-        tracing::error!(session = %tracker.log.id, error = %e, "could not open a review");
-        Held::Refuse(
-            "58030",
-            "tollgate could not open a review for this statement, so it was not run".into(),
-            Some("try again later or contact the gateway's operator".into()),
-        )
-    })
+    match tollgate_gate::hold::open(reviews, request, g.rerun_window) {
+        Ok(Opened::Rerun(r)) => {
+            tracker
+                .log
+                .event("review.rerun", json!({"n": ask.n, "review": r.id}));
+            Err(Held::Run)
+        }
+        Ok(Opened::Pending(r)) => Ok(r),
+        Err(e) => {
+            tracing::error!(session = %tracker.log.id, error = %e, "could not open a review");
+            Err(Held::Refuse(
+                "58030",
+                "tollgate could not open a review for this statement, so it was not run".into(),
+                Some("try again later or contact the gateway's operator".into()),
+            ))
+        }
+    }
 }
 
 /// Tells the client its command is held, then waits for the decision, the deadline, a cancel
