@@ -2,13 +2,15 @@
 //!
 //! Owns the offline lint of a configuration ([`check`]: upstream TLS opt-outs, certificate
 //! expiry, key-file permissions, dangling references, unreachable resources, unknown groups,
-//! fail-open audit), the live scan of every upstream ([`scan`]: TLS handshake, chain,
-//! hostname, expiry, accepted protocol versions, plaintext downgrade path, PostgreSQL sessions
-//! that bypass the gateway), the pure TLS probe builders it uses ([`probe`]), and delivering
-//! findings to a webhook ([`alert`]).
+//! fail-open audit, injected secrets that will not load), the live scan of every PostgreSQL and
+//! HTTP upstream ([`scan`]: TLS handshake, chain, hostname, expiry, accepted protocol versions,
+//! plaintext downgrade path or an `http://` upstream, PostgreSQL sessions that bypass the
+//! gateway), the pure TLS probe builders it uses ([`probe`]), and delivering findings to a
+//! webhook ([`alert`]).
 //!
-//! Must not: change any upstream state (the scan only reads `pg_stat_activity`), send a
-//! password outside TLS, or decide anything for the gateway — it reports, the operator acts.
+//! Must not: change any upstream state (the scan only reads `pg_stat_activity` and sends HTTP
+//! `HEAD /`), send a password or injected credential to an upstream, or decide anything for
+//! the gateway — it reports, the operator acts.
 
 pub mod alert;
 mod lint;

@@ -276,7 +276,6 @@ impl Lint<'_> {
         }
     }
 
-    /// Guardrails that would not load, and statements the parser cannot read let through.
     /// An injected secret (a database password, an HTTP credential) that will not load.
     fn secret(
         &mut self,
@@ -293,7 +292,7 @@ impl Lint<'_> {
                     "unset_env",
                     Severity::High,
                     resource,
-                    &format!("{key}_env"),
+                    format!("{key}_env"),
                     format!("resource {:?}: environment variable {var} is not set (or empty), so the gateway cannot {purpose}", resource.unwrap_or("")),
                     format!("set {var} in the gateway's environment, or use {key}_file"),
                 )),
@@ -308,8 +307,26 @@ impl Lint<'_> {
         }
     }
 
+    /// Rules that only record (any kind); for SQL resources also guardrails that would not
+    /// load, and statements the parser cannot read let through.
     fn rules(&mut self, r: &tollgate_config::Resource) {
         let name = Some(r.name.as_str());
+        let dry_rules: Vec<&str> = r
+            .rules
+            .iter()
+            .filter(|rule| rule.dry_run || r.dry_run)
+            .map(|rule| rule.name.as_str())
+            .collect();
+        if !dry_rules.is_empty() {
+            self.push(Finding::new(
+                "rules_dry_run",
+                Severity::Low,
+                name,
+                if r.dry_run { "resources.dry_run" } else { "resources.rules.dry_run" },
+                format!("resource {:?}: rules {dry_rules:?} only record what they would do (dry_run); they enforce nothing", r.name),
+                "once the audit trail's decision.dry_run shows what they would change, remove dry_run",
+            ));
+        }
         if r.kind != tollgate_config::ResourceKind::Postgres {
             // HTTP rules are validated whole by the config loader; the SQL checks do not apply.
             return;
@@ -336,22 +353,6 @@ impl Lint<'_> {
                 "resources.opaque_code",
                 format!("resource {:?}: opaque_code = \"kind\": DO blocks, CALL and functions tollgate cannot inspect are judged by their own kind only, so code inside them may run writes the rules deny or hold", r.name),
                 "remove the key (the default, \"strict\", judges such code as any write); list functions you trust in trusted_functions, and grant the upstream role only the privileges its clients need",
-            ));
-        }
-        let dry_rules: Vec<&str> = r
-            .rules
-            .iter()
-            .filter(|rule| rule.dry_run || r.dry_run)
-            .map(|rule| rule.name.as_str())
-            .collect();
-        if !dry_rules.is_empty() {
-            self.push(Finding::new(
-                "rules_dry_run",
-                Severity::Low,
-                name,
-                if r.dry_run { "resources.dry_run" } else { "resources.rules.dry_run" },
-                format!("resource {:?}: rules {dry_rules:?} only record what they would do (dry_run); they enforce nothing", r.name),
-                "once the audit trail's decision.dry_run shows what they would change, remove dry_run",
             ));
         }
         if r.unparsable == tollgate_config::RuleAction::Allow && !r.rules.is_empty() {
@@ -517,6 +518,9 @@ mod tests {
             std::fs::write(f.path("app.password"), "pw").unwrap();
             std::fs::set_permissions(f.path("app.password"), PermissionsExt::from_mode(0o600))
                 .unwrap();
+            std::fs::write(f.path("api.token"), "Bearer t").unwrap();
+            std::fs::set_permissions(f.path("api.token"), PermissionsExt::from_mode(0o600))
+                .unwrap();
             f
         }
 
@@ -567,6 +571,39 @@ allow_groups = ["sre", "agents"]
             tollgate_config::load(&path).unwrap()
         }
 
+        /// The same server with one http resource "api" at `upstream`; without its own
+        /// `[resources.tls]`, a verified https upstream injecting `api.token`.
+        fn http_config(&self, upstream: &str, resource: &str) -> Config {
+            let tail = if resource.contains("[resources.tls]") {
+                resource.to_string()
+            } else {
+                format!("{resource}[resources.tls]\nca = \"db/ca.crt\"\nserver_name = \"localhost\"\n[resources.credentials]\nheader = \"Authorization\"\nvalue_file = \"api.token\"\n")
+            };
+            let text = format!(
+                r#"[server]
+postgres_listen = "127.0.0.1:6432"
+https_listen = "127.0.0.1:8443"
+tls_cert = "pki/gateway.crt"
+tls_key = "pki/gateway.key"
+client_ca = "pki/ca.crt"
+client_crl = ["pki/crl.pem"]
+store = "sqlite://tollgate.db"
+
+[roles]
+admin_groups = ["sre"]
+
+[[resources]]
+name = "api"
+kind = "http"
+upstream = "{upstream}"
+allow_groups = ["sre", "agents"]
+{tail}"#
+            );
+            let path = self.path("tollgate.toml");
+            std::fs::write(&path, text).unwrap();
+            tollgate_config::load(&path).unwrap()
+        }
+
         fn check(&self, c: &Config) -> Vec<Finding> {
             check(c, &CheckOptions::default())
         }
@@ -580,6 +617,80 @@ allow_groups = ["sre", "agents"]
     fn clean_config_passes() {
         let f = Fixture::new();
         assert_eq!(f.check(&f.config("", "")), vec![]);
+    }
+
+    #[test]
+    fn clean_http_resource_passes() {
+        let f = Fixture::new();
+        let c = f.http_config("https://127.0.0.1:8443/v1", "");
+        assert!(c.resources[0].http.is_some());
+        assert_eq!(f.check(&c), vec![]);
+        // HTTP rules and masks are not held to the SQL lints.
+        let c = f.http_config(
+            "https://localhost",
+            "[[resources.rules]]\nmethods = [\"DELETE\"]\npaths = [\"/**\"]\naction = \"deny\"\n[[resources.masks]]\njson_paths = [\"$.email\"]\n",
+        );
+        assert_eq!(f.check(&c), vec![]);
+        // A dry-run rule enforces nothing, whatever the kind.
+        let c = f.http_config(
+            "https://localhost",
+            "[[resources.rules]]\nname = \"try\"\nmethods = [\"DELETE\"]\naction = \"deny\"\ndry_run = true\n",
+        );
+        assert_eq!(kinds(&f.check(&c)), ["rules_dry_run"]);
+    }
+
+    #[test]
+    fn plaintext_http_upstream_is_critical() {
+        let f = Fixture::new();
+        let c = f.http_config(
+            "http://127.0.0.1:8080",
+            "[resources.tls]\nmode = \"disable\"\n[resources.credentials]\nheader = \"Authorization\"\nvalue_file = \"api.token\"\n",
+        );
+        assert_eq!(c.resources[0].http.as_ref().map(|h| h.tls), Some(false));
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["upstream_tls_not_verify_full"], "{found:?}");
+        assert_eq!(found[0].severity, Severity::Critical);
+        assert_eq!(found[0].resource.as_deref(), Some("api"));
+        assert_eq!(found[0].key, "resources.tls.mode");
+        assert!(
+            found[0].message.contains("plaintext"),
+            "{}",
+            found[0].message
+        );
+    }
+
+    #[test]
+    fn injected_http_credential_must_load_and_stay_private() {
+        let f = Fixture::new();
+        let var = "TOLLGATE_SCAN_TEST_SURELY_UNSET_HTTP_VAR";
+        let c = f.http_config(
+            "https://localhost:9443",
+            &format!("[resources.tls]\nca = \"db/ca.crt\"\n[resources.credentials]\nheader = \"X-Api-Key\"\nvalue_env = \"{var}\"\n"),
+        );
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["unset_env"], "{found:?}");
+        assert_eq!(found[0].key, "resources.credentials.value_env");
+        assert_eq!(found[0].resource.as_deref(), Some("api"));
+        assert!(found[0].message.contains(var), "{}", found[0].message);
+        assert!(found[0].message.contains("authenticate upstream"));
+        assert!(found[0].fix.contains("value_file"), "{}", found[0].fix);
+
+        let c = f.http_config("https://localhost:9443", "");
+        std::fs::set_permissions(f.path("api.token"), PermissionsExt::from_mode(0o640)).unwrap();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["key_permissions"], "{found:?}");
+        assert_eq!(found[0].key, "resources.credentials.value_file");
+        assert!(
+            found[0].message.contains("mode 0640"),
+            "{}",
+            found[0].message
+        );
+        assert!(found[0].fix.starts_with("chmod 600 "), "{}", found[0].fix);
+
+        std::fs::remove_file(f.path("api.token")).unwrap();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["missing_file"], "{found:?}");
+        assert_eq!(found[0].key, "resources.credentials.value_file");
     }
 
     #[test]

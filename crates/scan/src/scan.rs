@@ -1,7 +1,10 @@
-//! `tollgate scan`: the live check of every upstream. Each resource gets, in order: the session
-//! listing (first, so the scan's own probes are not in it), a TLS handshake whose chain is
-//! verified separately (so a bad chain is described, not just refused), TLS 1.2/1.3 probes,
-//! raw TLS 1.0/1.1 ClientHellos, and a plaintext start-up that never sends a password.
+//! `tollgate scan`: the live check of every upstream. Each PostgreSQL resource gets, in order:
+//! the session listing (first, so the scan's own probes are not in it), a TLS handshake (after
+//! the SSLRequest) whose chain is verified separately (so a bad chain is described, not just
+//! refused), TLS 1.2/1.3 probes, raw TLS 1.0/1.1 ClientHellos, and a plaintext start-up that
+//! never sends a password. An HTTP resource gets the same TLS checks on a direct handshake
+//! (ALPN `http/1.1`, as the gateway connects) and a plaintext `HEAD /` on the same port; an
+//! `http://` upstream is a finding of its own and is not TLS-probed.
 
 use crate::probe::{classify_reply, legacy_client_hello, HelloReply, Legacy};
 use crate::{days_until, rfc3339, Finding, Severity};
@@ -123,7 +126,8 @@ pub struct ResourceReport {
     pub tls_mode: &'static str,
     pub tls: Option<TlsFacts>,
     pub versions: Vec<VersionFact>,
-    /// Whether a plaintext start-up was answered with an authentication request.
+    /// Whether the upstream serves unencrypted clients: PostgreSQL, a plaintext start-up was
+    /// answered with an authentication request; HTTP, a plaintext `HEAD /` got an HTTP answer.
     pub plaintext_accepted: Option<bool>,
     pub sessions: Option<SessionFacts>,
     pub findings: Vec<Finding>,
@@ -133,6 +137,8 @@ pub struct ResourceReport {
 pub struct TlsFacts {
     pub version: String,
     pub cipher: String,
+    /// The application protocol the upstream chose (ALPN), if any.
+    pub alpn: Option<String>,
     pub chain: Vec<CertFact>,
     /// Chains to `tls.ca` (None when the resource has no CA configured).
     pub chain_trusted: Option<bool>,
@@ -188,7 +194,7 @@ impl ResourceReport {
     }
 }
 
-/// Scan every PostgreSQL resource of `config`, one after another.
+/// Scan every resource of `config`, one after another.
 pub async fn scan(config: &Config, opts: &ScanOptions) -> Vec<ResourceReport> {
     let mut out = Vec::new();
     for r in &config.resources {
@@ -211,7 +217,12 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
         findings: Vec::new(),
     };
     let name = Some(r.name.as_str());
-    if r.kind != ResourceKind::Postgres {
+    let http = match (r.kind, &r.http) {
+        (ResourceKind::Postgres, _) => None,
+        (ResourceKind::Http, Some(h)) => Some(h),
+        _ => None,
+    };
+    if r.kind != ResourceKind::Postgres && http.is_none() {
         rep.findings.push(Finding::new(
             "not_scanned",
             Severity::Low,
@@ -226,6 +237,17 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
         return rep;
     }
     let timeout = r.connect_timeout.min(Duration::from_secs(10));
+    let plain_http = http.filter(|h| !h.tls);
+    if let Some(h) = plain_http {
+        rep.findings.push(Finding::new(
+            "plaintext_upstream",
+            Severity::Critical,
+            name,
+            "resources.upstream",
+            format!("resource {:?}: the upstream is http://{}{}: requests, the injected credential and responses cross the network unencrypted", r.name, r.upstream, h.base_path),
+            "serve the upstream over TLS and name it https://, with tls.mode = \"verify-full\", tls.ca and tls.server_name",
+        ));
+    }
 
     if let Err(e) = tcp(r, timeout).await {
         rep.findings.push(Finding::new(
@@ -236,15 +258,50 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
             format!("resource {:?}: cannot reach {}: {e}", r.name, r.upstream),
             "start the upstream, or correct resources.upstream",
         ));
+        rep.findings.sort_by_key(|f| f.severity);
         return rep;
     }
 
-    sessions(r, opts, &mut rep).await;
-    tls_handshake(r, opts, timeout, &mut rep).await;
-    versions(r, timeout, &mut rep).await;
-    plaintext(r, timeout, &mut rep).await;
+    match http {
+        None => {
+            sessions(r, opts, &mut rep).await;
+            tls_handshake(r, opts, timeout, &mut rep).await;
+            versions(r, timeout, &mut rep).await;
+            plaintext(r, timeout, &mut rep).await;
+        }
+        // An http:// upstream is not TLS-probed; whether it answers is a fact, the finding is
+        // plaintext_upstream above.
+        Some(_) if plain_http.is_some() => {
+            rep.plaintext_accepted = plaintext_http(r, timeout).await.ok().map(|(a, _)| a);
+        }
+        Some(_) => {
+            tls_handshake(r, opts, timeout, &mut rep).await;
+            versions(r, timeout, &mut rep).await;
+            match plaintext_http(r, timeout).await {
+                Ok((true, detail)) => {
+                    rep.plaintext_accepted = Some(true);
+                    rep.findings.push(Finding::new(
+                        "plaintext_accepted",
+                        Severity::Critical,
+                        name,
+                        "resources.upstream",
+                        format!("resource {:?}: {} also serves unencrypted HTTP on the same port ({detail}): a downgrade path around the gateway", r.name, r.upstream),
+                        "serve only TLS on the upstream's port (no plaintext listener or protocol sniffing there)",
+                    ));
+                }
+                Ok((false, _)) => rep.plaintext_accepted = Some(false),
+                Err(e) => {
+                    tracing::debug!(resource = %r.name, error = %e, "plaintext HTTP probe inconclusive")
+                }
+            }
+        }
+    }
     rep.findings.sort_by_key(|f| f.severity);
     rep
+}
+
+fn is_http(r: &Resource) -> bool {
+    r.kind == ResourceKind::Http
 }
 
 async fn tcp(r: &Resource, timeout: Duration) -> Result<TcpStream, String> {
@@ -260,9 +317,13 @@ async fn tcp(r: &Resource, timeout: Duration) -> Result<TcpStream, String> {
     }
 }
 
-/// TCP + SSLRequest; Ok(None) when the server answered `N` (no TLS).
+/// A TCP connection ready for a ClientHello: PostgreSQL after its SSLRequest (Ok(None) when the
+/// server answered `N`, no TLS), HTTP straight away.
 async fn ssl_tcp(r: &Resource, timeout: Duration) -> Result<Option<TcpStream>, String> {
     let mut s = tcp(r, timeout).await?;
+    if is_http(r) {
+        return Ok(Some(s));
+    }
     s.write_all(&startup::encode_ssl_request())
         .await
         .map_err(|e| e.to_string())?;
@@ -319,7 +380,12 @@ fn probe_config(
         }
         _ => b.with_no_client_auth(),
     };
-    c.alpn_protocols = vec![b"postgresql".to_vec()];
+    // What the gateway offers: hyper speaks HTTP/1.1 upstream.
+    c.alpn_protocols = vec![if is_http(r) {
+        b"http/1.1".to_vec()
+    } else {
+        b"postgresql".to_vec()
+    }];
     Ok(Arc::new(c))
 }
 
@@ -409,6 +475,9 @@ async fn tls_handshake(
     };
     let conn = stream.get_ref().1;
     let info = tollgate_tls::session_info(conn);
+    let alpn = conn
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
     let chain: Vec<CertificateDer<'static>> = conn
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
@@ -432,6 +501,7 @@ async fn tls_handshake(
     let mut facts = TlsFacts {
         version: info.version,
         cipher: info.cipher,
+        alpn,
         chain: Vec::new(),
         chain_trusted: None,
         hostname_matches: false,
@@ -625,7 +695,11 @@ async fn versions(r: &Resource, timeout: Duration, rep: &mut ResourceReport) {
                 Some(&r.name),
                 "resources.upstream",
                 format!("resource {:?}: the upstream accepts {} ({})", r.name, v.name(), fact.detail),
-                "set the upstream's minimum TLS version to 1.2 (PostgreSQL: ssl_min_protocol_version = 'TLSv1.2')",
+                if is_http(r) {
+                    "set the upstream's minimum TLS version to 1.2 (nginx: ssl_protocols TLSv1.2 TLSv1.3; Apache: SSLProtocol -all +TLSv1.2 +TLSv1.3)"
+                } else {
+                    "set the upstream's minimum TLS version to 1.2 (PostgreSQL: ssl_min_protocol_version = 'TLSv1.2')"
+                },
             ));
         }
         rep.versions.push(fact);
@@ -742,6 +816,93 @@ async fn plaintext(r: &Resource, timeout: Duration, rep: &mut ResourceReport) {
         }
         Ok((false, _)) => rep.plaintext_accepted = Some(false),
         Err(e) => tracing::debug!(resource = %r.name, error = %e, "plaintext probe inconclusive"),
+    }
+}
+
+/// A plaintext `HEAD /` on the upstream's port: Ok((accepted, what the server did)). Only the
+/// request line and `Host` are sent, never the injected credential.
+async fn plaintext_http(r: &Resource, timeout: Duration) -> Result<(bool, String), String> {
+    let mut s = tcp(r, timeout).await?;
+    let tls = r.http.as_ref().is_some_and(|h| h.tls);
+    let default_port = if tls { 443 } else { 80 };
+    // The Host the gateway sends.
+    let host = if r.upstream_port == default_port {
+        r.upstream_host.as_str()
+    } else {
+        r.upstream.as_str()
+    };
+    let req = format!(
+        "HEAD / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {SCAN_APPLICATION_NAME}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(512);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= 8192 {
+            break;
+        }
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) if buf.is_empty() => return Err("no answer".into()),
+            Err(_) => break,
+        }
+    }
+    Ok(classify_http_reply(&buf))
+}
+
+/// Whether the first bytes a server sent back to a plaintext `HEAD /` mean it serves plaintext
+/// HTTP. TLS ports of common servers answer plain HTTP with `400` (nginx, Go), `426`, or a
+/// redirect to `https://`: those refuse it.
+pub(crate) fn classify_http_reply(buf: &[u8]) -> (bool, String) {
+    if buf.is_empty() {
+        return (false, "the server closed the connection".into());
+    }
+    if buf[0] == 0x15 {
+        return (false, "the server answered with a TLS alert".into());
+    }
+    if !buf.starts_with(b"HTTP/") {
+        return (false, "the server did not answer in HTTP".into());
+    }
+    let text = String::from_utf8_lossy(buf);
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or("").trim();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok());
+    let location = lines.take_while(|l| !l.is_empty()).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("location")
+            .then(|| v.trim().to_string())
+    });
+    match status {
+        Some(400) => (
+            false,
+            format!("it answered {status_line:?}, as TLS ports answer plain HTTP"),
+        ),
+        Some(426) => (false, format!("it answered {status_line:?}")),
+        Some(300..=399)
+            if location
+                .as_deref()
+                .is_some_and(|l| l.len() >= 8 && l[..8].eq_ignore_ascii_case("https://")) =>
+        {
+            (
+                false,
+                format!(
+                    "it redirects to {}",
+                    location.as_deref().unwrap_or_default()
+                ),
+            )
+        }
+        _ => (
+            true,
+            format!("a plaintext HEAD / was answered {status_line:?}"),
+        ),
     }
 }
 
@@ -993,6 +1154,230 @@ mod tests {
         assert_eq!(r.pid, 42);
         assert_eq!(r.usename.as_deref(), Some("app"));
         assert_eq!(r.client_addr, None);
+    }
+
+    #[test]
+    fn plaintext_http_replies() {
+        let c = |b: &[u8]| classify_http_reply(b).0;
+        assert!(c(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"));
+        assert!(c(b"HTTP/1.0 404 Not Found\r\n\r\n"));
+        assert!(c(b"HTTP/1.1 401 Unauthorized\r\n\r\n"));
+        // A redirect elsewhere still serves plaintext; one to https:// does not.
+        assert!(c(b"HTTP/1.1 302 Found\r\nLocation: /login\r\n\r\n"));
+        assert!(!c(
+            b"HTTP/1.1 301 Moved Permanently\r\nlocation: HTTPS://api.internal/\r\n\r\n"
+        ));
+        // nginx and Go on a TLS port, and Upgrade Required.
+        assert!(!c(b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\n\r\n"));
+        assert!(!c(
+            b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+        ));
+        assert!(!c(b"HTTP/1.1 426 Upgrade Required\r\n\r\n"));
+        assert!(!c(b""));
+        assert!(!c(&[0x15, 3, 3, 0, 2, 2, 80]));
+        assert!(!c(b"SSH-2.0-OpenSSH_9.6\r\n"));
+        let (_, detail) = classify_http_reply(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(detail.contains("\"HTTP/1.1 200 OK\""), "{detail}");
+    }
+
+    /// How the in-test upstream answers a connection.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Serve {
+        /// TLS only (a rustls server with ALPN http/1.1).
+        Tls,
+        /// TLS, and plain HTTP for connections that do not start with a TLS record.
+        TlsAndPlain,
+        /// Plain HTTP only.
+        Plain,
+    }
+
+    struct Upstream {
+        dir: tempfile::TempDir,
+        port: u16,
+    }
+
+    /// A CA in `dir/ca`, a server certificate for localhost/127.0.0.1, and a server on a free port.
+    async fn upstream(serve: Serve) -> Upstream {
+        use rustls_pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        tollgate_tls::pki::init_ca(&dir.path().join("ca"), "upstream CA").unwrap();
+        tollgate_tls::pki::init_ca(&dir.path().join("other"), "other CA").unwrap();
+        let files = tollgate_tls::pki::issue_server(
+            &dir.path().join("ca"),
+            &tollgate_tls::pki::ServerCertSpec {
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                ttl: Duration::from_secs(30 * 86_400),
+                not_before: None,
+            },
+            &dir.path().join("server"),
+        )
+        .unwrap();
+        let certs = tollgate_tls::load_certs(&files.cert).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(tollgate_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut first = [0u8; 1];
+                    let tls = matches!(tcp.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+                    let reply =
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                    if tls && serve != Serve::Plain {
+                        if let Ok(mut s) = acceptor.accept(tcp).await {
+                            let mut buf = [0u8; 1024];
+                            if let Ok(n) = s.read(&mut buf).await {
+                                if n > 0 {
+                                    let _ = s.write_all(reply).await;
+                                }
+                            }
+                            let _ = s.shutdown().await;
+                        }
+                    } else if !tls && serve != Serve::Tls {
+                        let mut buf = [0u8; 1024];
+                        let _ = tcp.read(&mut buf).await;
+                        let _ = tcp.write_all(reply).await;
+                    } else if serve == Serve::Tls {
+                        // rustls refuses what is not TLS with an alert.
+                        let _ = acceptor.accept(tcp).await;
+                    }
+                });
+            }
+        });
+        Upstream { dir, port }
+    }
+
+    fn http_resource(up: &Upstream, scheme: &str, ca: &str, server_name: &str) -> Resource {
+        let tls = if scheme == "http" {
+            "mode = \"disable\"\n".to_string()
+        } else {
+            format!("ca = \"{ca}/ca.crt\"\nserver_name = \"{server_name}\"\n")
+        };
+        let text = format!(
+            "[server]\ntls_cert = \"c\"\ntls_key = \"k\"\n[[resources]]\nname = \"api\"\nkind = \"http\"\nupstream = \"{scheme}://127.0.0.1:{}/v1\"\nallow_groups = [\"a\"]\nconnect_timeout = \"2s\"\n[resources.tls]\n{tls}",
+            up.port
+        );
+        tollgate_config::parse(&text, &up.dir.path().join("tollgate.toml"))
+            .unwrap()
+            .resources
+            .remove(0)
+    }
+
+    fn opts() -> ScanOptions {
+        ScanOptions {
+            min_days: 14,
+            gateway: GatewaySource::Unavailable("test".into()),
+            max_message: 1 << 20,
+        }
+    }
+
+    fn kinds(rep: &ResourceReport) -> Vec<&'static str> {
+        rep.findings.iter().map(|f| f.kind).collect()
+    }
+
+    #[tokio::test]
+    async fn https_upstream_scans_clean_when_trusted() {
+        let up = upstream(Serve::Tls).await;
+        let rep = scan_resource(&http_resource(&up, "https", "ca", "localhost"), &opts()).await;
+        assert_eq!(kinds(&rep), Vec::<&str>::new(), "{rep:#?}");
+        let tls = rep.tls.as_ref().unwrap();
+        assert_eq!(tls.chain_trusted, Some(true));
+        assert!(tls.hostname_matches);
+        assert_eq!(tls.alpn.as_deref(), Some("http/1.1"));
+        assert!(tls.leaf_days_left >= 29, "{tls:?}");
+        assert_eq!(rep.plaintext_accepted, Some(false));
+        assert!(rep.sessions.is_none());
+        let accepted = |v: &str| {
+            rep.versions
+                .iter()
+                .find(|x| x.version == v)
+                .unwrap()
+                .accepted
+        };
+        assert_eq!(accepted("TLSv1.3"), Some(true), "{:?}", rep.versions);
+        assert_eq!(accepted("TLSv1.2"), Some(true), "{:?}", rep.versions);
+        assert_eq!(accepted("TLSv1.1"), Some(false), "{:?}", rep.versions);
+        assert_eq!(accepted("TLSv1.0"), Some(false), "{:?}", rep.versions);
+        assert!(rep.cert_not_after_unix().is_some());
+    }
+
+    #[tokio::test]
+    async fn https_upstream_with_wrong_ca_name_or_expiry_window_has_findings() {
+        let up = upstream(Serve::Tls).await;
+        let rep = scan_resource(&http_resource(&up, "https", "other", "localhost"), &opts()).await;
+        assert_eq!(kinds(&rep), ["untrusted_chain"], "{rep:#?}");
+        assert_eq!(rep.findings[0].severity, Severity::Critical);
+        assert_eq!(rep.tls.as_ref().unwrap().chain_trusted, Some(false));
+
+        let rep = scan_resource(&http_resource(&up, "https", "ca", "api.internal"), &opts()).await;
+        assert_eq!(kinds(&rep), ["hostname_mismatch"], "{rep:#?}");
+
+        let mut o = opts();
+        o.min_days = 60;
+        let rep = scan_resource(&http_resource(&up, "https", "ca", "localhost"), &o).await;
+        assert_eq!(kinds(&rep), ["cert_expiring"], "{rep:#?}");
+    }
+
+    #[tokio::test]
+    async fn https_upstream_that_also_serves_plain_http_is_critical() {
+        let up = upstream(Serve::TlsAndPlain).await;
+        let rep = scan_resource(&http_resource(&up, "https", "ca", "localhost"), &opts()).await;
+        assert_eq!(kinds(&rep), ["plaintext_accepted"], "{rep:#?}");
+        assert_eq!(rep.findings[0].severity, Severity::Critical);
+        assert!(
+            rep.findings[0].message.contains("unencrypted HTTP"),
+            "{}",
+            rep.findings[0].message
+        );
+        assert_eq!(rep.plaintext_accepted, Some(true));
+        assert_eq!(rep.tls.as_ref().unwrap().chain_trusted, Some(true));
+    }
+
+    #[tokio::test]
+    async fn http_upstream_is_critical_and_not_tls_probed() {
+        let up = upstream(Serve::Plain).await;
+        let rep = scan_resource(&http_resource(&up, "http", "", ""), &opts()).await;
+        assert_eq!(kinds(&rep), ["plaintext_upstream"], "{rep:#?}");
+        assert_eq!(rep.findings[0].severity, Severity::Critical);
+        assert!(rep.findings[0].message.contains("http://127.0.0.1:"));
+        assert!(rep.findings[0].message.contains("/v1"));
+        assert!(rep.tls.is_none() && rep.versions.is_empty());
+        assert_eq!(rep.plaintext_accepted, Some(true));
+        assert_eq!(rep.tls_mode, "disable");
+    }
+
+    #[tokio::test]
+    async fn unreachable_http_upstream() {
+        let up = upstream(Serve::Tls).await;
+        let mut r = http_resource(&up, "https", "ca", "localhost");
+        r.upstream_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let rep = scan_resource(&r, &opts()).await;
+        assert_eq!(kinds(&rep), ["upstream_unreachable"], "{rep:#?}");
+    }
+
+    #[tokio::test]
+    async fn mysql_and_mcp_are_not_scanned() {
+        let up = upstream(Serve::Tls).await;
+        for kind in [ResourceKind::Mysql, ResourceKind::Mcp] {
+            let mut r = http_resource(&up, "https", "ca", "localhost");
+            r.kind = kind;
+            r.http = None;
+            let rep = scan_resource(&r, &opts()).await;
+            assert_eq!(kinds(&rep), ["not_scanned"], "{rep:#?}");
+        }
     }
 
     #[test]
