@@ -7,7 +7,9 @@
 //! (groups or a just-in-time grant), normalise the target and judge it by the resource's rules,
 //! record it (before it is forwarded; fail closed), hold it for review when a rule says so,
 //! forward it over a fresh verified TLS connection with the resource's credential injected, and
-//! stream the answer back through the masking engine, recording it as it passes.
+//! stream the answer back through the masking engine, recording it as it passes. A WebSocket
+//! upgrade (HTTP/1.1) goes the same way up to the forward; then its frames are relayed, masked
+//! and recorded message by message (`websocket`).
 //!
 //! It owns no policy of its own: authentication, authorization, rules, the review hold and
 //! event shapes are `tollgate-gate`'s; masking is `tollgate-mask`'s.
@@ -251,6 +253,10 @@ impl HttpGateway {
 
     pub(crate) fn reviews(&self) -> &Reviews {
         &self.reviews
+    }
+
+    pub(crate) fn reviews_arc(&self) -> Arc<Reviews> {
+        self.reviews.clone()
     }
 
     pub(crate) fn rerun_window(&self) -> Duration {

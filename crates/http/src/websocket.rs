@@ -461,8 +461,16 @@ impl Relay {
                     "binary messages cannot be masked, so the gateway does not relay them".into(),
                 );
             }
-            if !binary && (rewriting || self.capture_limit > 0) {
-                m.text.extend_from_slice(&payload);
+            if !binary {
+                // Masking needs the whole text; a plain capture only its first bytes.
+                let keep = if rewriting || self.audit.is_some() {
+                    payload.len()
+                } else {
+                    payload
+                        .len()
+                        .min(self.capture_limit.saturating_sub(m.text.len()))
+                };
+                m.text.extend_from_slice(&payload[..keep]);
             }
             if !rewriting && !write(to, &raw).await {
                 return End::Io;
@@ -518,7 +526,11 @@ impl Relay {
         }
         let sha = hex::encode(m.sha.finish());
         let body = if m.opcode == OpCode::Text && !m.compressed && self.capture_limit > 0 {
-            capture(&m.text, sha, self.capture_limit, self.audit.as_ref())
+            let mut b = capture(&m.text, sha, self.capture_limit, self.audit.as_ref());
+            // Without masks only the captured prefix was kept.
+            b.truncated |= m.bytes > m.text.len() as u64;
+            b.bytes = m.bytes;
+            b
         } else {
             BodyRecord {
                 bytes: m.bytes,
@@ -611,6 +623,26 @@ fn mask_key() -> [u8; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(spec: &str) -> BodyPlan {
+        let spec: tollgate_mask::MaskSpec = serde_json::from_str(spec).unwrap();
+        tollgate_mask::Policy::from_specs(&[spec], None)
+            .unwrap()
+            .body_plan(&[])
+    }
+
+    #[test]
+    fn text_messages_are_masked_as_json_or_as_text() {
+        let p = plan(r#"{"detectors": ["email"], "json_paths": ["$.card"]}"#);
+        let (out, s) = mask_text(&p, br#"{"card": "4111", "to": "ada@example.com"}"#);
+        assert_eq!(out, r#"{"card": "****", "to": "****"}"#);
+        assert_eq!(s.unwrap().masked_values, 2);
+        // Looks like JSON but is not: the detectors still apply.
+        let (out, _) = mask_text(&p, b"{ada@example.com");
+        assert_eq!(out, "{****");
+        let (out, s) = mask_text(&p, "héllo".as_bytes());
+        assert_eq!((out.as_str(), s.unwrap().masked_values), ("héllo", 0));
+    }
 
     #[test]
     fn accept_key_of_the_rfc_example() {

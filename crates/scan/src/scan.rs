@@ -870,6 +870,11 @@ pub(crate) fn classify_http_reply(buf: &[u8]) -> (bool, String) {
     let text = String::from_utf8_lossy(buf);
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("").trim();
+    // Quoted in messages: keep it short.
+    let status_line = match status_line.char_indices().nth(80) {
+        Some((i, _)) => &status_line[..i],
+        None => status_line,
+    };
     let status = status_line
         .split_whitespace()
         .nth(1)
@@ -887,9 +892,10 @@ pub(crate) fn classify_http_reply(buf: &[u8]) -> (bool, String) {
         ),
         Some(426) => (false, format!("it answered {status_line:?}")),
         Some(300..=399)
-            if location
-                .as_deref()
-                .is_some_and(|l| l.len() >= 8 && l[..8].eq_ignore_ascii_case("https://")) =>
+            if location.as_deref().is_some_and(|l| {
+                l.get(..8)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("https://"))
+            }) =>
         {
             (
                 false,
@@ -1176,6 +1182,13 @@ mod tests {
         assert!(!c(b""));
         assert!(!c(&[0x15, 3, 3, 0, 2, 2, 80]));
         assert!(!c(b"SSH-2.0-OpenSSH_9.6\r\n"));
+        // Odd bytes never panic.
+        assert!(c(
+            "HTTP/1.1 302 Found\r\nLocation: hé://x\r\n\r\n".as_bytes()
+        ));
+        assert!(c(b"HTTP/1.1 200 \xff\xfe\r\nLocation: \xff\r\n\r\n"));
+        let long = format!("HTTP/1.1 200 {}\r\n\r\n", "é".repeat(500));
+        assert!(classify_http_reply(long.as_bytes()).1.len() < 400);
         let (_, detail) = classify_http_reply(b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(detail.contains("\"HTTP/1.1 200 OK\""), "{detail}");
     }
