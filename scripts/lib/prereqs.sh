@@ -4,7 +4,9 @@
 #   need_build_tools     a C compiler and libclang: `ring`, the bundled SQLite and pg_query
 #                        (tollgate-policy's SQL parser, whose bindings bindgen makes) build C
 #   need_postgres        PostgreSQL server binaries (initdb, pg_ctl), psql and pgbench
-#   need_test_tools      openssl and python3 (certificates and clients made by the tests)
+#   need_test_tools      openssl, python3 and python3-httpx (certificates and clients made by
+#                        the tests)
+#   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
 #   install_needed       installs what the calls above found missing
 #   need_cargo           fails with a hint when there is no Rust toolchain
 
@@ -25,6 +27,16 @@ need_postgres() {
 need_test_tools() {
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  # httpx: the Python client of the HTTP resource tests (tests/http_attacks.rs).
+  /usr/bin/python3 -c 'import httpx' >/dev/null 2>&1 || missing+=(python3-httpx)
+}
+
+# After install_needed: a python3 first on PATH that is not the system's (pyenv, a venv) gets
+# httpx from pip; the tests fall back to /usr/bin/python3 when that fails.
+need_python_httpx() {
+  python3 -c 'import httpx' >/dev/null 2>&1 && return 0
+  python3 -m pip install --quiet httpx >/dev/null 2>&1 \
+    || echo "note: $(command -v python3) cannot import httpx; the tests use /usr/bin/python3" >&2
 }
 
 install_needed() {

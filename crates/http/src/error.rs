@@ -27,6 +27,10 @@ pub struct Refusal {
     pub review_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Close the connection after this answer (`Connection: close`): the request's body was
+    /// not read to its end, so nothing after it on the connection can be trusted as a request.
+    #[serde(skip)]
+    pub close: bool,
 }
 
 impl Refusal {
@@ -40,7 +44,14 @@ impl Refusal {
             review: None,
             review_url: None,
             session: None,
+            close: false,
         }
+    }
+
+    /// Ask for the connection to be closed after this answer.
+    pub fn closing(mut self) -> Refusal {
+        self.close = true;
+        self
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Refusal {
@@ -63,6 +74,9 @@ impl Refusal {
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         h.insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+        if self.close {
+            h.insert(header::CONNECTION, "close".parse().unwrap());
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             h.insert(
                 header::WWW_AUTHENTICATE,

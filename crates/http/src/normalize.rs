@@ -1,6 +1,6 @@
 //! The request as the upstream will see it, so rules judge what will run: the path normalised
 //! (unreserved percent-escapes decoded, `;` parameters, empty and dot segments removed; an
-//! encoded `/` or `\`, a NUL or a raw non-ASCII byte refused) and the method as any override
+//! encoded `/` or `\`, a NUL, a raw non-ASCII byte or escapes that are not UTF-8 refused) and the method as any override
 //! header would make it. The normalised path is also what is forwarded.
 
 /// Why a request target is refused (400).
@@ -12,6 +12,8 @@ pub enum BadTarget {
     BadByte,
     #[error("the request path holds a malformed percent-escape")]
     BadEscape,
+    #[error("the request path holds percent-escapes that are not UTF-8 (such as the overlong %C0%AE); tollgate refuses these so that its rules and the upstream read the same path")]
+    NotUtf8,
     #[error("the request path must start with '/'")]
     NotAbsolute,
 }
@@ -63,6 +65,12 @@ pub fn normalize_path(raw: &str) -> Result<String, BadTarget> {
         }
     }
     let decoded = String::from_utf8(decoded).map_err(|_| BadTarget::BadByte)?;
+    // Escapes that decode to no UTF-8 (overlong forms of `.` and `/` above all) are read as
+    // something else by lenient upstream decoders: the rules would judge one path, the
+    // upstream serve another.
+    if !escapes_are_utf8(&decoded) {
+        return Err(BadTarget::NotUtf8);
+    }
     // 2. Segments: drop `;` parameters, empty segments and `.`; `..` pops (never above the root).
     let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     let mut out: Vec<&str> = Vec::new();
@@ -85,6 +93,33 @@ pub fn normalize_path(raw: &str) -> Result<String, BadTarget> {
         path.push('/');
     }
     Ok(path)
+}
+
+/// Whether the path, its (well-formed, already checked) escapes decoded, is UTF-8.
+fn escapes_are_utf8(path: &str) -> bool {
+    if !path.contains('%') {
+        return true;
+    }
+    let b = path.as_bytes();
+    let mut bytes = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex_val),
+            b.get(i + 2).copied().and_then(hex_val),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                bytes.push(h * 16 + l);
+                i += 3;
+            }
+            (c, _, _) => {
+                bytes.push(c);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&bytes).is_ok()
 }
 
 /// Query pairs, decoded (`+` is a space), for rule conditions. Undecodable escapes are kept
@@ -166,6 +201,18 @@ mod tests {
         assert_eq!(normalize_path("/a%00"), Err(BadTarget::BadByte));
         assert_eq!(normalize_path("/a%zz"), Err(BadTarget::BadEscape));
         assert_eq!(normalize_path("/a%2"), Err(BadTarget::BadEscape));
+        // Overlong UTF-8 for `.` and `/`, a lone Latin-1 byte: not what the rules would judge.
+        assert_eq!(
+            normalize_path("/%c0%ae%c0%ae/admin"),
+            Err(BadTarget::NotUtf8)
+        );
+        assert_eq!(normalize_path("/v1/%c0%af/admin"), Err(BadTarget::NotUtf8));
+        assert_eq!(normalize_path("/caf%e9"), Err(BadTarget::NotUtf8));
+        // Double encoding is decoded once, never twice.
+        assert_eq!(
+            normalize_path("/%252e%252e/admin").unwrap(),
+            "/%252e%252e/admin"
+        );
         assert_eq!(normalize_path("a"), Err(BadTarget::NotAbsolute));
     }
 

@@ -6,7 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -71,6 +71,15 @@ const SECRET_HEADER_HINTS: &[&str] = &[
     "credential",
 ];
 
+/// A request body is read whole before it is judged: a client that stops sending it mid-way,
+/// or drips it, must not hold the request, its connection and its session open. Idle: no byte
+/// for this long (a working link delivers far sooner); total: the whole body.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Methods whose answer echoes the request, with the credential the gateway injects in it.
+const ECHO_METHODS: &[&str] = &["TRACE", "TRACK"];
+
 /// Where the gateway's own cookies start (never forwarded to a resource).
 const GATEWAY_COOKIE_PREFIX: &str = "tollgate";
 
@@ -132,8 +141,15 @@ fn host_of(h: &str) -> &str {
 }
 
 /// Framing a proxy must not guess at: both Content-Length and Transfer-Encoding, or several
-/// different Content-Lengths.
+/// different Content-Lengths (hyper already settles both in HTTP/1.1: Transfer-Encoding wins,
+/// the connection closes), or more than one Host (RFC 9112 §3.2), which readers pick from
+/// differently.
 fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Refusal::bad_request(
+            "the request has more than one Host header",
+        ));
+    }
     let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     if headers.contains_key(header::TRANSFER_ENCODING) && !lengths.is_empty() {
         return Err(Refusal::bad_request(
@@ -217,6 +233,12 @@ async fn run(
     let query = raw_query.as_deref().map(query_pairs).unwrap_or_default();
     let method = req.method().clone();
     let mut methods = vec![method.as_str().to_string()];
+    // Methods are case-sensitive, but frameworks such as Django and Werkzeug upper-case them:
+    // `delete` is judged as DELETE too.
+    let upper = method.as_str().to_ascii_uppercase();
+    if upper != methods[0] {
+        methods.push(upper);
+    }
     for h in METHOD_OVERRIDE_HEADERS {
         for v in req.headers().get_all(*h) {
             let m = String::from_utf8_lossy(v.as_bytes())
@@ -226,6 +248,17 @@ async fn run(
                 methods.push(m);
             }
         }
+    }
+    if let Some(m) = methods.iter().find(|m| ECHO_METHODS.contains(&m.as_str())) {
+        return Err(refused_event(
+            &session,
+            n,
+            Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{m} is not relayed: the upstream would echo the request back, with the credential tollgate adds to it"),
+            ),
+        ));
     }
     let headers: Vec<(String, String)> = req
         .headers()
@@ -247,23 +280,31 @@ async fn run(
         .http
         .as_ref()
         .map_or(0, |h| h.max_request_body);
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let body = match read_body(body, limit).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             return Err(refused_event(&session, n, Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("the request body is larger than this resource accepts ({limit} bytes, its max_request_body)"),
-            )));
+            ).closing()));
         }
-        Err(_) => {
+        Err(BodyError::Timeout) => {
+            return Err(refused_event(&session, n, Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive in time (nothing for {} s, or not all within {} s)",
+                    BODY_IDLE_TIMEOUT.as_secs(),
+                    BODY_TOTAL_TIMEOUT.as_secs()
+                ),
+            ).closing()));
+        }
+        Err(BodyError::Unreadable) => {
             return Err(refused_event(
                 &session,
                 n,
-                Refusal::bad_request("the request body could not be read"),
+                Refusal::bad_request("the request body could not be read").closing(),
             ));
         }
     };
@@ -413,6 +454,47 @@ async fn run(
         gw, ctx, &target, &session, n, started, &who, &access, parts, path, raw_query, body,
     )
     .await
+}
+
+enum BodyError {
+    TooLarge,
+    Timeout,
+    Unreadable,
+}
+
+/// The whole request body, up to `limit` bytes, within the body timeouts. A declared length
+/// over the limit is refused before anything is read (so no `100 Continue` is sent for it).
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge);
+    }
+    let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
+    let mut body = Limited::new(body, limit);
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let until = deadline.min(tokio::time::Instant::now() + BODY_IDLE_TIMEOUT);
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => return Err(BodyError::Timeout),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Ok(frame))) => {
+                // Trailers are not forwarded.
+                if let Ok(data) = frame.into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            Ok(Some(Err(e))) => {
+                return Err(
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        BodyError::TooLarge
+                    } else {
+                        BodyError::Unreadable
+                    },
+                )
+            }
+        }
+    }
 }
 
 fn decision_label(d: &Decision) -> &'static str {

@@ -149,6 +149,17 @@ async fn serve(
     seen.0.lock().unwrap().push(record.clone());
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
+    // TRACE, answered as servers that allow it do: the request as received, credentials and all.
+    if parts.method == hyper::Method::TRACE {
+        let mut echo = format!("TRACE {} HTTP/1.1\r\n", parts.uri);
+        for (k, v) in &parts.headers {
+            echo.push_str(&format!(
+                "{k}: {}\r\n",
+                String::from_utf8_lossy(v.as_bytes())
+            ));
+        }
+        return full("message/http", echo);
+    }
     match path {
         p if p.ends_with("/echo") => full("application/json", record.to_string()),
         "/customers/1" => full("application/json", CUSTOMER),
