@@ -93,8 +93,7 @@ fn bad_gateway(
         ),
     );
     r.session = Some(session.log.id.clone());
-    let r = responded(session, n, started, r);
-    r
+    responded(session, n, started, r)
 }
 
 /// Forwards a judged upgrade request; on `101` answers the client `101` and relays the

@@ -402,6 +402,21 @@ fn websocket_without_masks_passes_extensions_binary_and_closes_cleanly() {
         );
         assert_eq!(seen[0]["query"], "room=7");
 
+        // An upstream that does not switch protocols: its answer is relayed as a response.
+        let e = env
+            .connect("/v1/plain", Some(TOKEN), &[])
+            .await
+            .unwrap_err();
+        match e {
+            WsError::Http(r) => {
+                assert_eq!(r.status(), 200);
+                let body: serde_json::Value =
+                    serde_json::from_slice(r.body().as_deref().unwrap_or_default()).unwrap();
+                assert_eq!(body["path"], "/v1/plain");
+            }
+            e => panic!("expected the upstream's 200, got {e}"),
+        }
+
         // A message over the limit is refused from its frame head: close 1009.
         let (mut ws, _) = env.connect("/v1/ws", Some(TOKEN), &[]).await.unwrap();
         let big = vec![0u8; (16 << 20) + 1];
