@@ -2,9 +2,14 @@
 //! adapter: by group (`allow_groups`), else by an approved just-in-time access grant; an
 //! approved unmask grant switches masking off for its holder (audit captures stay masked).
 
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 use tollgate_identity::Identity;
 use tollgate_review::{Grant, Reviews};
+
+/// How often a long-running exchange that rests on a grant re-reads it from the store, for a
+/// revocation made by another gateway process (one made here is seen at once).
+pub const GRANT_RECHECK: Duration = Duration::from_secs(5);
 
 /// What an authorized caller holds on a resource.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +77,31 @@ impl Access {
         }
         if let Some(g) = &self.unmask {
             open.insert("unmask_grant".into(), grant_json(g));
+        }
+    }
+}
+
+/// Completes when `grant` no longer lets `who` reach `resource`: it ran out, or it was revoked
+/// (seen at once when revoked in this process, within [`GRANT_RECHECK`] otherwise). For
+/// exchanges that outlive one request (streams, upgrades), which must end with their grant.
+pub async fn grant_ended(reviews: Arc<Reviews>, who: Identity, resource: String, grant: Grant) {
+    let mut revoked = reviews.revocations();
+    let until = tokio::time::Instant::now()
+        + grant
+            .until
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return,
+            Ok(()) = revoked.changed() => {}
+            _ = tokio::time::sleep(GRANT_RECHECK) => {}
+        }
+        let still = reviews
+            .active_grant_for(&who, &resource)
+            .is_some_and(|g| g.review_id == grant.review_id || g.until >= grant.until);
+        if !still {
+            return;
         }
     }
 }

@@ -735,7 +735,6 @@ async fn forward(
     query: Option<String>,
     body: Bytes,
 ) -> Result<Response<UpstreamBody>, Refusal> {
-    let _ = gw;
     let http = target.resource.http.as_ref().expect("http resource");
     // What the caller sees: masked unless an unmask grant says otherwise.
     let plan = match (&target.mask, &access.unmask) {
@@ -779,9 +778,74 @@ async fn forward(
         Err(e) => return Err(upstream_failed(target, session, n, started, &e)),
     };
     let head_only = parts.method == Method::HEAD;
-    relay_response(
+    let response = relay_response(
         ctx, target, session, n, started, head_only, plan, audit_plan, resp,
-    )
+    )?;
+    // A caller who reached the resource through a just-in-time grant loses a long answer
+    // (server-sent events, a large download) when the grant ends, as a PostgreSQL session does.
+    Ok(match &access.grant {
+        None => response,
+        Some(grant) => {
+            let ended = tollgate_gate::access::grant_ended(
+                gw.reviews_arc(),
+                who.clone(),
+                target.resource.name.clone(),
+                grant.clone(),
+            );
+            response.map(|body| {
+                GrantBound {
+                    inner: body,
+                    ended: Box::pin(ended),
+                    session: session.clone(),
+                    n,
+                    review: grant.review_id.clone(),
+                }
+                .boxed()
+            })
+        }
+    })
+}
+
+/// A response body that ends when the grant it rests on does.
+struct GrantBound {
+    inner: UpstreamBody,
+    ended: Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>,
+    session: Arc<HttpSession>,
+    n: u64,
+    review: String,
+}
+
+impl Body for GrantBound {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.ended.as_mut().poll(cx).is_ready() {
+            let this = &*self;
+            this.session.log.record(&ReviewEvent {
+                kind: "grant.ended",
+                n: this.n,
+                review: this.review.clone(),
+                reviewers: vec![],
+                waited_ms: None,
+            });
+            return Poll::Ready(Some(Err(io::Error::other(
+                "the access grant ended; the response was cut off",
+            ))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The headers of a request as forwarded upstream: hop-by-hop headers, the client's credentials

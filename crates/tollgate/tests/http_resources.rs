@@ -827,3 +827,91 @@ fn a_reloaded_config_changes_the_rules_of_new_requests() {
         .iter()
         .any(|e| e["kind"] == "config.reload" && e["payload"]["sha256"].is_string()));
 }
+
+#[test]
+fn a_just_in_time_grant_opens_the_resource_and_its_revocation_cuts_streams() {
+    let env = HttpEnv::start("", "");
+    let (code, _) = env.json(Some(&env.bob), &[&env.url("/echo")]);
+    assert_eq!(code, 403);
+    // bob (group dev) asks for access; alice (sre, an admin) approves.
+    let out = env.cli(
+        &env.bob,
+        &[
+            "access",
+            "request",
+            "billing",
+            "--for",
+            "1h",
+            "--reason",
+            "incident 7",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let review: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = review["id"].as_str().unwrap().to_string();
+    let out = env.cli(&env.alice, &["reviews", "approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, echo) = env.json(Some(&env.bob), &[&env.url("/echo")]);
+    assert_eq!(code, 200, "{echo}");
+
+    // A stream bob opened under the grant is cut when the grant is revoked.
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "30", "--cacert"])
+        .arg(&env.pki.ca)
+        .arg("--cert")
+        .arg(&env.bob.cert)
+        .arg("--key")
+        .arg(&env.bob.key)
+        .arg(env.url("/sse"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    env.up.release_event();
+    let mut got = String::new();
+    let mut buf = [0u8; 4096];
+    while !got.contains("\"n\":0") {
+        let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let out_rev = env.cli(
+        &env.alice,
+        &["access", "revoke", &id, "--reason", "incident over"],
+    );
+    assert!(
+        out_rev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out_rev.stderr)
+    );
+    // curl sees the stream end (with an error) without the upstream sending anything more.
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the stream ended cleanly instead of being cut"
+    );
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+    assert!(!rest.contains("\"n\":1"), "{rest}");
+    // And the next request is refused.
+    let (code, _) = env.json(Some(&env.bob), &[&env.url("/echo")]);
+    assert_eq!(code, 403);
+    env.events_until("the grant.ended event", |evs| {
+        evs.iter()
+            .any(|e| e["kind"] == "grant.ended" && e["payload"]["review"] == id.as_str())
+    });
+    let opens = env.events();
+    assert!(opens.iter().any(|e| e["kind"] == "session.open"
+        && e["payload"]["subject"] == "bob"
+        && e["payload"]["access_grant"]["review"] == id.as_str()));
+}
