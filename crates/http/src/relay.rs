@@ -164,6 +164,27 @@ fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Userinfo (`user:password@`) in the target or the Host is an error (RFC 9110 §4.2.4,
+/// RFC 9112 §3.2): a credential that would otherwise travel on in X-Forwarded-Host and into
+/// the audit record.
+fn check_authority(req: &Request<Incoming>) -> Result<(), Refusal> {
+    let in_target = req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'));
+    let in_host = req
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .any(|h| h.as_bytes().contains(&b'@'));
+    if in_target || in_host {
+        return Err(Refusal::bad_request(
+            "the request's host holds userinfo (user:password@); send credentials in a header",
+        ));
+    }
+    Ok(())
+}
+
 fn auth_refusal(e: AuthError) -> Refusal {
     registry()
         .counter(
@@ -186,6 +207,7 @@ async fn run(
     let (name, raw_path) = route(ctx, &req)?;
     let raw_path = raw_path.to_string();
     check_framing(req.headers())?;
+    check_authority(&req)?;
     let who = identify(
         ctx.cert.as_ref(),
         req.headers()

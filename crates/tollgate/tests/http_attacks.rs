@@ -376,6 +376,34 @@ fn request_smuggling_and_ambiguous_framing() {
             "a bare CR",
             "GET /r/billing/cr HTTP/1.1\rHost: localhost\r\n\r\n".to_string(),
         ),
+        (
+            "a signed length",
+            format!("POST /r/billing/cl HTTP/1.1\r\nHost: localhost\r\nContent-Length: +{n}\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "a length list",
+            format!("POST /r/billing/cl HTTP/1.1\r\nHost: localhost\r\nContent-Length: {n}, {n}\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "a hexadecimal length",
+            format!("POST /r/billing/cl HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0x{n:x}\r\n\r\n{SMUGGLED}"),
+        ),
+        (
+            "a negative chunk size",
+            format!("POST /r/billing/chunk HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n{SMUGGLED}"),
+        ),
+        (
+            "an overflowing chunk size",
+            format!("POST /r/billing/chunk HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff1\r\n{SMUGGLED}"),
+        ),
+        (
+            "a NUL in a header value",
+            "GET /r/billing/nul HTTP/1.1\r\nHost: localhost\r\nX-A: a\0b\r\n\r\n".to_string(),
+        ),
+        (
+            "HTTP/1.1 without a space before the version",
+            "GET /r/billing/v HTTP/1.1 \r\nHost: localhost\r\n\r\n".to_string(),
+        ),
     ] {
         let r = env.https(&request);
         assert!(
@@ -413,6 +441,7 @@ fn request_smuggling_and_ambiguous_framing() {
         "{:?}",
         r.statuses()
     );
+    eprintln!("70 KiB head: {:?}", r.statuses());
     assert!(r.closed);
     let many: String = (0..150).map(|i| format!("X-H{i}: {i}\r\n")).collect();
     let r = env.https(&format!(
@@ -534,6 +563,27 @@ fn absolute_form_targets_and_hosts() {
         assert_eq!(r.statuses(), vec![403], "{what}: {}", r.text);
         assert_eq!(r.first().json()["code"], "forbidden", "{what}");
     }
+    // Userinfo in an absolute-form target is an error (RFC 9110 §4.2.4): it would otherwise
+    // travel on in X-Forwarded-Host and into the audit record.
+    for target in [
+        format!("https://alice:hunter2@billing.localhost:{port}/userinfo/echo"),
+        format!("https://hunter2@billing.localhost:{port}/userinfo/echo"),
+    ] {
+        let r = http(
+            "billing.localhost",
+            format!("GET {target} HTTP/1.1\r\nHost: billing.localhost:{port}\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(!r.text.contains("hunter2"), "{}", r.text);
+        assert!(matches!(r.statuses()[..], [400]), "{target}: {}", r.text);
+    }
+    for wire in [
+        "GET https://alice:hunter2@localhost/r/billing/userinfo/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "GET /r/billing/userinfo/echo HTTP/1.1\r\nHost: alice:hunter2@localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = env.https(wire);
+        assert!(!r.text.contains("hunter2"), "{}", r.text);
+        assert!(matches!(r.statuses()[..], [400]), "{wire}: {}", r.text);
+    }
     // Absolute-form wins over Host (RFC 9112 §3.2.2), and two Host lines are refused
     // (RFC 9112 §3.2: 400), whichever of them a reader would take.
     let r = http(
@@ -552,6 +602,8 @@ fn absolute_form_targets_and_hosts() {
         assert_eq!(r.statuses(), vec![400], "{hosts}: {}", r.text);
     }
     let paths = env.seen_paths();
+    let all = serde_json::to_string(&env.events()).unwrap();
+    assert!(!all.contains("hunter2"), "userinfo in the audit trail");
     assert_eq!(
         paths[before..],
         ["/host/echo".to_string(), "/abs2/echo".to_string()],
@@ -764,6 +816,7 @@ action = "deny"
         report.push(format!("long path: {:?}", r.statuses()));
     }
     let r = status("GET", &format!("/{}", "a".repeat(70_000)));
+    eprintln!("70 KB path: {:?}", r.statuses());
     if !matches!(r.statuses()[..], [414] | [431] | [400]) && !(r.responses.is_empty() && r.closed) {
         report.push(format!("70 KB path: {:?}", r.statuses()));
     }
