@@ -467,8 +467,26 @@ async fn run(
     }
 
     if websocket {
+        let grant_ended = access.grant.clone().map(|g| {
+            Box::pin(tollgate_gate::access::grant_ended(
+                gw.reviews_arc(),
+                who.clone(),
+                target.resource.name.clone(),
+                g,
+            )) as crate::websocket::GrantEnded
+        });
         return crate::websocket::forward(
-            ctx, &target, &session, n, started, &who, &access, parts, path, raw_query,
+            ctx,
+            &target,
+            &session,
+            n,
+            started,
+            &who,
+            &access,
+            parts,
+            path,
+            raw_query,
+            grant_ended,
         )
         .await;
     }

@@ -110,6 +110,7 @@ pub(crate) async fn forward(
     mut parts: hyper::http::request::Parts,
     path: String,
     query: Option<String>,
+    grant_ended: Option<GrantEnded>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let http = target.resource.http.as_ref().expect("http resource");
     let plan = match (&target.mask, &access.unmask) {
@@ -250,7 +251,7 @@ pub(crate) async fn forward(
     };
     tokio::spawn(async move {
         match tokio::try_join!(client_upgrade, upstream_upgrade) {
-            Ok((client, upstream)) => relay.run(client, upstream).await,
+            Ok((client, upstream)) => relay.run(client, upstream, grant_ended).await,
             Err(e) => {
                 tracing::warn!(session = %relay.session.log.id, error = %e, "websocket upgrade did not complete");
                 relay.record_close("error", None, Some("the upgrade did not complete".into()));
@@ -285,6 +286,9 @@ struct Stats {
     upstream_messages: u64,
     upstream_bytes: u64,
 }
+
+/// Resolves when the just-in-time grant a WebSocket rests on ends.
+pub(crate) type GrantEnded = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
 
 /// One relayed WebSocket: what both directions share.
 struct Relay {
@@ -327,16 +331,25 @@ struct Message {
 }
 
 impl Relay {
-    async fn run(&self, client: Upgraded, upstream: Upgraded) {
+    async fn run(&self, client: Upgraded, upstream: Upgraded, grant_ended: Option<GrantEnded>) {
         let (mut client_r, mut client_w) = tokio::io::split(TokioIo::new(client));
         let (mut upstream_r, mut upstream_w) = tokio::io::split(TokioIo::new(upstream));
         let end = {
             let to_upstream = self.pump(Side::Client, &mut client_r, &mut upstream_w);
             let to_client = self.pump(Side::Upstream, &mut upstream_r, &mut client_w);
             tokio::pin!(to_upstream, to_client);
+            // A caller who reached the resource through a just-in-time grant is closed out
+            // when the grant ends (1008, policy violation), as a PostgreSQL session is.
+            let grant_end = async {
+                match grant_ended {
+                    Some(ended) => ended.await,
+                    None => std::future::pending().await,
+                }
+            };
             let (first, from) = tokio::select! {
                 e = &mut to_upstream => (e, Side::Client),
                 e = &mut to_client => (e, Side::Upstream),
+                _ = grant_end => (End::Close(1008, "the access grant ended".into()), Side::Client),
             };
             match first {
                 End::Close(code, reason) => End::Close(code, reason),

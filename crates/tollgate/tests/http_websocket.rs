@@ -30,6 +30,8 @@ struct HttpEnv {
 }
 
 const UPSTREAM_SECRET: &str = "Bearer upstream-secret-4f9a";
+/// A caller outside the resource's allow_groups: it reaches it through a just-in-time grant.
+const TEMP_TOKEN: &str = "temp-bot-token-5d1e0c9b7a";
 const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 impl HttpEnv {
@@ -65,10 +67,18 @@ tls_key = "{key}"
 client_ca = "{ca}"
 store = "sqlite://audit.db"
 
+[roles]
+admin_groups = ["ci"]
+
 [[identity.tokens]]
 subject = "ci-bot"
 sha256 = "{token_sha}"
 groups = ["ci"]
+
+[[identity.tokens]]
+subject = "temp-bot"
+sha256 = "{temp_sha}"
+groups = ["temp"]
 
 [[resources]]
 name = "billing"
@@ -86,6 +96,7 @@ value_env = "BILLING_TOKEN"
             key = gw_cert.key.display(),
             ca = pki.ca.display(),
             token_sha = common::sha256_hex(TOKEN),
+            temp_sha = common::sha256_hex(TEMP_TOKEN),
             up_port = up.port,
         );
         let gw = Gateway::start(tmp.path(), &config, &[("BILLING_TOKEN", UPSTREAM_SECRET)]);
@@ -451,4 +462,86 @@ fn websocket_without_masks_passes_extensions_binary_and_closes_cleanly() {
         bin["payload"]["body"]["sha256"],
         common::sha256_hex(&"\u{9}".repeat(70_000))
     );
+}
+
+/// A JSON POST to the gateway's API with a bearer token: (status, body).
+fn api_post(
+    port: u16,
+    ca: &std::path::Path,
+    token: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(ca)
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ])
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn a_websocket_opened_under_a_grant_is_closed_when_the_grant_is_revoked() {
+    let env = HttpEnv::start("");
+    let rt = runtime();
+    // temp-bot may not reach billing until ci-bot (an admin) approves its access request.
+    let refused = rt.block_on(env.connect("/ws", Some(TEMP_TOKEN), &[]));
+    assert_eq!(http_status(refused.err().expect("refused")), 403);
+    let (code, review) = api_post(
+        env.https_port,
+        &env.pki.ca,
+        TEMP_TOKEN,
+        "/api/v1/access",
+        r#"{"resource": "billing", "for": "1h", "reason": "debugging"}"#,
+    );
+    assert_eq!(code, 201, "{review}");
+    let id = review["id"].as_str().unwrap().to_string();
+    let (code, v) = api_post(
+        env.https_port,
+        &env.pki.ca,
+        TOKEN,
+        &format!("/api/v1/reviews/{id}/approve"),
+        r#"{"reason": "ok"}"#,
+    );
+    assert_eq!(code, 200, "{v}");
+    rt.block_on(async {
+        let (mut ws, _) = env
+            .connect("/ws", Some(TEMP_TOKEN), &[])
+            .await
+            .expect("granted");
+        ws.send(Message::text("hello")).await.unwrap();
+        match next(&mut ws).await {
+            Some(Message::Text(t)) => assert_eq!(t.as_str(), "hello"),
+            other => panic!("{other:?}"),
+        }
+        let (code, v) = api_post(
+            env.https_port,
+            &env.pki.ca,
+            TOKEN,
+            &format!("/api/v1/grants/{id}/revoke"),
+            r#"{"reason": "done"}"#,
+        );
+        assert_eq!(code, 200, "{v}");
+        match next(&mut ws).await {
+            Some(Message::Close(Some(f))) => {
+                assert_eq!(f.code, CloseCode::Policy, "{f:?}");
+                assert!(f.reason.contains("grant"), "{f:?}");
+            }
+            other => panic!("expected a close for the ended grant, got {other:?}"),
+        }
+    });
 }
