@@ -1080,6 +1080,7 @@ pub(crate) fn relay_response(
             HeaderValue::from_static("sandbox"),
         );
     }
+    scope_set_cookies(&mut rparts.headers, ctx.mount, target);
     let recorded = recorded_headers(&rparts.headers);
     let relay = RelayBody {
         inner: rbody,
@@ -1153,6 +1154,70 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
         .collect()
+}
+
+/// Cookies the upstream sets stay its own. `Domain` goes (on http_listen it would share them
+/// with the hosts of sibling resources); on https_listen, where every resource shares the
+/// gateway's origin, `Path` is moved under `/r/<name>` and a cookie named like the gateway's
+/// is dropped.
+fn scope_set_cookies(headers: &mut HeaderMap, mount: Mount, target: &Target) {
+    if !headers.contains_key(header::SET_COOKIE) {
+        return;
+    }
+    let base = target
+        .resource
+        .http
+        .as_ref()
+        .map_or("", |h| h.base_path.trim_end_matches('/'));
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in cookies {
+        if let Some(v) = scope_set_cookie(&v, mount, &target.resource.name, base) {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+}
+
+/// One `Set-Cookie` as [`scope_set_cookies`] lets it through (`None`: dropped).
+fn scope_set_cookie(
+    v: &HeaderValue,
+    mount: Mount,
+    resource: &str,
+    base_path: &str,
+) -> Option<HeaderValue> {
+    let s = v.to_str().ok()?;
+    let mut attrs = s.split(';');
+    let pair = attrs.next()?.trim();
+    let name = pair.split('=').next().unwrap_or("").trim();
+    let prefixed = mount == Mount::Prefixed;
+    if prefixed && name.to_ascii_lowercase().starts_with(GATEWAY_COOKIE_PREFIX) {
+        return None;
+    }
+    let mut out = vec![pair.to_string()];
+    for attr in attrs.map(str::trim).filter(|a| !a.is_empty()) {
+        let (key, value) = attr.split_once('=').unwrap_or((attr, ""));
+        match key.trim().to_ascii_lowercase().as_str() {
+            "domain" => {}
+            "path" if prefixed => {
+                // The upstream's path, as the gateway's client addresses it.
+                let p = value.trim();
+                let p = p
+                    .strip_prefix(base_path)
+                    .filter(|rest| {
+                        !base_path.is_empty() && (rest.is_empty() || rest.starts_with('/'))
+                    })
+                    .unwrap_or(p);
+                let p = if p.starts_with('/') { p } else { "/" };
+                out.push(format!("Path=/r/{resource}{p}"));
+            }
+            _ => out.push(attr.to_string()),
+        }
+    }
+    HeaderValue::from_str(&out.join("; ")).ok()
 }
 
 /// A Cookie header without the gateway's own cookies (`None` when nothing is left).
@@ -1415,6 +1480,37 @@ mod tests {
         assert_eq!(body_kind(""), Some(BodyKind::Sniff));
         assert_eq!(body_kind("image/png"), None);
         assert_eq!(body_kind("application/octet-stream"), None);
+    }
+
+    #[test]
+    fn upstream_cookies_are_scoped_to_their_resource() {
+        let scoped = |v: &'static str, mount, base| {
+            scope_set_cookie(&HeaderValue::from_static(v), mount, "billing", base)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let p = Mount::Prefixed;
+        assert_eq!(
+            scoped("sid=1; Path=/; Domain=.example.com; HttpOnly", p, "").as_deref(),
+            Some("sid=1; Path=/r/billing/; HttpOnly")
+        );
+        assert_eq!(
+            scoped("sid=1; path=/api/v1", p, "/api").as_deref(),
+            Some("sid=1; Path=/r/billing/v1")
+        );
+        assert_eq!(
+            scoped("sid=1; Path=/apix", p, "/api").as_deref(),
+            Some("sid=1; Path=/r/billing/apix")
+        );
+        assert_eq!(
+            scoped("sid=1; Path=x", p, "").as_deref(),
+            Some("sid=1; Path=/r/billing/")
+        );
+        assert_eq!(scoped("sid=1", p, "").as_deref(), Some("sid=1"));
+        assert_eq!(scoped("Tollgate_session=x; Path=/", p, ""), None);
+        assert_eq!(
+            scoped("sid=1; Path=/; DOMAIN=example.com", Mount::ByHost, "").as_deref(),
+            Some("sid=1; Path=/")
+        );
     }
 
     #[test]

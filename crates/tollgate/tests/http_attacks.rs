@@ -869,6 +869,62 @@ action = "deny"
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
+#[test]
+fn upstream_cookies_stay_with_their_resource() {
+    let env = HttpEnv::start("", "");
+    let set_cookies = |r: &Raw| -> Vec<String> {
+        r.first()
+            .head
+            .lines()
+            .filter_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .collect()
+    };
+    // On https_listen every resource shares the gateway's origin: a cookie the upstream sets
+    // for "/" would go to every other resource (and the gateway strips only its own cookies
+    // on the way in). Its Path is moved under /r/<name>/, Domain is dropped, and a cookie
+    // named like the gateway's is not set at all.
+    let r = env.https(
+        "GET /r/billing/set-cookie HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.statuses(), vec![200], "{}", r.text);
+    assert_eq!(
+        set_cookies(&r),
+        vec![
+            "sid=s3cr3t; Path=/r/billing/; Secure; HttpOnly",
+            "pref=1; Path=/r/billing/v1/; SameSite=Lax",
+            "lang=en",
+        ],
+        "{}",
+        r.text
+    );
+    // On http_listen each resource has its own host: Domain (which would share the cookie
+    // with sibling resources' hosts) is dropped, the path kept.
+    let port = env.http_port;
+    let r = env.raw(
+        port,
+        "billing.localhost",
+        &[format!("GET /set-cookie HTTP/1.1\r\nHost: billing.localhost:{port}\r\nConnection: close\r\n\r\n").as_bytes()],
+        Duration::ZERO,
+        Duration::from_secs(5),
+    );
+    assert_eq!(r.statuses(), vec![200], "{}", r.text);
+    assert_eq!(
+        set_cookies(&r),
+        vec![
+            "sid=s3cr3t; Path=/; Secure; HttpOnly",
+            "pref=1; Path=/v1/; SameSite=Lax",
+            "tollgate_session=fixed; Path=/",
+            "lang=en",
+        ],
+        "{}",
+        r.text
+    );
+}
+
 /// A runtime for the async clients, and the ring provider rustls needs (reqwest is built
 /// without one).
 fn runtime() -> tokio::runtime::Runtime {

@@ -169,6 +169,19 @@ async fn serve(
             "text/plain; charset=utf-8",
             "call me: ada@example.com\nbye\n",
         ),
+        // Cookies as an application sets them: site-wide, for a parent domain, and one named
+        // like the gateway's own.
+        "/set-cookie" => Response::builder()
+            .header("content-type", "application/json")
+            .header(
+                "set-cookie",
+                "sid=s3cr3t; Path=/; Domain=localhost; Secure; HttpOnly",
+            )
+            .header("set-cookie", "pref=1; Path=/v1/; SameSite=Lax")
+            .header("set-cookie", "tollgate_session=fixed; Path=/")
+            .header("set-cookie", "lang=en")
+            .body(Full::new(Bytes::from_static(b"{}")).boxed())
+            .unwrap(),
         "/image" => full("image/png", vec![0x89u8, b'P', b'N', b'G', 0, 1, 2, 3]),
         "/gzipped" => Response::builder()
             .header("content-type", "application/json")
