@@ -161,6 +161,13 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                         Some(gw) if req.uri().path().starts_with("/r/") => {
                             tollgate_http::handle(gw, &ctx, req).await
                         }
+                        // The key HTTP resources' upstreams verify identity tokens with: public.
+                        Some(gw)
+                            if req.uri().path() == "/.well-known/jwks.json"
+                                && gw.jwks().is_some() =>
+                        {
+                            tollgate_http::jwks_response(gw)
+                        }
                         _ => routes::handle(&state, &conn, req).await,
                     };
                     Ok::<_, std::convert::Infallible>(response)

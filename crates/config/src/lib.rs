@@ -72,6 +72,9 @@ pub struct Server {
     pub review_webhook_format: WebhookFormat,
     /// Base URL of the gateway's web console (`https://gateway:8443`), for review links.
     pub console_url: Option<String>,
+    /// Ed25519 private key (PKCS#8 PEM) that signs the caller-identity tokens HTTP resources
+    /// with `identity_header` receive; its public key is served at `/.well-known/jwks.json`.
+    pub identity_key: Option<PathBuf>,
     /// How long after its approval a held statement may be rerun without a new review (the
     /// client lost its connection, e.g. across a gateway restart).
     pub review_rerun_window: Duration,
@@ -797,6 +800,7 @@ struct RawServer {
     review_webhook_ca: Option<String>,
     review_webhook_format: Option<WebhookFormat>,
     console_url: Option<Spanned<String>>,
+    identity_key: Option<String>,
     review_rerun_window: Option<Spanned<String>>,
     alert_webhook: Option<Spanned<String>>,
     alert_webhook_ca: Option<String>,
@@ -1169,6 +1173,7 @@ impl Ctx<'_> {
             review_webhook: self.webhook_url("server.review_webhook", s.review_webhook)?,
             review_webhook_ca: s.review_webhook_ca.as_deref().map(|p| self.resolve(p)),
             review_webhook_format: s.review_webhook_format.unwrap_or(WebhookFormat::Json),
+            identity_key: s.identity_key.as_deref().map(|p| self.resolve(p)),
             console_url: self
                 .webhook_url("server.console_url", s.console_url)?
                 .map(|u| u.trim_end_matches('/').to_string()),
@@ -1275,7 +1280,9 @@ impl Ctx<'_> {
             }
         }
         self.check_principals(&raw.identity.principals)?;
+        let oidc = self.oidc(raw.identity.oidc)?;
 
+        let identity_key_missing = server.identity_key.is_none();
         let mut names = HashSet::new();
         let mut resources = Vec::with_capacity(raw.resources.len());
         for spanned in raw.resources {
@@ -1417,8 +1424,17 @@ impl Ctx<'_> {
                     None
                 }
                 Some((tls, base_path)) => {
-                    if r.identity_header.is_some() {
-                        return Err(self.invalid(up_at, "resources.identity_header", format!("resource {name:?}: passing the caller's identity upstream as a signed token is not supported by this build yet; remove identity_header (client-supplied identity headers are never forwarded)")));
+                    if let Some(h) = &r.identity_header {
+                        if !is_header_name(h) {
+                            return Err(self.invalid(
+                                up_at,
+                                "resources.identity_header",
+                                format!("resource {name:?}: {h:?} is not a header name"),
+                            ));
+                        }
+                        if identity_key_missing {
+                            return Err(self.invalid(up_at, "resources.identity_header", format!("resource {name:?}: identity_header needs server.identity_key, the Ed25519 key that signs the identity tokens (create one with `openssl genpkey -algorithm ed25519 -out identity.key`)")));
+                        }
                     }
                     Some(HttpUpstream {
                         tls,

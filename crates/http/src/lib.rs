@@ -15,6 +15,7 @@
 //! event shapes are `tollgate-gate`'s; masking is `tollgate-mask`'s.
 
 mod error;
+mod identity_token;
 mod normalize;
 mod relay;
 mod serve;
@@ -50,6 +51,8 @@ pub(crate) struct Target {
     pub client: upstream::UpstreamClient,
     /// The credential header and its value (never logged: marked sensitive).
     pub inject: Option<(HeaderName, HeaderValue)>,
+    /// `identity_header`: the header that carries the caller's signed identity upstream.
+    pub identity: Option<(HeaderName, Arc<identity_token::IdentityKey>)>,
     /// `scheme://host:port` of the upstream.
     pub origin: String,
     /// The `Host` the upstream expects.
@@ -57,7 +60,11 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    fn new(resource: &Resource, key: Option<&MaskKey>) -> anyhow::Result<Target> {
+    fn new(
+        resource: &Resource,
+        key: Option<&MaskKey>,
+        identity_key: Option<&Arc<identity_token::IdentityKey>>,
+    ) -> anyhow::Result<Target> {
         let http = resource.http.as_ref().expect("an http resource");
         let inject = match &http.inject {
             None => None,
@@ -107,7 +114,18 @@ impl Target {
         } else {
             resource.upstream.clone()
         };
+        let identity = match (&http.identity_header, identity_key) {
+            (Some(name), Some(key)) => {
+                Some((HeaderName::from_bytes(name.as_bytes())?, key.clone()))
+            }
+            (Some(_), None) => anyhow::bail!(
+                "resource {:?}: identity_header needs server.identity_key",
+                resource.name
+            ),
+            (None, _) => None,
+        };
         Ok(Target {
+            identity,
             rules: RuleSet::new(&resource.rules, resource.review_timeout, resource.dry_run),
             mask,
             client: connector.client(),
@@ -161,6 +179,8 @@ pub struct HttpGateway {
     rerun_window: Duration,
     audit_fail_closed: bool,
     mask_key: Option<MaskKey>,
+    /// Signs the identity tokens of `identity_header` (`server.identity_key`; read at start).
+    identity_key: Option<Arc<identity_token::IdentityKey>>,
     sessions: Mutex<HashMap<SessionKey, Arc<HttpSession>>>,
 }
 
@@ -172,8 +192,14 @@ impl HttpGateway {
         recorder: Recorder,
         mask_key: Option<MaskKey>,
     ) -> anyhow::Result<Arc<HttpGateway>> {
-        let targets = compile(config, mask_key.as_ref())?;
+        let issuer = config.server.console_url.as_deref().unwrap_or("tollgate");
+        let identity_key = match &config.server.identity_key {
+            Some(path) => Some(Arc::new(identity_token::IdentityKey::load(path, issuer)?)),
+            None => None,
+        };
+        let targets = compile(config, mask_key.as_ref(), identity_key.as_ref())?;
         Ok(Arc::new(HttpGateway {
+            identity_key,
             targets: arc_swap::ArcSwap::from_pointee(targets),
             tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
             reviews,
@@ -190,9 +216,15 @@ impl HttpGateway {
     pub fn prepare_reload(&self, config: &Config) -> anyhow::Result<PreparedReload<'_>> {
         Ok(PreparedReload {
             gw: self,
-            targets: compile(config, self.mask_key.as_ref())?,
+            targets: compile(config, self.mask_key.as_ref(), self.identity_key.as_ref())?,
             tokens: TokenVerifier::new(&config.identity.tokens),
         })
+    }
+
+    /// The public key upstreams verify identity tokens with, as a JSON Web Key Set (`None`
+    /// without `server.identity_key`).
+    pub fn jwks(&self) -> Option<serde_json::Value> {
+        self.identity_key.as_ref().map(|k| k.jwks())
     }
 
     pub(crate) fn target(&self, name: &str) -> Option<Arc<Target>> {
@@ -287,16 +319,41 @@ impl PreparedReload<'_> {
     }
 }
 
-fn compile(config: &Config, key: Option<&MaskKey>) -> anyhow::Result<HashMap<String, Arc<Target>>> {
+fn compile(
+    config: &Config,
+    key: Option<&MaskKey>,
+    identity_key: Option<&Arc<identity_token::IdentityKey>>,
+) -> anyhow::Result<HashMap<String, Arc<Target>>> {
     let mut out = HashMap::new();
     for r in config
         .resources
         .iter()
         .filter(|r| r.kind == ResourceKind::Http)
     {
-        out.insert(r.name.clone(), Arc::new(Target::new(r, key)?));
+        out.insert(r.name.clone(), Arc::new(Target::new(r, key, identity_key)?));
     }
     Ok(out)
+}
+
+/// `GET /.well-known/jwks.json`: the identity key's public half (cacheable for an hour).
+pub fn jwks_response(gw: &HttpGateway) -> hyper::Response<upstream::UpstreamBody> {
+    use http_body_util::BodyExt;
+    let body = gw.jwks().unwrap_or_default().to_string();
+    let mut r = hyper::Response::new(
+        http_body_util::Full::new(bytes::Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/jwk-set+json"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=3600"),
+    );
+    r
 }
 
 /// Microseconds since `t`.

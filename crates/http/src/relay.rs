@@ -811,7 +811,14 @@ async fn forward(
                 Refusal::bad_request("the request cannot be forwarded as written"),
             )
         })?;
-    forwarded_headers(ctx, target, &parts, masking, up.headers_mut())?;
+    forwarded_headers(
+        ctx,
+        target,
+        &parts,
+        masking,
+        (who, &session.log.id),
+        up.headers_mut(),
+    )?;
     *up.version_mut() = hyper::Version::HTTP_11;
     let resp = match target.client.request(up).await {
         Ok(r) => r,
@@ -895,16 +902,19 @@ pub(crate) fn forwarded_headers(
     target: &Target,
     parts: &hyper::http::request::Parts,
     masking: bool,
+    caller: (&tollgate_gate::Identity, &str),
     h: &mut HeaderMap,
 ) -> Result<(), Refusal> {
     let connection_listed = connection_tokens(&parts.headers);
     let inject_name = target.inject.as_ref().map(|(k, _)| k.clone());
+    let identity_name = target.identity.as_ref().map(|(k, _)| k.clone());
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
         if HOP_BY_HOP.contains(&name)
             || NOT_FORWARDED.contains(&name)
             || connection_listed.iter().any(|c| c == name)
             || inject_name.as_ref() == Some(k)
+            || identity_name.as_ref() == Some(k)
             || (masking && matches!(name, "range" | "if-range" | "accept-encoding"))
         {
             continue;
@@ -939,6 +949,14 @@ pub(crate) fn forwarded_headers(
     }
     if let Some((k, v)) = &target.inject {
         h.insert(k.clone(), v.clone());
+    }
+    if let Some((name, key)) = &target.identity {
+        let (who, session) = caller;
+        let token = key.sign(who, &target.resource.name, session);
+        let mut value = HeaderValue::from_str(&token)
+            .map_err(|_| Refusal::bad_request("the caller's identity cannot be passed upstream"))?;
+        value.set_sensitive(true);
+        h.insert(name.clone(), value);
     }
     if masking {
         // Compressed bodies cannot be masked as they pass; ask for them plain.

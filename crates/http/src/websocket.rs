@@ -170,7 +170,7 @@ pub(crate) async fn forward(
             )
         })?;
     let h = up.headers_mut();
-    forwarded_headers(ctx, target, &parts, masking, h)?;
+    forwarded_headers(ctx, target, &parts, masking, (who, &session.log.id), h)?;
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if has_masks {

@@ -27,6 +27,11 @@ const UPSTREAM_SECRET: &str = "Bearer upstream-secret-4f9a";
 impl HttpEnv {
     /// `resource_keys`: keys of the "billing" resource; `tables`: its rules and masks.
     fn start(resource_keys: &str, tables: &str) -> HttpEnv {
+        HttpEnv::start_with("", resource_keys, tables)
+    }
+
+    /// [`HttpEnv::start`] with extra `[server]` lines.
+    fn start_with(server_extra: &str, resource_keys: &str, tables: &str) -> HttpEnv {
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-http-")
             .tempdir()
@@ -60,6 +65,7 @@ tls_key = "{key}"
 client_ca = "{ca}"
 store = "sqlite://audit.db"
 reload_interval = "200ms"
+{server_extra}
 
 [roles]
 admin_groups = ["sre"]
@@ -914,4 +920,93 @@ fn a_just_in_time_grant_opens_the_resource_and_its_revocation_cuts_streams() {
     assert!(opens.iter().any(|e| e["kind"] == "session.open"
         && e["payload"]["subject"] == "bob"
         && e["payload"]["access_grant"]["review"] == id.as_str()));
+}
+
+#[test]
+fn the_callers_identity_reaches_the_upstream_signed_and_unforgeable() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("identity.key");
+    let out = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = HttpEnv::start_with(
+        &format!("identity_key = \"{}\"", key.display()),
+        "identity_header = \"X-Caller\"",
+        "",
+    );
+    let (code, echo) = env.json(
+        Some(&env.alice),
+        &[
+            "-H",
+            "X-Caller: eyJhbGciOiJub25lIn0.eyJzdWIiOiJyb290In0.",
+            &env.url("/echo"),
+        ],
+    );
+    assert_eq!(code, 200, "{echo}");
+    let token = header(&echo, "x-caller")
+        .expect("identity header")
+        .to_string();
+    assert!(
+        !token.contains("eyJzdWIiOiJyb290In0"),
+        "the client's copy was forwarded"
+    );
+
+    // The upstream verifies it with the key the gateway publishes.
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&env.pki.ca)
+        .arg(format!(
+            "https://localhost:{}/.well-known/jwks.json",
+            env.https_port
+        ))
+        .output()
+        .unwrap();
+    let jwks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jwk = &jwks["keys"][0];
+    assert_eq!(jwk["kty"], "OKP");
+    assert_eq!(jwk["crv"], "Ed25519");
+    let b64 = |s: &str| {
+        let out = Command::new("python3")
+            .args(["-c", "import base64,sys;s=sys.argv[1];sys.stdout.buffer.write(base64.urlsafe_b64decode(s+'='*(-len(s)%4)))", s])
+            .output()
+            .unwrap();
+        out.stdout
+    };
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let header: serde_json::Value = serde_json::from_slice(&b64(parts[0])).unwrap();
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["kid"], jwk["kid"]);
+    let public = b64(jwk["x"].as_str().unwrap());
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public)
+        .verify(
+            format!("{}.{}", parts[0], parts[1]).as_bytes(),
+            &b64(parts[2]),
+        )
+        .expect("the identity token verifies with the published key");
+    let claims: serde_json::Value = serde_json::from_slice(&b64(parts[1])).unwrap();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], "billing");
+    assert_eq!(claims["groups"], serde_json::json!(["sre"]));
+    assert_eq!(claims["auth_method"], "cert");
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert!(exp > iat && exp - iat <= 300, "{claims}");
+    // The session the token names is the request's audit session.
+    let evs = env.events_until("the request", |evs| {
+        evs.iter().any(|e| e["kind"] == "http.request")
+    });
+    let req = evs.iter().find(|e| e["kind"] == "http.request").unwrap();
+    assert_eq!(claims["sid"], req["session_id"]);
+    // The request's record keeps what the client sent, not the token the gateway made.
+    assert!(!req.to_string().contains(parts[2]));
 }
