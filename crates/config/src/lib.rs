@@ -338,7 +338,13 @@ pub struct HttpUpstream {
     pub identity_header: Option<String>,
     /// Largest request body the gateway reads (it holds a body to digest it for reviews).
     pub max_request_body: usize,
+    /// How long the upstream may take to answer a forwarded request (its status and headers;
+    /// a body may stream for longer).
+    pub response_timeout: Duration,
 }
+
+/// Default `resources.response_timeout` of HTTP resources.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `resources.unmaskable`: a response body masks apply to but cannot be masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -883,6 +889,7 @@ struct RawResource {
     unmaskable: Option<Unmaskable>,
     identity_header: Option<String>,
     max_request_body: Option<Spanned<i64>>,
+    response_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1416,10 +1423,11 @@ impl Ctx<'_> {
             let http = match http_url {
                 None => {
                     if r.unmaskable.is_some()
+                        || r.response_timeout.is_some()
                         || r.identity_header.is_some()
                         || r.max_request_body.is_some()
                     {
-                        return Err(self.invalid(up_at, "resources.unmaskable", format!("resource {name:?}: unmaskable, identity_header and max_request_body apply to http resources only")));
+                        return Err(self.invalid(up_at, "resources.unmaskable", format!("resource {name:?}: unmaskable, identity_header, max_request_body and response_timeout apply to http resources only")));
                     }
                     None
                 }
@@ -1446,6 +1454,11 @@ impl Ctx<'_> {
                             "resources.max_request_body",
                             r.max_request_body,
                             DEFAULT_MAX_REQUEST_BODY,
+                        )?,
+                        response_timeout: self.duration(
+                            "resources.response_timeout",
+                            r.response_timeout,
+                            DEFAULT_RESPONSE_TIMEOUT,
                         )?,
                     })
                 }

@@ -272,6 +272,33 @@ impl HttpGateway {
         session
     }
 
+    /// An identified caller refused before its request was judged (no access to the resource
+    /// it named): a session of its own, opened and closed as `rejected`.
+    pub(crate) fn record_rejected(&self, ctx: &ConnCtx, who: &Identity, asked: &str, reason: &str) {
+        let log = SessionLog::new(self.recorder.clone());
+        let mut extra = serde_json::Map::new();
+        extra.insert("http_version".into(), ctx.http_version.into());
+        log.record(&SessionOpen {
+            listener: ctx.mount.listener(),
+            client_addr: ctx.peer.to_string(),
+            subject: who.subject.clone(),
+            groups: who.groups.clone(),
+            auth_method: who.method.as_str(),
+            principal: who.principal.to_string(),
+            client_cert_fingerprint: who.cert_fingerprint.clone(),
+            resource: asked.to_string(),
+            resource_kind: "http",
+            client_tls: ctx.tls.clone(),
+            extra,
+        });
+        log.record(&SessionClose {
+            outcome: "rejected",
+            reason: Some(reason.to_string()),
+            duration_ms: 0,
+            commands: 0,
+        });
+    }
+
     /// A client connection ended: its sessions close once their last response is done.
     pub fn connection_closed(&self, conn: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());

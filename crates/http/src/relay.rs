@@ -227,6 +227,8 @@ async fn run(
         &name,
     )
     .map_err(|e| {
+        // An identified caller's refused attempt is evidence: recorded as a rejected session.
+        gw.record_rejected(ctx, &who, &name, "forbidden");
         Refusal::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             .hint("ask an administrator for access, or request it with `tollgate access request`")
     })?;
@@ -820,9 +822,22 @@ async fn forward(
         up.headers_mut(),
     )?;
     *up.version_mut() = hyper::Version::HTTP_11;
-    let resp = match target.client.request(up).await {
-        Ok(r) => r,
-        Err(e) => return Err(upstream_failed(target, session, n, started, &e)),
+    let resp = match tokio::time::timeout(http.response_timeout, target.client.request(up)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(upstream_failed(target, session, n, started, &e)),
+        Err(_) => {
+            let mut r = Refusal::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!(
+                    "resource \"{}\" did not answer within {} s",
+                    target.resource.name,
+                    http.response_timeout.as_secs()
+                ),
+            );
+            r.session = Some(session.log.id.clone());
+            return Err(responded(session, n, started, r));
+        }
     };
     let head_only = parts.method == Method::HEAD;
     let response = relay_response(

@@ -1010,3 +1010,34 @@ fn the_callers_identity_reaches_the_upstream_signed_and_unforgeable() {
     // The request's record keeps what the client sent, not the token the gateway made.
     assert!(!req.to_string().contains(parts[2]));
 }
+
+#[test]
+fn slow_upstreams_time_out_and_refused_callers_are_recorded() {
+    let env = HttpEnv::start("response_timeout = \"1s\"", "");
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/slow")]);
+    assert_eq!(code, 504, "{v}");
+    assert_eq!(v["code"], "upstream_timeout");
+    // bob may not reach billing: the attempt is on record as a rejected session.
+    let (code, _) = env.json(Some(&env.bob), &[&env.url("/echo")]);
+    assert_eq!(code, 403);
+    let evs = env.events_until("bob's rejected session", |evs| {
+        evs.iter()
+            .any(|e| e["kind"] == "session.close" && e["payload"]["reason"] == "forbidden")
+    });
+    let close = evs
+        .iter()
+        .find(|e| e["kind"] == "session.close" && e["payload"]["reason"] == "forbidden")
+        .unwrap();
+    let open = evs
+        .iter()
+        .find(|e| e["kind"] == "session.open" && e["session_id"] == close["session_id"])
+        .unwrap();
+    assert_eq!(open["payload"]["subject"], "bob");
+    assert_eq!(open["payload"]["resource"], "billing");
+    assert_eq!(close["payload"]["outcome"], "rejected");
+    let resp = evs
+        .iter()
+        .find(|e| e["kind"] == "http.response" && e["payload"]["status"] == 504)
+        .expect("the timeout is recorded");
+    assert_eq!(resp["payload"]["outcome"], "refused");
+}

@@ -163,6 +163,11 @@ async fn serve(
     match path {
         p if p.ends_with("/echo") => full("application/json", record.to_string()),
         "/customers/1" => full("application/json", CUSTOMER),
+        // An upstream that takes its time to answer.
+        "/slow" => {
+            tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+            full("application/json", "{}")
+        }
         // JSON served as text/plain: masks must recognise it by content.
         "/customers/1.txt" => full("text/plain", CUSTOMER),
         "/note" => full(
