@@ -46,6 +46,8 @@ pub struct ApiState {
     pub tls: Arc<ReloadableServerTls>,
     /// Service tokens; swapped whole when the config file is reloaded.
     pub tokens: arc_swap::ArcSwap<TokenVerifier>,
+    /// `[[identity.oidc]]` issuers, shared with the other listeners (reloaded in place).
+    pub oidc: Arc<tollgate_identity::oidc::OidcVerifiers>,
     pub roles: Roles,
     /// The review (approval) workflow.
     pub reviews: Arc<tollgate_review::Reviews>,
@@ -74,6 +76,7 @@ impl ApiState {
             recorder,
             tls,
             tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
+            oidc: Default::default(),
             roles: config.roles.clone(),
             reviews,
             audit_session: format!(

@@ -149,7 +149,7 @@ pub(crate) async fn handle(
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();
     let route = ReviewRoute::parse(&path);
-    let who = authenticate(state, conn, &req);
+    let who = authenticate(state, conn, &req).await;
     let result = async {
         let route = route.clone().ok_or_else(|| {
             refusal(

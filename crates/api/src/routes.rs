@@ -152,7 +152,7 @@ pub(crate) fn refused(r: &Refusal) -> Response<ApiBody> {
 
 /// Who is calling: an `Authorization: Bearer` token when one is sent (it is then the only
 /// credential considered), else the verified client certificate.
-pub(crate) fn authenticate(
+pub(crate) async fn authenticate(
     state: &ApiState,
     conn: &Conn,
     req: &Request<impl Body>,
@@ -161,11 +161,13 @@ pub(crate) fn authenticate(
     tollgate_gate::identify(
         conn.cert.as_ref(),
         req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()),
-        &state.tokens.load(),
+        &state.tokens.load_full(),
+        &state.oidc,
     )
+    .await
     .map_err(|e| {
         let hint = match e {
-            tollgate_gate::AuthError::InvalidToken => "check the token (only the SHA-256 of each token is in [[identity.tokens]]), or use a client certificate",
+            tollgate_gate::AuthError::InvalidToken => "check the token (a service token of [[identity.tokens]], or an unexpired token of an [[identity.oidc]] issuer for one of its audiences), or use a client certificate",
             _ => HINT,
         };
         refusal(StatusCode::UNAUTHORIZED, e.to_string(), Some(hint))
@@ -198,7 +200,7 @@ pub(crate) async fn handle(
     }
     let query = req.uri().query().unwrap_or("").to_string();
     let route = Route::parse(&path);
-    let who = authenticate(state, conn, &req);
+    let who = authenticate(state, conn, &req).await;
 
     let result = async {
         if req.method() != Method::GET {

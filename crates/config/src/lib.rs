@@ -169,7 +169,7 @@ pub struct Roles {
 
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
-    pub oidc: Option<Oidc>,
+    pub oidc: Vec<Oidc>,
     pub tokens: Vec<StaticToken>,
     pub principals: Vec<PrincipalMapping>,
 }
@@ -190,17 +190,52 @@ pub struct PrincipalMapping {
     pub tokens: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[[identity.oidc]]`: one OpenID Connect issuer whose tokens are credentials (validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Oidc {
+    /// `https://…`, compared exactly with a token's `iss` and the discovery document's `issuer`.
     pub issuer: String,
-    pub audience: String,
-    #[serde(default = "default_groups_claim")]
+    /// CA bundle for the issuer's TLS (default: the system bundle).
+    pub ca: Option<PathBuf>,
+    /// For `tollgate login` (not used to validate bearer tokens).
+    pub client_id: Option<String>,
+    /// A token's `aud` must name at least one of these.
+    pub audiences: Vec<String>,
+    /// Dotted path of the groups claim (`realm_access.roles`); an absent claim means no groups.
     pub groups_claim: String,
+    /// IdP group ids → tollgate groups; unmapped ids are kept as they are.
+    pub group_map: std::collections::BTreeMap<String, String>,
+    /// Groups every identity of this issuer gets.
+    pub static_groups: Vec<String>,
+    pub subject_claim: String,
+    /// JWS algorithms accepted (asymmetric only: never `none`, never HS*).
+    pub algorithms: Vec<String>,
+    /// Longest client certificate `tollgate login` hands out.
+    pub max_cert_ttl: Option<Duration>,
+    /// Line of the `[[identity.oidc]]` table in the config file.
+    pub line: usize,
 }
 
-fn default_groups_claim() -> String {
-    "groups".into()
+/// JWS algorithms an `[[identity.oidc]]` issuer may use.
+pub const OIDC_ALGORITHMS: [&str; 6] = ["RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"];
+/// Default `identity.oidc.algorithms`.
+pub const DEFAULT_OIDC_ALGORITHMS: [&str; 3] = ["RS256", "ES256", "EdDSA"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidc {
+    issuer: String,
+    ca: Option<String>,
+    client_id: Option<String>,
+    audiences: Option<Vec<String>>,
+    groups_claim: Option<String>,
+    #[serde(default)]
+    group_map: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    static_groups: Vec<String>,
+    subject_claim: Option<String>,
+    algorithms: Option<Vec<String>>,
+    max_cert_ttl: Option<String>,
 }
 
 /// A service-account token; only its SHA-256 (hex) is kept in config.
@@ -843,7 +878,8 @@ struct RawRoles {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawIdentity {
-    oidc: Option<Oidc>,
+    /// `[[identity.oidc]]`, checked by hand so a single `[identity.oidc]` table gets a clear error.
+    oidc: Option<Spanned<toml::Value>>,
     #[serde(default)]
     tokens: Vec<StaticToken>,
     #[serde(default)]
@@ -1010,6 +1046,107 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `[[identity.oidc]]`: each issuer validated, errors at the line of its table.
+    fn oidc(&self, v: Option<Spanned<toml::Value>>) -> Result<Vec<Oidc>, ConfigError> {
+        let Some(v) = v else { return Ok(Vec::new()) };
+        let at = v.span().start;
+        let items = match v.into_inner() {
+            toml::Value::Array(items) => items,
+            _ => {
+                return Err(self.invalid(at, "identity.oidc", "OpenID Connect issuers are an array of tables, one per issuer: write [[identity.oidc]] (double brackets), not [identity.oidc]"));
+            }
+        };
+        // Each table starts at its own `[[identity.oidc]]` header (or the inline array).
+        let headers: Vec<usize> = self
+            .text
+            .match_indices("[[identity.oidc]]")
+            .map(|(i, _)| i)
+            .collect();
+        let mut out: Vec<Oidc> = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let at = headers.get(i).copied().unwrap_or(at);
+            let raw: RawOidc = item
+                .try_into()
+                .map_err(|e: toml::de::Error| self.invalid(at, "identity.oidc", e.message()))?;
+            let bad =
+                |key: &str, msg: String| self.invalid(at, &format!("identity.oidc.{key}"), msg);
+            let issuer = raw.issuer;
+            let rest = issuer.strip_prefix("https://").ok_or_else(|| {
+                bad("issuer", format!("{issuer:?}: the issuer must be an https:// URL (tokens and keys are fetched from it)"))
+            })?;
+            let host = rest.split('/').next().unwrap_or("");
+            if host.is_empty() || host.contains('@') || issuer.contains(['?', '#']) {
+                return Err(bad(
+                    "issuer",
+                    format!("{issuer:?}: the issuer must be an https:// URL with a host and no credentials, query or fragment"),
+                ));
+            }
+            if out.iter().any(|o| o.issuer == issuer) {
+                return Err(bad(
+                    "issuer",
+                    format!("issuer {issuer:?} is configured twice"),
+                ));
+            }
+            let audiences = raw.audiences.unwrap_or_default();
+            if audiences.is_empty() || audiences.iter().any(|a| a.trim().is_empty()) {
+                return Err(bad("audiences", format!("issuer {issuer:?}: audiences must list the accepted `aud` values (e.g. [\"tollgate\"]); a token for another service must not be accepted here")));
+            }
+            let claim = |key: &str,
+                         v: Option<String>,
+                         default: &str|
+             -> Result<String, ConfigError> {
+                let v = v.unwrap_or_else(|| default.to_string());
+                if v.is_empty() || v.split('.').any(str::is_empty) {
+                    return Err(bad(key, format!("{v:?} is not a claim name or dotted path (e.g. \"groups\" or \"realm_access.roles\")")));
+                }
+                Ok(v)
+            };
+            let groups_claim = claim("groups_claim", raw.groups_claim, "groups")?;
+            let subject_claim = claim("subject_claim", raw.subject_claim, "sub")?;
+            let algorithms = raw
+                .algorithms
+                .unwrap_or_else(|| DEFAULT_OIDC_ALGORITHMS.map(String::from).to_vec());
+            if algorithms.is_empty() {
+                return Err(bad("algorithms", "at least one algorithm is needed".into()));
+            }
+            for a in &algorithms {
+                if a.eq_ignore_ascii_case("none") {
+                    return Err(bad(
+                        "algorithms",
+                        "\"none\" is never accepted: an unsigned token proves nothing".into(),
+                    ));
+                }
+                if a.to_ascii_uppercase().starts_with("HS") {
+                    return Err(bad("algorithms", format!("{a:?} is never accepted: HMAC algorithms use a shared secret, and with an issuer's public key anyone could forge tokens; use {}", OIDC_ALGORITHMS.join(", "))));
+                }
+                if !OIDC_ALGORITHMS.contains(&a.as_str()) {
+                    return Err(bad(
+                        "algorithms",
+                        format!("{a:?} is not supported; use {}", OIDC_ALGORITHMS.join(", ")),
+                    ));
+                }
+            }
+            let max_cert_ttl = raw
+                .max_cert_ttl
+                .map(|s| parse_duration(&s).map_err(|m| bad("max_cert_ttl", m)))
+                .transpose()?;
+            out.push(Oidc {
+                issuer,
+                ca: raw.ca.map(|p| self.resolve(&p)),
+                client_id: raw.client_id,
+                audiences,
+                groups_claim,
+                group_map: raw.group_map,
+                static_groups: raw.static_groups,
+                subject_claim,
+                algorithms,
+                max_cert_ttl,
+                line: self.line_of(at),
+            });
+        }
+        Ok(out)
     }
 
     fn invalid(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
@@ -1528,7 +1665,7 @@ impl Ctx<'_> {
                 auditor_groups: raw.roles.auditor_groups,
             },
             identity: Identity {
-                oidc: raw.identity.oidc,
+                oidc,
                 tokens: raw.identity.tokens,
                 principals: raw.identity.principals,
             },
@@ -2162,5 +2299,55 @@ message = "ask sre"
         assert!(
             day.contains(540) && day.contains(1019) && !day.contains(1020) && !day.contains(539)
         );
+    }
+
+    #[test]
+    fn oidc_issuers() {
+        let c = with(&format!("\n[[identity.oidc]]\nissuer = \"https://idp.example.com\"\nca = \"pki/idp-ca.crt\"\naudiences = [\"tollgate\"]\ngroups_claim = \"realm_access.roles\"\ngroup_map = {{ \"6f1c\" = \"sre\" }}\nmax_cert_ttl = \"12h\"\n\n[[identity.oidc]]\nissuer = \"https://token.actions.githubusercontent.com\"\naudiences = [\"tollgate\", \"other\"]\nstatic_groups = [\"ci\"]\nsubject_claim = \"repository\"\nalgorithms = [\"RS256\"]\n")).unwrap();
+        let [a, b] = &c.identity.oidc[..] else {
+            panic!("{:?}", c.identity.oidc)
+        };
+        assert_eq!(a.ca, Some(PathBuf::from("/etc/tollgate/pki/idp-ca.crt")));
+        assert_eq!(a.groups_claim, "realm_access.roles");
+        assert_eq!(a.group_map["6f1c"], "sre");
+        assert_eq!((a.subject_claim.as_str(), a.algorithms.len()), ("sub", 3));
+        assert_eq!(a.max_cert_ttl, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(a.line, 15);
+        assert_eq!(b.groups_claim, "groups");
+        assert_eq!(b.static_groups, ["ci"]);
+        assert_eq!(b.algorithms, ["RS256"]);
+        assert!(with("").unwrap().identity.oidc.is_empty());
+    }
+
+    #[test]
+    fn bad_oidc_issuers_are_refused_with_their_line() {
+        let e = with("[identity.oidc]\nissuer = \"https://idp\"\naudiences = [\"t\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.toml:14: identity.oidc:") && e.contains("[[identity.oidc]]"),
+            "{e}"
+        );
+        for (body, says) in [
+            ("issuer = \"http://idp\"\naudiences = [\"t\"]", "identity.oidc.issuer: \"http://idp\": the issuer must be an https:// URL"),
+            ("issuer = \"https://u@idp\"\naudiences = [\"t\"]", "no credentials"),
+            ("issuer = \"https://idp\"", "identity.oidc.audiences"),
+            ("issuer = \"https://idp\"\naudiences = []", "identity.oidc.audiences"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\nalgorithms = [\"none\"]", "\"none\" is never accepted"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\nalgorithms = [\"RS256\", \"HS256\"]", "\"HS256\" is never accepted: HMAC"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\nalgorithms = [\"PS256\"]", "not supported"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\ngroups_claim = \"a..b\"", "identity.oidc.groups_claim"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\nmax_cert_ttl = \"soon\"", "identity.oidc.max_cert_ttl"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\naudience = \"t\"", "unknown field `audience`"),
+        ] {
+            let e = with(&format!("[[identity.oidc]]\nissuer = \"https://ok\"\naudiences = [\"t\"]\n\n[[identity.oidc]]\n{body}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("t.toml:18: identity.oidc") && e.contains(says), "{says}: {e}");
+        }
+        let e = with("[[identity.oidc]]\nissuer = \"https://idp\"\naudiences = [\"t\"]\n[[identity.oidc]]\nissuer = \"https://idp\"\naudiences = [\"t\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("configured twice"), "{e}");
     }
 }

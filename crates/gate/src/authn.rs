@@ -4,6 +4,7 @@
 //! PostgreSQL asks for a token (as the password) only when no certificate identified the client,
 //! which is the same order.
 
+use tollgate_identity::oidc::{looks_like_jwt, OidcVerifiers};
 use tollgate_identity::{Identity, IdentityError, TokenVerifier};
 
 /// Why a caller could not be identified. The messages are safe to send to the client.
@@ -45,15 +46,17 @@ pub fn bearer(header: &[u8]) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-/// Identify a caller from what its connection and request carry.
-pub fn identify(
+/// Identify a caller from what its connection and request carry. A bearer token is a static
+/// service token, else (when it has a JWT's shape) an OIDC token of a configured issuer.
+pub async fn identify(
     cert: Option<&Result<Identity, IdentityError>>,
     authorization: Option<&[u8]>,
     tokens: &TokenVerifier,
+    oidc: &OidcVerifiers,
 ) -> Result<Identity, AuthError> {
     if let Some(header) = authorization {
-        return tokens
-            .verify(bearer(header)?)
+        return verify_token(bearer(header)?, tokens, oidc)
+            .await
             .ok_or(AuthError::InvalidToken);
     }
     match cert {
@@ -61,6 +64,22 @@ pub fn identify(
         Some(Err(e)) => Err(AuthError::BadCertificate(e.to_string())),
         None => Err(AuthError::Missing),
     }
+}
+
+/// A token presented as a credential (bearer header, PostgreSQL password): a static service
+/// token, else an OIDC token. Why an OIDC token was refused is logged and counted there.
+pub async fn verify_token(
+    token: &str,
+    tokens: &TokenVerifier,
+    oidc: &OidcVerifiers,
+) -> Option<Identity> {
+    if let Some(id) = tokens.verify(token) {
+        return Some(id);
+    }
+    if oidc.is_empty() || !looks_like_jwt(token) {
+        return None;
+    }
+    oidc.verify(token).await.ok()
 }
 
 #[cfg(test)]
@@ -75,6 +94,23 @@ mod tests {
             sha256: hex::encode(digest.as_ref()),
             groups: vec!["ci".into()],
         }])
+    }
+
+    fn identify(
+        cert: Option<&Result<Identity, IdentityError>>,
+        authorization: Option<&[u8]>,
+        tokens: &TokenVerifier,
+    ) -> Result<Identity, AuthError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(super::identify(
+            cert,
+            authorization,
+            tokens,
+            &OidcVerifiers::default(),
+        ))
     }
 
     #[test]

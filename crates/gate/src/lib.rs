@@ -2,7 +2,7 @@
 //! who is calling ([`authn`]), whether they may reach a resource, with just-in-time access and
 //! unmask grants ([`access`]), the rules over a neutral [`rules::Command`] that give a
 //! [`rules::Decision`], the review hold ([`hold`]), and a session's audit log with typed events
-//! ([`session`], [`event`]).
+//! ([`session`], [`event`]), and the connection caps every listener applies ([`limits`]).
 //!
 //! It must not parse a wire protocol or write to a socket: an adapter translates its protocol
 //! into these types and turns the answers back into its own errors (SQLSTATE, HTTP status).
@@ -11,11 +11,12 @@ pub mod access;
 pub mod authn;
 pub mod event;
 pub mod hold;
+pub mod limits;
 pub mod rules;
 pub mod session;
 
 pub use access::{authorize, Access, Forbidden};
-pub use authn::{identify, AuthError};
+pub use authn::{identify, verify_token, AuthError};
 pub use event::Event;
 pub use hold::{hold, HoldOutcome};
 pub use rules::{Command, Decision, RuleSet};

@@ -174,6 +174,8 @@ pub struct HttpGateway {
     targets: arc_swap::ArcSwap<HashMap<String, Arc<Target>>>,
     /// Service tokens; swapped whole when the config file is reloaded.
     pub tokens: arc_swap::ArcSwap<TokenVerifier>,
+    /// `[[identity.oidc]]` issuers, shared with the other listeners (reloaded in place).
+    pub oidc: Arc<tollgate_identity::oidc::OidcVerifiers>,
     reviews: Arc<Reviews>,
     recorder: Recorder,
     rerun_window: Duration,
@@ -191,6 +193,7 @@ impl HttpGateway {
         reviews: Arc<Reviews>,
         recorder: Recorder,
         mask_key: Option<MaskKey>,
+        oidc: Arc<tollgate_identity::oidc::OidcVerifiers>,
     ) -> anyhow::Result<Arc<HttpGateway>> {
         let issuer = config.server.console_url.as_deref().unwrap_or("tollgate");
         let identity_key = match &config.server.identity_key {
@@ -202,6 +205,7 @@ impl HttpGateway {
             identity_key,
             targets: arc_swap::ArcSwap::from_pointee(targets),
             tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
+            oidc,
             reviews,
             recorder,
             rerun_window: config.server.review_rerun_window,

@@ -213,8 +213,10 @@ async fn run(
         req.headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
-        &gw.tokens.load(),
+        &gw.tokens.load_full(),
+        &gw.oidc,
     )
+    .await
     .map_err(auth_refusal)?;
     let target = gw.target(&name);
     let access = authorize(

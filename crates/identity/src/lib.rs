@@ -5,8 +5,12 @@
 //! one person with a certificate and a token counts once, and a token subject can never pass
 //! for a certificate user of the same name ([`Principals`], `[[identity.principals]]`).
 //!
+//! OpenID Connect bearer tokens are validated in [`oidc`] (discovery, JWKS, signature, claims).
+//!
 //! It trusts its inputs to be already verified where that is the TLS layer's job (the certificate
 //! chain is checked by rustls before we see it); it never decides policy beyond "is a member of".
+
+pub mod oidc;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -129,6 +133,10 @@ pub struct Identity {
     pub cert_fingerprint: Option<String>,
     #[serde(skip)]
     pub cert_not_after: Option<SystemTime>,
+    /// When the credential stops being valid other than a certificate's notAfter: an OIDC
+    /// token's `exp` (sessions end then).
+    #[serde(skip)]
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Identity {
@@ -189,6 +197,7 @@ pub fn from_certificate(der: &[u8]) -> Result<Identity, IdentityError> {
         cert_not_after: u64::try_from(not_after)
             .ok()
             .map(|s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)),
+        expires_at: None,
     })
 }
 
@@ -226,6 +235,7 @@ impl TokenVerifier {
             method: AuthMethod::Token,
             cert_fingerprint: None,
             cert_not_after: None,
+            expires_at: None,
         })
     }
 }

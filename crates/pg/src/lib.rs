@@ -13,7 +13,7 @@ mod cancel;
 mod filter;
 mod interrupt;
 pub mod io;
-pub mod limits;
+pub use tollgate_gate::limits;
 pub mod proto;
 mod relay;
 pub mod scram;
@@ -42,6 +42,8 @@ pub struct PgGateway {
     pub targets: arc_swap::ArcSwap<Targets>,
     /// Service tokens, swapped whole when the config is reloaded.
     pub tokens: arc_swap::ArcSwap<TokenSet>,
+    /// `[[identity.oidc]]` issuers: an OIDC token is accepted as the password too.
+    pub oidc: Arc<tollgate_identity::oidc::OidcVerifiers>,
     /// Bumped whenever something a running session's standing depends on was reloaded (tokens,
     /// revocation lists) or revoked: every session re-checks its own.
     pub standing: tokio::sync::watch::Sender<u64>,

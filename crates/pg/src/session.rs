@@ -445,6 +445,15 @@ impl PgGateway {
         log.set("groups", json!(identity.groups));
         log.set("auth_method", json!(identity.method.as_str()));
         log.set("client_cert_fingerprint", json!(identity.cert_fingerprint));
+        if let Some(t) = identity.expires_at {
+            log.set(
+                "token_expires_unix",
+                json!(t
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)),
+            );
+        }
         if let Some(t) = identity.cert_not_after {
             log.set(
                 "client_cert_not_after_unix",
@@ -675,14 +684,29 @@ impl PgGateway {
                         Ok(Ok((b'p', body))) => frontend::parse_password(&body).ok(),
                         _ => None,
                     };
-                match token
-                    .as_deref()
-                    .and_then(|t| self.tokens.load().verifier.verify(t))
-                {
+                let tokens = self.tokens.load_full();
+                let verified = match token.as_deref() {
+                    Some(t) => tokio::time::timeout_at(
+                        deadline,
+                        tollgate_gate::verify_token(t, &tokens.verifier, &self.oidc),
+                    )
+                    .await
+                    .ok()
+                    .flatten(),
+                    None => None,
+                };
+                match verified {
                     Some(id) => {
-                        token_sha256 = token.as_deref().map(|t| {
-                            hex::encode(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()))
-                        });
+                        // A static token's digest lets the session notice its removal; an
+                        // OIDC token ends at its `exp` instead.
+                        if id.method == tollgate_identity::AuthMethod::Token {
+                            token_sha256 = token.as_deref().map(|t| {
+                                hex::encode(ring::digest::digest(
+                                    &ring::digest::SHA256,
+                                    t.as_bytes(),
+                                ))
+                            });
+                        }
                         id
                     }
                     None => {
@@ -693,7 +717,7 @@ impl PgGateway {
                         });
                         log.refuse_unidentified(tls, "28P01",
                             &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
-                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate token"), "authentication").await;
+                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate service token or an OIDC token of a configured issuer"), "authentication").await;
                         return None;
                     }
                 }
@@ -711,6 +735,19 @@ impl PgGateway {
                 "your client certificate has expired",
                 Some("renew it (e.g. `tollgate login` or `tollgate pki issue`)"),
                 "cert_expired",
+            )
+            .await;
+            return None;
+        }
+        // An OIDC token accepted within the clock-skew leeway past its `exp` has no session left.
+        if identity.expires_at.is_some_and(|t| SystemTime::now() >= t) {
+            auth_failure("expired_token");
+            log.refuse_unidentified(
+                tls,
+                "28000",
+                "your token has expired",
+                Some("get a new token from your identity provider"),
+                "token_expired",
             )
             .await;
             return None;

@@ -1,6 +1,6 @@
 //! What a running session's right to continue rests on, and the watch that ends it when that
 //! goes: the client certificate's notAfter and revocation, the service token still being
-//! configured, the access grant (for an identity outside `allow_groups`) and the unmask grant.
+//! configured, the OIDC token's `exp`, the access grant (for an identity outside `allow_groups`) and the unmask grant.
 
 use crate::PgGateway;
 use serde_json::{json, Value};
@@ -14,6 +14,7 @@ pub(crate) enum Ended {
     CertExpired,
     CertRevoked,
     TokenRemoved,
+    TokenExpired,
     /// `revoked`: ended early by a reviewer, rather than run out.
     AccessGrant {
         review: String,
@@ -32,6 +33,7 @@ impl Ended {
             Ended::CertExpired => "cert_expired",
             Ended::CertRevoked => "cert_revoked",
             Ended::TokenRemoved => "token_removed",
+            Ended::TokenExpired => "token_expired",
             Ended::AccessGrant { revoked: false, .. } => "access_grant_ended",
             Ended::AccessGrant { revoked: true, .. } => "access_grant_revoked",
             Ended::UnmaskGrant { revoked: false, .. } => "unmask_grant_ended",
@@ -56,6 +58,11 @@ impl Ended {
                 "28000",
                 "terminating connection: the service token this session authenticated with is no longer accepted".into(),
                 "reconnect with a current token".into(),
+            ),
+            Ended::TokenExpired => (
+                "28000",
+                "terminating connection: the token this session authenticated with has expired".into(),
+                "reconnect with a new token from your identity provider".into(),
             ),
             Ended::AccessGrant { review, revoked } => (
                 "57P01",
@@ -108,6 +115,7 @@ impl Standing {
     fn deadline(&self) -> Option<SystemTime> {
         [
             self.cert.as_ref().and_then(|(_, t)| *t),
+            self.identity.expires_at,
             self.access.as_ref().map(|g| g.until),
             self.unmask.as_ref().map(|g| g.until),
         ]
@@ -130,6 +138,9 @@ impl Standing {
             if gw.tls.is_revoked(der) {
                 return Some(Ended::CertRevoked);
             }
+        }
+        if self.identity.expires_at.is_some_and(|t| now >= t) {
+            return Some(Ended::TokenExpired);
         }
         if let Some(sha) = &self.token_sha256 {
             if !gw.tokens.load().holds(sha, &self.identity.subject) {

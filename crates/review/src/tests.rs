@@ -81,6 +81,7 @@ fn person(subject: &str, groups: &[&str]) -> Identity {
         method: tollgate_identity::AuthMethod::Cert,
         cert_fingerprint: None,
         cert_not_after: None,
+        expires_at: None,
     }
 }
 

@@ -46,9 +46,6 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
             bail!("{}:{}: resource {:?}: http resources are served on server.https_listen (under /r/{}/) or server.http_listen; set one of them", config.path.display(), r.line, r.name, r.name);
         }
     }
-    if config.identity.oidc.is_some() {
-        bail!("{}: [identity.oidc] is not supported by this build yet; use client certificates or [[identity.tokens]]", config.path.display());
-    }
     if config.server.postgres_listen.is_none() {
         bail!(
             "{}: server.postgres_listen is required (PostgreSQL clients connect there)",
@@ -131,6 +128,14 @@ pub async fn run(
 
     let targets = tollgate_pg::compile_targets(&config)?;
 
+    // OIDC issuers, shared by every listener; their keys are fetched in the background so an
+    // IdP that is down does not hold up start-up (its tokens are refused until it answers).
+    let oidc = Arc::new(
+        tollgate_identity::oidc::OidcVerifiers::new(&config.identity.oidc)
+            .map_err(anyhow::Error::msg)?,
+    );
+    oidc.warm_up();
+
     let refusals = Arc::new(tollgate_store::refused::Refusals::new(
         "postgres",
         format!("{chain_id}-refused"),
@@ -146,6 +151,7 @@ pub async fn run(
         tokens: arc_swap::ArcSwap::from_pointee(tollgate_pg::TokenSet::new(
             &config.identity.tokens,
         )),
+        oidc: oidc.clone(),
         standing: tokio::sync::watch::Sender::new(0),
         grant_recheck: GRANT_RECHECK_INTERVAL,
         limits: tollgate_pg::limits::ConnectionLimits::new(
@@ -204,6 +210,7 @@ pub async fn run(
         reviews.clone(),
         recorder.clone(),
         tollgate_pg::load_mask_key(&config.server.mask_key).map_err(anyhow::Error::msg)?,
+        oidc.clone(),
     )?;
     let mut http_tasks = Vec::new();
     if let Some(addr) = config.server.http_listen {
@@ -280,6 +287,7 @@ pub async fn run(
         ));
         state.refusals = Some(api_refusals);
         state.http = Some(http_gw.clone());
+        state.oidc = oidc.clone();
         let state = Arc::new(state);
         api_state = Some(state.clone());
         api_tasks.push(tokio::spawn(tollgate_api::serve(l, state)));
@@ -302,6 +310,7 @@ pub async fn run(
         vec![
             ("postgres", gw.clone() as Arc<dyn ConfigReload>),
             ("http", http_gw.clone() as Arc<dyn ConfigReload>),
+            ("oidc", oidc.clone() as Arc<dyn ConfigReload>),
         ],
         reviews.clone(),
         api_state,
@@ -436,6 +445,25 @@ impl ConfigReload for tollgate_http::HttpGateway {
         Ok(Box::new(
             move || serde_json::json!({"resources": prepared.apply()}),
         ))
+    }
+}
+
+/// OIDC issuers: a CA file that cannot be read rejects the reload; an issuer whose settings
+/// did not change keeps its cached keys; a new one fetches its keys in the background.
+impl ConfigReload for tollgate_identity::oidc::OidcVerifiers {
+    fn prepare<'a>(&'a self, config: &Config) -> Result<ApplyReload<'a>, String> {
+        let prepared = self.prepare(&config.identity.oidc)?;
+        let issuers: Vec<String> = config
+            .identity
+            .oidc
+            .iter()
+            .map(|o| o.issuer.clone())
+            .collect();
+        Ok(Box::new(move || {
+            self.apply(prepared);
+            self.warm_up();
+            serde_json::json!({ "issuers": issuers })
+        }))
     }
 }
 
