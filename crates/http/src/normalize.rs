@@ -125,8 +125,57 @@ fn escapes_are_utf8(path: &str) -> bool {
 /// Query pairs, decoded (`+` is a space), for rule conditions. Undecodable escapes are kept
 /// as written.
 pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    pairs(query, &['&'])
+}
+
+/// Every reading of a query that rules judge (the relay takes the strictest decision), so that
+/// no upstream parser finds a pair the rules did not see: split on `&`; split on `;` too, the
+/// separator some servers still accept (Python's urllib before 3.9.2 and frameworks on it);
+/// and with keys as lenient frameworks read them and values cut at a NUL (see [`lenient_key`]).
+pub fn query_readings(query: &str) -> Vec<Vec<(String, String)>> {
+    let strict = pairs(query, &['&']);
+    let split = if query.contains(';') {
+        pairs(query, &['&', ';'])
+    } else {
+        strict.clone()
+    };
+    let lenient: Vec<(String, String)> = split
+        .iter()
+        .map(|(k, v)| {
+            (
+                lenient_key(k),
+                v.split('\0').next().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let mut readings = vec![strict];
+    for r in [split, lenient] {
+        if !readings.contains(&r) {
+            readings.push(r);
+        }
+    }
+    readings
+}
+
+/// A key as lenient frameworks read it: PHP drops leading spaces, turns `.` and spaces into
+/// `_` and `k[]` into `k`; ASP.NET ignores case.
+fn lenient_key(k: &str) -> String {
+    let k = k.trim_start();
+    let k = match k.find('[') {
+        Some(i) if i > 0 && k.ends_with(']') => &k[..i],
+        _ => k,
+    };
+    k.chars()
+        .map(|c| match c {
+            '.' | ' ' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+fn pairs(query: &str, separators: &[char]) -> Vec<(String, String)> {
     query
-        .split('&')
+        .split(separators)
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
@@ -228,6 +277,29 @@ mod tests {
                 ("e".into(), "%zz".into()),
             ]
         );
+    }
+
+    #[test]
+    fn queries_are_read_every_way_an_upstream_might() {
+        assert_eq!(query_readings("a=1&b=2").len(), 1);
+        let r = query_readings("a=1;dry_run=false");
+        assert_eq!(r[0], vec![("a".into(), "1;dry_run=false".into())]);
+        let pair = ("dry_run".to_string(), "false".to_string());
+        assert!(r[1].contains(&pair));
+        for q in [
+            "DRY_RUN=false",
+            "dry.run=false",
+            "dry+run=false",
+            "dry_run[]=false",
+            "%20dry_run=false",
+            "dry_run=false%00x",
+        ] {
+            assert!(
+                query_readings(q).iter().any(|r| r.contains(&pair)),
+                "{q}: {:?}",
+                query_readings(q)
+            );
+        }
     }
 
     proptest! {

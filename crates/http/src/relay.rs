@@ -25,7 +25,7 @@ use tollgate_metrics::registry;
 use tollgate_review::Verdict;
 
 use crate::error::Refusal;
-use crate::normalize::{normalize_path, query_pairs, METHOD_OVERRIDE_HEADERS};
+use crate::normalize::{normalize_path, query_readings, METHOD_OVERRIDE_HEADERS};
 use crate::serve::{ConnCtx, Mount};
 use crate::upstream::UpstreamBody;
 use crate::{micros, HttpGateway, HttpSession, Target};
@@ -256,7 +256,10 @@ async fn run(
     let path = normalize_path(&raw_path)
         .map_err(|e| refused_event(&session, n, Refusal::bad_request(e.to_string())))?;
     let raw_query = req.uri().query().map(str::to_string);
-    let query = raw_query.as_deref().map(query_pairs).unwrap_or_default();
+    let queries = raw_query
+        .as_deref()
+        .map(query_readings)
+        .unwrap_or_else(|| vec![Vec::new()]);
     let method = req.method().clone();
     let mut methods = vec![method.as_str().to_string()];
     // Methods are case-sensitive, but frameworks such as Django and Werkzeug upper-case them:
@@ -336,7 +339,7 @@ async fn run(
     };
     let body_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
 
-    // The strictest decision over every method the request may be read as.
+    // The strictest decision over every method and query the request may be read as.
     let now = time::OffsetDateTime::now_utc();
     let caller = Caller {
         subject: &who.subject,
@@ -344,23 +347,25 @@ async fn run(
     };
     let mut judgement: Option<tollgate_gate::rules::Judgement> = None;
     for m in &methods {
-        let j = target.rules.judge(
-            &Command {
-                kind: CommandKind::Http {
-                    method: m,
-                    path: &path,
-                    query: &query,
-                    headers: &headers,
+        for query in &queries {
+            let j = target.rules.judge(
+                &Command {
+                    kind: CommandKind::Http {
+                        method: m,
+                        path: &path,
+                        query,
+                        headers: &headers,
+                    },
                 },
-            },
-            caller,
-            now,
-        );
-        judgement = Some(match judgement {
-            None => j,
-            Some(prev) if j.decision.severity() > prev.decision.severity() => j,
-            Some(prev) => prev,
-        });
+                caller,
+                now,
+            );
+            judgement = Some(match judgement {
+                None => j,
+                Some(prev) if j.decision.severity() > prev.decision.severity() => j,
+                Some(prev) => prev,
+            });
+        }
     }
     let judgement = judgement.expect("at least the request method");
 
