@@ -59,6 +59,8 @@ pub struct ApiState {
     pub refusals: Option<Arc<tollgate_store::refused::Refusals>>,
     /// HTTP resources, served under `/r/<name>/` (`None`: the config has none).
     pub http: Option<Arc<tollgate_http::HttpGateway>>,
+    /// Connection caps of this listener (`server.max_connections`, `..._per_source`).
+    pub limits: Arc<tollgate_gate::limits::ConnectionLimits>,
 }
 
 impl ApiState {
@@ -85,6 +87,7 @@ impl ApiState {
             ),
             refusals: None,
             http: None,
+            limits: tollgate_gate::limits::ConnectionLimits::unlimited(),
         }
     }
 
@@ -130,8 +133,12 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                 continue;
             }
         };
+        let Some(slot) = tollgate_http::admit(&state.limits, peer, "https") else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.config());
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

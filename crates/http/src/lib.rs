@@ -25,7 +25,7 @@ mod websocket;
 pub use error::Refusal;
 pub use normalize::{normalize_path, query_pairs, BadTarget};
 pub use relay::handle;
-pub use serve::{builder, serve, ConnCtx, Mount};
+pub use serve::{admit, builder, serve, ConnCtx, Mount};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tollgate_gate::event::TlsLeg;
+use tollgate_gate::limits::{ConnectionLimits, SourceSlot};
 use tollgate_identity::{Identity, IdentityError};
 use tollgate_tls::ReloadableServerTls;
 
@@ -90,8 +91,36 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serve `server.http_listen`: every request goes to the resource its host names.
-pub async fn serve(listener: TcpListener, tls: Arc<ReloadableServerTls>, gw: Arc<HttpGateway>) {
+/// Take a connection slot for an accepted connection, or count it refused (over a cap the
+/// connection is closed before TLS: a flood costs the gateway no handshakes).
+pub fn admit(
+    limits: &Arc<ConnectionLimits>,
+    peer: SocketAddr,
+    listener: &'static str,
+) -> Option<SourceSlot> {
+    match limits.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(cap) => {
+            tollgate_metrics::registry()
+                .counter(
+                    "tollgate_connections_refused_total",
+                    "Client connections (or API requests) refused before authentication completed, or over a connection cap, by listener and reason.",
+                    &[("listener", listener), ("reason", cap.as_label())],
+                )
+                .inc();
+            None
+        }
+    }
+}
+
+/// Serve `server.http_listen`: every request goes to the resource its host names. `limits`:
+/// `server.max_connections` and `max_connections_per_source`, counted for this listener.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ReloadableServerTls>,
+    gw: Arc<HttpGateway>,
+    limits: Arc<ConnectionLimits>,
+) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -101,8 +130,12 @@ pub async fn serve(listener: TcpListener, tls: Arc<ReloadableServerTls>, gw: Arc
                 continue;
             }
         };
+        let Some(slot) = admit(&limits, peer, "http") else {
+            continue;
+        };
         let (tls, gw) = (tls.clone(), gw.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -237,6 +237,7 @@ pub async fn run(
             l,
             http_tls.clone(),
             gw.clone(),
+            listener_limits(&config),
         )));
         http_tasks.push(tokio::spawn(reload_loop(
             http_tls,
@@ -287,6 +288,7 @@ pub async fn run(
         ));
         state.refusals = Some(api_refusals);
         state.http = Some(http_gw.clone());
+        state.limits = listener_limits(&config);
         state.oidc = oidc.clone();
         let state = Arc::new(state);
         api_state = Some(state.clone());
@@ -396,6 +398,16 @@ pub async fn run(
 }
 
 /// The audit journal sits next to an SQLite store (`<db>.events.log`).
+/// `server.max_connections` and `max_connections_per_source` for an HTTPS listener (its own
+/// count; identities are per request there, so the per-identity cap is PostgreSQL's).
+fn listener_limits(config: &Config) -> Arc<tollgate_gate::limits::ConnectionLimits> {
+    tollgate_gate::limits::ConnectionLimits::new(
+        config.server.max_connections,
+        config.server.max_connections_per_source,
+        0,
+    )
+}
+
 fn journal_path(store_url: &str, chain_id: &str) -> std::path::PathBuf {
     match store_url.strip_prefix("sqlite://") {
         Some(p) if !p.starts_with(':') => std::path::PathBuf::from(format!("{p}.events.log")),

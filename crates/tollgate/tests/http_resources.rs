@@ -1041,3 +1041,42 @@ fn slow_upstreams_time_out_and_refused_callers_are_recorded() {
         .expect("the timeout is recorded");
     assert_eq!(resp["payload"]["outcome"], "refused");
 }
+
+#[test]
+fn https_listeners_cap_connections_per_source() {
+    let env = HttpEnv::start_with("max_connections_per_source = 2", "", "");
+    let cfg = std::sync::Arc::new(common::client_tls(&env.pki.ca, Some(&env.alice)));
+    let open = |port: u16| -> std::io::Result<
+        rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    > {
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let conn =
+            rustls::ClientConnection::new(cfg.clone(), "localhost".try_into().unwrap()).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        // Complete the handshake (a refused connection is closed before it).
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(s)
+    };
+    for port in [env.https_port, env.http_port] {
+        let a = open(port).expect("first");
+        let b = open(port).expect("second");
+        assert!(
+            open(port).is_err(),
+            "a third connection from one source was served on {port}"
+        );
+        drop(a);
+        wait_for(Duration::from_secs(5), "a slot to free up", || {
+            open(port).is_ok()
+        });
+        drop(b);
+    }
+    let m = env.gw.metrics();
+    assert!(
+        m.contains("tollgate_connections_refused_total{listener=\"https\",reason=\"max_connections_per_source\"}"),
+        "{m}"
+    );
+    assert!(m.contains("tollgate_connections_refused_total{listener=\"http\",reason=\"max_connections_per_source\"}"));
+}
