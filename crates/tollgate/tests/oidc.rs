@@ -1,0 +1,536 @@
+//! OIDC tokens as credentials, against a real OpenID provider (npm `oidc-provider` 8, run by
+//! node over TLS with its own CA): psql with the token as the password, curl with a bearer
+//! token to an HTTP resource and to the API, groups from the token deciding access, and the
+//! attacks a verifier must refuse (alg none, HS256 "signed" with the public key, expired, wrong
+//! aud, wrong iss, unknown kid, a forged signature, no groups claim). Key rotation at the IdP
+//! is picked up without restarting the gateway.
+
+mod common;
+
+use base64::Engine;
+use common::upstream::Upstream;
+use common::{psql_env, stderr, stdout, Gateway, Pki};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+use tollgate_testsupport::{ClusterOptions, PgCluster};
+
+/// `oidc-provider` installed once per target directory (npm, at test time).
+fn node_modules() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oidc-provider-8");
+        if !dir.join("node_modules/oidc-provider/package.json").exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let out = Command::new("npm")
+                .args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "--no-save",
+                    "oidc-provider@8",
+                ])
+                .current_dir(&dir)
+                .output()
+                .expect("npm (scripts/test installs node and npm)");
+            assert!(
+                out.status.success(),
+                "npm install oidc-provider@8 failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc/idp.mjs"),
+            dir.join("idp.mjs"),
+        )
+        .unwrap();
+        dir
+    })
+}
+
+/// The IdP process (killed on drop) and where its signing key is.
+struct Idp {
+    child: Child,
+    port: u16,
+    issuer: String,
+    keys: PathBuf,
+    ca: PathBuf,
+    log: PathBuf,
+}
+
+impl Idp {
+    fn start(tmp: &Path, port: u16, keys: &str) -> Idp {
+        let pki_dir = tmp.join("idp-pki");
+        let pki = if pki_dir.join("ca.crt").exists() {
+            Pki {
+                dir: pki_dir.clone(),
+                ca: pki_dir.join("ca.crt"),
+            }
+        } else {
+            Pki::new(&pki_dir)
+        };
+        let cert = pki.server("idp");
+        let issuer = format!("https://localhost:{port}");
+        let keys = tmp.join(keys);
+        let log = tmp.join(format!(
+            "idp-{}.log",
+            keys.file_name().unwrap().to_string_lossy()
+        ));
+        let child = Command::new("node")
+            .arg(node_modules().join("idp.mjs"))
+            .arg(port.to_string())
+            .arg(&cert.cert)
+            .arg(&cert.key)
+            .arg(&keys)
+            .arg(&issuer)
+            .current_dir(node_modules())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node");
+        let idp = Idp {
+            child,
+            port,
+            issuer,
+            keys,
+            ca: pki.ca.clone(),
+            log,
+        };
+        common::wait_for(Duration::from_secs(30), "the IdP to listen", || {
+            std::fs::read_to_string(&idp.log).is_ok_and(|l| l.contains("listening"))
+        });
+        idp
+    }
+
+    /// A real access token (JWT) for `client` by the client_credentials grant.
+    fn token(&self, client: &str, resource: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "20", "--cacert"])
+            .arg(&self.ca)
+            .args(["-u", &format!("{client}:{client}-secret")])
+            .args(["-d", "grant_type=client_credentials", "-d", "scope=db"])
+            .args(["-d", &format!("resource={resource}")])
+            .arg(format!("{}/token", self.issuer))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["access_token"].as_str().unwrap().to_string()
+    }
+
+    fn signing_jwk(&self) -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(self.keys.join("signing.jwk")).unwrap())
+            .unwrap()
+    }
+
+    /// A token signed with the IdP's own key but with claims of our choosing.
+    fn craft(&self, claims: serde_json::Value) -> String {
+        let pem = std::fs::read_to_string(self.keys.join("signing.pem")).unwrap();
+        let key = ring::signature::RsaKeyPair::from_pkcs8(&pem_der(&pem)).unwrap();
+        let header =
+            serde_json::json!({"alg": "RS256", "typ": "at+jwt", "kid": self.signing_jwk()["kid"]});
+        let input = format!(
+            "{}.{}",
+            enc(header.to_string().as_bytes()),
+            enc(claims.to_string().as_bytes())
+        );
+        let mut sig = vec![0u8; key.public().modulus_len()];
+        key.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+        format!("{input}.{}", enc(&sig))
+    }
+
+    fn claims(&self, sub: &str, groups: &[&str]) -> serde_json::Value {
+        serde_json::json!({"iss": self.issuer, "aud": "tollgate", "sub": sub, "groups": groups,
+            "iat": now() - 5, "exp": now() + 300})
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn enc(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct Env {
+    idp: Idp,
+    gw: Gateway,
+    gw_ca: PathBuf,
+    https_port: u16,
+    _pg: PgCluster,
+    _up: Upstream,
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn start() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-oidc-")
+            .tempdir()
+            .unwrap();
+        let idp = Idp::start(tmp.path(), tollgate_testsupport::free_port(), "keys1");
+        let pg = PgCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let gw_cert = pki.server("gateway");
+        let up_cert = pki.server("upstream");
+        let up = Upstream::start(&up_cert.cert, &up_cert.key);
+        std::fs::write(tmp.path().join("app.password"), &pg.password).unwrap();
+        let https_port = tollgate_testsupport::free_port();
+        let config = format!(
+            r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+https_listen = "127.0.0.1:{https_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+store = "sqlite://audit.db"
+reload_interval = "200ms"
+
+[roles]
+auditor_groups = ["sre"]
+
+[[identity.oidc]]
+issuer = "{issuer}"
+ca = "{idp_ca}"
+audiences = ["tollgate"]
+group_map = {{ "6f1c-guid" = "sre" }}
+
+[[resources]]
+name = "app"
+kind = "postgres"
+upstream = "127.0.0.1:{pg_port}"
+database = "{db}"
+allow_groups = ["sre"]
+[resources.tls]
+mode = "verify-full"
+ca = "{pg_ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "app.password"
+
+[[resources]]
+name = "billing"
+kind = "http"
+upstream = "https://localhost:{up_port}"
+allow_groups = ["sre"]
+[resources.tls]
+ca = "{ca}"
+"#,
+            cert = gw_cert.cert.display(),
+            key = gw_cert.key.display(),
+            ca = pki.ca.display(),
+            issuer = idp.issuer,
+            idp_ca = idp.ca.display(),
+            pg_port = pg.port,
+            db = pg.database,
+            pg_ca = pg.ca_cert.display(),
+            user = pg.user,
+            up_port = up.port,
+        );
+        let gw = Gateway::start(tmp.path(), &config, &[]);
+        Env {
+            idp,
+            gw,
+            gw_ca: pki.ca.clone(),
+            https_port,
+            _pg: pg,
+            _up: up,
+            tmp,
+        }
+    }
+
+    /// psql through the gateway with `token` as the password: `Ok(stdout)` or `Err(stderr)`.
+    fn psql(&self, token: &str, sql: &str) -> Result<String, String> {
+        let conninfo = format!(
+            "host=localhost port={} dbname=app user=agent sslmode=verify-full sslrootcert={}",
+            self.gw.pg_port,
+            self.gw_ca.display()
+        );
+        let out = psql_env(&conninfo, &["-c", sql], &[("PGPASSWORD", token)]);
+        if out.status.success() {
+            Ok(stdout(&out))
+        } else {
+            Err(stderr(&out))
+        }
+    }
+
+    /// curl with `Authorization: Bearer <token>`: status and `WWW-Authenticate`.
+    fn curl(&self, token: &str, path: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+            ])
+            .arg(&self.gw_ca)
+            .args(["-H", &format!("Authorization: Bearer {token}")])
+            .arg(format!("https://localhost:{}{path}", self.https_port))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = text
+            .lines()
+            .last()
+            .unwrap_or("0")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (code, text)
+    }
+}
+
+/// SQLSTATE-bearing psql errors are matched on their text; psql prints the message only.
+fn refused(r: Result<String, String>, says: &str) {
+    match r {
+        Ok(out) => panic!("accepted (expected {says:?}): {out}"),
+        Err(e) => assert!(e.contains(says), "expected {says:?} in: {e}"),
+    }
+}
+
+#[test]
+fn oidc_tokens_are_credentials_for_postgres_http_and_the_api() {
+    let env = Env::start();
+    let idp = &env.idp;
+
+    // psql with a real access token as the password: groups from the token decide.
+    let sre = idp.token("sre-agent", "urn:tollgate");
+    assert_eq!(env.psql(&sre, "SELECT 41 + 1").unwrap(), "42");
+    // A group id mapped by group_map (an Entra-style GUID → sre).
+    let entra = idp.token("entra-agent", "urn:tollgate");
+    assert_eq!(env.psql(&entra, "SELECT 1").unwrap(), "1");
+    let dev = idp.token("dev-agent", "urn:tollgate");
+    refused(env.psql(&dev, "SELECT 1"), "may not");
+    // No groups claim at all → no groups → forbidden.
+    let none = idp.token("nogroups-agent", "urn:tollgate");
+    refused(env.psql(&none, "SELECT 1"), "may not");
+
+    // The audit trail says who it was and how they authenticated.
+    let events = common::read_events(&env.tmp.path().join("audit.db"));
+    let open = events
+        .iter()
+        .find(|e| e["kind"] == "session.open" && e["payload"]["auth_method"] == "oidc")
+        .unwrap_or_else(|| panic!("no oidc session.open in {events:#?}"));
+    assert_eq!(open["payload"]["subject"], "sre-agent");
+    assert!(open["payload"]["token_expires_unix"].as_u64().unwrap() > now());
+
+    // Bearer on an HTTP resource and on the API.
+    assert_eq!(env.curl(&sre, "/r/billing/customers/1").0, 200);
+    assert_eq!(env.curl(&dev, "/r/billing/customers/1").0, 403);
+    assert_eq!(env.curl(&sre, "/api/v1/sessions").0, 200);
+    assert_eq!(env.curl(&dev, "/api/v1/sessions").0, 403);
+
+    // Attacks: every one refused on every listener, with a generic answer.
+    let jwk = idp.signing_jwk();
+    let kid = jwk["kid"].as_str().unwrap();
+    let claims = idp.claims("mallory", &["sre"]);
+    let none_alg = format!(
+        "{}.{}.",
+        enc(serde_json::json!({"alg": "none", "kid": kid})
+            .to_string()
+            .as_bytes()),
+        enc(claims.to_string().as_bytes())
+    );
+    // HS256 with the IdP's public key (PEM) as the HMAC secret: the classic key-confusion forgery.
+    let public_pem = std::fs::read(idp.keys.join("public.pem")).unwrap();
+    let hs_input = format!(
+        "{}.{}",
+        enc(serde_json::json!({"alg": "HS256", "kid": kid})
+            .to_string()
+            .as_bytes()),
+        enc(claims.to_string().as_bytes())
+    );
+    let hs_sig = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &public_pem),
+        hs_input.as_bytes(),
+    );
+    let hs256 = format!("{hs_input}.{}", enc(hs_sig.as_ref()));
+    // A key the IdP never published, under a kid it does not know, and under its real kid.
+    let rng = ring::rand::SystemRandom::new();
+    let p8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .unwrap();
+    let mine = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        p8.as_ref(),
+        &rng,
+    )
+    .unwrap();
+    let own_key = |kid: &str| {
+        let input = format!(
+            "{}.{}",
+            enc(serde_json::json!({"alg": "ES256", "kid": kid})
+                .to_string()
+                .as_bytes()),
+            enc(claims.to_string().as_bytes())
+        );
+        let sig = mine.sign(&rng, input.as_bytes()).unwrap();
+        format!("{input}.{}", enc(sig.as_ref()))
+    };
+    let unknown_kid = own_key("attacker-key");
+    // A real token whose claims were edited (sre added to dev's token).
+    let tampered = {
+        let parts: Vec<&str> = dev.split('.').collect();
+        let mut c: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(parts[1])
+                .unwrap(),
+        )
+        .unwrap();
+        c["groups"] = serde_json::json!(["sre"]);
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            enc(c.to_string().as_bytes()),
+            parts[2]
+        )
+    };
+    let mut expired = idp.claims("sre-agent", &["sre"]);
+    expired["exp"] = (now() - 120).into();
+    expired["iat"] = (now() - 900).into();
+    let mut not_yet = idp.claims("sre-agent", &["sre"]);
+    not_yet["nbf"] = (now() + 600).into();
+    let mut wrong_iss = idp.claims("sre-agent", &["sre"]);
+    wrong_iss["iss"] = "https://evil.example".into();
+    let wrong_aud = idp.token("sre-agent", "urn:another");
+    let attacks = [
+        ("alg none", none_alg, "bad_algorithm"),
+        ("HS256 with the public key", hs256, "bad_algorithm"),
+        ("unknown kid", unknown_kid, "unknown_kid"),
+        ("tampered claims", tampered, "bad_signature"),
+        ("expired", idp.craft(expired), "expired"),
+        ("not yet valid", idp.craft(not_yet), "not_yet_valid"),
+        ("wrong issuer", idp.craft(wrong_iss), "unknown_issuer"),
+        (
+            "wrong audience (real token for another resource)",
+            wrong_aud,
+            "wrong_audience",
+        ),
+    ];
+    let host = "localhost";
+    for (what, token, reason) in &attacks {
+        let label = if *reason == "unknown_issuer" {
+            "unknown"
+        } else {
+            host
+        };
+        let series = format!(
+            "tollgate_oidc_validations_total{{issuer=\"{label}\",outcome=\"refused\",reason=\"{reason}\"}}"
+        );
+        let before = env.gw.metric(&series).unwrap_or(0);
+        refused(env.psql(token, "SELECT 1"), "authentication failed");
+        let (code, head) = env.curl(token, "/r/billing/customers/1");
+        assert_eq!(code, 401, "{what}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("www-authenticate"),
+            "{what}: {head}"
+        );
+        assert_eq!(env.curl(token, "/api/v1/sessions").0, 401, "{what}");
+        let after = env.gw.metric(&series).unwrap_or(0);
+        assert!(
+            after >= before + 3,
+            "{what}: {reason} counted {before} → {after}"
+        );
+    }
+    // The crafted token with the IdP's key and sane claims passes: the refusals above are
+    // about what was changed, not about crafting.
+    assert_eq!(
+        env.psql(&idp.craft(idp.claims("sre-agent", &["sre"])), "SELECT 7")
+            .unwrap(),
+        "7"
+    );
+    let logs = env.gw.logs();
+    for (_, token, _) in &attacks {
+        let sig = token.rsplit('.').next().unwrap();
+        assert!(
+            sig.is_empty() || !logs.contains(sig),
+            "a token reached the log"
+        );
+    }
+    assert!(logs.contains("OIDC token refused"), "{logs}");
+}
+
+/// The session ends when its token expires (as for certificates), and the IdP's key can be
+/// rotated without restarting the gateway.
+#[test]
+fn sessions_end_at_token_expiry_and_rotated_keys_are_fetched() {
+    let mut env = Env::start();
+    let started = Instant::now();
+
+    // A token that expires in a few seconds, signed by the IdP's key: the session is ended.
+    let mut short = env.idp.claims("sre-agent", &["sre"]);
+    short["exp"] = (now() + 3).into();
+    let token = env.idp.craft(short);
+    let r = env.psql(&token, "SELECT 1; SELECT pg_sleep(10); SELECT 2");
+    refused(r, "the token this session authenticated with has expired");
+    let events = common::read_events(&env.tmp.path().join("audit.db"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "session.close" && e["payload"]["reason"] == "token_expired"),
+        "{events:#?}"
+    );
+
+    // Rotation: the IdP restarts with a new key (same issuer and port); its tokens carry a kid
+    // the gateway has not seen, which makes it fetch the JWKS again (at most every 30 s).
+    let port = env.idp.port;
+    let old_kid = env.idp.signing_jwk()["kid"].as_str().unwrap().to_string();
+    let _ = env.idp.child.kill();
+    let _ = env.idp.child.wait();
+    env.idp = Idp::start(env.tmp.path(), port, "keys2");
+    let new_kid = env.idp.signing_jwk()["kid"].as_str().unwrap().to_string();
+    assert_ne!(old_kid, new_kid);
+    let fresh = env.idp.token("sre-agent", "urn:tollgate");
+    let deadline = started + Duration::from_secs(75);
+    loop {
+        match env.psql(&fresh, "SELECT 'rotated'") {
+            Ok(out) => {
+                assert_eq!(out, "rotated");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.contains("authentication failed"), "{e}");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => panic!(
+                "a token signed by the rotated key was never accepted: {e}\n{}",
+                env.gw.logs()
+            ),
+        }
+    }
+}
