@@ -211,6 +211,26 @@ fn decode_component(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The parameter Rails, Laravel and Symfony read as the real method of a POST, in the query
+/// or a form body.
+pub const METHOD_OVERRIDE_PARAM: &str = "_method";
+
+/// The methods `_method` names (upper-cased) in a query and in a form body (`form_body`: the
+/// body, when it is `application/x-www-form-urlencoded` or has no type, as Rack reads it).
+pub fn method_params(query: Option<&str>, form_body: Option<&[u8]>) -> Vec<String> {
+    let mut out = Vec::new();
+    let body = form_body.map(String::from_utf8_lossy);
+    for text in [query, body.as_deref()].into_iter().flatten() {
+        for (k, v) in pairs(text, &['&', ';']) {
+            let m = v.trim().to_ascii_uppercase();
+            if k.trim() == METHOD_OVERRIDE_PARAM && !m.is_empty() && !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
 /// Headers some frameworks read as the real method of a POST.
 pub const METHOD_OVERRIDE_HEADERS: &[&str] = &[
     "x-http-method-override",
@@ -300,6 +320,16 @@ mod tests {
                 query_readings(q)
             );
         }
+    }
+
+    #[test]
+    fn method_parameters() {
+        assert_eq!(
+            method_params(Some("a=1&_method=delete"), Some(b"x=1&%5Fmethod=PUT")),
+            vec!["DELETE".to_string(), "PUT".to_string()]
+        );
+        assert!(method_params(Some("method=DELETE"), None).is_empty());
+        assert!(method_params(None, None).is_empty());
     }
 
     proptest! {

@@ -25,7 +25,7 @@ use tollgate_metrics::registry;
 use tollgate_review::Verdict;
 
 use crate::error::Refusal;
-use crate::normalize::{normalize_path, query_readings, METHOD_OVERRIDE_HEADERS};
+use crate::normalize::{method_params, normalize_path, query_readings, METHOD_OVERRIDE_HEADERS};
 use crate::serve::{ConnCtx, Mount};
 use crate::upstream::UpstreamBody;
 use crate::{micros, HttpGateway, HttpSession, Target};
@@ -338,6 +338,19 @@ async fn run(
         }
     };
     let body_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
+    // `_method` in the query or a form body overrides a POST in Rails, Laravel and Symfony.
+    let form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .is_none_or(|ct| {
+            ct.split(';').next().unwrap_or("").trim() == "application/x-www-form-urlencoded"
+        });
+    for m in method_params(raw_query.as_deref(), form.then_some(&body[..])) {
+        if !methods.contains(&m) {
+            methods.push(m);
+        }
+    }
 
     // The strictest decision over every method and query the request may be read as.
     let now = time::OffsetDateTime::now_utc();

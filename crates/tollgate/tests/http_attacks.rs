@@ -852,15 +852,35 @@ action = "deny"
             report.push(format!("{method} {extra:?}: {got}: {}", r.text));
         }
     }
+    // `_method` in the query or a form body: how Rails, Laravel and Symfony override a POST.
+    for (target, body) in [
+        ("/v1/invoices/7?_method=DELETE", ""),
+        ("/v1/invoices/7?_method=delete", ""),
+        ("/v1/invoices/7", "_method=DELETE"),
+        ("/v1/invoices/7", "amount=1&_method=delete"),
+        ("/v1/invoices/7", "%5Fmethod=DELETE"),
+    ] {
+        let r = env.https(&format!(
+            "POST /r/billing{target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        let got = r.responses.first().map_or(0, |x| x.status);
+        if got != 403 {
+            report.push(format!("POST {target} {body:?}: {got}: {}", r.text));
+        }
+    }
 
     let seen = env.up.seen.all();
     for rec in &seen {
         let p = rec["path"].as_str().unwrap().to_ascii_lowercase();
+        let overridden = rec["query"].as_str().unwrap_or("").contains("_method")
+            || rec["body"].as_str().unwrap_or("").contains("method=");
         if p.starts_with("/admin")
             || rec["method"]
                 .as_str()
                 .unwrap()
                 .eq_ignore_ascii_case("delete")
+            || overridden
         {
             report.push(format!("reached the upstream: {rec}"));
         }
