@@ -219,6 +219,10 @@ fn identity_injection_and_header_hygiene() {
             "-H",
             "X-Forwarded-For: 6.6.6.6",
             "-H",
+            "X-Original-URL: /admin/users",
+            "-H",
+            "X-Rewrite-URL: /admin/users",
+            "-H",
             "X-Tollgate-Identity: forged",
             "-H",
             "Cookie: tollgate_session=abc; theme=dark",
@@ -242,6 +246,8 @@ fn identity_injection_and_header_hygiene() {
     assert_eq!(header(&echo, "x-forwarded-proto"), Some("https"));
     assert_eq!(header(&echo, "cookie"), Some("theme=dark"));
     assert_eq!(header(&echo, "x-tollgate-identity"), None);
+    assert_eq!(header(&echo, "x-original-url"), None, "a target override rode along");
+    assert_eq!(header(&echo, "x-rewrite-url"), None);
     assert_eq!(header(&echo, "proxy-authorization"), None);
     assert_eq!(
         header(&echo, "x-secret-hop"),
