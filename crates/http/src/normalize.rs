@@ -95,6 +95,37 @@ pub fn normalize_path(raw: &str) -> Result<String, BadTarget> {
     Ok(path)
 }
 
+/// The readings of a normalised path that rules judge (the relay takes the strictest
+/// decision): the path itself and, when it differs, the path with trailing dots and spaces cut
+/// from every segment, as IIS and ASP.NET read it (`/admin./x`, `/admin%20/x`: `/admin/x`).
+pub fn path_readings(path: &str) -> Vec<String> {
+    let mut lenient = String::with_capacity(path.len());
+    for seg in path.split('/').skip(1) {
+        let mut s = seg;
+        loop {
+            let t = s.trim_end_matches('.');
+            let t = t.strip_suffix("%20").unwrap_or(t);
+            if t == s {
+                break;
+            }
+            s = t;
+        }
+        if s.is_empty() && !seg.is_empty() {
+            continue;
+        }
+        lenient.push('/');
+        lenient.push_str(s);
+    }
+    if lenient.is_empty() {
+        lenient.push('/');
+    }
+    if lenient == path {
+        vec![path.to_string()]
+    } else {
+        vec![path.to_string(), lenient]
+    }
+}
+
 /// Whether the path, its (well-formed, already checked) escapes decoded, is UTF-8.
 fn escapes_are_utf8(path: &str) -> bool {
     if !path.contains('%') {
@@ -320,6 +351,20 @@ mod tests {
                 query_readings(q)
             );
         }
+    }
+
+    #[test]
+    fn trailing_dots_and_spaces_are_a_second_reading() {
+        assert_eq!(path_readings("/admin/x"), vec!["/admin/x"]);
+        assert_eq!(path_readings("/"), vec!["/"]);
+        assert_eq!(path_readings("/a/"), vec!["/a/"]);
+        assert_eq!(path_readings("/admin./x"), vec!["/admin./x", "/admin/x"]);
+        assert_eq!(
+            path_readings("/admin.%20./x/"),
+            vec!["/admin.%20./x/", "/admin/x/"]
+        );
+        assert_eq!(path_readings("/a/.../b"), vec!["/a/.../b", "/a/b"]);
+        assert_eq!(path_readings("/v1.2/x"), vec!["/v1.2/x"]);
     }
 
     #[test]

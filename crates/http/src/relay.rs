@@ -25,7 +25,9 @@ use tollgate_metrics::registry;
 use tollgate_review::Verdict;
 
 use crate::error::Refusal;
-use crate::normalize::{method_params, normalize_path, query_readings, METHOD_OVERRIDE_HEADERS};
+use crate::normalize::{
+    method_params, normalize_path, path_readings, query_readings, METHOD_OVERRIDE_HEADERS,
+};
 use crate::serve::{ConnCtx, Mount};
 use crate::upstream::UpstreamBody;
 use crate::{micros, HttpGateway, HttpSession, Target};
@@ -54,6 +56,18 @@ const NOT_FORWARDED: &[&str] = &[
     "x-forwarded-port",
     "x-real-ip",
     "x-tollgate-identity",
+    // Headers some frameworks (IIS, Symfony, Spring behind proxies) read as the real target:
+    // the rules judged the request line, so no other target may ride along.
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-original-uri",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-prefix",
+    "x-original-method",
+    // The gateway has read the whole body already.
+    "expect",
 ];
 
 /// Name fragments of headers whose values are never recorded.
@@ -352,32 +366,35 @@ async fn run(
         }
     }
 
-    // The strictest decision over every method and query the request may be read as.
+    // The strictest decision over every method, path and query the request may be read as.
     let now = time::OffsetDateTime::now_utc();
     let caller = Caller {
         subject: &who.subject,
         groups: &who.groups,
     };
     let mut judgement: Option<tollgate_gate::rules::Judgement> = None;
+    let paths = path_readings(&path);
     for m in &methods {
-        for query in &queries {
-            let j = target.rules.judge(
-                &Command {
-                    kind: CommandKind::Http {
-                        method: m,
-                        path: &path,
-                        query,
-                        headers: &headers,
+        for p in &paths {
+            for query in &queries {
+                let j = target.rules.judge(
+                    &Command {
+                        kind: CommandKind::Http {
+                            method: m,
+                            path: p,
+                            query,
+                            headers: &headers,
+                        },
                     },
-                },
-                caller,
-                now,
-            );
-            judgement = Some(match judgement {
-                None => j,
-                Some(prev) if j.decision.severity() > prev.decision.severity() => j,
-                Some(prev) => prev,
-            });
+                    caller,
+                    now,
+                );
+                judgement = Some(match judgement {
+                    None => j,
+                    Some(prev) if j.decision.severity() > prev.decision.severity() => j,
+                    Some(prev) => prev,
+                });
+            }
         }
     }
     let judgement = judgement.expect("at least the request method");

@@ -772,6 +772,11 @@ action = "deny"
         ("/admin/", 403),
         ("/admin;/x", 403),
         ("/admin#/../../v1", 403),
+        // Trailing dots and spaces, which IIS and ASP.NET strip from a segment.
+        ("/admin./x", 403),
+        ("/admin%2e/x", 403),
+        ("/admin%20/x", 403),
+        ("/admin.%20./x", 403),
         // Encoded separators, NUL, control characters and non-UTF-8 escapes: refused.
         ("/%2e%2e%2fadmin/x", 400),
         ("/v1/%2e%2e%2fadmin/x", 400),
