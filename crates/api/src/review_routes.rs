@@ -168,6 +168,7 @@ pub(crate) async fn handle(
         let who = who.as_ref().map_err(|r| Refusal {
             status: r.status,
             body: r.body.clone(),
+            challenge: r.challenge,
         })?;
         let body = if method == Method::POST {
             read_body(req).await?

@@ -76,6 +76,8 @@ impl Route {
 pub(crate) struct Refusal {
     pub(crate) status: StatusCode,
     pub(crate) body: ErrorBody,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub(crate) challenge: &'static str,
 }
 
 pub(crate) fn refusal(status: StatusCode, error: impl Into<String>, hint: Option<&str>) -> Refusal {
@@ -85,6 +87,7 @@ pub(crate) fn refusal(status: StatusCode, error: impl Into<String>, hint: Option
             error: error.into(),
             hint: hint.map(str::to_string),
         },
+        challenge: tollgate_gate::authn::CHALLENGE,
     }
 }
 
@@ -144,7 +147,7 @@ pub(crate) fn refused(r: &Refusal) -> Response<ApiBody> {
     if r.status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             hyper::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"tollgate\""),
+            HeaderValue::from_static(r.challenge),
         );
     }
     resp
@@ -170,7 +173,10 @@ pub(crate) async fn authenticate(
             tollgate_gate::AuthError::InvalidToken => "check the token (a service token of [[identity.tokens]], or an unexpired token of an [[identity.oidc]] issuer for one of its audiences), or use a client certificate",
             _ => HINT,
         };
-        refusal(StatusCode::UNAUTHORIZED, e.to_string(), Some(hint))
+        Refusal {
+            challenge: e.challenge(),
+            ..refusal(StatusCode::UNAUTHORIZED, e.to_string(), Some(hint))
+        }
     })
 }
 
@@ -220,6 +226,7 @@ pub(crate) async fn handle(
         let who = who.as_ref().map_err(|r| Refusal {
             status: r.status,
             body: r.body.clone(),
+            challenge: r.challenge,
         })?;
         authorize(state, who)?;
         respond(state, &route, &query).await

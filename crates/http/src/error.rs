@@ -31,6 +31,9 @@ pub struct Refusal {
     /// not read to its end, so nothing after it on the connection can be trusted as a request.
     #[serde(skip)]
     pub close: bool,
+    /// The `WWW-Authenticate` challenge of a 401.
+    #[serde(skip)]
+    pub challenge: &'static str,
 }
 
 impl Refusal {
@@ -45,12 +48,19 @@ impl Refusal {
             review_url: None,
             session: None,
             close: false,
+            challenge: tollgate_gate::authn::CHALLENGE,
         }
     }
 
     /// Ask for the connection to be closed after this answer.
     pub fn closing(mut self) -> Refusal {
         self.close = true;
+        self
+    }
+
+    /// The `WWW-Authenticate` challenge (with its error code) a 401 carries.
+    pub fn challenge(mut self, challenge: &'static str) -> Refusal {
+        self.challenge = challenge;
         self
     }
 
@@ -80,7 +90,7 @@ impl Refusal {
         if self.status == StatusCode::UNAUTHORIZED {
             h.insert(
                 header::WWW_AUTHENTICATE,
-                "Bearer realm=\"tollgate\"".parse().unwrap(),
+                header::HeaderValue::from_static(self.challenge),
             );
         }
         r

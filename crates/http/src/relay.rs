@@ -207,7 +207,9 @@ fn auth_refusal(e: AuthError) -> Refusal {
             &[("listener", "http"), ("reason", e.label())],
         )
         .inc();
-    Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()).hint(
+    Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+        .challenge(e.challenge())
+        .hint(
         "present a client certificate issued by the gateway's CA, or a token as \"Authorization: Bearer <token>\"",
     )
 }

@@ -917,6 +917,39 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_the_keys_of_unchanged_issuers() {
+        let dir = std::env::temp_dir().join(format!("tg-oidc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["idp.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let mut a = config();
+        a.ca = Some(ca.clone());
+        let mut b = a.clone();
+        b.issuer = "https://other.example".into();
+        let v = OidcVerifiers::new(&[a.clone(), b.clone()]).unwrap();
+        let before = v.issuers.load_full();
+        b.audiences = vec!["changed".into()];
+        let prepared = v.prepare(&[a.clone(), b]).unwrap();
+        v.apply(prepared);
+        let after = v.issuers.load_full();
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "unchanged: same cache");
+        assert!(!Arc::ptr_eq(&before[1], &after[1]), "changed: rebuilt");
+        a.ca = Some(dir.join("missing.pem"));
+        let e = v.prepare(&[a]).err().unwrap();
+        assert!(
+            e.contains("identity.oidc \"https://idp.example\": ca"),
+            "{e}"
+        );
+        assert_eq!(v.issuers.load().len(), 2, "a failed prepare swaps nothing");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn fetches_are_rate_limited() {
         let now = Instant::now();
         let mut f = FetchState::default();

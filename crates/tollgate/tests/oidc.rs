@@ -456,11 +456,17 @@ fn oidc_tokens_are_credentials_for_postgres_http_and_the_api() {
         refused(env.psql(token, "SELECT 1"), "authentication failed");
         let (code, head) = env.curl(token, "/r/billing/customers/1");
         assert_eq!(code, 401, "{what}: {head}");
+        let challenge = "www-authenticate: bearer realm=\"tollgate\", error=\"invalid_token\"";
         assert!(
-            head.to_ascii_lowercase().contains("www-authenticate"),
+            head.to_ascii_lowercase().contains(challenge),
             "{what}: {head}"
         );
-        assert_eq!(env.curl(token, "/api/v1/sessions").0, 401, "{what}");
+        let (code, head) = env.curl(token, "/api/v1/sessions");
+        assert_eq!(code, 401, "{what}");
+        assert!(
+            head.to_ascii_lowercase().contains(challenge),
+            "{what}: {head}"
+        );
         let after = env.gw.metric(&series).unwrap_or(0);
         assert!(
             after >= before + 3,
