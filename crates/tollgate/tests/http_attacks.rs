@@ -1,8 +1,10 @@
 //! HTTP resources as attackers and real clients use them: hand-written HTTP/1.1 over raw TLS
-//! (request smuggling, framing, oversized and slow requests, absolute-form targets), paths that
-//! try to reach a denied prefix in disguise, HTTP/2 through reqwest and hyper (the resource is
-//! the one each request's `:authority` names, whatever the TLS SNI said), and Python's httpx.
-//! Every case also checks what the upstream received: a refused request must reach nothing.
+//! (request smuggling, framing, oversized and slow requests, absolute-form targets, userinfo,
+//! two Hosts, TRACE), paths, methods and queries that try to pass a deny rule in disguise (as
+//! lenient upstream frameworks would read them), upstream cookies on the shared origin, HTTP/2
+//! through reqwest and hyper (the resource is the one each request's `:authority` names,
+//! whatever the TLS SNI said), and Python's httpx. Every case also checks what the upstream
+//! received: a refused request must reach nothing.
 
 mod common;
 
@@ -668,6 +670,31 @@ fn bodies_are_bounded_in_size_and_time() {
     too_large(&r, "expect 100-continue");
     assert_eq!(env.up.seen.count(), 0, "{:?}", env.seen_paths());
 
+    // Over HTTP/2 too, and the connection serves the next request.
+    runtime().block_on(async {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&env.pki.ca).unwrap()).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .tls_built_in_root_certs(false)
+            .build()
+            .unwrap();
+        let url = format!("https://localhost:{}/r/billing/h2/echo", env.https_port);
+        let resp = client
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .body("z".repeat(2000))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.status(), 413);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["code"], "body_too_large");
+        let resp = client.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    });
+    assert_eq!(env.seen_paths(), vec!["/h2/echo"]);
+
     // Within the limit it goes through whole.
     let ok = "y".repeat(1000);
     let r = post(
@@ -697,7 +724,7 @@ fn bodies_are_bounded_in_size_and_time() {
     assert_eq!(r.first().json()["code"], "body_timeout");
     assert!(r.closed, "the connection stayed open after 408");
     assert!(waited < Duration::from_secs(35), "{waited:?}");
-    assert_eq!(env.up.seen.count(), 1, "{:?}", env.seen_paths());
+    assert_eq!(env.up.seen.count(), 2, "{:?}", env.seen_paths());
     let mut evs = Vec::new();
     wait_for(Duration::from_secs(15), "the 408 recorded", || {
         evs = env.events();
