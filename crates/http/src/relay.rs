@@ -1153,6 +1153,7 @@ pub(crate) fn relay_response(
         );
     }
     scope_set_cookies(&mut rparts.headers, ctx.mount, target);
+    rewrite_locations(&mut rparts.headers, ctx.mount, target);
     let recorded = recorded_headers(&rparts.headers);
     let relay = RelayBody {
         inner: rbody,
@@ -1252,6 +1253,60 @@ fn scope_set_cookies(headers: &mut HeaderMap, mount: Mount, target: &Target) {
             headers.append(header::SET_COOKIE, v);
         }
     }
+}
+
+/// A `Location` (or `Content-Location`) the upstream sends to itself, as the client reaches it
+/// through the gateway: the upstream's origin (which clients are not shown) and base path cut,
+/// and on https_listen the path put under `/r/<name>`. Other locations pass as they are.
+fn rewrite_locations(headers: &mut HeaderMap, mount: Mount, target: &Target) {
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(v) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        if let Some(v) =
+            client_location(v, mount, target).and_then(|l| HeaderValue::from_str(&l).ok())
+        {
+            headers.insert(name, v);
+        }
+    }
+}
+
+fn client_location(v: &str, mount: Mount, target: &Target) -> Option<String> {
+    let scheme = target.origin.split("://").next().unwrap_or("https");
+    let own = [target.origin.clone(), format!("{scheme}://{}", target.host)];
+    let path = match own.iter().find_map(|o| {
+        v.get(..o.len())
+            .filter(|p| p.eq_ignore_ascii_case(o))
+            .map(|_| &v[o.len()..])
+    }) {
+        Some("") => "/",
+        Some(rest) if rest.starts_with(['/', '?', '#']) => rest,
+        Some(_) => return None,
+        None if v.starts_with('/') && !v.starts_with("//") => v,
+        None => return None,
+    };
+    let base = target
+        .resource
+        .http
+        .as_ref()
+        .map_or("", |h| h.base_path.trim_end_matches('/'));
+    let path = match path.strip_prefix(base) {
+        Some(rest)
+            if !base.is_empty() && (rest.is_empty() || rest.starts_with(['/', '?', '#'])) =>
+        {
+            rest
+        }
+        _ => path,
+    };
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    Some(match mount {
+        Mount::Prefixed => format!("/r/{}{path}", target.resource.name),
+        Mount::ByHost => path,
+    })
 }
 
 /// One `Set-Cookie` as [`scope_set_cookies`] lets it through (`None`: dropped).

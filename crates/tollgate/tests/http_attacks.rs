@@ -977,6 +977,54 @@ fn upstream_cookies_stay_with_their_resource() {
     );
 }
 
+#[test]
+fn upstream_redirects_point_through_the_gateway() {
+    let env = HttpEnv::start("", "");
+    let location = |r: &Raw| -> Option<String> {
+        r.first().head.lines().find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    };
+    let port = env.http_port;
+    for (route, prefixed, by_host) in [
+        // The upstream's own URL: its address is not shown, the path is the gateway's.
+        ("/redirect", "/r/billing/v1/next?a=1", "/v1/next?a=1"),
+        ("/redirect-rel", "/r/billing/v1/next", "/v1/next"),
+        (
+            "/redirect-away",
+            "https://example.org/x",
+            "https://example.org/x",
+        ),
+    ] {
+        let r = env.https(&format!(
+            "GET /r/billing{route} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(r.statuses(), vec![302], "{}", r.text);
+        assert_eq!(
+            location(&r).as_deref(),
+            Some(prefixed),
+            "{route}: {}",
+            r.text
+        );
+        let r = env.raw(
+            port,
+            "billing.localhost",
+            &[format!("GET {route} HTTP/1.1\r\nHost: billing.localhost:{port}\r\nConnection: close\r\n\r\n").as_bytes()],
+            Duration::ZERO,
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            location(&r).as_deref(),
+            Some(by_host),
+            "{route}: {}",
+            r.text
+        );
+        assert!(!r.text.contains(&format!(":{}", env.up.port)), "{}", r.text);
+    }
+}
+
 /// A runtime for the async clients, and the ring provider rustls needs (reqwest is built
 /// without one).
 fn runtime() -> tokio::runtime::Runtime {

@@ -187,6 +187,25 @@ async fn serve(
             .header("set-cookie", "lang=en")
             .body(Full::new(Bytes::from_static(b"{}")).boxed())
             .unwrap(),
+        // Redirects to itself (absolute, with its own origin, and by path) and elsewhere.
+        "/redirect" | "/redirect-rel" | "/redirect-away" => {
+            let host = parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            let location = match path {
+                "/redirect" => format!("https://{host}/v1/next?a=1"),
+                "/redirect-rel" => "/v1/next".to_string(),
+                _ => "https://example.org/x".to_string(),
+            };
+            Response::builder()
+                .status(302)
+                .header("location", location)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(b"{}")).boxed())
+                .unwrap()
+        }
         "/image" => full("image/png", vec![0x89u8, b'P', b'N', b'G', 0, 1, 2, 3]),
         "/gzipped" => Response::builder()
             .header("content-type", "application/json")
