@@ -15,6 +15,7 @@
 //!                                             # small_c16, large_masked_c1, large_masked_c4,
 //!                                             # large_plain_c1
 //! scripts/bench-http --json                   # the same results as one JSON object on stdout
+//! scripts/bench-http --hold                   # set up, print curl commands and pids, wait
 //! ```
 //!
 //! or, after `cargo build --release -p tollgate --bins --examples`,
@@ -115,6 +116,10 @@ struct Opts {
     /// Do not measure nginx even when it is installed.
     #[arg(long)]
     no_nginx: bool,
+    /// Measure nothing: set up the upstream, the gateway and nginx, check them, print curl
+    /// commands for each and the gateway's pid (for `perf record -p`), and wait for Ctrl-C.
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -419,6 +424,41 @@ strategy = "redact"
         .block_on(sanity_check(&targets, &connector, &large))
         .map_err(|e| e.context(format!("sanity check\n{}", gateway.log_tail(20))))?;
     progress(format_args!("sanity: {sanity}"));
+
+    if opts.hold {
+        let ca_arg = ca.display();
+        for t in &targets {
+            let auth = t
+                .authorization
+                .as_ref()
+                .map(|a| format!(" -H 'Authorization: {a}'"))
+                .unwrap_or_default();
+            let mut paths: Vec<String> = [Body::Small, Body::Large, Body::LargePlain]
+                .map(|b| t.path(b))
+                .to_vec();
+            paths.dedup();
+            for path in paths {
+                println!(
+                    "{:<8} curl -sS --cacert {ca_arg}{auth} https://localhost:{}{path}",
+                    t.name, t.port,
+                );
+            }
+        }
+        println!(
+            "gateway pid {} (perf record -g -p {}); config and audit store in {}",
+            gateway.pid(),
+            gateway.pid(),
+            tmp.path().display()
+        );
+        if let Some(n) = &nginx {
+            println!("nginx master pid {}", n.pid());
+        }
+        println!("Ctrl-C ends");
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            check_interrupted()?;
+        }
+    }
 
     // 6. Warm-up, then the rotating rounds.
     if opts.warmup > 0 {
