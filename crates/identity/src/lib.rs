@@ -64,6 +64,14 @@ impl Principal {
         Principal(format!("oidc:{issuer}#{subject}"))
     }
 
+    /// The issuer of an OIDC principal (an issuer URL holds no `#`).
+    pub fn oidc_issuer(&self) -> Option<&str> {
+        self.0
+            .strip_prefix("oidc:")?
+            .split_once('#')
+            .map(|(i, _)| i)
+    }
+
     /// A principal read back from storage (written by [`Principal::as_str`]).
     pub fn from_stored(s: impl Into<String>) -> Principal {
         Principal(s.into())
@@ -279,6 +287,11 @@ mod tests {
             Principal::oidc("https://idp", "42").as_str(),
             "oidc:https://idp#42"
         );
+        assert_eq!(
+            Principal::oidc("https://idp", "a#b").oidc_issuer(),
+            Some("https://idp")
+        );
+        assert_eq!(token.oidc_issuer(), None);
         assert_ne!(cn, token);
 
         let map = Principals::new(&[PrincipalMapping {

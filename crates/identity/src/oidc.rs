@@ -135,6 +135,14 @@ impl OidcVerifiers {
         self.issuers.load().is_empty()
     }
 
+    /// Whether `issuer` is (still) configured.
+    pub fn has_issuer(&self, issuer: &str) -> bool {
+        self.issuers
+            .load()
+            .iter()
+            .any(|i| i.config.issuer == issuer)
+    }
+
     /// Fetch the keys of every issuer that has none yet in the background, logging the outcome: an IdP that is down
     /// at start-up delays nothing (its keys are fetched again when a token needs them).
     pub fn warm_up(&self) {

@@ -1,6 +1,6 @@
 //! What a running session's right to continue rests on, and the watch that ends it when that
 //! goes: the client certificate's notAfter and revocation, the service token still being
-//! configured, the OIDC token's `exp`, the access grant (for an identity outside `allow_groups`) and the unmask grant.
+//! configured, the OIDC token's `exp` and its issuer still being configured, the access grant (for an identity outside `allow_groups`) and the unmask grant.
 
 use crate::PgGateway;
 use serde_json::{json, Value};
@@ -15,6 +15,7 @@ pub(crate) enum Ended {
     CertRevoked,
     TokenRemoved,
     TokenExpired,
+    IssuerRemoved,
     /// `revoked`: ended early by a reviewer, rather than run out.
     AccessGrant {
         review: String,
@@ -34,6 +35,7 @@ impl Ended {
             Ended::CertRevoked => "cert_revoked",
             Ended::TokenRemoved => "token_removed",
             Ended::TokenExpired => "token_expired",
+            Ended::IssuerRemoved => "issuer_removed",
             Ended::AccessGrant { revoked: false, .. } => "access_grant_ended",
             Ended::AccessGrant { revoked: true, .. } => "access_grant_revoked",
             Ended::UnmaskGrant { revoked: false, .. } => "unmask_grant_ended",
@@ -63,6 +65,11 @@ impl Ended {
                 "28000",
                 "terminating connection: the token this session authenticated with has expired".into(),
                 "reconnect with a new token from your identity provider".into(),
+            ),
+            Ended::IssuerRemoved => (
+                "28000",
+                "terminating connection: the identity provider that issued this session's token is no longer accepted".into(),
+                "reconnect with a certificate or a token tollgate accepts".into(),
             ),
             Ended::AccessGrant { review, revoked } => (
                 "57P01",
@@ -141,6 +148,11 @@ impl Standing {
         }
         if self.identity.expires_at.is_some_and(|t| now >= t) {
             return Some(Ended::TokenExpired);
+        }
+        if let Some(issuer) = self.identity.principal.oidc_issuer() {
+            if !gw.oidc.has_issuer(issuer) {
+                return Some(Ended::IssuerRemoved);
+            }
         }
         if let Some(sha) = &self.token_sha256 {
             if !gw.tokens.load().holds(sha, &self.identity.subject) {

@@ -309,10 +309,12 @@ pub async fn run(
         Some(gw.clone()),
     ));
     let config_reload_task = tokio::spawn(config_reload_loop(
+        // OIDC issuers first: PostgreSQL's apply makes running sessions re-check their
+        // standing, which includes their token's issuer still being configured.
         vec![
+            ("oidc", oidc.clone() as Arc<dyn ConfigReload>),
             ("postgres", gw.clone() as Arc<dyn ConfigReload>),
             ("http", http_gw.clone() as Arc<dyn ConfigReload>),
-            ("oidc", oidc.clone() as Arc<dyn ConfigReload>),
         ],
         reviews.clone(),
         api_state,

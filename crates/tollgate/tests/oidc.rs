@@ -540,3 +540,54 @@ fn sessions_end_at_token_expiry_and_rotated_keys_are_fetched() {
         }
     }
 }
+
+/// An issuer removed from the config by a reload: its tokens are refused from then on, and the
+/// sessions that authenticated with them end.
+#[test]
+fn removing_an_issuer_by_reload_ends_its_sessions() {
+    let env = Env::start();
+    let token = env.idp.token("sre-agent", "urn:tollgate");
+    assert_eq!(env.psql(&token, "SELECT 1").unwrap(), "1");
+    let running = {
+        let conninfo = format!(
+            "host=localhost port={} dbname=app user=agent sslmode=verify-full sslrootcert={}",
+            env.gw.pg_port,
+            env.gw_ca.display()
+        );
+        let token = token.clone();
+        std::thread::spawn(move || {
+            psql_env(
+                &conninfo,
+                &["-c", "SELECT pg_sleep(30)"],
+                &[("PGPASSWORD", &token)],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let start = text.find("[[identity.oidc]]").unwrap();
+    let end = start + text[start..].find("[[resources]]").unwrap();
+    let without = format!("{}{}", &text[..start], &text[end..]);
+    let staged = env.tmp.path().join("tollgate.toml.new");
+    std::fs::write(&staged, without).unwrap();
+    std::fs::rename(&staged, &env.gw.config_path).unwrap();
+
+    let out = running.join().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(
+            "the identity provider that issued this session's token is no longer accepted"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    refused(env.psql(&token, "SELECT 1"), "authentication failed");
+    assert_eq!(env.curl(&token, "/api/v1/sessions").0, 401);
+    let events = common::read_events(&env.tmp.path().join("audit.db"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "session.close" && e["payload"]["reason"] == "issuer_removed"),
+        "{events:#?}"
+    );
+}
