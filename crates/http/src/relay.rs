@@ -186,17 +186,53 @@ fn check_authority(req: &Request<Incoming>) -> Result<(), Refusal> {
         .uri()
         .authority()
         .is_some_and(|a| a.as_str().contains('@'));
-    let in_host = req
-        .headers()
-        .get_all(header::HOST)
-        .iter()
-        .any(|h| h.as_bytes().contains(&b'@'));
+    let hosts = req.headers().get_all(header::HOST);
+    let in_host = hosts.iter().any(|h| h.as_bytes().contains(&b'@'));
     if in_target || in_host {
         return Err(Refusal::bad_request(
             "the request's host holds userinfo (user:password@); send credentials in a header",
         ));
     }
+    // Anything else would travel on in X-Forwarded-Host, where an upstream building links
+    // from it would take a path, a list or a fragment along.
+    if hosts.iter().any(|h| !valid_host(h.as_bytes())) {
+        return Err(Refusal::bad_request(
+            "the request's Host is not a host name with an optional port",
+        ));
+    }
     Ok(())
+}
+
+/// Whether a Host value is `host[:port]`: a name of letters, digits, `.`, `-` and `_`, or a
+/// bracketed IPv6 literal (RFC 9112 §3.2 answers any other with 400).
+fn valid_host(h: &[u8]) -> bool {
+    let (host_ok, rest) = match h.strip_prefix(b"[") {
+        Some(inner) => {
+            let Some(end) = inner.iter().position(|b| *b == b']') else {
+                return false;
+            };
+            let literal = &inner[..end];
+            let ok = !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+            (ok, &inner[end + 1..])
+        }
+        None => {
+            let end = h.iter().position(|b| *b == b':').unwrap_or(h.len());
+            let ok = end > 0
+                && h[..end]
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            (ok, &h[end..])
+        }
+    };
+    host_ok
+        && match rest.split_first() {
+            None => true,
+            Some((b':', port)) => port.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
 }
 
 fn auth_refusal(e: AuthError) -> Refusal {
@@ -1607,6 +1643,25 @@ mod tests {
         assert_eq!(body_kind(""), Some(BodyKind::Sniff));
         assert_eq!(body_kind("image/png"), None);
         assert_eq!(body_kind("application/octet-stream"), None);
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "a",
+            "billing.localhost",
+            "b-1.example:8443",
+            "x_y:",
+            "[::1]",
+            "[::1]:443",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "", ":80", "a/b", "a\\b", "a,b", "a b", "a#x", "a:443/x", "a:x", "[::1", "[]", "[::1]x",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -586,6 +586,34 @@ fn absolute_form_targets_and_hosts() {
         assert!(!r.text.contains("hunter2"), "{}", r.text);
         assert!(matches!(r.statuses()[..], [400]), "{wire}: {}", r.text);
     }
+    // A Host that is no host name (RFC 9112 §3.2: 400) would travel on in X-Forwarded-Host,
+    // where an upstream building links from it would take a path, a list or a fragment along.
+    for host in [
+        "billing.localhost/evil",
+        "billing.localhost\\evil",
+        "billing.localhost,evil.example",
+        "billing.localhost evil.example",
+        "billing.localhost#x",
+        "billing.localhost:443/x",
+        "billing.localhost:x",
+        "billing.localhost\"",
+    ] {
+        let r = http(
+            "billing.localhost",
+            format!("GET /badhost/echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(r.statuses(), vec![400], "{host}: {}", r.text);
+        let r = env.https(&format!(
+            "GET /r/billing/badhost/echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(r.statuses(), vec![400], "https_listen, {host}: {}", r.text);
+    }
+    for host in ["[::1]:8443", "127.0.0.1", "LOCALHOST:1"] {
+        let r = env.https(&format!(
+            "GET /r/billing/okhost/echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(r.statuses(), vec![200], "{host}: {}", r.text);
+    }
     // Absolute-form wins over Host (RFC 9112 §3.2.2), and two Host lines are refused
     // (RFC 9112 §3.2: 400), whichever of them a reader would take.
     let r = http(
@@ -608,7 +636,13 @@ fn absolute_form_targets_and_hosts() {
     assert!(!all.contains("hunter2"), "userinfo in the audit trail");
     assert_eq!(
         paths[before..],
-        ["/host/echo".to_string(), "/abs2/echo".to_string()],
+        [
+            "/host/echo",
+            "/okhost/echo",
+            "/okhost/echo",
+            "/okhost/echo",
+            "/abs2/echo"
+        ],
         "{paths:?}"
     );
 }
