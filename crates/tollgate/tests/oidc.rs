@@ -51,7 +51,8 @@ fn node_modules() -> &'static Path {
 
 /// The IdP process (killed on drop) and where its signing key is.
 struct Idp {
-    child: Child,
+    child: Option<Child>,
+    cert: tollgate_tls::pki::IssuedFiles,
     port: u16,
     issuer: String,
     keys: PathBuf,
@@ -61,6 +62,13 @@ struct Idp {
 
 impl Idp {
     fn start(tmp: &Path, port: u16, keys: &str) -> Idp {
+        let mut idp = Idp::new(tmp, port, keys);
+        idp.up();
+        idp
+    }
+
+    /// The IdP's settings and TLS certificate, not started yet.
+    fn new(tmp: &Path, port: u16, keys: &str) -> Idp {
         let pki_dir = tmp.join("idp-pki");
         let pki = if pki_dir.join("ca.crt").exists() {
             Pki {
@@ -77,30 +85,41 @@ impl Idp {
             "idp-{}.log",
             keys.file_name().unwrap().to_string_lossy()
         ));
-        let child = Command::new("node")
-            .arg(node_modules().join("idp.mjs"))
-            .arg(port.to_string())
-            .arg(&cert.cert)
-            .arg(&cert.key)
-            .arg(&keys)
-            .arg(&issuer)
-            .current_dir(node_modules())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node");
-        let idp = Idp {
-            child,
+        Idp {
+            child: None,
+            cert,
             port,
             issuer,
             keys,
             ca: pki.ca.clone(),
             log,
-        };
+        }
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("node")
+            .arg(node_modules().join("idp.mjs"))
+            .arg(self.port.to_string())
+            .arg(&self.cert.cert)
+            .arg(&self.cert.key)
+            .arg(&self.keys)
+            .arg(&self.issuer)
+            .current_dir(node_modules())
+            .stdout(std::fs::File::create(&self.log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node");
+        self.child = Some(child);
         common::wait_for(Duration::from_secs(30), "the IdP to listen", || {
-            std::fs::read_to_string(&idp.log).is_ok_and(|l| l.contains("listening"))
+            std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains("listening"))
         });
-        idp
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// A real access token (JWT) for `client` by the client_credentials grant.
@@ -154,8 +173,7 @@ impl Idp {
 
 impl Drop for Idp {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -189,11 +207,19 @@ struct Env {
 
 impl Env {
     fn start() -> Env {
+        Env::start_with_idp(true)
+    }
+
+    /// `idp_up`: whether the IdP is running when the gateway starts.
+    fn start_with_idp(idp_up: bool) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-oidc-")
             .tempdir()
             .unwrap();
-        let idp = Idp::start(tmp.path(), tollgate_testsupport::free_port(), "keys1");
+        let mut idp = Idp::new(tmp.path(), tollgate_testsupport::free_port(), "keys1");
+        if idp_up {
+            idp.up();
+        }
         let pg = PgCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
         let pki = Pki::new(&tmp.path().join("pki"));
         let gw_cert = pki.server("gateway");
@@ -516,8 +542,7 @@ fn sessions_end_at_token_expiry_and_rotated_keys_are_fetched() {
     // the gateway has not seen, which makes it fetch the JWKS again (at most every 30 s).
     let port = env.idp.port;
     let old_kid = env.idp.signing_jwk()["kid"].as_str().unwrap().to_string();
-    let _ = env.idp.child.kill();
-    let _ = env.idp.child.wait();
+    env.idp.stop();
     env.idp = Idp::start(env.tmp.path(), port, "keys2");
     let new_kid = env.idp.signing_jwk()["kid"].as_str().unwrap().to_string();
     assert_ne!(old_kid, new_kid);
@@ -590,4 +615,48 @@ fn removing_an_issuer_by_reload_ends_its_sessions() {
             .any(|e| e["kind"] == "session.close" && e["payload"]["reason"] == "issuer_removed"),
         "{events:#?}"
     );
+}
+
+/// An IdP that is down when the gateway starts does not hold it up; its tokens are refused
+/// (keys_unavailable) until it answers, then accepted without a restart.
+#[test]
+fn an_idp_down_at_start_up_delays_nothing() {
+    let mut env = Env::start_with_idp(false);
+    common::wait_for(
+        Duration::from_secs(15),
+        "the failed key fetch to be logged",
+        || {
+            env.gw
+                .logs()
+                .contains("could not fetch the OIDC issuer's signing keys")
+        },
+    );
+    // Crafted with the key the IdP will publish (made when it first starts).
+    env.idp.up();
+    let token = env.idp.token("sre-agent", "urn:tollgate");
+    env.idp.stop();
+    refused(env.psql(&token, "SELECT 1"), "authentication failed");
+    assert!(
+        env.gw
+            .metric("tollgate_oidc_validations_total{issuer=\"localhost\",outcome=\"refused\",reason=\"keys_unavailable\"}")
+            .unwrap_or(0)
+            >= 1,
+        "{}",
+        env.gw.metrics()
+    );
+    env.idp.up();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match env.psql(&token, "SELECT 'up'") {
+            Ok(out) => {
+                assert_eq!(out, "up");
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.contains("authentication failed"), "{e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => panic!("never accepted once the IdP was up: {e}\n{}", env.gw.logs()),
+        }
+    }
 }
