@@ -443,6 +443,15 @@ pub struct Rule {
     pub query: Vec<(String, String)>,
     /// HTTP: each named header (case-insensitive) is present with a value matching the glob.
     pub headers: Vec<(String, String)>,
+    /// MCP: a `tools/call` whose tool name matches one of these globs.
+    pub tools: Vec<String>,
+    /// MCP: a `resources/read` whose URI matches one of these globs.
+    pub resources: Vec<String>,
+    /// MCP: a `prompts/get` whose prompt name matches one of these globs.
+    pub prompts: Vec<String>,
+    /// MCP: each JSON path (`$.project`) selects a value of the call's arguments that, as a
+    /// string, matches the glob.
+    pub arguments: Vec<(String, String)>,
     /// `true`: matches only statements holding an UPDATE or DELETE without WHERE.
     pub where_missing: bool,
     /// Matches only inside this daily window (UTC).
@@ -601,6 +610,14 @@ struct RawRule {
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
     #[serde(default)]
+    tools: Vec<Spanned<String>>,
+    #[serde(default)]
+    resources: Vec<Spanned<String>>,
+    #[serde(default)]
+    prompts: Vec<Spanned<String>>,
+    #[serde(default)]
+    arguments: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
     where_missing: bool,
     hours: Option<Spanned<String>>,
     #[serde(default)]
@@ -646,7 +663,6 @@ impl Ctx<'_> {
                     format!("duplicate rule name {name:?} in this resource"),
                 ));
             }
-            let http = kind == ResourceKind::Http;
             let sql_only = !r.statements.is_empty()
                 || !r.tables.is_empty()
                 || !r.functions.is_empty()
@@ -655,11 +671,62 @@ impl Ctx<'_> {
                 || !r.paths.is_empty()
                 || !r.query.is_empty()
                 || !r.headers.is_empty();
-            if http && sql_only {
-                return Err(self.invalid(at, &key("statements"), "statements, tables, functions and where_missing match SQL; an http resource's rules match methods, paths, query and headers"));
+            let mcp_only = !r.tools.is_empty()
+                || !r.resources.is_empty()
+                || !r.prompts.is_empty()
+                || !r.arguments.is_empty();
+            let matches_what = match kind {
+                ResourceKind::Http => {
+                    "an http resource's rules match methods, paths, query and headers"
+                }
+                ResourceKind::Mcp => {
+                    "an mcp resource's rules match tools, resources, prompts and arguments"
+                }
+                _ => "a database resource's rules match statements, tables and functions",
+            };
+            let is_sql = matches!(kind, ResourceKind::Postgres | ResourceKind::Mysql);
+            if sql_only && !is_sql {
+                return Err(self.invalid(
+                    at,
+                    &key("statements"),
+                    format!(
+                        "statements, tables, functions and where_missing match SQL; {matches_what}"
+                    ),
+                ));
             }
-            if !http && http_only {
-                return Err(self.invalid(at, &key("methods"), format!("methods, paths, query and headers match HTTP requests; a {kind} resource's rules match statements, tables and functions")));
+            if http_only && kind != ResourceKind::Http {
+                return Err(self.invalid(
+                    at,
+                    &key("methods"),
+                    format!(
+                        "methods, paths, query and headers match HTTP requests; {matches_what}"
+                    ),
+                ));
+            }
+            if mcp_only && kind != ResourceKind::Mcp {
+                return Err(self.invalid(at, &key("tools"), format!("tools, resources, prompts and arguments match MCP requests; {matches_what}")));
+            }
+            let mcp_names = |list: Vec<Spanned<String>>, what: &str| {
+                let mut out = Vec::with_capacity(list.len());
+                for g in list {
+                    if g.get_ref().trim().is_empty() {
+                        return Err(self.invalid(
+                            g.span().start,
+                            &key(what),
+                            "must not be empty (globs: `*` any characters, `?` one)",
+                        ));
+                    }
+                    out.push(g.into_inner());
+                }
+                Ok(out)
+            };
+            let tools = mcp_names(r.tools, "tools")?;
+            let mcp_resources = mcp_names(r.resources, "resources")?;
+            let prompts = mcp_names(r.prompts, "prompts")?;
+            for path in r.arguments.keys() {
+                if !(path.starts_with("$.") || path.starts_with("$[")) || path.len() < 3 {
+                    return Err(self.invalid(at, &key("arguments"), format!("{path:?} is not a JSON path into the call's arguments; write e.g. \"$.project\" or \"$.items[*].id\"")));
+                }
             }
             let mut methods = Vec::with_capacity(r.methods.len());
             for m in r.methods {
@@ -757,6 +824,10 @@ impl Ctx<'_> {
                     .into_iter()
                     .map(|(k, v)| (k.to_ascii_lowercase(), v))
                     .collect(),
+                tools,
+                resources: mcp_resources,
+                prompts,
+                arguments: r.arguments.into_iter().collect(),
                 where_missing: r.where_missing,
                 hours,
                 days,
@@ -1455,7 +1526,8 @@ impl Ctx<'_> {
             let up_at = r.upstream.span().start;
             let mut upstream = r.upstream.into_inner();
             let mut http_url = None;
-            if r.kind == ResourceKind::Http {
+            let over_http = matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp);
+            if over_http {
                 let (tls, host_port, base) = split_http_url(&upstream).ok_or_else(|| {
                     self.invalid(up_at, "resources.upstream", format!("{upstream:?} must be an https:// URL, e.g. \"https://billing.internal\" or \"https://api.internal:8443/v2\""))
                 })?;
@@ -1492,9 +1564,9 @@ impl Ctx<'_> {
             let mut inject = None;
             let credentials = match r.credentials {
                 None => None,
-                Some(c) if r.kind == ResourceKind::Http => {
+                Some(c) if over_http => {
                     if c.user.is_some() || c.password_env.is_some() || c.password_file.is_some() {
-                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: an http resource injects a header: set `header` and `value_env` or `value_file` (user and password are for databases)")));
+                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: an {} resource injects a header: set `header` and `value_env` or `value_file` (user and password are for databases)", r.kind)));
                     }
                     let header = c.header.filter(|h| is_header_name(h)).ok_or_else(|| {
                         self.invalid(up_at, "resources.credentials.header", format!("resource {name:?}: `header` must name the header to inject, e.g. \"Authorization\""))
@@ -1509,7 +1581,7 @@ impl Ctx<'_> {
                 }
                 Some(c) => {
                     if c.header.is_some() || c.value_env.is_some() || c.value_file.is_some() {
-                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: header, value_env and value_file are for http resources; a {} resource takes user and password_env or password_file", r.kind)));
+                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: header, value_env and value_file are for http and mcp resources; a {} resource takes user and password_env or password_file", r.kind)));
                     }
                     let Some(user) = c.user else {
                         return Err(self.invalid(up_at, "resources.credentials.user", format!("resource {name:?}: set `user`, the upstream user the gateway logs in as")));
@@ -1564,7 +1636,7 @@ impl Ctx<'_> {
                         || r.identity_header.is_some()
                         || r.max_request_body.is_some()
                     {
-                        return Err(self.invalid(up_at, "resources.unmaskable", format!("resource {name:?}: unmaskable, identity_header, max_request_body and response_timeout apply to http resources only")));
+                        return Err(self.invalid(up_at, "resources.unmaskable", format!("resource {name:?}: unmaskable, identity_header, max_request_body and response_timeout apply to http and mcp resources only")));
                     }
                     None
                 }
@@ -1792,6 +1864,61 @@ password_env = "ORDERS_DB_PASSWORD"
 
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/tollgate/tollgate.toml"))
+    }
+
+    #[test]
+    fn mcp_resources_and_their_rules() {
+        let mcp = |rules: &str| {
+            format!(
+                "{GOOD}\n[[resources]]\nname = \"tickets\"\nkind = \"mcp\"\nupstream = \"https://mcp.internal/mcp\"\nallow_groups = [\"agents\"]\n[resources.tls]\nca = \"pki/ca.crt\"\n[resources.credentials]\nheader = \"Authorization\"\nvalue_env = \"T\"\n{rules}"
+            )
+        };
+        let c = p(&mcp("[[resources.rules]]\ntools = [\"delete_*\"]\narguments = { \"$.project\" = \"prod-*\" }\naction = \"review\"\napprovers = [\"sre\"]\n")).unwrap();
+        let r = c.resource("tickets").unwrap();
+        assert_eq!(r.kind, ResourceKind::Mcp);
+        let http = r.http.as_ref().unwrap();
+        assert_eq!(http.base_path, "/mcp");
+        assert_eq!(http.inject.as_ref().unwrap().0, "authorization");
+        assert_eq!(r.rules[0].tools, vec!["delete_*"]);
+        assert_eq!(
+            r.rules[0].arguments,
+            vec![("$.project".to_string(), "prod-*".to_string())]
+        );
+        let e = p(&mcp(
+            "[[resources.rules]]\nmethods = [\"POST\"]\naction = \"deny\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":40: resources.rules[0].methods: methods, paths, query and headers match HTTP requests; an mcp resource's rules match tools"),
+            "{e}"
+        );
+        let e = p(&mcp(
+            "[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("resources.rules[0].statements: statements"),
+            "{e}"
+        );
+        let e = p(&mcp("[[resources.rules]]\ntools = [\"x\"]\narguments = { \"project\" = \"p\" }\naction = \"deny\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":40: resources.rules[0].arguments: \"project\" is not a JSON path"),
+            "{e}"
+        );
+        let e = p(&GOOD.replace(
+            "password_env = \"ORDERS_DB_PASSWORD\"",
+            "password_env = \"ORDERS_DB_PASSWORD\"\n[[resources.rules]]\ntools = [\"x\"]\naction = \"deny\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("resources.rules[0].tools: tools, resources, prompts and arguments match MCP requests; a database resource's rules"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //!
 //! Kinds shared by every adapter: `session.open`, `session.close`, `review.*`. HTTP adds
 //! `http.request` and `http.response`, and for upgraded WebSockets `ws.message` and `ws.close`.
+//! MCP (on HTTP) adds, per JSON-RPC message, `mcp.request` (judged, before it is forwarded),
+//! `mcp.response` (an answer, masked) and `mcp.message` (anything else the server sent), and
+//! `mcp.session_refused` for a session id used by a principal that did not open it.
 //! (PostgreSQL's `command` and `result` are still written by its relay.)
 
 use serde::Serialize;
@@ -200,5 +203,112 @@ pub struct WsClose {
 impl Event for WsClose {
     fn kind(&self) -> &'static str {
         "ws.close"
+    }
+}
+
+/// One JSON-RPC request or notification an MCP client sent, as judged.
+#[derive(Debug, Clone, Serialize)]
+pub struct McpRequest {
+    /// The HTTP request that carried it.
+    pub n: u64,
+    /// Its JSON-RPC id (`None`: a notification, or a response to the server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    pub method: String,
+    /// The tool (`tools/call`), resource URI (`resources/read`) or prompt (`prompts/get`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The call's arguments as JSON text, masked with the resource's masks, clipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+    /// SHA-256 of the arguments' canonical JSON (what an approval binds to with the name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments_sha256: Option<String>,
+    pub decision: Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<Value>,
+    /// A digest (SHA-256, first 16 hex digits) of the `Mcp-Session-Id` the request carried:
+    /// the id itself is a bearer secret of the session's owner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_session: Option<String>,
+}
+
+impl Event for McpRequest {
+    fn kind(&self) -> &'static str {
+        "mcp.request"
+    }
+}
+
+/// The answer to one MCP request, as the client received it (masked).
+#[derive(Debug, Clone, Serialize)]
+pub struct McpResponse {
+    pub n: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    /// The request's method and name, when the gateway saw the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `result`, `error` (from the server), `refused` (the gateway answered).
+    pub outcome: &'static str,
+    /// A tool result with `isError`, or a JSON-RPC error.
+    pub is_error: bool,
+    /// The result (or error) as JSON text, masked with the resource's masks, clipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Tools a listing left out for this caller (denied by a rule, or changed definitions).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<Value>,
+    pub duration_us: u64,
+}
+
+impl Event for McpResponse {
+    fn kind(&self) -> &'static str {
+        "mcp.response"
+    }
+}
+
+/// A message the MCP server sent that answers no request of the client's (a notification or
+/// a request of its own), masked.
+#[derive(Debug, Clone, Serialize)]
+pub struct McpMessage {
+    pub n: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<Value>,
+}
+
+impl Event for McpMessage {
+    fn kind(&self) -> &'static str {
+        "mcp.message"
+    }
+}
+
+/// A request that carried an `Mcp-Session-Id` this caller did not open (or the gateway does
+/// not know): refused with 404, as MCP answers an unknown session.
+#[derive(Debug, Clone, Serialize)]
+pub struct McpSessionRefused {
+    pub n: u64,
+    /// A digest of the session id (the id itself is a bearer secret of its owner).
+    pub mcp_session_sha256: String,
+    /// `other_principal` or `unknown`.
+    pub reason: &'static str,
+}
+
+impl Event for McpSessionRefused {
+    fn kind(&self) -> &'static str {
+        "mcp.session_refused"
     }
 }

@@ -4,13 +4,15 @@
 //!
 //! SQL statements are classified by the PostgreSQL crates (pg_query) into the same
 //! [`Decision`]; this module judges what needs no parser: HTTP requests (method, normalised
-//! path, query, headers), and later MCP tool calls.
+//! path, query, headers) and MCP requests (tool, resource URI or prompt, and the call's
+//! arguments by JSON path).
 
 use serde::Serialize;
+use serde_json::Value;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tollgate_config::{HourWindow, Rule as RuleConfig, RuleAction, Weekday};
-use tollgate_mask::Glob;
+use tollgate_mask::{Glob, JsonPath, PathSeg};
 
 /// The caller of a command.
 #[derive(Debug, Clone, Copy)]
@@ -95,6 +97,14 @@ pub enum CommandKind<'a> {
         query: &'a [(String, String)],
         headers: &'a [(String, String)],
     },
+    /// An MCP JSON-RPC request (or notification): its method; the tool (`tools/call`),
+    /// resource URI (`resources/read`) or prompt (`prompts/get`) it names; and the call's
+    /// arguments (`None` when it has none, or for a synthetic call judging a listing).
+    Mcp {
+        method: &'a str,
+        name: Option<&'a str>,
+        arguments: Option<&'a Value>,
+    },
 }
 
 /// The judgement of a command: the decision, and the `dry_run` rules that would have decided
@@ -147,6 +157,11 @@ struct Rule {
     paths: Vec<PathGlob>,
     query: Vec<(String, Glob)>,
     headers: Vec<(String, Glob)>,
+    tools: Vec<Glob>,
+    resources: Vec<Glob>,
+    prompts: Vec<Glob>,
+    /// `None`: a path that did not parse (see [`RuleSet::new`]).
+    arguments: Vec<(Option<JsonPath>, Glob)>,
     groups: Vec<String>,
     identities: Vec<Glob>,
     hours: Option<HourWindow>,
@@ -168,10 +183,37 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
+    /// Compiles rules; an `arguments` path that does not parse is an error naming the rule's
+    /// line (config checks only its shape).
+    pub fn try_new(
+        rules: &[RuleConfig],
+        review_timeout: Duration,
+        dry_run: bool,
+    ) -> Result<RuleSet, String> {
+        for r in rules {
+            for (path, _) in &r.arguments {
+                JsonPath::parse(path)
+                    .map_err(|e| format!("line {}: rule {:?}: arguments: {e}", r.line, r.name))?;
+            }
+        }
+        Ok(RuleSet::new(rules, review_timeout, dry_run))
+    }
+
+    /// Compiles rules already checked by [`RuleSet::try_new`] (or without `arguments`): an
+    /// `arguments` path that does not parse makes its rule match every call that has
+    /// arguments (stricter, never looser).
     pub fn new(rules: &[RuleConfig], review_timeout: Duration, dry_run: bool) -> RuleSet {
         let rules = rules
             .iter()
             .map(|r| Rule {
+                tools: r.tools.iter().map(|g| Glob::new(g)).collect(),
+                resources: r.resources.iter().map(|g| Glob::new(g)).collect(),
+                prompts: r.prompts.iter().map(|g| Glob::new(g)).collect(),
+                arguments: r
+                    .arguments
+                    .iter()
+                    .map(|(p, g)| (JsonPath::parse(p).ok(), Glob::new(g)))
+                    .collect(),
                 name: r.name.clone(),
                 methods: r.methods.clone(),
                 paths: r.paths.iter().map(|p| PathGlob::new(p)).collect(),
@@ -282,7 +324,76 @@ impl Rule {
                         .iter()
                         .all(|(k, g)| headers.iter().any(|(hk, hv)| hk == k && g.matches(hv)))
             }
+            CommandKind::Mcp {
+                method,
+                name,
+                arguments,
+            } => self.matches_mcp(method, *name, *arguments),
         }
+    }
+
+    /// An MCP rule names what it applies to (tools, resource URIs, prompts; none: every
+    /// request), and each `arguments` path must select a value matching its glob.
+    fn matches_mcp(&self, method: &str, name: Option<&str>, arguments: Option<&Value>) -> bool {
+        let targeted =
+            !self.tools.is_empty() || !self.resources.is_empty() || !self.prompts.is_empty();
+        if targeted {
+            let globs = match method {
+                "tools/call" => &self.tools,
+                "resources/read" => &self.resources,
+                "prompts/get" => &self.prompts,
+                _ => return false,
+            };
+            let Some(name) = name else { return false };
+            if !globs.iter().any(|g| g.matches(name)) {
+                return false;
+            }
+        }
+        if self.arguments.is_empty() {
+            return true;
+        }
+        let Some(args) = arguments else { return false };
+        self.arguments.iter().all(|(path, glob)| {
+            let Some(path) = path else { return true };
+            let mut hit = false;
+            select(args, path, &mut Vec::new(), &mut |v| {
+                hit |= glob.matches(&argument_text(v));
+            });
+            hit
+        })
+    }
+}
+
+/// Calls `f` with every value under `v` (itself included) that `path` selects.
+fn select<'v>(v: &'v Value, path: &JsonPath, at: &mut Vec<PathSeg<'v>>, f: &mut dyn FnMut(&Value)) {
+    if !at.is_empty() && path.matches(at) {
+        f(v);
+    }
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m {
+                at.push(PathSeg::Key(k));
+                select(child, path, at, f);
+                at.pop();
+            }
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                at.push(PathSeg::Index(i));
+                select(child, path, at, f);
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// An argument value as a rule's glob sees it: a string as it is (unescaped), anything else
+/// as its JSON text.
+fn argument_text(v: &Value) -> std::borrow::Cow<'_, str> {
+    match v {
+        Value::String(s) => std::borrow::Cow::Borrowed(s),
+        other => std::borrow::Cow::Owned(other.to_string()),
     }
 }
 
@@ -303,6 +414,120 @@ pub fn in_window(hours: Option<HourWindow>, days: &[Weekday], now: OffsetDateTim
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mcp_rule(tools: &[&str], arguments: &[(&str, &str)], action: RuleAction) -> RuleConfig {
+        RuleConfig {
+            name: "r".into(),
+            statements: vec![],
+            tables: vec![],
+            groups: vec![],
+            identities: vec![],
+            functions: vec![],
+            methods: vec![],
+            paths: vec![],
+            query: vec![],
+            headers: vec![],
+            tools: tools.iter().map(|s| s.to_string()).collect(),
+            resources: vec![],
+            prompts: vec![],
+            arguments: arguments
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            where_missing: false,
+            hours: None,
+            days: vec![],
+            action,
+            approvers: vec![],
+            min_approvals: 1,
+            message: None,
+            dry_run: false,
+            line: 1,
+        }
+    }
+
+    #[test]
+    fn mcp_rules_match_tools_and_arguments() {
+        let rules = RuleSet::try_new(
+            &[mcp_rule(
+                &["delete_*"],
+                &[("$.project", "prod-*")],
+                RuleAction::Deny,
+            )],
+            Duration::from_secs(1),
+            false,
+        )
+        .unwrap();
+        let judge = |method: &str, name: Option<&str>, args: Option<Value>| {
+            let groups = vec![];
+            rules
+                .judge(
+                    &Command {
+                        kind: CommandKind::Mcp {
+                            method,
+                            name,
+                            arguments: args.as_ref(),
+                        },
+                    },
+                    Caller {
+                        subject: "a",
+                        groups: &groups,
+                    },
+                    OffsetDateTime::now_utc(),
+                )
+                .decision
+                .is_deny()
+        };
+        let call = |name, args: Value| judge("tools/call", Some(name), Some(args));
+        assert!(call(
+            "delete_ticket",
+            serde_json::json!({"project": "prod-1"})
+        ));
+        assert!(call(
+            "DELETE_ticket",
+            serde_json::json!({"project": "prod-1"})
+        ));
+        assert!(!call(
+            "delete_ticket",
+            serde_json::json!({"project": "dev-1"})
+        ));
+        assert!(!call(
+            "delete_ticket",
+            serde_json::json!({"other": "prod-1"})
+        ));
+        assert!(!call("echo", serde_json::json!({"project": "prod-1"})));
+        // A listing judges a call without arguments: a rule with argument conditions passes it.
+        assert!(!judge("tools/call", Some("delete_ticket"), None));
+        // Other methods are not tool calls.
+        assert!(!judge("resources/read", Some("delete_ticket"), None));
+        let any = RuleSet::try_new(
+            &[mcp_rule(&[], &[("$.ids[*]", "4*")], RuleAction::Deny)],
+            Duration::from_secs(1),
+            false,
+        )
+        .unwrap();
+        let d = any.judge(
+            &Command {
+                kind: CommandKind::Mcp {
+                    method: "tools/call",
+                    name: Some("x"),
+                    arguments: Some(&serde_json::json!({"ids": [1, 42]})),
+                },
+            },
+            Caller {
+                subject: "a",
+                groups: &[],
+            },
+            OffsetDateTime::now_utc(),
+        );
+        assert!(d.decision.is_deny(), "numbers compare as their JSON text");
+        assert!(RuleSet::try_new(
+            &[mcp_rule(&[], &[("$.[", "x")], RuleAction::Deny)],
+            Duration::from_secs(1),
+            false
+        )
+        .is_err());
+    }
 
     #[test]
     fn path_globs() {

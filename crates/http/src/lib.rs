@@ -11,11 +11,15 @@
 //! upgrade (HTTP/1.1) goes the same way up to the forward; then its frames are relayed, masked
 //! and recorded message by message (`websocket`).
 //!
+//! An MCP resource (`kind = "mcp"`, streamable HTTP) is served the same way; its POSTs are read
+//! as JSON-RPC and judged, held, masked and recorded message by message (`mcp`).
+//!
 //! It owns no policy of its own: authentication, authorization, rules, the review hold and
 //! event shapes are `tollgate-gate`'s; masking is `tollgate-mask`'s.
 
 mod error;
 mod identity_token;
+mod mcp;
 mod normalize;
 mod relay;
 mod serve;
@@ -126,7 +130,8 @@ impl Target {
         };
         Ok(Target {
             identity,
-            rules: RuleSet::new(&resource.rules, resource.review_timeout, resource.dry_run),
+            rules: RuleSet::try_new(&resource.rules, resource.review_timeout, resource.dry_run)
+                .map_err(|e| anyhow::anyhow!("resource {:?}: rules: {e}", resource.name))?,
             mask,
             client: connector.client(),
             inject,
@@ -184,6 +189,8 @@ pub struct HttpGateway {
     /// Signs the identity tokens of `identity_header` (`server.identity_key`; read at start).
     identity_key: Option<Arc<identity_token::IdentityKey>>,
     sessions: Mutex<HashMap<SessionKey, Arc<HttpSession>>>,
+    /// MCP sessions the upstreams opened, and whose they are.
+    pub(crate) mcp_sessions: mcp::McpSessions,
 }
 
 impl HttpGateway {
@@ -212,6 +219,7 @@ impl HttpGateway {
             audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
             mask_key,
             sessions: Mutex::new(HashMap::new()),
+            mcp_sessions: mcp::McpSessions::default(),
         }))
     }
 
@@ -268,7 +276,11 @@ impl HttpGateway {
             principal: who.principal.to_string(),
             client_cert_fingerprint: who.cert_fingerprint.clone(),
             resource: target.resource.name.clone(),
-            resource_kind: "http",
+            resource_kind: if target.resource.kind == ResourceKind::Mcp {
+                "mcp"
+            } else {
+                "http"
+            },
             client_tls: ctx.tls.clone(),
             extra,
         });
@@ -359,7 +371,7 @@ fn compile(
     for r in config
         .resources
         .iter()
-        .filter(|r| r.kind == ResourceKind::Http)
+        .filter(|r| matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp))
     {
         out.insert(r.name.clone(), Arc::new(Target::new(r, key, identity_key)?));
     }

@@ -390,6 +390,23 @@ async fn run(
         }
     };
     let body_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
+    if target.resource.kind == tollgate_config::ResourceKind::Mcp {
+        return Ok(crate::mcp::exchange(crate::mcp::Exchange {
+            gw,
+            ctx,
+            target: &target,
+            session: &session,
+            n,
+            started,
+            who: &who,
+            access: &access,
+            parts,
+            path,
+            query: raw_query,
+            body,
+        })
+        .await);
+    }
     // `_method` in the query or a form body overrides a POST in Rails, Laravel and Symfony.
     let form = parts
         .headers

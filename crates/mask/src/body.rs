@@ -101,6 +101,18 @@ impl BodyPlan {
         }))
     }
 
+    /// The same plan without its JSON paths: detectors only, for parts of a document the
+    /// paths were not written against (an MCP message's envelope, around the tool result).
+    pub fn detectors_only(&self) -> BodyPlan {
+        BodyPlan(Arc::new(PlanInner {
+            detectors: self.0.detectors,
+            strategies: self.0.strategies,
+            paths: Vec::new(),
+            path_depths: Vec::new(),
+            key: self.0.key.clone(),
+        }))
+    }
+
     /// False when nothing in any body can be masked: the caller may forward bodies untouched.
     pub fn is_active(&self) -> bool {
         !self.0.detectors.is_empty() || !self.0.paths.is_empty()

@@ -219,7 +219,7 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
     let name = Some(r.name.as_str());
     let http = match (r.kind, &r.http) {
         (ResourceKind::Postgres, _) => None,
-        (ResourceKind::Http, Some(h)) => Some(h),
+        (ResourceKind::Http | ResourceKind::Mcp, Some(h)) => Some(h),
         _ => None,
     };
     if r.kind != ResourceKind::Postgres && http.is_none() {
@@ -301,7 +301,7 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
 }
 
 fn is_http(r: &Resource) -> bool {
-    r.kind == ResourceKind::Http
+    matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp)
 }
 
 async fn tcp(r: &Resource, timeout: Duration) -> Result<TcpStream, String> {

@@ -36,14 +36,17 @@ pub struct Bound {
 /// nothing is worse than an error.
 pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     for r in &config.resources {
-        if !matches!(r.kind, ResourceKind::Postgres | ResourceKind::Http) {
-            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\" and \"http\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+        if !matches!(
+            r.kind,
+            ResourceKind::Postgres | ResourceKind::Http | ResourceKind::Mcp
+        ) {
+            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\", \"http\" and \"mcp\" resources can be served", config.path.display(), r.line, r.name, r.kind);
         }
-        if r.kind == ResourceKind::Http
+        if matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp)
             && config.server.https_listen.is_none()
             && config.server.http_listen.is_none()
         {
-            bail!("{}:{}: resource {:?}: http resources are served on server.https_listen (under /r/{}/) or server.http_listen; set one of them", config.path.display(), r.line, r.name, r.name);
+            bail!("{}:{}: resource {:?}: {} resources are served on server.https_listen (under /r/{}/) or server.http_listen; set one of them", config.path.display(), r.line, r.name, r.kind, r.name);
         }
     }
     if config.server.postgres_listen.is_none() {

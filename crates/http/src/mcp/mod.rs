@@ -1,0 +1,1276 @@
+//! MCP resources (`kind = "mcp"`): the streamable-HTTP transport (protocol 2024-11-05 through
+//! 2025-11-25) on the HTTP adapter. The HTTP leg (identity, access, body limits, headers,
+//! upstream TLS and credential) is the adapter's; here each JSON-RPC message of a POST is
+//! parsed ([`jsonrpc`]), judged by the resource's rules (tool, resource URI or prompt and the
+//! call's arguments), recorded, held for review when a rule says so, and forwarded only when
+//! every message of the body may run. The answer (JSON or server-sent events, each event one
+//! message) is read message by message: listings leave out the tools this caller may not call,
+//! results are masked ([`masking`]) and each answer is recorded.
+//!
+//! An `Mcp-Session-Id` the upstream hands out in answer to `initialize` belongs to the principal
+//! that opened it: another caller presenting it, or an id the gateway never saw, gets 404, which
+//! MCP clients read as "start a new session".
+
+mod jsonrpc;
+mod masking;
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tollgate_gate::event::{
+    BodyRecord, HttpRequest, HttpResponse, McpMessage, McpRequest, McpResponse, McpSessionRefused,
+    ReviewEvent,
+};
+use tollgate_gate::hold::{self, HoldRequest, Opened};
+use tollgate_gate::rules::{Caller, CommandKind, Decision, Judgement};
+use tollgate_gate::{Access, Command, Identity};
+use tollgate_mask::BodyPlan;
+use tollgate_metrics::registry;
+use tollgate_review::Verdict;
+
+use crate::relay::{capture, forwarded_headers, reasons_json, recorded_headers, upstream_failed};
+use crate::serve::ConnCtx;
+use crate::upstream::UpstreamBody;
+use crate::{micros, HttpGateway, HttpSession, Target};
+
+/// Protocol versions whose streamable-HTTP transport tollgate understands. A request naming
+/// another (`MCP-Protocol-Version`), or a server choosing another in `initialize`, is refused:
+/// a revision that moves what the gateway judges (the stateless 2026 revision carries method
+/// and name in headers too) must not pass unjudged.
+pub const PROTOCOL_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+
+/// Largest single message of an answer (a JSON body, or one server-sent event) the gateway
+/// holds to mask it; past it the answer is cut off.
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Sessions the upstream opened, by resource and `Mcp-Session-Id`, and the principal that
+/// opened each.
+#[derive(Default)]
+pub(crate) struct McpSessions(Mutex<HashMap<(String, String), String>>);
+
+/// Most sessions remembered; past it the oldest half is forgotten (their clients re-initialise
+/// on the 404 they then get).
+const MAX_SESSIONS: usize = 100_000;
+
+impl McpSessions {
+    fn bind(&self, resource: &str, id: &str, principal: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_SESSIONS {
+            let drop: Vec<_> = m.keys().take(MAX_SESSIONS / 2).cloned().collect();
+            for k in drop {
+                m.remove(&k);
+            }
+        }
+        m.insert(
+            (resource.to_string(), id.to_string()),
+            principal.to_string(),
+        );
+    }
+
+    fn owner(&self, resource: &str, id: &str) -> Option<String> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(resource.to_string(), id.to_string())).cloned()
+    }
+
+    fn forget(&self, resource: &str, id: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&(resource.to_string(), id.to_string()));
+    }
+}
+
+/// One HTTP request to an MCP resource, read whole and about to be judged.
+pub(crate) struct Exchange<'a> {
+    pub gw: &'a Arc<HttpGateway>,
+    pub ctx: &'a Arc<ConnCtx>,
+    pub target: &'a Arc<Target>,
+    pub session: &'a Arc<HttpSession>,
+    pub n: u64,
+    pub started: Instant,
+    pub who: &'a Identity,
+    pub access: &'a Access,
+    pub parts: hyper::http::request::Parts,
+    pub path: String,
+    pub query: Option<String>,
+    pub body: Bytes,
+}
+
+fn session_digest(id: &str) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, id.as_bytes()))[..16].to_string()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
+}
+
+/// A JSON answer the gateway makes itself.
+fn json_answer(status: StatusCode, body: &Value) -> Response<UpstreamBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+impl Exchange<'_> {
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            subject: &self.who.subject,
+            groups: &self.who.groups,
+        }
+    }
+
+    fn judge(&self, method: &str, name: Option<&str>, arguments: Option<&Value>) -> Judgement {
+        self.target.rules.judge(
+            &Command {
+                kind: CommandKind::Mcp {
+                    method,
+                    name,
+                    arguments,
+                },
+            },
+            self.caller(),
+            time::OffsetDateTime::now_utc(),
+        )
+    }
+
+    fn audit_plan(&self) -> Option<BodyPlan> {
+        self.target
+            .mask
+            .as_ref()
+            .map(|p| p.body_plan(&[]))
+            .filter(BodyPlan::is_active)
+    }
+
+    /// Records the gateway's own answer (`http.response`) and counts it.
+    fn answered(
+        &self,
+        status: StatusCode,
+        code: &'static str,
+        error: &str,
+        body: &Value,
+    ) -> Response<UpstreamBody> {
+        registry()
+            .counter(
+                "tollgate_mcp_refused_total",
+                "MCP requests the gateway answered itself, by reason.",
+                &[("reason", code)],
+            )
+            .inc();
+        self.session.log.record(&HttpResponse {
+            n: self.n,
+            outcome: "refused",
+            status: status.as_u16(),
+            headers: Vec::new(),
+            body: BodyRecord::default(),
+            masked: None,
+            duration_us: micros(self.started),
+            error: Some(error.to_string()),
+        });
+        json_answer(status, body)
+    }
+
+    /// `http.request` for the exchange, before anything is forwarded (fail closed).
+    async fn record_request(&self, decision: &Decision) -> Result<(), Response<UpstreamBody>> {
+        let ev = HttpRequest {
+            n: self.n,
+            method: self.parts.method.as_str().to_string(),
+            path: self.path.clone(),
+            query: self.query.clone(),
+            version: self.ctx.http_version,
+            authority: self
+                .parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string),
+            headers: recorded_headers(&self.parts.headers),
+            body: capture(
+                &self.body,
+                sha256_hex(&self.body),
+                self.target.resource.capture_bytes,
+                self.audit_plan().as_ref(),
+            ),
+            decision: decision.summary(),
+            dry_run: Vec::new(),
+        };
+        if let Err(e) = self.session.log.append(&ev).await {
+            tracing::error!(session = %self.session.log.id, error = %e, "audit event could not be written");
+            if self.gw.fail_closed() {
+                self.session.log.record_refused(&ev, "audit_unavailable");
+                return Err(self.answered(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "audit store unavailable",
+                    &jsonrpc::error_response(
+                        None,
+                        jsonrpc::UNAVAILABLE,
+                        "the gateway cannot record this request, so it was not forwarded",
+                        None,
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handles one HTTP request to an MCP resource.
+pub(crate) async fn exchange(x: Exchange<'_>) -> Response<UpstreamBody> {
+    let headers = &x.parts.headers;
+    // The protocol revision: one tollgate does not understand is never passed on unjudged.
+    if let Some(v) = headers.get("mcp-protocol-version") {
+        let v = String::from_utf8_lossy(v.as_bytes()).trim().to_string();
+        if !PROTOCOL_VERSIONS.contains(&v.as_str()) {
+            let msg = format!(
+                "MCP protocol version {v:?} is not supported by this gateway; it relays {}",
+                PROTOCOL_VERSIONS.join(", ")
+            );
+            let _ = x
+                .record_request(&Decision::Deny {
+                    rule: "protocol".into(),
+                    message: msg.clone(),
+                })
+                .await;
+            return x.answered(
+                StatusCode::BAD_REQUEST,
+                "protocol_version",
+                &msg,
+                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, &msg, None),
+            );
+        }
+    }
+    // The session: only its opener may use it.
+    let mcp_session = headers
+        .get("mcp-session-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if let Some(sid) = &mcp_session {
+        let owner = x.gw.mcp_sessions.owner(&x.target.resource.name, sid);
+        let reason = match owner {
+            Some(p) if p == x.who.principal.to_string() => None,
+            Some(_) => Some("other_principal"),
+            None => Some("unknown"),
+        };
+        if let Some(reason) = reason {
+            x.session.log.record(&McpSessionRefused {
+                n: x.n,
+                mcp_session_sha256: session_digest(sid),
+                reason,
+            });
+            let msg = "session not found: this Mcp-Session-Id was not opened by this caller through the gateway; start a new session (initialize)";
+            return x.answered(
+                StatusCode::NOT_FOUND,
+                "mcp_session",
+                msg,
+                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, msg, None),
+            );
+        }
+    }
+    match x.parts.method {
+        Method::POST => post(x, mcp_session).await,
+        Method::GET | Method::DELETE => {
+            // The server's stream of its own messages, or the end of a session: judged as a
+            // request without a name (rules naming tools, resources or prompts do not apply).
+            let j = x.judge(x.parts.method.as_str(), None, None);
+            if let Err(r) = x.record_request(&j.decision).await {
+                return r;
+            }
+            if let Decision::Deny { rule, message } = &j.decision {
+                return x.answered(
+                    StatusCode::FORBIDDEN,
+                    "denied",
+                    message,
+                    &jsonrpc::error_response(
+                        None,
+                        jsonrpc::DENIED,
+                        message,
+                        Some(json!({"rule": rule})),
+                    ),
+                );
+            }
+            let deleting = x.parts.method == Method::DELETE;
+            let r = forward(&x, Replies::new(&x, HashMap::new())).await;
+            if deleting && r.status().is_success() {
+                if let Some(sid) = &mcp_session {
+                    x.gw.mcp_sessions.forget(&x.target.resource.name, sid);
+                }
+            }
+            r
+        }
+        _ => {
+            let msg = "an MCP endpoint takes POST (messages), GET (the server's stream) and DELETE (end of session)";
+            let _ = x
+                .record_request(&Decision::Deny {
+                    rule: "protocol".into(),
+                    message: msg.into(),
+                })
+                .await;
+            let mut r = x.answered(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                msg,
+                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, msg, None),
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            r
+        }
+    }
+}
+
+/// One judged message of a POST.
+struct Judged {
+    msg: jsonrpc::ClientMessage,
+    judgement: Judgement,
+    args_sha: Option<String>,
+}
+
+async fn post(x: Exchange<'_>, mcp_session: Option<String>) -> Response<UpstreamBody> {
+    let body = match jsonrpc::parse(&x.body) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = x
+                .record_request(&Decision::Deny {
+                    rule: "protocol".into(),
+                    message: e.message.clone(),
+                })
+                .await;
+            return x.answered(
+                StatusCode::BAD_REQUEST,
+                if e.code == jsonrpc::PARSE_ERROR {
+                    "parse_error"
+                } else {
+                    "invalid_request"
+                },
+                &e.message,
+                &jsonrpc::error_response(None, e.code, &e.message, None),
+            );
+        }
+    };
+    // The `Mcp-Method` header of later revisions must say what the body says.
+    if let Some(m) = x.parts.headers.get("mcp-method") {
+        let said = String::from_utf8_lossy(m.as_bytes());
+        if body.batch || body.messages[0].method != said {
+            let msg = "the Mcp-Method header does not match the message's method";
+            let _ = x
+                .record_request(&Decision::Deny {
+                    rule: "protocol".into(),
+                    message: msg.into(),
+                })
+                .await;
+            return x.answered(
+                StatusCode::BAD_REQUEST,
+                "header_mismatch",
+                msg,
+                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, msg, None),
+            );
+        }
+    }
+    let judged: Vec<Judged> = body
+        .messages
+        .into_iter()
+        .map(|msg| {
+            let judgement = match msg.kind {
+                // An answer to the server's own request is no command.
+                jsonrpc::Kind::Response => Judgement {
+                    decision: Decision::Allow { rule: None },
+                    dry_run: Vec::new(),
+                },
+                _ => x.judge(&msg.method, msg.name.as_deref(), msg.arguments.as_ref()),
+            };
+            let args_sha = msg
+                .arguments
+                .as_ref()
+                .map(|a| sha256_hex(jsonrpc::canonical(a).as_bytes()));
+            Judged {
+                msg,
+                judgement,
+                args_sha,
+            }
+        })
+        .collect();
+    let strictest = judged
+        .iter()
+        .map(|j| j.judgement.decision.clone())
+        .fold(Decision::Allow { rule: None }, Decision::stricter);
+    if let Err(r) = x.record_request(&strictest).await {
+        return r;
+    }
+    let audit_plan = x.audit_plan();
+    let session_digest = mcp_session.as_deref().map(session_digest);
+    for j in &judged {
+        let arguments = j.msg.arguments.as_ref().map(|a| {
+            let mut text = masked_arguments(a, audit_plan.as_ref()).to_string();
+            clip(&mut text, x.target.resource.capture_bytes);
+            text
+        });
+        let ev = McpRequest {
+            n: x.n,
+            id: j.msg.id.clone(),
+            method: if j.msg.kind == jsonrpc::Kind::Response {
+                "(response)".into()
+            } else {
+                j.msg.method.clone()
+            },
+            name: j.msg.name.clone(),
+            arguments,
+            arguments_sha256: j.args_sha.clone(),
+            decision: j.judgement.decision.summary(),
+            dry_run: j.judgement.dry_run.iter().map(Decision::summary).collect(),
+            mcp_session: session_digest.clone(),
+        };
+        if let Err(e) = x.session.log.append(&ev).await {
+            tracing::error!(session = %x.session.log.id, error = %e, "audit event could not be written");
+            if x.gw.fail_closed() {
+                x.session.log.record_refused(&ev, "audit_unavailable");
+                return x.answered(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "audit store unavailable",
+                    &jsonrpc::error_response(
+                        j.msg.id.as_ref(),
+                        jsonrpc::UNAVAILABLE,
+                        "the gateway cannot record this request, so it was not forwarded",
+                        None,
+                    ),
+                );
+            }
+        }
+        registry()
+            .counter(
+                "tollgate_mcp_requests_total",
+                "MCP requests judged, by resource, method and decision.",
+                &[
+                    ("resource", &x.target.resource.name),
+                    ("method", method_label(&j.msg)),
+                    ("decision", decision_label(&j.judgement.decision)),
+                ],
+            )
+            .inc();
+    }
+
+    // Deny: the whole body is refused; each request gets an error naming why.
+    if let Some(denied) = judged.iter().find(|j| j.judgement.decision.is_deny()) {
+        let Decision::Deny { rule, message } = &denied.judgement.decision else {
+            unreachable!()
+        };
+        let data = json!({"rule": rule, "session": x.session.log.id});
+        let errors: Vec<Value> = judged
+            .iter()
+            .filter(|j| j.msg.kind == jsonrpc::Kind::Request)
+            .map(|j| {
+                let m = match &j.judgement.decision {
+                    Decision::Deny { message, .. } => message.clone(),
+                    _ => format!("not run: another request of this batch was denied ({message})"),
+                };
+                refused_reply(&x, &j.msg, &m);
+                jsonrpc::error_response(j.msg.id.as_ref(), jsonrpc::DENIED, &m, Some(data.clone()))
+            })
+            .collect();
+        return deny_answer(&x, body.batch, errors, message);
+    }
+
+    // Review: held until approved; the approval binds to the name and the arguments' digest.
+    let reviewed: Vec<&Judged> = judged
+        .iter()
+        .filter(|j| matches!(j.judgement.decision, Decision::Review { .. }))
+        .collect();
+    if let Some(first) = reviewed.first() {
+        if let Err(message) = held(&x, &reviewed, audit_plan.as_ref()).await {
+            let Decision::Review { rule, .. } = &first.judgement.decision else {
+                unreachable!()
+            };
+            let data = json!({"rule": rule, "review": message.1, "session": x.session.log.id});
+            let errors: Vec<Value> = judged
+                .iter()
+                .filter(|j| j.msg.kind == jsonrpc::Kind::Request)
+                .map(|j| {
+                    refused_reply(&x, &j.msg, &message.0);
+                    jsonrpc::error_response(
+                        j.msg.id.as_ref(),
+                        jsonrpc::NOT_APPROVED,
+                        &message.0,
+                        Some(data.clone()),
+                    )
+                })
+                .collect();
+            return deny_answer(&x, body.batch, errors, &message.0);
+        }
+    }
+
+    let pending: HashMap<String, (String, Option<String>)> = judged
+        .iter()
+        .filter(|j| j.msg.kind == jsonrpc::Kind::Request)
+        .filter_map(|j| {
+            j.msg
+                .id
+                .as_ref()
+                .map(|id| (id.to_string(), (j.msg.method.clone(), j.msg.name.clone())))
+        })
+        .collect();
+    let initializing = judged.iter().any(|j| j.msg.method == "initialize");
+    let replies = Replies::new(&x, pending);
+    let r = forward(&x, replies).await;
+    if initializing && r.status().is_success() {
+        if let Some(sid) = r
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            x.gw.mcp_sessions
+                .bind(&x.target.resource.name, sid, &x.who.principal.to_string());
+        }
+    }
+    r
+}
+
+/// A call's arguments as the record and the reviewer see them: masked like a tool's
+/// structured result.
+fn masked_arguments(a: &Value, plan: Option<&BodyPlan>) -> Value {
+    let mut wrapped = json!({"result": {"structuredContent": a}});
+    if let Some(p) = plan {
+        if masking::mask_message(&mut wrapped, p).is_err() {
+            return Value::String("[arguments could not be masked]".into());
+        }
+    }
+    wrapped["result"]["structuredContent"].take()
+}
+
+/// Records the gateway's refusal of one request as its `mcp.response`.
+fn refused_reply(x: &Exchange<'_>, msg: &jsonrpc::ClientMessage, error: &str) {
+    x.session.log.record(&McpResponse {
+        n: x.n,
+        id: msg.id.clone(),
+        method: Some(msg.method.clone()),
+        name: msg.name.clone(),
+        outcome: "refused",
+        is_error: true,
+        capture: Some(error.to_string()),
+        truncated: false,
+        hidden: Vec::new(),
+        masked: None,
+        duration_us: micros(x.started),
+    });
+}
+
+/// The answer to a refused body: JSON-RPC errors (HTTP 200), or 403 when it held only
+/// notifications (which get no JSON-RPC answer).
+fn deny_answer(
+    x: &Exchange<'_>,
+    batch: bool,
+    errors: Vec<Value>,
+    message: &str,
+) -> Response<UpstreamBody> {
+    let (status, body) = match (batch, errors.len()) {
+        (_, 0) => (
+            StatusCode::FORBIDDEN,
+            jsonrpc::error_response(None, jsonrpc::DENIED, message, None),
+        ),
+        (false, _) => (
+            StatusCode::OK,
+            errors.into_iter().next().unwrap_or_default(),
+        ),
+        (true, _) => (StatusCode::OK, Value::Array(errors)),
+    };
+    x.answered(status, "denied", message, &body)
+}
+
+/// Holds reviewed requests. `Err((message, review id))` when they may not run.
+async fn held(
+    x: &Exchange<'_>,
+    reviewed: &[&Judged],
+    audit_plan: Option<&BodyPlan>,
+) -> Result<(), (String, String)> {
+    let Decision::Review {
+        rule,
+        approvers,
+        min_approvals,
+        timeout,
+    } = &reviewed[0].judgement.decision
+    else {
+        return Ok(());
+    };
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut shown = Vec::new();
+    for j in reviewed {
+        for part in [
+            "mcp",
+            j.msg.method.as_str(),
+            j.msg.name.as_deref().unwrap_or(""),
+            j.args_sha.as_deref().unwrap_or(""),
+        ] {
+            digest.update(&(part.len() as u64).to_be_bytes());
+            digest.update(part.as_bytes());
+        }
+        let args = j
+            .msg
+            .arguments
+            .as_ref()
+            .map(|a| masked_arguments(a, audit_plan));
+        shown.push(format!(
+            "MCP {} {}{}",
+            j.msg.method,
+            j.msg.name.as_deref().unwrap_or(""),
+            args.map(|a| format!(" arguments {a}")).unwrap_or_default()
+        ));
+    }
+    let asked = HoldRequest {
+        session_id: &x.session.log.id,
+        resource: &x.target.resource.name,
+        subject: &x.who.subject,
+        groups: &x.who.groups,
+        principal: &x.who.principal,
+        rule,
+        shown: shown.join("\n"),
+        digest: hex::encode(digest.finish()),
+        approvers,
+        min_approvals: *min_approvals,
+        timeout: *timeout,
+    };
+    let reviews = x.gw.reviews();
+    let review = match hold::open(reviews, asked, x.gw.rerun_window()) {
+        Ok(Opened::Rerun(r)) => {
+            x.session.log.record(&ReviewEvent {
+                kind: "review.rerun",
+                n: x.n,
+                review: r.id,
+                reviewers: vec![],
+                waited_ms: None,
+            });
+            return Ok(());
+        }
+        Ok(Opened::Pending(r)) => r,
+        Err(e) => {
+            tracing::error!(session = %x.session.log.id, error = %e, "could not open a review");
+            return Err((
+                "the gateway could not open a review for this request, so it was not run".into(),
+                String::new(),
+            ));
+        }
+    };
+    // The client's request future is dropped if it goes away: the review is then withdrawn.
+    struct Withdraw<'a>(&'a tollgate_review::Reviews, &'a str, bool);
+    impl Drop for Withdraw<'_> {
+        fn drop(&mut self) {
+            if !self.2 {
+                self.0.withdraw(self.1);
+            }
+        }
+    }
+    let mut guard = Withdraw(reviews, &review.id, false);
+    let since = Instant::now();
+    let verdict = hold::hold(reviews, &review.id, std::future::pending()).await;
+    guard.2 = true;
+    let waited_ms = since.elapsed().as_millis() as u64;
+    let id = review.id.clone();
+    let message = match verdict {
+        Verdict::Approved { reviewers } => {
+            x.session.log.record(&ReviewEvent {
+                kind: "review.approved",
+                n: x.n,
+                review: id,
+                reviewers,
+                waited_ms: Some(waited_ms),
+            });
+            return Ok(());
+        }
+        Verdict::Denied { reviewer, reason } => format!(
+            "review {id} (rule \"{rule}\") denied by {reviewer}: {}",
+            reason.as_deref().unwrap_or("no reason given")
+        ),
+        Verdict::Expired => format!(
+            "review {id} (rule \"{rule}\") expired after {} without a decision; the call was not run (once approved, the identical call runs when repeated)",
+            tollgate_review::format_duration(*timeout)
+        ),
+        Verdict::Withdrawn => format!("review {id} was withdrawn"),
+        Verdict::Unavailable(e) => {
+            tracing::error!(session = %x.session.log.id, error = %e, "review unavailable");
+            format!("review {id} cannot be read; the call was not run")
+        }
+    };
+    Err((message, id))
+}
+
+fn method_label(m: &jsonrpc::ClientMessage) -> &'static str {
+    match m.method.as_str() {
+        "initialize" => "initialize",
+        "tools/call" => "tools/call",
+        "tools/list" => "tools/list",
+        "resources/read" => "resources/read",
+        "resources/list" => "resources/list",
+        "prompts/get" => "prompts/get",
+        "prompts/list" => "prompts/list",
+        "ping" => "ping",
+        _ if m.kind == jsonrpc::Kind::Notification => "notification",
+        _ if m.kind == jsonrpc::Kind::Response => "response",
+        _ => "other",
+    }
+}
+
+fn decision_label(d: &Decision) -> &'static str {
+    match d {
+        Decision::Allow { .. } => "allow",
+        Decision::Deny { .. } => "deny",
+        Decision::Review { .. } => "review",
+    }
+}
+
+fn clip(s: &mut String, limit: usize) -> bool {
+    if s.len() <= limit {
+        return false;
+    }
+    let mut at = limit;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    s.truncate(at);
+    true
+}
+
+/// Forwards the request and relays the answer through [`McpBody`].
+async fn forward(x: &Exchange<'_>, replies: Replies) -> Response<UpstreamBody> {
+    let target = x.target;
+    let http = target.resource.http.as_ref().expect("an mcp resource");
+    // `/r/<name>` alone is the MCP endpoint itself (`upstream = "https://host/mcp"`).
+    let path = if x.path == "/" && !http.base_path.is_empty() {
+        ""
+    } else {
+        x.path.as_str()
+    };
+    let uri = format!(
+        "{}{}{}{}",
+        target.origin,
+        http.base_path,
+        path,
+        x.query
+            .as_deref()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    );
+    let Ok(mut up) = Request::builder()
+        .method(x.parts.method.clone())
+        .uri(uri)
+        .body(
+            Full::new(x.body.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    else {
+        return x.answered(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "not forwardable",
+            &jsonrpc::error_response(
+                None,
+                jsonrpc::INVALID_REQUEST,
+                "the request cannot be forwarded as written",
+                None,
+            ),
+        );
+    };
+    if let Err(r) = forwarded_headers(
+        x.ctx,
+        target,
+        &x.parts,
+        true,
+        (x.who, &x.session.log.id),
+        up.headers_mut(),
+    ) {
+        return r.into_response();
+    }
+    *up.version_mut() = hyper::Version::HTTP_11;
+    let resp = match tokio::time::timeout(http.response_timeout, target.client.request(up)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let r = upstream_failed(target, x.session, x.n, x.started, &e);
+            return json_answer(
+                r.status,
+                &jsonrpc::error_response(None, jsonrpc::UNAVAILABLE, &r.error, None),
+            );
+        }
+        Err(_) => {
+            let msg = format!(
+                "resource \"{}\" did not answer within {} s",
+                target.resource.name,
+                http.response_timeout.as_secs()
+            );
+            return x.answered(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                &msg,
+                &jsonrpc::error_response(None, jsonrpc::UNAVAILABLE, &msg, None),
+            );
+        }
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    let encoded = rparts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    if encoded {
+        let msg = format!(
+            "the answer of resource \"{}\" is compressed and cannot be masked, so it was not relayed",
+            target.resource.name
+        );
+        return x.answered(
+            StatusCode::BAD_GATEWAY,
+            "unmaskable",
+            &msg,
+            &jsonrpc::error_response(None, jsonrpc::UNAVAILABLE, &msg, None),
+        );
+    }
+    let content_type = rparts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let mode = if content_type == "text/event-stream" {
+        Mode::Sse
+    } else {
+        Mode::Whole {
+            json: content_type == "application/json" || content_type.ends_with("+json"),
+        }
+    };
+    let listed = crate::relay::connection_tokens(&rparts.headers);
+    let names: Vec<_> = rparts.headers.keys().cloned().collect();
+    for k in names {
+        if crate::relay::HOP_BY_HOP.contains(&k.as_str())
+            || listed.iter().any(|c| c == k.as_str())
+            || k == header::CONTENT_LENGTH
+        {
+            rparts.headers.remove(&k);
+        }
+    }
+    let status = rparts.status.as_u16();
+    let recorded = recorded_headers(&rparts.headers);
+    let body = McpBody {
+        inner: rbody,
+        mode,
+        buf: Vec::new(),
+        replies,
+        bytes: 0,
+        finish: Some((status, recorded)),
+        done: false,
+    };
+    Response::from_parts(rparts, body.boxed())
+}
+
+/// What the answers of one exchange are read against: the requests sent (by id), the caller
+/// (listings are filtered by what it may call), the masks for the caller and for the record.
+struct Replies {
+    session: Arc<HttpSession>,
+    target: Arc<Target>,
+    n: u64,
+    started: Instant,
+    subject: String,
+    groups: Vec<String>,
+    pending: HashMap<String, (String, Option<String>)>,
+    client_plan: Option<BodyPlan>,
+    audit_plan: Option<BodyPlan>,
+}
+
+impl Replies {
+    fn new(x: &Exchange<'_>, pending: HashMap<String, (String, Option<String>)>) -> Replies {
+        let client_plan = match (&x.target.mask, &x.access.unmask) {
+            (Some(p), None) => Some(p.body_plan(&x.who.groups)),
+            _ => None,
+        }
+        .filter(BodyPlan::is_active);
+        Replies {
+            session: x.session.clone(),
+            target: x.target.clone(),
+            n: x.n,
+            started: x.started,
+            subject: x.who.subject.clone(),
+            groups: x.who.groups.clone(),
+            pending,
+            client_plan,
+            audit_plan: x.audit_plan(),
+        }
+    }
+
+    /// One message of the answer, as the client will get it; `Err` when it cannot be masked.
+    fn message(&mut self, mut msg: Value) -> Result<Value, String> {
+        let is_reply = msg.get("method").is_none()
+            && (msg.get("result").is_some() || msg.get("error").is_some());
+        let asked = if is_reply {
+            msg.get("id")
+                .and_then(|id| self.pending.remove(&id.to_string()))
+        } else {
+            None
+        };
+        let mut hidden = Vec::new();
+        if let Some((method, _)) = &asked {
+            match method.as_str() {
+                "tools/list" => hidden = self.filter_tools(&mut msg),
+                "initialize" => self.check_version(&mut msg),
+                _ => {}
+            }
+        }
+        // The record keeps the audit masking; the client gets its own.
+        let mut recorded = msg.clone();
+        let audit = match &self.audit_plan {
+            Some(p) => Some(masking::mask_message(&mut recorded, p).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        if let Some(p) = &self.client_plan {
+            masking::mask_message(&mut msg, p).map_err(|e| e.to_string())?;
+        }
+        let masked = audit
+            .as_ref()
+            .filter(|m| m.summary.masked_values > 0)
+            .map(|m| reasons_json(&m.summary));
+        let limit = self.target.resource.capture_bytes;
+        if is_reply {
+            let (method, name) = asked.unzip();
+            let is_error = recorded.get("error").is_some()
+                || recorded["result"]["isError"].as_bool() == Some(true);
+            let mut capture = match recorded.get("error") {
+                Some(e) => e.to_string(),
+                None => recorded
+                    .get("result")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
+            };
+            let truncated = clip(&mut capture, limit);
+            self.session.log.record(&McpResponse {
+                n: self.n,
+                id: recorded.get("id").cloned(),
+                method,
+                name: name.flatten(),
+                outcome: if recorded.get("error").is_some() {
+                    "error"
+                } else {
+                    "result"
+                },
+                is_error,
+                capture: Some(capture),
+                truncated,
+                hidden,
+                masked,
+                duration_us: micros(self.started),
+            });
+        } else {
+            let mut capture = recorded.to_string();
+            let truncated = clip(&mut capture, limit);
+            self.session.log.record(&McpMessage {
+                n: self.n,
+                id: recorded.get("id").cloned(),
+                method: recorded
+                    .get("method")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                capture: Some(capture),
+                truncated,
+                masked,
+            });
+        }
+        Ok(msg)
+    }
+
+    /// Leaves out of a `tools/list` answer the tools a call to which this caller would be
+    /// denied (judged without arguments: a rule on arguments does not hide its tool).
+    fn filter_tools(&self, msg: &mut Value) -> Vec<String> {
+        let Some(tools) = msg
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tools"))
+            .and_then(Value::as_array_mut)
+        else {
+            return Vec::new();
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let caller = Caller {
+            subject: &self.subject,
+            groups: &self.groups,
+        };
+        let mut hidden = Vec::new();
+        tools.retain(|t| {
+            let name = t.get("name").and_then(Value::as_str).unwrap_or("");
+            let j = self.target.rules.judge(
+                &Command {
+                    kind: CommandKind::Mcp {
+                        method: "tools/call",
+                        name: Some(name),
+                        arguments: None,
+                    },
+                },
+                caller,
+                now,
+            );
+            if j.decision.is_deny() {
+                hidden.push(name.to_string());
+                false
+            } else {
+                true
+            }
+        });
+        hidden
+    }
+
+    /// A server that settles on a protocol revision tollgate does not understand: the session
+    /// is not opened.
+    fn check_version(&self, msg: &mut Value) {
+        let Some(v) = msg
+            .get("result")
+            .and_then(|r| r.get("protocolVersion"))
+            .and_then(Value::as_str)
+        else {
+            return;
+        };
+        if !PROTOCOL_VERSIONS.contains(&v) {
+            let m = format!(
+                "the server chose MCP protocol version {v:?}, which this gateway does not relay (it relays {})",
+                PROTOCOL_VERSIONS.join(", ")
+            );
+            *msg = jsonrpc::error_response(msg.get("id"), jsonrpc::INVALID_REQUEST, &m, None);
+        }
+    }
+}
+
+enum Mode {
+    /// Server-sent events: each event's `data` is one message.
+    Sse,
+    /// One body: a message or a batch when `json`; anything else is masked as text by
+    /// detectors.
+    Whole { json: bool },
+}
+
+/// The upstream's answer on its way to the client, message by message.
+struct McpBody {
+    inner: Incoming,
+    mode: Mode,
+    buf: Vec<u8>,
+    replies: Replies,
+    bytes: u64,
+    finish: Option<(u16, Vec<(String, String)>)>,
+    done: bool,
+}
+
+/// The end of the next complete event in `buf` (after its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+impl McpBody {
+    fn record(&mut self, outcome: &'static str, error: Option<String>) {
+        let Some((status, headers)) = self.finish.take() else {
+            return;
+        };
+        self.replies.session.log.record(&HttpResponse {
+            n: self.replies.n,
+            outcome,
+            status,
+            headers,
+            body: BodyRecord {
+                bytes: self.bytes,
+                ..BodyRecord::default()
+            },
+            masked: None,
+            duration_us: micros(self.replies.started),
+            error,
+        });
+    }
+
+    /// One server-sent event, rewritten.
+    fn event(&mut self, raw: &[u8]) -> Result<Vec<u8>, String> {
+        let text = String::from_utf8_lossy(raw);
+        let mut data = Vec::new();
+        let mut other = Vec::new();
+        for line in text.lines() {
+            if let Some(d) = line.strip_prefix("data:") {
+                data.push(d.strip_prefix(' ').unwrap_or(d));
+            } else if !line.is_empty() {
+                other.push(line);
+            }
+        }
+        let mut out = String::new();
+        for l in &other {
+            out.push_str(l);
+            out.push('\n');
+        }
+        if !data.is_empty() {
+            let joined = data.join("\n");
+            if joined.trim().is_empty() {
+                out.push_str("data: \n");
+            } else {
+                let shown = match serde_json::from_str::<Value>(&joined) {
+                    Ok(v) => self.replies.message(v)?.to_string(),
+                    // Not a message: what detectors find is masked.
+                    Err(_) => self.text(joined.as_bytes())?,
+                };
+                out.push_str("data: ");
+                out.push_str(&shown);
+                out.push('\n');
+            }
+        }
+        out.push('\n');
+        Ok(out.into_bytes())
+    }
+
+    fn text(&self, raw: &[u8]) -> Result<String, String> {
+        let Some(plan) = &self.replies.client_plan else {
+            return Ok(String::from_utf8_lossy(raw).into_owned());
+        };
+        let mut m = tollgate_mask::BodyMasker::new(plan, tollgate_mask::BodyKind::Text);
+        let mut out = Vec::new();
+        m.feed(raw, &mut out).map_err(|e| e.to_string())?;
+        m.finish(&mut out).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The whole body, rewritten.
+    fn whole(&mut self, json: bool) -> Result<Vec<u8>, String> {
+        let raw = std::mem::take(&mut self.buf);
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            return Ok(raw);
+        }
+        if json {
+            if let Ok(v) = serde_json::from_slice::<Value>(&raw) {
+                let v = match v {
+                    Value::Array(items) => Value::Array(
+                        items
+                            .into_iter()
+                            .map(|m| self.replies.message(m))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    m => self.replies.message(m)?,
+                };
+                return Ok(v.to_string().into_bytes());
+            }
+        }
+        Ok(self.text(&raw)?.into_bytes())
+    }
+
+    fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.done = true;
+        tracing::warn!(session = %self.replies.session.log.id, error = %why, "MCP answer cut off");
+        self.record("mask_error", Some(why));
+        Poll::Ready(Some(Err(io::Error::other(
+            "the MCP answer could not be masked; it was cut off",
+        ))))
+    }
+}
+
+impl Body for McpBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            // A complete event waiting: send it.
+            if matches!(this.mode, Mode::Sse) {
+                if let Some(end) = event_end(&this.buf) {
+                    let raw: Vec<u8> = this.buf.drain(..end).collect();
+                    match this.event(&raw) {
+                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
+            if this.buf.len() > MAX_MESSAGE {
+                return this.fail(format!("an MCP message is larger than {MAX_MESSAGE} bytes"));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.bytes += data.len() as u64;
+                        this.buf.extend_from_slice(&data);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    this.done = true;
+                    this.record("upstream_error", Some("upstream body failed".into()));
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the upstream response was cut off",
+                    ))));
+                }
+                Poll::Ready(None) => {
+                    let out = match this.mode {
+                        Mode::Sse if this.buf.is_empty() => Ok(Vec::new()),
+                        Mode::Sse => {
+                            let raw = std::mem::take(&mut this.buf);
+                            this.event(&raw)
+                        }
+                        Mode::Whole { json } => this.whole(json),
+                    };
+                    let out = match out {
+                        Ok(o) => o,
+                        Err(e) => return this.fail(e),
+                    };
+                    this.done = true;
+                    this.record("ok", None);
+                    if out.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for McpBody {
+    fn drop(&mut self) {
+        self.record("interrupted", None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_end_at_a_blank_line() {
+        assert_eq!(event_end(b"data: {}\n\nnext"), Some(10));
+        assert_eq!(event_end(b"data: {}\r\n\r\n"), Some(12));
+        assert_eq!(event_end(b"data: {}\n"), None);
+    }
+}
