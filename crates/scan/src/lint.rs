@@ -117,6 +117,14 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
     for t in &config.identity.tokens {
         known.extend(t.groups.iter().map(String::as_str));
     }
+    // OIDC issuers: groups they always grant or map to (a token's own groups are not known here).
+    for o in &config.identity.oidc {
+        known.extend(o.static_groups.iter().map(String::as_str));
+        known.extend(o.group_map.values().map(String::as_str));
+        if let Some(ca) = &o.ca {
+            l.cert_file(ca, "identity.oidc.ca", None, "OIDC issuer CA certificate");
+        }
+    }
     for r in &config.resources {
         known.extend(r.allow_groups.iter().map(String::as_str));
     }
@@ -786,6 +794,20 @@ allow_groups = ["sre", "agents"]
         );
         assert!(found[0].fix.starts_with("chmod 600 "));
         assert_eq!(found[1].key, "resources.credentials.password_file");
+    }
+
+    #[test]
+    fn oidc_issuers_name_groups_and_their_ca_is_checked() {
+        let f = Fixture::new();
+        let rule = "[[resources.rules]]\nstatements = [\"delete\"]\naction = \"review\"\napprovers = [\"dbas\", \"oncall\"]\n";
+        let oidc = |ca: &str| {
+            format!("\n[[identity.oidc]]\nissuer = \"https://idp.example\"\naudiences = [\"tollgate\"]\nstatic_groups = [\"dbas\"]\ngroup_map = {{ \"6f1c\" = \"oncall\" }}\nca = \"{ca}\"\n")
+        };
+        let found = f.check(&f.config(&oidc("pki/ca.crt"), rule));
+        assert!(found.is_empty(), "{found:?}");
+        let found = f.check(&f.config(&oidc("pki/idp-ca.crt"), rule));
+        assert_eq!(kinds(&found), ["missing_file"]);
+        assert_eq!(found[0].key, "identity.oidc.ca");
     }
 
     #[test]
