@@ -539,6 +539,10 @@ fn check(config: &Oidc, jwt: &Jwt, keys: &[Jwk], now: SystemTime) -> Result<Iden
         }
     };
     let exp = time("exp")?.ok_or(OidcError::NoExpiry)?;
+    let expires_at = Duration::try_from_secs_f64(exp)
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+        .ok_or(OidcError::Malformed)?;
     if now_s >= exp + leeway {
         return Err(OidcError::Expired);
     }
@@ -581,7 +585,7 @@ fn check(config: &Oidc, jwt: &Jwt, keys: &[Jwk], now: SystemTime) -> Result<Iden
         method: AuthMethod::Oidc,
         cert_fingerprint: None,
         cert_not_after: None,
-        expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp)),
+        expires_at: Some(expires_at),
     })
 }
 
@@ -882,6 +886,7 @@ mod tests {
             with("exp", "soon".into()).unwrap_err(),
             OidcError::Malformed
         );
+        assert_eq!(with("exp", 1e300.into()).unwrap_err(), OidcError::Malformed);
         assert_eq!(
             with("nbf", (t + 120).into()).unwrap_err(),
             OidcError::NotYetValid
