@@ -188,6 +188,9 @@ pub struct PrincipalMapping {
     /// Subjects of `[[identity.tokens]]`.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// OIDC identities as `<issuer>#<subject>` (the issuer exactly as in `[[identity.oidc]]`).
+    #[serde(default)]
+    pub oidc: Vec<String>,
 }
 
 /// `[[identity.oidc]]`: one OpenID Connect issuer whose tokens are credentials (validated).
@@ -1103,7 +1106,16 @@ impl Ctx<'_> {
                     return Err(self.invalid(at(c), "identity.principals.certificates", format!("{c:?}: certificates are named by SPIFFE URI (spiffe://...) or by common name (cn:NAME)")));
                 }
             }
+            for o in &p.oidc {
+                if !o
+                    .split_once('#')
+                    .is_some_and(|(i, s)| i.starts_with("https://") && !s.is_empty())
+                {
+                    return Err(self.invalid(at(o), "identity.principals.oidc", format!("{o:?}: OIDC identities are named <issuer>#<subject>, e.g. \"https://idp.example.com#alice@example.com\"")));
+                }
+            }
             let credentials = p.certificates.iter().map(|c| format!("certificate {c}"));
+            let credentials = credentials.chain(p.oidc.iter().map(|o| format!("oidc {o}")));
             for credential in credentials.chain(p.tokens.iter().map(|t| format!("token {t}"))) {
                 if let Some(other) = owner.insert(credential.clone(), &p.name) {
                     if other != p.name {
@@ -1496,6 +1508,16 @@ impl Ctx<'_> {
         }
         self.check_principals(&raw.identity.principals)?;
         let oidc = self.oidc(raw.identity.oidc)?;
+        for o in raw.identity.principals.iter().flat_map(|p| &p.oidc) {
+            let issuer = o.split_once('#').map_or("", |(i, _)| i);
+            if !oidc.iter().any(|c| c.issuer == issuer) {
+                return Err(self.invalid(
+                    self.text.find(o.as_str()).unwrap_or(0),
+                    "identity.principals.oidc",
+                    format!("{o:?} names issuer {issuer:?}, which no [[identity.oidc]] table configures"),
+                ));
+            }
+        }
 
         let identity_key_missing = server.identity_key.is_none();
         let mut names = HashSet::new();
@@ -2471,6 +2493,27 @@ message = "ask sre"
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("t.toml:18: identity.oidc") && e.contains(says), "{says}: {e}");
+        }
+        let idp = "[[identity.oidc]]\nissuer = \"https://idp\"\naudiences = [\"t\"]\n";
+        let c = with(&format!("{idp}[[identity.principals]]\nname = \"alice\"\ncertificates = [\"cn:alice\"]\noidc = [\"https://idp#00u1\"]\n")).unwrap();
+        assert_eq!(c.identity.principals[0].oidc, ["https://idp#00u1"]);
+        for (oidc, says) in [
+            ("alice", "named <issuer>#<subject>"),
+            ("https://idp#", "named <issuer>#<subject>"),
+            (
+                "https://other#00u1",
+                "names issuer \"https://other\", which no [[identity.oidc]] table configures",
+            ),
+        ] {
+            let e = with(&format!(
+                "{idp}[[identity.principals]]\nname = \"alice\"\noidc = [\"{oidc}\"]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("identity.principals.oidc") && e.contains(says),
+                "{e}"
+            );
         }
         let e = with("[[identity.oidc]]\nissuer = \"https://idp\"\naudiences = [\"t\"]\n[[identity.oidc]]\nissuer = \"https://idp\"\naudiences = [\"t\"]\n")
             .unwrap_err()

@@ -110,6 +110,9 @@ impl Principals {
             for t in &m.tokens {
                 by_credential.insert(Principal::token(t), name.clone());
             }
+            for o in &m.oidc {
+                by_credential.insert(Principal(format!("oidc:{o}")), name.clone());
+            }
         }
         Principals { by_credential }
     }
@@ -298,9 +301,16 @@ mod tests {
             name: "alice".into(),
             certificates: vec!["spiffe://corp/alice".into(), "cn:alice".into()],
             tokens: vec!["alice-bot".into()],
+            oidc: vec!["https://idp#00u1alice".into()],
         }]);
         let alice = Principal::from_stored("alice");
         assert_eq!(map.resolve(&cn), alice);
+        assert_eq!(
+            map.resolve(&Principal::oidc("https://idp", "00u1alice")),
+            alice
+        );
+        let other_idp = Principal::oidc("https://other", "00u1alice");
+        assert_eq!(map.resolve(&other_idp), other_idp);
         assert_eq!(map.resolve(&spiffe), alice);
         assert_eq!(map.resolve(&Principal::token("alice-bot")), alice);
         // Unmapped credentials keep their own principal; a token named like a CN stays apart.
@@ -345,6 +355,7 @@ mod tests {
             name: "alice".into(),
             certificates: vec!["cn:alice".into()],
             tokens: vec![],
+            oidc: vec![],
         }]);
         let mapped = map.apply(cn);
         assert_eq!(

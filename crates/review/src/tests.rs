@@ -974,6 +974,7 @@ fn alice_and_bob() -> Principals {
             name: name.into(),
             certificates: certificates.iter().map(|c| c.to_string()).collect(),
             tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            oidc: vec![],
         };
     Principals::new(&[
         mapping("alice", &["spiffe://corp/alice", "cn:alice"], &["alice"]),
