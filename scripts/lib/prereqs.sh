@@ -5,7 +5,8 @@
 #                        (tollgate-policy's SQL parser, whose bindings bindgen makes) build C
 #   need_postgres        PostgreSQL server binaries (initdb, pg_ctl), psql and pgbench
 #   need_test_tools      openssl, python3 and python3-httpx (certificates and clients made by
-#                        the tests), node and npm (the OpenID provider of tests/oidc.rs)
+#                        the tests), node and npm (the OpenID provider of tests/oidc.rs, the
+#                        reference MCP SDK of tests/mcp.rs)
 #   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
 #   install_needed       installs what the calls above found missing
 #   need_cargo           fails with a hint when there is no Rust toolchain
@@ -29,7 +30,8 @@ need_test_tools() {
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   # httpx: the Python client of the HTTP resource tests (tests/http_attacks.rs).
   /usr/bin/python3 -c 'import httpx' >/dev/null 2>&1 || missing+=(python3-httpx)
-  # node and npm: tests/oidc.rs runs npm oidc-provider (installed by the test under target/).
+  # node and npm: tests/oidc.rs runs npm oidc-provider, tests/mcp.rs the MCP SDK (installed by
+  # the tests under target/).
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
 }

@@ -1,0 +1,615 @@
+//! MCP resources end to end with real MCP components: the reference SDK's streamable-HTTP
+//! server (Node, over HTTPS with its own certificate) behind the real gateway, driven by the
+//! SDK's own client (and by curl for what a well-behaved client never sends). Covers listing
+//! filtered by the rules, denied calls that never reach the server, a call held for review by
+//! an argument condition and approved from the CLI, masking of text and structured results,
+//! malformed and duplicate-key JSON-RPC, a session id presented by another principal, the
+//! protocol version check, and the audit events.
+//!
+//! Node and npm must be installed (scripts/lib/prereqs.sh installs them); the SDK is installed
+//! into `target/tmp/mcp-node` on first use.
+
+mod common;
+
+use common::{read_events, wait_for, Gateway, Pki, BIN, TOKEN};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+use tollgate_tls::pki::IssuedFiles;
+
+const UPSTREAM_SECRET: &str = "Bearer mcp-upstream-secret-77c1";
+
+/// The SDK (and zod), installed once per target directory.
+fn node_modules() -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-node");
+    let modules = dir.join("node_modules");
+    if !modules
+        .join("@modelcontextprotocol/sdk/package.json")
+        .exists()
+        || !modules.join("zod/package.json").exists()
+    {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .args(["@modelcontextprotocol/sdk@1", "zod@3"])
+            .output()
+            .expect("npm (install Node.js and npm: scripts/lib/prereqs.sh does)");
+        assert!(
+            out.status.success(),
+            "npm install failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    modules
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/mcp")
+        .join(name)
+}
+
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct McpEnv {
+    gw: Gateway,
+    _server: Node,
+    pki: Pki,
+    alice: IssuedFiles,
+    https_port: u16,
+    calls: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl McpEnv {
+    fn start(json_response: bool) -> McpEnv {
+        let modules = node_modules();
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-mcp-")
+            .tempdir()
+            .unwrap();
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let gw_cert = pki.server("gateway");
+        let up_cert = pki.server("upstream");
+        let calls = tmp.path().join("calls.jsonl");
+        std::fs::write(&calls, "").unwrap();
+        let mut child = Command::new("node")
+            .arg(script("server.cjs"))
+            .env("NODE_PATH", &modules)
+            .env("TLS_CERT", &up_cert.cert)
+            .env("TLS_KEY", &up_cert.key)
+            .env("CALLS_FILE", &calls)
+            .env("EXPECT_AUTH", UPSTREAM_SECRET)
+            .env("JSON_RESPONSE", if json_response { "1" } else { "0" })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let server = Node(child);
+        let up_port = serde_json::from_str::<Value>(&line)
+            .unwrap_or_else(|e| panic!("MCP server did not start ({e}): {line:?}"))["port"]
+            .as_u64()
+            .unwrap();
+        let alice = pki.client("alice", &["sre"]);
+        let https_port = tollgate_testsupport::free_port();
+        let config = format!(
+            r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+https_listen = "127.0.0.1:{https_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+store = "sqlite://audit.db"
+
+[roles]
+admin_groups = ["sre"]
+
+[[identity.tokens]]
+subject = "agent-bot"
+sha256 = "{token_sha}"
+groups = ["agents"]
+
+[[resources]]
+name = "tickets"
+kind = "mcp"
+upstream = "https://localhost:{up_port}/mcp"
+allow_groups = ["sre", "agents"]
+[resources.tls]
+ca = "{ca}"
+[resources.credentials]
+header = "Authorization"
+value_env = "TICKETS_MCP_TOKEN"
+[[resources.rules]]
+name = "no-deletes"
+tools = ["delete_*"]
+action = "deny"
+[[resources.rules]]
+name = "prod-closes"
+tools = ["close_ticket"]
+arguments = {{ "$.project" = "prod-*" }}
+action = "review"
+approvers = ["sre"]
+[[resources.rules]]
+name = "no-drop-echo"
+tools = ["echo"]
+arguments = {{ "$.text" = "*DROP*" }}
+action = "deny"
+[[resources.masks]]
+detectors = ["email", "credit_card"]
+json_paths = ["$..customer.name"]
+strategy = "redact"
+"#,
+            cert = gw_cert.cert.display(),
+            key = gw_cert.key.display(),
+            ca = pki.ca.display(),
+            token_sha = common::sha256_hex(TOKEN),
+        );
+        let gw = Gateway::start(
+            tmp.path(),
+            &config,
+            &[("TICKETS_MCP_TOKEN", UPSTREAM_SECRET)],
+        );
+        McpEnv {
+            gw,
+            _server: server,
+            pki,
+            alice,
+            https_port,
+            calls,
+            tmp,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}/r/tickets", self.https_port)
+    }
+
+    /// The SDK client, as the agent token, running `ops`.
+    fn client(&self, ops: &Value) -> Child {
+        Command::new("node")
+            .arg(script("client.cjs"))
+            .arg(ops.to_string())
+            .env("NODE_PATH", node_modules())
+            .env("NODE_EXTRA_CA_CERTS", &self.pki.ca)
+            .env("MCP_URL", self.url())
+            .env("MCP_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("node")
+    }
+
+    /// The client's output lines: the session line, then one per operation.
+    fn outputs(&self, child: Child) -> Vec<Value> {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "MCP client failed: {}\n{stdout}\ngateway:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.gw.logs()
+        );
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn run(&self, ops: Value) -> Vec<Value> {
+        let c = self.client(&ops);
+        self.outputs(c)
+    }
+
+    /// The tool calls that reached the MCP server.
+    fn calls(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        read_events(&self.tmp.path().join("audit.db"))
+    }
+
+    fn cli(&self, who: &IssuedFiles, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env(
+                "TOLLGATE_GATEWAY",
+                format!("https://localhost:{}", self.https_port),
+            )
+            .env("TOLLGATE_CA", &self.pki.ca)
+            .env("TOLLGATE_CERT", &who.cert)
+            .env("TOLLGATE_KEY", &who.key)
+            .output()
+            .unwrap()
+    }
+
+    /// A raw JSON-RPC POST with curl; `who` a certificate, or the agent token when `None`.
+    /// Returns status, headers and body.
+    fn post(
+        &self,
+        who: Option<&IssuedFiles>,
+        session: Option<&str>,
+        extra: &[&str],
+        body: &str,
+    ) -> (u16, String, String) {
+        let headers = self.tmp.path().join("headers.txt");
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"])
+            .arg("-D")
+            .arg(&headers)
+            .arg("--cacert")
+            .arg(&self.pki.ca)
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                "Accept: application/json, text/event-stream",
+            ]);
+        match who {
+            Some(w) => {
+                cmd.arg("--cert").arg(&w.cert).arg("--key").arg(&w.key);
+            }
+            None => {
+                cmd.args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
+            }
+        }
+        if let Some(s) = session {
+            cmd.args(["-H", &format!("Mcp-Session-Id: {s}")]);
+        }
+        let out = cmd
+            .args(extra)
+            .args(["--data-binary", body])
+            .arg(self.url())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            std::fs::read_to_string(&headers).unwrap_or_default(),
+            body.to_string(),
+        )
+    }
+}
+
+/// The JSON-RPC messages of a body, JSON or server-sent events.
+fn messages(body: &str) -> Vec<Value> {
+    if body.trim_start().starts_with(['{', '[']) {
+        return match serde_json::from_str(body).unwrap() {
+            Value::Array(a) => a,
+            v => vec![v],
+        };
+    }
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect()
+}
+
+fn header_value(headers: &str, name: &str) -> Option<String> {
+    headers.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+fn of_kind<'a>(evs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    evs.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+#[test]
+fn tools_are_filtered_denied_held_and_masked() {
+    let env = McpEnv::start(false);
+    let out = env.run(serde_json::json!([
+        {"op": "list"},
+        {"op": "call", "name": "lookup_customer", "arguments": {"id": "c-1"}},
+        {"op": "call", "name": "delete_ticket", "arguments": {"project": "dev-1", "id": "7"}},
+        {"op": "call", "name": "echo", "arguments": {"text": "please DROP it"}},
+        {"op": "call", "name": "echo", "arguments": {"text": "hello"}},
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "dev-1", "id": "8"}},
+    ]));
+    assert_eq!(out[0]["protocol"], "2025-11-25", "{out:?}");
+    // A tool every call to which is denied is not listed; one denied on arguments is.
+    let tools = out[1]["tools"].as_array().unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["lookup_customer", "close_ticket", "echo"],
+        "{out:?}"
+    );
+
+    // Masking: detectors in the text, the path in structuredContent.
+    let r = &out[2]["result"];
+    let text = r["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Customer c-1: Ada Lovelace <"), "{text}");
+    assert!(
+        !text.contains("ada@example.com") && !text.contains("4111"),
+        "{text}"
+    );
+    let customer = &r["structuredContent"]["customer"];
+    assert_eq!(customer["tier"], "gold", "{r}");
+    assert_ne!(customer["name"], "Ada Lovelace", "{r}");
+    assert_ne!(customer["email"], "ada@example.com", "{r}");
+
+    // Denied: a JSON-RPC error naming the rule; nothing reached the server.
+    assert_eq!(out[3]["code"], -32001, "{out:?}");
+    let e = out[3]["error"].as_str().unwrap();
+    assert!(e.contains("denied by tollgate rule \"no-deletes\""), "{e}");
+    assert_eq!(out[3]["data"]["rule"], "no-deletes");
+    assert_eq!(out[4]["code"], -32001, "{out:?}");
+    assert!(out[4]["error"].as_str().unwrap().contains("no-drop-echo"));
+    assert_eq!(out[5]["result"]["content"][0]["text"], "hello", "{out:?}");
+    // Not production: not held.
+    assert_eq!(
+        out[6]["result"]["content"][0]["text"], "closed dev-1/8",
+        "{out:?}"
+    );
+    let calls = env.calls();
+    let ran: Vec<&str> = calls.iter().map(|c| c["tool"].as_str().unwrap()).collect();
+    assert_eq!(
+        ran,
+        ["lookup_customer", "echo", "close_ticket"],
+        "{calls:?}"
+    );
+
+    // Production: held until a reviewer approves, then run.
+    let held = env.client(&serde_json::json!([
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-eu", "id": "9"}},
+    ]));
+    let mut review = Value::Null;
+    wait_for(Duration::from_secs(20), "a pending review", || {
+        let out = env.cli(&env.alice, &["reviews", "list", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let list = v
+            .get("reviews")
+            .cloned()
+            .unwrap_or(v)
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        match list.into_iter().find(|r| r["status"] == "pending") {
+            Some(r) => {
+                review = r;
+                true
+            }
+            None => false,
+        }
+    });
+    let shown = review["statement"].as_str().unwrap_or_default();
+    assert!(
+        shown.contains("close_ticket") && shown.contains("prod-eu"),
+        "{review}"
+    );
+    assert_eq!(review["rule"], "prod-closes", "{review}");
+    assert_eq!(env.calls().len(), 3, "held: not run yet");
+    let id = review["id"].as_str().unwrap();
+    let approved = env.cli(&env.alice, &["reviews", "approve", id]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let out = env.outputs(held);
+    assert_eq!(
+        out[1]["result"]["content"][0]["text"], "closed prod-eu/9",
+        "{out:?}"
+    );
+    assert_eq!(env.calls().len(), 4);
+
+    // The record: every request judged, the answers masked.
+    let mut evs = Vec::new();
+    wait_for(Duration::from_secs(15), "mcp events", || {
+        evs = env.events();
+        of_kind(&evs, "review.approved").len() == 1 && of_kind(&evs, "mcp.response").len() >= 9
+    });
+    let requests = of_kind(&evs, "mcp.request");
+    let denied = requests
+        .iter()
+        .find(|e| e["payload"]["name"] == "delete_ticket")
+        .expect("the denied call is recorded");
+    assert_eq!(denied["payload"]["decision"]["action"], "deny");
+    assert_eq!(denied["payload"]["decision"]["rule"], "no-deletes");
+    assert!(denied["payload"]["arguments"]
+        .as_str()
+        .unwrap()
+        .contains("dev-1"));
+    let held_req = requests
+        .iter()
+        .find(|e| {
+            e["payload"]["arguments"]
+                .as_str()
+                .unwrap_or("")
+                .contains("prod-eu")
+        })
+        .unwrap();
+    assert_eq!(held_req["payload"]["decision"]["action"], "review");
+    assert!(requests
+        .iter()
+        .any(|e| e["payload"]["method"] == "initialize"));
+    assert!(requests
+        .iter()
+        .any(|e| e["payload"]["method"] == "tools/list"));
+    let responses = of_kind(&evs, "mcp.response");
+    let lookup = responses
+        .iter()
+        .find(|e| e["payload"]["name"] == "lookup_customer")
+        .unwrap();
+    let capture = lookup["payload"]["capture"].as_str().unwrap();
+    assert!(capture.contains("Customer c-1"), "{capture}");
+    assert!(
+        !capture.contains("ada@example.com") && !capture.contains("4111 1111"),
+        "{capture}"
+    );
+    assert!(!capture.contains("Ada Lovelace\""), "{capture}");
+    assert!(lookup["payload"]["masked"]["values"].as_u64().unwrap() >= 3);
+    let listing = responses
+        .iter()
+        .find(|e| e["payload"]["method"] == "tools/list")
+        .unwrap();
+    assert_eq!(
+        listing["payload"]["hidden"],
+        serde_json::json!(["delete_ticket"])
+    );
+    let opens = of_kind(&evs, "session.open");
+    assert!(opens.iter().all(|e| e["payload"]["resource_kind"] == "mcp"));
+    // The client's token never reached the server, the injected credential did (the server
+    // refuses anything else with 401, so the calls above prove it).
+}
+
+#[test]
+fn protocol_edges_are_refused_and_the_session_survives() {
+    let env = McpEnv::start(true);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}"#;
+    let (code, headers, body) = env.post(None, None, &[], init);
+    assert_eq!(code, 200, "{headers}{body}\n{}", env.gw.logs());
+    let session = header_value(&headers, "mcp-session-id").expect("a session id");
+    assert_eq!(
+        messages(&body)[0]["result"]["protocolVersion"],
+        "2025-06-18"
+    );
+    let v = ["-H", "MCP-Protocol-Version: 2025-06-18"];
+    let (code, _, _) = env.post(
+        None,
+        Some(&session),
+        &v,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    );
+    assert_eq!(code, 202);
+
+    // Malformed: a parse error, nothing forwarded.
+    let (code, _, body) = env.post(None, Some(&session), &v, r#"{"jsonrpc":"2.0","id":2,"#);
+    assert_eq!(code, 400, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["error"]["code"], -32700, "{e}");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    // Not JSON-RPC.
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &v,
+        r#"{"id":2,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        -32600
+    );
+    // Duplicate keys: the server might read the other name than the one judged.
+    let dup = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"},"name":"delete_ticket"}}"#;
+    let (code, _, body) = env.post(None, Some(&session), &v, dup);
+    assert_eq!(code, 400, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("repeats the JSON key \"name\""),
+        "{e}"
+    );
+    // The session goes on.
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &v,
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"echo","arguments":{"text":"still here"}}}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        messages(&body)[0]["result"]["content"][0]["text"],
+        "still here"
+    );
+    // A batch with a denied call is refused whole (JSON answers: one error per request).
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &v,
+        r#"[{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"echo","arguments":{"text":"a"}}},{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"delete_ticket","arguments":{"project":"p","id":"1"}}}]"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let errs = messages(&body);
+    assert_eq!(errs.len(), 2, "{body}");
+    assert!(errs.iter().all(|e| e["error"]["code"] == -32001), "{body}");
+    assert!(errs[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("another request of this batch was denied"));
+
+    // Another principal presenting the session: as unknown (404).
+    let (code, _, body) = env.post(
+        Some(&env.alice),
+        Some(&session),
+        &v,
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("session not found"), "{body}");
+    let (code, _, _) = env.post(
+        None,
+        Some("forged-session"),
+        &v,
+        r#"{"jsonrpc":"2.0","id":8,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 404);
+    // A protocol revision the gateway does not know is not passed on.
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &["-H", "MCP-Protocol-Version: 2026-07-28"],
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("2026-07-28"), "{body}");
+
+    let ran: Vec<String> = env
+        .calls()
+        .iter()
+        .map(|c| c["args"]["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ran, ["still here"], "only the valid call ran");
+    let mut evs = Vec::new();
+    wait_for(Duration::from_secs(15), "refused session events", || {
+        evs = env.events();
+        of_kind(&evs, "mcp.session_refused").len() == 2
+    });
+    let reasons: Vec<&Value> = of_kind(&evs, "mcp.session_refused")
+        .iter()
+        .map(|e| &e["payload"]["reason"])
+        .collect();
+    assert_eq!(
+        reasons,
+        [&Value::from("other_principal"), &Value::from("unknown")]
+    );
+    let refused: Vec<&Value> = of_kind(&evs, "http.response")
+        .into_iter()
+        .filter(|e| e["payload"]["outcome"] == "refused")
+        .collect();
+    assert!(refused.len() >= 6, "{refused:?}");
+}

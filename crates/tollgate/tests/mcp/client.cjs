@@ -1,0 +1,36 @@
+// An MCP client made with the reference SDK (StreamableHTTPClientTransport), for tests/mcp.rs:
+// connects to MCP_URL with "Authorization: Bearer MCP_TOKEN" (trusting NODE_EXTRA_CA_CERTS),
+// runs the operations of argv[2] (a JSON array of {"op": "list"} and
+// {"op": "call", "name": ..., "arguments": {...}}) in order and prints one JSON line for each:
+// {"tools": [names]}, {"result": ...} or {"error": message, "code": n, "data": ...}.
+const { Client } = require('@modelcontextprotocol/sdk/client/index.js');
+const { StreamableHTTPClientTransport } = require('@modelcontextprotocol/sdk/client/streamableHttp.js');
+
+async function main() {
+  const ops = JSON.parse(process.argv[2]);
+  const transport = new StreamableHTTPClientTransport(new URL(process.env.MCP_URL), {
+    requestInit: { headers: { Authorization: `Bearer ${process.env.MCP_TOKEN}` } },
+  });
+  const client = new Client({ name: 'tollgate-test', version: '1.0.0' });
+  await client.connect(transport);
+  console.log(JSON.stringify({ session: transport.sessionId, protocol: transport.protocolVersion }));
+  for (const op of ops) {
+    try {
+      if (op.op === 'list') {
+        const r = await client.listTools();
+        console.log(JSON.stringify({ tools: r.tools.map((t) => t.name) }));
+      } else {
+        const r = await client.callTool({ name: op.name, arguments: op.arguments }, undefined, { timeout: 60000 });
+        console.log(JSON.stringify({ result: r }));
+      }
+    } catch (e) {
+      console.log(JSON.stringify({ error: e.message, code: e.code, data: e.data }));
+    }
+  }
+  await client.close();
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

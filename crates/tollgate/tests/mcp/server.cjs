@@ -1,0 +1,107 @@
+// A streamable-HTTP MCP server made with the reference SDK, served over HTTPS (the test PKI's
+// certificate), for tests/mcp.rs. It answers only requests that carry the credential the
+// gateway injects (EXPECT_AUTH), and appends every tool call it runs to CALLS_FILE.
+// Prints {"port": N} once listening. JSON_RESPONSE=1 answers POSTs with JSON instead of SSE.
+const https = require('node:https');
+const fs = require('node:fs');
+const crypto = require('node:crypto');
+const { McpServer } = require('@modelcontextprotocol/sdk/server/mcp.js');
+const { StreamableHTTPServerTransport } = require('@modelcontextprotocol/sdk/server/streamableHttp.js');
+const { isInitializeRequest } = require('@modelcontextprotocol/sdk/types.js');
+const { z } = require('zod');
+
+const [cert, key] = [process.env.TLS_CERT, process.env.TLS_KEY].map((p) => fs.readFileSync(p));
+const calls = process.env.CALLS_FILE;
+
+function ran(tool, args) {
+  fs.appendFileSync(calls, JSON.stringify({ tool, args }) + '\n');
+}
+
+function makeServer() {
+  const server = new McpServer({ name: 'tickets', version: '1.0.0' });
+  server.registerTool(
+    'lookup_customer',
+    {
+      description: 'Look a customer up by id',
+      inputSchema: { id: z.string() },
+      outputSchema: { customer: z.object({ name: z.string(), email: z.string(), tier: z.string() }) },
+    },
+    async ({ id }) => {
+      ran('lookup_customer', { id });
+      return {
+        content: [{ type: 'text', text: `Customer ${id}: Ada Lovelace <ada@example.com>, card 4111 1111 1111 1111` }],
+        structuredContent: { customer: { name: 'Ada Lovelace', email: 'ada@example.com', tier: 'gold' } },
+      };
+    },
+  );
+  server.registerTool(
+    'delete_ticket',
+    { description: 'Delete a ticket', inputSchema: { project: z.string(), id: z.string() } },
+    async (args) => {
+      ran('delete_ticket', args);
+      return { content: [{ type: 'text', text: `deleted ${args.project}/${args.id}` }] };
+    },
+  );
+  server.registerTool(
+    'close_ticket',
+    { description: 'Close a ticket', inputSchema: { project: z.string(), id: z.string() } },
+    async (args) => {
+      ran('close_ticket', args);
+      return { content: [{ type: 'text', text: `closed ${args.project}/${args.id}` }] };
+    },
+  );
+  server.registerTool(
+    'echo',
+    { description: 'Echo a text back', inputSchema: { text: z.string() } },
+    async ({ text }) => {
+      ran('echo', { text });
+      return { content: [{ type: 'text', text }] };
+    },
+  );
+  return server;
+}
+
+const transports = {};
+const srv = https.createServer({ cert, key }, async (req, res) => {
+  try {
+    if (req.headers.authorization !== process.env.EXPECT_AUTH) {
+      res.writeHead(401, { 'content-type': 'text/plain' }).end('missing or wrong credential');
+      return;
+    }
+    let body;
+    if (req.method === 'POST') {
+      const chunks = [];
+      for await (const c of req) chunks.push(c);
+      body = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    }
+    const sid = req.headers['mcp-session-id'];
+    let t = sid ? transports[sid] : undefined;
+    if (!t) {
+      if (req.method === 'POST' && !sid && isInitializeRequest(body)) {
+        t = new StreamableHTTPServerTransport({
+          sessionIdGenerator: () => crypto.randomUUID(),
+          enableJsonResponse: process.env.JSON_RESPONSE === '1',
+          onsessioninitialized: (id) => {
+            transports[id] = t;
+          },
+        });
+        t.onclose = () => {
+          if (t.sessionId) delete transports[t.sessionId];
+        };
+        await makeServer().connect(t);
+      } else {
+        res
+          .writeHead(400, { 'content-type': 'application/json' })
+          .end(JSON.stringify({ jsonrpc: '2.0', error: { code: -32000, message: 'Bad Request: no valid session' }, id: null }));
+        return;
+      }
+    }
+    await t.handleRequest(req, res, body);
+  } catch (e) {
+    console.error(e);
+    if (!res.headersSent) res.writeHead(500).end(String(e));
+  }
+});
+srv.listen(0, '127.0.0.1', () => {
+  console.log(JSON.stringify({ port: srv.address().port }));
+});
