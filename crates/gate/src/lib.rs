@@ -12,6 +12,7 @@ pub mod authn;
 pub mod event;
 pub mod hold;
 pub mod limits;
+pub mod masks;
 pub mod rules;
 pub mod session;
 

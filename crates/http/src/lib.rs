@@ -42,7 +42,7 @@ use tollgate_gate::access::Access;
 use tollgate_gate::event::{SessionClose, SessionOpen, TlsLeg};
 use tollgate_gate::{Identity, RuleSet, SessionLog};
 use tollgate_identity::TokenVerifier;
-use tollgate_mask::{MaskKey, Policy};
+use tollgate_mask::{BodyPlan, MaskKey, Policy};
 use tollgate_review::Reviews;
 use tollgate_store::Recorder;
 
@@ -52,6 +52,8 @@ pub(crate) struct Target {
     pub rules: RuleSet,
     /// The resource's masks (`None`: it has none).
     pub mask: Option<Policy>,
+    /// The same masks for everyone: what audit captures are masked with.
+    pub audit_mask: Option<Policy>,
     pub client: upstream::UpstreamClient,
     /// The credential header and its value (never logged: marked sensitive).
     pub inject: Option<(HeaderName, HeaderValue)>,
@@ -64,6 +66,15 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    /// The plan audit captures are masked with (`None`: nothing to mask). Group exceptions do
+    /// not apply: no original value reaches the audit trail, whoever the caller was.
+    pub(crate) fn audit_plan(&self) -> Option<BodyPlan> {
+        self.audit_mask
+            .as_ref()
+            .map(|p| p.body_plan(&[]))
+            .filter(BodyPlan::is_active)
+    }
+
     fn new(
         resource: &Resource,
         key: Option<&MaskKey>,
@@ -87,28 +98,11 @@ impl Target {
                 Some((HeaderName::from_bytes(name.as_bytes())?, value))
             }
         };
-        let mask = if resource.masks.is_empty() {
-            None
-        } else {
-            let specs: Vec<tollgate_mask::MaskSpec> = resource
-                .masks
-                .iter()
-                .map(|m| tollgate_mask::MaskSpec {
-                    columns: m.columns.clone(),
-                    types: m.types.clone(),
-                    detectors: m.detectors.clone(),
-                    json_paths: m.json_paths.clone(),
-                    strategy: m.strategy.clone(),
-                    keep_last: m.keep_last,
-                    except_groups: m.except_groups.clone(),
-                    only_groups: m.only_groups.clone(),
-                })
-                .collect();
-            Some(
-                Policy::from_specs(&specs, key.cloned())
-                    .map_err(|e| anyhow::anyhow!("resource {:?}: masks: {e}", resource.name))?,
-            )
-        };
+        let masks_error = |e| anyhow::anyhow!("resource {:?}: masks: {e}", resource.name);
+        let mask =
+            tollgate_gate::masks::masking_policy(resource, key.cloned()).map_err(masks_error)?;
+        let audit_mask = tollgate_gate::masks::audit_masking_policy(resource, key.cloned())
+            .map_err(masks_error)?;
         let connector = upstream::Connector::new(resource)
             .map_err(|e| anyhow::anyhow!("resource {:?}: upstream TLS: {e}", resource.name))?;
         let scheme = if http.tls { "https" } else { "http" };
@@ -130,6 +124,7 @@ impl Target {
         };
         Ok(Target {
             identity,
+            audit_mask,
             rules: RuleSet::try_new(&resource.rules, resource.review_timeout, resource.dry_run)
                 .map_err(|e| anyhow::anyhow!("resource {:?}: rules: {e}", resource.name))?,
             mask,

@@ -454,7 +454,7 @@ async fn run(
     }
     let judgement = judgement.expect("at least the request method");
 
-    let audit_plan = target.mask.as_ref().map(|p| p.body_plan(&[]));
+    let audit_plan = target.audit_plan();
     let capture_limit = target.resource.capture_bytes;
     let request_event = HttpRequest {
         n,
@@ -876,11 +876,7 @@ async fn forward(
         _ => None,
     }
     .filter(BodyPlan::is_active);
-    let audit_plan = target
-        .mask
-        .as_ref()
-        .map(|p| p.body_plan(&[]))
-        .filter(BodyPlan::is_active);
+    let audit_plan = target.audit_plan();
     let masking = plan.is_some() || audit_plan.is_some();
 
     let uri = format!(

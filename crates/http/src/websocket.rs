@@ -118,11 +118,7 @@ pub(crate) async fn forward(
         _ => None,
     }
     .filter(BodyPlan::is_active);
-    let audit_plan = target
-        .mask
-        .as_ref()
-        .map(|p| p.body_plan(&[]))
-        .filter(BodyPlan::is_active);
+    let audit_plan = target.audit_plan();
     let masking = plan.is_some() || audit_plan.is_some();
     let has_masks = target.mask.is_some();
 

@@ -246,7 +246,11 @@ fn identity_injection_and_header_hygiene() {
     assert_eq!(header(&echo, "x-forwarded-proto"), Some("https"));
     assert_eq!(header(&echo, "cookie"), Some("theme=dark"));
     assert_eq!(header(&echo, "x-tollgate-identity"), None);
-    assert_eq!(header(&echo, "x-original-url"), None, "a target override rode along");
+    assert_eq!(
+        header(&echo, "x-original-url"),
+        None,
+        "a target override rode along"
+    );
     assert_eq!(header(&echo, "x-rewrite-url"), None);
     assert_eq!(header(&echo, "proxy-authorization"), None);
     assert_eq!(
@@ -1085,4 +1089,44 @@ fn https_listeners_cap_connections_per_source() {
         "{m}"
     );
     assert!(m.contains("tollgate_connections_refused_total{listener=\"http\",reason=\"max_connections_per_source\"}"));
+}
+
+#[test]
+fn audit_captures_stay_masked_whoever_the_viewer() {
+    // The rule masks for the ci group only, and exempts sre: alice (sre) sees the e-mail, the
+    // audit trail never does.
+    let env = HttpEnv::start(
+        "",
+        r#"[[resources.masks]]
+detectors = ["email"]
+only_groups = ["ci"]
+[[resources.masks]]
+json_paths = ["$..card_number"]
+except_groups = ["sre"]
+"#,
+    );
+    let (code, body) = env.curl(Some(&env.alice), &[&env.url("/customers/1")]);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("ada@example.com") && body.contains("4111 1111 1111 1111"),
+        "{body}"
+    );
+    let (_, body) = env.curl(None, &[&env.url("/customers/1")]);
+    assert!(
+        !body.contains("ada@example.com") && !body.contains("4111 1111 1111 1111"),
+        "{body}"
+    );
+    let evs = env.events_until("both responses", |evs| {
+        evs.iter().filter(|e| e["kind"] == "http.response").count() >= 2
+    });
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(all.contains("\\\"Ada\\\""), "no capture recorded");
+    assert!(
+        !all.contains("ada@example.com"),
+        "an exempt viewer's capture leaked the e-mail"
+    );
+    assert!(
+        !all.contains("4111 1111 1111 1111"),
+        "an exempt viewer's capture leaked the card"
+    );
 }

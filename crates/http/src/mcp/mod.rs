@@ -153,11 +153,7 @@ impl Exchange<'_> {
     }
 
     fn audit_plan(&self) -> Option<BodyPlan> {
-        self.target
-            .mask
-            .as_ref()
-            .map(|p| p.body_plan(&[]))
-            .filter(BodyPlan::is_active)
+        self.target.audit_plan()
     }
 
     /// Records the gateway's own answer (`http.response`) and counts it.
