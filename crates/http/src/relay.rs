@@ -94,8 +94,19 @@ const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Methods whose answer echoes the request, with the credential the gateway injects in it.
 const ECHO_METHODS: &[&str] = &["TRACE", "TRACK"];
 
-/// Where the gateway's own cookies start (never forwarded to a resource).
+/// Where the gateway's own cookies start (never forwarded to a resource), after any
+/// `__Host-`/`__Secure-` prefix (the console's is `__Host-tollgate_console`).
 const GATEWAY_COOKIE_PREFIX: &str = "tollgate";
+
+/// Whether a cookie of this name is the gateway's own (case-insensitive).
+fn is_gateway_cookie(name: &str) -> bool {
+    let name = name.trim().to_ascii_lowercase();
+    let bare = name
+        .strip_prefix("__host-")
+        .or_else(|| name.strip_prefix("__secure-"))
+        .unwrap_or(&name);
+    bare.starts_with(GATEWAY_COOKIE_PREFIX)
+}
 
 pub async fn handle(
     gw: &Arc<HttpGateway>,
@@ -1370,7 +1381,7 @@ fn scope_set_cookie(
     let pair = attrs.next()?.trim();
     let name = pair.split('=').next().unwrap_or("").trim();
     let prefixed = mount == Mount::Prefixed;
-    if prefixed && name.to_ascii_lowercase().starts_with(GATEWAY_COOKIE_PREFIX) {
+    if prefixed && is_gateway_cookie(name) {
         return None;
     }
     let mut out = vec![pair.to_string()];
@@ -1402,15 +1413,7 @@ fn without_gateway_cookies(v: &HeaderValue) -> Option<HeaderValue> {
     let kept: Vec<&str> = s
         .split(';')
         .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && !c
-                    .split('=')
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_lowercase()
-                    .starts_with(GATEWAY_COOKIE_PREFIX)
-        })
+        .filter(|c| !c.is_empty() && !is_gateway_cookie(c.split('=').next().unwrap_or("")))
         .collect();
     if kept.is_empty() {
         return None;
@@ -1703,6 +1706,10 @@ mod tests {
         assert_eq!(scoped("sid=1", p, "").as_deref(), Some("sid=1"));
         assert_eq!(scoped("Tollgate_session=x; Path=/", p, ""), None);
         assert_eq!(
+            scoped("__Host-tollgate_console=x; Path=/; Secure", p, ""),
+            None
+        );
+        assert_eq!(
             scoped("sid=1; Path=/; DOMAIN=example.com", Mount::ByHost, "").as_deref(),
             Some("sid=1; Path=/")
         );
@@ -1714,6 +1721,16 @@ mod tests {
         assert_eq!(without_gateway_cookies(&v).unwrap(), "theme=dark");
         let v = HeaderValue::from_static("tollgate_session=abc");
         assert!(without_gateway_cookies(&v).is_none());
+        // The console's cookie carries a __Host- prefix; __Secure- is covered as well.
+        let v = HeaderValue::from_static(
+            "__Host-tollgate_console=0a1b; sid=1; __secure-TOLLGATE_x=y; __Host-other=z",
+        );
+        assert_eq!(
+            without_gateway_cookies(&v).unwrap(),
+            "sid=1; __Host-other=z"
+        );
+        assert!(!is_gateway_cookie("__Host-"));
+        assert!(!is_gateway_cookie("my_tollgate"));
     }
 
     #[test]
