@@ -378,6 +378,12 @@ fn oidc_tokens_are_credentials_for_postgres_http_and_the_api() {
     assert_eq!(env.curl(&dev, "/r/billing/customers/1").0, 403);
     assert_eq!(env.curl(&sre, "/api/v1/sessions").0, 200);
     assert_eq!(env.curl(&dev, "/api/v1/sessions").0, 403);
+    assert_eq!(env.curl(&none, "/r/billing/customers/1").0, 403);
+    assert_eq!(env.curl(&entra, "/r/billing/customers/1").0, 200);
+    let accepted = env.gw.metric(
+        "tollgate_oidc_validations_total{issuer=\"localhost\",outcome=\"accepted\",reason=\"ok\"}",
+    );
+    assert!(accepted.unwrap_or(0) >= 8, "{}", env.gw.metrics());
 
     // Attacks: every one refused on every listener, with a generic answer.
     let jwk = idp.signing_jwk();
