@@ -319,6 +319,8 @@ pub struct Resource {
     pub capture_results: bool,
     /// Most bytes of row data captured per result (the rest is marked truncated).
     pub capture_bytes: usize,
+    /// MCP: what a tool definition that changed since it was first listed does (default off).
+    pub pinning: PinMode,
     /// Line of the `[[resources]]` entry, for error messages about it.
     pub line: usize,
 }
@@ -383,6 +385,27 @@ pub struct HttpUpstream {
 
 /// Default `resources.response_timeout` of HTTP resources.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `[resources.pinning] mode` of MCP resources: each tool's definition (name, title,
+/// description, annotations, input and output schema) is fingerprinted when first listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinMode {
+    /// Definitions are not fingerprinted.
+    #[default]
+    Off,
+    /// A changed definition is recorded (`mcp.pin_changed`) and counted; the tool stays usable.
+    Warn,
+    /// A changed definition is recorded, and the tool is left out of listings and its calls
+    /// refused.
+    Enforce,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPinning {
+    mode: PinMode,
+}
 
 /// `resources.unmaskable`: a response body masks apply to but cannot be masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -996,6 +1019,7 @@ struct RawResource {
     masks: Vec<Mask>,
     capture_results: Option<bool>,
     capture_bytes: Option<Spanned<i64>>,
+    pinning: Option<RawPinning>,
     unmaskable: Option<Unmaskable>,
     identity_header: Option<String>,
     max_request_body: Option<Spanned<i64>>,
@@ -1700,6 +1724,17 @@ impl Ctx<'_> {
             let unmask_approvers = r
                 .unmask_approvers
                 .unwrap_or_else(|| access_approvers.clone());
+            let pinning = match (r.pinning, r.kind) {
+                (None, _) => PinMode::Off,
+                (Some(p), ResourceKind::Mcp) => p.mode,
+                (Some(_), kind) => {
+                    return Err(self.invalid(
+                        up_at,
+                        "resources.pinning",
+                        format!("resource {name:?}: pinning fingerprints MCP tool definitions; a {kind} resource has none"),
+                    ))
+                }
+            };
             resources.push(Resource {
                 capture_results: r.capture_results.unwrap_or(false),
                 capture_bytes,
@@ -1747,6 +1782,7 @@ impl Ctx<'_> {
                     DEFAULT_MAX_PORTALS,
                 )?,
                 masks: r.masks,
+                pinning,
                 line,
             });
         }
@@ -1929,6 +1965,21 @@ password_env = "ORDERS_DB_PASSWORD"
             .to_string();
         assert!(
             e.contains(":40: resources.rules[0].arguments: \"project\" is not a JSON path"),
+            "{e}"
+        );
+        let c = p(&mcp("[resources.pinning]\nmode = \"enforce\"\n")).unwrap();
+        assert_eq!(c.resource("tickets").unwrap().pinning, PinMode::Enforce);
+        assert_eq!(c.resource("orders").unwrap().pinning, PinMode::Off);
+        let e = p(&GOOD.replace(
+            "password_env = \"ORDERS_DB_PASSWORD\"",
+            "password_env = \"ORDERS_DB_PASSWORD\"\n[resources.pinning]\nmode = \"warn\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "resources.pinning: resource \"orders\": pinning fingerprints MCP tool definitions"
+            ),
             "{e}"
         );
         let e = p(&GOOD.replace(

@@ -5,7 +5,8 @@
 //! `http.request` and `http.response`, and for upgraded WebSockets `ws.message` and `ws.close`.
 //! MCP (on HTTP) adds, per JSON-RPC message, `mcp.request` (judged, before it is forwarded),
 //! `mcp.response` (an answer, masked) and `mcp.message` (anything else the server sent), and
-//! `mcp.session_refused` for a session id used by a principal that did not open it.
+//! `mcp.session_refused` for a session id used by a principal that did not open it, and with
+//! pinning `mcp.pinned` (a tool definition first seen) and `mcp.pin_changed`.
 //! (PostgreSQL's `command` and `result` are still written by its relay.)
 
 use serde::Serialize;
@@ -310,5 +311,29 @@ pub struct McpSessionRefused {
 impl Event for McpSessionRefused {
     fn kind(&self) -> &'static str {
         "mcp.session_refused"
+    }
+}
+
+/// A tool definition fingerprinted at its first listing (`mcp.pinned`), or seen changed since
+/// (`mcp.pin_changed`).
+#[derive(Debug, Clone, Serialize)]
+pub struct McpPin {
+    #[serde(skip)]
+    pub kind: &'static str,
+    pub n: u64,
+    pub tool: String,
+    /// SHA-256 of the definition as pinned.
+    pub pinned_sha256: String,
+    /// SHA-256 of the definition now listed (`mcp.pin_changed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_sha256: Option<String>,
+    /// `warn` or `enforce` (`mcp.pin_changed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
+}
+
+impl Event for McpPin {
+    fn kind(&self) -> &'static str {
+        self.kind
     }
 }

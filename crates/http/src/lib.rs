@@ -186,6 +186,8 @@ pub struct HttpGateway {
     sessions: Mutex<HashMap<SessionKey, Arc<HttpSession>>>,
     /// MCP sessions the upstreams opened, and whose they are.
     pub(crate) mcp_sessions: mcp::McpSessions,
+    /// MCP tool definitions pinned at their first listing (kept across config reloads).
+    pub(crate) mcp_pins: mcp::Pins,
 }
 
 impl HttpGateway {
@@ -215,6 +217,7 @@ impl HttpGateway {
             mask_key,
             sessions: Mutex::new(HashMap::new()),
             mcp_sessions: mcp::McpSessions::default(),
+            mcp_pins: mcp::Pins::default(),
         }))
     }
 

@@ -29,8 +29,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tollgate_gate::event::{
-    BodyRecord, HttpRequest, HttpResponse, McpMessage, McpRequest, McpResponse, McpSessionRefused,
-    ReviewEvent,
+    BodyRecord, HttpRequest, HttpResponse, McpMessage, McpPin, McpRequest, McpResponse,
+    McpSessionRefused, ReviewEvent,
 };
 use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::rules::{Caller, CommandKind, Decision, Judgement};
@@ -87,6 +87,79 @@ impl McpSessions {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.remove(&(resource.to_string(), id.to_string()));
     }
+}
+
+/// Tool definitions by resource and tool name: the fingerprint pinned at the first listing,
+/// and the one last listed when it differs (a tool blocked under `enforce`).
+#[derive(Default)]
+pub(crate) struct Pins(Mutex<HashMap<(String, String), ToolPin>>);
+
+#[derive(Clone)]
+struct ToolPin {
+    pinned: String,
+    changed: Option<String>,
+}
+
+/// What a listing says about a tool's pin.
+enum PinSeen {
+    /// Seen for the first time: pinned now.
+    New,
+    Same,
+    /// Differs from the pin (the pinned and the listed fingerprints).
+    Changed(String),
+}
+
+impl Pins {
+    fn see(&self, resource: &str, tool: &str, fingerprint: &str) -> PinSeen {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (resource.to_string(), tool.to_string());
+        match m.get_mut(&key) {
+            None => {
+                m.insert(
+                    key,
+                    ToolPin {
+                        pinned: fingerprint.to_string(),
+                        changed: None,
+                    },
+                );
+                PinSeen::New
+            }
+            Some(p) if p.pinned == fingerprint => {
+                p.changed = None;
+                PinSeen::Same
+            }
+            Some(p) => {
+                p.changed = Some(fingerprint.to_string());
+                PinSeen::Changed(p.pinned.clone())
+            }
+        }
+    }
+
+    /// The pinned and last listed fingerprints of a tool whose definition changed.
+    fn changed(&self, resource: &str, tool: &str) -> Option<(String, String)> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let p = m.get(&(resource.to_string(), tool.to_string()))?;
+        Some((p.pinned.clone(), p.changed.clone()?))
+    }
+}
+
+/// The fingerprint of a tool definition: SHA-256 of the canonical JSON of what a model reads
+/// and what the server accepts and returns.
+fn tool_fingerprint(tool: &Value) -> String {
+    let mut def = serde_json::Map::new();
+    for key in [
+        "name",
+        "title",
+        "description",
+        "annotations",
+        "inputSchema",
+        "outputSchema",
+    ] {
+        if let Some(v) = tool.get(key) {
+            def.insert(key.into(), v.clone());
+        }
+    }
+    sha256_hex(jsonrpc::canonical(&Value::Object(def)).as_bytes())
 }
 
 /// One HTTP request to an MCP resource, read whole and about to be judged.
@@ -392,6 +465,13 @@ async fn post(x: Exchange<'_>, mcp_session: Option<String>) -> Response<Upstream
                 },
                 _ => x.judge(&msg.method, msg.name.as_deref(), msg.arguments.as_ref()),
             };
+            let judgement = match pin_block(&x, &msg) {
+                Some(deny) => Judgement {
+                    decision: deny,
+                    dry_run: judgement.dry_run,
+                },
+                None => judgement,
+            };
             let args_sha = msg
                 .arguments
                 .as_ref()
@@ -548,6 +628,25 @@ fn masked_arguments(a: &Value, plan: Option<&BodyPlan>) -> Value {
         }
     }
     wrapped["result"]["structuredContent"].take()
+}
+
+/// Under `pinning = enforce`, a call of a tool whose definition changed since it was pinned is
+/// denied, naming the change.
+fn pin_block(x: &Exchange<'_>, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
+    if x.target.resource.pinning != tollgate_config::PinMode::Enforce || msg.method != "tools/call"
+    {
+        return None;
+    }
+    let tool = msg.name.as_deref()?;
+    let (pinned, seen) = x.gw.mcp_pins.changed(&x.target.resource.name, tool)?;
+    Some(Decision::Deny {
+        rule: "pinning".into(),
+        message: format!(
+            "tool \"{tool}\" changed its definition since it was pinned (sha256 {} is now {}); it may not be called until an administrator approves the new definition",
+            &pinned[..16],
+            &seen[..16]
+        ),
+    })
 }
 
 /// Records the gateway's refusal of one request as its `mcp.response`.
@@ -878,6 +977,7 @@ async fn forward(x: &Exchange<'_>, replies: Replies) -> Response<UpstreamBody> {
 /// What the answers of one exchange are read against: the requests sent (by id), the caller
 /// (listings are filtered by what it may call), the masks for the caller and for the record.
 struct Replies {
+    gw: Arc<HttpGateway>,
     session: Arc<HttpSession>,
     target: Arc<Target>,
     n: u64,
@@ -897,6 +997,7 @@ impl Replies {
         }
         .filter(BodyPlan::is_active);
         Replies {
+            gw: x.gw.clone(),
             session: x.session.clone(),
             target: x.target.clone(),
             n: x.n,
@@ -1004,8 +1105,47 @@ impl Replies {
             groups: &self.groups,
         };
         let mut hidden = Vec::new();
+        let resource = &self.target.resource;
         tools.retain(|t| {
             let name = t.get("name").and_then(Value::as_str).unwrap_or("");
+            if resource.pinning != tollgate_config::PinMode::Off {
+                let fingerprint = tool_fingerprint(t);
+                match self.gw.mcp_pins.see(&resource.name, name, &fingerprint) {
+                    PinSeen::Same => {}
+                    PinSeen::New => self.session.log.record(&McpPin {
+                        kind: "mcp.pinned",
+                        n: self.n,
+                        tool: name.to_string(),
+                        pinned_sha256: fingerprint,
+                        seen_sha256: None,
+                        mode: None,
+                    }),
+                    PinSeen::Changed(pinned) => {
+                        let enforce = resource.pinning == tollgate_config::PinMode::Enforce;
+                        let mode = if enforce { "enforce" } else { "warn" };
+                        tracing::warn!(resource = %resource.name, tool = %name, mode, "MCP tool definition changed since it was pinned");
+                        registry()
+                            .counter(
+                                "tollgate_mcp_pin_changes_total",
+                                "MCP tool definitions listed changed since they were pinned, by resource and mode.",
+                                &[("resource", &resource.name), ("mode", mode)],
+                            )
+                            .inc();
+                        self.session.log.record(&McpPin {
+                            kind: "mcp.pin_changed",
+                            n: self.n,
+                            tool: name.to_string(),
+                            pinned_sha256: pinned,
+                            seen_sha256: Some(fingerprint),
+                            mode: Some(mode),
+                        });
+                        if enforce {
+                            hidden.push(name.to_string());
+                            return false;
+                        }
+                    }
+                }
+            }
             let j = self.target.rules.judge(
                 &Command {
                     kind: CommandKind::Mcp {
