@@ -8,88 +8,17 @@
 
 mod common;
 
-use common::upstream::{Upstream, CUSTOMER};
-use common::{read_events, wait_for, Gateway, Pki, TOKEN};
+use common::http_env::{HttpEnv, HttpEnvOptions};
+use common::upstream::CUSTOMER;
+use common::{wait_for, TOKEN};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate_tls::pki::{self, IssuedFiles};
 
-struct HttpEnv {
-    gw: Gateway,
-    up: Upstream,
-    pki: Pki,
-    alice: IssuedFiles,
-    https_port: u16,
-    http_port: u16,
-    tmp: tempfile::TempDir,
-}
-
-const UPSTREAM_SECRET: &str = "Bearer upstream-secret-4f9a";
-
-impl HttpEnv {
-    /// `resource_keys`: keys of the "billing" resource; `tables`: its rules and masks. A second
-    /// resource, "secret", on the same upstream, is for group "ops" only (which no caller has).
-    fn start(resource_keys: &str, tables: &str) -> HttpEnv {
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-http-attacks-")
-            .tempdir()
-            .unwrap();
-        let pki = Pki::new(&tmp.path().join("pki"));
-        let gw_cert = pki::issue_server(
-            &pki.dir,
-            &pki::ServerCertSpec {
-                dns: vec![
-                    "localhost".into(),
-                    "billing.localhost".into(),
-                    "secret.localhost".into(),
-                ],
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                ttl: Duration::from_secs(86400),
-                not_before: None,
-            },
-            &pki.dir.join("gateway"),
-        )
-        .unwrap();
-        let up_cert = pki.server("upstream");
-        let up = Upstream::start(&up_cert.cert, &up_cert.key);
-        let alice = pki.client("alice", &["sre"]);
-        let https_port = tollgate_testsupport::free_port();
-        let http_port = tollgate_testsupport::free_port();
-        let config = format!(
-            r#"[server]
-postgres_listen = "127.0.0.1:{{pg_port}}"
-admin_listen = "127.0.0.1:{{admin_port}}"
-https_listen = "127.0.0.1:{https_port}"
-http_listen = "127.0.0.1:{http_port}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-store = "sqlite://audit.db"
-
-[roles]
-admin_groups = ["sre"]
-
-[[identity.tokens]]
-subject = "ci-bot"
-sha256 = "{token_sha}"
-groups = ["ci"]
-
-[[resources]]
-name = "billing"
-kind = "http"
-upstream = "https://localhost:{up_port}"
-allow_groups = ["sre", "ci"]
-{resource_keys}
-[resources.tls]
-ca = "{ca}"
-[resources.credentials]
-header = "Authorization"
-value_env = "BILLING_TOKEN"
-{tables}
-
+/// The second resource: on the same upstream, for group "ops" only (which no caller has).
+const SECRET_RESOURCE: &str = r#"
 [[resources]]
 name = "secret"
 kind = "http"
@@ -97,29 +26,20 @@ upstream = "https://localhost:{up_port}"
 allow_groups = ["ops"]
 [resources.tls]
 ca = "{ca}"
-"#,
-            cert = gw_cert.cert.display(),
-            key = gw_cert.key.display(),
-            ca = pki.ca.display(),
-            token_sha = common::sha256_hex(TOKEN),
-            up_port = up.port,
-        );
-        let gw = Gateway::start(tmp.path(), &config, &[("BILLING_TOKEN", UPSTREAM_SECRET)]);
-        HttpEnv {
-            gw,
-            up,
-            pki,
-            alice,
-            https_port,
-            http_port,
-            tmp,
-        }
-    }
+"#;
 
-    fn events(&self) -> Vec<serde_json::Value> {
-        read_events(&self.tmp.path().join("audit.db"))
-    }
+/// `resource_keys`: keys of the "billing" resource; `tables`: its rules and masks; and the
+/// "secret" resource no caller may reach.
+fn attack_env(resource_keys: &str, tables: &str) -> HttpEnv {
+    HttpEnv::start_opts(HttpEnvOptions {
+        resource_keys,
+        tables,
+        resources_extra: SECRET_RESOURCE,
+        ..Default::default()
+    })
+}
 
+impl HttpEnv {
     /// Hand-written bytes over TLS as alice to `port` (SNI `sni`); each part is written after
     /// `gap`; then everything the gateway answers until it closes or is silent for `silence`.
     fn raw(&self, port: u16, sni: &str, parts: &[&[u8]], gap: Duration, silence: Duration) -> Raw {
@@ -283,7 +203,7 @@ const SMUGGLED: &str = "GET /r/billing/smuggled HTTP/1.1\r\nHost: localhost\r\n\
 
 #[test]
 fn request_smuggling_and_ambiguous_framing() {
-    let env = HttpEnv::start("", "");
+    let env = attack_env("", "");
     let assert_nothing_smuggled = |what: &str| {
         let paths = env.seen_paths();
         assert!(
@@ -477,7 +397,7 @@ fn request_smuggling_and_ambiguous_framing() {
 
 #[test]
 fn pipelined_requests_after_a_refusal() {
-    let env = HttpEnv::start(
+    let env = attack_env(
         "",
         r#"[[resources.rules]]
 name = "no invoice deletes"
@@ -509,7 +429,7 @@ action = "deny"
 
 #[test]
 fn absolute_form_targets_and_hosts() {
-    let env = HttpEnv::start("", "");
+    let env = attack_env("", "");
     // On https_listen the path names the resource; an absolute-form authority proxies to
     // nowhere else, and the upstream is asked for its own host.
     let r = env.https("GET https://evil.example/r/billing/abs/echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
@@ -649,7 +569,7 @@ fn absolute_form_targets_and_hosts() {
 
 #[test]
 fn trace_cannot_echo_the_injected_credential() {
-    let env = HttpEnv::start("", "");
+    let env = attack_env("", "");
     // An upstream that allows TRACE echoes the request it received, and that request carries
     // the credential the gateway injects. The gateway does not relay TRACE (nor TRACK, nor
     // an override to either).
@@ -673,7 +593,7 @@ fn trace_cannot_echo_the_injected_credential() {
 
 #[test]
 fn bodies_are_bounded_in_size_and_time() {
-    let env = HttpEnv::start("max_request_body = 1024", "");
+    let env = attack_env("max_request_body = 1024", "");
     let post = |framing: &str, body: &str| {
         env.https(&format!(
             "POST /r/billing/upload/echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n{framing}\r\n{body}"
@@ -772,7 +692,7 @@ fn bodies_are_bounded_in_size_and_time() {
 
 #[test]
 fn slow_request_heads_are_cut_off() {
-    let env = HttpEnv::start("", "");
+    let env = attack_env("", "");
     // One header line every 4 s: hyper's header read timeout (30 s) ends it.
     let lines: Vec<String> = std::iter::once("GET /r/billing/slow HTTP/1.1\r\n".to_string())
         .chain((0..12).map(|i| format!("X-Slow-{i}: {i}\r\n")))
@@ -798,7 +718,7 @@ fn slow_request_heads_are_cut_off() {
 
 #[test]
 fn disguised_paths_and_methods_cannot_reach_what_rules_deny() {
-    let env = HttpEnv::start(
+    let env = attack_env(
         "",
         r#"[[resources.rules]]
 name = "no admin"
@@ -957,7 +877,7 @@ action = "deny"
 
 #[test]
 fn upstream_cookies_stay_with_their_resource() {
-    let env = HttpEnv::start("", "");
+    let env = attack_env("", "");
     let set_cookies = |r: &Raw| -> Vec<String> {
         r.first()
             .head
@@ -1013,7 +933,7 @@ fn upstream_cookies_stay_with_their_resource() {
 
 #[test]
 fn upstream_redirects_point_through_the_gateway() {
-    let env = HttpEnv::start("", "");
+    let env = attack_env("", "");
     let location = |r: &Raw| -> Option<String> {
         r.first().head.lines().find_map(|l| {
             l.split_once(':')
@@ -1072,7 +992,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn http2_clients_and_the_authority_of_each_request() {
-    let env = HttpEnv::start(
+    let env = attack_env(
         "",
         r#"[[resources.masks]]
 json_paths = ["$.customer.email", "$..card_number"]
@@ -1236,7 +1156,7 @@ fn python_httpx_reads_masked_json() {
                 .is_ok_and(|o| o.status.success())
         })
         .expect("no python3 can import httpx: run scripts/test, or install python3-httpx");
-    let env = HttpEnv::start(
+    let env = attack_env(
         "",
         r#"[[resources.masks]]
 json_paths = ["$.customer.email", "$..card_number"]
@@ -1299,7 +1219,7 @@ with httpx.Client(verify=tls) as client:
 
 #[test]
 fn query_rules_see_every_reading_of_the_query() {
-    let env = HttpEnv::start(
+    let env = attack_env(
         "",
         r#"[[resources.rules]]
 name = "no dry runs off"

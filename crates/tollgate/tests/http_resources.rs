@@ -4,113 +4,14 @@
 
 mod common;
 
-use common::upstream::{Upstream, CUSTOMER};
-use common::{read_events, wait_for, Gateway, Pki, BIN, TOKEN};
-use std::path::Path;
+use common::http_env::{HttpEnv, HttpEnvOptions, UPSTREAM_SECRET};
+use common::upstream::CUSTOMER;
+use common::{wait_for, TOKEN};
 use std::process::Command;
 use std::time::Duration;
-use tollgate_tls::pki::{self, IssuedFiles};
-
-struct HttpEnv {
-    gw: Gateway,
-    up: Upstream,
-    pki: Pki,
-    alice: IssuedFiles,
-    bob: IssuedFiles,
-    https_port: u16,
-    http_port: u16,
-    tmp: tempfile::TempDir,
-}
-
-const UPSTREAM_SECRET: &str = "Bearer upstream-secret-4f9a";
+use tollgate_tls::pki::IssuedFiles;
 
 impl HttpEnv {
-    /// `resource_keys`: keys of the "billing" resource; `tables`: its rules and masks.
-    fn start(resource_keys: &str, tables: &str) -> HttpEnv {
-        HttpEnv::start_with("", resource_keys, tables)
-    }
-
-    /// [`HttpEnv::start`] with extra `[server]` lines.
-    fn start_with(server_extra: &str, resource_keys: &str, tables: &str) -> HttpEnv {
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-http-")
-            .tempdir()
-            .unwrap();
-        let pki = Pki::new(&tmp.path().join("pki"));
-        let gw_cert = pki::issue_server(
-            &pki.dir,
-            &pki::ServerCertSpec {
-                dns: vec!["localhost".into(), "billing.localhost".into()],
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                ttl: Duration::from_secs(86400),
-                not_before: None,
-            },
-            &pki.dir.join("gateway"),
-        )
-        .unwrap();
-        let up_cert = pki.server("upstream");
-        let up = Upstream::start(&up_cert.cert, &up_cert.key);
-        let alice = pki.client("alice", &["sre"]);
-        let bob = pki.client("bob", &["dev"]);
-        let https_port = tollgate_testsupport::free_port();
-        let http_port = tollgate_testsupport::free_port();
-        let config = format!(
-            r#"[server]
-postgres_listen = "127.0.0.1:{{pg_port}}"
-admin_listen = "127.0.0.1:{{admin_port}}"
-https_listen = "127.0.0.1:{https_port}"
-http_listen = "127.0.0.1:{http_port}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-store = "sqlite://audit.db"
-reload_interval = "200ms"
-{server_extra}
-
-[roles]
-admin_groups = ["sre"]
-
-[[identity.tokens]]
-subject = "ci-bot"
-sha256 = "{token_sha}"
-groups = ["ci"]
-
-[[resources]]
-name = "billing"
-kind = "http"
-upstream = "https://localhost:{up_port}"
-allow_groups = ["sre", "ci"]
-{resource_keys}
-[resources.tls]
-ca = "{ca}"
-[resources.credentials]
-header = "Authorization"
-value_env = "BILLING_TOKEN"
-{tables}
-"#,
-            cert = gw_cert.cert.display(),
-            key = gw_cert.key.display(),
-            ca = pki.ca.display(),
-            token_sha = common::sha256_hex(TOKEN),
-            up_port = up.port,
-        );
-        let gw = Gateway::start(tmp.path(), &config, &[("BILLING_TOKEN", UPSTREAM_SECRET)]);
-        HttpEnv {
-            gw,
-            up,
-            pki,
-            alice,
-            bob,
-            https_port,
-            http_port,
-            tmp,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("https://localhost:{}/r/billing{path}", self.https_port)
-    }
-
     /// curl as `who` (a certificate), or with the service token when `None`.
     fn curl(&self, who: Option<&IssuedFiles>, args: &[&str]) -> (u16, String) {
         let mut cmd = Command::new("curl");
@@ -142,37 +43,6 @@ value_env = "BILLING_TOKEN"
         let v = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {body}\n{}", self.gw.logs()));
         (code, v)
-    }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        read_events(&self.tmp.path().join("audit.db"))
-    }
-
-    fn events_until(
-        &self,
-        what: &str,
-        done: impl Fn(&[serde_json::Value]) -> bool,
-    ) -> Vec<serde_json::Value> {
-        let mut evs = Vec::new();
-        wait_for(Duration::from_secs(15), what, || {
-            evs = self.events();
-            done(&evs)
-        });
-        evs
-    }
-
-    fn cli(&self, who: &IssuedFiles, args: &[&str]) -> std::process::Output {
-        Command::new(BIN)
-            .args(args)
-            .env(
-                "TOLLGATE_GATEWAY",
-                format!("https://localhost:{}", self.https_port),
-            )
-            .env("TOLLGATE_CA", &self.pki.ca)
-            .env("TOLLGATE_CERT", &who.cert)
-            .env("TOLLGATE_KEY", &who.key)
-            .output()
-            .unwrap()
     }
 
     /// The pending review's id, as an approver sees it in the API.
@@ -809,7 +679,6 @@ fn resources_by_host_name_on_their_own_listener() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "2");
-    let _ = Path::new("");
 }
 
 #[test]
@@ -946,11 +815,11 @@ fn the_callers_identity_reaches_the_upstream_signed_and_unforgeable() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let env = HttpEnv::start_with(
-        &format!("identity_key = \"{}\"", key.display()),
-        "identity_header = \"X-Caller\"",
-        "",
-    );
+    let env = HttpEnv::start_opts(HttpEnvOptions {
+        server_extra: &format!("identity_key = \"{}\"", key.display()),
+        resource_keys: "identity_header = \"X-Caller\"",
+        ..Default::default()
+    });
     let (code, echo) = env.json(
         Some(&env.alice),
         &[
@@ -1054,7 +923,10 @@ fn slow_upstreams_time_out_and_refused_callers_are_recorded() {
 
 #[test]
 fn https_listeners_cap_connections_per_source() {
-    let env = HttpEnv::start_with("max_connections_per_source = 2", "", "");
+    let env = HttpEnv::start_opts(HttpEnvOptions {
+        server_extra: "max_connections_per_source = 2",
+        ..Default::default()
+    });
     let cfg = std::sync::Arc::new(common::client_tls(&env.pki.ca, Some(&env.alice)));
     let open = |port: u16| -> std::io::Result<
         rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,

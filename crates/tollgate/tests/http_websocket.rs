@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::upstream::Upstream;
-use common::{read_events, wait_for, Gateway, Pki, TOKEN};
+use common::http_env::{HttpEnv, HttpEnvOptions, UPSTREAM_SECRET};
+use common::TOKEN;
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -17,98 +17,33 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tollgate_tls::pki;
 
 type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
-struct HttpEnv {
-    gw: Gateway,
-    up: Upstream,
-    pki: Pki,
-    https_port: u16,
-    tmp: tempfile::TempDir,
-}
-
-const UPSTREAM_SECRET: &str = "Bearer upstream-secret-4f9a";
-/// A caller outside the resource's allow_groups: it reaches it through a just-in-time grant.
 const TEMP_TOKEN: &str = "temp-bot-token-5d1e0c9b7a";
 const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
-impl HttpEnv {
-    /// A gateway with one HTTP resource "billing" in front of the test upstream; `tables`: its
-    /// rules and masks.
-    fn start(tables: &str) -> HttpEnv {
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-ws-")
-            .tempdir()
-            .unwrap();
-        let pki = Pki::new(&tmp.path().join("pki"));
-        let gw_cert = pki::issue_server(
-            &pki.dir,
-            &pki::ServerCertSpec {
-                dns: vec!["localhost".into()],
-                ips: vec!["127.0.0.1".parse().unwrap()],
-                ttl: Duration::from_secs(86400),
-                not_before: None,
-            },
-            &pki.dir.join("gateway"),
-        )
-        .unwrap();
-        let up_cert = pki.server("upstream");
-        let up = Upstream::start(&up_cert.cert, &up_cert.key);
-        let https_port = tollgate_testsupport::free_port();
-        let config = format!(
-            r#"[server]
-postgres_listen = "127.0.0.1:{{pg_port}}"
-admin_listen = "127.0.0.1:{{admin_port}}"
-https_listen = "127.0.0.1:{https_port}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-store = "sqlite://audit.db"
-
-[roles]
-admin_groups = ["ci"]
-
-[[identity.tokens]]
-subject = "ci-bot"
-sha256 = "{token_sha}"
-groups = ["ci"]
-
+/// The temp-bot token's identity, outside billing's allow_groups.
+const TEMP_BOT: &str = r#"
 [[identity.tokens]]
 subject = "temp-bot"
 sha256 = "{temp_sha}"
 groups = ["temp"]
+"#;
 
-[[resources]]
-name = "billing"
-kind = "http"
-upstream = "https://localhost:{up_port}"
-allow_groups = ["ci"]
-[resources.tls]
-ca = "{ca}"
-[resources.credentials]
-header = "Authorization"
-value_env = "BILLING_TOKEN"
-{tables}
-"#,
-            cert = gw_cert.cert.display(),
-            key = gw_cert.key.display(),
-            ca = pki.ca.display(),
-            token_sha = common::sha256_hex(TOKEN),
-            temp_sha = common::sha256_hex(TEMP_TOKEN),
-            up_port = up.port,
-        );
-        let gw = Gateway::start(tmp.path(), &config, &[("BILLING_TOKEN", UPSTREAM_SECRET)]);
-        HttpEnv {
-            gw,
-            up,
-            pki,
-            https_port,
-            tmp,
-        }
-    }
+/// The gateway in front of the test upstream, with `tables` (rules and masks) on "billing";
+/// ci-bot (the service token) is an admin, temp-bot reaches billing only through a grant.
+fn ws_env(tables: &str) -> HttpEnv {
+    let identity_extra = TEMP_BOT.replace("{temp_sha}", &common::sha256_hex(TEMP_TOKEN));
+    HttpEnv::start_opts(HttpEnvOptions {
+        tables,
+        admin_groups: r#"["sre", "ci"]"#,
+        identity_extra: &identity_extra,
+        ..Default::default()
+    })
+}
 
+impl HttpEnv {
     /// Opens a WebSocket to `/r/billing{path}` over TLS (HTTP/1.1), with the service token
     /// unless `token` is `None`, and the extra request headers.
     async fn connect(
@@ -147,19 +82,6 @@ value_env = "BILLING_TOKEN"
             );
         }
         tokio_tungstenite::client_async(req, tls).await
-    }
-
-    fn events_until(
-        &self,
-        what: &str,
-        done: impl Fn(&[serde_json::Value]) -> bool,
-    ) -> Vec<serde_json::Value> {
-        let mut evs = Vec::new();
-        wait_for(Duration::from_secs(15), what, || {
-            evs = read_events(&self.tmp.path().join("audit.db"));
-            done(&evs)
-        });
-        evs
     }
 
     /// What the upstream saw of upgrade requests to `path`.
@@ -218,7 +140,7 @@ fn of_kind<'a>(evs: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::
 
 #[test]
 fn websocket_text_is_relayed_masked_for_the_caller_and_recorded() {
-    let env = HttpEnv::start(
+    let env = ws_env(
         r#"[[resources.rules]]
 name = "no ws admin"
 paths = ["/ws-admin"]
@@ -374,7 +296,7 @@ detectors = ["email"]
 
 #[test]
 fn websocket_without_masks_passes_extensions_binary_and_closes_cleanly() {
-    let env = HttpEnv::start("");
+    let env = ws_env("");
     let rt = runtime();
     rt.block_on(async {
         let (mut ws, _) = env
@@ -496,7 +418,7 @@ fn api_post(
 
 #[test]
 fn a_websocket_opened_under_a_grant_is_closed_when_the_grant_is_revoked() {
-    let env = HttpEnv::start("");
+    let env = ws_env("");
     let rt = runtime();
     // temp-bot may not reach billing until ci-bot (an admin) approves its access request.
     let refused = rt.block_on(env.connect("/ws", Some(TEMP_TOKEN), &[]));

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tollgate_testsupport::{ClusterOptions, PgCluster};
 use tollgate_tls::pki::{self, IssuedFiles};
 
+pub mod http_env;
 pub mod upstream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
