@@ -6,7 +6,8 @@
 #   need_postgres        PostgreSQL server binaries (initdb, pg_ctl), psql and pgbench
 #   need_test_tools      openssl, python3 and python3-httpx (certificates and clients made by
 #                        the tests), node and npm (the OpenID provider of tests/oidc.rs, the
-#                        reference MCP SDK of tests/mcp.rs)
+#                        reference MCP SDK of tests/mcp.rs), chromium and chromium-driver (the
+#                        browser of tests/console.rs)
 #   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
 #   install_needed       installs what the calls above found missing
 #   need_cargo           fails with a hint when there is no Rust toolchain
@@ -34,6 +35,9 @@ need_test_tools() {
   # the tests under target/).
   command -v node >/dev/null 2>&1 || missing+=(nodejs)
   command -v npm >/dev/null 2>&1 || missing+=(npm)
+  # A real browser for the web console tests, driven over WebDriver (tests/console.rs).
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 }
 
 # After install_needed: a python3 first on PATH that is not the system's (pyenv, a venv) gets

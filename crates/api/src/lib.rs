@@ -15,8 +15,12 @@
 //! `/api/v1/reviews/{id}`, `/api/v1/reviews/{id}/approve`, `/api/v1/reviews/{id}/deny`,
 //! `/api/v1/reviews/{id}/revoke`, `/api/v1/access`, `/api/v1/grants` and
 //! `/api/v1/grants/{id}/revoke`; the workflow itself is `tollgate-review`.
+//!
+//! The web console (HTML for reviewers and auditors: `/`, `/reviews`, `/sessions`, `/login`)
+//! is `console`; it shares the API's authentication, role checks and audit events.
 
 pub mod client;
+mod console;
 pub mod params;
 mod review_routes;
 mod routes;
@@ -61,6 +65,8 @@ pub struct ApiState {
     pub http: Option<Arc<tollgate_http::HttpGateway>>,
     /// Connection caps of this listener (`server.max_connections`, `..._per_source`).
     pub limits: Arc<tollgate_gate::limits::ConnectionLimits>,
+    /// Signed-in console sessions (in memory: a restart signs everyone out).
+    pub console: console::ConsoleSessions,
 }
 
 impl ApiState {
@@ -88,6 +94,7 @@ impl ApiState {
             refusals: None,
             http: None,
             limits: tollgate_gate::limits::ConnectionLimits::unlimited(),
+            console: Default::default(),
         }
     }
 
@@ -177,6 +184,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                                 && gw.jwks().is_some() =>
                         {
                             tollgate_http::jwks_response(gw)
+                        }
+                        _ if console::is_console_path(req.uri().path()) => {
+                            console::handle(&state, &conn, req).await
                         }
                         _ => routes::handle(&state, &conn, req).await,
                     };

@@ -208,7 +208,7 @@ pub(crate) async fn handle(
     }
 }
 
-async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Refusal> {
+pub(crate) async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Refusal> {
     match http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -246,7 +246,7 @@ fn sees_all(state: &ApiState, who: &Identity) -> bool {
     who.in_any(&state.roles.admin_groups) || who.in_any(&state.roles.auditor_groups)
 }
 
-fn may_see(state: &ApiState, who: &Identity, r: &Review) -> bool {
+pub(crate) fn may_see(state: &ApiState, who: &Identity, r: &Review) -> bool {
     sees_all(state, who) || state.reviews.is_requester(r, who) || who.in_any(&r.approvers)
 }
 
@@ -259,7 +259,7 @@ fn not_found(id: &str) -> Refusal {
 }
 
 /// What the caller sees of a workflow error: status, message and what to do.
-fn review_refusal(e: ReviewError, id: Option<&str>) -> Refusal {
+pub(crate) fn review_refusal(e: ReviewError, id: Option<&str>) -> Refusal {
     match e {
         ReviewError::NotFound(id) => not_found(&id),
         ReviewError::NotPending(status) => refusal(

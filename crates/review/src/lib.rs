@@ -933,6 +933,21 @@ impl Reviews {
         Ok(self.view(rec))
     }
 
+    /// Whether [`Reviews::decide`] would take a vote of `who` on `review` as it stands (pending,
+    /// not the requester's, an approver or admin, not yet voted): what a console shows forms for.
+    /// `decide` checks again; this only answers what to offer.
+    pub fn may_decide(&self, review: &Review, who: &Identity) -> bool {
+        let principal = self.principals.resolve(&who.principal);
+        let reviewer = Reviewer::from(who);
+        review.status == REVIEW_PENDING
+            && !self.is_requester(review, who)
+            && (reviewer.in_any(&review.approvers) || reviewer.in_any(&self.admin_groups))
+            && !review
+                .votes
+                .iter()
+                .any(|v| v.principal == principal.as_str())
+    }
+
     /// Whether `who` asked for `review` (by principal; by subject when the requester's is unknown).
     pub fn is_requester(&self, review: &Review, who: &Identity) -> bool {
         match &review.requester_principal {

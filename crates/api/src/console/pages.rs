@@ -1,0 +1,463 @@
+//! The console's HTML, rendered with maud (every interpolated value is escaped). Pure: values
+//! in, markup out.
+
+use maud::{html, Markup, DOCTYPE};
+use serde_json::Value;
+use tollgate_identity::Identity;
+use tollgate_review::Review;
+
+use crate::params::encode;
+use crate::view::{Event, Session};
+
+/// Who the page is for: shown in the header, with the sign-out form's CSRF token.
+pub(crate) struct Viewer<'a> {
+    pub who: &'a Identity,
+    pub csrf: &'a str,
+}
+
+pub(crate) fn layout(
+    title: &str,
+    viewer: Option<&Viewer>,
+    refresh_secs: Option<u32>,
+    body: Markup,
+) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                @if let Some(s) = refresh_secs {
+                    meta http-equiv="refresh" content=(s);
+                }
+                title { (title) " · tollgate" }
+                link rel="stylesheet" href="/console/console.css";
+                script src="/console/console.js" defer {}
+            }
+            body {
+                header.top {
+                    a.brand href="/reviews" { "tollgate" }
+                    @if let Some(v) = viewer {
+                        nav {
+                            a href="/reviews" { "Reviews" }
+                            a href="/sessions" { "Sessions" }
+                        }
+                        div.who {
+                            span title=(v.who.principal.as_str()) { (v.who.subject) }
+                            form method="post" action="/logout" {
+                                input type="hidden" name="csrf" value=(v.csrf);
+                                button.link type="submit" { "Sign out" }
+                            }
+                        }
+                    }
+                }
+                main { (body) }
+            }
+        }
+    }
+}
+
+pub(crate) fn message(
+    title: &str,
+    viewer: Option<&Viewer>,
+    text: &str,
+    hint: Option<&str>,
+) -> Markup {
+    layout(
+        title,
+        viewer,
+        None,
+        html! {
+            h1 { (title) }
+            p.error { (text) }
+            @if let Some(h) = hint { p.hint { (h) } }
+            p { a href="/reviews" { "Back to reviews" } }
+        },
+    )
+}
+
+pub(crate) fn login(csrf: &str, next: &str, error: Option<&str>) -> Markup {
+    layout(
+        "Sign in",
+        None,
+        None,
+        html! {
+            section.card.narrow {
+                h1 { "Sign in to tollgate" }
+                p.hint {
+                    "A client certificate issued by the gateway's CA signs you in directly. "
+                    "Otherwise paste a service token (or an OIDC token of a configured issuer); it is checked once and not stored in the browser."
+                }
+                @if let Some(e) = error { p.error #login-error { (e) } }
+                form method="post" action="/login" autocomplete="off" {
+                    input type="hidden" name="csrf" value=(csrf);
+                    input type="hidden" name="next" value=(next);
+                    label for="token" { "Token" }
+                    input #token type="password" name="token" required autofocus;
+                    button #sign-in type="submit" { "Sign in" }
+                }
+            }
+        },
+    )
+}
+
+fn time(rfc3339: &str) -> Markup {
+    html! { time datetime=(rfc3339) { (rfc3339) } }
+}
+
+fn clip(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+fn review_card(r: &Review) -> Markup {
+    html! {
+        li.card.review data-status=(r.status) {
+            a.title href={ "/reviews/" (encode(&r.id)) } {
+                span.badge.(r.status) { (r.status) }
+                " " (r.kind) " on " strong { (r.resource) } " by " (r.requester)
+            }
+            @if let Some(s) = &r.statement { pre.snippet { (clip(s, 200)) } }
+            @else if let Some(reason) = &r.reason { p.snippet { (clip(reason, 200)) } }
+            p.meta {
+                "created " (time(&r.created_at))
+                @if r.status == "pending" { " · expires " (time(&r.expires_at)) }
+                @if let Some(by) = &r.decided_by { " · by " (by) }
+                " · " code { (r.id) }
+            }
+        }
+    }
+}
+
+/// `/reviews`: what the viewer may decide first, then the rest pending, then recent decisions.
+pub(crate) fn reviews(
+    viewer: &Viewer,
+    to_decide: &[Review],
+    other_pending: &[Review],
+    decided: &[Review],
+) -> Markup {
+    let section = |title: &str, id: &str, list: &[Review], empty: &str| {
+        html! {
+            section id=(id) {
+                h2 { (title) " " span.count { (list.len()) } }
+                @if list.is_empty() { p.empty { (empty) } }
+                @else { ul.cards { @for r in list { (review_card(r)) } } }
+            }
+        }
+    };
+    layout(
+        "Reviews",
+        Some(viewer),
+        Some(5),
+        html! {
+            h1 { "Reviews" }
+            p.hint { "This page updates every few seconds." }
+            (section("Waiting for your decision", "to-decide", to_decide, "Nothing is waiting for you."))
+            (section("Other pending reviews", "pending", other_pending, "No other pending reviews you can see."))
+            (section("Recently decided", "decided", decided, "No decisions yet."))
+        },
+    )
+}
+
+/// Why the viewer has no decision forms on a pending review.
+pub(crate) enum NoForms {
+    Requester,
+    AlreadyVoted,
+    NotAnApprover,
+}
+
+/// `/reviews/<id>`.
+pub(crate) fn review(viewer: &Viewer, r: &Review, may_decide: Result<(), NoForms>) -> Markup {
+    let id = encode(&r.id);
+    layout(
+        &format!("Review {}", r.id),
+        Some(viewer),
+        None,
+        html! {
+            p { a href="/reviews" { "← All reviews" } }
+            h1 { "Review " code { (r.id) } " " span.badge.(r.status) #status { (r.status) } }
+            section.card {
+                dl.fields {
+                    dt { "Kind" } dd { (r.kind) }
+                    dt { "Resource" } dd #resource { (r.resource) }
+                    dt { "Requested by" } dd #requester {
+                        (r.requester)
+                        @if !r.requester_groups.is_empty() { " (" (r.requester_groups.join(", ")) ")" }
+                    }
+                    @if let Some(rule) = &r.rule { dt { "Rule" } dd #rule { code { (rule) } } }
+                    @if let Some(reason) = &r.reason { dt { "Reason given" } dd { (reason) } }
+                    @if let Some(ms) = r.access_for_ms { dt { "For" } dd { (format_ms(ms)) } }
+                    @if let Some(s) = &r.session_id {
+                        dt { "Session" } dd { a href={ "/sessions/" (encode(s)) } { code { (s) } } }
+                    }
+                    dt { "Approvers" } dd { (r.approvers.join(", ")) " (" (r.approvals) " of " (r.min_approvals) " approvals)" }
+                    dt { "Created" } dd { (time(&r.created_at)) }
+                    dt { "Expires" } dd { (time(&r.expires_at)) }
+                    @if let Some(g) = &r.grant_until { dt { "Granted until" } dd { (time(g)) } }
+                }
+                @if let Some(s) = &r.statement {
+                    h2 { "Statement, as recorded (with its parameters)" }
+                    pre #statement { (s) }
+                    @if let Some(d) = &r.statement_sha256 { p.meta { "SHA-256 " code { (d) } } }
+                }
+            }
+            @if r.decided_by.is_some() || r.status != "pending" {
+                section.card.decision #decision {
+                    h2 { "Decision" }
+                    p {
+                        span.badge.(r.status) { (r.status) }
+                        @if let Some(by) = &r.decided_by { " by " strong #decided-by { (by) } }
+                        @if let Some(at) = &r.decided_at { " at " (time(at)) }
+                    }
+                    @if let Some(why) = &r.decision_reason { blockquote #decision-reason { (why) } }
+                }
+            }
+            @if !r.votes.is_empty() {
+                section.card {
+                    h2 { "Votes" }
+                    table.votes {
+                        thead { tr { th { "Reviewer" } th { "Vote" } th { "Reason" } th { "At" } } }
+                        tbody {
+                            @for v in &r.votes {
+                                tr {
+                                    td { (v.reviewer) }
+                                    td { @if v.approve { "approve" } @else { "deny" } }
+                                    td { (v.reason.as_deref().unwrap_or("")) }
+                                    td { (time(&v.at)) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if r.status == "pending" {
+                @match may_decide {
+                    Ok(()) => {
+                        section.card.decide #decide {
+                            h2 { "Your decision" }
+                            form #approve-form method="post" action={ "/reviews/" (id) "/approve" } {
+                                input type="hidden" name="csrf" value=(viewer.csrf);
+                                label for="approve-reason" { "Reason (optional)" }
+                                textarea #approve-reason name="reason" rows="2" maxlength="2000" {}
+                                button #approve.approve type="submit" { "Approve" }
+                            }
+                            form #deny-form method="post" action={ "/reviews/" (id) "/deny" } {
+                                input type="hidden" name="csrf" value=(viewer.csrf);
+                                label for="deny-reason" { "Reason (required to deny)" }
+                                textarea #deny-reason name="reason" rows="2" maxlength="2000" required {}
+                                button #deny.deny type="submit" { "Deny" }
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        p.hint #no-decision { (match why {
+                            NoForms::Requester => "You requested this review: someone else must decide it.".to_string(),
+                            NoForms::AlreadyVoted => "You have voted; the review needs another approver.".to_string(),
+                            NoForms::NotAnApprover => format!("Only members of {} (or an admin) may decide this review.", r.approvers.join(", ")),
+                        }) }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn format_ms(ms: i64) -> String {
+    tollgate_review::format_duration(std::time::Duration::from_millis(ms.max(0) as u64))
+}
+
+/// The filters of `/sessions`, as given.
+#[derive(Default)]
+pub(crate) struct SessionFilterForm {
+    pub subject: String,
+    pub resource: String,
+    pub outcome: String,
+    pub since: String,
+    pub until: String,
+}
+
+pub(crate) fn sessions(
+    viewer: &Viewer,
+    f: &SessionFilterForm,
+    rows: &[Session],
+    next: Option<String>,
+) -> Markup {
+    layout(
+        "Sessions",
+        Some(viewer),
+        None,
+        html! {
+            h1 { "Sessions" }
+            form.filters method="get" action="/sessions" {
+                label { "Subject" input name="subject" value=(f.subject); }
+                label { "Resource" input name="resource" value=(f.resource); }
+                label { "Outcome" input name="outcome" placeholder="ok" value=(f.outcome); }
+                label { "Since" input name="since" placeholder="2026-11-25T10:00:00Z" value=(f.since); }
+                label { "Until" input name="until" value=(f.until); }
+                button type="submit" { "Filter" }
+            }
+            @if rows.is_empty() { p.empty { "No sessions match." } }
+            @else {
+                div.scroll {
+                    table.sessions {
+                        thead { tr { th { "Started" } th { "Subject" } th { "Resource" } th { "Outcome" } th { "Commands" } th { "Events" } } }
+                        tbody {
+                            @for s in rows {
+                                tr {
+                                    td { a href={ "/sessions/" (encode(&s.id)) } { (time(&s.started_at)) } }
+                                    td { (s.subject.as_deref().unwrap_or("")) }
+                                    td { (s.resource.as_deref().unwrap_or("")) }
+                                    td { span.badge.(s.outcome.as_deref().unwrap_or("open")) { (s.outcome.as_deref().unwrap_or("open")) } }
+                                    td { (s.commands.map(|c| c.to_string()).unwrap_or_default()) }
+                                    td { (s.event_count) }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if let Some(n) = next { p { a href=(n) { "Older sessions →" } } }
+            }
+        },
+    )
+}
+
+pub(crate) fn session(viewer: &Viewer, s: &Session, events: &[Event]) -> Markup {
+    let id = encode(&s.id);
+    layout(
+        &format!("Session {}", s.id),
+        Some(viewer),
+        None,
+        html! {
+            p { a href="/sessions" { "← All sessions" } }
+            h1 { "Session " code { (s.id) } }
+            section.card {
+                dl.fields {
+                    dt { "Subject" } dd { (s.subject.as_deref().unwrap_or("")) }
+                    dt { "Resource" } dd { (s.resource.as_deref().unwrap_or("")) }
+                    dt { "From" } dd { (s.client_addr.as_deref().unwrap_or("")) " via " (s.listener.as_deref().unwrap_or("")) }
+                    dt { "Started" } dd { (time(&s.started_at)) }
+                    dt { "Ended" } dd { @if let Some(e) = &s.ended_at { (time(e)) } @else { "still open" } }
+                    dt { "Outcome" } dd { (s.outcome.as_deref().unwrap_or("open")) }
+                }
+                p { a #download href={ "/sessions/" (id) "/events.jsonl" } download { "Download the events (JSON Lines)" } }
+            }
+            h2 { "Timeline" }
+            ol.timeline {
+                @for e in events { (timeline_entry(e, s.started_at_unix_ms)) }
+            }
+        },
+    )
+}
+
+fn text(v: &Value, key: &str) -> Option<String> {
+    match v.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// One event: its kind, what a reader looks for first (the statement, the request line, the
+/// status), a masked capture as a table, and the whole payload as recorded.
+fn timeline_entry(e: &Event, start_ms: i64) -> Markup {
+    let p = &e.payload;
+    let offset = (e.at_unix_ms - start_ms) as f64 / 1000.0;
+    let headline = match e.kind.as_str() {
+        "command" => text(p, "text"),
+        "result" => Some(format!(
+            "{} · {} rows · {}",
+            text(p, "tag").unwrap_or_default(),
+            text(p, "rows").unwrap_or_default(),
+            text(p, "outcome").unwrap_or_default()
+        )),
+        "http.request" => Some(format!(
+            "{} {}{}",
+            text(p, "method").unwrap_or_default(),
+            text(p, "path").unwrap_or_default(),
+            text(p, "query")
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default()
+        )),
+        "http.response" => Some(format!(
+            "{} · {}",
+            text(p, "status").unwrap_or_default(),
+            text(p, "outcome").unwrap_or_default()
+        )),
+        "session.open" => Some(format!(
+            "{} on {}",
+            text(p, "subject").unwrap_or_default(),
+            text(p, "resource").unwrap_or_default()
+        )),
+        "session.close" => Some(format!(
+            "{}{}",
+            text(p, "outcome").unwrap_or_default(),
+            text(p, "reason")
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        )),
+        _ => text(p, "text")
+            .or_else(|| text(p, "method"))
+            .or_else(|| text(p, "outcome")),
+    };
+    let decision = p
+        .get("decision")
+        .and_then(|d| d.get("action"))
+        .and_then(Value::as_str);
+    let body_capture = p
+        .get("body")
+        .and_then(|b| b.get("capture"))
+        .and_then(Value::as_str);
+    html! {
+        li.event data-kind=(e.kind) {
+            div.meta {
+                span.offset { "+" (format!("{offset:.3}")) "s" }
+                " " span.kind { (e.kind) }
+                @if let Some(a) = decision { " " span.badge.(a) { (a) } }
+                " " (time(&e.at))
+            }
+            @if let Some(h) = headline { pre.text { (h) } }
+            @if let Some(cap) = p.get("capture") { (capture_table(cap)) }
+            @if let Some(b) = body_capture { pre.capture { (clip(b, 4000)) } }
+            details {
+                summary { "Recorded payload" }
+                pre { (serde_json::to_string_pretty(p).unwrap_or_default()) }
+            }
+        }
+    }
+}
+
+/// A result capture (`columns`, `rows` of masked values) as a table.
+fn capture_table(cap: &Value) -> Markup {
+    let columns: Vec<String> = cap
+        .get("columns")
+        .and_then(Value::as_array)
+        .map(|c| c.iter().map(cell).collect())
+        .unwrap_or_default();
+    let rows = cap.get("rows").and_then(Value::as_array);
+    html! {
+        div.scroll {
+            table.capture {
+                thead { tr { @for c in &columns { th { (c) } } } }
+                tbody {
+                    @for r in rows.into_iter().flatten() {
+                        tr { @for v in r.as_array().into_iter().flatten() { td { (cell(v)) } } }
+                    }
+                }
+            }
+            @if cap.get("truncated").and_then(Value::as_bool) == Some(true) { p.meta { "(capture truncated)" } }
+        }
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "NULL".into(),
+        other => other.to_string(),
+    }
+}
+
+pub(crate) const CSS: &str = include_str!("console.css");
+pub(crate) const JS: &str = include_str!("console.js");

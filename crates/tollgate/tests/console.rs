@@ -1,0 +1,641 @@
+//! The web console with a real browser: Debian's chromium driven over WebDriver (chromedriver,
+//! `fantoccini`). A psql client's DELETE is held for review; the browser opens the link its
+//! NOTICE prints, signs in with a token and approves it, and psql completes; a denial with its
+//! reason reaches the next client; an auditor sees the review without decision forms and a
+//! forged POST of theirs is refused; POSTs without the CSRF token or from another origin are
+//! refused (curl); pages carry the security headers; views and decisions are audit events.
+//! Screenshots of the main pages at 1280 and 390 px go to `target/console-screenshots/`.
+
+mod common;
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tollgate_testsupport::ClusterOptions;
+use tollgate_tls::pki::IssuedFiles;
+
+/// rita (sre) may approve deletes; otto (audit) may read everything and decide nothing.
+const RITA_TOKEN: &str = "rita-console-token-00112233445566";
+const OTTO_TOKEN: &str = "otto-auditor-token-66554433221100";
+
+const RULES: &str = r#"review_timeout = "90s"
+[[resources.rules]]
+name = "agent-deletes"
+statements = ["delete"]
+groups = ["ci"]
+action = "review"
+approvers = ["sre"]
+"#;
+
+struct Setup {
+    env: Env,
+    https: u16,
+    /// ci: the agent whose deletes need review.
+    bob: IssuedFiles,
+}
+
+fn start() -> Setup {
+    let https = tollgate_testsupport::free_port();
+    let env = Env::start_with(EnvOptions {
+        cluster: ClusterOptions {
+            init_sql: vec![
+                "CREATE TABLE items (id int PRIMARY KEY, name text)".into(),
+                "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 10) g".into(),
+            ],
+            ..Default::default()
+        },
+        server_extra: format!(
+            r#"https_listen = "127.0.0.1:{https}"
+console_url = "https://localhost:{https}"
+
+[roles]
+admin_groups = []
+auditor_groups = ["audit"]
+
+[[identity.tokens]]
+subject = "rita"
+sha256 = "{rita}"
+groups = ["sre"]
+
+[[identity.tokens]]
+subject = "otto"
+sha256 = "{otto}"
+groups = ["audit"]
+"#,
+            rita = sha256_hex(RITA_TOKEN),
+            otto = sha256_hex(OTTO_TOKEN),
+        ),
+        resource_extra: RULES.into(),
+        ..Default::default()
+    });
+    let bob = env.pki.client("bob", &["ci"]);
+    Setup { env, https, bob }
+}
+
+/// A psql client whose statement is held: the console link its NOTICE printed, and the rest.
+struct Held {
+    child: Child,
+    link: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Setup {
+    fn origin(&self) -> String {
+        format!("https://localhost:{}", self.https)
+    }
+
+    /// bob runs `sql` in psql; returns once the NOTICE with the review's console link arrived.
+    fn hold(&self, sql: &str) -> Held {
+        let mut child = Command::new("psql")
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(self.env.conninfo_as(&self.bob, "app"))
+            .args(["-c", sql])
+            .env_remove("PGPASSWORD")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let prefix = format!("{}/reviews/", self.origin());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("psql printed no console link for {sql}"));
+            if let Some(at) = line.find(&prefix) {
+                let link: String = line[at..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '`')
+                    .collect();
+                return Held {
+                    child,
+                    link,
+                    stderr,
+                };
+            }
+        }
+    }
+
+    /// `curl -i` against the console: (status, headers, body).
+    fn curl(&self, args: &[&str]) -> (u16, String, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--cacert"])
+            .arg(&self.env.pki.ca)
+            .args(args)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("curl {args:?}: {text}"));
+        (status, head.to_string(), body.to_string())
+    }
+
+    /// Sign in with `token` through the form, as a browser would: the console session cookie.
+    fn curl_login(&self, token: &str) -> String {
+        let (status, head, _) = self.curl(&[&format!("{}/login", self.origin())]);
+        assert_eq!(status, 200);
+        let login = set_cookie_value(&head, "__Host-tollgate_login").expect("login cookie");
+        let (status, head, body) = self.curl(&[
+            "-H",
+            &format!("Origin: {}", self.origin()),
+            "-H",
+            &format!("Cookie: __Host-tollgate_login={login}"),
+            "--data-urlencode",
+            &format!("token={token}"),
+            "--data-urlencode",
+            &format!("csrf={login}"),
+            &format!("{}/login", self.origin()),
+        ]);
+        assert_eq!(status, 303, "{head}\n{body}");
+        let line = head
+            .lines()
+            .find(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("set-cookie: __host-tollgate_console=")
+            })
+            .expect("a console session cookie");
+        let value = set_cookie_value(&head, "__Host-tollgate_console").unwrap();
+        assert_eq!(value.len(), 64, "32 random bytes, hex: {line}");
+        assert!(
+            line.ends_with("; Secure; HttpOnly; SameSite=Lax; Path=/; Max-Age=3600"),
+            "{line}"
+        );
+        value
+    }
+
+    /// A console POST with `cookie` and `form` fields: (status, body).
+    fn curl_post(
+        &self,
+        path: &str,
+        cookie: &str,
+        origin: Option<&str>,
+        form: &[(&str, &str)],
+    ) -> (u16, String) {
+        let mut args = vec![
+            "-H".to_string(),
+            format!("Cookie: __Host-tollgate_console={cookie}"),
+        ];
+        if let Some(o) = origin {
+            args.extend(["-H".into(), format!("Origin: {o}")]);
+        }
+        for (k, v) in form {
+            args.extend(["--data-urlencode".into(), format!("{k}={v}")]);
+        }
+        if form.is_empty() {
+            args.extend(["-X".into(), "POST".into()]);
+        }
+        args.push(format!("{}{path}", self.origin()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, _, body) = self.curl(&args);
+        (status, body)
+    }
+
+    fn review_status(&self, cookie: &str, id: &str) -> String {
+        let (status, _, body) = self.curl(&[
+            "-H",
+            &format!("Cookie: __Host-tollgate_console={cookie}"),
+            &format!("{}/reviews/{id}", self.origin()),
+        ]);
+        assert_eq!(status, 200, "{body}");
+        let at = body.find("id=\"status\">").expect("a status badge") + "id=\"status\">".len();
+        body[at..].split('<').next().unwrap().to_string()
+    }
+}
+
+fn set_cookie_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if !k.eq_ignore_ascii_case("set-cookie") {
+            return None;
+        }
+        let pair = v.trim().split(';').next()?;
+        let (n, val) = pair.split_once('=')?;
+        (n == name && !val.is_empty()).then(|| val.to_string())
+    })
+}
+
+/// The hidden CSRF field of a console page.
+fn csrf_of(page: &str) -> String {
+    let at =
+        page.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_string()
+}
+
+fn review_id(link: &str) -> String {
+    link.rsplit('/').next().unwrap().to_string()
+}
+
+/// chromedriver on a free port, killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser() -> (Driver, Client) {
+    let port = tollgate_testsupport::free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (Debian: chromium-driver; scripts/test installs it)");
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver {
+        child,
+        port,
+        _profile: profile,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", driver.port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The test CA is made per test; rather than install it in a browser profile, this test
+    // browser alone skips certificate checks. The gateway and its clients never do.
+    let caps = json!({
+        "acceptInsecureCerts": true,
+        "goog:chromeOptions": {
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--ignore-certificate-errors", "--window-size=1280,900",
+                format!("--user-data-dir={}", driver._profile.path().display()),
+            ]
+        }
+    });
+    let Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a chromium session");
+    (driver, client)
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The current page at 1280 and 390 px wide, as `<name>-1280.png` and `<name>-390.png`.
+async fn screenshots(c: &Client, name: &str) {
+    // Tall windows, so a screenshot (the viewport) holds the whole page.
+    for (w, h) in [(1280u32, 1100u32), (390, 1400)] {
+        c.set_window_size(w, h).await.unwrap();
+        let inner = c.execute("return window.innerWidth", vec![]).await.unwrap();
+        let png = c.screenshot().await.unwrap();
+        let path = screenshot_dir().join(format!("{name}-{w}.png"));
+        std::fs::write(&path, png).unwrap();
+        eprintln!("screenshot {} (innerWidth {inner})", path.display());
+    }
+    c.set_window_size(1280, 900).await.unwrap();
+}
+
+/// The text of `css` once the page shows it (retrying while a submitted form navigates).
+async fn text_of(c: &Client, css: &str) -> String {
+    text_when(c, css, |_| true).await
+}
+
+/// The text of `css` once `ok` holds for it, within 10 s; the page's source otherwise.
+async fn text_when(c: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    loop {
+        if let Ok(e) = c.find(Locator::Css(css)).await {
+            if let Ok(t) = e.text().await {
+                if ok(&t) {
+                    return t;
+                }
+                last = Some(t);
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{css} never showed what was expected (last: {last:?}) at {}:\n{}",
+                c.current_url().await.unwrap(),
+                c.source().await.unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn expect_text(c: &Client, css: &str, want: &str) {
+    text_when(c, css, |t| t == want).await;
+}
+
+async fn sign_in(c: &Client, token: &str) {
+    let field = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("#token"))
+        .await
+        .expect("the sign-in form");
+    field.send_keys(token).await.unwrap();
+    c.find(Locator::Css("#sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
+    let s = start();
+    let (_driver, c) = browser().await;
+
+    // bob's DELETE is held; its NOTICE links to the review in the console.
+    let held = s.hold("DELETE FROM items WHERE id <= 3");
+    let id = review_id(&held.link);
+    assert!(id.starts_with("rv_"), "{}", held.link);
+
+    // The link asks for a sign-in first, then lands on the review.
+    c.goto(&held.link).await.unwrap();
+    let url = c.current_url().await.unwrap();
+    assert_eq!(url.path(), "/login", "{url}");
+    screenshots(&c, "login").await;
+    sign_in(&c, RITA_TOKEN).await;
+    expect_text(&c, "#status", "pending").await;
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        format!("/reviews/{id}")
+    );
+    assert!(text_of(&c, "#statement")
+        .await
+        .contains("DELETE FROM items WHERE id <= 3"));
+    expect_text(&c, "#rule", "agent-deletes").await;
+    assert!(text_of(&c, "#requester").await.contains("bob"));
+    screenshots(&c, "review-pending").await;
+    c.goto(&format!("{}/reviews", s.origin())).await.unwrap();
+    // rita may decide bob's review.
+    text_when(&c, "#to-decide", |t| t.contains("bob")).await;
+    screenshots(&c, "reviews").await;
+
+    // Approve: psql gets its answer.
+    c.goto(&held.link).await.unwrap();
+    c.find(Locator::Css("#approve-reason"))
+        .await
+        .unwrap()
+        .send_keys("cleanup ok")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#approve"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    expect_text(&c, "#status", "approved").await;
+    expect_text(&c, "#decided-by", "rita").await;
+    assert!(c.find(Locator::Css("#approve")).await.is_err());
+    screenshots(&c, "review-approved").await;
+    let out = held.child.wait_with_output().unwrap();
+    let err = held.stderr.join().unwrap();
+    assert!(out.status.success(), "{err}");
+    assert!(stdout(&out).contains("DELETE 3"), "{}", stdout(&out));
+
+    // Deny with a reason: the page shows who and why, the client gets the reason.
+    let held = s.hold("DELETE FROM items WHERE id = 9");
+    c.goto(&held.link).await.unwrap();
+    c.find(Locator::Css("#deny-reason"))
+        .await
+        .unwrap()
+        .send_keys("not during the freeze")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#deny"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    expect_text(&c, "#status", "denied").await;
+    expect_text(&c, "#decision-reason", "not during the freeze").await;
+    let out = held.child.wait_with_output().unwrap();
+    let err = held.stderr.join().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not during the freeze") && err.contains("rita"),
+        "{err}"
+    );
+
+    // Security headers on every page.
+    let rita = s.curl_login(RITA_TOKEN);
+    let (status, head, _) = s.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={rita}"),
+        &format!("{}/reviews", s.origin()),
+    ]);
+    assert_eq!(status, 200);
+    let head = head.to_ascii_lowercase();
+    for h in [
+        "content-security-policy: default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        "x-frame-options: deny",
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+        "cache-control: no-store",
+    ] {
+        assert!(head.contains(h), "{h} missing:\n{head}");
+    }
+
+    // A third held DELETE: forged POSTs are refused and leave it pending.
+    let held = s.hold("DELETE FROM items WHERE id = 10");
+    let id = review_id(&held.link);
+    let path = format!("/reviews/{id}/approve");
+    let (_, _, page) = s.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={rita}"),
+        &held.link,
+    ]);
+    let csrf = csrf_of(&page);
+    let origin = s.origin();
+    let (status, body) = s.curl_post(&path, &rita, Some(&origin), &[("reason", "x")]);
+    assert_eq!(status, 403, "no CSRF token: {body}");
+    assert!(body.contains("CSRF"), "{body}");
+    let (status, _) = s.curl_post(
+        &path,
+        &rita,
+        Some(&origin),
+        &[("csrf", &"0".repeat(64)), ("reason", "x")],
+    );
+    assert_eq!(status, 403, "a wrong CSRF token");
+    let (status, body) = s.curl_post(
+        &path,
+        &rita,
+        Some("https://evil.example"),
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(status, 403, "another origin: {body}");
+    let (status, _) = s.curl_post(&path, &rita, None, &[("csrf", &csrf)]);
+    assert_eq!(status, 403, "no Origin");
+    let (status, _) = s.curl_post(
+        &path,
+        "f".repeat(64).as_str(),
+        Some(&origin),
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(status, 401, "no console session");
+    assert_eq!(s.review_status(&rita, &id), "pending");
+
+    // otto (auditor) sees the review in the browser, without decision forms ...
+    c.find(Locator::Css("form[action='/logout'] button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.goto(&held.link).await.unwrap();
+    sign_in(&c, OTTO_TOKEN).await;
+    expect_text(&c, "#status", "pending").await;
+    text_when(&c, "#no-decision", |t| t.contains("sre")).await;
+    assert!(c.find(Locator::Css("#approve")).await.is_err());
+    assert!(c.find(Locator::Css("#deny")).await.is_err());
+    screenshots(&c, "review-auditor").await;
+    // ... and a forged POST with otto's own valid session and token is refused by the workflow.
+    let otto = s.curl_login(OTTO_TOKEN);
+    let (_, _, page) = s.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={otto}"),
+        &held.link,
+    ]);
+    let (status, body) = s.curl_post(&path, &otto, Some(&origin), &[("csrf", &csrf_of(&page))]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("sre"), "{body}");
+    assert_eq!(s.review_status(&rita, &id), "pending");
+
+    // The auditor browses sessions: bob's, with its statements, and the JSON Lines download.
+    c.goto(&format!("{}/sessions?subject=bob", s.origin()))
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("table.sessions tbody tr a"))
+        .await
+        .unwrap();
+    screenshots(&c, "sessions").await;
+    let mut closed = None;
+    for row in c
+        .find_all(Locator::Css("table.sessions tbody tr"))
+        .await
+        .unwrap()
+    {
+        if !row.text().await.unwrap().contains("open") {
+            closed = Some(row.find(Locator::Css("a")).await.unwrap());
+            break;
+        }
+    }
+    closed
+        .expect("a closed session of bob's")
+        .click()
+        .await
+        .unwrap();
+    text_when(&c, "ol.timeline", |t| t.contains("DELETE FROM items")).await;
+    screenshots(&c, "session").await;
+    let download = c
+        .find(Locator::Css("#download"))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, head, body) = s.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={otto}"),
+        &format!("{}{download}", s.origin()),
+    ]);
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("application/x-ndjson"));
+    let kinds: Vec<String> = body
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("session.open"),
+        "{kinds:?}"
+    );
+    // rita (an approver, not an auditor) may not read sessions.
+    let (status, _, _) = s.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={rita}"),
+        &format!("{}/sessions", s.origin()),
+    ]);
+    assert_eq!(status, 403);
+
+    // rita approves the third from curl with her token and origin: the client completes.
+    let (status, body) = s.curl_post(&path, &rita, Some(&origin), &[("csrf", &csrf)]);
+    assert_eq!(status, 303, "{body}");
+    let out = held.child.wait_with_output().unwrap();
+    assert!(
+        stdout(&out).contains("DELETE 1"),
+        "{}",
+        held.stderr.join().unwrap()
+    );
+    c.close().await.unwrap();
+
+    // Views and decisions are audit events, like the API's.
+    let events = s.env.events_until("console audit events", |evs| {
+        evs.iter().any(|e| {
+            e["kind"] == "api.write"
+                && e["payload"]["console"] == true
+                && e["payload"]["review"] == id.as_str()
+                && e["payload"]["status"] == 303
+        })
+    });
+    let console: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["payload"]["console"] == true)
+        .collect();
+    assert!(console.iter().any(|e| e["kind"] == "api.read"
+        && e["payload"]["route"] == "/reviews/{id}"
+        && e["payload"]["subject"] == "rita"
+        && e["payload"]["status"] == 200));
+    assert!(console.iter().any(|e| e["kind"] == "api.write"
+        && e["payload"]["route"] == "/reviews/{id}/approve"
+        && e["payload"]["subject"] == "otto"
+        && e["payload"]["status"] == 403));
+    assert!(console.iter().any(|e| e["kind"] == "api.read"
+        && e["payload"]["route"] == "/sessions/{id}"
+        && e["payload"]["subject"] == "otto"));
+    assert!(
+        !events.iter().any(|e| e.to_string().contains(RITA_TOKEN)),
+        "a token never reaches the audit trail"
+    );
+}
