@@ -321,6 +321,10 @@ pub struct Resource {
     pub capture_bytes: usize,
     /// MCP: what a tool definition that changed since it was first listed does (default off).
     pub pinning: PinMode,
+    /// MCP: how long a held tool call keeps its client waiting; past it the client gets an
+    /// error naming the review, which stays open, and the identical call runs when repeated
+    /// once approved (default 50s: MCP clients commonly give up after 60s).
+    pub hold_wait: Duration,
     /// Line of the `[[resources]]` entry, for error messages about it.
     pub line: usize,
 }
@@ -609,6 +613,9 @@ pub enum OpaqueCode {
 pub const DEFAULT_MAX_PREPARED_STATEMENTS: usize = 10_000;
 /// Default `resources.max_portals`.
 pub const DEFAULT_MAX_PORTALS: usize = 10_000;
+
+/// Default `resources.hold_wait` of MCP resources.
+pub const DEFAULT_HOLD_WAIT: Duration = Duration::from_secs(50);
 
 /// Default `resources.review_timeout`: how long a held command waits for its approvals.
 pub const DEFAULT_REVIEW_TIMEOUT: Duration = Duration::from_secs(300);
@@ -1020,6 +1027,7 @@ struct RawResource {
     capture_results: Option<bool>,
     capture_bytes: Option<Spanned<i64>>,
     pinning: Option<RawPinning>,
+    hold_wait: Option<Spanned<String>>,
     unmaskable: Option<Unmaskable>,
     identity_header: Option<String>,
     max_request_body: Option<Spanned<i64>>,
@@ -1724,6 +1732,17 @@ impl Ctx<'_> {
             let unmask_approvers = r
                 .unmask_approvers
                 .unwrap_or_else(|| access_approvers.clone());
+            if r.kind != ResourceKind::Mcp {
+                if let Some(h) = &r.hold_wait {
+                    return Err(self.invalid(
+                        h.span().start,
+                        "resources.hold_wait",
+                        format!("resource {name:?}: hold_wait applies to mcp resources (a held SQL statement or HTTP request waits for its review_timeout)"),
+                    ));
+                }
+            }
+            let hold_wait =
+                self.duration("resources.hold_wait", r.hold_wait, DEFAULT_HOLD_WAIT)?;
             let pinning = match (r.pinning, r.kind) {
                 (None, _) => PinMode::Off,
                 (Some(p), ResourceKind::Mcp) => p.mode,
@@ -1783,6 +1802,7 @@ impl Ctx<'_> {
                 )?,
                 masks: r.masks,
                 pinning,
+                hold_wait,
                 line,
             });
         }
@@ -1969,6 +1989,10 @@ password_env = "ORDERS_DB_PASSWORD"
         );
         let c = p(&mcp("[resources.pinning]\nmode = \"enforce\"\n")).unwrap();
         assert_eq!(c.resource("tickets").unwrap().pinning, PinMode::Enforce);
+        assert_eq!(
+            c.resource("tickets").unwrap().hold_wait,
+            Duration::from_secs(50)
+        );
         assert_eq!(c.resource("orders").unwrap().pinning, PinMode::Off);
         let e = p(&GOOD.replace(
             "password_env = \"ORDERS_DB_PASSWORD\"",

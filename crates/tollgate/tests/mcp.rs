@@ -77,6 +77,8 @@ struct McpEnv {
 impl McpEnv {
     /// `pinning`: the resource's `[resources.pinning] mode`.
     fn start(json_response: bool, pinning: &str) -> McpEnv {
+        // The SDK client waits for a held call (test 1); curl is told it is pending (test 2).
+        let hold_wait = if json_response { "2s" } else { "50s" };
         let modules = node_modules();
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-mcp-")
@@ -134,6 +136,7 @@ name = "tickets"
 kind = "mcp"
 upstream = "https://localhost:{up_port}/mcp"
 allow_groups = ["sre", "agents"]
+hold_wait = "{hold_wait}"
 [resources.tls]
 ca = "{ca}"
 [resources.credentials]
@@ -233,6 +236,24 @@ mode = "{pinning}"
 
     fn events(&self) -> Vec<Value> {
         read_events(&self.tmp.path().join("audit.db"))
+    }
+
+    /// The pending review, as an approver lists it.
+    fn pending_review(&self) -> Value {
+        let mut review = Value::Null;
+        wait_for(Duration::from_secs(20), "a pending review", || {
+            let out = self.cli(&self.alice, &["reviews", "list", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let list = v["reviews"].as_array().cloned().unwrap_or_default();
+            match list.into_iter().find(|r| r["status"] == "pending") {
+                Some(r) => {
+                    review = r;
+                    true
+                }
+                None => false,
+            }
+        });
+        review
     }
 
     fn cli(&self, who: &IssuedFiles, args: &[&str]) -> std::process::Output {
@@ -383,33 +404,19 @@ fn tools_are_filtered_denied_held_and_masked() {
 
     // Production: held until a reviewer approves, then run.
     let held = env.client(&serde_json::json!([
-        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-eu", "id": "9"}},
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-eu", "id": "9", "note": "ask ada@example.com"}},
     ]));
-    let mut review = Value::Null;
-    wait_for(Duration::from_secs(20), "a pending review", || {
-        let out = env.cli(&env.alice, &["reviews", "list", "--json"]);
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let list = v
-            .get("reviews")
-            .cloned()
-            .unwrap_or(v)
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        match list.into_iter().find(|r| r["status"] == "pending") {
-            Some(r) => {
-                review = r;
-                true
-            }
-            None => false,
-        }
-    });
+    let review = env.pending_review();
     let shown = review["statement"].as_str().unwrap_or_default();
     assert!(
         shown.contains("close_ticket") && shown.contains("prod-eu"),
         "{review}"
     );
     assert_eq!(review["rule"], "prod-closes", "{review}");
+    assert!(
+        !shown.contains("ada@example.com"),
+        "the reviewer sees secrets masked: {shown}"
+    );
     assert_eq!(env.calls().len(), 3, "held: not run yet");
     let id = review["id"].as_str().unwrap();
     let approved = env.cli(&env.alice, &["reviews", "approve", id]);
@@ -424,6 +431,35 @@ fn tools_are_filtered_denied_held_and_masked() {
         "{out:?}"
     );
     assert_eq!(env.calls().len(), 4);
+
+    // The approval binds to the arguments: another ticket is held again, and a denial is an
+    // error naming the review.
+    let held = env.client(&serde_json::json!([
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-eu", "id": "10"}},
+    ]));
+    let again = env.pending_review();
+    assert_ne!(again["id"], review["id"]);
+    let again_id = again["id"].as_str().unwrap();
+    let denied = env.cli(
+        &env.alice,
+        &["reviews", "deny", again_id, "--reason", "not today"],
+    );
+    assert!(
+        denied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let out = env.outputs(held);
+    assert_eq!(out[1]["code"], -32002, "{out:?}");
+    let e = out[1]["error"].as_str().unwrap();
+    assert!(
+        e.contains(&format!(
+            "review {again_id} (rule \"prod-closes\") denied by alice: not today"
+        )),
+        "{e}"
+    );
+    assert_eq!(out[1]["data"]["review"], again_id);
+    assert_eq!(env.calls().len(), 4, "the denied call did not run");
 
     // The record: every request judged, the answers masked.
     let mut evs = Vec::new();
@@ -592,12 +628,66 @@ fn protocol_edges_are_refused_and_the_session_survives() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("2026-07-28"), "{body}");
 
+    // A call held past hold_wait: the client is told the review is pending; once approved,
+    // the identical call (another id, its arguments in another order) runs.
+    let call = |id: u32, args: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"close_ticket","arguments":{args}}}}}"#
+        )
+    };
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &v,
+        &call(10, r#"{"project":"prod-us","id":"5"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let e = &messages(&body)[0]["error"];
+    assert_eq!(e["code"], -32002, "{body}");
+    let review = e["data"]["review"].as_str().unwrap().to_string();
+    assert!(
+        e["message"].as_str().unwrap().contains(&format!(
+            "review {review} (rule \"prod-closes\") is pending"
+        )),
+        "{e}"
+    );
+    let approved = env.cli(&env.alice, &["reviews", "approve", &review]);
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &v,
+        &call(11, r#"{"id":"5","project":"prod-us"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        messages(&body)[0]["result"]["content"][0]["text"],
+        "closed prod-us/5",
+        "{body}"
+    );
+    // Once: a third identical call is held again.
+    let (_, _, body) = env.post(
+        None,
+        Some(&session),
+        &v,
+        &call(12, r#"{"project":"prod-us","id":"5"}"#),
+    );
+    assert_eq!(messages(&body)[0]["error"]["code"], -32002, "{body}");
+
     let ran: Vec<String> = env
         .calls()
         .iter()
         .map(|c| c["args"]["text"].as_str().unwrap_or("").to_string())
         .collect();
-    assert_eq!(ran, ["still here"], "only the valid call ran");
+    assert_eq!(
+        ran,
+        ["still here", ""],
+        "only the valid and the approved calls ran"
+    );
     let mut evs = Vec::new();
     wait_for(Duration::from_secs(15), "refused session events", || {
         evs = env.events();

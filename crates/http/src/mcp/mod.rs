@@ -772,7 +772,33 @@ async fn held(
     }
     let mut guard = Withdraw(reviews, &review.id, false);
     let since = Instant::now();
-    let verdict = hold::hold(reviews, &review.id, std::future::pending()).await;
+    // MCP clients give up on a call after about a minute: past `hold_wait` the client is told
+    // the review is pending, and the review stays open for the identical call's repeat.
+    let verdict = match tokio::time::timeout(
+        x.target.resource.hold_wait,
+        hold::hold(reviews, &review.id, std::future::pending()),
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(_) => {
+            guard.2 = true;
+            let id = review.id.clone();
+            x.session.log.record(&ReviewEvent {
+                kind: "review.async",
+                n: x.n,
+                review: id.clone(),
+                reviewers: vec![],
+                waited_ms: Some(since.elapsed().as_millis() as u64),
+            });
+            return Err((
+                format!(
+                    "review {id} (rule \"{rule}\") is pending: the call was not run; once a reviewer approves it (`tollgate reviews approve {id}`), repeat the identical call within the rerun window"
+                ),
+                id,
+            ));
+        }
+    };
     guard.2 = true;
     let waited_ms = since.elapsed().as_millis() as u64;
     let id = review.id.clone();
