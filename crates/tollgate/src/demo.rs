@@ -110,6 +110,15 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         .map(|b| format!("{b:02x}"))
         .collect();
 
+    // A reviewer's token (group sre) to sign in to the web console with.
+    let reviewer_token = tollgate_server::random_hex(24);
+    let reviewer_sha: String =
+        ring::digest::digest(&ring::digest::SHA256, reviewer_token.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+
     let cluster = match tollgate_testsupport::pg_bin_dir() {
         Some(_) => {
             println!(
@@ -261,6 +270,11 @@ auditor_groups = ["sre"]
 subject = "ci-bot"
 sha256 = "{token_sha}"
 groups = ["ci"]
+
+[[identity.tokens]]
+subject = "reviewer"
+sha256 = "{reviewer_sha}"
+groups = ["sre"]
 {resources}"#
     );
     let config_path = dir.join("tollgate.toml");
@@ -333,6 +347,11 @@ groups = ["ci"]
         println!("tollgate reviews approve REVIEW_ID --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
         println!("{curl_agent} -X DELETE {api}/v1/customers/1          # refused by a guardrail (403)");
         println!("curl --cacert {} {api}/v1/customers          # no credential: 401", ca.display());
+        println!();
+        println!("# the web console (reviews to approve or deny, sessions and their timelines); the link in a");
+        println!("# held statement's NOTICE opens its review. Sign in with the reviewer token (group sre):");
+        println!("#   https://localhost:{https_port}/reviews   token: {reviewer_token}");
+        println!("# (the browser does not know the demo CA: import {} or accept the warning once)", ca.display());
         println!();
         println!("# health, readiness and metrics:");
         println!("curl -s http://127.0.0.1:{admin}/readyz; curl -s http://127.0.0.1:{admin}/metrics | grep tollgate_");

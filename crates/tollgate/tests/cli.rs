@@ -664,6 +664,60 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         "{denied}"
     );
 
+    // The web console signs in with the printed reviewer token.
+    let console = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("#   "))
+        .filter(|l| l.contains("/reviews") && l.contains("token: "))
+        .unwrap_or_else(|| panic!("no console line: {lines:#?}"));
+    let url = console.split_whitespace().next().unwrap();
+    let token = console.rsplit("token: ").next().unwrap().trim();
+    let origin = url.trim_end_matches("/reviews");
+    let ca = demo_dir.join("pki/ca.crt");
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--cacert"])
+            .arg(&ca)
+            .args(args)
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    let form = curl(&[&format!("{origin}/login")]);
+    let login = form
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: __Host-tollgate_login="))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("{form}"))
+        .to_string();
+    let signed_in = curl(&[
+        "-H",
+        &format!("Origin: {origin}"),
+        "-H",
+        &format!("Cookie: __Host-tollgate_login={login}"),
+        "--data-urlencode",
+        &format!("token={token}"),
+        "--data-urlencode",
+        &format!("csrf={login}"),
+        &format!("{origin}/login"),
+    ]);
+    let session = signed_in
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: __Host-tollgate_console="))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("{signed_in}"))
+        .to_string();
+    let page = curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={session}"),
+        url,
+    ]);
+    assert!(
+        page.lines().next().is_some_and(|l| l.contains(" 200"))
+            && page.contains("Waiting for your decision"),
+        "{page}"
+    );
+
     let pg_dir = demo_dir.canonicalize().unwrap();
     assert!(
         !pgrep(pg_dir.to_str().unwrap()).is_empty(),

@@ -599,6 +599,45 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
     ]);
     assert_eq!(status, 403);
 
+    // Not signed in: a page sends the browser to the sign-in form, and back afterwards.
+    let (status, head, _) = s.curl(&[&held.link]);
+    assert_eq!(status, 303);
+    assert!(
+        head.contains(&format!("location: /login?next=%2Freviews%2F{id}")),
+        "{head}"
+    );
+    // A client certificate signs in without a form. bob, the requester, sees no forms, and
+    // his own POST (certificate, session cookie, CSRF token, origin) is refused: no self-approval.
+    let bob_cert = [
+        "--cert",
+        s.bob.cert.to_str().unwrap(),
+        "--key",
+        s.bob.key.to_str().unwrap(),
+    ];
+    let (status, head, page) = s.curl(&[&bob_cert[..], &[held.link.as_str()]].concat());
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("You requested this review"), "{page}");
+    assert!(!page.contains("id=\"approve\""));
+    let bob = set_cookie_value(&head, "__Host-tollgate_console").expect("a console session");
+    let (status, _, body) = s.curl(
+        &[
+            &bob_cert[..],
+            &[
+                "-H",
+                &format!("Cookie: __Host-tollgate_console={bob}"),
+                "-H",
+                &format!("Origin: {origin}"),
+                "--data-urlencode",
+                &format!("csrf={}", csrf_of(&page)),
+                &format!("{}{path}", s.origin()),
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("requester"), "{body}");
+    assert_eq!(s.review_status(&rita, &id), "pending");
+
     // rita approves the third from curl with her token and origin: the client completes.
     let (status, body) = s.curl_post(&path, &rita, Some(&origin), &[("csrf", &csrf)]);
     assert_eq!(status, 303, "{body}");

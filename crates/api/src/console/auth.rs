@@ -19,6 +19,8 @@ pub(crate) const SESSION_TTL: Duration = Duration::from_secs(3600);
 pub(crate) const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// Console sessions held at once; past it sign-ins are refused until some expire.
 const MAX_SESSIONS: usize = 10_000;
+/// Console sessions of one principal; a new one ends its oldest.
+const MAX_PER_PRINCIPAL: usize = 16;
 
 /// What signed a console session in.
 #[derive(Clone)]
@@ -50,13 +52,18 @@ impl ConsoleSessions {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new session for `who`: its cookie value (`None` when the table is full).
+    /// A session for `who`: its cookie value (`None` when the table is full). A certificate's
+    /// session is shared by its principal's requests (the cookie alone grants nothing: the
+    /// certificate is checked on every request), so clients without a cookie jar add none.
     pub(crate) fn create(&self, who: &Identity, credential: Credential) -> Option<(String, Entry)> {
         let now = Instant::now();
-        let ttl = who
-            .expires_at
-            .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
-            .map_or(SESSION_TTL, |left| left.min(SESSION_TTL));
+        let ttl = match who.expires_at {
+            Some(t) => t
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .min(SESSION_TTL),
+            None => SESSION_TTL,
+        };
         let entry = Entry {
             credential,
             principal: who.principal.as_str().to_string(),
@@ -64,6 +71,25 @@ impl ConsoleSessions {
             expires: now + ttl,
         };
         let mut map = self.lock();
+        if matches!(entry.credential, Credential::Certificate) {
+            if let Some((id, e)) = map.iter().find(|(_, e)| {
+                matches!(e.credential, Credential::Certificate)
+                    && e.principal == entry.principal
+                    && e.expires > now
+            }) {
+                return Some((id.clone(), e.clone()));
+            }
+        }
+        let mine: Vec<(String, Instant)> = map
+            .iter()
+            .filter(|(_, e)| e.principal == entry.principal)
+            .map(|(id, e)| (id.clone(), e.expires))
+            .collect();
+        if mine.len() >= MAX_PER_PRINCIPAL {
+            if let Some((oldest, _)) = mine.iter().min_by_key(|(_, exp)| *exp) {
+                map.remove(oldest);
+            }
+        }
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, e| e.expires > now);
             if map.len() >= MAX_SESSIONS {
@@ -290,6 +316,58 @@ mod tests {
             assert_eq!(local_next(Some(bad)), "/reviews", "{bad}");
         }
         assert_eq!(local_next(None), "/reviews");
+    }
+
+    fn identity(subject: &str, method: tollgate_identity::AuthMethod) -> Identity {
+        Identity {
+            subject: subject.into(),
+            principal: match method {
+                tollgate_identity::AuthMethod::Cert => {
+                    tollgate_identity::Principal::certificate(subject)
+                }
+                _ => tollgate_identity::Principal::token(subject),
+            },
+            groups: vec!["sre".into()],
+            method,
+            cert_fingerprint: None,
+            cert_not_after: None,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn sessions_are_bounded_per_principal_and_shared_by_a_certificate() {
+        use tollgate_identity::AuthMethod;
+        let sessions = ConsoleSessions::default();
+        let alice = identity("alice", AuthMethod::Cert);
+        let (a1, e1) = sessions.create(&alice, Credential::Certificate).unwrap();
+        let (a2, e2) = sessions.create(&alice, Credential::Certificate).unwrap();
+        assert_eq!(a1, a2, "one certificate session per principal");
+        assert_eq!(e1.csrf, e2.csrf);
+        assert_eq!(a1.len(), 64);
+
+        let bot = identity("bot", AuthMethod::Token);
+        let ids: Vec<String> = (0..MAX_PER_PRINCIPAL + 3)
+            .map(|_| {
+                sessions
+                    .create(&bot, Credential::Token("t".into()))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let live = ids.iter().filter(|id| sessions.get(id).is_some()).count();
+        assert_eq!(live, MAX_PER_PRINCIPAL);
+        assert!(sessions.get(ids.last().unwrap()).is_some());
+        assert!(sessions.get(&a1).is_some(), "others are untouched");
+        sessions.remove(&a1);
+        assert!(sessions.get(&a1).is_none());
+        // A credential that ends sooner ends the session sooner.
+        let mut short = identity("carol", AuthMethod::Token);
+        short.expires_at = Some(std::time::SystemTime::now() - Duration::from_secs(1));
+        let (c, _) = sessions
+            .create(&short, Credential::Token("t".into()))
+            .unwrap();
+        assert!(sessions.get(&c).is_none());
     }
 
     #[test]
