@@ -565,6 +565,67 @@ fn http_response_line(p: &Value) -> String {
     t
 }
 
+/// `tools/call delete_ticket {"project":"p"} (deny: rule "no-deletes")`.
+fn mcp_request_line(p: &Value) -> String {
+    let mut t = text(p, "method").unwrap_or("?").to_string();
+    if let Some(name) = text(p, "name") {
+        t.push(' ');
+        t.push_str(name);
+    }
+    if let Some(args) = text(p, "arguments") {
+        t.push(' ');
+        t.push_str(args);
+    }
+    let d = &p["decision"];
+    match (text(d, "action"), text(d, "rule")) {
+        (Some("allow"), None) => {}
+        (Some(a), Some(r)) => t.push_str(&format!(" ({a}: rule \"{r}\")")),
+        (Some(a), None) => t.push_str(&format!(" ({a})")),
+        _ => {}
+    }
+    t
+}
+
+/// `tools/call lookup_customer: result, 3 values masked, 1.20 ms` (the capture follows).
+fn mcp_response_line(p: &Value) -> String {
+    let mut t = text(p, "method").unwrap_or("(answer)").to_string();
+    if let Some(name) = text(p, "name") {
+        t.push(' ');
+        t.push_str(name);
+    }
+    t.push_str(&format!(": {}", text(p, "outcome").unwrap_or("?")));
+    if p["is_error"].as_bool() == Some(true) && text(p, "outcome") == Some("result") {
+        t.push_str(" (isError)");
+    }
+    if let Some(hidden) = p["hidden"].as_array().filter(|h| !h.is_empty()) {
+        let names: Vec<&str> = hidden.iter().filter_map(Value::as_str).collect();
+        t.push_str(&format!(", hidden: {}", names.join(", ")));
+    }
+    if let Some(v) = num(&p["masked"], "values") {
+        t.push_str(&format!(", {v} values masked"));
+    }
+    if let Some(us) = num(p, "duration_us") {
+        t.push_str(&format!(", {:.2} ms", us as f64 / 1000.0));
+    }
+    t
+}
+
+fn mcp_other_line(kind: &str, p: &Value) -> String {
+    match kind {
+        "mcp.message" => format!("server sent {}", text(p, "method").unwrap_or("a message")),
+        "mcp.session_refused" => format!(
+            "Mcp-Session-Id refused ({})",
+            text(p, "reason").unwrap_or("?")
+        ),
+        "mcp.pinned" => format!("tool {} pinned", text(p, "tool").unwrap_or("?")),
+        _ => format!(
+            "tool {} changed since it was pinned ({})",
+            text(p, "tool").unwrap_or("?"),
+            text(p, "mode").unwrap_or("?")
+        ),
+    }
+}
+
 fn command_text(p: &Value) -> String {
     let mut t = match text(p, "protocol") {
         Some("function_call") => "(function call)".to_string(),
@@ -607,6 +668,11 @@ fn describe(e: &Event) -> (String, String) {
         "result" => (format!("result{n}"), result_summary(p)),
         "http.request" => (format!("request{n}"), http_request_line(p)),
         "http.response" => (format!("response{n}"), http_response_line(p)),
+        "mcp.request" => (format!("mcp{n}"), mcp_request_line(p)),
+        "mcp.response" => (format!("mcp answer{n}"), mcp_response_line(p)),
+        k @ ("mcp.message" | "mcp.session_refused" | "mcp.pinned" | "mcp.pin_changed") => {
+            (e.kind.clone(), mcp_other_line(k, p))
+        }
         _ => (e.kind.clone(), p.to_string()),
     }
 }
@@ -659,14 +725,23 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
             "result" => format!("  -> {}", result_summary(p)),
             "http.request" => format!("HTTP> {}", http_request_line(p)),
             "http.response" => format!("  -> {}", http_response_line(p)),
+            "mcp.request" => format!("MCP> {}", mcp_request_line(p)),
+            "mcp.response" => format!("  <= {}", mcp_response_line(p)),
+            k @ ("mcp.message" | "mcp.session_refused" | "mcp.pinned" | "mcp.pin_changed") => {
+                format!("  MCP {}", mcp_other_line(k, p))
+            }
             _ => format!("{} {}", e.kind, p),
         };
         writeln!(out, "[{}] {line}", offset(e.at_unix_ms - t0))?;
         for l in capture_lines(p) {
             writeln!(out, "{:16}{l}", "")?;
         }
-        // HTTP bodies as captured (responses masked), a few lines of each.
-        if let Some(cap) = p["body"]["capture"].as_str() {
+        // HTTP bodies and MCP answers as captured (masked), a few lines of each.
+        let cap = p["body"]["capture"].as_str().or(match e.kind.as_str() {
+            "mcp.response" | "mcp.message" => p["capture"].as_str(),
+            _ => None,
+        });
+        if let Some(cap) = cap {
             for l in cap.lines().take(REPLAY_BODY_LINES) {
                 let clipped: String = l.chars().take(REPLAY_BODY_WIDTH).collect();
                 writeln!(out, "{:16}{clipped}", "")?;
@@ -700,6 +775,33 @@ mod tests {
         assert_eq!(
             http_response_line(&json!({"status": 403, "outcome": "refused", "error": "denied"})),
             "403 refused: denied"
+        );
+    }
+
+    #[test]
+    fn mcp_exchanges_read_as_one_line_each() {
+        assert_eq!(
+            mcp_request_line(&json!({"method": "tools/call", "name": "delete_ticket",
+                "arguments": "{\"project\":\"p\"}", "decision": {"action": "deny", "rule": "no-deletes"}})),
+            "tools/call delete_ticket {\"project\":\"p\"} (deny: rule \"no-deletes\")"
+        );
+        assert_eq!(
+            mcp_request_line(
+                &json!({"method": "tools/list", "decision": {"action": "allow", "rule": null}})
+            ),
+            "tools/list"
+        );
+        assert_eq!(
+            mcp_response_line(&json!({"method": "tools/list", "outcome": "result",
+                "hidden": ["delete_ticket"], "duration_us": 2000})),
+            "tools/list: result, hidden: delete_ticket, 2.00 ms"
+        );
+        assert_eq!(
+            mcp_response_line(
+                &json!({"method": "tools/call", "name": "lookup", "outcome": "result",
+                "is_error": false, "masked": {"values": 3}})
+            ),
+            "tools/call lookup: result, 3 values masked"
         );
     }
 

@@ -517,6 +517,46 @@ fn tools_are_filtered_denied_held_and_masked() {
     );
     let opens = of_kind(&evs, "session.open");
     assert!(opens.iter().all(|e| e["payload"]["resource_kind"] == "mcp"));
+    // Replay reads as a timeline of tool calls, answers masked (one audit session per client
+    // connection: the SDK client uses several).
+    let replay = |ev: &Value| {
+        let out = env.cli(
+            &env.alice,
+            &[
+                "sessions",
+                "replay",
+                ev["session_id"].as_str().unwrap(),
+                "--speed",
+                "0",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = replay(denied);
+    assert!(
+        text.contains("MCP> tools/call delete_ticket {\"id\":\"7\",\"project\":\"dev-1\"} (deny: rule \"no-deletes\")")
+            || text.contains("MCP> tools/call delete_ticket {\"project\":\"dev-1\",\"id\":\"7\"} (deny: rule \"no-deletes\")"),
+        "{text}"
+    );
+    let text = replay(listing);
+    assert!(
+        text.contains("  <= tools/list: result, hidden: delete_ticket"),
+        "{text}"
+    );
+    let text = replay(lookup);
+    assert!(
+        text.contains("  <= tools/call lookup_customer: result, "),
+        "{text}"
+    );
+    assert!(
+        text.contains("Customer c-1") && !text.contains("ada@example.com"),
+        "{text}"
+    );
     // The client's token never reached the server, the injected credential did (the server
     // refuses anything else with 401, so the calls above prove it).
 }
