@@ -24,6 +24,10 @@ const RITA_TOKEN: &str = "rita-console-token-00112233445566";
 const OTTO_TOKEN: &str = "otto-auditor-token-66554433221100";
 
 const RULES: &str = r#"review_timeout = "90s"
+capture_results = true
+[[resources.masks]]
+columns = ["name"]
+strategy = "redact"
 [[resources.rules]]
 name = "agent-deletes"
 statements = ["delete"]
@@ -534,7 +538,24 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
     assert!(body.contains("sre"), "{body}");
     assert_eq!(s.review_status(&rita, &id), "pending");
 
-    // The auditor browses sessions: bob's, with its statements, and the JSON Lines download.
+    // The auditor browses sessions: bob's, with its statements and the masked rows it saw
+    // (captured), and the JSON Lines download.
+    let out = s.env.psql(
+        &s.env.conninfo_as(&s.bob, "app"),
+        &["-c", "SELECT id, name FROM items WHERE id = 5"],
+    );
+    assert_eq!(stdout(&out).trim(), "5|****", "{}", stderr(&out));
+    s.env.events_until("the SELECT's session closed", |evs| {
+        evs.iter().any(|e| {
+            e["kind"] == "session.close"
+                && evs.iter().any(|o| {
+                    o["session_id"] == e["session_id"]
+                        && o["payload"]["text"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("SELECT id, name"))
+                })
+        })
+    });
     c.goto(&format!("{}/sessions?subject=bob", s.origin()))
         .await
         .unwrap();
@@ -560,7 +581,15 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         .click()
         .await
         .unwrap();
-    text_when(&c, "ol.timeline", |t| t.contains("DELETE FROM items")).await;
+    text_when(&c, "ol.timeline", |t| {
+        t.contains("SELECT id, name FROM items WHERE id = 5")
+    })
+    .await;
+    let capture = text_of(&c, "table.capture").await;
+    assert!(
+        capture.contains("****") && !capture.contains("item 5"),
+        "{capture}"
+    );
     screenshots(&c, "session").await;
     let download = c
         .find(Locator::Css("#download"))
