@@ -432,6 +432,11 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
     // Deny with a reason: the page shows who and why, the client gets the reason.
     let held = s.hold("DELETE FROM items WHERE id = 9");
     c.goto(&held.link).await.unwrap();
+    // Beside it, what bob ran on the resource lately (the approved DELETE among it).
+    text_when(&c, "#recent", |t| {
+        t.contains("DELETE FROM items WHERE id <= 3")
+    })
+    .await;
     c.find(Locator::Css("#deny-reason"))
         .await
         .unwrap()

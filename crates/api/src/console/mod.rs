@@ -683,6 +683,15 @@ async fn get(
                     Some("reviews are visible to their requester, their approvers, auditors and admins"),
                 ));
             };
+            // What the requester ran on this resource lately: for whoever may decide, and
+            // for those who may read sessions anyway.
+            let recent = if state.reviews.may_decide(&r, who) || may_read_sessions(state, who) {
+                let (store, subject, resource) =
+                    (state.store.clone(), r.requester.clone(), r.resource.clone());
+                blocking(viewer, move || recent_commands(&*store, subject, resource)).await?
+            } else {
+                Vec::new()
+            };
             let forms = if state.reviews.may_decide(&r, who) {
                 Ok(())
             } else if state.reviews.is_requester(&r, who) {
@@ -692,7 +701,10 @@ async fn get(
             } else {
                 Err(pages::NoForms::NotAnApprover)
             };
-            Ok(html(StatusCode::OK, pages::review(viewer, &r, forms)))
+            Ok(html(
+                StatusCode::OK,
+                pages::review(viewer, &r, forms, &recent),
+            ))
         }
         Page::Sessions => {
             if !may_read_sessions(state, who) {
@@ -795,6 +807,49 @@ async fn get(
         }
         _ => unreachable!("only GET pages reach here"),
     }
+}
+
+/// Sessions and commands looked at for a review's "recent commands".
+const RECENT_SESSIONS: usize = 5;
+const RECENT_COMMANDS: usize = 10;
+
+/// The requester's latest commands on the resource, newest first: (time, decision, text).
+fn recent_commands(
+    store: &dyn tollgate_store::Store,
+    subject: String,
+    resource: String,
+) -> Result<Vec<pages::RecentCommand>, tollgate_store::StoreError> {
+    let sessions = store.sessions(&SessionFilter {
+        subject: Some(subject),
+        resource: Some(resource),
+        limit: Some(RECENT_SESSIONS),
+        ..Default::default()
+    })?;
+    let mut out = Vec::new();
+    for s in sessions {
+        for e in store.events(&s.id)?.into_iter().rev() {
+            if e.kind != "command" {
+                continue;
+            }
+            let Some(text) = e.payload.get("text").and_then(|t| t.as_str()) else {
+                continue;
+            };
+            out.push(pages::RecentCommand {
+                at: params::format_time(e.at_unix_ms),
+                at_unix_ms: e.at_unix_ms,
+                action: e
+                    .payload
+                    .pointer("/decision/action")
+                    .and_then(|a| a.as_str())
+                    .map(str::to_string),
+                text: text.to_string(),
+                session: s.id.clone(),
+            });
+        }
+    }
+    out.sort_by(|a, b| b.at_unix_ms.cmp(&a.at_unix_ms));
+    out.truncate(RECENT_COMMANDS);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -168,8 +168,22 @@ pub(crate) enum NoForms {
     NotAnApprover,
 }
 
+/// One of a requester's recent commands, shown beside their review.
+pub(crate) struct RecentCommand {
+    pub at: String,
+    pub at_unix_ms: i64,
+    pub action: Option<String>,
+    pub text: String,
+    pub session: String,
+}
+
 /// `/reviews/<id>`.
-pub(crate) fn review(viewer: &Viewer, r: &Review, may_decide: Result<(), NoForms>) -> Markup {
+pub(crate) fn review(
+    viewer: &Viewer,
+    r: &Review,
+    may_decide: Result<(), NoForms>,
+    recent: &[RecentCommand],
+) -> Markup {
     let id = encode(&r.id);
     layout(
         &format!("Review {}", r.id),
@@ -257,6 +271,23 @@ pub(crate) fn review(viewer: &Viewer, r: &Review, may_decide: Result<(), NoForms
                             NoForms::AlreadyVoted => "You have voted; the review needs another approver.".to_string(),
                             NoForms::NotAnApprover => format!("Only members of {} (or an admin) may decide this review.", r.approvers.join(", ")),
                         }) }
+                    }
+                }
+            }
+            @if !recent.is_empty() {
+                section.card #recent {
+                    h2 { "Recent commands by " (r.requester) " on " (r.resource) }
+                    ol.recent {
+                        @for c in recent {
+                            li {
+                                p.meta {
+                                    (time(&c.at))
+                                    @if let Some(a) = &c.action { " " span.badge.(a) { (a) } }
+                                    " · " a href={ "/sessions/" (encode(&c.session)) } { "session" }
+                                }
+                                pre { (clip(&c.text, 600)) }
+                            }
+                        }
                     }
                 }
             }
