@@ -414,6 +414,10 @@ fn tools_are_filtered_denied_held_and_masked() {
     );
     assert_eq!(review["rule"], "prod-closes", "{review}");
     assert!(
+        shown.contains("tool description: Close a ticket"),
+        "{shown}"
+    );
+    assert!(
         !shown.contains("ada@example.com"),
         "the reviewer sees secrets masked: {shown}"
     );

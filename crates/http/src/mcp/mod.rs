@@ -92,7 +92,14 @@ impl McpSessions {
 /// Tool definitions by resource and tool name: the fingerprint pinned at the first listing,
 /// and the one last listed when it differs (a tool blocked under `enforce`).
 #[derive(Default)]
-pub(crate) struct Pins(Mutex<HashMap<(String, String), ToolPin>>);
+pub(crate) struct Pins {
+    pins: Mutex<HashMap<(String, String), ToolPin>>,
+    /// Each tool's description as last listed (shown to the reviewer of a held call).
+    described: Mutex<HashMap<(String, String), String>>,
+}
+
+/// Longest tool description kept for reviewers.
+const MAX_DESCRIPTION: usize = 2048;
 
 #[derive(Clone)]
 struct ToolPin {
@@ -110,8 +117,23 @@ enum PinSeen {
 }
 
 impl Pins {
+    fn describe(&self, resource: &str, tool: &str, description: &str) {
+        let mut m = self.described.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_SESSIONS {
+            m.clear();
+        }
+        let mut d = description.to_string();
+        clip(&mut d, MAX_DESCRIPTION);
+        m.insert((resource.to_string(), tool.to_string()), d);
+    }
+
+    fn description(&self, resource: &str, tool: &str) -> Option<String> {
+        let m = self.described.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(resource.to_string(), tool.to_string())).cloned()
+    }
+
     fn see(&self, resource: &str, tool: &str, fingerprint: &str) -> PinSeen {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.pins.lock().unwrap_or_else(|p| p.into_inner());
         let key = (resource.to_string(), tool.to_string());
         match m.get_mut(&key) {
             None => {
@@ -137,7 +159,7 @@ impl Pins {
 
     /// The pinned and last listed fingerprints of a tool whose definition changed.
     fn changed(&self, resource: &str, tool: &str) -> Option<(String, String)> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.pins.lock().unwrap_or_else(|p| p.into_inner());
         let p = m.get(&(resource.to_string(), tool.to_string()))?;
         Some((p.pinned.clone(), p.changed.clone()?))
     }
@@ -720,11 +742,23 @@ async fn held(
             .arguments
             .as_ref()
             .map(|a| masked_arguments(a, audit_plan));
+        let described = match (j.msg.method.as_str(), j.msg.name.as_deref()) {
+            ("tools/call", Some(tool)) => {
+                x.gw.mcp_pins
+                    .description(&x.target.resource.name, tool)
+                    .map(|d| {
+                        let d = masked_arguments(&Value::String(d), audit_plan);
+                        format!("\n  tool description: {}", d.as_str().unwrap_or_default())
+                    })
+            }
+            _ => None,
+        };
         shown.push(format!(
-            "MCP {} {}{}",
+            "MCP {} {}{}{}",
             j.msg.method,
             j.msg.name.as_deref().unwrap_or(""),
-            args.map(|a| format!(" arguments {a}")).unwrap_or_default()
+            args.map(|a| format!(" arguments {a}")).unwrap_or_default(),
+            described.unwrap_or_default()
         ));
     }
     let asked = HoldRequest {
@@ -1049,7 +1083,15 @@ impl Replies {
         let mut hidden = Vec::new();
         if let Some((method, _)) = &asked {
             match method.as_str() {
-                "tools/list" => hidden = self.filter_tools(&mut msg),
+                "tools/list" => {
+                    hidden = self.filter_listing(&mut msg, "tools", "tools/call", "name")
+                }
+                "prompts/list" => {
+                    hidden = self.filter_listing(&mut msg, "prompts", "prompts/get", "name")
+                }
+                "resources/list" => {
+                    hidden = self.filter_listing(&mut msg, "resources", "resources/read", "uri")
+                }
                 "initialize" => self.check_version(&mut msg),
                 _ => {}
             }
@@ -1115,12 +1157,19 @@ impl Replies {
         Ok(msg)
     }
 
-    /// Leaves out of a `tools/list` answer the tools a call to which this caller would be
-    /// denied (judged without arguments: a rule on arguments does not hide its tool).
-    fn filter_tools(&self, msg: &mut Value) -> Vec<String> {
+    /// Leaves out of a listing (`tools/list`, `prompts/list`, `resources/list`) what this caller
+    /// would be denied using (judged without arguments: a rule on arguments does not hide its
+    /// tool); tools are pinned on the way (`[resources.pinning]`).
+    fn filter_listing(
+        &self,
+        msg: &mut Value,
+        list: &str,
+        use_method: &str,
+        name_key: &str,
+    ) -> Vec<String> {
         let Some(tools) = msg
             .get_mut("result")
-            .and_then(|r| r.get_mut("tools"))
+            .and_then(|r| r.get_mut(list))
             .and_then(Value::as_array_mut)
         else {
             return Vec::new();
@@ -1132,9 +1181,15 @@ impl Replies {
         };
         let mut hidden = Vec::new();
         let resource = &self.target.resource;
+        let tools_listed = list == "tools";
         tools.retain(|t| {
-            let name = t.get("name").and_then(Value::as_str).unwrap_or("");
-            if resource.pinning != tollgate_config::PinMode::Off {
+            let name = t.get(name_key).and_then(Value::as_str).unwrap_or("");
+            if tools_listed {
+                if let Some(d) = t.get("description").and_then(Value::as_str) {
+                    self.gw.mcp_pins.describe(&resource.name, name, d);
+                }
+            }
+            if tools_listed && resource.pinning != tollgate_config::PinMode::Off {
                 let fingerprint = tool_fingerprint(t);
                 match self.gw.mcp_pins.see(&resource.name, name, &fingerprint) {
                     PinSeen::Same => {}
@@ -1175,7 +1230,7 @@ impl Replies {
             let j = self.target.rules.judge(
                 &Command {
                     kind: CommandKind::Mcp {
-                        method: "tools/call",
+                        method: use_method,
                         name: Some(name),
                         arguments: None,
                     },
