@@ -655,6 +655,18 @@ fn protocol_edges_are_refused_and_the_session_survives() {
     );
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("session not found"), "{body}");
+    // Two session ids: the gateway would check one, the server might read the other.
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &["-H", "Mcp-Session-Id: someone-elses"],
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("more than one mcp-session-id header"),
+        "{body}"
+    );
     let (code, _, _) = env.post(
         None,
         Some("forged-session"),

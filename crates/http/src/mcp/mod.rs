@@ -327,6 +327,29 @@ impl Exchange<'_> {
 /// Handles one HTTP request to an MCP resource.
 pub(crate) async fn exchange(x: Exchange<'_>) -> Response<UpstreamBody> {
     let headers = &x.parts.headers;
+    // One reading of each MCP header: the gateway checks the first, a server might use another.
+    for name in [
+        "mcp-session-id",
+        "mcp-protocol-version",
+        "mcp-method",
+        "mcp-name",
+    ] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            let msg = format!("the request has more than one {name} header");
+            let _ = x
+                .record_request(&Decision::Deny {
+                    rule: "protocol".into(),
+                    message: msg.clone(),
+                })
+                .await;
+            return x.answered(
+                StatusCode::BAD_REQUEST,
+                "header_repeated",
+                &msg,
+                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, &msg, None),
+            );
+        }
+    }
     // The protocol revision: one tollgate does not understand is never passed on unjudged.
     if let Some(v) = headers.get("mcp-protocol-version") {
         let v = String::from_utf8_lossy(v.as_bytes()).trim().to_string();
