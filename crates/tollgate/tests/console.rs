@@ -119,9 +119,11 @@ impl Setup {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("psql printed no console link for {sql}"));
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("psql printed no console link for {sql}");
+            };
             if let Some(at) = line.find(&prefix) {
                 let link: String = line[at..]
                     .chars()

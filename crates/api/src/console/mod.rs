@@ -847,7 +847,7 @@ fn recent_commands(
             });
         }
     }
-    out.sort_by(|a, b| b.at_unix_ms.cmp(&a.at_unix_ms));
+    out.sort_by_key(|c| std::cmp::Reverse(c.at_unix_ms));
     out.truncate(RECENT_COMMANDS);
     Ok(out)
 }
