@@ -76,7 +76,8 @@ struct McpEnv {
 
 impl McpEnv {
     /// `pinning`: the resource's `[resources.pinning] mode`.
-    fn start(json_response: bool, pinning: &str) -> McpEnv {
+    /// `review_timeout`: how long a held call waits for its reviewer.
+    fn start(json_response: bool, pinning: &str, review_timeout: &str) -> McpEnv {
         // The SDK client waits for a held call (test 1); curl is told it is pending (test 2).
         let hold_wait = if json_response { "2s" } else { "50s" };
         let modules = node_modules();
@@ -137,6 +138,7 @@ kind = "mcp"
 upstream = "https://localhost:{up_port}/mcp"
 allow_groups = ["sre", "agents"]
 hold_wait = "{hold_wait}"
+review_timeout = "{review_timeout}"
 [resources.tls]
 ca = "{ca}"
 [resources.credentials]
@@ -349,7 +351,7 @@ fn of_kind<'a>(evs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 #[test]
 fn tools_are_filtered_denied_held_and_masked() {
-    let env = McpEnv::start(false, "off");
+    let env = McpEnv::start(false, "off", "5m");
     let out = env.run(serde_json::json!([
         {"op": "list"},
         {"op": "call", "name": "lookup_customer", "arguments": {"id": "c-1"}},
@@ -567,7 +569,7 @@ fn tools_are_filtered_denied_held_and_masked() {
 
 #[test]
 fn protocol_edges_are_refused_and_the_session_survives() {
-    let env = McpEnv::start(true, "off");
+    let env = McpEnv::start(true, "off", "5m");
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}"#;
     let (code, headers, body) = env.post(None, None, &[], init);
     assert_eq!(code, 200, "{headers}{body}\n{}", env.gw.logs());
@@ -764,9 +766,10 @@ fn protocol_edges_are_refused_and_the_session_survives() {
     assert!(refused.len() >= 6, "{refused:?}");
 }
 
+/// Pinning, and (in the same gateway, to spare a start) a review nobody decides.
 #[test]
-fn a_changed_tool_definition_is_blocked() {
-    let env = McpEnv::start(false, "enforce");
+fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
+    let env = McpEnv::start(false, "enforce", "2s");
     let out = env.run(serde_json::json!([
         {"op": "list"},
         {"op": "call", "name": "echo", "arguments": {"text": "before"}},
@@ -794,6 +797,19 @@ fn a_changed_tool_definition_is_blocked() {
     let e = out[2]["error"].as_str().unwrap();
     assert!(
         e.contains("tool \"echo\" changed its definition since it was pinned"),
+        "{e}"
+    );
+    // Nobody decides: the call is refused once the review expires, naming it.
+    let out = env.run(serde_json::json!([
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-1", "id": "3"}},
+    ]));
+    assert_eq!(out[1]["code"], -32002, "{out:?}");
+    let e = out[1]["error"].as_str().unwrap();
+    let review = out[1]["data"]["review"].as_str().unwrap();
+    assert!(
+        e.contains(&format!(
+            "review {review} (rule \"prod-closes\") expired after 2s without a decision"
+        )),
         "{e}"
     );
     let ran: Vec<Value> = env
