@@ -1240,3 +1240,26 @@ async fn grants_are_listed_and_revoked_once_with_who_and_why() {
         .revoked
         .is_none());
 }
+
+#[test]
+fn may_decide_answers_as_decide_would() {
+    let f = fx(true);
+    let mut r = command(2, MINUTE);
+    r.requester = Reviewer::from(&person("agent-7", &["agents", "sre"]));
+    let review = f.reviews.request(r).unwrap();
+    let (alice, olga) = (person("alice", &["sre"]), person("olga", &["ops"]));
+    assert!(f.reviews.may_decide(&review, &alice));
+    assert!(f.reviews.may_decide(&review, &olga), "admins may");
+    assert!(!f.reviews.may_decide(&review, &person("mallory", &["dev"])));
+    assert!(
+        !f.reviews
+            .may_decide(&review, &person("agent-7", &["agents", "sre"])),
+        "not the requester, even as an approver"
+    );
+    let review = f.reviews.decide(&review.id, &alice, true, None).unwrap();
+    assert!(!f.reviews.may_decide(&review, &alice), "voted already");
+    assert!(f.reviews.may_decide(&review, &olga));
+    let review = f.reviews.decide(&review.id, &olga, true, None).unwrap();
+    assert_eq!(review.status, "approved");
+    assert!(!f.reviews.may_decide(&review, &person("sam", &["sre"])));
+}
