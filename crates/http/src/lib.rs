@@ -137,24 +137,43 @@ impl Target {
     }
 }
 
-/// Which audit session a request belongs to: one per client connection, resource and caller.
+/// Which audit session a request belongs to: one per client connection, resource and caller;
+/// for MCP, one per `Mcp-Session-Id` (and its caller), whatever connections carry it.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct SessionKey {
+    /// 0 for an MCP session.
     conn: u64,
     resource: String,
     principal: String,
+    mcp: Option<String>,
 }
 
+/// An MCP session's audit session closes after this long without a request (or at its
+/// DELETE): MCP clients need not end their sessions.
+const MCP_SESSION_IDLE: Duration = Duration::from_secs(3600);
+
 /// An audit session of HTTP exchanges; `session.close` is recorded when the connection has
-/// ended and its last response body is done.
+/// ended (for MCP: the session was deleted or went idle) and its last response body is done.
 pub(crate) struct HttpSession {
     pub log: SessionLog,
     pub n: AtomicU64,
+    /// Microseconds (since the session began) of its latest request.
+    last_used_us: AtomicU64,
 }
 
 impl HttpSession {
     pub fn next_n(&self) -> u64 {
+        self.last_used_us.store(self.log.t_us(), Ordering::Relaxed);
         self.n.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn idle(&self) -> Duration {
+        self.log
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_micros(
+                self.last_used_us.load(Ordering::Relaxed),
+            ))
     }
 }
 
@@ -241,26 +260,42 @@ impl HttpGateway {
         self.targets.load().get(name).cloned()
     }
 
-    /// The session this request belongs to, opened (and recorded) on first use.
+    /// The session this request belongs to, opened (and recorded) on first use. A request to
+    /// an MCP resource carrying an `Mcp-Session-Id` its caller opened goes to that MCP
+    /// session's audit session.
     pub(crate) fn session(
         &self,
         ctx: &ConnCtx,
         target: &Target,
         who: &Identity,
         access: &Access,
+        mcp_session: Option<&str>,
     ) -> Arc<HttpSession> {
+        let principal = who.principal.to_string();
+        let mcp = mcp_session
+            .filter(|sid| {
+                self.mcp_sessions
+                    .owner(&target.resource.name, sid)
+                    .as_deref()
+                    == Some(principal.as_str())
+            })
+            .map(str::to_string);
         let key = SessionKey {
-            conn: ctx.id,
+            conn: if mcp.is_some() { 0 } else { ctx.id },
             resource: target.resource.name.clone(),
-            principal: who.principal.to_string(),
+            principal,
+            mcp,
         };
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = sessions.get(&key) {
             return s.clone();
         }
+        // Idle MCP sessions close (checked as new sessions open).
+        sessions.retain(|k, s| k.mcp.is_none() || s.idle() < MCP_SESSION_IDLE);
         let session = Arc::new(HttpSession {
             log: SessionLog::new(self.recorder.clone()),
             n: AtomicU64::new(0),
+            last_used_us: AtomicU64::new(0),
         });
         let mut extra = serde_json::Map::new();
         access.audit_fields(&mut extra);
@@ -284,6 +319,38 @@ impl HttpGateway {
         });
         sessions.insert(key, session.clone());
         session
+    }
+
+    /// The upstream opened MCP session `sid` in answer to a request of `session`: the MCP
+    /// session's later requests are recorded there too.
+    pub(crate) fn adopt_mcp_session(
+        &self,
+        resource: &str,
+        who: &Identity,
+        sid: &str,
+        session: &Arc<HttpSession>,
+    ) {
+        let key = SessionKey {
+            conn: 0,
+            resource: resource.to_string(),
+            principal: who.principal.to_string(),
+            mcp: Some(sid.to_string()),
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.insert(key, session.clone());
+    }
+
+    /// MCP session `sid` ended (DELETE): its audit session closes once its last answer is done
+    /// (and its first connection has ended).
+    pub(crate) fn end_mcp_session(&self, resource: &str, who: &Identity, sid: &str) {
+        let key = SessionKey {
+            conn: 0,
+            resource: resource.to_string(),
+            principal: who.principal.to_string(),
+            mcp: Some(sid.to_string()),
+        };
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.remove(&key);
     }
 
     /// An identified caller refused before its request was judged (no access to the resource

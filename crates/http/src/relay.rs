@@ -298,7 +298,11 @@ async fn run(
             .hint("ask an administrator for access, or request it with `tollgate access request`")
     })?;
     let target = target.expect("authorized");
-    let session = gw.session(ctx, &target, &who, &access);
+    let mcp_session = (target.resource.kind == tollgate_config::ResourceKind::Mcp)
+        .then(|| req.headers().get("mcp-session-id"))
+        .flatten()
+        .and_then(|v| v.to_str().ok());
+    let session = gw.session(ctx, &target, &who, &access, mcp_session);
     let n = session.next_n();
 
     // A WebSocket upgrade is judged and recorded like any GET, then relayed by `websocket`.

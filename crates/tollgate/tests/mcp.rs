@@ -523,8 +523,15 @@ fn tools_are_filtered_denied_held_and_masked() {
     );
     let opens = of_kind(&evs, "session.open");
     assert!(opens.iter().all(|e| e["payload"]["resource_kind"] == "mcp"));
-    // Replay reads as a timeline of tool calls, answers masked (one audit session per client
-    // connection: the SDK client uses several).
+    // One MCP session, one audit session, whatever connections the client used; replay reads
+    // it as a timeline of tool calls, answers masked.
+    assert_eq!(denied["session_id"], listing["session_id"]);
+    assert_eq!(denied["session_id"], lookup["session_id"]);
+    let initialize = requests
+        .iter()
+        .find(|e| e["payload"]["method"] == "initialize")
+        .unwrap();
+    assert_eq!(initialize["session_id"], lookup["session_id"]);
     let replay = |ev: &Value| {
         let out = env.cli(
             &env.alice,
@@ -549,12 +556,10 @@ fn tools_are_filtered_denied_held_and_masked() {
             || text.contains("MCP> tools/call delete_ticket {\"project\":\"dev-1\",\"id\":\"7\"} (deny: rule \"no-deletes\")"),
         "{text}"
     );
-    let text = replay(listing);
     assert!(
         text.contains("  <= tools/list: result, hidden: delete_ticket"),
         "{text}"
     );
-    let text = replay(lookup);
     assert!(
         text.contains("  <= tools/call lookup_customer: result, "),
         "{text}"

@@ -78,7 +78,7 @@ impl McpSessions {
         );
     }
 
-    fn owner(&self, resource: &str, id: &str) -> Option<String> {
+    pub(crate) fn owner(&self, resource: &str, id: &str) -> Option<String> {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.get(&(resource.to_string(), id.to_string())).cloned()
     }
@@ -425,6 +425,7 @@ pub(crate) async fn exchange(x: Exchange<'_>) -> Response<UpstreamBody> {
             if deleting && r.status().is_success() {
                 if let Some(sid) = &mcp_session {
                     x.gw.mcp_sessions.forget(&x.target.resource.name, sid);
+                    x.gw.end_mcp_session(&x.target.resource.name, x.who, sid);
                 }
             }
             r
@@ -658,6 +659,7 @@ async fn post(x: Exchange<'_>, mcp_session: Option<String>) -> Response<Upstream
         {
             x.gw.mcp_sessions
                 .bind(&x.target.resource.name, sid, &x.who.principal.to_string());
+            x.gw.adopt_mcp_session(&x.target.resource.name, x.who, sid, x.session);
         }
     }
     r
