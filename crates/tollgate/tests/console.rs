@@ -598,6 +598,24 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         "{capture}"
     );
     screenshots(&c, "session").await;
+    // Replay: the entries disappear and come back at their recorded pace.
+    c.find(Locator::Css("#replay"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let clock = text_when(&c, "#replay-clock", |t| t.ends_with("done")).await;
+    let entries = c.find_all(Locator::Css("li.event")).await.unwrap().len();
+    assert_eq!(clock, format!("{entries} / {entries} · done"));
+    let hidden = c
+        .execute(
+            "return document.querySelectorAll('li.event.replaying').length",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hidden, json!(0));
     let download = c
         .find(Locator::Css("#download"))
         .await

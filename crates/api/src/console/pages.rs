@@ -375,7 +375,19 @@ pub(crate) fn session(viewer: &Viewer, s: &Session, events: &[Event]) -> Markup 
                 p { a #download href={ "/sessions/" (id) "/events.jsonl" } download { "Download the events (JSON Lines)" } }
             }
             h2 { "Timeline" }
-            ol.timeline {
+            // Replay (console.js): the entries again, at the pace they were recorded.
+            div.replay #replay-controls hidden {
+                button #replay type="button" { "Replay" }
+                label { "speed "
+                    select #replay-speed {
+                        option value="1" { "1×" }
+                        option value="4" { "4×" }
+                        option value="16" { "16×" }
+                    }
+                }
+                span #replay-clock.meta {}
+            }
+            ol.timeline #timeline {
                 @for e in events { (timeline_entry(e, s.started_at_unix_ms)) }
             }
         },
@@ -441,7 +453,7 @@ fn timeline_entry(e: &Event, start_ms: i64) -> Markup {
         .and_then(|b| b.get("capture"))
         .and_then(Value::as_str);
     html! {
-        li.event data-kind=(e.kind) {
+        li.event data-kind=(e.kind) data-offset-ms=(e.at_unix_ms - start_ms) {
             div.meta {
                 span.offset { "+" (format!("{offset:.3}")) "s" }
                 " " span.kind { (e.kind) }
