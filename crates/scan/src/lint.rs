@@ -338,8 +338,21 @@ impl Lint<'_> {
                 "once the audit trail's decision.dry_run shows what they would change, remove dry_run",
             ));
         }
+        if r.kind == tollgate_config::ResourceKind::Mcp
+            && r.pinning == tollgate_config::PinMode::Off
+        {
+            self.push(Finding::new(
+                "mcp_pinning_off",
+                Severity::Low,
+                name,
+                "resources.pinning.mode",
+                format!("resource {:?}: MCP tool definitions are not pinned, so a server that changes what a tool says about itself (a \"rug pull\") goes unnoticed", r.name),
+                "set [resources.pinning] mode = \"enforce\" (or \"warn\")",
+            ));
+        }
         if r.kind != tollgate_config::ResourceKind::Postgres {
-            // HTTP rules are validated whole by the config loader; the SQL checks do not apply.
+            // HTTP and MCP rules are validated whole by the config loader; the SQL checks do
+            // not apply.
             return;
         }
         if !r.rules.is_empty() || r.read_only {
@@ -628,6 +641,25 @@ allow_groups = ["sre", "agents"]
     fn clean_config_passes() {
         let f = Fixture::new();
         assert_eq!(f.check(&f.config("", "")), vec![]);
+    }
+
+    #[test]
+    fn mcp_resources_without_pinning_are_flagged() {
+        let f = Fixture::new();
+        let c = f.http_config("https://127.0.0.1:8443/mcp", "");
+        let text = std::fs::read_to_string(&c.path)
+            .unwrap()
+            .replace("kind = \"http\"", "kind = \"mcp\"");
+        std::fs::write(&c.path, &text).unwrap();
+        let c = tollgate_config::load(&c.path).unwrap();
+        assert_eq!(kinds(&f.check(&c)), ["mcp_pinning_off"]);
+        std::fs::write(
+            &c.path,
+            format!("{text}[resources.pinning]\nmode = \"enforce\"\n"),
+        )
+        .unwrap();
+        let c = tollgate_config::load(&c.path).unwrap();
+        assert_eq!(f.check(&c), vec![]);
     }
 
     #[test]
