@@ -24,6 +24,7 @@ const RITA_TOKEN: &str = "rita-console-token-00112233445566";
 const OTTO_TOKEN: &str = "otto-auditor-token-66554433221100";
 
 const RULES: &str = r#"review_timeout = "90s"
+access_approvers = ["sre"]
 capture_results = true
 [[resources.masks]]
 columns = ["name"]
@@ -197,6 +198,18 @@ impl Setup {
         origin: Option<&str>,
         form: &[(&str, &str)],
     ) -> (u16, String) {
+        let (status, _, body) = self.curl_post_full(path, cookie, origin, form);
+        (status, body)
+    }
+
+    /// [`Setup::curl_post`] with the response headers: (status, headers, body).
+    fn curl_post_full(
+        &self,
+        path: &str,
+        cookie: &str,
+        origin: Option<&str>,
+        form: &[(&str, &str)],
+    ) -> (u16, String, String) {
         let mut args = vec![
             "-H".to_string(),
             format!("Cookie: __Host-tollgate_console={cookie}"),
@@ -212,7 +225,16 @@ impl Setup {
         }
         args.push(format!("{}{path}", self.origin()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (status, _, body) = self.curl(&args);
+        self.curl(&args)
+    }
+
+    /// A console page as `cookie`'s viewer: (status, body).
+    fn page(&self, cookie: &str, path: &str) -> (u16, String) {
+        let (status, _, body) = self.curl(&[
+            "-H",
+            &format!("Cookie: __Host-tollgate_console={cookie}"),
+            &format!("{}{path}", self.origin()),
+        ]);
         (status, body)
     }
 
@@ -701,6 +723,57 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         "{}",
         held.stderr.join().unwrap()
     );
+
+    // Access from the console: otto asks for a while on app, rita approves, otto sees the
+    // grant and gives it up.
+    let (_, page) = s.page(&otto, "/access");
+    let otto_csrf = csrf_of(&page);
+    let (status, head, body) = s.curl_post_full(
+        "/access",
+        &otto,
+        Some(&origin),
+        &[
+            ("csrf", &otto_csrf),
+            ("resource", "app"),
+            ("for", "1h"),
+            ("reason", "incident 42"),
+        ],
+    );
+    assert_eq!(status, 303, "{body}");
+    let access_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: /reviews/"))
+        .unwrap_or_else(|| panic!("{head}"))
+        .trim()
+        .to_string();
+    let (_, page) = s.page(&rita, &format!("/reviews/{access_id}"));
+    assert!(page.contains("incident 42"), "{page}");
+    let (status, body) = s.curl_post(
+        &format!("/reviews/{access_id}/approve"),
+        &rita,
+        Some(&origin),
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(status, 303, "{body}");
+    c.goto(&format!("{}/access", s.origin())).await.unwrap();
+    text_when(&c, "#grants", |t| t.contains("otto") && t.contains("app")).await;
+    screenshots(&c, "access").await;
+    let (status, body) = s.curl_post(
+        &format!("/grants/{access_id}/revoke"),
+        &otto,
+        Some(&origin),
+        &[("csrf", &otto_csrf)],
+    );
+    assert_eq!(status, 400, "a revocation needs a reason: {body}");
+    let (status, body) = s.curl_post(
+        &format!("/grants/{access_id}/revoke"),
+        &otto,
+        Some(&origin),
+        &[("csrf", &otto_csrf), ("reason", "done")],
+    );
+    assert_eq!(status, 303, "{body}");
+    let (_, page) = s.page(&otto, "/access");
+    assert!(page.contains("id=\"no-grants\""), "{page}");
     c.close().await.unwrap();
 
     // Views and decisions are audit events, like the API's.
@@ -727,6 +800,15 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
     assert!(console.iter().any(|e| e["kind"] == "api.read"
         && e["payload"]["route"] == "/sessions/{id}"
         && e["payload"]["subject"] == "otto"));
+    for route in ["/access", "/grants/{id}/revoke"] {
+        assert!(
+            console.iter().any(|e| e["kind"] == "api.write"
+                && e["payload"]["route"] == route
+                && e["payload"]["subject"] == "otto"
+                && e["payload"]["status"] == 303),
+            "{route}"
+        );
+    }
     assert!(
         !events.iter().any(|e| e.to_string().contains(RITA_TOKEN)),
         "a token never reaches the audit trail"

@@ -5,6 +5,8 @@
 //!   and webhooks; `POST /reviews/<id>/approve|deny` (form: `reason`, `csrf`).
 //! - `GET /sessions?subject=&resource=&outcome=&since=&until=&offset=` and `GET /sessions/<id>`
 //!   (auditors and admins), `GET /sessions/<id>/events.jsonl` (the API's event shape, one a line).
+//! - `GET /access`: grants in force (the viewer's own; all for auditors and admins) and a form
+//!   that asks for access or unmasking (`POST /access`); `POST /grants/<id>/revoke`.
 //! - `GET|POST /login` (a token, checked once with `tollgate_gate::identify`), `POST /logout`;
 //!   a client certificate signs in without a form. Static `/console/console.css|js`.
 //!
@@ -51,10 +53,16 @@ enum Page {
     Logout,
     Reviews,
     Review(String),
-    Decide { id: String, approve: bool },
+    Decide {
+        id: String,
+        approve: bool,
+    },
     Sessions,
     Session(String),
     SessionEvents(String),
+    /// Grants in force, and the form to ask for access or unmasking (GET shows, POST asks).
+    Access,
+    GrantRevoke(String),
 }
 
 impl Page {
@@ -80,13 +88,15 @@ impl Page {
             ["sessions"] => Page::Sessions,
             ["sessions", i] => Page::Session(id(i)?),
             ["sessions", i, "events.jsonl"] => Page::SessionEvents(id(i)?),
+            ["access"] => Page::Access,
+            ["grants", i, "revoke"] => Page::GrantRevoke(id(i)?),
             _ => return None,
         })
     }
 
     fn method(&self) -> Method {
         match self {
-            Page::Logout | Page::Decide { .. } => Method::POST,
+            Page::Logout | Page::Decide { .. } | Page::GrantRevoke(_) => Method::POST,
             _ => Method::GET,
         }
     }
@@ -104,13 +114,17 @@ impl Page {
             Page::Sessions => "/sessions",
             Page::Session(_) => "/sessions/{id}",
             Page::SessionEvents(_) => "/sessions/{id}/events.jsonl",
+            Page::Access => "/access",
+            Page::GrantRevoke(_) => "/grants/{id}/revoke",
         }
     }
 
     fn fields(&self) -> serde_json::Value {
         let mut f = json!({"console": true, "route": self.pattern()});
         match self {
-            Page::Review(id) | Page::Decide { id, .. } => f["review"] = json!(id),
+            Page::Review(id) | Page::Decide { id, .. } | Page::GrantRevoke(id) => {
+                f["review"] = json!(id)
+            }
             Page::Session(id) | Page::SessionEvents(id) => f["session"] = json!(id),
             _ => {}
         }
@@ -121,9 +135,17 @@ impl Page {
 /// Paths the console answers (the JSON API keeps `/api/`, HTTP resources `/r/`).
 pub(crate) fn is_console_path(path: &str) -> bool {
     path == "/"
-        || ["/reviews", "/sessions", "/login", "/logout", "/console"]
-            .iter()
-            .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
+        || [
+            "/reviews",
+            "/sessions",
+            "/login",
+            "/logout",
+            "/console",
+            "/access",
+            "/grants",
+        ]
+        .iter()
+        .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
 }
 
 /// The signed-in viewer of one request.
@@ -267,7 +289,8 @@ pub(crate) async fn handle(
         secure(&mut a.resp);
         return a.resp;
     };
-    if method != page.method() && !(page == Page::Login && method == Method::POST) {
+    let either = matches!(page, Page::Login | Page::Access);
+    if method != page.method() && !(either && method == Method::POST) {
         let mut a = problem(
             StatusCode::METHOD_NOT_ALLOWED,
             None,
@@ -562,6 +585,45 @@ async fn post(
 ) -> Result<Answer, Answer> {
     match page {
         Page::Logout => Ok(redirect("/login")),
+        Page::Access => {
+            let resource = field(form, "resource").unwrap_or("").trim().to_string();
+            let reason = field(form, "reason").unwrap_or("").to_string();
+            let unmask = field(form, "unmask").is_some();
+            let duration = tollgate_config::parse_duration(field(form, "for").unwrap_or(""))
+                .map_err(|e| {
+                    problem(
+                        StatusCode::BAD_REQUEST,
+                        Some(viewer),
+                        &format!("For how long: {e}"),
+                        Some("write a duration such as 30m or 2h"),
+                    )
+                })?;
+            let (reviews, me) = (state.reviews.clone(), caller.who.clone());
+            let asked = tokio::task::spawn_blocking(move || {
+                if unmask {
+                    reviews.request_unmask(&me, &resource, duration, &reason)
+                } else {
+                    reviews.request_access(&me, &resource, duration, &reason)
+                }
+            })
+            .await;
+            match asked {
+                Ok(Ok(r)) => Ok(redirect(&format!("/reviews/{}", params::encode(&r.id)))),
+                Ok(Err(e)) => Err(workflow_problem(viewer, e, None)),
+                Err(e) => Err(store_problem(viewer, e)),
+            }
+        }
+        Page::GrantRevoke(id) => {
+            let reason = field(form, "reason").map(str::to_string);
+            let (reviews, key, me) = (state.reviews.clone(), id.clone(), caller.who.clone());
+            let revoked =
+                tokio::task::spawn_blocking(move || reviews.revoke_grant(&key, &me, reason)).await;
+            match revoked {
+                Ok(Ok(_)) => Ok(redirect("/access")),
+                Ok(Err(e)) => Err(workflow_problem(viewer, e, Some(id))),
+                Err(e) => Err(store_problem(viewer, e)),
+            }
+        }
         Page::Decide { id, approve } => {
             let reason = field(form, "reason").map(str::to_string);
             let (reviews, key, me, approve) = (
@@ -575,20 +637,23 @@ async fn post(
                     .await;
             match decided {
                 Ok(Ok(_)) => Ok(redirect(&format!("/reviews/{}", params::encode(id)))),
-                Ok(Err(e)) => {
-                    let r = crate::review_routes::review_refusal(e, Some(id));
-                    Err(problem(
-                        r.status,
-                        Some(viewer),
-                        &r.body.error,
-                        r.body.hint.as_deref(),
-                    ))
-                }
+                Ok(Err(e)) => Err(workflow_problem(viewer, e, Some(id))),
                 Err(e) => Err(store_problem(viewer, e)),
             }
         }
         _ => unreachable!("only POST pages reach here"),
     }
+}
+
+/// A refusal of the review workflow, as the API words it.
+fn workflow_problem(viewer: &Viewer, e: tollgate_review::ReviewError, id: Option<&str>) -> Answer {
+    let r = crate::review_routes::review_refusal(e, id);
+    problem(
+        r.status,
+        Some(viewer),
+        &r.body.error,
+        r.body.hint.as_deref(),
+    )
 }
 
 fn store_problem(viewer: &Viewer, e: impl std::fmt::Display) -> Answer {
@@ -705,6 +770,23 @@ async fn get(
                 StatusCode::OK,
                 pages::review(viewer, &r, forms, &recent),
             ))
+        }
+        Page::Access => {
+            let reviews = state.reviews.clone();
+            let filter = tollgate_review::GrantFilter {
+                active: Some(true),
+                ..Default::default()
+            };
+            let grants = blocking(viewer, move || reviews.grants(&filter)).await?;
+            let admin = who.in_any(&state.roles.admin_groups);
+            let grants: Vec<(tollgate_review::GrantView, bool)> = grants
+                .into_iter()
+                .filter_map(|g| {
+                    let holder = state.reviews.is_holder(&g, who);
+                    (holder || may_read_sessions(state, who)).then_some((g, holder || admin))
+                })
+                .collect();
+            Ok(html(StatusCode::OK, pages::access(viewer, &grants)))
         }
         Page::Sessions => {
             if !may_read_sessions(state, who) {
@@ -893,6 +975,8 @@ mod tests {
             "/sessions",
             "/login",
             "/console/console.css",
+            "/access",
+            "/grants/rv_1/revoke",
         ] {
             assert!(is_console_path(p), "{p}");
         }
@@ -902,6 +986,7 @@ mod tests {
             "/reviewsx",
             "/.well-known/jwks.json",
             "/favicon.ico",
+            "/grantsx",
         ] {
             assert!(!is_console_path(p), "{p}");
         }

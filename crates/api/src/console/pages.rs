@@ -41,6 +41,7 @@ pub(crate) fn layout(
                         nav {
                             a href="/reviews" { "Reviews" }
                             a href="/sessions" { "Sessions" }
+                            a href="/access" { "Access" }
                         }
                         div.who {
                             span title=(v.who.principal.as_str()) { (v.who.subject) }
@@ -286,6 +287,60 @@ pub(crate) fn review(
                                     " · " a href={ "/sessions/" (encode(&c.session)) } { "session" }
                                 }
                                 pre { (clip(&c.text, 600)) }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// `/access`: ask for access or unmasking; grants in force (`true`: the viewer may revoke it).
+pub(crate) fn access(viewer: &Viewer, grants: &[(tollgate_review::GrantView, bool)]) -> Markup {
+    layout(
+        "Access",
+        Some(viewer),
+        None,
+        html! {
+            h1 { "Access" }
+            section.card {
+                h2 { "Ask for access" }
+                p.hint { "Just-in-time access to a resource, or its data without masking, for a while: the resource's approvers decide." }
+                form #access-form method="post" action="/access" {
+                    input type="hidden" name="csrf" value=(viewer.csrf);
+                    label for="access-resource" { "Resource" }
+                    input #access-resource name="resource" required;
+                    label for="access-for" { "For" }
+                    input #access-for name="for" value="1h" required;
+                    label for="access-reason" { "Reason" }
+                    textarea #access-reason name="reason" rows="2" maxlength="2000" required {}
+                    label.inline { input #access-unmask type="checkbox" name="unmask" value="1"; " without masking (an unmask request)" }
+                    button #access-request type="submit" { "Ask" }
+                }
+            }
+            h2 { "Grants in force" }
+            @if grants.is_empty() { p.empty #no-grants { "No grants in force that you can see." } }
+            @else {
+                ul.cards #grants {
+                    @for (g, may_revoke) in grants {
+                        li.card.grant {
+                            p {
+                                span.badge.approved { (g.kind) } " "
+                                strong { (g.subject) } " on " strong { (g.resource) }
+                                " until " (time(&g.until))
+                            }
+                            p.meta {
+                                @if let Some(by) = &g.granted_by { "granted by " (by) " · " }
+                                @if let Some(r) = &g.reason { "reason: " (r) " · " }
+                                a href={ "/reviews/" (encode(&g.id)) } { code { (g.id) } }
+                            }
+                            @if *may_revoke {
+                                form.revoke method="post" action={ "/grants/" (encode(&g.id)) "/revoke" } {
+                                    input type="hidden" name="csrf" value=(viewer.csrf);
+                                    input name="reason" placeholder="why it ends now" required;
+                                    button.deny type="submit" { "Revoke" }
+                                }
                             }
                         }
                     }
