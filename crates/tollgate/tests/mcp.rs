@@ -200,6 +200,7 @@ mode = "{pinning}"
             .env("NODE_EXTRA_CA_CERTS", &self.pki.ca)
             .env("MCP_URL", self.url())
             .env("MCP_TOKEN", TOKEN)
+            .env("NOTES_FILE", self.tmp.path().join("notes.jsonl"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -383,6 +384,11 @@ fn tools_are_filtered_denied_held_and_masked() {
     assert_ne!(customer["name"], "Ada Lovelace", "{r}");
     assert_ne!(customer["email"], "ada@example.com", "{r}");
 
+    // The server's log notification on the call's stream, masked too.
+    let notes = std::fs::read_to_string(env.tmp.path().join("notes.jsonl")).unwrap();
+    assert!(notes.contains("looked up c-1: "), "{notes}");
+    assert!(!notes.contains("ada@example.com"), "{notes}");
+
     // Denied: a JSON-RPC error naming the rule; nothing reached the server.
     assert_eq!(out[3]["code"], -32001, "{out:?}");
     let e = out[3]["error"].as_str().unwrap();
@@ -520,6 +526,23 @@ fn tools_are_filtered_denied_held_and_masked() {
     assert_eq!(
         listing["payload"]["hidden"],
         serde_json::json!(["delete_ticket"])
+    );
+    let note = of_kind(&evs, "mcp.message");
+    let note = note
+        .iter()
+        .find(|e| e["payload"]["method"] == "notifications/message")
+        .expect("the log notification is recorded");
+    let capture = note["payload"]["capture"].as_str().unwrap();
+    assert!(
+        capture.contains("looked up c-1: ") && !capture.contains("ada@example.com"),
+        "{capture}"
+    );
+    // The client's GET stream (the server's own messages) was relayed too.
+    assert!(
+        of_kind(&evs, "http.request")
+            .iter()
+            .any(|e| e["payload"]["method"] == "GET"),
+        "no GET stream"
     );
     let opens = of_kind(&evs, "session.open");
     assert!(opens.iter().all(|e| e["payload"]["resource_kind"] == "mcp"));

@@ -3,8 +3,11 @@
 // runs the operations of argv[2] (a JSON array of {"op": "list"} and
 // {"op": "call", "name": ..., "arguments": {...}}) in order and prints one JSON line for each:
 // {"tools": [names]}, {"result": ...} or {"error": message, "code": n, "data": ...}.
+// Log notifications the server sends are appended to NOTES_FILE.
+const fs = require('node:fs');
 const { Client } = require('@modelcontextprotocol/sdk/client/index.js');
 const { StreamableHTTPClientTransport } = require('@modelcontextprotocol/sdk/client/streamableHttp.js');
+const { LoggingMessageNotificationSchema } = require('@modelcontextprotocol/sdk/types.js');
 
 async function main() {
   const ops = JSON.parse(process.argv[2]);
@@ -12,6 +15,9 @@ async function main() {
     requestInit: { headers: { Authorization: `Bearer ${process.env.MCP_TOKEN}` } },
   });
   const client = new Client({ name: 'tollgate-test', version: '1.0.0' });
+  client.setNotificationHandler(LoggingMessageNotificationSchema, (n) => {
+    fs.appendFileSync(process.env.NOTES_FILE, JSON.stringify(n.params) + '\n');
+  });
   await client.connect(transport);
   console.log(JSON.stringify({ session: transport.sessionId, protocol: transport.protocolVersion }));
   for (const op of ops) {

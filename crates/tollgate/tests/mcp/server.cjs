@@ -25,7 +25,7 @@ function echoDescription() {
 }
 
 function makeServer() {
-  const server = new McpServer({ name: 'tickets', version: '1.0.0' });
+  const server = new McpServer({ name: 'tickets', version: '1.0.0' }, { capabilities: { logging: {} } });
   server.registerTool(
     'lookup_customer',
     {
@@ -33,8 +33,13 @@ function makeServer() {
       inputSchema: { id: z.string() },
       outputSchema: { customer: z.object({ name: z.string(), email: z.string(), tier: z.string() }) },
     },
-    async ({ id }) => {
+    async ({ id }, extra) => {
       ran('lookup_customer', { id });
+      // A log line on the call's stream, with a secret in it.
+      await extra.sendNotification({
+        method: 'notifications/message',
+        params: { level: 'info', data: `looked up ${id}: ada@example.com` },
+      });
       return {
         content: [{ type: 'text', text: `Customer ${id}: Ada Lovelace <ada@example.com>, card 4111 1111 1111 1111` }],
         structuredContent: { customer: { name: 'Ada Lovelace', email: 'ada@example.com', tier: 'gold' } },
