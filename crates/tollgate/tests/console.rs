@@ -262,6 +262,12 @@ fn set_cookie_value(head: &str, name: &str) -> Option<String> {
     })
 }
 
+/// The session id of a JSON Lines download.
+fn session_of(jsonl: &str) -> String {
+    let first: Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
+    first["session_id"].as_str().unwrap().to_string()
+}
+
 /// The hidden CSRF field of a console page.
 fn csrf_of(page: &str) -> String {
     let at =
@@ -667,13 +673,18 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         Some("session.open"),
         "{kinds:?}"
     );
-    // rita (an approver, not an auditor) may not read sessions.
-    let (status, _, _) = s.curl(&[
-        "-H",
-        &format!("Cookie: __Host-tollgate_console={rita}"),
-        &format!("{}/sessions", s.origin()),
-    ]);
-    assert_eq!(status, 403);
+    // rita (an approver, not an auditor) may not read sessions, nor check the audit trail.
+    for path in [
+        "/sessions".to_string(),
+        format!("/sessions/{}", session_of(&body)),
+        "/audit".to_string(),
+    ] {
+        let (status, _) = s.page(&rita, &path);
+        assert_eq!(status, 403, "{path}");
+    }
+    // otto sees the hash chains verified.
+    c.goto(&format!("{}/audit", s.origin())).await.unwrap();
+    text_when(&c, "#verify", |t| t.contains("intact")).await;
 
     // Not signed in: a page sends the browser to the sign-in form, and back afterwards.
     let (status, head, _) = s.curl(&[&held.link]);

@@ -7,6 +7,7 @@
 //!   (auditors and admins), `GET /sessions/<id>/events.jsonl` (the API's event shape, one a line).
 //! - `GET /access`: grants in force (the viewer's own; all for auditors and admins) and a form
 //!   that asks for access or unmasking (`POST /access`); `POST /grants/<id>/revoke`.
+//! - `GET /audit` (auditors and admins): the audit trail's hash chains, verified on request.
 //! - `GET|POST /login` (a token, checked once with `tollgate_gate::identify`), `POST /logout`;
 //!   a client certificate signs in without a form. Static `/console/console.css|js`.
 //!
@@ -63,6 +64,8 @@ enum Page {
     /// Grants in force, and the form to ask for access or unmasking (GET shows, POST asks).
     Access,
     GrantRevoke(String),
+    /// The audit trail's hash chains, verified now.
+    Audit,
 }
 
 impl Page {
@@ -89,6 +92,7 @@ impl Page {
             ["sessions", i] => Page::Session(id(i)?),
             ["sessions", i, "events.jsonl"] => Page::SessionEvents(id(i)?),
             ["access"] => Page::Access,
+            ["audit"] => Page::Audit,
             ["grants", i, "revoke"] => Page::GrantRevoke(id(i)?),
             _ => return None,
         })
@@ -116,6 +120,7 @@ impl Page {
             Page::SessionEvents(_) => "/sessions/{id}/events.jsonl",
             Page::Access => "/access",
             Page::GrantRevoke(_) => "/grants/{id}/revoke",
+            Page::Audit => "/audit",
         }
     }
 
@@ -143,6 +148,7 @@ pub(crate) fn is_console_path(path: &str) -> bool {
             "/console",
             "/access",
             "/grants",
+            "/audit",
         ]
         .iter()
         .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
@@ -787,6 +793,14 @@ async fn get(
                 })
                 .collect();
             Ok(html(StatusCode::OK, pages::access(viewer, &grants)))
+        }
+        Page::Audit => {
+            if !may_read_sessions(state, who) {
+                return Err(sessions_refused());
+            }
+            let store = state.store.clone();
+            let report = blocking(viewer, move || store.verify()).await?;
+            Ok(html(StatusCode::OK, pages::audit(viewer, &report)))
         }
         Page::Sessions => {
             if !may_read_sessions(state, who) {

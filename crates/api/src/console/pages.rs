@@ -42,6 +42,7 @@ pub(crate) fn layout(
                             a href="/reviews" { "Reviews" }
                             a href="/sessions" { "Sessions" }
                             a href="/access" { "Access" }
+                            a href="/audit" { "Audit" }
                         }
                         div.who {
                             span title=(v.who.principal.as_str()) { (v.who.subject) }
@@ -344,6 +345,34 @@ pub(crate) fn access(viewer: &Viewer, grants: &[(tollgate_review::GrantView, boo
                             }
                         }
                     }
+                }
+            }
+        },
+    )
+}
+
+/// `/audit`: what `tollgate audit verify` reports, now.
+pub(crate) fn audit(viewer: &Viewer, r: &tollgate_store::VerifyReport) -> Markup {
+    layout(
+        "Audit trail",
+        Some(viewer),
+        None,
+        html! {
+            h1 { "Audit trail" }
+            section.card {
+                @match &r.first_break {
+                    None => p #verify { span.badge.ok { "intact" } " every chain verifies from its first event to its last" },
+                    Some(b) => {
+                        p #verify { span.badge.error { "broken" } " chain " code { (b.chain_id) } " stops verifying at " (b.chain_seq) ": " (b.reason) }
+                        @if !b.session_id.is_empty() {
+                            p { "nearest event: " (b.event_id) " in session " a href={ "/sessions/" (encode(&b.session_id)) } { code { (b.session_id) } } }
+                        }
+                    }
+                }
+                dl.fields {
+                    dt { "Chains" } dd { (r.chains) }
+                    dt { "Events" } dd { (r.events) }
+                    dt { "Checkpoints checked" } dd { (r.checkpoints) }
                 }
             }
         },
