@@ -323,6 +323,48 @@ mod tests {
         assert!(e.message.contains("\"name\""), "{e:?}");
     }
 
+    /// A JSON object of `keys` (nested one level under "n" when `nested`), each key written
+    /// either plainly or with every character as a `\uXXXX` escape.
+    fn object(keys: &[(String, bool)], nested: bool) -> String {
+        let members: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (k, escaped))| {
+                let key = if *escaped {
+                    let mut out = String::from("\"");
+                    for u in k.encode_utf16() {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                    out.push('"');
+                    out
+                } else {
+                    Value::String(k.clone()).to_string()
+                };
+                format!("{key}:[{i},{},{{}}]", Value::String(k.clone()))
+            })
+            .collect();
+        let inner = format!("{{{}}}", members.join(","));
+        if nested {
+            format!("{{\"a\":1,\"n\":{inner},\"z\":[{inner}]}}")
+        } else {
+            inner
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn duplicate_keys_are_found_however_written(
+            keys in proptest::collection::vec(("[a-c\u{e9}\"]{1,2}", proptest::bool::ANY), 0..6),
+            nested in proptest::bool::ANY,
+        ) {
+            let raw = object(&keys, nested);
+            proptest::prop_assert!(serde_json::from_str::<Value>(&raw).is_ok(), "{}", raw);
+            let mut seen = HashSet::new();
+            let dup = keys.iter().any(|(k, _)| !seen.insert(k.clone()));
+            proptest::prop_assert_eq!(duplicate_key(raw.as_bytes()).is_some(), dup, "{}", raw);
+        }
+    }
+
     #[test]
     fn messages_are_classified() {
         let b = parse(br#"[{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"x","arguments":{"p":1}}},{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":3,"result":{}}]"#).unwrap();
