@@ -203,6 +203,42 @@ header = "Authorization"
 value_file = "secrets/billing.token"
 "#
     );
+    resources += &format!(
+        r#"
+[[resources]]
+name = "billing-mcp"                 # an MCP server: https://localhost:{https_port}/r/billing-mcp
+kind = "mcp"
+upstream = "https://localhost:{api_port}/mcp"
+allow_groups = ["sre", "agents", "ci"]
+review_timeout = "10m"
+
+[[resources.rules]]                  # guardrail: the tool is not even listed
+name = "no-deletes"
+tools = ["delete_*"]
+action = "deny"
+[[resources.rules]]                  # refunds of 100.00 or more wait for an sre's approval
+name = "large-refunds"
+tools = ["refund_invoice"]
+arguments = {{ "$.amount_cents" = "?????*" }}
+action = "review"
+approvers = ["sre"]
+
+[[resources.masks]]                  # in tool results: e-mails and card numbers, except for sre
+detectors = ["email", "credit_card"]
+strategy = "partial"
+except_groups = ["sre"]
+
+[resources.pinning]                  # a tool whose definition changes is blocked
+mode = "enforce"
+
+[resources.tls]
+ca = "pki/ca.crt"
+server_name = "localhost"
+[resources.credentials]
+header = "Authorization"
+value_file = "secrets/billing.token"
+"#
+    );
     if let Some(c) = &cluster {
         write_private(&secrets.join("shop.password"), &c.password)?;
         resources += &format!(
@@ -347,6 +383,16 @@ groups = ["sre"]
         println!("tollgate reviews approve REVIEW_ID --gateway https://localhost:{https_port} --ca {} --cert {} --key {}", ca.display(), alice_crt.display(), alice_key.display());
         println!("{curl_agent} -X DELETE {api}/v1/customers/1          # refused by a guardrail (403)");
         println!("curl --cacert {} {api}/v1/customers          # no credential: 401", ca.display());
+        println!();
+        println!("# the demo MCP server behind the gateway (tools judged, held, masked and recorded):");
+        let mcp = format!("https://localhost:{https_port}/r/billing-mcp");
+        let rpc = |body: &str| format!("{curl_agent} -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' -d '{body}' {mcp}");
+        println!("{}   # tools/list: delete_customer is not listed", rpc(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#));
+        println!("{}   # the tool's answer, masked", rpc(r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"lookup_customer","arguments":{"id":"1"}}}"#));
+        println!("{}   # held until approved", rpc(r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"refund_invoice","arguments":{"invoice":"7","amount_cents":25000}}}"#));
+        println!("# an MCP client (streamable HTTP) connects to {mcp} with a client certificate, or a token:");
+        println!("#  {{\"mcpServers\": {{\"billing\": {{\"type\": \"http\", \"url\": \"{mcp}\", \"headers\": {{\"Authorization\": \"Bearer {token}\"}}}}}}}}");
+        println!("#  (Node-based clients trust the demo CA with NODE_EXTRA_CA_CERTS={})", ca.display());
         println!();
         println!("# the web console (reviews to approve or deny, sessions and their timelines); the link in a");
         println!("# held statement's NOTICE opens its review. Sign in with the reviewer token (group sre):");

@@ -663,6 +663,23 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         denied.ends_with("\n403") && denied.contains("no-deletes"),
         "{denied}"
     );
+    // The demo MCP server: the denied tool is not listed, a tool's answer is masked.
+    let listed = printed("\"tools/list\"");
+    assert!(
+        listed.ends_with("\n200")
+            && listed.contains("lookup_customer")
+            && !listed.contains("delete_customer"),
+        "{listed}"
+    );
+    let looked_up = printed("lookup_customer");
+    assert!(
+        looked_up.ends_with("\n200") && looked_up.contains("Ada Lovelace"),
+        "{looked_up}"
+    );
+    assert!(
+        !looked_up.contains("ada@example.com") && !looked_up.contains("4242 4242 4242 4242"),
+        "{looked_up}"
+    );
 
     // The web console signs in with the printed reviewer token.
     let console = lines
