@@ -407,14 +407,14 @@ async fn run(
     let body_sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
     if target.resource.kind == tollgate_config::ResourceKind::Mcp {
         return Ok(crate::mcp::exchange(crate::mcp::Exchange {
-            gw,
-            ctx,
-            target: &target,
-            session: &session,
+            gw: gw.clone(),
+            ctx: ctx.clone(),
+            target: target.clone(),
+            session: session.clone(),
             n,
             started,
-            who: &who,
-            access: &access,
+            who: who.clone(),
+            access: access.clone(),
             parts,
             path,
             query: raw_query,

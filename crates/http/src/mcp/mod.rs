@@ -185,15 +185,15 @@ fn tool_fingerprint(tool: &Value) -> String {
 }
 
 /// One HTTP request to an MCP resource, read whole and about to be judged.
-pub(crate) struct Exchange<'a> {
-    pub gw: &'a Arc<HttpGateway>,
-    pub ctx: &'a Arc<ConnCtx>,
-    pub target: &'a Arc<Target>,
-    pub session: &'a Arc<HttpSession>,
+pub(crate) struct Exchange {
+    pub gw: Arc<HttpGateway>,
+    pub ctx: Arc<ConnCtx>,
+    pub target: Arc<Target>,
+    pub session: Arc<HttpSession>,
     pub n: u64,
     pub started: Instant,
-    pub who: &'a Identity,
-    pub access: &'a Access,
+    pub who: Identity,
+    pub access: Access,
     pub parts: hyper::http::request::Parts,
     pub path: String,
     pub query: Option<String>,
@@ -225,7 +225,7 @@ fn json_answer(status: StatusCode, body: &Value) -> Response<UpstreamBody> {
     r
 }
 
-impl Exchange<'_> {
+impl Exchange {
     fn caller(&self) -> Caller<'_> {
         Caller {
             subject: &self.who.subject,
@@ -325,7 +325,7 @@ impl Exchange<'_> {
 }
 
 /// Handles one HTTP request to an MCP resource.
-pub(crate) async fn exchange(x: Exchange<'_>) -> Response<UpstreamBody> {
+pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
     let headers = &x.parts.headers;
     // One reading of each MCP header: the gateway checks the first, a server might use another.
     for name in [
@@ -425,7 +425,7 @@ pub(crate) async fn exchange(x: Exchange<'_>) -> Response<UpstreamBody> {
             if deleting && r.status().is_success() {
                 if let Some(sid) = &mcp_session {
                     x.gw.mcp_sessions.forget(&x.target.resource.name, sid);
-                    x.gw.end_mcp_session(&x.target.resource.name, x.who, sid);
+                    x.gw.end_mcp_session(&x.target.resource.name, &x.who, sid);
                 }
             }
             r
@@ -458,7 +458,7 @@ struct Judged {
     args_sha: Option<String>,
 }
 
-async fn post(x: Exchange<'_>, mcp_session: Option<String>) -> Response<UpstreamBody> {
+async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody> {
     let body = match jsonrpc::parse(&x.body) {
         Ok(b) => b,
         Err(e) => {
@@ -659,7 +659,7 @@ async fn post(x: Exchange<'_>, mcp_session: Option<String>) -> Response<Upstream
         {
             x.gw.mcp_sessions
                 .bind(&x.target.resource.name, sid, &x.who.principal.to_string());
-            x.gw.adopt_mcp_session(&x.target.resource.name, x.who, sid, x.session);
+            x.gw.adopt_mcp_session(&x.target.resource.name, &x.who, sid, &x.session);
         }
     }
     r
@@ -679,7 +679,7 @@ fn masked_arguments(a: &Value, plan: Option<&BodyPlan>) -> Value {
 
 /// Under `pinning = enforce`, a call of a tool whose definition changed since it was pinned is
 /// denied, naming the change.
-fn pin_block(x: &Exchange<'_>, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
+fn pin_block(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
     if x.target.resource.pinning != tollgate_config::PinMode::Enforce || msg.method != "tools/call"
     {
         return None;
@@ -697,7 +697,7 @@ fn pin_block(x: &Exchange<'_>, msg: &jsonrpc::ClientMessage) -> Option<Decision>
 }
 
 /// Records the gateway's refusal of one request as its `mcp.response`.
-fn refused_reply(x: &Exchange<'_>, msg: &jsonrpc::ClientMessage, error: &str) {
+fn refused_reply(x: &Exchange, msg: &jsonrpc::ClientMessage, error: &str) {
     x.session.log.record(&McpResponse {
         n: x.n,
         id: msg.id.clone(),
@@ -716,7 +716,7 @@ fn refused_reply(x: &Exchange<'_>, msg: &jsonrpc::ClientMessage, error: &str) {
 /// The answer to a refused body: JSON-RPC errors (HTTP 200), or 403 when it held only
 /// notifications (which get no JSON-RPC answer).
 fn deny_answer(
-    x: &Exchange<'_>,
+    x: &Exchange,
     batch: bool,
     errors: Vec<Value>,
     message: &str,
@@ -737,7 +737,7 @@ fn deny_answer(
 
 /// Holds reviewed requests. `Err((message, review id))` when they may not run.
 async fn held(
-    x: &Exchange<'_>,
+    x: &Exchange,
     reviewed: &[&Judged],
     audit_plan: Option<&BodyPlan>,
 ) -> Result<(), (String, String)> {
@@ -926,8 +926,8 @@ fn clip(s: &mut String, limit: usize) -> bool {
 }
 
 /// Forwards the request and relays the answer through [`McpBody`].
-async fn forward(x: &Exchange<'_>, replies: Replies) -> Response<UpstreamBody> {
-    let target = x.target;
+async fn forward(x: &Exchange, replies: Replies) -> Response<UpstreamBody> {
+    let target: &Target = &x.target;
     let http = target.resource.http.as_ref().expect("an mcp resource");
     // `/r/<name>` alone is the MCP endpoint itself (`upstream = "https://host/mcp"`).
     let path = if x.path == "/" && !http.base_path.is_empty() {
@@ -967,11 +967,11 @@ async fn forward(x: &Exchange<'_>, replies: Replies) -> Response<UpstreamBody> {
         );
     };
     if let Err(r) = forwarded_headers(
-        x.ctx,
+        &x.ctx,
         target,
         &x.parts,
         true,
-        (x.who, &x.session.log.id),
+        (&x.who, &x.session.log.id),
         up.headers_mut(),
     ) {
         return r.into_response();
@@ -980,7 +980,7 @@ async fn forward(x: &Exchange<'_>, replies: Replies) -> Response<UpstreamBody> {
     let resp = match tokio::time::timeout(http.response_timeout, target.client.request(up)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            let r = upstream_failed(target, x.session, x.n, x.started, &e);
+            let r = upstream_failed(target, &x.session, x.n, x.started, &e);
             return json_answer(
                 r.status,
                 &jsonrpc::error_response(None, jsonrpc::UNAVAILABLE, &r.error, None),
@@ -1075,7 +1075,7 @@ struct Replies {
 }
 
 impl Replies {
-    fn new(x: &Exchange<'_>, pending: HashMap<String, (String, Option<String>)>) -> Replies {
+    fn new(x: &Exchange, pending: HashMap<String, (String, Option<String>)>) -> Replies {
         let client_plan = match (&x.target.mask, &x.access.unmask) {
             (Some(p), None) => Some(p.body_plan(&x.who.groups)),
             _ => None,
