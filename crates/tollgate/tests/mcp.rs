@@ -79,7 +79,7 @@ impl McpEnv {
     /// `review_timeout`: how long a held call waits for its reviewer.
     fn start(json_response: bool, pinning: &str, review_timeout: &str) -> McpEnv {
         // The SDK client waits for a held call (test 1); curl is told it is pending (test 2).
-        let hold_wait = if json_response { "2s" } else { "50s" };
+        let hold_wait = if json_response { "2s" } else { "8s" };
         let modules = node_modules();
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-mcp-")
@@ -444,6 +444,31 @@ fn tools_are_filtered_denied_held_and_masked() {
     );
     assert_eq!(env.calls().len(), 4);
 
+    // A client that takes progress notifications keeps waiting past its own timeout (3 s
+    // here) while the call is held: the gateway tells it every 2 s (hold_wait 8 s / 4).
+    let held = env.client(&serde_json::json!([
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-eu", "id": "11"},
+         "timeout": 3000, "progress": true},
+    ]));
+    let review3 = env.pending_review();
+    std::thread::sleep(Duration::from_millis(4500));
+    let approved = env.cli(
+        &env.alice,
+        &["reviews", "approve", review3["id"].as_str().unwrap()],
+    );
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let out = env.outputs(held);
+    assert_eq!(
+        out[1]["result"]["content"][0]["text"], "closed prod-eu/11",
+        "{out:?}"
+    );
+    assert!(out[1]["progress"].as_u64().unwrap() >= 2, "{out:?}");
+    assert_eq!(env.calls().len(), 5);
+
     // The approval binds to the arguments: another ticket is held again, and a denial is an
     // error naming the review.
     let held = env.client(&serde_json::json!([
@@ -471,13 +496,13 @@ fn tools_are_filtered_denied_held_and_masked() {
         "{e}"
     );
     assert_eq!(out[1]["data"]["review"], again_id);
-    assert_eq!(env.calls().len(), 4, "the denied call did not run");
+    assert_eq!(env.calls().len(), 5, "the denied call did not run");
 
     // The record: every request judged, the answers masked.
     let mut evs = Vec::new();
     wait_for(Duration::from_secs(15), "mcp events", || {
         evs = env.events();
-        of_kind(&evs, "review.approved").len() == 1 && of_kind(&evs, "mcp.response").len() >= 9
+        of_kind(&evs, "review.approved").len() == 2 && of_kind(&evs, "mcp.response").len() >= 9
     });
     let requests = of_kind(&evs, "mcp.request");
     let denied = requests
@@ -827,9 +852,10 @@ fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
         e.contains("tool \"echo\" changed its definition since it was pinned"),
         "{e}"
     );
-    // Nobody decides: the call is refused once the review expires, naming it.
+    // Nobody decides: the call is refused once the review expires, naming it (on the event
+    // stream a client with a progress token is answered on).
     let out = env.run(serde_json::json!([
-        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-1", "id": "3"}},
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-1", "id": "3"}, "progress": true},
     ]));
     assert_eq!(out[1]["code"], -32002, "{out:?}");
     let e = out[1]["error"].as_str().unwrap();

@@ -39,6 +39,8 @@ pub struct ClientMessage {
     pub name: Option<String>,
     /// `params.arguments` of `tools/call` and `prompts/get`.
     pub arguments: Option<Value>,
+    /// `params._meta.progressToken` (a string or a number).
+    pub progress_token: Option<Value>,
 }
 
 /// A POST body, parsed.
@@ -131,6 +133,7 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
                 method: String::new(),
                 name: None,
                 arguments: None,
+                progress_token: None,
             });
         }
         return Err(malformed(
@@ -189,6 +192,12 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
         method,
         name,
         arguments,
+        progress_token: params
+            .as_ref()
+            .and_then(|p| p.get("_meta"))
+            .and_then(|m| m.get("progressToken"))
+            .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
+            .cloned(),
     })
 }
 

@@ -456,6 +456,8 @@ struct Judged {
     msg: jsonrpc::ClientMessage,
     judgement: Judgement,
     args_sha: Option<String>,
+    /// `params._meta.progressToken`: the client takes progress notifications.
+    progress_token: Option<Value>,
 }
 
 async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody> {
@@ -523,6 +525,7 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
                 .as_ref()
                 .map(|a| sha256_hex(jsonrpc::canonical(a).as_bytes()));
             Judged {
+                progress_token: msg.progress_token.clone(),
                 msg,
                 judgement,
                 args_sha,
@@ -615,6 +618,13 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
         .iter()
         .filter(|j| matches!(j.judgement.decision, Decision::Review { .. }))
         .collect();
+    let initializing = judged.iter().any(|j| j.msg.method == "initialize");
+    if let Some(token) = reviewed.first().and_then(|j| j.progress_token.clone()) {
+        if !initializing && accepts_event_stream(&x.parts.headers) {
+            drop(reviewed);
+            return held_streaming(x, judged, body.batch, audit_plan, token);
+        }
+    }
     if let Some(first) = reviewed.first() {
         if let Err(message) = held(&x, &reviewed, audit_plan.as_ref()).await {
             let Decision::Review { rule, .. } = &first.judgement.decision else {
@@ -648,7 +658,6 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
                 .map(|id| (id.to_string(), (j.msg.method.clone(), j.msg.name.clone())))
         })
         .collect();
-    let initializing = judged.iter().any(|j| j.msg.method == "initialize");
     let replies = Replies::new(&x, pending);
     let r = forward(&x, replies).await;
     if initializing && r.status().is_success() {
@@ -663,6 +672,167 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
         }
     }
     r
+}
+
+/// Whether the client takes a server-sent event stream as the answer.
+fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+/// How often a held call tells its client it is still waiting: well within the ~60 s after
+/// which clients give up, and several times within `hold_wait`.
+fn progress_every(hold_wait: std::time::Duration) -> std::time::Duration {
+    (hold_wait / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(15),
+    )
+}
+
+fn sse_event(msg: &Value) -> Bytes {
+    Bytes::from(format!("event: message\ndata: {msg}\n\n"))
+}
+
+/// The answer to a held call whose client sent a progress token: an event stream at once,
+/// `notifications/progress` while the review is open (so the client keeps waiting), then the
+/// call's answer (or the error naming the review) on the same stream.
+fn held_streaming(
+    x: Exchange,
+    judged: Vec<Judged>,
+    batch: bool,
+    audit_plan: Option<BodyPlan>,
+    token: Value,
+) -> Response<UpstreamBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let reviewed: Vec<&Judged> = judged
+            .iter()
+            .filter(|j| matches!(j.judgement.decision, Decision::Review { .. }))
+            .collect();
+        let rule = match &reviewed[0].judgement.decision {
+            Decision::Review { rule, .. } => rule.clone(),
+            _ => String::new(),
+        };
+        let outcome = {
+            let hold = held(&x, &reviewed, audit_plan.as_ref());
+            tokio::pin!(hold);
+            let every = progress_every(x.target.resource.hold_wait);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut k = 0u64;
+            loop {
+                tokio::select! {
+                    r = &mut hold => break Some(r),
+                    _ = tick.tick() => {
+                        k += 1;
+                        let note = json!({"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                            "progressToken": token, "progress": k,
+                            "message": format!("held for approval (tollgate rule \"{rule}\"); waiting for a reviewer"),
+                        }});
+                        if tx.send(sse_event(&note)).await.is_err() {
+                            break None;
+                        }
+                    }
+                    // The client went away: the hold is dropped, which withdraws the review.
+                    _ = tx.closed() => break None,
+                }
+            }
+        };
+        let Some(outcome) = outcome else { return };
+        if let Err((message, review)) = outcome {
+            let data = json!({"rule": rule, "review": review, "session": x.session.log.id});
+            let errors: Vec<Value> = judged
+                .iter()
+                .filter(|j| j.msg.kind == jsonrpc::Kind::Request)
+                .map(|j| {
+                    refused_reply(&x, &j.msg, &message);
+                    jsonrpc::error_response(
+                        j.msg.id.as_ref(),
+                        jsonrpc::NOT_APPROVED,
+                        &message,
+                        Some(data.clone()),
+                    )
+                })
+                .collect();
+            let _ = deny_answer(&x, batch, errors.clone(), &message);
+            for e in errors {
+                if tx.send(sse_event(&e)).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+        let pending: HashMap<String, (String, Option<String>)> = judged
+            .iter()
+            .filter(|j| j.msg.kind == jsonrpc::Kind::Request)
+            .filter_map(|j| {
+                j.msg
+                    .id
+                    .as_ref()
+                    .map(|id| (id.to_string(), (j.msg.method.clone(), j.msg.name.clone())))
+            })
+            .collect();
+        let r = forward(&x, Replies::new(&x, pending)).await;
+        let sse = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"));
+        let mut body = r.into_body();
+        let mut whole = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map(|f| f.into_data()) else {
+                return;
+            };
+            let Ok(data) = data else { continue };
+            if sse {
+                if tx.send(data).await.is_err() {
+                    return;
+                }
+            } else {
+                whole.extend_from_slice(&data);
+            }
+        }
+        // A JSON answer (already masked), as events: one per message.
+        if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
+            let msgs = match v {
+                Value::Array(a) => a,
+                m => vec![m],
+            };
+            for m in msgs {
+                if tx.send(sse_event(&m)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(ChannelBody { rx }.boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A body fed by a task.
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
 }
 
 /// A call's arguments as the record and the reviewer see them: masked like a tool's

@@ -1,7 +1,7 @@
 // An MCP client made with the reference SDK (StreamableHTTPClientTransport), for tests/mcp.rs:
 // connects to MCP_URL with "Authorization: Bearer MCP_TOKEN" (trusting NODE_EXTRA_CA_CERTS),
 // runs the operations of argv[2] (a JSON array of {"op": "list"} and
-// {"op": "call", "name": ..., "arguments": {...}}) in order and prints one JSON line for each:
+// {"op": "call", "name": ..., "arguments": {...}, "timeout": ms, "progress": bool}) in order and prints one JSON line for each:
 // {"tools": [names]}, {"result": ...} or {"error": message, "code": n, "data": ...}.
 // Log notifications the server sends are appended to NOTES_FILE.
 const fs = require('node:fs');
@@ -26,8 +26,18 @@ async function main() {
         const r = await client.listTools();
         console.log(JSON.stringify({ tools: r.tools.map((t) => t.name) }));
       } else {
-        const r = await client.callTool({ name: op.name, arguments: op.arguments }, undefined, { timeout: 60000 });
-        console.log(JSON.stringify({ result: r }));
+        // With "progress": the SDK sends a progress token and its timeout ("timeout", ms)
+        // restarts at each progress notification.
+        let progress = 0;
+        const opts = { timeout: op.timeout ?? 60000 };
+        if (op.progress) {
+          opts.onprogress = () => {
+            progress++;
+          };
+          opts.resetTimeoutOnProgress = true;
+        }
+        const r = await client.callTool({ name: op.name, arguments: op.arguments }, undefined, opts);
+        console.log(JSON.stringify(op.progress ? { result: r, progress } : { result: r }));
       }
     } catch (e) {
       console.log(JSON.stringify({ error: e.message, code: e.code, data: e.data }));
