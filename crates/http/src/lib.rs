@@ -20,6 +20,7 @@
 mod error;
 mod identity_token;
 mod mcp;
+mod names;
 mod normalize;
 mod relay;
 mod serve;
@@ -63,6 +64,8 @@ pub(crate) struct Target {
     pub origin: String,
     /// The `Host` the upstream expects.
     pub host: String,
+    /// The host names the gateway serves (its certificate's), for `X-Forwarded-Host`.
+    pub served: Arc<names::ServedNames>,
 }
 
 impl Target {
@@ -79,6 +82,7 @@ impl Target {
         resource: &Resource,
         key: Option<&MaskKey>,
         identity_key: Option<&Arc<identity_token::IdentityKey>>,
+        served: &Arc<names::ServedNames>,
     ) -> anyhow::Result<Target> {
         let http = resource.http.as_ref().expect("an http resource");
         let inject = match &http.inject {
@@ -123,6 +127,7 @@ impl Target {
             (None, _) => None,
         };
         Ok(Target {
+            served: served.clone(),
             identity,
             audit_mask,
             rules: RuleSet::try_new(&resource.rules, resource.review_timeout, resource.dry_run)
@@ -200,6 +205,8 @@ pub struct HttpGateway {
     rerun_window: Duration,
     audit_fail_closed: bool,
     mask_key: Option<MaskKey>,
+    /// The host names of the gateway's certificate.
+    served: arc_swap::ArcSwap<names::ServedNames>,
     /// Signs the identity tokens of `identity_header` (`server.identity_key`; read at start).
     identity_key: Option<Arc<identity_token::IdentityKey>>,
     sessions: Mutex<HashMap<SessionKey, Arc<HttpSession>>>,
@@ -225,6 +232,9 @@ impl HttpGateway {
         };
         let targets = compile(config, mask_key.as_ref(), identity_key.as_ref())?;
         Ok(Arc::new(HttpGateway {
+            served: arc_swap::ArcSwap::from_pointee(names::ServedNames::load(
+                &config.server.tls_cert,
+            )?),
             identity_key,
             targets: arc_swap::ArcSwap::from_pointee(targets),
             tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
@@ -247,6 +257,7 @@ impl HttpGateway {
             gw: self,
             targets: compile(config, self.mask_key.as_ref(), self.identity_key.as_ref())?,
             tokens: TokenVerifier::new(&config.identity.tokens),
+            served: names::ServedNames::load(&config.server.tls_cert)?,
         })
     }
 
@@ -258,6 +269,11 @@ impl HttpGateway {
 
     pub(crate) fn target(&self, name: &str) -> Option<Arc<Target>> {
         self.targets.load().get(name).cloned()
+    }
+
+    /// Whether `host` is one of the gateway's own names (its certificate's).
+    pub(crate) fn serves(&self, host: &str) -> bool {
+        self.served.load().covers(host)
     }
 
     /// The session this request belongs to, opened (and recorded) on first use. A request to
@@ -413,6 +429,7 @@ pub struct PreparedReload<'a> {
     gw: &'a HttpGateway,
     targets: HashMap<String, Arc<Target>>,
     tokens: TokenVerifier,
+    served: names::ServedNames,
 }
 
 impl PreparedReload<'_> {
@@ -423,6 +440,7 @@ impl PreparedReload<'_> {
         names.sort();
         self.gw.targets.store(Arc::new(self.targets));
         self.gw.tokens.store(Arc::new(self.tokens));
+        self.gw.served.store(Arc::new(self.served));
         names
     }
 }
@@ -432,13 +450,17 @@ fn compile(
     key: Option<&MaskKey>,
     identity_key: Option<&Arc<identity_token::IdentityKey>>,
 ) -> anyhow::Result<HashMap<String, Arc<Target>>> {
+    let served = Arc::new(names::ServedNames::load(&config.server.tls_cert)?);
     let mut out = HashMap::new();
     for r in config
         .resources
         .iter()
         .filter(|r| matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp))
     {
-        out.insert(r.name.clone(), Arc::new(Target::new(r, key, identity_key)?));
+        out.insert(
+            r.name.clone(),
+            Arc::new(Target::new(r, key, identity_key, &served)?),
+        );
     }
     Ok(out)
 }

@@ -129,7 +129,11 @@ pub async fn handle(
 }
 
 /// The resource a request names, and the raw path within it.
-fn route<'a>(ctx: &ConnCtx, req: &'a Request<Incoming>) -> Result<(String, &'a str), Refusal> {
+fn route<'a>(
+    gw: &HttpGateway,
+    ctx: &ConnCtx,
+    req: &'a Request<Incoming>,
+) -> Result<(String, &'a str), Refusal> {
     let path = req.uri().path();
     match ctx.mount {
         Mount::Prefixed => {
@@ -152,6 +156,16 @@ fn route<'a>(ctx: &ConnCtx, req: &'a Request<Incoming>) -> Result<(String, &'a s
                         .map(|h| host_of(h).to_string())
                 })
                 .ok_or_else(|| Refusal::bad_request("the request names no host; resources on this listener are chosen by host name (<resource>.<gateway domain>)"))?;
+            // The host picks the resource: only the gateway's own names may (a client must not
+            // reach `billing` as `billing.attacker.example`, which an upstream might then echo).
+            if !gw.serves(&host) {
+                return Err(Refusal::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected",
+                    format!("this gateway does not serve host {host:?}"),
+                )
+                .hint("resources on this listener are reached as <resource>.<a name in the gateway's certificate>"));
+            }
             let name = host.split('.').next().unwrap_or("").to_ascii_lowercase();
             Ok((name, path))
         }
@@ -267,7 +281,7 @@ async fn run(
     req: Request<Incoming>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let started = Instant::now();
-    let (name, raw_path) = route(ctx, &req)?;
+    let (name, raw_path) = route(gw, ctx, &req)?;
     let raw_path = raw_path.to_string();
     check_framing(req.headers())?;
     check_authority(&req)?;
@@ -1061,8 +1075,11 @@ pub(crate) fn forwarded_headers(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     }) {
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            h.insert("x-forwarded-host", v);
+        // Only a name the gateway really answers to: an upstream may build links from it.
+        if target.served.covers(host_of(&host)) {
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                h.insert("x-forwarded-host", v);
+            }
         }
     }
     if let Some((k, v)) = &target.inject {

@@ -1002,3 +1002,39 @@ except_groups = ["sre"]
         "an exempt viewer's capture leaked the card"
     );
 }
+
+#[test]
+fn only_the_gateways_own_names_pick_resources_or_reach_x_forwarded_host() {
+    let env = HttpEnv::start("", "");
+    let resolve = format!("billing.localhost:{}:127.0.0.1", env.http_port);
+    let url = format!("https://billing.localhost:{}/echo", env.http_port);
+    for http in ["--http1.1", "--http2"] {
+        // The TLS name is the gateway's, the Host is not: misdirected, nothing forwarded.
+        let (code, v) = env.json(
+            Some(&env.alice),
+            &[
+                http,
+                "--resolve",
+                &resolve,
+                "-H",
+                "Host: billing.attacker.example",
+                &url,
+            ],
+        );
+        assert_eq!(code, 421, "{http}: {v}");
+        assert_eq!(v["code"], "misdirected");
+    }
+    assert_eq!(env.up.seen.count(), 0);
+    // On https_listen the path picks the resource; a foreign Host is not passed on.
+    let (code, echo) = env.json(
+        Some(&env.alice),
+        &["--http1.1", "-H", "Host: evil.example", &env.url("/echo")],
+    );
+    assert_eq!(code, 200, "{echo}");
+    assert_eq!(header(&echo, "x-forwarded-host"), None);
+    let (_, echo) = env.json(Some(&env.alice), &[&env.url("/echo")]);
+    assert_eq!(
+        header(&echo, "x-forwarded-host"),
+        Some(format!("localhost:{}", env.https_port).as_str())
+    );
+}
