@@ -218,20 +218,8 @@ pub async fn run(
     let mut http_tasks = Vec::new();
     if let Some(addr) = config.server.http_listen {
         let gw = &http_gw;
-        let http_tls = Arc::new(
-            ReloadableServerTls::load(ListenerTlsSpec {
-                cert: config.server.tls_cert.clone(),
-                key: config.server.tls_key.clone(),
-                client_ca: config.server.client_ca.clone(),
-                client_auth: match config.server.client_ca {
-                    Some(_) => ClientAuth::Optional,
-                    None => ClientAuth::None,
-                },
-                alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-                client_crls: config.server.client_crl.clone(),
-            })
-            .context("loading the TLS material of server.http_listen")?,
-        );
+        let http_tls =
+            Arc::new(https_tls(&config).context("loading the TLS material of server.http_listen")?);
         let l = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding server.http_listen {addr}"))?;
@@ -255,18 +243,7 @@ pub async fn run(
     let mut api_state = None;
     if let Some(addr) = config.server.https_listen {
         let api_tls = Arc::new(
-            ReloadableServerTls::load(ListenerTlsSpec {
-                cert: config.server.tls_cert.clone(),
-                key: config.server.tls_key.clone(),
-                client_ca: config.server.client_ca.clone(),
-                client_auth: match config.server.client_ca {
-                    Some(_) => ClientAuth::Optional,
-                    None => ClientAuth::None,
-                },
-                alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-                client_crls: config.server.client_crl.clone(),
-            })
-            .context("loading the TLS material of server.https_listen")?,
+            https_tls(&config).context("loading the TLS material of server.https_listen")?,
         );
         let l = TcpListener::bind(addr)
             .await
@@ -311,6 +288,8 @@ pub async fn run(
         "postgres",
         Some(gw.clone()),
     ));
+    // The console's /resources shows what the periodic scan found last.
+    let latest_scan = api_state.as_ref().map(|s| s.latest_scan.clone());
     let config_reload_task = tokio::spawn(config_reload_loop(
         // OIDC issuers first: PostgreSQL's apply makes running sessions re-check their
         // standing, which includes their token's issuer still being configured.
@@ -345,6 +324,7 @@ pub async fn run(
                 gw.upstreams.clone(),
                 recorder.clone(),
                 webhook,
+                latest_scan,
             )))
         }
         None => None,
@@ -403,6 +383,22 @@ pub async fn run(
 }
 
 /// The audit journal sits next to an SQLite store (`<db>.events.log`).
+/// The TLS material of an HTTPS listener (HTTP/2 and HTTP/1.1; client certificates optional:
+/// a token is the alternative).
+fn https_tls(config: &Config) -> Result<ReloadableServerTls, tollgate_tls::TlsError> {
+    ReloadableServerTls::load(ListenerTlsSpec {
+        cert: config.server.tls_cert.clone(),
+        key: config.server.tls_key.clone(),
+        client_ca: config.server.client_ca.clone(),
+        client_auth: match config.server.client_ca {
+            Some(_) => ClientAuth::Optional,
+            None => ClientAuth::None,
+        },
+        alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        client_crls: config.server.client_crl.clone(),
+    })
+}
+
 /// `server.max_connections` and `max_connections_per_source` for an HTTPS listener (its own
 /// count; identities are per request there, so the per-identity cap is PostgreSQL's).
 fn listener_limits(config: &Config) -> Arc<tollgate_gate::limits::ConnectionLimits> {
@@ -654,6 +650,7 @@ async fn config_reload_loop(
                 .store(Arc::new(tollgate_identity::TokenVerifier::new(
                     &c.identity.tokens,
                 )));
+            api.config.store(Arc::new(c.clone()));
         }
         let restart = restart_required(&running, &c);
         if !restart.is_empty() {
