@@ -16,9 +16,11 @@
 //! `/api/v1/reviews/{id}/revoke`, `/api/v1/access`, `/api/v1/grants` and
 //! `/api/v1/grants/{id}/revoke`; the workflow itself is `tollgate-review`.
 //!
-//! The web console (HTML for reviewers and auditors: `/`, `/reviews`, `/sessions`, `/login`)
+//! The web console (HTML for reviewers and auditors: `/`, `/reviews`, `/sessions`, `/resources`,
+//! `/login`)
 //! is `console`; it shares the API's authentication, role checks and audit events.
 
+mod cert_routes;
 pub mod client;
 mod console;
 pub mod params;
@@ -40,6 +42,7 @@ use tollgate_tls::ReloadableServerTls;
 pub const KIND_API_READ: &str = "api.read";
 /// Event kind of the API's own records of POST requests (review decisions, access requests).
 pub const KIND_API_WRITE: &str = "api.write";
+pub use cert_routes::KIND_CERT_ISSUED;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,6 +70,26 @@ pub struct ApiState {
     pub limits: Arc<tollgate_gate::limits::ConnectionLimits>,
     /// Signed-in console sessions (in memory: a restart signs everyone out).
     pub console: console::ConsoleSessions,
+    /// The CA `POST /api/v1/certificates` issues client certificates with (`None`: 503).
+    pub issuing: Option<Arc<tollgate_tls::pki::IssuingCa>>,
+    /// `max_cert_ttl` of each `[[identity.oidc]]` issuer, by issuer URL.
+    pub cert_ttls: std::collections::HashMap<String, Option<Duration>>,
+    /// The config in force (the console's read-only `/resources` view); swapped whole when the
+    /// config file is reloaded.
+    pub config: arc_swap::ArcSwap<Config>,
+    /// What the periodic upstream scan (`server.scan_interval`) found last; empty until it runs.
+    pub latest_scan: Arc<arc_swap::ArcSwapOption<ScanSnapshot>>,
+}
+
+/// The latest periodic upstream scan, as the console shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ScanSnapshot {
+    pub at_unix_ms: i64,
+    /// Findings as `tollgate scan --json` has them (`kind`, `severity`, `resource`, `key`,
+    /// `message`, `fix`).
+    pub findings: Vec<serde_json::Value>,
+    /// Expiry (unix seconds) of the certificate each upstream presented, by resource name.
+    pub cert_expiry: std::collections::BTreeMap<String, i64>,
 }
 
 impl ApiState {
@@ -95,6 +118,15 @@ impl ApiState {
             http: None,
             limits: tollgate_gate::limits::ConnectionLimits::unlimited(),
             console: Default::default(),
+            issuing: None,
+            cert_ttls: config
+                .identity
+                .oidc
+                .iter()
+                .map(|o| (o.issuer.clone(), o.max_cert_ttl))
+                .collect(),
+            config: arc_swap::ArcSwap::from_pointee(config.clone()),
+            latest_scan: Default::default(),
         }
     }
 

@@ -18,6 +18,7 @@ pub(crate) async fn run(
     upstreams: UpstreamRegistry,
     recorder: Recorder,
     webhook: Option<Webhook>,
+    latest: Option<std::sync::Arc<arc_swap::ArcSwapOption<tollgate_api::ScanSnapshot>>>,
 ) {
     let opts = ScanOptions {
         min_days: MIN_DAYS,
@@ -59,6 +60,22 @@ pub(crate) async fn run(
                     )
                     .set(t);
             }
+        }
+        if let Some(latest) = &latest {
+            latest.store(Some(std::sync::Arc::new(tollgate_api::ScanSnapshot {
+                at_unix_ms: at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+                findings: findings
+                    .iter()
+                    .filter_map(|f| serde_json::to_value(f).ok())
+                    .collect(),
+                cert_expiry: reports
+                    .iter()
+                    .filter_map(|r| Some((r.resource.clone(), r.cert_not_after_unix()?)))
+                    .collect(),
+            })));
         }
         registry()
             .counter(

@@ -4,6 +4,7 @@
 //! reason reaches the next client; an auditor sees the review without decision forms and a
 //! forged POST of theirs is refused; POSTs without the CSRF token or from another origin are
 //! refused (curl); pages carry the security headers; views and decisions are audit events.
+//! The auditor reads the resources page (rules, masks; approvers may not).
 //! Screenshots of the main pages at 1280 and 390 px go to `target/console-screenshots/`.
 
 mod common;
@@ -678,6 +679,7 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         "/sessions".to_string(),
         format!("/sessions/{}", session_of(&body)),
         "/audit".to_string(),
+        "/resources".to_string(),
     ] {
         let (status, _) = s.page(&rita, &path);
         assert_eq!(status, 403, "{path}");
@@ -685,6 +687,40 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
     // otto sees the hash chains verified.
     c.goto(&format!("{}/audit", s.origin())).await.unwrap();
     text_when(&c, "#verify", |t| t.contains("intact")).await;
+    // ... and the resources, read-only: upstream, TLS, who may reach it, rules and masks,
+    // with the upstream password only by where it is read from.
+    c.find(Locator::Css("nav a[href='/resources']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let app = text_when(&c, "#resource-app", |t| t.contains("agent-deletes")).await;
+    for want in [
+        "postgres",
+        &format!("127.0.0.1:{}", s.env.pg.port),
+        "sre, ci",
+        "statements: delete",
+        "groups: ci",
+        "review",
+        "columns: name",
+        "redact",
+        "app.password",
+    ] {
+        assert!(app.contains(want), "{want} missing: {app}");
+    }
+    assert!(
+        !app.contains(&s.env.pg.password),
+        "a secret on the page: {app}"
+    );
+    let rule = text_of(&c, "#resource-app tr[data-rule='agent-deletes']").await;
+    assert!(rule.contains("sre") && rule.contains("no"), "{rule}");
+    let tls = text_of(&c, "#resource-app dd.tls").await;
+    assert!(
+        tls.contains("verify-full") && tls.contains("localhost"),
+        "{tls}"
+    );
+    screenshots(&c, "resources").await;
 
     // Not signed in: a page sends the browser to the sign-in form, and back afterwards.
     let (status, head, _) = s.curl(&[&held.link]);

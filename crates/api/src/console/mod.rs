@@ -8,6 +8,9 @@
 //! - `GET /access`: grants in force (the viewer's own; all for auditors and admins) and a form
 //!   that asks for access or unmasking (`POST /access`); `POST /grants/<id>/revoke`.
 //! - `GET /audit` (auditors and admins): the audit trail's hash chains, verified on request.
+//! - `GET /resources` (auditors and admins): each resource's upstream, TLS, who may reach it,
+//!   its rules and masks (the config in force, never a secret's value), and what the latest
+//!   periodic scan found.
 //! - `GET|POST /login` (a token, checked once with `tollgate_gate::identify`), `POST /logout`;
 //!   a client certificate signs in without a form. Static `/console/console.css|js`.
 //!
@@ -66,6 +69,8 @@ enum Page {
     GrantRevoke(String),
     /// The audit trail's hash chains, verified now.
     Audit,
+    /// The configured resources, read-only (auditors and admins).
+    Resources,
 }
 
 impl Page {
@@ -93,6 +98,7 @@ impl Page {
             ["sessions", i, "events.jsonl"] => Page::SessionEvents(id(i)?),
             ["access"] => Page::Access,
             ["audit"] => Page::Audit,
+            ["resources"] => Page::Resources,
             ["grants", i, "revoke"] => Page::GrantRevoke(id(i)?),
             _ => return None,
         })
@@ -121,6 +127,7 @@ impl Page {
             Page::Access => "/access",
             Page::GrantRevoke(_) => "/grants/{id}/revoke",
             Page::Audit => "/audit",
+            Page::Resources => "/resources",
         }
     }
 
@@ -149,6 +156,7 @@ pub(crate) fn is_console_path(path: &str) -> bool {
             "/access",
             "/grants",
             "/audit",
+            "/resources",
         ]
         .iter()
         .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
@@ -802,6 +810,25 @@ async fn get(
             let report = blocking(viewer, move || store.verify()).await?;
             Ok(html(StatusCode::OK, pages::audit(viewer, &report)))
         }
+        Page::Resources => {
+            if !may_read_sessions(state, who) {
+                return Err(problem(
+                    StatusCode::FORBIDDEN,
+                    Some(viewer),
+                    &format!(
+                        "{} may not read the resources' configuration: that needs the auditor or admin role.",
+                        who.subject
+                    ),
+                    Some("ask an administrator to add one of your groups to roles.auditor_groups"),
+                ));
+            }
+            let config = state.config.load_full();
+            let scan = state.latest_scan.load_full();
+            Ok(html(
+                StatusCode::OK,
+                pages::resources(viewer, &config, scan.as_deref()),
+            ))
+        }
         Page::Sessions => {
             if !may_read_sessions(state, who) {
                 return Err(sessions_refused());
@@ -991,6 +1018,7 @@ mod tests {
             "/console/console.css",
             "/access",
             "/grants/rv_1/revoke",
+            "/resources",
         ] {
             assert!(is_console_path(p), "{p}");
         }
@@ -1001,6 +1029,7 @@ mod tests {
             "/.well-known/jwks.json",
             "/favicon.ico",
             "/grantsx",
+            "/resourcesx",
         ] {
             assert!(!is_console_path(p), "{p}");
         }

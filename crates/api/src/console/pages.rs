@@ -42,6 +42,7 @@ pub(crate) fn layout(
                             a href="/reviews" { "Reviews" }
                             a href="/sessions" { "Sessions" }
                             a href="/access" { "Access" }
+                            a href="/resources" { "Resources" }
                             a href="/audit" { "Audit" }
                         }
                         div.who {
@@ -377,6 +378,268 @@ pub(crate) fn audit(viewer: &Viewer, r: &tollgate_store::VerifyReport) -> Markup
             }
         },
     )
+}
+
+/// Certificates expiring sooner than this are shown in red on `/resources`.
+const EXPIRY_WARN_SECS: i64 = 14 * 24 * 3600;
+
+fn secret_source(s: &tollgate_config::SecretSource) -> String {
+    match s {
+        tollgate_config::SecretSource::Env(var) => format!("environment variable {var}"),
+        tollgate_config::SecretSource::File(p) => format!("file {}", p.display()),
+        tollgate_config::SecretSource::None => "none".into(),
+    }
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "—".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn pairs(v: &[(String, String)]) -> String {
+    v.iter()
+        .map(|(k, g)| format!("{k}={g}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What a rule matches, one condition a line (every condition that is set must hold).
+fn rule_matches(r: &tollgate_config::Rule) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut add = |label: &str, v: &[String]| {
+        if !v.is_empty() {
+            out.push(format!("{label}: {}", v.join(", ")));
+        }
+    };
+    add("statements", &r.statements);
+    add("tables", &r.tables);
+    add("functions", &r.functions);
+    add("methods", &r.methods);
+    add("paths", &r.paths);
+    add("tools", &r.tools);
+    add("resources", &r.resources);
+    add("prompts", &r.prompts);
+    add("groups", &r.groups);
+    add("identities", &r.identities);
+    if !r.query.is_empty() {
+        out.push(format!("query: {}", pairs(&r.query)));
+    }
+    if !r.headers.is_empty() {
+        out.push(format!("headers: {}", pairs(&r.headers)));
+    }
+    if !r.arguments.is_empty() {
+        out.push(format!("arguments: {}", pairs(&r.arguments)));
+    }
+    if r.where_missing {
+        out.push("UPDATE or DELETE without WHERE".into());
+    }
+    if let Some(h) = r.hours {
+        out.push(format!(
+            "hours: {:02}:{:02}-{:02}:{:02} UTC",
+            h.start_minute / 60,
+            h.start_minute % 60,
+            h.end_minute / 60,
+            h.end_minute % 60
+        ));
+    }
+    if !r.days.is_empty() {
+        let days: Vec<String> = r
+            .days
+            .iter()
+            .map(|d| format!("{d:?}").to_lowercase())
+            .collect();
+        out.push(format!("days: {}", days.join(", ")));
+    }
+    if out.is_empty() {
+        out.push("everything".into());
+    }
+    out
+}
+
+fn action_name(a: tollgate_config::RuleAction) -> &'static str {
+    match a {
+        tollgate_config::RuleAction::Allow => "allow",
+        tollgate_config::RuleAction::Deny => "deny",
+        tollgate_config::RuleAction::Review => "review",
+    }
+}
+
+/// Where a resource's upstream is: `host:port` (and database), or the URL of an HTTP or MCP one.
+fn upstream(r: &tollgate_config::Resource) -> String {
+    match &r.http {
+        Some(h) => format!(
+            "{}://{}{}",
+            if h.tls { "https" } else { "http" },
+            r.upstream,
+            h.base_path
+        ),
+        None => match &r.database {
+            Some(db) => format!("{} (database {db})", r.upstream),
+            None => r.upstream.clone(),
+        },
+    }
+}
+
+/// `/resources`: each configured resource, read-only; secrets only by where they are read from.
+pub(crate) fn resources(
+    viewer: &Viewer,
+    config: &tollgate_config::Config,
+    scan: Option<&crate::ScanSnapshot>,
+) -> Markup {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let general: Vec<&Value> = scan
+        .map(|s| {
+            s.findings
+                .iter()
+                .filter(|f| f.get("resource").and_then(Value::as_str).is_none())
+                .collect()
+        })
+        .unwrap_or_default();
+    layout(
+        "Resources",
+        Some(viewer),
+        None,
+        html! {
+            h1 { "Resources" }
+            p.hint {
+                "The configuration in force (" code { (config.path.display()) } "), read-only. "
+                @match scan {
+                    Some(s) => { "Latest upstream scan: " (time(&crate::params::format_time(s.at_unix_ms))) "." }
+                    None => { "No periodic scan has run yet (server.scan_interval): run " code { "tollgate scan" } " for TLS status, certificate expiry and findings." }
+                }
+            }
+            @if !general.is_empty() {
+                section.card #scan-general {
+                    h2 { "Gateway-wide scan findings" }
+                    (findings_list(&general))
+                }
+            }
+            @if config.resources.is_empty() { p.empty { "No resources are configured." } }
+            @for r in &config.resources {
+                @let findings: Vec<&Value> = scan.map(|s| s.findings.iter().filter(|f| f.get("resource").and_then(Value::as_str) == Some(r.name.as_str())).collect()).unwrap_or_default();
+                @let expiry = scan.and_then(|s| s.cert_expiry.get(&r.name).copied());
+                section.card.resource id={ "resource-" (r.name) } data-resource=(r.name) {
+                    h2 { (r.name) " " span.badge { (r.kind.to_string()) }
+                        @if r.read_only { " " span.badge { "read-only" } }
+                        @if r.dry_run { " " span.badge.review { "dry run" } }
+                    }
+                    dl.fields {
+                        dt { "Upstream" } dd.upstream { code { (upstream(r)) } }
+                        dt { "TLS" } dd.tls {
+                            @if r.tls.mode == tollgate_config::TlsMode::VerifyFull {
+                                span.badge.ok { (r.tls.mode.as_str()) }
+                            } @else {
+                                span.badge.denied.tls-weak { (r.tls.mode.as_str()) }
+                            }
+                            " name " code { (r.tls.server_name) }
+                            @if let Some(ca) = &r.tls.ca { " · CA " code { (ca.display()) } }
+                            @else if r.tls.mode != tollgate_config::TlsMode::Disable { " · CA: system roots" }
+                            @if let Some(c) = &r.tls.cert { " · client certificate " code { (c.display()) } }
+                        }
+                        dt { "Certificate expiry" } dd.expiry {
+                            @match expiry {
+                                Some(t) => {
+                                    @let at = crate::params::format_time(t * 1000);
+                                    @if t - now < EXPIRY_WARN_SECS { span.error { (time(&at)) " (" ((t - now) / 86400) " days)" } }
+                                    @else { (time(&at)) " (" ((t - now) / 86400) " days)" }
+                                }
+                                None => { span.meta { "not known: run " code { "tollgate scan" } } }
+                            }
+                        }
+                        @if let Some(c) = &r.credentials {
+                            dt { "Upstream login" } dd { (c.user) ", password from " (secret_source(&c.password)) }
+                        }
+                        @if let Some((header, src)) = r.http.as_ref().and_then(|h| h.inject.as_ref()) {
+                            dt { "Injected header" } dd { code { (header) } " from " (secret_source(src)) }
+                        }
+                        dt { "May connect" } dd.allow { (list(&r.allow_groups)) }
+                        dt { "Access approvers" } dd { (list(&r.access_approvers)) }
+                        dt { "Unmask approvers" } dd { (list(&r.unmask_approvers)) }
+                        dt { "Longest access" } dd { (tollgate_review::format_duration(r.max_access)) }
+                        dt { "Review timeout" } dd { (tollgate_review::format_duration(r.review_timeout)) }
+                    }
+                    h3 { "Rules" }
+                    @if r.rules.is_empty() { p.empty { "No rules: what the groups above may run is allowed." } }
+                    @else {
+                        div.scroll {
+                            table.rules {
+                                thead { tr { th { "Rule" } th { "Matches" } th { "Action" } th { "Approvers" } th { "Dry run" } } }
+                                tbody {
+                                    @for rule in &r.rules {
+                                        tr data-rule=(rule.name) {
+                                            td { code { (rule.name) } }
+                                            td { @for m in rule_matches(rule) { div { (m) } } }
+                                            td { span.badge.(action_name(rule.action)) { (action_name(rule.action)) } }
+                                            td {
+                                                @if rule.action == tollgate_config::RuleAction::Review {
+                                                    (list(&rule.approvers))
+                                                    @if rule.min_approvals > 1 { " (" (rule.min_approvals) " approvals)" }
+                                                }
+                                            }
+                                            td { @if rule.dry_run || r.dry_run { "yes" } @else { "no" } }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    h3 { "Masks" }
+                    @if r.masks.is_empty() { p.empty { "No masks." } }
+                    @else {
+                        div.scroll {
+                            table.masks {
+                                thead { tr { th { "Masks" } th { "Strategy" } th { "Except groups" } th { "Only groups" } } }
+                                tbody {
+                                    @for m in &r.masks {
+                                        tr {
+                                            td {
+                                                @if !m.columns.is_empty() { div { "columns: " (m.columns.join(", ")) } }
+                                                @if !m.types.is_empty() { div { "types: " (m.types.join(", ")) } }
+                                                @if !m.json_paths.is_empty() { div { "JSON paths: " (m.json_paths.join(", ")) } }
+                                                @if !m.detectors.is_empty() { div { "detectors: " (m.detectors.join(", ")) } }
+                                            }
+                                            td {
+                                                (m.strategy)
+                                                @if let Some(k) = m.keep_last { " (keeps last " (k) ")" }
+                                            }
+                                            td { (list(&m.except_groups)) }
+                                            td { @if m.only_groups.is_empty() { "everyone" } @else { (m.only_groups.join(", ")) } }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    @if scan.is_some() {
+                        h3 { "Latest scan findings" }
+                        @if findings.is_empty() { p.empty.findings { "None." } }
+                        @else { (findings_list(&findings)) }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn findings_list(findings: &[&Value]) -> Markup {
+    html! {
+        ul.findings {
+            @for f in findings {
+                li {
+                    @let sev = text(f, "severity").unwrap_or_default();
+                    span.badge.(if sev == "high" || sev == "critical" { "denied" } else { "review" }) { (sev) }
+                    " " (text(f, "message").unwrap_or_default())
+                    @if let Some(fix) = text(f, "fix") { div.meta { "fix: " (fix) } }
+                }
+            }
+        }
+    }
 }
 
 fn format_ms(ms: i64) -> String {
