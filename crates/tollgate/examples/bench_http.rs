@@ -62,6 +62,9 @@
 //! resource without masks) is the like-for-like comparison, and the two together tell the
 //! masking's own cost.
 
+#[path = "bench_support/mod.rs"]
+mod support;
+
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Parser;
@@ -74,15 +77,14 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::*;
 use tollgate_tls::pki::{self, ServerCertSpec};
 
 #[derive(Parser, Debug)]
@@ -201,19 +203,6 @@ fn large_body() -> Bytes {
     }
     s.push(']');
     Bytes::from(s)
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
 }
 
 fn main() {
@@ -363,7 +352,13 @@ strategy = "redact"
     let config_path = tmp.path().join("tollgate.toml");
     fs::write(&config_path, config)?;
     progress(format_args!("starting {} serve ...", tollgate.display()));
-    let gateway = Gateway::start(&tollgate, &config_path, tmp.path(), admin_port)?;
+    let gateway = Gateway::start(
+        &tollgate,
+        &config_path,
+        tmp.path(),
+        admin_port,
+        &[(UPSTREAM_CREDENTIAL_ENV, UPSTREAM_CREDENTIAL)],
+    )?;
 
     // 4. nginx, the reference proxy.
     let nginx = match &nginx_bin {
@@ -555,30 +550,12 @@ fn progress(msg: std::fmt::Arguments) {
     eprintln!("bench_http: {msg}");
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
 fn sha256_hex(s: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// A child process killed (SIGKILL) when this program dies, even without running destructors.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        })
-    }
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -998,146 +975,8 @@ impl CpuReading {
     }
 }
 
-struct ProcStat {
-    ppid: u32,
-    utime: f64,
-    stime: f64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// A /proc/…/stat line, of a process or of one of its threads.
-fn parse_stat(text: &str) -> Option<ProcStat> {
-    // Fields after the parenthesized command name, starting at field 3 (state).
-    let rest: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let field = |n: usize| -> Option<f64> { rest.get(n - 3)?.parse::<f64>().ok() };
-    Some(ProcStat {
-        ppid: field(4)? as u32,
-        utime: field(14)? / hz,
-        stime: field(15)? / hz,
-    })
-}
-
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    proc_stat(pid).map(|s| s.utime + s.stime)
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| proc_stat(*pid).is_some_and(|s| s.ppid == parent))
-        .collect()
-}
-
-/// A `Key:   123 kB` line of /proc/PID/status.
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| {
-        let v = l.strip_prefix(key)?.strip_prefix(':')?;
-        v.split_whitespace().next()?.parse().ok()
-    })
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The processes
-
-/// The `tollgate serve` process; killed on drop.
-struct Gateway {
-    child: Child,
-    admin_port: u16,
-    log_path: PathBuf,
-}
-
-impl Gateway {
-    fn start(bin: &Path, config: &Path, dir: &Path, admin_port: u16) -> Result<Gateway> {
-        let log_path = dir.join("gateway.log");
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .env(UPSTREAM_CREDENTIAL_ENV, UPSTREAM_CREDENTIAL)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log_path)?);
-        let child = die_with_parent(&mut cmd)
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
-        let mut gw = Gateway {
-            child,
-            admin_port,
-            log_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            check_interrupted()?;
-            if let Some(status) = gw.child.try_wait()? {
-                bail!("tollgate exited early ({status}):\n{}", gw.log_tail(40));
-            }
-            if matches!(gw.http_get("/readyz"), Some((200, _))) {
-                return Ok(gw);
-            }
-            if Instant::now() > deadline {
-                bail!("tollgate did not become ready:\n{}", gw.log_tail(40));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.log_path, lines)
-    }
-
-    fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.admin_port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((status, body))
-    }
-
-    fn metrics(&self) -> Option<String> {
-        self.http_get("/metrics").map(|(_, body)| body)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The last `lines` lines of the file at `path`.
-fn file_tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
 
 /// nginx in the foreground (`daemon off`) with a generated config in its own temporary
 /// directory; stopped on drop (SIGTERM to the master, which stops its workers).
@@ -1259,7 +1098,7 @@ http {{
             if let Some(status) = nginx.child.try_wait()? {
                 bail!(
                     "nginx exited early ({status}):\n{}\n{}",
-                    file_tail(&nginx.dir.path().join("stderr.log"), 10),
+                    file_tail(&nginx.dir.path().join("stderr.log"), 10, |_| true),
                     nginx.log_tail(10)
                 );
             }
@@ -1278,7 +1117,7 @@ http {{
     }
 
     fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.dir.path().join("error.log"), lines)
+        file_tail(&self.dir.path().join("error.log"), lines, |_| true)
     }
 }
 
@@ -1302,16 +1141,6 @@ impl Drop for Nginx {
 // ---------------------------------------------------------------------------------------------
 // The report
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        if !rest.starts_with(' ') {
-            return None;
-        }
-        rest.trim().parse().ok()
-    })
-}
-
 /// The sum of every series whose line starts with `prefix` (e.g. a name and some labels).
 fn metric_sum(text: &str, prefix: &str) -> Option<f64> {
     let values: Vec<f64> = text
@@ -1320,20 +1149,6 @@ fn metric_sum(text: &str, prefix: &str) -> Option<f64> {
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Medians over the rounds of one target in one scenario.

@@ -56,6 +56,9 @@
 //! and on Ctrl-C/SIGTERM. On a small machine pgbench, postgres and the gateway share the
 //! cores, so with 8 clients the ratio mostly reflects CPU per query; see the CPU columns.
 
+#[path = "bench_support/mod.rs"]
+mod support;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
@@ -66,8 +69,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use support::*;
 use tollgate_testsupport::{ClusterOptions, PgCluster};
 use tollgate_tls::pki::{self, ClientCertSpec, ServerCertSpec};
 
@@ -198,19 +202,6 @@ const SCENARIOS: &[Scenario] = &[
         max_added_us: Some(20.0),
     },
 ];
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 fn main() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -398,7 +389,7 @@ password_file = "{password_file}"
         gateway_config(pg_listen, admin_listen, "", ""),
     )?;
     progress(format_args!("starting {} serve ...", tollgate.display()));
-    let gateway = Gateway::start(&tollgate, &config_path, tmp.path(), admin_listen)?;
+    let gateway = Gateway::start(&tollgate, &config_path, tmp.path(), admin_listen, &[])?;
     let gateway_conninfo_on = gateway_conninfo(pg_listen);
     // The baseline without command recording, in its own directory (config, store, log).
     let norec = if opts.recording_off {
@@ -417,7 +408,7 @@ password_file = "{password_file}"
             "starting the gateway with record_commands = false ..."
         ));
         Some((
-            Gateway::start(&tollgate, &path, &dir, admin)?,
+            Gateway::start(&tollgate, &path, &dir, admin, &[])?,
             gateway_conninfo(pg),
         ))
     } else {
@@ -440,7 +431,7 @@ password_file = "{password_file}"
                 bin.display()
             ));
             Some((
-                Gateway::start(bin, &path, &dir, admin)?,
+                Gateway::start(bin, &path, &dir, admin, &[])?,
                 gateway_conninfo(pg),
             ))
         }
@@ -459,7 +450,7 @@ password_file = "{password_file}"
         fs::write(&path, gateway_config(pg, admin, "", MASKS))?;
         progress(format_args!("starting the gateway with masking rules ..."));
         Some((
-            Gateway::start(&tollgate, &path, &dir, admin)?,
+            Gateway::start(&tollgate, &path, &dir, admin, &[])?,
             gateway_conninfo(pg),
         ))
     } else {
@@ -719,24 +710,6 @@ fn progress(msg: std::fmt::Arguments) {
     eprintln!("bench_pg: {msg}");
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
-/// A child process killed (SIGKILL) when this program dies, even without running destructors.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        })
-    }
-}
-
 /// Waits for `child`, killing it when we are interrupted or it outlives `timeout`.
 fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -917,38 +890,6 @@ impl CpuProbe {
     }
 }
 
-struct ProcStat {
-    ppid: u32,
-    utime: f64,
-    stime: f64,
-    cutime: f64,
-    cstime: f64,
-}
-
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// A /proc/…/stat line, of a process or of one of its threads.
-fn parse_stat(text: &str) -> Option<ProcStat> {
-    // Fields after the parenthesized command name, starting at field 3 (state).
-    let rest: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let field = |n: usize| -> Option<f64> { rest.get(n - 3)?.parse::<f64>().ok() };
-    Some(ProcStat {
-        ppid: field(4)? as u32,
-        utime: field(14)? / hz,
-        stime: field(15)? / hz,
-        cutime: field(16)? / hz,
-        cstime: field(17)? / hz,
-    })
-}
-
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    proc_stat(pid).map(|s| s.utime + s.stime)
-}
-
 /// Voluntary plus involuntary context switches, summed over the live threads of `pid`.
 fn context_switches(pid: u32) -> f64 {
     let tasks = fs::read_dir(format!("/proc/{pid}/task"))
@@ -998,121 +939,12 @@ fn cpu_by_thread_name(pid: u32) -> Vec<(String, usize, f64)> {
     v
 }
 
-fn children_of(parent: u32) -> Vec<u32> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| proc_stat(*pid).is_some_and(|s| s.ppid == parent))
-        .collect()
-}
-
 fn own_children_cpu() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// A `Key:   123 kB` line of /proc/PID/status.
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| {
-        let v = l.strip_prefix(key)?.strip_prefix(':')?;
-        v.split_whitespace().next()?.parse().ok()
-    })
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// The `tollgate serve` process; killed on drop.
-struct Gateway {
-    child: Child,
-    admin_port: u16,
-    log_path: PathBuf,
-}
-
-impl Gateway {
-    fn start(bin: &Path, config: &Path, dir: &Path, admin_port: u16) -> Result<Gateway> {
-        let log_path = dir.join("gateway.log");
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log_path)?);
-        let child = die_with_parent(&mut cmd)
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
-        let mut gw = Gateway {
-            child,
-            admin_port,
-            log_path,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            check_interrupted()?;
-            if let Some(status) = gw.child.try_wait()? {
-                bail!("tollgate exited early ({status}):\n{}", gw.log_tail(40));
-            }
-            if matches!(gw.http_get("/readyz"), Some((200, _))) {
-                return Ok(gw);
-            }
-            if Instant::now() > deadline {
-                bail!("tollgate did not become ready:\n{}", gw.log_tail(40));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        file_tail(&self.log_path, lines, |_| true)
-    }
-
-    fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, self.admin_port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((status, body))
-    }
-
-    fn metrics(&self) -> Option<String> {
-        self.http_get("/metrics").map(|(_, body)| body)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The last `lines` lines of the file at `path` that `keep` accepts.
-fn file_tail(path: &Path, lines: usize, keep: impl Fn(&str) -> bool) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// The `--pgbouncer` reference proxy, in the foreground with its own config; killed on drop.
@@ -1355,31 +1187,6 @@ fn relay_serve(upstream: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The value of an unlabelled series in Prometheus text format.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        if !rest.starts_with(' ') {
-            return None;
-        }
-        rest.trim().parse().ok()
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 struct Side {
