@@ -1,6 +1,7 @@
 //! `tollgate demo`: a dev PKI, a throwaway TLS PostgreSQL with a sample schema, a small HTTPS
 //! API, and the gateway in front of both, with copy-paste client commands. Ctrl-C stops
-//! everything.
+//! everything. alice's certificate is also written as a PKCS#12 bundle (`pki/alice.p12`, with
+//! `openssl`) for signing in to the web console from a browser.
 
 use anyhow::Context;
 use std::fs;
@@ -55,6 +56,50 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Write `pki/alice.p12` (alice's certificate, key and the demo CA) with `openssl pkcs12 -export`
+/// under a fresh password, which is returned (and kept in `pki/alice.p12.password`); why not, if
+/// openssl is missing or fails.
+fn pkcs12_bundle(pki_dir: &Path, alice: &pki::IssuedFiles) -> Result<String, String> {
+    let out = pki_dir.join("alice.p12");
+    let password = tollgate_server::random_hex(8);
+    // Never leave the bundle of an earlier run's certificate behind.
+    let _ = fs::remove_file(&out);
+    // The password reaches openssl through its environment, not its command line.
+    let made = std::process::Command::new("openssl")
+        .args(["pkcs12", "-export", "-name", "alice (tollgate demo)"])
+        .arg("-in")
+        .arg(&alice.cert)
+        .arg("-inkey")
+        .arg(&alice.key)
+        .arg("-certfile")
+        .arg(pki_dir.join("ca.crt"))
+        .arg("-out")
+        .arg(&out)
+        .args(["-passout", "env:TOLLGATE_DEMO_P12_PASSWORD"])
+        .env("TOLLGATE_DEMO_P12_PASSWORD", &password)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match made {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("openssl is not installed".into())
+        }
+        Err(e) => Err(format!("openssl did not run: {e}")),
+        Ok(o) if !o.status.success() => Err(format!(
+            "openssl pkcs12 failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Ok(_) => {
+            let _ = fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+            write_private(
+                &pki_dir.join("alice.p12.password"),
+                &format!("{password}\n"),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(password)
+        }
+    }
+}
+
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = fs::canonicalize(dir)?;
@@ -102,6 +147,9 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         std::time::Duration::from_secs(30 * 24 * 3600),
         &pki_dir.join("ca.crl"),
     )?;
+    // alice's certificate and key as a PKCS#12 bundle, to import into a browser and sign in to
+    // the console with the certificate.
+    let alice_p12 = pkcs12_bundle(&pki_dir, &alice);
     let token = tollgate_server::random_hex(24);
     let token_sha = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let token_sha: String = token_sha
@@ -398,6 +446,21 @@ groups = ["sre"]
         println!("# held statement's NOTICE opens its review. Sign in with the reviewer token (group sre):");
         println!("#   https://localhost:{https_port}/reviews   token: {reviewer_token}");
         println!("# (the browser does not know the demo CA: import {} or accept the warning once)", ca.display());
+        let p12 = rel(&pki_dir.join("alice.p12"));
+        match &alice_p12 {
+            Ok(password) => {
+                println!("# or sign in with alice's client certificate (group sre), no token: import the PKCS#12 bundle");
+                println!("#   {}   password: {password}", p12.display());
+                println!("#   Chrome: Settings > Privacy and security > Security > Manage certificates > Your certificates > Import");
+                println!("#     (Chrome on Linux, from a shell: pk12util -d sql:$HOME/.pki/nssdb -i {} -W {password})", p12.display());
+                println!("#   Firefox: Settings > Privacy & Security > Certificates > View Certificates > Your Certificates > Import");
+                println!("#   then open https://localhost:{https_port}/reviews and choose alice's certificate when the browser asks.");
+            }
+            Err(why) => {
+                println!("# to sign in with alice's client certificate instead, make a PKCS#12 bundle ({why}) and import it into the browser:");
+                println!("#   openssl pkcs12 -export -in {} -inkey {} -certfile {} -name alice -out {}", alice_crt.display(), alice_key.display(), ca.display(), p12.display());
+            }
+        }
         println!();
         println!("# health, readiness and metrics:");
         println!("curl -s http://127.0.0.1:{admin}/readyz; curl -s http://127.0.0.1:{admin}/metrics | grep tollgate_");

@@ -735,6 +735,55 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         "{page}"
     );
 
+    // alice's certificate as a PKCS#12 bundle for the browser, with its printed password.
+    let p12_line = lines
+        .iter()
+        .find(|l| l.contains("alice.p12") && l.contains("password: "))
+        .unwrap_or_else(|| panic!("no PKCS#12 line: {lines:#?}"));
+    let password = p12_line.rsplit("password: ").next().unwrap().trim();
+    let p12 = demo_dir.join("pki/alice.p12");
+    assert!(p12.is_file(), "{} missing", p12.display());
+    assert!(
+        lines.iter().any(|l| l.contains("Firefox")) && lines.iter().any(|l| l.contains("Chrome")),
+        "{lines:#?}"
+    );
+    let out = Command::new("openssl")
+        .args(["pkcs12", "-info", "-nokeys", "-passin"])
+        .arg(format!("pass:{password}"))
+        .arg("-in")
+        .arg(&p12)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = stdout(&out);
+    assert!(
+        info.contains("CN = alice") || info.contains("CN=alice"),
+        "{info}"
+    );
+    // The leaf in alice.crt, base64 line for line, is the certificate in the bundle.
+    let alice_pem = std::fs::read_to_string(demo_dir.join("pki/alice.crt")).unwrap();
+    let leaf: Vec<&str> = alice_pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    assert!(!leaf.is_empty(), "{alice_pem}");
+    assert!(
+        info.contains(&leaf.join("\n")),
+        "the bundle does not hold alice's certificate: {info}"
+    );
+    let wrong = Command::new("openssl")
+        .args(["pkcs12", "-info", "-nokeys", "-passin", "pass:wrong"])
+        .arg("-in")
+        .arg(&p12)
+        .output()
+        .unwrap();
+    assert!(
+        !wrong.status.success(),
+        "the bundle opens without its password"
+    );
+
     let pg_dir = demo_dir.canonicalize().unwrap();
     assert!(
         !pgrep(pg_dir.to_str().unwrap()).is_empty(),
