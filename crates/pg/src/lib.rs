@@ -15,6 +15,7 @@ mod interrupt;
 pub mod io;
 pub use tollgate_gate::limits;
 pub mod proto;
+mod refusal;
 mod relay;
 pub mod scram;
 mod session;

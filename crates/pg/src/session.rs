@@ -7,6 +7,7 @@ use crate::limits::{Cap, IdentitySlot, SourceSlot};
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend;
 use crate::proto::startup::{self, Startup, StartupPacket};
+use crate::refusal::Refusal;
 use crate::relay::{self, RelayEnd};
 use crate::standing::{Ended, Standing};
 use crate::upstream::UpStream;
@@ -95,31 +96,16 @@ impl SessionLog {
     }
 
     /// End a connection that never reached a command: tell the client why, then record it.
-    async fn refuse<S: AsyncWrite + Unpin>(
-        self,
-        s: &mut S,
-        code: &str,
-        msg: &str,
-        hint: Option<&str>,
-        reason: &str,
-        detail: Value,
-    ) {
-        refuse(s, code, msg, hint).await;
-        self.rejected(reason, detail);
+    async fn refuse<S: AsyncWrite + Unpin>(self, s: &mut S, refusal: Refusal, detail: Value) {
+        refuse(s, &refusal).await;
+        self.rejected(refusal.reason(), detail);
     }
 
     /// End a connection refused before it was identified (or over a cap): tell the client why,
     /// and count it in the aggregate instead of recording a session.
-    async fn refuse_unidentified<S: AsyncWrite + Unpin>(
-        self,
-        s: &mut S,
-        code: &str,
-        msg: &str,
-        hint: Option<&str>,
-        reason: &'static str,
-    ) {
-        refuse(s, code, msg, hint).await;
-        self.dropped_unidentified(reason);
+    async fn refuse_unidentified<S: AsyncWrite + Unpin>(self, s: &mut S, refusal: Refusal) {
+        refuse(s, &refusal).await;
+        self.dropped_unidentified(refusal.reason());
     }
 
     /// A connection that ended before it was identified, counted in the aggregate.
@@ -177,9 +163,16 @@ fn auth_failure(reason: &str) {
 }
 
 /// Write a FATAL error and close: how every refusal ends, never a silent drop.
-async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: &str, msg: &str, hint: Option<&str>) {
+/// Tell the client why its connection ends (FATAL), then close it.
+async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, refusal: &Refusal) {
+    let hint = refusal.hint();
     let _ = s
-        .write_all(&backend::error(Severity::Fatal, code, msg, hint))
+        .write_all(&backend::error(
+            Severity::Fatal,
+            refusal.sqlstate(),
+            &refusal.message(),
+            hint.as_deref(),
+        ))
         .await;
     let _ = s.flush().await;
     let _ = s.shutdown().await;
@@ -281,21 +274,13 @@ impl PgGateway {
             PreTls::Plaintext => {
                 handshake_counter("failed", "plaintext");
                 tracing::debug!(%peer, "refused plaintext PostgreSQL start-up");
-                log.refuse_unidentified(&mut tcp, "28000",
-                    "tollgate requires TLS: this connection did not request encryption",
-                    Some("connect with sslmode=require or stronger (sslmode=verify-full with the gateway's CA is best)"), "plaintext").await;
+                log.refuse_unidentified(&mut tcp, Refusal::Plaintext).await;
                 return;
             }
             PreTls::Invalid(e) => {
                 handshake_counter("failed", "protocol");
-                log.refuse_unidentified(
-                    &mut tcp,
-                    "08P01",
-                    &format!("invalid start-up packet: {e}"),
-                    None,
-                    "protocol",
-                )
-                .await;
+                log.refuse_unidentified(&mut tcp, Refusal::BadStartup(e))
+                    .await;
                 return;
             }
             PreTls::Timeout => {
@@ -328,14 +313,8 @@ impl PgGateway {
         let info = tollgate_tls::session_info(tls.get_ref().1);
         if direct && info.alpn.as_deref() != Some("postgresql") {
             handshake_counter("failed", "alpn");
-            log.refuse_unidentified(
-                &mut tls,
-                "08P01",
-                "direct TLS connections must negotiate ALPN \"postgresql\"",
-                None,
-                "alpn",
-            )
-            .await;
+            log.refuse_unidentified(&mut tls, Refusal::DirectTlsWithoutAlpn)
+                .await;
             return;
         }
         handshake_counter("ok", "none");
@@ -358,25 +337,13 @@ impl PgGateway {
                 return;
             }
             Ok(Ok(_)) => {
-                log.refuse_unidentified(
-                    &mut tls,
-                    "08P01",
-                    "unexpected encryption request inside TLS",
-                    None,
-                    "protocol",
-                )
-                .await;
+                log.refuse_unidentified(&mut tls, Refusal::EncryptionInsideTls)
+                    .await;
                 return;
             }
             Ok(Err(e)) => {
-                log.refuse_unidentified(
-                    &mut tls,
-                    "08P01",
-                    &format!("invalid start-up packet: {e}"),
-                    None,
-                    "protocol",
-                )
-                .await;
+                log.refuse_unidentified(&mut tls, Refusal::BadStartup(e))
+                    .await;
                 return;
             }
             Err(_) => {
@@ -479,8 +446,8 @@ impl PgGateway {
             Ok(access) => access,
             Err(forbidden) => {
                 auth_failure("forbidden");
-                log.refuse(&mut tls, "42501", &forbidden.to_string(),
-                    Some("the database name selects the tollgate resource; ask an administrator for access"), "forbidden", json!({})).await;
+                log.refuse(&mut tls, Refusal::Forbidden(forbidden), json!({}))
+                    .await;
                 return;
             }
         };
@@ -504,19 +471,12 @@ impl PgGateway {
                     )
                     .inc();
                 tracing::error!(session = %log.id, resource = %target.resource.name, upstream = %target.resource.upstream, error = %e, "upstream connection failed");
-                let hint = format!("the gateway log has the details under session {}", log.id);
-                log.refuse(
-                    &mut tls,
-                    "08001",
-                    &format!(
-                        "tollgate could not connect to resource \"{}\"",
-                        target.resource.name
-                    ),
-                    Some(&hint),
-                    "upstream",
-                    json!({"failure": e.label()}),
-                )
-                .await;
+                let refusal = Refusal::UpstreamUnavailable {
+                    resource: target.resource.name.clone(),
+                    session: log.id.clone(),
+                };
+                log.refuse(&mut tls, refusal, json!({"failure": e.label()}))
+                    .await;
                 return;
             }
         };
@@ -659,16 +619,15 @@ impl PgGateway {
     ) -> Option<(SessionLog, Identity, Option<String>, IdentitySlot)> {
         let mut token_sha256 = None;
         let identity: Identity = match peer_cert {
-            Some(der) => {
-                match tollgate_identity::from_certificate(der) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        auth_failure("bad_certificate");
-                        log.refuse_unidentified(tls, "28000", &format!("tollgate could not read an identity from the client certificate: {e}"), None, "bad_certificate").await;
-                        return None;
-                    }
+            Some(der) => match tollgate_identity::from_certificate(der) {
+                Ok(id) => id,
+                Err(e) => {
+                    auth_failure("bad_certificate");
+                    log.refuse_unidentified(tls, Refusal::BadCertificate(e.to_string()))
+                        .await;
+                    return None;
                 }
-            }
+            },
             None => {
                 out.extend_from_slice(&backend::auth_cleartext());
                 if tls.write_all(out).await.is_err() || tls.flush().await.is_err() {
@@ -715,9 +674,13 @@ impl PgGateway {
                         } else {
                             "no_credentials"
                         });
-                        log.refuse_unidentified(tls, "28P01",
-                            &format!("authentication failed for user \"{client_user}\": tollgate needs a client certificate or a valid service token as the password"),
-                            Some("present a certificate issued by the gateway's client CA (sslcert/sslkey), or set the password to a tollgate service token or an OIDC token of a configured issuer"), "authentication").await;
+                        log.refuse_unidentified(
+                            tls,
+                            Refusal::AuthenticationFailed {
+                                user: client_user.to_string(),
+                            },
+                        )
+                        .await;
                         return None;
                     }
                 }
@@ -729,27 +692,14 @@ impl PgGateway {
             .is_some_and(|t| SystemTime::now() >= t)
         {
             auth_failure("expired_certificate");
-            log.refuse_unidentified(
-                tls,
-                "28000",
-                "your client certificate has expired",
-                Some("renew it (e.g. `tollgate login` or `tollgate pki issue`)"),
-                "cert_expired",
-            )
-            .await;
+            log.refuse_unidentified(tls, Refusal::CertificateExpired)
+                .await;
             return None;
         }
         // An OIDC token accepted within the clock-skew leeway past its `exp` has no session left.
         if identity.expires_at.is_some_and(|t| SystemTime::now() >= t) {
             auth_failure("expired_token");
-            log.refuse_unidentified(
-                tls,
-                "28000",
-                "your token has expired",
-                Some("get a new token from your identity provider"),
-                "token_expired",
-            )
-            .await;
+            log.refuse_unidentified(tls, Refusal::TokenExpired).await;
             return None;
         }
         match self.limits.admit_identity(&identity.subject) {
@@ -875,22 +825,7 @@ const TERMINATE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Answer a connection over a cap with PostgreSQL's "too many connections" and count it.
 async fn refuse_over_cap<S: AsyncWrite + Unpin>(log: SessionLog, s: &mut S, cap: Cap) {
-    let (msg, hint) = match cap {
-        Cap::Total => (
-            "sorry, too many clients already: tollgate is at its connection limit (server.max_connections)",
-            "retry later, or pool connections",
-        ),
-        Cap::Source => (
-            "sorry, too many clients already from this address (server.max_connections_per_source)",
-            "close idle connections or pool them; an administrator can raise the limit",
-        ),
-        Cap::Identity => (
-            "sorry, too many sessions already for this identity (server.max_connections_per_identity)",
-            "close idle sessions or pool them; an administrator can raise the limit",
-        ),
-    };
-    log.refuse_unidentified(s, "53300", msg, Some(hint), cap.as_label())
-        .await;
+    log.refuse_unidentified(s, Refusal::OverCap(cap)).await;
 }
 
 struct Unregister<'a>(&'a CancelRegistry, i32);
