@@ -348,6 +348,18 @@ async fn screenshots(c: &Client, name: &str) {
     for (w, h) in [(1280u32, 1100u32), (390, 1400)] {
         c.set_window_size(w, h).await.unwrap();
         let inner = c.execute("return window.innerWidth", vec![]).await.unwrap();
+        // Nothing wider than the window: no sideways scrolling on a phone.
+        let wide = c
+            .execute(
+                "return document.documentElement.scrollWidth - window.innerWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert!(
+            wide.as_i64().unwrap_or(1) <= 0,
+            "{name} at {w} px is {wide} px too wide"
+        );
         let png = c.screenshot().await.unwrap();
         let path = screenshot_dir().join(format!("{name}-{w}.png"));
         std::fs::write(&path, png).unwrap();
