@@ -851,3 +851,89 @@ fn cell(v: &Value) -> String {
 
 pub(crate) const CSS: &str = include_str!("console.css");
 pub(crate) const JS: &str = include_str!("console.js");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> tollgate_config::Config {
+        tollgate_config::parse(text, std::path::Path::new("/etc/tollgate/t.toml")).unwrap()
+    }
+
+    #[test]
+    fn resources_flag_weak_tls_and_show_secrets_only_by_source() {
+        let c = config(
+            r#"[server]
+tls_cert = "gw.crt"
+tls_key = "gw.key"
+
+[[resources]]
+name = "orders"
+kind = "postgres"
+upstream = "db.internal:5432"
+allow_groups = ["sre", "agents"]
+[resources.tls]
+mode = "insecure-skip-verify"
+[resources.credentials]
+user = "app"
+password_env = "ORDERS_DB_PASSWORD"
+[[resources.rules]]
+name = "no-drops"
+statements = ["drop"]
+action = "deny"
+dry_run = true
+[[resources.masks]]
+json_paths = ["$.email"]
+strategy = "partial"
+keep_last = 2
+only_groups = ["agents"]
+"#,
+        );
+        let who = tollgate_identity::Identity {
+            subject: "otto".into(),
+            principal: tollgate_identity::Principal::token("otto"),
+            groups: vec!["audit".into()],
+            method: tollgate_identity::AuthMethod::Token,
+            cert_fingerprint: None,
+            cert_not_after: None,
+            expires_at: None,
+        };
+        let viewer = Viewer {
+            who: &who,
+            csrf: "x",
+        };
+        let soon = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            + 3 * 86400;
+        let scan = crate::ScanSnapshot {
+            at_unix_ms: 1_700_000_000_000,
+            findings: vec![
+                serde_json::json!({"kind": "tls-unverified", "severity": "high",
+                "resource": "orders", "key": "resources.tls.mode",
+                "message": "the upstream's certificate is not verified", "fix": "use verify-full"}),
+            ],
+            cert_expiry: [("orders".to_string(), soon)].into(),
+        };
+        let page = resources(&viewer, &c, Some(&scan)).into_string();
+        assert!(
+            page.contains(r#"class="badge denied tls-weak">insecure-skip-verify"#),
+            "{page}"
+        );
+        assert!(page.contains("environment variable ORDERS_DB_PASSWORD"));
+        assert!(page.contains("db.internal:5432"));
+        assert!(page.contains("no-drops") && page.contains("statements: drop"));
+        assert!(page.contains("JSON paths: $.email") && page.contains("keeps last 2"));
+        assert!(
+            page.contains("the upstream&#39;s certificate is not verified")
+                || page.contains("the upstream's certificate is not verified")
+        );
+        assert!(
+            page.contains(r#"<span class="error"><time"#),
+            "expiry in 3 days in red: {page}"
+        );
+        let none = resources(&viewer, &c, None).into_string();
+        assert!(none.contains("tollgate scan"));
+    }
+}
