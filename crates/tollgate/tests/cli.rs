@@ -773,6 +773,18 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         info.contains(&leaf.join("\n")),
         "the bundle does not hold alice's certificate: {info}"
     );
+    // ... and signs alice in to the console, as a browser that imported it would.
+    let by_cert = curl(&[
+        "--cert-type",
+        "P12",
+        "--cert",
+        &format!("{}:{password}", p12.display()),
+        url,
+    ]);
+    assert!(
+        by_cert.lines().next().is_some_and(|l| l.contains(" 200")) && by_cert.contains(">alice<"),
+        "{by_cert}"
+    );
     let wrong = Command::new("openssl")
         .args(["pkcs12", "-info", "-nokeys", "-passin", "pass:wrong"])
         .arg("-in")
