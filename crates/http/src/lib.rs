@@ -193,6 +193,17 @@ impl Drop for HttpSession {
     }
 }
 
+/// How long a caller's grants are trusted without a new look in the store: the delay within
+/// which a grant revoked by another gateway process takes effect (PostgreSQL sessions re-read
+/// theirs as often).
+pub const ACCESS_RECHECK: Duration = Duration::from_secs(5);
+
+struct CachedAccess {
+    access: tollgate_gate::Access,
+    at: Instant,
+    revocations: u64,
+}
+
 /// The HTTP adapter of one gateway process.
 pub struct HttpGateway {
     targets: arc_swap::ArcSwap<HashMap<String, Arc<Target>>>,
@@ -210,6 +221,9 @@ pub struct HttpGateway {
     /// Signs the identity tokens of `identity_header` (`server.identity_key`; read at start).
     identity_key: Option<Arc<identity_token::IdentityKey>>,
     sessions: Mutex<HashMap<SessionKey, Arc<HttpSession>>>,
+    /// Grants looked up in the store, per principal and resource, re-read after
+    /// [`ACCESS_RECHECK`] or at once when a grant is revoked here (as PostgreSQL sessions do).
+    access_cache: Mutex<HashMap<(String, String), CachedAccess>>,
     /// MCP sessions the upstreams opened, and whose they are.
     pub(crate) mcp_sessions: mcp::McpSessions,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
@@ -245,6 +259,7 @@ impl HttpGateway {
             audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
             mask_key,
             sessions: Mutex::new(HashMap::new()),
+            access_cache: Mutex::new(HashMap::new()),
             mcp_sessions: mcp::McpSessions::default(),
             mcp_pins: mcp::Pins::default(),
         }))
@@ -269,6 +284,65 @@ impl HttpGateway {
 
     pub(crate) fn target(&self, name: &str) -> Option<Arc<Target>> {
         self.targets.load().get(name).cloned()
+    }
+
+    /// May `who` reach `target` (`None`: no such resource; `asked` is the name it was asked
+    /// by)? Groups decide at once; grants (just-in-time access, unmasked view) come from the
+    /// store, looked up at most every [`ACCESS_RECHECK`] per caller and resource, and at once
+    /// after a revocation in this process.
+    pub(crate) fn authorize(
+        &self,
+        who: &Identity,
+        target: Option<&Target>,
+        asked: &str,
+    ) -> Result<tollgate_gate::Access, tollgate_gate::Forbidden> {
+        let needs_store =
+            target.is_some_and(|t| t.mask.is_some() || !who.in_any(&t.resource.allow_groups));
+        let key = (who.principal.to_string(), asked.to_string());
+        let revocations = *self.reviews.revocations().borrow();
+        if needs_store {
+            let cache = self.access_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.get(&key) {
+                let grant_live = c
+                    .access
+                    .grant
+                    .as_ref()
+                    .is_none_or(|g| g.until > std::time::SystemTime::now());
+                // Access by group holds only while the (possibly reloaded) resource still
+                // lists one of the caller's groups.
+                let basis_holds = c.access.grant.is_some()
+                    || target.is_some_and(|t| who.in_any(&t.resource.allow_groups));
+                if c.revocations == revocations
+                    && c.at.elapsed() < ACCESS_RECHECK
+                    && grant_live
+                    && basis_holds
+                {
+                    return Ok(c.access.clone());
+                }
+            }
+        }
+        let access = tollgate_gate::authorize(
+            who,
+            target.map(|t| (t.resource.name.as_str(), t.resource.allow_groups.as_slice())),
+            Some(&self.reviews),
+            target.is_some_and(|t| t.mask.is_some()),
+            asked,
+        )?;
+        if needs_store {
+            let mut cache = self.access_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() > 10_000 {
+                cache.retain(|_, c| c.at.elapsed() < ACCESS_RECHECK);
+            }
+            cache.insert(
+                key,
+                CachedAccess {
+                    access: access.clone(),
+                    at: Instant::now(),
+                    revocations,
+                },
+            );
+        }
+        Ok(access)
     }
 
     /// Whether `host` is one of the gateway's own names (its certificate's).

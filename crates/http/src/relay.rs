@@ -19,7 +19,7 @@ use tollgate_config::Unmaskable;
 use tollgate_gate::event::{BodyRecord, HttpRequest, HttpResponse, ReviewEvent};
 use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::rules::{Caller, CommandKind, Decision};
-use tollgate_gate::{authorize, identify, AuthError, Command};
+use tollgate_gate::{identify, AuthError, Command};
 use tollgate_mask::{BodyKind, BodyMasker, BodyPlan, Reason};
 use tollgate_metrics::registry;
 use tollgate_review::Verdict;
@@ -296,16 +296,7 @@ async fn run(
     .await
     .map_err(auth_refusal)?;
     let target = gw.target(&name);
-    let access = authorize(
-        &who,
-        target
-            .as_ref()
-            .map(|t| (t.resource.name.as_str(), t.resource.allow_groups.as_slice())),
-        Some(gw.reviews()),
-        target.as_ref().is_some_and(|t| t.mask.is_some()),
-        &name,
-    )
-    .map_err(|e| {
+    let access = gw.authorize(&who, target.as_deref(), &name).map_err(|e| {
         // An identified caller's refused attempt is evidence: recorded as a rejected session.
         gw.record_rejected(ctx, &who, &name, "forbidden");
         Refusal::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())

@@ -1038,3 +1038,28 @@ fn only_the_gateways_own_names_pick_resources_or_reach_x_forwarded_host() {
         Some(format!("localhost:{}", env.https_port).as_str())
     );
 }
+
+#[test]
+fn a_reload_that_removes_a_group_takes_effect_on_the_next_request() {
+    // Masks make every request look up the caller's grants; what was found is reused for a
+    // few seconds, but never past a reload that removes the group access rested on.
+    let env = HttpEnv::start("", "[[resources.masks]]\ndetectors = [\"email\"]\n");
+    let (code, _) = env.json(Some(&env.alice), &[&env.url("/echo")]);
+    assert_eq!(code, 200);
+    let text = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let text = text.replacen(
+        "allow_groups = [\"sre\", \"ci\"]",
+        "allow_groups = [\"ci\"]",
+        1,
+    );
+    std::fs::write(&env.gw.config_path, text).unwrap();
+    unsafe {
+        libc::kill(env.gw.pid() as i32, libc::SIGHUP);
+    }
+    env.events_until("the reload", |evs| {
+        evs.iter()
+            .any(|e| e["kind"] == "config.reload" && e["payload"]["outcome"] == "success")
+    });
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/echo")]);
+    assert_eq!(code, 403, "{v}");
+}
