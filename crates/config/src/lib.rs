@@ -75,6 +75,11 @@ pub struct Server {
     /// Ed25519 private key (PKCS#8 PEM) that signs the caller-identity tokens HTTP resources
     /// with `identity_header` receive; its public key is served at `/.well-known/jwks.json`.
     pub identity_key: Option<PathBuf>,
+    /// The CA (certificate and key, PEM) that signs the client certificates
+    /// `POST /api/v1/certificates` (`tollgate login`) issues: `client_ca` itself or an
+    /// intermediate signed by it. Both or neither.
+    pub issuing_ca_cert: Option<PathBuf>,
+    pub issuing_ca_key: Option<PathBuf>,
     /// How long after its approval a held statement may be rerun without a new review (the
     /// client lost its connection, e.g. across a gateway restart).
     pub review_rerun_window: Duration,
@@ -946,6 +951,8 @@ struct RawServer {
     review_webhook_format: Option<WebhookFormat>,
     console_url: Option<Spanned<String>>,
     identity_key: Option<String>,
+    issuing_ca_cert: Option<Spanned<String>>,
+    issuing_ca_key: Option<Spanned<String>>,
     review_rerun_window: Option<Spanned<String>>,
     alert_webhook: Option<Spanned<String>>,
     alert_webhook_ca: Option<String>,
@@ -1433,6 +1440,8 @@ impl Ctx<'_> {
             review_webhook_ca: s.review_webhook_ca.as_deref().map(|p| self.resolve(p)),
             review_webhook_format: s.review_webhook_format.unwrap_or(WebhookFormat::Json),
             identity_key: s.identity_key.as_deref().map(|p| self.resolve(p)),
+            issuing_ca_cert: s.issuing_ca_cert.as_ref().map(|p| self.resolve(p.get_ref())),
+            issuing_ca_key: s.issuing_ca_key.as_ref().map(|p| self.resolve(p.get_ref())),
             console_url: self
                 .webhook_url("server.console_url", s.console_url)?
                 .map(|u| u.trim_end_matches('/').to_string()),
@@ -1521,6 +1530,30 @@ impl Ctx<'_> {
                     format!("must be shorter than server.retention ({}s): a running gateway's checkpoints are what keeps its open sessions from being pruned", retention.as_secs()),
                 ));
             }
+        }
+        match (&s.issuing_ca_cert, &s.issuing_ca_key) {
+            (Some(v), None) => {
+                return Err(self.invalid(
+                    v.span().start,
+                    "server.issuing_ca_cert",
+                    "needs server.issuing_ca_key too (the issuing CA's certificate and key go together)",
+                ))
+            }
+            (None, Some(v)) => {
+                return Err(self.invalid(
+                    v.span().start,
+                    "server.issuing_ca_key",
+                    "needs server.issuing_ca_cert too (the issuing CA's certificate and key go together)",
+                ))
+            }
+            (Some(v), Some(_)) if server.client_ca.is_none() => {
+                return Err(self.invalid(
+                    v.span().start,
+                    "server.issuing_ca_cert",
+                    "needs server.client_ca: the certificates it issues must chain to the CA the gateway accepts client certificates from",
+                ))
+            }
+            _ => {}
         }
         if server.client_cert == ClientCertPolicy::Required && server.client_ca.is_none() {
             return Err(self.invalid(
@@ -1741,8 +1774,7 @@ impl Ctx<'_> {
                     ));
                 }
             }
-            let hold_wait =
-                self.duration("resources.hold_wait", r.hold_wait, DEFAULT_HOLD_WAIT)?;
+            let hold_wait = self.duration("resources.hold_wait", r.hold_wait, DEFAULT_HOLD_WAIT)?;
             let pinning = match (r.pinning, r.kind) {
                 (None, _) => PinMode::Off,
                 (Some(p), ResourceKind::Mcp) => p.mode,
@@ -1942,6 +1974,41 @@ password_env = "ORDERS_DB_PASSWORD"
 
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/tollgate/tollgate.toml"))
+    }
+
+    #[test]
+    fn issuing_ca_both_or_neither_and_needs_client_ca() {
+        let text = GOOD.replace(
+            "store = \"sqlite://tollgate.db\"",
+            "store = \"sqlite://tollgate.db\"\nissuing_ca_cert = \"pki/issuing.crt\"\nissuing_ca_key = \"pki/issuing.key\"",
+        );
+        let c = p(&text).unwrap();
+        assert_eq!(
+            c.server.issuing_ca_cert,
+            Some(PathBuf::from("/etc/tollgate/pki/issuing.crt"))
+        );
+        assert_eq!(
+            c.server.issuing_ca_key,
+            Some(PathBuf::from("/etc/tollgate/pki/issuing.key"))
+        );
+        let e = p(&text.replace("issuing_ca_key = \"pki/issuing.key\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.issuing_ca_cert") && e.contains("issuing_ca_key") && e.contains(":"),
+            "{e}"
+        );
+        let e = p(&text.replace("issuing_ca_cert = \"pki/issuing.crt\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.issuing_ca_key"), "{e}");
+        let e = p(&text.replace("client_ca = \"pki/ca.crt\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.issuing_ca_cert") && e.contains("client_ca"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
     let s = &config.server;
     l.cert_file(&s.tls_cert, "server.tls_cert", None, "gateway certificate");
     l.key_file(&s.tls_key, "server.tls_key", None);
+    if let Some(k) = &s.issuing_ca_key {
+        l.key_file(k, "server.issuing_ca_key", None);
+    }
     if let Some(k) = &s.identity_key {
         l.key_file(k, "server.identity_key", None);
     }

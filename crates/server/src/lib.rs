@@ -34,6 +34,28 @@ pub struct Bound {
 
 /// Refuse configurations this build cannot enforce: a guardrail or mask that silently does
 /// nothing is worse than an error.
+/// The issuing CA of `POST /api/v1/certificates` (`server.issuing_ca_cert`/`_key`), checked at
+/// start-up: it must be `server.client_ca` or signed by it, or the gateway would refuse the
+/// certificates it issues.
+fn issuing_ca(config: &Config) -> anyhow::Result<Option<Arc<tollgate_tls::pki::IssuingCa>>> {
+    let (Some(cert), Some(key)) = (
+        &config.server.issuing_ca_cert,
+        &config.server.issuing_ca_key,
+    ) else {
+        return Ok(None);
+    };
+    let ca = tollgate_tls::pki::IssuingCa::load(cert, key)
+        .context("loading server.issuing_ca_cert/issuing_ca_key")?;
+    let client_ca = config
+        .server
+        .client_ca
+        .as_ref()
+        .context("server.issuing_ca_cert needs server.client_ca")?;
+    ca.check_chains_to(client_ca)
+        .map_err(|e| anyhow::anyhow!("server.issuing_ca_cert: {e}; use the client CA (tollgate pki init) or an intermediate it signed"))?;
+    Ok(Some(Arc::new(ca)))
+}
+
 pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     for r in &config.resources {
         if !matches!(
@@ -238,6 +260,7 @@ pub async fn run(
         )));
     }
 
+    let issuing = issuing_ca(&config)?;
     // The HTTPS API: client certificates are optional there (a token is the alternative).
     let mut api_tasks = Vec::new();
     let mut api_state = None;
@@ -270,6 +293,7 @@ pub async fn run(
         state.http = Some(http_gw.clone());
         state.limits = listener_limits(&config);
         state.oidc = oidc.clone();
+        state.issuing = issuing.clone();
         let state = Arc::new(state);
         api_state = Some(state.clone());
         api_tasks.push(tokio::spawn(tollgate_api::serve(l, state)));

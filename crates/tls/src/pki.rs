@@ -354,14 +354,17 @@ struct Ca {
 
 impl Ca {
     fn load(dir: &Path) -> Result<Self, PkiError> {
+        Self::load_files(dir, &dir.join("ca.crt"), &dir.join("ca.key"))
+    }
+
+    /// `dir` only names the CA in errors.
+    fn load_files(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
         let bad = |reason: String| PkiError::BadCa {
             dir: dir.to_path_buf(),
             reason,
         };
-        let cert_path = dir.join("ca.crt");
-        let key_path = dir.join("ca.key");
-        let cert_pem = read_string(&cert_path)?;
-        let key_pem = read_string(&key_path)?;
+        let cert_pem = read_string(cert_path)?;
+        let key_pem = read_string(key_path)?;
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| bad(format!("cannot parse {}: {e}", key_path.display())))?;
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
@@ -443,6 +446,156 @@ impl Ca {
         write_replace(&files.cert, pem_encode(&pem).as_bytes(), 0o644)?;
         Ok(files)
     }
+}
+
+/// The CA the gateway issues client certificates with (`server.issuing_ca_cert`/`_key`), for
+/// `POST /api/v1/certificates`: the gateway's client CA itself or an intermediate signed by it.
+pub struct IssuingCa {
+    ca: Ca,
+    cert_der: Vec<u8>,
+    cert_pem: String,
+}
+
+/// A certificate issued from a CSR.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    /// The leaf, PEM.
+    pub pem: String,
+    pub serial_hex: String,
+    pub not_after: SystemTime,
+}
+
+impl IssuingCa {
+    /// Read the CA certificate and its key (a CA certificate whose public key matches the key).
+    pub fn load(cert: &Path, key: &Path) -> Result<IssuingCa, PkiError> {
+        let ca = Ca::load_files(cert, cert, key)?;
+        let pem = read_string(cert)?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+            PkiError::BadCertificate {
+                path: cert.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(IssuingCa {
+            ca,
+            cert_pem: pem_encode(&der),
+            cert_der: der.to_vec(),
+        })
+    }
+
+    /// The issuing CA certificate (PEM): the chain a client presents after its leaf.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.ca.not_after
+    }
+
+    /// Whether certificates issued here chain to the CA bundle `client_ca` (PEM): the issuing
+    /// CA is one of its certificates, or is signed by one. `Err` says why not.
+    pub fn check_chains_to(&self, client_ca: &Path) -> Result<(), String> {
+        let bundle = std::fs::read(client_ca)
+            .map_err(|e| format!("cannot read {}: {e}", client_ca.display()))?;
+        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cannot parse {}: {e}", client_ca.display()))?;
+        let (_, me) = x509_parser::parse_x509_certificate(&self.cert_der)
+            .map_err(|e| format!("cannot parse the issuing CA certificate: {e}"))?;
+        for root in &roots {
+            if root.as_ref() == self.cert_der.as_slice() {
+                return Ok(());
+            }
+            let Ok((_, r)) = x509_parser::parse_x509_certificate(root) else {
+                continue;
+            };
+            if r.subject() == me.issuer() && me.verify_signature(Some(r.public_key())).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "the issuing CA ({}) is neither a certificate of server.client_ca ({}) nor signed by one, so the gateway would refuse the certificates it issues",
+            me.subject(),
+            client_ca.display()
+        ))
+    }
+
+    /// Issue a client certificate (EKU clientAuth, CN = `spec.name`, one OU per group, optional
+    /// SPIFFE URI SAN) for the public key of `csr_pem`, a PKCS#10 request whose self-signature
+    /// is checked; whatever subject or extensions the request asks for are ignored.
+    pub fn issue_for_csr(
+        &self,
+        csr_pem: &str,
+        spec: &ClientCertSpec,
+    ) -> Result<IssuedCert, PkiError> {
+        let bad = |m: String| PkiError::InvalidSpec(m);
+        let der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+                .map_err(|e| bad(format!("the CSR is not a PEM CERTIFICATE REQUEST: {e}")))?;
+        let (_, csr) = <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(der.as_ref())
+            .map_err(|e| bad(format!("the CSR is not a valid PKCS#10 request: {e}")))?;
+        csr.verify_signature().map_err(|_| {
+            bad("the CSR's signature does not verify with its own public key".into())
+        })?;
+        let spki =
+            rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+                .map_err(|e| bad(format!("the CSR's public key is not usable: {e}")))?;
+
+        check_name("client name", &spec.name)?;
+        for group in &spec.groups {
+            check_name("group", group)?;
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.name.as_str());
+        if let Some(uri) = &spec.spiffe {
+            let uri = rcgen::string::Ia5String::try_from(uri.clone())
+                .map_err(|_| PkiError::InvalidSpec(format!("URI {uri:?} is not ASCII")))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let not_after = set_validity(&mut params, spec.not_before, spec.ttl)?;
+        if not_after > self.ca.not_after {
+            return Err(PkiError::InvalidSpec(format!(
+                "certificate would outlive the issuing CA (expires {})",
+                fmt_time(self.ca.not_after)
+            )));
+        }
+        let serial = random_serial()?;
+        let serial_hex = hex::encode(serial.as_ref());
+        params.serial_number = Some(serial);
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&spki, &self.ca.issuer)?;
+        let der = if spec.groups.is_empty() {
+            cert.der().to_vec()
+        } else {
+            resign_with_subject(
+                cert.der(),
+                &subject_der(&spec.groups, &spec.name),
+                self.ca.issuer.key(),
+            )?
+        };
+        Ok(IssuedCert {
+            pem: pem_encode(&CertificateDer::from(der)),
+            serial_hex,
+            not_after,
+        })
+    }
+}
+
+/// A new ECDSA P-256 key (PKCS#8 PEM) and a CSR for it (PEM), for `tollgate login`.
+pub fn key_and_csr(common_name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 /// Summary of one certificate, for `tollgate pki inspect` and expiry checks.
@@ -789,6 +942,7 @@ fn resign_with_subject(cert: &[u8], subject: &[u8], key: &KeyPair) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::CertificateSigningRequestDer;
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
 
@@ -807,6 +961,129 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         (out.status.success(), text)
+    }
+
+    #[test]
+    fn issuing_ca_signs_csrs_with_the_callers_identity_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = init_ca(&tmp.path().join("root"), "root CA").unwrap();
+        // An intermediate signed by the root (openssl), as server.issuing_ca_cert.
+        let dir = tmp.path();
+        let p = |n: &str| dir.join(n).display().to_string();
+        let ext = dir.join("ext.cnf");
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        )
+        .unwrap();
+        for args in [
+            vec![
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &p("int.ec"),
+            ],
+            vec![
+                "pkcs8",
+                "-topk8",
+                "-nocrypt",
+                "-in",
+                &p("int.ec"),
+                "-out",
+                &p("int.key"),
+            ],
+            vec![
+                "req",
+                "-new",
+                "-key",
+                &p("int.key"),
+                "-subj",
+                "/CN=issuing",
+                "-out",
+                &p("int.csr"),
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &p("int.csr"),
+                "-CA",
+                &root.cert.display().to_string(),
+                "-CAkey",
+                &root.key.display().to_string(),
+                "-days",
+                "30",
+                "-extfile",
+                &p("ext.cnf"),
+                "-out",
+                &p("int.crt"),
+            ],
+        ] {
+            let (ok, text) = openssl(&args);
+            assert!(ok, "{text}");
+        }
+        let int = IssuingCa::load(&dir.join("int.crt"), &dir.join("int.key")).unwrap();
+        int.check_chains_to(&root.cert).unwrap();
+        let other = init_ca(&dir.join("other"), "other CA").unwrap();
+        let e = int.check_chains_to(&other.cert).unwrap_err();
+        assert!(e.contains("server.client_ca"), "{e}");
+        let own = IssuingCa::load(&root.cert, &root.key).unwrap();
+        own.check_chains_to(&root.cert).unwrap();
+
+        let (_key, csr) = key_and_csr("root-please").unwrap();
+        let spec = ClientCertSpec {
+            name: "repo:acme/app".into(),
+            spiffe: None,
+            groups: vec!["ci".into(), "deploy".into()],
+            ttl: Duration::from_secs(600),
+            not_before: None,
+        };
+        let issued = int.issue_for_csr(&csr, &spec).unwrap();
+        let leaf = dir.join("leaf.crt");
+        std::fs::write(&leaf, &issued.pem).unwrap();
+        let summary = &inspect(&leaf).unwrap()[0];
+        assert_eq!(summary.common_name.as_deref(), Some("repo:acme/app"));
+        assert_eq!(summary.groups, ["ci", "deploy"]);
+        assert_eq!(summary.serial, issued.serial_hex);
+        // It chains to the root through the intermediate.
+        let ca_der = der_of(&root.cert);
+        let anchors = [webpki::anchor_from_trusted_cert(&ca_der)
+            .unwrap()
+            .to_owned()];
+        let leaf_der = der_of(&leaf);
+        let ee = webpki::EndEntityCert::try_from(&leaf_der).unwrap();
+        ee.verify_for_usage(
+            crate::provider().signature_verification_algorithms.all,
+            &anchors,
+            &[der_of(&dir.join("int.crt"))],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+
+        assert!(int.issue_for_csr("garbage", &spec).is_err());
+        let mut der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let n = der.len();
+        der[n - 3] ^= 1;
+        let tampered = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            ring_b64(&der)
+        );
+        let e = int.issue_for_csr(&tampered, &spec).unwrap_err().to_string();
+        assert!(e.contains("signature"), "{e}");
+    }
+
+    fn ring_b64(der: &[u8]) -> String {
+        let pem = pem_encode(&CertificateDer::from(der.to_vec()));
+        pem.lines().filter(|l| !l.starts_with("-----")).collect()
     }
 
     fn der_of(path: &Path) -> CertificateDer<'static> {

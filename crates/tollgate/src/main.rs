@@ -5,6 +5,7 @@ mod audit_cmd;
 mod check_cmd;
 mod demo;
 mod demo_api;
+mod login_cmd;
 mod reviews_cmd;
 mod sessions_cmd;
 
@@ -74,6 +75,17 @@ enum Cmd {
     /// Just-in-time access: ask for access to a resource for a while, list and revoke grants.
     #[command(subcommand)]
     Access(reviews_cmd::AccessCmd),
+    /// Get a short-lived client certificate for an OIDC workload identity token (CI jobs, agents).
+    ///
+    /// Generates an ECDSA P-256 key locally (written 0600, never sent), sends a CSR with the
+    /// token as `Authorization: Bearer` to POST /api/v1/certificates, and writes
+    /// DIR/<subject>.crt (certificate and chain) and DIR/<subject>.key. The certificate carries
+    /// the token's subject (CN) and groups (OU) and never outlives the token. Use it with psql
+    /// (sslcert/sslkey, PGSSLCERT/PGSSLKEY) or the tollgate CLI (TOLLGATE_CERT/TOLLGATE_KEY).
+    ///
+    /// Not yet: the browser sign-in (authorization code + PKCE) and the device-code flow for
+    /// people; today login needs a token from --id-token-file or --id-token-env.
+    Login(login_cmd::LoginArgs),
 }
 
 #[derive(Subcommand)]
@@ -174,6 +186,7 @@ fn main() -> ExitCode {
         Cmd::Sessions(cmd) => sessions_cmd::run(cmd),
         Cmd::Reviews(cmd) => reviews_cmd::run(cmd),
         Cmd::Access(cmd) => reviews_cmd::run_access(cmd),
+        Cmd::Login(args) => login_cmd::run(args),
         Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),
         Cmd::Audit(AuditCmd::Prune {
             config,

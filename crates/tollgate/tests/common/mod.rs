@@ -12,6 +12,7 @@ use tollgate_testsupport::{ClusterOptions, PgCluster};
 use tollgate_tls::pki::{self, IssuedFiles};
 
 pub mod http_env;
+pub mod idp;
 pub mod upstream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");

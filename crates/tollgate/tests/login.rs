@@ -1,0 +1,418 @@
+//! `tollgate login` for workload identity tokens, against a real OpenID provider (npm
+//! `oidc-provider`, the harness in common/idp.rs): a real access token → the real binary →
+//! a key (0600) and a certificate signed by the gateway's issuing CA → psql with that
+//! certificate reaches a resource allowed to the token's group, as the token's subject. The
+//! certificate never outlives the token; service tokens and client certificates are refused on
+//! `POST /api/v1/certificates` (403), a bad CSR is a 400, a gateway without an issuing CA
+//! answers 503, and one whose issuing CA does not chain to client_ca does not start.
+
+mod common;
+
+use base64::Engine;
+use common::idp::{now, Idp};
+use common::{psql_env, stderr, stdout, Gateway, Pki};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+use tollgate_testsupport::{ClusterOptions, PgCluster};
+
+const SERVICE_TOKEN: &str = "svc-token-for-login-test";
+
+struct Env {
+    idp: Idp,
+    gw: Gateway,
+    gw_ca: PathBuf,
+    pki: Pki,
+    https_port: u16,
+    _pg: PgCluster,
+    tmp: tempfile::TempDir,
+}
+
+fn config(
+    pki: &Pki,
+    gw_cert: &tollgate_tls::pki::IssuedFiles,
+    idp: &Idp,
+    https_port: u16,
+    pg: Option<&PgCluster>,
+    issuing: &str,
+) -> String {
+    let mut c = format!(
+        r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+https_listen = "127.0.0.1:{https_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+client_cert = "optional"
+store = "sqlite://audit.db"
+{issuing}
+
+[[identity.tokens]]
+subject = "ci-bot"
+sha256 = "{svc}"
+groups = ["sre"]
+
+[[identity.oidc]]
+issuer = "{issuer}"
+ca = "{idp_ca}"
+audiences = ["tollgate"]
+max_cert_ttl = "12h"
+"#,
+        cert = gw_cert.cert.display(),
+        key = gw_cert.key.display(),
+        ca = pki.ca.display(),
+        issuer = idp.issuer,
+        idp_ca = idp.ca.display(),
+        svc = common::sha256_hex(SERVICE_TOKEN),
+    );
+    if let Some(pg) = pg {
+        c.push_str(&format!(
+            r#"
+[[resources]]
+name = "app"
+kind = "postgres"
+upstream = "127.0.0.1:{pg_port}"
+database = "{db}"
+allow_groups = ["sre"]
+[resources.tls]
+mode = "verify-full"
+ca = "{pg_ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "app.password"
+"#,
+            pg_port = pg.port,
+            db = pg.database,
+            pg_ca = pg.ca_cert.display(),
+            user = pg.user,
+        ));
+    }
+    c
+}
+
+impl Env {
+    fn start() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-login-")
+            .tempdir()
+            .unwrap();
+        let idp = Idp::start(tmp.path(), tollgate_testsupport::free_port(), "keys1");
+        let pg = PgCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let gw_cert = pki.server("gateway");
+        std::fs::write(tmp.path().join("app.password"), &pg.password).unwrap();
+        let https_port = tollgate_testsupport::free_port();
+        // The gateway's own client CA issues (an intermediate of it would do as well).
+        let issuing = format!(
+            "issuing_ca_cert = \"{}\"\nissuing_ca_key = \"{}\"",
+            pki.ca.display(),
+            pki.dir.join("ca.key").display()
+        );
+        let text = config(&pki, &gw_cert, &idp, https_port, Some(&pg), &issuing);
+        let gw = Gateway::start(tmp.path(), &text, &[]);
+        Env {
+            idp,
+            gw,
+            gw_ca: pki.ca.clone(),
+            pki,
+            https_port,
+            _pg: pg,
+            tmp,
+        }
+    }
+
+    fn gateway(&self) -> String {
+        format!("https://localhost:{}", self.https_port)
+    }
+
+    /// The real `tollgate login` with the token in an environment variable.
+    fn login(&self, token: &str, out_dir: &Path, extra: &[&str]) -> Output {
+        Command::new(common::BIN)
+            .args(["login", "--gateway", &self.gateway(), "--ca"])
+            .arg(&self.gw_ca)
+            .args(["--id-token-env", "CI_ID_TOKEN", "--out-dir"])
+            .arg(out_dir)
+            .args(extra)
+            .env("CI_ID_TOKEN", token)
+            .env_remove("TOLLGATE_GATEWAY")
+            .env_remove("TOLLGATE_CA")
+            .output()
+            .unwrap()
+    }
+
+    /// curl POST /api/v1/certificates: (status, body, headers).
+    fn post(&self, auth: &[&str], body: &str) -> (u16, String, String) {
+        let headers = self.tmp.path().join("curl-headers");
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "-D"])
+            .arg(&headers)
+            .args(["-w", "\n%{http_code}", "--cacert"])
+            .arg(&self.gw_ca)
+            .args(auth)
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .arg(format!("{}/api/v1/certificates", self.gateway()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.trim().parse().unwrap_or(0),
+            format!("{body}{}", stderr(&out)),
+            std::fs::read_to_string(&headers).unwrap_or_default(),
+        )
+    }
+}
+
+fn token_exp(token: &str) -> u64 {
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["exp"].as_u64().unwrap()
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn csr_json() -> String {
+    let (_, csr) = tollgate_tls::pki::key_and_csr("anything").unwrap();
+    serde_json::json!({ "csr": csr }).to_string()
+}
+
+#[test]
+fn a_workload_token_becomes_a_client_certificate_for_psql() {
+    let env = Env::start();
+    let token = env.idp.token("sre-agent", "urn:tollgate");
+    let exp = token_exp(&token);
+    let out_dir = env.tmp.path().join("home/.tollgate");
+
+    let out = env.login(&token, &out_dir, &[]);
+    assert!(out.status.success(), "login failed: {}", stderr(&out));
+    let text = stdout(&out);
+    let crt = out_dir.join("sre-agent.crt");
+    let key = out_dir.join("sre-agent.key");
+    assert!(
+        text.contains("PGSSLCERT=") && text.contains("PGSSLKEY="),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("sslcert={}", crt.display())),
+        "{text}"
+    );
+    assert!(text.contains("export TOLLGATE_CERT="), "{text}");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The certificate: the token's subject and groups, from the gateway's CA, capped by the
+    // token's expiry (the issuer's max_cert_ttl is 12h, the token lives 10 minutes).
+    let certs = tollgate_tls::pki::inspect(&crt).unwrap();
+    assert_eq!(certs.len(), 2, "leaf and chain");
+    let leaf = &certs[0];
+    assert_eq!(leaf.common_name.as_deref(), Some("sre-agent"));
+    assert_eq!(leaf.groups, ["sre"]);
+    assert!(certs[1].is_ca);
+    assert!(
+        unix(leaf.not_after) <= exp,
+        "{} > token exp {exp}",
+        unix(leaf.not_after)
+    );
+    assert!(
+        unix(leaf.not_after) + 120 >= exp,
+        "capped far below the token's exp"
+    );
+
+    // psql with that certificate reaches the resource the token's group may use.
+    let conninfo = format!(
+        "host=localhost port={} dbname=app user=agent sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+        env.gw.pg_port,
+        env.gw_ca.display(),
+        crt.display(),
+        key.display()
+    );
+    let out = psql_env(&conninfo, &["-c", "SELECT 40 + 2"], &[]);
+    assert!(out.status.success(), "psql: {}", stderr(&out));
+    assert_eq!(stdout(&out), "42");
+
+    // A shorter TTL on request; --print-env prints only exports.
+    let out = env.login(&token, &out_dir, &["--ttl", "2m", "--print-env"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines().count() == 4 && text.lines().all(|l| l.starts_with("export ")),
+        "{text}"
+    );
+    let leaf = &tollgate_tls::pki::inspect(&crt).unwrap()[0];
+    assert!(unix(leaf.not_after) <= now() + 125, "--ttl 2m");
+
+    // Service tokens and client certificates get no certificate; bad CSRs and tokens are refused.
+    let (status, body, _) = env.post(
+        &["-H", &format!("Authorization: Bearer {SERVICE_TOKEN}")],
+        &csr_json(),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("OIDC"), "{body}");
+    let alice = env.pki.client("alice", &["sre"]);
+    let (status, body, _) = env.post(
+        &[
+            "--cert",
+            &alice.cert.display().to_string(),
+            "--key",
+            &alice.key.display().to_string(),
+        ],
+        &csr_json(),
+    );
+    assert_eq!(status, 403, "{body}");
+    let bearer = format!("Authorization: Bearer {token}");
+    let (status, body, _) = env.post(
+        &["-H", &bearer],
+        r#"{"csr": "-----BEGIN CERTIFICATE REQUEST-----\nbm90IGEgQ1NS\n-----END CERTIFICATE REQUEST-----\n"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("CSR"), "{body}");
+    let (status, body, _) = env.post(&["-H", &bearer], r#"{"csr": "garbage"}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body, headers) =
+        env.post(&["-H", "Authorization: Bearer not.a.token"], &csr_json());
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        headers.to_ascii_lowercase().contains("www-authenticate"),
+        "{headers}"
+    );
+    // A CSR whose signature does not verify.
+    let (_, good) = tollgate_tls::pki::key_and_csr("x").unwrap();
+    let tampered = tamper(&good);
+    let (status, body, _) = env.post(
+        &["-H", &bearer],
+        &serde_json::json!({ "csr": tampered }).to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+
+    // The audit trail: the session as the token's subject on the issued certificate, and a
+    // cert.issued event per certificate with no trace of the token.
+    let events = common::read_events(&env.tmp.path().join("audit.db"));
+    let open = events
+        .iter()
+        .find(|e| e["kind"] == "session.open" && e["payload"]["auth_method"] == "cert")
+        .unwrap_or_else(|| panic!("no cert session.open in {events:#?}"));
+    assert_eq!(open["payload"]["subject"], "sre-agent");
+    let issued: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "cert.issued")
+        .collect();
+    assert_eq!(issued.len(), 2, "{events:#?}");
+    let first = &issued[0]["payload"];
+    assert_eq!(first["subject"], "sre-agent");
+    assert_eq!(first["groups"], serde_json::json!(["sre"]));
+    assert_eq!(first["token_issuer"], env.idp.issuer.as_str());
+    assert!(first["serial"].as_str().is_some_and(|s| s.len() >= 16));
+    assert!(first["not_after"].as_str().is_some());
+    let all = serde_json::to_string(&events).unwrap();
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!all.contains(signature), "the token is in the audit trail");
+    assert!(!all.contains(SERVICE_TOKEN));
+    assert!(events.iter().any(|e| e["kind"] == "api.write"
+        && e["payload"]["route"] == "/api/v1/certificates"
+        && e["payload"]["status"] == 403));
+}
+
+/// Flip a byte inside the CSR's signature.
+fn tamper(pem: &str) -> String {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let n = der.len();
+    der[n - 5] ^= 0x01;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    format!("-----BEGIN CERTIFICATE REQUEST-----\n{body}\n-----END CERTIFICATE REQUEST-----\n")
+}
+
+#[test]
+fn without_an_issuing_ca_the_route_is_503_and_a_foreign_one_stops_start_up() {
+    let tmp = tempfile::Builder::new()
+        .prefix("tollgate-login-503-")
+        .tempdir()
+        .unwrap();
+    let idp = Idp::start(tmp.path(), tollgate_testsupport::free_port(), "keys1");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let gw_cert = pki.server("gateway");
+    let https_port = tollgate_testsupport::free_port();
+    let gw = Gateway::start(
+        tmp.path(),
+        &config(&pki, &gw_cert, &idp, https_port, None, ""),
+        &[],
+    );
+    let token = idp.token("sre-agent", "urn:tollgate");
+    let out = Command::new(common::BIN)
+        .args([
+            "login",
+            "--gateway",
+            &format!("https://localhost:{https_port}"),
+            "--ca",
+        ])
+        .arg(&pki.ca)
+        .args(["--id-token-env", "CI_ID_TOKEN", "--out-dir"])
+        .arg(tmp.path().join("out"))
+        .env("CI_ID_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("503") && err.contains("server.issuing_ca_cert/key"),
+        "{err}"
+    );
+    drop(gw);
+
+    // An issuing CA from another PKI: the gateway would refuse what it issues, so it does not start.
+    let other = Pki::new(&tmp.path().join("other-pki"));
+    let issuing = format!(
+        "issuing_ca_cert = \"{}\"\nissuing_ca_key = \"{}\"",
+        other.ca.display(),
+        other.dir.join("ca.key").display()
+    );
+    let text = config(&pki, &gw_cert, &idp, https_port, None, &issuing)
+        .replace("{pg_port}", &tollgate_testsupport::free_port().to_string())
+        .replace(
+            "{admin_port}",
+            &tollgate_testsupport::free_port().to_string(),
+        );
+    let path = tmp.path().join("foreign.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(common::BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the gateway started with a foreign issuing CA");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("server.client_ca") && err.contains("issuing"),
+        "{err}"
+    );
+}
