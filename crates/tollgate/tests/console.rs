@@ -733,6 +733,26 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         "{tls}"
     );
     screenshots(&c, "resources").await;
+    // A reloaded config file is what the page shows next.
+    let mut text = std::fs::read_to_string(&s.env.gw.config_path).unwrap();
+    text.push_str(
+        "\n[[resources.rules]]\nname = \"no-truncate\"\nstatements = [\"truncate\"]\naction = \"deny\"\n",
+    );
+    std::fs::write(&s.env.gw.config_path, text).unwrap();
+    let otto_cookie = s.curl_login(OTTO_TOKEN);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, page) = s.page(&otto_cookie, "/resources");
+        assert_eq!(status, 200, "{page}");
+        if page.contains("no-truncate") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reloaded rule never showed: {page}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Not signed in: a page sends the browser to the sign-in form, and back afterwards.
     let (status, head, _) = s.curl(&[&held.link]);
