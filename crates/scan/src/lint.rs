@@ -832,6 +832,20 @@ allow_groups = ["sre", "agents"]
     }
 
     #[test]
+    fn a_readable_issuing_ca_key_fails() {
+        let f = Fixture::new();
+        let c = f.config(
+            "issuing_ca_cert = \"pki/ca.crt\"\nissuing_ca_key = \"pki/ca.key\"",
+            "",
+        );
+        assert!(f.check(&c).is_empty(), "{:?}", kinds(&f.check(&c)));
+        std::fs::set_permissions(f.path("pki/ca.key"), PermissionsExt::from_mode(0o644)).unwrap();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["key_permissions"]);
+        assert_eq!(found[0].key, "server.issuing_ca_key");
+    }
+
+    #[test]
     fn oidc_issuers_name_groups_and_their_ca_is_checked() {
         let f = Fixture::new();
         let rule = "[[resources.rules]]\nstatements = [\"delete\"]\naction = \"review\"\napprovers = [\"dbas\", \"oncall\"]\n";
