@@ -90,11 +90,15 @@ pub(crate) async fn handle(
         })?;
         let issuer = who.principal.oidc_issuer().unwrap_or_default().to_string();
         let now = SystemTime::now();
+        // The config in force (reloads apply): the issuer's max_cert_ttl, 12h when unset.
         let max = state
-            .cert_ttls
-            .get(&issuer)
-            .copied()
-            .flatten()
+            .config
+            .load()
+            .identity
+            .oidc
+            .iter()
+            .find(|o| o.issuer == issuer)
+            .and_then(|o| o.max_cert_ttl)
             .unwrap_or(tollgate_tls::pki::DEFAULT_CLIENT_TTL);
         let requested = match &body.ttl {
             None => max,

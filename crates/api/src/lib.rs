@@ -16,6 +16,9 @@
 //! `/api/v1/reviews/{id}/revoke`, `/api/v1/access`, `/api/v1/grants` and
 //! `/api/v1/grants/{id}/revoke`; the workflow itself is `tollgate-review`.
 //!
+//! `POST /api/v1/certificates` (`cert_routes`, what `tollgate login` calls) issues a short-lived
+//! client certificate to the caller of an OIDC token, signed by `server.issuing_ca_cert`.
+//!
 //! The web console (HTML for reviewers and auditors: `/`, `/reviews`, `/sessions`, `/resources`,
 //! `/login`)
 //! is `console`; it shares the API's authentication, role checks and audit events.
@@ -72,8 +75,6 @@ pub struct ApiState {
     pub console: console::ConsoleSessions,
     /// The CA `POST /api/v1/certificates` issues client certificates with (`None`: 503).
     pub issuing: Option<Arc<tollgate_tls::pki::IssuingCa>>,
-    /// `max_cert_ttl` of each `[[identity.oidc]]` issuer, by issuer URL.
-    pub cert_ttls: std::collections::HashMap<String, Option<Duration>>,
     /// The config in force (the console's read-only `/resources` view); swapped whole when the
     /// config file is reloaded.
     pub config: arc_swap::ArcSwap<Config>,
@@ -119,12 +120,6 @@ impl ApiState {
             limits: tollgate_gate::limits::ConnectionLimits::unlimited(),
             console: Default::default(),
             issuing: None,
-            cert_ttls: config
-                .identity
-                .oidc
-                .iter()
-                .map(|o| (o.issuer.clone(), o.max_cert_ttl))
-                .collect(),
             config: arc_swap::ArcSwap::from_pointee(config.clone()),
             latest_scan: Default::default(),
         }

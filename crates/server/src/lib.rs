@@ -529,6 +529,14 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         ("server.tls_key", o.tls_key != n.tls_key),
         ("server.client_ca", o.client_ca != n.client_ca),
         ("server.store", o.store != n.store),
+        (
+            "server.issuing_ca_cert",
+            o.issuing_ca_cert != n.issuing_ca_cert,
+        ),
+        (
+            "server.issuing_ca_key",
+            o.issuing_ca_key != n.issuing_ca_key,
+        ),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

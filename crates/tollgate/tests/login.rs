@@ -47,6 +47,7 @@ tls_key = "{key}"
 client_ca = "{ca}"
 client_cert = "optional"
 store = "sqlite://audit.db"
+reload_interval = "200ms"
 {issuing}
 
 [[identity.tokens]]
@@ -258,6 +259,34 @@ fn a_workload_token_becomes_a_client_certificate_for_psql() {
     let leaf = &tollgate_tls::pki::inspect(&crt).unwrap()[0];
     assert!(unix(leaf.not_after) <= now() + 125, "--ttl 2m");
 
+    // The issuer's max_cert_ttl caps too (changed by a config reload); the token from a file.
+    let text = std::fs::read_to_string(&env.gw.config_path).unwrap();
+    let staged = env.tmp.path().join("tollgate.toml.new");
+    std::fs::write(
+        &staged,
+        text.replace("max_cert_ttl = \"12h\"", "max_cert_ttl = \"3m\""),
+    )
+    .unwrap();
+    std::fs::rename(&staged, &env.gw.config_path).unwrap();
+    common::wait_for(Duration::from_secs(20), "the reload", || {
+        env.gw.logs().contains("config reloaded")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let token_file = env.tmp.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let out = Command::new(common::BIN)
+        .args(["login", "--gateway", &env.gateway(), "--ca"])
+        .arg(&env.gw_ca)
+        .arg("--id-token-file")
+        .arg(&token_file)
+        .arg("--out-dir")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let leaf = &tollgate_tls::pki::inspect(&crt).unwrap()[0];
+    assert!(unix(leaf.not_after) <= now() + 185, "max_cert_ttl 3m");
+
     // Service tokens and client certificates get no certificate; bad CSRs and tokens are refused.
     let (status, body, _) = env.post(
         &["-H", &format!("Authorization: Bearer {SERVICE_TOKEN}")],
@@ -313,7 +342,7 @@ fn a_workload_token_becomes_a_client_certificate_for_psql() {
         .iter()
         .filter(|e| e["kind"] == "cert.issued")
         .collect();
-    assert_eq!(issued.len(), 2, "{events:#?}");
+    assert_eq!(issued.len(), 3, "{events:#?}");
     let first = &issued[0]["payload"];
     assert_eq!(first["subject"], "sre-agent");
     assert_eq!(first["groups"], serde_json::json!(["sre"]));
