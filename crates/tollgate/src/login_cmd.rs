@@ -153,8 +153,14 @@ pub fn run(args: LoginArgs) -> anyhow::Result<()> {
     );
     println!("  {}\n  {} (0600)\n", crt.display(), key.display());
     println!("PostgreSQL resources (psql or any libpq client):");
-    println!("  PGSSLCERT={crt_s} PGSSLKEY={key_s} psql \"host={host} port=5432 dbname=RESOURCE sslmode=verify-full\"");
-    println!("  psql \"host={host} port=5432 dbname=RESOURCE sslmode=verify-full sslrootcert=GATEWAY-CA sslcert={} sslkey={}\"", crt.display(), key.display());
+    // The CA that verified the API usually signs the PostgreSQL listener's certificate too.
+    let root = args
+        .ca
+        .as_ref()
+        .map_or("GATEWAY-CA.crt".to_string(), |c| c.display().to_string());
+    println!("  PGSSLCERT={crt_s} PGSSLKEY={key_s} PGSSLROOTCERT={} psql \"host={host} port=5432 dbname=RESOURCE user=$USER sslmode=verify-full\"", quote(Path::new(&root)));
+    println!("  psql \"host={host} port=5432 dbname=RESOURCE user=$USER sslmode=verify-full sslrootcert={root} sslcert={} sslkey={}\"", crt.display(), key.display());
+    println!("  (port: the gateway's server.postgres_listen; dbname: the resource's name)");
     println!("tollgate CLI and HTTPS (curl --cert/--key):");
     println!("  export TOLLGATE_CERT={crt_s}");
     println!("  export TOLLGATE_KEY={key_s}");
