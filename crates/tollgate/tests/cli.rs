@@ -502,14 +502,14 @@ fn help_lists_only_working_commands() {
         commands,
         [
             "serve", "demo", "pki", "check", "scan", "audit", "sessions", "reviews", "access",
-            "help"
+            "login", "help"
         ],
         "{help}"
     );
-    // `login` (OIDC) is not built yet, so it is not offered.
-    assert!(!commands.contains(&"login"), "{help}");
+    // `login` takes a workload token; without one it says what it needs (exit 2).
     let out = tollgate(&["login"]);
-    assert_eq!(out.status.code(), Some(2), "`tollgate login` ran");
+    assert_eq!(out.status.code(), Some(2), "`tollgate login` ran without a token");
+    assert!(stderr(&out).contains("--gateway"), "{}", stderr(&out));
 }
 
 /// The demo process; interrupted, then killed, if a test leaves it running.
