@@ -281,10 +281,11 @@ async fn run(
     req: Request<Incoming>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let started = Instant::now();
-    let (name, raw_path) = route(gw, ctx, &req)?;
-    let raw_path = raw_path.to_string();
+    // A malformed head (400) is said before the host is weighed (421).
     check_framing(req.headers())?;
     check_authority(&req)?;
+    let (name, raw_path) = route(gw, ctx, &req)?;
+    let raw_path = raw_path.to_string();
     let who = identify(
         ctx.cert.as_ref(),
         req.headers()
