@@ -508,7 +508,11 @@ fn help_lists_only_working_commands() {
     );
     // `login` takes a workload token; without one it says what it needs (exit 2).
     let out = tollgate(&["login"]);
-    assert_eq!(out.status.code(), Some(2), "`tollgate login` ran without a token");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "`tollgate login` ran without a token"
+    );
     assert!(stderr(&out).contains("--gateway"), "{}", stderr(&out));
 }
 
