@@ -1523,10 +1523,7 @@ impl RelayBody {
 pub(crate) fn reasons_json(s: &tollgate_mask::BodySummary) -> serde_json::Value {
     json!({
         "values": s.masked_values,
-        "by": s.reasons.iter().map(|r| match r {
-            Reason::Detector(d) => d.to_string(),
-            Reason::Column { rule } => format!("mask rule {}", rule + 1),
-        }).collect::<Vec<_>>(),
+        "by": s.reasons.iter().map(Reason::to_string).collect::<Vec<_>>(),
     })
 }
 

@@ -353,6 +353,16 @@ pub enum Reason {
     Column { rule: usize },
 }
 
+/// How audit records name a reason: the detector, or `mask rule N` (1-based, as configured).
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Detector(d) => write!(f, "{d}"),
+            Reason::Column { rule } => write!(f, "mask rule {}", rule + 1),
+        }
+    }
+}
+
 /// The result of masking one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -725,11 +725,7 @@ impl Filter {
     }
 
     fn count(&mut self, column: &str, reason: Reason) {
-        let why = match reason {
-            Reason::Detector(d) => d.to_string(),
-            Reason::Column { rule } => format!("mask rule {}", rule + 1),
-        };
-        self.count_str(column, &why, 1);
+        self.count_str(column, &reason.to_string(), 1);
     }
 
     fn count_str(&mut self, column: &str, why: &str, n: u64) {
