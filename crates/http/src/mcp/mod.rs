@@ -279,6 +279,29 @@ impl Exchange {
         json_answer(status, body)
     }
 
+    /// A request refused for its protocol (malformed, repeated or mismatched headers, an
+    /// unknown version): recorded as denied by rule `protocol`, answered with a JSON-RPC error.
+    async fn refused(
+        &self,
+        status: StatusCode,
+        code: &'static str,
+        rpc_code: i64,
+        msg: &str,
+    ) -> Response<UpstreamBody> {
+        let _ = self
+            .record_request(&Decision::Deny {
+                rule: "protocol".into(),
+                message: msg.to_string(),
+            })
+            .await;
+        self.answered(
+            status,
+            code,
+            msg,
+            &jsonrpc::error_response(None, rpc_code, msg, None),
+        )
+    }
+
     /// `http.request` for the exchange, before anything is forwarded (fail closed).
     async fn record_request(&self, decision: &Decision) -> Result<(), Response<UpstreamBody>> {
         let ev = HttpRequest {
@@ -336,18 +359,14 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
     ] {
         if headers.get_all(name).iter().nth(1).is_some() {
             let msg = format!("the request has more than one {name} header");
-            let _ = x
-                .record_request(&Decision::Deny {
-                    rule: "protocol".into(),
-                    message: msg.clone(),
-                })
+            return x
+                .refused(
+                    StatusCode::BAD_REQUEST,
+                    "header_repeated",
+                    jsonrpc::INVALID_REQUEST,
+                    &msg,
+                )
                 .await;
-            return x.answered(
-                StatusCode::BAD_REQUEST,
-                "header_repeated",
-                &msg,
-                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, &msg, None),
-            );
         }
     }
     // The protocol revision: one tollgate does not understand is never passed on unjudged.
@@ -358,18 +377,14 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
                 "MCP protocol version {v:?} is not supported by this gateway; it relays {}",
                 PROTOCOL_VERSIONS.join(", ")
             );
-            let _ = x
-                .record_request(&Decision::Deny {
-                    rule: "protocol".into(),
-                    message: msg.clone(),
-                })
+            return x
+                .refused(
+                    StatusCode::BAD_REQUEST,
+                    "protocol_version",
+                    jsonrpc::INVALID_REQUEST,
+                    &msg,
+                )
                 .await;
-            return x.answered(
-                StatusCode::BAD_REQUEST,
-                "protocol_version",
-                &msg,
-                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, &msg, None),
-            );
         }
     }
     // The session: only its opener may use it.
@@ -432,18 +447,14 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
         }
         _ => {
             let msg = "an MCP endpoint takes POST (messages), GET (the server's stream) and DELETE (end of session)";
-            let _ = x
-                .record_request(&Decision::Deny {
-                    rule: "protocol".into(),
-                    message: msg.into(),
-                })
+            let mut r = x
+                .refused(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    jsonrpc::INVALID_REQUEST,
+                    msg,
+                )
                 .await;
-            let mut r = x.answered(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                msg,
-                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, msg, None),
-            );
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
             r
@@ -464,22 +475,18 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
     let body = match jsonrpc::parse(&x.body) {
         Ok(b) => b,
         Err(e) => {
-            let _ = x
-                .record_request(&Decision::Deny {
-                    rule: "protocol".into(),
-                    message: e.message.clone(),
-                })
+            return x
+                .refused(
+                    StatusCode::BAD_REQUEST,
+                    if e.code == jsonrpc::PARSE_ERROR {
+                        "parse_error"
+                    } else {
+                        "invalid_request"
+                    },
+                    e.code,
+                    &e.message,
+                )
                 .await;
-            return x.answered(
-                StatusCode::BAD_REQUEST,
-                if e.code == jsonrpc::PARSE_ERROR {
-                    "parse_error"
-                } else {
-                    "invalid_request"
-                },
-                &e.message,
-                &jsonrpc::error_response(None, e.code, &e.message, None),
-            );
         }
     };
     // The `Mcp-Method` header of later revisions must say what the body says.
@@ -487,18 +494,14 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
         let said = String::from_utf8_lossy(m.as_bytes());
         if body.batch || body.messages[0].method != said {
             let msg = "the Mcp-Method header does not match the message's method";
-            let _ = x
-                .record_request(&Decision::Deny {
-                    rule: "protocol".into(),
-                    message: msg.into(),
-                })
+            return x
+                .refused(
+                    StatusCode::BAD_REQUEST,
+                    "header_mismatch",
+                    jsonrpc::INVALID_REQUEST,
+                    msg,
+                )
                 .await;
-            return x.answered(
-                StatusCode::BAD_REQUEST,
-                "header_mismatch",
-                msg,
-                &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, msg, None),
-            );
         }
     }
     let judged: Vec<Judged> = body
