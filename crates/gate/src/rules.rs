@@ -313,16 +313,19 @@ impl Rule {
                 query,
                 headers,
             } => {
+                // An allow rule must hold for every copy of a repeated parameter or header (the
+                // upstream may read any of them); a restrictive rule for any one copy.
+                let strict = self.action == RuleAction::Allow;
                 (self.methods.is_empty() || self.methods.iter().any(|m| m == "*" || m == method))
                     && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
                     && self
                         .query
                         .iter()
-                        .all(|(k, g)| query.iter().any(|(qk, qv)| qk == k && g.matches(qv)))
+                        .all(|(k, g)| values_match(query, k, g, strict))
                     && self
                         .headers
                         .iter()
-                        .all(|(k, g)| headers.iter().any(|(hk, hv)| hk == k && g.matches(hv)))
+                        .all(|(k, g)| values_match(headers, k, g, strict))
             }
             CommandKind::Mcp {
                 method,
@@ -397,6 +400,21 @@ fn argument_text(v: &Value) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether the values named `key` match `glob`: any of them, or with `strict` (allow rules)
+/// all of them, and at least one must be there.
+fn values_match(pairs: &[(String, String)], key: &str, glob: &Glob, strict: bool) -> bool {
+    let mut values = pairs.iter().filter(|(k, _)| k == key).map(|(_, v)| v);
+    if strict {
+        let mut any = false;
+        values.all(|v| {
+            any = true;
+            glob.matches(v)
+        }) && any
+    } else {
+        values.any(|v| glob.matches(v))
+    }
+}
+
 /// Whether `now` (any offset; compared in UTC) falls in a rule's `hours` and `days`.
 pub fn in_window(hours: Option<HourWindow>, days: &[Weekday], now: OffsetDateTime) -> bool {
     let now = now.to_offset(time::UtcOffset::UTC);
@@ -444,6 +462,81 @@ mod tests {
             dry_run: false,
             line: 1,
         }
+    }
+
+    #[test]
+    fn an_allow_rule_holds_for_every_copy_of_a_repeated_parameter_or_header() {
+        let mut allow_dev = mcp_rule(&[], &[], RuleAction::Allow);
+        allow_dev.name = "dev deletes".into();
+        allow_dev.methods = vec!["DELETE".into()];
+        allow_dev.headers = vec![("x-env".into(), "dev".into())];
+        allow_dev.query = vec![("scope".into(), "dev-*".into())];
+        let mut deny = mcp_rule(&[], &[], RuleAction::Deny);
+        deny.name = "no deletes".into();
+        deny.methods = vec!["DELETE".into()];
+        let rules = RuleSet::new(&[allow_dev, deny], Duration::from_secs(1), false);
+        let judge = |query: &[(&str, &str)], headers: &[(&str, &str)]| {
+            let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+                p.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            };
+            let (query, headers) = (pairs(query), pairs(headers));
+            rules
+                .judge(
+                    &Command {
+                        kind: CommandKind::Http {
+                            method: "DELETE",
+                            path: "/x",
+                            query: &query,
+                            headers: &headers,
+                        },
+                    },
+                    Caller {
+                        subject: "a",
+                        groups: &[],
+                    },
+                    OffsetDateTime::now_utc(),
+                )
+                .decision
+        };
+        let dev = [("x-env", "dev")];
+        assert!(judge(&[("scope", "dev-1")], &dev).is_allow());
+        // A second copy the upstream may read instead: the allow rule does not hold.
+        assert!(judge(&[("scope", "dev-1"), ("scope", "prod")], &dev).is_deny());
+        assert!(judge(
+            &[("scope", "dev-1")],
+            &[("x-env", "dev"), ("x-env", "prod")]
+        )
+        .is_deny());
+        assert!(
+            judge(&[], &dev).is_deny(),
+            "a missing parameter cannot satisfy an allow rule"
+        );
+        // A restrictive rule needs one copy.
+        let mut deny_prod = mcp_rule(&[], &[], RuleAction::Deny);
+        deny_prod.headers = vec![("x-session-token".into(), "admin*".into())];
+        let rules = RuleSet::new(&[deny_prod], Duration::from_secs(1), false);
+        let headers = vec![
+            ("x-session-token".to_string(), "user".to_string()),
+            ("x-session-token".to_string(), "admin-1".to_string()),
+        ];
+        let d = rules.judge(
+            &Command {
+                kind: CommandKind::Http {
+                    method: "GET",
+                    path: "/",
+                    query: &[],
+                    headers: &headers,
+                },
+            },
+            Caller {
+                subject: "a",
+                groups: &[],
+            },
+            OffsetDateTime::now_utc(),
+        );
+        assert!(d.decision.is_deny());
     }
 
     #[test]

@@ -362,10 +362,10 @@ async fn run(
             ),
         ));
     }
+    // Every header, as rules see them (what is recorded is redacted separately).
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .filter(|(k, _)| !is_secret_header(k.as_str()))
         .map(|(k, v)| {
             (
                 k.as_str().to_string(),

@@ -1063,3 +1063,49 @@ fn a_reload_that_removes_a_group_takes_effect_on_the_next_request() {
     let (code, v) = env.json(Some(&env.alice), &[&env.url("/echo")]);
     assert_eq!(code, 403, "{v}");
 }
+
+#[test]
+fn header_rules_see_every_header_and_every_copy() {
+    // A rule may name a header whose value the audit trail redacts; an allow rule must hold
+    // for every copy of a repeated header.
+    let env = HttpEnv::start(
+        "",
+        r#"[[resources.rules]]
+name = "no admin sessions"
+headers = { "x-session-token" = "admin*" }
+action = "deny"
+[[resources.rules]]
+name = "dev deletes"
+methods = ["DELETE"]
+headers = { "x-env" = "dev" }
+action = "allow"
+[[resources.rules]]
+name = "no deletes"
+methods = ["DELETE"]
+action = "deny"
+"#,
+    );
+    let (code, v) = env.json(
+        Some(&env.alice),
+        &["-H", "X-Session-Token: admin-77", &env.url("/echo")],
+    );
+    assert_eq!(code, 403, "{v}");
+    assert_eq!(v["rule"], "no admin sessions");
+    let del = |extra: &[&str]| {
+        let mut args = vec!["--http1.1", "-X", "DELETE"];
+        args.extend_from_slice(extra);
+        let url = env.url("/v1/x");
+        args.push(&url);
+        env.json(Some(&env.alice), &args).0
+    };
+    assert_eq!(del(&["-H", "X-Env: dev"]), 200);
+    assert_eq!(del(&["-H", "X-Env: dev", "-H", "X-Env: prod"]), 403);
+    assert_eq!(del(&[]), 403);
+    // The redacted header stays redacted in the record.
+    let evs = env.events_until("the denial", |evs| {
+        evs.iter().any(|e| {
+            e["kind"] == "http.request" && e["payload"]["decision"]["rule"] == "no admin sessions"
+        })
+    });
+    assert!(!serde_json::to_string(&evs).unwrap().contains("admin-77"));
+}
