@@ -567,6 +567,16 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         .click()
         .await
         .unwrap();
+    // The sign-out lands on /login; only then open the link (a navigation started before it
+    // would race the sign-out's own redirect).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.current_url().await.unwrap().path() != "/login" {
+        assert!(
+            Instant::now() < deadline,
+            "the sign-out never reached /login"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.goto(&held.link).await.unwrap();
     sign_in(&c, OTTO_TOKEN).await;
     expect_text(&c, "#status", "pending").await;
