@@ -21,6 +21,9 @@ use crate::routes::{authenticate, json_response, refusal, refused, ApiBody, Refu
 use crate::{ApiState, Conn, KIND_API_WRITE};
 
 pub(crate) const PATH: &str = "/api/v1/certificates";
+/// Public: the issuers people can sign in with (`issuer`, `client_id`), so `tollgate login
+/// --gateway URL` needs nothing else. Nothing secret: the console's sign-in page shows the same.
+pub(crate) const ISSUERS_PATH: &str = "/api/v1/certificates/issuers";
 /// Event kind of an issued client certificate.
 pub const KIND_CERT_ISSUED: &str = "cert.issued";
 /// Allowance for clients whose clock runs behind ours (the certificate starts this early).
@@ -34,6 +37,24 @@ struct CertBody {
     csr: String,
     #[serde(default)]
     ttl: Option<String>,
+}
+
+/// `GET /api/v1/certificates/issuers`: `{"issuers": [{"issuer", "client_id"}]}`.
+pub(crate) fn issuers(state: &ApiState, req: &Request<hyper::body::Incoming>) -> Response<ApiBody> {
+    if req.method() != Method::GET {
+        return refused(&refusal(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not supported on {ISSUERS_PATH}", req.method()),
+            Some("use GET"),
+        ));
+    }
+    let issuers: Vec<serde_json::Value> = state
+        .oidc
+        .sign_in_issuers()
+        .iter()
+        .map(|o| json!({"issuer": o.issuer, "client_id": o.client_id}))
+        .collect();
+    json_response(StatusCode::OK, &json!({ "issuers": issuers }))
 }
 
 pub(crate) async fn handle(

@@ -201,6 +201,9 @@ pub(crate) async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> Response<ApiBody> {
     let path = req.uri().path().to_string();
+    if path == crate::cert_routes::ISSUERS_PATH {
+        return crate::cert_routes::issuers(state, &req);
+    }
     if path == crate::cert_routes::PATH {
         return crate::cert_routes::handle(state, conn, req).await;
     }

@@ -5,12 +5,15 @@
 //! one person with a certificate and a token counts once, and a token subject can never pass
 //! for a certificate user of the same name ([`Principals`], `[[identity.principals]]`).
 //!
-//! OpenID Connect bearer tokens are validated in [`oidc`] (discovery, JWKS, signature, claims).
+//! OpenID Connect bearer tokens are validated in [`oidc`] (discovery, JWKS, signature, claims);
+//! [`oidc_login`] is the relying party's side of people signing in (authorization code + PKCE,
+//! device authorization grant), used by `tollgate login` and the console.
 //!
 //! It trusts its inputs to be already verified where that is the TLS layer's job (the certificate
 //! chain is checked by rustls before we see it); it never decides policy beyond "is a member of".
 
 pub mod oidc;
+pub mod oidc_login;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -252,7 +255,7 @@ impl TokenVerifier {
 }
 
 /// Compare without an early exit, so timing does not reveal how many leading bytes matched.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

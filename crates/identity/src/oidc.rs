@@ -61,6 +61,8 @@ pub enum OidcError {
     WrongAudience,
     #[error("the token names no subject")]
     NoSubject,
+    #[error("the ID token's nonce is not the one this sign-in sent")]
+    NonceMismatch,
 }
 
 impl OidcError {
@@ -79,6 +81,7 @@ impl OidcError {
             OidcError::IssuedInFuture => "issued_in_future",
             OidcError::WrongAudience => "wrong_audience",
             OidcError::NoSubject => "no_subject",
+            OidcError::NonceMismatch => "nonce_mismatch",
         }
     }
 }
@@ -190,6 +193,131 @@ impl OidcVerifiers {
         }
         result
     }
+}
+
+impl OidcVerifiers {
+    /// The settings of a configured issuer (the console's sign-in links and its token exchange).
+    pub fn issuer_config(&self, issuer: &str) -> Option<Oidc> {
+        self.issuers
+            .load()
+            .iter()
+            .find(|i| i.config.issuer == issuer)
+            .map(|i| i.config.clone())
+    }
+
+    /// Every configured issuer that has a `client_id` (people can sign in with it).
+    pub fn sign_in_issuers(&self) -> Vec<Oidc> {
+        self.issuers
+            .load()
+            .iter()
+            .filter(|i| i.config.client_id.is_some())
+            .map(|i| i.config.clone())
+            .collect()
+    }
+
+    /// The TLS trust of a configured issuer, for the sign-in's own requests to it.
+    pub fn issuer_tls(&self, issuer: &str) -> Option<Arc<rustls::ClientConfig>> {
+        self.issuers
+            .load()
+            .iter()
+            .find(|i| i.config.issuer == issuer)
+            .map(|i| i.tls.clone())
+    }
+
+    /// An ID token of an interactive sign-in: [`OidcVerifiers::verify`], and its `nonce` must
+    /// be the one the sign-in sent (a token injected from another sign-in is refused).
+    pub async fn verify_id_token(&self, token: &str, nonce: &str) -> Result<Identity, OidcError> {
+        let who = self.verify(token).await?;
+        let sent = Jwt::parse(token)?
+            .claims
+            .get("nonce")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_default();
+        if sent.is_empty() || !crate::ct_eq(sent.as_bytes(), nonce.as_bytes()) {
+            tracing::info!(reason = "nonce_mismatch", "OIDC ID token refused");
+            return Err(OidcError::NonceMismatch);
+        }
+        Ok(who)
+    }
+}
+
+/// What `tollgate scan` learns about a configured issuer over verified TLS.
+#[derive(Debug, Clone, Default)]
+pub struct IssuerFacts {
+    /// Why discovery or the JWKS could not be fetched (TLS verified with the issuer's `ca` or
+    /// the system roots); `None` when both were.
+    pub error: Option<String>,
+    /// `id_token_signing_alg_values_supported` of the discovery document.
+    pub advertised_algorithms: Vec<String>,
+    /// Signature keys in the JWKS that tollgate can use.
+    pub usable_keys: usize,
+    /// The configured `algorithms` some published key can verify.
+    pub algorithms_with_keys: Vec<String>,
+    /// `code_challenge_methods_supported` lists S256.
+    pub pkce_s256: bool,
+    pub device_flow: bool,
+}
+
+/// Discovery, then the JWKS, of `config`'s issuer, as the gateway fetches them.
+pub async fn inspect_issuer(config: &Oidc) -> IssuerFacts {
+    let issuer = match Issuer::new(config) {
+        Ok(i) => i,
+        Err(e) => {
+            return IssuerFacts {
+                error: Some(e),
+                ..Default::default()
+            }
+        }
+    };
+    let provider =
+        match crate::oidc_login::Provider::discover(&config.issuer, issuer.tls.clone()).await {
+            Ok(p) => p,
+            Err(e) => {
+                return IssuerFacts {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                }
+            }
+        };
+    let doc = &provider.document;
+    let strings = |k: &str| -> Vec<String> {
+        doc.get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut facts = IssuerFacts {
+        error: None,
+        advertised_algorithms: strings("id_token_signing_alg_values_supported"),
+        pkce_s256: strings("code_challenge_methods_supported")
+            .iter()
+            .any(|m| m == "S256"),
+        device_flow: provider.device_authorization_endpoint.is_some(),
+        ..Default::default()
+    };
+    let mut fetch = FetchState {
+        jwks_uri: Some(provider.jwks_uri.clone()),
+        ..Default::default()
+    };
+    match issuer.fetch_keys(&mut fetch).await {
+        Ok(keys) => {
+            facts.usable_keys = keys.len();
+            facts.algorithms_with_keys = config
+                .algorithms
+                .iter()
+                .filter(|a| keys.iter().any(|k| k.fits(a)))
+                .cloned()
+                .collect();
+        }
+        Err(e) => facts.error = Some(format!("JWKS {}: {e}", provider.jwks_uri)),
+    }
+    facts
 }
 
 /// A JWS compact token split and decoded, not yet verified.
@@ -512,12 +640,13 @@ fn check(config: &Oidc, jwt: &Jwt, keys: &[Jwk], now: SystemTime) -> Result<Iden
     if c.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
         return Err(OidcError::UnknownIssuer);
     }
+    // The ID tokens of an interactive sign-in (`tollgate login`, the console) are for the
+    // issuer's `client_id`: that audience is tollgate's own too.
+    let ours =
+        |a: &str| config.audiences.iter().any(|w| w == a) || config.client_id.as_deref() == Some(a);
     let audience_ok = match c.get("aud") {
-        Some(Value::String(a)) => config.audiences.contains(a),
-        Some(Value::Array(v)) => v
-            .iter()
-            .filter_map(Value::as_str)
-            .any(|a| config.audiences.iter().any(|w| w == a)),
+        Some(Value::String(a)) => ours(a),
+        Some(Value::Array(v)) => v.iter().filter_map(Value::as_str).any(ours),
         _ => false,
     };
     if !audience_ok {
@@ -597,7 +726,10 @@ fn claim_at<'a>(claims: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(claims, |v, k| v.get(k))
 }
 
-fn client_config(bundle: &Path, what: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn client_config(
+    bundle: &Path,
+    what: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = tollgate_tls::load_certs(bundle).map_err(|e| format!("{what}: {e}"))?;
     let (added, _) = roots.add_parsable_certificates(certs);
@@ -618,16 +750,34 @@ fn client_config(bundle: &Path, what: &str) -> Result<Arc<rustls::ClientConfig>,
 
 /// GET an https:// URL and parse its 200 answer as JSON, within [`FETCH_TIMEOUT`].
 async fn get_json(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Value, String> {
-    match tokio::time::timeout(FETCH_TIMEOUT, get_json_inner(url, tls)).await {
-        Ok(r) => r.map_err(|e| format!("GET {url}: {e}")),
+    match fetch_json(url, tls, None).await? {
+        (200, v) => Ok(v),
+        (status, _) => Err(format!("GET {url}: the server answered {status}")),
+    }
+}
+
+/// GET (or, with `form`, POST `application/x-www-form-urlencoded`) an https:// URL within
+/// [`FETCH_TIMEOUT`]: the answer's status and its body as JSON (`Null` when it is not JSON).
+pub(crate) async fn fetch_json(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    form: Option<&str>,
+) -> Result<(u16, Value), String> {
+    let verb = if form.is_some() { "POST" } else { "GET" };
+    match tokio::time::timeout(FETCH_TIMEOUT, fetch_json_inner(url, tls, form)).await {
+        Ok(r) => r.map_err(|e| format!("{verb} {url}: {e}")),
         Err(_) => Err(format!(
-            "GET {url}: timed out after {}s",
+            "{verb} {url}: timed out after {}s",
             FETCH_TIMEOUT.as_secs()
         )),
     }
 }
 
-async fn get_json_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Value, String> {
+async fn fetch_json_inner(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    form: Option<&str>,
+) -> Result<(u16, Value), String> {
     use http_body_util::BodyExt;
     let u = tollgate_webhook::WebhookUrl::parse(url)?;
     if !u.tls {
@@ -651,23 +801,39 @@ async fn get_json_inner(url: &str, tls: &Arc<rustls::ClientConfig>) -> Result<Va
     } else {
         format!("{}:{}", u.host, u.port)
     };
-    let req = hyper::Request::get(u.path.as_str())
+    let builder = hyper::Request::builder()
+        .uri(u.path.as_str())
         .header(hyper::header::HOST, host)
         .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::USER_AGENT, "tollgate")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .header(hyper::header::USER_AGENT, "tollgate");
+    let req = match form {
+        None => builder
+            .method(hyper::Method::GET)
+            .body(http_body_util::Full::new(bytes::Bytes::new())),
+        Some(f) => builder
+            .method(hyper::Method::POST)
+            .header(
+                hyper::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+                f.as_bytes(),
+            ))),
+    }
+    .map_err(|e| e.to_string())?;
     let result = async {
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        if resp.status() != hyper::StatusCode::OK {
-            return Err(format!("the server answered {}", resp.status()));
-        }
+        let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_DOCUMENT)
             .collect()
             .await
             .map_err(|e| format!("reading the body: {e}"))?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+        match serde_json::from_slice(&body) {
+            Ok(v) => Ok((status, v)),
+            Err(_) if status != 200 => Ok((status, Value::Null)),
+            Err(e) => Err(format!("not JSON: {e}")),
+        }
     }
     .await;
     conn.abort();

@@ -5,14 +5,16 @@
 //! fail-open audit, injected secrets that will not load), the live scan of every PostgreSQL and
 //! HTTP upstream ([`scan`]: TLS handshake, chain, hostname, expiry, accepted protocol versions,
 //! plaintext downgrade path or an `http://` upstream, PostgreSQL sessions that bypass the
-//! gateway), the pure TLS probe builders it uses ([`probe`]), and delivering findings to a
-//! webhook ([`alert`]).
+//! gateway), the `[[identity.oidc]]` issuers ([`scan_issuers`]: discovery and JWKS over
+//! verified TLS, usable keys, algorithms), the pure TLS probe builders it uses ([`probe`]), and
+//! delivering findings to a webhook ([`alert`]).
 //!
 //! Must not: change any upstream state (the scan only reads `pg_stat_activity` and sends HTTP
 //! `HEAD /`), send a password or injected credential to an upstream, or decide anything for
 //! the gateway — it reports, the operator acts.
 
 pub mod alert;
+mod issuers;
 mod lint;
 pub mod probe;
 mod scan;
@@ -20,6 +22,7 @@ mod scan;
 use serde::Serialize;
 use std::fmt;
 
+pub use issuers::{scan_issuers, IssuerReport};
 pub use lint::{check, CheckOptions};
 pub use scan::{scan, scan_resource, GatewaySource, ResourceReport, ScanOptions};
 

@@ -8,6 +8,9 @@ use std::path::Path;
 use std::time::SystemTime;
 use tollgate_config::{AuditFailure, Config, SecretSource, TlsMode};
 
+/// Longer than this, a certificate from `tollgate login` outlives a working day.
+const MAX_SENSIBLE_CERT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// What `check` measures against.
 #[derive(Clone, Debug)]
 pub struct CheckOptions {
@@ -126,6 +129,26 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
         known.extend(o.group_map.values().map(String::as_str));
         if let Some(ca) = &o.ca {
             l.cert_file(ca, "identity.oidc.ca", None, "OIDC issuer CA certificate");
+        }
+        if o.client_id.is_some() && s.issuing_ca_cert.is_none() {
+            l.push(Finding::new(
+                "oidc_login_without_issuing_ca",
+                Severity::Low,
+                None,
+                "server.issuing_ca_cert",
+                format!("{} has a client_id for people's sign-in, but the gateway has no issuing CA: the console sign-in works, `tollgate login` gets no certificate (503)", o.issuer),
+                "set server.issuing_ca_cert and issuing_ca_key (an intermediate of your client CA will do), or remove client_id",
+            ));
+        }
+        if o.max_cert_ttl.is_some_and(|t| t > MAX_SENSIBLE_CERT_TTL) {
+            l.push(Finding::new(
+                "oidc_long_cert_ttl",
+                Severity::Medium,
+                None,
+                "identity.oidc.max_cert_ttl",
+                format!("{}: certificates from `tollgate login` may live longer than a day; a lost laptop keeps access that long", o.issuer),
+                "keep max_cert_ttl at a working day (12h) or less",
+            ));
         }
     }
     for r in &config.resources {
@@ -843,6 +866,19 @@ allow_groups = ["sre", "agents"]
         let found = f.check(&c);
         assert_eq!(kinds(&found), ["key_permissions"]);
         assert_eq!(found[0].key, "server.issuing_ca_key");
+    }
+
+    #[test]
+    fn oidc_sign_in_needs_an_issuing_ca_and_short_certificates() {
+        let f = Fixture::new();
+        let found = f.check(&f.config(
+            "\n[[identity.oidc]]\nissuer = \"https://idp.example\"\nclient_id = \"tollgate\"\naudiences = [\"tollgate\"]\nmax_cert_ttl = \"7d\"\n",
+            "",
+        ));
+        assert_eq!(
+            kinds(&found),
+            ["oidc_login_without_issuing_ca", "oidc_long_cert_ttl"]
+        );
     }
 
     #[test]

@@ -72,12 +72,18 @@ pub fn scan(config: &Path, min_days: u64, json: bool) -> ExitCode {
         Err(e) => return could_not_run(e),
     };
     let reports = rt.block_on(tollgate_scan::scan(&config, &opts));
-    let findings: Vec<&Finding> = reports.iter().flat_map(|r| &r.findings).collect();
+    let issuers = rt.block_on(tollgate_scan::scan_issuers(&config));
+    let findings: Vec<&Finding> = reports
+        .iter()
+        .flat_map(|r| &r.findings)
+        .chain(issuers.iter().flat_map(|i| &i.findings))
+        .collect();
     if json {
         let doc = serde_json::json!({
             "config": config.path.display().to_string(),
             "ok": findings.is_empty(),
             "resources": reports,
+            "issuers": issuers,
             "findings": findings,
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
@@ -85,8 +91,19 @@ pub fn scan(config: &Path, min_days: u64, json: bool) -> ExitCode {
         for r in &reports {
             print_report(r);
         }
+        for i in &issuers {
+            print_issuer(i);
+        }
         if findings.is_empty() {
-            println!("ok: {} resource(s) scanned, no findings", reports.len());
+            if issuers.is_empty() {
+                println!("ok: {} resource(s) scanned, no findings", reports.len());
+            } else {
+                println!(
+                    "ok: {} resource(s) and {} OIDC issuer(s) scanned, no findings",
+                    reports.len(),
+                    issuers.len()
+                );
+            }
         } else {
             eprintln!("{} finding(s)", findings.len());
         }
@@ -95,6 +112,31 @@ pub fn scan(config: &Path, min_days: u64, json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+fn print_issuer(i: &tollgate_scan::IssuerReport) {
+    println!("issuer {}", i.issuer);
+    if i.reachable {
+        println!(
+            "  keys:      {} usable, for {}; IdP signs ID tokens with {}; PKCE S256 {}, device flow {}",
+            i.usable_keys,
+            if i.algorithms_with_keys.is_empty() {
+                "none of the configured algorithms".to_string()
+            } else {
+                i.algorithms_with_keys.join(", ")
+            },
+            if i.advertised_algorithms.is_empty() {
+                "(not advertised)".to_string()
+            } else {
+                i.advertised_algorithms.join(", ")
+            },
+            if i.pkce_s256 { "yes" } else { "no" },
+            if i.device_flow { "yes" } else { "no" },
+        );
+    }
+    for f in &i.findings {
+        println!("  {f}");
     }
 }
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tollgate_testsupport::{ClusterOptions, PgCluster};
 use tollgate_tls::pki;
 
@@ -332,6 +332,7 @@ password_file = "secrets/shop.password"
             user = c.user,
         );
     }
+    let demo_oidc = DemoOidc::from_env()?;
     let config_text = format!(
         r#"# Written by `tollgate demo`. Paths are relative to this file.
 [server]
@@ -345,7 +346,7 @@ client_ca = "pki/ca.crt"
 client_crl = ["pki/ca.crl"]
 client_cert = "optional"
 store = "sqlite://audit.db"
-
+{issuing}
 [roles]
 admin_groups = ["sre"]
 auditor_groups = ["sre"]
@@ -359,7 +360,11 @@ groups = ["ci"]
 subject = "reviewer"
 sha256 = "{reviewer_sha}"
 groups = ["sre"]
-{resources}"#
+{oidc_table}{resources}"#,
+        issuing = demo_oidc.as_ref().map_or("", |_| {
+            "issuing_ca_cert = \"pki/ca.crt\"\nissuing_ca_key = \"pki/ca.key\"\n"
+        }),
+        oidc_table = demo_oidc.as_ref().map(DemoOidc::table).unwrap_or_default(),
     );
     let config_path = dir.join("tollgate.toml");
     fs::write(&config_path, config_text)?;
@@ -462,6 +467,19 @@ groups = ["sre"]
             }
         }
         println!();
+        match &demo_oidc {
+            Some(o) => {
+                println!("# people sign in with {} (the console's /login has a \"Sign in with\" button;", o.issuer);
+                println!("# register https://localhost:{https_port}/auth/oidc/callback and http://127.0.0.1/callback, any port, for client {}):", o.client_id);
+                println!("tollgate login --gateway https://localhost:{https_port} --ca {}{}          # browser sign-in, then a 12h-at-most certificate", ca.display(), o.idp_ca_arg());
+                println!("tollgate login --gateway https://localhost:{https_port} --ca {}{} --device # from a terminal without a browser", ca.display(), o.idp_ca_arg());
+            }
+            None => {
+                println!("# people can sign in with your OpenID provider (console button, tollgate login): start the demo with");
+                println!("#   TOLLGATE_DEMO_OIDC_ISSUER=https://idp.example TOLLGATE_DEMO_OIDC_CLIENT_ID=tollgate [TOLLGATE_DEMO_OIDC_CA=idp-ca.crt] tollgate demo");
+            }
+        }
+        println!();
         println!("# health, readiness and metrics:");
         println!("curl -s http://127.0.0.1:{admin}/readyz; curl -s http://127.0.0.1:{admin}/metrics | grep tollgate_");
         println!();
@@ -479,4 +497,61 @@ groups = ["sre"]
     drop(cluster);
     println!("demo stopped; files are kept in {}", rel(&dir).display());
     result
+}
+
+/// An OpenID provider for the demo's people (`TOLLGATE_DEMO_OIDC_ISSUER`, `..._CLIENT_ID`,
+/// optional `..._CA` and `..._GROUPS_CLAIM`): the console's sign-in button and `tollgate login`.
+struct DemoOidc {
+    issuer: String,
+    client_id: String,
+    ca: Option<PathBuf>,
+    groups_claim: Option<String>,
+}
+
+impl DemoOidc {
+    fn from_env() -> anyhow::Result<Option<DemoOidc>> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let Some(issuer) = var("TOLLGATE_DEMO_OIDC_ISSUER") else {
+            return Ok(None);
+        };
+        let client_id = var("TOLLGATE_DEMO_OIDC_CLIENT_ID").context(
+            "TOLLGATE_DEMO_OIDC_ISSUER is set: set TOLLGATE_DEMO_OIDC_CLIENT_ID to the public client registered for tollgate too",
+        )?;
+        let ca = var("TOLLGATE_DEMO_OIDC_CA")
+            .map(|p| {
+                std::fs::canonicalize(&p).with_context(|| format!("TOLLGATE_DEMO_OIDC_CA {p}"))
+            })
+            .transpose()?;
+        Ok(Some(DemoOidc {
+            issuer,
+            client_id,
+            ca,
+            groups_claim: var("TOLLGATE_DEMO_OIDC_GROUPS_CLAIM"),
+        }))
+    }
+
+    fn table(&self) -> String {
+        // A JSON string is a TOML basic string (same escapes).
+        let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let mut t = format!(
+            "\n[[identity.oidc]]                    # people sign in here (console, tollgate login)\nissuer = {}\nclient_id = {}\naudiences = [{}]\n",
+            q(&self.issuer),
+            q(&self.client_id),
+            q(&self.client_id)
+        );
+        if let Some(ca) = &self.ca {
+            t.push_str(&format!("ca = {}\n", q(&ca.display().to_string())));
+        }
+        if let Some(g) = &self.groups_claim {
+            t.push_str(&format!("groups_claim = {}\n", q(g)));
+        }
+        t
+    }
+
+    fn idp_ca_arg(&self) -> String {
+        self.ca
+            .as_ref()
+            .map(|c| format!(" --idp-ca {}", c.display()))
+            .unwrap_or_default()
+    }
 }

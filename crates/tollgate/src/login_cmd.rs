@@ -1,7 +1,10 @@
-//! `tollgate login`: a workload identity token (CI, Kubernetes, any OIDC issuer the gateway
-//! trusts) becomes a short-lived client certificate. The key is generated here and never
-//! leaves the machine; the gateway signs a CSR for it (`POST /api/v1/certificates`) with the
-//! subject and groups of the token, for at most the token's own remaining validity.
+//! `tollgate login`: an OIDC sign-in becomes a short-lived client certificate. The token comes
+//! from a person signing in in a browser (authorization code + PKCE, redirected to a loopback
+//! listener on 127.0.0.1), from the device authorization grant (`--device`, for a terminal
+//! without a browser), or from a workload (`--id-token-file`/`--id-token-env`: CI, Kubernetes).
+//! The key is generated here and never leaves the machine; the gateway signs a CSR for it
+//! (`POST /api/v1/certificates`) with the subject and groups of the token, for at most the
+//! token's own remaining validity.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -10,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use tollgate_api::client::{ApiClient, ClientError, ClientOptions};
+
+mod flow;
 
 #[derive(Args)]
 pub struct LoginArgs {
@@ -20,15 +25,32 @@ pub struct LoginArgs {
     #[arg(long, env = "TOLLGATE_CA")]
     ca: Option<PathBuf>,
     /// File holding the OIDC token (ID or access token; e.g. a Kubernetes projected token).
-    #[arg(
-        long,
-        conflicts_with = "id_token_env",
-        required_unless_present = "id_token_env"
-    )]
+    #[arg(long, conflicts_with_all = ["id_token_env", "device"])]
     id_token_file: Option<PathBuf>,
     /// Environment variable holding the OIDC token (e.g. one a CI job fetched).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "device")]
     id_token_env: Option<String>,
+    /// Sign in with the device authorization grant: prints a URL and a code to enter on any
+    /// device with a browser, and waits (for terminals without a browser: SSH, agents).
+    #[arg(long)]
+    device: bool,
+    /// The issuer to sign in with (default: the gateway's only one; see its
+    /// GET /api/v1/certificates/issuers).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// The OAuth client to sign in as (default: the issuer's client_id in the gateway's config).
+    #[arg(long)]
+    client_id: Option<String>,
+    /// CA certificate the identity provider's TLS certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long, env = "TOLLGATE_IDP_CA")]
+    idp_ca: Option<PathBuf>,
+    /// Scopes to ask the identity provider for.
+    #[arg(long, default_value = tollgate_identity::oidc_login::DEFAULT_SCOPE)]
+    scope: String,
+    /// Print the sign-in URL only; do not try to open a browser.
+    #[arg(long)]
+    no_browser: bool,
     /// Certificate lifetime to ask for, e.g. 1h (capped by the issuer's max_cert_ttl and the
     /// token's expiry).
     #[arg(long)]
@@ -79,7 +101,7 @@ pub fn run(args: LoginArgs) -> anyhow::Result<()> {
             .with_context(|| format!("reading --id-token-file {}", f.display()))?,
         (None, Some(var)) => std::env::var(var)
             .with_context(|| format!("--id-token-env {var}: the variable is not set"))?,
-        (None, None) => bail!("pass --id-token-file FILE or --id-token-env VAR"),
+        (None, None) => flow::sign_in(&args)?,
     };
     let token = token.trim().to_string();
     if token.is_empty() {

@@ -6,9 +6,13 @@
 //! refused (curl); pages carry the security headers; views and decisions are audit events.
 //! The auditor reads the resources page (rules, masks; approvers may not).
 //! Screenshots of the main pages at 1280 and 390 px go to `target/console-screenshots/`.
+//! With an OpenID provider (npm `oidc-provider`): a reviewer signs in through the provider's
+//! own login and consent pages in the browser and approves; a declined consent, an answer
+//! with another state and a callback without its pre-login cookie each get a page that says so.
 
 mod common;
 
+use common::idp::{Browsed, Consent, Idp};
 use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
@@ -46,7 +50,11 @@ struct Setup {
 }
 
 fn start() -> Setup {
-    let https = tollgate_testsupport::free_port();
+    start_with(tollgate_testsupport::free_port(), "")
+}
+
+/// [`start`] on `https`, with `extra` appended to the config (e.g. an `[[identity.oidc]]`).
+fn start_with(https: u16, extra: &str) -> Setup {
     let env = Env::start_with(EnvOptions {
         cluster: ClusterOptions {
             init_sql: vec![
@@ -72,7 +80,7 @@ groups = ["sre"]
 subject = "otto"
 sha256 = "{otto}"
 groups = ["audit"]
-"#,
+{extra}"#,
             rita = sha256_hex(RITA_TOKEN),
             otto = sha256_hex(OTTO_TOKEN),
         ),
@@ -902,4 +910,202 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
         !events.iter().any(|e| e.to_string().contains(RITA_TOKEN)),
         "a token never reaches the audit trail"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewer_signs_in_with_the_identity_provider_and_approves() {
+    let https = tollgate_testsupport::free_port();
+    let idp_dir = tempfile::tempdir().unwrap();
+    let mut idp = Idp::new(idp_dir.path(), tollgate_testsupport::free_port(), "keys");
+    idp.redirect_uris = vec![format!("https://localhost:{https}/auth/oidc/callback")];
+    idp.up();
+    let s = start_with(
+        https,
+        &format!(
+            "\n[[identity.oidc]]\nissuer = \"{}\"\nca = \"{}\"\nclient_id = \"tollgate-login\"\naudiences = [\"tollgate\"]\n",
+            idp.issuer,
+            idp.ca.display()
+        ),
+    );
+    let (_driver, c) = browser().await;
+
+    // bob's DELETE is held; the link leads to /login, which offers the provider.
+    let held = s.hold("DELETE FROM items WHERE id = 4");
+    let id = review_id(&held.link);
+    c.goto(&held.link).await.unwrap();
+    let button = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("a.oidc-sign-in"))
+        .await
+        .expect("a sign-in button for the provider");
+    let label = button.text().await.unwrap();
+    assert_eq!(label, format!("Sign in with localhost:{}", idp.port));
+    screenshots(&c, "login-oidc").await;
+    button.click().await.unwrap();
+
+    // The provider's own login form: alice (group sre at the provider), then its consent page.
+    let login = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("input[name=login]"))
+        .await
+        .expect("the provider's login form");
+    assert!(c
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .starts_with(&idp.issuer));
+    login.send_keys("alice").await.unwrap();
+    c.find(Locator::Css("input[name=password]"))
+        .await
+        .unwrap()
+        .send_keys("any")
+        .await
+        .unwrap();
+    c.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let consent = c
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::XPath(
+            "//form[input[@name='prompt' and @value='consent']]//button",
+        ))
+        .await
+        .expect("the provider's consent page");
+    consent.click().await.unwrap();
+
+    // Back on the review the link named, signed in as alice with the token's groups.
+    expect_text(&c, "#status", "pending").await;
+    assert_eq!(
+        c.current_url().await.unwrap().path(),
+        format!("/reviews/{id}")
+    );
+    assert!(text_of(&c, ".who").await.contains("alice"));
+    c.find(Locator::Css("#approve-reason"))
+        .await
+        .unwrap()
+        .send_keys("alice via the IdP")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#approve"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    expect_text(&c, "#status", "approved").await;
+    expect_text(&c, "#decided-by", "alice").await;
+    let out = held.child.wait_with_output().unwrap();
+    let err = held.stderr.join().unwrap();
+    assert!(out.status.success(), "{err}");
+    assert!(stdout(&out).contains("DELETE 1"), "{}", stdout(&out));
+
+    // The session cookie the callback set: Secure, HttpOnly, SameSite=Lax, host-only.
+    let cookies = c.get_all_cookies().await.unwrap();
+    let session = cookies
+        .iter()
+        .find(|k| k.name() == "__Host-tollgate_console")
+        .expect("a console session cookie");
+    assert_eq!(session.secure(), Some(true));
+    assert_eq!(session.http_only(), Some(true));
+    assert_eq!(format!("{:?}", session.same_site()), "Some(Lax)");
+    assert!(
+        cookies.iter().all(|k| k.name() != "__Host-tollgate_oidc"),
+        "the pre-login cookie is cleared"
+    );
+
+    // Errors, with curl as the browser: a declined consent ...
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("cas.pem");
+    std::fs::write(
+        &bundle,
+        [&idp.ca, &s.env.pki.ca]
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .concat(),
+    )
+    .unwrap();
+    let start = format!("{}/auth/oidc/start?next=/reviews", s.origin());
+    let jar = tmp.path().join("declined");
+    let Browsed::Left(back) = idp.browse_trusting(&start, "alice", Consent::Decline, &jar, &bundle)
+    else {
+        panic!("the provider did not redirect back");
+    };
+    assert!(
+        back.starts_with(&format!("{}/auth/oidc/callback?", s.origin())),
+        "{back}"
+    );
+    let with_jar = |jar: &Path, url: &str| s.curl(&["-b", &jar.display().to_string(), url]);
+    let (status, head, body) = with_jar(&jar, &back);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("The sign-in was declined at the identity provider"),
+        "{body}"
+    );
+    assert!(body.contains("/login"), "{body}");
+    assert!(!head.contains("__Host-tollgate_console="), "{head}");
+    // ... an answer whose state is not this browser's sign-in's ...
+    let jar = tmp.path().join("state");
+    let Browsed::Left(back) = idp.browse_trusting(&start, "alice", Consent::Approve, &jar, &bundle)
+    else {
+        panic!("the provider did not redirect back");
+    };
+    let forged = back.replace("state=", "state=x");
+    let (status, head, body) = with_jar(&jar, &forged);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("does not belong to the sign-in this browser started"),
+        "{body}"
+    );
+    assert!(!head.contains("__Host-tollgate_console="), "{head}");
+    // ... and the genuine answer after that: the pending sign-in was used up.
+    let (status, _, body) = with_jar(&jar, &back);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("expired, was already used, or was started in another browser"),
+        "{body}"
+    );
+    // A code replayed into another browser (no pre-login cookie) is refused the same way.
+    let (status, _, body) = s.curl(&[&back]);
+    assert_eq!(status, 400, "{body}");
+
+    // The sign-ins are audit events, with who and the outcome (never the code or token).
+    let is_callback = |e: &&Value| e["payload"]["route"] == "/auth/oidc/callback";
+    let events = s.env.events_until("five sign-in callbacks", |evs| {
+        evs.iter().filter(is_callback).count() >= 5
+    });
+    let callbacks: Vec<&Value> = events.iter().filter(is_callback).collect();
+    let outcomes: Vec<&str> = callbacks
+        .iter()
+        .filter_map(|e| e["payload"]["outcome"].as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "signed_in",
+            "refused_by_provider",
+            "state_mismatch",
+            "no_pending_sign_in",
+            "no_pending_sign_in"
+        ],
+        "{callbacks:#?}"
+    );
+    assert_eq!(callbacks[0]["payload"]["subject"], "alice");
+    let code = query_of(&back, "code");
+    assert!(!serde_json::to_string(&events).unwrap().contains(&code));
+}
+
+fn query_of(url: &str, name: &str) -> String {
+    url.split_once('?')
+        .unwrap()
+        .1
+        .split('&')
+        .find_map(|p| p.strip_prefix(&format!("{name}=")))
+        .unwrap()
+        .to_string()
 }

@@ -5,11 +5,18 @@
 //! certificate never outlives the token; service tokens and client certificates are refused on
 //! `POST /api/v1/certificates` (403), a bad CSR is a 400, a gateway without an issuing CA
 //! answers 503, and one whose issuing CA does not chain to client_ca does not start.
+//!
+//! People sign in through the provider's own login and consent pages (driven over HTTP by
+//! `Idp::browse`): in the browser flow (authorization code + PKCE to the CLI's loopback
+//! listener) and in the device flow (the CLI prints a URL and code and polls). Both end with a
+//! certificate for the person's subject and groups that psql uses; declining consent, a
+//! forged redirect to the listener and an expired device code each end the login with a
+//! clear error.
 
 mod common;
 
 use base64::Engine;
-use common::idp::{now, Idp};
+use common::idp::{now, Browsed, Consent, Idp};
 use common::{psql_env, stderr, stdout, Gateway, Pki};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -58,6 +65,7 @@ groups = ["sre"]
 [[identity.oidc]]
 issuer = "{issuer}"
 ca = "{idp_ca}"
+client_id = "tollgate-login"
 audiences = ["tollgate"]
 max_cert_ttl = "12h"
 "#,
@@ -444,4 +452,261 @@ fn without_an_issuing_ca_the_route_is_503_and_a_foreign_one_stops_start_up() {
         err.contains("server.client_ca") && err.contains("issuing"),
         "{err}"
     );
+}
+
+/// The real `tollgate login` for a person, started: its stderr lines come through `lines`.
+struct Interactive {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Vec<String>,
+}
+
+impl Interactive {
+    fn start(env: &Env, out_dir: &Path, extra: &[&str]) -> Interactive {
+        use std::io::BufRead;
+        let mut child = Command::new(common::BIN)
+            .args(["login", "--gateway", &env.gateway(), "--ca"])
+            .arg(&env.gw_ca)
+            .arg("--idp-ca")
+            .arg(&env.idp.ca)
+            .arg("--out-dir")
+            .arg(out_dir)
+            .args(extra)
+            .env_remove("TOLLGATE_GATEWAY")
+            .env_remove("TOLLGATE_CA")
+            .env_remove("TOLLGATE_IDP_CA")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Interactive {
+            child,
+            lines,
+            stderr: Vec::new(),
+        }
+    }
+
+    /// The first URL on a stderr line that contains `marker`.
+    fn url_after(&mut self, marker: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("login printed no {marker:?}: {:?}", self.stderr));
+            self.stderr.push(line.clone());
+            if line.contains(marker) {
+                let at = line.find("https://").expect("a URL");
+                return line[at..]
+                    .split(|c: char| c.is_whitespace() || c == ')')
+                    .next()
+                    .unwrap()
+                    .to_string();
+            }
+        }
+    }
+
+    /// Exit status, stdout and all of stderr.
+    fn finish(mut self) -> (bool, String, String) {
+        use std::io::Read;
+        let status = self.child.wait().unwrap();
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.stderr.push(l);
+        }
+        (status.success(), out, self.stderr.join("\n"))
+    }
+}
+
+/// GET a URL on the CLI's loopback listener, as the browser does after the provider's redirect.
+fn follow(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "20", "-w", "\n%{http_code}", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn query_value(url: &str, name: &str) -> String {
+    let query = url.split_once('?').unwrap().1;
+    let pair = query
+        .split('&')
+        .find(|p| p.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} in {url}"));
+    let raw = &pair[name.len() + 1..];
+    tollgate_api::params::decode(raw).unwrap()
+}
+
+/// psql with the certificate `tollgate login` wrote for `subject`: `SELECT current_user`-like
+/// proof that the resource is reachable.
+fn psql_with(env: &Env, out_dir: &Path, subject: &str) -> Output {
+    let conninfo = format!(
+        "host=localhost port={} dbname=app user=person sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+        env.gw.pg_port,
+        env.gw_ca.display(),
+        out_dir.join(format!("{subject}.crt")).display(),
+        out_dir.join(format!("{subject}.key")).display(),
+    );
+    psql_env(&conninfo, &["-c", "SELECT 6 * 7"], &[])
+}
+
+#[test]
+fn people_sign_in_with_the_browser_or_a_device_code() {
+    let env = Env::start();
+    let jar = |n: &str| env.tmp.path().join(format!("cookies-{n}"));
+
+    // A device code that expires (3 s at the provider) before anyone enters it: the CLI stops.
+    let short_dir = env.tmp.path().join("short");
+    let mut short = Interactive::start(
+        &env,
+        &short_dir,
+        &[
+            "--device",
+            "--issuer",
+            &env.idp.issuer,
+            "--client-id",
+            "tollgate-short",
+        ],
+    );
+    short.url_after("enter the code");
+
+    // Browser flow: the CLI prints the authorization URL (PKCE S256, state, nonce, loopback
+    // redirect on a random port); alice signs in at the provider and approves.
+    let dir = env.tmp.path().join("alice");
+    let mut cli = Interactive::start(&env, &dir, &["--no-browser"]);
+    let url = cli.url_after("/auth?");
+    assert_eq!(query_value(&url, "code_challenge_method"), "S256");
+    assert_eq!(query_value(&url, "client_id"), "tollgate-login");
+    assert_eq!(query_value(&url, "code_challenge").len(), 43);
+    let redirect = query_value(&url, "redirect_uri");
+    assert!(
+        redirect.starts_with("http://127.0.0.1:") && redirect.ends_with("/callback"),
+        "{redirect}"
+    );
+    let state = query_value(&url, "state");
+    assert!(state.len() >= 43 && !query_value(&url, "nonce").is_empty());
+    // The listener answers only its own path.
+    let port_path = redirect.trim_start_matches("http://127.0.0.1:");
+    let port = port_path.split('/').next().unwrap();
+    assert_eq!(
+        follow(&format!("http://127.0.0.1:{port}/favicon.ico")).0,
+        404
+    );
+    let Browsed::Left(back) = env
+        .idp
+        .browse(&url, "alice", Consent::Approve, &jar("alice"))
+    else {
+        panic!("the provider did not redirect back");
+    };
+    assert!(back.starts_with(&format!("{redirect}?code=")), "{back}");
+    assert_eq!(query_value(&back, "state"), state);
+    let (status, page) = follow(&back);
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Signed in"), "{page}");
+    let (ok, out, err) = cli.finish();
+    assert!(ok, "login failed:\n{err}\n{out}");
+    assert!(out.contains("certificate for alice (groups: sre)"), "{out}");
+    let leaf = &tollgate_tls::pki::inspect(&dir.join("alice.crt")).unwrap()[0];
+    assert_eq!(leaf.common_name.as_deref(), Some("alice"));
+    assert_eq!(leaf.groups, ["sre"]);
+    let out = psql_with(&env, &dir, "alice");
+    assert!(out.status.success(), "psql: {}", stderr(&out));
+    assert_eq!(stdout(&out), "42");
+
+    // A redirect to the listener with another state (a forged or stale one) ends the login.
+    let mut cli = Interactive::start(&env, &env.tmp.path().join("forged"), &["--no-browser"]);
+    let url = cli.url_after("/auth?");
+    let redirect = query_value(&url, "redirect_uri");
+    let (status, _) = follow(&format!("{redirect}?code=stolen&state=not-this-one"));
+    assert_eq!(status, 400);
+    let (ok, _, err) = cli.finish();
+    assert!(!ok && err.contains("another state"), "{err}");
+
+    // Declining at the provider's consent page: access_denied comes back, the login says so.
+    let mut cli = Interactive::start(&env, &env.tmp.path().join("declined"), &["--no-browser"]);
+    let url = cli.url_after("/auth?");
+    let Browsed::Left(back) = env
+        .idp
+        .browse(&url, "alice", Consent::Decline, &jar("declined"))
+    else {
+        panic!("the provider did not redirect back");
+    };
+    assert_eq!(query_value(&back, "error"), "access_denied");
+    assert_eq!(follow(&back).0, 400);
+    let (ok, out, err) = cli.finish();
+    assert!(
+        !ok && err.contains("did not sign you in (access_denied"),
+        "{err}"
+    );
+    assert!(!out.contains("certificate for"), "{out}");
+
+    // Device flow: the CLI prints the verification URI and the code; dave (group dev) enters it
+    // on the provider's device page, signs in and approves; the CLI, polling, gets the token.
+    let dir = env.tmp.path().join("dave");
+    let mut cli = Interactive::start(&env, &dir, &["--device"]);
+    let plain = cli.url_after("enter the code");
+    assert_eq!(plain, format!("{}/device", env.idp.issuer));
+    let complete = cli.url_after("(or open");
+    let Browsed::Page(done) = env
+        .idp
+        .browse(&complete, "dave", Consent::Approve, &jar("dave"))
+    else {
+        panic!("the device flow redirected away");
+    };
+    assert!(done.contains("successful"), "{done}");
+    let (ok, out, err) = cli.finish();
+    assert!(ok, "device login failed:\n{err}\n{out}");
+    assert!(out.contains("certificate for dave (groups: dev)"), "{out}");
+    // dev may not use the resource (allow_groups = sre): groups from the token decide.
+    let out = psql_with(&env, &dir, "dave");
+    assert!(!out.status.success(), "dev reached an sre resource");
+    // The provider answered the first poll slow_down: the next came at least 1 + 5 s later.
+    let log = std::fs::read_to_string(&env.idp.log).unwrap();
+    let gaps: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("device-poll 2 "))
+        .filter_map(|g| g.trim().parse().ok())
+        .collect();
+    assert!(
+        !gaps.is_empty() && gaps.iter().all(|g| *g >= 5_900),
+        "{log}"
+    );
+
+    // Declining the device sign-in: the CLI stops polling with the provider's refusal.
+    let mut cli = Interactive::start(&env, &env.tmp.path().join("nodevice"), &["--device"]);
+    let complete = cli.url_after("(or open");
+    env.idp
+        .browse(&complete, "alice", Consent::Decline, &jar("nodevice"));
+    let (ok, _, err) = cli.finish();
+    assert!(
+        !ok && err.contains("refused at the identity provider"),
+        "{err}"
+    );
+
+    let (ok, _, err) = short.finish();
+    assert!(!ok && err.contains("the code expired"), "{err}");
+    assert!(!short_dir.exists(), "nothing written for a failed login");
+
+    // Each person's certificate is a cert.issued event; no token or code in the audit trail.
+    let events = common::read_events(&env.tmp.path().join("audit.db"));
+    let issued: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "cert.issued")
+        .filter_map(|e| e["payload"]["subject"].as_str())
+        .collect();
+    assert_eq!(issued, ["alice", "dave"], "{events:#?}");
 }

@@ -487,3 +487,76 @@ fn an_idp_down_at_start_up_delays_nothing() {
         }
     }
 }
+
+/// `tollgate scan` fetches each issuer's discovery document and JWKS over verified TLS, as the
+/// gateway does: a healthy issuer passes (keys, PKCE S256, device flow reported), an issuer
+/// whose TLS does not verify with the configured CA and one with no key for the configured
+/// algorithms are findings (exit 1).
+#[test]
+fn scan_reaches_issuers_over_verified_tls_and_checks_their_keys() {
+    let tmp = tempfile::Builder::new()
+        .prefix("tollgate-oidc-scan-")
+        .tempdir()
+        .unwrap();
+    let idp = Idp::start(tmp.path(), tollgate_testsupport::free_port(), "keys1");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let gw = pki.server("gateway");
+    let scan = |name: &str, ca: &std::path::Path, extra: &str| -> (bool, serde_json::Value) {
+        let path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\npostgres_listen = \"127.0.0.1:{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nstore = \"sqlite://{name}.db\"\n\n[[identity.oidc]]\nissuer = \"{}\"\nca = \"{}\"\nclient_id = \"tollgate-login\"\naudiences = [\"tollgate\"]\n{extra}",
+                tollgate_testsupport::free_port(),
+                gw.cert.display(),
+                gw.key.display(),
+                idp.issuer,
+                ca.display(),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(common::BIN)
+            .args(["scan", "--json", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let doc = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", stdout(&out), stderr(&out)));
+        (out.status.success(), doc)
+    };
+    let kinds = |doc: &serde_json::Value| -> Vec<String> {
+        doc["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let (ok, doc) = scan("good", &idp.ca, "");
+    assert!(ok, "{doc:#}");
+    let issuer = &doc["issuers"][0];
+    assert_eq!(issuer["issuer"], idp.issuer.as_str());
+    assert_eq!(issuer["reachable"], true);
+    assert_eq!(issuer["usable_keys"], 1);
+    assert_eq!(issuer["algorithms_with_keys"], serde_json::json!(["RS256"]));
+    assert_eq!(issuer["pkce_s256"], true);
+    assert_eq!(issuer["device_flow"], true);
+
+    // The IdP's certificate does not chain to the configured CA: never fetched unverified.
+    let (ok, doc) = scan("wrong-ca", &pki.ca, "");
+    assert!(!ok);
+    assert_eq!(kinds(&doc), ["oidc_issuer_unreachable"], "{doc:#}");
+    assert!(
+        doc["findings"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TLS"),
+        "{doc:#}"
+    );
+
+    // Only ES256 accepted, but the IdP signs with an RSA key: no token could validate.
+    let (ok, doc) = scan("es256", &idp.ca, "algorithms = [\"ES256\"]\n");
+    assert!(!ok);
+    assert_eq!(kinds(&doc), ["oidc_no_key_for_algorithms"], "{doc:#}");
+}

@@ -45,6 +45,8 @@ pub(crate) struct Entry {
 #[derive(Default)]
 pub struct ConsoleSessions {
     map: Mutex<HashMap<String, Entry>>,
+    /// OIDC sign-ins sent to the provider and not back yet.
+    pub(crate) sign_ins: super::oidc::PendingSignIns,
 }
 
 impl ConsoleSessions {

@@ -13,6 +13,8 @@
 //!   periodic scan found.
 //! - `GET|POST /login` (a token, checked once with `tollgate_gate::identify`), `POST /logout`;
 //!   a client certificate signs in without a form. Static `/console/console.css|js`.
+//! - `GET /auth/oidc/start` and `GET /auth/oidc/callback`: sign-in with an `[[identity.oidc]]`
+//!   issuer that has a `client_id` (authorization code + PKCE; [`oidc`]).
 //!
 //! Authorization is the API's: the review workflow's own checks (`Reviews::decide`), and the
 //! auditor/admin roles for sessions. Every POST must carry the console session's CSRF token
@@ -20,6 +22,7 @@
 //! `api.read` / `api.write` event, as in the API (with `"console": true`).
 
 mod auth;
+mod oidc;
 mod pages;
 
 pub use auth::ConsoleSessions;
@@ -55,6 +58,8 @@ enum Page {
     Js,
     Login,
     Logout,
+    OidcStart,
+    OidcCallback,
     Reviews,
     Review(String),
     Decide {
@@ -83,6 +88,8 @@ impl Page {
             ["console", "console.js"] => Page::Js,
             ["login"] => Page::Login,
             ["logout"] => Page::Logout,
+            ["auth", "oidc", "start"] => Page::OidcStart,
+            ["auth", "oidc", "callback"] => Page::OidcCallback,
             ["reviews"] => Page::Reviews,
             ["reviews", i] => Page::Review(id(i)?),
             ["reviews", i, "approve"] => Page::Decide {
@@ -117,6 +124,8 @@ impl Page {
             Page::Css | Page::Js => "/console/*",
             Page::Login => "/login",
             Page::Logout => "/logout",
+            Page::OidcStart => "/auth/oidc/start",
+            Page::OidcCallback => oidc::CALLBACK_PATH,
             Page::Reviews => "/reviews",
             Page::Review(_) => "/reviews/{id}",
             Page::Decide { approve: true, .. } => "/reviews/{id}/approve",
@@ -152,6 +161,7 @@ pub(crate) fn is_console_path(path: &str) -> bool {
             "/sessions",
             "/login",
             "/logout",
+            "/auth",
             "/console",
             "/access",
             "/grants",
@@ -324,9 +334,11 @@ pub(crate) async fn handle(
                 .into_iter()
                 .find(|(k, _)| k == "next")
                 .map(|(_, v)| v);
-            return login_form(StatusCode::OK, next.as_deref(), None);
+            return login_form(state, StatusCode::OK, next.as_deref(), None);
         }
         (Page::Login, _) => return login(state, conn, req).await,
+        (Page::OidcStart, _) => return oidc::start(state, &req).await,
+        (Page::OidcCallback, _) => return oidc::callback(state, conn, &req).await,
         _ => {}
     }
 
@@ -430,9 +442,23 @@ fn asset(content_type: &'static str, text: &'static str) -> Response<ApiBody> {
     resp
 }
 
-fn login_form(status: StatusCode, next: Option<&str>, error: Option<&str>) -> Response<ApiBody> {
+fn login_form(
+    state: &ApiState,
+    status: StatusCode,
+    next: Option<&str>,
+    error: Option<&str>,
+) -> Response<ApiBody> {
     let csrf = auth::random_hex();
-    let mut a = html(status, pages::login(&csrf, &auth::local_next(next), error));
+    let issuers: Vec<String> = state
+        .oidc
+        .sign_in_issuers()
+        .into_iter()
+        .map(|o| o.issuer)
+        .collect();
+    let mut a = html(
+        status,
+        pages::login(&csrf, &auth::local_next(next), &issuers, error),
+    );
     add_cookie(
         &mut a.resp,
         &auth::set_cookie(LOGIN_COOKIE, &csrf, auth::LOGIN_TTL),
@@ -489,6 +515,7 @@ async fn login(
                 StatusCode::UNAUTHORIZED,
                 None,
                 login_form(
+                    state,
                     StatusCode::UNAUTHORIZED,
                     next,
                     Some("That token is not valid here."),

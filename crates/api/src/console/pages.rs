@@ -79,7 +79,7 @@ pub(crate) fn message(
     )
 }
 
-pub(crate) fn login(csrf: &str, next: &str, error: Option<&str>) -> Markup {
+pub(crate) fn login(csrf: &str, next: &str, issuers: &[String], error: Option<&str>) -> Markup {
     layout(
         "Sign in",
         None,
@@ -87,11 +87,18 @@ pub(crate) fn login(csrf: &str, next: &str, error: Option<&str>) -> Markup {
         html! {
             section.card.narrow {
                 h1 { "Sign in to tollgate" }
+                @if let Some(e) = error { p.error #login-error { (e) } }
+                @for issuer in issuers {
+                    p {
+                        a.button.oidc-sign-in
+                            href={ "/auth/oidc/start?issuer=" (encode(issuer)) "&next=" (encode(next)) }
+                        { "Sign in with " (issuer_name(issuer)) }
+                    }
+                }
                 p.hint {
                     "A client certificate issued by the gateway's CA signs you in directly. "
                     "Otherwise paste a service token (or an OIDC token of a configured issuer); it is checked once and not stored in the browser."
                 }
-                @if let Some(e) = error { p.error #login-error { (e) } }
                 form method="post" action="/login" autocomplete="off" {
                     input type="hidden" name="csrf" value=(csrf);
                     input type="hidden" name="next" value=(next);
@@ -99,6 +106,31 @@ pub(crate) fn login(csrf: &str, next: &str, error: Option<&str>) -> Markup {
                     input #token type="password" name="token" required autofocus;
                     button #sign-in type="submit" { "Sign in" }
                 }
+            }
+        },
+    )
+}
+
+/// An issuer as people know it: its host (and path, if any).
+fn issuer_name(issuer: &str) -> &str {
+    issuer
+        .strip_prefix("https://")
+        .unwrap_or(issuer)
+        .trim_end_matches('/')
+}
+
+/// A console sign-in that did not complete: what happened and how to start again.
+pub(crate) fn sign_in_failed(text: &str, hint: &str) -> Markup {
+    layout(
+        "Sign-in failed",
+        None,
+        None,
+        html! {
+            section.card.narrow {
+                h1 { "Sign-in failed" }
+                p.error #sign-in-error { (text) }
+                p.hint { (hint) }
+                p { a.button href="/login" { "Sign in again" } }
             }
         },
     )

@@ -1,0 +1,336 @@
+//! Console sign-in with an OpenID provider (authorization code + PKCE S256).
+//!
+//! `GET /auth/oidc/start?issuer=&next=` (the "Sign in with …" links of `/login`) makes a fresh
+//! `state`, `nonce` and PKCE verifier, keeps them in memory under a random id that only this
+//! browser's short-lived `__Host-tollgate_oidc` cookie carries, and sends the browser to the
+//! provider. `GET /auth/oidc/callback` takes that pending sign-in (once), checks `state`,
+//! redeems the code with the verifier, validates the ID token as every OIDC token is
+//! (signature, issuer, audience, expiry) plus its `nonce`, and opens the usual console session
+//! (bound to the token, which is verified again on every request; groups come from it). A
+//! refusal at the provider, a foreign or expired sign-in and an unaccepted token each get a
+//! page that says what happened and how to start again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+use tollgate_identity::oidc_login::{AuthorizationRequest, Provider, DEFAULT_SCOPE};
+use tollgate_identity::Identity;
+
+use super::auth::{self, Credential, COOKIE_NAME};
+use super::{add_cookie, html, pages, redirect, secure};
+use crate::params;
+use crate::routes::{api_event, ApiBody};
+use crate::{ApiState, Conn, KIND_API_WRITE};
+
+/// The pre-login cookie: which pending sign-in this browser started.
+pub(crate) const OIDC_COOKIE: &str = "__Host-tollgate_oidc";
+/// A sign-in must come back from the provider within this long.
+const PENDING_TTL: Duration = Duration::from_secs(600);
+/// Pending sign-ins held at once; past it new ones are refused until some expire.
+const MAX_PENDING: usize = 10_000;
+pub(crate) const CALLBACK_PATH: &str = "/auth/oidc/callback";
+
+/// A sign-in sent to the provider, waiting for its redirect back.
+struct Pending {
+    provider: Provider,
+    request: AuthorizationRequest,
+    next: String,
+    expires: Instant,
+}
+
+/// Pending sign-ins of this process (in memory, like console sessions).
+#[derive(Default)]
+pub struct PendingSignIns {
+    map: Mutex<HashMap<String, Pending>>,
+}
+
+impl PendingSignIns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, pending: Pending) -> Option<String> {
+        let mut map = self.lock();
+        if map.len() >= MAX_PENDING {
+            let now = Instant::now();
+            map.retain(|_, p| p.expires > now);
+            if map.len() >= MAX_PENDING {
+                return None;
+            }
+        }
+        let id = auth::random_hex();
+        map.insert(id.clone(), pending);
+        Some(id)
+    }
+
+    /// The pending sign-in `id`, removed: each is used once.
+    fn take(&self, id: &str) -> Option<Pending> {
+        self.lock()
+            .remove(id)
+            .filter(|p| p.expires > Instant::now())
+    }
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    params::parse_query(query)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// A sign-in failure page; the pre-login cookie is cleared with it.
+fn failed(status: StatusCode, text: &str, hint: &str) -> Response<ApiBody> {
+    let mut a = html(status, pages::sign_in_failed(text, hint));
+    add_cookie(
+        &mut a.resp,
+        &auth::set_cookie(OIDC_COOKIE, "", Duration::ZERO),
+    );
+    secure(&mut a.resp);
+    a.resp
+}
+
+/// `GET /auth/oidc/start`: off to the provider.
+pub(super) async fn start(
+    state: &ApiState,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<ApiBody> {
+    let query = req.uri().query().unwrap_or("");
+    let next = auth::local_next(query_param(query, "next").as_deref());
+    let issuers = state.oidc.sign_in_issuers();
+    let chosen = match query_param(query, "issuer") {
+        Some(i) => issuers.into_iter().find(|o| o.issuer == i),
+        None if issuers.len() == 1 => issuers.into_iter().next(),
+        None => None,
+    };
+    let Some(config) = chosen else {
+        return failed(
+            StatusCode::NOT_FOUND,
+            "This gateway offers no sign-in with that identity provider.",
+            "choose one of the sign-in buttons at /login",
+        );
+    };
+    let client_id = config.client_id.clone().unwrap_or_default();
+    let redirect_uri = match &state.config.load().server.console_url {
+        Some(u) => format!("{}{CALLBACK_PATH}", u.trim_end_matches('/')),
+        None => {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_default();
+            format!("https://{authority}{CALLBACK_PATH}")
+        }
+    };
+    let Some(tls) = state.oidc.issuer_tls(&config.issuer) else {
+        return failed(
+            StatusCode::NOT_FOUND,
+            "This gateway offers no sign-in with that identity provider.",
+            "choose one of the sign-in buttons at /login",
+        );
+    };
+    let provider = match Provider::discover(&config.issuer, tls).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(issuer = %config.issuer, error = %e, "console sign-in: the identity provider's discovery failed");
+            return failed(
+                StatusCode::BAD_GATEWAY,
+                "The identity provider cannot be reached right now.",
+                "try again in a moment; the gateway's log says why",
+            );
+        }
+    };
+    let request = AuthorizationRequest::new(&client_id, &redirect_uri, DEFAULT_SCOPE);
+    let url = provider.authorization_url(&request);
+    let Some(id) = state.console.sign_ins.insert(Pending {
+        provider,
+        request,
+        next,
+        expires: Instant::now() + PENDING_TTL,
+    }) else {
+        return failed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many sign-ins are under way right now.",
+            "retry in a few minutes",
+        );
+    };
+    let mut a = redirect(&url);
+    add_cookie(
+        &mut a.resp,
+        &auth::set_cookie(OIDC_COOKIE, &id, PENDING_TTL),
+    );
+    secure(&mut a.resp);
+    a.resp
+}
+
+/// `GET /auth/oidc/callback`: back from the provider. Every outcome is an `api.write` event.
+pub(super) async fn callback(
+    state: &ApiState,
+    conn: &Conn,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<ApiBody> {
+    let query = req.uri().query().unwrap_or("");
+    let pending =
+        auth::cookie(req.headers(), OIDC_COOKIE).and_then(|id| state.console.sign_ins.take(&id));
+    let issuer = pending.as_ref().map(|p| p.provider.issuer.clone());
+    let (status, who, reason, resp) = finish(state, query, pending).await;
+    let event = api_event(
+        state,
+        conn,
+        who.as_ref(),
+        KIND_API_WRITE,
+        CALLBACK_PATH,
+        ("", &[]),
+        status,
+        json!({"console": true, "route": CALLBACK_PATH, "method": "GET", "issuer": issuer, "outcome": reason}),
+    );
+    if status == StatusCode::SEE_OTHER {
+        state.recorder.record(event);
+    } else {
+        state.record_refused(conn, status, event);
+    }
+    resp
+}
+
+/// The callback's outcome: status, who signed in, a short reason for the audit event, and the
+/// answer.
+async fn finish(
+    state: &ApiState,
+    query: &str,
+    pending: Option<Pending>,
+) -> (
+    StatusCode,
+    Option<Identity>,
+    &'static str,
+    Response<ApiBody>,
+) {
+    let again = "start again at /login";
+    let Some(pending) = pending else {
+        return (
+            StatusCode::BAD_REQUEST,
+            None,
+            "no_pending_sign_in",
+            failed(
+                StatusCode::BAD_REQUEST,
+                "This sign-in has expired, was already used, or was started in another browser.",
+                again,
+            ),
+        );
+    };
+    let state_ok = query_param(query, "state")
+        .is_some_and(|s| tollgate_identity::ct_eq(s.as_bytes(), pending.request.state.as_bytes()));
+    if !state_ok {
+        return (
+            StatusCode::BAD_REQUEST,
+            None,
+            "state_mismatch",
+            failed(
+                StatusCode::BAD_REQUEST,
+                "The identity provider's answer does not belong to the sign-in this browser started.",
+                again,
+            ),
+        );
+    }
+    if let Some(error) = query_param(query, "error") {
+        let description = query_param(query, "error_description")
+            .map(|d| format!(" ({})", d.chars().take(200).collect::<String>()))
+            .unwrap_or_default();
+        let (status, text) = if error == "access_denied" {
+            (
+                StatusCode::FORBIDDEN,
+                format!("The sign-in was declined at the identity provider{description}."),
+            )
+        } else {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("The identity provider did not sign you in: {error}{description}."),
+            )
+        };
+        return (
+            status,
+            None,
+            "refused_by_provider",
+            failed(status, &text, again),
+        );
+    }
+    let Some(code) = query_param(query, "code").filter(|c| !c.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            None,
+            "no_code",
+            failed(
+                StatusCode::BAD_REQUEST,
+                "The identity provider's answer carries no authorization code.",
+                again,
+            ),
+        );
+    };
+    let r = &pending.request;
+    let token = match pending
+        .provider
+        .redeem_code(&r.client_id, &code, &r.redirect_uri, &r.pkce.verifier)
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(issuer = %pending.provider.issuer, error = %e, "console sign-in: the authorization code was not redeemed");
+            return (
+                StatusCode::BAD_GATEWAY,
+                None,
+                "code_not_redeemed",
+                failed(
+                    StatusCode::BAD_GATEWAY,
+                    "The identity provider did not accept this sign-in's code (it may have expired).",
+                    again,
+                ),
+            );
+        }
+    };
+    let who = match state.oidc.verify_id_token(&token, &r.nonce).await {
+        Ok(who) => who,
+        Err(e) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                None,
+                e.reason(),
+                failed(
+                    StatusCode::UNAUTHORIZED,
+                    &format!("The identity provider's token is not accepted here: {e}."),
+                    again,
+                ),
+            )
+        }
+    };
+    let Some((sid, _)) = state.console.create(&who, Credential::Token(token)) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(who),
+            "too_many_sessions",
+            failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many console sessions are open right now.",
+                "retry in a few minutes",
+            ),
+        );
+    };
+    let mut a = redirect(&pending.next);
+    add_cookie(
+        &mut a.resp,
+        &auth::set_cookie(COOKIE_NAME, &sid, auth::SESSION_TTL),
+    );
+    add_cookie(
+        &mut a.resp,
+        &auth::set_cookie(OIDC_COOKIE, "", Duration::ZERO),
+    );
+    secure(&mut a.resp);
+    (StatusCode::SEE_OTHER, Some(who), "signed_in", a.resp)
+}
