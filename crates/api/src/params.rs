@@ -56,15 +56,7 @@ pub fn decode(s: &str) -> Result<String, BadParam> {
 
 /// Percent-encode a query or path component (everything but unreserved characters).
 pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    tollgate_identity::oidc_login::percent_encode(s)
 }
 
 /// A point in time given as RFC 3339 (`2026-11-25T10:00:00Z`) or as Unix milliseconds.

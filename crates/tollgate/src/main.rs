@@ -75,16 +75,17 @@ enum Cmd {
     /// Just-in-time access: ask for access to a resource for a while, list and revoke grants.
     #[command(subcommand)]
     Access(reviews_cmd::AccessCmd),
-    /// Get a short-lived client certificate for an OIDC workload identity token (CI jobs, agents).
+    /// Get a short-lived client certificate: sign in with the gateway's OpenID provider, or
+    /// swap a workload identity token (CI jobs, agents).
     ///
-    /// Generates an ECDSA P-256 key locally (written 0600, never sent), sends a CSR with the
-    /// token as `Authorization: Bearer` to POST /api/v1/certificates, and writes
-    /// DIR/<subject>.crt (certificate and chain) and DIR/<subject>.key. The certificate carries
-    /// the token's subject (CN) and groups (OU) and never outlives the token. Use it with psql
+    /// Without --id-token-file/--id-token-env, a person signs in: in the browser
+    /// (authorization code + PKCE, redirected to a listener on 127.0.0.1), or with --device
+    /// (a URL and a code to enter on any device with a browser). Then it generates an ECDSA
+    /// P-256 key locally (written 0600, never sent), sends a CSR with the ID token as
+    /// `Authorization: Bearer` to POST /api/v1/certificates, and writes DIR/<subject>.crt
+    /// (certificate and chain) and DIR/<subject>.key. The certificate carries the token's
+    /// subject (CN) and groups (OU) and never outlives the token. Use it with psql
     /// (sslcert/sslkey, PGSSLCERT/PGSSLKEY) or the tollgate CLI (TOLLGATE_CERT/TOLLGATE_KEY).
-    ///
-    /// Not yet: the browser sign-in (authorization code + PKCE) and the device-code flow for
-    /// people; today login needs a token from --id-token-file or --id-token-env.
     Login(login_cmd::LoginArgs),
 }
 
