@@ -877,7 +877,7 @@ allow_groups = ["sre", "agents"]
         ));
         assert_eq!(
             kinds(&found),
-            ["oidc_login_without_issuing_ca", "oidc_long_cert_ttl"]
+            ["oidc_long_cert_ttl", "oidc_login_without_issuing_ca"]
         );
     }
 
