@@ -132,3 +132,36 @@ pub struct GrantRecord {
     pub granted_at_unix_ms: i64,
     pub until_unix_ms: i64,
 }
+
+/// A review changed state in the store: decided, expired, withdrawn, or its grant revoked.
+/// Sent by a store that can tell (PostgreSQL's LISTEN/NOTIFY) to every process sharing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReviewChange {
+    pub review_id: String,
+    /// The review's grant was revoked (sessions holding it must re-check at once).
+    pub revoked: bool,
+}
+
+impl ReviewChange {
+    /// The NOTIFY payload: `d:<id>` (decided or closed) or `r:<id>` (grant revoked).
+    pub fn to_payload(&self) -> String {
+        format!(
+            "{}:{}",
+            if self.revoked { 'r' } else { 'd' },
+            self.review_id
+        )
+    }
+
+    pub fn from_payload(payload: &str) -> Option<ReviewChange> {
+        let (kind, id) = payload.split_once(':')?;
+        let revoked = match kind {
+            "r" => true,
+            "d" => false,
+            _ => return None,
+        };
+        Some(ReviewChange {
+            review_id: id.to_string(),
+            revoked,
+        })
+    }
+}
