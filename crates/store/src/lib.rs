@@ -15,6 +15,7 @@
 mod chaincheck;
 pub mod hash;
 mod journal;
+pub mod migrate;
 pub mod postgres;
 mod recorder;
 pub mod refused;

@@ -411,7 +411,7 @@ impl PgStore {
     }
 
     /// Runs `f` on a pooled connection, on this thread.
-    fn run<R>(
+    pub(crate) fn run<R>(
         &self,
         f: impl AsyncFnOnce(&mut Client) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {

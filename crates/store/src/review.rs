@@ -165,3 +165,32 @@ impl ReviewChange {
         })
     }
 }
+
+/// Why `v` cannot count on the pending review `rec` (self-approval, a second vote of one
+/// principal), if it cannot: both stores apply this inside the vote's transaction.
+pub(crate) fn vote_refused(rec: &ReviewRecord, v: &ReviewVote) -> Option<VoteOutcome> {
+    let own = match &rec.requester_principal {
+        Some(p) => *p == v.principal,
+        None => rec.requester == v.reviewer,
+    };
+    if own {
+        return Some(VoteOutcome::SelfApproval);
+    }
+    if rec.votes.iter().any(|x| x.principal == v.principal) {
+        return Some(VoteOutcome::AlreadyVoted);
+    }
+    None
+}
+
+/// The status `v` decides `rec` to, if it decides it: one deny, or the `min_approvals`-th
+/// distinct approval (`rec.votes` are the votes before this one).
+pub(crate) fn vote_decides(rec: &ReviewRecord, v: &ReviewVote) -> Option<&'static str> {
+    let approvals = rec.votes.iter().filter(|x| x.approve).count() as u32 + 1;
+    if !v.approve {
+        Some(REVIEW_DENIED)
+    } else if approvals >= rec.min_approvals.max(1) {
+        Some(REVIEW_APPROVED)
+    } else {
+        None
+    }
+}

@@ -753,3 +753,78 @@ fn postgres_store_verifies_the_server_and_keeps_the_password_out_of_errors() {
     );
     assert!(!bad_pw.contains("not-the-password"), "{bad_pw}");
 }
+
+/// `store migrate`: a SQLite trail with imported and appended chains, a prune anchor and
+/// decided reviews moves into an empty PostgreSQL store; both verify, with the same chains,
+/// sessions and reviews, and the copied chains go on growing in PostgreSQL.
+#[test]
+fn sqlite_store_migrates_to_postgres_with_chains_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    let sqlite = open_store(&format!("sqlite://{}", db.display())).unwrap();
+    append_read_back_and_filters(&*sqlite);
+    import_is_idempotent(&*sqlite);
+    prune_reanchors_and_verifies(&*sqlite);
+    reviews_votes_grants_and_reruns(&*sqlite);
+    let before = sqlite.verify().unwrap();
+    assert!(before.first_break.is_none(), "{before:?}");
+
+    let pg = pg_cluster();
+    let url = pg_url(&pg, dir.path());
+    let target = tollgate_store::PgStore::open(&url).unwrap();
+    let report = tollgate_store::migrate::sqlite_to_postgres(&db, &target).unwrap();
+    let copied: std::collections::HashMap<String, u64> = report.tables.into_iter().collect();
+    assert_eq!(copied["events"], before.events, "{copied:?}");
+    let after = target.verify().unwrap();
+    assert!(after.first_break.is_none(), "{after:?}");
+    assert_eq!((after.chains, after.events), (before.chains, before.events));
+    assert_eq!(target.chain_heads().unwrap(), sqlite.chain_heads().unwrap());
+    let all = SessionFilter::default();
+    let ids = |s: &dyn Store| -> Vec<String> {
+        s.sessions(&all)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    assert_eq!(ids(&target), ids(&*sqlite));
+    let every = ReviewFilter::default();
+    assert_eq!(
+        target.reviews(&every).unwrap(),
+        sqlite.reviews(&every).unwrap()
+    );
+    assert_eq!(
+        target
+            .events("a1")
+            .unwrap()
+            .iter()
+            .map(|e| &e.hash)
+            .collect::<Vec<_>>(),
+        sqlite
+            .events("a1")
+            .unwrap()
+            .iter()
+            .map(|e| &e.hash)
+            .collect::<Vec<_>>()
+    );
+
+    // The chain goes on from its copied head, and new events get new ids.
+    let max_id = target
+        .events_page(0, None, None, 10_000)
+        .unwrap()
+        .last()
+        .unwrap()
+        .id;
+    let next = target
+        .append("gw-a", &[cmd("a3", 9000, "select 9")])
+        .unwrap();
+    assert_eq!(next[0].chain_seq, 7);
+    assert!(next[0].id > max_id);
+    assert!(target.verify().unwrap().first_break.is_none());
+
+    // A second migration into a store that is no longer empty is refused.
+    let err = tollgate_store::migrate::sqlite_to_postgres(&db, &target)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("migrate into an empty store"), "{err}");
+}

@@ -209,15 +209,8 @@ pub(super) async fn vote(c: &mut Client, v: &ReviewVote) -> Result<VoteOutcome, 
         tx.commit().await?;
         return Ok(VoteOutcome::Expired(rec));
     }
-    let own = match &rec.requester_principal {
-        Some(p) => *p == v.principal,
-        None => rec.requester == v.reviewer,
-    };
-    if own {
-        return Ok(VoteOutcome::SelfApproval);
-    }
-    if rec.votes.iter().any(|x| x.principal == v.principal) {
-        return Ok(VoteOutcome::AlreadyVoted);
+    if let Some(refused) = vote_refused(&rec, v) {
+        return Ok(refused);
     }
     tx.execute(
         "INSERT INTO review_votes (review_id, reviewer, principal, groups, approve, reason, at) \
@@ -233,14 +226,7 @@ pub(super) async fn vote(c: &mut Client, v: &ReviewVote) -> Result<VoteOutcome, 
         ],
     )
     .await?;
-    let approvals = rec.votes.iter().filter(|x| x.approve).count() as u32 + 1;
-    let decided = if !v.approve {
-        Some(REVIEW_DENIED)
-    } else if approvals >= rec.min_approvals.max(1) {
-        Some(REVIEW_APPROVED)
-    } else {
-        None
-    };
+    let decided = vote_decides(&rec, v);
     if let Some(status) = decided {
         tx.execute(
             "UPDATE reviews SET status = $1, decided_at = $2, decided_by = $3, reason = $4 \
