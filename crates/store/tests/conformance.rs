@@ -828,3 +828,60 @@ fn sqlite_store_migrates_to_postgres_with_chains_intact() {
         .to_string();
     assert!(err.contains("migrate into an empty store"), "{err}");
 }
+
+/// LISTEN/NOTIFY: a vote that decides a review on one replica's store, and a revocation, reach
+/// the review changes of another replica's store.
+#[test]
+fn postgres_review_changes_reach_other_replicas() {
+    let pg = pg_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg_url(&pg, dir.path());
+    let (a, b) = (
+        tollgate_store::PgStore::open(&url).unwrap(),
+        tollgate_store::PgStore::open(&url).unwrap(),
+    );
+    let mut changes = a
+        .review_changes()
+        .expect("the PostgreSQL store reports changes");
+    // The LISTEN connection comes up in the background: decide reviews on b until a hears one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut round = 0;
+    let heard = 'outer: loop {
+        round += 1;
+        let id = format!("n-{round}");
+        b.review_create(&review(&id, REVIEW_KIND_ACCESS, 1))
+            .unwrap();
+        recorded(b.review_vote(&vote(&id, "sam", true, 2000)).unwrap());
+        let wait_until = std::time::Instant::now() + Duration::from_millis(500);
+        while std::time::Instant::now() < wait_until {
+            match changes.try_recv() {
+                Ok(c) => break 'outer c,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no review change heard"
+        );
+    };
+    // A decision (perhaps of an earlier round, heard late).
+    assert!(heard.review_id.starts_with("n-"), "{heard:?}");
+    assert!(!heard.revoked);
+    let id = heard.review_id;
+    b.review_revoke_grant(&id, 3000)
+        .unwrap()
+        .expect("running grant");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match changes.try_recv() {
+            Ok(c) if c.revoked => {
+                assert_eq!(c.review_id, id);
+                break;
+            }
+            _ => {
+                assert!(std::time::Instant::now() < deadline, "revocation not heard");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}

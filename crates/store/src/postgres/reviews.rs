@@ -256,6 +256,7 @@ pub(super) async fn vote(c: &mut Client, v: &ReviewVote) -> Result<VoteOutcome, 
             )
             .await?;
         }
+        notify(&tx, &v.review_id, false).await?;
     }
     let rec = load(&tx, &v.review_id).await?.expect("locked row");
     tx.commit().await?;
