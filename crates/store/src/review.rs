@@ -194,3 +194,45 @@ pub(crate) fn vote_decides(rec: &ReviewRecord, v: &ReviewVote) -> Option<&'stati
         None
     }
 }
+
+/// The review columns both stores read (same names and order in SQLite and PostgreSQL), and
+/// the join that brings a grant's end.
+pub(crate) const COLUMNS: &str =
+    "r.id, r.kind, r.session_id, r.resource, r.requester, r.rule, r.statement, \
+     r.statement_sha256, r.min_approvals, r.access_ms, r.status, r.created_at, r.expires_at, \
+     r.decided_at, r.decided_by, r.reason, r.used_at, r.payload, g.until, r.requester_principal";
+pub(crate) const FROM: &str = "FROM reviews r LEFT JOIN access_grants g ON g.review_id = r.id";
+
+/// Request details kept in a review's `payload` column.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub(crate) struct Payload {
+    #[serde(default)]
+    pub requester_groups: Vec<String>,
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    #[serde(default)]
+    pub request_reason: Option<String>,
+}
+
+impl Payload {
+    pub fn of(r: &ReviewRecord) -> Result<String, crate::StoreError> {
+        serde_json::to_string(&Payload {
+            requester_groups: r.requester_groups.clone(),
+            approvers: r.approvers.clone(),
+            request_reason: r.request_reason.clone(),
+        })
+        .map_err(json_err)
+    }
+}
+
+pub(crate) fn json_err(e: serde_json::Error) -> crate::StoreError {
+    crate::StoreError::Corrupt(format!("review payload: {e}"))
+}
+
+/// The value a lookup by `requester` compares, and what it is compared with.
+pub(crate) fn requester_key(requester: Requester<'_>) -> (&str, &'static str) {
+    match requester {
+        Requester::Principal(p) => (p, "principal"),
+        Requester::Subject(s) => (s, "subject"),
+    }
+}

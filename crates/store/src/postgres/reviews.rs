@@ -22,26 +22,6 @@ async fn notify(c: &impl GenericClient, id: &str, revoked: bool) -> Result<(), S
     Ok(())
 }
 
-const COLUMNS: &str = "r.id, r.kind, r.session_id, r.resource, r.requester, r.rule, r.statement, \
-     r.statement_sha256, r.min_approvals, r.access_ms, r.status, r.created_at, r.expires_at, \
-     r.decided_at, r.decided_by, r.reason, r.used_at, r.payload, g.until, r.requester_principal";
-const FROM: &str = "FROM reviews r LEFT JOIN access_grants g ON g.review_id = r.id";
-
-/// Request details kept in the `payload` column (as in SQLite).
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-struct Payload {
-    #[serde(default)]
-    requester_groups: Vec<String>,
-    #[serde(default)]
-    approvers: Vec<String>,
-    #[serde(default)]
-    request_reason: Option<String>,
-}
-
-fn json_err(e: serde_json::Error) -> StoreError {
-    StoreError::Corrupt(format!("review payload: {e}"))
-}
-
 fn read_row(r: &Row) -> Result<ReviewRecord, StoreError> {
     let payload: String = r.try_get(17)?;
     let p: Payload = serde_json::from_str(&payload).map_err(json_err)?;
@@ -112,21 +92,8 @@ async fn votes(c: &impl GenericClient, id: &str) -> Result<Vec<VoteRecord>, Stor
         .collect()
 }
 
-/// The value a lookup by `requester` compares, and what it is compared with.
-fn requester_key(requester: Requester<'_>) -> (&str, &'static str) {
-    match requester {
-        Requester::Principal(p) => (p, "principal"),
-        Requester::Subject(s) => (s, "subject"),
-    }
-}
-
 pub(super) async fn create(c: &mut Client, r: &ReviewRecord) -> Result<(), StoreError> {
-    let payload = serde_json::to_string(&Payload {
-        requester_groups: r.requester_groups.clone(),
-        approvers: r.approvers.clone(),
-        request_reason: r.request_reason.clone(),
-    })
-    .map_err(json_err)?;
+    let payload = Payload::of(r)?;
     c.execute(
         "INSERT INTO reviews (id, kind, session_id, resource, requester, status, rule, statement, \
          statement_sha256, min_approvals, access_ms, created_at, expires_at, payload, \
