@@ -437,7 +437,46 @@ impl Reviews {
         }
     }
 
-    /// Notified whenever a grant is revoked in this process.
+    /// Follow the store's review changes (other replicas' decisions, closes and revocations on
+    /// a shared PostgreSQL store): wake this process's waiters and grant holders at once instead
+    /// of at their next poll. A no-op for a store that cannot tell. Needs a tokio runtime.
+    pub fn follow_store_changes(self: &Arc<Self>) {
+        let Some(mut changes) = self.store.review_changes() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let change = changes.recv().await;
+                let Some(me) = me.upgrade() else { return };
+                match change {
+                    Ok(c) => {
+                        me.wake(&c.review_id);
+                        if c.revoked {
+                            me.revocations.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                    }
+                    // Missed some: everyone re-reads.
+                    Err(RecvError::Lagged(_)) => {
+                        for n in me
+                            .waiters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .values()
+                        {
+                            n.notify_waiters();
+                        }
+                        me.revocations.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    /// Notified whenever a grant is revoked in this process (or, with a store that reports
+    /// review changes, in another replica).
     pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revocations.subscribe()
     }

@@ -78,6 +78,9 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
             }
         }
     }
+    if tollgate_store::PgStoreUrl::is_postgres(&s.store) {
+        l.postgres_store(&s.store);
+    }
     if s.audit_failure == AuditFailure::Open {
         l.push(Finding::new(
             "audit_fail_open",
@@ -276,6 +279,48 @@ struct Lint<'a> {
 impl Lint<'_> {
     fn push(&mut self, f: Finding) {
         self.out.push(f);
+    }
+
+    /// A shared PostgreSQL store carries every replica's audit trail and reviews: its leg must
+    /// be encrypted and verified like an upstream's.
+    fn postgres_store(&mut self, url: &str) {
+        use tollgate_store::postgres::PgSslMode;
+        let parsed = match tollgate_store::PgStoreUrl::parse(url) {
+            Ok(u) => u,
+            Err(e) => {
+                self.push(Finding::new(
+                    "store_url_invalid",
+                    Severity::High,
+                    None,
+                    "server.store",
+                    e.to_string(),
+                    "use postgres://USER@HOST:PORT/DBNAME?sslrootcert=CA_FILE&password_file=PATH",
+                ));
+                return;
+            }
+        };
+        match parsed.sslmode {
+            PgSslMode::Disable => self.push(Finding::new(
+                "store_plaintext",
+                Severity::Critical,
+                None,
+                "server.store",
+                "the PostgreSQL store is reached in plaintext (sslmode=disable): audit events, reviews and the store password cross the network unencrypted",
+                "remove sslmode=disable and give sslrootcert=CA_FILE (verify-full is the default)",
+            )),
+            PgSslMode::VerifyCa => self.push(Finding::new(
+                "store_unverified",
+                Severity::High,
+                None,
+                "server.store",
+                "the PostgreSQL store's host name is not verified (sslmode=verify-ca): any server with a certificate from that CA can pose as the store",
+                "remove sslmode=verify-ca (verify-full is the default) and connect by a name the store's certificate carries",
+            )),
+            PgSslMode::VerifyFull => {}
+        }
+        if let Some(ca) = &parsed.sslrootcert {
+            self.cert_file(ca, "server.store", None, "store CA certificate");
+        }
     }
 
     /// Connection caps turned off (0): one client or one leaked credential can exhaust the gateway.
@@ -1013,6 +1058,38 @@ approvers = ["sre", "dbas"]
         no_ca.server.client_ca = None;
         no_ca.server.client_crl.clear();
         assert_eq!(f.check(&no_ca), vec![]);
+    }
+
+    #[test]
+    fn a_plaintext_or_unverified_postgres_store_fails() {
+        let f = Fixture::new();
+        let store = |url: &str| {
+            let mut c = f.config("", "");
+            c.server.store = url.to_string();
+            f.check(&c)
+        };
+        let found = store("postgres://tg@db:5432/tollgate?sslmode=disable");
+        assert_eq!(kinds(&found), ["store_plaintext"]);
+        assert_eq!(
+            (found[0].key.as_str(), found[0].severity),
+            ("server.store", Severity::Critical)
+        );
+        let ca = f.path("pki/ca.crt");
+        let found = store(&format!(
+            "postgres://tg@db/tollgate?sslmode=verify-ca&sslrootcert={}",
+            ca.display()
+        ));
+        assert_eq!(kinds(&found), ["store_unverified"]);
+        assert!(store(&format!(
+            "postgres://tg@db/tollgate?sslrootcert={}",
+            ca.display()
+        ))
+        .is_empty());
+        let found = store("postgres://tg:hunter2@db/tollgate");
+        assert_eq!(kinds(&found), ["store_url_invalid"]);
+        assert!(!found[0].to_string().contains("hunter2"));
+        let found = store("postgres://tg@db/tollgate?sslrootcert=/nonexistent/ca.crt");
+        assert_eq!(kinds(&found), ["missing_file"]);
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub async fn run(
     let store: Arc<dyn Store> = tollgate_store::open_store(&config.server.store)
         .with_context(|| format!("opening store {}", config.server.store))?;
     let chain_id = format!("gw-{}", random_hex(8));
-    let journal = journal_path(&config.server.store, &chain_id);
+    let journal = journal_path(&config, &chain_id);
     let recorder = Recorder::start(
         store.clone(),
         chain_id.clone(),
@@ -133,6 +133,7 @@ pub async fn run(
             .map_err(anyhow::Error::msg)
             .context("review notifications")?,
     );
+    reviews.follow_store_changes();
 
     let client_auth = match (&config.server.client_ca, config.server.client_cert) {
         (None, _) => ClientAuth::None,
@@ -433,9 +434,17 @@ fn listener_limits(config: &Config) -> Arc<tollgate_gate::limits::ConnectionLimi
     )
 }
 
-fn journal_path(store_url: &str, chain_id: &str) -> std::path::PathBuf {
+fn journal_path(config: &Config, chain_id: &str) -> std::path::PathBuf {
+    let store_url = config.server.store.as_str();
     match store_url.strip_prefix("sqlite://") {
         Some(p) if !p.starts_with(':') => std::path::PathBuf::from(format!("{p}.events.log")),
+        // A shared store: the replica's journal lives beside its config, so that a restart
+        // imports what a crash left (one replica per config directory: the journal is locked).
+        _ if tollgate_store::PgStoreUrl::is_postgres(store_url)
+            && config.path.parent().is_some() =>
+        {
+            config.path.with_extension("events.log")
+        }
         _ => std::env::temp_dir().join(format!("tollgate-{chain_id}.events.log")),
     }
 }

@@ -3,7 +3,7 @@
 //! the batching [`Recorder`].
 //!
 //! - [`Store`] is the storage interface; [`SqliteStore`] is the embedded implementation
-//!   (a PostgreSQL one for several replicas will follow). [`open_store`] picks one from a URL.
+//!   and [`PgStore`] the shared one for several replicas. [`open_store`] picks one from a URL.
 //! - Every writer process appends to its own hash chain (`chain_id`); the chain head lives in
 //!   the database, updated in the same transaction as the events, so nothing about a chain
 //!   is held only in memory. See [`hash`] for the exact encoding.
@@ -12,8 +12,11 @@
 //!   `audit.pruned` event attests; `audit.checkpoint` events record every chain head, and
 //!   `verify` checks both (rules in `sqlite/audit.rs`).
 
+mod chaincheck;
 pub mod hash;
 mod journal;
+pub mod migrate;
+pub mod postgres;
 mod recorder;
 pub mod refused;
 pub mod review;
@@ -26,9 +29,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use hash::{
     canonical_json, checkpoint_digest, event_hash, CanonicalObject, HashedFields, GENESIS_HASH,
 };
+pub use postgres::{PgStore, PgStoreUrl};
 pub use recorder::{Durability, Recorder, RecorderOptions, RecorderStats};
 pub use review::{
-    GrantRecord, Requester, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome, VoteRecord,
+    GrantRecord, Requester, ReviewChange, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome,
+    VoteRecord,
 };
 pub use sqlite::{SqliteStore, SCHEMA_VERSION};
 
@@ -169,7 +174,7 @@ pub struct ChainBreak {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The URL is echoed by scheme only: it may carry credentials.
-    #[error("unsupported store URL scheme {scheme:?}: accepted forms are sqlite://PATH, sqlite:///ABSOLUTE/PATH and sqlite::memory:")]
+    #[error("unsupported store URL scheme {scheme:?}: accepted forms are sqlite://PATH, sqlite:///ABSOLUTE/PATH, sqlite::memory: and postgres://USER@HOST:PORT/DBNAME?sslrootcert=CA_FILE")]
     InvalidUrl { scheme: String },
     #[error("{0}")]
     Unsupported(String),
@@ -181,6 +186,9 @@ pub enum StoreError {
     },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The server's message and SQLSTATE, or what broke the connection.
+    #[error("postgres store: {0}")]
+    Postgres(String),
     #[error("the database schema is version {found}, newer than this tollgate build knows ({known}); upgrade tollgate")]
     SchemaTooNew { found: i64, known: i64 },
     #[error(
@@ -255,6 +263,13 @@ pub trait Store: Send + Sync + 'static {
     }
 
     // ---- reviews (approvals); the lifecycle rules are in tollgate-review ----
+
+    /// Review changes as the store learns of them, including those made by other processes
+    /// sharing it (a dedicated LISTEN connection for PostgreSQL). `None` when the store cannot
+    /// tell: callers then rely on polling alone. A lagging receiver should re-read everything.
+    fn review_changes(&self) -> Option<tokio::sync::broadcast::Receiver<ReviewChange>> {
+        None
+    }
 
     /// Insert a new review (its `votes` and `grant_until_unix_ms` are ignored).
     fn review_create(&self, review: &ReviewRecord) -> Result<(), StoreError> {
@@ -351,12 +366,30 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// What every store refuses in [`Store::append`] before it writes anything.
+pub(crate) fn check_append(chain_id: &str, events: &[EventInput]) -> Result<(), StoreError> {
+    if chain_id.is_empty() {
+        return Err(StoreError::InvalidEvent("chain_id is empty".into()));
+    }
+    if let Some(ev) = events
+        .iter()
+        .find(|e| e.session_id.is_empty() || e.kind.is_empty())
+    {
+        return Err(StoreError::InvalidEvent(format!(
+            "session_id and kind must not be empty (session_id {:?}, kind {:?})",
+            ev.session_id, ev.kind
+        )));
+    }
+    Ok(())
+}
+
 fn no_reviews() -> StoreError {
     StoreError::Unsupported("this store does not keep reviews".into())
 }
 
 /// Opens a store from a URL: `sqlite://relative/or/abs/path.db`, `sqlite:///abs/path.db`,
-/// or `sqlite::memory:` (tests). `postgres://…` is recognised but not available yet.
+/// `sqlite::memory:` (tests), or `postgres://USER@HOST:PORT/DB?sslrootcert=CA&password_env=VAR`
+/// for several replicas (see [`postgres::url`]).
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url == "sqlite::memory:" {
         return Ok(Arc::new(SqliteStore::open_in_memory()?));
@@ -369,11 +402,8 @@ pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         }
         return Ok(Arc::new(SqliteStore::open(path)?));
     }
-    let scheme = url.split_once("://").map_or(url, |(s, _)| s);
-    if scheme == "postgres" || scheme == "postgresql" {
-        return Err(StoreError::Unsupported(
-            "the PostgreSQL store is not available yet; use sqlite://PATH".into(),
-        ));
+    if PgStoreUrl::is_postgres(url) {
+        return Ok(Arc::new(PgStore::open(url)?));
     }
     let scheme = url.split_once(':').map_or("", |(s, _)| s);
     Err(StoreError::InvalidUrl {
@@ -411,13 +441,11 @@ mod tests {
     }
 
     #[test]
-    fn open_store_rejects_postgres_and_unknown_schemes_without_echoing_secrets() {
+    fn open_store_rejects_bad_postgres_urls_and_unknown_schemes_without_echoing_secrets() {
         let err = open_store("postgres://u:hunter2@db/x").err().unwrap();
-        assert!(matches!(err, StoreError::Unsupported(_)));
-        assert_eq!(
-            err.to_string(),
-            "the PostgreSQL store is not available yet; use sqlite://PATH"
-        );
+        let msg = err.to_string();
+        assert!(msg.contains("password_env"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
         let err = open_store("mysql://u:hunter2@db/x").err().unwrap();
         let msg = err.to_string();
         assert!(msg.contains("\"mysql\""), "{msg}");

@@ -132,3 +132,107 @@ pub struct GrantRecord {
     pub granted_at_unix_ms: i64,
     pub until_unix_ms: i64,
 }
+
+/// A review changed state in the store: decided, expired, withdrawn, or its grant revoked.
+/// Sent by a store that can tell (PostgreSQL's LISTEN/NOTIFY) to every process sharing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReviewChange {
+    pub review_id: String,
+    /// The review's grant was revoked (sessions holding it must re-check at once).
+    pub revoked: bool,
+}
+
+impl ReviewChange {
+    /// The NOTIFY payload: `d:<id>` (decided or closed) or `r:<id>` (grant revoked).
+    pub fn to_payload(&self) -> String {
+        format!(
+            "{}:{}",
+            if self.revoked { 'r' } else { 'd' },
+            self.review_id
+        )
+    }
+
+    pub fn from_payload(payload: &str) -> Option<ReviewChange> {
+        let (kind, id) = payload.split_once(':')?;
+        let revoked = match kind {
+            "r" => true,
+            "d" => false,
+            _ => return None,
+        };
+        Some(ReviewChange {
+            review_id: id.to_string(),
+            revoked,
+        })
+    }
+}
+
+/// Why `v` cannot count on the pending review `rec` (self-approval, a second vote of one
+/// principal), if it cannot: both stores apply this inside the vote's transaction.
+pub(crate) fn vote_refused(rec: &ReviewRecord, v: &ReviewVote) -> Option<VoteOutcome> {
+    let own = match &rec.requester_principal {
+        Some(p) => *p == v.principal,
+        None => rec.requester == v.reviewer,
+    };
+    if own {
+        return Some(VoteOutcome::SelfApproval);
+    }
+    if rec.votes.iter().any(|x| x.principal == v.principal) {
+        return Some(VoteOutcome::AlreadyVoted);
+    }
+    None
+}
+
+/// The status `v` decides `rec` to, if it decides it: one deny, or the `min_approvals`-th
+/// distinct approval (`rec.votes` are the votes before this one).
+pub(crate) fn vote_decides(rec: &ReviewRecord, v: &ReviewVote) -> Option<&'static str> {
+    let approvals = rec.votes.iter().filter(|x| x.approve).count() as u32 + 1;
+    if !v.approve {
+        Some(REVIEW_DENIED)
+    } else if approvals >= rec.min_approvals.max(1) {
+        Some(REVIEW_APPROVED)
+    } else {
+        None
+    }
+}
+
+/// The review columns both stores read (same names and order in SQLite and PostgreSQL), and
+/// the join that brings a grant's end.
+pub(crate) const COLUMNS: &str =
+    "r.id, r.kind, r.session_id, r.resource, r.requester, r.rule, r.statement, \
+     r.statement_sha256, r.min_approvals, r.access_ms, r.status, r.created_at, r.expires_at, \
+     r.decided_at, r.decided_by, r.reason, r.used_at, r.payload, g.until, r.requester_principal";
+pub(crate) const FROM: &str = "FROM reviews r LEFT JOIN access_grants g ON g.review_id = r.id";
+
+/// Request details kept in a review's `payload` column.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub(crate) struct Payload {
+    #[serde(default)]
+    pub requester_groups: Vec<String>,
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    #[serde(default)]
+    pub request_reason: Option<String>,
+}
+
+impl Payload {
+    pub fn of(r: &ReviewRecord) -> Result<String, crate::StoreError> {
+        serde_json::to_string(&Payload {
+            requester_groups: r.requester_groups.clone(),
+            approvers: r.approvers.clone(),
+            request_reason: r.request_reason.clone(),
+        })
+        .map_err(json_err)
+    }
+}
+
+pub(crate) fn json_err(e: serde_json::Error) -> crate::StoreError {
+    crate::StoreError::Corrupt(format!("review payload: {e}"))
+}
+
+/// The value a lookup by `requester` compares, and what it is compared with.
+pub(crate) fn requester_key(requester: Requester<'_>) -> (&str, &'static str) {
+    match requester {
+        Requester::Principal(p) => (p, "principal"),
+        Requester::Subject(s) => (s, "subject"),
+    }
+}

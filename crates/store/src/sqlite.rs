@@ -10,6 +10,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use serde_json::Value;
 
+use crate::chaincheck::{self, AuditChecks, ChainState, ChainWalk, RawEvent};
 use crate::hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
 use crate::{
     unix_ms, ChainBreak, EventInput, HashedEvent, SessionFilter, SessionRow, Store, StoreError,
@@ -221,18 +222,7 @@ impl Store for SqliteStore {
         chain_id: &str,
         events: &[EventInput],
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        if chain_id.is_empty() {
-            return Err(StoreError::InvalidEvent("chain_id is empty".into()));
-        }
-        if let Some(ev) = events
-            .iter()
-            .find(|e| e.session_id.is_empty() || e.kind.is_empty())
-        {
-            return Err(StoreError::InvalidEvent(format!(
-                "session_id and kind must not be empty (session_id {:?}, kind {:?})",
-                ev.session_id, ev.kind
-            )));
-        }
+        crate::check_append(chain_id, events)?;
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -411,7 +401,7 @@ impl Store for SqliteStore {
         let mut conn = self.reader();
         // One read transaction: a consistent snapshot of heads and rows while writers go on.
         let tx = conn.transaction()?;
-        let chains: Vec<audit::ChainState> = {
+        let chains: Vec<ChainState> = {
             let mut stmt = tx.prepare(
                 "SELECT ids.chain_id, c.last_seq, c.last_hash, c.anchor_seq, c.anchor_hash FROM \
                  (SELECT chain_id FROM chains UNION SELECT DISTINCT chain_id FROM events) AS ids \
@@ -427,7 +417,7 @@ impl Store for SqliteStore {
                     r.get::<_, Option<String>>(4)?
                         .unwrap_or_else(|| GENESIS_HASH.to_string()),
                 );
-                Ok(audit::ChainState {
+                Ok(ChainState {
                     chain_id: r.get(0)?,
                     head,
                     anchor,
@@ -441,7 +431,7 @@ impl Store for SqliteStore {
             checkpoints: 0,
             first_break: None,
         };
-        let mut checks = audit::AuditChecks::default();
+        let mut checks = AuditChecks::default();
         for c in &chains {
             let (count, brk) = verify_chain(&tx, c, &mut checks)?;
             report.events += count;
@@ -449,7 +439,13 @@ impl Store for SqliteStore {
                 report.first_break = brk;
             }
         }
-        let (checkpoints, brk) = checks.finish(&tx, &chains)?;
+        let mut hash_at =
+            tx.prepare_cached("SELECT hash FROM events WHERE chain_id = ?1 AND chain_seq = ?2")?;
+        let (checkpoints, brk) = checks.finish(&chains, |chain_id, seq| {
+            Ok(hash_at
+                .query_row(params![chain_id, seq], |r| r.get(0))
+                .optional()?)
+        })?;
         report.checkpoints = checkpoints;
         if report.first_break.is_none() {
             report.first_break = brk;
@@ -783,7 +779,7 @@ fn materialize_session(
     Ok(())
 }
 
-fn payload_field(payload: &Value, name: &str) -> Option<String> {
+pub(crate) fn payload_field(payload: &Value, name: &str) -> Option<String> {
     match payload.get(name)? {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
@@ -791,7 +787,7 @@ fn payload_field(payload: &Value, name: &str) -> Option<String> {
     }
 }
 
-fn parse_json(column: &str, text: &str) -> Result<Value, StoreError> {
+pub(crate) fn parse_json(column: &str, text: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
 }
 
@@ -863,139 +859,40 @@ fn raw_i64(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<i64>> {
 /// first break. Events that verify are shown to `checks` (prune and checkpoint events).
 fn verify_chain(
     tx: &rusqlite::Transaction<'_>,
-    chain: &audit::ChainState,
-    checks: &mut audit::AuditChecks,
+    chain: &ChainState,
+    checks: &mut AuditChecks,
 ) -> Result<(u64, Option<ChainBreak>), StoreError> {
-    let chain_id = chain.chain_id.as_str();
-    let head = chain.head.as_ref();
-    let (anchor_seq, anchor_hash) = &chain.anchor;
     let below: i64 = tx.query_row(
         "SELECT COUNT(*) FROM events WHERE chain_id = ?1 AND chain_seq <= ?2",
-        params![chain_id, anchor_seq],
+        params![chain.chain_id, chain.anchor.0],
         |r| r.get(0),
     )?;
-    if below > 0 {
-        return Ok((
-            below as u64,
-            Some(ChainBreak {
-                chain_id: chain_id.to_string(),
-                chain_seq: *anchor_seq,
-                event_id: 0,
-                session_id: String::new(),
-                reason: format!("{below} event(s) at or before the prune anchor (chain_seq {anchor_seq}) are still stored"),
-            }),
-        ));
+    if let Some((count, brk)) = chaincheck::below_anchor_break(chain, below) {
+        return Ok((count, Some(brk)));
     }
     let mut stmt = tx.prepare(
         "SELECT id, chain_seq, session_id, session_seq, at_unix_ms, kind, payload, prev_hash, hash \
          FROM events WHERE chain_id = ?1 AND chain_seq > ?2 ORDER BY chain_seq",
     )?;
-    let mut rows = stmt.query(params![chain_id, anchor_seq])?;
-    let mut count = 0u64;
-    let mut first_break: Option<ChainBreak> = None;
-    let mut expected_seq = anchor_seq + 1;
-    let mut prev_hash = anchor_hash.clone();
-    let mut last: Option<(i64, String)> = None; // (event id, session id) of the last row seen
-    let brk = |seq: i64, id: i64, session_id: &str, reason: String| ChainBreak {
-        chain_id: chain_id.to_string(),
-        chain_seq: seq,
-        event_id: id,
-        session_id: session_id.to_string(),
-        reason,
-    };
+    let mut rows = stmt.query(params![chain.chain_id, chain.anchor.0])?;
+    let mut walk = ChainWalk::new(chain);
     while let Some(r) = rows.next()? {
-        count += 1;
-        if first_break.is_some() {
-            continue; // everything after a break is unanchored; just count it
-        }
-        let id: i64 = r.get(0)?;
-        let session_id = String::from_utf8_lossy(&raw_bytes(r, 2)?).into_owned();
-        let seq = raw_i64(r, 1)?;
-        let (session_seq, at) = (raw_i64(r, 3)?, raw_i64(r, 4)?);
-        let (kind, payload) = (raw_bytes(r, 5)?, raw_bytes(r, 6)?);
-        let (stored_prev, stored_hash) = (raw_bytes(r, 7)?, raw_bytes(r, 8)?);
-        let Some(seq) = seq else {
-            first_break = Some(brk(
-                expected_seq,
-                id,
-                &session_id,
-                "hash mismatch: event content was altered (chain_seq is not an integer)".into(),
-            ));
-            continue;
-        };
-        if seq != expected_seq {
-            let reason = if seq > expected_seq {
-                format!("gap: chain_seq {expected_seq} missing (event deleted)")
-            } else {
-                format!("duplicate chain_seq {seq} (event inserted)")
-            };
-            first_break = Some(brk(expected_seq, id, &session_id, reason));
-            continue;
-        }
-        if stored_prev != prev_hash.as_bytes() {
-            first_break = Some(brk(
-                seq,
-                id,
-                &session_id,
-                "prev_hash does not match predecessor".into(),
-            ));
-            continue;
-        }
-        let recomputed = match (session_seq, at) {
-            (Some(session_seq), Some(at_unix_ms)) => Some(event_hash(
-                &prev_hash,
-                &HashedFields {
-                    chain_id,
-                    chain_seq: seq,
-                    session_id: &session_id,
-                    session_seq,
-                    at_unix_ms,
-                    kind: &String::from_utf8_lossy(&kind),
-                    payload: &payload,
-                },
-            )),
-            _ => None,
-        };
-        if recomputed.as_deref().map(str::as_bytes) != Some(stored_hash.as_slice()) {
-            first_break = Some(brk(
-                seq,
-                id,
-                &session_id,
-                "hash mismatch: event content was altered".into(),
-            ));
-            continue;
-        }
-        checks.observe(chain_id, id, &session_id, &kind, &payload);
-        prev_hash = String::from_utf8_lossy(&stored_hash).into_owned();
-        expected_seq += 1;
-        last = Some((id, session_id));
+        walk.row(
+            RawEvent {
+                id: r.get(0)?,
+                chain_seq: raw_i64(r, 1)?,
+                session_id: String::from_utf8_lossy(&raw_bytes(r, 2)?).into_owned(),
+                session_seq: raw_i64(r, 3)?,
+                at_unix_ms: raw_i64(r, 4)?,
+                kind: raw_bytes(r, 5)?,
+                payload: raw_bytes(r, 6)?,
+                prev_hash: raw_bytes(r, 7)?,
+                hash: raw_bytes(r, 8)?,
+            },
+            checks,
+        );
     }
-    if first_break.is_some() {
-        return Ok((count, first_break));
-    }
-    let last_seq = expected_seq - 1;
-    let (last_id, last_session) = last.unwrap_or((0, String::new()));
-    let at_end = |seq, reason| Some(brk(seq, last_id, &last_session, reason));
-    let head_break = match head {
-        None => at_end(
-            last_seq,
-            "chain head is missing from the chains table".to_string(),
-        ),
-        Some((head_seq, _)) if *head_seq > last_seq => at_end(
-            last_seq + 1,
-            format!("gap: chain_seq {} missing (event deleted)", last_seq + 1),
-        ),
-        Some((head_seq, _)) if *head_seq < last_seq => at_end(
-            last_seq,
-            format!("chain head is at chain_seq {head_seq} but events continue to {last_seq}"),
-        ),
-        Some((_, head_hash)) if *head_hash != prev_hash => at_end(
-            last_seq,
-            "chain head hash does not match the last event (event replaced)".to_string(),
-        ),
-        Some(_) => None,
-    };
-    Ok((count, head_break))
+    Ok(walk.finish())
 }
 
 #[cfg(test)]

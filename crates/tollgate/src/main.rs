@@ -66,6 +66,9 @@ enum Cmd {
     /// Audit trail integrity.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The store itself: move an embedded SQLite store to a shared PostgreSQL one.
+    #[command(subcommand)]
+    Store(audit_cmd::StoreCmd),
     /// Recorded sessions: list, show, replay, export (through the gateway's HTTPS API).
     #[command(subcommand)]
     Sessions(sessions_cmd::SessionsCmd),
@@ -189,6 +192,7 @@ fn main() -> ExitCode {
         Cmd::Access(cmd) => reviews_cmd::run_access(cmd),
         Cmd::Login(args) => login_cmd::run(args),
         Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),
+        Cmd::Store(cmd) => return audit_cmd::store(cmd),
         Cmd::Audit(AuditCmd::Prune {
             config,
             dry_run,

@@ -17,17 +17,16 @@
 //! each chain at its anchor and requires the anchor to match the latest `audit.pruned`
 //! event that names the chain (or genesis when none does).
 
-use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::{json, Value};
 
 use super::SqliteStore;
-use crate::hash::{canonical_json, checkpoint_digest, event_hash, HashedFields, GENESIS_HASH};
+use crate::chaincheck::{self, Cut, CutRow};
+use crate::hash::{canonical_json, event_hash, HashedFields, GENESIS_HASH};
 use crate::{
-    unix_ms, ChainBreak, ChainPoint, PruneReport, StoreError, KIND_AUDIT_CHECKPOINT,
-    KIND_AUDIT_PRUNED, PRUNE_CHAIN, PRUNE_SESSION,
+    unix_ms, ChainPoint, PruneReport, StoreError, KIND_AUDIT_PRUNED, PRUNE_CHAIN, PRUNE_SESSION,
 };
 
 /// Each chain's anchor: where verification starts after a prune (0 and genesis before any).
@@ -35,15 +34,6 @@ pub(super) const MIGRATION: &str = r#"
 ALTER TABLE chains ADD COLUMN anchor_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE chains ADD COLUMN anchor_hash TEXT NOT NULL DEFAULT '0000000000000000000000000000000000000000000000000000000000000000';
 "#;
-
-/// One chain's prunable prefix.
-struct Cut {
-    chain_id: String,
-    seq: i64,
-    hash: String,
-    events: u64,
-    sessions: Vec<String>,
-}
 
 impl SqliteStore {
     pub(super) fn sql_chain_heads(&self) -> Result<Vec<ChainPoint>, StoreError> {
@@ -154,47 +144,23 @@ fn find_cut(
     let mut last_of_session = tx.prepare_cached(
         "SELECT MAX(chain_seq) FROM events WHERE session_id = ?1 AND chain_id = ?2",
     )?;
-    let mut rows = rows_stmt.query(params![chain_id, anchor_seq])?;
-    let mut need = 0i64; // the cut must reach this far not to split a session
-    let mut count = 0u64;
-    let mut touched: Vec<(i64, String)> = Vec::new(); // (first chain_seq, session) with a row
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut best: Option<(i64, String, u64)> = None;
-    while let Some(r) = rows.next()? {
-        let seq: i64 = r.get(0)?;
-        let session: String = r.get(1)?;
-        let at: i64 = r.get(2)?;
-        let has_row: bool = r.get(4)?;
-        let ended: Option<i64> = r.get(5)?;
-        let expired = match (has_row, ended) {
-            (false, _) => at < cutoff,
-            (true, Some(end)) => end < cutoff,
-            (true, None) => silent,
-        };
-        if !expired {
-            break;
-        }
-        count += 1;
-        if has_row && seen.insert(session.clone()) {
-            let last: i64 = last_of_session.query_row(params![session, chain_id], |r| r.get(0))?;
-            need = need.max(last);
-            touched.push((seq, session));
-        }
-        if need <= seq {
-            best = Some((seq, r.get(3)?, count));
-        }
-    }
-    Ok(best.map(|(seq, hash, events)| Cut {
-        chain_id: chain_id.to_string(),
-        seq,
-        hash,
-        events,
-        sessions: touched
-            .into_iter()
-            .filter(|(first, _)| *first <= seq)
-            .map(|(_, s)| s)
-            .collect(),
-    }))
+    let rows = rows_stmt.query_map(params![chain_id, anchor_seq], |r| {
+        Ok(CutRow {
+            chain_seq: r.get(0)?,
+            session_id: r.get(1)?,
+            at_unix_ms: r.get(2)?,
+            hash: r.get(3)?,
+            has_session_row: r.get(4)?,
+            session_ended_at: r.get(5)?,
+        })
+    })?;
+    chaincheck::find_cut(
+        chain_id,
+        rows.map(|r| r.map_err(StoreError::from)),
+        cutoff,
+        silent,
+        |session| Ok(last_of_session.query_row(params![session, chain_id], |r| r.get(0))?),
+    )
 }
 
 /// Append one event to `chain_id` inside `tx` (the chain's head is read and moved in `tx`).
@@ -259,151 +225,13 @@ fn append_one(
     Ok(())
 }
 
-/// One chain's stored state, as `verify` read it.
-pub(super) struct ChainState {
-    pub chain_id: String,
-    pub head: Option<(i64, String)>,
-    pub anchor: (i64, String),
-}
-
-struct Checkpoint {
-    event_id: i64,
-    session_id: String,
-    payload: Vec<u8>,
-}
-
-/// What `verify` collects while it walks the chains: the anchors attested by `audit.pruned`
-/// events (the latest per chain wins) and the `audit.checkpoint` events to check afterwards.
-#[derive(Default)]
-pub(super) struct AuditChecks {
-    attested: HashMap<String, (i64, String)>,
-    checkpoints: Vec<Checkpoint>,
-}
-
-impl AuditChecks {
-    /// Called for every event that verified, in chain order.
-    pub fn observe(
-        &mut self,
-        chain_id: &str,
-        event_id: i64,
-        session_id: &str,
-        kind: &[u8],
-        payload: &[u8],
-    ) {
-        if kind == KIND_AUDIT_CHECKPOINT.as_bytes() {
-            self.checkpoints.push(Checkpoint {
-                event_id,
-                session_id: session_id.to_string(),
-                payload: payload.to_vec(),
-            });
-        } else if kind == KIND_AUDIT_PRUNED.as_bytes() && chain_id == PRUNE_CHAIN {
-            let anchors = serde_json::from_slice::<Value>(payload)
-                .ok()
-                .and_then(|v| serde_json::from_value::<Vec<ChainPoint>>(v["anchors"].clone()).ok())
-                .unwrap_or_default();
-            for a in anchors {
-                self.attested.insert(a.chain_id, (a.seq, a.hash));
-            }
-        }
-    }
-
-    /// Anchors, then checkpoints; returns the number of checkpoints and the first break.
-    pub fn finish(
-        self,
-        tx: &Transaction<'_>,
-        chains: &[ChainState],
-    ) -> Result<(u64, Option<ChainBreak>), StoreError> {
-        let brk = |chain_id: &str, seq: i64, event_id: i64, session_id: &str, reason: String| {
-            Some(ChainBreak {
-                chain_id: chain_id.to_string(),
-                chain_seq: seq,
-                event_id,
-                session_id: session_id.to_string(),
-                reason,
-            })
-        };
-        let genesis = (0i64, GENESIS_HASH.to_string());
-        for c in chains {
-            let expected = self.attested.get(&c.chain_id).unwrap_or(&genesis);
-            if *expected != c.anchor {
-                let reason = if c.anchor.0 == 0 {
-                    format!("the chain starts at genesis but the latest audit.pruned event anchors it at chain_seq {}", expected.0)
-                } else {
-                    format!(
-                        "anchor at chain_seq {} is not the one recorded by the latest audit.pruned event ({}): events were deleted outside a recorded prune",
-                        c.anchor.0,
-                        if expected.0 == 0 { "none".to_string() } else { format!("chain_seq {}", expected.0) }
-                    )
-                };
-                return Ok((0, brk(&c.chain_id, c.anchor.0, 0, "", reason)));
-            }
-        }
-        let by_id: HashMap<&str, &ChainState> =
-            chains.iter().map(|c| (c.chain_id.as_str(), c)).collect();
-        let mut checked: HashSet<(String, i64, String)> = HashSet::new();
-        let mut hash_at =
-            tx.prepare_cached("SELECT hash FROM events WHERE chain_id = ?1 AND chain_seq = ?2")?;
-        let count = self.checkpoints.len() as u64;
-        for cp in &self.checkpoints {
-            let at_cp = |chain: &str, seq: i64, reason: String| {
-                brk(chain, seq, cp.event_id, &cp.session_id, reason)
-            };
-            let parsed: Option<(Vec<ChainPoint>, String)> =
-                serde_json::from_slice::<Value>(&cp.payload)
-                    .ok()
-                    .and_then(|v| {
-                        let heads = serde_json::from_value(v["heads"].clone()).ok()?;
-                        Some((heads, v["digest"].as_str()?.to_string()))
-                    });
-            let Some((heads, digest)) = parsed else {
-                return Ok((
-                    count,
-                    at_cp("", 0, "audit.checkpoint payload is unreadable".into()),
-                ));
-            };
-            if checkpoint_digest(&heads) != digest {
-                return Ok((
-                    count,
-                    at_cp(
-                        "",
-                        0,
-                        "audit.checkpoint digest does not match its heads".into(),
-                    ),
-                ));
-            }
-            for h in heads {
-                if !checked.insert((h.chain_id.clone(), h.seq, h.hash.clone())) {
-                    continue;
-                }
-                let Some(c) = by_id.get(h.chain_id.as_str()) else {
-                    return Ok((count, at_cp(&h.chain_id, h.seq, format!("checkpoint event {} names chain {}, which is missing (chain deleted)", cp.event_id, h.chain_id))));
-                };
-                let last = c.head.as_ref().map_or(0, |h| h.0);
-                let matches = if h.seq > last {
-                    return Ok((count, at_cp(&h.chain_id, h.seq, format!("checkpoint event {} recorded chain_seq {} but the chain ends at {} (events deleted)", cp.event_id, h.seq, last))));
-                } else if h.seq > c.anchor.0 {
-                    let stored: Option<String> = hash_at
-                        .query_row(params![h.chain_id, h.seq], |r| r.get(0))
-                        .optional()?;
-                    stored.as_deref() == Some(h.hash.as_str())
-                } else if h.seq == c.anchor.0 {
-                    c.anchor.1 == h.hash
-                } else {
-                    true // pruned since; the anchor check covers what is left
-                };
-                if !matches {
-                    return Ok((count, at_cp(&h.chain_id, h.seq, format!("checkpoint event {} recorded another hash at this chain_seq (chain rewritten)", cp.event_id))));
-                }
-            }
-        }
-        Ok((count, None))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EventInput, HashedEvent, Store, KIND_SESSION_CLOSE, KIND_SESSION_OPEN};
+    use crate::{
+        checkpoint_digest, EventInput, HashedEvent, Store, KIND_AUDIT_CHECKPOINT,
+        KIND_SESSION_CLOSE, KIND_SESSION_OPEN,
+    };
     use rusqlite::Connection;
     use std::time::{Duration, UNIX_EPOCH};
 

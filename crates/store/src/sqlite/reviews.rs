@@ -61,26 +61,6 @@ DROP TABLE review_votes;
 ALTER TABLE review_votes_by_principal RENAME TO review_votes;
 "#;
 
-const COLUMNS: &str = "r.id, r.kind, r.session_id, r.resource, r.requester, r.rule, r.statement, \
-     r.statement_sha256, r.min_approvals, r.access_ms, r.status, r.created_at, r.expires_at, \
-     r.decided_at, r.decided_by, r.reason, r.used_at, r.payload, g.until, r.requester_principal";
-const FROM: &str = "FROM reviews r LEFT JOIN access_grants g ON g.review_id = r.id";
-
-/// Request details kept in the `payload` column.
-#[derive(serde::Serialize, serde::Deserialize, Default)]
-struct Payload {
-    #[serde(default)]
-    requester_groups: Vec<String>,
-    #[serde(default)]
-    approvers: Vec<String>,
-    #[serde(default)]
-    request_reason: Option<String>,
-}
-
-fn json_err(e: serde_json::Error) -> StoreError {
-    StoreError::Corrupt(format!("review payload: {e}"))
-}
-
 fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<ReviewRecord, StoreError>> {
     let payload: String = r.get(17)?;
     let p: Payload = match serde_json::from_str(&payload) {
@@ -154,22 +134,9 @@ fn votes(conn: &Connection, id: &str) -> Result<Vec<VoteRecord>, StoreError> {
     Ok(out)
 }
 
-/// The value a lookup by `requester` compares, and what it is compared with.
-fn requester_key(requester: Requester<'_>) -> (&str, &'static str) {
-    match requester {
-        Requester::Principal(p) => (p, "principal"),
-        Requester::Subject(s) => (s, "subject"),
-    }
-}
-
 impl SqliteStore {
     pub(super) fn sql_review_create(&self, r: &ReviewRecord) -> Result<(), StoreError> {
-        let payload = serde_json::to_string(&Payload {
-            requester_groups: r.requester_groups.clone(),
-            approvers: r.approvers.clone(),
-            request_reason: r.request_reason.clone(),
-        })
-        .map_err(json_err)?;
+        let payload = Payload::of(r)?;
         self.writer().execute(
             "INSERT INTO reviews (id, kind, session_id, resource, requester, status, rule, statement, \
              statement_sha256, min_approvals, access_ms, created_at, expires_at, payload, \
@@ -239,15 +206,8 @@ impl SqliteStore {
             tx.commit()?;
             return Ok(VoteOutcome::Expired(rec));
         }
-        let own = match &rec.requester_principal {
-            Some(p) => *p == v.principal,
-            None => rec.requester == v.reviewer,
-        };
-        if own {
-            return Ok(VoteOutcome::SelfApproval);
-        }
-        if rec.votes.iter().any(|x| x.principal == v.principal) {
-            return Ok(VoteOutcome::AlreadyVoted);
+        if let Some(refused) = vote_refused(&rec, v) {
+            return Ok(refused);
         }
         tx.execute(
             "INSERT INTO review_votes (review_id, reviewer, principal, groups, approve, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -261,14 +221,7 @@ impl SqliteStore {
                 v.at_unix_ms
             ],
         )?;
-        let approvals = rec.votes.iter().filter(|x| x.approve).count() as u32 + 1;
-        let decided = if !v.approve {
-            Some(REVIEW_DENIED)
-        } else if approvals >= rec.min_approvals.max(1) {
-            Some(REVIEW_APPROVED)
-        } else {
-            None
-        };
+        let decided = vote_decides(&rec, v);
         if let Some(status) = decided {
             tx.execute(
                 "UPDATE reviews SET status = ?1, decided_at = ?2, decided_by = ?3, reason = ?4 WHERE id = ?5 AND status = ?6",
