@@ -7,7 +7,14 @@
 //! stopped (`pg_ctl stop -m immediate`) when dropped. As root, every server-side command
 //! runs as the `postgres` OS user through `runuser`, because `initdb` refuses root.
 //!
+//! [`MariaDb`] does the same for MariaDB (see the `mariadb` module).
+//!
 //! This crate is linked into the `tollgate` binary: no test-only code, no heavy dependencies.
+
+mod mariadb;
+pub use mariadb::{
+    mariadb_binaries, mariadb_install_hint, MariaDb, MariaDbBinaries, MariaDbOptions,
+};
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -192,6 +199,22 @@ pub enum HarnessError {
         command: String,
         status: String,
         stderr: String,
+    },
+    #[error(
+        "MariaDB server binaries (mariadbd, mariadb-install-db, mariadb) not found; {}",
+        mariadb_install_hint()
+    )]
+    MariaDbNotInstalled,
+    #[error(
+        "running as root, but there is no `mysql` OS user to run the server as; {}",
+        mariadb_install_hint()
+    )]
+    NoMysqlUser,
+    #[error("MariaDB did not start after {attempts} attempt(s); last lines of {}:\n{log_tail}", log.display())]
+    MariaDbStart {
+        attempts: u32,
+        log: PathBuf,
+        log_tail: String,
     },
     #[error("PostgreSQL did not start after {attempts} attempt(s); last lines of {}:\n{log_tail}", log.display())]
     Start {
