@@ -13,7 +13,8 @@
 
 mod mariadb;
 pub use mariadb::{
-    mariadb_binaries, mariadb_install_hint, MariaDb, MariaDbBinaries, MariaDbOptions,
+    mariadb_binaries, mariadb_install_hint, quote_literal as mariadb_quote_literal, MariaDb,
+    MariaDbBinaries, MariaDbOptions,
 };
 
 use std::collections::BTreeSet;

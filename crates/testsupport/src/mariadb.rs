@@ -462,6 +462,7 @@ impl MariaDb {
                 "--skip-column-names",
                 "--connect-timeout=5",
                 "--max-allowed-packet=64M",
+                "--default-character-set=utf8mb4",
                 database,
             ])
             .env_remove("MYSQL_PWD")
