@@ -227,8 +227,10 @@ impl MariaDb {
         ] {
             copy_private(from, &tls_dir.join(name), mode)?;
         }
-        // The server's own socket and pid file: a directory it owns.
+        // The server's own socket, pid file and temporary files: directories it owns (a
+        // shared /tmp let concurrent bootstraps trip over each other's temporary tables).
         make_dir(&run_dir.join("run"), 0o755)?;
+        make_dir(&run_dir.join("tmp"), 0o700)?;
         let log_path = run_dir.join("mariadbd.log");
         fs::write(&log_path, b"").map_err(io_err("cannot create", &log_path))?;
 
@@ -260,6 +262,7 @@ impl MariaDb {
         for path in [
             &server.data_dir,
             &server.run_dir.join("run"),
+            &server.run_dir.join("tmp"),
             &tls_dir.join("server.key"),
             &server.log_path,
         ] {
@@ -295,6 +298,7 @@ impl MariaDb {
                 "pid-file = {}",
                 self.run_dir.join("run/mariadbd.pid").display()
             ),
+            format!("tmpdir = {}", self.run_dir.join("tmp").display()),
             format!("port = {port}"),
             "bind-address = 127.0.0.1".to_owned(),
             "skip-name-resolve".to_owned(),
