@@ -9,18 +9,15 @@
 //! `mysql` OS user (`--user=mysql`). The server is stopped when the value is dropped.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use tollgate_tls::pki::{self, ServerCertSpec};
 
 use super::{
     copy_private, free_port, io_err, log_tail, lookup_user, make_dir, new_temp_dir,
-    random_password, run, wait_for_exit, HarnessError, SERVER_CERT_TTL, START_ATTEMPTS,
+    random_password, run, server_certificate, wait_for_exit, HarnessError, START_ATTEMPTS,
 };
 
 const SERVER_USER: &str = "mysql";
@@ -190,27 +187,11 @@ impl MariaDb {
             (t.path().to_path_buf(), Some(t))
         };
 
-        let ca_dir = match &opts.ca_dir {
-            Some(ca_dir) => ca_dir.clone(),
-            None => {
-                let ca_dir = dir.join("pki");
-                if !ca_dir.join("ca.key").exists() {
-                    pki::init_ca(&ca_dir, "tollgate test MariaDB CA")?;
-                }
-                fs::set_permissions(&ca_dir, fs::Permissions::from_mode(0o755))
-                    .map_err(io_err("cannot chmod", &ca_dir))?;
-                ca_dir
-            }
-        };
-        let issued = pki::issue_server(
-            &ca_dir,
-            &ServerCertSpec {
-                dns: opts.server_dns.clone(),
-                ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-                ttl: SERVER_CERT_TTL,
-                not_before: None,
-            },
-            &dir.join("server"),
+        let (ca_dir, issued) = server_certificate(
+            &dir,
+            opts.ca_dir.as_deref(),
+            "tollgate test MariaDB CA",
+            &opts.server_dns,
         )?;
 
         let data_dir = run_dir.join("data");
