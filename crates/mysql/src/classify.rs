@@ -463,7 +463,13 @@ impl Visitor for Collect {
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = expr {
-            self.functions.insert(name_of(&f.name));
+            // Built-in function names are case-insensitive.
+            let name = name_of(&f.name);
+            self.functions.insert(if name.contains('.') {
+                name
+            } else {
+                name.to_ascii_lowercase()
+            });
         }
         ControlFlow::Continue(())
     }
@@ -677,7 +683,11 @@ fn set_facts(set: &Set, facts: &mut Facts) -> (String, bool) {
         let raw = name_of(name).to_ascii_lowercase();
         let last = raw.rsplit('.').next().unwrap_or(&raw);
         let n = last.trim_start_matches('@').to_string();
-        let v = value.and_then(literal);
+        let v = if n == "sql_mode" {
+            value.and_then(sql_mode_value)
+        } else {
+            value.and_then(literal)
+        };
         facts.sets.push((n, v));
     };
     match set {
@@ -708,6 +718,46 @@ fn set_facts(set: &Set, facts: &mut Facts) -> (String, bool) {
         .iter()
         .any(|(n, _)| n.contains("read_only") || n == "transaction");
     (name, read_write)
+}
+
+/// What a `sql_mode` assignment adds: a literal, or `CONCAT(@@sql_mode, '<flags>', ...)` (the
+/// current mode plus literal flags, as MariaDB Connector/J sends), as the added flags.
+fn sql_mode_value(e: &Expr) -> Option<String> {
+    if let Some(l) = literal(e) {
+        return Some(l);
+    }
+    let Expr::Function(f) = e else { return None };
+    if !name_of(&f.name).eq_ignore_ascii_case("concat") {
+        return None;
+    }
+    let ast::FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    let mut parts = list.args.iter().map(|a| match a {
+        ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Some(e),
+        _ => None,
+    });
+    let current = match parts.next()?? {
+        Expr::Identifier(i) => i.value.clone(),
+        Expr::CompoundIdentifier(ids) => ids
+            .iter()
+            .map(|i| i.value.as_str())
+            .collect::<Vec<_>>()
+            .join("."),
+        _ => return None,
+    };
+    let current = current.to_ascii_lowercase();
+    if !matches!(
+        current.as_str(),
+        "@@sql_mode" | "@@session.sql_mode" | "@@local.sql_mode"
+    ) {
+        return None;
+    }
+    let mut added = Vec::new();
+    for p in parts {
+        added.push(literal(p?)?);
+    }
+    Some(added.join(","))
 }
 
 /// A literal's text (strings unquoted), or an identifier used as a value (`SET NAMES utf8mb4`,
@@ -829,6 +879,12 @@ mod tests {
         );
         assert!(refusal("set sql_mode = 'STRICT_TRANS_TABLES'").is_none());
         assert!(refusal("set sql_mode = @x").is_some());
+        assert!(
+            refusal("SET autocommit=1, sql_mode = concat(@@sql_mode,',STRICT_TRANS_TABLES')")
+                .is_none()
+        );
+        assert!(refusal("SET sql_mode = concat(@@sql_mode,',ANSI_QUOTES')").is_some());
+        assert!(refusal("SET sql_mode = concat(@x,',STRICT_TRANS_TABLES')").is_some());
         assert!(refusal("select 1; set character_set_client = 'utf8mb4'").is_some());
         let other = Scope {
             database: "crm",
