@@ -63,7 +63,7 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
             r.kind,
             ResourceKind::Postgres | ResourceKind::Http | ResourceKind::Mcp | ResourceKind::Mysql
         ) {
-            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\", \"http\" and \"mcp\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\", \"mysql\", \"http\" and \"mcp\" resources can be served", config.path.display(), r.line, r.name, r.kind);
         }
         if r.kind == ResourceKind::Mysql && config.server.mysql_listen.is_none() {
             bail!("{}:{}: resource {:?}: mysql resources are served on server.mysql_listen; set it (e.g. \"127.0.0.1:3307\")", config.path.display(), r.line, r.name);
