@@ -8,6 +8,13 @@
 #                        the tests), node and npm (the OpenID provider of tests/oidc.rs, the
 #                        reference MCP SDK of tests/mcp.rs), chromium and chromium-driver (the
 #                        browser of tests/console.rs)
+#   need_mariadb         MariaDB server binaries (mariadbd, mariadb-install-db) and the mariadb
+#                        client: the throwaway TLS MariaDB of the MySQL tests and the demo
+#   need_mysql_clients   what the MySQL client matrix (tests/mysql_clients.rs) runs besides the
+#                        mariadb client: a JDK and MariaDB Connector/J (libmariadb-java), and
+#                        python3 venv (PyMySQL, mysql-connector-python and node mysql2 are
+#                        installed by the tests under target/tmp)
+#   need_sysbench        sysbench, for scripts/bench-mysql
 #   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
 #   install_needed       installs what the calls above found missing
 #   need_cargo           fails with a hint when there is no Rust toolchain
@@ -38,6 +45,22 @@ need_test_tools() {
   # A real browser for the web console tests, driven over WebDriver (tests/console.rs).
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+}
+
+need_mariadb() {
+  { [ -x /usr/sbin/mariadbd ] || command -v mariadbd >/dev/null 2>&1; } || missing+=(mariadb-server)
+  command -v mariadb-install-db >/dev/null 2>&1 || missing+=(mariadb-server)
+  command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
+}
+
+need_mysql_clients() {
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+  ls /usr/share/java/mariadb-java-client.jar >/dev/null 2>&1 || missing+=(libmariadb-java)
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+}
+
+need_sysbench() {
+  command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
 }
 
 # After install_needed: a python3 first on PATH that is not the system's (pyenv, a venv) gets

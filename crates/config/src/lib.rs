@@ -44,6 +44,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Server {
     pub postgres_listen: Option<SocketAddr>,
+    /// MySQL and MariaDB clients (TLS required; `kind = "mysql"` resources).
+    pub mysql_listen: Option<SocketAddr>,
     pub https_listen: Option<SocketAddr>,
     /// HTTP resources on their own listener, chosen by host name (`<resource>.<anything>`);
     /// without it they are served on `https_listen` under `/r/<name>/`.
@@ -285,6 +287,8 @@ pub struct Resource {
     pub upstream_host: String,
     pub upstream_port: u16,
     pub database: Option<String>,
+    /// MySQL: other databases on the upstream that statements may name (`db.table`, `USE db`).
+    pub databases: Vec<String>,
     pub allow_groups: Vec<String>,
     pub connect_timeout: Duration,
     pub tls: UpstreamTls,
@@ -931,6 +935,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     postgres_listen: Option<Spanned<String>>,
+    mysql_listen: Option<Spanned<String>>,
     https_listen: Option<Spanned<String>>,
     http_listen: Option<Spanned<String>>,
     admin_listen: Option<Spanned<String>>,
@@ -1004,6 +1009,8 @@ struct RawResource {
     kind: ResourceKind,
     upstream: Spanned<String>,
     database: Option<String>,
+    #[serde(default)]
+    databases: Vec<String>,
     #[serde(default)]
     allow_groups: Vec<String>,
     connect_timeout: Option<Spanned<String>>,
@@ -1399,6 +1406,7 @@ impl Ctx<'_> {
             (s.checkpoint_interval.as_ref().or(s.retention.as_ref())).map_or(0, |v| v.span().start);
         let server = Server {
             postgres_listen: self.addr("server.postgres_listen", s.postgres_listen)?,
+            mysql_listen: self.addr("server.mysql_listen", s.mysql_listen)?,
             https_listen: self.addr("server.https_listen", s.https_listen)?,
             http_listen: self.addr("server.http_listen", s.http_listen)?,
             admin_listen: self.addr("server.admin_listen", s.admin_listen)?,
@@ -1802,6 +1810,7 @@ impl Ctx<'_> {
                 upstream_port: port,
                 upstream,
                 database: r.database,
+                databases: r.databases,
                 allow_groups: r.allow_groups,
                 connect_timeout,
                 credentials,

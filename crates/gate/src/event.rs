@@ -337,3 +337,58 @@ impl Event for McpPin {
         self.kind
     }
 }
+
+/// A SQL command as judged, recorded before it is forwarded (MySQL adapter; PostgreSQL's
+/// relay writes the same kind and field names untyped).
+#[derive(Debug, Clone, Serialize)]
+pub struct SqlCommand {
+    pub n: u64,
+    /// The wire command: `query`, `prepare`, `execute`, `init_db`, `field_list`, ...
+    pub protocol: &'static str,
+    /// The SQL text, clipped (a prepared statement's execution shows the prepared text).
+    pub text: String,
+    /// SHA-256 of the full text when `text` was clipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement_id: Option<u32>,
+    /// One line per statement: kind, tables, functions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub classified: Option<String>,
+    pub decision: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<Value>,
+}
+
+impl Event for SqlCommand {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+}
+
+/// How a SQL command ended, as the client saw it (rows masked).
+#[derive(Debug, Clone, Serialize)]
+pub struct SqlResult {
+    pub n: u64,
+    /// `ok`, `error` (from the server) or `refused` (by the gateway).
+    pub outcome: &'static str,
+    pub rows: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqlstate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Values masked, and the rules or detectors that fired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<Value>,
+    pub duration_us: u64,
+}
+
+impl Event for SqlResult {
+    fn kind(&self) -> &'static str {
+        "result"
+    }
+}

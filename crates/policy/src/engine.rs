@@ -675,6 +675,17 @@ impl SessionPolicy {
         (j, c)
     }
 
+    /// A query classified by another SQL grammar (the MySQL adapter's), judged exactly as
+    /// [`judge_query`](Self::judge_query) judges PostgreSQL's.
+    pub fn judge_classification(
+        &mut self,
+        c: &crate::classify::Classified,
+        who: &Caller,
+        now: OffsetDateTime,
+    ) -> Judgement {
+        self.judge_classified(c, who, now)
+    }
+
     fn judge_classified(
         &mut self,
         c: &crate::classify::Classified,

@@ -30,6 +30,7 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    pub mysql: Option<SocketAddr>,
 }
 
 /// Refuse configurations this build cannot enforce: a guardrail or mask that silently does
@@ -60,9 +61,12 @@ pub fn ensure_supported(config: &Config) -> anyhow::Result<()> {
     for r in &config.resources {
         if !matches!(
             r.kind,
-            ResourceKind::Postgres | ResourceKind::Http | ResourceKind::Mcp
+            ResourceKind::Postgres | ResourceKind::Http | ResourceKind::Mcp | ResourceKind::Mysql
         ) {
-            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\", \"http\" and \"mcp\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+            bail!("{}:{}: resource {:?}: kind \"{}\" is not supported by this build yet; \"postgres\", \"mysql\", \"http\" and \"mcp\" resources can be served", config.path.display(), r.line, r.name, r.kind);
+        }
+        if r.kind == ResourceKind::Mysql && config.server.mysql_listen.is_none() {
+            bail!("{}:{}: resource {:?}: mysql resources are served on server.mysql_listen; set it (e.g. \"127.0.0.1:3307\")", config.path.display(), r.line, r.name);
         }
         if matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp)
             && config.server.https_listen.is_none()
@@ -355,6 +359,45 @@ pub async fn run(
         None => None,
     };
 
+    let mysql_task = match config.server.mysql_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding server.mysql_listen {addr}"))?;
+            bound.mysql = Some(l.local_addr()?);
+            let mysql_refusals = Arc::new(tollgate_store::refused::Refusals::new(
+                "mysql",
+                format!("{chain_id}-refused-mysql"),
+            ));
+            audit_tasks.push(tokio::spawn(
+                mysql_refusals
+                    .clone()
+                    .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
+            ));
+            let mysql_gw = Arc::new(tollgate_mysql::MysqlGateway {
+                tls: pg_tls.clone(),
+                targets: arc_swap::ArcSwap::from_pointee(tollgate_mysql::compile_targets(&config)?),
+                tokens: arc_swap::ArcSwap::from_pointee(tollgate_identity::TokenVerifier::new(
+                    &config.identity.tokens,
+                )),
+                oidc: oidc.clone(),
+                limits: gw.limits.clone(),
+                refusals: mysql_refusals,
+                recorder: recorder.clone(),
+                reviews: Some(reviews.clone()),
+                review_rerun_window: config.server.review_rerun_window,
+                max_message: config.server.max_message_bytes,
+                handshake_timeout: config.server.handshake_timeout,
+                audit_fail_closed: gw.audit_fail_closed,
+                audit_timeout: config.server.audit_timeout,
+                record_commands: config.server.record_commands,
+                threads: Default::default(),
+            });
+            Some(tokio::spawn(mysql_gw.serve(l)))
+        }
+        None => None,
+    };
+
     let accept_gw = gw.clone();
     let accept_task = tokio::spawn(async move {
         loop {
@@ -376,6 +419,7 @@ pub async fn run(
         postgres = ?bound.postgres,
         admin = ?bound.admin,
         https = ?bound.https,
+        mysql = ?bound.mysql,
         "tollgate is serving"
     );
     on_bound(&bound);
@@ -384,6 +428,9 @@ pub async fn run(
     tracing::info!("shutting down: no new connections; flushing the audit trail");
     ready.store(false, Ordering::SeqCst);
     accept_task.abort();
+    if let Some(t) = &mysql_task {
+        t.abort();
+    }
     reload_task.abort();
     config_reload_task.abort();
     if let Some(t) = &scan_task {
@@ -533,6 +580,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("server.https_listen", o.https_listen != n.https_listen),
         ("server.http_listen", o.http_listen != n.http_listen),
+        ("server.mysql_listen", o.mysql_listen != n.mysql_listen),
         ("server.admin_listen", o.admin_listen != n.admin_listen),
         ("server.tls_cert", o.tls_cert != n.tls_cert),
         ("server.tls_key", o.tls_key != n.tls_key),

@@ -7,7 +7,15 @@
 //! stopped (`pg_ctl stop -m immediate`) when dropped. As root, every server-side command
 //! runs as the `postgres` OS user through `runuser`, because `initdb` refuses root.
 //!
+//! [`MariaDb`] does the same for MariaDB (see the `mariadb` module).
+//!
 //! This crate is linked into the `tollgate` binary: no test-only code, no heavy dependencies.
+
+mod mariadb;
+pub use mariadb::{
+    mariadb_binaries, mariadb_install_hint, quote_literal as mariadb_quote_literal, MariaDb,
+    MariaDbBinaries, MariaDbOptions,
+};
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -193,6 +201,22 @@ pub enum HarnessError {
         status: String,
         stderr: String,
     },
+    #[error(
+        "MariaDB server binaries (mariadbd, mariadb-install-db, mariadb) not found; {}",
+        mariadb_install_hint()
+    )]
+    MariaDbNotInstalled,
+    #[error(
+        "running as root, but there is no `mysql` OS user to run the server as; {}",
+        mariadb_install_hint()
+    )]
+    NoMysqlUser,
+    #[error("MariaDB did not start after {attempts} attempt(s); last lines of {}:\n{log_tail}", log.display())]
+    MariaDbStart {
+        attempts: u32,
+        log: PathBuf,
+        log_tail: String,
+    },
     #[error("PostgreSQL did not start after {attempts} attempt(s); last lines of {}:\n{log_tail}", log.display())]
     Start {
         attempts: u32,
@@ -365,6 +389,40 @@ fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// The CA that signs a test server's certificate (`ca_dir`, or one made in `dir/pki`) and a
+/// server certificate from it in `dir/server.crt`/`.key` for `dns` and 127.0.0.1.
+fn server_certificate(
+    dir: &Path,
+    ca_dir: Option<&Path>,
+    ca_name: &str,
+    dns: &[String],
+) -> Result<(PathBuf, pki::IssuedFiles), HarnessError> {
+    let ca_dir = match ca_dir {
+        Some(ca_dir) => ca_dir.to_path_buf(),
+        None => {
+            let ca_dir = dir.join("pki");
+            if !ca_dir.join("ca.key").exists() {
+                pki::init_ca(&ca_dir, ca_name)?;
+            }
+            // Clients running as other users may need ca.crt; ca.key stays 0600.
+            fs::set_permissions(&ca_dir, fs::Permissions::from_mode(0o755))
+                .map_err(io_err("cannot chmod", &ca_dir))?;
+            ca_dir
+        }
+    };
+    let issued = pki::issue_server(
+        &ca_dir,
+        &ServerCertSpec {
+            dns: dns.to_vec(),
+            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            ttl: SERVER_CERT_TTL,
+            not_before: None,
+        },
+        &dir.join("server"),
+    )?;
+    Ok((ca_dir, issued))
+}
+
 fn make_dir(path: &Path, mode: u32) -> Result<(), HarnessError> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -459,28 +517,11 @@ impl PgCluster {
             ..runner
         };
 
-        let ca_dir = match &opts.ca_dir {
-            Some(ca_dir) => ca_dir.clone(),
-            None => {
-                let ca_dir = dir.join("pki");
-                if !ca_dir.join("ca.key").exists() {
-                    pki::init_ca(&ca_dir, "tollgate test PostgreSQL CA")?;
-                }
-                // Clients running as other users may need ca.crt; ca.key stays 0600.
-                fs::set_permissions(&ca_dir, fs::Permissions::from_mode(0o755))
-                    .map_err(io_err("cannot chmod", &ca_dir))?;
-                ca_dir
-            }
-        };
-        let issued = pki::issue_server(
-            &ca_dir,
-            &ServerCertSpec {
-                dns: opts.server_dns.clone(),
-                ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-                ttl: SERVER_CERT_TTL,
-                not_before: None,
-            },
-            &dir.join("server"),
+        let (ca_dir, issued) = server_certificate(
+            &dir,
+            opts.ca_dir.as_deref(),
+            "tollgate test PostgreSQL CA",
+            &opts.server_dns,
         )?;
 
         let data_dir = run_dir.join("data");

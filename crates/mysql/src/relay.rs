@@ -1,0 +1,1063 @@
+//! The command loop of an authenticated session. MySQL is request/response: the relay reads
+//! one client command, judges it, forwards it (or answers it itself), and relays the server's
+//! whole answer, masking rows, before it reads the next command.
+
+use crate::classify::{self, Scope};
+use crate::io::{frame, read_packet, write_packet, IoError};
+use crate::proto::{self, com, Column, ErrPacket, Layout, OkPacket, Reader};
+use crate::session::{codes, err};
+use crate::upstream::{Target, UpStream};
+use crate::MysqlGateway;
+use serde_json::json;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tollgate_gate::event::{ReviewEvent, SqlCommand, SqlResult};
+use tollgate_gate::hold::{self, HoldRequest, Opened};
+use tollgate_gate::{Decision, SessionLog};
+use tollgate_identity::Identity;
+use tollgate_mask::{ColumnInfo, Format, Outcome, RowPlan};
+use tollgate_policy::{Classification, Classified, Confirmation, SessionPolicy};
+use tollgate_review::Verdict;
+
+type Client = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Recorded SQL text is clipped to this many bytes (the digest covers the rest).
+const MAX_TEXT: usize = 4096;
+const ER_UNKNOWN_COM: u16 = 1047;
+const ER_UNKNOWN_STMT_HANDLER: u16 = 1243;
+const ER_NO_SUCH_THREAD: u16 = 1094;
+const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
+const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
+
+pub(crate) struct End {
+    pub outcome: &'static str,
+    pub reason: Option<String>,
+    pub commands: u64,
+}
+
+struct Prepared {
+    text: Arc<str>,
+    classified: Arc<Classified>,
+    refusal: Option<String>,
+    /// The result's columns, from PREPARE_OK or the last execution that described them.
+    columns: Vec<Column>,
+}
+
+/// What passed in one answer.
+#[derive(Default)]
+struct Summary {
+    rows: u64,
+    affected: u64,
+    error: Option<ErrPacket>,
+    masked: u64,
+    reasons: BTreeSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Broken {
+    #[error("client: {0}")]
+    Client(std::io::Error),
+    #[error("upstream: {0}")]
+    Upstream(IoError),
+    #[error("upstream sent a malformed packet")]
+    Malformed,
+}
+
+pub(crate) struct Relay<'a> {
+    gw: &'a MysqlGateway,
+    target: &'a Target,
+    log: &'a SessionLog,
+    who: &'a Identity,
+    unmasked: bool,
+    caps: u32,
+    policy: SessionPolicy,
+    stmts: HashMap<u32, Prepared>,
+    last_prepared: Option<u32>,
+    /// The statement whose execution is being relayed (its rows are binary).
+    executing: Option<u32>,
+    n: u64,
+    /// Bytes for the client, and the sequence number of the next packet.
+    out: Vec<u8>,
+    cseq: u8,
+    useq: u8,
+}
+
+enum Verdicts {
+    Forward,
+    /// Answered by the gateway (refused); the result is recorded.
+    Answered,
+}
+
+impl<'a> Relay<'a> {
+    pub(crate) fn new(
+        gw: &'a MysqlGateway,
+        target: &'a Target,
+        log: &'a SessionLog,
+        who: &'a Identity,
+        unmasked: bool,
+        caps: u32,
+    ) -> Self {
+        Relay {
+            gw,
+            target,
+            log,
+            who,
+            unmasked,
+            caps,
+            policy: target.policy.session(),
+            stmts: HashMap::new(),
+            last_prepared: None,
+            executing: None,
+            n: 0,
+            out: Vec::with_capacity(16 * 1024),
+            cseq: 1,
+            useq: 1,
+        }
+    }
+
+    fn scope(&self) -> Scope<'a> {
+        Scope {
+            database: self.target.database(),
+            databases: &self.target.resource.databases,
+        }
+    }
+
+    pub(crate) async fn run(mut self, client: Client, up: &mut UpStream) -> End {
+        let (r, mut w) = tokio::io::split(client);
+        let mut r = BufReader::new(r);
+        let end = loop {
+            let (seq, p) = match read_packet(&mut r, self.gw.max_message).await {
+                Ok(x) => x,
+                Err(IoError::Closed) => break ("ok", None),
+                Err(IoError::TooLarge(max)) => {
+                    self.cseq = 1;
+                    self.answer_err(
+                        ER_NET_PACKET_TOO_LARGE,
+                        "08S01",
+                        format!("Got a packet bigger than tollgate's limit of {max} bytes (server.max_message_bytes)"),
+                    );
+                    let _ = self.flush(&mut w).await;
+                    break ("error", Some("packet_too_large".into()));
+                }
+                Err(e) => break ("error", Some(e.to_string())),
+            };
+            self.cseq = seq.wrapping_add(1);
+            let Some(&command) = p.first() else {
+                break ("error", Some("empty packet".into()));
+            };
+            if command == com::QUIT {
+                break ("ok", None);
+            }
+            let res = self.command(command, p, &mut r, up).await;
+            if let Err(e) = self.flush(&mut w).await {
+                break ("error", Some(Broken::Client(e).to_string()));
+            }
+            if let Err(e) = res {
+                break ("error", Some(e.to_string()));
+            }
+        };
+        let _ = w.shutdown().await;
+        End {
+            outcome: end.0,
+            reason: end.1,
+            commands: self.n,
+        }
+    }
+
+    async fn flush(&mut self, w: &mut WriteHalf<Client>) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            w.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        w.flush().await
+    }
+
+    fn to_client(&mut self, payload: &[u8]) {
+        frame(&mut self.out, &mut self.cseq, payload);
+    }
+
+    fn answer_err(&mut self, code: u16, sqlstate: &str, msg: impl Into<String>) {
+        let p = err(code, sqlstate, msg);
+        self.to_client(&p);
+    }
+
+    async fn up_send(&mut self, up: &mut UpStream, p: &[u8]) -> Result<(), Broken> {
+        let mut seq = 0;
+        write_packet(up, &mut seq, p)
+            .await
+            .map_err(|e| Broken::Upstream(e.into()))?;
+        self.useq = seq;
+        Ok(())
+    }
+
+    async fn up_read(&mut self, up: &mut UpStream) -> Result<Vec<u8>, Broken> {
+        let (s, p) = read_packet(up, self.gw.max_message)
+            .await
+            .map_err(Broken::Upstream)?;
+        self.useq = s.wrapping_add(1);
+        Ok(p)
+    }
+
+    async fn command(
+        &mut self,
+        command: u8,
+        mut p: Vec<u8>,
+        r: &mut BufReader<ReadHalf<Client>>,
+        up: &mut UpStream,
+    ) -> Result<(), Broken> {
+        match command {
+            com::QUERY => {
+                let Ok(text) = std::str::from_utf8(&p[1..]) else {
+                    let c: Classified = Classification::Unparsable {
+                        error: "not UTF-8".into(),
+                    }
+                    .into();
+                    let text = String::from_utf8_lossy(&p[1..]).into_owned();
+                    return self.judged(r, up, "query", &text, None, &c, None, &p).await;
+                };
+                let text = text.to_string();
+                if let Some((query, id)) = classify::kill_target(&text) {
+                    return self.kill(r, up, &text, query, id).await;
+                }
+                let a = classify::analyze(&text, self.scope());
+                let c: Classified = a.classification.into();
+                self.judged(r, up, "query", &text, None, &c, a.refusal.as_deref(), &p)
+                    .await
+            }
+            com::STMT_PREPARE => {
+                let text = String::from_utf8_lossy(&p[1..]).into_owned();
+                let a = match std::str::from_utf8(&p[1..]) {
+                    Ok(t) => classify::analyze(t, self.scope()),
+                    Err(_) => classify::Analysis {
+                        classification: Classification::Unparsable {
+                            error: "not UTF-8".into(),
+                        },
+                        refusal: None,
+                    },
+                };
+                let c = Arc::new(Classified::from(a.classification));
+                self.prepare(up, text, c, a.refusal, &p).await
+            }
+            com::STMT_EXECUTE | com::STMT_BULK_EXECUTE => {
+                let id = proto::statement_id(&p).map_err(|_| Broken::Malformed)?;
+                let id = if id == proto::LAST_PREPARED {
+                    self.last_prepared.unwrap_or(id)
+                } else {
+                    id
+                };
+                let Some(st) = self.stmts.get(&id) else {
+                    self.n += 1;
+                    self.answer_err(
+                        ER_UNKNOWN_STMT_HANDLER,
+                        "HY000",
+                        format!("Unknown prepared statement handler ({id}) given to tollgate"),
+                    );
+                    return Ok(());
+                };
+                // The server runs exactly the statement the gateway judged.
+                proto::set_statement_id(&mut p, id);
+                let (text, c, refusal) =
+                    (st.text.clone(), st.classified.clone(), st.refusal.clone());
+                let protocol = if command == com::STMT_EXECUTE {
+                    "execute"
+                } else {
+                    "bulk_execute"
+                };
+                self.judged(r, up, protocol, &text, Some(id), &c, refusal.as_deref(), &p)
+                    .await
+            }
+            com::STMT_FETCH => {
+                let id = proto::statement_id(&p).map_err(|_| Broken::Malformed)?;
+                let Some(st) = self.stmts.get(&id) else {
+                    self.answer_err(
+                        ER_UNKNOWN_STMT_HANDLER,
+                        "HY000",
+                        format!("Unknown prepared statement handler ({id}) given to tollgate"),
+                    );
+                    return Ok(());
+                };
+                let columns = st.columns.clone();
+                self.up_send(up, &p).await?;
+                self.executing = Some(id);
+                let mut s = Summary::default();
+                let plan = self.plan(&columns);
+                let res = self.rows(up, &columns, true, &plan, &mut s).await;
+                self.executing = None;
+                res.map(|_| ())
+            }
+            com::STMT_SEND_LONG_DATA => {
+                let id = proto::statement_id(&p).map_err(|_| Broken::Malformed)?;
+                if self.stmts.contains_key(&id) {
+                    self.up_send(up, &p).await?;
+                }
+                Ok(())
+            }
+            com::STMT_CLOSE => {
+                let id = proto::statement_id(&p).map_err(|_| Broken::Malformed)?;
+                if self.stmts.remove(&id).is_some() {
+                    self.up_send(up, &p).await?;
+                }
+                if self.last_prepared == Some(id) {
+                    self.last_prepared = None;
+                }
+                Ok(())
+            }
+            com::INIT_DB => {
+                let name = String::from_utf8_lossy(&p[1..]).into_owned();
+                let db = if name == self.target.resource.name {
+                    self.target.database().to_string()
+                } else {
+                    name.clone()
+                };
+                let scope = self.scope();
+                if !(db.eq_ignore_ascii_case(scope.database)
+                    || scope.databases.iter().any(|d| d.eq_ignore_ascii_case(&db)))
+                {
+                    self.n += 1;
+                    self.answer_err(codes::DB_ACCESS_DENIED, "42000", format!("database \"{name}\" is not part of resource \"{}\": connect to another resource with a new connection", self.target.resource.name));
+                    return Ok(());
+                }
+                let mut q = vec![com::INIT_DB];
+                q.extend_from_slice(db.as_bytes());
+                self.up_send(up, &q).await?;
+                self.simple(up).await
+            }
+            com::FIELD_LIST => {
+                let table = String::from_utf8_lossy(Reader::new(&p[1..]).nul_str()).into_owned();
+                let text = format!("SHOW COLUMNS FROM `{}`", table.replace('`', "``"));
+                let a = classify::analyze(&text, self.scope());
+                let c: Classified = a.classification.into();
+                self.judged(
+                    r,
+                    up,
+                    "field_list",
+                    &text,
+                    None,
+                    &c,
+                    a.refusal.as_deref(),
+                    &p,
+                )
+                .await
+            }
+            com::PING | com::STATISTICS | com::SET_OPTION | com::STMT_RESET => {
+                self.up_send(up, &p).await?;
+                self.simple(up).await
+            }
+            com::RESET_CONNECTION => {
+                self.up_send(up, &p).await?;
+                self.simple(up).await?;
+                // The server forgot its prepared statements and session state: so does the gateway.
+                self.stmts.clear();
+                self.last_prepared = None;
+                self.policy = self.target.policy.session();
+                Ok(())
+            }
+            com::CHANGE_USER => {
+                self.answer_err(ER_SPECIFIC_ACCESS_DENIED, "42000", "COM_CHANGE_USER is not supported through tollgate: open a new connection for another identity or resource (COM_RESET_CONNECTION resets this session)");
+                Ok(())
+            }
+            other => {
+                self.answer_err(
+                    ER_UNKNOWN_COM,
+                    "08S01",
+                    format!("command {other:#04x} is not supported through tollgate"),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Relays a one-packet answer (OK, ERR, EOF, a statistics string).
+    async fn simple(&mut self, up: &mut UpStream) -> Result<(), Broken> {
+        let a = self.up_read(up).await?;
+        self.to_client(&a);
+        Ok(())
+    }
+
+    fn decide(&mut self, c: &Classified, refusal: Option<&str>) -> tollgate_policy::Judgement {
+        let caller = tollgate_policy::Caller {
+            subject: &self.who.subject,
+            groups: &self.who.groups,
+        };
+        let mut j = self
+            .policy
+            .judge_classification(c, &caller, time::OffsetDateTime::now_utc());
+        if let Some(msg) = refusal {
+            j.decision = Decision::Deny {
+                rule: "mysql_safety".into(),
+                message: format!("{msg} (rule \"mysql_safety\")"),
+            };
+        }
+        j
+    }
+
+    /// Judge a command, record it, and forward it (or refuse it), then relay its answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn judged(
+        &mut self,
+        r: &mut BufReader<ReadHalf<Client>>,
+        up: &mut UpStream,
+        protocol: &'static str,
+        text: &str,
+        statement_id: Option<u32>,
+        c: &Classified,
+        refusal: Option<&str>,
+        wire: &[u8],
+    ) -> Result<(), Broken> {
+        self.n += 1;
+        let n = self.n;
+        let started = Instant::now();
+        let j = self.decide(c, refusal);
+        let ev = SqlCommand {
+            n,
+            protocol,
+            text: clip(text),
+            digest: (text.len() > MAX_TEXT).then(|| sha256_hex(text.as_bytes())),
+            statement_id,
+            classified: Some(c.line().to_string()),
+            decision: j.decision.summary(),
+            dry_run: j.dry_run.as_ref().map(Decision::summary),
+        };
+        if let Verdicts::Answered = self.gate(r, &ev, &j.decision, text, started).await {
+            for e in j.effects {
+                self.policy.confirm(e, Confirmation::Failed);
+            }
+            return Ok(());
+        }
+        self.up_send(up, wire).await?;
+        self.executing = statement_id;
+        let s = self.result(up, protocol == "field_list").await;
+        self.executing = None;
+        let s = s?;
+        let how = if s.error.is_some() {
+            Confirmation::Failed
+        } else {
+            Confirmation::Done
+        };
+        for e in j.effects {
+            self.policy.confirm(e, how);
+        }
+        self.record_result(n, &s, started);
+        Ok(())
+    }
+
+    /// Records the command (fail closed) and applies its decision: hold it for review, refuse
+    /// it, or let it through.
+    async fn gate(
+        &mut self,
+        r: &mut BufReader<ReadHalf<Client>>,
+        ev: &SqlCommand,
+        decision: &Decision,
+        text: &str,
+        started: Instant,
+    ) -> Verdicts {
+        let n = ev.n;
+        let written = if self.gw.record_commands || !decision.is_allow() {
+            match tokio::time::timeout(self.gw.audit_timeout, self.log.append(ev)).await {
+                Ok(Ok(())) => true,
+                _ => false,
+            }
+        } else {
+            true
+        };
+        if !written && self.gw.audit_fail_closed {
+            self.log.record_refused(ev, "audit_unavailable");
+            self.refuse(n, codes::UNKNOWN, "HY000", "tollgate cannot write the audit record of this statement, so it was not run; try again shortly".into(), started);
+            return Verdicts::Answered;
+        }
+        match decision {
+            Decision::Allow { .. } => Verdicts::Forward,
+            Decision::Deny { message, .. } => {
+                self.refuse(
+                    n,
+                    ER_SPECIFIC_ACCESS_DENIED,
+                    "42000",
+                    format!("tollgate: {message}"),
+                    started,
+                );
+                Verdicts::Answered
+            }
+            Decision::Review {
+                rule,
+                approvers,
+                min_approvals,
+                timeout,
+            } => {
+                self.hold(
+                    r,
+                    n,
+                    text,
+                    rule,
+                    approvers,
+                    *min_approvals,
+                    *timeout,
+                    started,
+                )
+                .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn hold(
+        &mut self,
+        r: &mut BufReader<ReadHalf<Client>>,
+        n: u64,
+        text: &str,
+        rule: &str,
+        approvers: &[String],
+        min_approvals: u32,
+        timeout: std::time::Duration,
+        started: Instant,
+    ) -> Verdicts {
+        let Some(reviews) = self.gw.reviews.clone() else {
+            self.refuse(n, ER_SPECIFIC_ACCESS_DENIED, "42000", format!("tollgate: this statement needs approval (rule \"{rule}\") but reviews are not available on this gateway"), started);
+            return Verdicts::Answered;
+        };
+        let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+        d.update(b"mysql\0");
+        d.update(text.as_bytes());
+        let req = HoldRequest {
+            session_id: &self.log.id,
+            resource: &self.target.resource.name,
+            subject: &self.who.subject,
+            groups: &self.who.groups,
+            principal: &self.who.principal,
+            rule,
+            shown: clip(text),
+            digest: hex::encode(d.finish()),
+            approvers,
+            min_approvals,
+            timeout,
+        };
+        let review = match hold::open(&reviews, req, self.gw.review_rerun_window) {
+            Ok(Opened::Rerun(rv)) => {
+                self.log.record(&ReviewEvent {
+                    kind: "review.rerun",
+                    n,
+                    review: rv.id,
+                    reviewers: vec![],
+                    waited_ms: None,
+                });
+                return Verdicts::Forward;
+            }
+            Ok(Opened::Pending(rv)) => rv,
+            Err(e) => {
+                tracing::error!(session = %self.log.id, error = %e, "could not open a review");
+                self.refuse(
+                    n,
+                    codes::UNKNOWN,
+                    "HY000",
+                    "tollgate could not open a review for this statement, so it was not run".into(),
+                    started,
+                );
+                return Verdicts::Answered;
+            }
+        };
+        // MySQL has no notices: the review id goes to the log (and the notifications) now,
+        // and into the error if the statement does not run.
+        tracing::info!(session = %self.log.id, review = %review.id, url = ?review.url, resource = %self.target.resource.name, subject = %self.who.subject, "statement held for review; the client waits");
+        self.log.record(&ReviewEvent {
+            kind: "review.requested",
+            n,
+            review: review.id.clone(),
+            reviewers: vec![],
+            waited_ms: None,
+        });
+        let held = Instant::now();
+        let gone = async {
+            // Completes when the client closes its connection (data it sends waits its turn).
+            match r.fill_buf().await {
+                Ok(b) if !b.is_empty() => std::future::pending::<()>().await,
+                _ => {}
+            }
+        };
+        let verdict = hold::hold(&reviews, &review.id, gone).await;
+        let waited_ms = held.elapsed().as_millis() as u64;
+        let msg = match verdict {
+            Verdict::Approved { reviewers } => {
+                self.log.record(&ReviewEvent {
+                    kind: "review.approved",
+                    n,
+                    review: review.id.clone(),
+                    reviewers,
+                    waited_ms: Some(waited_ms),
+                });
+                return Verdicts::Forward;
+            }
+            Verdict::Denied { reviewer, reason } => format!(
+                "review {} denied by {reviewer}: {}",
+                review.id,
+                reason.as_deref().unwrap_or("no reason given")
+            ),
+            Verdict::Expired => format!(
+                "review {} expired after {} without a decision; the statement was not run",
+                review.id,
+                tollgate_review::format_duration(timeout)
+            ),
+            Verdict::Withdrawn => format!("review {} was withdrawn", review.id),
+            Verdict::Unavailable(_) => format!(
+                "review {} cannot be read; the statement was not run",
+                review.id
+            ),
+        };
+        self.log.record(&ReviewEvent {
+            kind: "review.refused",
+            n,
+            review: review.id.clone(),
+            reviewers: vec![],
+            waited_ms: Some(waited_ms),
+        });
+        self.refuse(
+            n,
+            ER_SPECIFIC_ACCESS_DENIED,
+            "42000",
+            format!("tollgate: {msg} (rule \"{rule}\")"),
+            started,
+        );
+        Verdicts::Answered
+    }
+
+    fn refuse(&mut self, n: u64, code: u16, sqlstate: &str, message: String, started: Instant) {
+        self.answer_err(code, sqlstate, message.clone());
+        self.log.record(&SqlResult {
+            n,
+            outcome: "refused",
+            rows: 0,
+            tag: None,
+            error_code: Some(code),
+            sqlstate: Some(sqlstate.into()),
+            message: Some(message),
+            masked: None,
+            duration_us: started.elapsed().as_micros() as u64,
+        });
+    }
+
+    fn record_result(&self, n: u64, s: &Summary, started: Instant) {
+        if !self.gw.record_commands {
+            return;
+        }
+        let masked = (s.masked > 0).then(|| json!({"values": s.masked, "by": s.reasons}));
+        self.log.record(&SqlResult {
+            n,
+            outcome: if s.error.is_some() { "error" } else { "ok" },
+            rows: s.rows.max(s.affected),
+            tag: s.error.is_none().then(|| {
+                if s.rows > 0 {
+                    format!("SELECT {}", s.rows)
+                } else {
+                    format!("OK {}", s.affected)
+                }
+            }),
+            error_code: s.error.as_ref().map(|e| e.code),
+            sqlstate: s.error.as_ref().map(|e| e.sqlstate().to_string()),
+            message: s.error.as_ref().map(|e| e.message.clone()),
+            masked,
+            duration_us: started.elapsed().as_micros() as u64,
+        });
+    }
+
+    /// `KILL [QUERY] <id>` names the gateway's connection id: mapped to the upstream's, for a
+    /// session of the same identity on the same resource.
+    async fn kill(
+        &mut self,
+        r: &mut BufReader<ReadHalf<Client>>,
+        up: &mut UpStream,
+        text: &str,
+        query: bool,
+        id: u64,
+    ) -> Result<(), Broken> {
+        let entry = u32::try_from(id)
+            .ok()
+            .and_then(|id| self.gw.threads.get(id));
+        let Some(e) = entry
+            .filter(|e| e.subject == self.who.subject && e.resource == self.target.resource.name)
+        else {
+            self.n += 1;
+            self.answer_err(
+                ER_NO_SUCH_THREAD,
+                "HY000",
+                format!("Unknown thread id: {id}"),
+            );
+            return Ok(());
+        };
+        let mapped = format!(
+            "KILL {}{}",
+            if query { "QUERY " } else { "CONNECTION " },
+            e.upstream_thread
+        );
+        let mut wire = vec![com::QUERY];
+        wire.extend_from_slice(mapped.as_bytes());
+        let c: Classified = classify::analyze(&mapped, self.scope())
+            .classification
+            .into();
+        self.judged(r, up, "query", text, None, &c, None, &wire)
+            .await
+    }
+
+    async fn prepare(
+        &mut self,
+        up: &mut UpStream,
+        text: String,
+        c: Arc<Classified>,
+        refusal: Option<String>,
+        wire: &[u8],
+    ) -> Result<(), Broken> {
+        self.n += 1;
+        let n = self.n;
+        let started = Instant::now();
+        let j = self.decide(&c, refusal.as_deref());
+        let ev = SqlCommand {
+            n,
+            protocol: "prepare",
+            text: clip(&text),
+            digest: (text.len() > MAX_TEXT).then(|| sha256_hex(text.as_bytes())),
+            statement_id: None,
+            classified: Some(c.line().to_string()),
+            decision: j.decision.summary(),
+            dry_run: None,
+        };
+        // Preparing runs nothing: a statement held for review waits when it is executed.
+        if self.gw.record_commands || j.decision.is_deny() {
+            self.log.record(&ev);
+        }
+        if let Decision::Deny { message, .. } = &j.decision {
+            self.last_prepared = None;
+            self.refuse(
+                n,
+                ER_SPECIFIC_ACCESS_DENIED,
+                "42000",
+                format!("tollgate: {message}"),
+                started,
+            );
+            return Ok(());
+        }
+        self.up_send(up, wire).await?;
+        let first = self.up_read(up).await?;
+        self.to_client(&first);
+        if first.first() == Some(&0xff) {
+            self.last_prepared = None;
+            let s = Summary {
+                error: ErrPacket::parse(&first).ok(),
+                ..Default::default()
+            };
+            self.record_result(n, &s, started);
+            return Ok(());
+        }
+        let ok = proto::PrepareOk::parse(&first).map_err(|_| Broken::Malformed)?;
+        let eof = self.caps & proto::caps::DEPRECATE_EOF == 0;
+        for _ in 0..ok.params {
+            let p = self.up_read(up).await?;
+            self.to_client(&p);
+        }
+        if ok.params > 0 && eof {
+            let p = self.up_read(up).await?;
+            self.to_client(&p);
+        }
+        let mut columns = Vec::with_capacity(usize::from(ok.columns));
+        for _ in 0..ok.columns {
+            let p = self.up_read(up).await?;
+            columns.push(Column::parse(&p).map_err(|_| Broken::Malformed)?);
+            self.to_client(&p);
+        }
+        if ok.columns > 0 && eof {
+            let p = self.up_read(up).await?;
+            self.to_client(&p);
+        }
+        self.stmts.insert(
+            ok.statement_id,
+            Prepared {
+                text: Arc::from(text.as_str()),
+                classified: c,
+                refusal,
+                columns,
+            },
+        );
+        self.last_prepared = Some(ok.statement_id);
+        self.record_result(n, &Summary::default(), started);
+        Ok(())
+    }
+
+    fn plan(&self, columns: &[Column]) -> RowPlan {
+        match (&self.target.mask, self.unmasked) {
+            (Some(policy), false) => {
+                let infos: Vec<ColumnInfo> = columns
+                    .iter()
+                    .map(|c| ColumnInfo {
+                        name: c.mask_name().to_string(),
+                        table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
+                        type_oid: c.mask_type(),
+                        format: Format::Text,
+                    })
+                    .collect();
+                policy.plan(&infos, &self.who.groups)
+            }
+            _ => RowPlan::passthrough(),
+        }
+    }
+
+    /// Relays the answer to a query or an execution: OKs, errors and result sets (text or
+    /// binary rows), as many as the server sends.
+    async fn result(&mut self, up: &mut UpStream, field_list: bool) -> Result<Summary, Broken> {
+        let mut s = Summary::default();
+        let eof = self.caps & proto::caps::DEPRECATE_EOF == 0;
+        if field_list {
+            loop {
+                let p = self.up_read(up).await?;
+                self.to_client(&p);
+                if matches!(p.first(), Some(0xfe) | Some(0xff)) {
+                    s.error = ErrPacket::parse(&p).ok();
+                    return Ok(s);
+                }
+            }
+        }
+        loop {
+            let p = self.up_read(up).await?;
+            match p.first() {
+                Some(0x00) => {
+                    let ok = OkPacket::parse(&p).map_err(|_| Broken::Malformed)?;
+                    s.affected += ok.affected_rows;
+                    self.to_client(&p);
+                    if ok.status & proto::SERVER_MORE_RESULTS_EXISTS == 0 {
+                        return Ok(s);
+                    }
+                }
+                Some(0xff) => {
+                    s.error = ErrPacket::parse(&p).ok();
+                    self.to_client(&p);
+                    return Ok(s);
+                }
+                Some(0xfb) => {
+                    // LOCAL INFILE request (never offered): answer with no data, then refuse.
+                    let mut seq = self.useq;
+                    write_packet(up, &mut seq, &[])
+                        .await
+                        .map_err(|e| Broken::Upstream(e.into()))?;
+                    let _ = self.up_read(up).await?;
+                    let e = ErrPacket::new(ER_SPECIFIC_ACCESS_DENIED, "42000", "tollgate: LOAD DATA LOCAL INFILE is refused (the server asked the client for a local file)");
+                    self.to_client(&e.encode());
+                    s.error = Some(e);
+                    return Ok(s);
+                }
+                Some(_) => {
+                    let count = Reader::new(&p)
+                        .lenenc_int()
+                        .map_err(|_| Broken::Malformed)?;
+                    self.to_client(&p);
+                    let mut columns = Vec::new();
+                    for _ in 0..count {
+                        let c = self.up_read(up).await?;
+                        columns.push(Column::parse(&c).map_err(|_| Broken::Malformed)?);
+                        self.to_client(&c);
+                    }
+                    if eof {
+                        let e = self.up_read(up).await?;
+                        self.to_client(&e);
+                        let status = proto::end_status(&e);
+                        if status & SERVER_STATUS_CURSOR_EXISTS != 0 {
+                            // Rows come with COM_STMT_FETCH.
+                            self.remember_columns(columns);
+                            return Ok(s);
+                        }
+                    }
+                    let binary = self.binary_pending();
+                    let plan = self.plan(&columns);
+                    let status = self.rows(up, &columns, binary, &plan, &mut s).await?;
+                    if binary {
+                        self.remember_columns(columns);
+                    }
+                    if s.error.is_some() || status & proto::SERVER_MORE_RESULTS_EXISTS == 0 {
+                        return Ok(s);
+                    }
+                }
+                None => return Err(Broken::Malformed),
+            }
+        }
+    }
+
+    /// Whether the answer being relayed is to an execution (binary rows).
+    fn binary_pending(&self) -> bool {
+        self.executing.is_some()
+    }
+
+    fn remember_columns(&mut self, columns: Vec<Column>) {
+        if let Some(id) = self.executing {
+            if let Some(st) = self.stmts.get_mut(&id) {
+                st.columns = columns;
+            }
+        }
+    }
+
+    /// Relays rows until their end; returns the end's status flags.
+    async fn rows(
+        &mut self,
+        up: &mut UpStream,
+        columns: &[Column],
+        binary: bool,
+        plan: &RowPlan,
+        s: &mut Summary,
+    ) -> Result<u16, Broken> {
+        let mut masked = Vec::new();
+        loop {
+            let p = self.up_read(up).await?;
+            if proto::is_end_of_rows(&p) {
+                self.to_client(&p);
+                return Ok(proto::end_status(&p));
+            }
+            if p.first() == Some(&0xff) {
+                s.error = ErrPacket::parse(&p).ok();
+                self.to_client(&p);
+                return Ok(0);
+            }
+            s.rows += 1;
+            if !plan.is_active() {
+                self.to_client(&p);
+                continue;
+            }
+            masked.clear();
+            let changed = if binary {
+                mask_binary_row(plan, columns, &p, &mut masked, s)
+            } else {
+                mask_text_row(plan, &p, &mut masked, s)
+            }
+            .map_err(|_| Broken::Malformed)?;
+            if changed {
+                let m = std::mem::take(&mut masked);
+                self.to_client(&m);
+                masked = m;
+            } else {
+                self.to_client(&p);
+            }
+        }
+    }
+}
+
+fn note(s: &mut Summary, reason: tollgate_mask::Reason) {
+    s.masked += 1;
+    s.reasons.insert(reason.to_string());
+}
+
+/// A text-protocol row: each value a length-encoded string, or 0xfb for NULL.
+fn mask_text_row(
+    plan: &RowPlan,
+    p: &[u8],
+    out: &mut Vec<u8>,
+    s: &mut Summary,
+) -> Result<bool, proto::Malformed> {
+    let mut r = Reader::new(p);
+    let mut changed = false;
+    let mut col = 0;
+    let mut m = Vec::new();
+    while r.remaining() > 0 {
+        match r.lenenc_str()? {
+            None => out.push(0xfb),
+            Some(v) => {
+                m.clear();
+                match plan.mask_value(col, v, &mut m) {
+                    Outcome::Unchanged => proto::put_lenenc_str(out, v),
+                    Outcome::Masked(reason) => {
+                        proto::put_lenenc_str(out, &m);
+                        note(s, reason);
+                        changed = true;
+                    }
+                    Outcome::Null(reason) => {
+                        out.push(0xfb);
+                        note(s, reason);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        col += 1;
+    }
+    Ok(changed)
+}
+
+/// A binary-protocol row: 0x00, a NULL bitmap (offset 2), then the non-NULL values laid out
+/// by type. A masked string is rewritten; any other masked value becomes NULL.
+fn mask_binary_row(
+    plan: &RowPlan,
+    columns: &[Column],
+    p: &[u8],
+    out: &mut Vec<u8>,
+    s: &mut Summary,
+) -> Result<bool, proto::Malformed> {
+    let n = columns.len();
+    let bitmap_len = (n + 7 + 2) / 8;
+    let mut r = Reader::new(p);
+    if r.u8()? != 0 {
+        return Err(proto::Malformed("binary row header"));
+    }
+    let mut bitmap = r.bytes(bitmap_len)?.to_vec();
+    let mut values = Vec::with_capacity(p.len());
+    let mut changed = false;
+    let mut m = Vec::new();
+    for (i, c) in columns.iter().enumerate() {
+        let bit = i + 2;
+        if bitmap[bit / 8] & (1 << (bit % 8)) != 0 {
+            continue;
+        }
+        let start = r.pos();
+        let (value, rendered): (&[u8], Option<String>) = match c.binary_layout() {
+            Layout::Fixed(k) => (r.bytes(k)?, None),
+            Layout::Int(k) => {
+                let b = r.bytes(k)?;
+                let mut le = [0u8; 8];
+                le[..k].copy_from_slice(b);
+                let unsigned = c.flags & proto::UNSIGNED_FLAG != 0;
+                let text = if unsigned {
+                    u64::from_le_bytes(le).to_string()
+                } else {
+                    // Sign-extend.
+                    let shift = 64 - 8 * k as u32;
+                    ((i64::from_le_bytes(le) << shift) >> shift).to_string()
+                };
+                (b, Some(text))
+            }
+            Layout::Counted => {
+                let len = r.u8()?;
+                (r.bytes(usize::from(len))?, None)
+            }
+            Layout::String => (r.lenenc_str()?.unwrap_or_default(), None),
+        };
+        let raw = &p[start..r.pos()];
+        m.clear();
+        let seen = rendered.as_deref().map_or(value, str::as_bytes);
+        match plan.mask_value(i, seen, &mut m) {
+            Outcome::Unchanged => values.extend_from_slice(raw),
+            Outcome::Masked(reason) if c.binary_layout() == Layout::String => {
+                proto::put_lenenc_str(&mut values, &m);
+                note(s, reason);
+                changed = true;
+            }
+            Outcome::Masked(reason) | Outcome::Null(reason) => {
+                bitmap[bit / 8] |= 1 << (bit % 8);
+                note(s, reason);
+                changed = true;
+            }
+        }
+    }
+    out.push(0);
+    out.extend_from_slice(&bitmap);
+    out.extend_from_slice(&values);
+    Ok(changed)
+}
+
+fn clip(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
+}

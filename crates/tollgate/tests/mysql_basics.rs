@@ -1,0 +1,427 @@
+//! The MySQL adapter end to end: the real `tollgate serve` in front of a throwaway TLS MariaDB,
+//! driven by the `mariadb` command-line client (client certificate and token), and raw sockets
+//! for what a well-behaved client never sends (plaintext handshakes).
+
+mod common;
+
+use common::{read_events, sha256_hex, Gateway, Pki, TOKEN};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output};
+use tollgate_testsupport::{MariaDb, MariaDbOptions};
+use tollgate_tls::pki::IssuedFiles;
+
+struct MyEnv {
+    /// Kept for its lifetime: the gateway stops when the test ends.
+    _gw: Gateway,
+    db: MariaDb,
+    pki: Pki,
+    alice: IssuedFiles,
+    mysql_port: u16,
+    tmp: tempfile::TempDir,
+}
+
+fn start(resource_extra: &str, ed25519: bool) -> MyEnv {
+    let tmp = tempfile::Builder::new()
+        .prefix("tollgate-my-")
+        .tempdir()
+        .unwrap();
+    let db = MariaDb::start(MariaDbOptions {
+        init_sql: vec![
+            "CREATE TABLE customers (id INT PRIMARY KEY, name VARCHAR(50), email VARCHAR(100))".into(),
+            "INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Bob', 'bob@example.org')".into(),
+        ],
+        ..Default::default()
+    })
+    .expect("start MariaDB (is mariadb-server installed?)");
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let gw_cert = pki.server("gateway");
+    let alice = pki.client("alice", &["sre"]);
+    let (user, password) = if ed25519 {
+        (&db.ed25519_user, &db.ed25519_password)
+    } else {
+        (&db.user, &db.password)
+    };
+    std::fs::write(tmp.path().join("app.password"), password).unwrap();
+    let mysql_port = tollgate_testsupport::free_port();
+    let config = format!(
+        r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+mysql_listen = "127.0.0.1:{mysql_port}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+client_cert = "optional"
+store = "sqlite://audit.db"
+
+[[identity.tokens]]
+subject = "ci-bot"
+sha256 = "{token_sha}"
+groups = ["ci"]
+
+[[resources]]
+name = "app"
+kind = "mysql"
+upstream = "127.0.0.1:{up_port}"
+database = "{database}"
+allow_groups = ["sre", "ci"]
+{resource_extra}
+[resources.tls]
+mode = "verify-full"
+ca = "{db_ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "app.password"
+"#,
+        cert = gw_cert.cert.display(),
+        key = gw_cert.key.display(),
+        ca = pki.ca.display(),
+        token_sha = sha256_hex(TOKEN),
+        up_port = db.port,
+        database = db.database,
+        db_ca = db.ca_cert.display(),
+    );
+    let gw = Gateway::start(tmp.path(), &config, &[]);
+    MyEnv {
+        _gw: gw,
+        db,
+        pki,
+        alice,
+        mysql_port,
+        tmp,
+    }
+}
+
+impl MyEnv {
+    fn tls_args(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-P".into(),
+            self.mysql_port.to_string(),
+            "--ssl".into(),
+            format!("--ssl-ca={}", self.pki.ca.display()),
+            "--ssl-verify-server-cert".into(),
+            "--batch".into(),
+            "--skip-column-names".into(),
+        ]
+    }
+
+    /// `mariadb` as alice (client certificate) on `database`.
+    fn as_alice(&self, database: &str, sql: &str) -> Output {
+        let mut args = self.tls_args();
+        args.extend([
+            format!("--ssl-cert={}", self.alice.cert.display()),
+            format!("--ssl-key={}", self.alice.key.display()),
+            "-u".into(),
+            "alice".into(),
+            "-D".into(),
+            database.into(),
+            "-e".into(),
+            sql.into(),
+        ]);
+        mariadb(&args)
+    }
+
+    /// `mariadb` as ci-bot with `password` (the token) on "app".
+    fn with_password(&self, password: &str, sql: &str) -> Output {
+        let mut args = self.tls_args();
+        args.extend([
+            "-u".into(),
+            "ci-bot".into(),
+            format!("--password={password}"),
+            "-D".into(),
+            "app".into(),
+            "-e".into(),
+            sql.into(),
+        ]);
+        mariadb(&args)
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        read_events(&self.tmp.path().join("audit.db"))
+    }
+}
+
+fn mariadb(args: &[String]) -> Output {
+    Command::new("mariadb")
+        .args(args)
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("run the mariadb client")
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn certificate_and_token_sessions_are_relayed_judged_and_recorded() {
+    let env = start(
+        r#"[[resources.rules]]
+name = "no drops"
+statements = ["drop", "truncate"]
+action = "deny"
+"#,
+        false,
+    );
+    let o = env.as_alice("app", "SELECT name FROM customers ORDER BY id");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "Ada\nBob\n");
+
+    let o = env.with_password(TOKEN, "SELECT COUNT(*) FROM customers");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "2\n");
+
+    // A wrong token: 1045, and no session.
+    let o = env.with_password("not-the-token", "SELECT 1");
+    assert!(!o.status.success());
+    assert!(err(&o).contains("ERROR 1045"), "{}", err(&o));
+
+    // A rule: denied with the rule's name, nothing runs.
+    let o = env.as_alice("app", "DROP TABLE customers");
+    assert!(err(&o).contains("ERROR 1227"), "{}", err(&o));
+    assert!(err(&o).contains("no drops"), "{}", err(&o));
+    // A version comment is read as the SQL the server runs.
+    let o = env.as_alice("app", "/*!50000 DROP TABLE customers */");
+    assert!(err(&o).contains("no drops"), "{}", err(&o));
+    assert_eq!(
+        env.db.sql("SELECT COUNT(*) FROM customers").unwrap().trim(),
+        "2"
+    );
+
+    // MySQL-specific refusals.
+    for (sql, what) in [
+        ("SELECT * FROM mysql.user", "database \"mysql\""),
+        ("SET NAMES gbk", "gbk"),
+        ("SET sql_mode = 'ANSI_QUOTES'", "ANSI_QUOTES"),
+        ("SELECT 1 INTO OUTFILE '/tmp/tollgate-x'", "OUTFILE"),
+    ] {
+        let o = env.as_alice("app", sql);
+        assert!(err(&o).contains("ERROR 1227"), "{sql}: {}", err(&o));
+        assert!(err(&o).contains(what), "{sql}: {}", err(&o));
+    }
+
+    // Unknown and forbidden resources look the same: 1044.
+    let o = env.as_alice("nope", "SELECT 1");
+    assert!(err(&o).contains("ERROR 1044"), "{}", err(&o));
+
+    let evs = env.events();
+    let opens: Vec<_> = evs.iter().filter(|e| e["kind"] == "session.open").collect();
+    assert!(opens.iter().any(|e| e["payload"]["listener"] == "mysql"
+        && e["payload"]["subject"] == "alice"
+        && e["payload"]["auth_method"] == "cert"));
+    assert!(opens
+        .iter()
+        .any(|e| e["payload"]["subject"] == "ci-bot" && e["payload"]["auth_method"] == "token"));
+    let denied = evs
+        .iter()
+        .find(|e| e["kind"] == "command" && e["payload"]["text"] == "DROP TABLE customers")
+        .expect("the denied command is recorded");
+    assert_eq!(denied["payload"]["decision"]["action"], "deny");
+    assert!(evs
+        .iter()
+        .any(|e| e["kind"] == "result" && e["payload"]["outcome"] == "refused"));
+    let allowed = evs
+        .iter()
+        .find(|e| {
+            e["kind"] == "command"
+                && e["payload"]["text"] == "SELECT name FROM customers ORDER BY id"
+        })
+        .expect("the select is recorded");
+    assert_eq!(allowed["payload"]["decision"]["action"], "allow");
+    // The token is never recorded.
+    let all = serde_json::to_string(&evs).unwrap();
+    assert!(!all.contains(TOKEN));
+    assert!(!all.contains(&env.db.password));
+}
+
+#[test]
+fn masks_apply_to_query_rows_and_sql_prepared_statements() {
+    let env = start(
+        r#"[[resources.masks]]
+columns = ["email"]
+strategy = "redact"
+"#,
+        false,
+    );
+    let o = env.as_alice("app", "SELECT id, email FROM customers ORDER BY id");
+    assert!(o.status.success(), "{}", err(&o));
+    let text = out(&o);
+    assert!(!text.contains("ada@example.com"), "{text}");
+    assert!(text.starts_with("1\t"), "{text}");
+    // EXECUTE is judged by the statement its name holds (the client sends three queries).
+    let o = env.as_alice(
+        "app",
+        "PREPARE s FROM 'SELECT email FROM customers WHERE id = ?'; SET @i = 1; EXECUTE s USING @i",
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(!out(&o).contains("ada@example.com"), "{}", out(&o));
+    let evs = env.events();
+    assert!(evs
+        .iter()
+        .any(|e| e["kind"] == "result" && e["payload"]["masked"]["values"].as_u64() >= Some(1)));
+}
+
+#[test]
+fn ed25519_upstream_credentials_are_injected() {
+    let env = start("", true);
+    let o = env.as_alice("app", "SELECT CURRENT_USER()");
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        out(&o).starts_with(&format!("{}@", env.db.ed25519_user)),
+        "{}",
+        out(&o)
+    );
+}
+
+/// A handshake that does not ask for TLS gets 3159 with a hint, and is counted.
+#[test]
+fn plaintext_handshakes_are_refused_with_3159() {
+    let env = start("", false);
+    let mut s = TcpStream::connect(("127.0.0.1", env.mysql_port)).unwrap();
+    let greeting = read_packet(&mut s);
+    assert_eq!(greeting[0], 10, "protocol 10 greeting");
+    // Capabilities: PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | CONNECT_WITH_DB, no SSL.
+    let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 3);
+    let mut p = Vec::new();
+    p.extend_from_slice(&caps.to_le_bytes());
+    p.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    p.push(45);
+    p.extend_from_slice(&[0; 23]);
+    p.extend_from_slice(b"alice\0");
+    p.push(0);
+    p.extend_from_slice(b"app\0");
+    p.extend_from_slice(b"caching_sha2_password\0");
+    write_packet(&mut s, 1, &p);
+    let answer = read_packet(&mut s);
+    assert_eq!(answer[0], 0xff);
+    assert_eq!(u16::from_le_bytes([answer[1], answer[2]]), 3159);
+    let msg = String::from_utf8_lossy(&answer[9..]).into_owned();
+    assert!(msg.contains("TLS"), "{msg}");
+
+    // The mariadb client without TLS sees the same.
+    let o = mariadb(&[
+        "-h".into(),
+        "127.0.0.1".into(),
+        "-P".into(),
+        env.mysql_port.to_string(),
+        "--skip-ssl".into(),
+        "-u".into(),
+        "alice".into(),
+        "-D".into(),
+        "app".into(),
+        "-e".into(),
+        "SELECT 1".into(),
+    ]);
+    assert!(err(&o).contains("3159"), "{}", err(&o));
+}
+
+/// The prepared-statement attack: a statement the gateway refused never gets an id, and
+/// executing the id the server would have given it (or MariaDB's "last prepared" id after a
+/// refusal) runs nothing.
+#[test]
+fn an_execute_runs_only_a_statement_the_server_confirmed() {
+    let env = start(
+        r#"[[resources.rules]]
+name = "no deletes"
+statements = ["delete"]
+action = "deny"
+"#,
+        false,
+    );
+    let mut s = raw_tls_session(&env);
+    // COM_STMT_PREPARE of an allowed statement: PREPARE_OK with its id.
+    let ok = prepare(&mut s, "SELECT name FROM customers WHERE id = 1");
+    assert_eq!(ok[0], 0, "{ok:?}");
+    let allowed = u32::from_le_bytes(ok[1..5].try_into().unwrap());
+    // A refused statement: 1227, and no id.
+    let refused = prepare(&mut s, "DELETE FROM customers");
+    assert_eq!(refused[0], 0xff);
+    assert_eq!(u16::from_le_bytes([refused[1], refused[2]]), 1227);
+    for id in [allowed + 1, 0xffff_ffff] {
+        let mut exec = vec![0x17];
+        exec.extend_from_slice(&id.to_le_bytes());
+        exec.push(0);
+        exec.extend_from_slice(&1u32.to_le_bytes());
+        write_packet(&mut s, 0, &exec);
+        let answer = read_packet(&mut s);
+        assert_eq!(answer[0], 0xff, "execute {id:#x}: {answer:?}");
+        assert_eq!(u16::from_le_bytes([answer[1], answer[2]]), 1243);
+    }
+    assert_eq!(
+        env.db.sql("SELECT COUNT(*) FROM customers").unwrap().trim(),
+        "2"
+    );
+}
+
+/// COM_STMT_PREPARE; returns the first answer packet and skips the definitions after it.
+fn prepare(s: &mut impl ReadWrite, sql: &str) -> Vec<u8> {
+    let mut p = vec![0x16];
+    p.extend_from_slice(sql.as_bytes());
+    write_packet(s, 0, &p);
+    let first = read_packet(s);
+    if first[0] == 0 {
+        let columns = u16::from_le_bytes([first[5], first[6]]);
+        let params = u16::from_le_bytes([first[7], first[8]]);
+        // Definitions, then an EOF per non-empty list (the client did not ask for DEPRECATE_EOF).
+        let n = columns + params + u16::from(columns > 0) + u16::from(params > 0);
+        for _ in 0..n {
+            read_packet(s);
+        }
+    }
+    first
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A raw MySQL session over TLS as alice (client certificate) on "app".
+fn raw_tls_session(env: &MyEnv) -> impl ReadWrite {
+    let mut tcp = TcpStream::connect(("127.0.0.1", env.mysql_port)).unwrap();
+    let greeting = read_packet(&mut tcp);
+    assert_eq!(greeting[0], 10);
+    // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | CONNECT_WITH_DB | SSL.
+    let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 3) | (1 << 11);
+    let mut head = Vec::new();
+    head.extend_from_slice(&caps.to_le_bytes());
+    head.extend_from_slice(&(1u32 << 24).to_le_bytes());
+    head.push(45);
+    head.extend_from_slice(&[0; 23]);
+    write_packet(&mut tcp, 1, &head);
+    let config = std::sync::Arc::new(common::client_tls(&env.pki.ca, Some(&env.alice)));
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut hello = head;
+    hello.extend_from_slice(b"alice\0");
+    hello.push(0);
+    hello.extend_from_slice(b"app\0");
+    hello.extend_from_slice(b"caching_sha2_password\0");
+    write_packet(&mut s, 2, &hello);
+    let ok = read_packet(&mut s);
+    assert_eq!(ok[0], 0, "authenticated: {ok:?}");
+    s
+}
+
+fn read_packet(s: &mut impl Read) -> Vec<u8> {
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+    let mut p = vec![0; len];
+    s.read_exact(&mut p).unwrap();
+    p
+}
+
+fn write_packet(s: &mut impl Write, seq: u8, p: &[u8]) {
+    let mut out = (p.len() as u32).to_le_bytes()[..3].to_vec();
+    out.push(seq);
+    out.extend_from_slice(p);
+    s.write_all(&out).unwrap();
+    s.flush().unwrap();
+}
