@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use tollgate_testsupport::{ClusterOptions, PgCluster};
+use tollgate_testsupport::{ClusterOptions, MariaDb, MariaDbOptions, PgCluster};
 use tollgate_tls::pki;
 
 const SAMPLE_SCHEMA: &str = "
@@ -195,7 +195,10 @@ pub fn run(dir: &Path) -> anyhow::Result<()> {
         }
     };
 
+    let mariadb = start_mariadb(&dir, &pki_dir)?;
+
     let pg_port = free_or(6432);
+    let mysql_port = free_or(3307);
     let admin_port = free_or(9090);
     let https_port = free_or(8443);
     let api_port = tollgate_testsupport::free_port();
@@ -333,11 +336,19 @@ password_file = "secrets/shop.password"
         );
     }
     let demo_oidc = DemoOidc::from_env()?;
+    if let Some(m) = &mariadb {
+        write_private(&secrets.join("crm.password"), &m.password)?;
+        resources += &mariadb_resource(m);
+    }
+    let mysql_listen = match &mariadb {
+        Some(_) => format!("mysql_listen = \"127.0.0.1:{mysql_port}\"\n"),
+        None => String::new(),
+    };
     let config_text = format!(
         r#"# Written by `tollgate demo`. Paths are relative to this file.
 [server]
 postgres_listen = "127.0.0.1:{pg_port}"
-admin_listen = "127.0.0.1:{admin_port}"
+{mysql_listen}admin_listen = "127.0.0.1:{admin_port}"
 https_listen = "127.0.0.1:{https_port}"
 console_url = "https://localhost:{https_port}"
 tls_cert = "pki/gateway.crt"
@@ -426,6 +437,9 @@ groups = ["sre"]
             println!("# pgbench through the gateway:");
             println!("PGPASSWORD={token} pgbench -n -S -T 5 \"host=localhost port={pg} dbname=shop user=ci-bot sslmode=verify-full sslrootcert={}\"   # after: pgbench -i against the database directly", ca.display());
         }
+        if let (Some(m), Some(port)) = (&mariadb, bound.mysql.map(|a| a.port())) {
+            print_mariadb_commands(m, port, &ca, &alice_crt, &alice_key, &token);
+        }
         println!();
         println!("# the demo HTTPS API behind the gateway (it only answers with the credential the gateway injects):");
         let curl_agent = format!("curl --cacert {} --cert {} --key {}", ca.display(), agent_crt.display(), agent_key.display());
@@ -495,6 +509,7 @@ groups = ["sre"]
         println!("Press Ctrl-C to stop the gateway and the database.");
     }));
     drop(cluster);
+    drop(mariadb);
     println!("demo stopped; files are kept in {}", rel(&dir).display());
     result
 }
@@ -554,4 +569,92 @@ impl DemoOidc {
             .map(|c| format!(" --idp-ca {}", c.display()))
             .unwrap_or_default()
     }
+}
+
+const MARIADB_SAMPLE: &str = "
+CREATE TABLE contacts (
+    id        INT AUTO_INCREMENT PRIMARY KEY,
+    full_name VARCHAR(100) NOT NULL,
+    email     VARCHAR(200) NOT NULL,
+    phone     VARCHAR(40)
+);
+INSERT INTO contacts (full_name, email, phone) VALUES
+    ('Ada Lovelace', 'ada@example.com', '+44 20 7946 0958'),
+    ('Grace Hopper', 'grace@example.com', '+1 202 555 0143');
+";
+
+/// A throwaway TLS MariaDB ("crm") when its server binaries are installed.
+fn start_mariadb(dir: &Path, pki_dir: &Path) -> anyhow::Result<Option<MariaDb>> {
+    if tollgate_testsupport::mariadb_binaries().is_none() {
+        println!(
+            "MariaDB is not installed, so the demo has no MySQL resource ({}).",
+            tollgate_testsupport::mariadb_install_hint()
+        );
+        return Ok(None);
+    }
+    println!(
+        "starting a throwaway MariaDB with TLS (data in {}) ...",
+        dir.join("mariadb").display()
+    );
+    let opts = MariaDbOptions {
+        user: "crm_app".into(),
+        database: "crm".into(),
+        ca_dir: Some(pki_dir.to_path_buf()),
+        init_sql: vec![MARIADB_SAMPLE.into()],
+        ..MariaDbOptions::default()
+    };
+    MariaDb::start_in(&dir.join("mariadb"), opts)
+        .map(Some)
+        .context("starting the demo MariaDB")
+}
+
+fn mariadb_resource(m: &MariaDb) -> String {
+    format!(
+        r#"
+[[resources]]
+name = "crm"
+kind = "mysql"
+upstream = "127.0.0.1:{port}"
+database = "crm"
+allow_groups = ["sre", "agents", "ci"]
+
+[[resources.rules]]
+name = "no-drop"
+statements = ["drop", "truncate"]
+action = "deny"
+message = "dropping tables is not allowed through the demo gateway"
+
+[[resources.masks]]
+columns = ["email", "phone"]
+strategy = "partial"
+except_groups = ["sre"]
+
+[resources.tls]
+mode = "verify-full"
+ca = "{ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "secrets/crm.password"
+"#,
+        port = m.port,
+        ca = m.ca_cert.display(),
+        user = m.user,
+    )
+}
+
+fn print_mariadb_commands(m: &MariaDb, port: u16, ca: &Path, crt: &Path, key: &Path, token: &str) {
+    let client = format!(
+        "mariadb --host=localhost --protocol=tcp --port={port} --ssl-ca={} --ssl-verify-server-cert",
+        ca.display()
+    );
+    println!();
+    println!(
+        "# MariaDB {} behind the gateway (database crm), as alice with a client certificate:",
+        m.version
+    );
+    println!("{client} --ssl-cert={} --ssl-key={} --user=alice crm -e 'SELECT full_name, email FROM contacts'", crt.display(), key.display());
+    println!("# as ci-bot with a token as the password (e-mails masked), and a guardrail:");
+    println!("{client} --user=ci-bot --password={token} crm -e 'SELECT full_name, email, phone FROM contacts'");
+    println!("{client} --user=ci-bot --password={token} crm -e 'DROP TABLE contacts'");
 }
