@@ -228,6 +228,8 @@ pub struct HttpGateway {
     pub(crate) mcp_sessions: mcp::McpSessions,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
     pub(crate) mcp_pins: mcp::Pins,
+    /// stdio MCP servers running, one per MCP session.
+    pub(crate) mcp_stdio: mcp::StdioServers,
 }
 
 impl HttpGateway {
@@ -262,6 +264,7 @@ impl HttpGateway {
             access_cache: Mutex::new(HashMap::new()),
             mcp_sessions: mcp::McpSessions::default(),
             mcp_pins: mcp::Pins::default(),
+            mcp_stdio: mcp::StdioServers::default(),
         }))
     }
 
