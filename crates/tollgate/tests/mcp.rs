@@ -75,6 +75,41 @@ fn node_modules_v2() -> PathBuf {
     modules
 }
 
+/// A virtual environment with the Python MCP SDK (`mcp` from PyPI), made once per target
+/// directory; its interpreter.
+fn python_mcp() -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-py");
+    let python = dir.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import mcp.client.streamable_http, httpx2"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let out = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .output()
+            .expect("python3 (with venv)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "mcp>=2.3,<3"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip install mcp failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    python
+}
+
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/mcp")
@@ -1409,4 +1444,73 @@ fn the_stateless_revision_is_judged_and_its_headers_must_match_the_body() {
     assert!(of_kind(&evs, "mcp.request")
         .iter()
         .any(|e| e["payload"]["method"] == "server/discover"));
+}
+
+/// The Python SDK's client (`mcp` from PyPI) gets what the Node one gets: the filtered list,
+/// masked results, denials naming the rule.
+#[test]
+fn the_python_sdk_client_is_judged_alike() {
+    let env = McpEnv::start(false, "off", "5m");
+    let out = Command::new(python_mcp())
+        .arg(script("client.py"))
+        .arg(
+            serde_json::json!([
+                {"op": "list"},
+                {"op": "call", "name": "lookup_customer", "arguments": {"id": "c-2"}},
+                {"op": "call", "name": "delete_ticket", "arguments": {"project": "dev-1", "id": "7"}},
+                {"op": "call", "name": "echo", "arguments": {"text": "from python"}},
+            ])
+            .to_string(),
+        )
+        .env("MCP_URL", env.url())
+        .env("MCP_TOKEN", TOKEN)
+        .env("MCP_CA", &env.pki.ca)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python MCP client failed: {}\n{stdout}\ngateway:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.gw.logs()
+    );
+    let out: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out[0]["protocol"].as_str().unwrap().starts_with("2025-"),
+        "{out:?}"
+    );
+    assert_eq!(
+        out[1]["tools"],
+        serde_json::json!(["lookup_customer", "close_ticket", "echo"]),
+        "{out:?}"
+    );
+    let r = &out[2]["result"];
+    let text = r["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Customer c-2: Ada Lovelace <"), "{text}");
+    assert!(
+        !text.contains("ada@example.com") && !text.contains("4111"),
+        "{text}"
+    );
+    assert_ne!(
+        r["structuredContent"]["customer"]["email"], "ada@example.com",
+        "{r}"
+    );
+    assert_eq!(out[3]["code"], -32001, "{out:?}");
+    assert!(out[3]["error"]
+        .as_str()
+        .unwrap()
+        .contains("denied by tollgate rule \"no-deletes\""));
+    assert_eq!(
+        out[4]["result"]["content"][0]["text"], "from python",
+        "{out:?}"
+    );
+    let ran: Vec<String> = env
+        .calls()
+        .iter()
+        .map(|c| c["tool"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["lookup_customer", "echo"]);
 }
