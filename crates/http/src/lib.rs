@@ -28,6 +28,7 @@ mod upstream;
 mod websocket;
 
 pub use error::Refusal;
+pub use mcp::protected_resource_metadata;
 pub use normalize::{normalize_path, query_pairs, BadTarget};
 pub use relay::handle;
 pub use serve::{admit, builder, serve, ConnCtx, Mount};

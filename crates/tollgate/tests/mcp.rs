@@ -294,8 +294,14 @@ mode = "{pinning}"
             .unwrap();
         let alice = pki.client("alice", &["sre"]);
         let https_port = tollgate_testsupport::free_port();
+        // An OIDC issuer (never reached here): MCP clients are pointed at it (RFC 9728).
         let config = format!(
             r#"{server}
+[[identity.oidc]]
+issuer = "https://idp.tollgate.test"
+ca = "{ca}"
+audiences = ["tollgate"]
+
 [[resources]]
 name = "tickets"
 kind = "mcp"
@@ -1425,6 +1431,52 @@ fn the_stateless_revision_is_judged_and_its_headers_must_match_the_body() {
         "",
     );
     assert_eq!(code, 405, "{body}");
+
+    // Without a credential: a 401 whose challenge points at the resource's metadata (RFC
+    // 9728), which names the OIDC issuer as its authorization server.
+    let port = env.https_port;
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-D", "-", "--cacert"])
+            .arg(&env.pki.ca)
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        &env.url(),
+    ]);
+    let metadata =
+        format!("https://localhost:{port}/.well-known/oauth-protected-resource/r/tickets");
+    assert!(answer.starts_with("HTTP/2 401"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains(&format!(
+            "www-authenticate: bearer realm=\"tollgate\", resource_metadata=\"{metadata}\""
+        )),
+        "{answer}"
+    );
+    let doc = curl(&[&metadata]);
+    let (head, body) = doc.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/2 200"), "{doc}");
+    let doc: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        doc["resource"],
+        format!("https://localhost:{port}/r/tickets"),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["authorization_servers"],
+        serde_json::json!(["https://idp.tollgate.test"])
+    );
+    let other = curl(&[&format!(
+        "https://localhost:{port}/.well-known/oauth-protected-resource/r/nope"
+    )]);
+    assert!(other.starts_with("HTTP/2 404"), "{other}");
 
     let ran: Vec<String> = env
         .calls()

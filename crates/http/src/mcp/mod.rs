@@ -353,6 +353,57 @@ impl Exchange {
     }
 }
 
+/// The URL of the OAuth protected resource metadata (RFC 9728) of MCP resource `name`, when
+/// OIDC issuers are configured and `host` (the request's) is one of the gateway's names.
+pub(crate) fn metadata_url(gw: &HttpGateway, name: &str, host: Option<&str>) -> Option<String> {
+    let host = host?;
+    let t = gw.target(name)?;
+    (t.resource.kind == tollgate_config::ResourceKind::Mcp
+        && !gw.oidc.is_empty()
+        && gw.serves(crate::relay::host_of(host)))
+    .then(|| format!("https://{host}/.well-known/oauth-protected-resource/r/{name}"))
+}
+
+/// The host a request names: its target's authority (HTTP/2 `:authority`) or its `Host`.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// `GET /.well-known/oauth-protected-resource/r/<name>`: where MCP clients get a token for the
+/// resource (RFC 9728), naming the configured OIDC issuers as its authorization servers.
+pub fn protected_resource_metadata<B>(
+    gw: &HttpGateway,
+    req: &Request<B>,
+) -> Response<UpstreamBody> {
+    let name = req
+        .uri()
+        .path()
+        .strip_prefix("/.well-known/oauth-protected-resource/r/")
+        .unwrap_or("");
+    let host = request_host(req);
+    match metadata_url(gw, name, host) {
+        Some(_) => {
+            let host = host.unwrap_or_default();
+            json_answer(
+                StatusCode::OK,
+                &json!({
+                    "resource": format!("https://{host}/r/{name}"),
+                    "authorization_servers": gw.oidc.issuers(),
+                    "bearer_methods_supported": ["header"],
+                    "resource_name": name,
+                }),
+            )
+        }
+        None => json_answer(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "no protected resource metadata here: it is served for MCP resources when OIDC issuers are configured", "code": "not_found"}),
+        ),
+    }
+}
+
 /// Handles one HTTP request to an MCP resource.
 pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
     let headers = &x.parts.headers;
