@@ -33,7 +33,7 @@ pub struct Refusal {
     pub close: bool,
     /// The `WWW-Authenticate` challenge of a 401.
     #[serde(skip)]
-    pub challenge: std::borrow::Cow<'static, str>,
+    pub challenge: Box<str>,
 }
 
 impl Refusal {
@@ -59,7 +59,7 @@ impl Refusal {
     }
 
     /// The `WWW-Authenticate` challenge (with its error code) a 401 carries.
-    pub fn challenge(mut self, challenge: impl Into<std::borrow::Cow<'static, str>>) -> Refusal {
+    pub fn challenge(mut self, challenge: impl Into<Box<str>>) -> Refusal {
         self.challenge = challenge.into();
         self
     }

@@ -46,11 +46,14 @@ const QUEUE: usize = 64;
 /// The processes running, by resource and the `Mcp-Session-Id` the gateway gave their session.
 #[derive(Default)]
 pub(crate) struct StdioServers {
-    procs: Arc<Mutex<HashMap<(String, String), Arc<Proc>>>>,
+    procs: Arc<ProcMap>,
     reaper: AtomicBool,
 }
 
 type Sender = mpsc::Sender<Value>;
+
+/// Processes by resource and session id.
+type ProcMap = Mutex<HashMap<(String, String), Arc<Proc>>>;
 
 /// Where the server's messages go: answers to the stream of the POST that asked, its own
 /// requests and notifications to the newest open POST stream, else to the GET stream.
@@ -179,7 +182,7 @@ impl StdioServers {
         if self.reaper.swap(true, Ordering::SeqCst) {
             return;
         }
-        let procs: Weak<Mutex<HashMap<(String, String), Arc<Proc>>>> = Arc::downgrade(&self.procs);
+        let procs: Weak<ProcMap> = Arc::downgrade(&self.procs);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
