@@ -1109,6 +1109,44 @@ fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
     );
 }
 
+/// What a client running list, lookup_customer `id`, delete_ticket and echo `echoed` gets back
+/// (`out[0]` is its session line): the denied tool unlisted, the lookup masked, the delete
+/// denied naming the rule, the echo answered.
+fn assert_judged_alike(out: &[Value], id: &str, echoed: &str) {
+    assert_eq!(
+        out[1]["tools"],
+        serde_json::json!(["lookup_customer", "close_ticket", "echo"]),
+        "{out:?}"
+    );
+    let r = &out[2]["result"];
+    let text = r["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(&format!("Customer {id}: Ada Lovelace <")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("ada@example.com") && !text.contains("4111"),
+        "{text}"
+    );
+    assert_ne!(
+        r["structuredContent"]["customer"]["email"], "ada@example.com",
+        "{r}"
+    );
+    assert_ne!(
+        r["structuredContent"]["customer"]["name"], "Ada Lovelace",
+        "{r}"
+    );
+    assert_eq!(out[3]["code"], -32001, "{out:?}");
+    assert!(
+        out[3]["error"]
+            .as_str()
+            .unwrap()
+            .contains("denied by tollgate rule \"no-deletes\""),
+        "{out:?}"
+    );
+    assert_eq!(out[4]["result"]["content"][0]["text"], echoed, "{out:?}");
+}
+
 /// A stdio server behind the gateway: started per session with only the environment it is
 /// given, the same rules, holds and masks, its stderr in the log, stopped when its session is
 /// deleted, and no more processes than `max_processes`.
@@ -1125,31 +1163,7 @@ fn a_stdio_server_is_started_per_session_and_judged_alike() {
         true,
     );
     let out = env.outputs(c);
-    let names: Vec<&str> = out[1]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        ["lookup_customer", "close_ticket", "echo"],
-        "{out:?}"
-    );
-    let r = &out[2]["result"];
-    let text = r["content"][0]["text"].as_str().unwrap();
-    assert!(text.starts_with("Customer c-1: Ada Lovelace <"), "{text}");
-    assert!(
-        !text.contains("ada@example.com") && !text.contains("4111"),
-        "{text}"
-    );
-    assert_ne!(
-        r["structuredContent"]["customer"]["name"], "Ada Lovelace",
-        "{r}"
-    );
-    assert_eq!(out[3]["code"], -32001, "{out:?}");
-    assert!(out[3]["error"].as_str().unwrap().contains("no-deletes"));
-    assert_eq!(out[4]["result"]["content"][0]["text"], "hello", "{out:?}");
+    assert_judged_alike(&out, "c-1", "hello");
     let ran: Vec<String> = env
         .calls()
         .iter()
@@ -1531,31 +1545,7 @@ fn the_python_sdk_client_is_judged_alike() {
         out[0]["protocol"].as_str().unwrap().starts_with("2025-"),
         "{out:?}"
     );
-    assert_eq!(
-        out[1]["tools"],
-        serde_json::json!(["lookup_customer", "close_ticket", "echo"]),
-        "{out:?}"
-    );
-    let r = &out[2]["result"];
-    let text = r["content"][0]["text"].as_str().unwrap();
-    assert!(text.starts_with("Customer c-2: Ada Lovelace <"), "{text}");
-    assert!(
-        !text.contains("ada@example.com") && !text.contains("4111"),
-        "{text}"
-    );
-    assert_ne!(
-        r["structuredContent"]["customer"]["email"], "ada@example.com",
-        "{r}"
-    );
-    assert_eq!(out[3]["code"], -32001, "{out:?}");
-    assert!(out[3]["error"]
-        .as_str()
-        .unwrap()
-        .contains("denied by tollgate rule \"no-deletes\""));
-    assert_eq!(
-        out[4]["result"]["content"][0]["text"], "from python",
-        "{out:?}"
-    );
+    assert_judged_alike(&out, "c-2", "from python");
     let ran: Vec<String> = env
         .calls()
         .iter()
