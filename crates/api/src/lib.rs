@@ -212,6 +212,15 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                         {
                             tollgate_http::jwks_response(gw)
                         }
+                        // RFC 9728 metadata of MCP resources: public, like the JWKS.
+                        Some(gw)
+                            if req
+                                .uri()
+                                .path()
+                                .starts_with("/.well-known/oauth-protected-resource/r/") =>
+                        {
+                            tollgate_http::protected_resource_metadata(gw, &req)
+                        }
                         _ if console::is_console_path(req.uri().path()) => {
                             console::handle(&state, &conn, req).await
                         }

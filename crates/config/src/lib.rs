@@ -334,6 +334,9 @@ pub struct Resource {
     /// error naming the review, which stays open, and the identical call runs when repeated
     /// once approved (default 50s: MCP clients commonly give up after 60s).
     pub hold_wait: Duration,
+    /// MCP: `command = [...]`, a stdio server the gateway starts per session (instead of an
+    /// `upstream` URL).
+    pub stdio: Option<StdioServer>,
     /// Line of the `[[resources]]` entry, for error messages about it.
     pub line: usize,
 }
@@ -395,6 +398,32 @@ pub struct HttpUpstream {
     /// a body may stream for longer).
     pub response_timeout: Duration,
 }
+
+/// A stdio MCP server (`command`): started by the gateway, one process per MCP session, with
+/// nothing of the gateway's environment but what is listed here.
+#[derive(Debug, Clone)]
+pub struct StdioServer {
+    /// Program and arguments (no shell).
+    pub command: Vec<String>,
+    /// `env = { NAME = "value" }`: variables set as written (not secrets).
+    pub env: Vec<(String, String)>,
+    /// `env_inherit`: variables copied from the gateway's environment when set there (default
+    /// [`DEFAULT_ENV_INHERIT`]).
+    pub env_inherit: Vec<String>,
+    /// `[resources.credentials] env` and `value_env`/`value_file`: a secret set in the
+    /// process's environment under that name.
+    pub credential: Option<(String, SecretSource)>,
+    /// Working directory (default: the gateway's).
+    pub cwd: Option<PathBuf>,
+    /// Most processes of this resource alive at once (default 16).
+    pub max_processes: usize,
+    /// A process whose session sees no request for this long is stopped (default 15m).
+    pub idle_timeout: Duration,
+}
+
+/// Variables a stdio server inherits from the gateway unless `env_inherit` says otherwise:
+/// what finding programs and writing files needs, no credentials.
+pub const DEFAULT_ENV_INHERIT: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR"];
 
 /// Default `resources.response_timeout` of HTTP resources.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1007,7 +1036,13 @@ struct RawIdentity {
 struct RawResource {
     name: Spanned<String>,
     kind: ResourceKind,
-    upstream: Spanned<String>,
+    upstream: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    env: Option<std::collections::BTreeMap<String, String>>,
+    env_inherit: Option<Vec<String>>,
+    cwd: Option<String>,
+    max_processes: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<String>>,
     database: Option<String>,
     #[serde(default)]
     databases: Vec<String>,
@@ -1066,6 +1101,8 @@ struct RawCredentials {
     password_file: Option<String>,
     /// HTTP: the header injected upstream, and its value.
     header: Option<String>,
+    /// stdio MCP: the environment variable the value is set in.
+    env: Option<String>,
     value_env: Option<String>,
     value_file: Option<String>,
 }
@@ -1618,11 +1655,29 @@ impl Ctx<'_> {
                     format!("duplicate resource name {name:?}; every resource needs its own name"),
                 ));
             }
-            let up_at = r.upstream.span().start;
-            let mut upstream = r.upstream.into_inner();
+            let command_at = r.command.as_ref().map(|c| c.span().start);
+            let (up_at, mut upstream) = match (r.upstream, command_at) {
+                (Some(u), None) => (u.span().start, u.into_inner()),
+                (None, Some(at)) if r.kind == ResourceKind::Mcp => (at, String::new()),
+                (None, Some(at)) => return Err(self.invalid(at, "resources.command", format!("resource {name:?}: command starts a stdio MCP server; a {} resource takes upstream", r.kind))),
+                (Some(u), Some(_)) => return Err(self.invalid(u.span().start, "resources.upstream", format!("resource {name:?}: set upstream (a streamable-HTTP MCP server) or command (a stdio one the gateway starts), not both"))),
+                (None, None) => return Err(self.invalid(name_at, "resources.upstream", format!("resource {name:?}: set upstream, the address of the server it fronts"))),
+            };
             let mut http_url = None;
             let over_http = matches!(r.kind, ResourceKind::Http | ResourceKind::Mcp);
-            if over_http {
+            let is_stdio = command_at.is_some();
+            if is_stdio {
+                if r.tls.mode.is_some()
+                    || r.tls.ca.is_some()
+                    || r.tls.server_name.is_some()
+                    || r.tls.cert.is_some()
+                    || r.tls.key.is_some()
+                {
+                    return Err(self.invalid(up_at, "resources.tls", format!("resource {name:?}: a stdio server has no network leg; remove [resources.tls]")));
+                }
+                http_url = Some((true, String::new()));
+                upstream = "stdio:0".to_string();
+            } else if over_http {
                 let (tls, host_port, base) = split_http_url(&upstream).ok_or_else(|| {
                     self.invalid(up_at, "resources.upstream", format!("{upstream:?} must be an https:// URL, e.g. \"https://billing.internal\" or \"https://api.internal:8443/v2\""))
                 })?;
@@ -1641,24 +1696,52 @@ impl Ctx<'_> {
                 http_url = Some((tls, base));
                 upstream = host_port;
             }
-            let (host, port) = split_host_port(&upstream).ok_or_else(|| {
-                self.invalid(
-                    up_at,
-                    "resources.upstream",
-                    format!("{upstream:?} must be HOST:PORT, e.g. \"db.internal:5432\""),
-                )
-            })?;
+            let (host, port) = if is_stdio {
+                ("stdio".to_string(), 0)
+            } else {
+                split_host_port(&upstream).ok_or_else(|| {
+                    self.invalid(
+                        up_at,
+                        "resources.upstream",
+                        format!("{upstream:?} must be HOST:PORT, e.g. \"db.internal:5432\""),
+                    )
+                })?
+            };
             let mode = r.tls.mode.unwrap_or(TlsMode::VerifyFull);
             let ca = r.tls.ca.as_deref().map(|p| self.resolve(p));
-            if matches!(mode, TlsMode::VerifyFull | TlsMode::VerifyCa) && ca.is_none() {
+            if matches!(mode, TlsMode::VerifyFull | TlsMode::VerifyCa) && ca.is_none() && !is_stdio
+            {
                 return Err(self.invalid(up_at, "resources.tls.ca", format!("resource {name:?}: tls mode {} needs `ca`, the CA that signed the upstream's certificate", mode.as_str())));
             }
             if r.tls.cert.is_some() != r.tls.key.is_some() {
                 return Err(self.invalid(up_at, "resources.tls", format!("resource {name:?}: set both `cert` and `key` for an upstream client certificate, or neither")));
             }
             let mut inject = None;
+            let mut stdio_credential = None;
             let credentials = match r.credentials {
                 None => None,
+                Some(c) if is_stdio => {
+                    if c.user.is_some()
+                        || c.password_env.is_some()
+                        || c.password_file.is_some()
+                        || c.header.is_some()
+                    {
+                        return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: a stdio server gets its credential in its environment: set `env` (the variable's name) and `value_env` or `value_file`")));
+                    }
+                    let var = c.env.filter(|v| is_env_name(v)).ok_or_else(|| {
+                        self.invalid(up_at, "resources.credentials.env", format!("resource {name:?}: `env` must name the variable the server reads its credential from, e.g. \"GITHUB_TOKEN\""))
+                    })?;
+                    let value = match (c.value_env, c.value_file) {
+                        (Some(v), None) => SecretSource::Env(v),
+                        (None, Some(p)) => SecretSource::File(self.resolve(&p)),
+                        _ => return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: set one of value_env or value_file for the credential"))),
+                    };
+                    stdio_credential = Some((var, value));
+                    None
+                }
+                Some(c) if c.env.is_some() => {
+                    return Err(self.invalid(up_at, "resources.credentials.env", format!("resource {name:?}: `env` sets a stdio MCP server's credential; this resource has no `command`")));
+                }
                 Some(c) if over_http => {
                     if c.user.is_some() || c.password_env.is_some() || c.password_file.is_some() {
                         return Err(self.invalid(up_at, "resources.credentials", format!("resource {name:?}: an {} resource injects a header: set `header` and `value_env` or `value_file` (user and password are for databases)", r.kind)));
@@ -1794,7 +1877,60 @@ impl Ctx<'_> {
                     ))
                 }
             };
+            let stdio = match r.command {
+                None => {
+                    if r.env.is_some()
+                        || r.env_inherit.is_some()
+                        || r.cwd.is_some()
+                        || r.max_processes.is_some()
+                        || r.idle_timeout.is_some()
+                    {
+                        return Err(self.invalid(up_at, "resources.env", format!("resource {name:?}: env, env_inherit, cwd, max_processes and idle_timeout are for stdio MCP servers (`command`)")));
+                    }
+                    None
+                }
+                Some(c) => {
+                    let at = c.span().start;
+                    let command = c.into_inner();
+                    if command.first().is_none_or(|p| p.is_empty()) {
+                        return Err(self.invalid(at, "resources.command", format!("resource {name:?}: command is the program and its arguments, e.g. [\"npx\", \"-y\", \"@modelcontextprotocol/server-everything\"]")));
+                    }
+                    let env: Vec<(String, String)> =
+                        r.env.unwrap_or_default().into_iter().collect();
+                    let env_inherit = r.env_inherit.unwrap_or_else(|| {
+                        DEFAULT_ENV_INHERIT.iter().map(|v| v.to_string()).collect()
+                    });
+                    for v in env.iter().map(|(k, _)| k).chain(&env_inherit) {
+                        if !is_env_name(v) {
+                            return Err(self.invalid(
+                                at,
+                                "resources.env",
+                                format!(
+                                    "resource {name:?}: {v:?} is not an environment variable name"
+                                ),
+                            ));
+                        }
+                    }
+                    let max_processes =
+                        self.count("resources.max_processes", r.max_processes, 16)?;
+                    upstream = format!("stdio: {}", command.join(" "));
+                    Some(StdioServer {
+                        command,
+                        env,
+                        env_inherit,
+                        credential: stdio_credential,
+                        cwd: r.cwd.as_deref().map(|p| self.resolve(p)),
+                        max_processes,
+                        idle_timeout: self.duration(
+                            "resources.idle_timeout",
+                            r.idle_timeout,
+                            Duration::from_secs(15 * 60),
+                        )?,
+                    })
+                }
+            };
             resources.push(Resource {
+                stdio,
                 capture_results: r.capture_results.unwrap_or(false),
                 capture_bytes,
                 tls: UpstreamTls {
@@ -1911,6 +2047,12 @@ fn is_header_name(h: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn split_host_port(s: &str) -> Option<(String, u16)> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, p) = rest.split_once("]:")?;
@@ -2018,6 +2160,44 @@ password_env = "ORDERS_DB_PASSWORD"
             e.contains("server.issuing_ca_cert") && e.contains("client_ca"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn stdio_mcp_servers() {
+        let stdio = |body: &str| {
+            p(&format!(
+                "{GOOD}\n[[resources]]\nname = \"local\"\nkind = \"mcp\"\nallow_groups = [\"agents\"]\n{body}"
+            ))
+        };
+        let c = stdio("command = [\"npx\", \"-y\", \"@scope/server\"]\nenv = { LOG = \"1\" }\nmax_processes = 3\n[resources.credentials]\nenv = \"GH_TOKEN\"\nvalue_env = \"LOCAL_TOKEN\"\n").unwrap();
+        let r = c.resource("local").unwrap();
+        let s = r.stdio.as_ref().unwrap();
+        assert_eq!(s.command, ["npx", "-y", "@scope/server"]);
+        assert_eq!(s.env, [("LOG".to_string(), "1".to_string())]);
+        assert_eq!(s.env_inherit, DEFAULT_ENV_INHERIT);
+        assert_eq!(
+            s.credential,
+            Some(("GH_TOKEN".into(), SecretSource::Env("LOCAL_TOKEN".into())))
+        );
+        assert_eq!(s.max_processes, 3);
+        assert_eq!(s.idle_timeout, Duration::from_secs(900));
+        assert_eq!(r.upstream, "stdio: npx -y @scope/server");
+        assert!(r.http.as_ref().unwrap().inject.is_none());
+        let err = |body: &str| stdio(body).unwrap_err().to_string();
+        assert!(err("command = []\n").contains("command is the program and its arguments"));
+        assert!(err("command = [\"x\"]\nupstream = \"https://a/mcp\"\n")
+            .contains("set upstream (a streamable-HTTP MCP server) or command"));
+        assert!(
+            err("command = [\"x\"]\n[resources.tls]\nmode = \"disable\"\n")
+                .contains("a stdio server has no network leg")
+        );
+        assert!(err(
+            "command = [\"x\"]\n[resources.credentials]\nheader = \"A\"\nvalue_env = \"T\"\n"
+        )
+        .contains("set `env` (the variable's name)"));
+        assert!(err("command = [\"x\"]\nenv = { \"A=B\" = \"1\" }\n")
+            .contains("is not an environment variable name"));
+        assert!(err("").contains("set upstream"));
     }
 
     #[test]

@@ -314,6 +314,29 @@ impl Event for McpSessionRefused {
     }
 }
 
+/// A stdio MCP server process started for an MCP session (`mcp.process_started`) or ended
+/// (`mcp.process_exited`).
+#[derive(Debug, Clone, Serialize)]
+pub struct McpProcess {
+    #[serde(skip)]
+    pub kind: &'static str,
+    pub pid: u32,
+    /// The program (`command[0]`).
+    pub program: String,
+    /// How it ended (`mcp.process_exited`): "exit status: 0", "signal: 15 (SIGTERM)"...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Why the gateway stopped it ("deleted", "idle", "protocol", "shutdown"), when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<&'static str>,
+}
+
+impl Event for McpProcess {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
 /// A tool definition fingerprinted at its first listing (`mcp.pinned`), or seen changed since
 /// (`mcp.pin_changed`).
 #[derive(Debug, Clone, Serialize)]

@@ -356,13 +356,22 @@ impl Rule {
             return true;
         }
         let Some(args) = arguments else { return false };
+        // An allow rule must hold for every value a path selects (the server reads them all);
+        // a restrictive rule for any one of them. Either way at least one must be there.
+        let strict = self.action == RuleAction::Allow;
         self.arguments.iter().all(|(path, glob)| {
             let Some(path) = path else { return true };
-            let mut hit = false;
+            let (mut any, mut all) = (false, true);
             select(args, path, &mut Vec::new(), &mut |v| {
-                hit |= glob.matches(&argument_text(v));
+                let m = glob.matches(&argument_text(v));
+                any |= m;
+                all &= m;
             });
-            hit
+            if strict {
+                any && all
+            } else {
+                any
+            }
         })
     }
 }
@@ -614,6 +623,40 @@ mod tests {
             OffsetDateTime::now_utc(),
         );
         assert!(d.decision.is_deny(), "numbers compare as their JSON text");
+        // An allow rule holds only when every selected value matches.
+        let allow = RuleSet::try_new(
+            &[
+                mcp_rule(&[], &[("$.projects[*]", "dev-*")], RuleAction::Allow),
+                mcp_rule(&[], &[], RuleAction::Deny),
+            ],
+            Duration::from_secs(1),
+            false,
+        )
+        .unwrap();
+        let allowed = |args: serde_json::Value| {
+            !allow
+                .judge(
+                    &Command {
+                        kind: CommandKind::Mcp {
+                            method: "tools/call",
+                            name: Some("x"),
+                            arguments: Some(&args),
+                        },
+                    },
+                    Caller {
+                        subject: "a",
+                        groups: &[],
+                    },
+                    OffsetDateTime::now_utc(),
+                )
+                .decision
+                .is_deny()
+        };
+        assert!(allowed(serde_json::json!({"projects": ["dev-1", "dev-2"]})));
+        assert!(!allowed(
+            serde_json::json!({"projects": ["dev-1", "prod-1"]})
+        ));
+        assert!(!allowed(serde_json::json!({"projects": []})));
         assert!(RuleSet::try_new(
             &[mcp_rule(&[], &[("$.[", "x")], RuleAction::Deny)],
             Duration::from_secs(1),

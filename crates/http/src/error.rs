@@ -33,7 +33,7 @@ pub struct Refusal {
     pub close: bool,
     /// The `WWW-Authenticate` challenge of a 401.
     #[serde(skip)]
-    pub challenge: &'static str,
+    pub challenge: Box<str>,
 }
 
 impl Refusal {
@@ -48,7 +48,7 @@ impl Refusal {
             review_url: None,
             session: None,
             close: false,
-            challenge: tollgate_gate::authn::CHALLENGE,
+            challenge: tollgate_gate::authn::CHALLENGE.into(),
         }
     }
 
@@ -59,8 +59,8 @@ impl Refusal {
     }
 
     /// The `WWW-Authenticate` challenge (with its error code) a 401 carries.
-    pub fn challenge(mut self, challenge: &'static str) -> Refusal {
-        self.challenge = challenge;
+    pub fn challenge(mut self, challenge: impl Into<Box<str>>) -> Refusal {
+        self.challenge = challenge.into();
         self
     }
 
@@ -88,10 +88,10 @@ impl Refusal {
             h.insert(header::CONNECTION, "close".parse().unwrap());
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            h.insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static(self.challenge),
+            let challenge = header::HeaderValue::from_str(&self.challenge).unwrap_or(
+                header::HeaderValue::from_static(tollgate_gate::authn::CHALLENGE),
             );
+            h.insert(header::WWW_AUTHENTICATE, challenge);
         }
         r
     }

@@ -28,6 +28,7 @@ mod upstream;
 mod websocket;
 
 pub use error::Refusal;
+pub use mcp::protected_resource_metadata;
 pub use normalize::{normalize_path, query_pairs, BadTarget};
 pub use relay::handle;
 pub use serve::{admit, builder, serve, ConnCtx, Mount};
@@ -228,6 +229,8 @@ pub struct HttpGateway {
     pub(crate) mcp_sessions: mcp::McpSessions,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
     pub(crate) mcp_pins: mcp::Pins,
+    /// stdio MCP servers running, one per MCP session.
+    pub(crate) mcp_stdio: mcp::StdioServers,
 }
 
 impl HttpGateway {
@@ -262,6 +265,7 @@ impl HttpGateway {
             access_cache: Mutex::new(HashMap::new()),
             mcp_sessions: mcp::McpSessions::default(),
             mcp_pins: mcp::Pins::default(),
+            mcp_stdio: mcp::StdioServers::default(),
         }))
     }
 

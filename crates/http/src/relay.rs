@@ -172,7 +172,7 @@ fn route<'a>(
     }
 }
 
-fn host_of(h: &str) -> &str {
+pub(crate) fn host_of(h: &str) -> &str {
     if let Some(rest) = h.strip_prefix('[') {
         return rest.split(']').next().unwrap_or("");
     }
@@ -295,7 +295,17 @@ async fn run(
         &gw.oidc,
     )
     .await
-    .map_err(auth_refusal)?;
+    .map_err(|e| {
+        let r = auth_refusal(e);
+        // RFC 9728: a standard MCP client finds where to get a token from here.
+        match crate::mcp::metadata_url(gw, &name, crate::mcp::request_host(&req)) {
+            Some(url) => {
+                let c = format!("{}, resource_metadata=\"{url}\"", r.challenge);
+                r.challenge(c)
+            }
+            None => r,
+        }
+    })?;
     let target = gw.target(&name);
     let access = gw.authorize(&who, target.as_deref(), &name).map_err(|e| {
         // An identified caller's refused attempt is evidence: recorded as a rejected session.

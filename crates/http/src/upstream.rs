@@ -36,7 +36,10 @@ pub struct Connector {
 impl Connector {
     pub fn new(resource: &Resource) -> Result<Connector, String> {
         let http = resource.http.as_ref().ok_or("not an http resource")?;
-        let tls = if http.tls {
+        // A stdio MCP server is reached through its process, never this connector.
+        let tls = if resource.stdio.is_some() {
+            None
+        } else if http.tls {
             let mode = match resource.tls.mode {
                 TlsMode::VerifyFull => tollgate_tls::UpstreamVerify::Full,
                 TlsMode::VerifyCa => tollgate_tls::UpstreamVerify::Ca,

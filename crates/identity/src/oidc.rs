@@ -138,6 +138,15 @@ impl OidcVerifiers {
         self.issuers.load().is_empty()
     }
 
+    /// The configured issuers' URLs (the authorization servers MCP clients are pointed at).
+    pub fn issuers(&self) -> Vec<String> {
+        self.issuers
+            .load()
+            .iter()
+            .map(|i| i.config.issuer.clone())
+            .collect()
+    }
+
     /// Whether `issuer` is (still) configured.
     pub fn has_issuer(&self, issuer: &str) -> bool {
         self.issuers

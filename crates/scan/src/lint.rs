@@ -201,6 +201,15 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
                 "password file",
             );
         }
+        if let Some((_, value)) = r.stdio.as_ref().and_then(|s| s.credential.as_ref()) {
+            l.secret(
+                value,
+                "resources.credentials.value",
+                name,
+                "start its stdio server",
+                "credential file",
+            );
+        }
         if let Some((_, value)) = r.http.as_ref().and_then(|h| h.inject.as_ref()) {
             l.secret(
                 value,

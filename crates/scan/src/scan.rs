@@ -216,6 +216,10 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
         sessions: None,
         findings: Vec::new(),
     };
+    // A stdio MCP server is a local process: no network leg to scan.
+    if r.stdio.is_some() {
+        return rep;
+    }
     let name = Some(r.name.as_str());
     let http = match (r.kind, &r.http) {
         (ResourceKind::Postgres, _) => None,

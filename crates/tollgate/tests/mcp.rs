@@ -22,22 +22,22 @@ use tollgate_tls::pki::IssuedFiles;
 
 const UPSTREAM_SECRET: &str = "Bearer mcp-upstream-secret-77c1";
 
-/// The SDK (and zod), installed once per target directory.
-fn node_modules() -> PathBuf {
+/// npm `packages` installed once per target directory under `target/tmp/<dir>` (until each
+/// of `installed`, a package directory, exists); its `node_modules`.
+fn npm_modules(dir: &str, packages: &[&str], installed: &[&str]) -> PathBuf {
     static INSTALL: Mutex<()> = Mutex::new(());
     let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-node");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
     let modules = dir.join("node_modules");
-    if !modules
-        .join("@modelcontextprotocol/sdk/package.json")
-        .exists()
-        || !modules.join("zod/package.json").exists()
+    if !installed
+        .iter()
+        .all(|p| modules.join(p).join("package.json").exists())
     {
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
             .arg(&dir)
-            .args(["@modelcontextprotocol/sdk@1", "zod@3"])
+            .args(packages)
             .output()
             .expect("npm (install Node.js and npm: scripts/lib/prereqs.sh does)");
         assert!(
@@ -49,10 +49,137 @@ fn node_modules() -> PathBuf {
     modules
 }
 
+/// The SDK (and zod).
+fn node_modules() -> PathBuf {
+    npm_modules(
+        "mcp-node",
+        &["@modelcontextprotocol/sdk@1", "zod@3"],
+        &["@modelcontextprotocol/sdk", "zod"],
+    )
+}
+
+/// The SDK's v2 server package (the 2026-07-28 revision).
+fn node_modules_v2() -> PathBuf {
+    npm_modules(
+        "mcp-node2",
+        &["@modelcontextprotocol/server@2"],
+        &["@modelcontextprotocol/server"],
+    )
+}
+
+/// A virtual environment with the Python MCP SDK (`mcp` from PyPI), made once per target
+/// directory; its interpreter.
+fn python_mcp() -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-py");
+    let python = dir.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import mcp.client.streamable_http, httpx2"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let out = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .output()
+            .expect("python3 (with venv)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "mcp>=2.3,<3"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip install mcp failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    python
+}
+
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/mcp")
         .join(name)
+}
+
+/// The resource's rules and masks, for an HTTP and a stdio server alike.
+const RULES: &str = r#"[[resources.rules]]
+name = "no-deletes"
+tools = ["delete_*"]
+action = "deny"
+[[resources.rules]]
+name = "prod-closes"
+tools = ["close_ticket"]
+arguments = { "$.project" = "prod-*" }
+action = "review"
+approvers = ["sre"]
+[[resources.rules]]
+name = "no-drop-echo"
+tools = ["echo"]
+arguments = { "$.text" = "*DROP*" }
+action = "deny"
+[[resources.masks]]
+detectors = ["email", "credit_card"]
+json_paths = ["$..customer.name"]
+strategy = "redact"
+"#;
+
+/// `[server]`, `[roles]` and the agent's token.
+fn server_config(pki: &Pki, https_port: u16) -> String {
+    let gw_cert = pki.server("gateway");
+    format!(
+        r#"[server]
+postgres_listen = "127.0.0.1:{{pg_port}}"
+admin_listen = "127.0.0.1:{{admin_port}}"
+https_listen = "127.0.0.1:{https_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+store = "sqlite://audit.db"
+
+[roles]
+admin_groups = ["sre"]
+
+[[identity.tokens]]
+subject = "agent-bot"
+sha256 = "{token_sha}"
+groups = ["agents"]
+"#,
+        cert = gw_cert.cert.display(),
+        key = gw_cert.key.display(),
+        ca = pki.ca.display(),
+        token_sha = common::sha256_hex(TOKEN),
+    )
+}
+
+/// Starts a test MCP server over HTTPS (`up_cert`) that logs its tool calls to `calls` and
+/// wants the injected credential; waits for the port it prints.
+fn https_server(cmd: &mut Command, up_cert: &IssuedFiles, calls: &Path) -> (Node, u64) {
+    let mut child = cmd
+        .env("TLS_CERT", &up_cert.cert)
+        .env("TLS_KEY", &up_cert.key)
+        .env("CALLS_FILE", calls)
+        .env("EXPECT_AUTH", UPSTREAM_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let server = Node(child);
+    let port = serde_json::from_str::<Value>(&line)
+        .unwrap_or_else(|e| panic!("MCP server did not start ({e}): {line:?}"))["port"]
+        .as_u64()
+        .unwrap();
+    (server, port)
 }
 
 struct Node(Child);
@@ -66,7 +193,7 @@ impl Drop for Node {
 
 struct McpEnv {
     gw: Gateway,
-    _server: Node,
+    _server: Option<Node>,
     pki: Pki,
     alice: IssuedFiles,
     https_port: u16,
@@ -86,52 +213,22 @@ impl McpEnv {
             .tempdir()
             .unwrap();
         let pki = Pki::new(&tmp.path().join("pki"));
-        let gw_cert = pki.server("gateway");
         let up_cert = pki.server("upstream");
         let calls = tmp.path().join("calls.jsonl");
         std::fs::write(&calls, "").unwrap();
-        let mut child = Command::new("node")
-            .arg(script("server.cjs"))
-            .env("NODE_PATH", &modules)
-            .env("TLS_CERT", &up_cert.cert)
-            .env("TLS_KEY", &up_cert.key)
-            .env("CALLS_FILE", &calls)
-            .env("EXPECT_AUTH", UPSTREAM_SECRET)
-            .env("JSON_RESPONSE", if json_response { "1" } else { "0" })
-            .env("ECHO_DESC_FILE", tmp.path().join("echo-description.txt"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let server = Node(child);
-        let up_port = serde_json::from_str::<Value>(&line)
-            .unwrap_or_else(|e| panic!("MCP server did not start ({e}): {line:?}"))["port"]
-            .as_u64()
-            .unwrap();
+        let (server, up_port) = https_server(
+            Command::new("node")
+                .arg(script("server.cjs"))
+                .env("NODE_PATH", &modules)
+                .env("JSON_RESPONSE", if json_response { "1" } else { "0" })
+                .env("ECHO_DESC_FILE", tmp.path().join("echo-description.txt")),
+            &up_cert,
+            &calls,
+        );
         let alice = pki.client("alice", &["sre"]);
         let https_port = tollgate_testsupport::free_port();
         let config = format!(
-            r#"[server]
-postgres_listen = "127.0.0.1:{{pg_port}}"
-admin_listen = "127.0.0.1:{{admin_port}}"
-https_listen = "127.0.0.1:{https_port}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-store = "sqlite://audit.db"
-
-[roles]
-admin_groups = ["sre"]
-
-[[identity.tokens]]
-subject = "agent-bot"
-sha256 = "{token_sha}"
-groups = ["agents"]
-
+            r#"{server}
 [[resources]]
 name = "tickets"
 kind = "mcp"
@@ -144,32 +241,12 @@ ca = "{ca}"
 [resources.credentials]
 header = "Authorization"
 value_env = "TICKETS_MCP_TOKEN"
-[[resources.rules]]
-name = "no-deletes"
-tools = ["delete_*"]
-action = "deny"
-[[resources.rules]]
-name = "prod-closes"
-tools = ["close_ticket"]
-arguments = {{ "$.project" = "prod-*" }}
-action = "review"
-approvers = ["sre"]
-[[resources.rules]]
-name = "no-drop-echo"
-tools = ["echo"]
-arguments = {{ "$.text" = "*DROP*" }}
-action = "deny"
-[[resources.masks]]
-detectors = ["email", "credit_card"]
-json_paths = ["$..customer.name"]
-strategy = "redact"
-[resources.pinning]
+{rules}[resources.pinning]
 mode = "{pinning}"
 "#,
-            cert = gw_cert.cert.display(),
-            key = gw_cert.key.display(),
+            rules = RULES,
+            server = server_config(&pki, https_port),
             ca = pki.ca.display(),
-            token_sha = common::sha256_hex(TOKEN),
         );
         let gw = Gateway::start(
             tmp.path(),
@@ -178,7 +255,7 @@ mode = "{pinning}"
         );
         McpEnv {
             gw,
-            _server: server,
+            _server: Some(server),
             pki,
             alice,
             https_port,
@@ -187,13 +264,142 @@ mode = "{pinning}"
         }
     }
 
+    /// A stateless (2026-07-28) server made with the SDK's v2 behind resource "tickets".
+    fn stateless() -> McpEnv {
+        let modules = node_modules_v2();
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-mcp-2026-")
+            .tempdir()
+            .unwrap();
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let up_cert = pki.server("upstream");
+        let calls = tmp.path().join("calls.jsonl");
+        std::fs::write(&calls, "").unwrap();
+        let (server, up_port) = https_server(
+            Command::new("node")
+                .arg(script("server2026.cjs"))
+                .env("NODE_PATH", &modules),
+            &up_cert,
+            &calls,
+        );
+        let alice = pki.client("alice", &["sre"]);
+        let https_port = tollgate_testsupport::free_port();
+        // An OIDC issuer (never reached here): MCP clients are pointed at it (RFC 9728).
+        let config = format!(
+            r#"{server}
+[[identity.oidc]]
+issuer = "https://idp.tollgate.test"
+ca = "{ca}"
+audiences = ["tollgate"]
+
+[[resources]]
+name = "tickets"
+kind = "mcp"
+upstream = "https://localhost:{up_port}/mcp"
+allow_groups = ["sre", "agents"]
+[resources.tls]
+ca = "{ca}"
+[resources.credentials]
+header = "Authorization"
+value_env = "TICKETS_MCP_TOKEN"
+{rules}"#,
+            server = server_config(&pki, https_port),
+            ca = pki.ca.display(),
+            rules = RULES,
+        );
+        let gw = Gateway::start(
+            tmp.path(),
+            &config,
+            &[("TICKETS_MCP_TOKEN", UPSTREAM_SECRET)],
+        );
+        McpEnv {
+            gw,
+            _server: Some(server),
+            pki,
+            alice,
+            https_port,
+            calls,
+            tmp,
+        }
+    }
+
+    /// The same tools as a stdio server the gateway starts per session (resource "tickets",
+    /// at most `max_processes`); the gateway's environment holds a secret the server must
+    /// not see and the credential it must.
+    fn stdio(max_processes: usize) -> McpEnv {
+        let modules = node_modules();
+        let tmp = tempfile::Builder::new()
+            .prefix("tollgate-mcp-stdio-")
+            .tempdir()
+            .unwrap();
+        let pki = Pki::new(&tmp.path().join("pki"));
+        let calls = tmp.path().join("calls.jsonl");
+        std::fs::write(&calls, "").unwrap();
+        let alice = pki.client("alice", &["sre"]);
+        let https_port = tollgate_testsupport::free_port();
+        let config = format!(
+            r#"{server}
+[[resources]]
+name = "tickets"
+kind = "mcp"
+command = ["node", "{script}"]
+env = {{ STDIO = "1", NODE_PATH = "{modules}", CALLS_FILE = "{calls}", PID_FILE = "{pids}", ENV_FILE = "{envf}" }}
+max_processes = {max_processes}
+allow_groups = ["sre", "agents"]
+hold_wait = "8s"
+[resources.credentials]
+env = "TICKETS_TOKEN"
+value_env = "LOCAL_MCP_TOKEN"
+{rules}"#,
+            server = server_config(&pki, https_port),
+            script = script("server.cjs").display(),
+            modules = modules.display(),
+            calls = calls.display(),
+            pids = tmp.path().join("pids.txt").display(),
+            envf = tmp.path().join("env.json").display(),
+            rules = RULES,
+        );
+        let gw = Gateway::start(
+            tmp.path(),
+            &config,
+            &[
+                ("LOCAL_MCP_TOKEN", UPSTREAM_SECRET),
+                ("GATEWAY_ONLY_SECRET", "must-not-leak-9f2"),
+            ],
+        );
+        McpEnv {
+            gw,
+            _server: None,
+            pki,
+            alice,
+            https_port,
+            calls,
+            tmp,
+        }
+    }
+
+    /// The pids of the stdio servers started so far.
+    fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.tmp.path().join("pids.txt"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    }
+
     fn url(&self) -> String {
         format!("https://localhost:{}/r/tickets", self.https_port)
     }
 
     /// The SDK client, as the agent token, running `ops`.
     fn client(&self, ops: &Value) -> Child {
+        self.client_with(ops, false)
+    }
+
+    /// `terminate`: the client ends its session (DELETE) when done.
+    fn client_with(&self, ops: &Value, terminate: bool) -> Child {
         Command::new("node")
+            .env("MCP_TERMINATE", if terminate { "1" } else { "0" })
             .arg(script("client.cjs"))
             .arg(ops.to_string())
             .env("NODE_PATH", node_modules())
@@ -733,11 +939,18 @@ fn protocol_edges_are_refused_and_the_session_survives() {
     let (code, _, body) = env.post(
         None,
         Some(&session),
-        &["-H", "MCP-Protocol-Version: 2026-07-28"],
+        &["-H", "MCP-Protocol-Version: 2099-01-01"],
         r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#,
     );
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("2026-07-28"), "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"2099-01-01\" is not supported"),
+        "{body}"
+    );
 
     // A call held past hold_wait: the client is told the review is pending; once approved,
     // the identical call (another id, its arguments in another order) runs.
@@ -894,4 +1107,449 @@ fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
             .metric("tollgate_mcp_pin_changes_total{resource=\"tickets\",mode=\"enforce\"}"),
         Some(1)
     );
+}
+
+/// What a client running list, lookup_customer `id`, delete_ticket and echo `echoed` gets back
+/// (`out[0]` is its session line): the denied tool unlisted, the lookup masked, the delete
+/// denied naming the rule, the echo answered.
+fn assert_judged_alike(out: &[Value], id: &str, echoed: &str) {
+    assert_eq!(
+        out[1]["tools"],
+        serde_json::json!(["lookup_customer", "close_ticket", "echo"]),
+        "{out:?}"
+    );
+    let r = &out[2]["result"];
+    let text = r["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(&format!("Customer {id}: Ada Lovelace <")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("ada@example.com") && !text.contains("4111"),
+        "{text}"
+    );
+    assert_ne!(
+        r["structuredContent"]["customer"]["email"], "ada@example.com",
+        "{r}"
+    );
+    assert_ne!(
+        r["structuredContent"]["customer"]["name"], "Ada Lovelace",
+        "{r}"
+    );
+    assert_eq!(out[3]["code"], -32001, "{out:?}");
+    assert!(
+        out[3]["error"]
+            .as_str()
+            .unwrap()
+            .contains("denied by tollgate rule \"no-deletes\""),
+        "{out:?}"
+    );
+    assert_eq!(out[4]["result"]["content"][0]["text"], echoed, "{out:?}");
+}
+
+/// A stdio server behind the gateway: started per session with only the environment it is
+/// given, the same rules, holds and masks, its stderr in the log, stopped when its session is
+/// deleted, and no more processes than `max_processes`.
+#[test]
+fn a_stdio_server_is_started_per_session_and_judged_alike() {
+    let env = McpEnv::stdio(2);
+    let c = env.client_with(
+        &serde_json::json!([
+            {"op": "list"},
+            {"op": "call", "name": "lookup_customer", "arguments": {"id": "c-1"}},
+            {"op": "call", "name": "delete_ticket", "arguments": {"project": "dev-1", "id": "7"}},
+            {"op": "call", "name": "echo", "arguments": {"text": "hello"}},
+        ]),
+        true,
+    );
+    let out = env.outputs(c);
+    assert_judged_alike(&out, "c-1", "hello");
+    let ran: Vec<String> = env
+        .calls()
+        .iter()
+        .map(|c| c["tool"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["lookup_customer", "echo"]);
+
+    // The process saw the configured variables and its credential, nothing else.
+    let seen: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.tmp.path().join("env.json")).unwrap())
+            .unwrap();
+    assert_eq!(seen["token"], UPSTREAM_SECRET);
+    let allowed = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "TMPDIR",
+        "STDIO",
+        "NODE_PATH",
+        "CALLS_FILE",
+        "PID_FILE",
+        "ENV_FILE",
+        "TICKETS_TOKEN",
+    ];
+    for name in seen["names"].as_array().unwrap() {
+        assert!(
+            allowed.contains(&name.as_str().unwrap()),
+            "the server inherited {name}: {seen}"
+        );
+    }
+    assert!(seen["names"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("PATH")));
+    // Its stderr is in the gateway's log; deleting the session stopped it.
+    let first = env.pids()[0];
+    wait_for(
+        Duration::from_secs(20),
+        "the deleted session's process to end",
+        || !Path::new(&format!("/proc/{first}")).exists(),
+    );
+    assert!(
+        env.gw.logs().contains(&format!(
+            "mcp server stderr: tickets stdio server {first} ready"
+        )),
+        "{}",
+        env.gw.logs()
+    );
+
+    // A held call, approved, runs on the session's process.
+    let held = env.client(&serde_json::json!([
+        {"op": "call", "name": "close_ticket", "arguments": {"project": "prod-eu", "id": "9"}},
+    ]));
+    let review = env.pending_review();
+    assert_eq!(review["rule"], "prod-closes", "{review}");
+    assert!(
+        review["statement"].as_str().unwrap().contains("prod-eu"),
+        "{review}"
+    );
+    let approved = env.cli(
+        &env.alice,
+        &["reviews", "approve", review["id"].as_str().unwrap()],
+    );
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let out = env.outputs(held);
+    assert_eq!(
+        out[1]["result"]["content"][0]["text"], "closed prod-eu/9",
+        "{out:?}"
+    );
+
+    // That session was not ended, so its process lives on: one more fits, a third does not.
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"curl","version":"1"}}}"#;
+    let (code, headers, body) = env.post(None, None, &[], init);
+    assert_eq!(code, 200, "{headers}{body}\n{}", env.gw.logs());
+    assert_eq!(
+        messages(&body)[0]["result"]["serverInfo"]["name"],
+        "tickets",
+        "{body}"
+    );
+    let session = header_value(&headers, "mcp-session-id").expect("a session id");
+    let (code, _, body) = env.post(None, None, &[], init);
+    assert_eq!(code, 503, "{body}");
+    let e: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resource \"tickets\" runs its most MCP server processes (2, max_processes)"),
+        "{e}"
+    );
+    // Ending a session makes room.
+    let (code, _, body) = env.post(None, Some(&session), &["-X", "DELETE"], "");
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = env.post(
+        None,
+        Some(&session),
+        &[],
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 404, "a deleted session is gone: {body}");
+    let (code, _, body) = env.post(None, None, &[], init);
+    assert_eq!(code, 200, "{body}");
+
+    let mut evs = Vec::new();
+    wait_for(Duration::from_secs(20), "process events", || {
+        evs = env.events();
+        of_kind(&evs, "mcp.process_exited").len() >= 2
+    });
+    assert_eq!(of_kind(&evs, "mcp.process_started").len(), 4, "{evs:?}");
+    let exited = of_kind(&evs, "mcp.process_exited");
+    assert!(
+        exited.iter().all(|e| e["payload"]["stopped"] == "deleted"),
+        "{exited:?}"
+    );
+    let denied = of_kind(&evs, "mcp.request")
+        .into_iter()
+        .find(|e| e["payload"]["name"] == "delete_ticket")
+        .expect("the denied call is recorded");
+    assert_eq!(denied["payload"]["decision"]["rule"], "no-deletes");
+    // The process's events are in its MCP session's audit session.
+    let started = of_kind(&evs, "mcp.process_started");
+    assert!(started
+        .iter()
+        .any(|e| e["session_id"] == denied["session_id"]));
+}
+
+/// A 2026-07-28 request: its body (with the `_meta` the revision requires) and its routing
+/// headers, as given.
+fn stateless_call(env: &McpEnv, headers: &[&str], method: &str, params: &str) -> (u16, String) {
+    let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/clientInfo":{"name":"curl","version":"1"}}"#;
+    let params = if params.is_empty() {
+        format!("{{{meta}}}")
+    } else {
+        format!("{{{params},{meta}}}")
+    };
+    let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#);
+    let mut extra = vec!["-H", "MCP-Protocol-Version: 2026-07-28"];
+    for h in headers {
+        extra.extend(["-H", h]);
+    }
+    let (code, _, body) = env.post(None, None, &extra, &body);
+    (code, body)
+}
+
+/// The stateless revision: every request judged on its own, its routing headers held to its
+/// body, listings filtered and marked private, answers masked.
+#[test]
+fn the_stateless_revision_is_judged_and_its_headers_must_match_the_body() {
+    let env = McpEnv::stateless();
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: server/discover"],
+        "server/discover",
+        "",
+    );
+    assert_eq!(code, 200, "{body}\n{}", env.gw.logs());
+    let r = &messages(&body)[0]["result"];
+    assert_eq!(
+        r["supportedVersions"],
+        serde_json::json!(["2026-07-28"]),
+        "{body}"
+    );
+
+    let (code, body) = stateless_call(&env, &["Mcp-Method: tools/list"], "tools/list", "");
+    assert_eq!(code, 200, "{body}");
+    let r = &messages(&body)[0]["result"];
+    let names: Vec<&str> = r["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["lookup_customer", "echo"], "{body}");
+    assert_eq!(r["cacheScope"], "private", "{body}");
+
+    let echo = r#""name":"echo","arguments":{"text":"hello"}"#;
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: echo"],
+        "tools/call",
+        echo,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        messages(&body)[0]["result"]["content"][0]["text"],
+        "hello",
+        "{body}"
+    );
+    // A name outside the header charset travels base64-encoded.
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: =?base64?ZWNobw==?="],
+        "tools/call",
+        echo,
+    );
+    assert_eq!(code, 200, "{body}");
+    // Headers that disagree with the body: 400 with the revision's error, nothing forwarded.
+    let delete = r#""name":"delete_ticket","arguments":{"project":"p","id":"1"}"#;
+    for (headers, why) in [
+        (
+            vec!["Mcp-Method: tools/call", "Mcp-Name: echo"],
+            "Mcp-Name header does not match",
+        ),
+        (
+            vec!["Mcp-Method: tools/list", "Mcp-Name: delete_ticket"],
+            "Mcp-Method header does not match",
+        ),
+        (
+            vec!["Mcp-Name: delete_ticket"],
+            "Mcp-Method header is missing",
+        ),
+        (vec!["Mcp-Method: tools/call"], "Mcp-Name header is missing"),
+    ] {
+        let (code, body) = stateless_call(&env, &headers, "tools/call", delete);
+        assert_eq!(code, 400, "{headers:?}: {body}");
+        let e: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(e["error"]["code"], -32020, "{body}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(why),
+            "{body}"
+        );
+    }
+    // Agreeing headers: the rule decides.
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: delete_ticket"],
+        "tools/call",
+        delete,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(messages(&body)[0]["error"]["code"], -32001, "{body}");
+    // Masked as in the older revisions.
+    let (_, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: lookup_customer"],
+        "tools/call",
+        r#""name":"lookup_customer","arguments":{"id":"c-1"}"#,
+    );
+    let text = messages(&body)[0]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        text.starts_with("Customer c-1: Ada Lovelace <") && !text.contains("ada@example.com"),
+        "{text}"
+    );
+    // No sessions, no GET stream.
+    let (code, _, body) = env.post(
+        None,
+        Some("some-session"),
+        &[
+            "-H",
+            "MCP-Protocol-Version: 2026-07-28",
+            "-H",
+            "Mcp-Method: tools/list",
+        ],
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/list"}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("has no sessions"), "{body}");
+    let (code, _, body) = env.post(
+        None,
+        None,
+        &["-X", "GET", "-H", "MCP-Protocol-Version: 2026-07-28"],
+        "",
+    );
+    assert_eq!(code, 405, "{body}");
+
+    // Without a credential: a 401 whose challenge points at the resource's metadata (RFC
+    // 9728), which names the OIDC issuer as its authorization server.
+    let port = env.https_port;
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-D", "-", "--cacert"])
+            .arg(&env.pki.ca)
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // HTTP/1.1: over HTTP/2 curl reports the stream reset that follows a refusal sent before
+    // the body was read, instead of the refusal.
+    let answer = curl(&[
+        "--http1.1",
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        &env.url(),
+    ]);
+    let metadata =
+        format!("https://localhost:{port}/.well-known/oauth-protected-resource/r/tickets");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains(&format!(
+            "www-authenticate: bearer realm=\"tollgate\", resource_metadata=\"{metadata}\""
+        )),
+        "{answer}"
+    );
+    let doc = curl(&[&metadata]);
+    let (head, body) = doc.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/2 200"), "{doc}");
+    let doc: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        doc["resource"],
+        format!("https://localhost:{port}/r/tickets"),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["authorization_servers"],
+        serde_json::json!(["https://idp.tollgate.test"])
+    );
+    let other = curl(&[&format!(
+        "https://localhost:{port}/.well-known/oauth-protected-resource/r/nope"
+    )]);
+    assert!(other.starts_with("HTTP/2 404"), "{other}");
+
+    let ran: Vec<String> = env
+        .calls()
+        .iter()
+        .map(|c| c["tool"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ran,
+        ["echo", "echo", "lookup_customer"],
+        "only the allowed calls with agreeing headers ran"
+    );
+    let mut evs = Vec::new();
+    wait_for(Duration::from_secs(15), "mcp events", || {
+        evs = env.events();
+        of_kind(&evs, "mcp.request").len() >= 6
+    });
+    assert!(of_kind(&evs, "mcp.request")
+        .iter()
+        .any(|e| e["payload"]["method"] == "server/discover"));
+}
+
+/// The Python SDK's client (`mcp` from PyPI) gets what the Node one gets: the filtered list,
+/// masked results, denials naming the rule.
+#[test]
+fn the_python_sdk_client_is_judged_alike() {
+    let env = McpEnv::start(false, "off", "5m");
+    let out = Command::new(python_mcp())
+        .arg(script("client.py"))
+        .arg(
+            serde_json::json!([
+                {"op": "list"},
+                {"op": "call", "name": "lookup_customer", "arguments": {"id": "c-2"}},
+                {"op": "call", "name": "delete_ticket", "arguments": {"project": "dev-1", "id": "7"}},
+                {"op": "call", "name": "echo", "arguments": {"text": "from python"}},
+            ])
+            .to_string(),
+        )
+        .env("MCP_URL", env.url())
+        .env("MCP_TOKEN", TOKEN)
+        .env("MCP_CA", &env.pki.ca)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python MCP client failed: {}\n{stdout}\ngateway:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.gw.logs()
+    );
+    let out: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        out[0]["protocol"].as_str().unwrap().starts_with("2025-"),
+        "{out:?}"
+    );
+    assert_judged_alike(&out, "c-2", "from python");
+    let ran: Vec<String> = env
+        .calls()
+        .iter()
+        .map(|c| c["tool"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["lookup_customer", "echo"]);
 }

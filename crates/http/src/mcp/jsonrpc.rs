@@ -17,6 +17,11 @@ pub const DENIED: i64 = -32001;
 pub const NOT_APPROVED: i64 = -32002;
 /// The gateway could not judge, record or forward the request.
 pub const UNAVAILABLE: i64 = -32003;
+/// The 2026-07-28 revision's error for routing headers that disagree with the body.
+pub const HEADER_MISMATCH: i64 = -32020;
+
+/// The `_meta` key that carries a request's protocol version in the 2026-07-28 revision.
+pub const META_PROTOCOL_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 
 /// What a client message is.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +46,8 @@ pub struct ClientMessage {
     pub arguments: Option<Value>,
     /// `params._meta.progressToken` (a string or a number).
     pub progress_token: Option<Value>,
+    /// `params._meta["io.modelcontextprotocol/protocolVersion"]` (2026-07-28).
+    pub meta_version: Option<Value>,
 }
 
 /// A POST body, parsed.
@@ -134,6 +141,7 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
                 name: None,
                 arguments: None,
                 progress_token: None,
+                meta_version: None,
             });
         }
         return Err(malformed(
@@ -198,7 +206,76 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
             .and_then(|m| m.get("progressToken"))
             .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
             .cloned(),
+        meta_version: params
+            .as_ref()
+            .and_then(|p| p.get("_meta"))
+            .and_then(|m| m.get(META_PROTOCOL_VERSION))
+            .cloned(),
     })
+}
+
+/// `Mcp-Name` as sent: the name itself, or `=?base64?<base64 of its UTF-8>?=` for a name
+/// outside the header character set. `None`: not decodable.
+pub fn decode_header_name(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?.trim();
+    match text
+        .strip_prefix("=?base64?")
+        .and_then(|t| t.strip_suffix("?="))
+    {
+        Some(b64) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(text.to_string()),
+    }
+}
+
+/// Why a request of the stateless 2026-07-28 revision is refused for its routing headers
+/// (`Mcp-Method`, `Mcp-Name`) or its `_meta` protocol version disagreeing with its body, or
+/// missing: an intermediary routes and authorizes on the headers, the server reads the body,
+/// so both must say the same.
+pub fn stateless_mismatch(
+    msg: &ClientMessage,
+    version: &str,
+    method: Option<&[u8]>,
+    name: Option<&[u8]>,
+) -> Option<String> {
+    if msg.kind == Kind::Response {
+        return Some("the 2026-07-28 revision carries no answers from the client".into());
+    }
+    match method {
+        None => {
+            return Some("the Mcp-Method header is missing (required from 2026-07-28 on)".into())
+        }
+        Some(m) if m != msg.method.as_bytes() => {
+            return Some("the Mcp-Method header does not match the message's method".into())
+        }
+        Some(_) => {}
+    }
+    match (&msg.name, name) {
+        (Some(_), None) => {
+            return Some(format!(
+                "the Mcp-Name header is missing ({} names what it acts on in it)",
+                msg.method
+            ))
+        }
+        (Some(n), Some(h)) if decode_header_name(h).as_deref() != Some(n.as_str()) => {
+            return Some("the Mcp-Name header does not match the message's name".into())
+        }
+        (None, Some(_)) => return Some(format!("{} takes no Mcp-Name header", msg.method)),
+        _ => {}
+    }
+    match &msg.meta_version {
+        Some(Value::String(v)) if v == version => None,
+        Some(_) => Some(format!(
+            "params._meta[\"{META_PROTOCOL_VERSION}\"] does not match the MCP-Protocol-Version header"
+        )),
+        None if msg.kind == Kind::Request => Some(format!(
+            "params._meta[\"{META_PROTOCOL_VERSION}\"] is missing (required on every request from 2026-07-28 on)"
+        )),
+        None => None,
+    }
 }
 
 /// The first key an object of `raw` holds twice (compared after unescaping), if any. `raw`
@@ -311,6 +388,51 @@ pub fn error_response(id: Option<&Value>, code: i64, message: &str, data: Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stateless_headers_must_say_what_the_body_says() {
+        let v = "2026-07-28";
+        let call = |name: &str, meta: &str| {
+            parse(format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{name}","arguments":{{}},"_meta":{{"io.modelcontextprotocol/protocolVersion":"{meta}"}}}}}}"#).as_bytes())
+                .unwrap()
+                .messages
+                .remove(0)
+        };
+        let m = call("echo", v);
+        assert_eq!(
+            stateless_mismatch(&m, v, Some(b"tools/call"), Some(b"echo")),
+            None
+        );
+        assert_eq!(
+            stateless_mismatch(&m, v, Some(b"tools/call"), Some(b"=?base64?ZWNobw==?=")),
+            None
+        );
+        let e = |m: &ClientMessage, method: Option<&[u8]>, name: Option<&[u8]>| {
+            stateless_mismatch(m, v, method, name).unwrap()
+        };
+        assert!(
+            e(&m, Some(b"tools/list"), Some(b"echo")).contains("Mcp-Method header does not match")
+        );
+        assert!(e(&m, None, Some(b"echo")).contains("Mcp-Method header is missing"));
+        assert!(
+            e(&m, Some(b"tools/call"), Some(b"delete")).contains("Mcp-Name header does not match")
+        );
+        assert!(e(&m, Some(b"tools/call"), None).contains("Mcp-Name header is missing"));
+        assert!(e(
+            &call("echo", "2025-11-25"),
+            Some(b"tools/call"),
+            Some(b"echo")
+        )
+        .contains("does not match the MCP-Protocol-Version header"));
+        let list = parse(br#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+            .unwrap()
+            .messages
+            .remove(0);
+        assert!(
+            e(&list, Some(b"tools/list"), None).contains("is missing (required on every request")
+        );
+        assert!(e(&list, Some(b"tools/list"), Some(b"x")).contains("takes no Mcp-Name header"));
+    }
 
     #[test]
     fn duplicate_keys_are_found_after_unescaping() {

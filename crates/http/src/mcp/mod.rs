@@ -13,6 +13,9 @@
 
 mod jsonrpc;
 mod masking;
+mod stdio;
+
+pub(crate) use stdio::StdioServers;
 
 use std::collections::HashMap;
 use std::io;
@@ -24,7 +27,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -49,6 +51,10 @@ use crate::{micros, HttpGateway, HttpSession, Target};
 /// a revision that moves what the gateway judges (the stateless 2026 revision carries method
 /// and name in headers too) must not pass unjudged.
 pub const PROTOCOL_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+
+/// The stateless revision: no sessions, POST only, every request's method and name in
+/// `Mcp-Method`/`Mcp-Name` headers that must match its body, its version in `_meta`.
+pub const STATELESS_VERSION: &str = "2026-07-28";
 
 /// Largest single message of an answer (a JSON body, or one server-sent event) the gateway
 /// holds to mask it; past it the answer is cut off.
@@ -347,6 +353,57 @@ impl Exchange {
     }
 }
 
+/// The URL of the OAuth protected resource metadata (RFC 9728) of MCP resource `name`, when
+/// OIDC issuers are configured and `host` (the request's) is one of the gateway's names.
+pub(crate) fn metadata_url(gw: &HttpGateway, name: &str, host: Option<&str>) -> Option<String> {
+    let host = host?;
+    let t = gw.target(name)?;
+    (t.resource.kind == tollgate_config::ResourceKind::Mcp
+        && !gw.oidc.is_empty()
+        && gw.serves(crate::relay::host_of(host)))
+    .then(|| format!("https://{host}/.well-known/oauth-protected-resource/r/{name}"))
+}
+
+/// The host a request names: its target's authority (HTTP/2 `:authority`) or its `Host`.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// `GET /.well-known/oauth-protected-resource/r/<name>`: where MCP clients get a token for the
+/// resource (RFC 9728), naming the configured OIDC issuers as its authorization servers.
+pub fn protected_resource_metadata<B>(
+    gw: &HttpGateway,
+    req: &Request<B>,
+) -> Response<UpstreamBody> {
+    let name = req
+        .uri()
+        .path()
+        .strip_prefix("/.well-known/oauth-protected-resource/r/")
+        .unwrap_or("");
+    let host = request_host(req);
+    match metadata_url(gw, name, host) {
+        Some(_) => {
+            let host = host.unwrap_or_default();
+            json_answer(
+                StatusCode::OK,
+                &json!({
+                    "resource": format!("https://{host}/r/{name}"),
+                    "authorization_servers": gw.oidc.issuers(),
+                    "bearer_methods_supported": ["header"],
+                    "resource_name": name,
+                }),
+            )
+        }
+        None => json_answer(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "no protected resource metadata here: it is served for MCP resources when OIDC issuers are configured", "code": "not_found"}),
+        ),
+    }
+}
+
 /// Handles one HTTP request to an MCP resource.
 pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
     let headers = &x.parts.headers;
@@ -370,11 +427,13 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
         }
     }
     // The protocol revision: one tollgate does not understand is never passed on unjudged.
+    let mut stateless = false;
     if let Some(v) = headers.get("mcp-protocol-version") {
         let v = String::from_utf8_lossy(v.as_bytes()).trim().to_string();
-        if !PROTOCOL_VERSIONS.contains(&v.as_str()) {
+        stateless = v == STATELESS_VERSION;
+        if !stateless && !PROTOCOL_VERSIONS.contains(&v.as_str()) {
             let msg = format!(
-                "MCP protocol version {v:?} is not supported by this gateway; it relays {}",
+                "MCP protocol version {v:?} is not supported by this gateway; it relays {} and {STATELESS_VERSION}",
                 PROTOCOL_VERSIONS.join(", ")
             );
             return x
@@ -384,6 +443,25 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
                     jsonrpc::INVALID_REQUEST,
                     &msg,
                 )
+                .await;
+        }
+    }
+    if stateless {
+        let refusal = if x.parts.method != Method::POST {
+            Some((
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("the {STATELESS_VERSION} revision of MCP takes POST only"),
+            ))
+        } else if headers.contains_key("mcp-session-id") {
+            Some((StatusCode::BAD_REQUEST, format!("the {STATELESS_VERSION} revision of MCP has no sessions: send no Mcp-Session-Id")))
+        } else if x.target.resource.stdio.is_some() {
+            Some((StatusCode::BAD_REQUEST, format!("resource \"{}\" is a stdio server, served with the session-based revisions ({})", x.target.resource.name, PROTOCOL_VERSIONS.join(", "))))
+        } else {
+            None
+        };
+        if let Some((status, msg)) = refusal {
+            return x
+                .refused(status, "stateless", jsonrpc::INVALID_REQUEST, &msg)
                 .await;
         }
     }
@@ -414,7 +492,7 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
         }
     }
     match x.parts.method {
-        Method::POST => post(x, mcp_session).await,
+        Method::POST => post(x, mcp_session, stateless).await,
         Method::GET | Method::DELETE => {
             // The server's stream of its own messages, or the end of a session: judged as a
             // request without a name (rules naming tools, resources or prompts do not apply).
@@ -471,7 +549,7 @@ struct Judged {
     progress_token: Option<Value>,
 }
 
-async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody> {
+async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Response<UpstreamBody> {
     let body = match jsonrpc::parse(&x.body) {
         Ok(b) => b,
         Err(e) => {
@@ -489,6 +567,29 @@ async fn post(x: Exchange, mcp_session: Option<String>) -> Response<UpstreamBody
                 .await;
         }
     };
+    if stateless {
+        let h = &x.parts.headers;
+        let why = if body.batch {
+            Some(format!("the {STATELESS_VERSION} revision of MCP takes one message per request, not a batch"))
+        } else {
+            jsonrpc::stateless_mismatch(
+                &body.messages[0],
+                STATELESS_VERSION,
+                h.get("mcp-method").map(HeaderValue::as_bytes),
+                h.get("mcp-name").map(HeaderValue::as_bytes),
+            )
+        };
+        if let Some(msg) = why {
+            return x
+                .refused(
+                    StatusCode::BAD_REQUEST,
+                    "header_mismatch",
+                    jsonrpc::HEADER_MISMATCH,
+                    &msg,
+                )
+                .await;
+        }
+    }
     // The `Mcp-Method` header of later revisions must say what the body says.
     if let Some(m) = x.parts.headers.get("mcp-method") {
         let said = String::from_utf8_lossy(m.as_bytes());
@@ -1101,6 +1202,10 @@ fn clip(s: &mut String, limit: usize) -> bool {
 /// Forwards the request and relays the answer through [`McpBody`].
 async fn forward(x: &Exchange, replies: Replies) -> Response<UpstreamBody> {
     let target: &Target = &x.target;
+    if let Some(server) = &target.resource.stdio {
+        let (parts, body) = stdio::exchange(x, server).await.into_parts();
+        return relay(x, replies, parts, body);
+    }
     let http = target.resource.http.as_ref().expect("an mcp resource");
     // `/r/<name>` alone is the MCP endpoint itself (`upstream = "https://host/mcp"`).
     let path = if x.path == "/" && !http.base_path.is_empty() {
@@ -1173,7 +1278,18 @@ async fn forward(x: &Exchange, replies: Replies) -> Response<UpstreamBody> {
             );
         }
     };
-    let (mut rparts, rbody) = resp.into_parts();
+    let (rparts, rbody) = resp.into_parts();
+    relay(x, replies, rparts, rbody.map_err(io::Error::other).boxed())
+}
+
+/// Relays an answer to the client through [`McpBody`], message by message.
+fn relay(
+    x: &Exchange,
+    replies: Replies,
+    mut rparts: hyper::http::response::Parts,
+    rbody: UpstreamBody,
+) -> Response<UpstreamBody> {
+    let target: &Target = &x.target;
     let encoded = rparts
         .headers
         .get(header::CONTENT_ENCODING)
@@ -1245,6 +1361,8 @@ struct Replies {
     pending: HashMap<String, (String, Option<String>)>,
     client_plan: Option<BodyPlan>,
     audit_plan: Option<BodyPlan>,
+    /// The request was of the stateless revision.
+    stateless: bool,
 }
 
 impl Replies {
@@ -1265,6 +1383,11 @@ impl Replies {
             pending,
             client_plan,
             audit_plan: x.audit_plan(),
+            stateless: x
+                .parts
+                .headers
+                .get("mcp-protocol-version")
+                .is_some_and(|v| v.as_bytes() == STATELESS_VERSION.as_bytes()),
         }
     }
 
@@ -1291,7 +1414,11 @@ impl Replies {
                     hidden = self.filter_listing(&mut msg, "resources", "resources/read", "uri")
                 }
                 "initialize" => self.check_version(&mut msg),
+                "server/discover" => discovered_versions(&mut msg),
                 _ => {}
+            }
+            if self.stateless && method.ends_with("/list") {
+                self.cache_scope(&mut msg);
             }
         }
         // The record keeps the audit masking; the client gets its own.
@@ -1446,6 +1573,18 @@ impl Replies {
         hidden
     }
 
+    /// A listing the gateway filters by caller (rules or pins) is `cacheScope: "private"`: a
+    /// shared cache must not hand one caller's list to another.
+    fn cache_scope(&self, msg: &mut Value) {
+        let r = &self.target.resource;
+        if r.rules.is_empty() && r.pinning == tollgate_config::PinMode::Off {
+            return;
+        }
+        if let Some(result) = msg.get_mut("result").and_then(Value::as_object_mut) {
+            result.insert("cacheScope".into(), "private".into());
+        }
+    }
+
     /// A server that settles on a protocol revision tollgate does not understand: the session
     /// is not opened.
     fn check_version(&self, msg: &mut Value) {
@@ -1466,6 +1605,21 @@ impl Replies {
     }
 }
 
+/// `server/discover` offers only the revisions the gateway relays (a client picking another
+/// would be refused).
+fn discovered_versions(msg: &mut Value) {
+    if let Some(v) = msg
+        .get_mut("result")
+        .and_then(|r| r.get_mut("supportedVersions"))
+        .and_then(Value::as_array_mut)
+    {
+        v.retain(|v| {
+            v.as_str()
+                .is_some_and(|v| v == STATELESS_VERSION || PROTOCOL_VERSIONS.contains(&v))
+        });
+    }
+}
+
 enum Mode {
     /// Server-sent events: each event's `data` is one message.
     Sse,
@@ -1476,7 +1630,7 @@ enum Mode {
 
 /// The upstream's answer on its way to the client, message by message.
 struct McpBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     mode: Mode,
     buf: Vec<u8>,
     replies: Replies,

@@ -43,6 +43,8 @@ async function main() {
       console.log(JSON.stringify({ error: e.message, code: e.code, data: e.data }));
     }
   }
+  // MCP_TERMINATE=1: end the session (DELETE) before closing.
+  if (process.env.MCP_TERMINATE === '1') await transport.terminateSession();
   await client.close();
 }
 

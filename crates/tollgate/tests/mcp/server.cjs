@@ -4,6 +4,9 @@
 // Prints {"port": N} once listening. JSON_RESPONSE=1 answers POSTs with JSON instead of SSE.
 // The description of `echo` is read from ECHO_DESC_FILE, when it exists, for each new session
 // (a server that changes a tool's definition under its clients).
+// STDIO=1: the same tools on stdin/stdout (the gateway starts it per session); it writes its
+// pid to PID_FILE and its environment's names, and TICKETS_TOKEN, to ENV_FILE, and says on
+// stderr that it is ready.
 const https = require('node:https');
 const fs = require('node:fs');
 const crypto = require('node:crypto');
@@ -12,7 +15,6 @@ const { StreamableHTTPServerTransport } = require('@modelcontextprotocol/sdk/ser
 const { isInitializeRequest } = require('@modelcontextprotocol/sdk/types.js');
 const { z } = require('zod');
 
-const [cert, key] = [process.env.TLS_CERT, process.env.TLS_KEY].map((p) => fs.readFileSync(p));
 const calls = process.env.CALLS_FILE;
 
 function ran(tool, args) {
@@ -73,47 +75,64 @@ function makeServer() {
   return server;
 }
 
-const transports = {};
-const srv = https.createServer({ cert, key }, async (req, res) => {
-  try {
-    if (req.headers.authorization !== process.env.EXPECT_AUTH) {
-      res.writeHead(401, { 'content-type': 'text/plain' }).end('missing or wrong credential');
-      return;
-    }
-    let body;
-    if (req.method === 'POST') {
-      const chunks = [];
-      for await (const c of req) chunks.push(c);
-      body = JSON.parse(Buffer.concat(chunks).toString('utf8'));
-    }
-    const sid = req.headers['mcp-session-id'];
-    let t = sid ? transports[sid] : undefined;
-    if (!t) {
-      if (req.method === 'POST' && !sid && isInitializeRequest(body)) {
-        t = new StreamableHTTPServerTransport({
-          sessionIdGenerator: () => crypto.randomUUID(),
-          enableJsonResponse: process.env.JSON_RESPONSE === '1',
-          onsessioninitialized: (id) => {
-            transports[id] = t;
-          },
-        });
-        t.onclose = () => {
-          if (t.sessionId) delete transports[t.sessionId];
-        };
-        await makeServer().connect(t);
-      } else {
-        res
-          .writeHead(400, { 'content-type': 'application/json' })
-          .end(JSON.stringify({ jsonrpc: '2.0', error: { code: -32000, message: 'Bad Request: no valid session' }, id: null }));
+if (process.env.STDIO === '1') {
+  const { StdioServerTransport } = require('@modelcontextprotocol/sdk/server/stdio.js');
+  fs.appendFileSync(process.env.PID_FILE, process.pid + '\n');
+  fs.writeFileSync(
+    process.env.ENV_FILE,
+    JSON.stringify({ names: Object.keys(process.env).sort(), token: process.env.TICKETS_TOKEN ?? null }),
+  );
+  makeServer()
+    .connect(new StdioServerTransport())
+    .then(() => console.error(`tickets stdio server ${process.pid} ready`));
+} else {
+  serveHttps();
+}
+
+function serveHttps() {
+  const [cert, key] = [process.env.TLS_CERT, process.env.TLS_KEY].map((p) => fs.readFileSync(p));
+  const transports = {};
+  const srv = https.createServer({ cert, key }, async (req, res) => {
+    try {
+      if (req.headers.authorization !== process.env.EXPECT_AUTH) {
+        res.writeHead(401, { 'content-type': 'text/plain' }).end('missing or wrong credential');
         return;
       }
+      let body;
+      if (req.method === 'POST') {
+        const chunks = [];
+        for await (const c of req) chunks.push(c);
+        body = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+      }
+      const sid = req.headers['mcp-session-id'];
+      let t = sid ? transports[sid] : undefined;
+      if (!t) {
+        if (req.method === 'POST' && !sid && isInitializeRequest(body)) {
+          t = new StreamableHTTPServerTransport({
+            sessionIdGenerator: () => crypto.randomUUID(),
+            enableJsonResponse: process.env.JSON_RESPONSE === '1',
+            onsessioninitialized: (id) => {
+              transports[id] = t;
+            },
+          });
+          t.onclose = () => {
+            if (t.sessionId) delete transports[t.sessionId];
+          };
+          await makeServer().connect(t);
+        } else {
+          res
+            .writeHead(400, { 'content-type': 'application/json' })
+            .end(JSON.stringify({ jsonrpc: '2.0', error: { code: -32000, message: 'Bad Request: no valid session' }, id: null }));
+          return;
+        }
+      }
+      await t.handleRequest(req, res, body);
+    } catch (e) {
+      console.error(e);
+      if (!res.headersSent) res.writeHead(500).end(String(e));
     }
-    await t.handleRequest(req, res, body);
-  } catch (e) {
-    console.error(e);
-    if (!res.headersSent) res.writeHead(500).end(String(e));
-  }
-});
-srv.listen(0, '127.0.0.1', () => {
-  console.log(JSON.stringify({ port: srv.address().port }));
-});
+  });
+  srv.listen(0, '127.0.0.1', () => {
+    console.log(JSON.stringify({ port: srv.address().port }));
+  });
+}
