@@ -17,6 +17,7 @@
 //! It owns no policy of its own: authentication, authorization, rules, the review hold and
 //! event shapes are `tollgate-gate`'s; masking is `tollgate-mask`'s.
 
+mod decode;
 mod error;
 mod identity_token;
 mod mcp;

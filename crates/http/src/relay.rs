@@ -24,6 +24,7 @@ use tollgate_mask::{BodyKind, BodyMasker, BodyPlan, Reason};
 use tollgate_metrics::registry;
 use tollgate_review::Verdict;
 
+use crate::decode::{Coding, Decoded, ReadError};
 use crate::error::Refusal;
 use crate::normalize::{
     method_params, normalize_path, path_readings, query_readings, METHOD_OVERRIDE_HEADERS,
@@ -1164,11 +1165,7 @@ pub(crate) fn relay_response(
     let http = target.resource.http.as_ref().expect("http resource");
     let masking = plan.is_some() || audit_plan.is_some();
     let (mut rparts, rbody) = resp.into_parts();
-    let encoded = rparts
-        .headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    let coding = Coding::of(&rparts.headers);
     let content_type = rparts
         .headers
         .get(header::CONTENT_TYPE)
@@ -1179,39 +1176,55 @@ pub(crate) fn relay_response(
     let head_only = head_only
         || rparts.status == StatusCode::NO_CONTENT
         || rparts.status == StatusCode::NOT_MODIFIED;
-    let unmaskable = masking && !head_only && (encoded || kind.is_none());
+    let body_masked = masking && !head_only;
+    let refuse = |why: String, hint: &str| {
+        session.log.record(&HttpResponse {
+            n,
+            outcome: "refused",
+            status: 502,
+            headers: recorded_headers(&rparts.headers),
+            body: BodyRecord::default(),
+            masked: None,
+            duration_us: micros(started),
+            error: Some(format!(
+                "unmaskable upstream response (status {})",
+                rparts.status.as_u16()
+            )),
+        });
+        Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "unmaskable",
+            format!(
+                "the response of resource \"{}\" cannot be masked ({why}), so it was not relayed",
+                target.resource.name,
+            ),
+        )
+        .hint(hint)
+    };
     let mut passed_unmasked = false;
-    if unmaskable {
+    if body_masked && kind.is_none() {
         match http.unmaskable {
             Unmaskable::Refuse => {
-                let r = Refusal::new(
-                    StatusCode::BAD_GATEWAY,
-                    "unmaskable",
-                    format!(
-                        "the response of resource \"{}\" cannot be masked ({}), so it was not relayed",
-                        target.resource.name,
-                        if encoded { "it is compressed" } else { "its content type is not text or JSON" }
-                    ),
-                )
-                .hint("the resource's operator can set unmaskable = \"pass\" for such responses");
-                session.log.record(&HttpResponse {
-                    n,
-                    outcome: "refused",
-                    status: 502,
-                    headers: recorded_headers(&rparts.headers),
-                    body: BodyRecord::default(),
-                    masked: None,
-                    duration_us: micros(started),
-                    error: Some(format!(
-                        "unmaskable upstream response (status {})",
-                        rparts.status.as_u16()
-                    )),
-                });
-                return Err(r);
+                return Err(refuse(
+                    "its content type is not text or JSON".into(),
+                    "the resource's operator can set unmaskable = \"pass\" for such responses",
+                ))
             }
             Unmaskable::Pass => passed_unmasked = true,
         }
     }
+    // A text or JSON body compressed although the gateway asked for identity is decoded to be
+    // masked; one in a coding the gateway cannot decode is refused whatever `unmaskable` says.
+    let decode = match coding {
+        _ if !body_masked || passed_unmasked => None,
+        Ok(c) => c,
+        Err(c) => {
+            return Err(refuse(
+                format!("it is compressed as {c:?}, which tollgate cannot decode"),
+                "the upstream should honour Accept-Encoding: identity (tollgate decodes gzip, deflate, br and zstd)",
+            ))
+        }
+    };
     let kind = kind.unwrap_or(BodyKind::Text);
     let client_plan = if passed_unmasked { None } else { plan };
     let audit = if passed_unmasked { None } else { audit_plan };
@@ -1223,7 +1236,8 @@ pub(crate) fn relay_response(
     for k in names {
         if HOP_BY_HOP.contains(&k.as_str())
             || listed.iter().any(|c| c == k.as_str())
-            || (rewrites && k == header::CONTENT_LENGTH)
+            || ((rewrites || decode.is_some()) && k == header::CONTENT_LENGTH)
+            || (decode.is_some() && k == header::CONTENT_ENCODING)
         {
             rparts.headers.remove(&k);
         }
@@ -1239,7 +1253,10 @@ pub(crate) fn relay_response(
     rewrite_locations(&mut rparts.headers, ctx.mount, target);
     let recorded = recorded_headers(&rparts.headers);
     let relay = RelayBody {
-        inner: rbody,
+        inner: match decode {
+            Some(c) => Source::Decoded(Decoded::new(rbody, c), c),
+            None => Source::Plain(rbody),
+        },
         masker: client_plan.as_ref().map(|p| BodyMasker::new(p, kind)),
         audit: audit
             .as_ref()
@@ -1444,6 +1461,26 @@ fn without_gateway_cookies(v: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_str(&kept.join("; ")).ok()
 }
 
+/// What a relayed body is read from: the upstream's body, or its decoded form.
+enum Source {
+    Plain(Incoming),
+    Decoded(Decoded, Coding),
+}
+
+impl Source {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ReadError>>> {
+        match self {
+            Source::Plain(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(ReadError::Upstream))),
+            Source::Decoded(d, _) => d.poll_next(cx).map(|f| f.map(|r| r.map(Frame::data))),
+        }
+    }
+}
+
 /// What `http.response` needs once the body has passed.
 struct Finish {
     session: Arc<HttpSession>,
@@ -1458,7 +1495,7 @@ struct Finish {
 /// separately for the audit capture when the caller may see it unmasked), counted, digested and
 /// captured; `http.response` is recorded when it ends, fails or is dropped.
 struct RelayBody {
-    inner: Incoming,
+    inner: Source,
     masker: Option<BodyMasker>,
     /// The audit capture's own masker and output when the caller sees something else.
     audit: Option<(BodyMasker, Vec<u8>)>,
@@ -1550,7 +1587,7 @@ impl Body for RelayBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            match this.inner.poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = match frame.into_data() {
@@ -1580,7 +1617,25 @@ impl Body for RelayBody {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(ReadError::Undecodable(e)))) => {
+                    this.done = true;
+                    let coding = match &this.inner {
+                        Source::Decoded(_, c) => c.name(),
+                        Source::Plain(_) => "compressed",
+                    };
+                    this.record(
+                        "decode_error",
+                        Some(format!(
+                            "the upstream's {coding} body could not be decoded ({:?})",
+                            e.kind()
+                        )),
+                        None,
+                    );
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the upstream's compressed response could not be decoded; it was cut off",
+                    ))));
+                }
+                Poll::Ready(Some(Err(ReadError::Upstream(e)))) => {
                     this.done = true;
                     this.record(
                         "upstream_error",
@@ -1648,10 +1703,9 @@ impl Body for RelayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.masker.is_some() {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+        match &self.inner {
+            Source::Plain(b) if self.masker.is_none() => b.size_hint(),
+            _ => SizeHint::default(),
         }
     }
 }

@@ -16,6 +16,8 @@
 //!                                             # large_plain_c1
 //! scripts/bench-http --json                   # the same results as one JSON object on stdout
 //! scripts/bench-http --hold                   # set up, print curl commands and pids, wait
+//! scripts/bench-http --compare OTHER/tollgate # A/B: a second tollgate build measured in the
+//!                                             # same rounds as target `gw-b`
 //! ```
 //!
 //! or, after `cargo build --release -p tollgate --bins --examples`,
@@ -118,6 +120,10 @@ struct Opts {
     /// Do not measure nginx even when it is installed.
     #[arg(long)]
     no_nginx: bool,
+    /// A second tollgate binary (say, a build of main) served with the same config and measured
+    /// in the same rounds as target `gw-b`: a change's A/B in one run, on one machine state.
+    #[arg(long)]
+    compare: Option<PathBuf>,
     /// Measure nothing: set up the upstream, the gateway and nginx, check them, print curl
     /// commands for each and the gateway's pid (for `perf record -p`), and wait for Ctrl-C.
     #[arg(long)]
@@ -298,67 +304,24 @@ fn run(opts: &Opts) -> Result<()> {
     let large = large_body();
     let upstream = Upstream::start(&up_cert.cert, &up_cert.key, large.clone())?;
 
-    // 3. The gateway.
-    let https_port = tollgate_testsupport::free_port();
-    let admin_port = tollgate_testsupport::free_port();
-    let pg_port = tollgate_testsupport::free_port();
-    let config = format!(
-        r#"[server]
-postgres_listen = "127.0.0.1:{pg_port}"
-admin_listen = "127.0.0.1:{admin_port}"
-https_listen = "127.0.0.1:{https_port}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-store = "sqlite://audit.db"
-
-[[identity.tokens]]
-subject = "bench-bot"
-sha256 = "{token_sha}"
-groups = ["bench"]
-
-[[resources]]
-name = "api"
-kind = "http"
-upstream = "https://localhost:{up_port}"
-allow_groups = ["bench"]
-[resources.tls]
-ca = "{ca}"
-[resources.credentials]
-header = "Authorization"
-value_env = "{UPSTREAM_CREDENTIAL_ENV}"
-
-[[resources]]
-name = "api-masked"
-kind = "http"
-upstream = "https://localhost:{up_port}"
-allow_groups = ["bench"]
-[resources.tls]
-ca = "{ca}"
-[resources.credentials]
-header = "Authorization"
-value_env = "{UPSTREAM_CREDENTIAL_ENV}"
-[[resources.masks]]
-json_paths = ["$..email", "$..card_number"]
-detectors = ["email", "credit_card"]
-strategy = "redact"
-"#,
-        cert = gw_cert.cert.display(),
-        key = gw_cert.key.display(),
-        ca = ca.display(),
-        token_sha = sha256_hex(TOKEN),
-        up_port = upstream.port,
-    );
-    let config_path = tmp.path().join("tollgate.toml");
-    fs::write(&config_path, config)?;
-    progress(format_args!("starting {} serve ...", tollgate.display()));
-    let gateway = Gateway::start(
-        &tollgate,
-        &config_path,
-        tmp.path(),
-        admin_port,
-        &[(UPSTREAM_CREDENTIAL_ENV, UPSTREAM_CREDENTIAL)],
-    )?;
+    // 3. The gateway (and the one compared with it).
+    let paths = GatewayPaths {
+        cert: &gw_cert.cert,
+        key: &gw_cert.key,
+        ca: &ca,
+        up_port: upstream.port,
+    };
+    let (gateway, https_port) = start_gateway(&tollgate, tmp.path(), &paths)?;
+    let compare = match &opts.compare {
+        Some(bin) => {
+            let bin =
+                fs::canonicalize(bin).with_context(|| format!("--compare {}", bin.display()))?;
+            let dir = tmp.path().join("compare");
+            fs::create_dir(&dir)?;
+            Some(start_gateway(&bin, &dir, &paths)?)
+        }
+        None => None,
+    };
 
     // 4. nginx, the reference proxy.
     let nginx = match &nginx_bin {
@@ -393,6 +356,7 @@ strategy = "redact"
             masked_prefix: "",
             authorization: None,
             proxy: None,
+            masks: false,
         },
         Target {
             name: "gateway",
@@ -401,8 +365,20 @@ strategy = "redact"
             masked_prefix: "/r/api-masked",
             authorization: Some(format!("Bearer {TOKEN}")),
             proxy: Some(Proxy::Gateway(gateway.pid())),
+            masks: true,
         },
     ];
+    if let Some((b, port)) = &compare {
+        targets.push(Target {
+            name: "gw-b",
+            port: *port,
+            plain_prefix: "/r/api",
+            masked_prefix: "/r/api-masked",
+            authorization: Some(format!("Bearer {TOKEN}")),
+            proxy: Some(Proxy::Gateway(b.pid())),
+            masks: true,
+        });
+    }
     if let Some(n) = &nginx {
         targets.push(Target {
             name: "nginx",
@@ -411,6 +387,7 @@ strategy = "redact"
             masked_prefix: "",
             authorization: None,
             proxy: Some(Proxy::Nginx(n.pid())),
+            masks: false,
         });
     }
 
@@ -540,10 +517,85 @@ strategy = "redact"
     }
     drop(client_rt);
     drop(nginx);
+    drop(compare);
     drop(gateway);
     drop(upstream);
     drop(tmp);
     Ok(())
+}
+
+/// Where a gateway's config points.
+struct GatewayPaths<'a> {
+    cert: &'a Path,
+    key: &'a Path,
+    ca: &'a Path,
+    up_port: u16,
+}
+
+/// `bin serve` in `dir` with the benchmark's config (two `http` resources on the upstream, one
+/// with masks); returns it and its `https_listen` port.
+fn start_gateway(bin: &Path, dir: &Path, p: &GatewayPaths) -> Result<(Gateway, u16)> {
+    let https_port = tollgate_testsupport::free_port();
+    let admin_port = tollgate_testsupport::free_port();
+    let pg_port = tollgate_testsupport::free_port();
+    let config = format!(
+        r#"[server]
+postgres_listen = "127.0.0.1:{pg_port}"
+admin_listen = "127.0.0.1:{admin_port}"
+https_listen = "127.0.0.1:{https_port}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+client_ca = "{ca}"
+store = "sqlite://audit.db"
+
+[[identity.tokens]]
+subject = "bench-bot"
+sha256 = "{token_sha}"
+groups = ["bench"]
+
+[[resources]]
+name = "api"
+kind = "http"
+upstream = "https://localhost:{up_port}"
+allow_groups = ["bench"]
+[resources.tls]
+ca = "{ca}"
+[resources.credentials]
+header = "Authorization"
+value_env = "{UPSTREAM_CREDENTIAL_ENV}"
+
+[[resources]]
+name = "api-masked"
+kind = "http"
+upstream = "https://localhost:{up_port}"
+allow_groups = ["bench"]
+[resources.tls]
+ca = "{ca}"
+[resources.credentials]
+header = "Authorization"
+value_env = "{UPSTREAM_CREDENTIAL_ENV}"
+[[resources.masks]]
+json_paths = ["$..email", "$..card_number"]
+detectors = ["email", "credit_card"]
+strategy = "redact"
+"#,
+        cert = p.cert.display(),
+        key = p.key.display(),
+        ca = p.ca.display(),
+        token_sha = sha256_hex(TOKEN),
+        up_port = p.up_port,
+    );
+    let config_path = dir.join("tollgate.toml");
+    fs::write(&config_path, config)?;
+    progress(format_args!("starting {} serve ...", bin.display()));
+    let gateway = Gateway::start(
+        bin,
+        &config_path,
+        dir,
+        admin_port,
+        &[(UPSTREAM_CREDENTIAL_ENV, UPSTREAM_CREDENTIAL)],
+    )?;
+    Ok((gateway, https_port))
 }
 
 fn progress(msg: std::fmt::Arguments) {
@@ -670,6 +722,8 @@ struct Target {
     /// `Authorization` sent with every request.
     authorization: Option<String>,
     proxy: Option<Proxy>,
+    /// A tollgate: its masked `/large` must come back masked.
+    masks: bool,
 }
 
 impl Target {
@@ -783,9 +837,9 @@ async fn sanity_check(
         }
         let text = String::from_utf8_lossy(&body);
         let raw: usize = raw_markers.iter().map(|m| text.matches(m).count()).sum();
-        if t.name == "gateway" {
+        if t.masks {
             if raw != 0 {
-                bail!("the gateway's /large through api-masked has {raw} raw e-mails or card numbers: masking is not what is measured");
+                bail!("{}'s /large through api-masked has {raw} raw e-mails or card numbers: masking is not what is measured", t.name);
             }
         } else if body != large.as_ref() {
             bail!("{} /large differs from what the upstream serves", t.name);
@@ -1243,6 +1297,10 @@ struct Row {
     direct: Side,
     gateway: Versus,
     nginx: Option<Versus>,
+    /// `--compare`: the second tollgate build.
+    compare: Option<Versus>,
+    /// Median over the rounds of (gateway req/s ÷ gw-b req/s in that round).
+    gw_vs_compare: Option<f64>,
 }
 
 impl Row {
@@ -1254,6 +1312,16 @@ impl Row {
             direct: Side::new(direct),
             gateway: Versus::new(direct, &samples[at("gateway").unwrap()]),
             nginx: at("nginx").map(|i| Versus::new(direct, &samples[i])),
+            compare: at("gw-b").map(|i| Versus::new(direct, &samples[i])),
+            gw_vs_compare: at("gw-b").map(|i| {
+                let gw = &samples[at("gateway").unwrap()];
+                median(
+                    gw.iter()
+                        .zip(&samples[i])
+                        .map(|(a, b)| a.rps() / b.rps())
+                        .collect(),
+                )
+            }),
         }
     }
 
@@ -1416,6 +1484,44 @@ impl Report<'_> {
                 fmt_opt(n.map(|n| n.side.client_cpu_us), 1),
             );
         }
+        if self.rows.iter().any(|r| r.compare.is_some()) {
+            println!();
+            println!(
+                "A/B (--compare {}): gateway = this build, gw-b = the other, same rounds",
+                o.compare
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string())
+            );
+            println!(
+                "{:<26} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                "scenario",
+                "req/s gw",
+                "req/s gw-b",
+                "gw/dir",
+                "gw-b/dir",
+                "gw/gw-b",
+                "p50 gw",
+                "p50 gw-b",
+                "cpu gw",
+                "cpu gw-b"
+            );
+            for r in &self.rows {
+                let Some(b) = &r.compare else { continue };
+                println!(
+                    "{:<26} {:>10.1} {:>10.1} {:>8.3} {:>8.3} {:>8.3} {:>9.0} {:>9.0} {:>9.1} {:>9.1}",
+                    r.sc.label,
+                    r.gateway.side.rps,
+                    b.side.rps,
+                    r.gateway.ratio,
+                    b.ratio,
+                    r.gw_vs_compare.unwrap_or(f64::NAN),
+                    r.gateway.side.p50_us,
+                    b.side.p50_us,
+                    r.gateway.side.proxy_cpu_us,
+                    b.side.proxy_cpu_us,
+                );
+            }
+        }
         println!();
         println!("sanity (before measuring): {}", self.sanity);
         println!(
@@ -1464,6 +1570,8 @@ impl Report<'_> {
                 "direct": r.direct.json(),
                 "gateway": r.gateway.json(),
                 "nginx": r.nginx.as_ref().map(Versus::json),
+                "gateway_b": r.compare.as_ref().map(Versus::json),
+                "gateway_vs_gateway_b_rps": r.gw_vs_compare,
                 "gateway_vs_nginx_rps": r.nginx.as_ref().map(|n| r.gateway.side.rps / n.side.rps),
                 "goal_gateway_ratio_at_least_nginx_ratio": r.goal_met(),
             })).collect::<Vec<_>>(),

@@ -550,8 +550,34 @@ strategy = "redact"
     let (code, v) = env.json(Some(&env.alice), &[&env.url("/image")]);
     assert_eq!(code, 502);
     assert_eq!(v["code"], "unmaskable");
-    let (code, v) = env.json(Some(&env.alice), &[&env.url("/gzipped")]);
+    // An upstream that compresses anyway: gzip, br and zstd bodies are decoded, then masked; a
+    // body that is not what its coding says is cut off; a coding tollgate cannot decode is
+    // refused. None passes unmasked.
+    for path in ["/gzipped", "/brotli", "/zstd"] {
+        let (code, body) = env.curl(Some(&env.alice), &[&env.url(path)]);
+        assert_eq!(code, 200, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path}: not decoded JSON ({e}): {body}"));
+        assert_eq!(v["customer"]["name"], "Ada", "{path}");
+        assert!(
+            !body.contains("ada@example.com") && !body.contains("4111 1111 1111 1111"),
+            "{path}: {body}"
+        );
+    }
+    let (code, body) = env.curl(Some(&env.alice), &[&env.url("/big.gz?n=20000")]);
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("decoded, masked, valid JSON");
+    assert_eq!(v.as_array().unwrap().len(), 20000);
+    assert!(!body.contains("@example.com") && !body.contains("4111111111111111"));
+    let (_, body) = env.curl(Some(&env.alice), &[&env.url("/gzipped-bad")]);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).is_err(),
+        "{body}"
+    );
+    let (code, v) = env.json(Some(&env.alice), &[&env.url("/compress")]);
     assert_eq!(code, 502, "{v}");
+    assert_eq!(v["code"], "unmaskable");
+    assert!(v["error"].as_str().unwrap().contains("\"compress\""), "{v}");
     let (_, echo) = env.json(
         Some(&env.alice),
         &[
@@ -584,6 +610,21 @@ strategy = "redact"
     );
     let all = serde_json::to_string(&evs).unwrap();
     assert!(!all.contains("ada@example.com") && !all.contains("4111 1111 1111 1111"));
+    let bad = env.events_until("the bad gzip body's record", |evs| {
+        evs.iter()
+            .any(|e| e["kind"] == "http.response" && e["payload"]["outcome"] == "decode_error")
+    });
+    let bad = bad
+        .iter()
+        .find(|e| e["payload"]["outcome"] == "decode_error")
+        .unwrap();
+    assert!(
+        bad["payload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("gzip body could not be decoded"),
+        "{bad}"
+    );
 
     // Replay shows the exchanges, with the masked bodies.
     let session = resp["session_id"].as_str().unwrap();

@@ -1,6 +1,7 @@
 //! A real HTTPS API for the HTTP-resource tests, with its own certificate: it echoes what it
 //! received, serves customer records (with e-mails and card numbers to mask), a large streamed
-//! JSON body, server-sent events released by the test, a few bodies masks cannot handle, and a
+//! JSON body, server-sent events released by the test, bodies compressed against the gateway's
+//! wish (gzip, br, zstd, a bad one, an unknown coding), a few bodies masks cannot handle, and a
 //! WebSocket echo on any path ending in `/ws`.
 
 use bytes::Bytes;
@@ -207,11 +208,14 @@ async fn serve(
                 .unwrap()
         }
         "/image" => full("image/png", vec![0x89u8, b'P', b'N', b'G', 0, 1, 2, 3]),
-        "/gzipped" => Response::builder()
-            .header("content-type", "application/json")
-            .header("content-encoding", "gzip")
-            .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really")).boxed())
-            .unwrap(),
+        // Compressed although the gateway asked for identity: it must decode (and mask) them.
+        "/gzipped" => compressed("gzip", gzip(CUSTOMER.as_bytes())),
+        "/brotli" => compressed("br", brotli(CUSTOMER.as_bytes())),
+        "/zstd" => compressed("zstd", zstd::encode_all(CUSTOMER.as_bytes(), 3).unwrap()),
+        // Claims gzip, is not.
+        "/gzipped-bad" => compressed("gzip", b"\x1f\x8b\x08\x00not-really".to_vec()),
+        // A coding nobody decodes any more.
+        "/compress" => compressed("compress", CUSTOMER.as_bytes().to_vec()),
         "/big" => {
             // A JSON array of `n` records, streamed in chunks of 100 records.
             let n: usize = query
@@ -219,26 +223,30 @@ async fn serve(
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000);
             let stream = futures_util::stream::iter((0..n.div_ceil(100)).map(move |chunk| {
-                let mut s = String::new();
-                if chunk == 0 {
-                    s.push('[');
-                }
-                for i in chunk * 100..((chunk + 1) * 100).min(n) {
-                    if i > 0 {
-                        s.push(',');
-                    }
-                    s.push_str(&format!(
-                        r#"{{"i":{i},"customer":{{"email":"user{i}@example.com"}},"card_number":"4111111111111111","filler":"{}"}}"#,
-                        "x".repeat(64)
-                    ));
-                }
-                if (chunk + 1) * 100 >= n {
-                    s.push(']');
-                }
-                Ok::<_, Infallible>(Frame::data(Bytes::from(s)))
+                Ok::<_, Infallible>(Frame::data(Bytes::from(big_chunk(n, chunk))))
             }));
             Response::builder()
                 .header("content-type", "application/json")
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+        "/big.gz" => {
+            // The same array gzipped, streamed in 4 KiB pieces of the compressed bytes.
+            let n: usize = query
+                .strip_prefix("n=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000);
+            let plain: String = (0..n.div_ceil(100)).map(|c| big_chunk(n, c)).collect();
+            let gz = gzip(plain.as_bytes());
+            let pieces: Vec<Bytes> = gz.chunks(4096).map(Bytes::copy_from_slice).collect();
+            let stream = futures_util::stream::iter(
+                pieces
+                    .into_iter()
+                    .map(|p| Ok::<_, Infallible>(Frame::data(p))),
+            );
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
                 .body(StreamBody::new(stream).boxed())
                 .unwrap()
         }
@@ -269,6 +277,53 @@ async fn serve(
                 .to_string(),
         ),
     }
+}
+
+/// Records `chunk * 100 ..` of `/big`'s array of `n`.
+fn big_chunk(n: usize, chunk: usize) -> String {
+    let mut s = String::new();
+    if chunk == 0 {
+        s.push('[');
+    }
+    for i in chunk * 100..((chunk + 1) * 100).min(n) {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(
+            r#"{{"i":{i},"customer":{{"email":"user{i}@example.com"}},"card_number":"4111111111111111","filler":"{}"}}"#,
+            "x".repeat(64)
+        ));
+    }
+    if (chunk + 1) * 100 >= n {
+        s.push(']');
+    }
+    s
+}
+
+/// A JSON answer sent with `Content-Encoding: coding`.
+fn compressed(coding: &str, body: Vec<u8>) -> Response<Body> {
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("content-encoding", coding)
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap()
+}
+
+fn gzip(plain: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(plain).unwrap();
+    e.finish().unwrap()
+}
+
+fn brotli(plain: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    {
+        let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+        w.write_all(plain).unwrap();
+    }
+    out
 }
 
 /// A WebSocket echo: records the upgrade request (headers as seen) and each message received
