@@ -981,6 +981,7 @@ async fn held(
                 review: r.id,
                 reviewers: vec![],
                 waited_ms: None,
+                outcome: None,
             });
             return Ok(());
         }
@@ -1022,6 +1023,7 @@ async fn held(
                 review: id.clone(),
                 reviewers: vec![],
                 waited_ms: Some(since.elapsed().as_millis() as u64),
+                outcome: None,
             });
             return Err((
                 format!(
@@ -1041,7 +1043,7 @@ async fn held(
                 n: x.n,
                 review: id,
                 reviewers,
-                waited_ms: Some(waited_ms),
+                waited_ms: Some(waited_ms), outcome: None,
             });
             return Ok(());
         }
