@@ -9,6 +9,7 @@
 //! driven by the relay, which knows which request each response answers; it does no I/O.
 
 use crate::proto::backend::{self, RowField};
+use crate::refusal::CommandRefusal;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -542,18 +543,12 @@ impl Filter {
         if self.column_rules {
             self.copy = Some(Copy::Refused);
             self.count_str("*", "copy refused", 1);
-            let msg = format!(
-                "COPY TO is not available on resource \"{}\": column masking rules apply to you, and COPY output does not name its columns",
-                self.resource
-            );
-            let hint =
-                "select the rows with SELECT instead, which tollgate can mask column by column";
-            return Ok(Verdict::Replace(backend::error(
-                backend::Severity::Error,
-                "42501",
-                &msg,
-                Some(hint),
-            )));
+            return Ok(Verdict::Replace(
+                CommandRefusal::CopyUnderColumnRules {
+                    resource: self.resource.clone(),
+                }
+                .error(),
+            ));
         }
         self.copy = Some(Copy::Masking(format));
         Ok(Verdict::Forward)
