@@ -434,11 +434,10 @@ pub struct CommandResult {
     /// `ok`, `error`, `skipped` (a pipeline aborted before it), `refused` (by the gateway),
     /// `interrupted` (the session ended first).
     pub outcome: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `null` when it succeeded.
     pub sqlstate: Option<String>,
     pub rows: u64,
-    /// The CommandComplete tag (`SELECT 3`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The CommandComplete tag (`SELECT 3`); `null` when there was none.
     pub tag: Option<String>,
     pub duration_us: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -709,7 +708,7 @@ mod tests {
         assert_eq!(plain.kind(), "result");
         assert_eq!(
             payload(&plain),
-            json!({"n": 7, "outcome": "ok", "rows": 3, "tag": "SELECT \"1\"", "duration_us": 1234})
+            json!({"n": 7, "outcome": "ok", "sqlstate": null, "rows": 3, "tag": "SELECT \"1\"", "duration_us": 1234})
         );
         let failed = CommandResult {
             sqlstate: Some("23505".into()),
@@ -733,8 +732,8 @@ mod tests {
         assert_eq!(
             payload(&masked),
             json!({
-                "n": 7, "outcome": "ok", "rows": 3, "tag": "SELECT \"1\"", "duration_us": 1234,
-                "masked": [{"column": "email", "by": "email", "values": 2}],
+                "n": 7, "outcome": "ok", "sqlstate": null, "rows": 3, "tag": "SELECT \"1\"",
+                "duration_us": 1234, "masked": [{"column": "email", "by": "email", "values": 2}],
                 "capture": {"columns": ["email"], "rows": [["[REDACTED]"], [null]], "truncated": false},
             })
         );
