@@ -10,13 +10,12 @@
 
 use crate::proto::backend::{self, RowField};
 use crate::refusal::CommandRefusal;
+use crate::rows::{CopyFormat, RowMasking, RowOutcome};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use tollgate_gate::event::{MaskedCount, RowCapture};
-use tollgate_mask::{
-    ColumnInfo, CopyFormat, Format, Policy, Reason, RowOutcome, RowPlan, REDACTED,
-};
+use tollgate_mask::{ColumnInfo, Format, Policy, Reason, RowPlan, REDACTED};
 
 /// What to do with one backend message.
 #[derive(Debug, PartialEq, Eq)]

@@ -12,6 +12,7 @@ use crate::proto::backend::{self, Severity};
 use crate::proto::frontend::{self, ParamValue};
 use crate::proto::{next_frame, ClientMsg, ServerMsg};
 use crate::refusal::{CommandRefusal, SessionEnd, UNSETTLED_PIPELINE};
+use crate::rows::CopyFormat;
 use crate::session::{SessionLog, Stamped};
 use crate::upstream::{Connected, UpstreamTarget};
 use crate::PgGateway;
@@ -29,7 +30,7 @@ use tollgate_gate::event::{
 };
 use tollgate_gate::hold::{HoldRequest, Opened};
 use tollgate_identity::Identity;
-use tollgate_mask::{CopyFormat, RowPlan};
+use tollgate_mask::RowPlan;
 use tollgate_metrics::registry;
 use tollgate_policy::{
     Caller, Confirmation, Decision, Judgement, ResourcePolicy, SessionPolicy, CATALOG_QUERY,
