@@ -168,15 +168,27 @@ pub struct ReviewEvent {
     pub reviewers: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waited_ms: Option<u64>,
-    /// Why a held PostgreSQL command was refused (`review.refused`): `denied`, `expired`,
-    /// `withdrawn`, `unavailable`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<&'static str>,
 }
 
 impl Event for ReviewEvent {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+}
+
+/// A held PostgreSQL command that did not run (`review.refused`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReviewRefused {
+    pub n: u64,
+    pub review: String,
+    /// `denied`, `expired`, `withdrawn` or `unavailable`.
+    pub outcome: &'static str,
+    pub waited_ms: u64,
+}
+
+impl Event for ReviewRefused {
+    fn kind(&self) -> &'static str {
+        "review.refused"
     }
 }
 
@@ -745,13 +757,11 @@ mod tests {
 
     #[test]
     fn review_and_termination_events_keep_their_keys() {
-        let refused = ReviewEvent {
-            kind: "review.refused",
+        let refused = ReviewRefused {
             n: 2,
             review: "rv".into(),
-            reviewers: vec![],
-            waited_ms: Some(5),
-            outcome: Some("denied"),
+            outcome: "denied",
+            waited_ms: 5,
         };
         assert_eq!(refused.kind(), "review.refused");
         assert_eq!(
@@ -760,9 +770,10 @@ mod tests {
         );
         let approved = ReviewEvent {
             kind: "review.approved",
+            n: 2,
+            review: "rv".into(),
             reviewers: vec!["bob".into()],
-            outcome: None,
-            ..refused
+            waited_ms: Some(5),
         };
         assert_eq!(
             payload(&approved),

@@ -681,7 +681,6 @@ async fn held(
                     review: r.id,
                     reviewers: vec![],
                     waited_ms: None,
-                    outcome: None,
                 });
                 return None;
             }
@@ -710,7 +709,6 @@ async fn held(
             review: review.id.clone(),
             reviewers: vec![],
             waited_ms: None,
-            outcome: None,
         });
         let mut r = with_review(Refusal::new(
             StatusCode::ACCEPTED,
@@ -737,7 +735,7 @@ async fn held(
     let waited_ms = held_since.elapsed().as_millis() as u64;
     let refusal = match verdict {
         Verdict::Approved { reviewers } => {
-            session.log.record(&ReviewEvent { kind: "review.approved", n, review: review.id.clone(), reviewers, waited_ms: Some(waited_ms), outcome: None });
+            session.log.record(&ReviewEvent { kind: "review.approved", n, review: review.id.clone(), reviewers, waited_ms: Some(waited_ms) });
             return None;
         }
         Verdict::Denied { reviewer, reason } => Refusal::new(
@@ -1004,7 +1002,6 @@ impl Body for GrantBound {
                 review: this.review.clone(),
                 reviewers: vec![],
                 waited_ms: None,
-                outcome: None,
             });
             return Poll::Ready(Some(Err(io::Error::other(
                 "the access grant ended; the response was cut off",

@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_gate::event::{
-    self, CommandResult, Detail, ReviewEvent, SessionTerminated, StatementRefused,
+    self, CommandResult, Detail, ReviewEvent, ReviewRefused, SessionTerminated, StatementRefused,
 };
 use tollgate_gate::hold::{HoldRequest, Opened};
 use tollgate_identity::Identity;

@@ -981,7 +981,6 @@ async fn held(
                 review: r.id,
                 reviewers: vec![],
                 waited_ms: None,
-                outcome: None,
             });
             return Ok(());
         }
@@ -1023,7 +1022,6 @@ async fn held(
                 review: id.clone(),
                 reviewers: vec![],
                 waited_ms: Some(since.elapsed().as_millis() as u64),
-                outcome: None,
             });
             return Err((
                 format!(
@@ -1043,7 +1041,7 @@ async fn held(
                 n: x.n,
                 review: id,
                 reviewers,
-                waited_ms: Some(waited_ms), outcome: None,
+                waited_ms: Some(waited_ms),
             });
             return Ok(());
         }

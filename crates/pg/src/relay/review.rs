@@ -121,7 +121,6 @@ pub(super) fn open_review<CW>(
                 review: r.id,
                 reviewers: vec![],
                 waited_ms: None,
-                outcome: None,
             });
             Err(Held::Run)
         }
@@ -207,7 +206,6 @@ where
                 review: review.id.clone(),
                 reviewers,
                 waited_ms: Some(waited_ms),
-                outcome: None,
             });
             return Held::Run;
         }
@@ -237,13 +235,11 @@ where
             )
         }
     };
-    tracker.log.record(&ReviewEvent {
-        kind: "review.refused",
+    tracker.log.record(&ReviewRefused {
         n: ask.n,
         review: review.id.clone(),
-        reviewers: vec![],
-        waited_ms: Some(waited_ms),
-        outcome: Some(outcome),
+        outcome,
+        waited_ms,
     });
     Held::Refuse(refusal)
 }
