@@ -3,7 +3,6 @@
 //! a monotonic clock (so replay keeps order and pacing when the wall clock steps).
 
 use crate::event::Event;
-use serde_json::{Map, Value};
 use std::time::{Instant, SystemTime};
 use tollgate_store::{EventInput, Recorder, StoreError};
 
@@ -41,17 +40,7 @@ impl SessionLog {
 
     /// The stored form of `event`, made now.
     pub fn input(&self, event: &impl Event) -> EventInput {
-        let mut payload = match serde_json::to_value(event) {
-            Ok(Value::Object(m)) => m,
-            _ => Map::new(),
-        };
-        payload.insert("t_us".into(), Value::from(self.t_us()));
-        EventInput {
-            session_id: self.id.clone(),
-            kind: event.kind().into(),
-            at: SystemTime::now(),
-            payload: Value::Object(payload),
-        }
+        crate::event::to_input(&self.id, event, SystemTime::now(), self.t_us())
     }
 
     /// Record an event that gates nothing (it is journaled even while the store is stalled).
@@ -67,9 +56,7 @@ impl SessionLog {
 
     /// [`SessionLog::append`]'s input, recorded anyway as refused (the evidence is kept).
     pub fn record_refused(&self, event: &impl Event, reason: &str) {
-        let mut ev = self.input(event);
-        ev.kind = format!("{}.refused", event.kind());
-        ev.payload["reason"] = Value::from(reason);
-        self.recorder.record(ev);
+        self.recorder
+            .record(crate::event::refused(self.input(event), reason));
     }
 }

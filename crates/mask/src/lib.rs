@@ -4,13 +4,14 @@
 //! IPv4/IPv6, JWT, AWS key, secret token, PEM private key, each validated so that it does not
 //! fire on noise), the masking rules ([`MaskSpec`] → [`Policy`], with column globs, types,
 //! detectors and per-group exemptions), the strategies ([`Strategy`]: redact, partial, keyed
-//! hash, null) and the rewriting of values: a PostgreSQL DataRow body, COPY TO data (text, CSV,
-//! binary), free text ([`mask_text`]) such as error details and notification payloads, and
-//! HTTP bodies as they stream ([`BodyMasker`]: JSON with paths and detectors, or text).
+//! hash, null) and the rewriting of values: one field of a row ([`RowPlan::mask_value`]),
+//! free text ([`mask_text`]) such as error details and notification payloads, and HTTP bodies
+//! as they stream ([`BodyMasker`]: JSON with paths and detectors, or text).
 //!
-//! It must not do I/O, hold protocol or session state, or decide access: a protocol adapter
-//! describes the columns ([`ColumnInfo`]), asks the policy for a [`RowPlan`] once per result
-//! shape, and passes bytes through it. It never logs, stores or returns an original value;
+//! It must not do I/O, parse a wire protocol, hold session state, or decide access: a protocol
+//! adapter describes the columns ([`ColumnInfo`]), asks the policy for a [`RowPlan`] once per
+//! result shape, and passes each value through it (PostgreSQL's DataRow and COPY formats are
+//! walked by the PostgreSQL adapter). It never logs, stores or returns an original value;
 //! [`Reason`]s for the audit record name the rule or detector, not the data, and the
 //! [`MaskKey`] behind `hash` is never printed.
 
@@ -20,7 +21,6 @@ mod glob;
 mod json_path;
 mod policy;
 mod prefilter;
-mod row;
 mod strategy;
 mod value;
 
@@ -34,7 +34,6 @@ pub use json_path::{BadJsonPath, JsonPath, PathSeg};
 pub use policy::{
     ColumnInfo, Format, MaskSpec, Outcome, Policy, PolicyError, Reason, RowPlan, Rule, TYPE_NAMES,
 };
-pub use row::{CopyFormat, Malformed, MaskedField, RowOutcome};
 pub use strategy::{
     KeyError, MaskKey, Strategy, UnknownStrategy, DEFAULT_KEEP_LAST, MIN_KEY_BYTES, REDACTED,
 };

@@ -471,6 +471,12 @@ impl RowPlan {
         self.cols.len()
     }
 
+    /// The number of fields every row of this shape has: `None` for an undescribed plan,
+    /// which masks any number of fields alike.
+    pub fn fixed_columns(&self) -> Option<usize> {
+        self.extra.is_none().then_some(self.cols.len())
+    }
+
     pub(crate) fn column(&self, idx: usize) -> Option<&ColumnPlan> {
         self.cols.get(idx).or(self.extra.as_ref())
     }

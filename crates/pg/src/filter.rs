@@ -9,12 +9,13 @@
 //! driven by the relay, which knows which request each response answers; it does no I/O.
 
 use crate::proto::backend::{self, RowField};
-use serde_json::{json, Value};
+use crate::refusal::CommandRefusal;
+use crate::rows::{CopyFormat, RowMasking, RowOutcome};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use tollgate_mask::{
-    ColumnInfo, CopyFormat, Format, Policy, Reason, RowOutcome, RowPlan, REDACTED,
-};
+use tollgate_gate::event::{MaskedCount, RowCapture};
+use tollgate_mask::{ColumnInfo, Format, Policy, Reason, RowPlan, REDACTED};
 
 /// What to do with one backend message.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,6 +84,13 @@ struct Capture {
     rows: Vec<Value>,
     bytes: usize,
     truncated: bool,
+}
+
+/// What a command's `result` event adds when the session filters responses.
+#[derive(Default)]
+pub(crate) struct ResultExtra {
+    pub masked: Vec<MaskedCount>,
+    pub capture: Option<RowCapture>,
 }
 
 pub(crate) struct Filter {
@@ -501,9 +509,9 @@ impl Filter {
                     if cap.binary.get(i).copied().unwrap_or(false)
                         || std::str::from_utf8(v).is_err() =>
                 {
-                    json!(format!("<binary {} bytes>", v.len()))
+                    Value::String(format!("<binary {} bytes>", v.len()))
                 }
-                Some(v) => json!(String::from_utf8_lossy(v)),
+                Some(v) => Value::String(String::from_utf8_lossy(v).into_owned()),
             })
             .collect();
         cap.rows.push(Value::Array(row));
@@ -534,18 +542,12 @@ impl Filter {
         if self.column_rules {
             self.copy = Some(Copy::Refused);
             self.count_str("*", "copy refused", 1);
-            let msg = format!(
-                "COPY TO is not available on resource \"{}\": column masking rules apply to you, and COPY output does not name its columns",
-                self.resource
-            );
-            let hint =
-                "select the rows with SELECT instead, which tollgate can mask column by column";
-            return Ok(Verdict::Replace(backend::error(
-                backend::Severity::Error,
-                "42501",
-                &msg,
-                Some(hint),
-            )));
+            return Ok(Verdict::Replace(
+                CommandRefusal::CopyUnderColumnRules {
+                    resource: self.resource.clone(),
+                }
+                .error(),
+            ));
         }
         self.copy = Some(Copy::Masking(format));
         Ok(Verdict::Forward)
@@ -742,12 +744,12 @@ impl Filter {
 
     /// What this command's `result` event adds: `masked` (column, by, values) and `capture`.
     /// Resets the accumulator for the next command.
-    pub fn take_result_extra(&mut self) -> Option<Value> {
+    pub fn take_result_extra(&mut self) -> Option<ResultExtra> {
         let acc = std::mem::take(&mut self.acc);
         if acc.masked.is_empty() && acc.capture.is_none() {
             return None;
         }
-        let mut extra = serde_json::Map::new();
+        let mut extra = ResultExtra::default();
         if !acc.masked.is_empty() {
             let registry = tollgate_metrics::registry();
             let mut list = Vec::with_capacity(acc.masked.len());
@@ -764,21 +766,16 @@ impl Filter {
                         &[("resource", &self.resource), ("by", kind)],
                     )
                     .add(values as i64);
-                list.push(json!({"column": column, "by": by, "values": values}));
+                list.push(MaskedCount { column, by, values });
             }
-            extra.insert("masked".into(), Value::Array(list));
+            extra.masked = list;
         }
-        if let Some(cap) = acc.capture {
-            extra.insert(
-                "capture".into(),
-                json!({
-                    "columns": cap.columns,
-                    "rows": cap.rows,
-                    "truncated": cap.truncated || acc.more_sets,
-                }),
-            );
-        }
-        Some(Value::Object(extra))
+        extra.capture = acc.capture.map(|cap| RowCapture {
+            columns: cap.columns,
+            rows: cap.rows,
+            truncated: cap.truncated || acc.more_sets,
+        });
+        Some(extra)
     }
 }
 
@@ -849,6 +846,7 @@ pub(crate) fn copy_format_of(sql: &str) -> Option<CopyFormat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use tollgate_mask::MaskSpec;
 
     fn policy(specs: &[MaskSpec]) -> Arc<Policy> {
@@ -944,6 +942,7 @@ mod tests {
             Verdict::Forward
         );
         let extra = f.take_result_extra().unwrap();
+        let extra = json!({"masked": extra.masked, "capture": extra.capture});
         let text = extra.to_string();
         assert!(!text.contains("alice"), "{text}");
         assert_eq!(extra["capture"]["columns"], json!(["id", "email", "notes"]));

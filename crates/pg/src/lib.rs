@@ -17,6 +17,7 @@ pub use tollgate_gate::limits;
 pub mod proto;
 mod refusal;
 mod relay;
+pub mod rows;
 pub mod scram;
 mod session;
 mod standing;

@@ -1,8 +1,10 @@
-//! What a PostgreSQL client is told when the gateway refuses its connection: one type with the
+//! What a PostgreSQL client is told when the gateway refuses its connection ([`Refusal`]), a
+//! command ([`CommandRefusal`]) or ends its session from the relay ([`SessionEnd`]): the
 //! SQLSTATE, a message that names nothing internal (no upstream address, no credential), a hint
-//! that says what to do, and the label its audit record and metrics carry.
+//! that says what to do, and for connections the label its audit record and metrics carry.
 
 use crate::limits::Cap;
+use crate::proto::backend::{self, Severity};
 
 #[derive(Debug)]
 pub(crate) enum Refusal {
@@ -114,6 +116,175 @@ impl Refusal {
     }
 }
 
+/// Why the relay refuses one command: the client gets an ErrorResponse in its place, and the
+/// session goes on.
+#[derive(Debug, Clone)]
+pub(crate) enum CommandRefusal {
+    /// A rule refused it (the rule's message).
+    Rule(String),
+    /// A statement after one that may change session settings, in the same pipeline.
+    UnsettledPipeline,
+    /// A rule holds it for review, and the gateway has no review service.
+    NoReviewService { rule: String },
+    /// The review could not be opened.
+    ReviewNotOpened,
+    ReviewDenied {
+        review: String,
+        reviewer: String,
+        reason: Option<String>,
+    },
+    /// `timeout` as people read it.
+    ReviewExpired { review: String, timeout: String },
+    /// The client cancelled the held command (or its review was withdrawn).
+    Withdrawn,
+    /// The review's state could not be read.
+    ReviewUnreadable { review: String },
+    /// COPY TO under column masking rules (its output does not name its columns).
+    CopyUnderColumnRules { resource: String },
+}
+
+impl CommandRefusal {
+    /// `insufficient_privilege`: what a refused COPY's result records.
+    pub const REFUSED: &'static str = "42501";
+
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            CommandRefusal::Rule(_)
+            | CommandRefusal::NoReviewService { .. }
+            | CommandRefusal::ReviewDenied { .. }
+            | CommandRefusal::ReviewExpired { .. }
+            | CommandRefusal::CopyUnderColumnRules { .. } => Self::REFUSED,
+            CommandRefusal::UnsettledPipeline => "0A000",
+            CommandRefusal::ReviewNotOpened | CommandRefusal::ReviewUnreadable { .. } => "58030",
+            CommandRefusal::Withdrawn => "57014",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            CommandRefusal::Rule(message) => message.clone(),
+            CommandRefusal::UnsettledPipeline => UNSETTLED_PIPELINE.into(),
+            CommandRefusal::NoReviewService { rule } => format!(
+                "this statement needs a review (rule \"{rule}\"), and this gateway has no review service"
+            ),
+            CommandRefusal::ReviewNotOpened => {
+                "tollgate could not open a review for this statement, so it was not run".into()
+            }
+            CommandRefusal::ReviewDenied {
+                review,
+                reviewer,
+                reason,
+            } => format!(
+                "review {review} denied by {reviewer}: {}",
+                reason.as_deref().unwrap_or("no reason given")
+            ),
+            CommandRefusal::ReviewExpired { review, timeout } => format!(
+                "review {review} expired after {timeout} without a decision; the statement was not run"
+            ),
+            CommandRefusal::Withdrawn => "canceling statement due to user request".into(),
+            CommandRefusal::ReviewUnreadable { review } => {
+                format!("tollgate could not read review {review}, so the statement was not run")
+            }
+            CommandRefusal::CopyUnderColumnRules { resource } => format!(
+                "COPY TO is not available on resource \"{resource}\": column masking rules apply to you, and COPY output does not name its columns"
+            ),
+        }
+    }
+
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            CommandRefusal::UnsettledPipeline => Some("send Sync after a command that may change settings (SET, DO, CALL, a function the gateway cannot inspect) and wait for ReadyForQuery before the next statement"),
+            CommandRefusal::ReviewNotOpened => Some("try again later or contact the gateway's operator"),
+            CommandRefusal::ReviewExpired { .. } => Some("ask a reviewer to decide sooner, then run it again"),
+            CommandRefusal::CopyUnderColumnRules { .. } => Some("select the rows with SELECT instead, which tollgate can mask column by column"),
+            CommandRefusal::Rule(_)
+            | CommandRefusal::NoReviewService { .. }
+            | CommandRefusal::ReviewDenied { .. }
+            | CommandRefusal::Withdrawn
+            | CommandRefusal::ReviewUnreadable { .. } => None,
+        }
+    }
+
+    /// The ErrorResponse the client gets in the command's place.
+    pub fn error(&self) -> Vec<u8> {
+        backend::error(
+            Severity::Error,
+            self.sqlstate(),
+            &self.message(),
+            self.hint(),
+        )
+    }
+}
+
+/// The message of [`CommandRefusal::UnsettledPipeline`].
+pub(crate) const UNSETTLED_PIPELINE: &str = "tollgate refused this statement: it follows a command that may change session settings in the same pipeline (rule \"sql_safety\")";
+
+/// Why the relay ends a session, as the client is told (a FATAL error).
+#[derive(Debug, Clone)]
+pub(crate) enum SessionEnd<'a> {
+    UpstreamLost {
+        resource: &'a str,
+    },
+    /// A malformed or oversized message (what was wrong with it).
+    Protocol(Option<&'a str>),
+    /// A command's audit event could not be written (fail-closed audit).
+    AuditUnavailable,
+    /// A setting the guardrails' SQL parser depends on changed upstream (the setting).
+    DialectChanged(Option<&'a str>),
+    /// A per-session limit was reached (which).
+    LimitReached(Option<&'a str>),
+}
+
+impl SessionEnd<'_> {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            SessionEnd::UpstreamLost { .. } => "08006",
+            SessionEnd::Protocol(_) | SessionEnd::DialectChanged(_) => "08P01",
+            SessionEnd::AuditUnavailable => "58030",
+            SessionEnd::LimitReached(_) => "54000",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            SessionEnd::UpstreamLost { resource } => {
+                format!("tollgate lost the connection to resource \"{resource}\"")
+            }
+            SessionEnd::Protocol(e) => {
+                format!("protocol error: {}", e.unwrap_or("invalid message"))
+            }
+            SessionEnd::AuditUnavailable => "tollgate could not record this command in the audit trail, so it was not forwarded".into(),
+            SessionEnd::DialectChanged(setting) => format!(
+                "tollgate ended this session: the server reported {}, which the gateway's guardrails cannot read SQL under",
+                setting.unwrap_or("a changed setting")
+            ),
+            SessionEnd::LimitReached(limit) => format!(
+                "tollgate ended this session: {}",
+                limit.unwrap_or("a limit was reached")
+            ),
+        }
+    }
+
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            SessionEnd::UpstreamLost { .. } | SessionEnd::Protocol(_) => None,
+            SessionEnd::AuditUnavailable => Some("the gateway's audit store is unavailable; try again later or contact the gateway's operator"),
+            SessionEnd::DialectChanged(_) => Some("reconnect; standard_conforming_strings must stay on and client_encoding UTF8 through the gateway"),
+            SessionEnd::LimitReached(_) => Some("close prepared statements and portals the session no longer uses (Close, DEALLOCATE), or ask the operator to raise max_prepared_statements / max_portals"),
+        }
+    }
+
+    /// The FATAL ErrorResponse the client is sent before the connection closes.
+    pub fn fatal(&self) -> Vec<u8> {
+        backend::error(
+            Severity::Fatal,
+            self.sqlstate(),
+            &self.message(),
+            self.hint(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +320,25 @@ mod tests {
             "tollgate could not connect to resource \"app\""
         );
         assert!(up.hint().unwrap().contains("s1"));
+    }
+
+    #[test]
+    fn relay_refusals_keep_their_sqlstates() {
+        assert_eq!(CommandRefusal::Rule("no".into()).sqlstate(), "42501");
+        assert_eq!(CommandRefusal::UnsettledPipeline.sqlstate(), "0A000");
+        assert_eq!(CommandRefusal::Withdrawn.sqlstate(), "57014");
+        assert_eq!(CommandRefusal::ReviewNotOpened.sqlstate(), "58030");
+        let err = CommandRefusal::Rule("no deletes".into()).error();
+        assert!(String::from_utf8_lossy(&err).contains("no deletes"));
+        assert_eq!(
+            SessionEnd::UpstreamLost { resource: "r" }.sqlstate(),
+            "08006"
+        );
+        assert_eq!(
+            SessionEnd::Protocol(None).message(),
+            "protocol error: invalid message"
+        );
+        assert_eq!(SessionEnd::LimitReached(None).sqlstate(), "54000");
+        assert_eq!(SessionEnd::AuditUnavailable.sqlstate(), "58030");
     }
 }

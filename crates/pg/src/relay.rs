@@ -6,15 +6,18 @@
 //! *before* its bytes are forwarded — that is where a policy decision will sit — and every
 //! response message passes through one place — where a masking filter will sit.
 
+use crate::filter::ResultExtra;
 use crate::filter::{copy_format_of, Filter, Verdict};
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend::{self, ParamValue};
-use crate::proto::next_frame;
-use crate::session::SessionLog;
+use crate::proto::{next_frame, ClientMsg, ServerMsg};
+use crate::refusal::{CommandRefusal, SessionEnd, UNSETTLED_PIPELINE};
+use crate::rows::CopyFormat;
+use crate::session::{SessionLog, Stamped};
 use crate::upstream::{Connected, UpstreamTarget};
 use crate::PgGateway;
 use bytes::BytesMut;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,20 +25,28 @@ use std::time::Instant;
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tollgate_gate::event::{
+    self, CommandResult, Detail, ReviewEvent, ReviewRefused, SessionTerminated, StatementRefused,
+};
 use tollgate_gate::hold::{HoldRequest, Opened};
 use tollgate_identity::Identity;
-use tollgate_mask::{CopyFormat, RowPlan};
+use tollgate_mask::RowPlan;
 use tollgate_metrics::registry;
 use tollgate_policy::{
     Caller, Confirmation, Decision, Judgement, ResourcePolicy, SessionPolicy, CATALOG_QUERY,
 };
 use tollgate_review::{Review, Reviews, Verdict as ReviewVerdict};
-use tollgate_store::{canonical_json, CanonicalObject, EventInput};
+use tollgate_store::EventInput;
+
+mod audit;
+mod review;
+mod tracker;
+
+use audit::*;
+use review::*;
+use tracker::*;
 
 const READ_BUF: usize = 64 * 1024;
-/// Longest statement text or parameter value kept in an audit event.
-const MAX_TEXT: usize = 16 * 1024;
-const MAX_PARAM: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -79,473 +90,6 @@ pub(crate) struct RelayEnd {
     pub bytes_to_client: u64,
     pub upstream_pid: i32,
     pub upstream_secret: Vec<u8>,
-}
-
-/// A request whose answer the response direction still expects, in the order sent.
-#[derive(Clone, PartialEq, Eq)]
-enum Kind {
-    /// A simple Query or FunctionCall: complete at ReadyForQuery. `effects`: the guardrails'
-    /// prepared-statement changes it makes, settled by its outcome.
-    Query {
-        copy: Option<CopyFormat>,
-        effects: Vec<u64>,
-        /// It may prepare, deallocate or discard named statements (SQL `PREPARE` and kin):
-        /// the result shapes learned for statement names are forgotten when it completes.
-        redefines: bool,
-    },
-    /// An extended-protocol Execute: complete at CommandComplete/EmptyQuery/PortalSuspended/Error.
-    Execute {
-        portal: String,
-        copy: Option<CopyFormat>,
-        effects: Vec<u64>,
-    },
-    /// A Sync: the end of an extended-protocol pipeline (`segment`: the guardrails' number for
-    /// it, whose portals are gone when the server reports it is idle).
-    Sync {
-        segment: u64,
-    },
-    // Only tracked when the session filters responses or has guardrails (`seq`: the
-    // guardrails' number for the change, confirmed by the server's answer):
-    Parse {
-        name: String,
-        seq: Option<u64>,
-    },
-    Bind {
-        portal: String,
-        statement: String,
-        formats: Vec<i16>,
-        seq: Option<u64>,
-    },
-    /// `injected`: sent by the gateway to learn a result's shape; its answer is not forwarded.
-    Describe {
-        kind: u8,
-        name: String,
-        injected: bool,
-    },
-    Close {
-        kind: u8,
-        name: String,
-        seq: Option<u64>,
-    },
-    /// The gateway's own Parse/Describe/Close/Sync that learns the columns of a `COPY ... TO
-    /// STDOUT` before it runs; none of its answers is forwarded.
-    CopyShape,
-}
-
-impl Kind {
-    fn is_command(&self) -> bool {
-        matches!(self, Kind::Query { .. } | Kind::Execute { .. })
-    }
-
-    /// The guardrails' change this request carries: its own, or those of the command.
-    fn changes(&self) -> &[u64] {
-        match self {
-            Kind::Parse { seq, .. } | Kind::Bind { seq, .. } | Kind::Close { seq, .. } => {
-                seq.as_slice()
-            }
-            Kind::Query { effects, .. } | Kind::Execute { effects, .. } => effects,
-            _ => &[],
-        }
-    }
-}
-
-/// ReadyForQuery messages seen so far. Counting is one atomic add; waking happens only while
-/// the client direction waits (after a command that may change settings).
-#[derive(Default)]
-struct ReadyCount {
-    seen: AtomicU64,
-    waiting: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl ReadyCount {
-    fn add(&self) {
-        self.seen.fetch_add(1, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) {
-            self.notify.notify_waiters();
-        }
-    }
-
-    /// Resolves once `target` ReadyForQuery messages have been seen.
-    async fn reached(&self, target: u64) {
-        self.waiting.store(true, Ordering::SeqCst);
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.seen.load(Ordering::SeqCst) >= target {
-                break;
-            }
-            notified.await;
-        }
-        self.waiting.store(false, Ordering::SeqCst);
-    }
-}
-
-/// What the server's answers settled about the guardrails' view of the session, for the client
-/// direction to apply before it judges the next message.
-enum Settled {
-    Change(u64, Confirmation),
-    /// ReadyForQuery outside a transaction after the Sync that closed this segment.
-    Idle(u64),
-}
-
-struct Pending {
-    n: u64,
-    kind: Kind,
-    started: Instant,
-    rows: u64,
-    tag: Option<String>,
-    error: Option<String>,
-    /// The request was refused by the gateway: it was replaced upstream by a statement that
-    /// fails, and the client gets this ErrorResponse instead of that failure.
-    denial: Option<Vec<u8>>,
-}
-
-impl Pending {
-    fn settle(&self, how: Confirmation, out: &mut Vec<Settled>) {
-        for &seq in self.kind.changes() {
-            out.push(Settled::Change(seq, how));
-        }
-    }
-}
-
-/// Requests forwarded and not yet answered, in order; shared by the two directions. Finished
-/// commands are handed back to the response direction, which records their results.
-struct Tracker<'a> {
-    pending: Mutex<VecDeque<Pending>>,
-    next: AtomicU64,
-    log: &'a SessionLog,
-    /// Result events not yet journaled: the response direction records them once the answer
-    /// they describe is on its way to the client (off the round trip's critical path, and in
-    /// one journal append per batch of answers); every other path flushes them first.
-    results: Mutex<Vec<ResultEvent>>,
-    /// Answers that settle the guardrails' view (prepared statements, portals).
-    settled: Mutex<Vec<Settled>>,
-    /// `settled` is not empty (read without the lock, for every client message).
-    has_settled: std::sync::atomic::AtomicBool,
-    /// ReadyForQuery messages seen so far, each after the ParameterStatus before it was checked.
-    ready: ReadyCount,
-}
-
-/// A command's result event, until `Tracker::flush_results` writes it (as canonical JSON, with
-/// the `t_us` of that moment, without building a `Value` unless it carries extra fields).
-struct ResultEvent {
-    n: u64,
-    outcome: &'static str,
-    sqlstate: Option<String>,
-    rows: u64,
-    tag: Option<String>,
-    duration_us: u64,
-    /// Fields added by the response filter (masking counts).
-    extra: Option<serde_json::Map<String, Value>>,
-}
-
-impl ResultEvent {
-    /// The event's payload; `t_us` is when it is journaled.
-    fn payload(self, t_us: u64) -> String {
-        let mut o = CanonicalObject::new();
-        o.uint("duration_us", self.duration_us)
-            .uint("n", self.n)
-            .str("outcome", self.outcome)
-            .uint("rows", self.rows)
-            .opt_str("sqlstate", self.sqlstate.as_deref())
-            .uint("t_us", t_us)
-            .opt_str("tag", self.tag.as_deref());
-        let direct = o.finish();
-        let Some(extra) = self.extra else {
-            return direct;
-        };
-        // Rarely (masking counts): merged through a `Value`, `t_us` last as in other events.
-        let mut payload: Value = serde_json::from_str(&direct).expect("canonical JSON parses");
-        let map = payload.as_object_mut().expect("an object");
-        map.extend(extra);
-        map.insert("t_us".into(), json!(t_us));
-        canonical_json(&payload)
-    }
-}
-
-type Finished = Vec<(Pending, &'static str)>;
-
-impl Tracker<'_> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn push(&self, kind: Kind) -> u64 {
-        let n = if kind.is_command() {
-            self.next.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            0
-        };
-        self.lock().push_back(Pending {
-            n,
-            kind,
-            started: Instant::now(),
-            rows: 0,
-            tag: None,
-            error: None,
-            denial: None,
-        });
-        n
-    }
-
-    /// Command `n` was refused: its answer becomes `error`.
-    fn deny(&self, n: u64, error: Vec<u8>) {
-        let mut q = self.lock();
-        if let Some(p) = q.iter_mut().rev().find(|p| p.n == n && p.kind.is_command()) {
-            p.denial = Some(error);
-        }
-    }
-
-    /// The request queued last (a Parse) was refused: its answer becomes `error`.
-    fn deny_last(&self, error: Vec<u8>) {
-        if let Some(p) = self.lock().back_mut() {
-            p.denial = Some(error);
-        }
-    }
-
-    /// The ErrorResponse to send for the oldest request, when the gateway refused it.
-    fn take_denial(&self) -> Option<Vec<u8>> {
-        // Only when the request is next: otherwise the error answers an earlier request.
-        self.lock().front_mut().and_then(|p| p.denial.take())
-    }
-
-    fn settle(&self, mut settled: Vec<Settled>) {
-        if !settled.is_empty() {
-            self.settled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .append(&mut settled);
-            self.has_settled.store(true, Ordering::Release);
-        }
-    }
-
-    /// The server answered `p`: its changes took effect.
-    fn confirm(&self, p: &Pending) {
-        if !p.kind.changes().is_empty() {
-            let mut settled = Vec::new();
-            p.settle(Confirmation::Done, &mut settled);
-            self.settle(settled);
-        }
-    }
-
-    /// What the server settled since the last call.
-    fn take_settled(&self) -> Vec<Settled> {
-        if !self.has_settled.swap(false, Ordering::Acquire) {
-            return Vec::new();
-        }
-        std::mem::take(&mut *self.settled.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    fn emit(&self, p: &Pending, outcome: &'static str, extra: Option<Value>) {
-        if !self.log.records_commands() {
-            return;
-        }
-        let event = ResultEvent {
-            n: p.n,
-            outcome,
-            sqlstate: p.error.clone(),
-            rows: p.rows,
-            tag: p.tag.clone(),
-            duration_us: p.started.elapsed().as_micros() as u64,
-            extra: match extra {
-                Some(Value::Object(m)) => Some(m),
-                _ => None,
-            },
-        };
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(event);
-    }
-
-    /// Journals the result events emitted so far, in the order they were emitted.
-    fn flush_results(&self) {
-        let results = std::mem::take(&mut *self.results.lock().unwrap_or_else(|e| e.into_inner()));
-        if results.is_empty() {
-            return;
-        }
-        let events = results
-            .into_iter()
-            .map(|r| {
-                let payload = r.payload(self.log.t_us());
-                self.log.canonical_input("result", payload)
-            })
-            .collect();
-        self.log.record_canonical(events);
-    }
-
-    /// Whether the oldest request still waiting for its answer is of this kind.
-    fn front_is(&self, kind: impl Fn(&Kind) -> bool) -> bool {
-        self.lock().front().is_some_and(|p| kind(&p.kind))
-    }
-
-    /// The oldest request still waiting for its answer.
-    fn front(&self) -> Option<Kind> {
-        self.lock().front().map(|p| p.kind.clone())
-    }
-
-    /// Removes the oldest request when it is of the kind a response answers (which confirms it).
-    fn pop_if(&self, answers: impl Fn(&Kind) -> bool) -> Option<Kind> {
-        let mut q = self.lock();
-        if q.front().is_some_and(|p| answers(&p.kind)) {
-            let p = q.pop_front()?;
-            drop(q);
-            self.confirm(&p);
-            Some(p.kind)
-        } else {
-            None
-        }
-    }
-
-    /// CommandComplete, EmptyQueryResponse or PortalSuspended: an Execute is finished; a
-    /// Query's statement adds its rows.
-    fn complete(&self, rows: u64, tag: String) -> Option<Pending> {
-        let mut q = self.lock();
-        let i = q.iter().position(|p| p.kind.is_command())?;
-        match q[i].kind {
-            Kind::Execute { .. } => {
-                let mut p = q.remove(i).expect("index is in range");
-                drop(q);
-                p.rows = rows;
-                p.tag = Some(tag);
-                self.confirm(&p);
-                Some(p)
-            }
-            _ => {
-                let p = &mut q[i];
-                p.rows += rows;
-                p.tag = Some(tag);
-                None
-            }
-        }
-    }
-
-    /// The gateway answered the current command with an error of its own (a refused COPY)
-    /// while the server went on: an Execute is finished; a Query is marked failed.
-    fn refused(&self, code: &str) -> Option<Pending> {
-        let mut q = self.lock();
-        let i = q.iter().position(|p| p.kind.is_command())?;
-        if matches!(q[i].kind, Kind::Execute { .. }) {
-            let mut p = q.remove(i).expect("index is in range");
-            p.error = Some(code.into());
-            return Some(p);
-        }
-        q[i].error = Some(code.into());
-        None
-    }
-
-    /// ErrorResponse: fails the oldest request; PostgreSQL skips the rest of the pipeline up to
-    /// Sync. An error at Sync itself (a failed implicit commit) fails nothing still queued.
-    fn error(&self, code: String) -> Finished {
-        let mut q = self.lock();
-        match q.front().map(|p| &p.kind) {
-            None | Some(Kind::Sync { .. }) => return Vec::new(),
-            Some(Kind::Query { .. }) => {
-                q[0].error = Some(code);
-                return Vec::new();
-            }
-            _ => {}
-        }
-        let mut settled = Vec::new();
-        let mut failed = q.pop_front().expect("front exists");
-        failed.settle(Confirmation::Failed, &mut settled);
-        let mut done = Vec::new();
-        if failed.kind.is_command() {
-            failed.error = Some(code);
-            done.push((failed, "error"));
-        } else if let Some(i) = q.iter().position(|p| p.kind.is_command()) {
-            // A Parse, Bind or Describe failed: the command it prepared is the one that failed.
-            if i == 0
-                || q.iter()
-                    .take(i)
-                    .all(|p| !matches!(p.kind, Kind::Sync { .. }))
-            {
-                let mut p = q.remove(i).expect("index is in range");
-                p.settle(Confirmation::Skipped, &mut settled);
-                p.error = Some(code);
-                done.push((p, "error"));
-            }
-        }
-        while q
-            .front()
-            .is_some_and(|p| !matches!(p.kind, Kind::Sync { .. } | Kind::Query { .. }))
-        {
-            let p = q.pop_front().expect("front exists");
-            p.settle(Confirmation::Skipped, &mut settled);
-            if p.kind.is_command() {
-                done.push((p, "skipped"));
-            }
-        }
-        drop(q);
-        self.settle(settled);
-        done
-    }
-
-    /// ReadyForQuery (`status`: I idle, T in a transaction, E failed transaction): everything
-    /// up to the first Sync or Query is finished.
-    fn ready(&self, status: u8) -> Finished {
-        let mut done = Vec::new();
-        let mut settled = Vec::new();
-        let mut q = self.lock();
-        while let Some(p) = q.pop_front() {
-            let boundary = matches!(p.kind, Kind::Sync { .. } | Kind::Query { .. });
-            match (&p.kind, &p.error) {
-                (Kind::Query { .. }, None) => p.settle(Confirmation::Done, &mut settled),
-                (Kind::Query { .. }, Some(_)) => p.settle(Confirmation::Failed, &mut settled),
-                (Kind::Sync { segment: s }, _) if status == b'I' => settled.push(Settled::Idle(*s)),
-                // Unanswered before ReadyForQuery: skipped.
-                (Kind::Execute { .. }, _) => p.settle(Confirmation::Skipped, &mut settled),
-                _ => {}
-            }
-            if p.kind.is_command() {
-                let outcome = match (&p.kind, &p.error) {
-                    (Kind::Execute { .. }, _) => "skipped",
-                    (_, Some(_)) => "error",
-                    _ => "ok",
-                };
-                done.push((p, outcome));
-            }
-            if boundary {
-                break;
-            }
-        }
-        drop(q);
-        self.settle(settled);
-        self.ready.add();
-        done
-    }
-
-    /// Drop command `n` (never forwarded) and everything queued after it.
-    fn forget(&self, n: u64) {
-        let mut q = self.lock();
-        if let Some(i) = q.iter().position(|p| p.n == n && p.kind.is_command()) {
-            q.truncate(i);
-        }
-    }
-
-    /// At the end of a session: every command still waiting for its answer is recorded as
-    /// interrupted; returns whether there was one.
-    fn interrupt_pending(&self) -> bool {
-        let left: Vec<Pending> = self
-            .lock()
-            .drain(..)
-            .filter(|p| p.kind.is_command())
-            .collect();
-        for p in &left {
-            self.emit(p, "interrupted", None);
-        }
-        self.flush_results();
-        !left.is_empty()
-    }
-}
-
-impl Drop for Tracker<'_> {
-    /// A relay dropped mid-batch (the session task cancelled) still records what it relayed.
-    fn drop(&mut self) {
-        self.flush_results();
-    }
 }
 
 enum Stop {
@@ -674,76 +218,44 @@ pub(crate) async fn run(
         Stop::Limit(e) => (Outcome::LimitReached, Some(e)),
     };
     let pending = tracker.interrupt_pending();
-    match outcome {
+    let resource = target.resource.name.as_str();
+    let detail = error.as_deref();
+    let end = match outcome {
         Outcome::UpstreamLost => {
-            tracing::warn!(session = %log.id, resource = %target.resource.name, "upstream connection lost");
-            let msg = format!(
-                "tollgate lost the connection to resource \"{}\"",
-                target.resource.name
-            );
-            let _ = cwr
-                .write_all(&backend::error(Severity::Fatal, "08006", &msg, None))
-                .await;
-            let _ = cwr.flush().await;
+            tracing::warn!(session = %log.id, %resource, "upstream connection lost");
+            Some(SessionEnd::UpstreamLost { resource })
         }
-        Outcome::ProtocolError => {
-            let msg = format!(
-                "protocol error: {}",
-                error.as_deref().unwrap_or("invalid message")
-            );
-            tracing::info!(session = %log.id, error = %msg, "closing session");
-            let _ = cwr
-                .write_all(&backend::error(Severity::Fatal, "08P01", &msg, None))
-                .await;
-            let _ = cwr.flush().await;
-            let _ = uwr.write_all(&frontend::terminate()).await;
-            let _ = uwr.flush().await;
-        }
+        Outcome::ProtocolError => Some(SessionEnd::Protocol(detail)),
         Outcome::AuditUnavailable => {
             tracing::error!(session = %log.id, "refusing a command: its audit event could not be written in time (audit_failure = closed)");
-            let msg = "tollgate could not record this command in the audit trail, so it was not forwarded";
-            let hint = "the gateway's audit store is unavailable; try again later or contact the gateway's operator";
-            let _ = cwr
-                .write_all(&backend::error(Severity::Fatal, "58030", msg, Some(hint)))
-                .await;
-            let _ = cwr.flush().await;
-            let _ = uwr.write_all(&frontend::terminate()).await;
-            let _ = uwr.flush().await;
+            Some(SessionEnd::AuditUnavailable)
         }
-        Outcome::DialectChanged | Outcome::LimitReached => {
-            let (code, msg, hint) = if outcome == Outcome::DialectChanged {
-                tracing::warn!(session = %log.id, setting = %error.as_deref().unwrap_or(""), "a setting the guardrails depend on changed upstream; ending the session");
-                (
-                    "08P01",
-                    format!(
-                        "tollgate ended this session: the server reported {}, which the gateway's guardrails cannot read SQL under",
-                        error.as_deref().unwrap_or("a changed setting")
-                    ),
-                    "reconnect; standard_conforming_strings must stay on and client_encoding UTF8 through the gateway",
-                )
-            } else {
-                (
-                    "54000",
-                    format!("tollgate ended this session: {}", error.as_deref().unwrap_or("a limit was reached")),
-                    "close prepared statements and portals the session no longer uses (Close, DEALLOCATE), or ask the operator to raise max_prepared_statements / max_portals",
-                )
-            };
-            log.event(
-                "session.terminated",
-                json!({"reason": outcome.as_str(), "detail": error}),
-            );
-            let _ = cwr
-                .write_all(&backend::error(Severity::Fatal, code, &msg, Some(hint)))
-                .await;
-            let _ = cwr.flush().await;
-            let _ = uwr.write_all(&frontend::terminate()).await;
-            let _ = uwr.flush().await;
+        Outcome::DialectChanged => {
+            tracing::warn!(session = %log.id, setting = %detail.unwrap_or(""), "a setting the guardrails depend on changed upstream; ending the session");
+            Some(SessionEnd::DialectChanged(detail))
         }
-        Outcome::ClientGone => {
-            let _ = uwr.write_all(&frontend::terminate()).await;
-            let _ = uwr.flush().await;
+        Outcome::LimitReached => Some(SessionEnd::LimitReached(detail)),
+        Outcome::ClientGone | Outcome::Closed => None,
+    };
+    if let Some(end) = &end {
+        if outcome == Outcome::ProtocolError {
+            tracing::info!(session = %log.id, error = %end.message(), "closing session");
         }
-        Outcome::Closed => {}
+        if matches!(outcome, Outcome::DialectChanged | Outcome::LimitReached) {
+            log.record(&SessionTerminated {
+                reason: outcome.as_str(),
+                detail: Detail::Text(error.clone()),
+                sqlstate: None,
+                message: None,
+            });
+        }
+        let _ = cwr.write_all(&end.fatal()).await;
+        let _ = cwr.flush().await;
+    }
+    // Whatever the client did, the upstream backend is told the session is over.
+    if !matches!(outcome, Outcome::UpstreamLost | Outcome::Closed) {
+        let _ = uwr.write_all(&frontend::terminate()).await;
+        let _ = uwr.flush().await;
     }
     let _ = cwr.shutdown().await;
     let _ = uwr.shutdown().await;
@@ -777,8 +289,8 @@ async fn learn_catalog(
         loop {
             while let Some(f) = next_frame(&buf, limit).map_err(std::io::Error::other)? {
                 let body = f.body(&buf);
-                match f.tag {
-                    b'D' => {
+                match f.server() {
+                    ServerMsg::DataRow => {
                         row = match backend::parse_data_row(body).ok().as_deref() {
                             Some([Some(a), Some(b)]) => Some((
                                 String::from_utf8_lossy(a).into_owned(),
@@ -787,8 +299,10 @@ async fn learn_catalog(
                             _ => None,
                         }
                     }
-                    b'E' => failed = Some(backend::parse_error(body).unwrap_or_default().message),
-                    b'Z' => {
+                    ServerMsg::ErrorResponse => {
+                        failed = Some(backend::parse_error(body).unwrap_or_default().message)
+                    }
+                    ServerMsg::ReadyForQuery => {
                         return Ok::<_, std::io::Error>(row.ok_or_else(|| {
                             std::io::Error::other(failed.unwrap_or_else(|| "no row".into()))
                         })?)
@@ -840,7 +354,7 @@ struct Statement {
 #[derive(Clone)]
 struct PortalText {
     text: Arc<str>,
-    params: Value,
+    params: Vec<Value>,
     described: bool,
     /// SHA-256 over the statement's full text and the Bind's parameters (what an approval binds to).
     digest: String,
@@ -919,14 +433,14 @@ struct Guard<'a, CW> {
 /// What the relay does with a refused command upstream: it sends a statement that fails in its
 /// place, so that PostgreSQL itself aborts the pipeline (and the transaction block) exactly as
 /// for a real error, and the client's answer stays in order.
-fn failing_stand_in(tag: u8) -> Vec<u8> {
-    if tag != b'E' {
+fn failing_stand_in(msg: ClientMsg) -> Vec<u8> {
+    if msg != ClientMsg::Execute {
         // Query and FunctionCall: an error, then ReadyForQuery.
         frontend::query("TOLLGATE REFUSED THIS STATEMENT")
     } else {
         // A Parse of a named statement that never exists: the unnamed one is left alone.
         let body = b"tollgate_refused\0TOLLGATE REFUSED THIS STATEMENT\0\0\0";
-        let mut m = vec![b'P'];
+        let mut m = vec![ClientMsg::Parse.tag()];
         m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         m.extend_from_slice(body);
         m
@@ -958,7 +472,7 @@ where
     let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut prepared = Prepared::default();
-    let mut events: Vec<EventInput> = Vec::new();
+    let mut events: Vec<Stamped<event::Command>> = Vec::new();
     let mut splice = Splice::default();
     // ReadyForQuery messages the requests forwarded so far will bring (one per Query,
     // FunctionCall and Sync), and the pipeline state of a command that may change settings.
@@ -998,22 +512,22 @@ where
                 }
             }
             let end = pos + f.total_len;
-            if guard.is_some() && risky_pipeline && f.tag == b'P' {
+            let msg = f.client();
+            if guard.is_some() && risky_pipeline && msg == ClientMsg::Parse {
                 // The server parses this after a command that may have changed how SQL reads,
                 // before the gateway can see the outcome: refused.
-                let (code, msg, hint) = unsettled_pipeline();
                 if track {
                     let name = frontend::parse_parse(body)
                         .map(|p| p.statement)
                         .unwrap_or_default();
                     tracker.push(Kind::Parse { name, seq: None });
-                    tracker.deny_last(backend::error(Severity::Error, code, msg, Some(hint)));
+                    tracker.deny_last(CommandRefusal::UnsettledPipeline.error());
                 }
-                tracker.log.event(
-                    "command.refused",
-                    json!({"reason": "unsettled_pipeline", "protocol": "extended"}),
-                );
-                splice.replace(&buf, pos, end, &failing_stand_in(b'E'));
+                tracker.log.record(&StatementRefused {
+                    reason: "unsettled_pipeline",
+                    protocol: "extended",
+                });
+                splice.replace(&buf, pos, end, &failing_stand_in(ClientMsg::Execute));
                 pos = end;
                 continue;
             }
@@ -1026,7 +540,7 @@ where
                 limits,
             };
             match inspect_client(
-                f.tag,
+                msg,
                 body,
                 &mut prepared,
                 tracker,
@@ -1044,7 +558,7 @@ where
                 Ok(true) => {
                     commands.inc();
                     if let (Some(plan), Some(ev)) = (redact, events.last_mut()) {
-                        redact_event(&mut ev.payload, plan);
+                        redact_command(&mut ev.event, plan);
                     }
                 }
                 Ok(false) => {}
@@ -1057,37 +571,37 @@ where
                 stop = Some(Stop::Limit(e));
                 break;
             }
-            if matches!(f.tag, b'Q' | b'F' | b'S') {
+            if matches!(
+                msg,
+                ClientMsg::Query | ClientMsg::FunctionCall | ClientMsg::Sync
+            ) {
                 boundaries += 1;
             }
-            if f.tag == b'Q' && inject.is_some() {
+            if msg == ClientMsg::Query && inject.is_some() {
                 // The Sync of the gateway's own COPY shape request.
                 boundaries += 1;
             }
-            if f.tag == b'S' {
+            if msg == ClientMsg::Sync {
                 segment += 1;
             }
-            if guard.is_some() && risky_pipeline && f.tag == b'Q' && judged.decision.is_none() {
-                let (code, msg, hint) = unsettled_pipeline();
+            if guard.is_some()
+                && risky_pipeline
+                && msg == ClientMsg::Query
+                && judged.decision.is_none()
+            {
                 judged.decision = Some(Decision::Deny {
                     rule: "sql_safety".into(),
-                    message: msg.into(),
+                    message: UNSETTLED_PIPELINE.into(),
                 });
-                judged.hint = Some((code, hint));
+                judged.unsettled = true;
             }
-            let n = events
-                .last()
-                .and_then(|e| e.payload["n"].as_u64())
-                .unwrap_or(0);
-            let refusal: Option<(&'static str, String, Option<String>)> = match judged
-                .decision
-                .take()
-            {
+            let n = events.last().map_or(0, |e| e.event.n);
+            let refusal = match judged.decision.take() {
                 None | Some(Decision::Allow { .. }) => None,
-                Some(Decision::Deny { message, .. }) => {
-                    let (code, hint) = judged.hint.take().unwrap_or(("42501", ""));
-                    Some((code, message, (!hint.is_empty()).then(|| hint.to_string())))
+                Some(Decision::Deny { .. }) if judged.unsettled => {
+                    Some(CommandRefusal::UnsettledPipeline)
                 }
+                Some(Decision::Deny { message, .. }) => Some(CommandRefusal::Rule(message)),
                 Some(Decision::Review {
                     rule,
                     approvers,
@@ -1098,16 +612,16 @@ where
                     let ask = Ask {
                         n,
                         shown: review_text(
-                            f.tag,
+                            msg,
                             body,
                             &prepared,
                             &g.session,
-                            events.last(),
+                            events.last().map(|e| &e.event),
                             redact,
                         ),
                         sha256: events
                             .last()
-                            .and_then(|e| e.payload["digest"].as_str())
+                            .and_then(|e| e.event.digest.as_deref())
                             .map(|d| d.trim_start_matches("sha256:").to_string())
                             .unwrap_or_default(),
                         rule,
@@ -1117,11 +631,11 @@ where
                     };
                     match open_review(g, tracker, &ask) {
                         Err(Held::Run) => None,
-                        Err(Held::Refuse(code, msg, hint)) => Some((code, msg, hint)),
+                        Err(Held::Refuse(r)) => Some(r),
                         Err(Held::ClientGone) => return Stop::Outcome(Outcome::ClientGone),
                         Ok(review) => {
                             if let Some(ev) = events.last_mut() {
-                                ev.payload["review"] = json!(review.id);
+                                ev.event.review = Some(review.id.clone());
                             }
                             // Everything before the held command goes upstream now, with the
                             // events (the held command's too: it is recorded before it waits).
@@ -1138,7 +652,7 @@ where
                             .await
                             {
                                 Held::Run => None,
-                                Held::Refuse(code, msg, hint) => Some((code, msg, hint)),
+                                Held::Refuse(r) => Some(r),
                                 Held::ClientGone => return Stop::Outcome(Outcome::ClientGone),
                             }
                         }
@@ -1147,35 +661,34 @@ where
             };
             let end = pos + f.total_len;
             let refused = refusal.is_some();
-            if let Some((code, msg, hint)) = refusal {
+            if let Some(refusal) = refusal {
                 // A Describe queued for this Execute still goes first: its answer is expected.
                 let mut with = inject.unwrap_or_default();
-                with.extend_from_slice(&failing_stand_in(f.tag));
+                with.extend_from_slice(&failing_stand_in(msg));
                 splice.replace(&buf, pos, end, &with);
-                tracker.deny(
-                    n,
-                    backend::error(Severity::Error, code, &msg, hint.as_deref()),
-                );
+                tracker.deny(n, refusal.error());
             } else if let Some(describe) = inject {
                 let mut with = describe;
                 with.extend_from_slice(&buf[pos..end]);
                 splice.replace(&buf, pos, end, &with);
             }
             pos = end;
-            if f.tag == b'X' {
+            if msg == ClientMsg::Terminate {
                 stop = Some(Stop::Outcome(Outcome::Closed));
                 break;
             }
             // A command that may change a setting the parser depends on: nothing after it is
             // read until the server's answer (and its ParameterStatus) has been checked. In a
             // pipeline, the wait is at its Sync, and no statement may be parsed before it.
-            let settle_now = match f.tag {
-                b'Q' | b'F' => judged.may_change_settings && !refused,
-                b'E' => {
+            let settle_now = match msg {
+                ClientMsg::Query | ClientMsg::FunctionCall => {
+                    judged.may_change_settings && !refused
+                }
+                ClientMsg::Execute => {
                     risky_pipeline |= judged.may_change_settings && !refused;
                     false
                 }
-                b'S' => std::mem::take(&mut risky_pipeline),
+                ClientMsg::Sync => std::mem::take(&mut risky_pipeline),
                 _ => false,
             };
             if settle_now {
@@ -1225,7 +738,14 @@ where
         let mut copy = 0;
         loop {
             match next_frame(&buf[copy..], limit) {
-                Ok(Some(f)) if matches!(f.tag, b'd' | b'c' | b'f') => copy += f.total_len,
+                Ok(Some(f))
+                    if matches!(
+                        f.client(),
+                        ClientMsg::CopyData | ClientMsg::CopyDone | ClientMsg::CopyFail
+                    ) =>
+                {
+                    copy += f.total_len
+                }
                 Ok(_) => break,
                 Err(e) => return Err(Stop::Protocol(e.to_string())),
             }
@@ -1245,386 +765,6 @@ where
                 }
             },
         }
-    }
-}
-
-/// The refusal of a statement sent after a command that may change session settings, in the
-/// same pipeline.
-fn unsettled_pipeline() -> (&'static str, &'static str, &'static str) {
-    (
-        "0A000",
-        "tollgate refused this statement: it follows a command that may change session settings in the same pipeline (rule \"sql_safety\")",
-        "send Sync after a command that may change settings (SET, DO, CALL, a function the gateway cannot inspect) and wait for ReadyForQuery before the next statement",
-    )
-}
-
-/// What a reviewer is shown for a held command: its full text (values masked, never its
-/// structure), the bound parameters (secrets redacted), what a prepared name runs, and the
-/// digest an approval binds to.
-fn review_text(
-    tag: u8,
-    body: &[u8],
-    prepared: &Prepared,
-    session: &SessionPolicy,
-    event: Option<&EventInput>,
-    redact: Option<&RowPlan>,
-) -> String {
-    let original = statement_of(tag, body, prepared);
-    let mut shown = match redact {
-        Some(plan) => redact_sql(&original, plan),
-        None => original.clone(),
-    };
-    let payload = event.map(|e| &e.payload);
-    if let Some(Value::Array(params)) = payload.and_then(|p| p.get("params")) {
-        if !params.is_empty() {
-            let list: Vec<String> = params
-                .iter()
-                .enumerate()
-                .map(|(i, v)| format!("${} = {}", i + 1, v))
-                .collect();
-            shown.push_str(&format!("\n-- parameters: {}", list.join(", ")));
-        }
-    }
-    if tag == b'Q' {
-        // `EXECUTE name`: what the name runs.
-        for st in session.classify(&original).statements() {
-            let tollgate_policy::Kind::Execute { name } = &st.kind else {
-                continue;
-            };
-            if let Some(text) = prepared.statements.get(name) {
-                let text = match redact {
-                    Some(plan) => redact_sql(&text.text, plan),
-                    None => text.text.to_string(),
-                };
-                shown.push_str(&format!("\n-- EXECUTE {name} runs: {text}"));
-            }
-            for body in session.prepared(name) {
-                shown.push_str(&format!("\n-- {name} is: {}", body.summary_line()));
-            }
-        }
-    }
-    if let Some(c) = payload.and_then(|p| p.get("classification")) {
-        shown.push_str(&format!("\n-- classification: {c}"));
-    }
-    if let Some(d) = payload
-        .and_then(|p| p.get("digest"))
-        .and_then(Value::as_str)
-    {
-        shown.push_str(&format!("\n-- digest: {d}"));
-    }
-    shown
-}
-
-/// A command held for review.
-struct Ask {
-    n: u64,
-    /// The statement as recorded (content detectors applied), for reviewers.
-    shown: String,
-    /// SHA-256 of the statement as the client sent it (an approval survives a restart by it).
-    sha256: String,
-    rule: String,
-    approvers: Vec<String>,
-    min_approvals: u32,
-    timeout: std::time::Duration,
-}
-
-enum Held {
-    Run,
-    Refuse(&'static str, String, Option<String>),
-    ClientGone,
-}
-
-/// The text a held message runs: a Query's SQL, or an Execute's prepared statement.
-fn statement_of(tag: u8, body: &[u8], prepared: &Prepared) -> String {
-    match tag {
-        b'Q' => frontend::parse_query(body).unwrap_or_default(),
-        b'E' => frontend::parse_execute(body)
-            .ok()
-            .and_then(|e| prepared.portals.get(&e.portal))
-            .map(|p| p.text.to_string())
-            .unwrap_or_default(),
-        _ => String::new(),
-    }
-}
-
-/// Opens the review of a held command (`Err` when it runs or is refused without one: an
-/// approval of the same statement kept from before a restart, or no review service).
-fn open_review<CW>(g: &Guard<'_, CW>, tracker: &Tracker<'_>, ask: &Ask) -> Result<Review, Held> {
-    let Some(reviews) = g.reviews.as_ref() else {
-        return Err(Held::Refuse(
-            "42501",
-            format!("this statement needs a review (rule \"{}\"), and this gateway has no review service", ask.rule),
-            None,
-        ));
-    };
-    let request = HoldRequest {
-        session_id: &tracker.log.id,
-        resource: &g.resource.name,
-        subject: g.subject,
-        groups: g.groups,
-        principal: g.principal,
-        rule: &ask.rule,
-        shown: ask.shown.clone(),
-        digest: ask.sha256.clone(),
-        approvers: &ask.approvers,
-        min_approvals: ask.min_approvals,
-        timeout: ask.timeout,
-    };
-    match tollgate_gate::hold::open(reviews, request, g.rerun_window) {
-        Ok(Opened::Rerun(r)) => {
-            tracker
-                .log
-                .event("review.rerun", json!({"n": ask.n, "review": r.id}));
-            Err(Held::Run)
-        }
-        Ok(Opened::Pending(r)) => Ok(r),
-        Err(e) => {
-            tracing::error!(session = %tracker.log.id, error = %e, "could not open a review");
-            Err(Held::Refuse(
-                "58030",
-                "tollgate could not open a review for this statement, so it was not run".into(),
-                Some("try again later or contact the gateway's operator".into()),
-            ))
-        }
-    }
-}
-
-/// Tells the client its command is held, then waits for the decision, the deadline, a cancel
-/// or the client's disconnection (which withdraws the review).
-#[allow(clippy::too_many_arguments)]
-async fn await_review<R, CW>(
-    g: &Guard<'_, CW>,
-    tracker: &Tracker<'_>,
-    rd: &mut R,
-    buf: &mut BytesMut,
-    bytes: &AtomicU64,
-    limit: usize,
-    ask: &Ask,
-    review: &Review,
-) -> Held
-where
-    R: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-{
-    let reviews = g.reviews.as_ref().expect("a review was opened");
-    let where_ = review
-        .url
-        .as_deref()
-        .map(|u| format!(" or at {u}"))
-        .unwrap_or_default();
-    let msg = format!(
-        "tollgate: this statement needs approval (rule \"{}\"); it is held as review {} until it is approved or denied, for at most {}",
-        ask.rule,
-        review.id,
-        tollgate_review::format_duration(ask.timeout)
-    );
-    let hint = format!(
-        "a reviewer approves with `tollgate reviews approve {}`{where_}",
-        review.id
-    );
-    let notice = backend::error(Severity::Notice, "00000", &msg, Some(&hint));
-    {
-        let mut c = g.client.lock().await;
-        if c.write_all(&notice).await.is_err() || c.flush().await.is_err() {
-            reviews.withdraw(&review.id);
-            return Held::ClientGone;
-        }
-    }
-    let held_since = Instant::now();
-    let wait = reviews.wait(&review.id);
-    tokio::pin!(wait);
-    let cancelled = g.held.notified();
-    tokio::pin!(cancelled);
-    let verdict = loop {
-        tokio::select! {
-            v = &mut wait => break v,
-            _ = &mut cancelled => {
-                reviews.withdraw(&review.id);
-                break ReviewVerdict::Withdrawn;
-            }
-            // The client may pipeline more (kept for later) or go away (the review is withdrawn).
-            r = rd.read_buf(buf), if buf.len() < limit => match r {
-                Ok(0) | Err(_) => {
-                    reviews.withdraw(&review.id);
-                    return Held::ClientGone;
-                }
-                Ok(n) => {
-                    bytes.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            },
-        }
-    };
-    let waited_ms = held_since.elapsed().as_millis() as u64;
-    let (outcome, held) = match verdict {
-        ReviewVerdict::Approved { reviewers } => {
-            tracker.log.event(
-                "review.approved",
-                json!({"n": ask.n, "review": review.id, "reviewers": reviewers, "waited_ms": waited_ms}),
-            );
-            return Held::Run;
-        }
-        ReviewVerdict::Denied { reviewer, reason } => (
-            "denied",
-            Held::Refuse(
-                "42501",
-                format!(
-                    "review {} denied by {reviewer}: {}",
-                    review.id,
-                    reason.as_deref().unwrap_or("no reason given")
-                ),
-                None,
-            ),
-        ),
-        ReviewVerdict::Expired => (
-            "expired",
-            Held::Refuse(
-                "42501",
-                format!(
-                    "review {} expired after {} without a decision; the statement was not run",
-                    review.id,
-                    tollgate_review::format_duration(ask.timeout)
-                ),
-                Some("ask a reviewer to decide sooner, then run it again".into()),
-            ),
-        ),
-        ReviewVerdict::Withdrawn => (
-            "withdrawn",
-            Held::Refuse(
-                "57014",
-                "canceling statement due to user request".into(),
-                None,
-            ),
-        ),
-        ReviewVerdict::Unavailable(e) => {
-            tracing::error!(session = %tracker.log.id, review = %review.id, error = %e, "review unavailable");
-            (
-                "unavailable",
-                Held::Refuse(
-                    "58030",
-                    format!(
-                        "tollgate could not read review {}, so the statement was not run",
-                        review.id
-                    ),
-                    None,
-                ),
-            )
-        }
-    };
-    tracker.log.event(
-        "review.refused",
-        json!({"n": ask.n, "review": review.id, "outcome": outcome, "waited_ms": waited_ms}),
-    );
-    held
-}
-
-/// Sends `buf[..pos]` (as spliced) upstream once the events of its commands are in the audit
-/// journal (one write per round trip); fail closed refuses them when that is impossible.
-async fn forward<W: AsyncWrite + Unpin>(
-    gw: &PgGateway,
-    tracker: &Tracker<'_>,
-    wr: &mut W,
-    buf: &mut BytesMut,
-    splice: &mut Splice,
-    pos: usize,
-    events: &mut Vec<EventInput>,
-) -> Result<(), Stop> {
-    // Answers already relayed are recorded before the commands that follow them.
-    tracker.flush_results();
-    if !events.is_empty() && !tracker.log.records_commands() {
-        // server.record_commands = false (a benchmark baseline): nothing is written.
-        events.clear();
-    }
-    if !events.is_empty() {
-        if let Err(e) = gw.recorder.append_async(events).await {
-            if gw.audit_fail_closed {
-                tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written");
-                // Keep the evidence of what was refused, and do not await answers to it.
-                for mut ev in events.drain(..) {
-                    tracker.forget(ev.payload["n"].as_u64().unwrap_or(0));
-                    ev.kind = "command.refused".into();
-                    ev.payload["reason"] = json!("audit_unavailable");
-                    gw.recorder.record(ev);
-                }
-                return Err(Stop::Outcome(Outcome::AuditUnavailable));
-            }
-            tracing::error!(session = %tracker.log.id, error = %e, "audit event could not be written; forwarding anyway (audit_failure = open)");
-        }
-        events.clear();
-    }
-    if pos > 0 {
-        let written = match splice.finish(buf, pos) {
-            None => wr.write_all(&buf[..pos]).await,
-            Some(out) => wr.write_all(&out).await,
-        };
-        let _ = buf.split_to(pos);
-        if written.is_err() || wr.flush().await.is_err() {
-            return Err(Stop::Outcome(Outcome::UpstreamLost));
-        }
-    }
-    Ok(())
-}
-
-/// Applies the content detectors to a SQL text's values only (literals and comments, found by
-/// PostgreSQL's scanner), so a mask can never hide keywords or a statement behind it.
-fn redact_sql(text: &str, plan: &RowPlan) -> String {
-    let mut out = Vec::new();
-    let mask = |s: &str, out: &mut Vec<u8>| -> Option<String> {
-        out.clear();
-        match plan.mask_value(0, s.as_bytes(), out) {
-            tollgate_mask::Outcome::Unchanged => None,
-            tollgate_mask::Outcome::Masked(_) => Some(String::from_utf8_lossy(out).into_owned()),
-            tollgate_mask::Outcome::Null(_) => Some("[REDACTED]".into()),
-        }
-    };
-    // Nearly every text has nothing to mask: one pass over the whole of it tells.
-    let Some(whole) = mask(text, &mut out) else {
-        return text.to_string();
-    };
-    let Some(spans) = tollgate_policy::value_spans(text) else {
-        // The scanner rejects it (an unterminated quote): it runs nothing the server can parse.
-        return whole;
-    };
-    let mut shown = String::with_capacity(text.len());
-    let mut at = 0;
-    for span in spans {
-        shown.push_str(&text[at..span.start]);
-        let value = &text[span.clone()];
-        match mask(value, &mut out) {
-            Some(masked) => shown.push_str(&masked),
-            None => shown.push_str(value),
-        }
-        at = span.end;
-    }
-    shown.push_str(&text[at..]);
-    shown
-}
-
-/// Applies the resource's content detectors to a command event's text (its values only) and
-/// parameters.
-fn redact_event(payload: &mut Value, plan: &RowPlan) {
-    let mut out = Vec::new();
-    let mut mask = |v: &mut Value| {
-        if let Some(s) = v.as_str() {
-            out.clear();
-            match plan.mask_value(0, s.as_bytes(), &mut out) {
-                tollgate_mask::Outcome::Unchanged => {}
-                tollgate_mask::Outcome::Masked(_) => {
-                    *v = json!(String::from_utf8_lossy(&out));
-                }
-                tollgate_mask::Outcome::Null(_) => *v = json!("[REDACTED]"),
-            }
-        }
-    };
-    if let Some(text) = payload.get_mut("text") {
-        if let Some(t) = text.as_str() {
-            let shown = redact_sql(t, plan);
-            if shown != t {
-                *text = json!(shown);
-            }
-        }
-    }
-    if let Some(Value::Array(params)) = payload.get_mut("params") {
-        params.iter_mut().for_each(&mut mask);
     }
 }
 
@@ -1658,8 +798,8 @@ type PolicyArgs<'p, 'a> = (
 struct Judged {
     /// A refusal or hold (None: forward it).
     decision: Option<Decision>,
-    /// SQLSTATE and hint for a refusal other than a rule's (42501).
-    hint: Option<(&'static str, &'static str)>,
+    /// The refusal is the pipeline's, not a rule's ([`CommandRefusal::UnsettledPipeline`]).
+    unsettled: bool,
     /// The command may change a setting the SQL parser depends on.
     may_change_settings: bool,
     /// A per-session limit was reached: the session ends with this message.
@@ -1677,284 +817,34 @@ struct Inspect {
     limits: (usize, usize),
 }
 
-/// SHA-256 of a simple query's full text: what a review approves and what every command
-/// event records, whatever its size (see [`bound_digest`] for a portal).
-fn digest(text: &str) -> String {
-    digest_text(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref())
-}
-
-/// A portal's digest: over the full text's digest and the Bind's parameter section.
-fn bound_digest(full: Option<&[u8; 32]>, values: &[u8]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(full.map_or(&[0u8; 32][..], |f| &f[..]));
-    ctx.update(&[0]);
-    ctx.update(values);
-    digest_text(ctx.finish().as_ref())
-}
-
-/// "sha256:" and the hex of a SHA-256 digest, in one allocation.
-fn digest_text(d: &[u8]) -> String {
-    let mut hexed = [0u8; 64];
-    hex::encode_to_slice(d, &mut hexed).expect("a SHA-256 digest is 32 bytes");
-    let mut s = String::with_capacity(7 + hexed.len());
-    s.push_str("sha256:");
-    s.push_str(std::str::from_utf8(&hexed).expect("hex is ASCII"));
-    s
-}
-
-/// A Bind body after its portal and statement names.
-fn bind_values(body: &[u8]) -> &[u8] {
-    let mut at = 0;
-    for _ in 0..2 {
-        match body[at..].iter().position(|b| *b == 0) {
-            Some(i) => at += i + 1,
-            None => return &[],
-        }
-    }
-    &body[at..]
-}
-
-/// Adds the judgement to a command event (decision, what dry-run rules would have done, and
-/// the classification of what runs) and hands a refusal or hold back to the relay.
-fn decided(
-    ev: &mut Value,
-    j: Judgement,
-    policy: &ResourcePolicy,
-    text: &str,
-    classified: Option<Arc<str>>,
-    out: &mut Judged,
-) {
-    let mut decision = j.decision.summary();
-    if let Some(dry) = &j.dry_run {
-        decision["dry_run"] = dry.summary();
-        registry()
-            .counter(
-                "tollgate_policy_dry_run_total",
-                "Commands a dry-run rule would have refused or held, by action.",
-                &[("action", if dry.is_deny() { "deny" } else { "review" })],
-            )
-            .inc();
-    }
-    if j.opaque {
-        decision["opaque"] = json!(true);
-    }
-    ev["decision"] = decision;
-    // Every command: what it is, in one line; refused or held ones: the full classification.
-    if ev.get("digest").is_none() && !j.decision.is_allow() {
-        // A refused or held simple query: reviews and reruns go by its digest.
-        ev["digest"] = json!(digest(text));
-    }
-    let line = classified.unwrap_or_else(|| policy.classify(text).line());
-    ev["classified"] = Value::String(line.to_string());
-    out.may_change_settings = j.may_change_settings;
-    if !j.decision.is_allow() {
-        ev["classification"] = policy.classify(text).summary().clone();
-        registry()
-            .counter(
-                "tollgate_policy_decisions_total",
-                "Commands refused or held by a rule, by action.",
-                &[(
-                    "action",
-                    if j.decision.is_deny() {
-                        "deny"
-                    } else {
-                        "review"
-                    },
-                )],
-            )
-            .inc();
-        out.decision = Some(j.decision);
-    }
-}
-
 /// Record what a client message asks for; `Ok(true)` when it is a command, whose event is
 /// added to `events` (written before the batch is forwarded). Every request whose answer the
 /// relay follows is queued (`ctx.track`); with `shapes` (the session filters responses), an
 /// Execute of a portal whose shape nobody asked for gets a Describe sent before it.
 #[allow(clippy::too_many_arguments)]
 fn inspect_client(
-    tag: u8,
+    msg: ClientMsg,
     body: &[u8],
     prepared: &mut Prepared,
     tracker: &Tracker<'_>,
-    events: &mut Vec<EventInput>,
+    events: &mut Vec<Stamped<event::Command>>,
     shapes: Option<&mut Option<Vec<u8>>>,
     ctx: &Inspect,
     mut policy: Option<PolicyArgs<'_, '_>>,
 ) -> Result<bool, Stop> {
-    let malformed = |what: &str| Stop::Protocol(format!("malformed {what} message"));
     let track = ctx.track;
-    if (track || policy.is_some()) && !frontend::names_are_utf8(tag, body) {
+    if (track || policy.is_some()) && !frontend::names_are_utf8(msg.tag(), body) {
         // Prepared statements and portals are followed by name: two names that differ only in
         // bytes that are not UTF-8 must not read as one.
         return Err(Stop::Protocol(
             "statement and portal names must be valid UTF-8 through the gateway".into(),
         ));
     }
-    let filtering = shapes.is_some();
-    let (max_statements, max_portals) = ctx.limits;
-    match tag {
-        b'Q' => {
-            let text = frontend::parse_query(body).map_err(|_| malformed("Query"))?;
-            let copy = if filtering {
-                copy_format_of(&text)
-            } else {
-                None
-            };
-            let redefines = filtering && redefines_statements(&text);
-            if let (Some(inject), true, Some(_)) = (shapes, ctx.copy_columns, copy) {
-                if let Some(source) = tollgate_policy::copy_to_stdout_source(&text) {
-                    tracker.push(Kind::CopyShape);
-                    *inject = Some(frontend::describe_only("tollgate_copy_shape", &source));
-                }
-            }
-            if redefines {
-                // Whatever a name held before, its shape is learned again before it is used.
-                prepared
-                    .statements
-                    .values_mut()
-                    .for_each(|s| s.described = false);
-            }
-            let judged = policy.as_mut().map(|(session, _, who, _)| {
-                session.judge_query_classified(&text, who, OffsetDateTime::now_utc())
-            });
-            let effects = judged
-                .as_ref()
-                .map(|(j, _)| j.effects.clone())
-                .unwrap_or_default();
-            let n = tracker.push(Kind::Query {
-                copy,
-                effects,
-                redefines,
-            });
-            let mut ev = json!({"n": n, "protocol": "simple", "text": clip(&text, MAX_TEXT)});
-            if text.len() > MAX_TEXT {
-                // The recorded text is clipped: the digest is what proves the rest.
-                ev["digest"] = json!(digest(&text));
-            }
-            if let (Some((_, rp, _, out)), Some((j, classified))) = (policy, judged) {
-                // SQL PREPARE: keep its text, so an EXECUTE of the name can be shown with it.
-                if !j.effects.is_empty() {
-                    for st in classified.statements() {
-                        if let tollgate_policy::Kind::Prepare { name, .. } = &st.kind {
-                            if prepared.statements.contains_key(name)
-                                || prepared.statements.len() < max_statements
-                            {
-                                let full =
-                                    ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-                                prepared.statements.insert(
-                                    name.clone(),
-                                    Statement {
-                                        text: Arc::from(clip(&text, MAX_TEXT)),
-                                        full: full.as_ref().try_into().expect("32 bytes"),
-                                        described: false,
-                                        classified: Some(st.summary_line().into()),
-                                    },
-                                );
-                            }
-                        }
-                    }
-                }
-                decided(&mut ev, j, rp, &text, Some(classified.line()), out);
-            }
-            events.push(tracker.log.input("command", ev));
-            Ok(true)
-        }
-        b'P' => {
-            let p = frontend::parse_parse(body).map_err(|_| malformed("Parse"))?;
-            let mut seq = None;
-            if let Some((session, _, _, out)) = policy.as_mut() {
-                match session.parse(&p.statement, &p.query) {
-                    Ok(s) => seq = Some(s),
-                    Err(e) => {
-                        out.limit = Some(e.to_string());
-                        return Ok(false);
-                    }
-                }
-            }
-            if !prepared.statements.contains_key(&p.statement)
-                && prepared.statements.len() >= max_statements
-            {
-                return Err(Stop::Limit(format!(
-                    "this session holds too many prepared statements (limit {max_statements}); close the ones it no longer uses"
-                )));
-            }
-            if track {
-                // The name only matters to the filter (shapes); the guardrails go by `seq`.
-                tracker.push(Kind::Parse {
-                    name: if filtering {
-                        p.statement.clone()
-                    } else {
-                        String::new()
-                    },
-                    seq,
-                });
-            }
-            let full = ring::digest::digest(&ring::digest::SHA256, p.query.as_bytes());
-            let classified = policy
-                .as_ref()
-                .map(|(_, rp, ..)| rp.classify(&p.query).line());
-            prepared.statements.insert(
-                p.statement,
-                Statement {
-                    text: Arc::from(clip(&p.query, MAX_TEXT)),
-                    full: full.as_ref().try_into().expect("32 bytes"),
-                    described: false,
-                    classified,
-                },
-            );
-            Ok(false)
-        }
-        b'B' => {
-            let b = frontend::parse_bind(body).map_err(|_| malformed("Bind"))?;
-            let mut seq = None;
-            if let Some((session, _, _, out)) = policy.as_mut() {
-                match session.bind(&b.portal, &b.statement) {
-                    Ok(s) => seq = Some(s),
-                    Err(e) => {
-                        out.limit = Some(e.to_string());
-                        return Ok(false);
-                    }
-                }
-            }
-            if !prepared.portals.contains_key(&b.portal) && prepared.portals.len() >= max_portals {
-                return Err(Stop::Limit(format!(
-                    "this session holds too many portals (limit {max_portals}); close the ones it no longer uses"
-                )));
-            }
-            let stmt = prepared.statements.get(&b.statement);
-            let text = stmt.map_or_else(|| Arc::from(""), |s| s.text.clone());
-            let described = stmt.is_some_and(|s| s.described);
-            let classified = stmt.and_then(|s| s.classified.clone());
-            let params = redact_params(&text, &b.params);
-            let digest = bound_digest(stmt.map(|s| &s.full), bind_values(body));
-            if track {
-                let (portal, statement, formats) = if filtering {
-                    (b.portal.clone(), b.statement.clone(), b.result_formats)
-                } else {
-                    (String::new(), String::new(), Vec::new())
-                };
-                tracker.push(Kind::Bind {
-                    portal,
-                    statement,
-                    formats,
-                    seq,
-                });
-            }
-            prepared.portals.insert(
-                b.portal,
-                PortalText {
-                    text,
-                    params,
-                    described,
-                    digest,
-                    segment: ctx.segment,
-                    classified,
-                },
-            );
-            Ok(false)
-        }
-        b'D' => {
+    match msg {
+        ClientMsg::Query => inspect_query(body, prepared, tracker, events, shapes, ctx, policy),
+        ClientMsg::Parse => inspect_parse(body, prepared, tracker, shapes.is_some(), ctx, policy),
+        ClientMsg::Bind => inspect_bind(body, prepared, tracker, shapes.is_some(), ctx, policy),
+        ClientMsg::Describe => {
             if track {
                 let (kind, name) =
                     frontend::parse_target(body).map_err(|_| malformed("Describe"))?;
@@ -1973,75 +863,31 @@ fn inspect_client(
             }
             Ok(false)
         }
-        b'E' => {
-            let e = frontend::parse_execute(body).map_err(|_| malformed("Execute"))?;
-            let portal = prepared.portals.get_mut(&e.portal);
-            let (text, params, digest, classified) = portal.as_ref().map_or_else(
-                || (Arc::from(""), Value::Array(vec![]), digest(""), None),
-                |p| {
-                    (
-                        p.text.clone(),
-                        p.params.clone(),
-                        p.digest.clone(),
-                        p.classified.clone(),
-                    )
-                },
-            );
-            let mut copy = None;
-            if let Some(inject) = shapes {
-                copy = copy_format_of(&text);
-                if let Some(p) = portal.filter(|p| !p.described) {
-                    p.described = true;
-                    tracker.push(Kind::Describe {
-                        kind: b'P',
-                        name: e.portal.clone(),
-                        injected: true,
-                    });
-                    *inject = Some(frontend::describe(b'P', &e.portal));
-                }
-            }
-            let judgement = policy.as_mut().map(|(session, _, who, _)| {
-                session.judge_execute(&e.portal, who, OffsetDateTime::now_utc())
-            });
-            let effects = judgement
-                .as_ref()
-                .map(|j| j.effects.clone())
-                .unwrap_or_default();
-            let n = tracker.push(Kind::Execute {
-                portal: e.portal,
-                copy,
-                effects,
-            });
-            let mut ev = json!({"n": n, "protocol": "extended", "text": clip(&text, MAX_TEXT), "params": params, "digest": digest});
-            if e.max_rows > 0 {
-                ev["max_rows"] = json!(e.max_rows);
-            }
-            if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
-                decided(&mut ev, j, rp, &text, classified, out);
-            }
-            events.push(tracker.log.input("command", ev));
-            Ok(true)
-        }
-        b'F' => {
+        ClientMsg::Execute => inspect_execute(body, prepared, tracker, events, shapes, policy),
+        ClientMsg::FunctionCall => {
             let n = tracker.push(Kind::Query {
                 copy: None,
                 effects: Vec::new(),
                 redefines: false,
             });
-            let mut ev = json!({"n": n, "protocol": "function_call"});
+            let mut ev = event::Command {
+                n,
+                protocol: "function_call",
+                ..Default::default()
+            };
             if let Some((_, _, _, out)) = policy {
                 // A fast-path call names a function by OID: no statement to judge, so none runs.
                 let d = Decision::Deny {
                     rule: "function_call".into(),
                     message: "fast-path function calls are not allowed on a resource with guardrails; call the function in a SELECT".into(),
                 };
-                ev["decision"] = d.summary();
+                ev.decision = Some(d.summary());
                 out.decision = Some(d);
             }
-            events.push(tracker.log.input("command", ev));
+            events.push(tracker.log.stamp(ev));
             Ok(true)
         }
-        b'S' => {
+        ClientMsg::Sync => {
             if let Some((session, ..)) = policy.as_mut() {
                 session.sync();
             }
@@ -2050,7 +896,7 @@ fn inspect_client(
             });
             Ok(false)
         }
-        b'C' => {
+        ClientMsg::Close => {
             let (kind, name) = frontend::parse_target(body).map_err(|_| malformed("Close"))?;
             let mut seq = None;
             if let Some((session, _, _, out)) = policy.as_mut() {
@@ -2075,12 +921,281 @@ fn inspect_client(
             };
             Ok(false)
         }
-        b'H' | b'd' | b'c' | b'f' | b'X' => Ok(false),
-        other => Err(Stop::Protocol(format!(
+        ClientMsg::Flush
+        | ClientMsg::CopyData
+        | ClientMsg::CopyDone
+        | ClientMsg::CopyFail
+        | ClientMsg::Terminate => Ok(false),
+        ClientMsg::Other(other) => Err(Stop::Protocol(format!(
             "unexpected message type {:?} from client",
             other as char
         ))),
     }
+}
+
+/// A simple Query: queued, judged and recorded as a command (with the `PREPARE`d texts it
+/// defines); a `COPY ... TO STDOUT` under column rules first has its columns learned.
+fn inspect_query(
+    body: &[u8],
+    prepared: &mut Prepared,
+    tracker: &Tracker<'_>,
+    events: &mut Vec<Stamped<event::Command>>,
+    shapes: Option<&mut Option<Vec<u8>>>,
+    ctx: &Inspect,
+    mut policy: Option<PolicyArgs<'_, '_>>,
+) -> Result<bool, Stop> {
+    let filtering = shapes.is_some();
+    let (max_statements, _) = ctx.limits;
+    let text = frontend::parse_query(body).map_err(|_| malformed("Query"))?;
+    let copy = if filtering {
+        copy_format_of(&text)
+    } else {
+        None
+    };
+    let redefines = filtering && redefines_statements(&text);
+    if let (Some(inject), true, Some(_)) = (shapes, ctx.copy_columns, copy) {
+        if let Some(source) = tollgate_policy::copy_to_stdout_source(&text) {
+            tracker.push(Kind::CopyShape);
+            *inject = Some(frontend::describe_only("tollgate_copy_shape", &source));
+        }
+    }
+    if redefines {
+        // Whatever a name held before, its shape is learned again before it is used.
+        prepared
+            .statements
+            .values_mut()
+            .for_each(|s| s.described = false);
+    }
+    let judged = policy.as_mut().map(|(session, _, who, _)| {
+        session.judge_query_classified(&text, who, OffsetDateTime::now_utc())
+    });
+    let effects = judged
+        .as_ref()
+        .map(|(j, _)| j.effects.clone())
+        .unwrap_or_default();
+    let n = tracker.push(Kind::Query {
+        copy,
+        effects,
+        redefines,
+    });
+    let mut ev = event::Command {
+        n,
+        protocol: "simple",
+        text: Some(clip(&text, MAX_TEXT)),
+        // The recorded text is clipped: the digest is what proves the rest.
+        digest: (text.len() > MAX_TEXT).then(|| digest(&text)),
+        ..Default::default()
+    };
+    if let (Some((_, rp, _, out)), Some((j, classified))) = (policy, judged) {
+        // SQL PREPARE: keep its text, so an EXECUTE of the name can be shown with it.
+        if !j.effects.is_empty() {
+            for st in classified.statements() {
+                if let tollgate_policy::Kind::Prepare { name, .. } = &st.kind {
+                    if prepared.statements.contains_key(name)
+                        || prepared.statements.len() < max_statements
+                    {
+                        let full = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+                        prepared.statements.insert(
+                            name.clone(),
+                            Statement {
+                                text: Arc::from(clip(&text, MAX_TEXT)),
+                                full: full.as_ref().try_into().expect("32 bytes"),
+                                described: false,
+                                classified: Some(st.summary_line().into()),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        decided(&mut ev, j, rp, &text, Some(classified.line()), out);
+    }
+    events.push(tracker.log.stamp(ev));
+    Ok(true)
+}
+
+/// A Parse: the statement's text kept (for the Executes of its portals) and its change queued.
+fn inspect_parse(
+    body: &[u8],
+    prepared: &mut Prepared,
+    tracker: &Tracker<'_>,
+    filtering: bool,
+    ctx: &Inspect,
+    mut policy: Option<PolicyArgs<'_, '_>>,
+) -> Result<bool, Stop> {
+    let track = ctx.track;
+    let (max_statements, _) = ctx.limits;
+    let p = frontend::parse_parse(body).map_err(|_| malformed("Parse"))?;
+    let mut seq = None;
+    if let Some((session, _, _, out)) = policy.as_mut() {
+        match session.parse(&p.statement, &p.query) {
+            Ok(s) => seq = Some(s),
+            Err(e) => {
+                out.limit = Some(e.to_string());
+                return Ok(false);
+            }
+        }
+    }
+    if !prepared.statements.contains_key(&p.statement)
+        && prepared.statements.len() >= max_statements
+    {
+        return Err(Stop::Limit(format!(
+            "this session holds too many prepared statements (limit {max_statements}); close the ones it no longer uses"
+        )));
+    }
+    if track {
+        // The name only matters to the filter (shapes); the guardrails go by `seq`.
+        tracker.push(Kind::Parse {
+            name: if filtering {
+                p.statement.clone()
+            } else {
+                String::new()
+            },
+            seq,
+        });
+    }
+    let full = ring::digest::digest(&ring::digest::SHA256, p.query.as_bytes());
+    let classified = policy
+        .as_ref()
+        .map(|(_, rp, ..)| rp.classify(&p.query).line());
+    prepared.statements.insert(
+        p.statement,
+        Statement {
+            text: Arc::from(clip(&p.query, MAX_TEXT)),
+            full: full.as_ref().try_into().expect("32 bytes"),
+            described: false,
+            classified,
+        },
+    );
+    Ok(false)
+}
+
+/// A Bind: the portal's text, parameters (redacted) and digest kept for its Executes.
+fn inspect_bind(
+    body: &[u8],
+    prepared: &mut Prepared,
+    tracker: &Tracker<'_>,
+    filtering: bool,
+    ctx: &Inspect,
+    mut policy: Option<PolicyArgs<'_, '_>>,
+) -> Result<bool, Stop> {
+    let track = ctx.track;
+    let (_, max_portals) = ctx.limits;
+    let b = frontend::parse_bind(body).map_err(|_| malformed("Bind"))?;
+    let mut seq = None;
+    if let Some((session, _, _, out)) = policy.as_mut() {
+        match session.bind(&b.portal, &b.statement) {
+            Ok(s) => seq = Some(s),
+            Err(e) => {
+                out.limit = Some(e.to_string());
+                return Ok(false);
+            }
+        }
+    }
+    if !prepared.portals.contains_key(&b.portal) && prepared.portals.len() >= max_portals {
+        return Err(Stop::Limit(format!(
+            "this session holds too many portals (limit {max_portals}); close the ones it no longer uses"
+        )));
+    }
+    let stmt = prepared.statements.get(&b.statement);
+    let text = stmt.map_or_else(|| Arc::from(""), |s| s.text.clone());
+    let described = stmt.is_some_and(|s| s.described);
+    let classified = stmt.and_then(|s| s.classified.clone());
+    let params = redact_params(&text, &b.params);
+    let digest = bound_digest(stmt.map(|s| &s.full), bind_values(body));
+    if track {
+        let (portal, statement, formats) = if filtering {
+            (b.portal.clone(), b.statement.clone(), b.result_formats)
+        } else {
+            (String::new(), String::new(), Vec::new())
+        };
+        tracker.push(Kind::Bind {
+            portal,
+            statement,
+            formats,
+            seq,
+        });
+    }
+    prepared.portals.insert(
+        b.portal,
+        PortalText {
+            text,
+            params,
+            described,
+            digest,
+            segment: ctx.segment,
+            classified,
+        },
+    );
+    Ok(false)
+}
+
+/// An Execute: queued, judged and recorded as a command with its portal's text and
+/// parameters; a portal whose result shape nobody asked for gets a Describe sent first.
+fn inspect_execute(
+    body: &[u8],
+    prepared: &mut Prepared,
+    tracker: &Tracker<'_>,
+    events: &mut Vec<Stamped<event::Command>>,
+    shapes: Option<&mut Option<Vec<u8>>>,
+    mut policy: Option<PolicyArgs<'_, '_>>,
+) -> Result<bool, Stop> {
+    let e = frontend::parse_execute(body).map_err(|_| malformed("Execute"))?;
+    let portal = prepared.portals.get_mut(&e.portal);
+    let (text, params, digest, classified) = portal.as_ref().map_or_else(
+        || (Arc::from(""), Vec::new(), digest(""), None),
+        |p| {
+            (
+                p.text.clone(),
+                p.params.clone(),
+                p.digest.clone(),
+                p.classified.clone(),
+            )
+        },
+    );
+    let mut copy = None;
+    if let Some(inject) = shapes {
+        copy = copy_format_of(&text);
+        if let Some(p) = portal.filter(|p| !p.described) {
+            p.described = true;
+            tracker.push(Kind::Describe {
+                kind: b'P',
+                name: e.portal.clone(),
+                injected: true,
+            });
+            *inject = Some(frontend::describe(b'P', &e.portal));
+        }
+    }
+    let judgement = policy.as_mut().map(|(session, _, who, _)| {
+        session.judge_execute(&e.portal, who, OffsetDateTime::now_utc())
+    });
+    let effects = judgement
+        .as_ref()
+        .map(|j| j.effects.clone())
+        .unwrap_or_default();
+    let n = tracker.push(Kind::Execute {
+        portal: e.portal,
+        copy,
+        effects,
+    });
+    let mut ev = event::Command {
+        n,
+        protocol: "extended",
+        text: Some(clip(&text, MAX_TEXT)),
+        params: Some(params),
+        digest: Some(digest),
+        max_rows: (e.max_rows > 0).then_some(e.max_rows),
+        ..Default::default()
+    };
+    if let (Some((_, rp, _, out)), Some(j)) = (policy, judgement) {
+        decided(&mut ev, j, rp, &text, classified, out);
+    }
+    events.push(tracker.log.stamp(ev));
+    Ok(true)
+}
+
+fn malformed(what: &str) -> Stop {
+    Stop::Protocol(format!("malformed {what} message"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -2119,7 +1234,8 @@ where
                 Err(e) => return Stop::Protocol(format!("from upstream: {e}")),
             };
             let body = f.body(&buf[pos..]);
-            if watch_dialect && f.tag == b'S' {
+            let msg = f.server();
+            if watch_dialect && msg == ServerMsg::ParameterStatus {
                 let status = backend::parse_parameter_status(body).ok();
                 if let Some(changed) =
                     status.and_then(|(name, value)| dialect_change(&name, &value))
@@ -2127,12 +1243,15 @@ where
                     return Stop::Dialect(changed);
                 }
             }
-            if track && f.tag != b'A' && tracker.front_is(|k| matches!(k, Kind::CopyShape)) {
+            if track
+                && msg != ServerMsg::NotificationResponse
+                && tracker.front_is(|k| matches!(k, Kind::CopyShape))
+            {
                 // Answers to the gateway's own Describe of a COPY's source: kept, not forwarded.
                 if let Some(flt) = filter.as_mut() {
-                    let columns = match f.tag {
-                        b'T' => Some(Some(body)),
-                        b'n' | b'E' => Some(None),
+                    let columns = match msg {
+                        ServerMsg::RowDescription => Some(Some(body)),
+                        ServerMsg::NoData | ServerMsg::ErrorResponse => Some(None),
                         _ => None,
                     };
                     if let Some(c) = columns {
@@ -2141,7 +1260,7 @@ where
                         }
                     }
                 }
-                if f.tag == b'Z' {
+                if msg == ServerMsg::ReadyForQuery {
                     tracker.pop_if(|k| matches!(k, Kind::CopyShape));
                     tracker.ready.add();
                 }
@@ -2150,12 +1269,8 @@ where
                 continue;
             }
             // The request this message answers, when it is one the relay follows.
-            let answered = if track {
-                answered(f.tag, tracker)
-            } else {
-                None
-            };
-            let denial = if f.tag == b'E' {
+            let answered = if track { answered(msg, tracker) } else { None };
+            let denial = if msg == ServerMsg::ErrorResponse {
                 tracker.take_denial()
             } else {
                 None
@@ -2166,16 +1281,22 @@ where
                 if let Some(flt) = filter.as_mut() {
                     flt.result_done();
                 }
-                account(b'E', &err[5..], tracker, &mut rows_since, filter.as_mut());
+                account(
+                    ServerMsg::ErrorResponse,
+                    &err[5..],
+                    tracker,
+                    &mut rows_since,
+                    filter.as_mut(),
+                );
                 Verdict::Replace(err)
             } else {
                 match filter.as_mut() {
                     None => {
-                        account(f.tag, body, tracker, &mut rows_since, None);
+                        account(msg, body, tracker, &mut rows_since, None);
                         Verdict::Forward
                     }
                     Some(flt) => {
-                        match filter_message(f.tag, body, tracker, flt, &mut rows_since, answered) {
+                        match filter_message(msg, body, tracker, flt, &mut rows_since, answered) {
                             Ok(v) => v,
                             Err(e) => return Stop::Protocol(e),
                         }
@@ -2235,71 +1356,18 @@ fn dialect_change(name: &str, value: &str) -> Option<String> {
     (!pinned).then(|| format!("{name}={value}"))
 }
 
-/// Pops the request a ParseComplete, BindComplete, CloseComplete, RowDescription or NoData
-/// answers (which confirms it to the guardrails).
-fn answered(tag: u8, tracker: &Tracker<'_>) -> Option<Kind> {
-    match tag {
-        b'1' => tracker.pop_if(|k| matches!(k, Kind::Parse { .. })),
-        b'2' => tracker.pop_if(|k| matches!(k, Kind::Bind { .. })),
-        b'3' => tracker.pop_if(|k| matches!(k, Kind::Close { .. })),
-        b'T' | b'n' => tracker.pop_if(|k| matches!(k, Kind::Describe { .. })),
-        _ => None,
-    }
-}
-
-/// The audit bookkeeping of one backend message: rows, completions, errors, readiness.
-fn account(
-    tag: u8,
-    body: &[u8],
-    tracker: &Tracker<'_>,
-    rows_since: &mut u64,
-    mut filter: Option<&mut Filter>,
-) {
-    let mut extra = || filter.as_mut().and_then(|f| f.take_result_extra());
-    let finished = match tag {
-        b'D' => {
-            *rows_since += 1;
-            return;
-        }
-        b'C' => {
-            let rows = backend::command_rows(body).unwrap_or(*rows_since);
-            *rows_since = 0;
-            tracker
-                .complete(rows, backend::command_word(body))
-                .map(|p| vec![(p, "ok")])
-        }
-        b'I' => tracker.complete(0, "EMPTY".into()).map(|p| vec![(p, "ok")]),
-        b's' => {
-            let rows = std::mem::take(rows_since);
-            tracker
-                .complete(rows, "SUSPENDED".into())
-                .map(|p| vec![(p, "ok")])
-        }
-        b'E' => {
-            let e = backend::parse_error(body).unwrap_or_default();
-            *rows_since = 0;
-            Some(tracker.error(e.code))
-        }
-        b'Z' => Some(tracker.ready(body.first().copied().unwrap_or(b'I'))),
-        _ => None,
-    };
-    for (i, (p, outcome)) in finished.into_iter().flatten().enumerate() {
-        tracker.emit(&p, outcome, if i == 0 { extra() } else { None });
-    }
-}
-
 /// One backend message through the session's filter: keeps result shapes in step with the
 /// requests they answer, masks, and drops the answers to the gateway's own Describes.
 fn filter_message(
-    tag: u8,
+    msg: ServerMsg,
     body: &[u8],
     tracker: &Tracker<'_>,
     flt: &mut Filter,
     rows_since: &mut u64,
     answered: Option<Kind>,
 ) -> Result<Verdict, String> {
-    let verdict = match tag {
-        b'D' => {
+    let verdict = match msg {
+        ServerMsg::DataRow => {
             if !flt.has_current() {
                 if let Some(Kind::Execute { portal, .. }) = tracker.front() {
                     flt.execute_rows(&portal);
@@ -2307,13 +1375,17 @@ fn filter_message(
             }
             flt.data_row(body)?
         }
-        b'T' | b'n' => match answered {
+        ServerMsg::RowDescription | ServerMsg::NoData => match answered {
             Some(Kind::Describe {
                 kind,
                 name,
                 injected,
             }) => {
-                flt.described(kind, &name, (tag == b'T').then_some(body))?;
+                flt.described(
+                    kind,
+                    &name,
+                    (msg == ServerMsg::RowDescription).then_some(body),
+                )?;
                 if injected {
                     Verdict::Drop
                 } else {
@@ -2321,19 +1393,19 @@ fn filter_message(
                 }
             }
             _ => {
-                if tag == b'T' {
+                if msg == ServerMsg::RowDescription {
                     flt.row_description(body)?;
                 }
                 Verdict::Forward
             }
         },
-        b'1' => {
+        ServerMsg::ParseComplete => {
             if let Some(Kind::Parse { name, .. }) = answered {
                 flt.parsed(&name);
             }
             Verdict::Forward
         }
-        b'2' => {
+        ServerMsg::BindComplete => {
             if let Some(Kind::Bind {
                 portal,
                 statement,
@@ -2345,25 +1417,25 @@ fn filter_message(
             }
             Verdict::Forward
         }
-        b'3' => {
+        ServerMsg::CloseComplete => {
             if let Some(Kind::Close { kind, name, .. }) = answered {
                 flt.closed(kind, &name);
             }
             Verdict::Forward
         }
-        b'H' => {
+        ServerMsg::CopyOutResponse => {
             let hint = match tracker.front() {
                 Some(Kind::Query { copy, .. } | Kind::Execute { copy, .. }) => copy,
                 _ => None,
             };
             flt.copy_out(body, hint)?
         }
-        b'd' => flt.copy_data(body)?,
-        b'c' => flt.copy_done(),
-        b'C' => {
+        ServerMsg::CopyData => flt.copy_data(body)?,
+        ServerMsg::CopyDone => flt.copy_done(),
+        ServerMsg::CommandComplete => {
             if flt.command_complete() {
                 *rows_since = 0;
-                if let Some(p) = tracker.refused("42501") {
+                if let Some(p) = tracker.refused(CommandRefusal::REFUSED) {
                     let extra = flt.take_result_extra();
                     tracker.emit(&p, "refused", extra);
                 }
@@ -2371,7 +1443,7 @@ fn filter_message(
             }
             Verdict::Forward
         }
-        b'Z' => {
+        ServerMsg::ReadyForQuery => {
             if let Some(Kind::Query {
                 redefines: true, ..
             }) = tracker.front()
@@ -2380,123 +1452,30 @@ fn filter_message(
             }
             Verdict::Forward
         }
-        b'E' | b'N' => flt.error_or_notice(tag, body)?,
-        b'A' => flt.notification(body)?,
-        b'V' => flt.function_result(body)?,
+        ServerMsg::ErrorResponse | ServerMsg::NoticeResponse => {
+            flt.error_or_notice(msg.tag(), body)?
+        }
+        ServerMsg::NotificationResponse => flt.notification(body)?,
+        ServerMsg::FunctionCallResponse => flt.function_result(body)?,
         _ => Verdict::Forward,
     };
-    if matches!(tag, b'C' | b'I' | b's' | b'E' | b'Z') {
+    if matches!(
+        msg,
+        ServerMsg::CommandComplete
+            | ServerMsg::EmptyQueryResponse
+            | ServerMsg::PortalSuspended
+            | ServerMsg::ErrorResponse
+            | ServerMsg::ReadyForQuery
+    ) {
         flt.result_done();
     }
-    account(tag, body, tracker, rows_since, Some(flt));
+    account(msg, body, tracker, rows_since, Some(flt));
     Ok(verdict)
-}
-
-fn clip(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…[{} bytes]", &s[..end], s.len())
-}
-
-/// Parameters as recorded: values bound to a statement that handles credentials, and values that
-/// look like secrets, are replaced by a marker; binary values are recorded by size only.
-fn redact_params(statement: &str, params: &[ParamValue]) -> Value {
-    if params.is_empty() {
-        return Value::Array(vec![]);
-    }
-    let lower = statement.to_ascii_lowercase();
-    let sensitive_statement = [
-        "password",
-        "passwd",
-        "secret",
-        "token",
-        "api_key",
-        "apikey",
-        "credential",
-        "private_key",
-    ]
-    .iter()
-    .any(|w| lower.contains(w));
-    Value::Array(
-        params
-            .iter()
-            .map(|p| match p {
-                ParamValue::Null => Value::Null,
-                ParamValue::Binary(n) => json!(format!("<binary {n} bytes>")),
-                ParamValue::Text(_) if sensitive_statement => json!("[REDACTED]"),
-                ParamValue::Text(t) if looks_secret(t) => json!("[REDACTED]"),
-                ParamValue::Text(t) => json!(clip(t, MAX_PARAM)),
-            })
-            .collect(),
-    )
-}
-
-/// Tokens and keys that must not land in an audit trail even when bound to an innocent statement.
-fn looks_secret(v: &str) -> bool {
-    let jwt = v.starts_with("eyJ") && v.matches('.').count() == 2;
-    let aws = v.len() == 20
-        && (v.starts_with("AKIA") || v.starts_with("ASIA"))
-        && v.bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
-    let pem = v.contains("-----BEGIN") && v.contains("PRIVATE KEY");
-    let bearer = v.starts_with("Bearer ")
-        || v.starts_with("ghp_")
-        || v.starts_with("xox")
-        || v.starts_with("sk_live_");
-    jwt || aws || pem || bearer
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digests_bind_the_text_and_every_parameter_byte() {
-        let full = [7u8; 32];
-        let bind = |v: &[u8]| {
-            let mut body = b"portal\0stmt\0".to_vec();
-            body.extend_from_slice(v);
-            bound_digest(Some(&full), bind_values(&body))
-        };
-        let nine = bind(b"\0\0\0\x01\0\0\0\x019");
-        assert_eq!(nine, bind(b"\0\0\0\x01\0\0\0\x019"));
-        assert_ne!(nine, bind(b"\0\0\0\x01\0\0\0\x018"));
-        assert_ne!(
-            nine,
-            bound_digest(Some(&[8u8; 32]), b"\0\0\0\x01\0\0\0\x019")
-        );
-        assert!(nine.starts_with("sha256:") && nine.len() == 7 + 64);
-        assert_eq!(bind_values(b"no terminator"), b"");
-        assert_ne!(
-            digest("DELETE FROM t WHERE id = 1"),
-            digest("DELETE FROM t WHERE id = 2")
-        );
-    }
-
-    #[test]
-    fn values_are_masked_inside_literals_only() {
-        let policy = tollgate_mask::Policy::from_specs(
-            &[tollgate_mask::MaskSpec {
-                detectors: vec!["pem_private_key".into(), "email".into()],
-                strategy: "redact".into(),
-                ..Default::default()
-            }],
-            None,
-        )
-        .unwrap();
-        let plan = policy.text_plan(&[]);
-        let sql = "SELECT '-----BEGIN RSA PRIVATE KEY-----' AS k; DELETE FROM t WHERE email = 'a@b.example'";
-        let shown = redact_sql(sql, &plan);
-        assert!(shown.contains("; DELETE FROM t WHERE email = "), "{shown}");
-        assert!(!shown.contains("a@b.example"), "{shown}");
-        assert!(!shown.contains("BEGIN RSA PRIVATE KEY"), "{shown}");
-        assert_eq!(redact_sql("SELECT 1", &plan), "SELECT 1");
-    }
 
     #[test]
     fn a_claimed_length_does_not_reserve_what_was_not_sent() {
@@ -2510,70 +1489,5 @@ mod tests {
         reserve_for_next(&mut buf, 128 * 1024 * 1024);
         assert!(buf.capacity() <= 4 * 1024 * 1024, "{}", buf.capacity());
         assert!(buf.capacity() >= 2 * 1024 * 1024 - 16);
-    }
-
-    #[test]
-    fn a_result_event_written_directly_is_the_canonical_json_of_its_value() {
-        let cases = [
-            (None, None, None),
-            (Some("23505"), Some("INSERT 0 1"), None),
-            (
-                None,
-                Some("SELECT \"1\""),
-                Some(json!({"masked": {"email": 2}, "n": 99})),
-            ),
-        ];
-        for (sqlstate, tag, extra) in cases {
-            let event = ResultEvent {
-                n: 7,
-                outcome: "ok",
-                sqlstate: sqlstate.map(String::from),
-                rows: 3,
-                tag: tag.map(String::from),
-                duration_us: 1234,
-                extra: extra.as_ref().and_then(|e| e.as_object().cloned()),
-            };
-            let mut want = json!({
-                "n": 7, "outcome": "ok", "sqlstate": sqlstate, "rows": 3, "tag": tag,
-                "duration_us": 1234,
-            });
-            if let Some(Value::Object(extra)) = extra {
-                want.as_object_mut().unwrap().extend(extra);
-            }
-            want["t_us"] = json!(u64::MAX);
-            assert_eq!(event.payload(u64::MAX), canonical_json(&want));
-        }
-    }
-
-    #[test]
-    fn redaction() {
-        let p = vec![
-            ParamValue::Text("alice".into()),
-            ParamValue::Text("hunter2".into()),
-        ];
-        assert_eq!(
-            redact_params("UPDATE users SET password = $2 WHERE name = $1", &p),
-            json!(["[REDACTED]", "[REDACTED]"])
-        );
-        assert_eq!(
-            redact_params("SELECT * FROM t WHERE a = $1 AND b = $2", &p),
-            json!(["alice", "hunter2"])
-        );
-        let s = vec![
-            ParamValue::Text("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc".into()),
-            ParamValue::Text("AKIAIOSFODNN7EXAMPLE".into()),
-            ParamValue::Binary(8),
-            ParamValue::Null,
-        ];
-        assert_eq!(
-            redact_params("SELECT $1, $2, $3, $4", &s),
-            json!(["[REDACTED]", "[REDACTED]", "<binary 8 bytes>", null])
-        );
-    }
-
-    #[test]
-    fn clipping_respects_char_boundaries() {
-        assert_eq!(clip("héllo", 2), "h…[6 bytes]");
-        assert_eq!(clip("abc", 5), "abc");
     }
 }

@@ -12,12 +12,15 @@ use crate::relay::{self, RelayEnd};
 use crate::standing::{Ended, Standing};
 use crate::upstream::UpStream;
 use crate::{io::read_frame, io::FrameBuf, PgGateway};
-use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tollgate_gate::event::{
+    self, CommandResult, Detail, Event, PgClientLeg, PgIdentity, PgSessionClose, PgSessionOpen,
+    PgStartup, PgTls, PgUpstreamLeg, RelayTotals, SessionTerminated,
+};
 use tollgate_identity::Identity;
 use tollgate_metrics::{registry, GaugeGuard};
 use tollgate_store::{CanonicalEvent, EventInput};
@@ -28,20 +31,33 @@ const LISTENER: &str = "postgres";
 pub(crate) struct SessionLog {
     pub id: String,
     pub started: Instant,
-    pub open: serde_json::Map<String, Value>,
+    pub open: PgSessionOpen,
     gw: Arc<PgGateway>,
     peer: SocketAddr,
 }
 
+/// An event with the time it was made, recorded later (a command's, with the batch it came in).
+pub(crate) struct Stamped<E> {
+    pub event: E,
+    at: SystemTime,
+    t_us: u64,
+}
+
 impl SessionLog {
     fn new(gw: Arc<PgGateway>, peer: SocketAddr) -> Self {
-        let mut open = serde_json::Map::new();
-        open.insert("listener".into(), json!(LISTENER));
-        open.insert("client_addr".into(), json!(peer.to_string()));
         SessionLog {
             id: tollgate_gate::session::new_session_id(),
             started: Instant::now(),
-            open,
+            open: PgSessionOpen {
+                listener: LISTENER,
+                client_addr: peer.to_string(),
+                client: None,
+                startup: None,
+                identity: None,
+                grants: serde_json::Map::new(),
+                resource: None,
+                upstream: None,
+            },
             gw,
             peer,
         }
@@ -50,16 +66,22 @@ impl SessionLog {
     /// An event of this session: wall-clock time in `at`, and `t_us`, microseconds since the
     /// connection was accepted on a monotonic clock, so the order and pacing of a session's
     /// events hold even when the wall clock steps.
-    pub fn input(&self, kind: &str, mut payload: Value) -> EventInput {
-        if let Value::Object(m) = &mut payload {
-            m.insert("t_us".into(), json!(self.t_us()));
-        }
-        EventInput {
-            session_id: self.id.clone(),
-            kind: kind.into(),
+    pub fn input(&self, event: &impl Event) -> EventInput {
+        event::to_input(&self.id, event, SystemTime::now(), self.t_us())
+    }
+
+    /// `event`, stamped now, for [`SessionLog::stamped_input`] later.
+    pub fn stamp<E: Event>(&self, event: E) -> Stamped<E> {
+        Stamped {
+            event,
             at: SystemTime::now(),
-            payload,
+            t_us: self.t_us(),
         }
+    }
+
+    /// [`SessionLog::input`] of an event stamped earlier, with its stamp.
+    pub fn stamped_input(&self, s: &Stamped<impl Event>) -> EventInput {
+        event::to_input(&self.id, &s.event, s.at, s.t_us)
     }
 
     /// Microseconds since the connection was accepted: the `t_us` of an event made now.
@@ -67,23 +89,28 @@ impl SessionLog {
         self.started.elapsed().as_micros() as u64
     }
 
-    /// [`SessionLog::input`] for a payload already written as canonical JSON, `t_us` included.
-    pub fn canonical_input(&self, kind: &str, payload: String) -> CanonicalEvent {
-        CanonicalEvent {
-            session_id: self.id.clone(),
-            kind: kind.into(),
-            at: SystemTime::now(),
-            payload,
+    /// Command results, journaled in one append: their payloads are canonical JSON written
+    /// directly (the relay's hot path), `t_us` when they are journaled.
+    pub fn record_results(&self, results: impl Iterator<Item = CommandResult>) {
+        let events = results
+            .map(|r| {
+                let payload = r.canonical_payload(self.t_us());
+                CanonicalEvent {
+                    session_id: self.id.clone(),
+                    kind: r.kind().into(),
+                    at: SystemTime::now(),
+                    payload,
+                }
+            })
+            .collect::<Vec<_>>();
+        if !events.is_empty() {
+            self.gw.recorder.record_canonical(events);
         }
     }
 
-    /// Events that gate nothing and whose payloads are canonical JSON, in one journal append.
-    pub fn record_canonical(&self, events: Vec<CanonicalEvent>) {
-        self.gw.recorder.record_canonical(events);
-    }
-
-    pub fn event(&self, kind: &str, payload: Value) {
-        self.gw.recorder.record(self.input(kind, payload));
+    /// Record an event that gates nothing.
+    pub fn record(&self, event: &impl Event) {
+        self.gw.recorder.record(self.input(event));
     }
 
     /// False when `server.record_commands = false`: command and result events are skipped.
@@ -91,12 +118,8 @@ impl SessionLog {
         self.gw.record_commands
     }
 
-    fn set(&mut self, k: &str, v: Value) {
-        self.open.insert(k.into(), v);
-    }
-
     /// End a connection that never reached a command: tell the client why, then record it.
-    async fn refuse<S: AsyncWrite + Unpin>(self, s: &mut S, refusal: Refusal, detail: Value) {
+    async fn refuse<S: AsyncWrite + Unpin>(self, s: &mut S, refusal: Refusal, detail: Detail) {
         refuse(s, &refusal).await;
         self.rejected(refusal.reason(), detail);
     }
@@ -114,12 +137,15 @@ impl SessionLog {
     }
 
     /// Record a connection that ends before any command ran (refused, failed, cancel request).
-    fn rejected(self, reason: &str, detail: Value) {
-        self.event("session.open", Value::Object(self.open.clone()));
-        self.event(
-            "session.close",
-            json!({"outcome": "rejected", "reason": reason, "detail": detail, "duration_ms": self.started.elapsed().as_millis() as u64}),
-        );
+    fn rejected(self, reason: &str, detail: Detail) {
+        self.record(&self.open);
+        self.record(&PgSessionClose {
+            outcome: "rejected",
+            reason: Some(reason.into()),
+            detail: Some(detail),
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            totals: None,
+        });
     }
 }
 
@@ -318,11 +344,14 @@ impl PgGateway {
             return;
         }
         handshake_counter("ok", "none");
-        log.set("direct_tls", json!(direct));
-        log.set(
-            "client_tls",
-            json!({"version": info.version, "cipher": info.cipher, "alpn": info.alpn}),
-        );
+        log.open.client = Some(PgClientLeg {
+            direct_tls: direct,
+            client_tls: PgTls {
+                version: info.version.clone(),
+                cipher: info.cipher.clone(),
+                alpn: Some(info.alpn.clone()),
+            },
+        });
         let peer_cert = tls
             .get_ref()
             .1
@@ -374,11 +403,7 @@ impl PgGateway {
             .filter(|d| !d.is_empty())
             .unwrap_or(&client_user)
             .to_string();
-        log.set("client_user", json!(client_user));
-        log.set("database", json!(database));
-        if let Some(app) = startup.param("application_name") {
-            log.set("application_name", json!(app));
-        }
+        let application_name = startup.param("application_name").map(str::to_string);
 
         // Protocol 3.2 (longer cancel keys) is offered to clients that ask; the upstream leg speaks 3.0.
         let minor = startup.minor.min(startup::LATEST_MINOR);
@@ -392,7 +417,12 @@ impl PgGateway {
         if startup.minor > startup::LATEST_MINOR || !unknown.is_empty() {
             out.extend_from_slice(&backend::negotiate_protocol_version(minor, &unknown));
         }
-        log.set("protocol", json!(format!("3.{minor}")));
+        log.open.startup = Some(PgStartup {
+            client_user: client_user.clone(),
+            database: database.clone(),
+            application_name,
+            protocol: format!("3.{minor}"),
+        });
 
         // Identity: the verified client certificate, else a token sent as the password (inside TLS).
         let Some((mut log, identity, token_sha256, _identity_slot)) = self
@@ -408,28 +438,19 @@ impl PgGateway {
         else {
             return;
         };
-        log.set("subject", json!(identity.subject));
-        log.set("groups", json!(identity.groups));
-        log.set("auth_method", json!(identity.method.as_str()));
-        log.set("client_cert_fingerprint", json!(identity.cert_fingerprint));
-        if let Some(t) = identity.expires_at {
-            log.set(
-                "token_expires_unix",
-                json!(t
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)),
-            );
-        }
-        if let Some(t) = identity.cert_not_after {
-            log.set(
-                "client_cert_not_after_unix",
-                json!(t
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)),
-            );
-        }
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        log.open.identity = Some(PgIdentity {
+            subject: identity.subject.clone(),
+            groups: identity.groups.clone(),
+            auth_method: identity.method.as_str(),
+            client_cert_fingerprint: identity.cert_fingerprint.clone(),
+            token_expires_unix: identity.expires_at.map(unix),
+            client_cert_not_after_unix: identity.cert_not_after.map(unix),
+        });
 
         // Authorization: the database name picks the resource. Unknown and forbidden look the same,
         // so the answer does not reveal which resources exist.
@@ -446,7 +467,7 @@ impl PgGateway {
             Ok(access) => access,
             Err(forbidden) => {
                 auth_failure("forbidden");
-                log.refuse(&mut tls, Refusal::Forbidden(forbidden), json!({}))
+                log.refuse(&mut tls, Refusal::Forbidden(forbidden), Detail::Empty {})
                     .await;
                 return;
             }
@@ -454,8 +475,8 @@ impl PgGateway {
         // The session keeps this target (its policy as configured now) until it ends.
         let target = found.expect("authorized").clone();
         drop(targets);
-        access.audit_fields(&mut log.open);
-        log.set("resource", json!(target.resource.name));
+        access.audit_fields(&mut log.open.grants);
+        log.open.resource = Some(target.resource.name.clone());
         // An approved unmask review lets this identity see the resource unmasked for a while
         // (its audit captures stay masked).
         let (grant, unmask) = (access.grant, access.unmask);
@@ -475,7 +496,7 @@ impl PgGateway {
                     resource: target.resource.name.clone(),
                     session: log.id.clone(),
                 };
-                log.refuse(&mut tls, refusal, json!({"failure": e.label()}))
+                log.refuse(&mut tls, refusal, Detail::Failure { failure: e.label() })
                     .await;
                 return;
             }
@@ -489,12 +510,18 @@ impl PgGateway {
                 backend_pid: Some(upstream.pid),
             })
         });
+        log.open.upstream = Some(PgUpstreamLeg {
+            upstream_tls: upstream.tls_info.as_ref().map(|up| PgTls {
+                version: up.version.clone(),
+                cipher: up.cipher.clone(),
+                alpn: None,
+            }),
+            upstream_cert_fingerprint: upstream
+                .tls_info
+                .as_ref()
+                .map(|up| up.peer_cert_fingerprint.clone()),
+        });
         if let Some(up) = &upstream.tls_info {
-            log.set(
-                "upstream_tls",
-                json!({"version": up.version, "cipher": up.cipher}),
-            );
-            log.set("upstream_cert_fingerprint", json!(up.peer_cert_fingerprint));
             if let Some(t) = up.peer_cert_not_after {
                 registry()
                     .gauge(
@@ -508,8 +535,6 @@ impl PgGateway {
                             .unwrap_or(0),
                     );
             }
-        } else {
-            log.set("upstream_tls", Value::Null);
         }
 
         let standing = Standing {
@@ -539,11 +564,11 @@ impl PgGateway {
         out.extend_from_slice(&backend::backend_key_data(pid, &secret));
         out.extend_from_slice(&backend::ready_for_query(upstream.status));
         if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
-            log.rejected("client_gone", json!({}));
+            log.rejected("client_gone", Detail::Empty {});
             return;
         }
 
-        log.event("session.open", Value::Object(log.open.clone()));
+        log.record(&log.open);
         let resource = target.resource.name.clone();
         let _sessions = GaugeGuard::new(registry().gauge(
             "tollgate_sessions_active",
@@ -590,19 +615,19 @@ impl PgGateway {
                 tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend after the client disconnected");
             }
         }
-        let mut close = json!({
-            "outcome": outcome,
-            "reason": ended.as_ref().map(Ended::label),
-            "duration_ms": log.started.elapsed().as_millis() as u64,
+        log.record(&PgSessionClose {
+            outcome,
+            reason: ended.as_ref().map(|e| e.label().to_string()),
+            detail: None,
+            duration_ms: log.started.elapsed().as_millis() as u64,
+            // A relay stopped after its session was terminated leaves no totals.
+            totals: end.as_ref().map(|end| RelayTotals {
+                error: end.error.clone(),
+                commands: end.commands,
+                bytes_from_client: end.bytes_from_client,
+                bytes_to_client: end.bytes_to_client,
+            }),
         });
-        // A relay stopped after its session was terminated leaves no totals.
-        if let Some(end) = &end {
-            close["error"] = json!(end.error);
-            close["commands"] = json!(end.commands);
-            close["bytes_from_client"] = json!(end.bytes_from_client);
-            close["bytes_to_client"] = json!(end.bytes_to_client);
-        }
-        log.event("session.close", close);
     }
 
     /// Who the client is: its verified certificate, or a service token sent as the password
@@ -787,10 +812,12 @@ impl PgGateway {
             )
             .inc();
         let (code, msg, hint) = why.client_error(resource);
-        log.event(
-            "session.terminated",
-            json!({"reason": why.label(), "detail": why.detail(), "sqlstate": code, "message": msg}),
-        );
+        log.record(&SessionTerminated {
+            reason: why.label(),
+            detail: why.detail(),
+            sqlstate: Some(code),
+            message: Some(msg.clone()),
+        });
         interrupt.fire(backend::error(Severity::Fatal, code, &msg, Some(&hint)));
         held.notify_waiters();
         if let Err(e) = target.cancel(upstream_pid, upstream_secret).await {

@@ -3,9 +3,9 @@
 //! configured, the OIDC token's `exp` and its issuer still being configured, the access grant (for an identity outside `allow_groups`) and the unmask grant.
 
 use crate::PgGateway;
-use serde_json::{json, Value};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+use tollgate_gate::event::Detail;
 use tollgate_review::Grant;
 
 /// Why a session was ended from outside.
@@ -84,12 +84,14 @@ impl Ended {
         }
     }
 
-    pub fn detail(&self) -> Value {
+    pub fn detail(&self) -> Detail {
         match self {
             Ended::AccessGrant { review, .. } | Ended::UnmaskGrant { review, .. } => {
-                json!({"review": review})
+                Detail::Review {
+                    review: review.clone(),
+                }
             }
-            _ => json!({}),
+            _ => Detail::Empty {},
         }
     }
 }

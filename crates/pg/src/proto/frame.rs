@@ -17,6 +17,18 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// What this frame is, from a client.
+    #[inline]
+    pub fn client(&self) -> super::ClientMsg {
+        super::ClientMsg::of(self.tag)
+    }
+
+    /// What this frame is, from a server.
+    #[inline]
+    pub fn server(&self) -> super::ServerMsg {
+        super::ServerMsg::of(self.tag)
+    }
+
     /// The body of this frame within `buf` (which starts with the frame).
     pub fn body<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         &buf[5..self.total_len]

@@ -1,11 +1,13 @@
-//! Rewriting whole rows: a PostgreSQL DataRow body, and COPY TO data (text, CSV, binary).
+//! PostgreSQL's row formats through a masking plan: a DataRow body, and COPY TO data (text,
+//! CSV, binary). The masking engine ([`tollgate_mask`]) masks values; this module finds them in
+//! PostgreSQL's encodings and writes them back.
 //!
 //! Every rewrite is lazy: nothing is written to `out` (and nothing is allocated) until a field
 //! actually changes, so the common clean row costs one scan and returns
 //! [`RowOutcome::Unchanged`], and the caller forwards the original bytes.
 
-use crate::policy::{Outcome, Reason, RowPlan};
 use std::borrow::Cow;
+use tollgate_mask::{Outcome, Reason, RowPlan};
 
 /// The result of rewriting a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,13 +153,50 @@ fn read_i32(d: &[u8], pos: usize) -> Result<i32, Malformed> {
         .ok_or(Malformed::Truncated)
 }
 
-impl RowPlan {
+/// A masking plan applied to PostgreSQL rows.
+pub trait RowMasking {
     /// Rewrites a DataRow message body (`i16` field count, then per field an `i32` length and
     /// the bytes, `-1` for NULL). On [`RowOutcome::Rewritten`], `out` holds the new body with
     /// correct lengths (the caller writes the message header); on `Unchanged` nothing was
     /// written. On error `out` is left as it was.
-    pub fn mask_data_row(&self, body: &[u8], out: &mut Vec<u8>) -> Result<RowOutcome, Malformed> {
-        if !self.active {
+    fn mask_data_row(&self, body: &[u8], out: &mut Vec<u8>) -> Result<RowOutcome, Malformed>;
+
+    /// Rewrites one CopyData payload of COPY TO STDOUT. Text and CSV: one row, with its
+    /// newline (PostgreSQL sends one row per CopyData). Binary: the optional file header, any
+    /// number of complete tuples, and the optional trailer.
+    fn mask_copy_data(
+        &self,
+        format: CopyFormat,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<RowOutcome, Malformed>;
+}
+
+impl RowMasking for RowPlan {
+    fn mask_data_row(&self, body: &[u8], out: &mut Vec<u8>) -> Result<RowOutcome, Malformed> {
+        Rows(self).data_row(body, out)
+    }
+
+    fn mask_copy_data(
+        &self,
+        format: CopyFormat,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<RowOutcome, Malformed> {
+        Rows(self).copy_data(format, data, out)
+    }
+}
+
+/// The row walker over one plan.
+struct Rows<'p>(&'p RowPlan);
+
+impl Rows<'_> {
+    /// Rewrites a DataRow message body (`i16` field count, then per field an `i32` length and
+    /// the bytes, `-1` for NULL). On [`RowOutcome::Rewritten`], `out` holds the new body with
+    /// correct lengths (the caller writes the message header); on `Unchanged` nothing was
+    /// written. On error `out` is left as it was.
+    fn data_row(&self, body: &[u8], out: &mut Vec<u8>) -> Result<RowOutcome, Malformed> {
+        if !self.0.is_active() {
             return Ok(RowOutcome::Unchanged);
         }
         let mut rw = Rewriter::new(body, out);
@@ -166,14 +205,8 @@ impl RowPlan {
             Ok(c) => c as usize,
             Err(e) => return rw.fail(out, e),
         };
-        if self.extra.is_none() && count != self.cols.len() {
-            return rw.fail(
-                out,
-                Malformed::ColumnCount {
-                    expected: self.cols.len(),
-                    found: count,
-                },
-            );
+        if let Err(e) = self.check_count(count) {
+            return rw.fail(out, e);
         }
         let mut pos = 2;
         if let Err(e) = self.mask_tuple(&mut rw, out, &mut pos, count) {
@@ -193,7 +226,6 @@ impl RowPlan {
         count: usize,
     ) -> Result<(), Malformed> {
         let data = rw.data;
-        let key = self.key.as_deref();
         for column in 0..count {
             let len = read_i32(data, *pos)?;
             let field_start = *pos;
@@ -211,11 +243,7 @@ impl RowPlan {
             let value = &data[*pos..*pos + len as usize];
             *pos += len as usize;
             let produced_at = out.len();
-            // The callers checked that the plan is active.
-            let outcome = match self.column(column) {
-                Some(plan) => crate::value::mask_value(plan, key, value, out),
-                None => Outcome::Unchanged,
-            };
+            let outcome = self.0.mask_value(column, value, out);
             match outcome {
                 Outcome::Unchanged => {}
                 Outcome::Masked(reason) => {
@@ -241,16 +269,14 @@ impl RowPlan {
         Ok(())
     }
 
-    /// Rewrites one CopyData payload of COPY TO STDOUT. Text and CSV: one row, with its
-    /// newline (PostgreSQL sends one row per CopyData). Binary: the optional file header, any
-    /// number of complete tuples, and the optional trailer.
-    pub fn mask_copy_data(
+    /// Rewrites one CopyData payload of COPY TO STDOUT.
+    fn copy_data(
         &self,
         format: CopyFormat,
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<RowOutcome, Malformed> {
-        if !self.active {
+        if !self.0.is_active() {
             return Ok(RowOutcome::Unchanged);
         }
         let mut rw = Rewriter::new(data, out);
@@ -270,13 +296,10 @@ impl RowPlan {
     }
 
     fn check_count(&self, found: usize) -> Result<(), Malformed> {
-        if self.extra.is_none() && found != self.cols.len() {
-            return Err(Malformed::ColumnCount {
-                expected: self.cols.len(),
-                found,
-            });
+        match self.0.fixed_columns() {
+            Some(expected) if expected != found => Err(Malformed::ColumnCount { expected, found }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn copy_binary(&self, rw: &mut Rewriter<'_>, out: &mut Vec<u8>) -> Result<(), Malformed> {
@@ -346,7 +369,7 @@ impl RowPlan {
                     Cow::Borrowed(raw)
                 };
                 let mut masked = Vec::new();
-                match self.mask_value(column, &value, &mut masked) {
+                match self.0.mask_value(column, &value, &mut masked) {
                     Outcome::Unchanged => {}
                     Outcome::Masked(reason) => {
                         rw.replace(out, span.start, span.end, &copy_escape(&masked, delimiter));
@@ -433,7 +456,7 @@ impl RowPlan {
                 continue; // NULL
             }
             let mut masked = Vec::new();
-            match self.mask_value(column, &value, &mut masked) {
+            match self.0.mask_value(column, &value, &mut masked) {
                 Outcome::Unchanged => {}
                 Outcome::Masked(reason) => {
                     rw.replace(

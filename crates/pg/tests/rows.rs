@@ -3,6 +3,7 @@
 use proptest::prelude::*;
 use tollgate_mask::Strategy as Mask;
 use tollgate_mask::*;
+use tollgate_pg::rows::{CopyFormat, Malformed, RowMasking, RowOutcome};
 
 fn col(name: &str, table: Option<&str>, oid: u32, format: Format) -> ColumnInfo {
     ColumnInfo {

@@ -1,6 +1,6 @@
 //! Throughput of the masking engine on one core.
 //!
-//! `cargo run --release -p tollgate-mask --example mask_bench [MB] [ITERATIONS]` generates
+//! `cargo run --release -p tollgate-pg --example mask_bench [MB] [ITERATIONS]` generates
 //! realistic DataRow bodies from a fixed seed (pgbench accounts and history rows, customers with
 //! names, e-mails, phones, addresses and card numbers, support tickets with free text, JSON
 //! events) and reports the median MB/s per core over the iterations for:
@@ -16,7 +16,8 @@
 
 use std::hint::black_box;
 use std::time::Instant;
-use tollgate_mask::{ColumnInfo, Detector, Format, MaskKey, MaskSpec, Policy, RowOutcome, RowPlan};
+use tollgate_mask::{ColumnInfo, Detector, Format, MaskKey, MaskSpec, Policy, RowPlan};
+use tollgate_pg::rows::{RowMasking, RowOutcome};
 
 struct XorShift(u64);
 
