@@ -51,6 +51,45 @@ pub struct MysqlGateway {
     pub record_commands: bool,
     /// Connection ids the gateway gave its clients, for `KILL QUERY` from another connection.
     pub threads: Threads,
+    /// The server version the greeting announces: the upstreams', so that clients pick
+    /// collations and features the server behind the gateway has.
+    pub announced: Announced,
+}
+
+/// The version string the gateway's greeting carries. Clients read it before they name a
+/// database (so before the resource is known): MySQL 8 clients ask for `utf8mb4_0900_ai_ci`,
+/// which MariaDB does not have, when told "8.0". It is learned from the upstreams' own
+/// greetings (probed at start, then from every upstream connection), the last one seen
+/// winning; "8.0.40-tollgate" until one is known.
+#[derive(Default)]
+pub struct Announced(std::sync::RwLock<Option<String>>);
+
+impl Announced {
+    pub const DEFAULT: &'static str = "8.0.40-tollgate";
+
+    pub fn get(&self) -> String {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(v) => v.clone(),
+            None => Self::DEFAULT.to_string(),
+        }
+    }
+
+    /// Remember an upstream's version (control characters dropped, length bounded).
+    pub fn learn(&self, upstream_version: &str) {
+        let clean: String = upstream_version
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        if clean.is_empty() {
+            return;
+        }
+        let v = format!("{clean}-tollgate");
+        let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if slot.as_deref() != Some(v.as_str()) {
+            *slot = Some(v);
+        }
+    }
 }
 
 /// The gateway's connection ids: which session (subject, resource, upstream connection id)
@@ -142,6 +181,24 @@ impl MysqlGateway {
 
     /// Serve clients accepted on `listener` until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        // Learn the upstreams' version before the first greeting (connections wait in the
+        // backlog meanwhile, at most a few seconds; an unreachable upstream is retried by every
+        // session's own connection, which teaches the version too).
+        let targets = self.targets.load_full();
+        let announced = &self.announced;
+        let probes = targets.values().map(|target| async move {
+            match target.server_version().await {
+                Ok(v) => announced.learn(&v),
+                Err(e) => {
+                    tracing::warn!(resource = %target.resource.name, error = %e, "could not read the upstream's greeting")
+                }
+            }
+        });
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            futures_util::future::join_all(probes),
+        )
+        .await;
         loop {
             match listener.accept().await {
                 Ok((tcp, peer)) => {
@@ -153,5 +210,23 @@ impl MysqlGateway {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Announced;
+
+    #[test]
+    fn the_greeting_announces_the_upstreams_version() {
+        let a = Announced::default();
+        assert_eq!(a.get(), Announced::DEFAULT);
+        a.learn("5.5.5-10.11.6-MariaDB-0+deb12u1");
+        assert_eq!(a.get(), "5.5.5-10.11.6-MariaDB-0+deb12u1-tollgate");
+        // A NUL or newline from a hostile upstream never reaches the greeting's NUL-ended string.
+        a.learn("8.0.36\0evil\n");
+        assert_eq!(a.get(), "8.0.36evil-tollgate");
+        a.learn("");
+        assert_eq!(a.get(), "8.0.36evil-tollgate");
     }
 }

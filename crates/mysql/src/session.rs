@@ -18,7 +18,6 @@ use tollgate_metrics::registry;
 const LISTENER: &str = "mysql";
 /// What the greeting announces. Clients read MySQL 8 features from it; the upstream's own
 /// version is in `session.open`.
-const SERVER_VERSION: &str = "8.0.40-tollgate";
 const CACHING_SHA2: &str = "caching_sha2_password";
 const CLEAR: &str = "mysql_clear_password";
 
@@ -90,7 +89,7 @@ impl MysqlGateway {
         };
         let thread_id = self.threads.allocate();
         let greeting = Greeting {
-            server_version: SERVER_VERSION.into(),
+            server_version: self.announced.get(),
             thread_id,
             scramble: scramble(),
             caps: caps::OFFERED,
@@ -313,6 +312,7 @@ impl MysqlGateway {
         };
         open.extra
             .insert("upstream_thread_id".into(), json!(upstream.thread_id));
+        self.announced.learn(&upstream.server_version);
         open.extra
             .insert("upstream_version".into(), json!(upstream.server_version));
         open.extra.insert(

@@ -315,6 +315,30 @@ impl Target {
             .unwrap_or(&self.resource.name)
     }
 
+    /// The server's version from its greeting (sent before TLS; nothing is authenticated).
+    pub async fn server_version(&self) -> Result<String, ConnectError> {
+        let r = &self.resource;
+        let tcp = tokio::time::timeout(
+            r.connect_timeout,
+            TcpStream::connect((r.upstream_host.as_str(), r.upstream_port)),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+        .map_err(ConnectError::Connect)?;
+        let mut stream = UpStream::Plain(tcp);
+        let (_, greeting) =
+            tokio::time::timeout(r.connect_timeout, read_packet(&mut stream, 64 * 1024))
+                .await
+                .map_err(|_| ConnectError::Timeout)??;
+        if greeting.first() == Some(&0xff) {
+            let e = ErrPacket::parse(&greeting).map_err(|_| ConnectError::Protocol("greeting"))?;
+            return Err(ConnectError::Refused(e.message));
+        }
+        Ok(Greeting::parse(&greeting)
+            .map_err(|_| ConnectError::Protocol("greeting"))?
+            .server_version)
+    }
+
     /// Connect, negotiate TLS, authenticate. `client_caps` are the capabilities the client
     /// chose with the gateway: the upstream session gets the same shape.
     pub async fn connect(&self, client_caps: u32, max: usize) -> Result<Upstream, ConnectError> {

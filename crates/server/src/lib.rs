@@ -392,6 +392,7 @@ pub async fn run(
                 audit_timeout: config.server.audit_timeout,
                 record_commands: config.server.record_commands,
                 threads: Default::default(),
+                announced: Default::default(),
             });
             Some(tokio::spawn(mysql_gw.serve(l)))
         }

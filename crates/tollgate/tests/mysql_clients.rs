@@ -898,7 +898,6 @@ password_file = "app.password"
 }
 
 #[test]
-#[ignore = "enable once the MySQL adapter serves mysql_listen (issue 20)"]
 fn mariadb_cli_through_gateway() {
     let env = GatewayEnv::start(true);
     check_cli(&env.with_cert(true));
@@ -906,7 +905,6 @@ fn mariadb_cli_through_gateway() {
 }
 
 #[test]
-#[ignore = "enable once the MySQL adapter serves mysql_listen (issue 20)"]
 fn pymysql_through_gateway() {
     let env = GatewayEnv::start(false);
     for target in [env.with_cert(false), env.with_token(false)] {
@@ -915,7 +913,6 @@ fn pymysql_through_gateway() {
 }
 
 #[test]
-#[ignore = "enable once the MySQL adapter serves mysql_listen (issue 20)"]
 fn mysql_connector_python_through_gateway() {
     let env = GatewayEnv::start(true);
     for target in [env.with_cert(true), env.with_token(true)] {
@@ -925,7 +922,6 @@ fn mysql_connector_python_through_gateway() {
 }
 
 #[test]
-#[ignore = "enable once the MySQL adapter serves mysql_listen (issue 20)"]
 fn node_mysql2_through_gateway() {
     let env = GatewayEnv::start(false);
     for target in [env.with_cert(false), env.with_token(false)] {
@@ -934,7 +930,6 @@ fn node_mysql2_through_gateway() {
 }
 
 #[test]
-#[ignore = "enable once the MySQL adapter serves mysql_listen (issue 20)"]
 fn connector_j_through_gateway() {
     let env = GatewayEnv::start(true);
     for target in [env.with_cert(true), env.with_token(true)] {
