@@ -34,7 +34,7 @@ enum Cmd {
         #[arg(long, short, env = "TOLLGATE_CONFIG")]
         config: PathBuf,
     },
-    /// One-command tour: dev PKI, a throwaway TLS PostgreSQL, a demo HTTPS and MCP API, and the gateway (with its web console) in front of them.
+    /// One-command tour: dev PKI, a throwaway TLS PostgreSQL (and MariaDB when installed), a demo HTTPS and MCP API, and the gateway (with its web console) in front of them.
     Demo {
         /// Where the demo keeps its PKI, config, database and audit store.
         #[arg(long, default_value = "tollgate-demo")]
