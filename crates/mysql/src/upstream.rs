@@ -26,6 +26,17 @@ pub struct Target {
     pub policy: tollgate_policy::ResourcePolicy,
 }
 
+/// The scramble of an auth switch request. mysql_native_password and caching_sha2 send 20
+/// bytes and a NUL; MariaDB's ed25519 sends a 32-byte random nonce whose last byte may itself
+/// be 0 (stripping it failed one login in 256).
+fn switch_scramble(plugin: &str, data: &[u8]) -> Vec<u8> {
+    if plugin == "client_ed25519" {
+        data.to_vec()
+    } else {
+        data.strip_suffix(&[0]).unwrap_or(data).to_vec()
+    }
+}
+
 /// Functions that act on the server or read its files, beside the engine's built-in list.
 pub const MYSQL_WRITING_FUNCTIONS: &[&str] = &[
     "load_file",
@@ -432,8 +443,7 @@ impl Target {
                     // Auth switch: another plugin and a fresh scramble.
                     let mut rd = proto::Reader::new(&p[1..]);
                     plugin = String::from_utf8_lossy(rd.nul_str()).into_owned();
-                    let data = rd.rest();
-                    scramble = data.strip_suffix(&[0]).unwrap_or(data).to_vec();
+                    scramble = switch_scramble(&plugin, rd.rest());
                     let a = auth_response(&plugin, password, &scramble, self.tls.is_some())?;
                     write_packet(&mut stream, &mut seq, &a).await?;
                 }
@@ -579,5 +589,23 @@ impl AsyncWrite for UpStream {
             UpStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             UpStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::switch_scramble;
+
+    #[test]
+    fn an_ed25519_nonce_ending_in_zero_is_kept_whole() {
+        let mut nonce = [7u8; 32];
+        nonce[31] = 0;
+        assert_eq!(switch_scramble("client_ed25519", &nonce), nonce.to_vec());
+        let mut native = vec![9u8; 20];
+        native.push(0);
+        assert_eq!(
+            switch_scramble("mysql_native_password", &native),
+            vec![9u8; 20]
+        );
     }
 }
