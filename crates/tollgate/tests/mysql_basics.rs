@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{read_events, sha256_hex, Gateway, Pki, TOKEN};
+use common::{read_events, Gateway, Pki, TOKEN};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Output};
@@ -35,55 +35,9 @@ fn start(resource_extra: &str, ed25519: bool) -> MyEnv {
     })
     .expect("start MariaDB (is mariadb-server installed?)");
     let pki = Pki::new(&tmp.path().join("pki"));
-    let gw_cert = pki.server("gateway");
     let alice = pki.client("alice", &["sre"]);
-    let (user, password) = if ed25519 {
-        (&db.ed25519_user, &db.ed25519_password)
-    } else {
-        (&db.user, &db.password)
-    };
-    std::fs::write(tmp.path().join("app.password"), password).unwrap();
-    let mysql_port = tollgate_testsupport::free_port();
-    let config = format!(
-        r#"[server]
-postgres_listen = "127.0.0.1:{{pg_port}}"
-mysql_listen = "127.0.0.1:{mysql_port}"
-admin_listen = "127.0.0.1:{{admin_port}}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-client_cert = "optional"
-store = "sqlite://audit.db"
-
-[[identity.tokens]]
-subject = "ci-bot"
-sha256 = "{token_sha}"
-groups = ["ci"]
-
-[[resources]]
-name = "app"
-kind = "mysql"
-upstream = "127.0.0.1:{up_port}"
-database = "{database}"
-allow_groups = ["sre", "ci"]
-{resource_extra}
-[resources.tls]
-mode = "verify-full"
-ca = "{db_ca}"
-server_name = "localhost"
-[resources.credentials]
-user = "{user}"
-password_file = "app.password"
-"#,
-        cert = gw_cert.cert.display(),
-        key = gw_cert.key.display(),
-        ca = pki.ca.display(),
-        token_sha = sha256_hex(TOKEN),
-        up_port = db.port,
-        database = db.database,
-        db_ca = db.ca_cert.display(),
-    );
-    let gw = Gateway::start(tmp.path(), &config, &[]);
+    let (gw, mysql_port) =
+        common::mysql::mysql_gateway(tmp.path(), &pki, &db, ed25519, resource_extra);
     MyEnv {
         _gw: gw,
         db,

@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{sha256_hex, Gateway, Pki, TOKEN};
+use common::{Gateway, Pki, TOKEN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -785,7 +785,6 @@ impl GatewayEnv {
             .tempdir()
             .unwrap();
         let pki = Pki::new(&tmp.path().join("pki"));
-        let gw_cert = pki.server("gateway");
         let alice = pki.client("alice", &["sre"]);
         let alice_p12 = tmp.path().join("alice.p12");
         must(
@@ -800,52 +799,7 @@ impl GatewayEnv {
                 .expect("openssl"),
             "openssl pkcs12 -export",
         );
-        let (user, password) = if ed25519 {
-            (&db.ed25519_user, &db.ed25519_password)
-        } else {
-            (&db.user, &db.password)
-        };
-        std::fs::write(tmp.path().join("app.password"), password).unwrap();
-        let mysql_port = free_port();
-        let config = format!(
-            r#"[server]
-postgres_listen = "127.0.0.1:{{pg_port}}"
-mysql_listen = "127.0.0.1:{mysql_port}"
-admin_listen = "127.0.0.1:{{admin_port}}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-client_ca = "{ca}"
-client_cert = "optional"
-store = "sqlite://audit.db"
-
-[[identity.tokens]]
-subject = "ci-bot"
-sha256 = "{token_sha}"
-groups = ["ci"]
-
-[[resources]]
-name = "app"
-kind = "mysql"
-upstream = "127.0.0.1:{up_port}"
-database = "{database}"
-allow_groups = ["sre", "ci"]
-[resources.tls]
-mode = "verify-full"
-ca = "{up_ca}"
-server_name = "localhost"
-[resources.credentials]
-user = "{user}"
-password_file = "app.password"
-"#,
-            cert = gw_cert.cert.display(),
-            key = gw_cert.key.display(),
-            ca = pki.ca.display(),
-            token_sha = sha256_hex(TOKEN),
-            up_port = db.port,
-            database = db.database,
-            up_ca = db.ca_cert.display(),
-        );
-        let gw = Gateway::start(tmp.path(), &config, &[]);
+        let (gw, mysql_port) = common::mysql::mysql_gateway(tmp.path(), &pki, &db, ed25519, "");
         GatewayEnv {
             gw,
             db,

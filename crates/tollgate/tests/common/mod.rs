@@ -13,6 +13,7 @@ use tollgate_tls::pki::{self, IssuedFiles};
 
 pub mod http_env;
 pub mod idp;
+pub mod mysql;
 pub mod upstream;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
