@@ -377,10 +377,10 @@ async fn respond(
                 }
             }
             if let Some(k) = &filter.kind {
-                if !["command", "access", "unmask"].contains(&k.as_str()) {
+                if !["command", "access", "unmask", "pin"].contains(&k.as_str()) {
                     return Err(refusal(
                         StatusCode::BAD_REQUEST,
-                        format!("kind {k:?}: use command, access or unmask"),
+                        format!("kind {k:?}: use command, access, unmask or pin"),
                         None,
                     ));
                 }

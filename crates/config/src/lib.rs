@@ -330,6 +330,12 @@ pub struct Resource {
     pub capture_bytes: usize,
     /// MCP: what a tool definition that changed since it was first listed does (default off).
     pub pinning: PinMode,
+    /// MCP: groups whose members may approve a changed tool definition (a `pin` review);
+    /// admins always may. `[resources.pinning] approvers`.
+    pub pin_approvers: Vec<String>,
+    /// MCP: `aud` values an OIDC token may carry for this resource besides its URL on the
+    /// gateway (RFC 8707; e.g. its public URL behind a load balancer).
+    pub audiences: Vec<String>,
     /// MCP: how long a held tool call keeps its client waiting; past it the client gets an
     /// error naming the review, which stays open, and the identical call runs when repeated
     /// once approved (default 50s: MCP clients commonly give up after 60s).
@@ -447,6 +453,8 @@ pub enum PinMode {
 #[serde(deny_unknown_fields)]
 struct RawPinning {
     mode: PinMode,
+    #[serde(default)]
+    approvers: Vec<String>,
 }
 
 /// `resources.unmaskable`: a response body masks apply to but cannot be masked.
@@ -1076,6 +1084,7 @@ struct RawResource {
     capture_results: Option<bool>,
     capture_bytes: Option<Spanned<i64>>,
     pinning: Option<RawPinning>,
+    audiences: Option<Vec<String>>,
     hold_wait: Option<Spanned<String>>,
     unmaskable: Option<Unmaskable>,
     identity_header: Option<String>,
@@ -1866,14 +1875,34 @@ impl Ctx<'_> {
                 }
             }
             let hold_wait = self.duration("resources.hold_wait", r.hold_wait, DEFAULT_HOLD_WAIT)?;
-            let pinning = match (r.pinning, r.kind) {
-                (None, _) => PinMode::Off,
-                (Some(p), ResourceKind::Mcp) => p.mode,
+            let (pinning, pin_approvers) = match (r.pinning, r.kind) {
+                (None, _) => (PinMode::Off, Vec::new()),
+                (Some(p), ResourceKind::Mcp) => (p.mode, p.approvers),
                 (Some(_), kind) => {
                     return Err(self.invalid(
                         up_at,
                         "resources.pinning",
                         format!("resource {name:?}: pinning fingerprints MCP tool definitions; a {kind} resource has none"),
+                    ))
+                }
+            };
+            let audiences = match (r.audiences, r.kind) {
+                (None, _) => Vec::new(),
+                (Some(a), ResourceKind::Mcp) => {
+                    if let Some(bad) = a.iter().find(|a| a.trim().is_empty() || a.trim() != a.as_str()) {
+                        return Err(self.invalid(
+                            up_at,
+                            "resources.audiences",
+                            format!("resource {name:?}: audience {bad:?} is empty or has surrounding spaces"),
+                        ));
+                    }
+                    a
+                }
+                (Some(_), kind) => {
+                    return Err(self.invalid(
+                        up_at,
+                        "resources.audiences",
+                        format!("resource {name:?}: audiences name what OIDC tokens for an MCP resource are issued for (RFC 8707); a {kind} resource takes the issuer's audiences"),
                     ))
                 }
             };
@@ -1979,6 +2008,8 @@ impl Ctx<'_> {
                 )?,
                 masks: r.masks,
                 pinning,
+                pin_approvers,
+                audiences,
                 hold_wait,
                 line,
             });
@@ -2245,6 +2276,39 @@ password_env = "ORDERS_DB_PASSWORD"
         );
         let c = p(&mcp("[resources.pinning]\nmode = \"enforce\"\n")).unwrap();
         assert_eq!(c.resource("tickets").unwrap().pinning, PinMode::Enforce);
+        assert!(c.resource("tickets").unwrap().pin_approvers.is_empty());
+        let c = p(&mcp(
+            "[resources.pinning]\nmode = \"warn\"\napprovers = [\"sre\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(c.resource("tickets").unwrap().pin_approvers, ["sre"]);
+        let aud = |a: &str| {
+            mcp("").replace(
+                "allow_groups = [\"agents\"]\n[resources.tls]\nca = \"pki/ca.crt\"\n[resources.credentials]\nheader",
+                &format!("allow_groups = [\"agents\"]\naudiences = {a}\n[resources.tls]\nca = \"pki/ca.crt\"\n[resources.credentials]\nheader"),
+            )
+        };
+        let c = p(&aud("[\"https://mcp.example/tickets\"]")).unwrap();
+        assert_eq!(
+            c.resource("tickets").unwrap().audiences,
+            ["https://mcp.example/tickets"]
+        );
+        assert!(c.resource("orders").unwrap().audiences.is_empty());
+        let e = p(&aud("[\" \"]")).unwrap_err().to_string();
+        assert!(
+            e.contains("resources.audiences: resource \"tickets\": audience \" \" is empty"),
+            "{e}"
+        );
+        let e = p(&GOOD.replace(
+            "database = \"orders\"\n",
+            "database = \"orders\"\naudiences = [\"x\"]\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("resources.audiences: resource \"orders\": audiences name what OIDC tokens"),
+            "{e}"
+        );
         assert_eq!(
             c.resource("tickets").unwrap().hold_wait,
             Duration::from_secs(50)

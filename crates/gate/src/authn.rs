@@ -4,7 +4,7 @@
 //! PostgreSQL asks for a token (as the password) only when no certificate identified the client,
 //! which is the same order.
 
-use tollgate_identity::oidc::{looks_like_jwt, OidcVerifiers};
+use tollgate_identity::oidc::{looks_like_jwt, Audience, OidcVerifiers};
 use tollgate_identity::{Identity, IdentityError, TokenVerifier};
 
 /// Why a caller could not be identified. The messages are safe to send to the client.
@@ -71,8 +71,19 @@ pub async fn identify(
     tokens: &TokenVerifier,
     oidc: &OidcVerifiers,
 ) -> Result<Identity, AuthError> {
+    identify_for(cert, authorization, tokens, oidc, Audience::Gateway).await
+}
+
+/// [`identify`] where an OIDC token must be for `audience` (an MCP resource's own, RFC 8707).
+pub async fn identify_for(
+    cert: Option<&Result<Identity, IdentityError>>,
+    authorization: Option<&[u8]>,
+    tokens: &TokenVerifier,
+    oidc: &OidcVerifiers,
+    audience: Audience<'_>,
+) -> Result<Identity, AuthError> {
     if let Some(header) = authorization {
-        return verify_token(bearer(header)?, tokens, oidc)
+        return verify_token_for(bearer(header)?, tokens, oidc, audience)
             .await
             .ok_or(AuthError::InvalidToken);
     }
@@ -90,13 +101,23 @@ pub async fn verify_token(
     tokens: &TokenVerifier,
     oidc: &OidcVerifiers,
 ) -> Option<Identity> {
+    verify_token_for(token, tokens, oidc, Audience::Gateway).await
+}
+
+/// [`verify_token`] where an OIDC token must be for `audience`.
+pub async fn verify_token_for(
+    token: &str,
+    tokens: &TokenVerifier,
+    oidc: &OidcVerifiers,
+    audience: Audience<'_>,
+) -> Option<Identity> {
     if let Some(id) = tokens.verify(token) {
         return Some(id);
     }
     if oidc.is_empty() || !looks_like_jwt(token) {
         return None;
     }
-    oidc.verify(token).await.ok()
+    oidc.verify_for(token, audience).await.ok()
 }
 
 #[cfg(test)]

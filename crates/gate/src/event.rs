@@ -381,8 +381,9 @@ impl Event for McpProcess {
     }
 }
 
-/// A tool definition fingerprinted at its first listing (`mcp.pinned`), or seen changed since
-/// (`mcp.pin_changed`).
+/// A tool definition fingerprinted at its first listing (`mcp.pinned`), seen changed since
+/// (`mcp.pin_changed`), or its new definition pinned once a `pin` review approved it
+/// (`mcp.pin_approved`).
 #[derive(Debug, Clone, Serialize)]
 pub struct McpPin {
     #[serde(skip)]
@@ -397,6 +398,13 @@ pub struct McpPin {
     /// `warn` or `enforce` (`mcp.pin_changed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<&'static str>,
+    /// The `pin` review that decides the new definition (`mcp.pin_changed`,
+    /// `mcp.pin_approved`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<String>,
+    /// Who approved the new definition (`mcp.pin_approved`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
 }
 
 impl Event for McpPin {

@@ -16,10 +16,12 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tollgate_config::Unmaskable;
+use tollgate_gate::authn::identify_for;
 use tollgate_gate::event::{BodyRecord, HttpRequest, HttpResponse, ReviewEvent};
 use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::rules::{Caller, CommandKind, Decision};
-use tollgate_gate::{identify, AuthError, Command};
+use tollgate_gate::{AuthError, Command};
+use tollgate_identity::oidc::Audience;
 use tollgate_mask::{BodyKind, BodyMasker, BodyPlan, Reason};
 use tollgate_metrics::registry;
 use tollgate_review::Verdict;
@@ -287,13 +289,22 @@ async fn run(
     check_authority(&req)?;
     let (name, raw_path) = route(gw, ctx, &req)?;
     let raw_path = raw_path.to_string();
-    let who = identify(
+    let target = gw.target(&name);
+    // RFC 8707: an MCP resource takes only OIDC tokens issued for it.
+    let audiences = target
+        .as_deref()
+        .and_then(|t| crate::mcp::token_audiences(gw, t, crate::mcp::request_host(&req)));
+    let who = identify_for(
         ctx.cert.as_ref(),
         req.headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
         &gw.tokens.load_full(),
         &gw.oidc,
+        match &audiences {
+            Some(a) => Audience::Resource(a),
+            None => Audience::Gateway,
+        },
     )
     .await
     .map_err(|e| {
@@ -307,7 +318,6 @@ async fn run(
             None => r,
         }
     })?;
-    let target = gw.target(&name);
     let access = gw.authorize(&who, target.as_deref(), &name).map_err(|e| {
         // An identified caller's refused attempt is evidence: recorded as a rejected session.
         gw.record_rejected(ctx, &who, &name, "forbidden");

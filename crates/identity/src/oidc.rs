@@ -175,6 +175,11 @@ impl OidcVerifiers {
     /// Validate a token against the issuer its `iss` names, counting the outcome in
     /// `tollgate_oidc_validations_total` and logging a refusal's reason.
     pub async fn verify(&self, token: &str) -> Result<Identity, OidcError> {
+        self.verify_for(token, Audience::Gateway).await
+    }
+
+    /// [`OidcVerifiers::verify`] with the audience the token must be for.
+    pub async fn verify_for(&self, token: &str, aud: Audience<'_>) -> Result<Identity, OidcError> {
         let issuers = self.issuers.load_full();
         let (label, result) = match Jwt::parse(token) {
             Err(e) => ("unknown".to_string(), Err(e)),
@@ -183,7 +188,7 @@ impl OidcVerifiers {
                 .find(|i| jwt.claims.get("iss").and_then(Value::as_str) == Some(&i.config.issuer))
             {
                 None => ("unknown".to_string(), Err(OidcError::UnknownIssuer)),
-                Some(issuer) => (issuer.label.clone(), issuer.verify(&jwt).await),
+                Some(issuer) => (issuer.label.clone(), issuer.verify(&jwt, aud).await),
             },
         };
         let (outcome, reason) = match &result {
@@ -249,6 +254,17 @@ impl OidcVerifiers {
         }
         Ok(who)
     }
+}
+
+/// Which `aud` values a token must carry (one of them suffices).
+#[derive(Debug, Clone, Copy)]
+pub enum Audience<'a> {
+    /// The gateway's own: the issuer's `audiences` or its `client_id` (PostgreSQL and MySQL
+    /// passwords, the API, HTTP resources).
+    Gateway,
+    /// One resource's only (RFC 8707: an MCP resource accepts only tokens issued for it): its
+    /// URL(s) as the protected resource metadata names it, and its configured `audiences`.
+    Resource(&'a [String]),
 }
 
 /// What `tollgate scan` learns about a configured issuer over verified TLS.
@@ -539,12 +555,12 @@ impl Issuer {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn verify(&self, jwt: &Jwt) -> Result<Identity, OidcError> {
+    async fn verify(&self, jwt: &Jwt, aud: Audience<'_>) -> Result<Identity, OidcError> {
         if !self.config.algorithms.iter().any(|a| *a == jwt.alg) {
             return Err(OidcError::BadAlgorithm);
         }
         let key = self.key_for(jwt).await?;
-        check(&self.config, jwt, &key, SystemTime::now())
+        check_for(&self.config, jwt, &key, SystemTime::now(), aud)
     }
 
     /// A key that fits the token, fetching the issuer's keys when none is cached (rate-limited).
@@ -637,8 +653,20 @@ impl Issuer {
     }
 }
 
-/// Signature, then claims. `keys` are the candidates that fit the token's `kid` and `alg`.
+/// [`check_for`] a token for the gateway.
+#[cfg(test)]
 fn check(config: &Oidc, jwt: &Jwt, keys: &[Jwk], now: SystemTime) -> Result<Identity, OidcError> {
+    check_for(config, jwt, keys, now, Audience::Gateway)
+}
+
+/// Signature, then claims. `keys` are the candidates that fit the token's `kid` and `alg`.
+fn check_for(
+    config: &Oidc,
+    jwt: &Jwt,
+    keys: &[Jwk],
+    now: SystemTime,
+    aud: Audience<'_>,
+) -> Result<Identity, OidcError> {
     if !keys
         .iter()
         .any(|k| k.verify(&jwt.alg, jwt.signing_input.as_bytes(), &jwt.signature))
@@ -651,8 +679,12 @@ fn check(config: &Oidc, jwt: &Jwt, keys: &[Jwk], now: SystemTime) -> Result<Iden
     }
     // The ID tokens of an interactive sign-in (`tollgate login`, the console) are for the
     // issuer's `client_id`: that audience is tollgate's own too.
-    let ours =
-        |a: &str| config.audiences.iter().any(|w| w == a) || config.client_id.as_deref() == Some(a);
+    let ours = |a: &str| match aud {
+        Audience::Gateway => {
+            config.audiences.iter().any(|w| w == a) || config.client_id.as_deref() == Some(a)
+        }
+        Audience::Resource(for_it) => for_it.iter().any(|w| w == a),
+    };
     let audience_ok = match c.get("aud") {
         Some(Value::String(a)) => ours(a),
         Some(Value::Array(v)) => v.iter().filter_map(Value::as_str).any(ours),
@@ -1035,6 +1067,47 @@ mod tests {
         for t in ["", "a.b", "a.b.c.d", "e30.e30.", "!!.e30.e30"] {
             assert_eq!(Jwt::parse(t).err(), Some(OidcError::Malformed), "{t}");
         }
+    }
+
+    /// RFC 8707: a resource's audience accepts only tokens issued for that resource, never one
+    /// for the gateway as a whole or for another resource; and a token for a resource is not one
+    /// for the gateway.
+    #[test]
+    fn a_resource_audience_accepts_only_tokens_for_that_resource() {
+        let k = keys();
+        let h = serde_json::json!({"alg": "EdDSA", "kid": "ed1"});
+        let c = config();
+        let for_it = vec!["https://gw.example/r/tickets".to_string()];
+        let with_aud = |aud: Value, want: Audience<'_>| {
+            let mut cl = claims();
+            cl["aud"] = aud;
+            let jwt = Jwt::parse(&token(&k, h.clone(), cl)).unwrap();
+            let keys: Vec<Jwk> = candidates(&k.jwks, &jwt).into_iter().cloned().collect();
+            check_for(&c, &jwt, &keys, SystemTime::now(), want)
+        };
+        let res = Audience::Resource(&for_it);
+        assert!(with_aud("https://gw.example/r/tickets".into(), res).is_ok());
+        assert!(with_aud(
+            serde_json::json!(["tollgate", "https://gw.example/r/tickets"]),
+            res
+        )
+        .is_ok());
+        for aud in [
+            Value::from("tollgate"),
+            Value::from("https://gw.example/r/other"),
+            Value::from("https://gw.example/r/tickets/"),
+            serde_json::json!(["tollgate"]),
+        ] {
+            assert_eq!(
+                with_aud(aud.clone(), res).unwrap_err(),
+                OidcError::WrongAudience,
+                "{aud}"
+            );
+        }
+        assert_eq!(
+            with_aud("https://gw.example/r/tickets".into(), Audience::Gateway).unwrap_err(),
+            OidcError::WrongAudience
+        );
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //! may prefer `spawn_blocking`.
 
 pub mod notify;
+mod pins;
+
+pub use pins::{PinChange, PinDecision, PIN_REQUESTER, PIN_REVIEW_TIMEOUT};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tollgate_store::review::{
     REVIEW_APPROVED, REVIEW_DENIED, REVIEW_EXPIRED, REVIEW_KIND_ACCESS, REVIEW_KIND_COMMAND,
-    REVIEW_KIND_UNMASK, REVIEW_PENDING, REVIEW_WITHDRAWN,
+    REVIEW_KIND_PIN, REVIEW_KIND_UNMASK, REVIEW_PENDING, REVIEW_WITHDRAWN,
 };
 use tollgate_store::{
     EventInput, Recorder, Requester, ReviewRecord, ReviewVote, Store, StoreError, VoteOutcome,
@@ -64,6 +67,8 @@ pub enum ReviewKind {
     Access,
     /// The resource's responses without masking, for the requester, for a while.
     Unmask,
+    /// An MCP tool's changed definition, to be pinned (used again) once approved.
+    Pin,
 }
 
 impl ReviewKind {
@@ -72,6 +77,7 @@ impl ReviewKind {
             ReviewKind::Command => REVIEW_KIND_COMMAND,
             ReviewKind::Access => REVIEW_KIND_ACCESS,
             ReviewKind::Unmask => REVIEW_KIND_UNMASK,
+            ReviewKind::Pin => REVIEW_KIND_PIN,
         }
     }
 }
@@ -499,7 +505,7 @@ impl Reviews {
             .store
             .review(id)?
             .ok_or_else(|| ReviewError::NotFound(id.to_string()))?;
-        if rec.kind == ReviewKind::Command.as_str() || rec.status != REVIEW_APPROVED {
+        if !tollgate_store::review::grants(&rec.kind) || rec.status != REVIEW_APPROVED {
             return Err(ReviewError::NotAGrant(format!(
                 "this is a {} review, {}",
                 rec.kind, rec.status
@@ -736,10 +742,11 @@ impl Reviews {
         let approvers = match kind {
             ReviewKind::Access => &settings.access_approvers,
             ReviewKind::Unmask => &settings.unmask_approvers,
-            ReviewKind::Command => {
-                return Err(ReviewError::Invalid(
-                    "a command review is requested by the session that holds the command".into(),
-                ))
+            ReviewKind::Command | ReviewKind::Pin => {
+                return Err(ReviewError::Invalid(format!(
+                    "a {} review is requested by the gateway, not by a person",
+                    kind.as_str()
+                )))
             }
         };
         if grant_for.is_zero() {

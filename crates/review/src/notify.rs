@@ -197,6 +197,14 @@ pub fn summary(r: &Review) -> String {
     match r.kind.as_str() {
         "access" => grant("asks for access to", ""),
         "unmask" => grant("asks to see", " without masking"),
+        "pin" => format!(
+            "an MCP tool of {} changed its definition; it stays blocked until approved: {}",
+            r.resource,
+            r.statement
+                .as_deref()
+                .and_then(|s| s.lines().next())
+                .unwrap_or_default()
+        ),
         _ => format!(
             "{} wants to run a statement on {}{}",
             r.requester,

@@ -16,6 +16,7 @@ mod chaincheck;
 pub mod hash;
 mod journal;
 pub mod migrate;
+pub mod pins;
 pub mod postgres;
 mod recorder;
 pub mod refused;
@@ -29,6 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use hash::{
     canonical_json, checkpoint_digest, event_hash, CanonicalObject, HashedFields, GENESIS_HASH,
 };
+pub use pins::{McpPinRecord, PinSeen};
 pub use postgres::{PgStore, PgStoreUrl};
 pub use recorder::{Durability, Recorder, RecorderOptions, RecorderStats};
 pub use review::{
@@ -363,6 +365,46 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<GrantRecord>, StoreError> {
         let _ = (requester, resource, now_unix_ms);
         Err(no_reviews())
+    }
+
+    // ---- MCP tool pins (see `pins`) ----
+
+    /// A listing showed tool `tool` of `resource` with definition `sha256`: pins it when the
+    /// tool has no pin yet, records it as seen when it differs from the pin (clears that when it
+    /// is the pinned one again), atomically.
+    fn mcp_pin_see(
+        &self,
+        resource: &str,
+        tool: &str,
+        sha256: &str,
+        at_unix_ms: i64,
+    ) -> Result<PinSeen, StoreError> {
+        let _ = (resource, tool, sha256, at_unix_ms);
+        Err(StoreError::Unsupported(
+            "this store cannot keep MCP tool pins".into(),
+        ))
+    }
+    /// Every pin (of one resource), by resource and tool.
+    fn mcp_pins(&self, resource: Option<&str>) -> Result<Vec<McpPinRecord>, StoreError> {
+        let _ = resource;
+        Err(StoreError::Unsupported(
+            "this store cannot keep MCP tool pins".into(),
+        ))
+    }
+    /// Pin the definition `sha256` a listing saw (an approved `pin` review); false when the tool
+    /// was not seen with that definition (already approved, or changed again since).
+    fn mcp_pin_approve(
+        &self,
+        resource: &str,
+        tool: &str,
+        sha256: &str,
+        at_unix_ms: i64,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        let _ = (resource, tool, sha256, at_unix_ms, by);
+        Err(StoreError::Unsupported(
+            "this store cannot keep MCP tool pins".into(),
+        ))
     }
 }
 

@@ -28,6 +28,7 @@ use crate::{
     KIND_SESSION_CLOSE, KIND_SESSION_OPEN, PRUNE_CHAIN, PRUNE_SESSION,
 };
 
+mod pins;
 mod reviews;
 pub mod url;
 
@@ -35,7 +36,8 @@ pub use url::{PasswordSource, PgSslMode, PgStoreUrl};
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Version 1 is the
 /// SQLite store's schema at its version 4, so `store migrate` copies rows column for column.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE chains (
     chain_id           TEXT PRIMARY KEY,
     last_seq           BIGINT NOT NULL,
@@ -117,7 +119,9 @@ CREATE TABLE access_grants (
     until      BIGINT NOT NULL   -- unix ms
 );
 CREATE INDEX access_grants_by_subject ON access_grants (subject, resource, until);
-"#];
+"#,
+    pins::MIGRATION,
+];
 
 /// The schema version this build creates and understands.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1131,6 +1135,28 @@ async fn append_one(tx: &Transaction<'_>, payload: &Value) -> Result<(), StoreEr
 }
 
 impl Store for PgStore {
+    fn mcp_pin_see(
+        &self,
+        resource: &str,
+        tool: &str,
+        sha256: &str,
+        at_unix_ms: i64,
+    ) -> Result<crate::PinSeen, StoreError> {
+        self.run(async |c| pins::see(c, resource, tool, sha256, at_unix_ms).await)
+    }
+    fn mcp_pins(&self, resource: Option<&str>) -> Result<Vec<crate::McpPinRecord>, StoreError> {
+        self.run(async |c| pins::list(c, resource).await)
+    }
+    fn mcp_pin_approve(
+        &self,
+        resource: &str,
+        tool: &str,
+        sha256: &str,
+        at_unix_ms: i64,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        self.run(async |c| pins::approve(c, resource, tool, sha256, at_unix_ms, by).await)
+    }
     fn append(
         &self,
         chain_id: &str,

@@ -14,6 +14,8 @@ pub const REVIEW_KIND_COMMAND: &str = "command";
 pub const REVIEW_KIND_ACCESS: &str = "access";
 /// Kind of a review that grants a view of a resource with its masking switched off.
 pub const REVIEW_KIND_UNMASK: &str = "unmask";
+/// Kind of a review that approves an MCP tool's changed definition (its new pin).
+pub const REVIEW_KIND_PIN: &str = "pin";
 
 /// Kinds whose approval is a time-bounded grant (kept until `grant_until_unix_ms`).
 pub fn grants(kind: &str) -> bool {

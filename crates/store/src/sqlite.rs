@@ -18,6 +18,7 @@ use crate::{
 };
 
 mod audit;
+mod pins;
 mod reviews;
 
 /// The page size of a new store.
@@ -83,6 +84,7 @@ CREATE INDEX reviews_by_status ON reviews (status, created_at);
     audit::MIGRATION,
     reviews::MIGRATION,
     reviews::MIGRATION_PRINCIPALS,
+    pins::MIGRATION,
 ];
 
 /// The schema version this build creates and understands.
@@ -217,6 +219,28 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn mcp_pin_see(
+        &self,
+        resource: &str,
+        tool: &str,
+        sha256: &str,
+        at_unix_ms: i64,
+    ) -> Result<crate::PinSeen, StoreError> {
+        self.sql_mcp_pin_see(resource, tool, sha256, at_unix_ms)
+    }
+    fn mcp_pins(&self, resource: Option<&str>) -> Result<Vec<crate::McpPinRecord>, StoreError> {
+        self.sql_mcp_pins(resource)
+    }
+    fn mcp_pin_approve(
+        &self,
+        resource: &str,
+        tool: &str,
+        sha256: &str,
+        at_unix_ms: i64,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        self.sql_mcp_pin_approve(resource, tool, sha256, at_unix_ms, by)
+    }
     fn append(
         &self,
         chain_id: &str,

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use tollgate_store::review::*;
 use tollgate_store::{
     checkpoint_digest, event_hash, open_store, ChainPoint, EventInput, HashedEvent, HashedFields,
-    SessionFilter, Store, StoreError, GENESIS_HASH, KIND_AUDIT_CHECKPOINT, KIND_SESSION_CLOSE,
-    KIND_SESSION_OPEN,
+    PinSeen, SessionFilter, Store, StoreError, GENESIS_HASH, KIND_AUDIT_CHECKPOINT,
+    KIND_SESSION_CLOSE, KIND_SESSION_OPEN,
 };
 use tollgate_testsupport::{ClusterOptions, PgCluster};
 
@@ -66,6 +66,7 @@ fn run_suite(s: &Subject) {
     reviews_votes_grants_and_reruns(&*s.open());
     concurrent_votes_from_two_replicas_finalize_once(s);
     chains_of_two_replicas_interleave_and_verify(s);
+    mcp_pins_are_first_come_and_changes_wait_for_approval(s);
 }
 
 fn append_read_back_and_filters(store: &dyn Store) {
@@ -618,6 +619,77 @@ fn chains_of_two_replicas_interleave_and_verify(s: &Subject) {
     for chain in ["gw-r1", "gw-r2"] {
         assert_eq!(heads.iter().find(|h| h.chain_id == chain).unwrap().seq, 400);
     }
+}
+
+/// The first listing pins a tool's definition (on whichever replica lists it first); a changed
+/// definition is recorded as seen, never pinned, until approved; the pinned one listed again
+/// clears what was seen.
+fn mcp_pins_are_first_come_and_changes_wait_for_approval(s: &Subject) {
+    let (a, b) = (s.open(), s.open());
+    let first = a.mcp_pin_see("tickets", "echo", "aa", 10).unwrap();
+    assert!(matches!(first, PinSeen::New(_)), "{first:?}");
+    // Another replica listing another definition does not re-pin: it sees a change.
+    let other = b.mcp_pin_see("tickets", "echo", "bb", 20).unwrap();
+    let PinSeen::Changed(p) = &other else {
+        panic!("{other:?}")
+    };
+    assert_eq!(p.pinned_sha256, "aa");
+    assert_eq!(p.changed(), Some("bb"));
+    assert_eq!(p.seen_at_unix_ms, Some(20));
+    // The same change listed again keeps its first sighting.
+    let again = a.mcp_pin_see("tickets", "echo", "bb", 30).unwrap();
+    assert_eq!(again.record().seen_at_unix_ms, Some(20));
+    // Approving a definition that was not seen changes nothing.
+    assert!(!a
+        .mcp_pin_approve("tickets", "echo", "cc", 40, "root")
+        .unwrap());
+    let listed = b.mcp_pins(Some("tickets")).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].pinned_sha256, "aa");
+    assert_eq!(listed[0].changed(), Some("bb"));
+    // The pinned definition listed again clears the change.
+    let back = a.mcp_pin_see("tickets", "echo", "aa", 50).unwrap();
+    assert!(
+        matches!(&back, PinSeen::Same(p) if p.changed().is_none()),
+        "{back:?}"
+    );
+    b.mcp_pin_see("tickets", "echo", "bb", 60).unwrap();
+    assert!(b
+        .mcp_pin_approve("tickets", "echo", "bb", 70, "root")
+        .unwrap());
+    assert!(
+        !a.mcp_pin_approve("tickets", "echo", "bb", 71, "root")
+            .unwrap(),
+        "approved once"
+    );
+    let now = a.mcp_pin_see("tickets", "echo", "bb", 80).unwrap();
+    let PinSeen::Same(p) = now else {
+        panic!("{now:?}")
+    };
+    assert_eq!(
+        (p.pinned_by.as_deref(), p.pinned_at_unix_ms),
+        (Some("root"), 70)
+    );
+    // Pins are per resource.
+    assert!(matches!(
+        a.mcp_pin_see("other", "echo", "bb", 90).unwrap(),
+        PinSeen::New(_)
+    ));
+    assert_eq!(a.mcp_pins(None).unwrap().len(), 2);
+    // Two replicas pinning a new tool at once pin one definition.
+    let handles: Vec<_> = ["x1", "x2"]
+        .into_iter()
+        .map(|sha| {
+            let store = s.open();
+            std::thread::spawn(move || store.mcp_pin_see("tickets", "race", sha, 100).unwrap())
+        })
+        .collect();
+    let seen: Vec<PinSeen> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        seen.iter().filter(|s| matches!(s, PinSeen::New(_))).count(),
+        1,
+        "{seen:?}"
+    );
 }
 
 #[test]

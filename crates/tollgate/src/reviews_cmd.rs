@@ -28,7 +28,8 @@ pub enum ReviewsCmd {
         /// pending (the default), approved, denied, expired, withdrawn, or all.
         #[arg(long, default_value = "pending")]
         status: String,
-        /// Only reviews of this kind: command, access or unmask.
+        /// Only reviews of this kind: command, access, unmask or pin (an MCP tool's changed
+        /// definition).
         #[arg(long)]
         kind: Option<String>,
         /// JSON (the API's `{"reviews": [...]}`) instead of a table.

@@ -1035,7 +1035,7 @@ fn protocol_edges_are_refused_and_the_session_survives() {
 /// Pinning, and (in the same gateway, to spare a start) a review nobody decides.
 #[test]
 fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
-    let env = McpEnv::start(false, "enforce", "2s");
+    let mut env = McpEnv::start(false, "enforce", "2s");
     let out = env.run(serde_json::json!([
         {"op": "list"},
         {"op": "call", "name": "echo", "arguments": {"text": "before"}},
@@ -1107,6 +1107,95 @@ fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
             .metric("tollgate_mcp_pin_changes_total{resource=\"tickets\",mode=\"enforce\"}"),
         Some(1)
     );
+
+    // The change waits for an administrator as one `pin` review showing the new definition.
+    let pin_reviews = |env: &McpEnv, status: &str| -> Vec<Value> {
+        let out = env.cli(
+            &env.alice,
+            &[
+                "reviews", "list", "--kind", "pin", "--status", status, "--json",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["reviews"].as_array().cloned().unwrap_or_default()
+    };
+    let pending = pin_reviews(&env, "pending");
+    assert_eq!(pending.len(), 1, "one review for one change: {pending:?}");
+    let review = pending[0]["id"].as_str().unwrap().to_string();
+    let statement = pending[0]["statement"].as_str().unwrap();
+    assert!(
+        statement.contains("MCP tool \"echo\" changed its definition")
+            && statement.contains("id_rsa"),
+        "{statement}"
+    );
+    assert_eq!(changed[0]["payload"]["review"], review.as_str());
+
+    // A restart forgets no pin: the changed tool is still blocked, not pinned afresh.
+    let template = env.gw.config_template();
+    env.gw.kill();
+    env.gw = Gateway::start(
+        env.tmp.path(),
+        &template,
+        &[("TICKETS_MCP_TOKEN", UPSTREAM_SECRET)],
+    );
+    let out = env.run(serde_json::json!([
+        {"op": "list"},
+        {"op": "call", "name": "echo", "arguments": {"text": "after restart"}},
+    ]));
+    assert_eq!(out[1]["tools"].as_array().unwrap().len(), 2, "{out:?}");
+    let e = out[2]["error"].as_str().unwrap_or_default();
+    assert!(e.contains(&format!("review {review}")), "{out:?}");
+    assert_eq!(
+        pin_reviews(&env, "pending").len(),
+        1,
+        "still the one review"
+    );
+
+    // An agent may not approve it; an admin may, and the new definition is pinned.
+    let agent = env.pki.client("agent-9", &["agents"]);
+    let refused = env.cli(&agent, &["reviews", "approve", &review]);
+    assert!(!refused.status.success());
+    let approved = env.cli(
+        &env.alice,
+        &[
+            "reviews",
+            "approve",
+            &review,
+            "--reason",
+            "checked the new text",
+        ],
+    );
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let out = env.run(serde_json::json!([
+        {"op": "call", "name": "echo", "arguments": {"text": "approved"}},
+        {"op": "list"},
+    ]));
+    assert_eq!(
+        out[1]["result"]["content"][0]["text"], "approved",
+        "{out:?}"
+    );
+    assert_eq!(out[2]["tools"].as_array().unwrap().len(), 3, "{out:?}");
+    wait_for(Duration::from_secs(15), "pin approval event", || {
+        evs = env.events();
+        !of_kind(&evs, "mcp.pin_approved").is_empty()
+    });
+    let a = of_kind(&evs, "mcp.pin_approved");
+    assert_eq!(a[0]["payload"]["review"], review.as_str());
+    assert_eq!(a[0]["payload"]["approved_by"], "alice");
+    // The server changing it back is a change again (the approved definition is the pin now).
+    std::fs::remove_file(env.tmp.path().join("echo-description.txt")).unwrap();
+    let out = env.run(serde_json::json!([{"op": "list"}]));
+    assert_eq!(out[1]["tools"].as_array().unwrap().len(), 2, "{out:?}");
+    assert_eq!(pin_reviews(&env, "pending").len(), 1);
 }
 
 /// What a client running list, lookup_customer `id`, delete_ticket and echo `echoed` gets back

@@ -10,7 +10,7 @@ mod common;
 use base64::Engine;
 use common::idp::{enc, now, Idp};
 use common::upstream::Upstream;
-use common::{psql_env, stderr, stdout, Gateway, Pki};
+use common::{psql_env, stderr, stdout, wait_for, Gateway, Pki};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -89,6 +89,15 @@ upstream = "https://localhost:{up_port}"
 allow_groups = ["sre"]
 [resources.tls]
 ca = "{ca}"
+
+[[resources]]
+name = "tools"
+kind = "mcp"
+upstream = "https://localhost:{up_port}/mcp"
+allow_groups = ["sre"]
+audiences = ["https://tools.example/mcp"]
+[resources.tls]
+ca = "{ca}"
 "#,
             cert = gw_cert.cert.display(),
             key = gw_cert.key.display(),
@@ -158,6 +167,57 @@ ca = "{ca}"
             .unwrap_or(0);
         (code, text)
     }
+}
+
+/// RFC 8707: an MCP resource takes only OIDC tokens issued for it (its URL, as its protected
+/// resource metadata names it, or its configured `audiences`), and such a token is no credential
+/// for anything else.
+#[test]
+fn mcp_resources_take_only_tokens_issued_for_them() {
+    let env = Env::start();
+    let idp = &env.idp;
+    let url = format!("https://localhost:{}/r/tools", env.https_port);
+    let for_gateway = idp.token("sre-agent", "urn:tollgate");
+    let for_tools = idp.token("sre-agent", &url);
+    let for_tools_public = idp.token("sre-agent", "https://tools.example/mcp");
+    let for_other = idp.token(
+        "sre-agent",
+        &format!("https://localhost:{}/r/billing", env.https_port),
+    );
+    let refused_here = |token: &str, what: &str| {
+        let (code, head) = env.curl(token, "/r/tools");
+        assert_eq!(code, 401, "{what}: {head}");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("error=\"invalid_token\""), "{what}: {head}");
+        assert!(
+            head.contains("resource_metadata=\"https://localhost:"),
+            "{what}: the client is told where to get a token: {head}"
+        );
+    };
+    refused_here(&for_gateway, "a token for the gateway as a whole");
+    refused_here(&for_other, "a token for another resource");
+    for (token, what) in [
+        (&for_tools, "its URL"),
+        (&for_tools_public, "its configured audience"),
+    ] {
+        let (code, head) = env.curl(token, "/r/tools");
+        assert!(
+            code != 401 && code != 403,
+            "a token for {what} is accepted: {head}"
+        );
+    }
+    // A token for the MCP resource is no credential for the database or the other resources.
+    refused(env.psql(&for_tools, "select 1"), "authentication failed");
+    assert_eq!(env.curl(&for_tools, "/r/billing/v1/x").0, 401);
+    assert!(env.psql(&for_gateway, "select 1").is_ok());
+    // The refusals are counted by reason, never with the token.
+    wait_for(Duration::from_secs(5), "counted", || {
+        env.gw
+            .metrics()
+            .lines()
+            .any(|l| l.contains("tollgate_oidc_validations_total") && l.contains("wrong_audience"))
+    });
+    assert!(!env.gw.logs().contains(&for_tools), "no token in the log");
 }
 
 /// SQLSTATE-bearing psql errors are matched on their text; psql prints the message only.

@@ -547,7 +547,7 @@ fn unmask_request_reviewed_through_the_cli_is_granted_apart_from_access_and_reco
     assert_eq!(kinds, [(id.as_str(), "unmask")]);
     let err = failed(&s.run(&s.olga, &["reviews", "list", "--kind", "unmasked"]));
     assert!(
-        err.contains("(400)") && err.contains("use command, access or unmask"),
+        err.contains("(400)") && err.contains("use command, access, unmask or pin"),
         "{err}"
     );
 

@@ -22,7 +22,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -39,7 +39,8 @@ use tollgate_gate::rules::{Caller, CommandKind, Decision, Judgement};
 use tollgate_gate::{Access, Command, Identity};
 use tollgate_mask::BodyPlan;
 use tollgate_metrics::registry;
-use tollgate_review::Verdict;
+use tollgate_review::{PinChange, PinDecision, Reviews, Verdict};
+use tollgate_store::PinSeen;
 
 use crate::relay::{capture, forwarded_headers, reasons_json, recorded_headers, upstream_failed};
 use crate::serve::ConnCtx;
@@ -95,31 +96,41 @@ impl McpSessions {
     }
 }
 
-/// Tool definitions by resource and tool name: the fingerprint pinned at the first listing,
-/// and the one last listed when it differs (a tool blocked under `enforce`).
+/// Tool descriptions as last listed (shown to the reviewer of a held call), and what calls
+/// learn of pins: the pins themselves live in the store (`Reviews::pin_seen`), so neither a
+/// restart nor another replica forgets one.
 #[derive(Default)]
 pub(crate) struct Pins {
-    pins: Mutex<HashMap<(String, String), ToolPin>>,
-    /// Each tool's description as last listed (shown to the reviewer of a held call).
+    /// Each tool's description as last listed.
     described: Mutex<HashMap<(String, String), String>>,
+    /// Per resource and tool: when the store last said its calls are free (its definition is
+    /// the pinned one). Cleared for a tool whenever a listing here sees it.
+    free: Mutex<HashMap<(String, String), Instant>>,
 }
 
 /// Longest tool description kept for reviewers.
 const MAX_DESCRIPTION: usize = 2048;
 
-#[derive(Clone)]
-struct ToolPin {
-    pinned: String,
-    changed: Option<String>,
-}
+/// How long a call's pin verdict is reused before the store is asked again (what another
+/// replica's listing or an approval changed is seen within it).
+const PIN_VERDICT_TTL: Duration = Duration::from_secs(2);
 
-/// What a listing says about a tool's pin.
-enum PinSeen {
-    /// Seen for the first time: pinned now.
-    New,
-    Same,
-    /// Differs from the pin (the pinned and the listed fingerprints).
-    Changed(String),
+/// What a tool's pin says of calling it under `enforce`.
+enum CallVerdict {
+    Free,
+    /// Its definition changed since it was pinned; `review` decides the new one.
+    Blocked {
+        pinned: String,
+        seen: String,
+        review: Option<String>,
+    },
+    /// Its changed definition was approved (and is pinned now, by this call).
+    Approved {
+        pinned: String,
+        seen: String,
+        review: String,
+        by: String,
+    },
 }
 
 impl Pins {
@@ -138,36 +149,62 @@ impl Pins {
         m.get(&(resource.to_string(), tool.to_string())).cloned()
     }
 
-    fn see(&self, resource: &str, tool: &str, fingerprint: &str) -> PinSeen {
-        let mut m = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (resource.to_string(), tool.to_string());
-        match m.get_mut(&key) {
-            None => {
-                m.insert(
-                    key,
-                    ToolPin {
-                        pinned: fingerprint.to_string(),
-                        changed: None,
-                    },
-                );
-                PinSeen::New
-            }
-            Some(p) if p.pinned == fingerprint => {
-                p.changed = None;
-                PinSeen::Same
-            }
-            Some(p) => {
-                p.changed = Some(fingerprint.to_string());
-                PinSeen::Changed(p.pinned.clone())
-            }
-        }
+    fn forget_verdict(&self, resource: &str, tool: &str) {
+        let mut m = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&(resource.to_string(), tool.to_string()));
     }
 
-    /// The pinned and last listed fingerprints of a tool whose definition changed.
-    fn changed(&self, resource: &str, tool: &str) -> Option<(String, String)> {
-        let m = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-        let p = m.get(&(resource.to_string(), tool.to_string()))?;
-        Some((p.pinned.clone(), p.changed.clone()?))
+    /// Whether `tool` may be called under `enforce`: a free verdict is reused for
+    /// [`PIN_VERDICT_TTL`]; a changed definition is looked up in the store each time (so an
+    /// approval counts at once). A store failure is an `Err`: the call is refused (fail closed).
+    fn call_verdict(
+        &self,
+        reviews: &Reviews,
+        resource: &str,
+        tool: &str,
+    ) -> Result<CallVerdict, String> {
+        let key = (resource.to_string(), tool.to_string());
+        {
+            let m = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            if m.get(&key).is_some_and(|at| at.elapsed() < PIN_VERDICT_TTL) {
+                return Ok(CallVerdict::Free);
+            }
+        }
+        let pin = reviews.pin(resource, tool).map_err(|e| e.to_string())?;
+        let changed = pin
+            .as_ref()
+            .and_then(|p| Some((p.pinned_sha256.clone(), p.changed()?.to_string())));
+        let verdict = match changed {
+            None => CallVerdict::Free,
+            Some((pinned, seen)) => {
+                match reviews
+                    .pin_approved(resource, tool, &seen)
+                    .map_err(|e| e.to_string())?
+                {
+                    Some((review, by)) => CallVerdict::Approved {
+                        pinned,
+                        seen,
+                        review,
+                        by,
+                    },
+                    None => CallVerdict::Blocked {
+                        review: reviews
+                            .pin_review_pending(resource, &seen)
+                            .map_err(|e| e.to_string())?,
+                        pinned,
+                        seen,
+                    },
+                }
+            }
+        };
+        if matches!(verdict, CallVerdict::Free) {
+            let mut m = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() >= MAX_SESSIONS {
+                m.clear();
+            }
+            m.insert(key, Instant::now());
+        }
+        Ok(verdict)
     }
 }
 
@@ -351,6 +388,27 @@ impl Exchange {
         }
         Ok(())
     }
+}
+
+/// The `aud` values an OIDC token must carry one of at MCP resource `t` (RFC 8707): the
+/// resource's URL as its protected resource metadata names it (on the host the request names,
+/// when that is one of the gateway's), and the resource's `audiences`. `None` for other kinds
+/// (their tokens are for the gateway as a whole).
+pub(crate) fn token_audiences(
+    gw: &HttpGateway,
+    t: &Target,
+    host: Option<&str>,
+) -> Option<Vec<String>> {
+    if t.resource.kind != tollgate_config::ResourceKind::Mcp {
+        return None;
+    }
+    let mut auds = t.resource.audiences.clone();
+    if let Some(host) = host.filter(|h| gw.serves(crate::relay::host_of(h))) {
+        let url = format!("https://{host}/r/{}", t.resource.name);
+        auds.push(format!("{url}/"));
+        auds.push(url);
+    }
+    Some(auds)
 }
 
 /// The URL of the OAuth protected resource metadata (RFC 9728) of MCP resource `name`, when
@@ -952,21 +1010,53 @@ fn masked_arguments(a: &Value, plan: Option<&BodyPlan>) -> Value {
 }
 
 /// Under `pinning = enforce`, a call of a tool whose definition changed since it was pinned is
-/// denied, naming the change.
+/// denied, naming the change and the review that would allow it.
 fn pin_block(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
     if x.target.resource.pinning != tollgate_config::PinMode::Enforce || msg.method != "tools/call"
     {
         return None;
     }
     let tool = msg.name.as_deref()?;
-    let (pinned, seen) = x.gw.mcp_pins.changed(&x.target.resource.name, tool)?;
+    let message = match x.gw.mcp_pins.call_verdict(x.gw.reviews(), &x.target.resource.name, tool) {
+        Ok(CallVerdict::Free) => return None,
+        Ok(CallVerdict::Approved {
+            pinned,
+            seen,
+            review,
+            by,
+        }) => {
+            x.session.log.record(&McpPin {
+                kind: "mcp.pin_approved",
+                n: x.n,
+                tool: tool.to_string(),
+                pinned_sha256: pinned,
+                seen_sha256: Some(seen),
+                mode: None,
+                review: Some(review),
+                approved_by: Some(by),
+            });
+            return None;
+        }
+        Ok(CallVerdict::Blocked {
+            pinned,
+            seen,
+            review,
+        }) => format!(
+            "tool \"{tool}\" changed its definition since it was pinned (sha256 {} is now {}); it may not be called until an administrator approves the new definition{}",
+            &pinned[..16.min(pinned.len())],
+            &seen[..16.min(seen.len())],
+            review
+                .map(|id| format!(" (review {id}: `tollgate reviews approve {id}`)"))
+                .unwrap_or_default()
+        ),
+        Err(e) => {
+            tracing::error!(resource = %x.target.resource.name, tool, error = %e, "could not read the tool's pin");
+            format!("tool \"{tool}\" could not be checked against its pinned definition (the gateway's store is unavailable), so it was not called")
+        }
+    };
     Some(Decision::Deny {
         rule: "pinning".into(),
-        message: format!(
-            "tool \"{tool}\" changed its definition since it was pinned (sha256 {} is now {}); it may not be called until an administrator approves the new definition",
-            &pinned[..16],
-            &seen[..16]
-        ),
+        message,
     })
 }
 
@@ -1482,6 +1572,102 @@ impl Replies {
         Ok(msg)
     }
 
+    /// Pins a listed tool's definition, or checks it against its pin: false when it changed
+    /// under `enforce` and no `pin` review approved the new definition (the tool is then left
+    /// out). A change opens that review (once) and is recorded, counted and logged at each listing.
+    fn pin_allows(&self, name: &str, tool: &Value) -> bool {
+        let resource = &self.target.resource;
+        let enforce = resource.pinning == tollgate_config::PinMode::Enforce;
+        let mode = if enforce { "enforce" } else { "warn" };
+        let fingerprint = tool_fingerprint(tool);
+        let reviews = self.gw.reviews();
+        self.gw.mcp_pins.forget_verdict(&resource.name, name);
+        let pin_event = |kind, pinned_sha256, seen_sha256, mode, review, approved_by| {
+            self.session.log.record(&McpPin {
+                kind,
+                n: self.n,
+                tool: name.to_string(),
+                pinned_sha256,
+                seen_sha256,
+                mode,
+                review,
+                approved_by,
+            })
+        };
+        let seen = match reviews.pin_seen(&resource.name, name, &fingerprint) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(resource = %resource.name, tool = %name, error = %e, "could not check the tool against its pin");
+                return !enforce;
+            }
+        };
+        let pinned = match seen {
+            PinSeen::Same(_) => return true,
+            PinSeen::New(_) => {
+                pin_event("mcp.pinned", fingerprint, None, None, None, None);
+                return true;
+            }
+            PinSeen::Changed(p) => p.pinned_sha256,
+        };
+        // What the reviewer reads: the new definition, masked as the record is.
+        let mut shown = tool.to_string();
+        clip(&mut shown, MAX_DESCRIPTION);
+        let shown = masked_arguments(&Value::String(shown), self.audit_plan.as_ref());
+        let decided = reviews.pin_changed(&PinChange {
+            resource: &resource.name,
+            tool: name,
+            pinned_sha256: &pinned,
+            seen_sha256: &fingerprint,
+            shown: format!("new definition: {}", shown.as_str().unwrap_or_default()),
+            approvers: &resource.pin_approvers,
+        });
+        match decided {
+            Ok(PinDecision::Approved { review, by }) => {
+                tracing::info!(resource = %resource.name, tool = %name, %review, "MCP tool's new definition approved and pinned");
+                pin_event(
+                    "mcp.pin_approved",
+                    pinned,
+                    Some(fingerprint),
+                    None,
+                    Some(review),
+                    Some(by),
+                );
+                true
+            }
+            Ok(PinDecision::Pending { review, opened }) => {
+                tracing::warn!(resource = %resource.name, tool = %name, mode, review = %review.id, opened, "MCP tool definition changed since it was pinned");
+                registry()
+                    .counter(
+                        "tollgate_mcp_pin_changes_total",
+                        "MCP tool definitions listed changed since they were pinned, by resource and mode.",
+                        &[("resource", &resource.name), ("mode", mode)],
+                    )
+                    .inc();
+                pin_event(
+                    "mcp.pin_changed",
+                    pinned,
+                    Some(fingerprint),
+                    Some(mode),
+                    Some(review.id),
+                    None,
+                );
+                !enforce
+            }
+            Err(e) => {
+                tracing::error!(resource = %resource.name, tool = %name, error = %e, "could not open a review of the tool's changed definition");
+                pin_event(
+                    "mcp.pin_changed",
+                    pinned,
+                    Some(fingerprint),
+                    Some(mode),
+                    None,
+                    None,
+                );
+                !enforce
+            }
+        }
+    }
+
     /// Leaves out of a listing (`tools/list`, `prompts/list`, `resources/list`) what this caller
     /// would be denied using (judged without arguments: a rule on arguments does not hide its
     /// tool); tools are pinned on the way (`[resources.pinning]`).
@@ -1514,43 +1700,12 @@ impl Replies {
                     self.gw.mcp_pins.describe(&resource.name, name, d);
                 }
             }
-            if tools_listed && resource.pinning != tollgate_config::PinMode::Off {
-                let fingerprint = tool_fingerprint(t);
-                match self.gw.mcp_pins.see(&resource.name, name, &fingerprint) {
-                    PinSeen::Same => {}
-                    PinSeen::New => self.session.log.record(&McpPin {
-                        kind: "mcp.pinned",
-                        n: self.n,
-                        tool: name.to_string(),
-                        pinned_sha256: fingerprint,
-                        seen_sha256: None,
-                        mode: None,
-                    }),
-                    PinSeen::Changed(pinned) => {
-                        let enforce = resource.pinning == tollgate_config::PinMode::Enforce;
-                        let mode = if enforce { "enforce" } else { "warn" };
-                        tracing::warn!(resource = %resource.name, tool = %name, mode, "MCP tool definition changed since it was pinned");
-                        registry()
-                            .counter(
-                                "tollgate_mcp_pin_changes_total",
-                                "MCP tool definitions listed changed since they were pinned, by resource and mode.",
-                                &[("resource", &resource.name), ("mode", mode)],
-                            )
-                            .inc();
-                        self.session.log.record(&McpPin {
-                            kind: "mcp.pin_changed",
-                            n: self.n,
-                            tool: name.to_string(),
-                            pinned_sha256: pinned,
-                            seen_sha256: Some(fingerprint),
-                            mode: Some(mode),
-                        });
-                        if enforce {
-                            hidden.push(name.to_string());
-                            return false;
-                        }
-                    }
-                }
+            if tools_listed
+                && resource.pinning != tollgate_config::PinMode::Off
+                && !self.pin_allows(name, t)
+            {
+                hidden.push(name.to_string());
+                return false;
             }
             let j = self.target.rules.judge(
                 &Command {

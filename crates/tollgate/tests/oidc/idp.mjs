@@ -74,7 +74,8 @@ const provider = new Provider(issuer, {
       useGrantedResource: () => true,
       getResourceServerInfo: (ctx, resource) => ({
         scope: 'db',
-        audience: resource === 'urn:tollgate' ? 'tollgate' : 'another-service',
+        // RFC 8707: a token for an https resource (an MCP resource's URL) is for that resource.
+        audience: resource === 'urn:tollgate' ? 'tollgate' : resource.startsWith('https://') ? resource : 'another-service',
         accessTokenFormat: 'jwt',
         accessTokenTTL: 600,
         jwt: { sign: { alg: 'RS256' } },
