@@ -209,6 +209,10 @@ pub struct Oidc {
     pub ca: Option<PathBuf>,
     /// For `tollgate login` (not used to validate bearer tokens).
     pub client_id: Option<String>,
+    /// The console's client secret, for providers whose web clients are confidential
+    /// (`client_secret_env` or `client_secret_file`; never written in the config itself). Only
+    /// the gateway's console sign-in sends it; `tollgate login` is a public client.
+    pub client_secret: SecretSource,
     /// A token's `aud` must name at least one of these.
     pub audiences: Vec<String>,
     /// Dotted path of the groups claim (`realm_access.roles`); an absent claim means no groups.
@@ -237,6 +241,8 @@ struct RawOidc {
     issuer: String,
     ca: Option<String>,
     client_id: Option<String>,
+    client_secret_env: Option<String>,
+    client_secret_file: Option<String>,
     audiences: Option<Vec<String>>,
     groups_claim: Option<String>,
     #[serde(default)]
@@ -1307,10 +1313,28 @@ impl Ctx<'_> {
                 .max_cert_ttl
                 .map(|s| parse_duration(&s).map_err(|m| bad("max_cert_ttl", m)))
                 .transpose()?;
+            let client_secret = match (raw.client_secret_env, raw.client_secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(bad(
+                        "client_secret_env",
+                        "set one of client_secret_env or client_secret_file, not both".into(),
+                    ))
+                }
+                (Some(v), None) => SecretSource::Env(v),
+                (None, Some(p)) => SecretSource::File(self.resolve(&p)),
+                (None, None) => SecretSource::None,
+            };
+            if client_secret != SecretSource::None && raw.client_id.is_none() {
+                return Err(bad(
+                    "client_secret_env",
+                    "a client secret belongs to a client: set client_id too".into(),
+                ));
+            }
             out.push(Oidc {
                 issuer,
                 ca: raw.ca.map(|p| self.resolve(&p)),
                 client_id: raw.client_id,
+                client_secret,
                 audiences,
                 groups_claim,
                 group_map: raw.group_map,
@@ -2882,6 +2906,8 @@ message = "ask sre"
             ("issuer = \"https://idp\"\naudiences = [\"t\"]\nalgorithms = [\"PS256\"]", "not supported"),
             ("issuer = \"https://idp\"\naudiences = [\"t\"]\ngroups_claim = \"a..b\"", "identity.oidc.groups_claim"),
             ("issuer = \"https://idp\"\naudiences = [\"t\"]\nmax_cert_ttl = \"soon\"", "identity.oidc.max_cert_ttl"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\nclient_secret_env = \"S\"", "identity.oidc.client_secret_env"),
+            ("issuer = \"https://idp\"\naudiences = [\"t\"]\nclient_id = \"c\"\nclient_secret_env = \"S\"\nclient_secret_file = \"s\"", "identity.oidc.client_secret_env"),
             ("issuer = \"https://idp\"\naudiences = [\"t\"]\naudience = \"t\"", "unknown field `audience`"),
         ] {
             let e = with(&format!("[[identity.oidc]]\nissuer = \"https://ok\"\naudiences = [\"t\"]\n\n[[identity.oidc]]\n{body}\n"))

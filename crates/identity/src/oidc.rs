@@ -804,8 +804,23 @@ pub(crate) async fn fetch_json(
     tls: &Arc<rustls::ClientConfig>,
     form: Option<&str>,
 ) -> Result<(u16, Value), String> {
+    fetch_json_with(url, tls, form, None).await
+}
+
+/// [`fetch_json`] with an `Authorization` header (a confidential client's credentials).
+pub(crate) async fn fetch_json_with(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    form: Option<&str>,
+    authorization: Option<&str>,
+) -> Result<(u16, Value), String> {
     let verb = if form.is_some() { "POST" } else { "GET" };
-    match tokio::time::timeout(FETCH_TIMEOUT, fetch_json_inner(url, tls, form)).await {
+    match tokio::time::timeout(
+        FETCH_TIMEOUT,
+        fetch_json_inner(url, tls, form, authorization),
+    )
+    .await
+    {
         Ok(r) => r.map_err(|e| format!("{verb} {url}: {e}")),
         Err(_) => Err(format!(
             "{verb} {url}: timed out after {}s",
@@ -818,6 +833,7 @@ async fn fetch_json_inner(
     url: &str,
     tls: &Arc<rustls::ClientConfig>,
     form: Option<&str>,
+    authorization: Option<&str>,
 ) -> Result<(u16, Value), String> {
     use http_body_util::BodyExt;
     let u = tollgate_webhook::WebhookUrl::parse(url)?;
@@ -842,11 +858,14 @@ async fn fetch_json_inner(
     } else {
         format!("{}:{}", u.host, u.port)
     };
-    let builder = hyper::Request::builder()
+    let mut builder = hyper::Request::builder()
         .uri(u.path.as_str())
         .header(hyper::header::HOST, host)
         .header(hyper::header::ACCEPT, "application/json")
         .header(hyper::header::USER_AGENT, "tollgate");
+    if let Some(a) = authorization {
+        builder = builder.header(hyper::header::AUTHORIZATION, a);
+    }
     let req = match form {
         None => builder
             .method(hyper::Method::GET)
@@ -893,6 +912,7 @@ mod tests {
             issuer: ISS.into(),
             ca: None,
             client_id: None,
+            client_secret: tollgate_config::SecretSource::None,
             audiences: vec!["tollgate".into()],
             groups_claim: "realm_access.roles".into(),
             group_map: [("6f1c".to_string(), "sre".to_string())].into(),

@@ -134,25 +134,57 @@ impl Provider {
         )
     }
 
-    /// Redeem an authorization code (public client: `client_id` and the PKCE verifier); the
-    /// ID token of the answer.
+    /// Redeem an authorization code: `client_id` and the PKCE verifier, and for a confidential
+    /// client its `secret` (HTTP Basic, RFC 6749 §2.3.1, unless the provider's discovery
+    /// document offers only `client_secret_post`); the ID token of the answer.
     pub async fn redeem_code(
         &self,
         client_id: &str,
         code: &str,
         redirect_uri: &str,
         verifier: &str,
+        secret: Option<&str>,
     ) -> Result<String, LoginError> {
+        let mut fields = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("client_id", client_id),
+            ("code_verifier", verifier),
+        ];
+        let mut basic = None;
+        if let Some(secret) = secret {
+            if self.client_secret_basic() {
+                // Both halves form-encoded first (RFC 6749 §2.3.1).
+                let pair = format!("{}:{}", percent_encode(client_id), percent_encode(secret));
+                basic = Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ));
+            } else {
+                fields.push(("client_secret", secret));
+            }
+        }
         let answer = self
-            .token_request(&form(&[
-                ("grant_type", "authorization_code"),
-                ("code", code),
-                ("redirect_uri", redirect_uri),
-                ("client_id", client_id),
-                ("code_verifier", verifier),
-            ]))
+            .token_request_with(&form(&fields), basic.as_deref())
             .await?;
         id_token_of(&answer)
+    }
+
+    /// Whether a client secret goes in an HTTP Basic header: the default of OpenID Connect
+    /// Discovery when the provider lists no methods, and whenever it lists that one.
+    fn client_secret_basic(&self) -> bool {
+        match self
+            .document
+            .get("token_endpoint_auth_methods_supported")
+            .and_then(Value::as_array)
+        {
+            None => true,
+            Some(m) => {
+                m.iter().any(|v| v == "client_secret_basic")
+                    || !m.iter().any(|v| v == "client_secret_post")
+            }
+        }
     }
 
     /// Start a device authorization (RFC 8628 §3.1).
@@ -213,7 +245,22 @@ impl Provider {
     }
 
     async fn token_request(&self, body: &str) -> Result<Value, LoginError> {
-        match fetch_json(&self.token_endpoint, &self.tls, Some(body)).await {
+        self.token_request_with(body, None).await
+    }
+
+    async fn token_request_with(
+        &self,
+        body: &str,
+        authorization: Option<&str>,
+    ) -> Result<Value, LoginError> {
+        match crate::oidc::fetch_json_with(
+            &self.token_endpoint,
+            &self.tls,
+            Some(body),
+            authorization,
+        )
+        .await
+        {
             Ok((200, v)) => Ok(v),
             Ok((status, v)) => Err(refused(status, &v)),
             Err(e) => Err(LoginError::Unreachable(e)),

@@ -1100,6 +1100,66 @@ async fn a_reviewer_signs_in_with_the_identity_provider_and_approves() {
     assert!(!serde_json::to_string(&events).unwrap().contains(&code));
 }
 
+/// A provider whose web client is confidential (Google, Entra, Okta web apps): the console
+/// redeems the code with `client_secret_file`'s secret (HTTP Basic), read at each sign-in, so a
+/// wrong or rotated secret needs no restart; without the right secret nobody signs in.
+#[test]
+fn a_confidential_client_signs_in_with_its_secret() {
+    let https = tollgate_testsupport::free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut idp = Idp::new(tmp.path(), tollgate_testsupport::free_port(), "keys");
+    idp.redirect_uris = vec![format!("https://localhost:{https}/auth/oidc/callback")];
+    idp.up();
+    let secret = tmp.path().join("console.secret");
+    std::fs::write(&secret, "wrong-secret\n").unwrap();
+    let s = start_with(
+        https,
+        &format!(
+            "\n[[identity.oidc]]\nissuer = \"{}\"\nca = \"{}\"\nclient_id = \"tollgate-console\"\nclient_secret_file = \"{}\"\naudiences = [\"tollgate\"]\n",
+            idp.issuer,
+            idp.ca.display(),
+            secret.display()
+        ),
+    );
+    let bundle = tmp.path().join("cas.pem");
+    std::fs::write(
+        &bundle,
+        [&idp.ca, &s.env.pki.ca]
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .concat(),
+    )
+    .unwrap();
+    let start = format!("{}/auth/oidc/start?next=/reviews", s.origin());
+    let sign_in = |jar: &str| {
+        let jar = tmp.path().join(jar);
+        let Browsed::Left(back) =
+            idp.browse_trusting(&start, "alice", Consent::Approve, &jar, &bundle)
+        else {
+            panic!("the provider did not redirect back");
+        };
+        s.curl(&["-b", &jar.display().to_string(), &back])
+    };
+    // The wrong secret: the provider refuses the code, and the person is told so.
+    let (status, head, body) = sign_in("wrong");
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("did not accept this sign-in's code"),
+        "{body}"
+    );
+    assert!(!head.contains("__Host-tollgate_console="), "{head}");
+    // The right one, read at the next sign-in: alice is in.
+    std::fs::write(&secret, "console-secret-4d1f\n").unwrap();
+    let (status, head, body) = sign_in("right");
+    assert_eq!(status, 303, "{head}{body}");
+    assert!(head.contains("__Host-tollgate_console="), "{head}");
+    // The secret is in no log and no audit event.
+    assert!(!s.env.gw.logs().contains("console-secret-4d1f"));
+    let events = s.env.events();
+    assert!(!serde_json::to_string(&events)
+        .unwrap()
+        .contains("console-secret-4d1f"));
+}
+
 fn query_of(url: &str, name: &str) -> String {
     url.split_once('?')
         .unwrap()

@@ -275,9 +275,37 @@ async fn finish(
         );
     };
     let r = &pending.request;
+    // A confidential client's secret, read now (a rotated secret needs no restart).
+    let secret = match state
+        .oidc
+        .issuer_config(&pending.provider.issuer)
+        .map(|c| c.client_secret.read())
+        .transpose()
+    {
+        Ok(s) => s.flatten(),
+        Err(e) => {
+            tracing::error!(issuer = %pending.provider.issuer, error = %e, "console sign-in: the client secret could not be read");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                "client_secret_unavailable",
+                failed(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The gateway cannot finish this sign-in: its client secret for this identity provider is not available. An administrator must fix client_secret_env or client_secret_file.",
+                    again,
+                ),
+            );
+        }
+    };
     let token = match pending
         .provider
-        .redeem_code(&r.client_id, &code, &r.redirect_uri, &r.pkce.verifier)
+        .redeem_code(
+            &r.client_id,
+            &code,
+            &r.redirect_uri,
+            &r.pkce.verifier,
+            secret.as_deref(),
+        )
         .await
     {
         Ok(t) => t,

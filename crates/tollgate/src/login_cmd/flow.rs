@@ -111,7 +111,7 @@ async fn browser(provider: &Provider, client_id: &str, args: &LoginArgs) -> anyh
             )
         })??;
     let token = provider
-        .redeem_code(client_id, &code, &redirect_uri, &req.pkce.verifier)
+        .redeem_code(client_id, &code, &redirect_uri, &req.pkce.verifier, None)
         .await
         .context("redeeming the authorization code at the identity provider")?;
     check_id_token(&token, &provider.issuer, client_id, Some(&req.nonce))?;

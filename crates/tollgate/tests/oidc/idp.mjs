@@ -6,7 +6,8 @@
 // are JWTs (resource indicators) with a `groups` claim chosen per client.
 // People sign in through the provider's own login and consent pages (devInteractions: any
 // password) as the public client `tollgate-login` (authorization code + PKCE, loopback redirect
-// on any port as RFC 8252 §7.3 asks, and the device flow); their ID tokens carry `groups` from
+// on any port as RFC 8252 §7.3 asks, and the device flow), or as the confidential client
+// `tollgate-console` (its secret in HTTP Basic); their ID tokens carry `groups` from
 // PEOPLE. `tollgate-short` is the same client with device codes that expire after 3 s.
 // Device flow: the authorization answer names interval 1, the first poll of each device code
 // is answered `slow_down`, and each poll is logged (`device-poll <n> <ms since the last>`).
@@ -50,6 +51,16 @@ for (const id of ['tollgate-login', 'tollgate-short']) {
     redirect_uris: ['http://127.0.0.1/callback', ...(redirects ? redirects.split(',') : [])],
   });
 }
+// A confidential web client (as Google's, Entra's and Okta's web apps are): the code is
+// redeemed only with its secret, in an HTTP Basic header.
+clients.push({
+  client_id: 'tollgate-console',
+  client_secret: 'console-secret-4d1f',
+  token_endpoint_auth_method: 'client_secret_basic',
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+  redirect_uris: redirects ? redirects.split(',') : ['https://127.0.0.1/callback'],
+});
 
 const provider = new Provider(issuer, {
   jwks: { keys: [signing] },
