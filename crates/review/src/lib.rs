@@ -875,7 +875,11 @@ impl Reviews {
 
     /// The held client went away: the review is withdrawn (if still pending).
     pub fn withdraw(&self, id: &str) {
-        let reason = "the client disconnected while the command was held";
+        self.withdraw_because(id, "the client disconnected while the command was held");
+    }
+
+    /// Withdraw a pending review, saying why.
+    pub(crate) fn withdraw_because(&self, id: &str, reason: &str) {
         match self
             .store
             .review_close(id, REVIEW_WITHDRAWN, self.now(), Some(reason))

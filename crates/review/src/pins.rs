@@ -130,6 +130,22 @@ impl Reviews {
                 opened: false,
             });
         }
+        // One pending review per tool: a definition that changed again supersedes the one
+        // waiting (a server cannot pile reviews up by changing a tool over and over).
+        let rule = format!("pinning:{}", change.tool);
+        for r in self.store.reviews(&ReviewFilter {
+            kind: Some(REVIEW_KIND_PIN.into()),
+            resource: Some(change.resource.into()),
+            status: Some(REVIEW_PENDING.into()),
+            ..Default::default()
+        })? {
+            if r.rule.as_deref() == Some(rule.as_str()) {
+                self.withdraw_because(
+                    &r.id,
+                    "the tool's definition changed again: a newer review replaces this one",
+                );
+            }
+        }
         let review = self.request(NewReview {
             kind: ReviewKind::Pin,
             session_id: None,
@@ -138,7 +154,7 @@ impl Reviews {
                 subject: PIN_REQUESTER.into(),
                 groups: Vec::new(),
             },
-            rule: Some("pinning".into()),
+            rule: Some(rule),
             statement: Some(format!(
                 "MCP tool \"{}\" changed its definition: pinned sha256 {}, now listed as sha256 {}\n{}",
                 change.tool, change.pinned_sha256, change.seen_sha256, change.shown

@@ -446,7 +446,10 @@ fn table(reviews: &[Review]) -> String {
 
 fn show(r: &Review) -> String {
     let mut out = String::new();
-    let mut field = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
+    let mut field = |k: &str, v: String| {
+        let v = crate::sessions_cmd::terminal_safe(&v, false).replace('\n', "\n           ");
+        out.push_str(&format!("{k:<10} {v}\n"))
+    };
     field("review", r.id.clone());
     field("kind", r.kind.clone());
     field("status", r.status.clone());
@@ -510,4 +513,19 @@ fn show(r: &Review) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wire_text_cannot_drive_the_reviewers_terminal() {
+        let sneaky = "DELETE FROM users;\x1b[2K\r-- SELECT 1\u{202E}x\nnext\tline";
+        let shown = crate::sessions_cmd::terminal_safe(sneaky, false);
+        assert_eq!(
+            shown,
+            "DELETE FROM users;\\u{1b}[2K\\r-- SELECT 1\\u{202e}x\nnext\tline"
+        );
+        let one = crate::sessions_cmd::terminal_safe(sneaky, true);
+        assert!(!one.contains('\n') && !one.contains('\x1b'), "{one}");
+    }
 }

@@ -320,8 +320,12 @@ fn sessions_table(sessions: &[Session]) -> String {
 
 /// Rows under a header, in columns two spaces apart (the last column is not padded).
 pub(crate) fn aligned<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|r| r.clone().map(|c| terminal_safe(&c, true)))
+        .collect();
     let mut widths = header.map(str::len);
-    for r in rows {
+    for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
@@ -340,7 +344,7 @@ pub(crate) fn aligned<const N: usize>(header: &[&str; N], rows: &[[String; N]]) 
         out.push('\n');
     };
     line(header);
-    for r in rows {
+    for r in &rows {
         line(&r.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
@@ -368,7 +372,8 @@ fn show_text(d: &SessionDetail) -> String {
         who.push(')');
     }
     let mut out = String::new();
-    let mut field = |k: &str, v: String| out.push_str(&format!("{k:<10} {v}\n"));
+    let mut field =
+        |k: &str, v: String| out.push_str(&format!("{k:<10} {}\n", terminal_safe(&v, true)));
     field("session", s.id.clone());
     field("subject", who);
     field("resource", opt(&s.resource).to_string());
@@ -395,11 +400,31 @@ fn show_text(d: &SessionDetail) -> String {
     for e in &d.events {
         let (label, text) = describe(e);
         out.push_str(&format!(
-            "  {}  {label:<14} {text}\n",
-            offset(e.at_unix_ms - t0)
+            "  {}  {label:<14} {}\n",
+            offset(e.at_unix_ms - t0),
+            terminal_safe(&text, true)
         ));
         for l in capture_lines(&e.payload) {
             out.push_str(&format!("{:28}{l}\n", ""));
+        }
+    }
+    out
+}
+
+/// Text from the wire (a statement, a tool definition, a reason) as a terminal shows it
+/// safely: control characters other than newline and tab are escaped, so a statement cannot
+/// move the cursor, clear a line or recolour what the reviewer reads; `one_line` escapes
+/// newlines too.
+pub(crate) fn terminal_safe(s: &str, one_line: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let keep = !one_line && (c == '\n' || c == '\t');
+        // Bidi overrides and isolates reorder what is displayed (Trojan Source).
+        let bidi = matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && !keep) || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
     }
     out
@@ -732,7 +757,12 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
             }
             _ => format!("{} {}", e.kind, p),
         };
-        writeln!(out, "[{}] {line}", offset(e.at_unix_ms - t0))?;
+        writeln!(
+            out,
+            "[{}] {}",
+            offset(e.at_unix_ms - t0),
+            terminal_safe(&line, true)
+        )?;
         for l in capture_lines(p) {
             writeln!(out, "{:16}{l}", "")?;
         }
@@ -744,7 +774,7 @@ fn replay(d: &SessionDetail, speed: f64, out: &mut impl Write) -> anyhow::Result
         if let Some(cap) = cap {
             for l in cap.lines().take(REPLAY_BODY_LINES) {
                 let clipped: String = l.chars().take(REPLAY_BODY_WIDTH).collect();
-                writeln!(out, "{:16}{clipped}", "")?;
+                writeln!(out, "{:16}{}", "", terminal_safe(&clipped, true))?;
             }
         }
     }
@@ -898,7 +928,7 @@ mod tests {
                 6,
                 1_300,
                 "command",
-                json!({"n": 3, "protocol": "simple", "text": "update t set x = 1"}),
+                json!({"n": 3, "protocol": "simple", "text": "update t set x = 1\u{1b}[2K\r-- hidden"}),
             ),
             event(
                 7,
@@ -938,7 +968,7 @@ mod tests {
                 "                -----------------",
                 "                <binary 16 bytes>",
                 "                (truncated)",
-                "[+0.300s] SQL> update t set x = 1",
+                "[+0.300s] SQL> update t set x = 1\\u{1b}[2K\\r-- hidden",
                 "[+0.301s]   -> 1 row (UPDATE 1), 0.09 ms",
                 "[+0.400s] disconnected: closed after 400ms",
             ],

@@ -1195,7 +1195,24 @@ fn a_changed_tool_definition_is_blocked_and_an_undecided_review_expires() {
     std::fs::remove_file(env.tmp.path().join("echo-description.txt")).unwrap();
     let out = env.run(serde_json::json!([{"op": "list"}]));
     assert_eq!(out[1]["tools"].as_array().unwrap().len(), 2, "{out:?}");
-    assert_eq!(pin_reviews(&env, "pending").len(), 1);
+    let first = pin_reviews(&env, "pending");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["rule"], "pinning:echo");
+    // A server changing the tool over and over cannot pile reviews up: the newest replaces.
+    std::fs::write(
+        env.tmp.path().join("echo-description.txt"),
+        "Echo a text back, now with telemetry.",
+    )
+    .unwrap();
+    env.run(serde_json::json!([{"op": "list"}]));
+    let now = pin_reviews(&env, "pending");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0]["id"], first[0]["id"]);
+    let withdrawn = pin_reviews(&env, "withdrawn");
+    assert!(
+        withdrawn.iter().any(|r| r["id"] == first[0]["id"]),
+        "{withdrawn:?}"
+    );
 }
 
 /// What a client running list, lookup_customer `id`, delete_ticket and echo `echoed` gets back
