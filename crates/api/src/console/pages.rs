@@ -147,6 +147,23 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
+/// A statement as the reviewer must read it: characters that change what is displayed without
+/// being seen (bidi overrides and isolates, zero-width characters, control characters other
+/// than newline and tab) are shown escaped, so text cannot hide or reorder part of itself.
+fn visible(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let hidden = (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2028}' | '\u{2029}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+        if hidden {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn review_card(r: &Review) -> Markup {
     html! {
         li.card.review data-status=(r.status) {
@@ -154,7 +171,7 @@ fn review_card(r: &Review) -> Markup {
                 span.badge.(r.status) { (r.status) }
                 " " (r.kind) " on " strong { (r.resource) } " by " (r.requester)
             }
-            @if let Some(s) = &r.statement { pre.snippet { (clip(s, 200)) } }
+            @if let Some(s) = &r.statement { pre.snippet { (clip(&visible(s), 200)) } }
             @else if let Some(reason) = &r.reason { p.snippet { (clip(reason, 200)) } }
             p.meta {
                 "created " (time(&r.created_at))
@@ -248,7 +265,7 @@ pub(crate) fn review(
                 }
                 @if let Some(s) = &r.statement {
                     h2 { "Statement, as recorded (with its parameters)" }
-                    pre #statement { (s) }
+                    pre #statement { (visible(s)) }
                     @if let Some(d) = &r.statement_sha256 { p.meta { "SHA-256 " code { (d) } } }
                 }
             }
@@ -886,6 +903,14 @@ pub(crate) const JS: &str = include_str!("console.js");
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn statements_cannot_hide_or_reorder_part_of_themselves() {
+        assert_eq!(
+            super::visible("DELETE FROM t;\u{202E}--\u{200B}x\x1b[2K\nok\t."),
+            "DELETE FROM t;\\u{202e}--\\u{200b}x\\u{1b}[2K\nok\t."
+        );
+    }
+
     use super::*;
 
     fn config(text: &str) -> tollgate_config::Config {
