@@ -28,6 +28,7 @@ use crate::{
     KIND_SESSION_CLOSE, KIND_SESSION_OPEN, PRUNE_CHAIN, PRUNE_SESSION,
 };
 
+mod cluster;
 mod reviews;
 pub mod url;
 
@@ -35,7 +36,8 @@ pub use url::{PasswordSource, PgSslMode, PgStoreUrl};
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Version 1 is the
 /// SQLite store's schema at its version 4, so `store migrate` copies rows column for column.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE chains (
     chain_id           TEXT PRIMARY KEY,
     last_seq           BIGINT NOT NULL,
@@ -117,7 +119,18 @@ CREATE TABLE access_grants (
     until      BIGINT NOT NULL   -- unix ms
 );
 CREATE INDEX access_grants_by_subject ON access_grants (subject, resource, until);
-"#];
+"#,
+    r#"
+CREATE TABLE replicas (
+    id                   TEXT PRIMARY KEY,
+    address              TEXT NOT NULL,
+    admin_address        TEXT,
+    version              TEXT NOT NULL,
+    started_at_unix_ms   BIGINT NOT NULL,
+    heartbeat_at_unix_ms BIGINT NOT NULL
+);
+"#,
+];
 
 /// The schema version this build creates and understands.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -145,6 +158,9 @@ pub struct PgStore {
     /// Review changes heard on the LISTEN connection (started by the first subscriber).
     changes: tokio::sync::broadcast::Sender<crate::ReviewChange>,
     listening: std::sync::Once,
+    /// Whether this process holds the cluster leadership (its task started by the first caller).
+    leader: tokio::sync::watch::Sender<bool>,
+    leading: std::sync::Once,
 }
 
 /// The NOTIFY channel of review changes.
@@ -288,6 +304,8 @@ impl PgStore {
             idle: Mutex::new(Vec::new()),
             changes: tokio::sync::broadcast::channel(1024).0,
             listening: std::sync::Once::new(),
+            leader: tokio::sync::watch::Sender::new(false),
+            leading: std::sync::Once::new(),
         };
         store.run(async |c| migrate(c).await)?;
         Ok(store)
@@ -1271,6 +1289,22 @@ impl Store for PgStore {
             .map(read_event)
             .collect()
         })
+    }
+
+    fn replica_heartbeat(&self, replica: &crate::ReplicaRecord) -> Result<(), StoreError> {
+        self.run(async |c| cluster::heartbeat(c, replica).await)
+    }
+    fn replicas(&self) -> Result<Vec<crate::ReplicaRecord>, StoreError> {
+        self.run(async |c| cluster::list(c).await)
+    }
+    fn replica_deregister(&self, id: &str) -> Result<(), StoreError> {
+        self.run(async |c| cluster::deregister(c, id).await)
+    }
+    fn cluster_leader(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        let rx = self.leader.subscribe();
+        self.leading
+            .call_once(|| self.start_leading(self.leader.clone()));
+        Some(rx)
     }
 
     fn review_changes(&self) -> Option<tokio::sync::broadcast::Receiver<crate::ReviewChange>> {
