@@ -181,6 +181,11 @@ pub async fn run(
             .clone()
             .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
     ));
+    // Several replicas: this one's cancel keys carry a tag the others can route by.
+    let cancel_tag = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || replica_task::pick_cancel_tag(&*s)).await?
+    };
     let gw = Arc::new(PgGateway {
         tls: pg_tls.clone(),
         targets: arc_swap::ArcSwap::from_pointee(targets),
@@ -198,6 +203,7 @@ pub async fn run(
         refusals,
         recorder: recorder.clone(),
         cancels: Default::default(),
+        cancel_peers: cancel_tag.map(|_| store.clone()),
         max_message: config.server.max_message_bytes,
         handshake_timeout: config.server.handshake_timeout,
         audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
@@ -207,6 +213,9 @@ pub async fn run(
         reviews: Some(reviews.clone()),
         review_rerun_window: config.server.review_rerun_window,
     });
+    if let Some(tag) = cancel_tag {
+        gw.cancels.set_replica_tag(tag);
+    }
     if !gw.audit_fail_closed {
         tracing::warn!("server.audit_failure = \"open\": commands are forwarded without waiting for their audit events; `tollgate check` fails this config");
     }
@@ -426,7 +435,12 @@ pub async fn run(
     // The replica registry (a shared store): this replica's id is its chain's.
     audit_tasks.push(tokio::spawn(replica_task::heartbeat_loop(
         store.clone(),
-        replica_task::record(&chain_id, bound.postgres.expect("bound above"), bound.admin),
+        replica_task::record(
+            &chain_id,
+            bound.postgres.expect("bound above"),
+            bound.admin,
+            cancel_tag,
+        ),
     )));
 
     ready.store(true, Ordering::SeqCst);

@@ -36,13 +36,19 @@ fn reachable(addr: SocketAddr) -> String {
     }
 }
 
-pub(crate) fn record(id: &str, postgres: SocketAddr, admin: Option<SocketAddr>) -> ReplicaRecord {
+pub(crate) fn record(
+    id: &str,
+    postgres: SocketAddr,
+    admin: Option<SocketAddr>,
+    cancel_tag: Option<i32>,
+) -> ReplicaRecord {
     let now = unix_ms(SystemTime::now());
     ReplicaRecord {
         id: id.to_string(),
         address: reachable(postgres),
         admin_address: admin.map(reachable),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        cancel_tag,
         started_at_unix_ms: now,
         heartbeat_at_unix_ms: now,
     }
@@ -73,6 +79,36 @@ pub(crate) async fn heartbeat_loop(store: Arc<dyn Store>, mut me: ReplicaRecord)
                 failing = true;
             }
             Err(e) => tracing::error!(error = %e, "replica heartbeat task failed"),
+        }
+    }
+}
+
+/// A cancel-key tag no live replica uses (`None` on a store without a registry, where this
+/// gateway is alone). Two replicas starting at the same moment may still draw the same tag:
+/// 1 in 1023, and a collision only misroutes a cancel request between them.
+pub(crate) fn pick_cancel_tag(store: &dyn Store) -> Option<i32> {
+    let taken: Vec<i32> = match store.replicas() {
+        Ok(list) => {
+            let now = unix_ms(SystemTime::now());
+            let interval = HEARTBEAT_INTERVAL.as_millis() as i64;
+            list.iter()
+                .filter(|r| r.alive(now, interval))
+                .filter_map(|r| r.cancel_tag)
+                .collect()
+        }
+        Err(StoreError::Unsupported(_)) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the replica registry; picking a cancel-key tag blind");
+            Vec::new()
+        }
+    };
+    let mut b = [0u8; 2];
+    loop {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+            .expect("the system random source works");
+        let tag = 1 + i32::from(u16::from_be_bytes(b)) % tollgate_pg::MAX_REPLICA_TAG;
+        if !taken.contains(&tag) || taken.len() >= tollgate_pg::MAX_REPLICA_TAG as usize {
+            return Some(tag);
         }
     }
 }

@@ -126,6 +126,7 @@ CREATE TABLE replicas (
     address              TEXT NOT NULL,
     admin_address        TEXT,
     version              TEXT NOT NULL,
+    cancel_tag           INTEGER,
     started_at_unix_ms   BIGINT NOT NULL,
     heartbeat_at_unix_ms BIGINT NOT NULL
 );

@@ -12,6 +12,8 @@ pub struct ReplicaRecord {
     pub admin_address: Option<String>,
     /// The tollgate version it runs.
     pub version: String,
+    /// The tag its PostgreSQL cancel keys carry, so other replicas can pass a CancelRequest on.
+    pub cancel_tag: Option<i32>,
     pub started_at_unix_ms: i64,
     pub heartbeat_at_unix_ms: i64,
 }

@@ -863,3 +863,103 @@ fn replicas_register_and_one_of_them_leads_the_checkpoints() {
             .is_ok_and(|n| n.trim() == "1")
     });
 }
+
+/// A TCP relay on a free port whose first connection goes to port `first` and every later one
+/// to `then`: a client's CancelRequest (a new connection to the address it used) lands on
+/// another replica than its session, as behind a load balancer.
+fn split_relay(first: u16, then: u16) -> u16 {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { continue };
+            let to = if n == 0 { first } else { then };
+            std::thread::spawn(move || {
+                let Ok(up) = TcpStream::connect(("127.0.0.1", to)) else {
+                    return;
+                };
+                let (mut c_in, mut u_out) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+                let forward = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut u_out);
+                    let _ = u_out.shutdown(Shutdown::Write);
+                });
+                let (mut c_out, mut u_in) = (client, up);
+                let _ = std::io::copy(&mut u_in, &mut c_out);
+                let _ = c_out.shutdown(Shutdown::Write);
+                let _ = forward.join();
+            });
+        }
+    });
+    port
+}
+
+/// A CancelRequest that reaches replica B for a query running through replica A cancels it:
+/// the key names A (its tag), B passes the request on, A matches the secret.
+#[test]
+fn a_cancel_request_through_another_replica_cancels_the_query() {
+    let f = start();
+    let relay = split_relay(f.a().gw.pg_port, f.b().gw.pg_port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let took = rt.block_on(async {
+        let tls =
+            tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&f.pki.ca, Some(&f.alice)));
+        let conninfo = format!("host=localhost port={relay} dbname=app user=alice sslmode=require");
+        let (client, conn) = tokio_postgres::connect(&conninfo, tls.clone())
+            .await
+            .expect("connect through replica A");
+        tokio::spawn(conn);
+        let token = client.cancel_token();
+        let query =
+            tokio::spawn(
+                async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) },
+            );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let running = f
+                .app
+                .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
+                .unwrap();
+            if running.trim() == "1" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the query never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        token
+            .cancel_query(tls)
+            .await
+            .expect("send the cancel request");
+        let err = tokio::time::timeout(Duration::from_secs(20), query)
+            .await
+            .expect("the query was not cancelled")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{err:?}"
+        );
+        started.elapsed()
+    });
+    eprintln!("replicas: cancel through replica B ended the query on A {took:?} after it was sent");
+    assert_eq!(
+        f.b()
+            .gw
+            .metric("tollgate_cancel_requests_total{matched=\"forwarded\"}"),
+        Some(1),
+        "{}",
+        f.b().gw.metrics()
+    );
+    assert_eq!(
+        f.a()
+            .gw
+            .metric("tollgate_cancel_requests_total{matched=\"yes\"}"),
+        Some(1)
+    );
+}

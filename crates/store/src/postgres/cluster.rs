@@ -17,15 +17,17 @@ const LEADER_POLL: Duration = Duration::from_secs(2);
 
 pub(super) async fn heartbeat(c: &mut Client, r: &ReplicaRecord) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO replicas (id, address, admin_address, version, started_at_unix_ms, heartbeat_at_unix_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+        "INSERT INTO replicas (id, address, admin_address, version, cancel_tag, started_at_unix_ms, heartbeat_at_unix_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
          address = excluded.address, admin_address = excluded.admin_address, \
-         version = excluded.version, heartbeat_at_unix_ms = excluded.heartbeat_at_unix_ms",
+         version = excluded.version, cancel_tag = excluded.cancel_tag, \
+         heartbeat_at_unix_ms = excluded.heartbeat_at_unix_ms",
         &[
             &r.id,
             &r.address,
             &r.admin_address,
             &r.version,
+            &r.cancel_tag,
             &r.started_at_unix_ms,
             &r.heartbeat_at_unix_ms,
         ],
@@ -37,8 +39,8 @@ pub(super) async fn heartbeat(c: &mut Client, r: &ReplicaRecord) -> Result<(), S
 pub(super) async fn list(c: &mut Client) -> Result<Vec<ReplicaRecord>, StoreError> {
     let rows = c
         .query(
-            "SELECT id, address, admin_address, version, started_at_unix_ms, heartbeat_at_unix_ms \
-             FROM replicas ORDER BY id",
+            "SELECT id, address, admin_address, version, cancel_tag, started_at_unix_ms, \
+             heartbeat_at_unix_ms FROM replicas ORDER BY id",
             &[],
         )
         .await?;
@@ -49,8 +51,9 @@ pub(super) async fn list(c: &mut Client) -> Result<Vec<ReplicaRecord>, StoreErro
                 address: r.try_get(1)?,
                 admin_address: r.try_get(2)?,
                 version: r.try_get(3)?,
-                started_at_unix_ms: r.try_get(4)?,
-                heartbeat_at_unix_ms: r.try_get(5)?,
+                cancel_tag: r.try_get(4)?,
+                started_at_unix_ms: r.try_get(5)?,
+                heartbeat_at_unix_ms: r.try_get(6)?,
             })
         })
         .collect()
