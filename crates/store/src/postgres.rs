@@ -362,27 +362,14 @@ impl PgStore {
     /// change and passes it to `changes`; reconnects after a second when it breaks. Waiters
     /// poll the store as well, so a change missed while reconnecting is still seen.
     fn start_listening(&self) {
-        let (cfg, tls, changes) = match self.pg_config() {
-            Ok(cfg) => (cfg, self.tls.clone(), self.changes.clone()),
-            Err(e) => {
-                tracing::warn!(error = %e, "review notifications off: cannot configure the LISTEN connection");
-                return;
-            }
+        let Some(open) = self.dedicated("review notifications", Some(self.changes.clone())) else {
+            return;
         };
         let rt = self.rt.as_ref().expect("runtime present until drop");
         rt.spawn(async move {
             loop {
-                match connect_raw(cfg.clone(), tls.clone()).await {
-                    Ok((client, mut conn)) => {
-                        let driver = tokio::spawn({
-                            let changes = changes.clone();
-                            async move {
-                                futures_util::future::poll_fn(|cx| {
-                                    drive(&mut conn, cx, Some(&changes))
-                                })
-                                .await
-                            }
-                        });
+                match open.open().await {
+                    Ok((client, driver)) => {
                         match client
                             .batch_execute(&format!("LISTEN {REVIEW_CHANNEL}"))
                             .await
@@ -406,6 +393,26 @@ impl PgStore {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// How to open dedicated connections (never pooled) for `what`, their notifications passed
+    /// to `changes`; `None`, said in the log, if the store's connection settings cannot be had.
+    pub(crate) fn dedicated(
+        &self,
+        what: &str,
+        changes: Option<tokio::sync::broadcast::Sender<crate::ReviewChange>>,
+    ) -> Option<Dedicated> {
+        match self.pg_config() {
+            Ok(cfg) => Some(Dedicated {
+                cfg,
+                tls: self.tls.clone(),
+                changes,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} off: cannot configure its connection");
+                None
+            }
+        }
     }
 
     fn conn(&self) -> Result<Conn<'_>, StoreError> {
@@ -436,6 +443,27 @@ impl PgStore {
     ) -> Result<R, StoreError> {
         let mut conn = self.conn()?;
         block_on(f(&mut conn))
+    }
+}
+
+/// Opens the connections of one long-lived task (LISTEN, leadership), each with its driver.
+pub(crate) struct Dedicated {
+    cfg: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    changes: Option<tokio::sync::broadcast::Sender<crate::ReviewChange>>,
+}
+
+/// A dedicated connection's driver, ending with the connection.
+pub(crate) type DriverTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+impl Dedicated {
+    pub(crate) async fn open(&self) -> Result<(Client, DriverTask), tokio_postgres::Error> {
+        let (client, mut conn) = connect_raw(self.cfg.clone(), self.tls.clone()).await?;
+        let changes = self.changes.clone();
+        let driver = tokio::spawn(async move {
+            futures_util::future::poll_fn(|cx| drive(&mut conn, cx, changes.as_ref())).await
+        });
+        Ok((client, driver))
     }
 }
 

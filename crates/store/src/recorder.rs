@@ -234,6 +234,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Waits on `cv` until `done` holds for the value behind `m`, at most `limit`; false if it
+/// did not hold by then.
+fn wait_until<T>(
+    m: &Mutex<T>,
+    cv: &Condvar,
+    limit: Duration,
+    mut done: impl FnMut(&T) -> bool,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut v = lock(m);
+    while !done(&v) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        v = cv
+            .wait_timeout(v, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    true
+}
+
 /// The writer lock for an append. Its holder runs for a microsecond or two (numbering, hashing,
 /// one copy into the journal), usually on another core: waiting that out beats sleeping on the lock, which
 /// costs two context switches. Sleeps only if the holder takes much longer (it was preempted).
@@ -424,41 +447,30 @@ impl Recorder {
 
     fn wait_synced(&self, gen: u64) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let deadline = Instant::now() + inner.stall_limit;
-        let mut s = lock(&inner.sync);
-        loop {
-            if let Some(outcome) = s.outcome(gen) {
-                return outcome;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(self.fsync_timeout());
-            }
-            s = inner
-                .sync_done
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let mut outcome = None;
+        let decided = wait_until(&inner.sync, &inner.sync_done, inner.stall_limit, |s| {
+            outcome = s.outcome(gen);
+            outcome.is_some()
+        });
+        match outcome {
+            Some(o) if decided => o,
+            _ => Err(self.fsync_timeout()),
         }
     }
 
     /// [`Durability::Store`]: until the event numbered `seq` is committed to the store.
     fn wait_stored(&self, seq: i64) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let deadline = Instant::now() + inner.stall_limit;
-        let mut stored = lock(&inner.stored_seq);
-        while *stored < seq {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(self.store_timeout());
-            }
-            stored = inner
-                .stored_done
-                .wait_timeout(stored, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        if wait_until(
+            &inner.stored_seq,
+            &inner.stored_done,
+            inner.stall_limit,
+            |s| *s >= seq,
+        ) {
+            Ok(())
+        } else {
+            Err(self.store_timeout())
         }
-        Ok(())
     }
 
     async fn wait_stored_async(&self, seq: i64) -> Result<(), StoreError> {
@@ -1139,6 +1151,23 @@ mod tests {
         (dir, store, opts)
     }
 
+    /// `per_thread` command events from each of `threads` threads at once, to sessions `s<t>`.
+    fn append_from_threads(rec: &Recorder, threads: usize, per_thread: u64) {
+        let threads: Vec<_> = (0..threads)
+            .map(|t| {
+                let rec = rec.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per_thread {
+                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
     /// A store that takes nothing: a journal written to it stays unimported, as after a crash.
     struct Down;
     impl Store for Down {
@@ -1249,19 +1278,7 @@ mod tests {
     async fn appended_events_are_chained_stored_and_verified() {
         let (_d, store, opts) = setup();
         let rec = Recorder::start(store.clone(), "c1".into(), opts).unwrap();
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let rec = rec.clone();
-                std::thread::spawn(move || {
-                    for i in 0..1000 {
-                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        append_from_threads(&rec, 8, 1000);
         rec.flush().await.unwrap();
         let st = rec.stats();
         assert_eq!(
@@ -1528,19 +1545,7 @@ mod tests {
         let rec = Recorder::start(store, "c".into(), opts).unwrap();
         // A slow disk: while one fsync runs, the other appenders queue up for the next.
         *lock(&rec.inner.test_fsync_delay) = Duration::from_millis(3);
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let rec = rec.clone();
-                std::thread::spawn(move || {
-                    for i in 0..25 {
-                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        append_from_threads(&rec, 8, 25);
         let st = rec.stats();
         assert_eq!(st.written, 200);
         assert!(
@@ -1595,19 +1600,7 @@ mod tests {
             assert_eq!(stored.last().unwrap().payload["n"], i);
         }
         // Concurrent appenders share transactions.
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let rec = rec.clone();
-                std::thread::spawn(move || {
-                    for i in 0..25 {
-                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        append_from_threads(&rec, 8, 25);
         assert_eq!(store.verify().unwrap().events, 220);
         rec.shutdown();
     }

@@ -20,10 +20,7 @@ pub fn prune(config: &Path, dry_run: bool, json: bool) -> ExitCode {
         )?)
     };
     match run() {
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => could_not_run(e),
         Ok(r) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -68,10 +65,7 @@ pub fn import(config: &Path, journal: &Path, json: bool) -> ExitCode {
         Ok(report)
     };
     match run() {
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => could_not_run(e),
         Ok(r) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -123,10 +117,7 @@ fn replicas(config: &Path, json: bool) -> ExitCode {
     };
     let list = match run() {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return could_not_run(e),
     };
     let now = tollgate_store::unix_ms(std::time::SystemTime::now());
     let interval = tollgate_server::replica_task::HEARTBEAT_INTERVAL.as_millis() as i64;
@@ -221,11 +212,11 @@ pub fn store(cmd: StoreCmd) -> ExitCode {
             ExitCode::from(1)
         })
     };
-    match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    run().unwrap_or_else(could_not_run)
+}
+
+/// Exit 2: the command could not run (what stopped it on stderr).
+fn could_not_run(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::from(2)
 }

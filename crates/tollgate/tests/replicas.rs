@@ -265,6 +265,25 @@ impl Fleet {
     }
 }
 
+/// `tollgate audit verify --json` with `config`, which must pass; its report.
+fn audit_verify(config: &Path) -> Value {
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["first_break"].is_null(), "{report}");
+    report
+}
+
 #[test]
 fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
     let f = start();
@@ -357,21 +376,8 @@ fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
     };
     assert_eq!(chains.len(), 2, "one chain per replica: {chains:?}");
     for r in [f.a(), f.b()] {
-        let out = Command::new(BIN)
-            .args(["audit", "verify", "--json", "--config"])
-            .arg(&r.gw.config_path)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = audit_verify(&r.gw.config_path);
         assert!(report["chains"].as_u64().unwrap() >= 2, "{report}");
-        assert!(report["first_break"].is_null(), "{report}");
     }
     // No replica logged the store password.
     for r in [f.a(), f.b()] {
@@ -709,24 +715,7 @@ fn kill_9_of_a_replica_under_pgbench_load_loses_no_command_event() {
         "a second import added events"
     );
 
-    let verify = |config: &Path| {
-        let out = Command::new(BIN)
-            .args(["audit", "verify", "--json", "--config"])
-            .arg(config)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(report["first_break"].is_null(), "{report}");
-        report
-    };
-    let report = verify(&f.replicas[1].gw.config_path);
+    let report = audit_verify(&f.replicas[1].gw.config_path);
     assert!(report["chains"].as_u64().unwrap() >= 3, "{report}");
 
     // The killed replica restarts on its own journal: it imports it again (nothing new) and serves.
@@ -746,7 +735,7 @@ fn kill_9_of_a_replica_under_pgbench_load_loses_no_command_event() {
     f.replicas[0].gw = restarted;
     let out = f.psql(f.a(), &f.alice, "SELECT 'tg-after-restart'");
     assert!(out.status.success(), "{}", stderr(&out));
-    verify(&f.replicas[1].gw.config_path);
+    audit_verify(&f.replicas[1].gw.config_path);
 }
 
 /// Chains that hold `audit.checkpoint` events, with how many each.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{connect_raw, drive, PgStore};
+use super::PgStore;
 use crate::{ReplicaRecord, StoreError};
 
 /// The advisory lock whose holder leads (see [`super::MIGRATION_LOCK`] for the namespace).
@@ -69,21 +69,14 @@ impl PgStore {
     /// The leadership task: tries for [`LEADER_LOCK`] on its own connection (never pooled) and
     /// tells `leader` whether it holds it; reconnects when the connection breaks.
     pub(super) fn start_leading(&self, leader: tokio::sync::watch::Sender<bool>) {
-        let (cfg, tls) = match self.pg_config() {
-            Ok(cfg) => (cfg, self.tls.clone()),
-            Err(e) => {
-                tracing::warn!(error = %e, "cluster leadership off: cannot configure its connection");
-                return;
-            }
+        let Some(open) = self.dedicated("cluster leadership", None) else {
+            return;
         };
         let rt = self.rt.as_ref().expect("runtime present until drop");
         rt.spawn(async move {
             loop {
-                match connect_raw(cfg.clone(), tls.clone()).await {
-                    Ok((client, mut conn)) => {
-                        let driver = tokio::spawn(async move {
-                            futures_util::future::poll_fn(|cx| drive(&mut conn, cx, None)).await
-                        });
+                match open.open().await {
+                    Ok((client, driver)) => {
                         hold_or_wait(&client, &leader).await;
                         driver.abort();
                     }
