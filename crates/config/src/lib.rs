@@ -127,6 +127,10 @@ pub enum AuditDurability {
     Written,
     /// A command is forwarded only once its event is fsynced (group commit).
     Fsync,
+    /// A command is forwarded only once its event is committed to the store (for a shared
+    /// store: nothing acknowledged is lost with the replica's disk); refused after
+    /// `audit_timeout` when the store does not answer.
+    Store,
 }
 
 impl AuditDurability {
@@ -134,6 +138,7 @@ impl AuditDurability {
         match self {
             AuditDurability::Written => "written",
             AuditDurability::Fsync => "fsync",
+            AuditDurability::Store => "store",
         }
     }
 }
@@ -1559,11 +1564,12 @@ impl Ctx<'_> {
                 Some(v) => match v.get_ref().as_str() {
                     "written" => AuditDurability::Written,
                     "fsync" => AuditDurability::Fsync,
+                    "store" => AuditDurability::Store,
                     other => {
                         return Err(self.invalid(
                             v.span().start,
                             "server.audit_durability",
-                            format!("{other:?}: use \"written\" (journal written before a command is forwarded, fsynced in the background) or \"fsync\" (fsynced before a command is forwarded)"),
+                            format!("{other:?}: use \"written\" (journal written before a command is forwarded, fsynced in the background), \"fsync\" (fsynced before a command is forwarded) or \"store\" (committed to the store before a command is forwarded)"),
                         ))
                     }
                 },
@@ -2560,6 +2566,13 @@ password_env = "ORDERS_DB_PASSWORD"
         assert_eq!(c.server.retention, Some(Duration::from_secs(90 * 86400)));
         assert_eq!(c.server.checkpoint_interval, Duration::from_secs(60));
         assert_eq!(c.server.audit_durability, AuditDurability::Fsync);
+        assert_eq!(
+            p(&with("audit_durability = \"store\"", ""))
+                .unwrap()
+                .server
+                .audit_durability,
+            AuditDurability::Store
+        );
         assert!(!c.server.record_commands);
         assert!(c.resources[0].capture_results);
         assert_eq!(c.resources[0].capture_bytes, 1024);
@@ -2567,7 +2580,7 @@ password_env = "ORDERS_DB_PASSWORD"
             |server: &str, resource: &str| p(&with(server, resource)).unwrap_err().to_string();
         assert_eq!(
             err("audit_durability = \"sync\"", ""),
-            "/etc/tollgate/tollgate.toml:9: server.audit_durability: \"sync\": use \"written\" (journal written before a command is forwarded, fsynced in the background) or \"fsync\" (fsynced before a command is forwarded)"
+            "/etc/tollgate/tollgate.toml:9: server.audit_durability: \"sync\": use \"written\" (journal written before a command is forwarded, fsynced in the background), \"fsync\" (fsynced before a command is forwarded) or \"store\" (committed to the store before a command is forwarded)"
         );
         let e = err("retention = \"90\"", "");
         assert!(

@@ -1,5 +1,7 @@
 //! Cancel keys: each client gets tollgate's own BackendKeyData; a CancelRequest (which arrives
 //! on a new connection, with no identity) is matched by key and forwarded to the right upstream backend.
+//! With several replicas the key's process id carries the issuing replica's tag in its top bits
+//! ([`replica_tag_of`]), so that another replica can pass the request on to it.
 
 use crate::upstream::UpstreamTarget;
 use std::collections::HashMap;
@@ -17,6 +19,18 @@ struct Entry {
 #[derive(Default)]
 pub struct CancelRegistry {
     entries: Mutex<HashMap<i32, Entry>>,
+    /// This replica's tag (1..=[`MAX_REPLICA_TAG`]) in every key it issues; 0 when alone.
+    tag: std::sync::atomic::AtomicI32,
+}
+
+/// Bits of a key's process id below the replica tag.
+const TAG_SHIFT: u32 = 21;
+/// The largest replica tag: tags fill the 10 bits above [`TAG_SHIFT`] of a positive i32.
+pub const MAX_REPLICA_TAG: i32 = (1 << (31 - TAG_SHIFT)) - 1;
+
+/// The replica tag a key's process id carries (0: issued by a gateway without one).
+pub fn replica_tag_of(pid: i32) -> i32 {
+    pid >> TAG_SHIFT
 }
 
 /// What a matched CancelRequest resolves to.
@@ -28,6 +42,16 @@ pub struct CancelTarget {
 }
 
 impl CancelRegistry {
+    /// Put `tag` (1..=[`MAX_REPLICA_TAG`]) in the keys issued from now on.
+    pub fn set_replica_tag(&self, tag: i32) {
+        debug_assert!((1..=MAX_REPLICA_TAG).contains(&tag));
+        self.tag.store(tag, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn replica_tag(&self) -> i32 {
+        self.tag.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Allocate a fresh client-facing key (`secret_len` 4 for protocol 3.0, 32 for 3.2) for an upstream backend.
     pub fn register(
         &self,
@@ -42,7 +66,11 @@ impl CancelRegistry {
             let mut raw = vec![0u8; 4 + secret_len];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
                 .expect("system RNG");
-            let pid = i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]);
+            let mut pid = i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]);
+            let tag = self.replica_tag();
+            if tag != 0 {
+                pid = (tag << TAG_SHIFT) | (pid & ((1 << TAG_SHIFT) - 1));
+            }
             if pid == 0 || entries.contains_key(&pid) {
                 continue;
             }
@@ -84,5 +112,21 @@ impl CancelRegistry {
             pid: e.upstream_pid,
             secret: e.upstream_secret.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_replica_tag_and_stay_positive() {
+        for tag in [1, 2, 517, MAX_REPLICA_TAG] {
+            let pid = (tag << TAG_SHIFT) | ((1 << TAG_SHIFT) - 1);
+            assert!(pid > 0);
+            assert_eq!(replica_tag_of(pid), tag);
+            assert_eq!(replica_tag_of(tag << TAG_SHIFT), tag);
+        }
+        assert_eq!(replica_tag_of(0x001f_ffff), 0);
     }
 }

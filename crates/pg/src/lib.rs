@@ -32,7 +32,7 @@ use tollgate_identity::TokenVerifier;
 use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
 
-pub use cancel::CancelRegistry;
+pub use cancel::{replica_tag_of, CancelRegistry, MAX_REPLICA_TAG};
 pub use upstream::UpstreamTarget;
 pub use upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 
@@ -58,6 +58,9 @@ pub struct PgGateway {
     pub refusals: Arc<tollgate_store::refused::Refusals>,
     pub recorder: Recorder,
     pub cancels: CancelRegistry,
+    /// The shared store's replica registry, where a CancelRequest for a key another replica
+    /// issued finds that replica (`None`: this gateway is alone).
+    pub cancel_peers: Option<Arc<dyn tollgate_store::Store>>,
     pub max_message: usize,
     /// Limit on everything before the session is established (TLS, start-up, authentication).
     pub handshake_timeout: Duration,

@@ -825,14 +825,27 @@ impl PgGateway {
         }
     }
 
-    /// A CancelRequest: forward it to the matching upstream backend, or ignore it (as PostgreSQL does).
+    /// A CancelRequest: forward it to the matching upstream backend, or to the replica that
+    /// issued its key, or ignore it (as PostgreSQL does).
     async fn serve_cancel(&self, pid: i32, secret: &[u8]) {
         let matched = self.cancels.lookup(pid, secret);
+        let tag = crate::replica_tag_of(pid);
+        let forwarded = matched.is_none()
+            && tag != 0
+            && tag != self.cancels.replica_tag()
+            && self.forward_cancel(tag, pid, secret).await;
         registry()
             .counter(
                 "tollgate_cancel_requests_total",
-                "CancelRequests by whether their key matched a session.",
-                &[("matched", if matched.is_some() { "yes" } else { "no" })],
+                "CancelRequests by whether their key matched a session (here, or on the replica they were forwarded to).",
+                &[(
+                    "matched",
+                    match (&matched, forwarded) {
+                        (Some(_), _) => "yes",
+                        (None, true) => "forwarded",
+                        (None, false) => "no",
+                    },
+                )],
             )
             .inc();
         if let Some(c) = matched {
@@ -844,6 +857,56 @@ impl PgGateway {
         }
     }
 }
+
+impl PgGateway {
+    /// Passes a CancelRequest on to the live replica whose tag its key carries, as a client
+    /// would send it (the secret decides, there as here); true if it was sent. The owner never
+    /// forwards a key of its own tag, so a request is forwarded at most once.
+    async fn forward_cancel(&self, tag: i32, pid: i32, secret: &[u8]) -> bool {
+        let Some(store) = self.cancel_peers.clone() else {
+            return false;
+        };
+        let now = tollgate_store::unix_ms(SystemTime::now());
+        let owner = match tokio::task::spawn_blocking(move || store.replicas()).await {
+            Ok(Ok(list)) => list
+                .into_iter()
+                .find(|r| r.cancel_tag == Some(tag) && r.alive(now, CANCEL_PEER_ALIVE_MS / 3)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the replica registry to forward a cancel request");
+                None
+            }
+            Err(_) => None,
+        };
+        let Some(owner) = owner else {
+            return false;
+        };
+        let mut msg = Vec::with_capacity(12 + secret.len());
+        msg.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
+        msg.extend_from_slice(&crate::proto::startup::CANCEL_REQUEST.to_be_bytes());
+        msg.extend_from_slice(&pid.to_be_bytes());
+        msg.extend_from_slice(secret);
+        let sent = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut s = tokio::net::TcpStream::connect(owner.address.as_str()).await?;
+            s.write_all(&msg).await?;
+            s.shutdown().await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(replica = %owner.id, error = %e, "forwarding a cancel request to its replica failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(replica = %owner.id, "forwarding a cancel request to its replica timed out");
+                false
+            }
+        }
+    }
+}
+
+/// A replica counts as alive for forwarding if heard of within this long.
+const CANCEL_PEER_ALIVE_MS: i64 = 15_000;
 
 /// How long a terminated session's relay is given once it has read the FATAL (to write it to
 /// the client), and at most in all.

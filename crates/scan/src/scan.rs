@@ -39,6 +39,12 @@ pub enum GatewaySource {
     Local(UpstreamRegistry),
     /// The running gateway's admin listener (`GET /upstreams`).
     Admin(SocketAddr),
+    /// Inside one replica of several on a shared store: its live registry and the admin
+    /// listeners of the other replicas (`GET /upstreams`); the connections of them all.
+    Cluster {
+        local: UpstreamRegistry,
+        peers: Vec<SocketAddr>,
+    },
     /// Not known; every other session is reported as unverified, with this reason.
     Unavailable(String),
 }
@@ -48,23 +54,29 @@ impl GatewaySource {
         match self {
             GatewaySource::Local(r) => Ok(r.snapshot()),
             GatewaySource::Unavailable(why) => Err(why.clone()),
-            GatewaySource::Admin(addr) => {
-                let addr = if addr.ip().is_unspecified() {
-                    SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
-                } else {
-                    *addr
-                };
-                tokio::time::timeout(Duration::from_secs(5), fetch_admin(addr))
-                    .await
-                    .map_err(|_| {
-                        format!("the gateway's admin listener {addr} did not answer within 5s")
-                    })?
-                    .map_err(|e| {
-                        format!("the gateway's admin listener {addr} is not reachable: {e}")
-                    })
+            GatewaySource::Admin(addr) => fetch_peer(*addr).await,
+            GatewaySource::Cluster { local, peers } => {
+                let mut all = local.snapshot();
+                for peer in peers {
+                    all.extend(fetch_peer(*peer).await?);
+                }
+                Ok(all)
             }
         }
     }
+}
+
+/// A gateway's upstream connections from its admin listener, within 5 s.
+async fn fetch_peer(addr: SocketAddr) -> Result<Vec<UpstreamConn>, String> {
+    let addr = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+    } else {
+        addr
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch_admin(addr))
+        .await
+        .map_err(|_| format!("the gateway's admin listener {addr} did not answer within 5s"))?
+        .map_err(|e| format!("the gateway's admin listener {addr} is not reachable: {e}"))
 }
 
 async fn fetch_admin(addr: SocketAddr) -> Result<Vec<UpstreamConn>, String> {
@@ -1032,12 +1044,14 @@ async fn list_sessions(r: &Resource, opts: &ScanOptions) -> Result<Vec<SessionRo
         .map_err(|e| e.to_string())?;
     // Inside the gateway, the scanner's own session is one of the gateway's connections.
     let _entry = match (&opts.gateway, up.stream.local_addr()) {
-        (GatewaySource::Local(reg), Ok(local_addr)) => Some(reg.register(UpstreamConn {
-            resource: r.name.clone(),
-            upstream: r.upstream.clone(),
-            local_addr,
-            backend_pid: Some(up.pid),
-        })),
+        (GatewaySource::Local(reg) | GatewaySource::Cluster { local: reg, .. }, Ok(local_addr)) => {
+            Some(reg.register(UpstreamConn {
+                resource: r.name.clone(),
+                upstream: r.upstream.clone(),
+                local_addr,
+                backend_pid: Some(up.pid),
+            }))
+        }
         _ => None,
     };
     if !up.leftover.is_empty() {

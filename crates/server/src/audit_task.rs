@@ -1,7 +1,9 @@
 //! Audit housekeeping inside the gateway: the retention prune (`server.retention`, at start and
 //! then periodically) and checkpoints of every chain head (`server.checkpoint_interval`), which
 //! are recorded as `audit.checkpoint` events and logged on one line for an external system.
+//! On a shared store only the cluster's leader runs them (see `replica_task`).
 
+use crate::replica_task::Leadership;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tollgate_store::{
@@ -28,11 +30,14 @@ pub fn prune_now(
     store.prune(cutoff, dry_run)
 }
 
-pub(crate) async fn prune_loop(store: Arc<dyn Store>, retention: Duration) {
+pub(crate) async fn prune_loop(store: Arc<dyn Store>, retention: Duration, leader: Leadership) {
     let mut tick = tokio::time::interval(prune_period(retention));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !leader.leads() {
+            continue;
+        }
         let s = store.clone();
         match tokio::task::spawn_blocking(move || prune_now(&*s, retention, false)).await {
             Ok(Ok(r)) if r.events > 0 => tracing::info!(
@@ -65,12 +70,16 @@ pub(crate) async fn checkpoint_loop(
     recorder: Recorder,
     chain_id: String,
     every: Duration,
+    leader: Leadership,
 ) {
     let session_id = format!("checkpoint-{chain_id}");
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !leader.leads() {
+            continue;
+        }
         let s = store.clone();
         let heads = match tokio::task::spawn_blocking(move || s.chain_heads()).await {
             Ok(Ok(h)) => h,

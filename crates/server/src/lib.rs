@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod audit_task;
+pub mod replica_task;
 mod scan_task;
 
 use anyhow::{bail, Context};
@@ -110,6 +111,7 @@ pub async fn run(
             durability: match config.server.audit_durability {
                 tollgate_config::AuditDurability::Written => tollgate_store::Durability::Written,
                 tollgate_config::AuditDurability::Fsync => tollgate_store::Durability::Fsync,
+                tollgate_config::AuditDurability::Store => tollgate_store::Durability::Store,
             },
         },
     )
@@ -118,16 +120,20 @@ pub async fn run(
     if !config.server.record_commands {
         tracing::warn!("server.record_commands = false: COMMANDS AND RESULTS ARE NOT RECORDED in the audit trail (only session open/close); this is a benchmark baseline, not a deployment; `tollgate check` fails this config");
     }
+    // Checkpoints, retention and the periodic scan: once per cluster on a shared store.
+    let leader = replica_task::Leadership::of(&*store);
     let mut audit_tasks = vec![tokio::spawn(audit_task::checkpoint_loop(
         store.clone(),
         recorder.clone(),
         chain_id.clone(),
         config.server.checkpoint_interval,
+        leader.clone(),
     ))];
     if let Some(retention) = config.server.retention {
         audit_tasks.push(tokio::spawn(audit_task::prune_loop(
             store.clone(),
             retention,
+            leader.clone(),
         )));
     }
 
@@ -175,6 +181,11 @@ pub async fn run(
             .clone()
             .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
     ));
+    // Several replicas: this one's cancel keys carry a tag the others can route by.
+    let cancel_tag = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || replica_task::pick_cancel_tag(&*s)).await?
+    };
     let gw = Arc::new(PgGateway {
         tls: pg_tls.clone(),
         targets: arc_swap::ArcSwap::from_pointee(targets),
@@ -192,6 +203,7 @@ pub async fn run(
         refusals,
         recorder: recorder.clone(),
         cancels: Default::default(),
+        cancel_peers: cancel_tag.map(|_| store.clone()),
         max_message: config.server.max_message_bytes,
         handshake_timeout: config.server.handshake_timeout,
         audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
@@ -201,6 +213,9 @@ pub async fn run(
         reviews: Some(reviews.clone()),
         review_rerun_window: config.server.review_rerun_window,
     });
+    if let Some(tag) = cancel_tag {
+        gw.cancels.set_replica_tag(tag);
+    }
     if !gw.audit_fail_closed {
         tracing::warn!("server.audit_failure = \"open\": commands are forwarded without waiting for their audit events; `tollgate check` fails this config");
     }
@@ -354,6 +369,8 @@ pub async fn run(
                 recorder.clone(),
                 webhook,
                 latest_scan,
+                leader.clone(),
+                Some((store.clone(), chain_id.clone())),
             )))
         }
         None => None,
@@ -415,6 +432,17 @@ pub async fn run(
         }
     });
 
+    // The replica registry (a shared store): this replica's id is its chain's.
+    audit_tasks.push(tokio::spawn(replica_task::heartbeat_loop(
+        store.clone(),
+        replica_task::record(
+            &chain_id,
+            bound.postgres.expect("bound above"),
+            bound.admin,
+            cancel_tag,
+        ),
+    )));
+
     ready.store(true, Ordering::SeqCst);
     tracing::info!(
         postgres = ?bound.postgres,
@@ -451,7 +479,10 @@ pub async fn run(
     {
         tracing::error!(error = %e, "audit events are not all in the store yet; they stay in the journal and are imported at the next start");
     }
-    tokio::task::block_in_place(|| recorder.shutdown());
+    tokio::task::block_in_place(|| {
+        replica_task::deregister(&*store, &chain_id);
+        recorder.shutdown()
+    });
     Ok(())
 }
 

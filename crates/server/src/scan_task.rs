@@ -19,10 +19,12 @@ pub(crate) async fn run(
     recorder: Recorder,
     webhook: Option<Webhook>,
     latest: Option<std::sync::Arc<arc_swap::ArcSwapOption<tollgate_api::ScanSnapshot>>>,
+    leader: crate::replica_task::Leadership,
+    cluster: Option<(std::sync::Arc<dyn tollgate_store::Store>, String)>,
 ) {
-    let opts = ScanOptions {
+    let mut opts = ScanOptions {
         min_days: MIN_DAYS,
-        gateway: GatewaySource::Local(upstreams),
+        gateway: GatewaySource::Local(upstreams.clone()),
         max_message: config.server.max_message_bytes,
     };
     let mut tick = tokio::time::interval(every);
@@ -33,6 +35,18 @@ pub(crate) async fn run(
     let mut alerted: BTreeSet<String> = BTreeSet::new();
     loop {
         tick.tick().await;
+        if !leader.leads() {
+            continue;
+        }
+        if let Some((store, me)) = &cluster {
+            opts.gateway = match crate::replica_task::peer_admins(store.clone(), me).await {
+                Ok(peers) => GatewaySource::Cluster {
+                    local: upstreams.clone(),
+                    peers,
+                },
+                Err(why) => GatewaySource::Unavailable(why),
+            };
+        }
         let at = SystemTime::now();
         let reports = tollgate_scan::scan(&config, &opts).await;
         let findings: Vec<&Finding> = reports.iter().flat_map(|r| &r.findings).collect();

@@ -20,6 +20,7 @@ pub mod pins;
 pub mod postgres;
 mod recorder;
 pub mod refused;
+mod replica;
 pub mod review;
 mod sqlite;
 
@@ -32,7 +33,10 @@ pub use hash::{
 };
 pub use pins::{McpPinRecord, PinSeen};
 pub use postgres::{PgStore, PgStoreUrl};
-pub use recorder::{Durability, Recorder, RecorderOptions, RecorderStats};
+pub use recorder::{
+    import_journal, Durability, JournalImport, Recorder, RecorderOptions, RecorderStats,
+};
+pub use replica::ReplicaRecord;
 pub use review::{
     GrantRecord, Requester, ReviewChange, ReviewFilter, ReviewRecord, ReviewVote, VoteOutcome,
     VoteRecord,
@@ -264,6 +268,28 @@ pub trait Store: Send + Sync + 'static {
         ))
     }
 
+    // ---- replicas sharing the store (PostgreSQL; an SQLite store has one gateway) ----
+
+    /// Register `replica`, or renew its heartbeat.
+    fn replica_heartbeat(&self, replica: &ReplicaRecord) -> Result<(), StoreError> {
+        let _ = replica;
+        Err(no_replicas())
+    }
+    /// Every registered replica, in id order (alive or not: see [`ReplicaRecord::alive`]).
+    fn replicas(&self) -> Result<Vec<ReplicaRecord>, StoreError> {
+        Err(no_replicas())
+    }
+    /// Remove a replica from the registry (it is shutting down).
+    fn replica_deregister(&self, id: &str) -> Result<(), StoreError> {
+        let _ = id;
+        Err(no_replicas())
+    }
+    /// Whether this process leads the cluster's housekeeping (checkpoints, retention, the
+    /// periodic scan), as it changes. `None`: this process is the store's only writer, and leads.
+    fn cluster_leader(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+
     // ---- reviews (approvals); the lifecycle rules are in tollgate-review ----
 
     /// Review changes as the store learns of them, including those made by other processes
@@ -423,6 +449,12 @@ pub(crate) fn check_append(chain_id: &str, events: &[EventInput]) -> Result<(), 
         )));
     }
     Ok(())
+}
+
+fn no_replicas() -> StoreError {
+    StoreError::Unsupported(
+        "this store has no replica registry (one gateway per SQLite store)".into(),
+    )
 }
 
 fn no_reviews() -> StoreError {

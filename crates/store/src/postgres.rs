@@ -28,6 +28,7 @@ use crate::{
     KIND_SESSION_CLOSE, KIND_SESSION_OPEN, PRUNE_CHAIN, PRUNE_SESSION,
 };
 
+mod cluster;
 mod pins;
 mod reviews;
 pub mod url;
@@ -120,6 +121,17 @@ CREATE TABLE access_grants (
 );
 CREATE INDEX access_grants_by_subject ON access_grants (subject, resource, until);
 "#,
+    r#"
+CREATE TABLE replicas (
+    id                   TEXT PRIMARY KEY,
+    address              TEXT NOT NULL,
+    admin_address        TEXT,
+    version              TEXT NOT NULL,
+    cancel_tag           INTEGER,
+    started_at_unix_ms   BIGINT NOT NULL,
+    heartbeat_at_unix_ms BIGINT NOT NULL
+);
+"#,
     pins::MIGRATION,
 ];
 
@@ -149,6 +161,9 @@ pub struct PgStore {
     /// Review changes heard on the LISTEN connection (started by the first subscriber).
     changes: tokio::sync::broadcast::Sender<crate::ReviewChange>,
     listening: std::sync::Once,
+    /// Whether this process holds the cluster leadership (its task started by the first caller).
+    leader: tokio::sync::watch::Sender<bool>,
+    leading: std::sync::Once,
 }
 
 /// The NOTIFY channel of review changes.
@@ -292,6 +307,8 @@ impl PgStore {
             idle: Mutex::new(Vec::new()),
             changes: tokio::sync::broadcast::channel(1024).0,
             listening: std::sync::Once::new(),
+            leader: tokio::sync::watch::Sender::new(false),
+            leading: std::sync::Once::new(),
         };
         store.run(async |c| migrate(c).await)?;
         Ok(store)
@@ -347,27 +364,14 @@ impl PgStore {
     /// change and passes it to `changes`; reconnects after a second when it breaks. Waiters
     /// poll the store as well, so a change missed while reconnecting is still seen.
     fn start_listening(&self) {
-        let (cfg, tls, changes) = match self.pg_config() {
-            Ok(cfg) => (cfg, self.tls.clone(), self.changes.clone()),
-            Err(e) => {
-                tracing::warn!(error = %e, "review notifications off: cannot configure the LISTEN connection");
-                return;
-            }
+        let Some(open) = self.dedicated("review notifications", Some(self.changes.clone())) else {
+            return;
         };
         let rt = self.rt.as_ref().expect("runtime present until drop");
         rt.spawn(async move {
             loop {
-                match connect_raw(cfg.clone(), tls.clone()).await {
-                    Ok((client, mut conn)) => {
-                        let driver = tokio::spawn({
-                            let changes = changes.clone();
-                            async move {
-                                futures_util::future::poll_fn(|cx| {
-                                    drive(&mut conn, cx, Some(&changes))
-                                })
-                                .await
-                            }
-                        });
+                match open.open().await {
+                    Ok((client, driver)) => {
                         match client
                             .batch_execute(&format!("LISTEN {REVIEW_CHANNEL}"))
                             .await
@@ -391,6 +395,26 @@ impl PgStore {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// How to open dedicated connections (never pooled) for `what`, their notifications passed
+    /// to `changes`; `None`, said in the log, if the store's connection settings cannot be had.
+    pub(crate) fn dedicated(
+        &self,
+        what: &str,
+        changes: Option<tokio::sync::broadcast::Sender<crate::ReviewChange>>,
+    ) -> Option<Dedicated> {
+        match self.pg_config() {
+            Ok(cfg) => Some(Dedicated {
+                cfg,
+                tls: self.tls.clone(),
+                changes,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} off: cannot configure its connection");
+                None
+            }
+        }
     }
 
     fn conn(&self) -> Result<Conn<'_>, StoreError> {
@@ -421,6 +445,27 @@ impl PgStore {
     ) -> Result<R, StoreError> {
         let mut conn = self.conn()?;
         block_on(f(&mut conn))
+    }
+}
+
+/// Opens the connections of one long-lived task (LISTEN, leadership), each with its driver.
+pub(crate) struct Dedicated {
+    cfg: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    changes: Option<tokio::sync::broadcast::Sender<crate::ReviewChange>>,
+}
+
+/// A dedicated connection's driver, ending with the connection.
+pub(crate) type DriverTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+impl Dedicated {
+    pub(crate) async fn open(&self) -> Result<(Client, DriverTask), tokio_postgres::Error> {
+        let (client, mut conn) = connect_raw(self.cfg.clone(), self.tls.clone()).await?;
+        let changes = self.changes.clone();
+        let driver = tokio::spawn(async move {
+            futures_util::future::poll_fn(|cx| drive(&mut conn, cx, changes.as_ref())).await
+        });
+        Ok((client, driver))
     }
 }
 
@@ -1297,6 +1342,22 @@ impl Store for PgStore {
             .map(read_event)
             .collect()
         })
+    }
+
+    fn replica_heartbeat(&self, replica: &crate::ReplicaRecord) -> Result<(), StoreError> {
+        self.run(async |c| cluster::heartbeat(c, replica).await)
+    }
+    fn replicas(&self) -> Result<Vec<crate::ReplicaRecord>, StoreError> {
+        self.run(async |c| cluster::list(c).await)
+    }
+    fn replica_deregister(&self, id: &str) -> Result<(), StoreError> {
+        self.run(async |c| cluster::deregister(c, id).await)
+    }
+    fn cluster_leader(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        let rx = self.leader.subscribe();
+        self.leading
+            .call_once(|| self.start_leading(self.leader.clone()));
+        Some(rx)
     }
 
     fn review_changes(&self) -> Option<tokio::sync::broadcast::Receiver<crate::ReviewChange>> {

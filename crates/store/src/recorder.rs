@@ -16,7 +16,10 @@
 //! sync thread fsyncs it in the background (at most every [`WRITTEN_SYNC_PAUSE`]), so a power
 //! loss can lose the last few milliseconds. With [`Durability::Fsync`] `append` returns only once
 //! its bytes are fsynced; appenders that arrive while an fsync is running share the next one
-//! (group commit). A sealed segment is fsynced before it is renamed.
+//! (group commit). A sealed segment is fsynced before it is renamed. With [`Durability::Store`]
+//! the shared store is the durability point: `append` returns only once the importer has
+//! committed its events there; the importer then imports as soon as anything is journaled, and
+//! appenders that arrive during one transaction share the next (group commit again).
 //!
 //! Failure: a journal append error (no room on disk for the segment's next chunk) fails the
 //! append (the caller refuses the command). When the store stops accepting imports, appends keep
@@ -81,6 +84,9 @@ pub enum Durability {
     Written,
     /// Once the journal bytes are fsynced (survives a power loss); concurrent appends share fsyncs.
     Fsync,
+    /// Once the events are committed to the store (survives the loss of this host, for a shared
+    /// store); concurrent appends share transactions. Bounded by `stall_limit`.
+    Store,
 }
 
 /// Counters since start.
@@ -148,11 +154,41 @@ struct Inner {
     synced_tx: tokio::sync::watch::Sender<SyncState>,
     fsyncs: AtomicU64,
     fsync_micros: AtomicU64,
+    /// The last `chain_seq` committed to the store (every event before it is stored too: the
+    /// importer imports in order), for appenders that wait for it ([`Durability::Store`]).
+    stored_seq: Mutex<i64>,
+    stored_done: Condvar,
+    stored_tx: tokio::sync::watch::Sender<i64>,
     sync_thread: Mutex<Option<JoinHandle<()>>>,
     #[cfg(test)]
     test_fsync_delay: Mutex<Duration>,
     /// Held for the recorder's life: one gateway process per journal.
     _lock: File,
+}
+
+/// Where one journal write stands: its generation (fsyncs) and its last event's `chain_seq`
+/// (imports).
+#[derive(Clone, Copy, Debug)]
+struct Written {
+    gen: u64,
+    last_seq: i64,
+}
+
+impl Inner {
+    /// Backlog size that wakes the importer: one event when appenders wait for the store.
+    fn import_wake_at(&self) -> usize {
+        if self.durability == Durability::Store {
+            1
+        } else {
+            IMPORT_WAKE_AT
+        }
+    }
+
+    fn publish_stored(&self, seq: i64) {
+        *lock(&self.stored_seq) = seq;
+        self.stored_done.notify_all();
+        self.stored_tx.send_replace(seq);
+    }
 }
 
 /// How far the journal is known to be on disk.
@@ -196,6 +232,29 @@ impl std::fmt::Debug for Recorder {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits on `cv` until `done` holds for the value behind `m`, at most `limit`; false if it
+/// did not hold by then.
+fn wait_until<T>(
+    m: &Mutex<T>,
+    cv: &Condvar,
+    limit: Duration,
+    mut done: impl FnMut(&T) -> bool,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut v = lock(m);
+    while !done(&v) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        v = cv
+            .wait_timeout(v, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    true
 }
 
 /// The writer lock for an append. Its holder runs for a microsecond or two (numbering, hashing,
@@ -323,6 +382,9 @@ impl Recorder {
             synced_tx: tokio::sync::watch::Sender::new(SyncState::default()),
             fsyncs: AtomicU64::new(0),
             fsync_micros: AtomicU64::new(0),
+            stored_seq: Mutex::new(0),
+            stored_done: Condvar::new(),
+            stored_tx: tokio::sync::watch::Sender::new(0),
             sync_thread: Mutex::new(None),
             #[cfg(test)]
             test_fsync_delay: Mutex::new(Duration::ZERO),
@@ -353,19 +415,22 @@ impl Recorder {
     /// Refused while the store has been unavailable for longer than `stall_limit`: this is the
     /// call that gates new commands.
     pub fn append(&self, events: &[EventInput]) -> Result<(), StoreError> {
-        let gen = self.write(events, true)?;
-        if self.inner.durability == Durability::Fsync {
-            self.wait_synced(gen)?;
+        let w = self.write(events, true)?;
+        match self.inner.durability {
+            Durability::Written => Ok(()),
+            Durability::Fsync => self.wait_synced(w.gen),
+            Durability::Store => self.wait_stored(w.last_seq),
         }
-        Ok(())
     }
 
     /// [`Recorder::append`] for async callers: the write happens at once, the wait for its
     /// fsync (with [`Durability::Fsync`]) yields instead of blocking the runtime's thread.
     pub async fn append_async(&self, events: &[EventInput]) -> Result<(), StoreError> {
-        let gen = self.write(events, true)?;
-        if self.inner.durability == Durability::Written {
-            return Ok(());
+        let Written { gen, last_seq } = self.write(events, true)?;
+        match self.inner.durability {
+            Durability::Written => return Ok(()),
+            Durability::Store => return self.wait_stored_async(last_seq).await,
+            Durability::Fsync => {}
         }
         let mut rx = self.inner.synced_tx.subscribe();
         let waited = tokio::time::timeout(
@@ -382,22 +447,50 @@ impl Recorder {
 
     fn wait_synced(&self, gen: u64) -> Result<(), StoreError> {
         let inner = &*self.inner;
-        let deadline = Instant::now() + inner.stall_limit;
-        let mut s = lock(&inner.sync);
-        loop {
-            if let Some(outcome) = s.outcome(gen) {
-                return outcome;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(self.fsync_timeout());
-            }
-            s = inner
-                .sync_done
-                .wait_timeout(s, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let mut outcome = None;
+        let decided = wait_until(&inner.sync, &inner.sync_done, inner.stall_limit, |s| {
+            outcome = s.outcome(gen);
+            outcome.is_some()
+        });
+        match outcome {
+            Some(o) if decided => o,
+            _ => Err(self.fsync_timeout()),
         }
+    }
+
+    /// [`Durability::Store`]: until the event numbered `seq` is committed to the store.
+    fn wait_stored(&self, seq: i64) -> Result<(), StoreError> {
+        let inner = &*self.inner;
+        if wait_until(
+            &inner.stored_seq,
+            &inner.stored_done,
+            inner.stall_limit,
+            |s| *s >= seq,
+        ) {
+            Ok(())
+        } else {
+            Err(self.store_timeout())
+        }
+    }
+
+    async fn wait_stored_async(&self, seq: i64) -> Result<(), StoreError> {
+        let mut rx = self.inner.stored_tx.subscribe();
+        let waited = tokio::time::timeout(self.inner.stall_limit, rx.wait_for(|s| *s >= seq))
+            .await
+            .map(|r| r.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::RecorderStopped),
+            Err(_) => Err(self.store_timeout()),
+        }
+    }
+
+    fn store_timeout(&self) -> StoreError {
+        self.inner.failed.fetch_add(1, Ordering::Relaxed);
+        StoreError::Unavailable(format!(
+            "the audit store did not confirm the event within {} ms",
+            self.inner.stall_limit.as_millis()
+        ))
     }
 
     fn fsync_timeout(&self) -> StoreError {
@@ -471,8 +564,8 @@ impl Recorder {
         }
     }
 
-    /// Journal `events`; returns the write's generation (for waiting on its fsync).
-    fn write(&self, events: &[EventInput], gate: bool) -> Result<u64, StoreError> {
+    /// Journal `events`; returns where the write stands (for waiting on its fsync or import).
+    fn write(&self, events: &[EventInput], gate: bool) -> Result<Written, StoreError> {
         self.write_hashed(&mut self.unchain_all(events), gate)
     }
 
@@ -495,7 +588,11 @@ impl Recorder {
 
     /// Number, chain and journal `hashed` (built by [`Recorder::unchained`]); they move to the
     /// importer's backlog, or stay in `hashed` when this fails.
-    fn write_hashed(&self, hashed: &mut Vec<HashedEvent>, gate: bool) -> Result<u64, StoreError> {
+    fn write_hashed(
+        &self,
+        hashed: &mut Vec<HashedEvent>,
+        gate: bool,
+    ) -> Result<Written, StoreError> {
         let inner = &*self.inner;
         let mut guard = lock_writer(&inner.writer);
         if let (true, Some(since)) = (gate, guard.oldest_unstored) {
@@ -569,7 +666,7 @@ impl Recorder {
             .fetch_add(hashed.len() as u64, Ordering::Relaxed);
         w.oldest_unstored.get_or_insert_with(Instant::now);
         w.backlog.append(hashed);
-        if w.backlog.len() >= IMPORT_WAKE_AT {
+        if w.backlog.len() >= inner.import_wake_at() {
             inner.wake.notify_one();
         }
         drop(guard);
@@ -579,7 +676,10 @@ impl Recorder {
             let _s = lock(&inner.sync);
             inner.sync_kick.notify_one();
         }
-        Ok(gen)
+        Ok(Written {
+            gen,
+            last_seq: chain_seq,
+        })
     }
 
     /// Resolves once every event appended before the call is in the store, or with `Err` if the
@@ -675,9 +775,76 @@ fn decode_line(line: &[u8]) -> Option<HashedEvent> {
     })
 }
 
+/// What [`import_journal`] found and imported.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct JournalImport {
+    /// The files read, oldest first (sealed segments, then the live one).
+    pub files: Vec<PathBuf>,
+    /// Events read (those already in the store are skipped by the store, not counted apart).
+    pub events: u64,
+    /// The last event of each chain in the journal.
+    pub chains: Vec<crate::ChainPoint>,
+}
+
+/// Imports the journal at `journal` (and its sealed segments `<journal>.<seq>`) into `store`,
+/// as a gateway does at start with the journal a crashed process left: for an operator on
+/// another host (`tollgate audit import`). Idempotent; the files are left as they are. Refused
+/// while a running gateway holds the journal's lock.
+pub fn import_journal(store: &dyn Store, journal: &Path) -> Result<JournalImport, StoreError> {
+    let lock_path = segment_path(journal, "lock");
+    if let Ok(lock_file) = File::open(&lock_path) {
+        // SAFETY: flock on a file descriptor we own; released when it is closed.
+        if unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            return Err(StoreError::Unavailable(format!(
+                "the audit journal {} is in use by a running tollgate process, which imports it itself",
+                journal.display()
+            )));
+        }
+    }
+    let mut files = sealed_segments(journal)?;
+    if journal.exists() {
+        files.push(journal.to_path_buf());
+    }
+    if files.is_empty() {
+        return Err(StoreError::Io {
+            path: journal.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    let mut report = JournalImport::default();
+    let mut heads: std::collections::BTreeMap<String, (i64, String)> = Default::default();
+    for file in &files {
+        report.events += replay_with(store, file, |ev| {
+            let head = heads.entry(ev.chain_id.clone()).or_default();
+            if ev.chain_seq > head.0 {
+                *head = (ev.chain_seq, ev.hash.clone());
+            }
+        })?;
+    }
+    report.files = files;
+    report.chains = heads
+        .into_iter()
+        .map(|(chain_id, (seq, hash))| crate::ChainPoint {
+            chain_id,
+            seq,
+            hash,
+        })
+        .collect();
+    Ok(report)
+}
+
 /// Import a journal left by a previous process; a torn last line (a crash mid-write, whose
 /// command was therefore never forwarded) is skipped.
 fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
+    replay_with(store, path, |_| {}).map(|_| ())
+}
+
+/// [`replay`], showing each event to `seen`; returns how many were read.
+fn replay_with(
+    store: &dyn Store,
+    path: &Path,
+    mut seen: impl FnMut(&HashedEvent),
+) -> Result<u64, StoreError> {
     let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
     let mut batch = Vec::new();
     let mut total = 0usize;
@@ -689,7 +856,10 @@ fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
             continue;
         }
         match decode_line(line) {
-            Some(ev) => batch.push(ev),
+            Some(ev) => {
+                seen(&ev);
+                batch.push(ev)
+            }
             None => {
                 tracing::warn!(journal = %path.display(), "skipping a torn line at the end of the audit journal");
                 continue;
@@ -706,7 +876,7 @@ fn replay(store: &dyn Store, path: &Path) -> Result<(), StoreError> {
     if total > 0 {
         tracing::info!(events = total, journal = %path.display(), "imported audit events left by a previous gateway process");
     }
-    Ok(())
+    Ok(total as u64)
 }
 
 /// `<journal>.<suffix>`
@@ -856,7 +1026,14 @@ fn lower_priority(by: libc::c_int) {
 }
 
 fn import_loop(inner: &Inner) {
-    lower_priority(IMPORT_NICE);
+    // With `Durability::Store` clients wait on the importer: it keeps the process's priority,
+    // and retries a failing store sooner (their wait is bounded by the stall limit anyway).
+    let retry_max = if inner.durability == Durability::Store {
+        RETRY_MIN * 10
+    } else {
+        lower_priority(IMPORT_NICE);
+        RETRY_MAX
+    };
     let mut pending: Vec<HashedEvent> = Vec::new();
     let mut sealed: Vec<(PathBuf, i64)> = Vec::new();
     let mut stored_seq: i64 = 0;
@@ -875,7 +1052,7 @@ fn import_loop(inner: &Inner) {
             loop {
                 if inner.import_now.swap(false, Ordering::SeqCst)
                     || inner.stop.load(Ordering::SeqCst)
-                    || (backoff.is_none() && w.backlog.len() >= IMPORT_WAKE_AT)
+                    || (backoff.is_none() && w.backlog.len() >= inner.import_wake_at())
                 {
                     break;
                 }
@@ -909,6 +1086,7 @@ fn import_loop(inner: &Inner) {
                     .fetch_add(pending.len() as u64, Ordering::SeqCst);
                 stored_seq = stored_seq.max(pending.last().map_or(0, |e| e.chain_seq));
                 pending.clear();
+                inner.publish_stored(stored_seq);
                 inner.import_failing.store(false, Ordering::SeqCst);
                 backoff = None;
                 {
@@ -939,7 +1117,7 @@ fn import_loop(inner: &Inner) {
                     tracing::error!(events = pending.len(), "stopping with audit events only in the journal; they are imported at the next start");
                     return;
                 }
-                backoff = Some(backoff.map_or(RETRY_MIN, |d| (d * 2).min(RETRY_MAX)));
+                backoff = Some(backoff.map_or(RETRY_MIN, |d| (d * 2).min(retry_max)));
             }
         }
     }
@@ -971,6 +1149,53 @@ mod tests {
             durability: Durability::Written,
         };
         (dir, store, opts)
+    }
+
+    /// `per_thread` command events from each of `threads` threads at once, to sessions `s<t>`.
+    fn append_from_threads(rec: &Recorder, threads: usize, per_thread: u64) {
+        let threads: Vec<_> = (0..threads)
+            .map(|t| {
+                let rec = rec.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per_thread {
+                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// A store that takes nothing: a journal written to it stays unimported, as after a crash.
+    struct Down;
+    impl Store for Down {
+        fn append(&self, _: &str, _: &[EventInput]) -> Result<Vec<crate::StoredEvent>, StoreError> {
+            Err(StoreError::Internal("down".into()))
+        }
+        fn import(&self, evs: &[HashedEvent]) -> Result<(), StoreError> {
+            if evs.is_empty() {
+                Ok(())
+            } else {
+                Err(StoreError::Internal("down".into()))
+            }
+        }
+        fn sessions(&self, _: &crate::SessionFilter) -> Result<Vec<crate::SessionRow>, StoreError> {
+            Ok(vec![])
+        }
+        fn session(&self, _: &str) -> Result<Option<crate::SessionRow>, StoreError> {
+            Ok(None)
+        }
+        fn events(&self, _: &str) -> Result<Vec<crate::StoredEvent>, StoreError> {
+            Ok(vec![])
+        }
+        fn verify(&self) -> Result<crate::VerifyReport, StoreError> {
+            Err(StoreError::Internal("down".into()))
+        }
+        fn ping(&self) -> Result<(), StoreError> {
+            Err(StoreError::Internal("down".into()))
+        }
     }
 
     /// The nice value of this process's thread named `name`, from /proc.
@@ -1053,19 +1278,7 @@ mod tests {
     async fn appended_events_are_chained_stored_and_verified() {
         let (_d, store, opts) = setup();
         let rec = Recorder::start(store.clone(), "c1".into(), opts).unwrap();
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let rec = rec.clone();
-                std::thread::spawn(move || {
-                    for i in 0..1000 {
-                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        append_from_threads(&rec, 8, 1000);
         rec.flush().await.unwrap();
         let st = rec.stats();
         assert_eq!(
@@ -1095,41 +1308,6 @@ mod tests {
     async fn a_journal_left_by_a_crash_is_imported_at_the_next_start() {
         let (dir, store, opts) = setup();
         // Simulate a crash: journal written, importer never ran (a failing store).
-        struct Down;
-        impl Store for Down {
-            fn append(
-                &self,
-                _: &str,
-                _: &[EventInput],
-            ) -> Result<Vec<crate::StoredEvent>, StoreError> {
-                Err(StoreError::Internal("down".into()))
-            }
-            fn import(&self, evs: &[HashedEvent]) -> Result<(), StoreError> {
-                if evs.is_empty() {
-                    Ok(())
-                } else {
-                    Err(StoreError::Internal("down".into()))
-                }
-            }
-            fn sessions(
-                &self,
-                _: &crate::SessionFilter,
-            ) -> Result<Vec<crate::SessionRow>, StoreError> {
-                Ok(vec![])
-            }
-            fn session(&self, _: &str) -> Result<Option<crate::SessionRow>, StoreError> {
-                Ok(None)
-            }
-            fn events(&self, _: &str) -> Result<Vec<crate::StoredEvent>, StoreError> {
-                Ok(vec![])
-            }
-            fn verify(&self) -> Result<crate::VerifyReport, StoreError> {
-                Err(StoreError::Internal("down".into()))
-            }
-            fn ping(&self) -> Result<(), StoreError> {
-                Err(StoreError::Internal("down".into()))
-            }
-        }
         let crashed = Recorder::start(Arc::new(Down), "old".into(), opts.clone()).unwrap();
         crashed
             .append(&[ev("s", "session.open", 0), ev("s", "command", 1)])
@@ -1167,6 +1345,48 @@ mod tests {
         ));
         rec.shutdown();
         drop(dir);
+    }
+
+    #[tokio::test]
+    async fn an_operator_imports_a_journal_idempotently_but_not_a_live_one() {
+        let (dir, _store, opts) = setup();
+        let rec = Recorder::start(Arc::new(Down), "crashed".into(), opts.clone()).unwrap();
+        rec.append(&[ev("s", "session.open", 0), ev("s", "command", 1)])
+            .unwrap();
+        rec.append(&[ev("s", "command", 2)]).unwrap();
+        // While its gateway runs, the journal is that gateway's to import.
+        let other = SqliteStore::open(dir.path().join("other.db")).unwrap();
+        let err = import_journal(&other, &opts.journal).unwrap_err();
+        assert!(
+            err.to_string().contains("in use by a running tollgate"),
+            "{err}"
+        );
+        rec.shutdown();
+        drop(rec);
+        // "Another host": a store that never saw this journal, twice.
+        for _ in 0..2 {
+            let report = import_journal(&other, &opts.journal).unwrap();
+            assert_eq!(report.events, 3);
+            assert_eq!(report.files, vec![opts.journal.clone()]);
+            assert_eq!(report.chains.len(), 1);
+            assert_eq!(
+                (report.chains[0].chain_id.as_str(), report.chains[0].seq),
+                ("crashed", 3)
+            );
+            let evs = other.events("s").unwrap();
+            assert_eq!(evs.len(), 3);
+            assert_eq!(evs[2].hash, report.chains[0].hash);
+            let v = other.verify().unwrap();
+            assert!(v.first_break.is_none(), "{v:?}");
+            assert_eq!(v.events, 3);
+        }
+        // The files are left for the replica's own restart, which imports them again (a no-op).
+        assert!(std::fs::metadata(&opts.journal).unwrap().len() > 0);
+        let missing = dir.path().join("nothing.events.log");
+        assert!(matches!(
+            import_journal(&other, &missing),
+            Err(StoreError::Io { .. })
+        ));
     }
 
     #[tokio::test]
@@ -1325,19 +1545,7 @@ mod tests {
         let rec = Recorder::start(store, "c".into(), opts).unwrap();
         // A slow disk: while one fsync runs, the other appenders queue up for the next.
         *lock(&rec.inner.test_fsync_delay) = Duration::from_millis(3);
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let rec = rec.clone();
-                std::thread::spawn(move || {
-                    for i in 0..25 {
-                        rec.append(&[ev(&format!("s{t}"), "command", i)]).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        append_from_threads(&rec, 8, 25);
         let st = rec.stats();
         assert_eq!(st.written, 200);
         assert!(
@@ -1368,6 +1576,77 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(rec.stats().fsyncs >= 1 && rec.stats().fsyncs < 50);
+        rec.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_mode_appends_return_only_once_the_events_are_in_the_store() {
+        let (_d, store, mut opts) = setup();
+        opts.durability = Durability::Store;
+        let rec = Recorder::start(store.clone(), "c".into(), opts).unwrap();
+        for i in 0..20u64 {
+            if i % 2 == 0 {
+                rec.append(&[ev("s", "command", i)]).unwrap();
+            } else {
+                rec.append_async(&[ev("s", "command", i)]).await.unwrap();
+            }
+            // No flush: the store already holds it when the append returns.
+            let stored = store.events("s").unwrap();
+            assert_eq!(
+                stored.len() as u64,
+                i + 1,
+                "append {i} returned before its import"
+            );
+            assert_eq!(stored.last().unwrap().payload["n"], i);
+        }
+        // Concurrent appenders share transactions.
+        append_from_threads(&rec, 8, 25);
+        assert_eq!(store.verify().unwrap().events, 220);
+        rec.shutdown();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_mode_refuses_an_append_the_store_does_not_take_within_the_limit() {
+        let (d, store, mut opts) = setup();
+        opts.durability = Durability::Store;
+        opts.stall_limit = Duration::from_millis(400);
+        let rec = Recorder::start(store.clone(), "c".into(), opts).unwrap();
+        rec.append_async(&[ev("s", "command", 1)]).await.unwrap();
+        let blocker = rusqlite::Connection::open(d.path().join("a.db")).unwrap();
+        blocker
+            .execute_batch("PRAGMA busy_timeout = 0; BEGIN EXCLUSIVE")
+            .unwrap();
+        let started = Instant::now();
+        let err = rec
+            .append_async(&[ev("s", "command", 2)])
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(err.to_string().contains("within 400 ms"), "{err}");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+            "refused after {took:?}"
+        );
+        // Past the limit, the next append is refused at once (the blocking form too).
+        let started = Instant::now();
+        assert!(rec.append(&[ev("s", "command", 3)]).is_err());
+        assert!(started.elapsed() < Duration::from_millis(200));
+        blocker.execute_batch("ROLLBACK").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rec.append_async(&[ev("s", "command", 4)]).await.is_err() {
+            assert!(Instant::now() < deadline, "the recorder never recovered");
+        }
+        // The refused event is kept as evidence (it was journaled); the chain verifies.
+        let ns: Vec<u64> = store
+            .events("s")
+            .unwrap()
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(&ns[..2], &[1, 2], "{ns:?}");
+        assert_eq!(ns.last(), Some(&4));
+        assert!(store.verify().unwrap().first_break.is_none());
         rec.shutdown();
     }
 

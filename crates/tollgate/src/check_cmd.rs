@@ -53,23 +53,37 @@ pub fn scan(config: &Path, min_days: u64, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => return could_not_run(e),
     };
-    let gateway = match config.server.admin_listen {
-        Some(addr) => GatewaySource::Admin(addr),
-        None => GatewaySource::Unavailable(
-            "the config has no server.admin_listen to ask the gateway".into(),
-        ),
-    };
-    let opts = ScanOptions {
-        min_days,
-        gateway,
-        max_message: config.server.max_message_bytes,
-    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => return could_not_run(e),
+    };
+    let gateway = if tollgate_store::PgStoreUrl::is_postgres(&config.server.store) {
+        // Several replicas: the upstream connections of every live one in the registry.
+        match tollgate_store::open_store(&config.server.store) {
+            Ok(store) => match rt.block_on(tollgate_server::replica_task::peer_admins(store, "")) {
+                Ok(peers) => GatewaySource::Cluster {
+                    local: Default::default(),
+                    peers,
+                },
+                Err(why) => GatewaySource::Unavailable(why),
+            },
+            Err(e) => GatewaySource::Unavailable(format!("the shared store cannot be read: {e}")),
+        }
+    } else {
+        match config.server.admin_listen {
+            Some(addr) => GatewaySource::Admin(addr),
+            None => GatewaySource::Unavailable(
+                "the config has no server.admin_listen to ask the gateway".into(),
+            ),
+        }
+    };
+    let opts = ScanOptions {
+        min_days,
+        gateway,
+        max_message: config.server.max_message_bytes,
     };
     let reports = rt.block_on(tollgate_scan::scan(&config, &opts));
     let issuers = rt.block_on(tollgate_scan::scan_issuers(&config));

@@ -162,6 +162,18 @@ enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Import a replica's audit journal into the store of --config (a crashed replica's, from
+    /// another host); idempotent, the files are left as they are.
+    Import {
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: PathBuf,
+        /// The journal: `<config file>.events.log` of a replica on a PostgreSQL store, or
+        /// `<db>.events.log` beside a SQLite store; its sealed segments (`PATH.<seq>`) come along.
+        #[arg(long)]
+        journal: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete sessions that ended before now - server.retention, with their events, re-anchoring
     /// each hash chain and recording an audit.pruned event (the gateway also does this periodically).
     Prune {
@@ -193,6 +205,11 @@ fn main() -> ExitCode {
         Cmd::Login(args) => login_cmd::run(args),
         Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),
         Cmd::Store(cmd) => return audit_cmd::store(cmd),
+        Cmd::Audit(AuditCmd::Import {
+            config,
+            journal,
+            json,
+        }) => return audit_cmd::import(&config, &journal, json),
         Cmd::Audit(AuditCmd::Prune {
             config,
             dry_run,

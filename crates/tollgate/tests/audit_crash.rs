@@ -24,37 +24,6 @@ const MIN_LOAD: Duration = Duration::from_millis(1500);
 /// ...and until at least this many statements have been answered (a loaded machine is slow).
 const MIN_ANSWERED: u64 = 400;
 
-/// Every tag (`tg-<client>-<task>-<i>-<s|e>`) in `text`.
-fn tags_in(text: &str, out: &mut BTreeSet<String>) {
-    let mut rest = text;
-    while let Some(at) = rest.find("tg-") {
-        let tail = &rest[at..];
-        let end = tail
-            .char_indices()
-            .skip(3)
-            .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-'))
-            .map(|(i, _)| i)
-            .unwrap_or(tail.len());
-        out.insert(tail[..end].to_string());
-        rest = &tail[end..];
-    }
-}
-
-/// Tags of the statements PostgreSQL logged as executed: `LOG:  statement: ...` (simple
-/// protocol) and `LOG:  execute <name>: ...` (extended protocol). `STATEMENT:` context lines of
-/// errors and `DETAIL:` parameter lines are not executions and are ignored.
-fn pg_logged_tags(log: &str) -> BTreeSet<String> {
-    let mut tags = BTreeSet::new();
-    for line in log.lines() {
-        for marker in ["LOG:  statement: ", "LOG:  execute "] {
-            if let Some(at) = line.find(marker) {
-                tags_in(&line[at + marker.len()..], &mut tags);
-            }
-        }
-    }
-    tags
-}
-
 /// Tags in the `text` of the audit store's `command` events.
 fn audited_tags(evs: &[serde_json::Value]) -> BTreeSet<String> {
     let mut tags = BTreeSet::new();

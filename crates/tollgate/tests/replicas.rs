@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -20,8 +21,7 @@ struct Replica {
 }
 
 struct Fleet {
-    a: Replica,
-    b: Replica,
+    replicas: Vec<Replica>,
     app: PgCluster,
     store: PgCluster,
     pki: Pki,
@@ -48,7 +48,38 @@ fn start_replica(config: &str, tmp: &Path) -> Replica {
     }
 }
 
+/// What differs between the fleets of the tests below.
+struct FleetOptions {
+    replicas: usize,
+    /// Lines added to `[server]`.
+    server_extra: &'static str,
+    /// Lines added to the resource PostgreSQL's configuration.
+    app_conf: Vec<String>,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            replicas: 2,
+            server_extra: "",
+            app_conf: Vec::new(),
+        }
+    }
+}
+
+/// The resource logs every statement it executes: the witness of what reached it.
+fn log_statements() -> Vec<String> {
+    vec![
+        "log_statement = 'all'".into(),
+        "log_line_prefix = '%m [%p] %a '".into(),
+    ]
+}
+
 fn start() -> Fleet {
+    start_with(FleetOptions::default())
+}
+
+fn start_with(opts: FleetOptions) -> Fleet {
     let tmp = tempfile::Builder::new()
         .prefix("tollgate-replicas-")
         .tempdir()
@@ -58,6 +89,7 @@ fn start() -> Fleet {
             "CREATE TABLE items (id int PRIMARY KEY, name text)".into(),
             "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 10) g".into(),
         ],
+        extra_conf: opts.app_conf,
         ..Default::default()
     })
     .expect("start the resource PostgreSQL");
@@ -92,7 +124,7 @@ tls_cert = "{cert}"
 tls_key = "{key}"
 client_ca = "{ca}"
 store = "{store_url}"
-
+{server_extra}
 [roles]
 admin_groups = []
 auditor_groups = ["sre"]
@@ -126,12 +158,13 @@ password_file = "{app_pw}"
         app_ca = app.ca_cert.display(),
         user = app.user,
         app_pw = app_pw.display(),
+        server_extra = opts.server_extra,
     );
-    let a = start_replica(&config, tmp.path());
-    let b = start_replica(&config, tmp.path());
+    let replicas = (0..opts.replicas)
+        .map(|_| start_replica(&config, tmp.path()))
+        .collect();
     Fleet {
-        a,
-        b,
+        replicas,
         app,
         store,
         pki,
@@ -142,6 +175,14 @@ password_file = "{app_pw}"
 }
 
 impl Fleet {
+    fn a(&self) -> &Replica {
+        &self.replicas[0]
+    }
+
+    fn b(&self) -> &Replica {
+        &self.replicas[1]
+    }
+
     fn conninfo(&self, r: &Replica, who: &IssuedFiles) -> String {
         format!(
             "host=localhost port={} dbname=app user={} sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
@@ -163,6 +204,40 @@ impl Fleet {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
+    }
+
+    fn psql(&self, r: &Replica, who: &IssuedFiles, sql: &str) -> Output {
+        self.psql_bg(r, who, sql).wait_with_output().unwrap()
+    }
+
+    /// Tags in the `command` events of the shared store.
+    fn stored_command_tags(&self) -> BTreeSet<String> {
+        let out = self
+            .store
+            .psql("SELECT payload FROM events WHERE kind = 'command'")
+            .unwrap();
+        let mut tags = BTreeSet::new();
+        tags_in(&out, &mut tags);
+        tags
+    }
+
+    /// Events of the chains named in an `audit import --json` report.
+    fn stored_events_of(&self, import: &Value) -> i64 {
+        let chains: Vec<String> = import["chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| format!("'{}'", c["chain_id"].as_str().unwrap()))
+            .collect();
+        assert!(!chains.is_empty(), "{import}");
+        let out = self
+            .store
+            .psql(&format!(
+                "SELECT count(*) FROM events WHERE chain_id IN ({})",
+                chains.join(", ")
+            ))
+            .unwrap();
+        out.trim().parse().unwrap()
     }
 
     fn reviews(&self, r: &Replica, who: &IssuedFiles, args: &[&str]) -> Output {
@@ -190,19 +265,38 @@ impl Fleet {
     }
 }
 
+/// `tollgate audit verify --json` with `config`, which must pass; its report.
+fn audit_verify(config: &Path) -> Value {
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["first_break"].is_null(), "{report}");
+    report
+}
+
 #[test]
 fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
     let f = start();
     // bob's DELETE through replica A waits for a review.
     let child = f.psql_bg(
-        &f.a,
+        f.a(),
         &f.bob,
         "DELETE FROM items WHERE id <= 3 RETURNING (extract(epoch from clock_timestamp()) * 1000)::bigint",
     );
     // Replica B lists it: the review lives in the shared store.
     let deadline = Instant::now() + Duration::from_secs(20);
     let review = loop {
-        let out = f.reviews(&f.b, &f.alice, &["list", "--json"]);
+        let out = f.reviews(f.b(), &f.alice, &["list", "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let list: Value = serde_json::from_slice(&out.stdout).unwrap();
         let found = list["reviews"].as_array().and_then(|l| {
@@ -229,7 +323,7 @@ fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
 
     // alice approves through replica B; the statement held on A runs.
     let out = f.reviews(
-        &f.b,
+        f.b(),
         &f.alice,
         &["approve", &id, "--reason", "ok", "--json"],
     );
@@ -253,7 +347,7 @@ fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
         executed_ms - approved_ms
     );
     // A's review shows the decision made on B.
-    let out = f.reviews(&f.a, &f.alice, &["show", &id, "--json"]);
+    let out = f.reviews(f.a(), &f.alice, &["show", &id, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(shown["status"], "approved", "{shown}");
@@ -281,25 +375,12 @@ fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(chains.len(), 2, "one chain per replica: {chains:?}");
-    for r in [&f.a, &f.b] {
-        let out = Command::new(BIN)
-            .args(["audit", "verify", "--json", "--config"])
-            .arg(&r.gw.config_path)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for r in [f.a(), f.b()] {
+        let report = audit_verify(&r.gw.config_path);
         assert!(report["chains"].as_u64().unwrap() >= 2, "{report}");
-        assert!(report["first_break"].is_null(), "{report}");
     }
     // No replica logged the store password.
-    for r in [&f.a, &f.b] {
+    for r in [f.a(), f.b()] {
         assert!(!r.gw.logs().contains(&f.store.password));
     }
 }
@@ -307,16 +388,16 @@ fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
 #[test]
 fn readyz_reports_an_unreachable_store() {
     let mut f = start();
-    assert!(matches!(f.a.gw.http_get("/readyz"), Some((200, _))));
+    assert!(matches!(f.a().gw.http_get("/readyz"), Some((200, _))));
     f.store.stop();
     wait_for(
         Duration::from_secs(30),
         "replica A not ready",
-        || matches!(f.a.gw.http_get("/readyz"), Some((503, body)) if body.contains("audit store is unreachable")),
+        || matches!(f.a().gw.http_get("/readyz"), Some((503, body)) if body.contains("audit store is unreachable")),
     );
     // A statement through a replica whose store is gone is refused, not run unrecorded, once
     // the audit timeout has passed; here only readiness is checked, which the load balancer uses.
-    assert!(matches!(f.b.gw.http_get("/readyz"), Some((503, _))));
+    assert!(matches!(f.b().gw.http_get("/readyz"), Some((503, _))));
 }
 
 /// `tollgate store migrate`: a gateway's SQLite trail moves into a PostgreSQL store with its
@@ -387,5 +468,487 @@ fn store_migrate_moves_a_sqlite_trail_with_its_chains() {
         stderr(&out).contains("migrate into an empty store"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// `audit_durability = "store"`: a command is answered only once its event is in the shared
+/// store; with the store's PostgreSQL stopped, a statement is refused within `audit_timeout`
+/// and never reaches the resource (its own statement log is the witness).
+#[test]
+fn with_store_durability_a_command_waits_for_the_shared_store_and_fails_closed_without_it() {
+    let mut f = start_with(FleetOptions {
+        replicas: 1,
+        server_extra: "audit_durability = \"store\"\naudit_timeout = \"2s\"\n",
+        app_conf: log_statements(),
+    });
+    let audit_timeout = Duration::from_secs(2);
+    let out = f.psql(f.a(), &f.alice, "SELECT 'tg-stored-1'");
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Read once, right after the answer: no polling, the event was stored before forwarding.
+    assert!(
+        f.stored_command_tags().contains("tg-stored-1"),
+        "the command was answered before its event was in the store"
+    );
+
+    f.store.stop();
+    let mut took = Vec::new();
+    for tag in ["tg-refused-1", "tg-refused-2"] {
+        let started = Instant::now();
+        let out = f.psql(f.a(), &f.alice, &format!("SELECT '{tag}'"));
+        took.push(started.elapsed());
+        assert!(!out.status.success(), "{tag} ran without the store");
+        assert!(
+            stderr(&out).contains("could not record this command in the audit trail"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    eprintln!(
+        "store stopped: first statement refused after {:?}, the next after {:?} (audit_timeout {audit_timeout:?}; psql's TLS connect included)",
+        took[0], took[1]
+    );
+    // The first waits out audit_timeout (it may have been the store's last moment); the next is
+    // refused at once, the store having been away longer than that.
+    assert!(took[0] < audit_timeout + Duration::from_secs(3), "{took:?}");
+    assert!(took[1] < took[0], "{took:?}");
+
+    let log = std::fs::read_to_string(f.app.log_path()).unwrap();
+    let executed = pg_logged_tags(&log);
+    assert!(
+        executed.contains("tg-stored-1"),
+        "statement log: {executed:?}"
+    );
+    assert!(
+        !executed.iter().any(|t| t.starts_with("tg-refused")),
+        "a refused statement reached the resource: {executed:?}"
+    );
+    assert!(!f.a().gw.logs().contains(&f.store.password));
+}
+
+/// One pgbench client script: tagged statements (`tg-<prefix>-<client>-<random>`), which
+/// PostgreSQL's statement log and the audit trail both show.
+fn pgbench_script(dir: &Path, prefix: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("load-{prefix}.sql"));
+    std::fs::write(
+        &path,
+        format!("\\set r random(1, 999999999999)\nSELECT 'tg-{prefix}-:client_id-:r' AS tag;\n"),
+    )
+    .unwrap();
+    path
+}
+
+fn pgbench(f: &Fleet, r: &Replica, script: &Path, seconds: u32) -> Child {
+    Command::new("pgbench")
+        .args(["-n", "-c", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(script)
+        .arg(f.conninfo(r, &f.alice))
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench")
+}
+
+/// "number of transactions actually processed: N", when pgbench finished cleanly.
+fn pgbench_processed(out: &Output) -> Option<u64> {
+    let text = stdout(out);
+    if !out.status.success() || !text.contains("number of failed transactions: 0 ") {
+        return None;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse().ok())
+}
+
+/// Three replicas under pgbench load; `kill -9` of one. The clients of the other two go on, the
+/// killed one's clients reconnect to another and go on; an operator imports the dead replica's
+/// journal from elsewhere (`tollgate audit import`, twice: idempotent), and every statement the
+/// resource executed (its `log_statement` log) has its command event in the shared store;
+/// `audit verify` passes, and so it does after the killed replica restarts on its journal.
+#[test]
+fn kill_9_of_a_replica_under_pgbench_load_loses_no_command_event() {
+    let mut f = start_with(FleetOptions {
+        replicas: 3,
+        server_extra: "",
+        app_conf: log_statements(),
+    });
+    let tmp = f._tmp.path().to_path_buf();
+    let scripts: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|p| pgbench_script(&tmp, p))
+        .collect();
+    let mut runs: Vec<Child> = f
+        .replicas
+        .iter()
+        .zip(&scripts)
+        .map(|(r, script)| pgbench(&f, r, script, 8))
+        .collect();
+    // Until A's clients have run a fair number of statements.
+    let log_path = f.app.log_path();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if pg_logged_tags(&log)
+            .iter()
+            .filter(|t| t.starts_with("tg-a-"))
+            .count()
+            >= 100
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no load through replica A");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed_dir = f.replicas[0]._dir.path().to_path_buf();
+    let journal = f.replicas[0].gw.config_path.with_extension("events.log");
+    let killed_config = f.replicas[0].gw.config_template();
+    f.replicas[0].gw.kill();
+    let killed_at = Instant::now();
+
+    let out_a = runs.remove(0).wait_with_output().unwrap();
+    eprintln!(
+        "pgbench through the killed replica: {} / {}",
+        out_a.status,
+        stderr(&out_a).lines().last().unwrap_or_default()
+    );
+    // The killed replica's clients reconnect to another replica and go on.
+    let reconnect_script = pgbench_script(&tmp, "r");
+    let reconnect = pgbench(&f, &f.replicas[1], &reconnect_script, 2)
+        .wait_with_output()
+        .unwrap();
+    let reconnected = pgbench_processed(&reconnect)
+        .unwrap_or_else(|| panic!("{}{}", stdout(&reconnect), stderr(&reconnect)));
+    assert!(reconnected > 0);
+    // The other replicas' clients never noticed.
+    for (name, run) in ["b", "c"].iter().zip(runs) {
+        let out = run.wait_with_output().unwrap();
+        let processed = pgbench_processed(&out).unwrap_or_else(|| {
+            panic!(
+                "pgbench through replica {name}: {}{}",
+                stdout(&out),
+                stderr(&out)
+            )
+        });
+        assert!(processed > 0);
+    }
+    eprintln!(
+        "replicas: after the kill, B and C finished their runs and A's clients ran {reconnected} transactions through B ({:?} after the kill)",
+        killed_at.elapsed()
+    );
+
+    // Every backend is gone (the killed replica's too): the statement log is complete.
+    wait_for(
+        Duration::from_secs(60),
+        "the resource's backends to exit",
+        || {
+            f.app
+            .psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+            .is_ok_and(|n| n.trim() == "0")
+        },
+    );
+    let executed = pg_logged_tags(&std::fs::read_to_string(&log_path).unwrap());
+    assert!(
+        executed.iter().filter(|t| t.starts_with("tg-a-")).count() >= 100,
+        "is log_statement on? {} tags",
+        executed.len()
+    );
+
+    // An operator imports the killed replica's journal through replica B's config (another
+    // host, the same store); twice, the second a no-op.
+    let import = || {
+        let out = Command::new(BIN)
+            .args(["audit", "import", "--json", "--journal"])
+            .arg(&journal)
+            .arg("--config")
+            .arg(&f.replicas[1].gw.config_path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // What the store holds before the import: the live replicas' importers have shipped
+    // theirs (50 ms batches), the killed replica's unshipped tail is only in its journal.
+    std::thread::sleep(Duration::from_secs(1));
+    let missing_before = executed.difference(&f.stored_command_tags()).count();
+    let first = import();
+    // The live replicas' importers ship what they journaled within moments.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut audited = f.stored_command_tags();
+    while !executed.is_subset(&audited) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        audited = f.stored_command_tags();
+    }
+    let missing: Vec<_> = executed.difference(&audited).collect();
+    eprintln!(
+        "replicas: {} statements executed per the resource's log, {} with command events, {} missing; \
+         before the journal import {missing_before} were missing (acknowledged by the killed replica, not yet shipped); \
+         the import read {} events",
+        executed.len(),
+        audited.len(),
+        missing.len(),
+        first["events"]
+    );
+    assert!(
+        missing.is_empty(),
+        "executed without a command event: {:?}",
+        &missing[..missing.len().min(20)]
+    );
+    assert!(first["events"].as_u64().unwrap() > 0, "{first}");
+    let events = f.stored_events_of(&first);
+    // The journal holds the chain's tail (stored segments are deleted), the store all of it.
+    assert!(
+        events as u64 >= first["events"].as_u64().unwrap(),
+        "{first}"
+    );
+    let second = import();
+    assert_eq!(second["chains"], first["chains"]);
+    assert_eq!(
+        f.stored_events_of(&first),
+        events,
+        "a second import added events"
+    );
+
+    let report = audit_verify(&f.replicas[1].gw.config_path);
+    assert!(report["chains"].as_u64().unwrap() >= 3, "{report}");
+
+    // The killed replica restarts on its own journal: it imports it again (nothing new) and serves.
+    let restarted = Gateway::start(&killed_dir, &killed_config, &[]);
+    assert!(
+        restarted
+            .logs()
+            .contains("imported audit events left by a previous gateway process"),
+        "{}",
+        restarted.logs()
+    );
+    assert_eq!(
+        f.stored_events_of(&first),
+        events,
+        "the restart's import added events"
+    );
+    f.replicas[0].gw = restarted;
+    let out = f.psql(f.a(), &f.alice, "SELECT 'tg-after-restart'");
+    assert!(out.status.success(), "{}", stderr(&out));
+    audit_verify(&f.replicas[1].gw.config_path);
+}
+
+/// Chains that hold `audit.checkpoint` events, with how many each.
+fn checkpoint_chains(f: &Fleet) -> Vec<(String, i64)> {
+    f.store
+        .psql("SELECT chain_id, count(*) FROM events WHERE kind = 'audit.checkpoint' GROUP BY 1 ORDER BY 1")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (chain, n) = l.split_once('|')?;
+            Some((chain.trim().to_string(), n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Replicas register in the store (id, address, version, heartbeat; `tollgate store replicas`);
+/// `tollgate scan` combines their upstream connections; one of them leads the housekeeping:
+/// checkpoints come from one chain only, and from another replica's once the leader is killed.
+#[test]
+fn replicas_register_and_one_of_them_leads_the_checkpoints() {
+    let mut f = start_with(FleetOptions {
+        server_extra: "checkpoint_interval = \"300ms\"\n",
+        ..FleetOptions::default()
+    });
+    let out = Command::new(BIN)
+        .args(["store", "replicas", "--json", "--config"])
+        .arg(&f.b().gw.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = doc["replicas"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{doc}");
+    for r in &f.replicas {
+        let me = listed
+            .iter()
+            .find(|l| l["address"] == format!("127.0.0.1:{}", r.gw.pg_port))
+            .unwrap_or_else(|| panic!("replica on {} not registered: {doc}", r.gw.pg_port));
+        assert_eq!(me["alive"], true, "{doc}");
+        assert_eq!(me["version"], env!("CARGO_PKG_VERSION"), "{doc}");
+        assert_eq!(
+            me["admin_address"],
+            format!("127.0.0.1:{}", r.gw.admin_port),
+            "{doc}"
+        );
+        assert!(me["id"].as_str().unwrap().starts_with("gw-"), "{doc}");
+    }
+
+    // `tollgate scan` (from either replica's config) counts both replicas' upstream sessions as
+    // through the gateway: one held through each.
+    let held: Vec<Child> = f
+        .replicas
+        .iter()
+        .map(|r| f.psql_bg(r, &f.alice, "SELECT pg_sleep(6)"))
+        .collect();
+    wait_for(Duration::from_secs(20), "two sleeping sessions", || {
+        f.app
+            .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(6)'")
+            .is_ok_and(|n| n.trim() == "2")
+    });
+    let out = Command::new(BIN)
+        .args(["scan", "--json", "--min-days", "1", "--config"])
+        .arg(&f.a().gw.config_path)
+        .output()
+        .unwrap();
+    let scan: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}{}", stdout(&out), stderr(&out)));
+    let app = &scan["resources"][0];
+    assert_eq!(app["sessions"]["through_gateway"], 2, "{scan:#}");
+    assert!(
+        !scan.to_string().contains("bypass_session"),
+        "a replica's session taken for a bypass: {scan:#}"
+    );
+    for c in held {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    let mut chains = Vec::new();
+    wait_for(Duration::from_secs(30), "checkpoints", || {
+        chains = checkpoint_chains(&f);
+        chains.iter().map(|c| c.1).sum::<i64>() >= 4
+    });
+    assert_eq!(
+        chains.len(),
+        1,
+        "checkpoints from more than one replica: {chains:?}"
+    );
+    let leader_chain = chains[0].0.clone();
+    let leader = listed
+        .iter()
+        .position(|l| l["id"] == leader_chain.as_str())
+        .expect("the leader is a registered replica");
+    let leader_port = listed[leader]["address"].as_str().unwrap().to_string();
+    let at = f
+        .replicas
+        .iter()
+        .position(|r| format!("127.0.0.1:{}", r.gw.pg_port) == leader_port)
+        .unwrap();
+    f.replicas[at].gw.kill();
+    wait_for(
+        Duration::from_secs(30),
+        "the other replica to take over the checkpoints",
+        || checkpoint_chains(&f).len() == 2,
+    );
+    // A replica that shuts down cleanly leaves the registry.
+    let other = 1 - at;
+    let pid = f.replicas[other].gw.pid();
+    // SAFETY: a plain SIGTERM to the gateway this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    wait_for(Duration::from_secs(30), "the replica to deregister", || {
+        f.store
+            .psql("SELECT count(*) FROM replicas")
+            .is_ok_and(|n| n.trim() == "1")
+    });
+}
+
+/// A TCP relay on a free port whose first connection goes to port `first` and every later one
+/// to `then`: a client's CancelRequest (a new connection to the address it used) lands on
+/// another replica than its session, as behind a load balancer.
+fn split_relay(first: u16, then: u16) -> u16 {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { continue };
+            let to = if n == 0 { first } else { then };
+            std::thread::spawn(move || {
+                let Ok(up) = TcpStream::connect(("127.0.0.1", to)) else {
+                    return;
+                };
+                let (mut c_in, mut u_out) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+                let forward = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut u_out);
+                    let _ = u_out.shutdown(Shutdown::Write);
+                });
+                let (mut c_out, mut u_in) = (client, up);
+                let _ = std::io::copy(&mut u_in, &mut c_out);
+                let _ = c_out.shutdown(Shutdown::Write);
+                let _ = forward.join();
+            });
+        }
+    });
+    port
+}
+
+/// A CancelRequest that reaches replica B for a query running through replica A cancels it:
+/// the key names A (its tag), B passes the request on, A matches the secret.
+#[test]
+fn a_cancel_request_through_another_replica_cancels_the_query() {
+    let f = start();
+    let relay = split_relay(f.a().gw.pg_port, f.b().gw.pg_port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let took = rt.block_on(async {
+        let tls =
+            tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&f.pki.ca, Some(&f.alice)));
+        let conninfo = format!("host=localhost port={relay} dbname=app user=alice sslmode=require");
+        let (client, conn) = tokio_postgres::connect(&conninfo, tls.clone())
+            .await
+            .expect("connect through replica A");
+        tokio::spawn(conn);
+        let token = client.cancel_token();
+        let query =
+            tokio::spawn(
+                async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) },
+            );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let running = f
+                .app
+                .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
+                .unwrap();
+            if running.trim() == "1" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the query never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let started = Instant::now();
+        token
+            .cancel_query(tls)
+            .await
+            .expect("send the cancel request");
+        let err = tokio::time::timeout(Duration::from_secs(20), query)
+            .await
+            .expect("the query was not cancelled")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{err:?}"
+        );
+        started.elapsed()
+    });
+    eprintln!("replicas: cancel through replica B ended the query on A {took:?} after it was sent");
+    assert_eq!(
+        f.b()
+            .gw
+            .metric("tollgate_cancel_requests_total{matched=\"forwarded\"}"),
+        Some(1),
+        "{}",
+        f.b().gw.metrics()
+    );
+    assert_eq!(
+        f.a()
+            .gw
+            .metric("tollgate_cancel_requests_total{matched=\"yes\"}"),
+        Some(1)
     );
 }

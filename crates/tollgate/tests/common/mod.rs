@@ -2,6 +2,7 @@
 //! (from the installed binaries), and the real `tollgate` binary serving in front of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -566,4 +567,36 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Every tag (`tg-` followed by letters, digits and dashes) in `text`: the tests that compare
+/// PostgreSQL's statement log with the audit trail mark each statement with a distinct one.
+pub fn tags_in(text: &str, out: &mut BTreeSet<String>) {
+    let mut rest = text;
+    while let Some(at) = rest.find("tg-") {
+        let tail = &rest[at..];
+        let end = tail
+            .char_indices()
+            .skip(3)
+            .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-'))
+            .map(|(i, _)| i)
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+}
+
+/// Tags of the statements PostgreSQL logged as executed: `LOG:  statement: ...` (simple
+/// protocol) and `LOG:  execute <name>: ...` (extended protocol). `STATEMENT:` context lines of
+/// errors and `DETAIL:` parameter lines are not executions and are ignored.
+pub fn pg_logged_tags(log: &str) -> BTreeSet<String> {
+    let mut tags = BTreeSet::new();
+    for line in log.lines() {
+        for marker in ["LOG:  statement: ", "LOG:  execute "] {
+            if let Some(at) = line.find(marker) {
+                tags_in(&line[at + marker.len()..], &mut tags);
+            }
+        }
+    }
+    tags
 }
