@@ -1413,15 +1413,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mysql_and_mcp_are_not_scanned() {
+    async fn mcp_without_an_http_upstream_is_not_scanned() {
         let up = upstream(Serve::Tls).await;
-        for kind in [ResourceKind::Mysql, ResourceKind::Mcp] {
-            let mut r = http_resource(&up, "https", "ca", "localhost");
-            r.kind = kind;
-            r.http = None;
-            let rep = scan_resource(&r, &opts()).await;
-            assert_eq!(kinds(&rep), ["not_scanned"], "{rep:#?}");
-        }
+        let mut r = http_resource(&up, "https", "ca", "localhost");
+        r.kind = ResourceKind::Mcp;
+        r.http = None;
+        let rep = scan_resource(&r, &opts()).await;
+        assert_eq!(kinds(&rep), ["not_scanned"], "{rep:#?}");
     }
 
     #[test]
