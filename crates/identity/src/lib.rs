@@ -252,6 +252,17 @@ impl TokenVerifier {
             expires_at: None,
         })
     }
+
+    /// Whether a token with this SHA-256 (hex) is configured for `subject` (a running session
+    /// checks the token it authenticated with after a reload).
+    pub fn holds(&self, sha256_hex: &str, subject: &str) -> bool {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(sha256_hex, &mut h).is_ok()
+            && self
+                .tokens
+                .iter()
+                .any(|(d, t)| d == &h && t.subject == subject)
+    }
 }
 
 /// Compare without an early exit, so timing does not reveal how many leading bytes matched.

@@ -23,11 +23,40 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use tollgate_policy::{Classification, DdlVerb, Kind, Statement, TxOp};
 
-/// Where statements may reach: the resource's database and the others it lists.
+/// Where statements may reach: the resource's database and the others it lists; and how the
+/// session's server reads SQL text.
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
     pub database: &'a str,
     pub databases: &'a [String],
+    pub mode: SqlMode,
+}
+
+/// The `sql_mode` flags that change how the server splits SQL text into tokens: the gateway
+/// reads text as the server will, so it must know them (read from the server at connect and
+/// after anything that may have changed them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SqlMode {
+    /// `"…"` quotes an identifier, not a string.
+    pub ansi_quotes: bool,
+    /// A backslash in a string is an ordinary character.
+    pub no_backslash_escapes: bool,
+}
+
+impl SqlMode {
+    /// From the value of `@@sql_mode` (`ANSI` includes `ANSI_QUOTES`).
+    pub fn parse(value: &str) -> SqlMode {
+        let mut m = SqlMode::default();
+        for flag in value.split(',').map(str::trim) {
+            if flag.eq_ignore_ascii_case("ANSI_QUOTES") || flag.eq_ignore_ascii_case("ANSI") {
+                m.ansi_quotes = true;
+            }
+            if flag.eq_ignore_ascii_case("NO_BACKSLASH_ESCAPES") {
+                m.no_backslash_escapes = true;
+            }
+        }
+        m
+    }
 }
 
 impl Scope<'_> {
@@ -56,12 +85,31 @@ const SAFE_CHARSETS: &[&str] = &[
 /// `sql_mode` flags that change how SQL text is read.
 const READING_MODES: &[&str] = &["ANSI_QUOTES", "NO_BACKSLASH_ESCAPES", "ANSI"];
 
+/// Whether `name` is a character set the gateway reads SQL in.
+pub fn safe_charset(name: &str) -> bool {
+    SAFE_CHARSETS.contains(&name.to_ascii_lowercase().as_str())
+}
+
+/// Whether running `c` may change how the server reads the session's next statements
+/// (`sql_mode`, `character_set_client`): a SET, or code the gateway cannot see into.
+pub fn may_change_reading(c: &Classification) -> bool {
+    match c {
+        Classification::Unparsable { .. } => true,
+        Classification::Statements(s) => s.iter().any(|s| {
+            matches!(
+                s.kind,
+                Kind::Set { .. } | Kind::Execute { .. } | Kind::Call | Kind::Do
+            )
+        }),
+    }
+}
+
 pub fn analyze(sql: &str, scope: Scope<'_>) -> Analysis {
     let unparsable = |error: String| Analysis {
         classification: Classification::Unparsable { error },
         refusal: None,
     };
-    let text = match reveal_version_comments(sql) {
+    let text = match as_default_mode(sql, scope.mode) {
         Ok(t) => t,
         Err(e) => return unparsable(e.into()),
     };
@@ -114,38 +162,90 @@ pub fn analyze(sql: &str, scope: Scope<'_>) -> Analysis {
     }
 }
 
-/// Blanks the markers of version comments so that their content is read as SQL, as the server
-/// reads it. Quotes and other comments are skipped as the server's lexer does.
-pub fn reveal_version_comments(sql: &str) -> Result<String, &'static str> {
+/// The text as the server reads it, rewritten for the parser's reading (the default
+/// `sql_mode`): version comments' markers are blanked so that their content is read as SQL;
+/// with `NO_BACKSLASH_ESCAPES`, a backslash in a string is doubled (it is an ordinary
+/// character there); with `ANSI_QUOTES`, a `"…"` identifier becomes `` `…` ``. Quotes and
+/// other comments are skipped as the server's lexer does.
+pub fn as_default_mode(sql: &str, mode: SqlMode) -> Result<String, &'static str> {
     let b = sql.as_bytes();
-    let mut out = b.to_vec();
+    let mut out = Vec::with_capacity(b.len() + 8);
     let mut i = 0;
     let mut in_version = false;
     while i < b.len() {
         match b[i] {
+            b'"' if mode.ansi_quotes => {
+                // An identifier: `""` inside is one quote; a backtick is doubled.
+                out.push(b'`');
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return Err("unterminated quoted identifier"),
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => {
+                            out.push(b'"');
+                            i += 2;
+                        }
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(b'`') => {
+                            out.extend_from_slice(b"``");
+                            i += 1;
+                        }
+                        Some(&c) => {
+                            out.push(c);
+                            i += 1;
+                        }
+                    }
+                }
+                out.push(b'`');
+            }
             q @ (b'\'' | b'"' | b'`') => {
+                out.push(q);
                 i += 1;
                 loop {
                     match b.get(i) {
                         None => return Err("unterminated quoted text"),
-                        Some(b'\\') if q != b'`' => i += 2,
+                        Some(b'\\') if q != b'`' && mode.no_backslash_escapes => {
+                            out.extend_from_slice(b"\\\\");
+                            i += 1;
+                        }
+                        Some(b'\\') if q != b'`' => {
+                            out.push(b'\\');
+                            if let Some(&c) = b.get(i + 1) {
+                                out.push(c);
+                            }
+                            i += 2;
+                        }
                         Some(&c) if c == q => {
-                            if b.get(i + 1) == Some(&q) {
-                                i += 2;
-                            } else {
+                            out.push(c);
+                            i += 1;
+                            if b.get(i) == Some(&q) {
+                                out.push(q);
                                 i += 1;
+                            } else {
                                 break;
                             }
                         }
-                        Some(_) => i += 1,
+                        Some(&c) => {
+                            out.push(c);
+                            i += 1;
+                        }
                     }
                 }
             }
-            b'#' => i = skip_line(b, i),
+            b'#' => {
+                let end = skip_line(b, i);
+                out.extend_from_slice(&b[i..end]);
+                i = end;
+            }
             b'-' if b.get(i + 1) == Some(&b'-')
                 && b.get(i + 2).is_none_or(|c| c.is_ascii_whitespace()) =>
             {
-                i = skip_line(b, i)
+                let end = skip_line(b, i);
+                out.extend_from_slice(&b[i..end]);
+                i = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let version = match (b.get(i + 2), b.get(i + 3)) {
@@ -159,23 +259,26 @@ pub fn reveal_version_comments(sql: &str) -> Result<String, &'static str> {
                         while j < b.len() && b[j].is_ascii_digit() {
                             j += 1;
                         }
-                        out[i..j].fill(b' ');
+                        out.resize(out.len() + (j - i), b' ');
                         in_version = true;
                         i = j;
                     }
                     _ => {
                         let end = find(b, i + 2, b"*/").ok_or("unterminated comment")?;
+                        out.extend_from_slice(&b[i..end + 2]);
                         i = end + 2;
                     }
                 }
             }
             b'*' if in_version && b.get(i + 1) == Some(&b'/') => {
-                out[i] = b' ';
-                out[i + 1] = b' ';
+                out.extend_from_slice(b"  ");
                 in_version = false;
                 i += 2;
             }
-            _ => i += 1,
+            c => {
+                out.push(c);
+                i += 1;
+            }
         }
     }
     if in_version {
@@ -332,7 +435,31 @@ fn piece_statement(piece: &[Token], scope: Scope<'_>) -> Result<Piece, String> {
             Facts::default(),
         ));
     }
-    if word_is(w.first(), "EXECUTE") && !word_is(w.get(1), "IMMEDIATE") {
+    if word_is(w.first(), "EXECUTE") && word_is(w.get(1), "IMMEDIATE") {
+        // MariaDB runs the text at once: a literal is judged as the statement it holds;
+        // anything else is only known when it runs, code the gateway cannot see into.
+        return match w.get(2) {
+            Some(Token::SingleQuotedString(s)) | Some(Token::DoubleQuotedString(s))
+                if w.len() == 3 || word_is(w.get(3), "USING") =>
+            {
+                let a = analyze(s, scope);
+                if let Some(r) = a.refusal {
+                    return Ok(Piece::Refused(r));
+                }
+                match a.classification {
+                    Classification::Statements(mut v) if v.len() == 1 => {
+                        Ok(Piece::Statement(v.remove(0), Facts::default()))
+                    }
+                    Classification::Statements(_) => {
+                        Ok(Piece::Statement(plain(Kind::Do), Facts::default()))
+                    }
+                    Classification::Unparsable { error } => Err(error),
+                }
+            }
+            _ => Ok(Piece::Statement(plain(Kind::Do), Facts::default())),
+        };
+    }
+    if word_is(w.first(), "EXECUTE") {
         let name = ident(w.get(1)).ok_or("EXECUTE without a name")?;
         if w.len() > 2 && !word_is(w.get(2), "USING") {
             return Err("EXECUTE ... not understood".into());
@@ -509,6 +636,14 @@ fn statement(s: &Ast) -> (Statement, Facts) {
         }
         Ast::CreateTable(t) => {
             extra_tables.push(name_of(&t.name));
+            match &t.like {
+                Some(ast::CreateTableLikeKind::Plain(l))
+                | Some(ast::CreateTableLikeKind::Parenthesized(l)) => {
+                    extra_tables.push(name_of(&l.name))
+                }
+                None => {}
+            }
+            extra_tables.extend(t.clone.iter().map(name_of));
             ddl(DdlVerb::Create, "table")
         }
         Ast::CreateView { name, .. } => {
@@ -525,8 +660,18 @@ fn statement(s: &Ast) -> (Statement, Facts) {
         Ast::CreateTrigger(_) => ddl(DdlVerb::Create, "trigger"),
         Ast::CreateUser(_) | Ast::CreateRole { .. } => ddl(DdlVerb::Create, "role"),
         Ast::CreateSequence { .. } => ddl(DdlVerb::Create, "sequence"),
-        Ast::AlterTable { name, .. } => {
+        Ast::AlterTable {
+            name, operations, ..
+        } => {
             extra_tables.push(name_of(name));
+            for op in operations {
+                if let ast::AlterTableOperation::RenameTable {
+                    table_name: ast::RenameTableNameKind::As(to) | ast::RenameTableNameKind::To(to),
+                } = op
+                {
+                    extra_tables.push(name_of(to));
+                }
+            }
             ddl(DdlVerb::Alter, "table")
         }
         Ast::AlterView { name, .. } => {
@@ -576,8 +721,18 @@ fn statement(s: &Ast) -> (Statement, Facts) {
             ddl(DdlVerb::Truncate, "table")
         }
         Ast::Comment { .. } => ddl(DdlVerb::Comment, "other"),
-        Ast::Grant { .. } => Kind::Grant,
-        Ast::Revoke { .. } => Kind::Revoke,
+        Ast::Grant { objects, .. } => {
+            grant_objects(objects.as_ref(), &mut facts);
+            Kind::Grant
+        }
+        Ast::Revoke { objects, .. } => {
+            grant_objects(objects.as_ref(), &mut facts);
+            Kind::Revoke
+        }
+        // Text run at once, known only when it runs.
+        Ast::Execute {
+            immediate: true, ..
+        } => Kind::Do,
         Ast::Call(f) => {
             c.functions.insert(name_of(&f.name));
             Kind::Call
@@ -623,16 +778,34 @@ fn statement(s: &Ast) -> (Statement, Facts) {
                 write: false,
             }
         }
+        Ast::ShowTables { show_options, .. } | Ast::ShowViews { show_options, .. } => {
+            // `SHOW TABLES FROM db`: the name is a database.
+            if let Some(db) = show_options
+                .show_in
+                .as_ref()
+                .and_then(|i| i.parent_name.as_ref())
+            {
+                facts.databases.insert(unquote(&name_of(db)).to_string());
+            }
+            Kind::Utility {
+                tag: "show",
+                write: false,
+            }
+        }
+        Ast::ShowCreate { obj_name, .. } => {
+            extra_tables.push(name_of(obj_name));
+            Kind::Utility {
+                tag: "show",
+                write: false,
+            }
+        }
         Ast::ShowColumns { .. }
-        | Ast::ShowTables { .. }
+        | Ast::ShowFunctions { .. }
         | Ast::ShowDatabases { .. }
         | Ast::ShowSchemas { .. }
         | Ast::ShowVariables { .. }
         | Ast::ShowVariable { .. }
         | Ast::ShowStatus { .. }
-        | Ast::ShowCreate { .. }
-        | Ast::ShowFunctions { .. }
-        | Ast::ShowViews { .. }
         | Ast::ShowCollation { .. }
         | Ast::ShowCharset(_) => Kind::Utility {
             tag: "show",
@@ -674,6 +847,23 @@ fn statement(s: &Ast) -> (Statement, Facts) {
         },
         facts,
     )
+}
+
+/// `GRANT … ON db.*`, `ON db.t`, `ON DATABASE db`: the databases it reaches.
+fn grant_objects(objects: Option<&ast::GrantObjects>, facts: &mut Facts) {
+    match objects {
+        Some(ast::GrantObjects::Tables(names)) | Some(ast::GrantObjects::Views(names)) => {
+            for n in names {
+                facts.note_name(&name_of(n));
+            }
+        }
+        Some(ast::GrantObjects::Databases(names)) | Some(ast::GrantObjects::Schemas(names)) => {
+            for n in names {
+                facts.databases.insert(unquote(&name_of(n)).to_string());
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The setting a SET names first (for the rules) and whether it may lift read-only mode;
@@ -784,6 +974,7 @@ mod tests {
         Scope {
             database: "crm",
             databases: &[],
+            mode: SqlMode::default(),
         }
     }
 
@@ -852,6 +1043,13 @@ mod tests {
             k => panic!("{k:?}"),
         }
         assert_eq!(kinds("EXECUTE s USING @a"), ["execute"]);
+        assert_eq!(kinds("EXECUTE IMMEDIATE 'DROP TABLE t'"), ["ddl/drop on t"]);
+        assert_eq!(kinds("EXECUTE IMMEDIATE @q"), ["do"]);
+        assert_eq!(
+            kinds("EXECUTE IMMEDIATE CONCAT('DROP ', 'TABLE t')"),
+            ["do"]
+        );
+        assert!(refusal("EXECUTE IMMEDIATE 'SELECT * FROM mysql.user'").is_some());
         assert_eq!(kinds("DEALLOCATE PREPARE s"), ["deallocate"]);
     }
 
@@ -889,9 +1087,106 @@ mod tests {
         let other = Scope {
             database: "crm",
             databases: &["reporting".to_string()],
+            mode: SqlMode::default(),
         };
         assert!(analyze("select * from reporting.t", other)
             .refusal
             .is_none());
+    }
+
+    fn kinds_in(sql: &str, mode: &str) -> Vec<String> {
+        let scope = Scope {
+            mode: SqlMode::parse(mode),
+            ..scope()
+        };
+        match analyze(sql, scope).classification {
+            Classification::Statements(s) => s.iter().map(|s| s.summary_line()).collect(),
+            Classification::Unparsable { .. } => vec!["unparsable".into()],
+        }
+    }
+
+    /// The same text splits differently under the server's sql_mode: the gateway reads it
+    /// as the server does.
+    #[test]
+    fn text_is_read_in_the_servers_sql_mode() {
+        let sql = r"SELECT '\'; DROP TABLE customers; -- '";
+        // Default mode: one string holding the rest.
+        assert_eq!(kinds_in(sql, "STRICT_TRANS_TABLES"), ["select"]);
+        // NO_BACKSLASH_ESCAPES: the string ends at the second quote, and a DROP follows.
+        assert_eq!(
+            kinds_in(sql, "STRICT_TRANS_TABLES,NO_BACKSLASH_ESCAPES"),
+            ["select", "ddl/drop on customers"]
+        );
+        assert_eq!(
+            kinds_in(r"SELECT 'a\' FROM t", "NO_BACKSLASH_ESCAPES"),
+            ["select on t"]
+        );
+        // ANSI_QUOTES: "..." names a table.
+        assert_eq!(
+            kinds_in(r#"SELECT * FROM "customers""#, "ANSI"),
+            ["select on customers"]
+        );
+        assert_eq!(
+            kinds_in(r#"DELETE FROM "a""b" WHERE 1"#, "ANSI_QUOTES"),
+            [r#"delete on a"b"#]
+        );
+        assert!(analyze(
+            r#"SELECT * FROM "mysql"."user""#,
+            Scope {
+                mode: SqlMode::parse("ANSI_QUOTES"),
+                ..scope()
+            }
+        )
+        .refusal
+        .is_some());
+        // Version comments and comment markers inside strings stay text in both modes.
+        assert_eq!(
+            kinds_in(r"SELECT '\/*!'", "NO_BACKSLASH_ESCAPES"),
+            ["select"]
+        );
+        assert_eq!(
+            kinds_in("SELECT 1 /*!50000 ; DELETE FROM t */", "ANSI_QUOTES"),
+            ["select", "delete on t (no WHERE)"]
+        );
+    }
+
+    #[test]
+    fn other_databases_are_found_wherever_a_statement_names_them() {
+        for sql in [
+            "SHOW TABLES FROM mysql",
+            "SHOW TABLES IN `mysql`",
+            "SHOW CREATE TABLE mysql.user",
+            "ALTER TABLE customers RENAME TO other.customers",
+            "CREATE TABLE c2 LIKE other.customers",
+            "GRANT SELECT ON other.* TO 'x'@'%'",
+            "RENAME TABLE customers TO other.c",
+            "INSERT INTO other.t SELECT * FROM customers",
+            "SELECT * FROM customers c JOIN `other`.`t` o ON o.id = c.id",
+            "SELECT other.f(1)",
+            "CALL other.p()",
+            "DROP DATABASE other",
+            "USE other",
+        ] {
+            let r = refusal(sql);
+            assert!(
+                r.as_deref()
+                    .is_some_and(|r| r.contains("is not part of this resource")),
+                "{sql}: {r:?}"
+            );
+        }
+        assert!(refusal("SHOW TABLES").is_none());
+        assert!(refusal("SHOW TABLES FROM crm").is_none());
+        assert!(refusal("ALTER TABLE customers RENAME TO clients").is_none());
+        assert!(refusal("SELECT c.email FROM customers c").is_none());
+    }
+
+    /// `--` starts a comment only before whitespace: `1--1` is arithmetic and what follows runs.
+    #[test]
+    fn double_dash_without_a_space_is_not_a_comment() {
+        assert_eq!(
+            kinds("SELECT 1--1; DROP TABLE t"),
+            ["select", "ddl/drop on t"]
+        );
+        assert_eq!(kinds("SELECT 1 -- ; DROP TABLE t"), ["select"]);
     }
 }

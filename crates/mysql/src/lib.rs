@@ -9,6 +9,7 @@
 //! itself, and it never logs secrets.
 
 pub mod classify;
+pub mod errmask;
 pub mod io;
 pub mod proto;
 mod relay;
@@ -38,6 +39,11 @@ pub struct MysqlGateway {
     pub targets: arc_swap::ArcSwap<Targets>,
     pub tokens: arc_swap::ArcSwap<TokenVerifier>,
     pub oidc: Arc<tollgate_identity::oidc::OidcVerifiers>,
+    /// Changes whenever tokens, issuers or revocation lists were reloaded (the PostgreSQL
+    /// listener's, which shares the certificate): running sessions re-check their standing.
+    pub standing: tokio::sync::watch::Receiver<u64>,
+    /// How often a session resting on an access or unmask grant re-reads it.
+    pub grant_recheck: Duration,
     pub limits: Arc<ConnectionLimits>,
     /// Connections refused before authentication, recorded in aggregate.
     pub refusals: Arc<tollgate_store::refused::Refusals>,
@@ -49,6 +55,8 @@ pub struct MysqlGateway {
     pub audit_fail_closed: bool,
     pub audit_timeout: Duration,
     pub record_commands: bool,
+    /// The gateway's live upstream connections (for `tollgate scan`'s bypass detection).
+    pub upstreams: tollgate_gate::upstreams::UpstreamRegistry,
     /// Connection ids the gateway gave its clients, for `KILL QUERY` from another connection.
     pub threads: Threads,
     /// The server version the greeting announces: the upstreams', so that clients pick
@@ -89,6 +97,32 @@ impl Announced {
         if slot.as_deref() != Some(v.as_str()) {
             *slot = Some(v);
         }
+    }
+}
+
+impl tollgate_gate::standing::Authorities for MysqlGateway {
+    fn cert_revoked(&self, der: &[u8]) -> bool {
+        self.tls.is_revoked(der)
+    }
+
+    fn token_holds(&self, sha256_hex: &str, subject: &str) -> bool {
+        self.tokens.load().holds(sha256_hex, subject)
+    }
+
+    fn has_issuer(&self, issuer: &str) -> bool {
+        self.oidc.has_issuer(issuer)
+    }
+
+    fn reviews(&self) -> Option<&tollgate_review::Reviews> {
+        self.reviews.as_deref()
+    }
+
+    fn standing_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.standing.clone()
+    }
+
+    fn grant_recheck(&self) -> Duration {
+        self.grant_recheck
     }
 }
 
@@ -169,14 +203,36 @@ pub fn compile_targets(config: &Config) -> Result<Targets, CompileError> {
     Ok(targets)
 }
 
+/// A config's MySQL resources and tokens, compiled by [`MysqlGateway::prepare_reload`], not
+/// yet in force.
+pub struct PreparedReload<'a> {
+    gw: &'a MysqlGateway,
+    targets: Targets,
+    tokens: TokenVerifier,
+}
+
+impl PreparedReload<'_> {
+    /// Swap it in: new connections use the new resources and tokens; running sessions keep
+    /// their resource's policy and re-check their standing when told (the PostgreSQL
+    /// listener's reload tells them). Returns the resources now served.
+    pub fn apply(self) -> serde_json::Value {
+        let mut names: Vec<&String> = self.targets.keys().collect();
+        names.sort();
+        let summary = serde_json::json!({ "resources": names });
+        self.gw.targets.store(Arc::new(self.targets));
+        self.gw.tokens.store(Arc::new(self.tokens));
+        summary
+    }
+}
+
 impl MysqlGateway {
-    /// Swap in a new config's MySQL resources and tokens (running sessions keep theirs).
-    pub fn reload(&self, config: &Config) -> Result<(), CompileError> {
-        let targets = compile_targets(config)?;
-        self.targets.store(Arc::new(targets));
-        self.tokens
-            .store(Arc::new(TokenVerifier::new(&config.identity.tokens)));
-        Ok(())
+    /// Compile a new config's MySQL resources and tokens completely, swapping nothing yet.
+    pub fn prepare_reload(&self, config: &Config) -> Result<PreparedReload<'_>, CompileError> {
+        Ok(PreparedReload {
+            gw: self,
+            targets: compile_targets(config)?,
+            tokens: TokenVerifier::new(&config.identity.tokens),
+        })
     }
 
     /// Serve clients accepted on `listener` until the task is dropped.

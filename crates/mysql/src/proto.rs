@@ -403,6 +403,56 @@ impl HandshakeResponse {
     }
 }
 
+/// COM_CHANGE_USER: a new authentication on the same connection (`caps` are the session's).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChangeUser {
+    pub user: String,
+    pub auth: Vec<u8>,
+    pub database: String,
+    pub plugin: Option<String>,
+}
+
+impl std::fmt::Debug for ChangeUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The auth response may be a token sent in clear: never printed.
+        f.debug_struct("ChangeUser")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("plugin", &self.plugin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChangeUser {
+    pub fn parse(p: &[u8], session_caps: u32) -> Result<ChangeUser, Malformed> {
+        let mut r = Reader::new(p);
+        if r.u8()? != 0x11 {
+            return Err(Malformed("not COM_CHANGE_USER"));
+        }
+        let user = String::from_utf8_lossy(r.nul_str()).into_owned();
+        let auth = if session_caps & caps::SECURE_CONNECTION != 0 {
+            let n = r.u8()?;
+            r.bytes(usize::from(n))?.to_vec()
+        } else {
+            r.nul_str().to_vec()
+        };
+        let database = String::from_utf8_lossy(r.nul_str()).into_owned();
+        let mut plugin = None;
+        if r.remaining() >= 2 {
+            r.u16()?; // character set
+            if session_caps & caps::PLUGIN_AUTH != 0 && r.remaining() > 0 {
+                plugin = Some(String::from_utf8_lossy(r.nul_str()).into_owned());
+            }
+        }
+        Ok(ChangeUser {
+            user,
+            auth,
+            database,
+            plugin,
+        })
+    }
+}
+
 /// An OK packet (header 0x00, or 0xfe when it ends a result set under DEPRECATE_EOF).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OkPacket {

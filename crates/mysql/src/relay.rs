@@ -2,7 +2,8 @@
 //! one client command, judges it, forwards it (or answers it itself), and relays the server's
 //! whole answer, masking rows, before it reads the next command.
 
-use crate::classify::{self, Scope};
+use crate::classify::{self, Scope, SqlMode};
+use crate::errmask::ErrorMasker;
 use crate::io::{frame, read_packet, write_packet, IoError};
 use crate::proto::{self, com, Column, ErrPacket, Layout, OkPacket, Reader};
 use crate::session::{codes, err};
@@ -14,11 +15,13 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tollgate_gate::event::{ReviewEvent, SqlCommand, SqlResult};
+use tollgate_gate::event::{ReviewEvent, SessionTerminated, SqlCommand, SqlResult};
 use tollgate_gate::hold::{self, HoldRequest, Opened};
+use tollgate_gate::standing::{Ended, Standing};
 use tollgate_gate::{Decision, SessionLog};
 use tollgate_identity::Identity;
 use tollgate_mask::{ColumnInfo, Format, Outcome, RowPlan};
+use tollgate_metrics::registry;
 use tollgate_policy::{Classification, Classified, Confirmation, SessionPolicy};
 use tollgate_review::Verdict;
 
@@ -32,6 +35,9 @@ const ER_NO_SUCH_THREAD: u16 = 1094;
 const ER_SPECIFIC_ACCESS_DENIED: u16 = 1227;
 const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
 const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
+/// MariaDB's ER_CONNECTION_KILLED: what a session whose standing ended is told.
+const ER_CONNECTION_KILLED: u16 = 1927;
+const CONNECTION_KILLED_STATE: &str = "70100";
 
 pub(crate) struct End {
     pub outcome: &'static str,
@@ -65,6 +71,8 @@ enum Broken {
     Upstream(IoError),
     #[error("upstream sent a malformed packet")]
     Malformed,
+    #[error("could not read the session's {0} from the server")]
+    State(&'static str),
 }
 
 pub(crate) struct Relay<'a> {
@@ -79,6 +87,12 @@ pub(crate) struct Relay<'a> {
     last_prepared: Option<u32>,
     /// The statement whose execution is being relayed (its rows are binary).
     executing: Option<u32>,
+    /// The upstream's connection id (stopped with `KILL` when the session is terminated).
+    upstream_thread: Option<u32>,
+    /// How the server reads this session's SQL text (read from it, re-read after changes).
+    mode: SqlMode,
+    /// Masks values echoed in server errors (`None`: nothing to mask for this viewer).
+    errors: Option<ErrorMasker>,
     n: u64,
     /// Bytes for the client, and the sequence number of the next packet.
     out: Vec<u8>,
@@ -112,6 +126,12 @@ impl<'a> Relay<'a> {
             stmts: HashMap::new(),
             last_prepared: None,
             executing: None,
+            upstream_thread: None,
+            mode: SqlMode::default(),
+            errors: match (&target.mask, unmasked) {
+                (Some(policy), false) => ErrorMasker::new(policy, &who.groups),
+                _ => None,
+            },
             n: 0,
             out: Vec::with_capacity(16 * 1024),
             cseq: 1,
@@ -119,18 +139,58 @@ impl<'a> Relay<'a> {
         }
     }
 
+    /// The upstream's connection id, stopped if the session is terminated mid-command.
+    pub(crate) fn upstream_thread(mut self, id: u32) -> Self {
+        self.upstream_thread = Some(id);
+        self
+    }
+
     fn scope(&self) -> Scope<'a> {
         Scope {
             database: self.target.database(),
             databases: &self.target.resource.databases,
+            mode: self.mode,
         }
     }
 
-    pub(crate) async fn run(mut self, client: Client, up: &mut UpStream) -> End {
+    /// Relays commands until the client quits, something breaks, or the session's standing
+    /// is lost (its certificate or token, or the grant it rests on, ended): then the client is
+    /// told why (an error in answer to its next command, or to the one running) and the
+    /// session ends.
+    pub(crate) async fn run(
+        mut self,
+        client: Client,
+        up: &mut UpStream,
+        standing: Standing,
+    ) -> End {
         let (r, mut w) = tokio::io::split(client);
         let mut r = BufReader::new(r);
+        if let Err(e) = self.read_reading(up).await {
+            let _ = w.shutdown().await;
+            return End {
+                outcome: "error",
+                reason: Some(e.to_string()),
+                commands: 0,
+            };
+        }
+        let gw = self.gw;
+        let lost = standing.lost(gw);
+        tokio::pin!(lost);
         let end = loop {
-            let (seq, p) = match read_packet(&mut r, self.gw.max_message).await {
+            let next = tokio::select! {
+                why = &mut lost => Err(why),
+                p = read_packet(&mut r, self.gw.max_message) => Ok(p),
+            };
+            let next = match next {
+                Ok(p) => p,
+                Err(why) => {
+                    self.cseq = 1;
+                    self.terminate(&why, up, false).await;
+                    let _ = self.flush(&mut w).await;
+                    break ("terminated", Some(why.label().to_string()));
+                }
+            };
+            let (seq, p) = match next {
                 Ok(x) => x,
                 Err(IoError::Closed) => break ("ok", None),
                 Err(IoError::TooLarge(max)) => {
@@ -146,13 +206,38 @@ impl<'a> Relay<'a> {
                 Err(e) => break ("error", Some(e.to_string())),
             };
             self.cseq = seq.wrapping_add(1);
+            let reply_seq = self.cseq;
             let Some(&command) = p.first() else {
                 break ("error", Some("empty packet".into()));
             };
             if command == com::QUIT {
                 break ("ok", None);
             }
-            let res = self.command(command, p, &mut r, up).await;
+            if command == com::CHANGE_USER {
+                let res = self.change_user(&p, &mut r, &mut w, up).await;
+                let flushed = self.flush(&mut w).await;
+                match res {
+                    Ok(true) if flushed.is_ok() => continue,
+                    Ok(true) => break ("error", flushed.err().map(|e| e.to_string())),
+                    Ok(false) => break ("error", Some("change_user_refused".into())),
+                    Err(e) => break ("error", Some(e.to_string())),
+                }
+            }
+            let step = tokio::select! {
+                res = self.command(command, p, &mut r, up) => Ok(res),
+                why = &mut lost => Err(why),
+            };
+            let res = match step {
+                Ok(res) => res,
+                Err(why) => {
+                    // Nothing of this command's answer was sent yet: the error answers it.
+                    self.out.clear();
+                    self.cseq = reply_seq;
+                    self.terminate(&why, up, true).await;
+                    let _ = self.flush(&mut w).await;
+                    break ("terminated", Some(why.label().to_string()));
+                }
+            };
             if let Err(e) = self.flush(&mut w).await {
                 break ("error", Some(Broken::Client(e).to_string()));
             }
@@ -165,6 +250,40 @@ impl<'a> Relay<'a> {
             outcome: end.0,
             reason: end.1,
             commands: self.n,
+        }
+    }
+
+    /// Ends a session whose standing is gone: records why, stops what runs upstream
+    /// (`running`: a command was being relayed), and queues the error for the client.
+    async fn terminate(&mut self, why: &Ended, up: &mut UpStream, running: bool) {
+        let target = self.target;
+        let resource = &target.resource.name;
+        tracing::info!(session = %self.log.id, %resource, reason = why.label(), "ending a session whose standing is gone");
+        registry()
+            .counter(
+                "tollgate_sessions_terminated_total",
+                "Sessions ended by the gateway because a certificate, token or grant they depended on ended.",
+                &[("reason", why.label())],
+            )
+            .inc();
+        let (_, msg, hint) = why.client_error(resource);
+        self.log.record(&SessionTerminated {
+            reason: why.label(),
+            detail: why.detail(),
+            sqlstate: Some(CONNECTION_KILLED_STATE),
+            message: Some(msg.clone()),
+        });
+        self.answer_err(
+            ER_CONNECTION_KILLED,
+            CONNECTION_KILLED_STATE,
+            format!("tollgate: {msg} ({hint})"),
+        );
+        let _ = up.shutdown().await;
+        // A statement still running upstream would outlive the closed connection.
+        if let (true, Some(thread)) = (running, self.upstream_thread) {
+            if let Err(e) = target.kill(thread, self.gw.max_message).await {
+                tracing::warn!(session = %self.log.id, error = %e, "could not stop the upstream connection of a terminated session");
+            }
         }
     }
 
@@ -290,8 +409,15 @@ impl<'a> Relay<'a> {
                 res.map(|_| ())
             }
             com::STMT_SEND_LONG_DATA => {
+                // No answer either way; an id the server did not confirm gets nothing sent.
                 let id = proto::statement_id(&p).map_err(|_| Broken::Malformed)?;
+                let id = if id == proto::LAST_PREPARED {
+                    self.last_prepared.unwrap_or(id)
+                } else {
+                    id
+                };
                 if self.stmts.contains_key(&id) {
+                    proto::set_statement_id(&mut p, id);
                     self.up_send(up, &p).await?;
                 }
                 Ok(())
@@ -354,11 +480,7 @@ impl<'a> Relay<'a> {
                 self.stmts.clear();
                 self.last_prepared = None;
                 self.policy = self.target.policy.session();
-                Ok(())
-            }
-            com::CHANGE_USER => {
-                self.answer_err(ER_SPECIFIC_ACCESS_DENIED, "42000", "COM_CHANGE_USER is not supported through tollgate: open a new connection for another identity or resource (COM_RESET_CONNECTION resets this session)");
-                Ok(())
+                self.read_reading(up).await
             }
             other => {
                 self.answer_err(
@@ -371,11 +493,175 @@ impl<'a> Relay<'a> {
         }
     }
 
+    /// COM_CHANGE_USER, as connection pools use it: a reset of the same session. The client
+    /// authenticates again — the same certificate, or a token of the same identity — for the
+    /// same resource; the upstream is reset with COM_RESET_CONNECTION and the session's state
+    /// forgotten and re-read. Anything else is refused and the connection ends (`Ok(false)`).
+    async fn change_user(
+        &mut self,
+        p: &[u8],
+        r: &mut BufReader<ReadHalf<Client>>,
+        w: &mut WriteHalf<Client>,
+        up: &mut UpStream,
+    ) -> Result<bool, Broken> {
+        self.n += 1;
+        let n = self.n;
+        let started = Instant::now();
+        let mut seq = self.cseq;
+        let req = proto::ChangeUser::parse(p, self.caps);
+        let database = req.as_ref().map(|c| c.database.clone()).unwrap_or_default();
+        let same_resource = database == self.target.resource.name;
+        let who: Result<Identity, &str> = match &req {
+            Err(_) => Err("protocol"),
+            Ok(_) if !same_resource => Err("other_resource"),
+            // The TLS session's certificate cannot change: it is the identity again.
+            Ok(_) if self.who.method == tollgate_identity::AuthMethod::Cert => {
+                if self
+                    .who
+                    .cert_not_after
+                    .is_some_and(|t| std::time::SystemTime::now() >= t)
+                {
+                    Err("expired_certificate")
+                } else {
+                    Ok(self.who.clone())
+                }
+            }
+            Ok(c) => {
+                let mut s = tokio::io::join(&mut *r, &mut *w);
+                self.gw
+                    .password_identity(&mut s, &mut seq, c.plugin.as_deref(), &c.auth)
+                    .await
+                    .map(|(id, _)| id)
+            }
+        };
+        let who = who.and_then(|id| {
+            if id.principal == self.who.principal && id.method == self.who.method {
+                Ok(id)
+            } else {
+                Err("other_identity")
+            }
+        });
+        let decision = match &who {
+            Ok(_) => Decision::Allow { rule: None },
+            Err(reason) => Decision::Deny {
+                rule: "change_user".into(),
+                message: format!("COM_CHANGE_USER refused ({reason})"),
+            },
+        };
+        self.log.record(&SqlCommand {
+            n,
+            protocol: "change_user",
+            text: format!("COM_CHANGE_USER database={database}"),
+            digest: None,
+            statement_id: None,
+            classified: None,
+            decision: decision.summary(),
+            dry_run: None,
+        });
+        self.cseq = seq;
+        if let Err(reason) = who {
+            self.refuse(
+                n,
+                codes::ACCESS_DENIED,
+                "28000",
+                format!(
+                    "tollgate: COM_CHANGE_USER only resets this session: authenticate again as {} for resource \"{}\"; open a new connection for another identity or resource ({reason})",
+                    self.who.subject, self.target.resource.name
+                ),
+                started,
+            );
+            return Ok(false);
+        }
+        // The server forgets the session's state (prepared statements, variables, temporary
+        // tables, transaction): so does the gateway.
+        self.up_send(up, &[com::RESET_CONNECTION]).await?;
+        let reset = self.up_read(up).await?;
+        if reset.first() != Some(&0x00) {
+            return Err(Broken::State("reset"));
+        }
+        self.stmts.clear();
+        self.last_prepared = None;
+        self.policy = self.target.policy.session();
+        self.read_reading(up).await?;
+        let ok = OkPacket {
+            status: proto::SERVER_STATUS_AUTOCOMMIT,
+            ..Default::default()
+        };
+        self.to_client(&ok.encode());
+        self.record_result(n, &Summary::default(), started);
+        Ok(true)
+    }
+
     /// Relays a one-packet answer (OK, ERR, EOF, a statistics string).
     async fn simple(&mut self, up: &mut UpStream) -> Result<(), Broken> {
         let a = self.up_read(up).await?;
-        self.to_client(&a);
+        if a.first() == Some(&0xff) {
+            self.server_error(&a, &mut Summary::default());
+        } else {
+            self.to_client(&a);
+        }
         Ok(())
+    }
+
+    /// Relays a server's ERR packet with the values it echoes masked for this viewer, and notes
+    /// it (masked) in `s` for the audit.
+    fn server_error(&mut self, p: &[u8], s: &mut Summary) {
+        let Ok(mut e) = ErrPacket::parse(p) else {
+            self.to_client(p);
+            return;
+        };
+        if let Some((text, reasons)) = self.errors.as_ref().and_then(|m| m.mask(&e.message)) {
+            e.message = text;
+            for r in reasons {
+                note(s, r);
+            }
+            self.to_client(&e.encode());
+        } else {
+            self.to_client(p);
+        }
+        s.error = Some(e);
+    }
+
+    /// Reads how the server reads this session's SQL (`sql_mode`) and its client character
+    /// set; one the gateway cannot read SQL in is set back to utf8mb4.
+    async fn read_reading(&mut self, up: &mut UpStream) -> Result<(), Broken> {
+        let v = self
+            .server_values(
+                up,
+                "SELECT @@SESSION.sql_mode, @@SESSION.character_set_client",
+            )
+            .await?;
+        let (Some(Some(mode)), Some(charset)) = (v.first(), v.get(1)) else {
+            return Err(Broken::State("sql_mode"));
+        };
+        self.mode = SqlMode::parse(mode);
+        if !charset.as_deref().is_some_and(classify::safe_charset) {
+            let mut q = vec![com::QUERY];
+            q.extend_from_slice(b"SET NAMES utf8mb4");
+            self.up_send(up, &q).await?;
+            if self.up_read(up).await?.first() != Some(&0x00) {
+                return Err(Broken::State("character set"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of the one row `sql` (a query the gateway runs itself) returns.
+    async fn server_values(
+        &mut self,
+        up: &mut UpStream,
+        sql: &str,
+    ) -> Result<Vec<Option<String>>, Broken> {
+        match crate::upstream::query_rows(up, self.caps, sql, self.gw.max_message).await {
+            Ok(mut rows) => Ok(rows.pop().unwrap_or_default()),
+            Err(crate::upstream::QueryError::Server(e)) => {
+                tracing::warn!(session = %self.log.id, code = e.code, error = %e.message, "the server refused the gateway's own query");
+                Err(Broken::State("settings"))
+            }
+            Err(crate::upstream::QueryError::Io(e)) => Err(Broken::Upstream(e)),
+            Err(crate::upstream::QueryError::Write(e)) => Err(Broken::Upstream(e.into())),
+            Err(crate::upstream::QueryError::Malformed) => Err(Broken::Malformed),
+        }
     }
 
     fn decide(&mut self, c: &Classified, refusal: Option<&str>) -> tollgate_policy::Judgement {
@@ -442,6 +728,9 @@ impl<'a> Relay<'a> {
             self.policy.confirm(e, how);
         }
         self.record_result(n, &s, started);
+        if classify::may_change_reading(c) {
+            self.read_reading(up).await?;
+        }
         Ok(())
     }
 
@@ -738,16 +1027,14 @@ impl<'a> Relay<'a> {
         }
         self.up_send(up, wire).await?;
         let first = self.up_read(up).await?;
-        self.to_client(&first);
         if first.first() == Some(&0xff) {
             self.last_prepared = None;
-            let s = Summary {
-                error: ErrPacket::parse(&first).ok(),
-                ..Default::default()
-            };
+            let mut s = Summary::default();
+            self.server_error(&first, &mut s);
             self.record_result(n, &s, started);
             return Ok(());
         }
+        self.to_client(&first);
         let ok = proto::PrepareOk::parse(&first).map_err(|_| Broken::Malformed)?;
         let eof = self.caps & proto::caps::DEPRECATE_EOF == 0;
         for _ in 0..ok.params {
@@ -808,10 +1095,16 @@ impl<'a> Relay<'a> {
         if field_list {
             loop {
                 let p = self.up_read(up).await?;
-                self.to_client(&p);
-                if matches!(p.first(), Some(0xfe) | Some(0xff)) {
-                    s.error = ErrPacket::parse(&p).ok();
-                    return Ok(s);
+                match p.first() {
+                    Some(0xff) => {
+                        self.server_error(&p, &mut s);
+                        return Ok(s);
+                    }
+                    Some(0xfe) => {
+                        self.to_client(&p);
+                        return Ok(s);
+                    }
+                    _ => self.to_client(&p),
                 }
             }
         }
@@ -827,8 +1120,7 @@ impl<'a> Relay<'a> {
                     }
                 }
                 Some(0xff) => {
-                    s.error = ErrPacket::parse(&p).ok();
-                    self.to_client(&p);
+                    self.server_error(&p, &mut s);
                     return Ok(s);
                 }
                 Some(0xfb) => {
@@ -909,8 +1201,7 @@ impl<'a> Relay<'a> {
                 return Ok(proto::end_status(&p));
             }
             if p.first() == Some(&0xff) {
-                s.error = ErrPacket::parse(&p).ok();
-                self.to_client(&p);
+                self.server_error(&p, s);
                 return Ok(0);
             }
             s.rows += 1;

@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_gate::event::{SessionClose, SessionOpen, TlsLeg};
+use tollgate_gate::standing::Standing;
 use tollgate_gate::SessionLog;
 use tollgate_identity::Identity;
 use tollgate_metrics::registry;
@@ -182,7 +183,7 @@ impl MysqlGateway {
                 return;
             }
         };
-        let identity = match tokio::time::timeout_at(
+        let (identity, token_sha256) = match tokio::time::timeout_at(
             deadline,
             self.identify(&mut tls, &mut seq, &hello, peer_cert.as_deref()),
         )
@@ -312,6 +313,15 @@ impl MysqlGateway {
         };
         open.extra
             .insert("upstream_thread_id".into(), json!(upstream.thread_id));
+        let _registered = upstream.local_addr.map(|local_addr| {
+            self.upstreams
+                .register(tollgate_gate::upstreams::UpstreamConn {
+                    resource: target.resource.name.clone(),
+                    upstream: target.resource.upstream.clone(),
+                    local_addr,
+                    backend_pid: i32::try_from(upstream.thread_id).ok(),
+                })
+        });
         self.announced.learn(&upstream.server_version);
         open.extra
             .insert("upstream_version".into(), json!(upstream.server_version));
@@ -344,6 +354,14 @@ impl MysqlGateway {
             },
         );
         tracing::debug!(session = %log.id, subject = %identity.subject, resource = %target.resource.name, "mysql session open");
+        let standing = Standing {
+            identity: identity.clone(),
+            resource: target.resource.name.clone(),
+            cert: peer_cert.map(|der| (der, identity.cert_not_after)),
+            token_sha256,
+            access: access.grant.clone(),
+            unmask: access.unmask.clone(),
+        };
         let end = relay::Relay::new(
             &self,
             &target,
@@ -352,7 +370,8 @@ impl MysqlGateway {
             access.unmask.is_some(),
             hello.head.caps & caps::OFFERED,
         )
-        .run(tls, &mut upstream.stream)
+        .upstream_thread(upstream.thread_id)
+        .run(tls, &mut upstream.stream, standing)
         .await;
         self.threads.remove(thread_id);
         let _ = upstream.stream.shutdown().await;
@@ -383,17 +402,32 @@ impl MysqlGateway {
         seq: &mut u8,
         hello: &HandshakeResponse,
         peer_cert: Option<&[u8]>,
-    ) -> Result<Identity, &'static str> {
+    ) -> Result<(Identity, Option<String>), &'static str> {
         if let Some(der) = peer_cert {
             let id = tollgate_identity::from_certificate(der).map_err(|_| "bad_certificate")?;
             if id.cert_not_after.is_some_and(|t| SystemTime::now() >= t) {
                 return Err("expired_certificate");
             }
-            return Ok(id);
+            return Ok((id, None));
         }
-        let plugin = hello.plugin.as_deref().unwrap_or("");
+        self.password_identity(s, seq, hello.plugin.as_deref(), &hello.auth)
+            .await
+    }
+
+    /// A token the client sends as its password: read from mysql_clear_password's answer, or
+    /// asked for with caching_sha2_password's full authentication (switching to it from any
+    /// other plugin). `auth` is the client's first answer for `plugin`. With the identity, the
+    /// SHA-256 of a service token (a running session checks it is still configured).
+    pub(crate) async fn password_identity<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        s: &mut S,
+        seq: &mut u8,
+        plugin: Option<&str>,
+        auth: &[u8],
+    ) -> Result<(Identity, Option<String>), &'static str> {
+        let plugin = plugin.unwrap_or("");
         let password = if plugin == CLEAR {
-            hello.auth.clone()
+            auth.to_vec()
         } else {
             if plugin != CACHING_SHA2 {
                 // Other plugins never send the password itself: switch to one that will.
@@ -430,6 +464,12 @@ impl MysqlGateway {
         if id.expires_at.is_some_and(|t| SystemTime::now() >= t) {
             return Err("expired_token");
         }
-        Ok(id)
+        let sha = (id.method == tollgate_identity::AuthMethod::Token).then(|| {
+            hex::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                token.as_bytes(),
+            ))
+        });
+        Ok((id, sha))
     }
 }

@@ -474,6 +474,83 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Stops an upstream connection of this resource from a connection of its own (`KILL
+    /// CONNECTION`), for a session the gateway ends while a statement runs there.
+    pub async fn kill(&self, thread: u32, max: usize) -> Result<(), ConnectError> {
+        let mut u = self.connect(caps::PROTOCOL_41, max).await?;
+        let mut q = vec![proto::com::QUERY];
+        q.extend_from_slice(format!("KILL CONNECTION {thread}").as_bytes());
+        let mut seq = 0;
+        write_packet(&mut u.stream, &mut seq, &q).await?;
+        // OK, or 1094 when it is already gone.
+        let _ = read_packet(&mut u.stream, max).await?;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut u.stream).await;
+        Ok(())
+    }
+}
+
+/// Why a query the gateway runs itself failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("the server refused it: {} {}", .0.code, .0.message)]
+    Server(ErrPacket),
+    #[error("{0}")]
+    Io(#[from] IoError),
+    #[error("{0}")]
+    Write(#[from] io::Error),
+    #[error("the server's answer is malformed")]
+    Malformed,
+}
+
+/// Runs `sql` (text protocol) on an idle connection whose capabilities are `session_caps`,
+/// and returns its rows (an OK without a result set: none).
+pub async fn query_rows<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    session_caps: u32,
+    sql: &str,
+    max: usize,
+) -> Result<Vec<Vec<Option<String>>>, QueryError> {
+    let server_error = |p: &[u8]| {
+        QueryError::Server(ErrPacket::parse(p).unwrap_or(ErrPacket::new(0, "HY000", "")))
+    };
+    let mut q = vec![proto::com::QUERY];
+    q.extend_from_slice(sql.as_bytes());
+    write_packet(s, &mut 0, &q).await?;
+    let (_, first) = read_packet(s, max).await?;
+    match first.first() {
+        Some(0xff) => return Err(server_error(&first)),
+        Some(0x00) => return Ok(Vec::new()),
+        _ => {}
+    }
+    let count = proto::Reader::new(&first)
+        .lenenc_int()
+        .map_err(|_| QueryError::Malformed)?;
+    for _ in 0..count {
+        read_packet(s, max).await?;
+    }
+    if session_caps & caps::DEPRECATE_EOF == 0 {
+        read_packet(s, max).await?;
+    }
+    let mut rows = Vec::new();
+    loop {
+        let (_, p) = read_packet(s, max).await?;
+        if proto::is_end_of_rows(&p) {
+            return Ok(rows);
+        }
+        if p.first() == Some(&0xff) {
+            return Err(server_error(&p));
+        }
+        let mut r = proto::Reader::new(&p);
+        let mut row = Vec::new();
+        while r.remaining() > 0 {
+            let v = r.lenenc_str().map_err(|_| QueryError::Malformed)?;
+            row.push(v.map(|b| String::from_utf8_lossy(b).into_owned()));
+        }
+        rows.push(row);
+    }
+}
+
 /// What `plugin` sends for `password`.
 fn auth_response(
     plugin: &str,

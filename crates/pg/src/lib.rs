@@ -22,7 +22,6 @@ pub mod scram;
 mod session;
 mod standing;
 pub mod upstream;
-mod upstreams;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +32,8 @@ use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
 
 pub use cancel::{replica_tag_of, CancelRegistry, MAX_REPLICA_TAG};
+pub use tollgate_gate::upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 pub use upstream::UpstreamTarget;
-pub use upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 
 /// Shared state of the PostgreSQL listener.
 pub struct PgGateway {

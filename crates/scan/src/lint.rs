@@ -430,7 +430,10 @@ impl Lint<'_> {
                 "set [resources.pinning] mode = \"enforce\" (or \"warn\")",
             ));
         }
-        if r.kind != tollgate_config::ResourceKind::Postgres {
+        if !matches!(
+            r.kind,
+            tollgate_config::ResourceKind::Postgres | tollgate_config::ResourceKind::Mysql
+        ) {
             // HTTP and MCP rules are validated whole by the config loader; the SQL checks do
             // not apply.
             return;
@@ -644,6 +647,11 @@ mod tests {
         }
 
         fn config(&self, extra_server: &str, resource: &str) -> Config {
+            self.config_of("postgres", extra_server, resource)
+        }
+
+        /// As [`Fixture::config`], the resource of `kind`.
+        fn config_of(&self, kind: &str, extra_server: &str, resource: &str) -> Config {
             let text = format!(
                 r#"[server]
 postgres_listen = "127.0.0.1:6432"
@@ -659,7 +667,7 @@ admin_groups = ["sre"]
 
 [[resources]]
 name = "app"
-kind = "postgres"
+kind = "{kind}"
 upstream = "127.0.0.1:5432"
 allow_groups = ["sre", "agents"]
 {resource}
@@ -1016,6 +1024,20 @@ approvers = ["sre", "dbas"]
         let rule = "unparsable = \"allow\"\n[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
         let found = f.check(&f.config("", rule));
         assert_eq!(kinds(&found), ["unparsable_allowed"], "{found:?}");
+    }
+
+    #[test]
+    fn mysql_resources_get_the_sql_and_tls_checks() {
+        let f = Fixture::new();
+        let listen = "mysql_listen = \"127.0.0.1:3307\"";
+        assert_eq!(f.check(&f.config_of("mysql", listen, "")), vec![]);
+        let rule = "unparsable = \"allow\"\n[[resources.rules]]\nstatements = [\"drop\"]\naction = \"deny\"\n";
+        let found = f.check(&f.config_of("mysql", listen, rule));
+        assert_eq!(kinds(&found), ["unparsable_allowed"], "{found:?}");
+        let tls = "[resources.tls]\nmode = \"insecure-skip-verify\"\n[resources.credentials]\nuser = \"app\"\npassword_file = \"app.password\"\n";
+        let found = f.check(&f.config_of("mysql", listen, tls));
+        assert_eq!(kinds(&found), ["upstream_tls_not_verify_full"], "{found:?}");
+        assert_eq!(found[0].severity, Severity::Critical);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! refused), TLS 1.2/1.3 probes, raw TLS 1.0/1.1 ClientHellos, and a plaintext start-up that
 //! never sends a password. An HTTP resource gets the same TLS checks on a direct handshake
 //! (ALPN `http/1.1`, as the gateway connects) and a plaintext `HEAD /` on the same port; an
-//! `http://` upstream is a finding of its own and is not TLS-probed.
+//! `http://` upstream is a finding of its own and is not TLS-probed. A MySQL resource gets the
+//! PostgreSQL checks through MySQL's handshake: sessions from `information_schema.PROCESSLIST`,
+//! TLS after the SSL request, and a plaintext login that never sends a password.
 
 use crate::probe::{classify_reply, legacy_client_hello, HelloReply, Legacy};
 use crate::{days_until, rfc3339, Finding, Severity};
@@ -234,11 +236,11 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
     }
     let name = Some(r.name.as_str());
     let http = match (r.kind, &r.http) {
-        (ResourceKind::Postgres, _) => None,
+        (ResourceKind::Postgres | ResourceKind::Mysql, _) => None,
         (ResourceKind::Http | ResourceKind::Mcp, Some(h)) => Some(h),
         _ => None,
     };
-    if r.kind != ResourceKind::Postgres && http.is_none() {
+    if !matches!(r.kind, ResourceKind::Postgres | ResourceKind::Mysql) && http.is_none() {
         rep.findings.push(Finding::new(
             "not_scanned",
             Severity::Low,
@@ -283,7 +285,11 @@ pub async fn scan_resource(r: &Resource, opts: &ScanOptions) -> ResourceReport {
             sessions(r, opts, &mut rep).await;
             tls_handshake(r, opts, timeout, &mut rep).await;
             versions(r, timeout, &mut rep).await;
-            plaintext(r, timeout, &mut rep).await;
+            if r.kind == ResourceKind::Mysql {
+                mysql::plaintext(r, timeout, &mut rep).await;
+            } else {
+                plaintext(r, timeout, &mut rep).await;
+            }
         }
         // An http:// upstream is not TLS-probed; whether it answers is a fact, the finding is
         // plaintext_upstream above.
@@ -339,6 +345,9 @@ async fn ssl_tcp(r: &Resource, timeout: Duration) -> Result<Option<TcpStream>, S
     let mut s = tcp(r, timeout).await?;
     if is_http(r) {
         return Ok(Some(s));
+    }
+    if r.kind == ResourceKind::Mysql {
+        return mysql::ssl_request(s, timeout).await;
     }
     s.write_all(&startup::encode_ssl_request())
         .await
@@ -396,12 +405,12 @@ fn probe_config(
         }
         _ => b.with_no_client_auth(),
     };
-    // What the gateway offers: hyper speaks HTTP/1.1 upstream.
-    c.alpn_protocols = vec![if is_http(r) {
-        b"http/1.1".to_vec()
-    } else {
-        b"postgresql".to_vec()
-    }];
+    // What the gateway offers: hyper speaks HTTP/1.1 upstream; MySQL offers none.
+    c.alpn_protocols = match r.kind {
+        _ if is_http(r) => vec![b"http/1.1".to_vec()],
+        ResourceKind::Mysql => Vec::new(),
+        _ => vec![b"postgresql".to_vec()],
+    };
     Ok(Arc::new(c))
 }
 
@@ -469,8 +478,12 @@ async fn tls_handshake(
                 Severity::Critical,
                 name,
                 "resources.upstream",
-                format!("resource {:?}: {} answered the SSLRequest with N: it does not offer TLS at all", r.name, r.upstream),
-                "turn on TLS on the upstream (PostgreSQL: ssl = on with a certificate) and keep tls.mode = \"verify-full\"",
+                if r.kind == ResourceKind::Mysql {
+                    format!("resource {:?}: {}'s greeting does not offer TLS at all", r.name, r.upstream)
+                } else {
+                    format!("resource {:?}: {} answered the SSLRequest with N: it does not offer TLS at all", r.name, r.upstream)
+                },
+                "turn on TLS on the upstream (PostgreSQL: ssl = on with a certificate; MySQL/MariaDB: ssl_cert and ssl_key) and keep tls.mode = \"verify-full\"",
             ));
             return;
         }
@@ -713,6 +726,8 @@ async fn versions(r: &Resource, timeout: Duration, rep: &mut ResourceReport) {
                 format!("resource {:?}: the upstream accepts {} ({})", r.name, v.name(), fact.detail),
                 if is_http(r) {
                     "set the upstream's minimum TLS version to 1.2 (nginx: ssl_protocols TLSv1.2 TLSv1.3; Apache: SSLProtocol -all +TLSv1.2 +TLSv1.3)"
+                } else if r.kind == ResourceKind::Mysql {
+                    "set the upstream's minimum TLS version to 1.2 (MySQL and MariaDB: tls_version = TLSv1.2,TLSv1.3)"
                 } else {
                     "set the upstream's minimum TLS version to 1.2 (PostgreSQL: ssl_min_protocol_version = 'TLSv1.2')"
                 },
@@ -931,7 +946,12 @@ pub(crate) fn classify_http_reply(buf: &[u8]) -> (bool, String) {
 async fn sessions(r: &Resource, opts: &ScanOptions, rep: &mut ResourceReport) {
     let name = Some(r.name.as_str());
     let before = opts.gateway.fetch().await;
-    let rows = match list_sessions(r, opts).await {
+    let listed = if r.kind == ResourceKind::Mysql {
+        mysql::list_sessions(r, opts).await
+    } else {
+        list_sessions(r, opts).await
+    };
+    let rows = match listed {
         Ok(rows) => rows,
         Err(e) => {
             rep.findings.push(Finding::new(
@@ -983,6 +1003,7 @@ async fn sessions(r: &Resource, opts: &ScanOptions, rep: &mut ResourceReport) {
         let from = match (&row.client_addr, row.client_port) {
             (Some(a), Some(p)) => format!("from {a}:{p}"),
             (None, Some(-1)) => "over a local unix socket".to_string(),
+            _ if r.kind == ResourceKind::Mysql => "from an unknown address".to_string(),
             _ => "from an address hidden from the resource's user (grant it pg_read_all_stats to see it)".to_string(),
         };
         let who = format!(
@@ -1000,7 +1021,11 @@ async fn sessions(r: &Resource, opts: &ScanOptions, rep: &mut ResourceReport) {
                 name,
                 "resources.upstream",
                 format!("resource {:?}: {who} is connected to database {database:?} directly, not through the gateway", r.name),
-                "let only the gateway reach the upstream (pg_hba.conf / firewall by the gateway's address) and rotate credentials that may have leaked",
+                if r.kind == ResourceKind::Mysql {
+                    "let only the gateway reach the upstream (the user's host part / firewall by the gateway's address) and rotate credentials that may have leaked"
+                } else {
+                    "let only the gateway reach the upstream (pg_hba.conf / firewall by the gateway's address) and rotate credentials that may have leaked"
+                },
             )
         } else {
             Finding::new(
@@ -1016,6 +1041,8 @@ async fn sessions(r: &Resource, opts: &ScanOptions, rep: &mut ResourceReport) {
     }
     rep.sessions = Some(facts);
 }
+
+mod mysql;
 
 fn is_gateway_session(row: &SessionRow, r: &Resource, known: &[UpstreamConn]) -> bool {
     let addr = row.client_addr.as_deref().and_then(|a| {
@@ -1400,15 +1427,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mysql_and_mcp_are_not_scanned() {
+    async fn mcp_without_an_http_upstream_is_not_scanned() {
         let up = upstream(Serve::Tls).await;
-        for kind in [ResourceKind::Mysql, ResourceKind::Mcp] {
-            let mut r = http_resource(&up, "https", "ca", "localhost");
-            r.kind = kind;
-            r.http = None;
-            let rep = scan_resource(&r, &opts()).await;
-            assert_eq!(kinds(&rep), ["not_scanned"], "{rep:#?}");
-        }
+        let mut r = http_resource(&up, "https", "ca", "localhost");
+        r.kind = ResourceKind::Mcp;
+        r.http = None;
+        let rep = scan_resource(&r, &opts()).await;
+        assert_eq!(kinds(&rep), ["not_scanned"], "{rep:#?}");
     }
 
     #[test]

@@ -334,14 +334,68 @@ pub async fn run(
     ));
     // The console's /resources shows what the periodic scan found last.
     let latest_scan = api_state.as_ref().map(|s| s.latest_scan.clone());
+    // MySQL resources: compiled and bound now, so that config reloads include them.
+    let (mysql_gw, mysql_listener) = match config.server.mysql_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding server.mysql_listen {addr}"))?;
+            bound.mysql = Some(l.local_addr()?);
+            let mysql_refusals = Arc::new(tollgate_store::refused::Refusals::new(
+                "mysql",
+                format!("{chain_id}-refused-mysql"),
+            ));
+            audit_tasks.push(tokio::spawn(
+                mysql_refusals
+                    .clone()
+                    .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
+            ));
+            let mysql_gw = Arc::new(tollgate_mysql::MysqlGateway {
+                tls: pg_tls.clone(),
+                targets: arc_swap::ArcSwap::from_pointee(tollgate_mysql::compile_targets(&config)?),
+                tokens: arc_swap::ArcSwap::from_pointee(tollgate_identity::TokenVerifier::new(
+                    &config.identity.tokens,
+                )),
+                oidc: oidc.clone(),
+                // The PostgreSQL listener's reloads (tokens, revocation lists) tell MySQL
+                // sessions too: it shares the certificate.
+                standing: gw.standing.subscribe(),
+                grant_recheck: GRANT_RECHECK_INTERVAL,
+                limits: gw.limits.clone(),
+                refusals: mysql_refusals,
+                recorder: recorder.clone(),
+                reviews: Some(reviews.clone()),
+                review_rerun_window: config.server.review_rerun_window,
+                max_message: config.server.max_message_bytes,
+                handshake_timeout: config.server.handshake_timeout,
+                audit_fail_closed: gw.audit_fail_closed,
+                audit_timeout: config.server.audit_timeout,
+                record_commands: config.server.record_commands,
+                upstreams: gw.upstreams.clone(),
+                threads: Default::default(),
+                announced: Default::default(),
+            });
+            (Some(mysql_gw), Some(l))
+        }
+        None => (None, None),
+    };
+
     let config_reload_task = tokio::spawn(config_reload_loop(
         // OIDC issuers first: PostgreSQL's apply makes running sessions re-check their
         // standing, which includes their token's issuer still being configured.
-        vec![
-            ("oidc", oidc.clone() as Arc<dyn ConfigReload>),
-            ("postgres", gw.clone() as Arc<dyn ConfigReload>),
-            ("http", http_gw.clone() as Arc<dyn ConfigReload>),
-        ],
+        // MySQL before PostgreSQL, whose apply tells MySQL sessions too.
+        [("oidc", oidc.clone() as Arc<dyn ConfigReload>)]
+            .into_iter()
+            .chain(
+                mysql_gw
+                    .clone()
+                    .map(|m| ("mysql", m as Arc<dyn ConfigReload>)),
+            )
+            .chain([
+                ("postgres", gw.clone() as Arc<dyn ConfigReload>),
+                ("http", http_gw.clone() as Arc<dyn ConfigReload>),
+            ])
+            .collect(),
         reviews.clone(),
         api_state,
         recorder.clone(),
@@ -376,44 +430,9 @@ pub async fn run(
         None => None,
     };
 
-    let mysql_task = match config.server.mysql_listen {
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding server.mysql_listen {addr}"))?;
-            bound.mysql = Some(l.local_addr()?);
-            let mysql_refusals = Arc::new(tollgate_store::refused::Refusals::new(
-                "mysql",
-                format!("{chain_id}-refused-mysql"),
-            ));
-            audit_tasks.push(tokio::spawn(
-                mysql_refusals
-                    .clone()
-                    .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
-            ));
-            let mysql_gw = Arc::new(tollgate_mysql::MysqlGateway {
-                tls: pg_tls.clone(),
-                targets: arc_swap::ArcSwap::from_pointee(tollgate_mysql::compile_targets(&config)?),
-                tokens: arc_swap::ArcSwap::from_pointee(tollgate_identity::TokenVerifier::new(
-                    &config.identity.tokens,
-                )),
-                oidc: oidc.clone(),
-                limits: gw.limits.clone(),
-                refusals: mysql_refusals,
-                recorder: recorder.clone(),
-                reviews: Some(reviews.clone()),
-                review_rerun_window: config.server.review_rerun_window,
-                max_message: config.server.max_message_bytes,
-                handshake_timeout: config.server.handshake_timeout,
-                audit_fail_closed: gw.audit_fail_closed,
-                audit_timeout: config.server.audit_timeout,
-                record_commands: config.server.record_commands,
-                threads: Default::default(),
-                announced: Default::default(),
-            });
-            Some(tokio::spawn(mysql_gw.serve(l)))
-        }
-        None => None,
+    let mysql_task = match (mysql_gw, mysql_listener) {
+        (Some(m), Some(l)) => Some(tokio::spawn(m.serve(l))),
+        _ => None,
     };
 
     let accept_gw = gw.clone();
@@ -589,6 +608,13 @@ impl ConfigReload for tollgate_identity::oidc::OidcVerifiers {
             self.warm_up();
             serde_json::json!({ "issuers": issuers })
         }))
+    }
+}
+
+impl ConfigReload for tollgate_mysql::MysqlGateway {
+    fn prepare<'a>(&'a self, config: &Config) -> Result<ApplyReload<'a>, String> {
+        let prepared = self.prepare_reload(config).map_err(|e| e.to_string())?;
+        Ok(Box::new(move || prepared.apply()))
     }
 }
 

@@ -4,115 +4,12 @@
 
 mod common;
 
-use common::{read_events, Gateway, Pki, TOKEN};
-use std::io::{Read, Write};
+use common::mysql::{err, mariadb, out, read_packet, write_packet, MyEnv};
+use common::TOKEN;
 use std::net::TcpStream;
-use std::process::{Command, Output};
-use tollgate_testsupport::{MariaDb, MariaDbOptions};
-use tollgate_tls::pki::IssuedFiles;
-
-struct MyEnv {
-    /// Kept for its lifetime: the gateway stops when the test ends.
-    _gw: Gateway,
-    db: MariaDb,
-    pki: Pki,
-    alice: IssuedFiles,
-    mysql_port: u16,
-    tmp: tempfile::TempDir,
-}
 
 fn start(resource_extra: &str, ed25519: bool) -> MyEnv {
-    let tmp = tempfile::Builder::new()
-        .prefix("tollgate-my-")
-        .tempdir()
-        .unwrap();
-    let db = MariaDb::start(MariaDbOptions {
-        init_sql: vec![
-            "CREATE TABLE customers (id INT PRIMARY KEY, name VARCHAR(50), email VARCHAR(100))".into(),
-            "INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Bob', 'bob@example.org')".into(),
-        ],
-        ..Default::default()
-    })
-    .expect("start MariaDB (is mariadb-server installed?)");
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let alice = pki.client("alice", &["sre"]);
-    let (gw, mysql_port) =
-        common::mysql::mysql_gateway(tmp.path(), &pki, &db, ed25519, resource_extra);
-    MyEnv {
-        _gw: gw,
-        db,
-        pki,
-        alice,
-        mysql_port,
-        tmp,
-    }
-}
-
-impl MyEnv {
-    fn tls_args(&self) -> Vec<String> {
-        vec![
-            "-h".into(),
-            "127.0.0.1".into(),
-            "-P".into(),
-            self.mysql_port.to_string(),
-            "--ssl".into(),
-            format!("--ssl-ca={}", self.pki.ca.display()),
-            "--ssl-verify-server-cert".into(),
-            "--batch".into(),
-            "--skip-column-names".into(),
-        ]
-    }
-
-    /// `mariadb` as alice (client certificate) on `database`.
-    fn as_alice(&self, database: &str, sql: &str) -> Output {
-        let mut args = self.tls_args();
-        args.extend([
-            format!("--ssl-cert={}", self.alice.cert.display()),
-            format!("--ssl-key={}", self.alice.key.display()),
-            "-u".into(),
-            "alice".into(),
-            "-D".into(),
-            database.into(),
-            "-e".into(),
-            sql.into(),
-        ]);
-        mariadb(&args)
-    }
-
-    /// `mariadb` as ci-bot with `password` (the token) on "app".
-    fn with_password(&self, password: &str, sql: &str) -> Output {
-        let mut args = self.tls_args();
-        args.extend([
-            "-u".into(),
-            "ci-bot".into(),
-            format!("--password={password}"),
-            "-D".into(),
-            "app".into(),
-            "-e".into(),
-            sql.into(),
-        ]);
-        mariadb(&args)
-    }
-
-    fn events(&self) -> Vec<serde_json::Value> {
-        read_events(&self.tmp.path().join("audit.db"))
-    }
-}
-
-fn mariadb(args: &[String]) -> Output {
-    Command::new("mariadb")
-        .args(args)
-        .env("HOME", "/nonexistent")
-        .output()
-        .expect("run the mariadb client")
-}
-
-fn out(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    MyEnv::start(resource_extra, ed25519)
 }
 
 #[test]
@@ -290,92 +187,18 @@ action = "deny"
 "#,
         false,
     );
-    let mut s = raw_tls_session(&env);
+    let mut s = env.raw();
     // COM_STMT_PREPARE of an allowed statement: PREPARE_OK with its id.
-    let ok = prepare(&mut s, "SELECT name FROM customers WHERE id = 1");
-    assert_eq!(ok[0], 0, "{ok:?}");
-    let allowed = u32::from_le_bytes(ok[1..5].try_into().unwrap());
+    let allowed = s
+        .prepare("SELECT name FROM customers WHERE id = 1")
+        .expect("prepared")
+        .id;
     // A refused statement: 1227, and no id.
-    let refused = prepare(&mut s, "DELETE FROM customers");
-    assert_eq!(refused[0], 0xff);
-    assert_eq!(u16::from_le_bytes([refused[1], refused[2]]), 1227);
+    let refused = s.prepare("DELETE FROM customers").unwrap_err();
+    assert_eq!(refused.code(), Some(1227));
     for id in [allowed + 1, 0xffff_ffff] {
-        let mut exec = vec![0x17];
-        exec.extend_from_slice(&id.to_le_bytes());
-        exec.push(0);
-        exec.extend_from_slice(&1u32.to_le_bytes());
-        write_packet(&mut s, 0, &exec);
-        let answer = read_packet(&mut s);
-        assert_eq!(answer[0], 0xff, "execute {id:#x}: {answer:?}");
-        assert_eq!(u16::from_le_bytes([answer[1], answer[2]]), 1243);
+        let answer = s.execute(id, 0, &[]);
+        assert_eq!(answer.code(), Some(1243), "execute {id:#x}: {answer:?}");
     }
-    assert_eq!(
-        env.db.sql("SELECT COUNT(*) FROM customers").unwrap().trim(),
-        "2"
-    );
-}
-
-/// COM_STMT_PREPARE; returns the first answer packet and skips the definitions after it.
-fn prepare(s: &mut impl ReadWrite, sql: &str) -> Vec<u8> {
-    let mut p = vec![0x16];
-    p.extend_from_slice(sql.as_bytes());
-    write_packet(s, 0, &p);
-    let first = read_packet(s);
-    if first[0] == 0 {
-        let columns = u16::from_le_bytes([first[5], first[6]]);
-        let params = u16::from_le_bytes([first[7], first[8]]);
-        // Definitions, then an EOF per non-empty list (the client did not ask for DEPRECATE_EOF).
-        let n = columns + params + u16::from(columns > 0) + u16::from(params > 0);
-        for _ in 0..n {
-            read_packet(s);
-        }
-    }
-    first
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-/// A raw MySQL session over TLS as alice (client certificate) on "app".
-fn raw_tls_session(env: &MyEnv) -> impl ReadWrite {
-    let mut tcp = TcpStream::connect(("127.0.0.1", env.mysql_port)).unwrap();
-    let greeting = read_packet(&mut tcp);
-    assert_eq!(greeting[0], 10);
-    // PROTOCOL_41 | SECURE_CONNECTION | PLUGIN_AUTH | CONNECT_WITH_DB | SSL.
-    let caps: u32 = (1 << 9) | (1 << 15) | (1 << 19) | (1 << 3) | (1 << 11);
-    let mut head = Vec::new();
-    head.extend_from_slice(&caps.to_le_bytes());
-    head.extend_from_slice(&(1u32 << 24).to_le_bytes());
-    head.push(45);
-    head.extend_from_slice(&[0; 23]);
-    write_packet(&mut tcp, 1, &head);
-    let config = std::sync::Arc::new(common::client_tls(&env.pki.ca, Some(&env.alice)));
-    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    let mut hello = head;
-    hello.extend_from_slice(b"alice\0");
-    hello.push(0);
-    hello.extend_from_slice(b"app\0");
-    hello.extend_from_slice(b"caching_sha2_password\0");
-    write_packet(&mut s, 2, &hello);
-    let ok = read_packet(&mut s);
-    assert_eq!(ok[0], 0, "authenticated: {ok:?}");
-    s
-}
-
-fn read_packet(s: &mut impl Read) -> Vec<u8> {
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
-    let mut p = vec![0; len];
-    s.read_exact(&mut p).unwrap();
-    p
-}
-
-fn write_packet(s: &mut impl Write, seq: u8, p: &[u8]) {
-    let mut out = (p.len() as u32).to_le_bytes()[..3].to_vec();
-    out.push(seq);
-    out.extend_from_slice(p);
-    s.write_all(&out).unwrap();
-    s.flush().unwrap();
+    assert_eq!(env.customers(), "2");
 }

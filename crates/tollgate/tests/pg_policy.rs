@@ -75,44 +75,17 @@ fn start(resource_extra: &str) -> Setup {
 
 impl Setup {
     fn reviews(&self, who: &IssuedFiles, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("reviews")
-            .args(args)
-            .env(
-                "TOLLGATE_GATEWAY",
-                format!("https://localhost:{}", self.https),
-            )
-            .env("TOLLGATE_CA", &self.env.pki.ca)
-            .arg("--cert")
-            .arg(&who.cert)
-            .arg("--key")
-            .arg(&who.key)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run tollgate reviews")
+        reviews_cli(self.https, &self.env.pki.ca, who, args)
     }
 
     /// The pending review of `statement_prefix`, once the held session has opened it.
     fn pending(&self, statement_prefix: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let out = self.reviews(&self.env.alice, &["list", "--json"]);
-            assert!(out.status.success(), "{}", stderr(&out));
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-            if let Some(r) = list["reviews"].as_array().and_then(|l| {
-                l.iter()
-                    .find(|r| {
-                        r["statement"]
-                            .as_str()
-                            .is_some_and(|s| s.starts_with(statement_prefix))
-                    })
-                    .cloned()
-            }) {
-                return r;
-            }
-            assert!(Instant::now() < deadline, "no pending review: {list}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        pending_review(
+            self.https,
+            &self.env.pki.ca,
+            &self.env.alice,
+            statement_prefix,
+        )
     }
 
     /// psql as `who` in the background.

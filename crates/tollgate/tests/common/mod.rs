@@ -212,6 +212,51 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `tollgate reviews ARGS` against the gateway's HTTPS listener on `https`, as `who`.
+pub fn reviews_cli(https: u16, ca: &Path, who: &IssuedFiles, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("reviews")
+        .args(args)
+        .env("TOLLGATE_GATEWAY", format!("https://localhost:{https}"))
+        .env("TOLLGATE_CA", ca)
+        .arg("--cert")
+        .arg(&who.cert)
+        .arg("--key")
+        .arg(&who.key)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tollgate reviews")
+}
+
+/// The pending review whose statement starts with `statement_prefix`, as `viewer` lists it,
+/// once a held session has opened it.
+pub fn pending_review(
+    https: u16,
+    ca: &Path,
+    viewer: &IssuedFiles,
+    statement_prefix: &str,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = reviews_cli(https, ca, viewer, &["list", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(r) = list["reviews"].as_array().and_then(|l| {
+            l.iter()
+                .find(|r| {
+                    r["statement"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(statement_prefix))
+                })
+                .cloned()
+        }) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no pending review: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub const TOKEN: &str = "ci-bot-token-0123456789abcdef";
 
 pub fn sha256_hex(s: &str) -> String {

@@ -1,6 +1,7 @@
-//! The live upstream connections the gateway holds, by resource: the gateway's own socket
-//! address on each one is what the upstream sees as the client, so `tollgate scan` can tell the
-//! gateway's sessions in `pg_stat_activity` from sessions that went around it.
+//! The live upstream connections the gateway holds, by resource, for every SQL adapter: the
+//! gateway's own socket address on each one is what the upstream sees as the client, so
+//! `tollgate scan` can tell the gateway's sessions in `pg_stat_activity` or MySQL's process
+//! list from sessions that went around it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

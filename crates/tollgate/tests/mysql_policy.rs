@@ -1,0 +1,343 @@
+//! Reviews, masking, standing and scanning on the MySQL listener with real clients: a DELETE
+//! held for review (the `mariadb` client simply waits) runs when approved with `tollgate
+//! reviews approve` and is refused with the review's id when denied; values echoed in server
+//! errors are masked; rows of a prepared statement (binary protocol, node `mysql2`'s
+//! `execute`) are masked; sessions end when their certificate expires or their token is
+//! removed; `tollgate scan` tells the gateway's sessions from a direct one.
+
+mod common;
+
+use common::mysql::{closed, err, err_answer, node_modules, out, Login, MyEnv, MyOptions, Raw};
+use common::{pending_review, reviews_cli, stderr, TOKEN};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use tollgate_tls::pki::IssuedFiles;
+
+const HOLD: &str = r#"review_timeout = "30s"
+[[resources.rules]]
+name = "agent-deletes"
+statements = ["delete"]
+groups = ["ci"]
+action = "review"
+approvers = ["sre"]
+"#;
+
+struct Setup {
+    env: MyEnv,
+    https: u16,
+    /// ci: the agent whose deletes need review.
+    bob: IssuedFiles,
+}
+
+fn start_held() -> Setup {
+    let https = tollgate_testsupport::free_port();
+    let env = MyEnv::start_with(MyOptions {
+        server_extra: format!(
+            "https_listen = \"127.0.0.1:{https}\"\n\n[roles]\nadmin_groups = []\nauditor_groups = [\"sre\"]\n"
+        ),
+        resource_extra: HOLD.into(),
+        ..Default::default()
+    });
+    let bob = env.pki.client("bob", &["ci"]);
+    Setup { env, https, bob }
+}
+
+impl Setup {
+    fn reviews(&self, who: &IssuedFiles, args: &[&str]) -> Output {
+        reviews_cli(self.https, &self.env.pki.ca, who, args)
+    }
+
+    fn pending(&self, prefix: &str) -> String {
+        let r = pending_review(self.https, &self.env.pki.ca, &self.env.alice, prefix);
+        assert_eq!(r["status"], "pending");
+        assert_eq!(r["rule"], "agent-deletes");
+        r["id"].as_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn a_held_delete_waits_runs_when_approved_and_names_its_review_when_denied() {
+    let s = start_held();
+    let child = s.env.mariadb_bg(
+        &s.bob,
+        "DELETE FROM customers WHERE id = 2; SELECT ROW_COUNT()",
+    );
+    let started = Instant::now();
+    let id = s.pending("DELETE FROM customers WHERE id = 2");
+    assert_eq!(s.env.customers(), "2", "nothing ran while held");
+    // bob cannot approve his own request.
+    let o = s.reviews(&s.bob, &["approve", &id]);
+    assert!(!o.status.success());
+    let o = s.reviews(&s.env.alice, &["approve", &id, "--reason", "ok"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(out(&o), "1\n");
+    assert_eq!(s.env.customers(), "1");
+    eprintln!("held for {:?}", started.elapsed());
+
+    // Denied: the client gets the reviewer's reason and the review id.
+    let child = s
+        .env
+        .mariadb_bg(&s.bob, "DELETE FROM customers WHERE id = 1");
+    let id = s.pending("DELETE FROM customers WHERE id = 1");
+    let o = s.reviews(
+        &s.env.alice,
+        &["deny", &id, "--reason", "not during the freeze"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let e = err(&o);
+    assert!(e.contains("ERROR 1227"), "{e}");
+    assert!(e.contains(&id) && e.contains("denied by alice"), "{e}");
+    assert!(e.contains("not during the freeze"), "{e}");
+    assert_eq!(s.env.customers(), "1");
+
+    // A client that goes away withdraws its request.
+    let mut child = s
+        .env
+        .mariadb_bg(&s.bob, "DELETE FROM customers WHERE id = 1 AND 1 = 1");
+    let id = s.pending("DELETE FROM customers WHERE id = 1 AND");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = s.reviews(&s.env.alice, &["show", &id, "--json"]);
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if r["status"] == "withdrawn" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not withdrawn: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(s.env.customers(), "1");
+
+    let evs = s.env.events();
+    for kind in ["review.requested", "review.approved", "review.refused"] {
+        assert!(evs.iter().any(|e| e["kind"] == kind), "no {kind}");
+    }
+    // The review id went to the log at once (MySQL has no notices).
+    assert!(s.env.gw.logs().contains("statement held for review"));
+}
+
+const MASKS: &str = r#"[[resources.masks]]
+columns = ["email"]
+strategy = "redact"
+[[resources.masks]]
+detectors = ["email"]
+strategy = "redact"
+"#;
+
+#[test]
+fn values_echoed_in_server_errors_are_masked() {
+    let env = MyEnv::start(MASKS, false);
+    let o = env.as_alice(
+        "app",
+        "INSERT INTO customers VALUES (3, 'Eve', 'ada@example.com')",
+    );
+    // The client echoes its own statement; the server's error is the ERROR line.
+    let stderr_text = err(&o);
+    let e = stderr_text
+        .lines()
+        .find(|l| l.starts_with("ERROR"))
+        .unwrap_or_default();
+    assert!(e.contains("ERROR 1062"), "{stderr_text}");
+    assert!(!e.contains("ada@example.com"), "{e}");
+    assert!(e.contains("Duplicate entry '"), "{e}");
+    // A value the detectors find, echoed in an error about something else.
+    let o = env.as_alice("app", "SELECT `carol@example.net` FROM customers");
+    let stderr_text = err(&o);
+    let e = stderr_text
+        .lines()
+        .find(|l| l.starts_with("ERROR"))
+        .unwrap_or_default();
+    assert!(e.contains("ERROR 1054"), "{stderr_text}");
+    assert!(!e.contains("carol@example.net"), "{e}");
+    // The audit's result holds the masked error.
+    let evs = env.events();
+    let dup = evs
+        .iter()
+        .find(|e| e["kind"] == "result" && e["payload"]["error_code"] == 1062)
+        .expect("the duplicate's result is recorded");
+    let msg = dup["payload"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("Duplicate entry '") && !msg.contains("ada@"),
+        "{msg}"
+    );
+    assert!(
+        dup["payload"]["masked"]["values"].as_u64() >= Some(1),
+        "{dup}"
+    );
+}
+
+/// A prepared SELECT through a real driver: node mysql2's `execute` uses the binary protocol.
+#[test]
+fn binary_protocol_rows_are_masked_through_mysql2() {
+    let env = MyEnv::start(MASKS, false);
+    let script = r#"
+const mysql = require('mysql2/promise');
+const fs = require('fs');
+(async () => {
+  const c = await mysql.createConnection({
+    host: 'localhost', port: +process.env.PORT, user: 'alice', database: 'app',
+    ssl: { ca: fs.readFileSync(process.env.CA), cert: fs.readFileSync(process.env.CERT),
+           key: fs.readFileSync(process.env.KEY) },
+  });
+  const [rows] = await c.execute('SELECT id, name, email FROM customers WHERE id >= ? ORDER BY id', [1]);
+  const [text] = await c.query('SELECT email FROM customers ORDER BY id');
+  console.log(JSON.stringify({ rows, text }));
+  await c.end();
+})().catch(e => { console.error(e); process.exit(1); });
+"#;
+    let o = Command::new("node")
+        .args(["-e", script])
+        .env("NODE_PATH", node_modules())
+        .env("PORT", env.mysql_port.to_string())
+        .env("CA", &env.pki.ca)
+        .env("CERT", &env.alice.cert)
+        .env("KEY", &env.alice.key)
+        .output()
+        .expect("node");
+    assert!(o.status.success(), "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_str(out(&o).trim()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["id"], 1, "ints stay binary ints: {v}");
+    assert_eq!(rows[0]["name"], "Ada");
+    for r in rows.iter().chain(v["text"].as_array().unwrap()) {
+        let email = r["email"].as_str().unwrap();
+        assert!(!email.contains("@example"), "{v}");
+    }
+    let evs = env.events();
+    assert!(evs.iter().any(|e| e["kind"] == "result"
+        && e["payload"]["masked"]["values"].as_u64() == Some(2)
+        && e["payload"]["tag"] == "SELECT 2"));
+}
+
+/// A session ends when what it rests on ends, as on the PostgreSQL listener: its certificate
+/// expires, or its token is no longer configured after a reload. The client gets the reason
+/// in answer to its next command.
+#[test]
+fn sessions_end_when_their_certificate_expires_or_their_token_is_removed() {
+    let env = MyEnv::start("", false);
+    let carol = env
+        .pki
+        .client_until("carol", &["sre"], Duration::from_secs(3));
+    let mut c = Raw::connect(&env, Login::Cert(&carol), "app").expect("carol's session");
+    assert_eq!(c.query("SELECT 1").text_rows(), [["1"]]);
+    let mut t = Raw::connect(&env, Login::Token(TOKEN), "app").expect("token session");
+    assert_eq!(t.query("SELECT 2").text_rows(), [["2"]]);
+
+    // The error is sent when the certificate expires (a client reads it with the answer to
+    // its next command).
+    let a = err_answer(&c.read());
+    assert_eq!(a.code(), Some(1927), "{a:?}");
+    assert!(a.message().contains("certificate has expired"), "{a:?}");
+    assert!(closed(&mut c.s));
+
+    // The token is configured for someone else now.
+    let path = &env.gw.config_path;
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(
+        path,
+        text.replace("subject = \"ci-bot\"", "subject = \"other-bot\""),
+    )
+    .unwrap();
+    let rc = unsafe { libc::kill(env.gw.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0, "SIGHUP");
+    let a = err_answer(&t.read());
+    assert_eq!(a.code(), Some(1927), "{a:?}");
+    assert!(a.message().contains("no longer accepted"), "{a:?}");
+    assert!(closed(&mut t.s));
+
+    let evs = env.events();
+    for reason in ["cert_expired", "token_removed"] {
+        assert!(
+            evs.iter()
+                .any(|e| e["kind"] == "session.terminated" && e["payload"]["reason"] == reason),
+            "no session.terminated for {reason}"
+        );
+    }
+}
+
+/// `tollgate scan` on a MySQL resource: TLS facts, the plaintext login refused, and the
+/// sessions of the process list told apart: the gateway's (from its admin listener) and one
+/// connected directly with the resource's credentials.
+#[test]
+fn scan_tells_gateway_sessions_from_direct_ones() {
+    let env = MyEnv::start("", false);
+    let mut through = env.raw();
+    let gw_thread = through.query("SELECT CONNECTION_ID()").text_rows()[0][0].clone();
+    let mut direct = Command::new("mariadb")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &env.db.port.to_string(),
+            "--ssl",
+            &format!("--ssl-ca={}", env.db.ca_cert.display()),
+            "-u",
+            &env.db.user,
+            &format!("--password={}", env.db.password),
+            "-D",
+            "app",
+            "-e",
+            "SELECT SLEEP(120)",
+        ])
+        .env("HOME", "/nonexistent")
+        .spawn()
+        .expect("mariadb");
+    let mut direct_id = String::new();
+    common::wait_for(Duration::from_secs(10), "the direct session", || {
+        direct_id = env
+            .db
+            .sql("SELECT ID FROM information_schema.PROCESSLIST WHERE INFO = 'SELECT SLEEP(120)'")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        !direct_id.is_empty()
+    });
+    let scan = Command::new(common::BIN)
+        .args(["scan", "--json", "--min-days", "3", "--config"])
+        .arg(&env.gw.config_path)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("tollgate scan");
+    let _ = direct.kill();
+    let _ = direct.wait();
+    assert_eq!(
+        scan.status.code(),
+        Some(1),
+        "{}\n{}",
+        out(&scan),
+        err(&scan)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&scan.stdout).unwrap();
+    let app = &doc["resources"][0];
+    assert_eq!(app["resource"], "app");
+    assert_eq!(app["plaintext_accepted"], false, "{app:#}");
+    assert_eq!(app["tls"]["chain_trusted"], true, "{app:#}");
+    assert_eq!(app["tls"]["hostname_matches"], true, "{app:#}");
+    let versions = app["versions"].as_array().unwrap();
+    let accepted =
+        |v: &str| versions.iter().find(|x| x["version"] == v).unwrap()["accepted"].clone();
+    assert_eq!(accepted("TLSv1.2"), true, "{versions:?}");
+    assert_eq!(accepted("TLSv1.0"), false, "{versions:?}");
+    let findings = doc["findings"].as_array().unwrap();
+    let bypass: Vec<_> = findings
+        .iter()
+        .filter(|f| f["kind"] == "bypass_session")
+        .collect();
+    assert_eq!(bypass.len(), 1, "{doc:#}");
+    let msg = bypass[0]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("pid {direct_id} ")), "{msg}");
+    assert!(
+        !doc.to_string().contains(&format!("pid {gw_thread} ")),
+        "{doc:#}"
+    );
+    assert_eq!(app["sessions"]["through_gateway"], 1, "{app:#}");
+    assert_eq!(app["sessions"]["total"], 2, "{app:#}");
+    assert!(!doc.to_string().contains(&env.db.password));
+}
