@@ -13,6 +13,7 @@ mod cancel;
 mod filter;
 mod interrupt;
 pub mod io;
+mod pool;
 pub use tollgate_gate::limits;
 pub mod proto;
 mod refusal;
@@ -33,6 +34,7 @@ use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
 
 pub use cancel::CancelRegistry;
+pub use pool::Pools;
 pub use upstream::UpstreamTarget;
 pub use upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 
@@ -69,6 +71,8 @@ pub struct PgGateway {
     pub record_commands: bool,
     /// The gateway's live upstream connections (for `tollgate scan`'s bypass detection).
     pub upstreams: UpstreamRegistry,
+    /// Pooled upstream connections (`resources.pool_mode`).
+    pub pools: Pools,
     /// The review workflow that holds commands for approval (`None`: a `review` rule refuses).
     pub reviews: Option<Arc<tollgate_review::Reviews>>,
     /// How long an approval may be reused by the same statement after a restart.
