@@ -416,3 +416,44 @@ async fn two_thousand_tls_clients_on_ten_connections() {
         rss_kib(env.gw.pid())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_past_pool_timeout_and_clients_over_max_client_conn_are_told_why() {
+    let env = start(
+        "pool_mode = \"transaction\"\npool_size = 1\npool_timeout = \"1s\"\nmax_client_conn = 2",
+    )
+    .await;
+    let a = env.client().await;
+    let b = env.client().await;
+    // A third client of the resource is refused at start-up.
+    let cfg = client_tls(&env.pki.ca, Some(&env.alice));
+    let conninfo = format!(
+        "host=localhost port={} dbname=app user=alice sslmode=require",
+        env.gw.pg_port
+    );
+    let err = match tokio_postgres::connect(
+        &conninfo,
+        tokio_postgres_rustls::MakeRustlsConnect::new(cfg),
+    )
+    .await
+    {
+        Ok(_) => panic!("a third client got in past max_client_conn = 2"),
+        Err(e) => e,
+    };
+    let (code, message) = refused(err);
+    assert_eq!(code, SqlState::TOO_MANY_CONNECTIONS);
+    assert!(message.contains("max_client_conn"), "{message}");
+    // a holds the only connection; b waits for it no longer than pool_timeout.
+    a.batch_execute("BEGIN").await.unwrap();
+    let started = Instant::now();
+    let (code, message) = refused(b.batch_execute("SELECT 1").await.unwrap_err());
+    assert_eq!(code, SqlState::TOO_MANY_CONNECTIONS, "{message}");
+    assert!(message.contains("pool_size = 1"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // a's transaction is unharmed.
+    a.batch_execute("COMMIT").await.unwrap();
+    assert!(env
+        .gw
+        .metrics()
+        .contains("tollgate_pool_checkouts_total{resource=\"app\",outcome=\"timeout\"} 1"));
+}

@@ -321,221 +321,126 @@ mod tests {
         b
     }
 
+    /// One client and its carrier; `on` picks the backend its messages go to.
+    #[derive(Default)]
+    struct Client {
+        carry: Carry,
+        statements: ClientStatements,
+    }
+
+    impl Client {
+        /// The messages the backend gets for these client messages.
+        fn send(&mut self, on: &mut BackendStatements, msgs: &[(u8, &[u8])]) -> Vec<(u8, Vec<u8>)> {
+            let mut out = Vec::new();
+            for (tag, body) in msgs {
+                self.carry
+                    .outgoing(&mut self.statements, on, *tag, body, &mut out)
+                    .unwrap();
+            }
+            frames(&out)
+        }
+
+        /// Which of these backend answers reach the client.
+        fn answers(&mut self, on: &mut BackendStatements, tags: &[u8]) -> Vec<bool> {
+            tags.iter()
+                .map(|t| self.carry.incoming(&mut self.statements, on, *t))
+                .collect()
+        }
+    }
+
+    fn tags(sent: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        sent.iter().map(|f| f.0).collect()
+    }
+
     #[test]
     fn a_statement_is_renamed_and_prepared_again_on_another_backend() {
-        let mut client = ClientStatements::default();
+        let mut c = Client::default();
         let (mut b1, mut b2) = (BackendStatements::default(), BackendStatements::default());
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
-        carry
-            .outgoing(
-                &mut client,
-                &mut b1,
-                b'P',
-                &parse("s1", "SELECT 1"),
-                &mut out,
-            )
-            .unwrap();
-        carry
-            .outgoing(&mut client, &mut b1, b'S', &[], &mut out)
-            .unwrap();
-        let sent = frames(&out);
         let server = server_name(&parse("", "SELECT 1")[1..]);
-        assert_eq!(sent[0].0, b'C');
+        let sent = c.send(&mut b1, &[(b'P', &parse("s1", "SELECT 1")), (b'S', &[])]);
+        assert_eq!(tags(&sent), b"CPS");
         assert_eq!(sent[1], (b'P', parse(&server, "SELECT 1")));
         // CloseComplete of the gateway's own Close is dropped, ParseComplete forwarded.
-        assert!(!carry.incoming(&mut client, &mut b1, b'3'));
-        assert!(carry.incoming(&mut client, &mut b1, b'1'));
-        assert!(carry.incoming(&mut client, &mut b1, b'Z'));
-        assert!(carry.settled());
-
+        assert_eq!(c.answers(&mut b1, b"31Z"), [false, true, true]);
+        assert!(c.carry.settled());
         // On the same backend a Bind goes straight to the server-side name.
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b1, b'B', &bind("", "s1"), &mut out)
-            .unwrap();
-        assert_eq!(frames(&out), vec![(b'B', bind("", &server))]);
-        assert!(carry.incoming(&mut client, &mut b1, b'2'));
-
-        // On another backend it is prepared first, and that ParseComplete is not forwarded.
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b2, b'B', &bind("", "s1"), &mut out)
-            .unwrap();
-        carry
-            .outgoing(&mut client, &mut b2, b'S', &[], &mut out)
-            .unwrap();
-        let sent = frames(&out);
         assert_eq!(
-            sent.iter().map(|f| f.0).collect::<Vec<_>>(),
-            vec![b'C', b'P', b'B', b'S']
+            c.send(&mut b1, &[(b'B', &bind("", "s1"))]),
+            [(b'B', bind("", &server))]
         );
-        assert!(!carry.incoming(&mut client, &mut b2, b'3'));
-        assert!(!carry.incoming(&mut client, &mut b2, b'1'));
-        assert!(carry.incoming(&mut client, &mut b2, b'2'));
-        assert!(carry.incoming(&mut client, &mut b2, b'Z'));
+        assert_eq!(c.answers(&mut b1, b"2"), [true]);
+        // On another backend it is prepared first, and those answers are not forwarded.
+        let mut c2 = Client {
+            statements: c.statements,
+            ..Default::default()
+        };
+        let sent = c2.send(&mut b2, &[(b'B', &bind("", "s1")), (b'S', &[])]);
+        assert_eq!(tags(&sent), b"CPBS");
+        assert_eq!(c2.answers(&mut b2, b"312Z"), [false, false, true, true]);
         assert_eq!(b2.len(), 1);
     }
 
     #[test]
     fn a_statement_the_server_did_not_confirm_is_not_carried() {
-        let mut client = ClientStatements::default();
+        let mut c = Client::default();
         let (mut b1, mut b2) = (BackendStatements::default(), BackendStatements::default());
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
         // The client's own Parse fails: the name is forgotten, a Bind of it goes as it is.
-        carry
-            .outgoing(
-                &mut client,
-                &mut b1,
-                b'P',
-                &parse("s1", "SELECT x"),
-                &mut out,
-            )
-            .unwrap();
-        carry
-            .outgoing(&mut client, &mut b1, b'S', &[], &mut out)
-            .unwrap();
-        assert!(!carry.incoming(&mut client, &mut b1, b'3'));
-        assert!(carry.incoming(&mut client, &mut b1, b'E'));
-        assert!(carry.incoming(&mut client, &mut b1, b'Z'));
-        assert!(carry.settled());
+        c.send(&mut b1, &[(b'P', &parse("s1", "SELECT x")), (b'S', &[])]);
+        assert_eq!(c.answers(&mut b1, b"3EZ"), [false, true, true]);
+        assert!(c.carry.settled());
         assert_eq!(b1.len(), 0);
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b1, b'B', &bind("", "s1"), &mut out)
-            .unwrap();
-        assert_eq!(frames(&out), vec![(b'B', bind("", "s1"))]);
-        assert!(carry.incoming(&mut client, &mut b1, b'E'));
-
+        assert_eq!(
+            c.send(&mut b1, &[(b'B', &bind("", "s1"))]),
+            [(b'B', bind("", "s1"))]
+        );
+        c.answers(&mut b1, b"E");
         // A confirmed statement whose re-prepare fails elsewhere stays the client's, and is
         // prepared again at its next use.
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
-        carry
-            .outgoing(
-                &mut client,
-                &mut b1,
-                b'P',
-                &parse("s2", "SELECT 1"),
-                &mut out,
-            )
-            .unwrap();
-        carry
-            .outgoing(&mut client, &mut b1, b'S', &[], &mut out)
-            .unwrap();
-        for tag in [b'3', b'1', b'Z'] {
-            carry.incoming(&mut client, &mut b1, tag);
-        }
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b2, b'B', &bind("", "s2"), &mut out)
-            .unwrap();
-        carry
-            .outgoing(&mut client, &mut b2, b'S', &[], &mut out)
-            .unwrap();
-        assert!(!carry.incoming(&mut client, &mut b2, b'3'));
-        assert!(carry.incoming(&mut client, &mut b2, b'E'));
-        assert!(carry.incoming(&mut client, &mut b2, b'Z'));
+        c.send(&mut b1, &[(b'P', &parse("s2", "SELECT 1")), (b'S', &[])]);
+        c.answers(&mut b1, b"31Z");
+        c.send(&mut b2, &[(b'B', &bind("", "s2")), (b'S', &[])]);
+        assert_eq!(c.answers(&mut b2, b"3EZ"), [false, true, true]);
         assert_eq!(b2.len(), 0);
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b2, b'B', &bind("", "s2"), &mut out)
-            .unwrap();
-        assert_eq!(frames(&out).len(), 3);
+        assert_eq!(tags(&c.send(&mut b2, &[(b'B', &bind("", "s2"))])), b"CPB");
     }
 
     #[test]
     fn a_name_in_use_is_refused_by_the_server_and_kept() {
-        let mut client = ClientStatements::default();
+        let mut c = Client::default();
         let mut b = BackendStatements::default();
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
-        carry
-            .outgoing(
-                &mut client,
-                &mut b,
-                b'P',
-                &parse("s1", "SELECT 1"),
-                &mut out,
-            )
-            .unwrap();
-        for tag in [b'3', b'1'] {
-            carry.incoming(&mut client, &mut b, tag);
-        }
-        let mut out = Vec::new();
-        carry
-            .outgoing(
-                &mut client,
-                &mut b,
-                b'P',
-                &parse("s1", "SELECT 2"),
-                &mut out,
-            )
-            .unwrap();
         let server = server_name(&parse("", "SELECT 1")[1..]);
-        assert_eq!(frames(&out), vec![(b'P', parse(&server, "SELECT 2"))]);
-        assert!(carry.incoming(&mut client, &mut b, b'E'));
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b, b'B', &bind("", "s1"), &mut out)
-            .unwrap();
-        assert_eq!(frames(&out), vec![(b'B', bind("", &server))]);
+        c.send(&mut b, &[(b'P', &parse("s1", "SELECT 1"))]);
+        c.answers(&mut b, b"31");
+        let sent = c.send(&mut b, &[(b'P', &parse("s1", "SELECT 2"))]);
+        assert_eq!(sent, [(b'P', parse(&server, "SELECT 2"))]);
+        assert_eq!(c.answers(&mut b, b"E"), [true]);
+        assert_eq!(
+            c.send(&mut b, &[(b'B', &bind("", "s1"))]),
+            [(b'B', bind("", &server))]
+        );
     }
 
     #[test]
     fn unknown_names_and_portals_pass_unchanged() {
-        let mut client = ClientStatements::default();
+        let mut c = Client::default();
         let mut b = BackendStatements::default();
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b, b'B', &bind("p", "nope"), &mut out)
-            .unwrap();
-        carry
-            .outgoing(&mut client, &mut b, b'D', b"Pp\0", &mut out)
-            .unwrap();
-        assert_eq!(
-            frames(&out),
-            vec![(b'B', bind("p", "nope")), (b'D', b"Pp\0".to_vec())]
-        );
+        let sent = c.send(&mut b, &[(b'B', &bind("p", "nope")), (b'D', b"Pp\0")]);
+        assert_eq!(sent, [(b'B', bind("p", "nope")), (b'D', b"Pp\0".to_vec())]);
         // A Close of a statement the client never made is forwarded (its answer is the client's).
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b, b'C', b"Sx\0", &mut out)
-            .unwrap();
-        assert!(carry.incoming(&mut client, &mut b, b'2'));
-        assert!(carry.incoming(&mut client, &mut b, b'3'));
+        c.send(&mut b, &[(b'C', b"Sx\0")]);
+        assert_eq!(c.answers(&mut b, b"23"), [true, true]);
     }
 
     #[test]
     fn the_unnamed_statement_follows_the_client() {
-        let mut client = ClientStatements::default();
+        let mut c = Client::default();
         let (mut b1, mut b2) = (BackendStatements::default(), BackendStatements::default());
-        let mut carry = Carry::default();
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b1, b'P', &parse("", "SELECT 2"), &mut out)
-            .unwrap();
-        assert_eq!(frames(&out), vec![(b'P', parse("", "SELECT 2"))]);
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b2, b'B', &bind("", ""), &mut out)
-            .unwrap();
-        assert_eq!(
-            frames(&out),
-            vec![(b'P', parse("", "SELECT 2")), (b'B', bind("", ""))]
-        );
+        let sent = c.send(&mut b1, &[(b'P', &parse("", "SELECT 2"))]);
+        assert_eq!(sent, [(b'P', parse("", "SELECT 2"))]);
+        let sent = c.send(&mut b2, &[(b'B', &bind("", ""))]);
+        assert_eq!(sent, [(b'P', parse("", "SELECT 2")), (b'B', bind("", ""))]);
         // A simple query on b2 replaces its unnamed statement.
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b2, b'Q', b"SELECT 3\0", &mut out)
-            .unwrap();
-        let mut out = Vec::new();
-        carry
-            .outgoing(&mut client, &mut b2, b'B', &bind("", ""), &mut out)
-            .unwrap();
-        assert_eq!(frames(&out).len(), 2);
+        c.send(&mut b2, &[(b'Q', b"SELECT 3\0")]);
+        assert_eq!(tags(&c.send(&mut b2, &[(b'B', &bind("", ""))])), b"PB");
     }
 }
