@@ -188,6 +188,11 @@ message = "no drops here"
         "CREATE TEMP TABLE t (a int)",
         "PREPARE p AS SELECT 1",
         "BEGIN; DECLARE cur CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+        // Hidden behind another statement, a comment, odd case or an escaped name.
+        "SELECT 1; /* x */ sEt work_mem = '1MB'",
+        "SELECT set_config('work_mem', '1MB', false)",
+        "SELECT U&\"pg_\\0061dvisory_lock\"(7)",
+        "CREATE TABLE pg_temp.t (a int)",
     ] {
         let (code, message) = refused(c.batch_execute(sql).await.unwrap_err());
         assert_eq!(code, SqlState::FEATURE_NOT_SUPPORTED, "{sql}: {message}");
@@ -212,6 +217,22 @@ message = "no drops here"
         first_value(&c, "SELECT 41 + 1").await.as_deref(),
         Some("42")
     );
+    // Nothing of it reached either connection: another client sees the defaults.
+    let other = env.client().await;
+    for _ in 0..4 {
+        let (unchanged, locks) = tokio::join!(
+            first_value(
+                &other,
+                "SELECT setting = reset_val FROM pg_settings WHERE name = 'work_mem'"
+            ),
+            first_value(
+                &c,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            )
+        );
+        assert_eq!(unchanged.as_deref(), Some("t"));
+        assert_eq!(locks.as_deref(), Some("0"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
