@@ -478,3 +478,90 @@ async fn a_client_waiting_past_pool_timeout_and_clients_over_max_client_conn_are
         .metrics()
         .contains("tollgate_pool_checkouts_total{resource=\"app\",outcome=\"timeout\"} 1"));
 }
+
+/// pgbench's TPC-B-like transactions in every query mode (`prepared` prepares named statements
+/// once per connection, then only binds them) on a transaction-pooled resource.
+#[test]
+fn pgbench_in_every_query_mode_through_a_transaction_pool() {
+    use std::process::{Command, Stdio};
+    let env = env("pool_mode = \"transaction\"\npool_size = 2");
+    let out = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q"])
+        .arg(env.direct_conninfo())
+        .env("PGPASSWORD", &env.pg.password)
+        .env_remove("PGSSLMODE")
+        .output()
+        .expect("pgbench");
+    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    let runs: Vec<_> = ["simple", "extended", "prepared"]
+        .into_iter()
+        .map(|mode| {
+            let child = Command::new("pgbench")
+                .args(["-n", "-t", "40", "-c", "3", "-M", mode])
+                .arg(env.conninfo("app"))
+                .env_remove("PGPASSWORD")
+                .env_remove("PGSSLMODE")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("pgbench");
+            (mode, child)
+        })
+        .collect();
+    for (mode, child) in runs {
+        let out = child.wait_with_output().unwrap();
+        let text = stdout(&out);
+        assert!(out.status.success(), "-M {mode}: {text}\n{}", stderr(&out));
+        assert!(
+            text.contains("number of transactions actually processed: 120/120"),
+            "-M {mode}: {text}"
+        );
+    }
+    assert!(gateway_backends(&env) <= 2);
+    let out = env.psql(
+        &env.conninfo("app"),
+        &["-c", "SELECT count(*) FROM pgbench_history"],
+    );
+    assert_eq!(stdout(&out), "360");
+}
+
+/// `pgbench -C` (a new client connection per transaction) on a session-pooled resource: the
+/// upstream connections are reused, not opened per client.
+#[test]
+fn pgbench_connect_per_transaction_reuses_upstream_sessions() {
+    use std::process::Command;
+    let env = env("pool_mode = \"session\"");
+    let out = Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q"])
+        .arg(env.direct_conninfo())
+        .env("PGPASSWORD", &env.pg.password)
+        .env_remove("PGSSLMODE")
+        .output()
+        .expect("pgbench");
+    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    let out = Command::new("pgbench")
+        .args(["-n", "-S", "-C", "-t", "50", "-c", "2"])
+        .arg(env.conninfo("app"))
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE")
+        .output()
+        .expect("pgbench");
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("number of transactions actually processed: 100/100"),
+        "{text}"
+    );
+    let series = |outcome: &str| {
+        env.gw
+            .metric(&format!(
+                "tollgate_pool_checkouts_total{{resource=\"app\",outcome=\"{outcome}\"}}"
+            ))
+            .unwrap_or(0)
+    };
+    let (reused, opened) = (series("reused"), series("opened"));
+    assert!(
+        reused > opened,
+        "100 client connections: {reused} reused, {opened} opened upstream"
+    );
+}
