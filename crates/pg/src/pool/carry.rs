@@ -31,6 +31,9 @@ impl BackendStatements {
     }
 }
 
+/// Most statements the gateway keeps prepared on one upstream connection.
+pub(crate) const MAX_PER_CONNECTION: usize = 1000;
+
 /// A request sent to the backend whose completion message the carrier follows.
 #[derive(Debug, PartialEq, Eq)]
 enum Expect {
@@ -86,7 +89,24 @@ impl Carry {
 
     /// Close and prepare `server` (its definition `def`) on the backend: the Close makes the
     /// Parse safe whatever the backend held under that name.
-    fn prepare(&mut self, server: &str, def: &[u8], ours: bool, out: &mut Vec<u8>) {
+    fn prepare(
+        &mut self,
+        backend: &mut BackendStatements,
+        server: &str,
+        def: &[u8],
+        ours: bool,
+        out: &mut Vec<u8>,
+    ) {
+        // A connection serves many clients: the statements kept on it are bounded, the
+        // surplus closed (a client that uses one again gets it prepared again).
+        while backend.prepared.len() >= MAX_PER_CONNECTION {
+            let Some(old) = backend.prepared.iter().next().cloned() else {
+                break;
+            };
+            backend.prepared.remove(&old);
+            out.extend(message(b'C', &[b"S", old.as_bytes(), b"\0"]));
+            self.expect.push_back(Expect::Close { ours: true });
+        }
         out.extend(message(b'C', &[b"S", server.as_bytes(), b"\0"]));
         self.expect.push_back(Expect::Close { ours: true });
         out.extend(message(b'P', &[server.as_bytes(), b"\0", def]));
@@ -124,7 +144,7 @@ impl Carry {
         let def = client.named.get(std::str::from_utf8(name).ok()?)?;
         let server = server_name(def);
         if !backend.prepared.contains(&server) {
-            self.prepare(&server, def, true, out);
+            self.prepare(backend, &server, def, true, out);
         }
         Some(server)
     }
@@ -165,7 +185,7 @@ impl Carry {
                     let name = String::from_utf8(name.to_vec()).map_err(|_| Malformed)?;
                     let server = server_name(&def);
                     backend.prepared.remove(&server);
-                    self.prepare(&server, &def, false, out);
+                    self.prepare(backend, &server, &def, false, out);
                     if let Some(Expect::Parse { client: c, .. }) = self.expect.back_mut() {
                         *c = Some(name.clone());
                     }
@@ -418,6 +438,24 @@ mod tests {
             c.send(&mut b, &[(b'B', &bind("", "s1"))]),
             [(b'B', bind("", &server))]
         );
+    }
+
+    #[test]
+    fn a_connection_keeps_a_bounded_number_of_statements() {
+        let mut c = Client::default();
+        let mut b = BackendStatements::default();
+        for i in 0..MAX_PER_CONNECTION {
+            let sql = format!("SELECT {i}");
+            c.send(&mut b, &[(b'P', &parse(&format!("s{i}"), &sql))]);
+            let answers = c.answers(&mut b, b"31");
+            assert_eq!(answers, [false, true]);
+        }
+        assert_eq!(b.len(), MAX_PER_CONNECTION);
+        // The next one closes one of them first; that answer is the gateway's own.
+        let sent = c.send(&mut b, &[(b'P', &parse("last", "SELECT 'last'"))]);
+        assert_eq!(tags(&sent), b"CCP");
+        assert_eq!(c.answers(&mut b, b"331"), [false, false, true]);
+        assert_eq!(b.len(), MAX_PER_CONNECTION);
     }
 
     #[test]
