@@ -112,7 +112,7 @@ async fn session_pool_reuses_a_connection_after_discard_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_share_two_connections_between_transactions() {
-    let env = start("pool_mode = \"transaction\"\npool_size = 2").await;
+    let env = start("pool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"300s\"").await;
     let setup = env.client().await;
     setup
         .batch_execute("CREATE TABLE hits (client int, n int)")
@@ -156,6 +156,17 @@ async fn fifty_clients_share_two_connections_between_transactions() {
     .await;
     let distinct: HashSet<i32> = pids.into_iter().flatten().collect();
     assert!(distinct.len() <= 2, "{distinct:?}");
+    // Every client is between transactions: no connection stays leased (once the Close and
+    // Sync tokio-postgres sends, unawaited, for each dropped statement are answered).
+    wait_for(
+        Duration::from_secs(5),
+        "every connection back in the pool",
+        || {
+            env.gw
+                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
+                == Some(0)
+        },
+    );
     assert!(
         gateway_backends(&env) <= 2,
         "at most pool_size upstream connections"
@@ -484,7 +495,9 @@ async fn a_client_waiting_past_pool_timeout_and_clients_over_max_client_conn_are
 #[test]
 fn pgbench_in_every_query_mode_through_a_transaction_pool() {
     use std::process::{Command, Stdio};
-    let env = env("pool_mode = \"transaction\"\npool_size = 2");
+    // Nine clients on two connections, beside the other tests on two shared cores: a client
+    // may wait a while for its turn.
+    let env = env("pool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"300s\"");
     let out = Command::new("pgbench")
         .args(["-i", "-s", "1", "-q"])
         .arg(env.direct_conninfo())
@@ -518,6 +531,15 @@ fn pgbench_in_every_query_mode_through_a_transaction_pool() {
         );
     }
     assert!(gateway_backends(&env) <= 2);
+    wait_for(
+        Duration::from_secs(5),
+        "every connection back in the pool",
+        || {
+            env.gw
+                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
+                == Some(0)
+        },
+    );
     let out = env.psql(
         &env.conninfo("app"),
         &["-c", "SELECT count(*) FROM pgbench_history"],
