@@ -112,7 +112,7 @@ async fn session_pool_reuses_a_connection_after_discard_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_share_two_connections_between_transactions() {
-    let env = start("pool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"300s\"").await;
+    let env = start("pool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"60s\"").await;
     let setup = env.client().await;
     setup
         .batch_execute("CREATE TABLE hits (client int, n int)")
@@ -497,20 +497,16 @@ fn pgbench_in_every_query_mode_through_a_transaction_pool() {
     use std::process::{Command, Stdio};
     // Nine clients on two connections, beside the other tests on two shared cores: a client
     // may wait a while for its turn.
-    let env = env("pool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"300s\"");
-    let out = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q"])
-        .arg(env.direct_conninfo())
-        .env("PGPASSWORD", &env.pg.password)
-        .env_remove("PGSSLMODE")
-        .output()
-        .expect("pgbench");
-    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    let env = env("pool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"60s\"");
+    env.pgbench_init();
     let runs: Vec<_> = ["simple", "extended", "prepared"]
         .into_iter()
         .map(|mode| {
             let child = Command::new("pgbench")
-                .args(["-n", "-t", "40", "-c", "3", "-M", mode])
+                // One thread per client: in prepared mode pgbench prepares each statement
+                // synchronously, which would stall a thread's other clients while they hold
+                // both connections in their transactions (with any pooler).
+                .args(["-n", "-t", "40", "-c", "3", "-j", "3", "-M", mode])
                 .arg(env.conninfo("app"))
                 .env_remove("PGPASSWORD")
                 .env_remove("PGSSLMODE")
@@ -553,14 +549,7 @@ fn pgbench_in_every_query_mode_through_a_transaction_pool() {
 fn pgbench_connect_per_transaction_reuses_upstream_sessions() {
     use std::process::Command;
     let env = env("pool_mode = \"session\"");
-    let out = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q"])
-        .arg(env.direct_conninfo())
-        .env("PGPASSWORD", &env.pg.password)
-        .env_remove("PGSSLMODE")
-        .output()
-        .expect("pgbench");
-    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    env.pgbench_init();
     let out = Command::new("pgbench")
         .args(["-n", "-S", "-C", "-t", "50", "-c", "2"])
         .arg(env.conninfo("app"))
