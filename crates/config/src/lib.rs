@@ -354,8 +354,67 @@ pub struct Resource {
     /// MCP: `command = [...]`, a stdio server the gateway starts per session (instead of an
     /// `upstream` URL).
     pub stdio: Option<StdioServer>,
+    /// PostgreSQL: reuse of authenticated upstream sessions (`pool_mode` and its limits).
+    pub pool: Pooling,
     /// Line of the `[[resources]]` entry, for error messages about it.
     pub line: usize,
+}
+
+/// `resources.pool_mode`: how a PostgreSQL resource's upstream connections are shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A fresh upstream connection per client session, closed with it (the default).
+    #[default]
+    None,
+    /// A client session has one upstream connection to itself; when it ends cleanly the
+    /// connection is reset (`DISCARD ALL`) and kept for the next client of the resource.
+    Session,
+    /// Client sessions share `pool_size` upstream connections between transactions.
+    Transaction,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::None => "none",
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        }
+    }
+}
+
+/// A PostgreSQL resource's pool settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pooling {
+    pub mode: PoolMode,
+    /// `transaction`: most upstream connections at once (default 20).
+    pub size: usize,
+    /// Most idle upstream connections kept per startup-parameter set (default `pool_size`).
+    pub max_idle: usize,
+    /// An idle upstream connection unused this long is closed (default 10m).
+    pub idle_timeout: Duration,
+    /// `transaction`: how long a client waits for a free upstream connection before its
+    /// statement fails (default 30s).
+    pub queue_timeout: Duration,
+    /// Most client sessions of this resource at once (default: no cap besides the server's).
+    pub max_client_conn: Option<usize>,
+}
+
+/// Default `resources.pool_size`.
+pub const DEFAULT_POOL_SIZE: usize = 20;
+
+impl Default for Pooling {
+    fn default() -> Self {
+        Pooling {
+            mode: PoolMode::None,
+            size: DEFAULT_POOL_SIZE,
+            max_idle: DEFAULT_POOL_SIZE,
+            idle_timeout: Duration::from_secs(600),
+            queue_timeout: Duration::from_secs(30),
+            max_client_conn: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1090,6 +1149,12 @@ struct RawResource {
     dry_run: bool,
     max_prepared_statements: Option<Spanned<i64>>,
     max_portals: Option<Spanned<i64>>,
+    pool_mode: Option<Spanned<PoolMode>>,
+    pool_size: Option<Spanned<i64>>,
+    pool_max_idle: Option<Spanned<i64>>,
+    pool_idle_timeout: Option<Spanned<String>>,
+    pool_timeout: Option<Spanned<String>>,
+    max_client_conn: Option<Spanned<i64>>,
     #[serde(default)]
     masks: Vec<Mask>,
     capture_results: Option<bool>,
@@ -1405,6 +1470,62 @@ impl Ctx<'_> {
         }
     }
 
+    /// `pool_mode` and its limits: PostgreSQL resources only.
+    fn pooling(&self, r: &RawResource, name: &str) -> Result<Pooling, ConfigError> {
+        if r.kind != ResourceKind::Postgres {
+            let set = [
+                ("pool_mode", r.pool_mode.as_ref().map(|v| v.span().start)),
+                ("pool_size", r.pool_size.as_ref().map(|v| v.span().start)),
+                (
+                    "pool_max_idle",
+                    r.pool_max_idle.as_ref().map(|v| v.span().start),
+                ),
+                (
+                    "pool_idle_timeout",
+                    r.pool_idle_timeout.as_ref().map(|v| v.span().start),
+                ),
+                (
+                    "pool_timeout",
+                    r.pool_timeout.as_ref().map(|v| v.span().start),
+                ),
+                (
+                    "max_client_conn",
+                    r.max_client_conn.as_ref().map(|v| v.span().start),
+                ),
+            ];
+            if let Some((key, Some(at))) = set.into_iter().find(|(_, at)| at.is_some()) {
+                return Err(self.invalid(
+                    at,
+                    &format!("resources.{key}"),
+                    format!("resource {name:?}: connection pooling applies to postgres resources, not {}", r.kind),
+                ));
+            }
+        }
+        let d = Pooling::default();
+        let size = self.count("resources.pool_size", r.pool_size.clone(), d.size)?;
+        Ok(Pooling {
+            mode: r.pool_mode.as_ref().map_or(d.mode, |m| *m.get_ref()),
+            size,
+            max_idle: self.count("resources.pool_max_idle", r.pool_max_idle.clone(), size)?,
+            idle_timeout: self.duration(
+                "resources.pool_idle_timeout",
+                r.pool_idle_timeout.clone(),
+                d.idle_timeout,
+            )?,
+            queue_timeout: self.duration(
+                "resources.pool_timeout",
+                r.pool_timeout.clone(),
+                d.queue_timeout,
+            )?,
+            max_client_conn: match &r.max_client_conn {
+                None => None,
+                Some(_) => {
+                    Some(self.count("resources.max_client_conn", r.max_client_conn.clone(), 1)?)
+                }
+            },
+        })
+    }
+
     /// A positive whole number, or `default` when absent.
     fn count(
         &self,
@@ -1675,6 +1796,7 @@ impl Ctx<'_> {
             let line = self.line_of(spanned.span().start);
             let r = spanned.into_inner();
             let name_at = r.name.span().start;
+            let pool = self.pooling(&r, r.name.get_ref())?;
             let name = r.name.into_inner();
             if name.is_empty()
                 || !name
@@ -2041,6 +2163,7 @@ impl Ctx<'_> {
                 pin_approvers,
                 audiences,
                 hold_wait,
+                pool,
                 line,
             });
         }
@@ -2186,6 +2309,45 @@ password_env = "ORDERS_DB_PASSWORD"
 
     fn p(text: &str) -> Result<Config, ConfigError> {
         parse(text, Path::new("/etc/tollgate/tollgate.toml"))
+    }
+
+    #[test]
+    fn pool_settings_default_off_and_are_checked() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.resources[0].pool, Pooling::default());
+        assert_eq!(c.resources[0].pool.mode, PoolMode::None);
+        let with = |extra: &str| {
+            GOOD.replace(
+                "allow_groups = [\"sre\", \"agents\"]",
+                &format!("allow_groups = [\"sre\", \"agents\"]\n{extra}"),
+            )
+        };
+        let c = p(&with(
+            "pool_mode = \"transaction\"\npool_size = 10\npool_timeout = \"5s\"\nmax_client_conn = 3000",
+        ))
+        .unwrap();
+        let pool = &c.resources[0].pool;
+        assert_eq!(pool.mode, PoolMode::Transaction);
+        assert_eq!((pool.size, pool.max_idle), (10, 10));
+        assert_eq!(pool.queue_timeout, Duration::from_secs(5));
+        assert_eq!(pool.max_client_conn, Some(3000));
+        let err = |extra: &str| p(&with(extra)).unwrap_err().to_string();
+        let e = err("pool_size = 0");
+        assert!(
+            e.contains("resources.pool_size: 0 must be a whole number, at least 1"),
+            "{e}"
+        );
+        let e = err("pool_mode = \"statement\"");
+        assert!(e.contains("statement"), "{e}");
+        let http = GOOD
+            .replace("kind = \"postgres\"", "kind = \"http\"\npool_mode = \"session\"")
+            .replace("upstream = \"db.internal:5432\"", "upstream = \"https://api.internal\"")
+            .replace("[resources.credentials]\nuser = \"tollgate_orders\"\npassword_env = \"ORDERS_DB_PASSWORD\"\n", "");
+        let e = p(&http).unwrap_err().to_string();
+        assert!(
+            e.contains("resources.pool_mode: resource \"orders\": connection pooling applies to postgres resources, not http"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,8 +12,26 @@ struct Entry {
     /// Wakes the session when it holds a command for review, so that a cancel withdraws it.
     held: Arc<tokio::sync::Notify>,
     target: Arc<UpstreamTarget>,
-    upstream_pid: i32,
-    upstream_secret: Vec<u8>,
+    backend: Arc<BackendKey>,
+}
+
+/// The key of the upstream backend a session runs on now: fixed for a connection of its own,
+/// changing with every lease under transaction pooling (`None` between transactions).
+#[derive(Default)]
+pub struct BackendKey(Mutex<Option<(i32, Vec<u8>)>>);
+
+impl BackendKey {
+    pub fn new(pid: i32, secret: Vec<u8>) -> Self {
+        BackendKey(Mutex::new(Some((pid, secret))))
+    }
+
+    pub fn set(&self, key: Option<(i32, Vec<u8>)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+
+    pub fn get(&self) -> Option<(i32, Vec<u8>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 #[derive(Default)]
@@ -37,8 +55,8 @@ pub fn replica_tag_of(pid: i32) -> i32 {
 pub struct CancelTarget {
     pub target: Arc<UpstreamTarget>,
     pub held: Arc<tokio::sync::Notify>,
-    pub pid: i32,
-    pub secret: Vec<u8>,
+    /// The backend running the session's command now (`None`: nothing runs upstream).
+    pub backend: Option<(i32, Vec<u8>)>,
 }
 
 impl CancelRegistry {
@@ -57,8 +75,7 @@ impl CancelRegistry {
         &self,
         secret_len: usize,
         target: Arc<UpstreamTarget>,
-        upstream_pid: i32,
-        upstream_secret: Vec<u8>,
+        backend: Arc<BackendKey>,
         held: Arc<tokio::sync::Notify>,
     ) -> (i32, Vec<u8>) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -81,8 +98,7 @@ impl CancelRegistry {
                     secret: secret.clone(),
                     held,
                     target,
-                    upstream_pid,
-                    upstream_secret,
+                    backend,
                 },
             );
             return (pid, secret);
@@ -109,8 +125,7 @@ impl CancelRegistry {
         equal.then(|| CancelTarget {
             target: e.target.clone(),
             held: e.held.clone(),
-            pid: e.upstream_pid,
-            secret: e.upstream_secret.clone(),
+            backend: e.backend.get(),
         })
     }
 }

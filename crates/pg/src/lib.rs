@@ -13,6 +13,7 @@ mod cancel;
 mod filter;
 mod interrupt;
 pub mod io;
+mod pool;
 pub use tollgate_gate::limits;
 pub mod proto;
 mod refusal;
@@ -32,6 +33,7 @@ use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
 
 pub use cancel::{replica_tag_of, CancelRegistry, MAX_REPLICA_TAG};
+pub use pool::Pools;
 pub use tollgate_gate::upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 pub use upstream::UpstreamTarget;
 
@@ -71,6 +73,8 @@ pub struct PgGateway {
     pub record_commands: bool,
     /// The gateway's live upstream connections (for `tollgate scan`'s bypass detection).
     pub upstreams: UpstreamRegistry,
+    /// Pooled upstream connections (`resources.pool_mode`).
+    pub pools: Pools,
     /// The review workflow that holds commands for approval (`None`: a `review` rule refuses).
     pub reviews: Option<Arc<tollgate_review::Reviews>>,
     /// How long an approval may be reused by the same statement after a restart.

@@ -32,6 +32,10 @@ pub(crate) enum Refusal {
         session: String,
     },
     OverCap(Cap),
+    /// The resource's `max_client_conn` is reached.
+    ResourceFull {
+        resource: String,
+    },
 }
 
 impl Refusal {
@@ -47,7 +51,7 @@ impl Refusal {
             Refusal::AuthenticationFailed { .. } => "28P01",
             Refusal::Forbidden(_) => "42501",
             Refusal::UpstreamUnavailable { .. } => "08001",
-            Refusal::OverCap(_) => "53300",
+            Refusal::OverCap(_) | Refusal::ResourceFull { .. } => "53300",
         }
     }
 
@@ -76,6 +80,7 @@ impl Refusal {
             Refusal::OverCap(Cap::Total) => "sorry, too many clients already: tollgate is at its connection limit (server.max_connections)".into(),
             Refusal::OverCap(Cap::Source) => "sorry, too many clients already from this address (server.max_connections_per_source)".into(),
             Refusal::OverCap(Cap::Identity) => "sorry, too many sessions already for this identity (server.max_connections_per_identity)".into(),
+            Refusal::ResourceFull { resource } => format!("sorry, too many clients already for resource \"{resource}\" (max_client_conn)"),
         }
     }
 
@@ -92,6 +97,7 @@ impl Refusal {
             Refusal::OverCap(Cap::Total) => "retry later, or pool connections".into(),
             Refusal::OverCap(Cap::Source) => "close idle connections or pool them; an administrator can raise the limit".into(),
             Refusal::OverCap(Cap::Identity) => "close idle sessions or pool them; an administrator can raise the limit".into(),
+            Refusal::ResourceFull { .. } => "retry later; an administrator can raise the resource's max_client_conn".into(),
             Refusal::BadStartup(_)
             | Refusal::DirectTlsWithoutAlpn
             | Refusal::EncryptionInsideTls
@@ -112,6 +118,7 @@ impl Refusal {
             Refusal::Forbidden(_) => "forbidden",
             Refusal::UpstreamUnavailable { .. } => "upstream",
             Refusal::OverCap(cap) => cap.as_label(),
+            Refusal::ResourceFull { .. } => "max_client_conn",
         }
     }
 }
@@ -141,6 +148,8 @@ pub(crate) enum CommandRefusal {
     ReviewUnreadable { review: String },
     /// COPY TO under column masking rules (its output does not name its columns).
     CopyUnderColumnRules { resource: String },
+    /// Session-level state a transaction-pooled connection cannot carry (what it is).
+    PoolMode(&'static str),
 }
 
 impl CommandRefusal {
@@ -154,7 +163,7 @@ impl CommandRefusal {
             | CommandRefusal::ReviewDenied { .. }
             | CommandRefusal::ReviewExpired { .. }
             | CommandRefusal::CopyUnderColumnRules { .. } => Self::REFUSED,
-            CommandRefusal::UnsettledPipeline => "0A000",
+            CommandRefusal::UnsettledPipeline | CommandRefusal::PoolMode(_) => "0A000",
             CommandRefusal::ReviewNotOpened | CommandRefusal::ReviewUnreadable { .. } => "58030",
             CommandRefusal::Withdrawn => "57014",
         }
@@ -164,6 +173,9 @@ impl CommandRefusal {
         match self {
             CommandRefusal::Rule(message) => message.clone(),
             CommandRefusal::UnsettledPipeline => UNSETTLED_PIPELINE.into(),
+            CommandRefusal::PoolMode(what) => format!(
+                "{what} is not supported on this resource: its connections are shared between transactions (pool_mode = \"transaction\")"
+            ),
             CommandRefusal::NoReviewService { rule } => format!(
                 "this statement needs a review (rule \"{rule}\"), and this gateway has no review service"
             ),
@@ -197,6 +209,7 @@ impl CommandRefusal {
             CommandRefusal::ReviewNotOpened => Some("try again later or contact the gateway's operator"),
             CommandRefusal::ReviewExpired { .. } => Some("ask a reviewer to decide sooner, then run it again"),
             CommandRefusal::CopyUnderColumnRules { .. } => Some("select the rows with SELECT instead, which tollgate can mask column by column"),
+            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), or use a resource with pool_mode = \"session\""),
             CommandRefusal::Rule(_)
             | CommandRefusal::NoReviewService { .. }
             | CommandRefusal::ReviewDenied { .. }

@@ -200,6 +200,7 @@ pub(crate) async fn run(
         redact: redact.as_ref(),
         limits: (resource.max_prepared_statements, resource.max_portals),
         copy_columns: filter.as_ref().is_some_and(Filter::masks_columns),
+        transaction_pooled: resource.pool.mode == tollgate_config::PoolMode::Transaction,
     };
 
     let stop = if let Some(changed) = started_off_dialect {
@@ -410,6 +411,8 @@ struct ClientSide<'a> {
     limits: (usize, usize),
     /// Column masking rules apply to this viewer (see [`Inspect`]).
     copy_columns: bool,
+    /// `pool_mode = "transaction"`: statements that leave session state are refused.
+    transaction_pooled: bool,
 }
 
 /// The guardrails of a session: the resource's rules with this session's prepared statements,
@@ -468,6 +471,7 @@ where
         redact,
         limits,
         copy_columns,
+        transaction_pooled,
     } = *side;
     let limit = gw.max_message;
     let mut buf = BytesMut::with_capacity(READ_BUF);
@@ -513,18 +517,29 @@ where
             }
             let end = pos + f.total_len;
             let msg = f.client();
-            if guard.is_some() && risky_pipeline && msg == ClientMsg::Parse {
+            let parse_refusal = if msg != ClientMsg::Parse {
+                None
+            } else if guard.is_some() && risky_pipeline {
                 // The server parses this after a command that may have changed how SQL reads,
                 // before the gateway can see the outcome: refused.
-                if track {
-                    let name = frontend::parse_parse(body)
-                        .map(|p| p.statement)
-                        .unwrap_or_default();
-                    tracker.push(Kind::Parse { name, seq: None });
-                    tracker.deny_last(CommandRefusal::UnsettledPipeline.error());
-                }
+                Some(("unsettled_pipeline", CommandRefusal::UnsettledPipeline))
+            } else if transaction_pooled {
+                frontend::parse_parse(body)
+                    .ok()
+                    .and_then(|p| tollgate_policy::session_state(&p.query))
+                    .map(|st| ("pool_mode", CommandRefusal::PoolMode(st.what())))
+            } else {
+                None
+            };
+            if let Some((reason, refusal)) = parse_refusal {
+                // Always queued: the client's answer is the refusal, not the stand-in's error.
+                let name = frontend::parse_parse(body)
+                    .map(|p| p.statement)
+                    .unwrap_or_default();
+                tracker.push(Kind::Parse { name, seq: None });
+                tracker.deny_last(refusal.error());
                 tracker.log.record(&StatementRefused {
-                    reason: "unsettled_pipeline",
+                    reason,
                     protocol: "extended",
                 });
                 splice.replace(&buf, pos, end, &failing_stand_in(ClientMsg::Execute));
@@ -596,7 +611,20 @@ where
                 judged.unsettled = true;
             }
             let n = events.last().map_or(0, |e| e.event.n);
+            let pool_refusal = (transaction_pooled && msg == ClientMsg::Query)
+                .then(|| frontend::parse_query(body).ok())
+                .flatten()
+                .and_then(|text| tollgate_policy::session_state(&text))
+                .map(|st| CommandRefusal::PoolMode(st.what()));
+            if pool_refusal.is_some() {
+                judged.decision = None;
+                tracker.log.record(&StatementRefused {
+                    reason: "pool_mode",
+                    protocol: "simple",
+                });
+            }
             let refusal = match judged.decision.take() {
+                _ if pool_refusal.is_some() => pool_refusal,
                 None | Some(Decision::Allow { .. }) => None,
                 Some(Decision::Deny { .. }) if judged.unsettled => {
                     Some(CommandRefusal::UnsettledPipeline)
@@ -1344,7 +1372,7 @@ fn redefines_statements(sql: &str) -> bool {
 
 /// A ParameterStatus that moves a setting the guardrails' SQL parser depends on away from
 /// its pinned value ("name=value"), or None.
-fn dialect_change(name: &str, value: &str) -> Option<String> {
+pub(crate) fn dialect_change(name: &str, value: &str) -> Option<String> {
     let pinned = match name.to_ascii_lowercase().as_str() {
         "standard_conforming_strings" => value.eq_ignore_ascii_case("on"),
         "client_encoding" => matches!(

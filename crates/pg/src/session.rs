@@ -1,9 +1,10 @@
 //! One client connection, from its first byte to its last: TLS negotiation, identity,
 //! authorization, the upstream connection, then the relay.
 
-use crate::cancel::CancelRegistry;
+use crate::cancel::{BackendKey, CancelRegistry};
 use crate::interrupt::{Interrupt, Interruptible};
 use crate::limits::{Cap, IdentitySlot, SourceSlot};
+use crate::pool::PoolError;
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend;
 use crate::proto::startup::{self, Startup, StartupPacket};
@@ -481,7 +482,36 @@ impl PgGateway {
         // (its audit captures stay masked).
         let (grant, unmask) = (access.grant, access.unmask);
 
-        let upstream = match target.connect(&startup.params, self.max_message).await {
+        let pooled = target.resource.pool.mode != tollgate_config::PoolMode::None;
+        let _client_slot = match self
+            .pools
+            .admit(&target.resource.name, target.resource.pool.max_client_conn)
+        {
+            Some(slot) => slot,
+            None => {
+                let refusal = Refusal::ResourceFull {
+                    resource: target.resource.name.clone(),
+                };
+                log.refuse(&mut tls, refusal, Detail::Empty {}).await;
+                return;
+            }
+        };
+        let connected = if pooled {
+            self.pools
+                .connect(&target, &startup.params, &self.upstreams, self.max_message)
+                .await
+                .map(|p| (p.connected, p.key))
+        } else {
+            target
+                .connect(&startup.params, self.max_message)
+                .await
+                .map(|c| {
+                    let key = Arc::new(BackendKey::new(c.pid, c.secret.clone()));
+                    (c, key)
+                })
+                .map_err(PoolError::from)
+        };
+        let (upstream, backend_key) = match connected {
             Ok(c) => c,
             Err(e) => {
                 registry()
@@ -551,8 +581,7 @@ impl PgGateway {
         let (pid, secret) = self.cancels.register(
             secret_len,
             target.clone(),
-            upstream.pid,
-            upstream.secret.clone(),
+            backend_key.clone(),
             held.clone(),
         );
         let _unregister = Unregister(&self.cancels, pid);
@@ -589,6 +618,7 @@ impl PgGateway {
                     unmasked: unmask.is_some(),
                 },
                 standing,
+                &backend_key,
             )
             .await;
         let outcome = match (&ended, &end) {
@@ -602,15 +632,19 @@ impl PgGateway {
                 &[("resource", &resource), ("outcome", outcome)],
             )
             .inc();
-        if let Some(RelayEnd {
-            outcome: relay::Outcome::ClientGone,
-            pending: true,
-            upstream_pid,
-            upstream_secret,
-            ..
-        }) = &end
+        if let (
+            false,
+            Some(RelayEnd {
+                outcome: relay::Outcome::ClientGone,
+                pending: true,
+                upstream_pid,
+                upstream_secret,
+                ..
+            }),
+        ) = (pooled, &end)
         {
-            // The client vanished mid-command: stop the upstream backend's work.
+            // The client vanished mid-command: stop the upstream backend's work (a pooled
+            // connection does so itself when its lease ends with requests in flight).
             if let Err(e) = target.cancel(*upstream_pid, upstream_secret).await {
                 tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend after the client disconnected");
             }
@@ -749,6 +783,7 @@ impl PgGateway {
         mut upstream: crate::upstream::Connected,
         client: relay::Client<'_>,
         standing: Standing,
+        running: &BackendKey,
     ) -> (Option<RelayEnd>, Option<Ended>) {
         let interrupt = Interrupt::new();
         let stream = upstream.stream;
@@ -757,7 +792,6 @@ impl PgGateway {
             interrupt.clone(),
             &upstream.leftover,
         )));
-        let (upstream_pid, upstream_secret) = (upstream.pid, upstream.secret.clone());
         let held = client.held;
         let relay = relay::run(self, log, target, tls, upstream, client);
         tokio::pin!(relay);
@@ -767,16 +801,8 @@ impl PgGateway {
             end = &mut relay => return (Some(end), None),
             why = &mut lost => why,
         };
-        self.terminate(
-            log,
-            target,
-            &interrupt,
-            held,
-            &why,
-            upstream_pid,
-            &upstream_secret,
-        )
-        .await;
+        self.terminate(log, target, &interrupt, held, &why, running.get())
+            .await;
         // The relay forwards the FATAL; then it is stopped (the client may not hang up).
         let delivered = async {
             interrupt.delivered.notified().await;
@@ -799,8 +825,7 @@ impl PgGateway {
         interrupt: &Interrupt,
         held: &tokio::sync::Notify,
         why: &Ended,
-        upstream_pid: i32,
-        upstream_secret: &[u8],
+        running: Option<(i32, Vec<u8>)>,
     ) {
         let resource = &target.resource.name;
         tracing::info!(session = %log.id, %resource, reason = why.label(), "ending a session whose standing is gone");
@@ -820,7 +845,8 @@ impl PgGateway {
         });
         interrupt.fire(backend::error(Severity::Fatal, code, &msg, Some(&hint)));
         held.notify_waiters();
-        if let Err(e) = target.cancel(upstream_pid, upstream_secret).await {
+        let Some((pid, secret)) = running else { return };
+        if let Err(e) = target.cancel(pid, &secret).await {
             tracing::warn!(session = %log.id, error = %e, "could not cancel the upstream backend of a terminated session");
         }
     }
@@ -851,7 +877,11 @@ impl PgGateway {
         if let Some(c) = matched {
             // A command held for review is not upstream yet: the cancel withdraws it.
             c.held.notify_waiters();
-            if let Err(e) = c.target.cancel(c.pid, &c.secret).await {
+            let Some((pid, secret)) = c.backend else {
+                // Pooled, between transactions: nothing of this session runs upstream.
+                return;
+            };
+            if let Err(e) = c.target.cancel(pid, &secret).await {
                 tracing::warn!(resource = %c.target.resource.name, error = %e, "forwarding a cancel request failed");
             }
         }

@@ -341,6 +341,8 @@ pub enum UpStream {
     Plain(TcpStream),
     /// Either, wrapped so that the session can be ended from outside the relay.
     Interruptible(Box<crate::interrupt::Interruptible<UpStream>>),
+    /// Connections leased from the resource's pool (`pool_mode`).
+    Pooled(Box<crate::pool::PoolStream>),
 }
 
 impl UpStream {
@@ -351,6 +353,8 @@ impl UpStream {
             UpStream::Tls(t) => t.get_ref().0.local_addr(),
             UpStream::Plain(t) => t.local_addr(),
             UpStream::Interruptible(t) => t.get_ref().local_addr(),
+            // The pool registers each of its connections itself.
+            UpStream::Pooled(_) => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
@@ -359,6 +363,7 @@ impl UpStream {
             UpStream::Tls(t) => Some(tollgate_tls::session_info(t.get_ref().1)),
             UpStream::Plain(_) => None,
             UpStream::Interruptible(t) => t.get_ref().tls_info(),
+            UpStream::Pooled(_) => None,
         }
     }
 }
@@ -373,6 +378,7 @@ impl AsyncRead for UpStream {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
             UpStream::Plain(t) => Pin::new(t).poll_read(cx, buf),
             UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+            UpStream::Pooled(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -387,6 +393,7 @@ impl AsyncWrite for UpStream {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
             UpStream::Plain(t) => Pin::new(t).poll_write(cx, buf),
             UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+            UpStream::Pooled(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -394,6 +401,7 @@ impl AsyncWrite for UpStream {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
             UpStream::Plain(t) => Pin::new(t).poll_flush(cx),
             UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_flush(cx),
+            UpStream::Pooled(t) => Pin::new(t.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -401,6 +409,7 @@ impl AsyncWrite for UpStream {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
             UpStream::Plain(t) => Pin::new(t).poll_shutdown(cx),
             UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+            UpStream::Pooled(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
         }
     }
     fn poll_write_vectored(
@@ -412,6 +421,7 @@ impl AsyncWrite for UpStream {
             UpStream::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
             UpStream::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
             UpStream::Interruptible(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+            UpStream::Pooled(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
@@ -419,6 +429,7 @@ impl AsyncWrite for UpStream {
             UpStream::Tls(t) => t.is_write_vectored(),
             UpStream::Plain(t) => t.is_write_vectored(),
             UpStream::Interruptible(t) => t.is_write_vectored(),
+            UpStream::Pooled(_) => false,
         }
     }
 }

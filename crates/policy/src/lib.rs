@@ -17,6 +17,7 @@ mod classify;
 mod engine;
 mod glob;
 mod literals;
+mod pooling;
 mod walk;
 
 pub use bounds::{bounded, nesting_depth, BoundError, INLINE_DEPTH, MAX_DEPTH};
@@ -27,4 +28,5 @@ pub use engine::{
     ResourcePolicy, SessionPolicy, CATALOG_QUERY, WRITING_FUNCTIONS,
 };
 pub use literals::{copy_to_stdout_source, value_spans};
+pub use pooling::{session_state, SessionState};
 pub use walk::Dml;

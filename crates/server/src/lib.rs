@@ -210,6 +210,7 @@ pub async fn run(
         audit_timeout: config.server.audit_timeout,
         record_commands: config.server.record_commands,
         upstreams: Default::default(),
+        pools: Default::default(),
         reviews: Some(reviews.clone()),
         review_rerun_window: config.server.review_rerun_window,
     });

@@ -201,6 +201,14 @@ const SCENARIOS: &[Scenario] = &[
         min_ratio: 0.75,
         max_added_us: Some(20.0),
     },
+    Scenario {
+        key: "connect_per_transaction_c4",
+        label: "-S -C (new connection per transaction), 4 clients",
+        args: &["-S", "-C", "-c", "4", "-j", "2"],
+        // Issue 19: reused upstream sessions make a new client connection cheaper than a direct one.
+        min_ratio: 2.0,
+        max_added_us: None,
+    },
 ];
 
 fn main() {
@@ -352,6 +360,8 @@ kind = "postgres"
 upstream = "127.0.0.1:{up_port}"
 database = "{db}"
 allow_groups = ["{CLIENT}"]
+# Authenticated upstream sessions are reused (what `-C` measures; pgbouncer pools too).
+pool_mode = "session"
 [resources.tls]
 mode = "verify-full"
 ca = "{up_ca}"

@@ -1330,14 +1330,7 @@ async fn cancel_requests_from_tokio_postgres_and_psql() {
 #[test]
 fn pgbench_through_the_gateway_in_every_query_mode() {
     let env = Env::start();
-    let out = Command::new("pgbench")
-        .args(["-i", "-s", "1", "-q"])
-        .arg(env.direct_conninfo())
-        .env("PGPASSWORD", &env.pg.password)
-        .env_remove("PGSSLMODE")
-        .output()
-        .expect("pgbench");
-    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    env.pgbench_init();
 
     let mut runs = vec![];
     for mode in ["simple", "extended", "prepared"] {

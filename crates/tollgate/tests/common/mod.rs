@@ -592,6 +592,18 @@ impl Env {
         (client, rx)
     }
 
+    /// `pgbench -i -s 1` straight against the test cluster (bypassing the gateway).
+    pub fn pgbench_init(&self) {
+        let out = Command::new("pgbench")
+            .args(["-i", "-s", "1", "-q"])
+            .arg(self.direct_conninfo())
+            .env("PGPASSWORD", &self.pg.password)
+            .env_remove("PGSSLMODE")
+            .output()
+            .expect("pgbench");
+        assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    }
+
     /// libpq conninfo straight to the test cluster (bypassing the gateway) as its login user,
     /// with verify-full; pass `env.pg.password` as PGPASSWORD.
     pub fn direct_conninfo(&self) -> String {

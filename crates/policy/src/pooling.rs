@@ -1,0 +1,250 @@
+//! Statements that leave state on their upstream connection after their transaction ends:
+//! under transaction pooling the client's next transaction may run on another connection (and
+//! the state would leak to another client), so the PostgreSQL adapter refuses them.
+
+use pg_query::protobuf::{a_const::Val, VariableSetKind};
+use pg_query::{NodeEnum, NodeRef};
+
+/// Session-level state a statement would create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// `SET` (not `SET LOCAL`), `SET SESSION CHARACTERISTICS`, `set_config(.., false)`.
+    Set,
+    /// `LISTEN`.
+    Listen,
+    /// `pg_advisory_lock` and its session-level kin (not the `_xact_` ones).
+    AdvisoryLock,
+    /// `CREATE TEMP TABLE` / view / sequence, `SELECT ... INTO TEMP`.
+    TempTable,
+    /// SQL `PREPARE`.
+    Prepare,
+    /// `DECLARE ... WITH HOLD`.
+    HoldCursor,
+}
+
+impl SessionState {
+    /// What the client is told it used.
+    pub fn what(self) -> &'static str {
+        match self {
+            SessionState::Set => "session-level SET (use SET LOCAL inside a transaction)",
+            SessionState::Listen => "LISTEN",
+            SessionState::AdvisoryLock => {
+                "session-level advisory locks (use pg_advisory_xact_lock)"
+            }
+            SessionState::TempTable => "temporary tables",
+            SessionState::Prepare => {
+                "SQL PREPARE (use protocol-level prepared statements, which the gateway carries)"
+            }
+            SessionState::HoldCursor => "cursors WITH HOLD",
+        }
+    }
+}
+
+const SESSION_LOCKS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+/// The first session-level state `sql` would create, if any. SQL the parser rejects creates
+/// none (the server rejects it too).
+pub fn session_state(sql: &str) -> Option<SessionState> {
+    // Most statements name none of these words (and a keyword cannot be escaped; a function
+    // name written with U& escapes is parsed).
+    let lower = sql.to_ascii_lowercase();
+    if !["set", "listen", "advisory", "temp", "prepare", "hold", "u&"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        return None;
+    }
+    let parsed = std::panic::catch_unwind(|| pg_query::parse(sql))
+        .ok()?
+        .ok()?;
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+            continue;
+        };
+        if let Some(state) = top_level(node) {
+            return Some(state);
+        }
+    }
+    let mut set_config = 0usize;
+    for (node, ..) in parsed.protobuf.nodes() {
+        if let NodeRef::FuncCall(f) = node {
+            let name = f
+                .funcname
+                .last()
+                .and_then(|n| match n.node.as_ref() {
+                    Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            if SESSION_LOCKS.contains(&name.as_str()) {
+                return Some(SessionState::AdvisoryLock);
+            }
+            if name == "set_config" {
+                set_config += 1;
+                if !literal_true(f.args.get(2)) {
+                    return Some(SessionState::Set);
+                }
+            }
+        }
+    }
+    // The walk above does not reach every clause: the classifier's list of called functions
+    // does, and a call it names that the walk did not see is judged session-level.
+    let called = match crate::classify(sql) {
+        crate::Classification::Statements(st) => st,
+        crate::Classification::Unparsable { .. } => return None,
+    };
+    let functions = || called.iter().flat_map(|s| s.functions.iter());
+    if functions().any(|f| SESSION_LOCKS.contains(&base_name(f).as_str())) {
+        return Some(SessionState::AdvisoryLock);
+    }
+    if set_config == 0 && functions().any(|f| base_name(f) == "set_config") {
+        return Some(SessionState::Set);
+    }
+    None
+}
+
+fn base_name(f: &str) -> String {
+    f.rsplit('.').next().unwrap_or(f).to_ascii_lowercase()
+}
+
+fn literal_true(arg: Option<&pg_query::protobuf::Node>) -> bool {
+    match arg.and_then(|a| a.node.as_ref()) {
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            Some(Val::Boolval(b)) => b.boolval,
+            Some(Val::Sval(s)) => {
+                matches!(s.sval.to_ascii_lowercase().as_str(), "t" | "true" | "on")
+            }
+            _ => false,
+        },
+        Some(NodeEnum::TypeCast(t)) => literal_true(t.arg.as_deref()),
+        _ => false,
+    }
+}
+
+fn temp(rel: Option<&pg_query::protobuf::RangeVar>) -> bool {
+    rel.is_some_and(|r| {
+        r.relpersistence == "t" || r.schemaname.to_ascii_lowercase().starts_with("pg_temp")
+    })
+}
+
+fn top_level(node: &NodeEnum) -> Option<SessionState> {
+    const CURSOR_OPT_HOLD: i32 = 0x0020;
+    match node {
+        NodeEnum::VariableSetStmt(s) => {
+            let kind = VariableSetKind::try_from(s.kind).unwrap_or(VariableSetKind::Undefined);
+            let session = match kind {
+                VariableSetKind::VarReset | VariableSetKind::VarResetAll => false,
+                // SET TRANSACTION ... lasts for the transaction.
+                VariableSetKind::VarSetMulti => !s.name.eq_ignore_ascii_case("transaction"),
+                _ => !s.is_local,
+            };
+            session.then_some(SessionState::Set)
+        }
+        NodeEnum::ListenStmt(_) => Some(SessionState::Listen),
+        NodeEnum::PrepareStmt(_) => Some(SessionState::Prepare),
+        NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => {
+            Some(SessionState::HoldCursor)
+        }
+        NodeEnum::CreateStmt(s) if temp(s.relation.as_ref()) => Some(SessionState::TempTable),
+        NodeEnum::CreateTableAsStmt(s) if temp(s.into.as_ref().and_then(|i| i.rel.as_ref())) => {
+            Some(SessionState::TempTable)
+        }
+        NodeEnum::SelectStmt(s) if temp(s.into_clause.as_ref().and_then(|i| i.rel.as_ref())) => {
+            Some(SessionState::TempTable)
+        }
+        NodeEnum::ViewStmt(s) if temp(s.view.as_ref()) => Some(SessionState::TempTable),
+        NodeEnum::CreateSeqStmt(s) if temp(s.sequence.as_ref()) => Some(SessionState::TempTable),
+        // EXPLAIN ANALYZE runs its statement.
+        NodeEnum::ExplainStmt(e) => e
+            .query
+            .as_ref()
+            .and_then(|q| q.node.as_ref())
+            .and_then(top_level),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_state_is_found() {
+        let cases = [
+            ("SET search_path = x", Some(SessionState::Set)),
+            (
+                "set session statement_timeout to 5",
+                Some(SessionState::Set),
+            ),
+            ("SET statement_timeout TO DEFAULT", Some(SessionState::Set)),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                Some(SessionState::Set),
+            ),
+            ("SET LOCAL search_path = x", None),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+            ("RESET ALL", None),
+            ("select 1; SET work_mem = '1MB'", Some(SessionState::Set)),
+            (
+                "SELECT set_config('a.b', 'c', false)",
+                Some(SessionState::Set),
+            ),
+            ("SELECT set_config('a.b', 'c', true)", None),
+            (
+                "SELECT 1 FROM t WHERE x = set_config('a.b', 'c', false)",
+                Some(SessionState::Set),
+            ),
+            ("LISTEN chan", Some(SessionState::Listen)),
+            ("UNLISTEN *", None),
+            ("NOTIFY chan", None),
+            (
+                "SELECT pg_advisory_lock(1)",
+                Some(SessionState::AdvisoryLock),
+            ),
+            (
+                "SELECT * FROM pg_catalog.pg_try_advisory_lock(1)",
+                Some(SessionState::AdvisoryLock),
+            ),
+            ("SELECT pg_advisory_xact_lock(1)", None),
+            ("CREATE TEMP TABLE t (a int)", Some(SessionState::TempTable)),
+            (
+                "create temporary table t as select 1",
+                Some(SessionState::TempTable),
+            ),
+            ("SELECT 1 INTO TEMP t", Some(SessionState::TempTable)),
+            (
+                "CREATE TABLE pg_temp.t (a int)",
+                Some(SessionState::TempTable),
+            ),
+            (
+                "CREATE TEMP VIEW v AS SELECT 1",
+                Some(SessionState::TempTable),
+            ),
+            ("CREATE TABLE t (a int)", None),
+            ("PREPARE p AS SELECT 1", Some(SessionState::Prepare)),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Some(SessionState::HoldCursor),
+            ),
+            ("DECLARE c CURSOR FOR SELECT 1", None),
+            (
+                "EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1",
+                Some(SessionState::TempTable),
+            ),
+            ("SELECT 1", None),
+            (
+                "SELECT U&\"pg_\\0061dvisory_lock\"(1)",
+                Some(SessionState::AdvisoryLock),
+            ),
+            ("not sql at all", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(session_state(sql), want, "{sql}");
+        }
+    }
+}
