@@ -28,6 +28,7 @@ use crate::{
     KIND_SESSION_CLOSE, KIND_SESSION_OPEN, PRUNE_CHAIN, PRUNE_SESSION,
 };
 
+mod one_time;
 mod reviews;
 pub mod url;
 
@@ -35,7 +36,8 @@ pub use url::{PasswordSource, PgSslMode, PgStoreUrl};
 
 /// Ordered schema migrations; entry `i` brings the schema to version `i + 1`. Version 1 is the
 /// SQLite store's schema at its version 4, so `store migrate` copies rows column for column.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE chains (
     chain_id           TEXT PRIMARY KEY,
     last_seq           BIGINT NOT NULL,
@@ -117,7 +119,9 @@ CREATE TABLE access_grants (
     until      BIGINT NOT NULL   -- unix ms
 );
 CREATE INDEX access_grants_by_subject ON access_grants (subject, resource, until);
-"#];
+"#,
+    one_time::MIGRATION,
+];
 
 /// The schema version this build creates and understands.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -1315,6 +1319,32 @@ impl Store for PgStore {
     }
     fn review_mark_used(&self, id: &str, at_unix_ms: i64) -> Result<bool, StoreError> {
         self.run(async |c| reviews::mark_used(c, id, at_unix_ms).await)
+    }
+    fn once_put(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &str,
+        expires_unix_ms: i64,
+        now_unix_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.run(async |c| one_time::put(c, kind, key, value, expires_unix_ms, now_unix_ms).await)
+    }
+    fn once_get(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.run(async |c| one_time::get(c, kind, key, now_unix_ms).await)
+    }
+    fn once_take(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.run(async |c| one_time::take(c, kind, key, now_unix_ms).await)
     }
     fn review_take_rerun(
         &self,
