@@ -134,6 +134,24 @@ impl Answer {
     }
 }
 
+/// The gateway's log without terminal colours.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn attr_after(text: &str, marker: &str) -> Option<String> {
     let i = text.find(marker)? + marker.len();
     let v = &text[i..i + text[i..].find('"')?];
@@ -372,7 +390,7 @@ password_file = "app.password"
             "{reason}: no console session"
         );
         let logged = |logs: &str| {
-            logs.lines().any(|l| {
+            strip_ansi(logs).lines().any(|l| {
                 l.contains("SAML response refused")
                     && (l.contains(&format!("reason=\"{reason}\""))
                         || l.contains(&format!("reason={reason} ")))

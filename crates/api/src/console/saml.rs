@@ -9,7 +9,7 @@
 //! - `POST /saml/acs` (HTTP-POST binding, from the IdP's page, so cross-site): the RelayState
 //!   must name an outstanding request; the response is verified against that request's id
 //!   ([`tollgate_identity::saml`]); its assertion id is claimed in the store's replay cache
-//!   (accepted once, by every replica); only then is the request used up. A console sign-in
+//!   (accepted once, by every replica); only then is the request marked answered (once). A console sign-in
 //!   continues at `GET /saml/finish?code=` (same-site, so the browser-binding cookie comes
 //!   along) where the console session is opened; a CLI sign-in goes back to the CLI's loopback
 //!   listener with a one-time code bound to the CLI's key, redeemed at
@@ -47,6 +47,8 @@ pub(crate) const CODE_TTL: Duration = Duration::from_secs(120);
 
 const KIND_REQUEST: &str = "saml.request";
 const KIND_ASSERTION: &str = "saml.assertion";
+/// Requests already answered (by RelayState).
+const KIND_ANSWERED: &str = "saml.answered";
 const KIND_FINISH: &str = "saml.finish";
 /// One-time codes of `tollgate login --saml` (keyed by their SHA-256).
 pub(crate) const KIND_CODE: &str = "saml.code";
@@ -418,10 +420,13 @@ async fn consume(
         }
         Err(e) => return refuse("store", &format!("the store is unavailable: {e}")),
     }
+    // One answer per request: the request stays (so a replayed POST meets the replay cache
+    // above and is named as such), and is marked answered here.
     let store = state.store.clone();
-    match blocking(move || store.once_take(KIND_REQUEST, &relay, now)).await {
-        Ok(Some(_)) => {}
-        Ok(None) => {
+    let answered_until = now + REQUEST_TTL.as_millis() as i64;
+    match blocking(move || store.once_put(KIND_ANSWERED, &relay, "", answered_until, now)).await {
+        Ok(true) => {}
+        Ok(false) => {
             return refuse(
                 "unsolicited",
                 "the AuthnRequest was answered already (a second response to one request)",
