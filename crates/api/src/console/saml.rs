@@ -28,8 +28,8 @@ use tollgate_identity::saml::SamlSp;
 use tollgate_identity::Identity;
 
 use super::auth::{self, Credential, COOKIE_NAME};
-use super::{add_cookie, body, html, pages, redirect, secure};
-use crate::params;
+use super::oidc::query_param;
+use super::{add_cookie, body, redirect, secure};
 use crate::routes::{api_event, ApiBody};
 use crate::{ApiState, Conn, KIND_API_WRITE};
 
@@ -111,22 +111,8 @@ fn now_ms() -> i64 {
     tollgate_store::unix_ms(SystemTime::now())
 }
 
-fn query_param(query: &str, name: &str) -> Option<String> {
-    params::parse_query(query)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
-}
-
 fn failed(status: StatusCode, text: &str, hint: &str) -> Response<ApiBody> {
-    let mut a = html(status, pages::sign_in_failed(text, hint));
-    add_cookie(
-        &mut a.resp,
-        &auth::set_cookie(SAML_COOKIE, "", Duration::ZERO),
-    );
-    secure(&mut a.resp);
-    a.resp
+    super::oidc::sign_in_failed(SAML_COOKIE, status, text, hint)
 }
 
 fn not_configured() -> Response<ApiBody> {
