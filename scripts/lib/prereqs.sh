@@ -2,12 +2,15 @@
 # when they are missing (as root, or through sudo), or says exactly what to install.
 #
 #   need_build_tools     a C compiler and libclang: `ring`, the bundled SQLite and pg_query
-#                        (tollgate-policy's SQL parser, whose bindings bindgen makes) build C
+#                        (tollgate-policy's SQL parser, whose bindings bindgen makes) build C;
+#                        pkg-config, libxml2-dev, libxmlsec1-dev and libssl-dev: samael (the
+#                        SAML library of tollgate-identity) links libxmlsec1 for XML signatures
 #   need_postgres        PostgreSQL server binaries (initdb, pg_ctl), psql and pgbench
 #   need_test_tools      openssl, python3 and python3-httpx (certificates and clients made by
 #                        the tests), node and npm (the OpenID provider of tests/oidc.rs, the
 #                        reference MCP SDK of tests/mcp.rs), chromium and chromium-driver (the
-#                        browser of tests/console.rs)
+#                        browser of tests/console.rs), xmlsec1 (pysaml2, the SAML IdP of
+#                        tests/saml.rs, signs with it)
 #   need_mariadb         MariaDB server binaries (mariadbd, mariadb-install-db) and the mariadb
 #                        client: the throwaway TLS MariaDB of the MySQL tests and the demo
 #   need_mysql_clients   what the MySQL client matrix (tests/mysql_clients.rs) runs besides the
@@ -16,6 +19,7 @@
 #                        installed by the tests under target/tmp)
 #   need_sysbench        sysbench, for scripts/bench-mysql
 #   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
+#   need_python_pysaml2  pysaml2 (PyPI) for the python3 on PATH: the IdP of tests/saml.rs
 #   install_needed       installs what the calls above found missing
 #   need_cargo           fails with a hint when there is no Rust toolchain
 
@@ -25,6 +29,11 @@ need_build_tools() {
   command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
   # libclang-dev: the library bindgen loads and the headers it parses with.
   [ -n "${LIBCLANG_PATH:-}" ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
+  # samael's xmlsec feature: bindgen over libxmlsec1's headers, found with pkg-config.
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  pkg-config --exists libxml-2.0 2>/dev/null || missing+=(libxml2-dev)
+  pkg-config --exists xmlsec1 2>/dev/null || missing+=(libxmlsec1-dev)
+  pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 }
 
 need_postgres() {
@@ -45,6 +54,8 @@ need_test_tools() {
   # A real browser for the web console tests, driven over WebDriver (tests/console.rs).
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+  # The SAML IdP of tests/saml.rs (pysaml2) signs and verifies with the xmlsec1 program.
+  command -v xmlsec1 >/dev/null 2>&1 || missing+=(xmlsec1)
 }
 
 need_mariadb() {
@@ -69,6 +80,14 @@ need_python_httpx() {
   python3 -c 'import httpx' >/dev/null 2>&1 && return 0
   python3 -m pip install --quiet httpx >/dev/null 2>&1 \
     || echo "note: $(command -v python3) cannot import httpx; the tests use /usr/bin/python3" >&2
+}
+
+# After install_needed: pysaml2 for the python3 on PATH (tests/saml.rs also installs it when
+# missing, for runs that do not come through scripts/test).
+need_python_pysaml2() {
+  python3 -c 'import saml2' >/dev/null 2>&1 && return 0
+  python3 -m pip install --quiet pysaml2 >/dev/null 2>&1 \
+    || echo "note: $(command -v python3) cannot import saml2 (pip install pysaml2); tests/saml.rs will fail" >&2
 }
 
 install_needed() {

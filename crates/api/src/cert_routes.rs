@@ -7,6 +7,12 @@
 //! (403): certificates are issued for OIDC identities only. Every issue is a `cert.issued`
 //! event (subject, groups, principal, serial, not_after, token issuer; never the token),
 //! recorded before the certificate leaves, plus the route's `api.write` event.
+//!
+//! `tollgate login --saml` has no token: its body carries `"saml_code"`, the one-time code the
+//! gateway's ACS handed its loopback listener. The code is taken from the store (once, within
+//! two minutes) and is bound to the key the CLI announced before signing in: the CSR must be
+//! for that key. Subject and groups come from the verified assertion; the lifetime is capped by
+//! `[identity.saml] max_cert_ttl` (an interactive sign-in proves the person just now).
 
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
-use tollgate_identity::AuthMethod;
+use tollgate_identity::{AuthMethod, Identity};
 use tollgate_store::EventInput;
 
 use crate::routes::{authenticate, json_response, refusal, refused, ApiBody, Refusal};
@@ -37,6 +43,8 @@ struct CertBody {
     csr: String,
     #[serde(default)]
     ttl: Option<String>,
+    #[serde(default)]
+    saml_code: Option<String>,
 }
 
 /// `GET /api/v1/certificates/issuers`: `{"issuers": [{"issuer", "client_id"}]}`.
@@ -54,7 +62,10 @@ pub(crate) fn issuers(state: &ApiState, req: &Request<hyper::body::Incoming>) ->
         .iter()
         .map(|o| json!({"issuer": o.issuer, "client_id": o.client_id}))
         .collect();
-    json_response(StatusCode::OK, &json!({ "issuers": issuers }))
+    json_response(
+        StatusCode::OK,
+        &json!({ "issuers": issuers, "saml": state.saml.load().is_some() }),
+    )
 }
 
 pub(crate) async fn handle(
@@ -63,7 +74,8 @@ pub(crate) async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> Response<ApiBody> {
     let method = req.method().clone();
-    let who = authenticate(state, conn, &req).await;
+    let authenticated = authenticate(state, conn, &req).await;
+    let mut acting: Option<Identity> = authenticated.as_ref().ok().cloned();
     let mut issued_event = None;
     let result = async {
         if method != Method::POST {
@@ -76,11 +88,64 @@ pub(crate) async fn handle(
         // The body is read whatever the answer (a refusal sent before the request body is
         // consumed resets an HTTP/2 stream, which clients report as an error, not as the answer).
         let body = crate::review_routes::read_body(req).await?;
-        let who = who.as_ref().map_err(|r| Refusal {
-            status: r.status,
-            body: r.body.clone(),
-            challenge: r.challenge,
-        })?;
+        let saml = serde_json::from_slice::<CertBody>(&body)
+            .ok()
+            .filter(|b| b.saml_code.is_some());
+        let (who, body, token_issuer, max) = match saml {
+            Some(b) => {
+                let (who, idp) = redeem_saml_code(state, &b).await?;
+                acting = Some(who.clone());
+                let max = state
+                    .config
+                    .load()
+                    .identity
+                    .saml
+                    .as_ref()
+                    .and_then(|s| s.max_cert_ttl)
+                    .unwrap_or(tollgate_tls::pki::DEFAULT_CLIENT_TTL);
+                (who, b, idp, max)
+            }
+            None => {
+                let who = authenticated.as_ref().map_err(|r| Refusal {
+                    status: r.status,
+                    body: r.body.clone(),
+                    challenge: r.challenge,
+                })?;
+                if who.method != AuthMethod::Oidc {
+                    return Err(refusal(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "certificates are issued for OIDC and SAML identities; {} authenticated with a {}",
+                            who.subject,
+                            match who.method {
+                                AuthMethod::Cert => "client certificate",
+                                _ => "service token",
+                            }
+                        ),
+                        Some("send \"Authorization: Bearer <ID or access token>\" of an [[identity.oidc]] issuer (tollgate login --id-token-file/--id-token-env), or sign in with tollgate login --saml"),
+                    ));
+                }
+                let body: CertBody = serde_json::from_slice(&body).map_err(|e| {
+                    refusal(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body is not valid JSON of the form {{\"csr\": \"<PEM>\", \"ttl\": \"1h\"}}: {e}"),
+                        None,
+                    )
+                })?;
+                let issuer = who.principal.oidc_issuer().unwrap_or_default().to_string();
+                // The config in force (reloads apply): the issuer's max_cert_ttl, 12h when unset.
+                let max = state
+                    .config
+                    .load()
+                    .identity
+                    .oidc
+                    .iter()
+                    .find(|o| o.issuer == issuer)
+                    .and_then(|o| o.max_cert_ttl)
+                    .unwrap_or(tollgate_tls::pki::DEFAULT_CLIENT_TTL);
+                (who.clone(), body, issuer, max)
+            }
+        };
         let Some(ca) = state.issuing.as_ref() else {
             return Err(refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -88,48 +153,20 @@ pub(crate) async fn handle(
                 None,
             ));
         };
-        if who.method != AuthMethod::Oidc {
-            return Err(refusal(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "certificates are issued for OIDC identities; {} authenticated with a {}",
-                    who.subject,
-                    match who.method {
-                        AuthMethod::Cert => "client certificate",
-                        _ => "service token",
-                    }
-                ),
-                Some("send \"Authorization: Bearer <ID or access token>\" of an [[identity.oidc]] issuer (tollgate login --id-token-file/--id-token-env)"),
-            ));
-        }
-        let body: CertBody = serde_json::from_slice(&body).map_err(|e| {
-            refusal(
-                StatusCode::BAD_REQUEST,
-                format!("the request body is not valid JSON of the form {{\"csr\": \"<PEM>\", \"ttl\": \"1h\"}}: {e}"),
-                None,
-            )
-        })?;
-        let issuer = who.principal.oidc_issuer().unwrap_or_default().to_string();
         let now = SystemTime::now();
-        // The config in force (reloads apply): the issuer's max_cert_ttl, 12h when unset.
-        let max = state
-            .config
-            .load()
-            .identity
-            .oidc
-            .iter()
-            .find(|o| o.issuer == issuer)
-            .and_then(|o| o.max_cert_ttl)
-            .unwrap_or(tollgate_tls::pki::DEFAULT_CLIENT_TTL);
         let requested = match &body.ttl {
             None => max,
             Some(t) => tollgate_tls::pki::parse_ttl(t)
                 .map_err(|e| refusal(StatusCode::BAD_REQUEST, e.to_string(), None))?,
         };
-        let left = who
-            .expires_at
-            .map(|exp| exp.duration_since(now).unwrap_or_default())
-            .unwrap_or(max);
+        // A token's remaining validity caps the certificate; a SAML sign-in happened just now.
+        let left = match who.method {
+            AuthMethod::Saml => max,
+            _ => who
+                .expires_at
+                .map(|exp| exp.duration_since(now).unwrap_or_default())
+                .unwrap_or(max),
+        };
         let ca_left = ca.not_after().duration_since(now).unwrap_or_default();
         let ttl = requested.min(max).min(left).min(ca_left.saturating_sub(SKEW));
         if ttl < MIN_TTL {
@@ -160,10 +197,11 @@ pub(crate) async fn handle(
                 "subject": who.subject,
                 "groups": who.groups,
                 "principal": who.principal,
+                "method": who.method.as_str(),
                 "serial": cert.serial_hex,
                 "not_after": not_after,
                 "ttl_seconds": ttl.as_secs(),
-                "token_issuer": issuer,
+                "token_issuer": token_issuer,
                 "client_addr": conn.peer.to_string(),
             }),
         });
@@ -188,7 +226,7 @@ pub(crate) async fn handle(
     let event = crate::routes::api_event(
         state,
         conn,
-        who.as_ref().ok(),
+        acting.as_ref(),
         KIND_API_WRITE,
         PATH,
         ("", &[]),
@@ -208,4 +246,53 @@ pub(crate) async fn handle(
             refused(&r)
         }
     }
+}
+
+/// The SAML sign-in behind a `tollgate login --saml` code, taken (once), and checked to be for
+/// the CSR's key: the identity and the IdP's entity id.
+async fn redeem_saml_code(
+    state: &ApiState,
+    body: &CertBody,
+) -> Result<(Identity, String), Refusal> {
+    let code = body.saml_code.clone().unwrap_or_default();
+    let gone = || {
+        refusal(
+            StatusCode::UNAUTHORIZED,
+            "the SAML sign-in code is unknown, expired or already used",
+            Some("run tollgate login --saml again"),
+        )
+    };
+    if code.is_empty() || code.len() > 128 {
+        return Err(gone());
+    }
+    let store = state.store.clone();
+    let now = tollgate_store::unix_ms(SystemTime::now());
+    let key = crate::console::saml_digest(&code);
+    let taken = tokio::task::spawn_blocking(move || {
+        store.once_take(crate::console::SAML_CODE_KIND, &key, now)
+    })
+    .await
+    .map_err(|e| crate::routes::store_failed(e))?
+    .map_err(crate::routes::store_failed)?;
+    let Some(signed_in) =
+        taken.and_then(|v| serde_json::from_str::<crate::console::SamlSignedIn>(&v).ok())
+    else {
+        tracing::warn!("certificate refused: an unknown, expired or used SAML sign-in code");
+        return Err(gone());
+    };
+    let csr_key = tollgate_tls::pki::csr_key_sha256(&body.csr)
+        .map_err(|e| refusal(StatusCode::BAD_REQUEST, e.to_string(), None))?;
+    if !signed_in
+        .key
+        .as_deref()
+        .is_some_and(|k| tollgate_identity::ct_eq(k.as_bytes(), csr_key.as_bytes()))
+    {
+        tracing::warn!(subject = %signed_in.subject, "certificate refused: the CSR is not for the key the SAML sign-in was started with");
+        return Err(refusal(
+            StatusCode::FORBIDDEN,
+            "the CSR is not for the key this SAML sign-in was started with",
+            Some("run tollgate login --saml again"),
+        ));
+    }
+    Ok((signed_in.identity(), signed_in.idp))
 }

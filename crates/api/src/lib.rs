@@ -58,6 +58,8 @@ pub struct ApiState {
     pub tokens: arc_swap::ArcSwap<TokenVerifier>,
     /// `[[identity.oidc]]` issuers, shared with the other listeners (reloaded in place).
     pub oidc: Arc<tollgate_identity::oidc::OidcVerifiers>,
+    /// `[identity.saml]`: the SAML service provider (`None`: not configured).
+    pub saml: arc_swap::ArcSwapOption<tollgate_identity::saml::SamlSp>,
     pub roles: Roles,
     /// The review (approval) workflow.
     pub reviews: Arc<tollgate_review::Reviews>,
@@ -109,6 +111,7 @@ impl ApiState {
             tls,
             tokens: arc_swap::ArcSwap::from_pointee(TokenVerifier::new(&config.identity.tokens)),
             oidc: Default::default(),
+            saml: Default::default(),
             roles: config.roles.clone(),
             reviews,
             audit_session: format!(

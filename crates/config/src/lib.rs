@@ -182,6 +182,7 @@ pub struct Roles {
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
     pub oidc: Vec<Oidc>,
+    pub saml: Option<Saml>,
     pub tokens: Vec<StaticToken>,
     pub principals: Vec<PrincipalMapping>,
 }
@@ -233,6 +234,59 @@ pub struct Oidc {
     pub max_cert_ttl: Option<Duration>,
     /// Line of the `[[identity.oidc]]` table in the config file.
     pub line: usize,
+}
+
+/// `[identity.saml]`: one SAML 2.0 identity provider people sign in with (console and
+/// `tollgate login --saml`); the gateway is the service provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saml {
+    /// The IdP's metadata: a file, or an `https://` URL fetched at start-up and on reload.
+    pub idp_metadata: SamlMetadataSource,
+    /// CA bundle for fetching `idp_metadata_url` (default: the system bundle).
+    pub ca: Option<PathBuf>,
+    /// Our (the service provider's) entity id: the audience every assertion must name.
+    pub entity_id: String,
+    /// Where the IdP posts its answer: `<console_url>/saml/acs` unless set; every assertion's
+    /// Recipient and the response's Destination must be exactly this.
+    pub acs_url: String,
+    /// The attribute whose values are the person's groups; absent attribute → no groups.
+    pub groups_attribute: String,
+    /// The attribute that names the person (default: the assertion's NameID).
+    pub subject_attribute: Option<String>,
+    /// IdP group names → tollgate groups; unmapped names are kept as they are.
+    pub group_map: std::collections::BTreeMap<String, String>,
+    /// Groups every person signed in through this IdP gets.
+    pub static_groups: Vec<String>,
+    /// Longest client certificate `tollgate login --saml` hands out (default 12h).
+    pub max_cert_ttl: Option<Duration>,
+    /// Line of the `[identity.saml]` table.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SamlMetadataSource {
+    File(PathBuf),
+    Url(String),
+}
+
+/// The path the gateway serves the SAML assertion consumer service at.
+pub const SAML_ACS_PATH: &str = "/saml/acs";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSaml {
+    idp_metadata: Option<String>,
+    idp_metadata_url: Option<String>,
+    ca: Option<String>,
+    entity_id: Option<String>,
+    acs_url: Option<String>,
+    groups_attribute: Option<String>,
+    subject_attribute: Option<String>,
+    #[serde(default)]
+    group_map: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    static_groups: Vec<String>,
+    max_cert_ttl: Option<String>,
 }
 
 /// JWS algorithms an `[[identity.oidc]]` issuer may use.
@@ -1103,6 +1157,8 @@ struct RawRoles {
 struct RawIdentity {
     /// `[[identity.oidc]]`, checked by hand so a single `[identity.oidc]` table gets a clear error.
     oidc: Option<Spanned<toml::Value>>,
+    /// `[identity.saml]`, checked by hand so errors name its line.
+    saml: Option<Spanned<toml::Value>>,
     #[serde(default)]
     tokens: Vec<StaticToken>,
     #[serde(default)]
@@ -1416,6 +1472,79 @@ impl Ctx<'_> {
             });
         }
         Ok(out)
+    }
+
+    /// `[identity.saml]`: one IdP; `console_url` gives the default ACS URL.
+    fn saml(
+        &self,
+        v: Option<Spanned<toml::Value>>,
+        console_url: Option<&str>,
+    ) -> Result<Option<Saml>, ConfigError> {
+        let Some(v) = v else { return Ok(None) };
+        let at = v.span().start;
+        let at = self.text.find("[identity.saml]").unwrap_or(at);
+        let bad = |key: &str, msg: String| self.invalid(at, &format!("identity.saml.{key}"), msg);
+        let raw: RawSaml = match v.into_inner() {
+            t @ toml::Value::Table(_) => t
+                .try_into()
+                .map_err(|e: toml::de::Error| self.invalid(at, "identity.saml", e.message()))?,
+            _ => return Err(self.invalid(
+                at,
+                "identity.saml",
+                "the SAML identity provider is one table: write [identity.saml] (single brackets)",
+            )),
+        };
+        let idp_metadata = match (raw.idp_metadata, raw.idp_metadata_url) {
+            (Some(f), None) => SamlMetadataSource::File(self.resolve(&f)),
+            (None, Some(u)) => {
+                let host = u.strip_prefix("https://").map(|r| r.split('/').next().unwrap_or(""));
+                if host.is_none_or(|h| h.is_empty() || h.contains('@')) {
+                    return Err(bad("idp_metadata_url", format!("{u:?} must be an https:// URL with a host and no credentials: the IdP's signing keys come from it")));
+                }
+                SamlMetadataSource::Url(u)
+            }
+            (Some(_), Some(_)) => return Err(bad("idp_metadata", "set idp_metadata (a file) or idp_metadata_url, not both".into())),
+            (None, None) => return Err(bad("idp_metadata", "the IdP's metadata is needed (its entity id, sign-in URL and signing certificate): set idp_metadata = \"FILE\" or idp_metadata_url = \"https://…\"".into())),
+        };
+        let entity_id = raw.entity_id.filter(|e| !e.trim().is_empty()).ok_or_else(|| {
+            bad("entity_id", "the gateway's SAML entity id is needed (e.g. \"https://gw.example/saml\"): every assertion must name it as its audience".into())
+        })?;
+        let acs_url = match (raw.acs_url, console_url) {
+            (Some(a), _) => a,
+            (None, Some(c)) => format!("{}{SAML_ACS_PATH}", c.trim_end_matches('/')),
+            (None, None) => return Err(bad("acs_url", format!("set identity.saml.acs_url (e.g. \"https://gw.example:8443{SAML_ACS_PATH}\") or server.console_url: the IdP posts its answer there, and every assertion must name it"))),
+        };
+        let scheme_ok = acs_url.starts_with("https://") || acs_url.starts_with("http://");
+        if !scheme_ok || !acs_url.ends_with(SAML_ACS_PATH) || acs_url.contains(['?', '#']) {
+            return Err(bad("acs_url", format!("{acs_url:?} must be the gateway's URL ending in {SAML_ACS_PATH} (e.g. \"https://gw.example:8443{SAML_ACS_PATH}\")")));
+        }
+        let attribute = |key: &str, v: Option<String>| -> Result<Option<String>, ConfigError> {
+            match v {
+                Some(a) if a.trim().is_empty() => {
+                    Err(bad(key, "an attribute name must not be empty".into()))
+                }
+                v => Ok(v),
+            }
+        };
+        let groups_attribute =
+            attribute("groups_attribute", raw.groups_attribute)?.unwrap_or_else(|| "groups".into());
+        let subject_attribute = attribute("subject_attribute", raw.subject_attribute)?;
+        let max_cert_ttl = raw
+            .max_cert_ttl
+            .map(|s| parse_duration(&s).map_err(|m| bad("max_cert_ttl", m)))
+            .transpose()?;
+        Ok(Some(Saml {
+            idp_metadata,
+            ca: raw.ca.map(|p| self.resolve(&p)),
+            entity_id,
+            acs_url,
+            groups_attribute,
+            subject_attribute,
+            group_map: raw.group_map,
+            static_groups: raw.static_groups,
+            max_cert_ttl,
+            line: self.line_of(at),
+        }))
     }
 
     fn invalid(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
@@ -1778,6 +1907,7 @@ impl Ctx<'_> {
         }
         self.check_principals(&raw.identity.principals)?;
         let oidc = self.oidc(raw.identity.oidc)?;
+        let saml = self.saml(raw.identity.saml, server.console_url.as_deref())?;
         for o in raw.identity.principals.iter().flat_map(|p| &p.oidc) {
             let issuer = o.split_once('#').map_or("", |(i, _)| i);
             if !oidc.iter().any(|c| c.issuer == issuer) {
@@ -2177,6 +2307,7 @@ impl Ctx<'_> {
             },
             identity: Identity {
                 oidc,
+                saml,
                 tokens: raw.identity.tokens,
                 principals: raw.identity.principals,
             },
@@ -3060,6 +3191,53 @@ message = "ask sre"
         assert_eq!(b.static_groups, ["ci"]);
         assert_eq!(b.algorithms, ["RS256"]);
         assert!(with("").unwrap().identity.oidc.is_empty());
+    }
+
+    #[test]
+    fn saml_identity_provider() {
+        let c = with("\n[identity.saml]\nidp_metadata = \"saml/idp.xml\"\nentity_id = \"https://gw.example/saml\"\nacs_url = \"https://gw.example:8443/saml/acs\"\ngroups_attribute = \"memberOf\"\nsubject_attribute = \"mail\"\ngroup_map = { \"cn=dba\" = \"dbas\" }\nstatic_groups = [\"people\"]\nmax_cert_ttl = \"8h\"\n").unwrap();
+        let s = c.identity.saml.unwrap();
+        assert_eq!(
+            s.idp_metadata,
+            SamlMetadataSource::File(PathBuf::from("/etc/tollgate/saml/idp.xml"))
+        );
+        assert_eq!(s.acs_url, "https://gw.example:8443/saml/acs");
+        assert_eq!(s.groups_attribute, "memberOf");
+        assert_eq!(s.subject_attribute.as_deref(), Some("mail"));
+        assert_eq!(s.group_map["cn=dba"], "dbas");
+        assert_eq!(s.max_cert_ttl, Some(Duration::from_secs(8 * 3600)));
+        assert!(with("").unwrap().identity.saml.is_none());
+        // Defaults: the ACS from console_url, groups from "groups", the subject from NameID.
+        let text = format!("{BASE}\n[identity.saml]\nidp_metadata_url = \"https://idp.example/md\"\nentity_id = \"urn:gw\"\n")
+            .replace("[server]\n", "[server]\nconsole_url = \"https://gw.example:8443/\"\n");
+        let s = parse(&text, Path::new("/etc/tollgate/t.toml"))
+            .unwrap()
+            .identity
+            .saml
+            .unwrap();
+        assert_eq!(s.acs_url, "https://gw.example:8443/saml/acs");
+        assert_eq!(
+            s.idp_metadata,
+            SamlMetadataSource::Url("https://idp.example/md".into())
+        );
+        assert_eq!(
+            (s.groups_attribute.as_str(), s.subject_attribute),
+            ("groups", None)
+        );
+        for (body, says) in [
+            ("entity_id = \"e\"\nacs_url = \"https://g/saml/acs\"", "identity.saml.idp_metadata: the IdP's metadata is needed"),
+            ("idp_metadata = \"m\"\nidp_metadata_url = \"https://i\"\nentity_id = \"e\"\nacs_url = \"https://g/saml/acs\"", "not both"),
+            ("idp_metadata_url = \"http://i/md\"\nentity_id = \"e\"\nacs_url = \"https://g/saml/acs\"", "identity.saml.idp_metadata_url"),
+            ("idp_metadata = \"m\"\nacs_url = \"https://g/saml/acs\"", "identity.saml.entity_id"),
+            ("idp_metadata = \"m\"\nentity_id = \"e\"", "identity.saml.acs_url: set identity.saml.acs_url"),
+            ("idp_metadata = \"m\"\nentity_id = \"e\"\nacs_url = \"https://g/acs\"", "ending in /saml/acs"),
+            ("idp_metadata = \"m\"\nentity_id = \"e\"\nacs_url = \"https://g/saml/acs\"\ngroups_attribute = \" \"", "identity.saml.groups_attribute"),
+            ("idp_metadata = \"m\"\nentity_id = \"e\"\nacs_url = \"https://g/saml/acs\"\nmax_cert_ttl = \"soon\"", "identity.saml.max_cert_ttl"),
+            ("idp_metadata = \"m\"\nentity_id = \"e\"\nacs_url = \"https://g/saml/acs\"\nissuer = \"x\"", "unknown field"),
+        ] {
+            let e = with(&format!("\n[identity.saml]\n{body}\n")).unwrap_err().to_string();
+            assert!(e.contains("t.toml:") && e.contains(says), "{says}: {e}");
+        }
     }
 
     #[test]

@@ -7,13 +7,15 @@
 //!
 //! OpenID Connect bearer tokens are validated in [`oidc`] (discovery, JWKS, signature, claims);
 //! [`oidc_login`] is the relying party's side of people signing in (authorization code + PKCE,
-//! device authorization grant), used by `tollgate login` and the console.
+//! device authorization grant), used by `tollgate login` and the console. [`saml`] is the SAML
+//! 2.0 service provider (AuthnRequests, signed-assertion checks with samael + libxmlsec1).
 //!
 //! It trusts its inputs to be already verified where that is the TLS layer's job (the certificate
 //! chain is checked by rustls before we see it); it never decides policy beyond "is a member of".
 
 pub mod oidc;
 pub mod oidc_login;
+pub mod saml;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +30,7 @@ pub enum AuthMethod {
     Cert,
     Token,
     Oidc,
+    Saml,
 }
 
 impl AuthMethod {
@@ -36,6 +39,7 @@ impl AuthMethod {
             AuthMethod::Cert => "cert",
             AuthMethod::Token => "token",
             AuthMethod::Oidc => "oidc",
+            AuthMethod::Saml => "saml",
         }
     }
 }
@@ -65,6 +69,11 @@ impl Principal {
 
     pub fn oidc(issuer: &str, subject: &str) -> Principal {
         Principal(format!("oidc:{issuer}#{subject}"))
+    }
+
+    /// A person signed in through the SAML IdP `idp` (its entity id).
+    pub fn saml(idp: &str, subject: &str) -> Principal {
+        Principal(format!("saml:{idp}#{subject}"))
     }
 
     /// The issuer of an OIDC principal (an issuer URL holds no `#`).

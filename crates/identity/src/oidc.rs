@@ -835,6 +835,20 @@ async fn fetch_json_inner(
     form: Option<&str>,
     authorization: Option<&str>,
 ) -> Result<(u16, Value), String> {
+    let (status, body) = fetch_inner(url, tls, form, "application/json").await?;
+    match serde_json::from_slice(&body) {
+        Ok(v) => Ok((status, v)),
+        Err(_) if status != 200 => Ok((status, Value::Null)),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+async fn fetch_inner(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    form: Option<&str>,
+    accept: &'static str,
+) -> Result<(u16, bytes::Bytes), String> {
     use http_body_util::BodyExt;
     let u = tollgate_webhook::WebhookUrl::parse(url)?;
     if !u.tls {
@@ -861,7 +875,7 @@ async fn fetch_json_inner(
     let mut builder = hyper::Request::builder()
         .uri(u.path.as_str())
         .header(hyper::header::HOST, host)
-        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::ACCEPT, accept)
         .header(hyper::header::USER_AGENT, "tollgate");
     if let Some(a) = authorization {
         builder = builder.header(hyper::header::AUTHORIZATION, a);
@@ -889,15 +903,27 @@ async fn fetch_json_inner(
             .await
             .map_err(|e| format!("reading the body: {e}"))?
             .to_bytes();
-        match serde_json::from_slice(&body) {
-            Ok(v) => Ok((status, v)),
-            Err(_) if status != 200 => Ok((status, Value::Null)),
-            Err(e) => Err(format!("not JSON: {e}")),
-        }
+        Ok((status, body))
     }
     .await;
     conn.abort();
     result
+}
+
+/// GET an https:// URL within [`FETCH_TIMEOUT`]: its 200 answer's body (at most 1 MiB).
+pub(crate) async fn fetch_bytes(
+    url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<bytes::Bytes, String> {
+    match tokio::time::timeout(FETCH_TIMEOUT, fetch_inner(url, tls, None, "*/*")).await {
+        Ok(Ok((200, body))) => Ok(body),
+        Ok(Ok((status, _))) => Err(format!("GET {url}: the server answered {status}")),
+        Ok(Err(e)) => Err(format!("GET {url}: {e}")),
+        Err(_) => Err(format!(
+            "GET {url}: timed out after {}s",
+            FETCH_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 #[cfg(test)]

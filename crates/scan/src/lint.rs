@@ -154,6 +154,11 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
             ));
         }
     }
+    if let Some(saml) = &config.identity.saml {
+        known.extend(saml.static_groups.iter().map(String::as_str));
+        known.extend(saml.group_map.values().map(String::as_str));
+        l.saml(saml, s.issuing_ca_cert.is_some());
+    }
     for r in &config.resources {
         known.extend(r.allow_groups.iter().map(String::as_str));
     }
@@ -288,6 +293,95 @@ struct Lint<'a> {
 impl Lint<'_> {
     fn push(&mut self, f: Finding) {
         self.out.push(f);
+    }
+
+    /// `[identity.saml]`: https endpoints, IdP metadata with a signing certificate (a metadata
+    /// file is read here; a URL is fetched by the gateway at start-up), certificate lifetimes.
+    fn saml(&mut self, saml: &tollgate_config::Saml, issuing_ca: bool) {
+        if !saml.acs_url.starts_with("https://") {
+            self.push(Finding::new(
+                "saml_acs_not_https",
+                Severity::High,
+                None,
+                "identity.saml.acs_url",
+                format!("{}: the IdP's answer (a bearer assertion) would cross the network in plaintext", saml.acs_url),
+                "serve the ACS on the https listener: acs_url = \"https://<gateway>/saml/acs\" (or an https server.console_url)",
+            ));
+        }
+        if saml.entity_id.starts_with("http://") {
+            self.push(Finding::new(
+                "saml_entity_id_not_https",
+                Severity::Low,
+                None,
+                "identity.saml.entity_id",
+                format!(
+                    "{}: an http:// entity id suggests metadata served in plaintext",
+                    saml.entity_id
+                ),
+                "use an https:// URL (or a URN) as the entity id",
+            ));
+        }
+        if let Some(ca) = &saml.ca {
+            self.cert_file(
+                ca,
+                "identity.saml.ca",
+                None,
+                "SAML IdP metadata CA certificate",
+            );
+        }
+        if let tollgate_config::SamlMetadataSource::File(path) = &saml.idp_metadata {
+            if self.exists(
+                path,
+                "identity.saml.idp_metadata",
+                None,
+                "SAML IdP metadata",
+            ) {
+                let parsed = std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|xml| tollgate_identity::saml::SamlSp::new(saml, &xml));
+                match parsed {
+                    Err(e) => self.push(Finding::new(
+                        "saml_metadata_unusable",
+                        Severity::High,
+                        None,
+                        "identity.saml.idp_metadata",
+                        format!("{}: {e}", path.display()),
+                        "use the IdP's SAML 2.0 metadata: an EntityDescriptor with an IDPSSODescriptor, a signing certificate and an HTTP-Redirect SingleSignOnService",
+                    )),
+                    Ok(sp) if !sp.facts().sso_url.starts_with("https://") => {
+                        self.push(Finding::new(
+                            "saml_idp_not_https",
+                            Severity::Medium,
+                            None,
+                            "identity.saml.idp_metadata",
+                            format!("the IdP's sign-in URL {} is not https: people's passwords and the AuthnRequest cross the network in plaintext", sp.facts().sso_url),
+                            "use the IdP's https metadata",
+                        ))
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        if !issuing_ca {
+            self.push(Finding::new(
+                "saml_login_without_issuing_ca",
+                Severity::Low,
+                None,
+                "server.issuing_ca_cert",
+                "[identity.saml] signs people in to the console, but the gateway has no issuing CA: `tollgate login --saml` gets no certificate (503)",
+                "set server.issuing_ca_cert and issuing_ca_key (an intermediate of your client CA will do)",
+            ));
+        }
+        if saml.max_cert_ttl.is_some_and(|t| t > MAX_SENSIBLE_CERT_TTL) {
+            self.push(Finding::new(
+                "saml_long_cert_ttl",
+                Severity::Medium,
+                None,
+                "identity.saml.max_cert_ttl",
+                "certificates from `tollgate login --saml` may live longer than a day; a lost laptop keeps access that long",
+                "keep max_cert_ttl at a working day (12h) or less",
+            ));
+        }
     }
 
     /// A shared PostgreSQL store carries every replica's audit trail and reviews: its leg must
@@ -940,6 +1034,60 @@ allow_groups = ["sre", "agents"]
         assert_eq!(
             kinds(&found),
             ["oidc_long_cert_ttl", "oidc_login_without_issuing_ca"]
+        );
+    }
+
+    #[test]
+    fn saml_needs_https_and_idp_metadata_with_a_signing_certificate() {
+        let f = Fixture::new();
+        let pem = std::fs::read_to_string(f.path("pki/ca.crt")).unwrap();
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let md = |sso: &str, cert: bool| {
+            let key = if cert {
+                format!(
+                    r#"<md:KeyDescriptor use="signing"><ds:KeyInfo><ds:X509Data><ds:X509Certificate>{b64}</ds:X509Certificate></ds:X509Data></ds:KeyInfo></md:KeyDescriptor>"#
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                r#"<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata" xmlns:ds="http://www.w3.org/2000/09/xmldsig#" entityID="https://idp.example/md"><md:IDPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol">{key}<md:SingleSignOnService Binding="urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect" Location="{sso}"/></md:IDPSSODescriptor></md:EntityDescriptor>"#
+            )
+        };
+        let saml = |acs: &str, issuing: bool| {
+            let ca = if issuing {
+                "issuing_ca_cert = \"pki/ca.crt\"\nissuing_ca_key = \"pki/ca.key\"\n"
+            } else {
+                ""
+            };
+            format!("{ca}\n[identity.saml]\nidp_metadata = \"idp.xml\"\nentity_id = \"https://gw.example/saml\"\nacs_url = \"{acs}\"\ngroup_map = {{ \"x\" = \"sre\" }}\nmax_cert_ttl = \"12h\"\n")
+        };
+        let https = "https://gw.example/saml/acs";
+        std::fs::write(f.path("idp.xml"), md("https://idp.example/sso", true)).unwrap();
+        let found = f.check(&f.config(&saml(https, true), ""));
+        assert!(found.is_empty(), "{found:?}");
+        let found = f.check(&f.config(&saml("http://gw.example/saml/acs", false), ""));
+        assert_eq!(
+            kinds(&found),
+            ["saml_acs_not_https", "saml_login_without_issuing_ca"]
+        );
+        std::fs::write(f.path("idp.xml"), md("http://idp.example/sso", true)).unwrap();
+        assert_eq!(
+            kinds(&f.check(&f.config(&saml(https, true), ""))),
+            ["saml_idp_not_https"]
+        );
+        std::fs::write(f.path("idp.xml"), md("https://idp.example/sso", false)).unwrap();
+        let found = f.check(&f.config(&saml(https, true), ""));
+        assert_eq!(kinds(&found), ["saml_metadata_unusable"]);
+        assert!(
+            found[0].message.contains("no signing certificate"),
+            "{}",
+            found[0].message
+        );
+        std::fs::remove_file(f.path("idp.xml")).unwrap();
+        assert_eq!(
+            kinds(&f.check(&f.config(&saml(https, true), ""))),
+            ["missing_file"]
         );
     }
 

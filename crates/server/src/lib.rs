@@ -171,6 +171,18 @@ pub async fn run(
             .map_err(anyhow::Error::msg)?,
     );
     oidc.warm_up();
+    // The SAML IdP's metadata is read (or fetched) now: without its signing certificate no
+    // assertion could be verified, so a bad one stops start-up with the reason.
+    let saml = match &config.identity.saml {
+        Some(c) => Some(Arc::new(
+            tollgate_identity::saml::SamlSp::load(c)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("{}:{}: identity.saml: {e}", config.path.display(), c.line)
+                })?,
+        )),
+        None => None,
+    };
 
     let refusals = Arc::new(tollgate_store::refused::Refusals::new(
         "postgres",
@@ -314,6 +326,7 @@ pub async fn run(
         state.http = Some(http_gw.clone());
         state.limits = listener_limits(&config);
         state.oidc = oidc.clone();
+        state.saml = arc_swap::ArcSwapOption::new(saml.clone());
         state.issuing = issuing.clone();
         let state = Arc::new(state);
         api_state = Some(state.clone());

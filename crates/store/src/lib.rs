@@ -288,6 +288,47 @@ pub trait Store: Send + Sync + 'static {
     /// periodic scan), as it changes. `None`: this process is the store's only writer, and leads.
     fn cluster_leader(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
+    // ---- one-time values: SAML request ids, the assertion replay cache, login codes ----
+
+    /// Keep `value` under (`kind`, `key`) until `expires_unix_ms`, unless a live entry is there:
+    /// true when this call stored it. The first claim wins across every process sharing the
+    /// store (the replay cache: an assertion id is accepted once).
+    fn once_put(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &str,
+        expires_unix_ms: i64,
+        now_unix_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let _ = (kind, key, value, expires_unix_ms, now_unix_ms);
+        Err(StoreError::Unsupported(
+            "this store keeps no one-time values".into(),
+        ))
+    }
+    /// The live value under (`kind`, `key`), left in place.
+    fn once_get(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let _ = (kind, key, now_unix_ms);
+        Err(StoreError::Unsupported(
+            "this store keeps no one-time values".into(),
+        ))
+    }
+    /// The live value under (`kind`, `key`), removed: of two callers at most one gets it.
+    fn once_take(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let _ = (kind, key, now_unix_ms);
+        Err(StoreError::Unsupported(
+            "this store keeps no one-time values".into(),
+        ))
     }
 
     // ---- reviews (approvals); the lifecycle rules are in tollgate-review ----

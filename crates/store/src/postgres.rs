@@ -30,6 +30,7 @@ use crate::{
 
 mod cluster;
 mod pins;
+mod one_time;
 mod reviews;
 pub mod url;
 
@@ -133,6 +134,7 @@ CREATE TABLE replicas (
 );
 "#,
     pins::MIGRATION,
+    one_time::MIGRATION,
 ];
 
 /// The schema version this build creates and understands.
@@ -1402,6 +1404,32 @@ impl Store for PgStore {
     }
     fn review_mark_used(&self, id: &str, at_unix_ms: i64) -> Result<bool, StoreError> {
         self.run(async |c| reviews::mark_used(c, id, at_unix_ms).await)
+    }
+    fn once_put(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &str,
+        expires_unix_ms: i64,
+        now_unix_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.run(async |c| one_time::put(c, kind, key, value, expires_unix_ms, now_unix_ms).await)
+    }
+    fn once_get(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.run(async |c| one_time::get(c, kind, key, now_unix_ms).await)
+    }
+    fn once_take(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.run(async |c| one_time::take(c, kind, key, now_unix_ms).await)
     }
     fn review_take_rerun(
         &self,

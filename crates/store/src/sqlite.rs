@@ -19,6 +19,7 @@ use crate::{
 
 mod audit;
 mod pins;
+mod one_time;
 mod reviews;
 
 /// The page size of a new store.
@@ -85,6 +86,7 @@ CREATE INDEX reviews_by_status ON reviews (status, created_at);
     reviews::MIGRATION,
     reviews::MIGRATION_PRINCIPALS,
     pins::MIGRATION,
+    one_time::MIGRATION,
 ];
 
 /// The schema version this build creates and understands.
@@ -513,6 +515,32 @@ impl Store for SqliteStore {
     }
     fn review_mark_used(&self, id: &str, at_unix_ms: i64) -> Result<bool, StoreError> {
         self.sql_review_mark_used(id, at_unix_ms)
+    }
+    fn once_put(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &str,
+        expires_unix_ms: i64,
+        now_unix_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.sql_once_put(kind, key, value, expires_unix_ms, now_unix_ms)
+    }
+    fn once_get(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.sql_once_get(kind, key, now_unix_ms)
+    }
+    fn once_take(
+        &self,
+        kind: &str,
+        key: &str,
+        now_unix_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.sql_once_take(kind, key, now_unix_ms)
     }
     fn review_take_rerun(
         &self,

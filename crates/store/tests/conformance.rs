@@ -67,6 +67,86 @@ fn run_suite(s: &Subject) {
     concurrent_votes_from_two_replicas_finalize_once(s);
     chains_of_two_replicas_interleave_and_verify(s);
     mcp_pins_are_first_come_and_changes_wait_for_approval(s);
+    one_time_values_are_claimed_once_across_replicas(s);
+}
+
+/// SAML request ids, the assertion replay cache and login codes: a key is claimed once (by one
+/// of several replicas racing for it), read while live, taken once, and free again once expired.
+fn one_time_values_are_claimed_once_across_replicas(s: &Subject) {
+    let store = s.open();
+    let now = 1_000_000;
+    assert!(store
+        .once_put("saml.assertion", "_a1", "", now + 60_000, now)
+        .unwrap());
+    assert!(
+        !store
+            .once_put("saml.assertion", "_a1", "x", now + 60_000, now + 1)
+            .unwrap(),
+        "a replay"
+    );
+    assert!(
+        store
+            .once_put("saml.request", "_a1", "v", now + 60_000, now)
+            .unwrap(),
+        "kinds are separate"
+    );
+    assert_eq!(
+        store
+            .once_get("saml.request", "_a1", now)
+            .unwrap()
+            .as_deref(),
+        Some("v")
+    );
+    assert_eq!(
+        store
+            .once_get("saml.request", "_a1", now)
+            .unwrap()
+            .as_deref(),
+        Some("v"),
+        "get leaves it"
+    );
+    assert_eq!(
+        store
+            .once_take("saml.request", "_a1", now)
+            .unwrap()
+            .as_deref(),
+        Some("v")
+    );
+    assert_eq!(
+        store.once_take("saml.request", "_a1", now).unwrap(),
+        None,
+        "taken once"
+    );
+    // Expired: invisible, not takeable, and the key can be claimed again.
+    assert!(store
+        .once_put("saml.code", "c", "v", now + 10, now)
+        .unwrap());
+    assert_eq!(store.once_get("saml.code", "c", now + 10).unwrap(), None);
+    assert_eq!(store.once_take("saml.code", "c", now + 10).unwrap(), None);
+    assert!(store
+        .once_put("saml.assertion", "_a2", "", now + 10, now)
+        .unwrap());
+    assert!(
+        store
+            .once_put("saml.assertion", "_a2", "", now + 90_000, now + 20)
+            .unwrap(),
+        "expired entries are reclaimable"
+    );
+    // Eight replicas race for one key: exactly one wins.
+    let winners: usize = (0..8)
+        .map(|_| {
+            let store = s.open();
+            std::thread::spawn(move || {
+                store
+                    .once_put("saml.assertion", "_race", "", now + 60_000, now)
+                    .unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| usize::from(h.join().unwrap()))
+        .sum();
+    assert_eq!(winners, 1);
 }
 
 fn append_read_back_and_filters(store: &dyn Store) {

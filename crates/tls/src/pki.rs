@@ -586,6 +586,24 @@ impl IssuingCa {
     }
 }
 
+/// SHA-256 (hex) of the public key (SubjectPublicKeyInfo DER) a PKCS#10 request asks for, its
+/// self-signature checked: what binds a `tollgate login --saml` one-time code to the key the CLI
+/// generated before the sign-in started.
+pub fn csr_key_sha256(csr_pem: &str) -> Result<String, PkiError> {
+    let bad = |m: String| PkiError::InvalidSpec(m);
+    let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| bad(format!("the CSR is not a PEM CERTIFICATE REQUEST: {e}")))?;
+    let (_, csr) = <x509_parser::certification_request::X509CertificationRequest as x509_parser::prelude::FromDer<_>>::from_der(der.as_ref())
+        .map_err(|e| bad(format!("the CSR is not a valid PKCS#10 request: {e}")))?;
+    csr.verify_signature()
+        .map_err(|_| bad("the CSR's signature does not verify with its own public key".into()))?;
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        csr.certification_request_info.subject_pki.raw,
+    );
+    Ok(hex::encode(digest.as_ref()))
+}
+
 /// A new ECDSA P-256 key (PKCS#8 PEM) and a CSR for it (PEM), for `tollgate login`.
 pub fn key_and_csr(common_name: &str) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

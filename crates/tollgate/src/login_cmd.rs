@@ -5,6 +5,12 @@
 //! The key is generated here and never leaves the machine; the gateway signs a CSR for it
 //! (`POST /api/v1/certificates`) with the subject and groups of the token, for at most the
 //! token's own remaining validity.
+//!
+//! `--saml` signs in with the gateway's SAML IdP instead: the key is generated first, the
+//! browser goes to the gateway's `/saml/login` with this login's loopback port, a random state
+//! and the SHA-256 of the public key; after the IdP's answer the gateway sends the browser back
+//! to the loopback listener with a one-time code bound to that key, which is redeemed with the
+//! CSR (`{"csr", "saml_code"}`) for a certificate of at most `[identity.saml] max_cert_ttl`.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -34,6 +40,9 @@ pub struct LoginArgs {
     /// device with a browser, and waits (for terminals without a browser: SSH, agents).
     #[arg(long)]
     device: bool,
+    /// Sign in with the gateway's SAML identity provider ([identity.saml]) in a browser.
+    #[arg(long, conflicts_with_all = ["id_token_file", "id_token_env", "device", "issuer", "client_id"])]
+    saml: bool,
     /// The issuer to sign in with (default: the gateway's only one; see its
     /// GET /api/v1/certificates/issuers).
     #[arg(long)]
@@ -96,17 +105,26 @@ impl Issued {
 }
 
 pub fn run(args: LoginArgs) -> anyhow::Result<()> {
-    let token = match (&args.id_token_file, &args.id_token_env) {
-        (Some(f), _) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading --id-token-file {}", f.display()))?,
-        (None, Some(var)) => std::env::var(var)
-            .with_context(|| format!("--id-token-env {var}: the variable is not set"))?,
-        (None, None) => flow::sign_in(&args)?,
+    let (key_pem, csr_pem) =
+        tollgate_tls::pki::key_and_csr("tollgate login").context("generating a key")?;
+    let mut body = serde_json::json!({ "csr": csr_pem });
+    let token = if args.saml {
+        body["saml_code"] = flow::saml_sign_in(&args, &csr_pem)?.into();
+        None
+    } else {
+        let token = match (&args.id_token_file, &args.id_token_env) {
+            (Some(f), _) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading --id-token-file {}", f.display()))?,
+            (None, Some(var)) => std::env::var(var)
+                .with_context(|| format!("--id-token-env {var}: the variable is not set"))?,
+            (None, None) => flow::sign_in(&args)?,
+        };
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            bail!("the token is empty");
+        }
+        Some(token)
     };
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        bail!("the token is empty");
-    }
     let dir = match &args.out_dir {
         Some(d) => d.clone(),
         None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set: pass --out-dir")?)
@@ -115,12 +133,9 @@ pub fn run(args: LoginArgs) -> anyhow::Result<()> {
     let client = ApiClient::new(&ClientOptions {
         gateway: args.gateway.clone(),
         ca: args.ca.clone(),
-        token: Some(token),
+        token,
         ..Default::default()
     })?;
-    let (key_pem, csr_pem) =
-        tollgate_tls::pki::key_and_csr("tollgate login").context("generating a key")?;
-    let mut body = serde_json::json!({ "csr": csr_pem });
     if let Some(ttl) = &args.ttl {
         body["ttl"] = ttl.clone().into();
     }

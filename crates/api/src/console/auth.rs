@@ -30,6 +30,8 @@ pub(crate) enum Credential {
     /// A service or OIDC token, kept in memory only and verified again on every request, so a
     /// token removed by a reload (or an expired OIDC token) ends the console session too.
     Token(String),
+    /// A SAML sign-in (the identity from the verified assertion; nothing to check again).
+    Saml(Identity),
 }
 
 #[derive(Clone)]

@@ -15,6 +15,8 @@
 //!   a client certificate signs in without a form. Static `/console/console.css|js`.
 //! - `GET /auth/oidc/start` and `GET /auth/oidc/callback`: sign-in with an `[[identity.oidc]]`
 //!   issuer that has a `client_id` (authorization code + PKCE; [`oidc`]).
+//! - `GET /saml/metadata`, `GET /saml/login`, `POST /saml/acs`, `GET /saml/finish`: SAML 2.0
+//!   sign-in with `[identity.saml]` (console and `tollgate login --saml`; [`saml`]).
 //!
 //! Authorization is the API's: the review workflow's own checks (`Reviews::decide`), and the
 //! auditor/admin roles for sessions. Every POST must carry the console session's CSRF token
@@ -24,8 +26,12 @@
 mod auth;
 mod oidc;
 mod pages;
+mod saml;
 
 pub use auth::ConsoleSessions;
+pub(crate) use saml::{
+    digest as saml_digest, SignedIn as SamlSignedIn, KIND_CODE as SAML_CODE_KIND,
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -60,6 +66,10 @@ enum Page {
     Logout,
     OidcStart,
     OidcCallback,
+    SamlMetadata,
+    SamlLogin,
+    SamlAcs,
+    SamlFinish,
     Reviews,
     Review(String),
     Decide {
@@ -90,6 +100,10 @@ impl Page {
             ["logout"] => Page::Logout,
             ["auth", "oidc", "start"] => Page::OidcStart,
             ["auth", "oidc", "callback"] => Page::OidcCallback,
+            ["saml", "metadata"] => Page::SamlMetadata,
+            ["saml", "login"] => Page::SamlLogin,
+            ["saml", "acs"] => Page::SamlAcs,
+            ["saml", "finish"] => Page::SamlFinish,
             ["reviews"] => Page::Reviews,
             ["reviews", i] => Page::Review(id(i)?),
             ["reviews", i, "approve"] => Page::Decide {
@@ -113,7 +127,9 @@ impl Page {
 
     fn method(&self) -> Method {
         match self {
-            Page::Logout | Page::Decide { .. } | Page::GrantRevoke(_) => Method::POST,
+            Page::Logout | Page::Decide { .. } | Page::GrantRevoke(_) | Page::SamlAcs => {
+                Method::POST
+            }
             _ => Method::GET,
         }
     }
@@ -126,6 +142,10 @@ impl Page {
             Page::Logout => "/logout",
             Page::OidcStart => "/auth/oidc/start",
             Page::OidcCallback => oidc::CALLBACK_PATH,
+            Page::SamlMetadata => saml::METADATA_PATH,
+            Page::SamlLogin => saml::LOGIN_PATH,
+            Page::SamlAcs => saml::ACS_PATH,
+            Page::SamlFinish => saml::FINISH_PATH,
             Page::Reviews => "/reviews",
             Page::Review(_) => "/reviews/{id}",
             Page::Decide { approve: true, .. } => "/reviews/{id}/approve",
@@ -162,6 +182,7 @@ pub(crate) fn is_console_path(path: &str) -> bool {
             "/login",
             "/logout",
             "/auth",
+            "/saml",
             "/console",
             "/access",
             "/grants",
@@ -256,6 +277,9 @@ async fn caller(state: &ApiState, conn: &Conn, headers: &hyper::HeaderMap) -> Op
                     Some(Ok(id)) => Some(id.clone()),
                     _ => None,
                 },
+                // A SAML sign-in has no credential to present again: the session is the proof,
+                // for at most SESSION_TTL (and the IdP's SessionNotOnOrAfter).
+                Credential::Saml(who) => Some(who.clone()),
                 Credential::Token(t) => {
                     let header = format!("Bearer {t}");
                     tollgate_gate::identify(
@@ -339,6 +363,10 @@ pub(crate) async fn handle(
         (Page::Login, _) => return login(state, conn, req).await,
         (Page::OidcStart, _) => return oidc::start(state, &req).await,
         (Page::OidcCallback, _) => return oidc::callback(state, conn, &req).await,
+        (Page::SamlMetadata, _) => return saml::metadata(state),
+        (Page::SamlLogin, _) => return saml::login(state, &req).await,
+        (Page::SamlAcs, _) => return saml::acs(state, conn, req).await,
+        (Page::SamlFinish, _) => return saml::finish(state, conn, &req).await,
         _ => {}
     }
 
@@ -455,9 +483,10 @@ fn login_form(
         .into_iter()
         .map(|o| o.issuer)
         .collect();
+    let saml = state.saml.load().is_some();
     let mut a = html(
         status,
-        pages::login(&csrf, &auth::local_next(next), &issuers, error),
+        pages::login(&csrf, &auth::local_next(next), &issuers, saml, error),
     );
     add_cookie(
         &mut a.resp,

@@ -74,7 +74,7 @@ impl PendingSignIns {
     }
 }
 
-fn query_param(query: &str, name: &str) -> Option<String> {
+pub(super) fn query_param(query: &str, name: &str) -> Option<String> {
     params::parse_query(query)
         .unwrap_or_default()
         .into_iter()
@@ -84,11 +84,18 @@ fn query_param(query: &str, name: &str) -> Option<String> {
 
 /// A sign-in failure page; the pre-login cookie is cleared with it.
 fn failed(status: StatusCode, text: &str, hint: &str) -> Response<ApiBody> {
+    sign_in_failed(OIDC_COOKIE, status, text, hint)
+}
+
+/// A sign-in failure page (OIDC or SAML) that clears the pre-login cookie `cookie`.
+pub(super) fn sign_in_failed(
+    cookie: &str,
+    status: StatusCode,
+    text: &str,
+    hint: &str,
+) -> Response<ApiBody> {
     let mut a = html(status, pages::sign_in_failed(text, hint));
-    add_cookie(
-        &mut a.resp,
-        &auth::set_cookie(OIDC_COOKIE, "", Duration::ZERO),
-    );
+    add_cookie(&mut a.resp, &auth::set_cookie(cookie, "", Duration::ZERO));
     secure(&mut a.resp);
     a.resp
 }

@@ -79,7 +79,13 @@ pub(crate) fn message(
     )
 }
 
-pub(crate) fn login(csrf: &str, next: &str, issuers: &[String], error: Option<&str>) -> Markup {
+pub(crate) fn login(
+    csrf: &str,
+    next: &str,
+    issuers: &[String],
+    saml: bool,
+    error: Option<&str>,
+) -> Markup {
     layout(
         "Sign in",
         None,
@@ -93,6 +99,13 @@ pub(crate) fn login(csrf: &str, next: &str, issuers: &[String], error: Option<&s
                         a.button.oidc-sign-in
                             href={ "/auth/oidc/start?issuer=" (encode(issuer)) "&next=" (encode(next)) }
                         { "Sign in with " (issuer_name(issuer)) }
+                    }
+                }
+                @if saml {
+                    p {
+                        a.button.saml-sign-in #saml-sign-in
+                            href={ "/saml/login?next=" (encode(next)) }
+                        { "Sign in with SAML" }
                     }
                 }
                 p.hint {

@@ -45,6 +45,44 @@ pub(super) fn sign_in(args: &LoginArgs) -> anyhow::Result<String> {
     })
 }
 
+/// `--saml`: the browser signs in at the gateway's SAML IdP; the one-time code the gateway
+/// hands the loopback listener (bound to the key of `csr_pem`).
+pub(super) fn saml_sign_in(args: &LoginArgs, csr_pem: &str) -> anyhow::Result<String> {
+    let key = tollgate_tls::pki::csr_key_sha256(csr_pem).context("hashing the new public key")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .context("listening on 127.0.0.1 for the browser's return")?;
+        let port = listener.local_addr()?.port();
+        let state = tollgate_identity::oidc_login::random_token();
+        let url = format!(
+            "{}/saml/login?{}",
+            args.gateway.trim_end_matches('/'),
+            tollgate_identity::oidc_login::form(&[
+                ("cli_port", &port.to_string()),
+                ("cli_state", &state),
+                ("cli_key", &key),
+            ])
+        );
+        eprintln!("Sign in with the gateway's SAML identity provider in your browser:\n  {url}");
+        if !args.no_browser {
+            open_browser(&url);
+        }
+        eprintln!("Waiting for the browser to return to http://127.0.0.1:{port}/callback ...");
+        tokio::time::timeout(BROWSER_TIMEOUT, callback(&listener, &state))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "no sign-in came back within {} minutes: run tollgate login --saml again",
+                    BROWSER_TIMEOUT.as_secs() / 60
+                )
+            })?
+    })
+}
+
 /// `--issuer` and `--client-id` when both are given, else the gateway's sign-in issuers.
 fn which_issuer(args: &LoginArgs) -> anyhow::Result<(String, String)> {
     if let (Some(i), Some(c)) = (&args.issuer, &args.client_id) {
