@@ -835,7 +835,7 @@ async fn fetch_json_inner(
     form: Option<&str>,
     authorization: Option<&str>,
 ) -> Result<(u16, Value), String> {
-    let (status, body) = fetch_inner(url, tls, form, "application/json").await?;
+    let (status, body) = fetch_inner(url, tls, form, authorization, "application/json").await?;
     match serde_json::from_slice(&body) {
         Ok(v) => Ok((status, v)),
         Err(_) if status != 200 => Ok((status, Value::Null)),
@@ -847,6 +847,7 @@ async fn fetch_inner(
     url: &str,
     tls: &Arc<rustls::ClientConfig>,
     form: Option<&str>,
+    authorization: Option<&str>,
     accept: &'static str,
 ) -> Result<(u16, bytes::Bytes), String> {
     use http_body_util::BodyExt;
@@ -915,7 +916,7 @@ pub(crate) async fn fetch_bytes(
     url: &str,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<bytes::Bytes, String> {
-    match tokio::time::timeout(FETCH_TIMEOUT, fetch_inner(url, tls, None, "*/*")).await {
+    match tokio::time::timeout(FETCH_TIMEOUT, fetch_inner(url, tls, None, None, "*/*")).await {
         Ok(Ok((200, body))) => Ok(body),
         Ok(Ok((status, _))) => Err(format!("GET {url}: the server answered {status}")),
         Ok(Err(e)) => Err(format!("GET {url}: {e}")),

@@ -288,6 +288,8 @@ pub trait Store: Send + Sync + 'static {
     /// periodic scan), as it changes. `None`: this process is the store's only writer, and leads.
     fn cluster_leader(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
+    }
+
     // ---- one-time values: SAML request ids, the assertion replay cache, login codes ----
 
     /// Keep `value` under (`kind`, `key`) until `expires_unix_ms`, unless a live entry is there:

@@ -29,8 +29,8 @@ use crate::{
 };
 
 mod cluster;
-mod pins;
 mod one_time;
+mod pins;
 mod reviews;
 pub mod url;
 

@@ -18,8 +18,8 @@ use crate::{
 };
 
 mod audit;
-mod pins;
 mod one_time;
+mod pins;
 mod reviews;
 
 /// The page size of a new store.

@@ -18,7 +18,6 @@ use crate::io::FrameBuf;
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend;
 use crate::upstream::{Connected, UpStream, UpstreamError, UpstreamTarget};
-use tollgate_gate::upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 use carry::BackendStatements;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tollgate_config::{PoolMode, Pooling};
+use tollgate_gate::upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 use tollgate_metrics::{registry, Cell, GaugeGuard};
 use tollgate_tls::TlsSessionInfo;
 
