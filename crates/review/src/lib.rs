@@ -20,7 +20,7 @@
 pub mod notify;
 mod pins;
 
-pub use pins::{PinChange, PinDecision, PIN_REQUESTER, PIN_REVIEW_TIMEOUT};
+pub use pins::{PinChange, PinDecision, PinStatus, PIN_REQUESTER, PIN_REVIEW_TIMEOUT};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tollgate_store::review::{REVIEW_APPROVED, REVIEW_KIND_PIN, REVIEW_PENDING};
-use tollgate_store::{McpPinRecord, PinSeen, ReviewFilter};
+use tollgate_store::{McpPinRecord, PinSeen, ReviewFilter, ReviewRecord};
 
 use crate::{NewReview, Review, ReviewError, ReviewKind, Reviewer, Reviews};
 
@@ -15,6 +15,17 @@ pub const PIN_REVIEW_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Who asks for a pin review: the gateway itself (no person, so anyone allowed may decide it).
 pub const PIN_REQUESTER: &str = "tollgate (mcp pinning)";
+
+/// Where one definition of a tool stands among the `pin` reviews.
+#[derive(Debug)]
+pub enum PinStatus {
+    /// Approved (and pinned now) by this review, decided by `by`.
+    Approved { review: String, by: String },
+    /// Waiting for a decision.
+    Pending(Review),
+    /// No review approved it or waits on it.
+    Undecided,
+}
 
 /// Where a changed definition stands.
 #[derive(Debug)]
@@ -62,84 +73,78 @@ impl Reviews {
             .find(|p| p.tool == tool))
     }
 
-    /// The `pin` reviews of one definition of a tool of `resource`, newest first (the
-    /// fingerprint covers the tool's name, so it names one tool's one definition).
-    fn pin_reviews(
-        &self,
-        resource: &str,
-        sha256: &str,
-    ) -> Result<Vec<tollgate_store::ReviewRecord>, ReviewError> {
-        let mut found = self.store.reviews(&ReviewFilter {
+    /// Every `pin` review of `resource`, newest first: one store read, for [`Self::pin_status_in`].
+    fn pin_reviews(&self, resource: &str) -> Result<Vec<ReviewRecord>, ReviewError> {
+        Ok(self.store.reviews(&ReviewFilter {
             kind: Some(REVIEW_KIND_PIN.into()),
             resource: Some(resource.into()),
             ..Default::default()
-        })?;
-        found.retain(|r| r.statement_sha256.as_deref() == Some(sha256));
-        Ok(found)
+        })?)
     }
 
-    /// When a `pin` review approved definition `sha256` of `tool`: pins it (if the store still
-    /// has it as the one seen) and says which review and who.
-    pub fn pin_approved(
+    /// Where definition `sha256` of `tool` stands: approved by a `pin` review (and pinned now,
+    /// if the store still has it as the one seen), waiting for one, or neither.
+    pub fn pin_status(
         &self,
         resource: &str,
         tool: &str,
         sha256: &str,
-    ) -> Result<Option<(String, String)>, ReviewError> {
-        let found = self.pin_reviews(resource, sha256)?;
-        let Some(r) = found.into_iter().find(|r| r.status == REVIEW_APPROVED) else {
-            return Ok(None);
-        };
-        let by = r.decided_by.unwrap_or_default();
-        // False when another replica pinned it first: either way it is the pin now.
-        self.store
-            .mcp_pin_approve(resource, tool, sha256, self.now(), &by)?;
-        Ok(Some((r.id, by)))
+    ) -> Result<PinStatus, ReviewError> {
+        self.pin_status_in(&self.pin_reviews(resource)?, resource, tool, sha256)
     }
 
-    /// The pending `pin` review of definition `sha256`, if any.
-    pub fn pin_review_pending(
+    /// [`Self::pin_status`] among `found`, the resource's `pin` reviews. The fingerprint covers
+    /// the tool's name, so it names one tool's one definition.
+    fn pin_status_in(
         &self,
+        found: &[ReviewRecord],
         resource: &str,
+        tool: &str,
         sha256: &str,
-    ) -> Result<Option<String>, ReviewError> {
+    ) -> Result<PinStatus, ReviewError> {
         let now = self.now();
-        Ok(self
-            .pin_reviews(resource, sha256)?
-            .into_iter()
-            .find(|r| r.status == REVIEW_PENDING && r.expires_at_unix_ms > now)
-            .map(|r| r.id))
+        let of_this = || {
+            found
+                .iter()
+                .filter(|r| r.statement_sha256.as_deref() == Some(sha256))
+        };
+        if let Some(r) = of_this().find(|r| r.status == REVIEW_APPROVED) {
+            let by = r.decided_by.clone().unwrap_or_default();
+            // False when another replica pinned it first: either way it is the pin now.
+            self.store
+                .mcp_pin_approve(resource, tool, sha256, now, &by)?;
+            return Ok(PinStatus::Approved {
+                review: r.id.clone(),
+                by,
+            });
+        }
+        Ok(
+            match of_this().find(|r| r.status == REVIEW_PENDING && r.expires_at_unix_ms > now) {
+                Some(r) => PinStatus::Pending(self.view(r.clone())),
+                None => PinStatus::Undecided,
+            },
+        )
     }
 
     /// A changed definition: pinned now when a `pin` review approved exactly it, else the
     /// review waiting for a decision on it (opened now when there is none).
     pub fn pin_changed(&self, change: &PinChange<'_>) -> Result<PinDecision, ReviewError> {
-        if let Some((review, by)) =
-            self.pin_approved(change.resource, change.tool, change.seen_sha256)?
-        {
-            return Ok(PinDecision::Approved { review, by });
-        }
-        let now = self.now();
-        if let Some(r) = self
-            .pin_reviews(change.resource, change.seen_sha256)?
-            .into_iter()
-            .find(|r| r.status == REVIEW_PENDING && r.expires_at_unix_ms > now)
-        {
-            return Ok(PinDecision::Pending {
-                review: self.view(r),
-                opened: false,
-            });
+        let found = self.pin_reviews(change.resource)?;
+        match self.pin_status_in(&found, change.resource, change.tool, change.seen_sha256)? {
+            PinStatus::Approved { review, by } => return Ok(PinDecision::Approved { review, by }),
+            PinStatus::Pending(review) => {
+                return Ok(PinDecision::Pending {
+                    review,
+                    opened: false,
+                })
+            }
+            PinStatus::Undecided => {}
         }
         // One pending review per tool: a definition that changed again supersedes the one
         // waiting (a server cannot pile reviews up by changing a tool over and over).
         let rule = format!("pinning:{}", change.tool);
-        for r in self.store.reviews(&ReviewFilter {
-            kind: Some(REVIEW_KIND_PIN.into()),
-            resource: Some(change.resource.into()),
-            status: Some(REVIEW_PENDING.into()),
-            ..Default::default()
-        })? {
-            if r.rule.as_deref() == Some(rule.as_str()) {
+        for r in &found {
+            if r.status == REVIEW_PENDING && r.rule.as_deref() == Some(rule.as_str()) {
                 self.withdraw_because(
                     &r.id,
                     "the tool's definition changed again: a newer review replaces this one",

@@ -39,7 +39,7 @@ use tollgate_gate::rules::{Caller, CommandKind, Decision, Judgement};
 use tollgate_gate::{Access, Command, Identity};
 use tollgate_mask::BodyPlan;
 use tollgate_metrics::registry;
-use tollgate_review::{PinChange, PinDecision, Reviews, Verdict};
+use tollgate_review::{PinChange, PinDecision, PinStatus, Reviews, Verdict};
 use tollgate_store::PinSeen;
 
 use crate::relay::{capture, forwarded_headers, reasons_json, recorded_headers, upstream_failed};
@@ -177,23 +177,25 @@ impl Pins {
         let verdict = match changed {
             None => CallVerdict::Free,
             Some((pinned, seen)) => {
-                match reviews
-                    .pin_approved(resource, tool, &seen)
+                let review = match reviews
+                    .pin_status(resource, tool, &seen)
                     .map_err(|e| e.to_string())?
                 {
-                    Some((review, by)) => CallVerdict::Approved {
-                        pinned,
-                        seen,
-                        review,
-                        by,
-                    },
-                    None => CallVerdict::Blocked {
-                        review: reviews
-                            .pin_review_pending(resource, &seen)
-                            .map_err(|e| e.to_string())?,
-                        pinned,
-                        seen,
-                    },
+                    PinStatus::Approved { review, by } => {
+                        return Ok(CallVerdict::Approved {
+                            pinned,
+                            seen,
+                            review,
+                            by,
+                        })
+                    }
+                    PinStatus::Pending(r) => Some(r.id),
+                    PinStatus::Undecided => None,
+                };
+                CallVerdict::Blocked {
+                    pinned,
+                    seen,
+                    review,
                 }
             }
         };
