@@ -61,6 +61,8 @@ pub enum OidcError {
     WrongAudience,
     #[error("the token names no subject")]
     NoSubject,
+    #[error("the token's e-mail address, its subject, is marked unverified by the issuer")]
+    UnverifiedEmail,
     #[error("the ID token's nonce is not the one this sign-in sent")]
     NonceMismatch,
 }
@@ -81,6 +83,7 @@ impl OidcError {
             OidcError::IssuedInFuture => "issued_in_future",
             OidcError::WrongAudience => "wrong_audience",
             OidcError::NoSubject => "no_subject",
+            OidcError::UnverifiedEmail => "unverified_email",
             OidcError::NonceMismatch => "nonce_mismatch",
         }
     }
@@ -727,6 +730,9 @@ fn check_for(
         .filter(|s| !s.is_empty())
         .ok_or(OidcError::NoSubject)?
         .to_string();
+    if subject_is_unverified_email(config, c) {
+        return Err(OidcError::UnverifiedEmail);
+    }
     let mut groups = BTreeSet::new();
     match claim_at(c, &config.groups_claim) {
         Some(Value::String(g)) => {
@@ -757,6 +763,15 @@ fn check_for(
         cert_not_after: None,
         expires_at: Some(expires_at),
     })
+}
+
+/// An identity named by e-mail is only as good as the issuer's check of that address: where the
+/// issuer says `email_verified: false`, anyone who typed the address at sign-up would become its
+/// owner here (the "nOAuth" takeover). An absent claim is accepted, as many access tokens omit it.
+fn subject_is_unverified_email(config: &Oidc, claims: &Value) -> bool {
+    let by_email = config.subject_claim == "email" || config.subject_claim.ends_with(".email");
+    let verified = |v: &Value| *v == Value::Bool(true) || v.as_str() == Some("true");
+    by_email && claims.get("email_verified").is_some_and(|v| !verified(v))
 }
 
 /// A claim by name (which may itself hold dots, as namespaced claims do), else by dotted path.
@@ -1211,6 +1226,37 @@ mod tests {
         c.as_object_mut().unwrap().remove("realm_access");
         c["_claim_names"] = serde_json::json!({"groups": "src1"});
         assert_eq!(run(&k, h.clone(), c).unwrap().groups, ["staff"]);
+    }
+
+    #[test]
+    fn an_unverified_email_is_no_subject() {
+        let k = keys();
+        let h = serde_json::json!({"alg": "EdDSA", "kid": "ed1"});
+        let mut by_email = config();
+        by_email.subject_claim = "email".into();
+        let with = |verified: Value| {
+            let mut c = claims();
+            c["email"] = "ceo@example.com".into();
+            if !verified.is_null() {
+                c["email_verified"] = verified;
+            }
+            let jwt = Jwt::parse(&token(&k, h.clone(), c)).unwrap();
+            check(&by_email, &jwt, &k.jwks, SystemTime::now())
+        };
+        for unverified in [Value::Bool(false), "false".into(), 0.into()] {
+            assert_eq!(
+                with(unverified.clone()).unwrap_err(),
+                OidcError::UnverifiedEmail,
+                "{unverified}"
+            );
+        }
+        for fine in [Value::Bool(true), "true".into(), Value::Null] {
+            assert_eq!(with(fine).unwrap().subject, "ceo@example.com");
+        }
+        // Identities named by `sub` do not depend on the address.
+        let mut c = claims();
+        c["email_verified"] = false.into();
+        assert!(run(&k, h, c).is_ok());
     }
 
     #[test]
