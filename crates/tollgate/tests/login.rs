@@ -41,7 +41,7 @@ fn config(
     gw_cert: &tollgate_tls::pki::IssuedFiles,
     idp: &Idp,
     https_port: u16,
-    pg: Option<&PgCluster>,
+    pg: Option<(&Path, &PgCluster)>,
     issuing: &str,
 ) -> String {
     let mut c = format!(
@@ -76,28 +76,8 @@ max_cert_ttl = "12h"
         idp_ca = idp.ca.display(),
         svc = common::sha256_hex(SERVICE_TOKEN),
     );
-    if let Some(pg) = pg {
-        c.push_str(&format!(
-            r#"
-[[resources]]
-name = "app"
-kind = "postgres"
-upstream = "127.0.0.1:{pg_port}"
-database = "{db}"
-allow_groups = ["sre"]
-[resources.tls]
-mode = "verify-full"
-ca = "{pg_ca}"
-server_name = "localhost"
-[resources.credentials]
-user = "{user}"
-password_file = "app.password"
-"#,
-            pg_port = pg.port,
-            db = pg.database,
-            pg_ca = pg.ca_cert.display(),
-            user = pg.user,
-        ));
+    if let Some((dir, pg)) = pg {
+        c.push_str(&common::app_resource(dir, pg));
     }
     c
 }
@@ -112,7 +92,6 @@ impl Env {
         let pg = PgCluster::start(ClusterOptions::default()).expect("start PostgreSQL");
         let pki = Pki::new(&tmp.path().join("pki"));
         let gw_cert = pki.server("gateway");
-        std::fs::write(tmp.path().join("app.password"), &pg.password).unwrap();
         let https_port = tollgate_testsupport::free_port();
         // The gateway's own client CA issues (an intermediate of it would do as well).
         let issuing = format!(
@@ -120,7 +99,14 @@ impl Env {
             pki.ca.display(),
             pki.dir.join("ca.key").display()
         );
-        let text = config(&pki, &gw_cert, &idp, https_port, Some(&pg), &issuing);
+        let text = config(
+            &pki,
+            &gw_cert,
+            &idp,
+            https_port,
+            Some((tmp.path(), &pg)),
+            &issuing,
+        );
         let gw = Gateway::start(tmp.path(), &text, &[]);
         Env {
             idp,

@@ -46,7 +46,6 @@ impl Env {
         let gw_cert = pki.server("gateway");
         let up_cert = pki.server("upstream");
         let up = Upstream::start(&up_cert.cert, &up_cert.key);
-        std::fs::write(tmp.path().join("app.password"), &pg.password).unwrap();
         let https_port = tollgate_testsupport::free_port();
         let config = format!(
             r#"[server]
@@ -67,20 +66,7 @@ issuer = "{issuer}"
 ca = "{idp_ca}"
 audiences = ["tollgate"]
 group_map = {{ "6f1c-guid" = "sre" }}
-
-[[resources]]
-name = "app"
-kind = "postgres"
-upstream = "127.0.0.1:{pg_port}"
-database = "{db}"
-allow_groups = ["sre"]
-[resources.tls]
-mode = "verify-full"
-ca = "{pg_ca}"
-server_name = "localhost"
-[resources.credentials]
-user = "{user}"
-password_file = "app.password"
+{app}
 
 [[resources]]
 name = "billing"
@@ -104,10 +90,7 @@ ca = "{ca}"
             ca = pki.ca.display(),
             issuer = idp.issuer,
             idp_ca = idp.ca.display(),
-            pg_port = pg.port,
-            db = pg.database,
-            pg_ca = pg.ca_cert.display(),
-            user = pg.user,
+            app = common::app_resource(tmp.path(), &pg),
             up_port = up.port,
         );
         let gw = Gateway::start(tmp.path(), &config, &[]);

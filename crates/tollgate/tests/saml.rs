@@ -307,28 +307,7 @@ max_cert_ttl = "2h"
             idp_metadata = idp_metadata.display(),
         );
         if let Some(pg) = &pg {
-            std::fs::write(dir.path().join("app.password"), &pg.password).unwrap();
-            config.push_str(&format!(
-                r#"
-[[resources]]
-name = "app"
-kind = "postgres"
-upstream = "127.0.0.1:{pg_port}"
-database = "{db}"
-allow_groups = ["sre"]
-[resources.tls]
-mode = "verify-full"
-ca = "{pg_ca}"
-server_name = "localhost"
-[resources.credentials]
-user = "{user}"
-password_file = "app.password"
-"#,
-                pg_port = pg.port,
-                db = pg.database,
-                pg_ca = pg.ca_cert.display(),
-                user = pg.user,
-            ));
+            config.push_str(&common::app_resource(dir.path(), pg));
         }
         let gw = Gateway::start(dir.path(), &config, &[]);
         // The IdP learns the SP from the gateway's own metadata.

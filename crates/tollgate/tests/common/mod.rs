@@ -259,6 +259,33 @@ pub fn pending_review(
 
 pub const TOKEN: &str = "ci-bot-token-0123456789abcdef";
 
+/// The `[[resources]]` table of PostgreSQL resource `app` on `pg` for group `sre`, with its
+/// password written to `dir/app.password`, as the sign-in suites (OIDC, SAML, login) use it.
+pub fn app_resource(dir: &Path, pg: &PgCluster) -> String {
+    std::fs::write(dir.join("app.password"), &pg.password).unwrap();
+    format!(
+        r#"
+[[resources]]
+name = "app"
+kind = "postgres"
+upstream = "127.0.0.1:{port}"
+database = "{db}"
+allow_groups = ["sre"]
+[resources.tls]
+mode = "verify-full"
+ca = "{ca}"
+server_name = "localhost"
+[resources.credentials]
+user = "{user}"
+password_file = "app.password"
+"#,
+        port = pg.port,
+        db = pg.database,
+        ca = pg.ca_cert.display(),
+        user = pg.user,
+    )
+}
+
 pub fn sha256_hex(s: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
         .as_ref()
