@@ -2322,14 +2322,45 @@ impl Config {
     }
 }
 
-/// `sqlite://relative.db` is relative to the config file, like every other path in it.
+/// `sqlite://relative.db`, and a PostgreSQL store's `sslrootcert=` and `password_file=`, are
+/// relative to the config file, like every other path in it.
 fn resolve_store_url(url: &str, base: &Path) -> String {
-    match url.strip_prefix("sqlite://") {
-        Some(p) if !p.starts_with('/') && !p.starts_with(':') => {
-            format!("sqlite://{}", base.join(p).display())
+    if let Some(p) = url.strip_prefix("sqlite://") {
+        if !p.starts_with('/') && !p.starts_with(':') {
+            return format!("sqlite://{}", base.join(p).display());
         }
-        _ => url.to_string(),
     }
+    let is_pg = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let Some((head, query)) = url.split_once('?').filter(|_| is_pg) else {
+        return url.to_string();
+    };
+    let base = percent_encode_path(&base.to_string_lossy());
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key @ ("sslrootcert" | "password_file"), value))
+                if !value.is_empty()
+                    && !value.starts_with('/')
+                    && !value.to_ascii_lowercase().starts_with("%2f") =>
+            {
+                format!("{key}={base}/{value}")
+            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}?{}", pairs.join("&"))
+}
+
+/// A path as a URL query value: `/` and unreserved characters stay, the rest is %XX.
+fn percent_encode_path(path: &str) -> String {
+    path.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// `https://host[:port][/base]` → (tls, `host:port`, base path without a trailing `/`).
@@ -2658,6 +2689,25 @@ password_env = "ORDERS_DB_PASSWORD"
         assert!(
             e.contains("resources.rules[0].tools: tools, resources, prompts and arguments match MCP requests; a database resource's rules"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_postgres_store_url_resolves_its_files_beside_the_config() {
+        let base = Path::new("/etc/tolls gate");
+        assert_eq!(
+            resolve_store_url(
+                "postgres://gw@db:5432/audit?sslrootcert=pki/store-ca.crt&password_file=store.pw&sslmode=verify-full",
+                base
+            ),
+            "postgres://gw@db:5432/audit?sslrootcert=/etc/tolls%20gate/pki/store-ca.crt&password_file=/etc/tolls%20gate/store.pw&sslmode=verify-full"
+        );
+        let absolute =
+            "postgresql://gw@db/audit?sslrootcert=/ca.crt&password_file=%2Fpw&password_env=X";
+        assert_eq!(resolve_store_url(absolute, base), absolute);
+        assert_eq!(
+            resolve_store_url("postgres://gw@db/audit", base),
+            "postgres://gw@db/audit"
         );
     }
 
