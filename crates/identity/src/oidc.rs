@@ -559,7 +559,7 @@ impl Issuer {
     }
 
     async fn verify(&self, jwt: &Jwt, aud: Audience<'_>) -> Result<Identity, OidcError> {
-        if !self.config.algorithms.iter().any(|a| *a == jwt.alg) {
+        if !self.config.algorithms.contains(&jwt.alg) {
             return Err(OidcError::BadAlgorithm);
         }
         let key = self.key_for(jwt).await?;
