@@ -230,7 +230,7 @@ pub struct HttpGateway {
     pub(crate) mcp_sessions: mcp::McpSessions,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
     pub(crate) mcp_pins: mcp::Pins,
-    /// stdio MCP servers running, one per MCP session.
+    /// stdio MCP servers running, one per MCP session (or principal, for stateless clients).
     pub(crate) mcp_stdio: mcp::StdioServers,
 }
 
@@ -517,6 +517,10 @@ impl PreparedReload<'_> {
     pub fn apply(self) -> Vec<String> {
         let mut names: Vec<String> = self.targets.keys().cloned().collect();
         names.sort();
+        self.gw.mcp_stdio.stop_removed(|name| {
+            let stdio = self.targets.get(name)?.resource.stdio.as_ref()?;
+            Some(stdio.command.as_slice())
+        });
         self.gw.targets.store(Arc::new(self.targets));
         self.gw.tokens.store(Arc::new(self.tokens));
         self.gw.served.store(Arc::new(self.served));

@@ -327,6 +327,11 @@ value_env = "TICKETS_MCP_TOKEN"
     /// at most `max_processes`); the gateway's environment holds a secret the server must
     /// not see and the credential it must.
     fn stdio(max_processes: usize) -> McpEnv {
+        McpEnv::stdio_with(max_processes, "")
+    }
+
+    /// [`McpEnv::stdio`] with `extra` lines in the resource's table.
+    fn stdio_with(max_processes: usize, extra: &str) -> McpEnv {
         let modules = node_modules();
         let tmp = tempfile::Builder::new()
             .prefix("tollgate-mcp-stdio-")
@@ -347,6 +352,7 @@ env = {{ STDIO = "1", NODE_PATH = "{modules}", CALLS_FILE = "{calls}", PID_FILE 
 max_processes = {max_processes}
 allow_groups = ["sre", "agents"]
 hold_wait = "8s"
+{extra}
 [resources.credentials]
 env = "TICKETS_TOKEN"
 value_env = "LOCAL_MCP_TOKEN"
@@ -440,6 +446,14 @@ value_env = "LOCAL_MCP_TOKEN"
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The names of the tools the MCP server ran, in order.
+    fn tools_run(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .map(|c| c["tool"].as_str().unwrap().to_string())
             .collect()
     }
 
@@ -1270,11 +1284,7 @@ fn a_stdio_server_is_started_per_session_and_judged_alike() {
     );
     let out = env.outputs(c);
     assert_judged_alike(&out, "c-1", "hello");
-    let ran: Vec<String> = env
-        .calls()
-        .iter()
-        .map(|c| c["tool"].as_str().unwrap().to_string())
-        .collect();
+    let ran = env.tools_run();
     assert_eq!(ran, ["lookup_customer", "echo"]);
 
     // The process saw the configured variables and its credential, nothing else.
@@ -1403,6 +1413,17 @@ fn a_stdio_server_is_started_per_session_and_judged_alike() {
 /// A 2026-07-28 request: its body (with the `_meta` the revision requires) and its routing
 /// headers, as given.
 fn stateless_call(env: &McpEnv, headers: &[&str], method: &str, params: &str) -> (u16, String) {
+    stateless_call_as(env, None, headers, method, params)
+}
+
+/// [`stateless_call`] as `who` (a certificate; the agent token when `None`).
+fn stateless_call_as(
+    env: &McpEnv,
+    who: Option<&IssuedFiles>,
+    headers: &[&str],
+    method: &str,
+    params: &str,
+) -> (u16, String) {
     let meta = r#""_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/clientInfo":{"name":"curl","version":"1"}}"#;
     let params = if params.is_empty() {
         format!("{{{meta}}}")
@@ -1414,8 +1435,37 @@ fn stateless_call(env: &McpEnv, headers: &[&str], method: &str, params: &str) ->
     for h in headers {
         extra.extend(["-H", h]);
     }
-    let (code, _, body) = env.post(None, None, &extra, &body);
+    let (code, _, body) = env.post(who, None, &extra, &body);
     (code, body)
+}
+
+/// `server/discover` of the stateless revision, which offers only that revision; its result.
+fn discover(env: &McpEnv) -> Value {
+    let (code, body) = stateless_call(env, &["Mcp-Method: server/discover"], "server/discover", "");
+    assert_eq!(code, 200, "{body}\n{}", env.gw.logs());
+    let r = messages(&body)[0]["result"].clone();
+    assert_eq!(
+        r["supportedVersions"],
+        serde_json::json!(["2026-07-28"]),
+        "{body}"
+    );
+    r
+}
+
+/// `tools/list` of the stateless revision: the names listed, and the result.
+fn stateless_tools(env: &McpEnv) -> (Vec<String>, Value) {
+    let (code, body) = stateless_call(env, &["Mcp-Method: tools/list"], "tools/list", "");
+    assert_eq!(code, 200, "{body}");
+    let m = messages(&body);
+    assert_eq!(m[0]["id"], 1, "the client's own id: {body}");
+    let r = m[0]["result"].clone();
+    let names = r["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    (names, r)
 }
 
 /// The stateless revision: every request judged on its own, its routing headers held to its
@@ -1423,31 +1473,11 @@ fn stateless_call(env: &McpEnv, headers: &[&str], method: &str, params: &str) ->
 #[test]
 fn the_stateless_revision_is_judged_and_its_headers_must_match_the_body() {
     let env = McpEnv::stateless();
-    let (code, body) = stateless_call(
-        &env,
-        &["Mcp-Method: server/discover"],
-        "server/discover",
-        "",
-    );
-    assert_eq!(code, 200, "{body}\n{}", env.gw.logs());
-    let r = &messages(&body)[0]["result"];
-    assert_eq!(
-        r["supportedVersions"],
-        serde_json::json!(["2026-07-28"]),
-        "{body}"
-    );
+    discover(&env);
 
-    let (code, body) = stateless_call(&env, &["Mcp-Method: tools/list"], "tools/list", "");
-    assert_eq!(code, 200, "{body}");
-    let r = &messages(&body)[0]["result"];
-    let names: Vec<&str> = r["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["lookup_customer", "echo"], "{body}");
-    assert_eq!(r["cacheScope"], "private", "{body}");
+    let (names, r) = stateless_tools(&env);
+    assert_eq!(names, ["lookup_customer", "echo"], "{r}");
+    assert_eq!(r["cacheScope"], "private", "{r}");
 
     let echo = r#""name":"echo","arguments":{"text":"hello"}"#;
     let (code, body) = stateless_call(
@@ -1595,11 +1625,7 @@ fn the_stateless_revision_is_judged_and_its_headers_must_match_the_body() {
     )]);
     assert!(other.starts_with("HTTP/2 404"), "{other}");
 
-    let ran: Vec<String> = env
-        .calls()
-        .iter()
-        .map(|c| c["tool"].as_str().unwrap().to_string())
-        .collect();
+    let ran = env.tools_run();
     assert_eq!(
         ran,
         ["echo", "echo", "lookup_customer"],
@@ -1652,10 +1678,151 @@ fn the_python_sdk_client_is_judged_alike() {
         "{out:?}"
     );
     assert_judged_alike(&out, "c-2", "from python");
-    let ran: Vec<String> = env
-        .calls()
-        .iter()
-        .map(|c| c["tool"].as_str().unwrap().to_string())
-        .collect();
+    let ran = env.tools_run();
     assert_eq!(ran, ["lookup_customer", "echo"]);
+}
+
+/// A stdio server for clients of the stateless revision: one process per principal, started
+/// and initialised by the gateway at the principal's first request and reused by its later
+/// ones (each request's id is its own, though every curl here sends id 1), judged and masked
+/// alike, counted against `max_processes`, stopped when idle, and stopped by a config reload
+/// that removes the resource.
+#[test]
+fn a_stdio_server_serves_stateless_clients_one_process_per_principal() {
+    let env = McpEnv::stdio_with(2, "idle_timeout = \"3s\"");
+    let r = &discover(&env);
+    assert_eq!(
+        r["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "tickets",
+        "{r}"
+    );
+    assert!(r["capabilities"]["tools"].is_object(), "{r}");
+
+    let (names, r) = stateless_tools(&env);
+    assert_eq!(names, ["lookup_customer", "close_ticket", "echo"], "{r}");
+    assert_eq!(r["cacheScope"], "private", "{r}");
+
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: lookup_customer"],
+        "tools/call",
+        r#""name":"lookup_customer","arguments":{"id":"c-7"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    let m = messages(&body);
+    let reply = m.iter().find(|m| m.get("id").is_some()).expect("an answer");
+    assert_eq!(reply["id"], 1, "{body}");
+    let text = reply["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Customer c-7: Ada Lovelace <")
+            && !text.contains("ada@example.com")
+            && !text.contains("4111 1111"),
+        "{text}"
+    );
+    assert_ne!(
+        reply["result"]["structuredContent"]["customer"]["email"], "ada@example.com",
+        "{body}"
+    );
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: delete_ticket"],
+        "tools/call",
+        r#""name":"delete_ticket","arguments":{"project":"p","id":"1"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(messages(&body)[0]["error"]["code"], -32001, "{body}");
+    assert_eq!(
+        messages(&body)[0]["error"]["data"]["rule"],
+        "no-deletes",
+        "{body}"
+    );
+    assert_eq!(
+        env.pids().len(),
+        1,
+        "one process serves the token's requests"
+    );
+
+    // Another principal gets a process of its own; a third is past max_processes.
+    let (code, body) = stateless_call_as(
+        &env,
+        Some(&env.alice),
+        &["Mcp-Method: tools/call", "Mcp-Name: echo"],
+        "tools/call",
+        r#""name":"echo","arguments":{"text":"from alice"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        messages(&body)[0]["result"]["content"][0]["text"],
+        "from alice"
+    );
+    assert_eq!(env.pids().len(), 2, "alice has a process of her own");
+    let carol = env.pki.client("carol", &["agents"]);
+    let (code, body) = stateless_call_as(
+        &env,
+        Some(&carol),
+        &["Mcp-Method: tools/list"],
+        "tools/list",
+        "",
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("runs its most MCP server processes (2, max_processes)"),
+        "{body}"
+    );
+    let ran = env.tools_run();
+    assert_eq!(ran, ["lookup_customer", "echo"]);
+
+    // Idle past idle_timeout: both stop; the token's next request starts a new one.
+    let (first, second) = (env.pids()[0], env.pids()[1]);
+    wait_for(Duration::from_secs(30), "idle processes to stop", || {
+        [first, second]
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+    });
+    let (code, body) = stateless_call(
+        &env,
+        &["Mcp-Method: tools/call", "Mcp-Name: echo"],
+        "tools/call",
+        r#""name":"echo","arguments":{"text":"again"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(messages(&body)[0]["result"]["content"][0]["text"], "again");
+    let third = *env.pids().last().unwrap();
+    assert_eq!(env.pids().len(), 3);
+
+    // A reload that removes the resource stops its process.
+    let text = std::fs::read_to_string(&env.gw.config_path)
+        .unwrap()
+        .replace("name = \"tickets\"", "name = \"tickets-next\"");
+    std::fs::write(&env.gw.config_path, text).unwrap();
+    // SAFETY: a signal to the gateway this test started.
+    assert_eq!(
+        unsafe { libc::kill(env.gw.pid() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the removed resource's process to stop",
+        || !Path::new(&format!("/proc/{third}")).exists(),
+    );
+    let mut evs = Vec::new();
+    wait_for(Duration::from_secs(20), "process events", || {
+        evs = env.events();
+        of_kind(&evs, "mcp.process_exited").len() >= 3
+    });
+    let stopped: Vec<&Value> = of_kind(&evs, "mcp.process_exited")
+        .iter()
+        .map(|e| &e["payload"]["stopped"])
+        .collect();
+    assert_eq!(
+        stopped.iter().filter(|s| **s == "idle").count(),
+        2,
+        "{stopped:?}"
+    );
+    assert!(
+        stopped.contains(&&Value::from("resource removed")),
+        "{stopped:?}"
+    );
+    assert!(of_kind(&evs, "mcp.request")
+        .iter()
+        .any(|e| e["payload"]["method"] == "server/discover"));
 }

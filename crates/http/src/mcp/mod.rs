@@ -514,8 +514,6 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
             ))
         } else if headers.contains_key("mcp-session-id") {
             Some((StatusCode::BAD_REQUEST, format!("the {STATELESS_VERSION} revision of MCP has no sessions: send no Mcp-Session-Id")))
-        } else if x.target.resource.stdio.is_some() {
-            Some((StatusCode::BAD_REQUEST, format!("resource \"{}\" is a stdio server, served with the session-based revisions ({})", x.target.resource.name, PROTOCOL_VERSIONS.join(", "))))
         } else {
             None
         };
@@ -836,6 +834,13 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
         }
     }
     r
+}
+
+/// Whether the request is of the stateless revision (checked, when it is, by [`exchange`]).
+fn is_stateless(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get("mcp-protocol-version")
+        .is_some_and(|v| v.as_bytes() == STATELESS_VERSION.as_bytes())
 }
 
 /// Whether the client takes a server-sent event stream as the answer.
@@ -1475,11 +1480,7 @@ impl Replies {
             pending,
             client_plan,
             audit_plan: x.audit_plan(),
-            stateless: x
-                .parts
-                .headers
-                .get("mcp-protocol-version")
-                .is_some_and(|v| v.as_bytes() == STATELESS_VERSION.as_bytes()),
+            stateless: is_stateless(&x.parts.headers),
         }
     }
 
