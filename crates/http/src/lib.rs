@@ -227,7 +227,9 @@ pub struct HttpGateway {
     /// [`ACCESS_RECHECK`] or at once when a grant is revoked here (as PostgreSQL sessions do).
     access_cache: Mutex<HashMap<(String, String), CachedAccess>>,
     /// MCP sessions the upstreams opened, and whose they are.
-    pub(crate) mcp_sessions: mcp::McpSessions,
+    pub(crate) mcp_sessions: mcp::Owners,
+    /// MCP tasks the upstreams created, and whose they are.
+    pub(crate) mcp_tasks: mcp::Owners,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
     pub(crate) mcp_pins: mcp::Pins,
     /// stdio MCP servers running, one per MCP session (or principal, for stateless clients).
@@ -264,7 +266,8 @@ impl HttpGateway {
             mask_key,
             sessions: Mutex::new(HashMap::new()),
             access_cache: Mutex::new(HashMap::new()),
-            mcp_sessions: mcp::McpSessions::default(),
+            mcp_sessions: mcp::Owners::default(),
+            mcp_tasks: mcp::Owners::default(),
             mcp_pins: mcp::Pins::default(),
             mcp_stdio: mcp::StdioServers::default(),
         }))

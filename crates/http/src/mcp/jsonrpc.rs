@@ -48,6 +48,8 @@ pub struct ClientMessage {
     pub progress_token: Option<Value>,
     /// `params._meta["io.modelcontextprotocol/protocolVersion"]` (2026-07-28).
     pub meta_version: Option<Value>,
+    /// `params.taskId` of the `tasks/*` requests, when a string.
+    pub task_id: Option<String>,
 }
 
 /// A POST body, parsed.
@@ -142,6 +144,7 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
                 arguments: None,
                 progress_token: None,
                 meta_version: None,
+                task_id: None,
             });
         }
         return Err(malformed(
@@ -211,6 +214,11 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
             .and_then(|p| p.get("_meta"))
             .and_then(|m| m.get(META_PROTOCOL_VERSION))
             .cloned(),
+        task_id: params
+            .as_ref()
+            .and_then(|p| p.get("taskId"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 

@@ -61,16 +61,16 @@ pub const STATELESS_VERSION: &str = "2026-07-28";
 /// holds to mask it; past it the answer is cut off.
 pub const MAX_MESSAGE: usize = 16 << 20;
 
-/// Sessions the upstream opened, by resource and `Mcp-Session-Id`, and the principal that
-/// opened each.
+/// What the upstreams created for a caller, by resource and id, and the principal whose
+/// request created each: sessions (`Mcp-Session-Id`) and tasks (`taskId`).
 #[derive(Default)]
-pub(crate) struct McpSessions(Mutex<HashMap<(String, String), String>>);
+pub(crate) struct Owners(Mutex<HashMap<(String, String), String>>);
 
-/// Most sessions remembered; past it the oldest half is forgotten (their clients re-initialise
-/// on the 404 they then get).
+/// Most ids remembered; past it the oldest half is forgotten (a session's client re-initialises
+/// on the 404 it then gets; a task is then not found).
 const MAX_SESSIONS: usize = 100_000;
 
-impl McpSessions {
+impl Owners {
     fn bind(&self, resource: &str, id: &str, principal: &str) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= MAX_SESSIONS {
@@ -675,7 +675,7 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
                 },
                 _ => x.judge(&msg.method, msg.name.as_deref(), msg.arguments.as_ref()),
             };
-            let judgement = match pin_block(&x, &msg) {
+            let judgement = match pin_block(&x, &msg).or_else(|| task_block(&x, &msg)) {
                 Some(deny) => Judgement {
                     decision: deny,
                     dry_run: judgement.dry_run,
@@ -1296,6 +1296,34 @@ fn clip(s: &mut String, limit: usize) -> bool {
     true
 }
 
+/// `tasks/get`, `tasks/result` and `tasks/cancel` may name only a task the caller's own
+/// request created through the gateway: a task id is no capability, and another principal's
+/// task (or one the gateway never saw created) is not found.
+fn task_block(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
+    let bound = msg.kind == jsonrpc::Kind::Request
+        && msg.method.starts_with("tasks/")
+        && msg.method != "tasks/list";
+    if !bound {
+        return None;
+    }
+    let principal = x.who.principal.to_string();
+    let owner = msg
+        .task_id
+        .as_deref()
+        .and_then(|t| x.gw.mcp_tasks.owner(&x.target.resource.name, t));
+    if owner.as_deref() == Some(principal.as_str()) {
+        return None;
+    }
+    let message = match &msg.task_id {
+        Some(t) => format!("task {t:?} not found: it was not created by a request of this caller through the gateway"),
+        None => format!("{}: params.taskId must be a string", msg.method),
+    };
+    Some(Decision::Deny {
+        rule: "tasks".into(),
+        message,
+    })
+}
+
 /// Forwards the request and relays the answer through [`McpBody`].
 async fn forward(x: &Exchange, replies: Replies) -> Response<UpstreamBody> {
     let target: &Target = &x.target;
@@ -1455,6 +1483,8 @@ struct Replies {
     started: Instant,
     subject: String,
     groups: Vec<String>,
+    /// Whose requests these are (tasks they create are bound to it).
+    principal: String,
     pending: HashMap<String, (String, Option<String>)>,
     client_plan: Option<BodyPlan>,
     audit_plan: Option<BodyPlan>,
@@ -1477,6 +1507,7 @@ impl Replies {
             started: x.started,
             subject: x.who.subject.clone(),
             groups: x.who.groups.clone(),
+            principal: x.who.principal.to_string(),
             pending,
             client_plan,
             audit_plan: x.audit_plan(),
@@ -1508,6 +1539,8 @@ impl Replies {
                 }
                 "initialize" => self.check_version(&mut msg),
                 "server/discover" => discovered_versions(&mut msg),
+                "tasks/list" => self.own_tasks(&mut msg),
+                "tools/call" => self.bind_task(&msg),
                 _ => {}
             }
             if self.stateless && method.ends_with("/list") {
@@ -1733,6 +1766,34 @@ impl Replies {
 
     /// A listing the gateway filters by caller (rules or pins) is `cacheScope: "private"`: a
     /// shared cache must not hand one caller's list to another.
+    /// A `CreateTaskResult` (a task-augmented call was accepted): the task is the caller's
+    /// (the first to be told of an id keeps it).
+    fn bind_task(&self, msg: &Value) {
+        let task = msg.get("result").and_then(|r| r.get("task"));
+        if let Some(id) = task.and_then(|t| t.get("taskId")).and_then(Value::as_str) {
+            let resource = &self.target.resource.name;
+            if self.gw.mcp_tasks.owner(resource, id).is_none() {
+                self.gw.mcp_tasks.bind(resource, id, &self.principal);
+            }
+        }
+    }
+
+    /// `tasks/list` shows the caller only its own tasks.
+    fn own_tasks(&self, msg: &mut Value) {
+        let resource = &self.target.resource.name;
+        let tasks = msg
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tasks"))
+            .and_then(Value::as_array_mut);
+        if let Some(tasks) = tasks {
+            tasks.retain(|t| {
+                let id = t.get("taskId").and_then(Value::as_str);
+                id.and_then(|id| self.gw.mcp_tasks.owner(resource, id))
+                    .is_some_and(|p| p == self.principal)
+            });
+        }
+    }
+
     fn cache_scope(&self, msg: &mut Value) {
         let r = &self.target.resource;
         if r.rules.is_empty() && r.pinning == tollgate_config::PinMode::Off {
