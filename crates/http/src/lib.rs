@@ -230,6 +230,8 @@ pub struct HttpGateway {
     pub(crate) mcp_sessions: mcp::Owners,
     /// MCP tasks the upstreams created, and whose they are.
     pub(crate) mcp_tasks: mcp::Owners,
+    /// Held MCP calls answered with tasks of the gateway's own.
+    pub(crate) mcp_held_tasks: mcp::HeldTasks,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
     pub(crate) mcp_pins: mcp::Pins,
     /// stdio MCP servers running, one per MCP session (or principal, for stateless clients).
@@ -268,6 +270,7 @@ impl HttpGateway {
             access_cache: Mutex::new(HashMap::new()),
             mcp_sessions: mcp::Owners::default(),
             mcp_tasks: mcp::Owners::default(),
+            mcp_held_tasks: mcp::HeldTasks::default(),
             mcp_pins: mcp::Pins::default(),
             mcp_stdio: mcp::StdioServers::default(),
         }))

@@ -485,6 +485,29 @@ value_env = "LOCAL_MCP_TOKEN"
         review
     }
 
+    /// Alice approves review `id` from the CLI.
+    fn approve(&self, id: &str) {
+        let out = self.cli(&self.alice, &["reviews", "approve", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Alice denies review `id` from the CLI, "not today".
+    fn deny(&self, id: &str) {
+        let out = self.cli(
+            &self.alice,
+            &["reviews", "deny", id, "--reason", "not today"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn cli(&self, who: &IssuedFiles, args: &[&str]) -> std::process::Output {
         Command::new(BIN)
             .args(args)
@@ -657,12 +680,7 @@ fn tools_are_filtered_denied_held_and_masked() {
     );
     assert_eq!(env.calls().len(), 3, "held: not run yet");
     let id = review["id"].as_str().unwrap();
-    let approved = env.cli(&env.alice, &["reviews", "approve", id]);
-    assert!(
-        approved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&approved.stderr)
-    );
+    env.approve(id);
     let out = env.outputs(held);
     assert_eq!(
         out[1]["result"]["content"][0]["text"], "closed prod-eu/9",
@@ -678,15 +696,7 @@ fn tools_are_filtered_denied_held_and_masked() {
     ]));
     let review3 = env.pending_review();
     std::thread::sleep(Duration::from_millis(4500));
-    let approved = env.cli(
-        &env.alice,
-        &["reviews", "approve", review3["id"].as_str().unwrap()],
-    );
-    assert!(
-        approved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&approved.stderr)
-    );
+    env.approve(review3["id"].as_str().unwrap());
     let out = env.outputs(held);
     assert_eq!(
         out[1]["result"]["content"][0]["text"], "closed prod-eu/11",
@@ -703,15 +713,7 @@ fn tools_are_filtered_denied_held_and_masked() {
     let again = env.pending_review();
     assert_ne!(again["id"], review["id"]);
     let again_id = again["id"].as_str().unwrap();
-    let denied = env.cli(
-        &env.alice,
-        &["reviews", "deny", again_id, "--reason", "not today"],
-    );
-    assert!(
-        denied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&denied.stderr)
-    );
+    env.deny(again_id);
     let out = env.outputs(held);
     assert_eq!(out[1]["code"], -32002, "{out:?}");
     let e = out[1]["error"].as_str().unwrap();
@@ -995,12 +997,7 @@ fn protocol_edges_are_refused_and_the_session_survives() {
         )),
         "{e}"
     );
-    let approved = env.cli(&env.alice, &["reviews", "approve", &review]);
-    assert!(
-        approved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&approved.stderr)
-    );
+    env.approve(&review);
     let (code, _, body) = env.post(
         None,
         Some(&session),
@@ -1345,15 +1342,7 @@ fn a_stdio_server_is_started_per_session_and_judged_alike() {
         review["statement"].as_str().unwrap().contains("prod-eu"),
         "{review}"
     );
-    let approved = env.cli(
-        &env.alice,
-        &["reviews", "approve", review["id"].as_str().unwrap()],
-    );
-    assert!(
-        approved.status.success(),
-        "{}",
-        String::from_utf8_lossy(&approved.stderr)
-    );
+    env.approve(review["id"].as_str().unwrap());
     let out = env.outputs(held);
     assert_eq!(
         out[1]["result"]["content"][0]["text"], "closed prod-eu/9",
@@ -1913,4 +1902,103 @@ fn a_task_belongs_to_the_caller_whose_call_created_it() {
             .count()
             == 3
     });
+}
+
+/// A held call whose client asks for a task (2025-11-25) is answered at once with a task of
+/// the gateway's: `working` while its review waits, `completed` with the masked result once
+/// approved, `failed` naming the review when denied; a cancelled one never runs. Only its
+/// creator may follow it.
+#[test]
+fn a_held_call_of_a_client_that_asks_for_a_task_becomes_a_task() {
+    let env = McpEnv::start_with(true, "off", "5m", true);
+    let mine = open_session(&env, None);
+    let theirs = open_session(&env, Some(&env.alice));
+    let call = |project: &str| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"close_ticket","arguments":{{"project":"{project}","id":"9"}},"task":{{"ttl":60000}}}}}}"#
+        );
+        let (code, _, body) = env.post(None, Some(&mine), &[], &body);
+        assert_eq!(code, 200, "{body}");
+        let task = messages(&body)[0]["result"]["task"].clone();
+        assert_eq!(task["status"], "working", "{body}");
+        assert!(
+            task["statusMessage"]
+                .as_str()
+                .unwrap()
+                .contains("prod-closes"),
+            "{body}"
+        );
+        task["taskId"].as_str().unwrap().to_string()
+    };
+    let ask = |who: Option<&IssuedFiles>, session: &str, method: &str, id: &str| {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":8,"method":"{method}","params":{{"taskId":"{id}"}}}}"#
+        );
+        let (code, _, body) = env.post(who, Some(session), &[], &body);
+        assert_eq!(code, 200, "{method}: {body}");
+        messages(&body)[0].clone()
+    };
+    let status_becomes = |id: &str, status: &str| {
+        wait_for(Duration::from_secs(20), status, || {
+            ask(None, &mine, "tasks/get", id)["result"]["status"] == status
+        });
+    };
+
+    // Approved: the call runs and the task completes with its result.
+    let task = call("prod-eu");
+    assert!(task.starts_with("tollgate-task-"), "{task}");
+    assert_eq!(
+        ask(None, &mine, "tasks/get", &task)["result"]["status"],
+        "working"
+    );
+    let other = ask(Some(&env.alice), &theirs, "tasks/get", &task);
+    assert_eq!(other["error"]["code"], -32001, "{other}");
+    assert!(env.tools_run().is_empty(), "held, not run");
+    let review = env.pending_review();
+    assert_eq!(review["rule"], "prod-closes", "{review}");
+    env.approve(review["id"].as_str().unwrap());
+    status_becomes(&task, "completed");
+    let m = ask(None, &mine, "tasks/result", &task);
+    assert_eq!(m["id"], 8, "{m}");
+    assert_eq!(m["result"]["content"][0]["text"], "closed prod-eu/9", "{m}");
+    assert_eq!(
+        m["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        task.as_str()
+    );
+    assert_eq!(env.tools_run(), ["close_ticket"]);
+
+    // Denied: the task fails naming the review; the call never ran.
+    let task = call("prod-us");
+    let review = env.pending_review();
+    let id = review["id"].as_str().unwrap();
+    env.deny(id);
+    status_becomes(&task, "failed");
+    let m = ask(None, &mine, "tasks/result", &task);
+    assert_eq!(m["error"]["code"], -32002, "{m}");
+    assert_eq!(m["error"]["data"]["review"], id, "{m}");
+    assert!(
+        m["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not today"),
+        "{m}"
+    );
+
+    // Cancelled: approving its review afterwards does not run it.
+    let task = call("prod-ap");
+    let review = env.pending_review();
+    let m = ask(None, &mine, "tasks/cancel", &task);
+    assert_eq!(m["result"]["status"], "cancelled", "{m}");
+    env.approve(review["id"].as_str().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        env.tools_run(),
+        ["close_ticket"],
+        "only the approved call ran"
+    );
+    let evs = env.events();
+    assert!(
+        of_kind(&evs, "review.approved").len() >= 2,
+        "the approvals are recorded"
+    );
 }

@@ -50,6 +50,10 @@ pub struct ClientMessage {
     pub meta_version: Option<Value>,
     /// `params.taskId` of the `tasks/*` requests, when a string.
     pub task_id: Option<String>,
+    /// `params.task` is an object: the client asks for a task (2025-11-25).
+    pub task: bool,
+    /// `params.task.ttl`, when a number of milliseconds.
+    pub task_ttl: Option<u64>,
 }
 
 /// A POST body, parsed.
@@ -145,6 +149,8 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
                 progress_token: None,
                 meta_version: None,
                 task_id: None,
+                task: false,
+                task_ttl: None,
             });
         }
         return Err(malformed(
@@ -219,6 +225,14 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
             .and_then(|p| p.get("taskId"))
             .and_then(Value::as_str)
             .map(str::to_string),
+        task: params
+            .as_ref()
+            .is_some_and(|p| p.get("task").is_some_and(Value::is_object)),
+        task_ttl: params
+            .as_ref()
+            .and_then(|p| p.get("task"))
+            .and_then(|t| t.get("ttl"))
+            .and_then(Value::as_u64),
     })
 }
 

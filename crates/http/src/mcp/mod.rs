@@ -14,8 +14,10 @@
 mod jsonrpc;
 mod masking;
 mod stdio;
+mod tasks;
 
 pub(crate) use stdio::StdioServers;
+pub(crate) use tasks::HeldTasks;
 
 use std::collections::HashMap;
 use std::io;
@@ -775,6 +777,23 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
         return deny_answer(&x, body.batch, errors, message);
     }
 
+    // The gateway's own tasks (held calls) are answered here; whose they are was checked.
+    if let [j] = judged.as_slice() {
+        let task = j.msg.task_id.as_deref().unwrap_or_default();
+        if j.msg.method.starts_with("tasks/") && x.gw.mcp_held_tasks.owns(task) {
+            let answer = tasks::answer(&x, &j.msg).await;
+            let pending = HashMap::from([(
+                j.msg.id.clone().unwrap_or_default().to_string(),
+                (j.msg.method.clone(), None),
+            )]);
+            let (parts, body) = json_answer(StatusCode::OK, &answer).into_parts();
+            return relay(&x, Replies::new(&x, pending), parts, body);
+        }
+    }
+    // A held call whose client asked for a task: answered with a task of the gateway's.
+    if tasks::wants_task(&judged) {
+        return tasks::hold_as_task(x, judged, audit_plan);
+    }
     // Review: held until approved; the approval binds to the name and the arguments' digest.
     let reviewed: Vec<&Judged> = judged
         .iter()
@@ -788,7 +807,14 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
         }
     }
     if let Some(first) = reviewed.first() {
-        if let Err(message) = held(&x, &reviewed, audit_plan.as_ref()).await {
+        if let Err(message) = held(
+            &x,
+            &reviewed,
+            audit_plan.as_ref(),
+            x.target.resource.hold_wait,
+        )
+        .await
+        {
             let Decision::Review { rule, .. } = &first.judgement.decision else {
                 unreachable!()
             };
@@ -843,6 +869,17 @@ fn is_stateless(headers: &hyper::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == STATELESS_VERSION.as_bytes())
 }
 
+/// Runs a synchronous store call (a PostgreSQL store waits on the network) without stalling
+/// the other tasks of this worker thread: on the multi-threaded runtime the gateway serves on,
+/// they move to another worker meanwhile; a current-thread runtime has none to move them to.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+    match flavor {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Whether the client takes a server-sent event stream as the answer.
 fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
     headers
@@ -886,7 +923,12 @@ fn held_streaming(
             _ => String::new(),
         };
         let outcome = {
-            let hold = held(&x, &reviewed, audit_plan.as_ref());
+            let hold = held(
+                &x,
+                &reviewed,
+                audit_plan.as_ref(),
+                x.target.resource.hold_wait,
+            );
             tokio::pin!(hold);
             let every = progress_every(x.target.resource.hold_wait);
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -1024,7 +1066,11 @@ fn pin_block(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
         return None;
     }
     let tool = msg.name.as_deref()?;
-    let message = match x.gw.mcp_pins.call_verdict(x.gw.reviews(), &x.target.resource.name, tool) {
+    let verdict = blocking(|| {
+        x.gw.mcp_pins
+            .call_verdict(x.gw.reviews(), &x.target.resource.name, tool)
+    });
+    let message = match verdict {
         Ok(CallVerdict::Free) => return None,
         Ok(CallVerdict::Approved {
             pinned,
@@ -1107,10 +1153,13 @@ fn deny_answer(
 }
 
 /// Holds reviewed requests. `Err((message, review id))` when they may not run.
+/// Holds the reviewed requests for their review, waiting for it at most `wait` (`Err`: the
+/// client's message and the review's id).
 async fn held(
     x: &Exchange,
     reviewed: &[&Judged],
     audit_plan: Option<&BodyPlan>,
+    wait: Duration,
 ) -> Result<(), (String, String)> {
     let Decision::Review {
         rule,
@@ -1171,7 +1220,7 @@ async fn held(
         timeout: *timeout,
     };
     let reviews = x.gw.reviews();
-    let review = match hold::open(reviews, asked, x.gw.rerun_window()) {
+    let review = match blocking(|| hold::open(reviews, asked, x.gw.rerun_window())) {
         Ok(Opened::Rerun(r)) => {
             x.session.log.record(&ReviewEvent {
                 kind: "review.rerun",
@@ -1205,7 +1254,7 @@ async fn held(
     // MCP clients give up on a call after about a minute: past `hold_wait` the client is told
     // the review is pending, and the review stays open for the identical call's repeat.
     let verdict = match tokio::time::timeout(
-        x.target.resource.hold_wait,
+        wait,
         hold::hold(reviews, &review.id, std::future::pending()),
     )
     .await
@@ -1630,7 +1679,7 @@ impl Replies {
                 approved_by,
             })
         };
-        let seen = match reviews.pin_seen(&resource.name, name, &fingerprint) {
+        let seen = match blocking(|| reviews.pin_seen(&resource.name, name, &fingerprint)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(resource = %resource.name, tool = %name, error = %e, "could not check the tool against its pin");
@@ -1649,14 +1698,15 @@ impl Replies {
         let mut shown = tool.to_string();
         clip(&mut shown, MAX_DESCRIPTION);
         let shown = masked_arguments(&Value::String(shown), self.audit_plan.as_ref());
-        let decided = reviews.pin_changed(&PinChange {
+        let change = PinChange {
             resource: &resource.name,
             tool: name,
             pinned_sha256: &pinned,
             seen_sha256: &fingerprint,
             shown: format!("new definition: {}", shown.as_str().unwrap_or_default()),
             approvers: &resource.pin_approvers,
-        });
+        };
+        let decided = blocking(|| reviews.pin_changed(&change));
         match decided {
             Ok(PinDecision::Approved { review, by }) => {
                 tracing::info!(resource = %resource.name, tool = %name, %review, "MCP tool's new definition approved and pinned");
