@@ -29,6 +29,7 @@ mod upstream;
 mod websocket;
 
 pub use error::Refusal;
+pub use mcp::pin::{upstream_tools, ListedTool};
 pub use mcp::protected_resource_metadata;
 pub use normalize::{normalize_path, query_pairs, BadTarget};
 pub use relay::handle;

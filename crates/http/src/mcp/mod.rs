@@ -13,6 +13,7 @@
 
 mod jsonrpc;
 mod masking;
+pub mod pin;
 mod stdio;
 mod tasks;
 
@@ -878,6 +879,22 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+/// The messages of an answer's body: JSON (one or a batch) or server-sent events.
+pub(crate) fn messages_of(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    if text.trim_start().starts_with(['{', '[']) {
+        return match serde_json::from_str(&text) {
+            Ok(Value::Array(a)) => a,
+            Ok(v) => vec![v],
+            Err(_) => Vec::new(),
+        };
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
 }
 
 /// Whether the client takes a server-sent event stream as the answer.

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tollgate_gate::rules::Decision;
 use tollgate_mask::BodyPlan;
 
-use super::{held, json_answer, jsonrpc, Exchange, Judged, Replies};
+use super::{held, json_answer, jsonrpc, messages_of, Exchange, Judged, Replies};
 use crate::upstream::UpstreamBody;
 
 /// The prefix of the ids of the gateway's own tasks.
@@ -254,20 +254,4 @@ pub(super) async fn answer(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Value 
 
 fn result_response(id: Option<&Value>, result: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": result})
-}
-
-/// The messages of an answer's body: JSON (one or a batch) or server-sent events.
-fn messages_of(body: &[u8]) -> Vec<Value> {
-    let text = String::from_utf8_lossy(body);
-    if text.trim_start().starts_with(['{', '[']) {
-        return match serde_json::from_str(&text) {
-            Ok(Value::Array(a)) => a,
-            Ok(v) => vec![v],
-            Err(_) => Vec::new(),
-        };
-    }
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .filter_map(|d| serde_json::from_str(d.trim()).ok())
-        .collect()
 }
