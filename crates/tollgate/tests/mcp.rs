@@ -2070,3 +2070,65 @@ fn tools_are_pinned_from_the_cli_before_any_listing() {
     assert!(line.contains("CHANGED"), "{shown}");
     assert_eq!(shown, mcp(&["pin", "tickets", "--show"]));
 }
+
+/// The Rust SDK's client (`rmcp`, streamable HTTP over reqwest and rustls trusting the test CA)
+/// with a service token: the filtered list, a masked result, a denial naming the rule.
+#[test]
+fn the_rust_rmcp_client_is_judged_alike() {
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::ServiceExt;
+
+    let env = McpEnv::start(false, "off", "5m");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest013::Client::builder()
+            .use_preconfigured_tls(common::client_tls(&env.pki.ca, None))
+            .build()
+            .unwrap();
+        let mut config = StreamableHttpClientTransportConfig::with_uri(env.url());
+        config.auth_header = Some(TOKEN.to_string());
+        let transport = StreamableHttpClientTransport::with_client(http, config);
+        let client = ().serve(transport).await.expect("rmcp client connects");
+        let names: Vec<String> = client
+            .list_all_tools()
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        assert_eq!(names, ["lookup_customer", "close_ticket", "echo"]);
+        let args = |v: Value| v.as_object().unwrap().clone();
+        let r = client
+            .call_tool(
+                CallToolRequestParams::new("lookup_customer")
+                    .with_arguments(args(serde_json::json!({"id": "c-4"}))),
+            )
+            .await
+            .unwrap();
+        let r = serde_json::to_value(&r).unwrap();
+        let text = r["content"][0]["text"].as_str().unwrap();
+        assert!(
+            text.starts_with("Customer c-4: Ada Lovelace <")
+                && !text.contains("ada@example.com")
+                && !text.contains("4111 1111"),
+            "{r}"
+        );
+        assert_ne!(
+            r["structuredContent"]["customer"]["email"],
+            "ada@example.com"
+        );
+        let denied = client
+            .call_tool(
+                CallToolRequestParams::new("delete_ticket")
+                    .with_arguments(args(serde_json::json!({"project": "dev-1", "id": "7"}))),
+            )
+            .await
+            .expect_err("denied");
+        let shown = format!("{denied:?}");
+        assert!(shown.contains("no-deletes"), "{shown}");
+        client.cancel().await.unwrap();
+    });
+    assert_eq!(env.tools_run(), ["lookup_customer"]);
+}
