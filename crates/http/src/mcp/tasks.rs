@@ -3,8 +3,9 @@
 //! gateway's own (`working`, its status message naming the hold). The call waits for its
 //! review in the background, up to the review's timeout rather than `hold_wait`: approved, it
 //! runs (as a plain call) and the task completes with its masked result; denied or expired,
-//! the task fails with the error naming the review. `tasks/get`, `tasks/result` and
-//! `tasks/cancel` of such a task are answered here; whose task it is was checked before.
+//! the task fails with the error naming the review; cancelled, its review is withdrawn.
+//! `tasks/get`, `tasks/result` and `tasks/cancel` of such a task are answered here; whose task
+//! it is was checked before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -152,7 +153,13 @@ pub(super) fn hold_as_task(
         let reviewed = [&judged[0]];
         // The review decides within its timeout; a little more lets its expiry be seen.
         let wait = timeout + Duration::from_secs(5);
-        if let Err((message, review)) = held(&x, &reviewed, audit_plan.as_ref(), wait).await {
+        // A cancelled task drops the hold, which withdraws its review.
+        let mut state = task.state.subscribe();
+        let outcome = tokio::select! {
+            r = held(&x, &reviewed, audit_plan.as_ref(), wait) => r,
+            _ = state.wait_for(|s| s.status == "cancelled") => return,
+        };
+        if let Err((message, review)) = outcome {
             let data = json!({"rule": rule, "review": review, "session": x.session.log.id});
             let error = jsonrpc::error_response(
                 call_id.as_ref(),
