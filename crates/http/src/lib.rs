@@ -29,6 +29,7 @@ mod upstream;
 mod websocket;
 
 pub use error::Refusal;
+pub use mcp::pin::{upstream_tools, ListedTool};
 pub use mcp::protected_resource_metadata;
 pub use normalize::{normalize_path, query_pairs, BadTarget};
 pub use relay::handle;
@@ -227,10 +228,14 @@ pub struct HttpGateway {
     /// [`ACCESS_RECHECK`] or at once when a grant is revoked here (as PostgreSQL sessions do).
     access_cache: Mutex<HashMap<(String, String), CachedAccess>>,
     /// MCP sessions the upstreams opened, and whose they are.
-    pub(crate) mcp_sessions: mcp::McpSessions,
+    pub(crate) mcp_sessions: mcp::Owners,
+    /// MCP tasks the upstreams created, and whose they are.
+    pub(crate) mcp_tasks: mcp::Owners,
+    /// Held MCP calls answered with tasks of the gateway's own.
+    pub(crate) mcp_held_tasks: mcp::HeldTasks,
     /// MCP tool definitions pinned at their first listing (kept across config reloads).
     pub(crate) mcp_pins: mcp::Pins,
-    /// stdio MCP servers running, one per MCP session.
+    /// stdio MCP servers running, one per MCP session (or principal, for stateless clients).
     pub(crate) mcp_stdio: mcp::StdioServers,
 }
 
@@ -264,7 +269,9 @@ impl HttpGateway {
             mask_key,
             sessions: Mutex::new(HashMap::new()),
             access_cache: Mutex::new(HashMap::new()),
-            mcp_sessions: mcp::McpSessions::default(),
+            mcp_sessions: mcp::Owners::default(),
+            mcp_tasks: mcp::Owners::default(),
+            mcp_held_tasks: mcp::HeldTasks::default(),
             mcp_pins: mcp::Pins::default(),
             mcp_stdio: mcp::StdioServers::default(),
         }))
@@ -517,6 +524,10 @@ impl PreparedReload<'_> {
     pub fn apply(self) -> Vec<String> {
         let mut names: Vec<String> = self.targets.keys().cloned().collect();
         names.sort();
+        self.gw.mcp_stdio.stop_removed(|name| {
+            let stdio = self.targets.get(name)?.resource.stdio.as_ref()?;
+            Some(stdio.command.as_slice())
+        });
         self.gw.targets.store(Arc::new(self.targets));
         self.gw.tokens.store(Arc::new(self.tokens));
         self.gw.served.store(Arc::new(self.served));

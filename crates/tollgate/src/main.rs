@@ -6,6 +6,7 @@ mod check_cmd;
 mod demo;
 mod demo_api;
 mod login_cmd;
+mod mcp_cmd;
 mod reviews_cmd;
 mod sessions_cmd;
 
@@ -72,6 +73,9 @@ enum Cmd {
     /// Recorded sessions: list, show, replay, export (through the gateway's HTTPS API).
     #[command(subcommand)]
     Sessions(sessions_cmd::SessionsCmd),
+    /// MCP resources: pin tool definitions before the first listing, show the pins.
+    #[command(subcommand)]
+    Mcp(mcp_cmd::McpCmd),
     /// The approval workflow: list, show, approve and deny reviews (through the HTTPS API).
     #[command(subcommand)]
     Reviews(reviews_cmd::ReviewsCmd),
@@ -201,6 +205,7 @@ fn main() -> ExitCode {
         Cmd::Pki(cmd) => pki_cmd(cmd),
         Cmd::Sessions(cmd) => sessions_cmd::run(cmd),
         Cmd::Reviews(cmd) => reviews_cmd::run(cmd),
+        Cmd::Mcp(cmd) => mcp_cmd::run(cmd),
         Cmd::Access(cmd) => reviews_cmd::run_access(cmd),
         Cmd::Login(args) => login_cmd::run(args),
         Cmd::Audit(AuditCmd::Verify { config, json }) => return audit_verify(&config, json),

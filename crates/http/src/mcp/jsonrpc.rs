@@ -48,6 +48,12 @@ pub struct ClientMessage {
     pub progress_token: Option<Value>,
     /// `params._meta["io.modelcontextprotocol/protocolVersion"]` (2026-07-28).
     pub meta_version: Option<Value>,
+    /// `params.taskId` of the `tasks/*` requests, when a string.
+    pub task_id: Option<String>,
+    /// `params.task` is an object: the client asks for a task (2025-11-25).
+    pub task: bool,
+    /// `params.task.ttl`, when a number of milliseconds.
+    pub task_ttl: Option<u64>,
 }
 
 /// A POST body, parsed.
@@ -142,6 +148,9 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
                 arguments: None,
                 progress_token: None,
                 meta_version: None,
+                task_id: None,
+                task: false,
+                task_ttl: None,
             });
         }
         return Err(malformed(
@@ -211,6 +220,19 @@ fn message(v: Value) -> Result<ClientMessage, Malformed> {
             .and_then(|p| p.get("_meta"))
             .and_then(|m| m.get(META_PROTOCOL_VERSION))
             .cloned(),
+        task_id: params
+            .as_ref()
+            .and_then(|p| p.get("taskId"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        task: params
+            .as_ref()
+            .is_some_and(|p| p.get("task").is_some_and(Value::is_object)),
+        task_ttl: params
+            .as_ref()
+            .and_then(|p| p.get("task"))
+            .and_then(|t| t.get("ttl"))
+            .and_then(Value::as_u64),
     })
 }
 

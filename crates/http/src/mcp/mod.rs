@@ -13,9 +13,12 @@
 
 mod jsonrpc;
 mod masking;
+pub mod pin;
 mod stdio;
+mod tasks;
 
 pub(crate) use stdio::StdioServers;
+pub(crate) use tasks::HeldTasks;
 
 use std::collections::HashMap;
 use std::io;
@@ -61,16 +64,16 @@ pub const STATELESS_VERSION: &str = "2026-07-28";
 /// holds to mask it; past it the answer is cut off.
 pub const MAX_MESSAGE: usize = 16 << 20;
 
-/// Sessions the upstream opened, by resource and `Mcp-Session-Id`, and the principal that
-/// opened each.
+/// What the upstreams created for a caller, by resource and id, and the principal whose
+/// request created each: sessions (`Mcp-Session-Id`) and tasks (`taskId`).
 #[derive(Default)]
-pub(crate) struct McpSessions(Mutex<HashMap<(String, String), String>>);
+pub(crate) struct Owners(Mutex<HashMap<(String, String), String>>);
 
-/// Most sessions remembered; past it the oldest half is forgotten (their clients re-initialise
-/// on the 404 they then get).
+/// Most ids remembered; past it the oldest half is forgotten (a session's client re-initialises
+/// on the 404 it then gets; a task is then not found).
 const MAX_SESSIONS: usize = 100_000;
 
-impl McpSessions {
+impl Owners {
     fn bind(&self, resource: &str, id: &str, principal: &str) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= MAX_SESSIONS {
@@ -514,8 +517,6 @@ pub(crate) async fn exchange(x: Exchange) -> Response<UpstreamBody> {
             ))
         } else if headers.contains_key("mcp-session-id") {
             Some((StatusCode::BAD_REQUEST, format!("the {STATELESS_VERSION} revision of MCP has no sessions: send no Mcp-Session-Id")))
-        } else if x.target.resource.stdio.is_some() {
-            Some((StatusCode::BAD_REQUEST, format!("resource \"{}\" is a stdio server, served with the session-based revisions ({})", x.target.resource.name, PROTOCOL_VERSIONS.join(", "))))
         } else {
             None
         };
@@ -677,7 +678,7 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
                 },
                 _ => x.judge(&msg.method, msg.name.as_deref(), msg.arguments.as_ref()),
             };
-            let judgement = match pin_block(&x, &msg) {
+            let judgement = match pin_block(&x, &msg).or_else(|| task_block(&x, &msg)) {
                 Some(deny) => Judgement {
                     decision: deny,
                     dry_run: judgement.dry_run,
@@ -777,6 +778,23 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
         return deny_answer(&x, body.batch, errors, message);
     }
 
+    // The gateway's own tasks (held calls) are answered here; whose they are was checked.
+    if let [j] = judged.as_slice() {
+        let task = j.msg.task_id.as_deref().unwrap_or_default();
+        if j.msg.method.starts_with("tasks/") && x.gw.mcp_held_tasks.owns(task) {
+            let answer = tasks::answer(&x, &j.msg).await;
+            let pending = HashMap::from([(
+                j.msg.id.clone().unwrap_or_default().to_string(),
+                (j.msg.method.clone(), None),
+            )]);
+            let (parts, body) = json_answer(StatusCode::OK, &answer).into_parts();
+            return relay(&x, Replies::new(&x, pending), parts, body);
+        }
+    }
+    // A held call whose client asked for a task: answered with a task of the gateway's.
+    if tasks::wants_task(&judged) {
+        return tasks::hold_as_task(x, judged, audit_plan);
+    }
     // Review: held until approved; the approval binds to the name and the arguments' digest.
     let reviewed: Vec<&Judged> = judged
         .iter()
@@ -790,7 +808,14 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
         }
     }
     if let Some(first) = reviewed.first() {
-        if let Err(message) = held(&x, &reviewed, audit_plan.as_ref()).await {
+        if let Err(message) = held(
+            &x,
+            &reviewed,
+            audit_plan.as_ref(),
+            x.target.resource.hold_wait,
+        )
+        .await
+        {
             let Decision::Review { rule, .. } = &first.judgement.decision else {
                 unreachable!()
             };
@@ -838,6 +863,40 @@ async fn post(x: Exchange, mcp_session: Option<String>, stateless: bool) -> Resp
     r
 }
 
+/// Whether the request is of the stateless revision (checked, when it is, by [`exchange`]).
+fn is_stateless(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get("mcp-protocol-version")
+        .is_some_and(|v| v.as_bytes() == STATELESS_VERSION.as_bytes())
+}
+
+/// Runs a synchronous store call (a PostgreSQL store waits on the network) without stalling
+/// the other tasks of this worker thread: on the multi-threaded runtime the gateway serves on,
+/// they move to another worker meanwhile; a current-thread runtime has none to move them to.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+    match flavor {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// The messages of an answer's body: JSON (one or a batch) or server-sent events.
+pub(crate) fn messages_of(body: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(body);
+    if text.trim_start().starts_with(['{', '[']) {
+        return match serde_json::from_str(&text) {
+            Ok(Value::Array(a)) => a,
+            Ok(v) => vec![v],
+            Err(_) => Vec::new(),
+        };
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
+}
+
 /// Whether the client takes a server-sent event stream as the answer.
 fn accepts_event_stream(headers: &hyper::HeaderMap) -> bool {
     headers
@@ -881,7 +940,12 @@ fn held_streaming(
             _ => String::new(),
         };
         let outcome = {
-            let hold = held(&x, &reviewed, audit_plan.as_ref());
+            let hold = held(
+                &x,
+                &reviewed,
+                audit_plan.as_ref(),
+                x.target.resource.hold_wait,
+            );
             tokio::pin!(hold);
             let every = progress_every(x.target.resource.hold_wait);
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -1019,7 +1083,11 @@ fn pin_block(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
         return None;
     }
     let tool = msg.name.as_deref()?;
-    let message = match x.gw.mcp_pins.call_verdict(x.gw.reviews(), &x.target.resource.name, tool) {
+    let verdict = blocking(|| {
+        x.gw.mcp_pins
+            .call_verdict(x.gw.reviews(), &x.target.resource.name, tool)
+    });
+    let message = match verdict {
         Ok(CallVerdict::Free) => return None,
         Ok(CallVerdict::Approved {
             pinned,
@@ -1102,10 +1170,13 @@ fn deny_answer(
 }
 
 /// Holds reviewed requests. `Err((message, review id))` when they may not run.
+/// Holds the reviewed requests for their review, waiting for it at most `wait` (`Err`: the
+/// client's message and the review's id).
 async fn held(
     x: &Exchange,
     reviewed: &[&Judged],
     audit_plan: Option<&BodyPlan>,
+    wait: Duration,
 ) -> Result<(), (String, String)> {
     let Decision::Review {
         rule,
@@ -1166,7 +1237,7 @@ async fn held(
         timeout: *timeout,
     };
     let reviews = x.gw.reviews();
-    let review = match hold::open(reviews, asked, x.gw.rerun_window()) {
+    let review = match blocking(|| hold::open(reviews, asked, x.gw.rerun_window())) {
         Ok(Opened::Rerun(r)) => {
             x.session.log.record(&ReviewEvent {
                 kind: "review.rerun",
@@ -1200,7 +1271,7 @@ async fn held(
     // MCP clients give up on a call after about a minute: past `hold_wait` the client is told
     // the review is pending, and the review stays open for the identical call's repeat.
     let verdict = match tokio::time::timeout(
-        x.target.resource.hold_wait,
+        wait,
         hold::hold(reviews, &review.id, std::future::pending()),
     )
     .await
@@ -1289,6 +1360,34 @@ fn clip(s: &mut String, limit: usize) -> bool {
     }
     s.truncate(at);
     true
+}
+
+/// `tasks/get`, `tasks/result` and `tasks/cancel` may name only a task the caller's own
+/// request created through the gateway: a task id is no capability, and another principal's
+/// task (or one the gateway never saw created) is not found.
+fn task_block(x: &Exchange, msg: &jsonrpc::ClientMessage) -> Option<Decision> {
+    let bound = msg.kind == jsonrpc::Kind::Request
+        && msg.method.starts_with("tasks/")
+        && msg.method != "tasks/list";
+    if !bound {
+        return None;
+    }
+    let principal = x.who.principal.to_string();
+    let owner = msg
+        .task_id
+        .as_deref()
+        .and_then(|t| x.gw.mcp_tasks.owner(&x.target.resource.name, t));
+    if owner.as_deref() == Some(principal.as_str()) {
+        return None;
+    }
+    let message = match &msg.task_id {
+        Some(t) => format!("task {t:?} not found: it was not created by a request of this caller through the gateway"),
+        None => format!("{}: params.taskId must be a string", msg.method),
+    };
+    Some(Decision::Deny {
+        rule: "tasks".into(),
+        message,
+    })
 }
 
 /// Forwards the request and relays the answer through [`McpBody`].
@@ -1450,6 +1549,8 @@ struct Replies {
     started: Instant,
     subject: String,
     groups: Vec<String>,
+    /// Whose requests these are (tasks they create are bound to it).
+    principal: String,
     pending: HashMap<String, (String, Option<String>)>,
     client_plan: Option<BodyPlan>,
     audit_plan: Option<BodyPlan>,
@@ -1472,14 +1573,11 @@ impl Replies {
             started: x.started,
             subject: x.who.subject.clone(),
             groups: x.who.groups.clone(),
+            principal: x.who.principal.to_string(),
             pending,
             client_plan,
             audit_plan: x.audit_plan(),
-            stateless: x
-                .parts
-                .headers
-                .get("mcp-protocol-version")
-                .is_some_and(|v| v.as_bytes() == STATELESS_VERSION.as_bytes()),
+            stateless: is_stateless(&x.parts.headers),
         }
     }
 
@@ -1507,6 +1605,8 @@ impl Replies {
                 }
                 "initialize" => self.check_version(&mut msg),
                 "server/discover" => discovered_versions(&mut msg),
+                "tasks/list" => self.own_tasks(&mut msg),
+                "tools/call" => self.bind_task(&msg),
                 _ => {}
             }
             if self.stateless && method.ends_with("/list") {
@@ -1596,7 +1696,7 @@ impl Replies {
                 approved_by,
             })
         };
-        let seen = match reviews.pin_seen(&resource.name, name, &fingerprint) {
+        let seen = match blocking(|| reviews.pin_seen(&resource.name, name, &fingerprint)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(resource = %resource.name, tool = %name, error = %e, "could not check the tool against its pin");
@@ -1615,14 +1715,15 @@ impl Replies {
         let mut shown = tool.to_string();
         clip(&mut shown, MAX_DESCRIPTION);
         let shown = masked_arguments(&Value::String(shown), self.audit_plan.as_ref());
-        let decided = reviews.pin_changed(&PinChange {
+        let change = PinChange {
             resource: &resource.name,
             tool: name,
             pinned_sha256: &pinned,
             seen_sha256: &fingerprint,
             shown: format!("new definition: {}", shown.as_str().unwrap_or_default()),
             approvers: &resource.pin_approvers,
-        });
+        };
+        let decided = blocking(|| reviews.pin_changed(&change));
         match decided {
             Ok(PinDecision::Approved { review, by }) => {
                 tracing::info!(resource = %resource.name, tool = %name, %review, "MCP tool's new definition approved and pinned");
@@ -1732,6 +1833,34 @@ impl Replies {
 
     /// A listing the gateway filters by caller (rules or pins) is `cacheScope: "private"`: a
     /// shared cache must not hand one caller's list to another.
+    /// A `CreateTaskResult` (a task-augmented call was accepted): the task is the caller's
+    /// (the first to be told of an id keeps it).
+    fn bind_task(&self, msg: &Value) {
+        let task = msg.get("result").and_then(|r| r.get("task"));
+        if let Some(id) = task.and_then(|t| t.get("taskId")).and_then(Value::as_str) {
+            let resource = &self.target.resource.name;
+            if self.gw.mcp_tasks.owner(resource, id).is_none() {
+                self.gw.mcp_tasks.bind(resource, id, &self.principal);
+            }
+        }
+    }
+
+    /// `tasks/list` shows the caller only its own tasks.
+    fn own_tasks(&self, msg: &mut Value) {
+        let resource = &self.target.resource.name;
+        let tasks = msg
+            .get_mut("result")
+            .and_then(|r| r.get_mut("tasks"))
+            .and_then(Value::as_array_mut);
+        if let Some(tasks) = tasks {
+            tasks.retain(|t| {
+                let id = t.get("taskId").and_then(Value::as_str);
+                id.and_then(|id| self.gw.mcp_tasks.owner(resource, id))
+                    .is_some_and(|p| p == self.principal)
+            });
+        }
+    }
+
     fn cache_scope(&self, msg: &mut Value) {
         let r = &self.target.resource;
         if r.rules.is_empty() && r.pinning == tollgate_config::PinMode::Off {

@@ -3,17 +3,24 @@
 //! serves it to clients as the streamable-HTTP transport, so the judging, holding, masking and
 //! recording of [`super`] apply unchanged: this module only plays the part of the upstream.
 //!
+//! Clients of the stateless 2026-07-28 revision have no session: each principal gets one
+//! process per resource, started at its first request and reused by its later ones. The
+//! gateway initialises it itself (a session-based revision, no client capabilities), answers
+//! `server/discover` from that, and gives each forwarded request an id of its own (clients
+//! may reuse theirs), so only one principal's requests ever share a process.
+//!
 //! The process gets no shell and none of the gateway's environment but `env_inherit` (by
 //! default PATH, HOME, LANG, TMPDIR), `env` and the credential of `[resources.credentials]`;
 //! it runs in a process group of its own, which is stopped (SIGTERM, then SIGKILL) when the
 //! session is deleted, idles past `idle_timeout`, or breaks the protocol. Its stderr goes to
-//! the gateway's log, bounded; at most `max_processes` run per resource.
+//! the gateway's log, bounded; at most `max_processes` run per resource. A config reload that
+//! removes the resource (or changes its command) stops its processes.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::pin::Pin;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,7 +37,7 @@ use tollgate_config::StdioServer;
 use tollgate_gate::event::McpProcess;
 use tollgate_metrics::registry;
 
-use super::{json_answer, jsonrpc, Exchange, MAX_MESSAGE};
+use super::{json_answer, jsonrpc, Exchange, MAX_MESSAGE, PROTOCOL_VERSIONS, STATELESS_VERSION};
 use crate::upstream::UpstreamBody;
 use crate::HttpSession;
 
@@ -42,6 +49,10 @@ const MAX_STDERR_LINE: usize = 2048;
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Messages queued for one client stream before the server's stdout is no longer read.
 const QUEUE: usize = 64;
+/// How long a process started for stateless clients has to answer the gateway's `initialize`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The revision the gateway initialises a stateless principal's process with.
+const INIT_VERSION: &str = "2025-11-25";
 
 /// The processes running, by resource and the `Mcp-Session-Id` the gateway gave their session.
 #[derive(Default)]
@@ -68,6 +79,12 @@ struct Routes {
 pub(crate) struct Proc {
     pid: u32,
     program: String,
+    /// The command it was started with (a reload that changes it stops the process).
+    command: Vec<String>,
+    /// The result of the gateway's own `initialize` (processes of stateless clients).
+    initialized: tokio::sync::OnceCell<Result<Value, String>>,
+    /// Ids the gateway gives the requests it forwards for stateless clients.
+    next_id: AtomicU64,
     stdin: tokio::sync::Mutex<Option<tokio::process::ChildStdin>>,
     routes: Mutex<Routes>,
     last_used: Mutex<Instant>,
@@ -212,108 +229,7 @@ impl StdioServers {
         sid: &str,
         session: &Arc<HttpSession>,
     ) -> Result<Arc<Proc>, String> {
-        let mut cmd = tokio::process::Command::new(&server.command[0]);
-        cmd.args(&server.command[1..]).env_clear();
-        for var in &server.env_inherit {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
-        for (k, v) in &server.env {
-            cmd.env(k, v);
-        }
-        if let Some((var, source)) = &server.credential {
-            match source.read() {
-                Ok(Some(v)) => {
-                    cmd.env(var, v);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(resource, error = %e, "stdio MCP server credential unavailable");
-                    return Err("the gateway cannot read this resource's credential".into());
-                }
-            }
-        }
-        if let Some(dir) = &server.cwd {
-            cmd.current_dir(dir);
-        }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        let mut child = cmd.spawn().map_err(|e| {
-            tracing::error!(resource, program = %server.command[0], error = %e, "stdio MCP server did not start");
-            format!("the MCP server of resource \"{resource}\" could not be started")
-        })?;
-        let pid = child.id().unwrap_or(0);
-        let program = server.command[0].clone();
-        tracing::info!(resource, pid, program = %program, "stdio MCP server started");
-        registry()
-            .counter(
-                "tollgate_mcp_processes_started_total",
-                "stdio MCP server processes started, by resource.",
-                &[("resource", resource)],
-            )
-            .inc();
-        session.log.record(&McpProcess {
-            kind: "mcp.process_started",
-            pid,
-            program: program.clone(),
-            status: None,
-            stopped: None,
-        });
-        let proc = Arc::new(Proc {
-            pid,
-            program: program.clone(),
-            stdin: tokio::sync::Mutex::new(child.stdin.take()),
-            routes: Mutex::new(Routes::default()),
-            last_used: Mutex::new(Instant::now()),
-            idle_timeout: server.idle_timeout,
-            exited: Arc::new(AtomicBool::new(false)),
-            stopping: Arc::new(Mutex::new(None)),
-        });
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(log_stderr(err, resource.to_string(), pid));
-        }
-        let weak = Arc::downgrade(&proc);
-        let stdout = child.stdout.take();
-        let res = resource.to_string();
-        tokio::spawn(async move {
-            if let Some(out) = stdout {
-                read_stdout(out, weak.clone(), &res, pid).await;
-            }
-        });
-        // Reaps the process; records how it ended; fails what still waits for an answer.
-        let exited = proc.exited.clone();
-        let stopping = proc.stopping.clone();
-        let weak = Arc::downgrade(&proc);
-        let session = session.clone();
-        let res = resource.to_string();
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            exited.store(true, Ordering::SeqCst);
-            let status = match status {
-                Ok(s) => s.to_string(),
-                Err(e) => e.to_string(),
-            };
-            // Whoever waits on this process is told it ended.
-            if let Some(p) = weak.upgrade() {
-                let mut r = p.routes.lock().unwrap_or_else(|e| e.into_inner());
-                r.waiting.clear();
-                r.streams.clear();
-                r.get = None;
-            }
-            let stopped = *stopping.lock().unwrap_or_else(|e| e.into_inner());
-            tracing::info!(resource = %res, pid, status = %status, "stdio MCP server exited");
-            session.log.record(&McpProcess {
-                kind: "mcp.process_exited",
-                pid,
-                program,
-                status: Some(status),
-                stopped,
-            });
-        });
+        let proc = start(resource, server, session)?;
         self.procs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -321,6 +237,177 @@ impl StdioServers {
         self.start_reaper();
         Ok(proc)
     }
+
+    /// The process serving `principal`'s stateless requests to `resource`, started when it has
+    /// none (one start at a time, so concurrent first requests share one process).
+    fn for_principal(
+        &self,
+        resource: &str,
+        server: &StdioServer,
+        principal: &str,
+        session: &Arc<HttpSession>,
+    ) -> Result<Arc<Proc>, Refused> {
+        let key = (resource.to_string(), principal_key(principal));
+        let mut m = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = m.get(&key).filter(|p| !p.exited.load(Ordering::SeqCst)) {
+            return Ok(p.clone());
+        }
+        if let Some(p) = m.remove(&key) {
+            p.stop("exited");
+        }
+        if m.keys().filter(|(r, _)| r == resource).count() >= server.max_processes {
+            return Err(Refused::Full);
+        }
+        let proc = start(resource, server, session).map_err(Refused::Failed)?;
+        m.insert(key, proc.clone());
+        drop(m);
+        self.start_reaper();
+        Ok(proc)
+    }
+
+    /// After a config reload: stops the processes of resources that are gone, are no longer
+    /// stdio servers, or whose command changed (`command_of` says a resource's command now).
+    pub(crate) fn stop_removed<'a>(&self, command_of: impl Fn(&str) -> Option<&'a [String]>) {
+        let stale: Vec<Arc<Proc>> = {
+            let mut m = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<_> = m
+                .iter()
+                .filter(|((r, _), p)| command_of(r) != Some(p.command.as_slice()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| m.remove(k)).collect()
+        };
+        for p in stale {
+            p.stop("resource removed");
+        }
+    }
+}
+
+/// Why no process serves a stateless request.
+enum Refused {
+    /// `max_processes` run already.
+    Full,
+    /// It could not be started (the client's message).
+    Failed(String),
+}
+
+/// The process map's key for a principal's process (session ids are hex, so never collide).
+fn principal_key(principal: &str) -> String {
+    format!("principal:{principal}")
+}
+
+/// Starts a server process: no shell, only the configured environment, its own process group.
+fn start(
+    resource: &str,
+    server: &StdioServer,
+    session: &Arc<HttpSession>,
+) -> Result<Arc<Proc>, String> {
+    let mut cmd = tokio::process::Command::new(&server.command[0]);
+    cmd.args(&server.command[1..]).env_clear();
+    for var in &server.env_inherit {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    for (k, v) in &server.env {
+        cmd.env(k, v);
+    }
+    if let Some((var, source)) = &server.credential {
+        match source.read() {
+            Ok(Some(v)) => {
+                cmd.env(var, v);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(resource, error = %e, "stdio MCP server credential unavailable");
+                return Err("the gateway cannot read this resource's credential".into());
+            }
+        }
+    }
+    if let Some(dir) = &server.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| {
+            tracing::error!(resource, program = %server.command[0], error = %e, "stdio MCP server did not start");
+            format!("the MCP server of resource \"{resource}\" could not be started")
+        })?;
+    let pid = child.id().unwrap_or(0);
+    let program = server.command[0].clone();
+    tracing::info!(resource, pid, program = %program, "stdio MCP server started");
+    registry()
+        .counter(
+            "tollgate_mcp_processes_started_total",
+            "stdio MCP server processes started, by resource.",
+            &[("resource", resource)],
+        )
+        .inc();
+    session.log.record(&McpProcess {
+        kind: "mcp.process_started",
+        pid,
+        program: program.clone(),
+        status: None,
+        stopped: None,
+    });
+    let proc = Arc::new(Proc {
+        pid,
+        program: program.clone(),
+        command: server.command.clone(),
+        initialized: tokio::sync::OnceCell::new(),
+        next_id: AtomicU64::new(1),
+        stdin: tokio::sync::Mutex::new(child.stdin.take()),
+        routes: Mutex::new(Routes::default()),
+        last_used: Mutex::new(Instant::now()),
+        idle_timeout: server.idle_timeout,
+        exited: Arc::new(AtomicBool::new(false)),
+        stopping: Arc::new(Mutex::new(None)),
+    });
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(log_stderr(err, resource.to_string(), pid));
+    }
+    let weak = Arc::downgrade(&proc);
+    let stdout = child.stdout.take();
+    let res = resource.to_string();
+    tokio::spawn(async move {
+        if let Some(out) = stdout {
+            read_stdout(out, weak.clone(), &res, pid).await;
+        }
+    });
+    // Reaps the process; records how it ended; fails what still waits for an answer.
+    let exited = proc.exited.clone();
+    let stopping = proc.stopping.clone();
+    let weak = Arc::downgrade(&proc);
+    let session = session.clone();
+    let res = resource.to_string();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        exited.store(true, Ordering::SeqCst);
+        let status = match status {
+            Ok(s) => s.to_string(),
+            Err(e) => e.to_string(),
+        };
+        // Whoever waits on this process is told it ended.
+        if let Some(p) = weak.upgrade() {
+            let mut r = p.routes.lock().unwrap_or_else(|e| e.into_inner());
+            r.waiting.clear();
+            r.streams.clear();
+            r.get = None;
+        }
+        let stopped = *stopping.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(resource = %res, pid, status = %status, "stdio MCP server exited");
+        session.log.record(&McpProcess {
+            kind: "mcp.process_exited",
+            pid,
+            program,
+            status: Some(status),
+            stopped,
+        });
+    });
+    Ok(proc)
 }
 
 /// Copies the server's stderr to the log, line by line, up to [`MAX_STDERR_LOGGED`] bytes.
@@ -469,25 +556,52 @@ pub(super) async fn exchange(x: &Exchange, server: &StdioServer) -> Response<Ups
             p.touch();
             let (tx, rx) = mpsc::channel(QUEUE);
             p.routes.lock().unwrap_or_else(|e| e.into_inner()).get = Some(tx);
-            answer(p, rx, HashSet::new(), None, true, false)
+            answer(p, rx, HashSet::new(), None, true, false, HashMap::new())
         }
+        _ if super::is_stateless(&x.parts.headers) => stateless(x, server).await,
         _ => post(x, server, sid).await,
+    }
+}
+
+/// The answer to a client that may not start another process (`max_processes` run).
+fn too_many(x: &Exchange, server: &StdioServer) -> Response<UpstreamBody> {
+    let resource = x.target.resource.name.as_str();
+    registry()
+        .counter(
+            "tollgate_mcp_processes_refused_total",
+            "stdio MCP server processes not started because max_processes were running, by resource.",
+            &[("resource", resource)],
+        )
+        .inc();
+    let msg = format!(
+        "resource \"{resource}\" runs its most MCP server processes ({}, max_processes); end a session you no longer use (DELETE) or try again later",
+        server.max_processes
+    );
+    x.answered(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "max_processes",
+        &msg,
+        &jsonrpc::error_response(None, jsonrpc::UNAVAILABLE, &msg, None),
+    )
+}
+
+/// The POST's body as messages, and whether it was a batch.
+fn body_items(x: &Exchange) -> Option<(Vec<Value>, bool)> {
+    // Judged already and free of duplicate keys: what serde reads is what was judged.
+    match serde_json::from_slice::<Value>(&x.body).ok()? {
+        Value::Array(a) => Some((a, true)),
+        v => Some((vec![v], false)),
     }
 }
 
 async fn post(x: &Exchange, server: &StdioServer, sid: Option<String>) -> Response<UpstreamBody> {
     let resource = x.target.resource.name.as_str();
-    // Judged already and free of duplicate keys: what serde reads is what was judged.
-    let Ok(body) = serde_json::from_slice::<Value>(&x.body) else {
+    let Some((items, batch)) = body_items(x) else {
         return error(
             StatusCode::BAD_REQUEST,
             None,
             "the request body is not valid JSON",
         );
-    };
-    let (items, batch) = match body {
-        Value::Array(a) => (a, true),
-        v => (vec![v], false),
     };
     let initializing = items
         .iter()
@@ -505,23 +619,7 @@ async fn post(x: &Exchange, server: &StdioServer, sid: Option<String>) -> Respon
         },
         (None, true) => {
             if x.gw.mcp_stdio.running(resource) >= server.max_processes {
-                registry()
-                    .counter(
-                        "tollgate_mcp_processes_refused_total",
-                        "stdio MCP server processes not started because max_processes were running, by resource.",
-                        &[("resource", resource)],
-                    )
-                    .inc();
-                let msg = format!(
-                    "resource \"{resource}\" runs its most MCP server processes ({}, max_processes); end a session you no longer use (DELETE) or try again later",
-                    server.max_processes
-                );
-                return x.answered(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "max_processes",
-                    &msg,
-                    &jsonrpc::error_response(None, jsonrpc::UNAVAILABLE, &msg, None),
-                );
+                return too_many(x, server);
             }
             let sid = new_session_id();
             match x.gw.mcp_stdio.spawn(resource, server, &sid, &x.session) {
@@ -537,6 +635,160 @@ async fn post(x: &Exchange, server: &StdioServer, sid: Option<String>) -> Respon
             )
         }
     };
+    let key = new_sid.clone();
+    let mut r = send(x, proc, items, batch, HashMap::new(), key.as_deref()).await;
+    if let Some(s) = new_sid.filter(|_| r.status().is_success()) {
+        if let Ok(v) = HeaderValue::from_str(&s) {
+            r.headers_mut().insert("mcp-session-id", v);
+        }
+    }
+    r
+}
+
+/// A request of the stateless revision, on its principal's process.
+async fn stateless(x: &Exchange, server: &StdioServer) -> Response<UpstreamBody> {
+    let resource = x.target.resource.name.as_str();
+    let principal = x.who.principal.to_string();
+    let proc = match x
+        .gw
+        .mcp_stdio
+        .for_principal(resource, server, &principal, &x.session)
+    {
+        Ok(p) => p,
+        Err(Refused::Full) => return too_many(x, server),
+        Err(Refused::Failed(msg)) => return error(StatusCode::BAD_GATEWAY, None, &msg),
+    };
+    proc.touch();
+    let key = principal_key(&principal);
+    let init = proc.initialized.get_or_init(|| initialize(&proc)).await;
+    let init = match init {
+        Ok(v) => v.clone(),
+        Err(msg) => {
+            tracing::warn!(resource, pid = proc.pid, error = %msg, "stdio MCP server did not initialise");
+            x.gw.mcp_stdio.remove(resource, &key);
+            proc.stop("protocol");
+            let msg = format!("the MCP server of resource \"{resource}\" did not start properly; try again, or ask the gateway's operator (its log says why)");
+            return error(StatusCode::BAD_GATEWAY, None, &msg);
+        }
+    };
+    let Some((mut items, false)) = body_items(x) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            None,
+            "the request body is not one JSON-RPC message",
+        );
+    };
+    let msg = &mut items[0];
+    if msg.get("method").and_then(Value::as_str) == Some("server/discover") {
+        return json_answer(StatusCode::OK, &discover_answer(msg.get("id"), &init));
+    }
+    strip_protocol_meta(msg);
+    let mut restore = HashMap::new();
+    if let Some(id) = msg.get_mut("id") {
+        let wire = Value::from(format!(
+            "tollgate-{}",
+            proc.next_id.fetch_add(1, Ordering::Relaxed)
+        ));
+        restore.insert(wire.to_string(), std::mem::replace(id, wire));
+    }
+    send(x, proc, items, false, restore, Some(&key)).await
+}
+
+/// The gateway's own `initialize` of a process for stateless clients; its result.
+async fn initialize(proc: &Arc<Proc>) -> Result<Value, String> {
+    let id = Value::from("tollgate-initialize");
+    let (tx, mut rx) = mpsc::channel(1);
+    proc.routes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .waiting
+        .insert(id.to_string(), tx);
+    let request = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
+        "protocolVersion": INIT_VERSION,
+        "capabilities": {},
+        "clientInfo": {"name": "tollgate", "version": env!("CARGO_PKG_VERSION")},
+    }});
+    proc.write(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| format!("initialize not written: {e}"))?;
+    let answer = tokio::time::timeout(INIT_TIMEOUT, rx.recv())
+        .await
+        .map_err(|_| {
+            format!(
+                "no answer to initialize within {} s",
+                INIT_TIMEOUT.as_secs()
+            )
+        })?
+        .ok_or("the process ended before it answered initialize")?;
+    let result = answer.get("result").cloned().ok_or_else(|| {
+        format!(
+            "initialize failed: {}",
+            answer.get("error").unwrap_or(&Value::Null)
+        )
+    })?;
+    let version = result.get("protocolVersion").and_then(Value::as_str);
+    if !version.is_some_and(|v| PROTOCOL_VERSIONS.contains(&v)) {
+        return Err(format!(
+            "the server chose protocol version {version:?}, which the gateway does not relay"
+        ));
+    }
+    let done = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    proc.write(format!("{done}\n").as_bytes())
+        .await
+        .map_err(|e| format!("notifications/initialized not written: {e}"))?;
+    Ok(result)
+}
+
+/// `server/discover`, answered from the process's `initialize` result. Change notifications
+/// are not offered: the gateway does not serve `subscriptions/listen` for a stdio server.
+fn discover_answer(id: Option<&Value>, init: &Value) -> Value {
+    let mut caps = init
+        .get("capabilities")
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()));
+    if let Some(caps) = caps.as_object_mut() {
+        for cap in caps.values_mut().filter_map(Value::as_object_mut) {
+            cap.remove("listChanged");
+            cap.remove("subscribe");
+        }
+    }
+    let mut result = serde_json::json!({
+        "supportedVersions": [STATELESS_VERSION],
+        "capabilities": caps,
+        "_meta": {"io.modelcontextprotocol/serverInfo": init.get("serverInfo")},
+    });
+    if let Some(i) = init.get("instructions") {
+        result["instructions"] = i.clone();
+    }
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// Removes the revision's per-request `_meta` fields (protocol version, client capabilities
+/// and info): the process speaks the revision the gateway initialised it with.
+fn strip_protocol_meta(msg: &mut Value) {
+    let Some(params) = msg.get_mut("params").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut) {
+        meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+        if meta.is_empty() {
+            params.remove("_meta");
+        }
+    }
+}
+
+/// Writes `items` to the process and answers with what it writes back. `restore`: the ids
+/// the gateway gave requests, and the client's own; `key`: the process's entry, dropped
+/// when it no longer reads.
+async fn send(
+    x: &Exchange,
+    proc: Arc<Proc>,
+    items: Vec<Value>,
+    batch: bool,
+    restore: HashMap<String, Value>,
+    key: Option<&str>,
+) -> Response<UpstreamBody> {
+    let resource = x.target.resource.name.as_str();
     proc.touch();
     let ids: HashSet<String> = items
         .iter()
@@ -569,26 +821,20 @@ async fn post(x: &Exchange, server: &StdioServer, sid: Option<String>) -> Respon
     if let Err(e) = proc.write(&lines).await {
         proc.forget(&ids, stream);
         tracing::warn!(resource, pid = proc.pid, error = %e, "stdio MCP server does not read its input");
-        if let Some(s) = &new_sid {
-            x.gw.mcp_stdio.remove(resource, s);
+        if let Some(k) = key {
+            x.gw.mcp_stdio.remove(resource, k);
         }
         proc.stop("protocol");
         return error(
             StatusCode::BAD_GATEWAY,
             None,
-            "the MCP server process has ended; start a new session (initialize)",
+            "the MCP server process has ended; send the request again (a session-based client: start a new session with initialize)",
         );
     }
     if ids.is_empty() {
         return empty(StatusCode::ACCEPTED);
     }
-    let mut r = answer(proc, rx, ids, stream, sse, batch);
-    if let Some(s) = new_sid {
-        if let Ok(v) = HeaderValue::from_str(&s) {
-            r.headers_mut().insert("mcp-session-id", v);
-        }
-    }
-    r
+    answer(proc, rx, ids, stream, sse, batch, restore)
 }
 
 fn answer(
@@ -598,6 +844,7 @@ fn answer(
     stream: Option<u64>,
     sse: bool,
     batch: bool,
+    restore: HashMap<String, Value>,
 ) -> Response<UpstreamBody> {
     let body = Answer {
         proc,
@@ -606,6 +853,7 @@ fn answer(
         stream,
         sse,
         batch,
+        restore,
         collected: Vec::new(),
         done: false,
         ends_when_answered: !sse || stream.is_some(),
@@ -633,6 +881,8 @@ struct Answer {
     stream: Option<u64>,
     sse: bool,
     batch: bool,
+    /// The client's ids of the requests the gateway gave ids of its own, by the gateway's.
+    restore: HashMap<String, Value>,
     collected: Vec<Value>,
     done: bool,
     /// `false` for the GET stream, which lasts as long as the process.
@@ -647,7 +897,11 @@ impl Answer {
             .outstanding
             .drain()
             .map(|id| {
-                let id: Value = serde_json::from_str(&id).unwrap_or(Value::Null);
+                let id: Value = self
+                    .restore
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| serde_json::from_str(&id).unwrap_or(Value::Null));
                 jsonrpc::error_response(
                     Some(&id),
                     jsonrpc::UNAVAILABLE,
@@ -697,11 +951,15 @@ impl Body for Answer {
                 Poll::Ready(None) => {
                     return Poll::Ready(this.finish().map(|b| Ok(Frame::data(b))));
                 }
-                Poll::Ready(Some(msg)) => {
+                Poll::Ready(Some(mut msg)) => {
                     this.proc.touch();
                     if msg.get("method").is_none() {
-                        if let Some(id) = msg.get("id") {
-                            this.outstanding.remove(&id.to_string());
+                        if let Some(id) = msg.get_mut("id") {
+                            let wire = id.to_string();
+                            this.outstanding.remove(&wire);
+                            if let Some(own) = this.restore.get(&wire) {
+                                *id = own.clone();
+                            }
                         }
                     }
                     if this.sse {

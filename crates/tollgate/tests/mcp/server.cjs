@@ -26,8 +26,29 @@ function echoDescription() {
   return f && fs.existsSync(f) ? fs.readFileSync(f, 'utf8') : 'Echo a text back';
 }
 
+// TASKS=1: the server takes task-augmented calls of `report` (2025-11-25 tasks). Its task
+// store is shared by all sessions and ignores which session asks, as a job API that takes a
+// task id for the capability to read it would: binding tasks to callers is the gateway's job.
+const { InMemoryTaskStore, InMemoryTaskMessageQueue } = require('@modelcontextprotocol/sdk/experimental/tasks/stores/in-memory.js');
+class SharedTaskStore extends InMemoryTaskStore {
+  createTask(params, requestId, request) { return super.createTask(params, requestId, request); }
+  getTask(taskId) { return super.getTask(taskId); }
+  storeTaskResult(taskId, status, result) { return super.storeTaskResult(taskId, status, result); }
+  getTaskResult(taskId) { return super.getTaskResult(taskId); }
+  updateTaskStatus(taskId, status, message) { return super.updateTaskStatus(taskId, status, message); }
+  listTasks(cursor) { return super.listTasks(cursor); }
+}
+const tasks = process.env.TASKS === '1' ? new SharedTaskStore() : undefined;
+
 function makeServer() {
-  const server = new McpServer({ name: 'tickets', version: '1.0.0' }, { capabilities: { logging: {} } });
+  const options = { capabilities: { logging: {} } };
+  if (tasks) {
+    options.capabilities.tasks = { list: {}, cancel: {}, requests: { tools: { call: {} } } };
+    options.taskStore = tasks;
+    options.taskMessageQueue = new InMemoryTaskMessageQueue();
+  }
+  const server = new McpServer({ name: 'tickets', version: '1.0.0' }, options);
+  if (tasks) registerReport(server);
   server.registerTool(
     'lookup_customer',
     {
@@ -73,6 +94,32 @@ function makeServer() {
     },
   );
   return server;
+}
+
+// `report`: a task that completes after 300 ms with a result that names an email address.
+function registerReport(server) {
+  server.experimental.tasks.registerToolTask(
+    'report',
+    { description: 'Build a report of a project', inputSchema: { project: z.string() } },
+    {
+      async createTask({ project }, { taskStore, taskRequestedTtl }) {
+        ran('report', { project });
+        const task = await taskStore.createTask({ ttl: taskRequestedTtl ?? 60000 });
+        setTimeout(() => {
+          taskStore.storeTaskResult(task.taskId, 'completed', {
+            content: [{ type: 'text', text: `report of ${project}: owner ada@example.com` }],
+          });
+        }, 300);
+        return { task };
+      },
+      async getTask(_args, { taskId, taskStore }) {
+        return taskStore.getTask(taskId);
+      },
+      async getTaskResult(_args, { taskId, taskStore }) {
+        return taskStore.getTaskResult(taskId);
+      },
+    },
+  );
 }
 
 if (process.env.STDIO === '1') {
