@@ -448,6 +448,12 @@ impl Ca {
     }
 }
 
+/// The URI SAN prefix of a replica's certificate (followed by the replica id).
+pub const REPLICA_URI_PREFIX: &str = "urn:tollgate:replica:";
+const REPLICA_CN: &str = "tollgate replica";
+/// Clock skew a replica certificate tolerates between hosts.
+const REPLICA_SKEW: Duration = Duration::from_secs(60);
+
 /// The CA the gateway issues client certificates with (`server.issuing_ca_cert`/`_key`), for
 /// `POST /api/v1/certificates`: the gateway's client CA itself or an intermediate signed by it.
 pub struct IssuingCa {
@@ -518,6 +524,38 @@ impl IssuingCa {
             me.subject(),
             client_ca.display()
         ))
+    }
+
+    /// A fresh key and a short-lived certificate (`ttl`) naming replica `id` (CN
+    /// `tollgate replica`, URI SAN [`REPLICA_URI_PREFIX`]`id`), for one replica's connection to
+    /// another: (certificate PEM, key PEM). Sign-ins never get a URI SAN from this CA, so no
+    /// user can hold such a certificate.
+    pub fn issue_replica(&self, id: &str, ttl: Duration) -> Result<(String, String), PkiError> {
+        let (key_pem, csr_pem) = key_and_csr(REPLICA_CN)?;
+        let now = SystemTime::now();
+        let spec = ClientCertSpec {
+            name: REPLICA_CN.into(),
+            spiffe: Some(format!("{REPLICA_URI_PREFIX}{id}")),
+            groups: Vec::new(),
+            ttl: ttl + REPLICA_SKEW,
+            not_before: Some(now - REPLICA_SKEW),
+        };
+        Ok((self.issue_for_csr(&csr_pem, &spec)?.pem, key_pem))
+    }
+
+    /// The replica id a client certificate (DER leaf) names, if this CA signed it for a
+    /// replica ([`IssuingCa::issue_replica`]); `None` for any other certificate.
+    pub fn replica_of(&self, leaf: &[u8]) -> Option<String> {
+        let (_, me) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        if cert.issuer() != me.subject() || cert.verify_signature(Some(me.public_key())).is_err() {
+            return None;
+        }
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(REPLICA_URI_PREFIX).map(str::to_string),
+            _ => None,
+        })
     }
 
     /// Issue a client certificate (EKU clientAuth, CN = `spec.name`, one OU per group, optional
@@ -1237,6 +1275,38 @@ mod tests {
         assert_eq!(summary.ip_addresses, vec!["127.0.0.1"]);
         assert_eq!(summary.common_name.as_deref(), Some("db.internal"));
         assert!(inspect(&ca.cert).unwrap()[0].is_ca);
+    }
+
+    #[test]
+    fn replica_certificates_are_recognised_only_from_this_ca_with_the_replica_uri() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = init_ca(tmp.path(), "cluster").unwrap();
+        let ca = IssuingCa::load(&root.cert, &root.key).unwrap();
+        let (cert, _key) = ca
+            .issue_replica("gw-0123", Duration::from_secs(300))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(ca.replica_of(&der).as_deref(), Some("gw-0123"));
+        // A user's certificate from the same CA names no replica, even called like one.
+        let spec = ClientCertSpec {
+            name: "tollgate replica".into(),
+            spiffe: Some("spiffe://example.org/urn:tollgate:replica:gw-0123".into()),
+            groups: vec![],
+            ttl: Duration::from_secs(600),
+            not_before: None,
+        };
+        let user = issue_client(tmp.path(), &spec, &tmp.path().join("user")).unwrap();
+        assert_eq!(ca.replica_of(&der_of(&user.cert)), None);
+        // A replica certificate from another CA is not this cluster's.
+        let other_dir = tmp.path().join("other");
+        let other = init_ca(&other_dir, "other").unwrap();
+        let other = IssuingCa::load(&other.cert, &other.key).unwrap();
+        let (forged, _) = other
+            .issue_replica("gw-0123", Duration::from_secs(300))
+            .unwrap();
+        let forged = CertificateDer::from_pem_slice(forged.as_bytes()).unwrap();
+        assert_eq!(ca.replica_of(&forged), None);
+        assert_eq!(ca.replica_of(b"not a certificate"), None);
     }
 
     #[test]

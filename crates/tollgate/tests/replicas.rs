@@ -123,6 +123,8 @@ https_listen = "127.0.0.1:{{https_port}}"
 tls_cert = "{cert}"
 tls_key = "{key}"
 client_ca = "{ca}"
+issuing_ca_cert = "{ca}"
+issuing_ca_key = "{ca_key}"
 store = "{store_url}"
 {server_extra}
 [roles]
@@ -153,6 +155,7 @@ password_file = "{app_pw}"
         cert = gw_cert.cert.display(),
         key = gw_cert.key.display(),
         ca = pki.ca.display(),
+        ca_key = pki.dir.join("ca.key").display(),
         up_port = app.port,
         db = app.database,
         app_ca = app.ca_cert.display(),
@@ -883,57 +886,76 @@ fn split_relay(first: u16, then: u16) -> u16 {
     port
 }
 
+/// `SELECT pg_sleep(30)` through `port` as alice, running upstream when this returns; the
+/// query's task and its cancel token.
+async fn long_query(
+    f: &Fleet,
+    port: u16,
+) -> (
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    tokio_postgres::CancelToken,
+) {
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&f.pki.ca, Some(&f.alice)));
+    let conninfo = format!("host=localhost port={port} dbname=app user=alice sslmode=require");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tls)
+        .await
+        .expect("connect through replica A");
+    tokio::spawn(conn);
+    let token = client.cancel_token();
+    let query =
+        tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running_sleeps(f) != 1 {
+        assert!(Instant::now() < deadline, "the query never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (query, token)
+}
+
+fn running_sleeps(f: &Fleet) -> i64 {
+    f.app
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Sends the client's CancelRequest (TLS, to the address it connected to) and waits for the
+/// query to end with 57014.
+async fn cancel_and_expect_it(
+    f: &Fleet,
+    token: &tokio_postgres::CancelToken,
+    query: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&f.pki.ca, Some(&f.alice)));
+    token
+        .cancel_query(tls)
+        .await
+        .expect("send the cancel request");
+    let err = tokio::time::timeout(Duration::from_secs(20), query)
+        .await
+        .expect("the query was not cancelled")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err:?}"
+    );
+}
+
 /// A CancelRequest that reaches replica B for a query running through replica A cancels it:
-/// the key names A (its tag), B passes the request on, A matches the secret.
+/// the key names A (its tag), B passes the request on over mutual TLS (A's certificate
+/// verified, B's naming it a replica of the cluster), A matches the secret.
 #[test]
 fn a_cancel_request_through_another_replica_cancels_the_query() {
     let f = start();
     let relay = split_relay(f.a().gw.pg_port, f.b().gw.pg_port);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let took = rt.block_on(async {
-        let tls =
-            tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&f.pki.ca, Some(&f.alice)));
-        let conninfo = format!("host=localhost port={relay} dbname=app user=alice sslmode=require");
-        let (client, conn) = tokio_postgres::connect(&conninfo, tls.clone())
-            .await
-            .expect("connect through replica A");
-        tokio::spawn(conn);
-        let token = client.cancel_token();
-        let query =
-            tokio::spawn(
-                async move { client.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) },
-            );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let running = f
-                .app
-                .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
-                .unwrap();
-            if running.trim() == "1" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the query never started");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let took = runtime().block_on(async {
+        let (query, token) = long_query(&f, relay).await;
         let started = Instant::now();
-        token
-            .cancel_query(tls)
-            .await
-            .expect("send the cancel request");
-        let err = tokio::time::timeout(Duration::from_secs(20), query)
-            .await
-            .expect("the query was not cancelled")
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-            "{err:?}"
-        );
+        cancel_and_expect_it(&f, &token, query).await;
         started.elapsed()
     });
     eprintln!("replicas: cancel through replica B ended the query on A {took:?} after it was sent");
@@ -951,4 +973,86 @@ fn a_cancel_request_through_another_replica_cancels_the_query() {
             .metric("tollgate_cancel_requests_total{matched=\"yes\"}"),
         Some(1)
     );
+}
+
+/// tollgate's forwarded-cancel code (1234.5677), as one replica sends it to another.
+const FORWARDED_CANCEL: i32 = 80877101;
+
+fn forwarded_cancel(pid: i32, secret: i32) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(16);
+    msg.extend_from_slice(&16i32.to_be_bytes());
+    msg.extend_from_slice(&FORWARDED_CANCEL.to_be_bytes());
+    msg.extend_from_slice(&pid.to_be_bytes());
+    msg.extend_from_slice(&secret.to_be_bytes());
+    msg
+}
+
+/// Sends a forwarded cancel request to `port` inside TLS with `who`'s certificate; returns once
+/// the gateway hung up.
+async fn forge_forward_over_tls(f: &Fleet, port: u16, who: &IssuedFiles, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut ssl_request = 8i32.to_be_bytes().to_vec();
+    ssl_request.extend_from_slice(&80877103i32.to_be_bytes());
+    tcp.write_all(&ssl_request).await.unwrap();
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_tls_arc(&f.pki.ca, Some(who)))
+        .connect(name, tcp)
+        .await
+        .expect("TLS with a valid client certificate");
+    tls.write_all(msg).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "a cancel request gets no reply: {rest:?}");
+}
+
+/// A forwarded cancel request with the right key but not from a replica is refused: from a
+/// user's valid certificate of the very CA that issues the replicas' (inside TLS), and in
+/// plaintext. The query keeps running; the owner counts both as refused.
+#[test]
+fn a_forged_forwarded_cancel_is_refused() {
+    let f = start();
+    let a = f.a().gw.pg_port;
+    runtime().block_on(async {
+        let (query, token) = long_query(&f, a).await;
+        let (pid, secret) = cancel_key(&token, &f.pki).await;
+        let msg = forwarded_cancel(pid, secret);
+        forge_forward_over_tls(&f, a, &f.alice, &msg).await;
+        {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", a)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&msg).unwrap();
+            let _ = s.read_to_end(&mut Vec::new());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            running_sleeps(&f),
+            1,
+            "a forged forward cancelled the query"
+        );
+        assert!(!query.is_finished());
+        assert_eq!(
+            f.a()
+                .gw
+                .metric("tollgate_cancel_requests_total{matched=\"refused\"}"),
+            Some(2),
+            "{}",
+            f.a().gw.metrics()
+        );
+        assert_eq!(
+            f.a()
+                .gw
+                .metric("tollgate_cancel_requests_total{matched=\"yes\"}"),
+            None
+        );
+        // The same key as an ordinary CancelRequest from the client still works.
+        cancel_and_expect_it(&f, &token, query).await;
+    });
 }
