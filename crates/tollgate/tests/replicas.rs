@@ -408,16 +408,46 @@ fn a_statement_held_on_one_replica_runs_when_approved_through_another() {
 
 #[test]
 fn readyz_reports_an_unreachable_store() {
-    let mut f = start();
+    let audit_timeout = Duration::from_secs(2);
+    let mut f = start_with(FleetOptions {
+        server_extra: "audit_timeout = \"2s\"\n",
+        ..Default::default()
+    });
     assert!(matches!(f.a().gw.http_get("/readyz"), Some((200, _))));
+    let out = f.psql(f.a(), &f.alice, "SELECT 'tg-before'");
+    assert!(out.status.success(), "{}", stderr(&out));
     f.store.stop();
+    let stopped = Instant::now();
+    // The journal takes commands while the store is away, until its oldest unshipped event is
+    // older than audit_timeout; then statements are refused (fail closed), not run unrecorded.
+    let mut answered = 0;
+    let refused_after = loop {
+        let out = f.psql(f.a(), &f.alice, "SELECT 'tg-while-away'");
+        if !out.status.success() {
+            assert!(
+                stderr(&out).contains("could not record this command in the audit trail"),
+                "{}",
+                stderr(&out)
+            );
+            break stopped.elapsed();
+        }
+        answered += 1;
+        assert!(
+            stopped.elapsed() < audit_timeout + Duration::from_secs(10),
+            "statements still run {:?} after the store went away",
+            stopped.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "store stopped: {answered} statements answered from the journal, the first refused {refused_after:?} after the stop (audit_timeout {audit_timeout:?})"
+    );
+    assert!(refused_after >= audit_timeout, "{refused_after:?}");
     wait_for(
         Duration::from_secs(30),
         "replica A not ready",
         || matches!(f.a().gw.http_get("/readyz"), Some((503, body)) if body.contains("audit store is unreachable")),
     );
-    // A statement through a replica whose store is gone is refused, not run unrecorded, once
-    // the audit timeout has passed; here only readiness is checked, which the load balancer uses.
     assert!(matches!(f.b().gw.http_get("/readyz"), Some((503, _))));
 }
 
