@@ -156,14 +156,7 @@ impl Setup {
             .args(args)
             .output()
             .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("curl {args:?}: {text}"));
-        (status, head.to_string(), body.to_string())
+        curl_answer(&out, &format!("{args:?}"))
     }
 
     /// Sign in with `token` through the form, as a browser would: the console session cookie.

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::idp::{Browsed, Consent, Idp};
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -30,12 +31,11 @@ struct Fleet {
     _tmp: tempfile::TempDir,
 }
 
-fn start_replica(config: &str, tmp: &Path) -> Replica {
+fn start_replica(config: &str, tmp: &Path, https: u16) -> Replica {
     let dir = tempfile::Builder::new()
         .prefix("replica-")
         .tempdir_in(tmp)
         .unwrap();
-    let https = tollgate_testsupport::free_port();
     let gw = Gateway::start(
         dir.path(),
         &config.replace("{https_port}", &https.to_string()),
@@ -55,6 +55,10 @@ struct FleetOptions {
     server_extra: &'static str,
     /// Lines added to the resource PostgreSQL's configuration.
     app_conf: Vec<String>,
+    /// Appended to the configuration (tables after the resource).
+    tail: String,
+    /// The replicas' `https_listen` ports, in order (free ports past the list).
+    https_ports: Vec<u16>,
 }
 
 impl Default for FleetOptions {
@@ -63,6 +67,8 @@ impl Default for FleetOptions {
             replicas: 2,
             server_extra: "",
             app_conf: Vec::new(),
+            tail: String::new(),
+            https_ports: Vec::new(),
         }
     }
 }
@@ -151,7 +157,7 @@ server_name = "localhost"
 [resources.credentials]
 user = "{user}"
 password_file = "{app_pw}"
-"#,
+{tail}"#,
         cert = gw_cert.cert.display(),
         key = gw_cert.key.display(),
         ca = pki.ca.display(),
@@ -162,9 +168,17 @@ password_file = "{app_pw}"
         user = app.user,
         app_pw = app_pw.display(),
         server_extra = opts.server_extra,
+        tail = opts.tail,
     );
     let replicas = (0..opts.replicas)
-        .map(|_| start_replica(&config, tmp.path()))
+        .map(|n| {
+            let https = opts
+                .https_ports
+                .get(n)
+                .copied()
+                .unwrap_or_else(tollgate_testsupport::free_port);
+            start_replica(&config, tmp.path(), https)
+        })
         .collect();
     Fleet {
         replicas,
@@ -531,6 +545,7 @@ fn with_store_durability_a_command_waits_for_the_shared_store_and_fails_closed_w
         replicas: 1,
         server_extra: "audit_durability = \"store\"\naudit_timeout = \"2s\"\n",
         app_conf: log_statements(),
+        ..Default::default()
     });
     let audit_timeout = Duration::from_secs(2);
     let out = f.psql(f.a(), &f.alice, "SELECT 'tg-stored-1'");
@@ -621,8 +636,8 @@ fn pgbench_processed(out: &Output) -> Option<u64> {
 fn kill_9_of_a_replica_under_pgbench_load_loses_no_command_event() {
     let mut f = start_with(FleetOptions {
         replicas: 3,
-        server_extra: "",
         app_conf: log_statements(),
+        ..Default::default()
     });
     let tmp = f._tmp.path().to_path_buf();
     let scripts: Vec<_> = ["a", "b", "c"]
@@ -1103,4 +1118,92 @@ fn a_forged_forwarded_cancel_is_refused() {
         // The same key as an ordinary CancelRequest from the client still works.
         cancel_and_expect_it(&f, &token, query).await;
     });
+}
+
+/// curl as a browser with cookie jar `jar`, trusting `bundle`: status, head, body.
+fn curl_with_jar(bundle: &Path, jar: &Path, url: &str) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "20", "--cacert"])
+        .arg(bundle)
+        .arg("-b")
+        .arg(jar)
+        .arg(url)
+        .output()
+        .expect("curl");
+    curl_answer(&out, url)
+}
+
+/// A console sign-in with the identity provider started on replica A finishes on replica B
+/// (the provider's redirect reached another replica, as behind a load balancer): the pending
+/// sign-in (state, nonce, PKCE verifier) is in the shared store, under the SHA-256 of the
+/// browser's cookie only, and is used once across the replicas.
+#[test]
+fn an_oidc_sign_in_started_on_one_replica_finishes_on_another() {
+    let idp_dir = tempfile::tempdir().unwrap();
+    let mut idp = Idp::new(idp_dir.path(), tollgate_testsupport::free_port(), "keys");
+    // The provider is up before the replicas start (their key fetch does not wait for it).
+    let (a, b) = (
+        tollgate_testsupport::free_port(),
+        tollgate_testsupport::free_port(),
+    );
+    idp.redirect_uris = vec![format!("https://localhost:{a}/auth/oidc/callback")];
+    idp.up();
+    let f = start_with(FleetOptions {
+        tail: format!(
+            "\n[[identity.oidc]]\nissuer = \"{}\"\nca = \"{}\"\nclient_id = \"tollgate-login\"\naudiences = [\"tollgate\"]\n",
+            idp.issuer,
+            idp.ca.display()
+        ),
+        https_ports: vec![a, b],
+        ..Default::default()
+    });
+    let bundle = idp_dir.path().join("cas.pem");
+    std::fs::write(
+        &bundle,
+        [&idp.ca, &f.pki.ca]
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .concat(),
+    )
+    .unwrap();
+    let jar = idp_dir.path().join("jar");
+    let start = format!("https://localhost:{a}/auth/oidc/start?next=/reviews");
+    let Browsed::Left(back) = idp.browse_trusting(&start, "alice", Consent::Approve, &jar, &bundle)
+    else {
+        panic!("the provider did not redirect back");
+    };
+    let cookie = std::fs::read_to_string(&jar).unwrap();
+    let pending_id = cookie
+        .lines()
+        .find(|l| l.contains("__Host-tollgate_oidc"))
+        .and_then(|l| l.split('\t').next_back())
+        .expect("the pre-login cookie")
+        .to_string();
+    // The store holds the pending sign-in, keyed by the cookie's digest, never the cookie.
+    let stored = f
+        .store
+        .psql("SELECT key || ' ' || value FROM one_time WHERE kind = 'console.oidc.pending'")
+        .unwrap();
+    assert_eq!(stored.trim().lines().count(), 1, "{stored}");
+    assert!(!stored.contains(&pending_id), "{stored}");
+
+    let on_b = back.replace(&format!("localhost:{a}/"), &format!("localhost:{b}/"));
+    assert_ne!(on_b, back);
+    let (status, head, body) = curl_with_jar(&bundle, &jar, &on_b);
+    assert_eq!(status, 303, "{head}\n{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("set-cookie: __host-tollgate_console="),
+        "{head}"
+    );
+    assert!(
+        head.contains("location: /reviews") || head.contains("Location: /reviews"),
+        "{head}"
+    );
+    // Used once across the replicas: the same answer on A finds nothing.
+    let (status, _, body) = curl_with_jar(&bundle, &jar, &back);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("expired, was already used, or was started in another browser"),
+        "{body}"
+    );
 }

@@ -133,7 +133,7 @@ fn count(outcome: &str, reason: &str) {
         .inc();
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, tollgate_store::StoreError> + Send + 'static,
 ) -> Result<T, String> {
     match tokio::task::spawn_blocking(f).await {

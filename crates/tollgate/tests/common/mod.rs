@@ -709,3 +709,15 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The output of `curl -s -i`: status, head, body.
+pub fn curl_answer(out: &Output, what: &str) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("curl {what}: {text}"));
+    (status, head.to_string(), body.to_string())
+}
