@@ -443,6 +443,24 @@ impl Lint<'_> {
         if let Some(ca) = &s.replica_ca {
             self.cert_file(ca, "server.replica_ca", None, "replica CA certificate");
         }
+        let (key, ca) = match (&s.replica_ca, &s.client_ca) {
+            (Some(ca), _) => ("server.replica_ca", ca),
+            (None, Some(ca)) => ("server.client_ca", ca),
+            (None, None) => return,
+        };
+        if tollgate_tls::pki::chain_reaches_bundle(&s.tls_cert, ca) == Ok(false) {
+            self.push(Finding::new(
+                "replica_cert_unverifiable",
+                Severity::Medium,
+                None,
+                key,
+                format!(
+                    "the gateway's certificate (server.tls_cert) does not chain to {key} ({}): the other replicas verify it against that CA when they pass a cancel request on, and would refuse it",
+                    ca.display()
+                ),
+                "set server.replica_ca to the CA that issued the replicas' tls_cert",
+            ));
+        }
     }
 
     /// Connection caps turned off (0): one client or one leaked credential can exhaust the gateway.
@@ -1284,8 +1302,15 @@ approvers = ["sre", "dbas"]
         let mut c = f.replica_config();
         c.server.store = url;
         assert_eq!(f.check(&c), vec![]);
+        // The replicas' server certificates from another CA than the one they are checked against.
+        c.server.replica_ca = Some(f.path("db/ca.crt"));
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["replica_cert_unverifiable"]);
+        assert_eq!(found[0].key, "server.replica_ca");
+        c.server.replica_ca = Some(f.path("pki/ca.crt"));
+        assert_eq!(f.check(&c), vec![]);
         c.server.replica_ca = Some(f.path("pki/missing-ca.crt"));
-        assert_eq!(kinds(&f.check(&c)), ["missing_file"]);
+        assert!(kinds(&f.check(&c)).contains(&"missing_file"));
         // Alone on SQLite, nothing is forwarded: no finding.
         assert_eq!(f.check(&f.config("", "")), vec![]);
     }

@@ -501,29 +501,14 @@ impl IssuingCa {
     /// Whether certificates issued here chain to the CA bundle `client_ca` (PEM): the issuing
     /// CA is one of its certificates, or is signed by one. `Err` says why not.
     pub fn check_chains_to(&self, client_ca: &Path) -> Result<(), String> {
-        let bundle = std::fs::read(client_ca)
-            .map_err(|e| format!("cannot read {}: {e}", client_ca.display()))?;
-        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("cannot parse {}: {e}", client_ca.display()))?;
-        let (_, me) = x509_parser::parse_x509_certificate(&self.cert_der)
-            .map_err(|e| format!("cannot parse the issuing CA certificate: {e}"))?;
-        for root in &roots {
-            if root.as_ref() == self.cert_der.as_slice() {
-                return Ok(());
-            }
-            let Ok((_, r)) = x509_parser::parse_x509_certificate(root) else {
-                continue;
-            };
-            if r.subject() == me.issuer() && me.verify_signature(Some(r.public_key())).is_ok() {
-                return Ok(());
-            }
+        match signed_by_bundle(&self.cert_der, client_ca)? {
+            true => Ok(()),
+            false => Err(format!(
+                "the issuing CA ({}) is neither a certificate of server.client_ca ({}) nor signed by one, so the gateway would refuse the certificates it issues",
+                subject_of(&self.cert_der),
+                client_ca.display()
+            )),
         }
-        Err(format!(
-            "the issuing CA ({}) is neither a certificate of server.client_ca ({}) nor signed by one, so the gateway would refuse the certificates it issues",
-            me.subject(),
-            client_ca.display()
-        ))
     }
 
     /// A fresh key and a short-lived certificate (`ttl`) naming replica `id` (CN
@@ -622,6 +607,43 @@ impl IssuingCa {
             not_after,
         })
     }
+}
+
+/// Whether certificate `der` is one of the CA bundle's certificates (PEM file `bundle`) or is
+/// signed by one of them; `Err` if the bundle or the certificate cannot be read.
+pub fn signed_by_bundle(der: &[u8], bundle: &Path) -> Result<bool, String> {
+    let pem =
+        std::fs::read(bundle).map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot parse {}: {e}", bundle.display()))?;
+    let (_, me) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    Ok(roots.iter().any(|root| {
+        root.as_ref() == der
+            || x509_parser::parse_x509_certificate(root).is_ok_and(|(_, r)| {
+                r.subject() == me.issuer() && me.verify_signature(Some(r.public_key())).is_ok()
+            })
+    }))
+}
+
+/// Whether the certificate chain file `chain` (PEM, leaf first) reaches the CA bundle `bundle`:
+/// one of its certificates is in the bundle or signed by one of the bundle's.
+pub fn chain_reaches_bundle(chain: &Path, bundle: &Path) -> Result<bool, String> {
+    let pem = std::fs::read(chain).map_err(|e| format!("cannot read {}: {e}", chain.display()))?;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("cannot parse {}: {e}", chain.display()))?;
+        if signed_by_bundle(&cert, bundle)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn subject_of(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.subject().to_string())
+        .unwrap_or_default()
 }
 
 /// SHA-256 (hex) of the public key (SubjectPublicKeyInfo DER) a PKCS#10 request asks for, its
