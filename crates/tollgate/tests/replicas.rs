@@ -279,30 +279,7 @@ impl Fleet {
     fn approve_held_through_b(&self, sql: &str) -> (String, Output, i64) {
         let before = self.items();
         let child = self.psql_bg(self.a(), &self.bob, sql);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let review = loop {
-            let out = self.reviews(self.b(), &self.alice, &["list", "--json"]);
-            assert!(out.status.success(), "{}", stderr(&out));
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-            let found = list["reviews"].as_array().and_then(|l| {
-                l.iter()
-                    .find(|r| {
-                        r["status"] == "pending"
-                            && r["statement"]
-                                .as_str()
-                                .is_some_and(|s| s.starts_with("DELETE"))
-                    })
-                    .cloned()
-            });
-            if let Some(r) = found {
-                break r;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica B never saw the review: {list}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let review = self.pending_delete_on_b();
         let id = review["id"].as_str().unwrap().to_string();
         assert_eq!(self.items(), before, "nothing ran while held");
         let out = self.reviews(
@@ -318,6 +295,42 @@ impl Fleet {
         let executed_ms: i64 = stdout(&out).lines().next().unwrap().trim().parse().unwrap();
         let approved_ms = decided["decided_at_unix_ms"].as_i64().unwrap();
         (id, out, executed_ms - approved_ms)
+    }
+
+    /// The pending review of a DELETE, once replica B lists it.
+    fn pending_delete_on_b(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.reviews(self.b(), &self.alice, &["list", "--json"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let found = list["reviews"].as_array().and_then(|l| {
+                l.iter()
+                    .find(|r| {
+                        r["status"] == "pending"
+                            && r["statement"]
+                                .as_str()
+                                .is_some_and(|s| s.starts_with("DELETE"))
+                    })
+                    .cloned()
+            });
+            if let Some(r) = found {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica B never saw the review: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Replica `r`'s console as curl sees it.
+    fn console(&self, r: &Replica) -> ConsoleCurl {
+        ConsoleCurl {
+            ca: self.pki.ca.clone(),
+            origin: format!("https://localhost:{}", r.https),
+        }
     }
 
     fn items(&self) -> i64 {
@@ -1212,4 +1225,70 @@ fn an_oidc_sign_in_started_on_one_replica_finishes_on_another() {
         body.contains("expired, was already used, or was started in another browser"),
         "{body}"
     );
+}
+
+/// A console session opened on replica A serves the browser on replica B (the session is in
+/// the shared store under its cookie's SHA-256, the service token sealed under the cookie):
+/// B shows the held statement, takes the approval with B's page's CSRF token, and the
+/// statement held on A runs; signing out on B ends the session on A too.
+#[test]
+fn a_console_session_opened_on_one_replica_is_served_and_ended_by_another() {
+    const TOKEN: &str = "tg_console_replicas_reviewer_token";
+    let f = start_with(FleetOptions {
+        tail: format!(
+            "\n[[identity.tokens]]\nsubject = \"rita\"\nsha256 = \"{}\"\ngroups = [\"sre\"]\n",
+            sha256_hex(TOKEN)
+        ),
+        ..Default::default()
+    });
+    let (a, b) = (f.console(f.a()), f.console(f.b()));
+    let cookie = a.login(TOKEN);
+    let (status, body) = a.page(&cookie, "/reviews");
+    assert_eq!(status, 200, "{body}");
+    // The store holds the session under the cookie's digest, the token sealed.
+    let stored = f
+        .store
+        .psql("SELECT key || ' ' || value FROM one_time WHERE kind = 'console.session'")
+        .unwrap();
+    assert_eq!(stored.trim().lines().count(), 1, "{stored}");
+    assert!(stored.contains(&sha256_hex(&cookie)), "{stored}");
+    assert!(
+        !stored.contains(&cookie) && !stored.contains(TOKEN),
+        "{stored}"
+    );
+
+    let child = f.psql_bg(f.a(), &f.bob, "DELETE FROM items WHERE id = 1");
+    let id = f.pending_delete_on_b()["id"].as_str().unwrap().to_string();
+    let (status, page) = b.page(&cookie, &format!("/reviews/{id}"));
+    assert_eq!(status, 200, "B serves A's session: {page}");
+    assert!(page.contains("DELETE FROM items WHERE id = 1"), "{page}");
+    let csrf = csrf_of(&page);
+    let (status, _, body) = b.post(
+        &format!("/reviews/{id}/approve"),
+        &cookie,
+        Some(&b.origin),
+        &[("csrf", &csrf), ("reason", "approved through B")],
+    );
+    assert_eq!(status, 303, "{body}");
+    let out = child.wait_with_output().unwrap();
+    assert!(stdout(&out).contains("DELETE 1"), "{}", stderr(&out));
+    assert_eq!(f.items(), 9);
+
+    let (status, _, body) = b.post("/logout", &cookie, Some(&b.origin), &[("csrf", &csrf)]);
+    assert_eq!(status, 303, "{body}");
+    let (status, head, _) = a.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={cookie}"),
+        &format!("{}/reviews", a.origin),
+    ]);
+    assert_eq!(status, 303, "A refuses the signed-out cookie: {head}");
+    assert!(
+        head.to_ascii_lowercase().contains("location: /login"),
+        "{head}"
+    );
+    let left = f
+        .store
+        .psql("SELECT count(*) FROM one_time WHERE kind = 'console.session'")
+        .unwrap();
+    assert_eq!(left.trim(), "0");
 }

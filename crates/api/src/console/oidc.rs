@@ -11,9 +11,7 @@
 //! refusal at the provider, a foreign or expired sign-in and an unaccepted token each get a
 //! page that says what happened and how to start again.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
@@ -58,35 +56,10 @@ struct StoredPending {
 /// The store's kind for pending OIDC sign-ins (one-time values, keyed by the cookie's SHA-256).
 const KIND_PENDING: &str = "console.oidc.pending";
 
-/// Sign-ins this process started within [`PENDING_TTL`]: the cap on what it adds to the store.
-#[derive(Default)]
-pub struct PendingSignIns {
-    started: Mutex<VecDeque<Instant>>,
-}
-
-impl PendingSignIns {
-    /// Room for one more sign-in from this process (false past [`MAX_PENDING`]).
-    fn admit(&self) -> bool {
-        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        while started
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > PENDING_TTL)
-        {
-            started.pop_front();
-        }
-        if started.len() >= MAX_PENDING {
-            return false;
-        }
-        started.push_back(now);
-        true
-    }
-}
-
 /// Keeps `pending` in the store; the id for the browser's cookie (`None`: too many, or the
 /// store failed).
 async fn put_pending(state: &ApiState, pending: &Pending) -> Option<String> {
-    if !state.console.sign_ins.admit() {
+    if !state.console.sign_ins.admit(PENDING_TTL, MAX_PENDING) {
         return None;
     }
     let r = &pending.request;
@@ -429,14 +402,18 @@ async fn finish(
             )
         }
     };
-    let Some((sid, _)) = state.console.create(&who, Credential::Token(token)) else {
+    let Some((sid, _)) = state
+        .console
+        .create(&state.store, &who, Credential::Token(token))
+        .await
+    else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Some(who),
             "too_many_sessions",
             failed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "Too many console sessions are open right now.",
+                auth::NO_SESSION,
                 "retry in a few minutes",
             ),
         );

@@ -721,3 +721,111 @@ pub fn curl_answer(out: &Output, what: &str) -> (u16, String, String) {
         .unwrap_or_else(|| panic!("curl {what}: {text}"));
     (status, head.to_string(), body.to_string())
 }
+
+/// A console (`origin`, trusting `ca`) as curl sees it, one request at a time.
+pub struct ConsoleCurl {
+    pub ca: PathBuf,
+    pub origin: String,
+}
+
+impl ConsoleCurl {
+    /// `curl -i` against the console: (status, headers, body).
+    pub fn curl(&self, args: &[&str]) -> (u16, String, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--cacert"])
+            .arg(&self.ca)
+            .args(args)
+            .output()
+            .expect("curl");
+        curl_answer(&out, &format!("{args:?}"))
+    }
+
+    /// Sign in with `token` through the form, as a browser would: the console session cookie.
+    pub fn login(&self, token: &str) -> String {
+        let (status, head, _) = self.curl(&[&format!("{}/login", self.origin)]);
+        assert_eq!(status, 200);
+        let login = set_cookie_value(&head, "__Host-tollgate_login").expect("login cookie");
+        let (status, head, body) = self.curl(&[
+            "-H",
+            &format!("Origin: {}", self.origin),
+            "-H",
+            &format!("Cookie: __Host-tollgate_login={login}"),
+            "--data-urlencode",
+            &format!("token={token}"),
+            "--data-urlencode",
+            &format!("csrf={login}"),
+            &format!("{}/login", self.origin),
+        ]);
+        assert_eq!(status, 303, "{head}\n{body}");
+        let line = head
+            .lines()
+            .find(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("set-cookie: __host-tollgate_console=")
+            })
+            .expect("a console session cookie");
+        let value = set_cookie_value(&head, "__Host-tollgate_console").unwrap();
+        assert_eq!(value.len(), 64, "32 random bytes, hex: {line}");
+        assert!(
+            line.ends_with("; Secure; HttpOnly; SameSite=Lax; Path=/; Max-Age=3600"),
+            "{line}"
+        );
+        value
+    }
+
+    /// A console POST with `cookie` and `form` fields: (status, headers, body).
+    pub fn post(
+        &self,
+        path: &str,
+        cookie: &str,
+        origin: Option<&str>,
+        form: &[(&str, &str)],
+    ) -> (u16, String, String) {
+        let mut args = vec![
+            "-H".to_string(),
+            format!("Cookie: __Host-tollgate_console={cookie}"),
+        ];
+        if let Some(o) = origin {
+            args.extend(["-H".into(), format!("Origin: {o}")]);
+        }
+        for (k, v) in form {
+            args.extend(["--data-urlencode".into(), format!("{k}={v}")]);
+        }
+        if form.is_empty() {
+            args.extend(["-X".into(), "POST".into()]);
+        }
+        args.push(format!("{}{path}", self.origin));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.curl(&args)
+    }
+
+    /// A console page as `cookie`'s viewer: (status, body).
+    pub fn page(&self, cookie: &str, path: &str) -> (u16, String) {
+        let (status, _, body) = self.curl(&[
+            "-H",
+            &format!("Cookie: __Host-tollgate_console={cookie}"),
+            &format!("{}{path}", self.origin),
+        ]);
+        (status, body)
+    }
+}
+
+/// The value `name` is set to by a `Set-Cookie` header of `head`.
+pub fn set_cookie_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if !k.eq_ignore_ascii_case("set-cookie") {
+            return None;
+        }
+        let pair = v.trim().split(';').next()?;
+        let (n, val) = pair.split_once('=')?;
+        (n == name && !val.is_empty()).then(|| val.to_string())
+    })
+}
+
+/// The hidden CSRF field of a console page.
+pub fn csrf_of(page: &str) -> String {
+    let at =
+        page.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_string()
+}
