@@ -1234,7 +1234,7 @@ fn an_oidc_sign_in_started_on_one_replica_finishes_on_another() {
 #[test]
 fn a_console_session_opened_on_one_replica_is_served_and_ended_by_another() {
     const TOKEN: &str = "tg_console_replicas_reviewer_token";
-    let f = start_with(FleetOptions {
+    let mut f = start_with(FleetOptions {
         tail: format!(
             "\n[[identity.tokens]]\nsubject = \"rita\"\nsha256 = \"{}\"\ngroups = [\"sre\"]\n",
             sha256_hex(TOKEN)
@@ -1276,19 +1276,36 @@ fn a_console_session_opened_on_one_replica_is_served_and_ended_by_another() {
 
     let (status, _, body) = b.post("/logout", &cookie, Some(&b.origin), &[("csrf", &csrf)]);
     assert_eq!(status, 303, "{body}");
-    let (status, head, _) = a.curl(&[
-        "-H",
-        &format!("Cookie: __Host-tollgate_console={cookie}"),
-        &format!("{}/reviews", a.origin),
-    ]);
-    assert_eq!(status, 303, "A refuses the signed-out cookie: {head}");
     assert!(
-        head.to_ascii_lowercase().contains("location: /login"),
-        "{head}"
+        sent_to_sign_in(&a, &cookie),
+        "A refuses the signed-out cookie"
     );
     let left = f
         .store
         .psql("SELECT count(*) FROM one_time WHERE kind = 'console.session'")
         .unwrap();
     assert_eq!(left.trim(), "0");
+
+    // Without the store no session is honoured (fail closed): a live one is sent to sign in.
+    let live = a.login(TOKEN);
+    f.store.stop();
+    let asked = Instant::now();
+    assert!(
+        sent_to_sign_in(&a, &live),
+        "a session the store cannot confirm"
+    );
+    eprintln!(
+        "console request with the store stopped: refused in {} ms",
+        asked.elapsed().as_millis()
+    );
+}
+
+/// `cookie`'s request for `/reviews` is redirected to `/login`.
+fn sent_to_sign_in(console: &ConsoleCurl, cookie: &str) -> bool {
+    let (status, head, _) = console.curl(&[
+        "-H",
+        &format!("Cookie: __Host-tollgate_console={cookie}"),
+        &format!("{}/reviews", console.origin),
+    ]);
+    status == 303 && head.to_ascii_lowercase().contains("location: /login")
 }
