@@ -82,6 +82,9 @@ pub struct Server {
     /// intermediate signed by it. Both or neither.
     pub issuing_ca_cert: Option<PathBuf>,
     pub issuing_ca_key: Option<PathBuf>,
+    /// The CA the replicas' server certificates (`tls_cert`) chain to, verified when one replica
+    /// passes a cancel request on to another (default: `client_ca`).
+    pub replica_ca: Option<PathBuf>,
     /// How long after its approval a held statement may be rerun without a new review (the
     /// client lost its connection, e.g. across a gateway restart).
     pub review_rerun_window: Duration,
@@ -1119,6 +1122,7 @@ struct RawServer {
     identity_key: Option<String>,
     issuing_ca_cert: Option<Spanned<String>>,
     issuing_ca_key: Option<Spanned<String>>,
+    replica_ca: Option<String>,
     review_rerun_window: Option<Spanned<String>>,
     alert_webhook: Option<Spanned<String>>,
     alert_webhook_ca: Option<String>,
@@ -1775,6 +1779,7 @@ impl Ctx<'_> {
             identity_key: s.identity_key.as_deref().map(|p| self.resolve(p)),
             issuing_ca_cert: s.issuing_ca_cert.as_ref().map(|p| self.resolve(p.get_ref())),
             issuing_ca_key: s.issuing_ca_key.as_ref().map(|p| self.resolve(p.get_ref())),
+            replica_ca: s.replica_ca.as_deref().map(|p| self.resolve(p)),
             console_url: self
                 .webhook_url("server.console_url", s.console_url)?
                 .map(|u| u.trim_end_matches('/').to_string()),

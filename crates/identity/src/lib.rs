@@ -24,7 +24,7 @@ use tollgate_config::{PrincipalMapping, StaticToken};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::*;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMethod {
     Cert,
@@ -49,7 +49,9 @@ impl AuthMethod {
 /// `token:<subject>` (a static token), `oidc:<issuer>#<sub>`, or the `name` of an
 /// `[[identity.principals]]` entry that several credentials map to (names hold no `:`, so a
 /// name never equals a credential's own principal). Reviews compare principals, never subjects.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct Principal(String);
 
@@ -144,8 +146,9 @@ impl Principals {
     }
 }
 
-/// A caller, as every protocol adapter and the policy engine see it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// A caller, as every protocol adapter and the policy engine see it. It reads back what it
+/// writes; the two skipped times come back `None` (a reader that needs them keeps them beside).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     /// The name the credential carries (SPIFFE URI, CN or token subject): what people read.
     pub subject: String,

@@ -10,6 +10,7 @@
 //! with until it ends; only new connections see the new config (and added or removed resources).
 
 mod cancel;
+mod cancel_forward;
 mod filter;
 mod interrupt;
 pub mod io;
@@ -33,6 +34,7 @@ use tollgate_store::Recorder;
 use tollgate_tls::ReloadableServerTls;
 
 pub use cancel::{replica_tag_of, CancelRegistry, MAX_REPLICA_TAG};
+pub use cancel_forward::CancelPeers;
 pub use pool::Pools;
 pub use tollgate_gate::upstreams::{UpstreamConn, UpstreamGuard, UpstreamRegistry};
 pub use upstream::UpstreamTarget;
@@ -59,9 +61,9 @@ pub struct PgGateway {
     pub refusals: Arc<tollgate_store::refused::Refusals>,
     pub recorder: Recorder,
     pub cancels: CancelRegistry,
-    /// The shared store's replica registry, where a CancelRequest for a key another replica
-    /// issued finds that replica (`None`: this gateway is alone).
-    pub cancel_peers: Option<Arc<dyn tollgate_store::Store>>,
+    /// The other replicas on a shared store, to which a CancelRequest for a key one of them
+    /// issued is passed on (`None`: this gateway is alone).
+    pub cancel_peers: Option<CancelPeers>,
     pub max_message: usize,
     /// Limit on everything before the session is established (TLS, start-up, authentication).
     pub handshake_timeout: Duration,

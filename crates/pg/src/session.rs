@@ -2,6 +2,7 @@
 //! authorization, the upstream connection, then the relay.
 
 use crate::cancel::{BackendKey, CancelRegistry};
+use crate::cancel_forward::count_cancel;
 use crate::interrupt::{Interrupt, Interruptible};
 use crate::limits::{Cap, IdentitySlot, SourceSlot};
 use crate::pool::PoolError;
@@ -282,6 +283,8 @@ impl PgGateway {
                         return PreTls::Tls { direct: false };
                     }
                     StartupPacket::Cancel { pid, secret } => return PreTls::Cancel { pid, secret },
+                    // Between replicas only inside TLS, authenticated: refused in plaintext.
+                    StartupPacket::ForwardedCancel { .. } => return PreTls::ForwardedCancel,
                     StartupPacket::Startup(_) => return PreTls::Plaintext,
                 }
             }
@@ -292,6 +295,10 @@ impl PgGateway {
             PreTls::Tls { direct } => direct,
             PreTls::Cancel { pid, secret } => {
                 self.serve_cancel(pid, &secret).await;
+                return;
+            }
+            PreTls::ForwardedCancel => {
+                self.serve_forwarded_cancel(0, &[], None).await;
                 return;
             }
             PreTls::Plaintext if over_cap.is_some() => {
@@ -364,6 +371,11 @@ impl PgGateway {
             Ok(Ok(StartupPacket::Startup(s))) => s,
             Ok(Ok(StartupPacket::Cancel { pid, secret })) => {
                 self.serve_cancel(pid, &secret).await;
+                return;
+            }
+            Ok(Ok(StartupPacket::ForwardedCancel { pid, secret })) => {
+                self.serve_forwarded_cancel(pid, &secret, peer_cert.as_deref())
+                    .await;
                 return;
             }
             Ok(Ok(_)) => {
@@ -860,83 +872,17 @@ impl PgGateway {
             && tag != 0
             && tag != self.cancels.replica_tag()
             && self.forward_cancel(tag, pid, secret).await;
-        registry()
-            .counter(
-                "tollgate_cancel_requests_total",
-                "CancelRequests by whether their key matched a session (here, or on the replica they were forwarded to).",
-                &[(
-                    "matched",
-                    match (&matched, forwarded) {
-                        (Some(_), _) => "yes",
-                        (None, true) => "forwarded",
-                        (None, false) => "no",
-                    },
-                )],
-            )
-            .inc();
+        count_cancel(match (&matched, forwarded) {
+            (Some(_), _) => "yes",
+            (None, true) => "forwarded",
+            (None, false) => "no",
+        });
         if let Some(c) = matched {
             // A command held for review is not upstream yet: the cancel withdraws it.
-            c.held.notify_waiters();
-            let Some((pid, secret)) = c.backend else {
-                // Pooled, between transactions: nothing of this session runs upstream.
-                return;
-            };
-            if let Err(e) = c.target.cancel(pid, &secret).await {
-                tracing::warn!(resource = %c.target.resource.name, error = %e, "forwarding a cancel request failed");
-            }
+            self.cancel_matched(c).await;
         }
     }
 }
-
-impl PgGateway {
-    /// Passes a CancelRequest on to the live replica whose tag its key carries, as a client
-    /// would send it (the secret decides, there as here); true if it was sent. The owner never
-    /// forwards a key of its own tag, so a request is forwarded at most once.
-    async fn forward_cancel(&self, tag: i32, pid: i32, secret: &[u8]) -> bool {
-        let Some(store) = self.cancel_peers.clone() else {
-            return false;
-        };
-        let now = tollgate_store::unix_ms(SystemTime::now());
-        let owner = match tokio::task::spawn_blocking(move || store.replicas()).await {
-            Ok(Ok(list)) => list
-                .into_iter()
-                .find(|r| r.cancel_tag == Some(tag) && r.alive(now, CANCEL_PEER_ALIVE_MS / 3)),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read the replica registry to forward a cancel request");
-                None
-            }
-            Err(_) => None,
-        };
-        let Some(owner) = owner else {
-            return false;
-        };
-        let mut msg = Vec::with_capacity(12 + secret.len());
-        msg.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
-        msg.extend_from_slice(&crate::proto::startup::CANCEL_REQUEST.to_be_bytes());
-        msg.extend_from_slice(&pid.to_be_bytes());
-        msg.extend_from_slice(secret);
-        let sent = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut s = tokio::net::TcpStream::connect(owner.address.as_str()).await?;
-            s.write_all(&msg).await?;
-            s.shutdown().await
-        })
-        .await;
-        match sent {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(replica = %owner.id, error = %e, "forwarding a cancel request to its replica failed");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(replica = %owner.id, "forwarding a cancel request to its replica timed out");
-                false
-            }
-        }
-    }
-}
-
-/// A replica counts as alive for forwarding if heard of within this long.
-const CANCEL_PEER_ALIVE_MS: i64 = 15_000;
 
 /// How long a terminated session's relay is given once it has read the FATAL (to write it to
 /// the client), and at most in all.
@@ -960,6 +906,7 @@ impl Drop for Unregister<'_> {
 enum PreTls {
     Tls { direct: bool },
     Cancel { pid: i32, secret: Vec<u8> },
+    ForwardedCancel,
     Plaintext,
     Invalid(String),
     Timeout,

@@ -80,6 +80,7 @@ pub fn check(config: &Config, opts: &CheckOptions) -> Vec<Finding> {
     }
     if tollgate_store::PgStoreUrl::is_postgres(&s.store) {
         l.postgres_store(&s.store);
+        l.replica_peers(s);
     }
     if s.audit_failure == AuditFailure::Open {
         l.push(Finding::new(
@@ -426,6 +427,42 @@ impl Lint<'_> {
         }
     }
 
+    /// Several replicas pass cancel requests on to each other over mutual TLS: each needs the
+    /// issuing CA (its certificate as a replica) and the CA of the others' server certificates.
+    fn replica_peers(&mut self, s: &tollgate_config::Server) {
+        if s.issuing_ca_cert.is_none() || s.client_ca.is_none() {
+            self.push(Finding::new(
+                "replica_cancel_unforwarded",
+                Severity::Medium,
+                None,
+                "server.issuing_ca_cert",
+                "with a shared store, a cancel request that reaches another replica than its session's is not passed on: replicas authenticate to each other with certificates from server.issuing_ca_cert/key, which are not set",
+                "set server.client_ca and server.issuing_ca_cert/issuing_ca_key (the client CA or an intermediate it signed) on every replica",
+            ));
+        }
+        if let Some(ca) = &s.replica_ca {
+            self.cert_file(ca, "server.replica_ca", None, "replica CA certificate");
+        }
+        let (key, ca) = match (&s.replica_ca, &s.client_ca) {
+            (Some(ca), _) => ("server.replica_ca", ca),
+            (None, Some(ca)) => ("server.client_ca", ca),
+            (None, None) => return,
+        };
+        if tollgate_tls::pki::chain_reaches_bundle(&s.tls_cert, ca) == Ok(false) {
+            self.push(Finding::new(
+                "replica_cert_unverifiable",
+                Severity::Medium,
+                None,
+                key,
+                format!(
+                    "the gateway's certificate (server.tls_cert) does not chain to {key} ({}): the other replicas verify it against that CA when they pass a cancel request on, and would refuse it",
+                    ca.display()
+                ),
+                "set server.replica_ca to the CA that issued the replicas' tls_cert",
+            ));
+        }
+    }
+
     /// Connection caps turned off (0): one client or one leaked credential can exhaust the gateway.
     fn connection_limits(&mut self, s: &tollgate_config::Server) {
         for (key, value, severity, what) in [
@@ -738,6 +775,14 @@ mod tests {
             };
             pki::issue_server(&self.path("pki"), &spec, &self.path(&format!("pki/{name}")))
                 .unwrap();
+        }
+
+        /// A clean config whose replicas can authenticate to each other (an issuing CA).
+        fn replica_config(&self) -> Config {
+            let mut c = self.config("", "");
+            c.server.issuing_ca_cert = Some(self.path("pki/ca.crt"));
+            c.server.issuing_ca_key = Some(self.path("pki/ca.key"));
+            c
         }
 
         fn config(&self, extra_server: &str, resource: &str) -> Config {
@@ -1240,10 +1285,41 @@ approvers = ["sre", "dbas"]
     }
 
     #[test]
+    fn replicas_without_certificates_for_each_other_are_flagged() {
+        let f = Fixture::new();
+        let url = format!(
+            "postgres://tg@db/tollgate?sslrootcert={}",
+            f.path("pki/ca.crt").display()
+        );
+        let mut c = f.config("", "");
+        c.server.store = url.clone();
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["replica_cancel_unforwarded"]);
+        assert_eq!(
+            (found[0].key.as_str(), found[0].severity),
+            ("server.issuing_ca_cert", Severity::Medium)
+        );
+        let mut c = f.replica_config();
+        c.server.store = url;
+        assert_eq!(f.check(&c), vec![]);
+        // The replicas' server certificates from another CA than the one they are checked against.
+        c.server.replica_ca = Some(f.path("db/ca.crt"));
+        let found = f.check(&c);
+        assert_eq!(kinds(&found), ["replica_cert_unverifiable"]);
+        assert_eq!(found[0].key, "server.replica_ca");
+        c.server.replica_ca = Some(f.path("pki/ca.crt"));
+        assert_eq!(f.check(&c), vec![]);
+        c.server.replica_ca = Some(f.path("pki/missing-ca.crt"));
+        assert!(kinds(&f.check(&c)).contains(&"missing_file"));
+        // Alone on SQLite, nothing is forwarded: no finding.
+        assert_eq!(f.check(&f.config("", "")), vec![]);
+    }
+
+    #[test]
     fn a_plaintext_or_unverified_postgres_store_fails() {
         let f = Fixture::new();
         let store = |url: &str| {
-            let mut c = f.config("", "");
+            let mut c = f.replica_config();
             c.server.store = url.to_string();
             f.check(&c)
         };

@@ -193,6 +193,7 @@ pub async fn run(
             .clone()
             .summary_loop(recorder.clone(), REFUSED_SUMMARY_INTERVAL),
     ));
+    let issuing = issuing_ca(&config)?;
     // Several replicas: this one's cancel keys carry a tag the others can route by.
     let cancel_tag = {
         let s = store.clone();
@@ -215,7 +216,16 @@ pub async fn run(
         refusals,
         recorder: recorder.clone(),
         cancels: Default::default(),
-        cancel_peers: cancel_tag.map(|_| store.clone()),
+        cancel_peers: cancel_tag.map(|_| tollgate_pg::CancelPeers {
+            store: store.clone(),
+            replica_id: chain_id.clone(),
+            issuing: issuing.clone(),
+            server_ca: config
+                .server
+                .replica_ca
+                .clone()
+                .or_else(|| config.server.client_ca.clone()),
+        }),
         max_message: config.server.max_message_bytes,
         handshake_timeout: config.server.handshake_timeout,
         audit_fail_closed: config.server.audit_failure == tollgate_config::AuditFailure::Closed,
@@ -293,7 +303,6 @@ pub async fn run(
         )));
     }
 
-    let issuing = issuing_ca(&config)?;
     // The HTTPS API: client certificates are optional there (a token is the alternative).
     let mut api_tasks = Vec::new();
     let mut api_state = None;

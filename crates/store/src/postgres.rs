@@ -143,6 +143,10 @@ pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Advisory lock keys (one namespace: "tollgate" in ASCII, then a number).
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_0001;
 const PRUNE_LOCK: i64 = 0x746f_6c6c_6761_0002;
+/// Held (transaction-scoped, taken first) by every transaction that inserts events: event ids
+/// are then assigned in commit order, so an export paging by id never passes an id that a
+/// transaction still open will commit later (which it would then skip).
+pub const EVENTS_LOCK: i64 = 0x746f_6c6c_6761_0004;
 
 /// Idle connections kept for the next call.
 const MAX_IDLE: usize = 8;
@@ -684,12 +688,21 @@ async fn chain_head(
         .map(|r| (r.get(0), r.get(1))))
 }
 
+/// Serialises the transactions that insert events ([`EVENTS_LOCK`]); the first statement of
+/// such a transaction, before any row lock, so that two of them cannot deadlock.
+async fn lock_event_ids(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(&format!("SELECT pg_advisory_xact_lock({EVENTS_LOCK})"), &[])
+        .await?;
+    Ok(())
+}
+
 async fn append_tx(
     c: &mut Client,
     chain_id: &str,
     events: &[EventInput],
 ) -> Result<Vec<StoredEvent>, StoreError> {
     let tx = c.transaction().await?;
+    lock_event_ids(&tx).await?;
     let head = chain_head(&tx, chain_id).await?;
     let (mut chain_seq, mut prev_hash) = head
         .clone()
@@ -814,6 +827,7 @@ async fn append_tx(
 /// replayed journal) and rows at or before their chain's anchor (pruned since).
 async fn import_tx(c: &mut Client, events: &[HashedEvent]) -> Result<(), StoreError> {
     let tx = c.transaction().await?;
+    lock_event_ids(&tx).await?;
     let mut anchors: std::collections::HashMap<&str, i64> = Default::default();
     for ev in events {
         if !anchors.contains_key(ev.chain_id.as_str()) {
@@ -1102,6 +1116,7 @@ async fn prune_tx(
     if dry_run {
         return Ok(report); // rolled back when dropped
     }
+    lock_event_ids(&tx).await?;
     for cut in &cuts {
         tx.execute(
             "DELETE FROM events WHERE chain_id = $1 AND chain_seq <= $2",

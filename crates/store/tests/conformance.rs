@@ -1037,3 +1037,62 @@ fn postgres_review_changes_reach_other_replicas() {
         }
     }
 }
+
+/// Event ids are assigned in commit order: while one replica's import is still open (it holds
+/// an id, commits late), another replica's import waits, so an export paging by id meanwhile
+/// cannot pass the open one's id and skip its event once it commits.
+#[test]
+fn postgres_export_pages_never_skip_an_event_committed_late() {
+    let pg = Arc::new(pg_cluster());
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(&pg_url(&pg, dir.path())).unwrap();
+    store.import(&journal("gw-early", "early-1", 3)).unwrap();
+    // A slow importer, as the store's own take the lock first: one event, two seconds, commit.
+    let slow = {
+        let pg = pg.clone();
+        std::thread::spawn(move || {
+            pg.psql(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({}); \
+                 INSERT INTO events (chain_id, chain_seq, session_id, session_seq, at_unix_ms, \
+                 kind, payload, prev_hash, hash) VALUES ('gw-slow', 1, 'slow-1', 1, 2001, \
+                 'command', '{{}}', 'p', 'h'); SELECT pg_sleep(2); COMMIT;",
+                tollgate_store::postgres::EVENTS_LOCK
+            ))
+            .unwrap();
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pg
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(2)%' AND state = 'active' AND pid <> pg_backend_pid()")
+        .unwrap()
+        .trim()
+        != "1"
+    {
+        assert!(std::time::Instant::now() < deadline, "the slow import never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another replica imports meanwhile; an export takes its first page meanwhile.
+    let fast = {
+        let store = open_store(&pg_url(&pg, dir.path())).unwrap();
+        std::thread::spawn(move || store.import(&journal("gw-fast", "fast-1", 3)).unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut exported = store.events_page(0, None, None, 1000).unwrap();
+    slow.join().unwrap();
+    fast.join().unwrap();
+    loop {
+        let after = exported.last().map_or(0, |e| e.id);
+        let page = store.events_page(after, None, None, 2).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        exported.extend(page);
+    }
+    let mut chains: Vec<&str> = exported.iter().map(|e| e.chain_id.as_str()).collect();
+    chains.sort();
+    assert_eq!(
+        chains,
+        ["gw-early", "gw-early", "gw-early", "gw-fast", "gw-fast", "gw-fast", "gw-slow"],
+        "an export page passed an event that committed later"
+    );
+}

@@ -27,7 +27,7 @@ use rustls_pki_types::CertificateDer;
 pub use classify::{classify_handshake_error, HandshakeFailure};
 pub use error::TlsError;
 pub use server::{ClientAuth, ListenerTlsSpec, ReloadStatus, ReloadableServerTls};
-pub use upstream::{upstream_client_config, UpstreamVerify};
+pub use upstream::{replica_client_config, upstream_client_config, UpstreamVerify};
 
 /// The TLS versions tollgate speaks, newest first. Nothing older than TLS 1.2.
 pub(crate) static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =

@@ -448,6 +448,12 @@ impl Ca {
     }
 }
 
+/// The URI SAN prefix of a replica's certificate (followed by the replica id).
+pub const REPLICA_URI_PREFIX: &str = "urn:tollgate:replica:";
+const REPLICA_CN: &str = "tollgate replica";
+/// Clock skew a replica certificate tolerates between hosts.
+const REPLICA_SKEW: Duration = Duration::from_secs(60);
+
 /// The CA the gateway issues client certificates with (`server.issuing_ca_cert`/`_key`), for
 /// `POST /api/v1/certificates`: the gateway's client CA itself or an intermediate signed by it.
 pub struct IssuingCa {
@@ -495,29 +501,46 @@ impl IssuingCa {
     /// Whether certificates issued here chain to the CA bundle `client_ca` (PEM): the issuing
     /// CA is one of its certificates, or is signed by one. `Err` says why not.
     pub fn check_chains_to(&self, client_ca: &Path) -> Result<(), String> {
-        let bundle = std::fs::read(client_ca)
-            .map_err(|e| format!("cannot read {}: {e}", client_ca.display()))?;
-        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bundle)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("cannot parse {}: {e}", client_ca.display()))?;
-        let (_, me) = x509_parser::parse_x509_certificate(&self.cert_der)
-            .map_err(|e| format!("cannot parse the issuing CA certificate: {e}"))?;
-        for root in &roots {
-            if root.as_ref() == self.cert_der.as_slice() {
-                return Ok(());
-            }
-            let Ok((_, r)) = x509_parser::parse_x509_certificate(root) else {
-                continue;
-            };
-            if r.subject() == me.issuer() && me.verify_signature(Some(r.public_key())).is_ok() {
-                return Ok(());
-            }
+        match signed_by_bundle(&self.cert_der, client_ca)? {
+            true => Ok(()),
+            false => Err(format!(
+                "the issuing CA ({}) is neither a certificate of server.client_ca ({}) nor signed by one, so the gateway would refuse the certificates it issues",
+                subject_of(&self.cert_der),
+                client_ca.display()
+            )),
         }
-        Err(format!(
-            "the issuing CA ({}) is neither a certificate of server.client_ca ({}) nor signed by one, so the gateway would refuse the certificates it issues",
-            me.subject(),
-            client_ca.display()
-        ))
+    }
+
+    /// A fresh key and a short-lived certificate (`ttl`) naming replica `id` (CN
+    /// `tollgate replica`, URI SAN [`REPLICA_URI_PREFIX`]`id`), for one replica's connection to
+    /// another: (certificate PEM, key PEM). Sign-ins never get a URI SAN from this CA, so no
+    /// user can hold such a certificate.
+    pub fn issue_replica(&self, id: &str, ttl: Duration) -> Result<(String, String), PkiError> {
+        let (key_pem, csr_pem) = key_and_csr(REPLICA_CN)?;
+        let now = SystemTime::now();
+        let spec = ClientCertSpec {
+            name: REPLICA_CN.into(),
+            spiffe: Some(format!("{REPLICA_URI_PREFIX}{id}")),
+            groups: Vec::new(),
+            ttl: ttl + REPLICA_SKEW,
+            not_before: Some(now - REPLICA_SKEW),
+        };
+        Ok((self.issue_for_csr(&csr_pem, &spec)?.pem, key_pem))
+    }
+
+    /// The replica id a client certificate (DER leaf) names, if this CA signed it for a
+    /// replica ([`IssuingCa::issue_replica`]); `None` for any other certificate.
+    pub fn replica_of(&self, leaf: &[u8]) -> Option<String> {
+        let (_, me) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+        if cert.issuer() != me.subject() || cert.verify_signature(Some(me.public_key())).is_err() {
+            return None;
+        }
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(REPLICA_URI_PREFIX).map(str::to_string),
+            _ => None,
+        })
     }
 
     /// Issue a client certificate (EKU clientAuth, CN = `spec.name`, one OU per group, optional
@@ -584,6 +607,43 @@ impl IssuingCa {
             not_after,
         })
     }
+}
+
+/// Whether certificate `der` is one of the CA bundle's certificates (PEM file `bundle`) or is
+/// signed by one of them; `Err` if the bundle or the certificate cannot be read.
+pub fn signed_by_bundle(der: &[u8], bundle: &Path) -> Result<bool, String> {
+    let pem =
+        std::fs::read(bundle).map_err(|e| format!("cannot read {}: {e}", bundle.display()))?;
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot parse {}: {e}", bundle.display()))?;
+    let (_, me) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    Ok(roots.iter().any(|root| {
+        root.as_ref() == der
+            || x509_parser::parse_x509_certificate(root).is_ok_and(|(_, r)| {
+                r.subject() == me.issuer() && me.verify_signature(Some(r.public_key())).is_ok()
+            })
+    }))
+}
+
+/// Whether the certificate chain file `chain` (PEM, leaf first) reaches the CA bundle `bundle`:
+/// one of its certificates is in the bundle or signed by one of the bundle's.
+pub fn chain_reaches_bundle(chain: &Path, bundle: &Path) -> Result<bool, String> {
+    let pem = std::fs::read(chain).map_err(|e| format!("cannot read {}: {e}", chain.display()))?;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("cannot parse {}: {e}", chain.display()))?;
+        if signed_by_bundle(&cert, bundle)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn subject_of(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.subject().to_string())
+        .unwrap_or_default()
 }
 
 /// SHA-256 (hex) of the public key (SubjectPublicKeyInfo DER) a PKCS#10 request asks for, its
@@ -1237,6 +1297,38 @@ mod tests {
         assert_eq!(summary.ip_addresses, vec!["127.0.0.1"]);
         assert_eq!(summary.common_name.as_deref(), Some("db.internal"));
         assert!(inspect(&ca.cert).unwrap()[0].is_ca);
+    }
+
+    #[test]
+    fn replica_certificates_are_recognised_only_from_this_ca_with_the_replica_uri() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = init_ca(tmp.path(), "cluster").unwrap();
+        let ca = IssuingCa::load(&root.cert, &root.key).unwrap();
+        let (cert, _key) = ca
+            .issue_replica("gw-0123", Duration::from_secs(300))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(ca.replica_of(&der).as_deref(), Some("gw-0123"));
+        // A user's certificate from the same CA names no replica, even called like one.
+        let spec = ClientCertSpec {
+            name: "tollgate replica".into(),
+            spiffe: Some("spiffe://example.org/urn:tollgate:replica:gw-0123".into()),
+            groups: vec![],
+            ttl: Duration::from_secs(600),
+            not_before: None,
+        };
+        let user = issue_client(tmp.path(), &spec, &tmp.path().join("user")).unwrap();
+        assert_eq!(ca.replica_of(&der_of(&user.cert)), None);
+        // A replica certificate from another CA is not this cluster's.
+        let other_dir = tmp.path().join("other");
+        let other = init_ca(&other_dir, "other").unwrap();
+        let other = IssuingCa::load(&other.cert, &other.key).unwrap();
+        let (forged, _) = other
+            .issue_replica("gw-0123", Duration::from_secs(300))
+            .unwrap();
+        let forged = CertificateDer::from_pem_slice(forged.as_bytes()).unwrap();
+        assert_eq!(ca.replica_of(&forged), None);
+        assert_eq!(ca.replica_of(b"not a certificate"), None);
     }
 
     #[test]

@@ -41,6 +41,50 @@ pub fn upstream_client_config(
     client_cert: Option<(&Path, &Path)>,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    let identity = match client_cert {
+        None => None,
+        Some((cert_path, key_path)) => {
+            let certs = certs_from_pem(&read_file(cert_path, "certificate")?, cert_path)?;
+            let key = parse_key(&read_file(key_path, "private key")?, key_path)?;
+            crate::server::check_validity(&certs[0], cert_path)?;
+            certified_key(certs.clone(), key.clone_key(), cert_path, key_path)?;
+            Some((certs, key, cert_path))
+        }
+    };
+    client_config(mode, ca, identity, alpn)
+}
+
+/// A client config for one replica's connection to another (a forwarded cancel request):
+/// the peer's server certificate verified (chain to `ca`, host name) and this replica's
+/// certificate and key (PEM, made in memory) presented.
+pub fn replica_client_config(
+    ca: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let what = Path::new("(replica certificate)");
+    let certs = certs_from_pem(cert_pem.as_bytes(), what)?;
+    let key = parse_key(key_pem.as_bytes(), what)?;
+    client_config(
+        UpstreamVerify::Full,
+        Some(ca),
+        Some((certs, key, what)),
+        vec![b"postgresql".to_vec()],
+    )
+}
+
+type ClientIdentity<'a> = (
+    Vec<CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+    &'a Path,
+);
+
+fn client_config(
+    mode: UpstreamVerify,
+    ca: Option<&Path>,
+    identity: Option<ClientIdentity<'_>>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         UpstreamVerify::Full | UpstreamVerify::Ca => {
@@ -73,13 +117,9 @@ pub fn upstream_client_config(
         })?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    let mut config = match client_cert {
+    let mut config = match identity {
         None => builder.with_no_client_auth(),
-        Some((cert_path, key_path)) => {
-            let certs = certs_from_pem(&read_file(cert_path, "certificate")?, cert_path)?;
-            let key = parse_key(&read_file(key_path, "private key")?, key_path)?;
-            crate::server::check_validity(&certs[0], cert_path)?;
-            certified_key(certs.clone(), key.clone_key(), cert_path, key_path)?;
+        Some((certs, key, cert_path)) => {
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|source| TlsError::Rustls {

@@ -694,48 +694,14 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
     let url = console.split_whitespace().next().unwrap();
     let token = console.rsplit("token: ").next().unwrap().trim();
     let origin = url.trim_end_matches("/reviews");
-    let ca = demo_dir.join("pki/ca.crt");
-    let curl = |args: &[&str]| {
-        let out = Command::new("curl")
-            .args(["-s", "-i", "--cacert"])
-            .arg(&ca)
-            .args(args)
-            .output()
-            .unwrap();
-        stdout(&out)
+    let browser = ConsoleCurl {
+        ca: demo_dir.join("pki/ca.crt"),
+        origin: origin.to_string(),
     };
-    let form = curl(&[&format!("{origin}/login")]);
-    let login = form
-        .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: __Host-tollgate_login="))
-        .and_then(|v| v.split(';').next())
-        .unwrap_or_else(|| panic!("{form}"))
-        .to_string();
-    let signed_in = curl(&[
-        "-H",
-        &format!("Origin: {origin}"),
-        "-H",
-        &format!("Cookie: __Host-tollgate_login={login}"),
-        "--data-urlencode",
-        &format!("token={token}"),
-        "--data-urlencode",
-        &format!("csrf={login}"),
-        &format!("{origin}/login"),
-    ]);
-    let session = signed_in
-        .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: __Host-tollgate_console="))
-        .and_then(|v| v.split(';').next())
-        .unwrap_or_else(|| panic!("{signed_in}"))
-        .to_string();
-    let page = curl(&[
-        "-H",
-        &format!("Cookie: __Host-tollgate_console={session}"),
-        url,
-    ]);
+    let session = browser.login(token);
+    let (status, page) = browser.page(&session, "/reviews");
     assert!(
-        page.lines().next().is_some_and(|l| l.contains(" 200"))
-            && page.contains("Waiting for your decision"),
+        status == 200 && page.contains("Waiting for your decision"),
         "{page}"
     );
 
@@ -778,17 +744,14 @@ fn demo_serves_alice_and_stops_cleanly_on_ctrl_c() {
         "the bundle does not hold alice's certificate: {info}"
     );
     // ... and signs alice in to the console, as a browser that imported it would.
-    let by_cert = curl(&[
+    let (status, _, by_cert) = browser.curl(&[
         "--cert-type",
         "P12",
         "--cert",
         &format!("{}:{password}", p12.display()),
         url,
     ]);
-    assert!(
-        by_cert.lines().next().is_some_and(|l| l.contains(" 200")) && by_cert.contains(">alice<"),
-        "{by_cert}"
-    );
+    assert!(status == 200 && by_cert.contains(">alice<"), "{by_cert}");
     let wrong = Command::new("openssl")
         .args(["pkcs12", "-info", "-nokeys", "-passin", "pass:wrong"])
         .arg("-in")

@@ -148,58 +148,22 @@ impl Setup {
         }
     }
 
-    /// `curl -i` against the console: (status, headers, body).
+    /// The console as curl sees it.
+    fn browser(&self) -> ConsoleCurl {
+        ConsoleCurl {
+            ca: self.env.pki.ca.clone(),
+            origin: self.origin(),
+        }
+    }
+
     fn curl(&self, args: &[&str]) -> (u16, String, String) {
-        let out = Command::new("curl")
-            .args(["-s", "-i", "--cacert"])
-            .arg(&self.env.pki.ca)
-            .args(args)
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("curl {args:?}: {text}"));
-        (status, head.to_string(), body.to_string())
+        self.browser().curl(args)
     }
 
-    /// Sign in with `token` through the form, as a browser would: the console session cookie.
     fn curl_login(&self, token: &str) -> String {
-        let (status, head, _) = self.curl(&[&format!("{}/login", self.origin())]);
-        assert_eq!(status, 200);
-        let login = set_cookie_value(&head, "__Host-tollgate_login").expect("login cookie");
-        let (status, head, body) = self.curl(&[
-            "-H",
-            &format!("Origin: {}", self.origin()),
-            "-H",
-            &format!("Cookie: __Host-tollgate_login={login}"),
-            "--data-urlencode",
-            &format!("token={token}"),
-            "--data-urlencode",
-            &format!("csrf={login}"),
-            &format!("{}/login", self.origin()),
-        ]);
-        assert_eq!(status, 303, "{head}\n{body}");
-        let line = head
-            .lines()
-            .find(|l| {
-                l.to_ascii_lowercase()
-                    .starts_with("set-cookie: __host-tollgate_console=")
-            })
-            .expect("a console session cookie");
-        let value = set_cookie_value(&head, "__Host-tollgate_console").unwrap();
-        assert_eq!(value.len(), 64, "32 random bytes, hex: {line}");
-        assert!(
-            line.ends_with("; Secure; HttpOnly; SameSite=Lax; Path=/; Max-Age=3600"),
-            "{line}"
-        );
-        value
+        self.browser().login(token)
     }
 
-    /// A console POST with `cookie` and `form` fields: (status, body).
     fn curl_post(
         &self,
         path: &str,
@@ -207,44 +171,12 @@ impl Setup {
         origin: Option<&str>,
         form: &[(&str, &str)],
     ) -> (u16, String) {
-        let (status, _, body) = self.curl_post_full(path, cookie, origin, form);
+        let (status, _, body) = self.browser().post(path, cookie, origin, form);
         (status, body)
     }
 
-    /// [`Setup::curl_post`] with the response headers: (status, headers, body).
-    fn curl_post_full(
-        &self,
-        path: &str,
-        cookie: &str,
-        origin: Option<&str>,
-        form: &[(&str, &str)],
-    ) -> (u16, String, String) {
-        let mut args = vec![
-            "-H".to_string(),
-            format!("Cookie: __Host-tollgate_console={cookie}"),
-        ];
-        if let Some(o) = origin {
-            args.extend(["-H".into(), format!("Origin: {o}")]);
-        }
-        for (k, v) in form {
-            args.extend(["--data-urlencode".into(), format!("{k}={v}")]);
-        }
-        if form.is_empty() {
-            args.extend(["-X".into(), "POST".into()]);
-        }
-        args.push(format!("{}{path}", self.origin()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.curl(&args)
-    }
-
-    /// A console page as `cookie`'s viewer: (status, body).
     fn page(&self, cookie: &str, path: &str) -> (u16, String) {
-        let (status, _, body) = self.curl(&[
-            "-H",
-            &format!("Cookie: __Host-tollgate_console={cookie}"),
-            &format!("{}{path}", self.origin()),
-        ]);
-        (status, body)
+        self.browser().page(cookie, path)
     }
 
     fn review_status(&self, cookie: &str, id: &str) -> String {
@@ -259,29 +191,10 @@ impl Setup {
     }
 }
 
-fn set_cookie_value(head: &str, name: &str) -> Option<String> {
-    head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        if !k.eq_ignore_ascii_case("set-cookie") {
-            return None;
-        }
-        let pair = v.trim().split(';').next()?;
-        let (n, val) = pair.split_once('=')?;
-        (n == name && !val.is_empty()).then(|| val.to_string())
-    })
-}
-
 /// The session id of a JSON Lines download.
 fn session_of(jsonl: &str) -> String {
     let first: Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
     first["session_id"].as_str().unwrap().to_string()
-}
-
-/// The hidden CSRF field of a console page.
-fn csrf_of(page: &str) -> String {
-    let at =
-        page.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
-    page[at..].split('"').next().unwrap().to_string()
 }
 
 fn review_id(link: &str) -> String {
@@ -825,7 +738,7 @@ async fn a_reviewer_approves_and_denies_held_statements_in_a_browser() {
     // grant and gives it up.
     let (_, page) = s.page(&otto, "/access");
     let otto_csrf = csrf_of(&page);
-    let (status, head, body) = s.curl_post_full(
+    let (status, head, body) = s.browser().post(
         "/access",
         &otto,
         Some(&origin),

@@ -7,7 +7,7 @@
 mod common;
 
 use common::http_env::{HttpEnv, HttpEnvOptions, UPSTREAM_SECRET};
-use common::TOKEN;
+use common::{runtime, TOKEN};
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -103,14 +103,6 @@ impl HttpEnv {
             .filter_map(|r| r["text"].as_str().map(str::to_string))
             .collect()
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// The next data or close message, skipping pings and pongs; `None` when the stream ended.

@@ -1163,49 +1163,6 @@ async fn terminate_and_client_disconnect() {
 
 const CANCEL_CODE: [u8; 4] = 80877102i32.to_be_bytes();
 
-/// The (pid, secret) a CancelToken holds: let it send its CancelRequest to a stand-in server
-/// (SSLRequest, TLS, then the 16-byte request) and read it there.
-async fn cancel_key(token: &tokio_postgres::CancelToken, env: &Env) -> (i32, i32) {
-    use rustls_pki_types::pem::PemObject;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_postgres::tls::MakeTlsConnect;
-    let srv = env.pki.server("standin");
-    let mut cfg = rustls::ServerConfig::builder_with_provider(tollgate_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            tollgate_tls::load_certs(&srv.cert).unwrap(),
-            rustls_pki_types::PrivateKeyDer::from_pem_file(&srv.key).unwrap(),
-        )
-        .unwrap();
-    // The client hangs up right after its request: nothing may be written after the handshake.
-    cfg.send_tls13_tickets = 0;
-    let (client_end, mut server_end) = tokio::io::duplex(4096);
-    let server = async move {
-        let mut ssl_request = [0u8; 8];
-        server_end.read_exact(&mut ssl_request).await?;
-        server_end.write_all(b"S").await?;
-        let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
-            .accept(server_end)
-            .await?;
-        let mut msg = [0u8; 16];
-        tls.read_exact(&mut msg).await?;
-        Ok::<_, std::io::Error>(msg)
-    };
-    let mut mk = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&env.pki.ca, None));
-    let connect =
-        MakeTlsConnect::<tokio::io::DuplexStream>::make_tls_connect(&mut mk, "localhost").unwrap();
-    let (msg, sent) = tokio::join!(server, token.cancel_query_raw(client_end, connect));
-    let msg = msg.unwrap_or_else(|e| panic!("stand-in server: {e}; client: {sent:?}"));
-    assert_eq!(msg[..4], 16i32.to_be_bytes());
-    assert_eq!(msg[4..8], CANCEL_CODE);
-    (
-        i32::from_be_bytes(msg[8..12].try_into().unwrap()),
-        i32::from_be_bytes(msg[12..16].try_into().unwrap()),
-    )
-}
-
 /// A plaintext CancelRequest to the gateway; returns once the gateway closed the connection.
 fn raw_cancel(port: u16, pid: i32, secret: i32) {
     use std::io::{Read, Write};
@@ -1263,7 +1220,7 @@ async fn cancel_requests_from_tokio_postgres_and_psql() {
     );
 
     // The key the client holds is the gateway's own, not the upstream backend's.
-    let (pid, secret) = cancel_key(&token, &env).await;
+    let (pid, secret) = cancel_key(&token, &env.pki).await;
     assert_ne!(
         pid, upstream_pid,
         "the upstream backend key must not leak to the client"

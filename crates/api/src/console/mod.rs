@@ -271,7 +271,7 @@ fn add_cookie(resp: &mut Response<ApiBody>, value: &str) {
 /// certificate (which gets a console session for its CSRF token).
 async fn caller(state: &ApiState, conn: &Conn, headers: &hyper::HeaderMap) -> Option<Caller> {
     if let Some(sid) = auth::cookie(headers, COOKIE_NAME) {
-        if let Some(entry) = state.console.get(&sid) {
+        if let Some(entry) = state.console.get(&state.store, &sid).await {
             let who = match &entry.credential {
                 Credential::Certificate => match &conn.cert {
                     Some(Ok(id)) => Some(id.clone()),
@@ -302,7 +302,9 @@ async fn caller(state: &ApiState, conn: &Conn, headers: &hyper::HeaderMap) -> Op
                     })
                 }
                 // The credential is gone (reload, expiry) or belongs to someone else now.
-                _ if matches!(entry.credential, Credential::Token(_)) => state.console.remove(&sid),
+                _ if matches!(entry.credential, Credential::Token(_)) => {
+                    state.console.remove(&state.store, &sid).await
+                }
                 _ => {}
             }
         }
@@ -310,7 +312,10 @@ async fn caller(state: &ApiState, conn: &Conn, headers: &hyper::HeaderMap) -> Op
     let Some(Ok(who)) = &conn.cert else {
         return None;
     };
-    let (sid, entry) = state.console.create(who, Credential::Certificate)?;
+    let (sid, entry) = state
+        .console
+        .create(&state.store, who, Credential::Certificate)
+        .await?;
     Some(Caller {
         who: who.clone(),
         csrf: entry.csrf,
@@ -439,7 +444,7 @@ pub(crate) async fn handle(
         add_cookie(&mut resp, c);
     }
     if page == Page::Logout && resp.status() == StatusCode::SEE_OTHER {
-        state.console.remove(&caller.sid);
+        state.console.remove(&state.store, &caller.sid).await;
         add_cookie(
             &mut resp,
             &auth::set_cookie(COOKIE_NAME, "", std::time::Duration::ZERO),
@@ -551,11 +556,15 @@ async fn login(
                 ),
             );
         };
-        let Some((sid, _)) = state.console.create(&who, Credential::Token(token)) else {
+        let Some((sid, _)) = state
+            .console
+            .create(&state.store, &who, Credential::Token(token))
+            .await
+        else {
             let mut a = problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 None,
-                "Too many console sessions are open right now.",
+                auth::NO_SESSION,
                 Some("retry in a few minutes"),
             );
             secure(&mut a.resp);

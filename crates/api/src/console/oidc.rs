@@ -1,8 +1,9 @@
 //! Console sign-in with an OpenID provider (authorization code + PKCE S256).
 //!
 //! `GET /auth/oidc/start?issuer=&next=` (the "Sign in with …" links of `/login`) makes a fresh
-//! `state`, `nonce` and PKCE verifier, keeps them in memory under a random id that only this
-//! browser's short-lived `__Host-tollgate_oidc` cookie carries, and sends the browser to the
+//! `state`, `nonce` and PKCE verifier, keeps them in the store (shared by the replicas, so the
+//! provider's redirect may come back to any of them) under the SHA-256 of a random id that only
+//! this browser's short-lived `__Host-tollgate_oidc` cookie carries, and sends the browser to the
 //! provider. `GET /auth/oidc/callback` takes that pending sign-in (once), checks `state`,
 //! redeems the code with the verifier, validates the ID token as every OIDC token is
 //! (signature, issuer, audience, expiry) plus its `nonce`, and opens the usual console session
@@ -10,9 +11,7 @@
 //! refusal at the provider, a foreign or expired sign-in and an unaccepted token each get a
 //! page that says what happened and how to start again.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
@@ -38,40 +37,96 @@ struct Pending {
     provider: Provider,
     request: AuthorizationRequest,
     next: String,
-    expires: Instant,
 }
 
-/// Pending sign-ins of this process (in memory, like console sessions).
-#[derive(Default)]
-pub struct PendingSignIns {
-    map: Mutex<HashMap<String, Pending>>,
+/// [`Pending`] as the store keeps it (the provider by its issuer, discovered again on return).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredPending {
+    issuer: String,
+    client_id: String,
+    redirect_uri: String,
+    scope: String,
+    state: String,
+    nonce: String,
+    verifier: String,
+    challenge: String,
+    next: String,
 }
 
-impl PendingSignIns {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+/// The store's kind for pending OIDC sign-ins (one-time values, keyed by the cookie's SHA-256).
+const KIND_PENDING: &str = "console.oidc.pending";
+
+/// Keeps `pending` in the store; the id for the browser's cookie (`None`: too many, or the
+/// store failed).
+async fn put_pending(state: &ApiState, pending: &Pending) -> Option<String> {
+    if !state.console.sign_ins.admit(PENDING_TTL, MAX_PENDING) {
+        return None;
     }
-
-    fn insert(&self, pending: Pending) -> Option<String> {
-        let mut map = self.lock();
-        if map.len() >= MAX_PENDING {
-            let now = Instant::now();
-            map.retain(|_, p| p.expires > now);
-            if map.len() >= MAX_PENDING {
-                return None;
-            }
+    let r = &pending.request;
+    let value = serde_json::to_string(&StoredPending {
+        issuer: pending.provider.issuer.clone(),
+        client_id: r.client_id.clone(),
+        redirect_uri: r.redirect_uri.clone(),
+        scope: r.scope.clone(),
+        state: r.state.clone(),
+        nonce: r.nonce.clone(),
+        verifier: r.pkce.verifier.clone(),
+        challenge: r.pkce.challenge.clone(),
+        next: pending.next.clone(),
+    })
+    .ok()?;
+    let id = auth::random_hex();
+    let (store, key) = (state.store.clone(), super::saml::digest(&id));
+    let now = tollgate_store::unix_ms(std::time::SystemTime::now());
+    let expires = now + PENDING_TTL.as_millis() as i64;
+    match super::saml::blocking(move || store.once_put(KIND_PENDING, &key, &value, expires, now))
+        .await
+    {
+        Ok(true) => Some(id),
+        Ok(false) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "console sign-in: the pending sign-in could not be stored");
+            None
         }
-        let id = auth::random_hex();
-        map.insert(id.clone(), pending);
-        Some(id)
     }
+}
 
-    /// The pending sign-in `id`, removed: each is used once.
-    fn take(&self, id: &str) -> Option<Pending> {
-        self.lock()
-            .remove(id)
-            .filter(|p| p.expires > Instant::now())
-    }
+/// The pending sign-in of cookie `id`, removed (each is used once, on whichever replica the
+/// provider's redirect reaches), its provider discovered again.
+async fn take_pending(state: &ApiState, id: &str) -> Option<Pending> {
+    let (store, key) = (state.store.clone(), super::saml::digest(id));
+    let now = tollgate_store::unix_ms(std::time::SystemTime::now());
+    let stored = match super::saml::blocking(move || store.once_take(KIND_PENDING, &key, now)).await
+    {
+        Ok(v) => serde_json::from_str::<StoredPending>(&v?).ok()?,
+        Err(e) => {
+            tracing::warn!(error = %e, "console sign-in: the pending sign-in could not be read");
+            return None;
+        }
+    };
+    let tls = state.oidc.issuer_tls(&stored.issuer)?;
+    let provider = match Provider::discover(&stored.issuer, tls).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(issuer = %stored.issuer, error = %e, "console sign-in: the identity provider's discovery failed on return");
+            return None;
+        }
+    };
+    Some(Pending {
+        provider,
+        request: AuthorizationRequest {
+            client_id: stored.client_id,
+            redirect_uri: stored.redirect_uri,
+            scope: stored.scope,
+            state: stored.state,
+            nonce: stored.nonce,
+            pkce: tollgate_identity::oidc_login::Pkce {
+                verifier: stored.verifier,
+                challenge: stored.challenge,
+            },
+        },
+        next: stored.next,
+    })
 }
 
 pub(super) fn query_param(query: &str, name: &str) -> Option<String> {
@@ -158,15 +213,15 @@ pub(super) async fn start(
     };
     let request = AuthorizationRequest::new(&client_id, &redirect_uri, DEFAULT_SCOPE);
     let url = provider.authorization_url(&request);
-    let Some(id) = state.console.sign_ins.insert(Pending {
+    let pending = Pending {
         provider,
         request,
         next,
-        expires: Instant::now() + PENDING_TTL,
-    }) else {
+    };
+    let Some(id) = put_pending(state, &pending).await else {
         return failed(
             StatusCode::SERVICE_UNAVAILABLE,
-            "Too many sign-ins are under way right now.",
+            "The gateway cannot start a sign-in right now: too many are under way, or its store is unavailable.",
             "retry in a few minutes",
         );
     };
@@ -186,8 +241,10 @@ pub(super) async fn callback(
     req: &Request<hyper::body::Incoming>,
 ) -> Response<ApiBody> {
     let query = req.uri().query().unwrap_or("");
-    let pending =
-        auth::cookie(req.headers(), OIDC_COOKIE).and_then(|id| state.console.sign_ins.take(&id));
+    let pending = match auth::cookie(req.headers(), OIDC_COOKIE) {
+        Some(id) => take_pending(state, &id).await,
+        None => None,
+    };
     let issuer = pending.as_ref().map(|p| p.provider.issuer.clone());
     let (status, who, reason, resp) = finish(state, query, pending).await;
     let event = api_event(
@@ -345,14 +402,18 @@ async fn finish(
             )
         }
     };
-    let Some((sid, _)) = state.console.create(&who, Credential::Token(token)) else {
+    let Some((sid, _)) = state
+        .console
+        .create(&state.store, &who, Credential::Token(token))
+        .await
+    else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Some(who),
             "too_many_sessions",
             failed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "Too many console sessions are open right now.",
+                auth::NO_SESSION,
                 "retry in a few minutes",
             ),
         );

@@ -133,7 +133,7 @@ fn count(outcome: &str, reason: &str) {
         .inc();
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, tollgate_store::StoreError> + Send + 'static,
 ) -> Result<T, String> {
     match tokio::task::spawn_blocking(f).await {
@@ -506,14 +506,18 @@ pub(super) async fn finish(
         }
         Some(s) => {
             let who = s.identity();
-            match state.console.create(&who, Credential::Saml(who.clone())) {
+            match state
+                .console
+                .create(&state.store, &who, Credential::Saml(who.clone()))
+                .await
+            {
                 None => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     Some(who),
                     "too_many_sessions",
                     failed(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "Too many console sessions are open right now.",
+                        auth::NO_SESSION,
                         "retry in a few minutes",
                     ),
                 ),

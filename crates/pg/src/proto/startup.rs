@@ -5,6 +5,9 @@ use super::frame::{Malformed, Reader};
 pub const SSL_REQUEST: i32 = 80877103;
 pub const GSSENC_REQUEST: i32 = 80877104;
 pub const CANCEL_REQUEST: i32 = 80877102;
+/// tollgate's own code (1234.5677, unused by PostgreSQL): a CancelRequest one replica passes on
+/// to the replica that issued its key, accepted only inside TLS from a replica's certificate.
+pub const FORWARDED_CANCEL: i32 = 80877101;
 /// PostgreSQL's own cap on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_LEN: usize = 10_000;
 /// The first byte of a TLS record: a PostgreSQL 17 client using `sslnegotiation=direct`.
@@ -17,6 +20,7 @@ pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
     Cancel { pid: i32, secret: Vec<u8> },
+    ForwardedCancel { pid: i32, secret: Vec<u8> },
     Startup(Startup),
 }
 
@@ -84,7 +88,16 @@ pub fn parse(packet: &[u8]) -> Result<StartupPacket, StartupError> {
                 secret: r.rest().to_vec(),
             })
         }
-        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(StartupError::BadLength(len)),
+        FORWARDED_CANCEL if (16..=12 + 256).contains(&len) => {
+            let pid = r.i32()?;
+            Ok(StartupPacket::ForwardedCancel {
+                pid,
+                secret: r.rest().to_vec(),
+            })
+        }
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST | FORWARDED_CANCEL => {
+            Err(StartupError::BadLength(len))
+        }
         version => {
             let major = (version >> 16) as u16;
             let minor = (version & 0xffff) as u16;
@@ -140,9 +153,18 @@ pub fn encode_ssl_request() -> [u8; 8] {
 }
 
 pub fn encode_cancel(pid: i32, secret: &[u8]) -> Vec<u8> {
+    encode_cancel_code(CANCEL_REQUEST, pid, secret)
+}
+
+/// A [`FORWARDED_CANCEL`] packet: a CancelRequest passed on between replicas.
+pub fn encode_forwarded_cancel(pid: i32, secret: &[u8]) -> Vec<u8> {
+    encode_cancel_code(FORWARDED_CANCEL, pid, secret)
+}
+
+fn encode_cancel_code(code: i32, pid: i32, secret: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + secret.len());
     out.extend_from_slice(&((12 + secret.len()) as i32).to_be_bytes());
-    out.extend_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    out.extend_from_slice(&code.to_be_bytes());
     out.extend_from_slice(&pid.to_be_bytes());
     out.extend_from_slice(secret);
     out
@@ -188,6 +210,14 @@ mod tests {
             matches!(parse(&long).unwrap(), StartupPacket::Cancel { secret, .. } if secret.len() == 32)
         );
         assert!(parse(&encode_cancel(1, &[0; 300])).is_err());
+        assert_eq!(
+            parse(&encode_forwarded_cancel(42, &[9; 32])).unwrap(),
+            StartupPacket::ForwardedCancel {
+                pid: 42,
+                secret: vec![9; 32]
+            }
+        );
+        assert!(parse(&encode_forwarded_cancel(1, &[0; 300])).is_err());
     }
 
     #[test]

@@ -684,3 +684,175 @@ pub fn pg_logged_tags(log: &str) -> BTreeSet<String> {
     }
     tags
 }
+
+/// The (pid, secret) a CancelToken holds: let it send its CancelRequest to a stand-in server
+/// (SSLRequest, TLS, then the 16-byte request) and read it there.
+pub async fn cancel_key(token: &tokio_postgres::CancelToken, pki: &Pki) -> (i32, i32) {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_postgres::tls::MakeTlsConnect;
+    let srv = pki.server("standin");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(tollgate_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            tollgate_tls::load_certs(&srv.cert).unwrap(),
+            rustls_pki_types::PrivateKeyDer::from_pem_file(&srv.key).unwrap(),
+        )
+        .unwrap();
+    // The client hangs up right after its request: nothing may be written after the handshake.
+    cfg.send_tls13_tickets = 0;
+    let (client_end, mut server_end) = tokio::io::duplex(4096);
+    let server = async move {
+        let mut ssl_request = [0u8; 8];
+        server_end.read_exact(&mut ssl_request).await?;
+        server_end.write_all(b"S").await?;
+        let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+            .accept(server_end)
+            .await?;
+        let mut msg = [0u8; 16];
+        tls.read_exact(&mut msg).await?;
+        Ok::<_, std::io::Error>(msg)
+    };
+    let mut mk = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(&pki.ca, None));
+    let connect =
+        MakeTlsConnect::<tokio::io::DuplexStream>::make_tls_connect(&mut mk, "localhost").unwrap();
+    let (msg, sent) = tokio::join!(server, token.cancel_query_raw(client_end, connect));
+    let msg = msg.unwrap_or_else(|e| panic!("stand-in server: {e}; client: {sent:?}"));
+    assert_eq!(msg[..4], 16i32.to_be_bytes());
+    assert_eq!(msg[4..8], 80877102i32.to_be_bytes());
+    (
+        i32::from_be_bytes(msg[8..12].try_into().unwrap()),
+        i32::from_be_bytes(msg[12..16].try_into().unwrap()),
+    )
+}
+
+/// A two-thread tokio runtime for a test that is not `#[tokio::test]`.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The output of `curl -s -i`: status, head, body.
+pub fn curl_answer(out: &Output, what: &str) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("curl {what}: {text}"));
+    (status, head.to_string(), body.to_string())
+}
+
+/// A console (`origin`, trusting `ca`) as curl sees it, one request at a time.
+pub struct ConsoleCurl {
+    pub ca: PathBuf,
+    pub origin: String,
+}
+
+impl ConsoleCurl {
+    /// `curl -i` against the console: (status, headers, body).
+    pub fn curl(&self, args: &[&str]) -> (u16, String, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--cacert"])
+            .arg(&self.ca)
+            .args(args)
+            .output()
+            .expect("curl");
+        curl_answer(&out, &format!("{args:?}"))
+    }
+
+    /// Sign in with `token` through the form, as a browser would: the console session cookie.
+    pub fn login(&self, token: &str) -> String {
+        let (status, head, _) = self.curl(&[&format!("{}/login", self.origin)]);
+        assert_eq!(status, 200);
+        let login = set_cookie_value(&head, "__Host-tollgate_login").expect("login cookie");
+        let (status, head, body) = self.curl(&[
+            "-H",
+            &format!("Origin: {}", self.origin),
+            "-H",
+            &format!("Cookie: __Host-tollgate_login={login}"),
+            "--data-urlencode",
+            &format!("token={token}"),
+            "--data-urlencode",
+            &format!("csrf={login}"),
+            &format!("{}/login", self.origin),
+        ]);
+        assert_eq!(status, 303, "{head}\n{body}");
+        let line = head
+            .lines()
+            .find(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("set-cookie: __host-tollgate_console=")
+            })
+            .expect("a console session cookie");
+        let value = set_cookie_value(&head, "__Host-tollgate_console").unwrap();
+        assert_eq!(value.len(), 64, "32 random bytes, hex: {line}");
+        assert!(
+            line.ends_with("; Secure; HttpOnly; SameSite=Lax; Path=/; Max-Age=3600"),
+            "{line}"
+        );
+        value
+    }
+
+    /// A console POST with `cookie` and `form` fields: (status, headers, body).
+    pub fn post(
+        &self,
+        path: &str,
+        cookie: &str,
+        origin: Option<&str>,
+        form: &[(&str, &str)],
+    ) -> (u16, String, String) {
+        let mut args = vec![
+            "-H".to_string(),
+            format!("Cookie: __Host-tollgate_console={cookie}"),
+        ];
+        if let Some(o) = origin {
+            args.extend(["-H".into(), format!("Origin: {o}")]);
+        }
+        for (k, v) in form {
+            args.extend(["--data-urlencode".into(), format!("{k}={v}")]);
+        }
+        if form.is_empty() {
+            args.extend(["-X".into(), "POST".into()]);
+        }
+        args.push(format!("{}{path}", self.origin));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.curl(&args)
+    }
+
+    /// A console page as `cookie`'s viewer: (status, body).
+    pub fn page(&self, cookie: &str, path: &str) -> (u16, String) {
+        let (status, _, body) = self.curl(&[
+            "-H",
+            &format!("Cookie: __Host-tollgate_console={cookie}"),
+            &format!("{}{path}", self.origin),
+        ]);
+        (status, body)
+    }
+}
+
+/// The value `name` is set to by a `Set-Cookie` header of `head`.
+pub fn set_cookie_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if !k.eq_ignore_ascii_case("set-cookie") {
+            return None;
+        }
+        let pair = v.trim().split(';').next()?;
+        let (n, val) = pair.split_once('=')?;
+        (n == name && !val.is_empty()).then(|| val.to_string())
+    })
+}
+
+/// The hidden CSRF field of a console page.
+pub fn csrf_of(page: &str) -> String {
+    let at =
+        page.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
+    page[at..].split('"').next().unwrap().to_string()
+}
