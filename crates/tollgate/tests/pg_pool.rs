@@ -41,18 +41,6 @@ async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
         .flatten()
 }
 
-/// The gateway's connections to the test cluster, as the server counts them.
-fn gateway_backends(env: &Env) -> usize {
-    let out = env
-        .pg
-        .psql(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND backend_type = 'client backend'",
-            env.pg.user
-        ))
-        .unwrap();
-    out.trim().parse().unwrap()
-}
-
 fn refused(err: tokio_postgres::Error) -> (SqlState, String) {
     let db = err.as_db_error().expect("a server error");
     (db.code().clone(), db.message().to_string())
@@ -168,7 +156,7 @@ async fn fifty_clients_share_two_connections_between_transactions() {
         },
     );
     assert!(
-        gateway_backends(&env) <= 2,
+        env.gateway_backends() <= 2,
         "at most pool_size upstream connections"
     );
     assert_eq!(
@@ -441,7 +429,7 @@ async fn two_thousand_tls_clients_on_ten_connections() {
     for (i, r) in results.iter().enumerate() {
         assert_eq!(*r, i as i32 + 1);
     }
-    assert!(gateway_backends(&env) <= 10);
+    assert!(env.gateway_backends() <= 10);
     eprintln!(
         "2000 TLS clients: connected in {connected:?}, all queried in {:?}, gateway RSS {:?} KiB",
         started.elapsed(),
@@ -526,7 +514,7 @@ fn pgbench_in_every_query_mode_through_a_transaction_pool() {
             "-M {mode}: {text}"
         );
     }
-    assert!(gateway_backends(&env) <= 2);
+    assert!(env.gateway_backends() <= 2);
     wait_for(
         Duration::from_secs(5),
         "every connection back in the pool",
