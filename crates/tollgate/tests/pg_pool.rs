@@ -564,3 +564,47 @@ fn pgbench_connect_per_transaction_reuses_upstream_sessions() {
         "100 client connections: {reused} reused, {opened} opened upstream"
     );
 }
+
+/// `reserve_pool`: a client that waited `reserve_pool_timeout` for one of the `pool_size`
+/// connections gets an extra one, up to `reserve_pool` of them; past those it waits out
+/// `pool_timeout` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
+    let env = start(
+        "pool_mode = \"transaction\"\npool_size = 1\nreserve_pool = 1\nreserve_pool_timeout = \"700ms\"\npool_timeout = \"3s\"",
+    )
+    .await;
+    let (a, b, c) = (env.client().await, env.client().await, env.client().await);
+    a.batch_execute("BEGIN").await.unwrap();
+    let held = pid(&a).await;
+    let started = Instant::now();
+    b.batch_execute("BEGIN").await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_millis(2500),
+        "b waited {waited:?} for its reserve connection"
+    );
+    assert_ne!(pid(&b).await, held, "b runs on a connection of its own");
+    // Both places taken: c waits out pool_timeout.
+    let (code, message) = refused(c.batch_execute("SELECT 1").await.unwrap_err());
+    assert_eq!(code, SqlState::TOO_MANY_CONNECTIONS, "{message}");
+    assert!(message.contains("pool_size = 1"), "{message}");
+    b.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        env.gw
+            .metric("tollgate_pool_reserve_leases_total{resource=\"app\"}"),
+        Some(1)
+    );
+    assert!(env.gateway_backends() <= 2);
+    // Without a wait no reserve connection is used.
+    assert_eq!(
+        first_value(&b, "SELECT 'quick'").await.as_deref(),
+        Some("quick")
+    );
+    assert_eq!(
+        env.gw
+            .metric("tollgate_pool_reserve_leases_total{resource=\"app\"}"),
+        Some(1)
+    );
+}
