@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::drivers::{javac, must, node_modules, python_venv};
+use common::drivers::{javac, json_output, must, node_modules, python_venv};
 use common::{Gateway, Pki, TOKEN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -214,16 +214,8 @@ fn python() -> PathBuf {
     )
 }
 
-fn matrix_output(mut cmd: Command, cfg: &Value, what: &str) -> Value {
-    let out = must(
-        cmd.env("TG_MYSQL_MATRIX", cfg.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: {e}")),
-        what,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}):\n{text}"))
+fn matrix_output(cmd: Command, cfg: &Value, what: &str) -> Value {
+    json_output(cmd, "TG_MYSQL_MATRIX", cfg, what)
 }
 
 fn run_python(driver: &str, target: &Target) -> Value {

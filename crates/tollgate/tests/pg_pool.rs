@@ -146,15 +146,7 @@ async fn fifty_clients_share_two_connections_between_transactions() {
     assert!(distinct.len() <= 2, "{distinct:?}");
     // Every client is between transactions: no connection stays leased (once the Close and
     // Sync tokio-postgres sends, unawaited, for each dropped statement are answered).
-    wait_for(
-        Duration::from_secs(5),
-        "every connection back in the pool",
-        || {
-            env.gw
-                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
-                == Some(0)
-        },
-    );
+    env.wait_pool_idle();
     assert!(
         env.gateway_backends() <= 2,
         "at most pool_size upstream connections"
@@ -515,15 +507,7 @@ fn pgbench_in_every_query_mode_through_a_transaction_pool() {
         );
     }
     assert!(env.gateway_backends() <= 2);
-    wait_for(
-        Duration::from_secs(5),
-        "every connection back in the pool",
-        || {
-            env.gw
-                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
-                == Some(0)
-        },
-    );
+    env.wait_pool_idle();
     let out = env.psql(
         &env.conninfo("app"),
         &["-c", "SELECT count(*) FROM pgbench_history"],

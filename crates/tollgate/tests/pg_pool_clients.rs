@@ -11,13 +11,12 @@
 
 mod common;
 
-use common::drivers::{javac, must, node_modules, python_venv, tmp_dir};
+use common::drivers::{javac, json_output, must, node_modules, python_venv, tmp_dir};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 const CLIENTS: usize = 6;
 const ROUNDS: i64 = 5;
@@ -64,16 +63,8 @@ fn config(env: &Env) -> Value {
     })
 }
 
-fn output(mut cmd: Command, env: &Env, what: &str) -> Value {
-    let out = must(
-        cmd.env("TG_PG_POOL", config(env).to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: {e}")),
-        what,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}):\n{text}"))
+fn output(cmd: Command, env: &Env, what: &str) -> Value {
+    json_output(cmd, "TG_PG_POOL", &config(env), what)
 }
 
 /// What every client of `driver` must have seen, and what the server holds after them.
@@ -114,15 +105,7 @@ fn check(driver: &str, env: &Env, out: &Value) {
         format!("0|{}", CLIENTS as i64 * 2 * ROUNDS),
         "{driver}: rows the server holds (rolled back | all)"
     );
-    wait_for(
-        Duration::from_secs(5),
-        "every connection back in the pool",
-        || {
-            env.gw
-                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
-                == Some(0)
-        },
-    );
+    env.wait_pool_idle();
     eprintln!(
         "{driver}: {CLIENTS} clients served by {} upstream connections",
         pids.len()

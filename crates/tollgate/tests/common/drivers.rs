@@ -21,6 +21,25 @@ pub fn must(out: Output, what: &str) -> Output {
     out
 }
 
+/// Runs a driver script with `input` as JSON in the environment variable `var`, and parses the
+/// one JSON value it prints.
+pub fn json_output(
+    mut cmd: Command,
+    var: &str,
+    input: &serde_json::Value,
+    what: &str,
+) -> serde_json::Value {
+    let out = must(
+        cmd.env(var, input.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: {e}")),
+        what,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}):\n{text}"))
+}
+
 /// A venv `name` under target/tmp with `packages` from pip, made when `import` fails in it.
 /// Returns its python.
 pub fn python_venv(name: &str, packages: &[&str], import: &str) -> PathBuf {

@@ -431,6 +431,19 @@ password_file = "app.password"
         client
     }
 
+    /// Waits until no pooled connection of "app" is leased (every client between transactions).
+    pub fn wait_pool_idle(&self) {
+        wait_for(
+            Duration::from_secs(5),
+            "every connection back in the pool",
+            || {
+                self.gw
+                    .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
+                    == Some(0)
+            },
+        );
+    }
+
     /// The gateway's connections to the test cluster, as the server counts them.
     pub fn gateway_backends(&self) -> usize {
         let out = self
