@@ -209,7 +209,7 @@ impl CommandRefusal {
             CommandRefusal::ReviewNotOpened => Some("try again later or contact the gateway's operator"),
             CommandRefusal::ReviewExpired { .. } => Some("ask a reviewer to decide sooner, then run it again"),
             CommandRefusal::CopyUnderColumnRules { .. } => Some("select the rows with SELECT instead, which tollgate can mask column by column"),
-            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), or use a resource with pool_mode = \"session\""),
+            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), pass settings as start-up parameters (options=-c..., or for the JDBC driver assumeMinServerVersion=9.0), or use a resource with pool_mode = \"session\""),
             CommandRefusal::Rule(_)
             | CommandRefusal::NoReviewService { .. }
             | CommandRefusal::ReviewDenied { .. }

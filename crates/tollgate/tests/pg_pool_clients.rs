@@ -189,7 +189,8 @@ fn jdbc_through_a_transaction_pool() {
     assert!(
         probe["message"]
             .as_str()
-            .is_some_and(|m| m.contains("pool_mode = \"transaction\"")),
+            .is_some_and(|m| m.contains("pool_mode = \"transaction\"")
+                && m.contains("assumeMinServerVersion=9.0")),
         "{probe}"
     );
     let _ = std::fs::remove_file(&pk8);
