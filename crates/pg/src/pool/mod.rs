@@ -15,8 +15,9 @@ pub use stream::PoolStream;
 
 use crate::cancel::BackendKey;
 use crate::io::FrameBuf;
-use crate::proto::backend::{self, Severity};
+use crate::proto::backend;
 use crate::proto::frontend;
+use crate::refusal::SessionEnd;
 use crate::upstream::{Connected, UpStream, UpstreamError, UpstreamTarget};
 use carry::BackendStatements;
 use std::collections::{HashMap, VecDeque};
@@ -567,21 +568,12 @@ async fn reset(mut b: Backend, guarded: bool, limit: usize) -> Option<Backend> {
 pub(crate) fn unavailable(pool: &Pool, e: &PoolError) -> Vec<u8> {
     let resource = pool.resource();
     match e {
-        PoolError::Timeout(waited) => backend::error(
-            Severity::Fatal,
-            "53300",
-            &format!(
-                "no upstream connection of resource \"{resource}\" became free within {}s (pool_mode = \"transaction\", pool_size = {})",
-                waited.as_secs_f64(),
-                pool.cfg.size
-            ),
-            Some("retry later; an administrator can raise pool_size, reserve_pool or pool_timeout"),
-        ),
-        PoolError::Upstream(_) => backend::error(
-            Severity::Fatal,
-            "08001",
-            &format!("tollgate could not connect to resource \"{resource}\""),
-            None,
-        ),
+        PoolError::Timeout(waited) => SessionEnd::PoolTimeout {
+            resource,
+            waited: *waited,
+            pool_size: pool.cfg.size,
+        },
+        PoolError::Upstream(_) => SessionEnd::PoolConnectFailed { resource },
     }
+    .fatal()
 }
