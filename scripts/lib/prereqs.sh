@@ -17,6 +17,10 @@
 #                        mariadb client: a JDK and MariaDB Connector/J (libmariadb-java), and
 #                        python3 venv (PyMySQL, mysql-connector-python and node mysql2 are
 #                        installed by the tests under target/tmp)
+#   need_pg_clients      what the PostgreSQL driver tests (tests/pg_pool_clients.rs) run: a JDK and
+#                        the PostgreSQL JDBC driver (libpostgresql-jdbc-java), python3 venv
+#                        (psycopg and asyncpg are installed by pip, node-pg by npm, under
+#                        target/tmp)
 #   need_sysbench        sysbench, for scripts/bench-mysql
 #   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
 #   need_python_pysaml2  pysaml2 (PyPI) for the python3 on PATH: the IdP of tests/saml.rs
@@ -67,6 +71,12 @@ need_mariadb() {
 need_mysql_clients() {
   command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
   ls /usr/share/java/mariadb-java-client.jar >/dev/null 2>&1 || missing+=(libmariadb-java)
+  python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+}
+
+need_pg_clients() {
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+  ls /usr/share/java/postgresql.jar >/dev/null 2>&1 || missing+=(libpostgresql-jdbc-java)
   python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 }
 

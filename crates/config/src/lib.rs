@@ -456,6 +456,12 @@ pub struct Pooling {
     pub queue_timeout: Duration,
     /// Most client sessions of this resource at once (default: no cap besides the server's).
     pub max_client_conn: Option<usize>,
+    /// `transaction`: extra upstream connections beyond `size` for clients that waited
+    /// `reserve_timeout` (PgBouncer's `reserve_pool`; default 0, none).
+    pub reserve_size: usize,
+    /// How long a client waits for one of the `size` connections before it may use a reserve
+    /// one (default 5s).
+    pub reserve_timeout: Duration,
 }
 
 /// Default `resources.pool_size`.
@@ -470,6 +476,8 @@ impl Default for Pooling {
             idle_timeout: Duration::from_secs(600),
             queue_timeout: Duration::from_secs(30),
             max_client_conn: None,
+            reserve_size: 0,
+            reserve_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -1215,6 +1223,8 @@ struct RawResource {
     pool_idle_timeout: Option<Spanned<String>>,
     pool_timeout: Option<Spanned<String>>,
     max_client_conn: Option<Spanned<i64>>,
+    reserve_pool: Option<Spanned<i64>>,
+    reserve_pool_timeout: Option<Spanned<String>>,
     #[serde(default)]
     masks: Vec<Mask>,
     capture_results: Option<bool>,
@@ -1625,6 +1635,14 @@ impl Ctx<'_> {
                     "max_client_conn",
                     r.max_client_conn.as_ref().map(|v| v.span().start),
                 ),
+                (
+                    "reserve_pool",
+                    r.reserve_pool.as_ref().map(|v| v.span().start),
+                ),
+                (
+                    "reserve_pool_timeout",
+                    r.reserve_pool_timeout.as_ref().map(|v| v.span().start),
+                ),
             ];
             if let Some((key, Some(at))) = set.into_iter().find(|(_, at)| at.is_some()) {
                 return Err(self.invalid(
@@ -1656,6 +1674,17 @@ impl Ctx<'_> {
                     Some(self.count("resources.max_client_conn", r.max_client_conn.clone(), 1)?)
                 }
             },
+            reserve_size: self.count_from(
+                "resources.reserve_pool",
+                r.reserve_pool.clone(),
+                d.reserve_size,
+                0,
+            )?,
+            reserve_timeout: self.duration(
+                "resources.reserve_pool_timeout",
+                r.reserve_pool_timeout.clone(),
+                d.reserve_timeout,
+            )?,
         })
     }
 
@@ -1666,16 +1695,27 @@ impl Ctx<'_> {
         v: Option<Spanned<i64>>,
         default: usize,
     ) -> Result<usize, ConfigError> {
+        self.count_from(key, v, default, 1)
+    }
+
+    /// A whole number of at least `min`, or `default` when absent.
+    fn count_from(
+        &self,
+        key: &str,
+        v: Option<Spanned<i64>>,
+        default: usize,
+        min: usize,
+    ) -> Result<usize, ConfigError> {
         match v {
             None => Ok(default),
             Some(n) => usize::try_from(*n.get_ref())
                 .ok()
-                .filter(|n| *n >= 1)
+                .filter(|n| *n >= min)
                 .ok_or_else(|| {
                     self.invalid(
                         n.span().start,
                         key,
-                        format!("{} must be a whole number, at least 1", n.get_ref()),
+                        format!("{} must be a whole number, at least {min}", n.get_ref()),
                     )
                 }),
         }
@@ -2490,15 +2530,24 @@ password_env = "ORDERS_DB_PASSWORD"
             )
         };
         let c = p(&with(
-            "pool_mode = \"transaction\"\npool_size = 10\npool_timeout = \"5s\"\nmax_client_conn = 3000",
+            "pool_mode = \"transaction\"\npool_size = 10\npool_timeout = \"5s\"\nmax_client_conn = 3000\nreserve_pool = 3\nreserve_pool_timeout = \"2s\"",
         ))
         .unwrap();
         let pool = &c.resources[0].pool;
+        assert_eq!(
+            (pool.reserve_size, pool.reserve_timeout),
+            (3, Duration::from_secs(2))
+        );
         assert_eq!(pool.mode, PoolMode::Transaction);
         assert_eq!((pool.size, pool.max_idle), (10, 10));
         assert_eq!(pool.queue_timeout, Duration::from_secs(5));
         assert_eq!(pool.max_client_conn, Some(3000));
         let err = |extra: &str| p(&with(extra)).unwrap_err().to_string();
+        let e = err("reserve_pool = -1");
+        assert!(
+            e.contains("resources.reserve_pool: -1 must be a whole number, at least 0"),
+            "{e}"
+        );
         let e = err("pool_size = 0");
         assert!(
             e.contains("resources.pool_size: 0 must be a whole number, at least 1"),

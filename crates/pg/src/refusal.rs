@@ -209,7 +209,7 @@ impl CommandRefusal {
             CommandRefusal::ReviewNotOpened => Some("try again later or contact the gateway's operator"),
             CommandRefusal::ReviewExpired { .. } => Some("ask a reviewer to decide sooner, then run it again"),
             CommandRefusal::CopyUnderColumnRules { .. } => Some("select the rows with SELECT instead, which tollgate can mask column by column"),
-            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), or use a resource with pool_mode = \"session\""),
+            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), pass settings as start-up parameters (options=-c..., or for the JDBC driver assumeMinServerVersion=9.0), or use a resource with pool_mode = \"session\""),
             CommandRefusal::Rule(_)
             | CommandRefusal::NoReviewService { .. }
             | CommandRefusal::ReviewDenied { .. }
@@ -246,6 +246,16 @@ pub(crate) enum SessionEnd<'a> {
     DialectChanged(Option<&'a str>),
     /// A per-session limit was reached (which).
     LimitReached(Option<&'a str>),
+    /// `pool_mode = "transaction"`: no upstream connection became free within `pool_timeout`.
+    PoolTimeout {
+        resource: &'a str,
+        waited: std::time::Duration,
+        pool_size: usize,
+    },
+    /// `pool_mode = "transaction"`: a new upstream connection could not be opened.
+    PoolConnectFailed {
+        resource: &'a str,
+    },
 }
 
 impl SessionEnd<'_> {
@@ -255,6 +265,8 @@ impl SessionEnd<'_> {
             SessionEnd::Protocol(_) | SessionEnd::DialectChanged(_) => "08P01",
             SessionEnd::AuditUnavailable => "58030",
             SessionEnd::LimitReached(_) => "54000",
+            SessionEnd::PoolTimeout { .. } => "53300",
+            SessionEnd::PoolConnectFailed { .. } => "08001",
         }
     }
 
@@ -275,12 +287,26 @@ impl SessionEnd<'_> {
                 "tollgate ended this session: {}",
                 limit.unwrap_or("a limit was reached")
             ),
+            SessionEnd::PoolTimeout {
+                resource,
+                waited,
+                pool_size,
+            } => format!(
+                "no upstream connection of resource \"{resource}\" became free within {}s (pool_mode = \"transaction\", pool_size = {pool_size})",
+                waited.as_secs_f64()
+            ),
+            SessionEnd::PoolConnectFailed { resource } => {
+                format!("tollgate could not connect to resource \"{resource}\"")
+            }
         }
     }
 
     pub fn hint(&self) -> Option<&'static str> {
         match self {
-            SessionEnd::UpstreamLost { .. } | SessionEnd::Protocol(_) => None,
+            SessionEnd::UpstreamLost { .. }
+            | SessionEnd::Protocol(_)
+            | SessionEnd::PoolConnectFailed { .. } => None,
+            SessionEnd::PoolTimeout { .. } => Some("retry later; an administrator can raise pool_size, reserve_pool or pool_timeout"),
             SessionEnd::AuditUnavailable => Some("the gateway's audit store is unavailable; try again later or contact the gateway's operator"),
             SessionEnd::DialectChanged(_) => Some("reconnect; standard_conforming_strings must stay on and client_encoding UTF8 through the gateway"),
             SessionEnd::LimitReached(_) => Some("close prepared statements and portals the session no longer uses (Close, DEALLOCATE), or ask the operator to raise max_prepared_statements / max_portals"),
@@ -353,5 +379,21 @@ mod tests {
         );
         assert_eq!(SessionEnd::LimitReached(None).sqlstate(), "54000");
         assert_eq!(SessionEnd::AuditUnavailable.sqlstate(), "58030");
+        let timeout = SessionEnd::PoolTimeout {
+            resource: "app",
+            waited: std::time::Duration::from_millis(1500),
+            pool_size: 3,
+        };
+        assert_eq!(timeout.sqlstate(), "53300");
+        assert!(
+            timeout.message().contains("within 1.5s"),
+            "{}",
+            timeout.message()
+        );
+        assert!(timeout.message().contains("pool_size = 3"));
+        assert_eq!(
+            SessionEnd::PoolConnectFailed { resource: "app" }.sqlstate(),
+            "08001"
+        );
     }
 }

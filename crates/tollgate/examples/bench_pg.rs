@@ -52,6 +52,11 @@
 //! nothing, so its ratio to direct is the floor that the two extra loopback hops alone set on
 //! this machine: no proxy, however cheap, does better than that ratio.
 //!
+//! With `--idle N` a transaction-pooled gateway (`pool_size = 20`) is started after the rounds
+//! and N TLS client sessions (client certificate; at most 200 handshakes at once) each run
+//! `SELECT 1` and stay open; the report adds the gateway's RSS with all of them idle, per idle
+//! client over the empty gateway's, and how many upstream connections served them.
+//!
 //! Everything (gateway, pgbench, cluster, temporary files) is cleaned up on return, on error
 //! and on Ctrl-C/SIGTERM. On a small machine pgbench, postgres and the gateway share the
 //! cores, so with 8 clients the ratio mostly reflects CPU per query; see the CPU columns.
@@ -122,6 +127,11 @@ struct Opts {
     /// config and measured in the same rounds: an A/B of two builds in one run.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Also open this many TLS client sessions (client certificate, one query each, then idle)
+    /// on a transaction-pooled copy of the resource with `pool_size` 20, and print the
+    /// gateway's RSS and upstream connections (the issue's 10,000-idle-clients row).
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
     /// Measure nothing: set up the database and the gateway, print how to reach both (pgbench
     /// connection strings, the gateway's pid for `perf record -p`), and wait for Ctrl-C.
     #[arg(long)]
@@ -703,6 +713,39 @@ password_file = "{password_file}"
     } else {
         report.print_table();
     }
+    if opts.idle > 0 {
+        let dir = tmp.path().join("idle");
+        fs::create_dir_all(&dir)?;
+        let (pg, admin) = (
+            tollgate_testsupport::free_port(),
+            tollgate_testsupport::free_port(),
+        );
+        let path = dir.join("tollgate.toml");
+        let config = gateway_config(pg, admin, "handshake_timeout = \"300s\"", "").replace(
+            "pool_mode = \"session\"",
+            &format!(
+                "pool_mode = \"transaction\"\npool_size = {IDLE_POOL_SIZE}\npool_timeout = \"300s\""
+            ),
+        );
+        fs::write(&path, config)?;
+        progress(format_args!(
+            "starting a transaction-pooled gateway for {} idle clients ...",
+            opts.idle
+        ));
+        let gw = Gateway::start(&tollgate, &path, &dir, admin, &[])?;
+        let tls = IdleTls {
+            ca: ca.clone(),
+            cert: client.cert.clone(),
+            key: client.key.clone(),
+        };
+        let idle = idle_clients(opts.idle, pg, &tls, &gw, &cluster)?;
+        let line = idle.line(opts.idle);
+        if opts.json {
+            progress(format_args!("{line}"));
+        } else {
+            println!("\n{line}");
+        }
+    }
     // Explicit order: proxies first (they hold upstream connections), then the cluster, then files.
     drop(targets);
     drop(relay);
@@ -714,6 +757,137 @@ password_file = "{password_file}"
     drop(cluster);
     drop(tmp);
     Ok(())
+}
+
+/// `pool_size` of the `--idle` gateway (the issue's target: at most 20 upstream connections).
+const IDLE_POOL_SIZE: usize = 20;
+
+struct IdleTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// What `--idle` measured.
+struct IdleReport {
+    rss_before_kib: u64,
+    rss_idle_kib: u64,
+    /// The gateway's pooled upstream connections (its metrics), and the cluster's count of
+    /// new connections while the clients were open.
+    backends: usize,
+    upstream_delta: usize,
+    connect_secs: f64,
+}
+
+impl IdleReport {
+    fn line(&self, n: usize) -> String {
+        let per_client = (self.rss_idle_kib.saturating_sub(self.rss_before_kib)) as f64 / n as f64;
+        format!(
+            "{n} idle TLS client sessions, pool_mode = \"transaction\", pool_size = {IDLE_POOL_SIZE}: \
+             gateway RSS {:.1} MiB (empty gateway {:.1} MiB; {:.1} KiB per idle client), \
+             {} upstream connections ({} more on the server), all connected and queried in {:.1} s",
+            self.rss_idle_kib as f64 / 1024.0,
+            self.rss_before_kib as f64 / 1024.0,
+            per_client,
+            self.backends,
+            self.upstream_delta,
+            self.connect_secs
+        )
+    }
+}
+
+/// Opens `n` TLS client sessions to the gateway on `port` (at most 200 handshakes at once),
+/// runs one query on each, lets them sit idle, and reads the gateway's RSS and the cluster's
+/// count of its connections while they are all open.
+fn idle_clients(
+    n: usize,
+    port: u16,
+    tls: &IdleTls,
+    gw: &Gateway,
+    cluster: &PgCluster,
+) -> Result<IdleReport> {
+    use futures_util::{stream, StreamExt, TryStreamExt};
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tollgate_tls::load_certs(&tls.ca)? {
+        roots.add(c)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(tollgate_tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            tollgate_tls::load_certs(&tls.cert)?,
+            rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key)?,
+        )?;
+    let conninfo =
+        format!("host=localhost port={port} user={CLIENT} dbname={RESOURCE} sslmode=require");
+    let rss_before_kib = proc_status_kib(gw.pid(), "VmRSS").unwrap_or(0);
+    let backends_before = cluster_backends(cluster)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let clients: Vec<tokio_postgres::Client> = rt.block_on(
+        stream::iter(0..n)
+            .map(|i| {
+                let (conninfo, config) = (conninfo.clone(), config.clone());
+                async move {
+                    let (client, conn) = tokio_postgres::connect(
+                        &conninfo,
+                        tokio_postgres_rustls::MakeRustlsConnect::new(config),
+                    )
+                    .await
+                    .with_context(|| format!("idle client {i}: connect"))?;
+                    tokio::spawn(conn);
+                    client
+                        .simple_query("SELECT 1")
+                        .await
+                        .with_context(|| format!("idle client {i}: SELECT 1"))?;
+                    anyhow::Ok(client)
+                }
+            })
+            .buffer_unordered(200)
+            .try_collect(),
+    )?;
+    let connect_secs = started.elapsed().as_secs_f64();
+    progress(format_args!(
+        "{} clients connected in {connect_secs:.1} s; letting them idle ...",
+        clients.len()
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_idle_kib = proc_status_kib(gw.pid(), "VmRSS").unwrap_or(0);
+    // The run's other gateways keep their own pooled connections: count this one's only.
+    let metrics = gw.metrics().unwrap_or_default();
+    let pooled = |state: &str| {
+        metric(
+            &metrics,
+            &format!("tollgate_pool_connections{{resource=\"{RESOURCE}\",state=\"{state}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let backends = (pooled("idle") + pooled("active")) as usize;
+    let upstream_delta = cluster_backends(cluster)?.saturating_sub(backends_before);
+    drop(clients);
+    drop(rt);
+    Ok(IdleReport {
+        rss_before_kib,
+        rss_idle_kib,
+        backends,
+        upstream_delta,
+        connect_secs,
+    })
+}
+
+/// Client connections of the cluster's user (the gateways' upstream connections).
+fn cluster_backends(cluster: &PgCluster) -> Result<usize> {
+    Ok(cluster
+        .psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND backend_type = 'client backend'",
+            cluster.user
+        ))?
+        .trim()
+        .parse()?)
 }
 
 fn progress(msg: std::fmt::Arguments) {

@@ -15,12 +15,12 @@
 
 mod common;
 
+use common::drivers::{javac, json_output, must, node_modules, python_venv};
 use common::{Gateway, Pki, TOKEN};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use tollgate_testsupport::{free_port, mariadb_install_hint, MariaDb, MariaDbOptions};
 use tollgate_tls::pki::IssuedFiles;
 
@@ -199,115 +199,23 @@ fn marker() -> String {
     format!("cancel-me-{}", free_port())
 }
 
-fn tmp_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
-
 fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/mysql")
         .join(name)
 }
 
-fn must(out: Output, what: &str) -> Output {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// A venv with PyMySQL and mysql-connector-python, made once per target directory.
 fn python() -> PathBuf {
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
-    let venv = tmp_dir().join("mysql-py");
-    let python = venv.join("bin/python");
-    let ready = || {
-        Command::new(&python)
-            .args(["-c", "import pymysql, mysql.connector"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !ready() {
-        must(
-            Command::new("python3")
-                .args(["-m", "venv", "--clear"])
-                .arg(&venv)
-                .output()
-                .expect("python3 (scripts/test installs it)"),
-            "python3 -m venv",
-        );
-        must(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "PyMySQL", "mysql-connector-python"])
-                .output()
-                .expect("pip"),
-            "pip install PyMySQL mysql-connector-python",
-        );
-    }
-    python
+    python_venv(
+        "mysql-py",
+        &["PyMySQL", "mysql-connector-python"],
+        "pymysql, mysql.connector",
+    )
 }
 
-/// node_modules with mysql2, installed once per target directory.
-fn node_modules() -> PathBuf {
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tmp_dir().join("mysql-node");
-    let modules = dir.join("node_modules");
-    if !modules.join("mysql2/package.json").exists() {
-        std::fs::create_dir_all(&dir).unwrap();
-        must(
-            Command::new("npm")
-                .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
-                .arg(&dir)
-                .arg("mysql2@3")
-                .output()
-                .expect("npm (scripts/test installs node and npm)"),
-            "npm install mysql2",
-        );
-    }
-    modules
-}
-
-/// Matrix.java compiled against Connector/J, once per test process.
-fn java_classes() -> PathBuf {
-    static COMPILE: Mutex<bool> = Mutex::new(false);
-    let mut done = COMPILE.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tmp_dir().join("mysql-java");
-    if !*done {
-        assert!(
-            Path::new(CONNECTOR_J).exists(),
-            "{CONNECTOR_J} missing: apt-get install libmariadb-java (scripts/test does)"
-        );
-        std::fs::create_dir_all(&dir).unwrap();
-        must(
-            Command::new("javac")
-                .args(["-nowarn", "-Xlint:none", "-cp", CONNECTOR_J, "-d"])
-                .arg(&dir)
-                .arg(script("Matrix.java"))
-                .output()
-                .expect("javac (scripts/test installs a JDK)"),
-            "javac Matrix.java",
-        );
-        *done = true;
-    }
-    dir
-}
-
-fn matrix_output(mut cmd: Command, cfg: &Value, what: &str) -> Value {
-    let out = must(
-        cmd.env("TG_MYSQL_MATRIX", cfg.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: {e}")),
-        what,
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}):\n{text}"))
+fn matrix_output(cmd: Command, cfg: &Value, what: &str) -> Value {
+    json_output(cmd, "TG_MYSQL_MATRIX", cfg, what)
 }
 
 fn run_python(driver: &str, target: &Target) -> Value {
@@ -318,15 +226,20 @@ fn run_python(driver: &str, target: &Target) -> Value {
 
 fn run_node(target: &Target) -> Value {
     let mut cmd = Command::new("node");
-    cmd.arg(script("matrix.cjs"))
-        .env("NODE_PATH", node_modules());
+    cmd.arg(script("matrix.cjs")).env(
+        "NODE_PATH",
+        node_modules("mysql-node", &["mysql2@3"], "mysql2"),
+    );
     matrix_output(cmd, &target.matrix_config(&marker()), "node mysql2")
 }
 
 fn run_java(target: &Target) -> Value {
     let mut cmd = Command::new("java");
     cmd.arg("-cp")
-        .arg(format!("{CONNECTOR_J}:{}", java_classes().display()))
+        .arg(format!(
+            "{CONNECTOR_J}:{}",
+            javac("mysql-java", CONNECTOR_J, &script("Matrix.java")).display()
+        ))
         .arg("Matrix");
     matrix_output(cmd, &target.matrix_config(&marker()), "Connector/J")
 }

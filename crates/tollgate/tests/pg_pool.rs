@@ -41,18 +41,6 @@ async fn first_value(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
         .flatten()
 }
 
-/// The gateway's connections to the test cluster, as the server counts them.
-fn gateway_backends(env: &Env) -> usize {
-    let out = env
-        .pg
-        .psql(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND backend_type = 'client backend'",
-            env.pg.user
-        ))
-        .unwrap();
-    out.trim().parse().unwrap()
-}
-
 fn refused(err: tokio_postgres::Error) -> (SqlState, String) {
     let db = err.as_db_error().expect("a server error");
     (db.code().clone(), db.message().to_string())
@@ -158,17 +146,9 @@ async fn fifty_clients_share_two_connections_between_transactions() {
     assert!(distinct.len() <= 2, "{distinct:?}");
     // Every client is between transactions: no connection stays leased (once the Close and
     // Sync tokio-postgres sends, unawaited, for each dropped statement are answered).
-    wait_for(
-        Duration::from_secs(5),
-        "every connection back in the pool",
-        || {
-            env.gw
-                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
-                == Some(0)
-        },
-    );
+    env.wait_pool_idle();
     assert!(
-        gateway_backends(&env) <= 2,
+        env.gateway_backends() <= 2,
         "at most pool_size upstream connections"
     );
     assert_eq!(
@@ -441,7 +421,7 @@ async fn two_thousand_tls_clients_on_ten_connections() {
     for (i, r) in results.iter().enumerate() {
         assert_eq!(*r, i as i32 + 1);
     }
-    assert!(gateway_backends(&env) <= 10);
+    assert!(env.gateway_backends() <= 10);
     eprintln!(
         "2000 TLS clients: connected in {connected:?}, all queried in {:?}, gateway RSS {:?} KiB",
         started.elapsed(),
@@ -526,16 +506,8 @@ fn pgbench_in_every_query_mode_through_a_transaction_pool() {
             "-M {mode}: {text}"
         );
     }
-    assert!(gateway_backends(&env) <= 2);
-    wait_for(
-        Duration::from_secs(5),
-        "every connection back in the pool",
-        || {
-            env.gw
-                .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
-                == Some(0)
-        },
-    );
+    assert!(env.gateway_backends() <= 2);
+    env.wait_pool_idle();
     let out = env.psql(
         &env.conninfo("app"),
         &["-c", "SELECT count(*) FROM pgbench_history"],
@@ -574,5 +546,49 @@ fn pgbench_connect_per_transaction_reuses_upstream_sessions() {
     assert!(
         reused > opened,
         "100 client connections: {reused} reused, {opened} opened upstream"
+    );
+}
+
+/// `reserve_pool`: a client that waited `reserve_pool_timeout` for one of the `pool_size`
+/// connections gets an extra one, up to `reserve_pool` of them; past those it waits out
+/// `pool_timeout` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waited_reserve_pool_timeout_gets_a_reserve_connection() {
+    let env = start(
+        "pool_mode = \"transaction\"\npool_size = 1\nreserve_pool = 1\nreserve_pool_timeout = \"700ms\"\npool_timeout = \"3s\"",
+    )
+    .await;
+    let (a, b, c) = (env.client().await, env.client().await, env.client().await);
+    a.batch_execute("BEGIN").await.unwrap();
+    let held = pid(&a).await;
+    let started = Instant::now();
+    b.batch_execute("BEGIN").await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_millis(2500),
+        "b waited {waited:?} for its reserve connection"
+    );
+    assert_ne!(pid(&b).await, held, "b runs on a connection of its own");
+    // Both places taken: c waits out pool_timeout.
+    let (code, message) = refused(c.batch_execute("SELECT 1").await.unwrap_err());
+    assert_eq!(code, SqlState::TOO_MANY_CONNECTIONS, "{message}");
+    assert!(message.contains("pool_size = 1"), "{message}");
+    b.batch_execute("COMMIT").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        env.gw
+            .metric("tollgate_pool_reserve_leases_total{resource=\"app\"}"),
+        Some(1)
+    );
+    assert!(env.gateway_backends() <= 2);
+    // Without a wait no reserve connection is used.
+    assert_eq!(
+        first_value(&b, "SELECT 'quick'").await.as_deref(),
+        Some("quick")
+    );
+    assert_eq!(
+        env.gw
+            .metric("tollgate_pool_reserve_leases_total{resource=\"app\"}"),
+        Some(1)
     );
 }

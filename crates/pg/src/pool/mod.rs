@@ -15,8 +15,9 @@ pub use stream::PoolStream;
 
 use crate::cancel::BackendKey;
 use crate::io::FrameBuf;
-use crate::proto::backend::{self, Severity};
+use crate::proto::backend;
 use crate::proto::frontend;
+use crate::refusal::SessionEnd;
 use crate::upstream::{Connected, UpStream, UpstreamError, UpstreamTarget};
 use carry::BackendStatements;
 use std::collections::{HashMap, VecDeque};
@@ -223,6 +224,7 @@ struct Metrics {
     reused: Arc<Cell>,
     opened: Arc<Cell>,
     timeouts: Arc<Cell>,
+    reserve: Arc<Cell>,
 }
 
 impl Metrics {
@@ -252,6 +254,11 @@ impl Metrics {
             reused: checkouts("reused"),
             opened: checkouts("opened"),
             timeouts: checkouts("timeout"),
+            reserve: registry().counter(
+                "tollgate_pool_reserve_leases_total",
+                "Transactions that ran on a reserve_pool connection after waiting reserve_pool_timeout, by resource.",
+                &[("resource", resource)],
+            ),
         }
     }
 }
@@ -262,8 +269,10 @@ pub(crate) struct Pool {
     params: Vec<(String, String)>,
     cfg: Pooling,
     idle: Mutex<VecDeque<Backend>>,
-    /// `transaction`: a permit per connection in use (`pool_size`).
+    /// `transaction`: a permit per connection in use (`pool_size`), and the `reserve_pool`
+    /// ones for clients that waited `reserve_pool_timeout`.
     slots: Option<Arc<Semaphore>>,
+    reserve: Option<Arc<Semaphore>>,
     facts: Mutex<Option<Facts>>,
     registry: UpstreamRegistry,
     max_message: usize,
@@ -281,6 +290,8 @@ impl Pool {
         let pool = Arc::new(Pool {
             metrics: Metrics::new(&target.resource.name),
             slots: (cfg.mode == PoolMode::Transaction).then(|| Arc::new(Semaphore::new(cfg.size))),
+            reserve: (cfg.mode == PoolMode::Transaction && cfg.reserve_size > 0)
+                .then(|| Arc::new(Semaphore::new(cfg.reserve_size))),
             target,
             params,
             cfg,
@@ -315,23 +326,7 @@ impl Pool {
     pub(crate) async fn lease(self: Arc<Self>) -> Result<Lease, PoolError> {
         let permit = match &self.slots {
             None => None,
-            Some(slots) => match slots.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    let waiting = GaugeGuard::new(self.metrics.waiting.clone());
-                    let got =
-                        tokio::time::timeout(self.cfg.queue_timeout, slots.clone().acquire_owned())
-                            .await;
-                    drop(waiting);
-                    match got {
-                        Ok(Ok(p)) => Some(p),
-                        _ => {
-                            self.metrics.timeouts.inc();
-                            return Err(PoolError::Timeout(self.cfg.queue_timeout));
-                        }
-                    }
-                }
-            },
+            Some(slots) => Some(self.place(slots).await?),
         };
         loop {
             let candidate = {
@@ -349,6 +344,41 @@ impl Pool {
         let b = self.open().await?;
         self.metrics.opened.inc();
         Ok(Lease::new(self, b, permit))
+    }
+
+    /// One of the `pool_size` places, or (once the client has waited `reserve_pool_timeout`)
+    /// one of the `reserve_pool` extra ones, whichever frees first; at most `pool_timeout` in all.
+    async fn place(&self, slots: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, PoolError> {
+        if let Ok(p) = slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let _waiting = GaugeGuard::new(self.metrics.waiting.clone());
+        let cfg = &self.cfg;
+        let wait = async {
+            let reserve = match &self.reserve {
+                Some(r) if cfg.reserve_timeout < cfg.queue_timeout => r.clone(),
+                _ => return slots.clone().acquire_owned().await.ok(),
+            };
+            if let Ok(p) =
+                tokio::time::timeout(cfg.reserve_timeout, slots.clone().acquire_owned()).await
+            {
+                return p.ok();
+            }
+            tokio::select! {
+                p = slots.clone().acquire_owned() => p.ok(),
+                p = reserve.acquire_owned() => {
+                    self.metrics.reserve.inc();
+                    p.ok()
+                }
+            }
+        };
+        match tokio::time::timeout(cfg.queue_timeout, wait).await {
+            Ok(Some(p)) => Ok(p),
+            _ => {
+                self.metrics.timeouts.inc();
+                Err(PoolError::Timeout(cfg.queue_timeout))
+            }
+        }
     }
 
     async fn open(&self) -> Result<Backend, UpstreamError> {
@@ -538,21 +568,12 @@ async fn reset(mut b: Backend, guarded: bool, limit: usize) -> Option<Backend> {
 pub(crate) fn unavailable(pool: &Pool, e: &PoolError) -> Vec<u8> {
     let resource = pool.resource();
     match e {
-        PoolError::Timeout(waited) => backend::error(
-            Severity::Fatal,
-            "53300",
-            &format!(
-                "no upstream connection of resource \"{resource}\" became free within {}s (pool_mode = \"transaction\", pool_size = {})",
-                waited.as_secs_f64(),
-                pool.cfg.size
-            ),
-            Some("retry later; an administrator can raise pool_size or pool_timeout"),
-        ),
-        PoolError::Upstream(_) => backend::error(
-            Severity::Fatal,
-            "08001",
-            &format!("tollgate could not connect to resource \"{resource}\""),
-            None,
-        ),
+        PoolError::Timeout(waited) => SessionEnd::PoolTimeout {
+            resource,
+            waited: *waited,
+            pool_size: pool.cfg.size,
+        },
+        PoolError::Upstream(_) => SessionEnd::PoolConnectFailed { resource },
     }
+    .fatal()
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tollgate_testsupport::{ClusterOptions, PgCluster};
 use tollgate_tls::pki::{self, IssuedFiles};
 
+pub mod drivers;
 pub mod http_env;
 pub mod idp;
 pub mod mysql;
@@ -455,6 +456,31 @@ password_file = "app.password"
         .expect("connect through tollgate");
         tokio::spawn(conn);
         client
+    }
+
+    /// Waits until no pooled connection of "app" is leased (every client between transactions).
+    pub fn wait_pool_idle(&self) {
+        wait_for(
+            Duration::from_secs(5),
+            "every connection back in the pool",
+            || {
+                self.gw
+                    .metric("tollgate_pool_connections{resource=\"app\",state=\"active\"}")
+                    == Some(0)
+            },
+        );
+    }
+
+    /// The gateway's connections to the test cluster, as the server counts them.
+    pub fn gateway_backends(&self) -> usize {
+        let out = self
+            .pg
+            .psql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = '{}' AND backend_type = 'client backend'",
+                self.pg.user
+            ))
+            .unwrap();
+        out.trim().parse().unwrap()
     }
 
     /// All events the gateway recorded, read straight from its SQLite store, as JSON rows.
