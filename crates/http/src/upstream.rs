@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tollgate_config::{Resource, TlsMode};
+use tollgate_config::Resource;
 
 pub type UpstreamBody = BoxBody<Bytes, io::Error>;
 pub type UpstreamClient = Client<Connector, UpstreamBody>;
@@ -36,32 +36,21 @@ pub struct Connector {
 impl Connector {
     pub fn new(resource: &Resource) -> Result<Connector, String> {
         let http = resource.http.as_ref().ok_or("not an http resource")?;
-        // A stdio MCP server is reached through its process, never this connector.
+        // A stdio MCP server is reached through its process, never this connector. An
+        // `http://` upstream is `tls.mode = "disable"` (the config checks they agree).
         let tls = if resource.stdio.is_some() {
             None
-        } else if http.tls {
-            let mode = match resource.tls.mode {
-                TlsMode::VerifyFull => tollgate_tls::UpstreamVerify::Full,
-                TlsMode::VerifyCa => tollgate_tls::UpstreamVerify::Ca,
-                TlsMode::InsecureSkipVerify => tollgate_tls::UpstreamVerify::InsecureSkipVerify,
-                TlsMode::Disable => return Err("https upstream with tls disabled".into()),
-            };
-            let cert = match (&resource.tls.cert, &resource.tls.key) {
-                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                _ => None,
-            };
-            Some(
-                tollgate_tls::upstream_client_config(
-                    mode,
-                    resource.tls.ca.as_deref(),
-                    cert,
-                    vec![b"http/1.1".to_vec()],
-                )
-                .map_err(|e| e.to_string())?,
-            )
         } else {
-            tracing::warn!(resource = %resource.name, "http resource upstream is PLAINTEXT (tls mode \"disable\"); `tollgate check` fails this config");
-            None
+            let tls = tollgate_tls::resource_client_config(
+                &resource.name,
+                &resource.tls,
+                vec![b"http/1.1".to_vec()],
+            )
+            .map_err(|e| e.to_string())?;
+            if http.tls && tls.is_none() {
+                return Err("https upstream with tls disabled".into());
+            }
+            tls
         };
         let server_name = ServerName::try_from(resource.tls.server_name.clone()).map_err(|_| {
             format!(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tollgate_config::{Resource, TlsMode};
+use tollgate_config::Resource;
 use tollgate_tls::TlsSessionInfo;
 
 /// Everything needed to open a resource's upstream, compiled once per config.
@@ -273,33 +273,8 @@ pub const MYSQL_PURE_FUNCTIONS: &[&str] = &[
 
 impl Target {
     pub fn new(resource: Resource) -> Result<Self, String> {
-        let mode = match resource.tls.mode {
-            TlsMode::VerifyFull => Some(tollgate_tls::UpstreamVerify::Full),
-            TlsMode::VerifyCa => Some(tollgate_tls::UpstreamVerify::Ca),
-            TlsMode::InsecureSkipVerify => Some(tollgate_tls::UpstreamVerify::InsecureSkipVerify),
-            TlsMode::Disable => None,
-        };
-        let tls = match mode {
-            None => {
-                tracing::warn!(resource = %resource.name, "upstream TLS is DISABLED for this resource: traffic to it is plaintext; `tollgate check` fails this config");
-                None
-            }
-            Some(mode) => {
-                let client_cert = match (&resource.tls.cert, &resource.tls.key) {
-                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                    _ => None,
-                };
-                Some(
-                    tollgate_tls::upstream_client_config(
-                        mode,
-                        resource.tls.ca.as_deref(),
-                        client_cert,
-                        Vec::new(),
-                    )
-                    .map_err(|e| format!("upstream TLS: {e}"))?,
-                )
-            }
-        };
+        let tls = tollgate_tls::resource_client_config(&resource.name, &resource.tls, Vec::new())
+            .map_err(|e| format!("upstream TLS: {e}"))?;
         let mut judged = resource.clone();
         judged
             .writing_functions

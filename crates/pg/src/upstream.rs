@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tollgate_config::{Resource, TlsMode};
+use tollgate_config::Resource;
 use tollgate_tls::TlsSessionInfo;
 
 /// Everything needed to open (or cancel on) a resource's upstream, prepared once at start-up.
@@ -31,30 +31,11 @@ pub struct UpstreamTarget {
 
 impl UpstreamTarget {
     pub fn new(resource: Resource) -> Result<Self, tollgate_tls::TlsError> {
-        let mode = match resource.tls.mode {
-            TlsMode::VerifyFull => Some(tollgate_tls::UpstreamVerify::Full),
-            TlsMode::VerifyCa => Some(tollgate_tls::UpstreamVerify::Ca),
-            TlsMode::InsecureSkipVerify => Some(tollgate_tls::UpstreamVerify::InsecureSkipVerify),
-            TlsMode::Disable => None,
-        };
-        let tls = match mode {
-            None => {
-                tracing::warn!(resource = %resource.name, "upstream TLS is DISABLED for this resource: traffic to it is plaintext; `tollgate check` fails this config");
-                None
-            }
-            Some(mode) => {
-                let client_cert = match (&resource.tls.cert, &resource.tls.key) {
-                    (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-                    _ => None,
-                };
-                Some(tollgate_tls::upstream_client_config(
-                    mode,
-                    resource.tls.ca.as_deref(),
-                    client_cert,
-                    vec![b"postgresql".to_vec()],
-                )?)
-            }
-        };
+        let tls = tollgate_tls::resource_client_config(
+            &resource.name,
+            &resource.tls,
+            vec![b"postgresql".to_vec()],
+        )?;
         Ok(UpstreamTarget {
             resource,
             tls,

@@ -2,7 +2,7 @@
 //!
 //! Owns: the one crypto provider ([`provider`]), listener TLS material that is validated
 //! completely and hot-swapped ([`ReloadableServerTls`]), upstream client configs
-//! ([`upstream_client_config`]), handshake-failure labels for metrics
+//! ([`resource_client_config`], [`upstream_client_config`]), handshake-failure labels for metrics
 //! ([`classify_handshake_error`]), session summaries for audit ([`session_info`]) and the
 //! built-in private CA ([`pki`]).
 //!
@@ -27,7 +27,9 @@ use rustls_pki_types::CertificateDer;
 pub use classify::{classify_handshake_error, HandshakeFailure};
 pub use error::TlsError;
 pub use server::{ClientAuth, ListenerTlsSpec, ReloadStatus, ReloadableServerTls};
-pub use upstream::{replica_client_config, upstream_client_config, UpstreamVerify};
+pub use upstream::{
+    replica_client_config, resource_client_config, upstream_client_config, UpstreamVerify,
+};
 
 /// The TLS versions tollgate speaks, newest first. Nothing older than TLS 1.2.
 pub(crate) static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =

@@ -8,6 +8,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tollgate_config::{TlsMode, UpstreamTls};
 
 use crate::server::{certified_key, client_roots, parse_key};
 use crate::{certs_from_pem, provider, read_file, TlsError};
@@ -31,6 +32,31 @@ impl UpstreamVerify {
             Self::InsecureSkipVerify => "insecure-skip-verify",
         }
     }
+}
+
+/// A resource's upstream client config as its `[resources.tls]` table says, for every adapter:
+/// verify-full unless the resource opts out. `None`: `mode = "disable"`, a plaintext leg, said
+/// loudly in the log (as `insecure-skip-verify` is by [`upstream_client_config`]).
+pub fn resource_client_config(
+    resource: &str,
+    tls: &UpstreamTls,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    let mode = match tls.mode {
+        TlsMode::VerifyFull => UpstreamVerify::Full,
+        TlsMode::VerifyCa => UpstreamVerify::Ca,
+        TlsMode::InsecureSkipVerify => UpstreamVerify::InsecureSkipVerify,
+        TlsMode::Disable => {
+            tracing::warn!(
+                resource,
+                "upstream TLS is DISABLED for this resource: traffic to it is plaintext; \
+                 `tollgate check` fails this config"
+            );
+            return Ok(None);
+        }
+    };
+    let client_cert = tls.cert.as_deref().zip(tls.key.as_deref());
+    upstream_client_config(mode, tls.ca.as_deref(), client_cert, alpn).map(Some)
 }
 
 /// Build a client config for the upstream leg. `Full` and `Ca` need `ca`: tollgate has no
@@ -226,5 +252,38 @@ impl ServerCertVerifier for AcceptAnyCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(mode: TlsMode) -> UpstreamTls {
+        UpstreamTls {
+            mode,
+            ca: None,
+            server_name: "db.internal".into(),
+            cert: None,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn resource_tls_disable_is_plaintext_and_verifying_modes_need_a_ca() {
+        let plain = resource_client_config("r", &settings(TlsMode::Disable), vec![]).unwrap();
+        assert!(plain.is_none());
+        for mode in [TlsMode::VerifyFull, TlsMode::VerifyCa] {
+            let err = resource_client_config("r", &settings(mode), vec![]).unwrap_err();
+            assert!(matches!(err, TlsError::CaRequired { .. }), "{err}");
+        }
+        let any = resource_client_config(
+            "r",
+            &settings(TlsMode::InsecureSkipVerify),
+            vec![b"h2".to_vec()],
+        )
+        .unwrap()
+        .expect("a TLS config");
+        assert_eq!(any.alpn_protocols, vec![b"h2".to_vec()]);
     }
 }
