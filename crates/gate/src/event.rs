@@ -176,7 +176,7 @@ impl Event for ReviewEvent {
     }
 }
 
-/// A held PostgreSQL command that did not run (`review.refused`).
+/// A held command (SQL of either adapter) that did not run (`review.refused`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ReviewRefused {
     pub n: u64,

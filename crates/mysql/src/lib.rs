@@ -139,6 +139,8 @@ pub struct ThreadEntry {
     pub subject: String,
     pub resource: String,
     pub upstream_thread: u32,
+    /// Wakes the session so that a held statement is withdrawn.
+    pub cancelled: Arc<tokio::sync::Notify>,
 }
 
 impl Threads {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tollgate_gate::event::{ReviewEvent, SessionTerminated, SqlCommand, SqlResult};
+use tollgate_gate::event::{ReviewEvent, ReviewRefused, SessionTerminated, SqlCommand, SqlResult};
 use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::standing::{Ended, Standing};
 use tollgate_gate::{Decision, SessionLog};
@@ -38,6 +38,8 @@ const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
 /// MariaDB's ER_CONNECTION_KILLED: what a session whose standing ended is told.
 const ER_CONNECTION_KILLED: u16 = 1927;
 const CONNECTION_KILLED_STATE: &str = "70100";
+/// ER_QUERY_INTERRUPTED: what a held statement cancelled by `KILL QUERY` answers.
+const ER_QUERY_INTERRUPTED: u16 = 1317;
 
 pub(crate) struct End {
     pub outcome: &'static str,
@@ -89,6 +91,13 @@ pub(crate) struct Relay<'a> {
     executing: Option<u32>,
     /// The upstream's connection id (stopped with `KILL` when the session is terminated).
     upstream_thread: Option<u32>,
+    /// Woken by a `KILL [QUERY]` of this session from another connection: withdraws a held
+    /// statement (nothing of it runs upstream yet).
+    cancelled: Arc<tokio::sync::Notify>,
+    /// The statement held for review right now, if any: withdrawn if the session ends.
+    holding: Option<Holding>,
+    /// Whether the last judged command was sent upstream.
+    forwarded: bool,
     /// How the server reads this session's SQL text (read from it, re-read after changes).
     mode: SqlMode,
     /// Masks values echoed in server errors (`None`: nothing to mask for this viewer).
@@ -98,6 +107,14 @@ pub(crate) struct Relay<'a> {
     out: Vec<u8>,
     cseq: u8,
     useq: u8,
+}
+
+/// A statement waiting for its review.
+struct Holding {
+    n: u64,
+    review: String,
+    rule: String,
+    since: Instant,
 }
 
 enum Verdicts {
@@ -127,6 +144,9 @@ impl<'a> Relay<'a> {
             last_prepared: None,
             executing: None,
             upstream_thread: None,
+            cancelled: Arc::default(),
+            holding: None,
+            forwarded: false,
             mode: SqlMode::default(),
             errors: match (&target.mask, unmasked) {
                 (Some(policy), false) => ErrorMasker::new(policy, &who.groups),
@@ -142,6 +162,12 @@ impl<'a> Relay<'a> {
     /// The upstream's connection id, stopped if the session is terminated mid-command.
     pub(crate) fn upstream_thread(mut self, id: u32) -> Self {
         self.upstream_thread = Some(id);
+        self
+    }
+
+    /// What another connection's `KILL` of this session wakes.
+    pub(crate) fn cancelled_by(mut self, cancelled: Arc<tokio::sync::Notify>) -> Self {
+        self.cancelled = cancelled;
         self
     }
 
@@ -273,18 +299,37 @@ impl<'a> Relay<'a> {
             sqlstate: Some(CONNECTION_KILLED_STATE),
             message: Some(msg.clone()),
         });
-        self.answer_err(
-            ER_CONNECTION_KILLED,
-            CONNECTION_KILLED_STATE,
-            format!("tollgate: {msg} ({hint})"),
-        );
+        let held = self.withdraw_held(&msg);
+        let msg = match &held {
+            Some(review) => format!("tollgate: {msg}; the statement held as review {review} was withdrawn and not run ({hint})"),
+            None => format!("tollgate: {msg} ({hint})"),
+        };
+        self.answer_err(ER_CONNECTION_KILLED, CONNECTION_KILLED_STATE, msg);
         let _ = up.shutdown().await;
-        // A statement still running upstream would outlive the closed connection.
-        if let (true, Some(thread)) = (running, self.upstream_thread) {
+        // A statement still running upstream would outlive the closed connection (a held
+        // one never reached it).
+        if let (true, None, Some(thread)) = (running, held, self.upstream_thread) {
             if let Err(e) = target.kill(thread, self.gw.max_message).await {
                 tracing::warn!(session = %self.log.id, error = %e, "could not stop the upstream connection of a terminated session");
             }
         }
+    }
+
+    /// Withdraws the review of the statement held when the session ended (the relay stopped
+    /// waiting for it), recording why; its id, if one was held.
+    fn withdraw_held(&mut self, ended: &str) -> Option<String> {
+        let h = self.holding.take()?;
+        if let Some(reviews) = &self.gw.reviews {
+            reviews.withdraw_because(&h.review, &format!("the held session ended: {ended}"));
+        }
+        self.log.record(&ReviewRefused {
+            n: h.n,
+            review: h.review.clone(),
+            outcome: "withdrawn",
+            waited_ms: h.since.elapsed().as_millis() as u64,
+        });
+        tracing::info!(session = %self.log.id, review = %h.review, rule = %h.rule, "held statement withdrawn: its session ended");
+        Some(h.review)
     }
 
     async fn flush(&mut self, w: &mut WriteHalf<Client>) -> std::io::Result<()> {
@@ -697,6 +742,7 @@ impl<'a> Relay<'a> {
         self.n += 1;
         let n = self.n;
         let started = Instant::now();
+        self.forwarded = false;
         let j = self.decide(c, refusal);
         let ev = SqlCommand {
             n,
@@ -715,6 +761,7 @@ impl<'a> Relay<'a> {
             return Ok(());
         }
         self.up_send(up, wire).await?;
+        self.forwarded = true;
         self.executing = statement_id;
         let s = self.result(up, protocol == "field_list").await;
         self.executing = None;
@@ -858,16 +905,34 @@ impl<'a> Relay<'a> {
             waited_ms: None,
         });
         let held = Instant::now();
-        let gone = async {
-            // Completes when the client closes its connection (data it sends waits its turn).
-            match r.fill_buf().await {
-                Ok(b) if !b.is_empty() => std::future::pending::<()>().await,
-                _ => {}
+        self.holding = Some(Holding {
+            n,
+            review: review.id.clone(),
+            rule: rule.to_string(),
+            since: held,
+        });
+        let cancelled = self.cancelled.clone();
+        let mut killed = false;
+        let withdrawn = async {
+            tokio::select! {
+                _ = cancelled.notified() => {
+                    killed = true;
+                    "the client cancelled the held statement (KILL QUERY)".to_string()
+                }
+                // The client closed its connection (data it sends waits its turn).
+                _ = async {
+                    if let Ok(b) = r.fill_buf().await {
+                        if !b.is_empty() {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                } => "the client disconnected while the statement was held".to_string(),
             }
         };
-        let verdict = hold::hold(&reviews, &review.id, gone).await;
+        let verdict = hold::hold(&reviews, &review.id, withdrawn).await;
+        self.holding = None;
         let waited_ms = held.elapsed().as_millis() as u64;
-        let msg = match verdict {
+        let (outcome, msg) = match verdict {
             Verdict::Approved { reviewers } => {
                 self.log.record(&ReviewEvent {
                     kind: "review.approved",
@@ -878,33 +943,52 @@ impl<'a> Relay<'a> {
                 });
                 return Verdicts::Forward;
             }
-            Verdict::Denied { reviewer, reason } => format!(
-                "review {} denied by {reviewer}: {}",
-                review.id,
-                reason.as_deref().unwrap_or("no reason given")
+            Verdict::Denied { reviewer, reason } => (
+                "denied",
+                format!(
+                    "review {} denied by {reviewer}: {}",
+                    review.id,
+                    reason.as_deref().unwrap_or("no reason given")
+                ),
             ),
-            Verdict::Expired => format!(
-                "review {} expired after {} without a decision; the statement was not run",
-                review.id,
-                tollgate_review::format_duration(timeout)
+            Verdict::Expired => (
+                "expired",
+                format!(
+                    "review {} expired after {} without a decision; the statement was not run",
+                    review.id,
+                    tollgate_review::format_duration(timeout)
+                ),
             ),
-            Verdict::Withdrawn => format!("review {} was withdrawn", review.id),
-            Verdict::Unavailable(_) => format!(
-                "review {} cannot be read; the statement was not run",
-                review.id
+            Verdict::Withdrawn => (
+                "withdrawn",
+                format!(
+                    "review {} was withdrawn: the statement was cancelled while held and not run",
+                    review.id
+                ),
+            ),
+            Verdict::Unavailable(_) => (
+                "unavailable",
+                format!(
+                    "review {} cannot be read; the statement was not run",
+                    review.id
+                ),
             ),
         };
-        self.log.record(&ReviewEvent {
-            kind: "review.refused",
+        self.log.record(&ReviewRefused {
             n,
             review: review.id.clone(),
-            reviewers: vec![],
-            waited_ms: Some(waited_ms),
+            outcome,
+            waited_ms,
         });
+        let (code, state) = if killed {
+            (ER_QUERY_INTERRUPTED, CONNECTION_KILLED_STATE)
+        } else {
+            (ER_SPECIFIC_ACCESS_DENIED, "42000")
+        };
         self.refuse(
             n,
-            ER_SPECIFIC_ACCESS_DENIED,
-            "42000",
+            code,
+            state,
             format!("tollgate: {msg} (rule \"{rule}\")"),
             started,
         );
@@ -985,7 +1069,12 @@ impl<'a> Relay<'a> {
             .classification
             .into();
         self.judged(r, up, "query", text, None, &c, None, &wire)
-            .await
+            .await?;
+        // A statement held for review is not upstream yet: the KILL withdraws it.
+        if self.forwarded {
+            e.cancelled.notify_waiters();
+        }
+        Ok(())
     }
 
     async fn prepare(

@@ -345,12 +345,14 @@ impl MysqlGateway {
             return;
         }
         log.record(&open);
+        let cancelled = Arc::new(tokio::sync::Notify::new());
         self.threads.register(
             thread_id,
             ThreadEntry {
                 subject: identity.subject.clone(),
                 resource: target.resource.name.clone(),
                 upstream_thread: upstream.thread_id,
+                cancelled: cancelled.clone(),
             },
         );
         tracing::debug!(session = %log.id, subject = %identity.subject, resource = %target.resource.name, "mysql session open");
@@ -371,6 +373,7 @@ impl MysqlGateway {
             hello.head.caps & caps::OFFERED,
         )
         .upstream_thread(upstream.thread_id)
+        .cancelled_by(cancelled)
         .run(tls, &mut upstream.stream, standing)
         .await;
         self.threads.remove(thread_id);

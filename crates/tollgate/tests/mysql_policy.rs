@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::mysql::{closed, err, err_answer, node_modules, out, Login, MyEnv, MyOptions, Raw};
+use common::mysql::{
+    closed, err, err_answer, node_modules, out, Answer, Login, MyEnv, MyOptions, Raw,
+};
 use common::{pending_review, reviews_cli, stderr, TOKEN};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -45,6 +47,20 @@ fn start_held() -> Setup {
 impl Setup {
     fn reviews(&self, who: &IssuedFiles, args: &[&str]) -> Output {
         reviews_cli(self.https, &self.env.pki.ca, who, args)
+    }
+
+    /// The review once it reaches `status` (waits up to 10 s).
+    fn review_when(&self, id: &str, status: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = self.reviews(&self.env.alice, &["show", id, "--json"]);
+            let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            if r["status"] == status {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "not {status}: {r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn pending(&self, prefix: &str) -> String {
@@ -101,16 +117,8 @@ fn a_held_delete_waits_runs_when_approved_and_names_its_review_when_denied() {
     let id = s.pending("DELETE FROM customers WHERE id = 1 AND");
     child.kill().unwrap();
     let _ = child.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = s.reviews(&s.env.alice, &["show", &id, "--json"]);
-        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        if r["status"] == "withdrawn" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not withdrawn: {r}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let r = s.review_when(&id, "withdrawn");
+    assert!(r.to_string().contains("the client disconnected"), "{r}");
     assert_eq!(s.env.customers(), "1");
 
     let evs = s.env.events();
@@ -119,6 +127,79 @@ fn a_held_delete_waits_runs_when_approved_and_names_its_review_when_denied() {
     }
     // The review id went to the log at once (MySQL has no notices).
     assert!(s.env.gw.logs().contains("statement held for review"));
+}
+
+/// A held statement never stays pending for a session that cannot run it: another connection
+/// of the same identity cancels it with `KILL QUERY` (the held client gets ER_QUERY_INTERRUPTED
+/// naming the review, and its session goes on), and a reload that removes the session's token
+/// ends the session and withdraws its review (the client is told which review).
+#[test]
+fn a_held_statement_is_withdrawn_by_kill_query_or_when_its_session_ends() {
+    let s = start_held();
+    let mut held = Raw::connect(&s.env, Login::Cert(&s.bob), "app").expect("bob's session");
+    held.send(0, b"\x03DELETE FROM customers WHERE id = 2");
+    let id = s.pending("DELETE FROM customers WHERE id = 2");
+    let mut other = Raw::connect(&s.env, Login::Cert(&s.bob), "app").expect("bob again");
+    let a = other.query(&format!("KILL QUERY {}", held.thread_id));
+    assert!(matches!(a, Answer::Ok), "{a:?}");
+    let a = err_answer(&held.read());
+    assert_eq!(a.code(), Some(1317), "{a:?}");
+    assert!(
+        a.message().contains(&id) && a.message().contains("withdrawn"),
+        "{a:?}"
+    );
+    assert_eq!(held.query("SELECT 1").text_rows(), [["1"]]);
+    let r = s.review_when(&id, "withdrawn");
+    assert!(r.to_string().contains("KILL QUERY"), "{r}");
+
+    // The token's session holds a DELETE when a reload removes the token.
+    let mut t = Raw::connect(&s.env, Login::Token(TOKEN), "app").expect("token session");
+    t.send(0, b"\x03DELETE FROM customers WHERE id = 1");
+    let token_id = s.pending("DELETE FROM customers WHERE id = 1");
+    reassign_token(&s.env);
+    let a = err_answer(&t.read());
+    assert_eq!(a.code(), Some(1927), "{a:?}");
+    assert!(a.message().contains("no longer accepted"), "{a:?}");
+    assert!(a.message().contains(&token_id), "{a:?}");
+    assert!(closed(&mut t.s));
+    let r = s.review_when(&token_id, "withdrawn");
+    assert!(r.to_string().contains("no longer accepted"), "{r}");
+    // Approving it now changes nothing: it is closed, and nothing ran.
+    let o = s.reviews(&s.env.alice, &["approve", &token_id]);
+    assert!(!o.status.success());
+    assert_eq!(s.env.customers(), "2");
+
+    let evs = s.env.events();
+    for review in [&id, &token_id] {
+        assert!(
+            evs.iter().any(|e| e["kind"] == "review.refused"
+                && e["payload"]["review"] == review.as_str()
+                && e["payload"]["outcome"] == "withdrawn"),
+            "no withdrawn review.refused for {review}"
+        );
+        assert!(
+            evs.iter()
+                .any(|e| e["kind"] == "review.withdrawn"
+                    && e["payload"]["review"] == review.as_str()),
+            "no review.withdrawn for {review}"
+        );
+    }
+    assert!(evs
+        .iter()
+        .any(|e| e["kind"] == "session.terminated" && e["payload"]["reason"] == "token_removed"));
+}
+
+/// Reload the gateway with `TOKEN` configured for another subject: ci-bot's sessions end.
+fn reassign_token(env: &MyEnv) {
+    let path = &env.gw.config_path;
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(
+        path,
+        text.replace("subject = \"ci-bot\"", "subject = \"other-bot\""),
+    )
+    .unwrap();
+    let rc = unsafe { libc::kill(env.gw.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0, "SIGHUP");
 }
 
 const MASKS: &str = r#"[[resources.masks]]
@@ -237,15 +318,7 @@ fn sessions_end_when_their_certificate_expires_or_their_token_is_removed() {
     assert!(closed(&mut c.s));
 
     // The token is configured for someone else now.
-    let path = &env.gw.config_path;
-    let text = std::fs::read_to_string(path).unwrap();
-    std::fs::write(
-        path,
-        text.replace("subject = \"ci-bot\"", "subject = \"other-bot\""),
-    )
-    .unwrap();
-    let rc = unsafe { libc::kill(env.gw.pid() as libc::pid_t, libc::SIGHUP) };
-    assert_eq!(rc, 0, "SIGHUP");
+    reassign_token(&env);
     let a = err_answer(&t.read());
     assert_eq!(a.code(), Some(1927), "{a:?}");
     assert!(a.message().contains("no longer accepted"), "{a:?}");
