@@ -371,23 +371,9 @@ fn scan_tells_gateway_sessions_from_direct_ones() {
             .to_string();
         !direct_id.is_empty()
     });
-    let scan = Command::new(common::BIN)
-        .args(["scan", "--json", "--min-days", "3", "--config"])
-        .arg(&env.gw.config_path)
-        .env_remove("TOLLGATE_CONFIG")
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("tollgate scan");
+    let doc = scan(&env);
     let _ = direct.kill();
     let _ = direct.wait();
-    assert_eq!(
-        scan.status.code(),
-        Some(1),
-        "{}\n{}",
-        out(&scan),
-        err(&scan)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&scan.stdout).unwrap();
     let app = &doc["resources"][0];
     assert_eq!(app["resource"], "app");
     assert_eq!(app["plaintext_accepted"], false, "{app:#}");
@@ -413,4 +399,48 @@ fn scan_tells_gateway_sessions_from_direct_ones() {
     assert_eq!(app["sessions"]["through_gateway"], 1, "{app:#}");
     assert_eq!(app["sessions"]["total"], 2, "{app:#}");
     assert!(!doc.to_string().contains(&env.db.password));
+}
+
+/// An upstream MariaDB that also lets sessions in without TLS (`require_secure_transport`
+/// off, the server's default) is a critical finding of `tollgate scan`; the one above (ON) is
+/// not flagged.
+#[test]
+fn scan_flags_an_upstream_that_accepts_plaintext() {
+    let env = MyEnv::start_with(MyOptions {
+        plaintext: true,
+        ..Default::default()
+    });
+    let doc = scan(&env);
+    let app = &doc["resources"][0];
+    assert_eq!(app["plaintext_accepted"], true, "{app:#}");
+    let finding = doc["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "plaintext_accepted")
+        .unwrap_or_else(|| panic!("no plaintext finding: {doc:#}"));
+    assert_eq!(finding["severity"], "critical", "{finding}");
+    assert_eq!(finding["resource"], "app", "{finding}");
+    let msg = finding["message"].as_str().unwrap();
+    assert!(msg.contains("accepts unencrypted connections"), "{msg}");
+    assert!(!doc.to_string().contains(&env.db.password));
+}
+
+/// `tollgate scan --json` of the gateway's config: it found something (exit 1).
+fn scan(env: &MyEnv) -> serde_json::Value {
+    let scan = Command::new(common::BIN)
+        .args(["scan", "--json", "--min-days", "3", "--config"])
+        .arg(&env.gw.config_path)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("tollgate scan");
+    assert_eq!(
+        scan.status.code(),
+        Some(1),
+        "{}\n{}",
+        out(&scan),
+        err(&scan)
+    );
+    serde_json::from_slice(&scan.stdout).unwrap()
 }
