@@ -395,7 +395,9 @@ impl Raw {
         head.extend_from_slice(&RAW_CAPS.to_le_bytes());
         head.extend_from_slice(&(1u32 << 24).to_le_bytes());
         head.push(45);
-        head.extend_from_slice(&[0; 23]);
+        // Reserved, then MariaDB's extended capabilities: bulk execution.
+        head.extend_from_slice(&[0; 19]);
+        head.extend_from_slice(&(1u32 << 2).to_le_bytes());
         write_packet(&mut tcp, 1, &head);
         let cert = match login {
             Login::Cert(who) => Some(who),
