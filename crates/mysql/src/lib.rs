@@ -8,6 +8,7 @@
 //! [`tollgate_policy`], [`tollgate_mask`]); it must not decide policy or implement masking
 //! itself, and it never logs secrets.
 
+mod capture;
 pub mod classify;
 pub mod errmask;
 pub mod io;

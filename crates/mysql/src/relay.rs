@@ -2,6 +2,7 @@
 //! one client command, judges it, forwards it (or answers it itself), and relays the server's
 //! whole answer, masking rows, before it reads the next command.
 
+use crate::capture::{binary_value, Capture};
 use crate::classify::{self, Scope, SqlMode};
 use crate::errmask::ErrorMasker;
 use crate::io::{frame, read_packet, write_packet, IoError};
@@ -63,6 +64,8 @@ struct Summary {
     error: Option<ErrPacket>,
     masked: u64,
     reasons: BTreeSet<String>,
+    /// The captured copy of the rows (`resources.capture_results`).
+    capture: Option<Capture>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -449,7 +452,7 @@ impl<'a> Relay<'a> {
                 self.executing = Some(id);
                 let mut s = Summary::default();
                 let plan = self.plan(&columns);
-                let res = self.rows(up, &columns, true, &plan, &mut s).await;
+                let res = self.rows(up, &columns, true, &plan, false, &mut s).await;
                 self.executing = None;
                 res.map(|_| ())
             }
@@ -633,7 +636,7 @@ impl<'a> Relay<'a> {
             ..Default::default()
         };
         self.to_client(&ok.encode());
-        self.record_result(n, &Summary::default(), started);
+        self.record_result(n, &mut Summary::default(), started);
         Ok(true)
     }
 
@@ -765,7 +768,7 @@ impl<'a> Relay<'a> {
         self.executing = statement_id;
         let s = self.result(up, protocol == "field_list").await;
         self.executing = None;
-        let s = s?;
+        let mut s = s?;
         let how = if s.error.is_some() {
             Confirmation::Failed
         } else {
@@ -774,7 +777,7 @@ impl<'a> Relay<'a> {
         for e in j.effects {
             self.policy.confirm(e, how);
         }
-        self.record_result(n, &s, started);
+        self.record_result(n, &mut s, started);
         if classify::may_change_reading(c) {
             self.read_reading(up).await?;
         }
@@ -1006,11 +1009,12 @@ impl<'a> Relay<'a> {
             sqlstate: Some(sqlstate.into()),
             message: Some(message),
             masked: None,
+            capture: None,
             duration_us: started.elapsed().as_micros() as u64,
         });
     }
 
-    fn record_result(&self, n: u64, s: &Summary, started: Instant) {
+    fn record_result(&self, n: u64, s: &mut Summary, started: Instant) {
         if !self.gw.record_commands {
             return;
         }
@@ -1030,6 +1034,7 @@ impl<'a> Relay<'a> {
             sqlstate: s.error.as_ref().map(|e| e.sqlstate().to_string()),
             message: s.error.as_ref().map(|e| e.message.clone()),
             masked,
+            capture: s.capture.take().and_then(Capture::finish),
             duration_us: started.elapsed().as_micros() as u64,
         });
     }
@@ -1120,7 +1125,7 @@ impl<'a> Relay<'a> {
             self.last_prepared = None;
             let mut s = Summary::default();
             self.server_error(&first, &mut s);
-            self.record_result(n, &s, started);
+            self.record_result(n, &mut s, started);
             return Ok(());
         }
         self.to_client(&first);
@@ -1154,32 +1159,37 @@ impl<'a> Relay<'a> {
             },
         );
         self.last_prepared = Some(ok.statement_id);
-        self.record_result(n, &Summary::default(), started);
+        self.record_result(n, &mut Summary::default(), started);
         Ok(())
     }
 
     fn plan(&self, columns: &[Column]) -> RowPlan {
         match (&self.target.mask, self.unmasked) {
-            (Some(policy), false) => {
-                let infos: Vec<ColumnInfo> = columns
-                    .iter()
-                    .map(|c| ColumnInfo {
-                        name: c.mask_name().to_string(),
-                        table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
-                        type_oid: c.mask_type(),
-                        format: Format::Text,
-                    })
-                    .collect();
-                policy.plan(&infos, &self.who.groups)
-            }
+            (Some(policy), false) => plan_for(policy, columns, &self.who.groups),
             _ => RowPlan::passthrough(),
         }
+    }
+
+    /// How captured rows are masked: every rule, whoever the viewer is.
+    fn audit_plan(&self, columns: &[Column]) -> RowPlan {
+        match &self.target.audit_mask {
+            Some(policy) => plan_for(policy, columns, &[]),
+            None => RowPlan::passthrough(),
+        }
+    }
+
+    fn capturing(&self) -> Option<Capture> {
+        let r = &self.target.resource;
+        r.capture_results.then(|| Capture::new(r.capture_bytes))
     }
 
     /// Relays the answer to a query or an execution: OKs, errors and result sets (text or
     /// binary rows), as many as the server sends.
     async fn result(&mut self, up: &mut UpStream, field_list: bool) -> Result<Summary, Broken> {
-        let mut s = Summary::default();
+        let mut s = Summary {
+            capture: self.capturing(),
+            ..Default::default()
+        };
         let eof = self.caps & proto::caps::DEPRECATE_EOF == 0;
         if field_list {
             loop {
@@ -1247,7 +1257,13 @@ impl<'a> Relay<'a> {
                     }
                     let binary = self.binary_pending();
                     let plan = self.plan(&columns);
-                    let status = self.rows(up, &columns, binary, &plan, &mut s).await?;
+                    let capture = s
+                        .capture
+                        .as_mut()
+                        .is_some_and(|c| c.begin(&columns, || self.audit_plan(&columns)));
+                    let status = self
+                        .rows(up, &columns, binary, &plan, capture, &mut s)
+                        .await?;
                     if binary {
                         self.remember_columns(columns);
                     }
@@ -1273,13 +1289,15 @@ impl<'a> Relay<'a> {
         }
     }
 
-    /// Relays rows until their end; returns the end's status flags.
+    /// Relays rows until their end (a copy to `s.capture` if `capture`); returns the end's
+    /// status flags.
     async fn rows(
         &mut self,
         up: &mut UpStream,
         columns: &[Column],
         binary: bool,
         plan: &RowPlan,
+        capture: bool,
         s: &mut Summary,
     ) -> Result<u16, Broken> {
         let mut masked = Vec::new();
@@ -1294,6 +1312,9 @@ impl<'a> Relay<'a> {
                 return Ok(0);
             }
             s.rows += 1;
+            if let Some(c) = s.capture.as_mut().filter(|_| capture) {
+                c.row(columns, &p, binary).map_err(|_| Broken::Malformed)?;
+            }
             if !plan.is_active() {
                 self.to_client(&p);
                 continue;
@@ -1314,6 +1335,19 @@ impl<'a> Relay<'a> {
             }
         }
     }
+}
+
+fn plan_for(policy: &tollgate_mask::Policy, columns: &[Column], groups: &[String]) -> RowPlan {
+    let infos: Vec<ColumnInfo> = columns
+        .iter()
+        .map(|c| ColumnInfo {
+            name: c.mask_name().to_string(),
+            table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
+            type_oid: c.mask_type(),
+            format: Format::Text,
+        })
+        .collect();
+    policy.plan(&infos, groups)
 }
 
 fn note(s: &mut Summary, reason: tollgate_mask::Reason) {
@@ -1382,32 +1416,10 @@ fn mask_binary_row(
             continue;
         }
         let start = r.pos();
-        let (value, rendered): (&[u8], Option<String>) = match c.binary_layout() {
-            Layout::Fixed(k) => (r.bytes(k)?, None),
-            Layout::Int(k) => {
-                let b = r.bytes(k)?;
-                let mut le = [0u8; 8];
-                le[..k].copy_from_slice(b);
-                let unsigned = c.flags & proto::UNSIGNED_FLAG != 0;
-                let text = if unsigned {
-                    u64::from_le_bytes(le).to_string()
-                } else {
-                    // Sign-extend.
-                    let shift = 64 - 8 * k as u32;
-                    ((i64::from_le_bytes(le) << shift) >> shift).to_string()
-                };
-                (b, Some(text))
-            }
-            Layout::Counted => {
-                let len = r.u8()?;
-                (r.bytes(usize::from(len))?, None)
-            }
-            Layout::String => (r.lenenc_str()?.unwrap_or_default(), None),
-        };
+        let value = binary_value(&mut r, c)?;
         let raw = &p[start..r.pos()];
         m.clear();
-        let seen = rendered.as_deref().map_or(value, str::as_bytes);
-        match plan.mask_value(i, seen, &mut m) {
+        match plan.mask_value(i, value.as_bytes(), &mut m) {
             Outcome::Unchanged => values.extend_from_slice(raw),
             Outcome::Masked(reason) if c.binary_layout() == Layout::String => {
                 proto::put_lenenc_str(&mut values, &m);

@@ -7,10 +7,11 @@
 
 mod common;
 
+use common::mysql::mariadb;
 use common::mysql::{
     closed, err, err_answer, node_modules, out, Answer, Login, MyEnv, MyOptions, Raw,
 };
-use common::{pending_review, reviews_cli, stderr, TOKEN};
+use common::{gateway_cli, pending_review, reviews_cli, stderr, stdout, TOKEN};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tollgate_tls::pki::IssuedFiles;
@@ -443,4 +444,132 @@ fn scan(env: &MyEnv) -> serde_json::Value {
         err(&scan)
     );
     serde_json::from_slice(&scan.stdout).unwrap()
+}
+
+const CAPTURED: &str = r#"capture_results = true
+[[resources.masks]]
+columns = ["email"]
+strategy = "redact"
+except_groups = ["sre"]
+"#;
+
+/// A MySQL session is recorded as a PostgreSQL one: `tollgate sessions show` and `replay` give
+/// the rows its client saw, masked, from the text and the binary protocol, and masked with
+/// every rule even when the viewer was exempt or held an unmask grant; an approved unmask
+/// review lifts masking for its requester only; `tollgate audit verify` checks the chain.
+#[test]
+fn sessions_replay_masked_rows_unmask_grants_apply_and_the_audit_verifies() {
+    let https = tollgate_testsupport::free_port();
+    let env = MyEnv::start_with(MyOptions {
+        server_extra: format!(
+            "https_listen = \"127.0.0.1:{https}\"\n\n[roles]\nadmin_groups = [\"sre\"]\n"
+        ),
+        resource_extra: CAPTURED.into(),
+        ..Default::default()
+    });
+    let cli = |who: &IssuedFiles, args: &[&str]| gateway_cli(https, &env.pki.ca, who, args);
+    let bob = env.pki.client("bob", &["ci"]);
+    let select = "SELECT id, email FROM customers ORDER BY id";
+    let as_bob = || mariadb(&env.args_as(&bob, "app", select));
+    let o = as_bob();
+    assert_eq!(out(&o), "1\t****\n2\t****\n", "{}", err(&o));
+    // The binary protocol, through a prepared statement.
+    let mut raw = env.raw_as(&bob, "app");
+    let st = raw
+        .prepare("SELECT id, email FROM customers WHERE id = ?")
+        .unwrap();
+    let Answer::Rows(rows) = raw.execute(st.id, 0, &["2"]) else {
+        panic!("no rows")
+    };
+    assert_eq!(rows.len(), 1);
+    drop(raw);
+    // alice (sre) is exempt: she sees the e-mails, her record does not.
+    let o = env.as_alice("app", select);
+    assert!(out(&o).contains("ada@example.com"), "{}", err(&o));
+
+    // bob asks for an unmasked view; pending, he is still masked; approved, he is not.
+    let o = cli(
+        &bob,
+        &[
+            "access", "request", "app", "--unmask", "--for", "10m", "--reason", "case 7", "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let review: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = review["id"].as_str().unwrap();
+    assert_eq!(review["kind"], "unmask");
+    assert!(!out(&as_bob()).contains("ada@"));
+    let o = cli(&env.alice, &["reviews", "approve", id, "--reason", "ok"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_bob();
+    assert_eq!(
+        out(&o),
+        "1\tada@example.com\n2\tbob@example.org\n",
+        "{}",
+        err(&o)
+    );
+    let carol = env.pki.client("carol", &["ci"]);
+    let o = mariadb(&env.args_as(&carol, "app", select));
+    assert!(!out(&o).contains("ada@"), "{}", out(&o));
+
+    let evs = env.events();
+    let granted = evs
+        .iter()
+        .find(|e| e["kind"] == "session.open" && e["payload"]["unmask_grant"].is_object())
+        .expect("the unmasked session records its grant");
+    assert_eq!(granted["payload"]["unmask_grant"]["review"], id);
+    // Every captured row is masked: bob's, his binary one, alice's, bob's unmasked one.
+    let captures: Vec<_> = evs
+        .iter()
+        .filter(|e| e["kind"] == "result" && e["payload"]["capture"].is_object())
+        .map(|e| e["payload"]["capture"].clone())
+        .collect();
+    assert!(captures.len() >= 5, "{captures:?}");
+    let record = serde_json::to_string(&captures).unwrap();
+    assert!(!record.contains("@example"), "{record}");
+    assert_eq!(captures[0]["columns"], serde_json::json!(["id", "email"]));
+    assert_eq!(
+        captures[0]["rows"],
+        serde_json::json!([["1", "****"], ["2", "****"]])
+    );
+    assert_eq!(captures[1]["rows"], serde_json::json!([["2", "****"]]));
+
+    // The same through the HTTPS API: show and replay of bob's first session.
+    let session = evs
+        .iter()
+        .find(|e| e["kind"] == "result" && e["payload"]["capture"].is_object())
+        .unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = cli(&env.alice, &["sessions", "show", &session, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let results: Vec<_> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| (e["kind"] == "result").then(|| e["payload"]["capture"].clone()))
+        .collect();
+    assert_eq!(results, [captures[0].clone()]);
+    let o = cli(
+        &env.alice,
+        &["sessions", "replay", &session, "--speed", "0"],
+    );
+    let text = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains(&format!("SQL> {select}")), "{text}");
+    assert!(
+        text.contains("****") && !text.contains("@example"),
+        "{text}"
+    );
+
+    let o = Command::new(common::BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&env.gw.config_path)
+        .env_remove("TOLLGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("ok: "), "{}", stdout(&o));
 }
