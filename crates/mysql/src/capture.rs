@@ -1,5 +1,5 @@
 //! The captured copy of a command's rows (`resources.capture_results`): the first result set,
-//! up to `capture_bytes` of values, masked with every rule of the resource (no group
+//! whole rows up to `capture_bytes` (as sent by the server), masked with every rule of the resource (no group
 //! exceptions and no unmask grant apply to the record), for `tollgate sessions show/replay`.
 
 use crate::proto::{self, Column, Layout, Malformed, Reader};
@@ -49,10 +49,12 @@ impl Capture {
         let Some((_, plan)) = &self.set else {
             return Ok(());
         };
-        if self.bytes >= self.limit {
+        // Whole rows only, as on PostgreSQL: the first that does not fit ends the capture.
+        if self.truncated || self.bytes + p.len() > self.limit {
             self.truncated = true;
             return Ok(());
         }
+        self.bytes += p.len();
         let values = if binary {
             binary_values(columns, p)?
         } else {
@@ -71,7 +73,6 @@ impl Capture {
                 Outcome::Masked(_) => Value::String(String::from_utf8_lossy(&m).into_owned()),
                 Outcome::Null(_) => Value::Null,
             };
-            self.bytes += v.as_bytes().len();
             row.push(shown);
         }
         self.rows.push(Value::Array(row));
@@ -170,4 +171,45 @@ pub(crate) fn binary_value<'p>(r: &mut Reader<'p>, c: &Column) -> Result<Cell<'p
         }
         Layout::String => Cell::Bytes(r.lenenc_str()?.unwrap_or_default()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str) -> Column {
+        Column {
+            schema: String::new(),
+            table: "t".into(),
+            org_table: "t".into(),
+            name: name.into(),
+            org_name: name.into(),
+            charset: 45,
+            column_type: 253,
+            flags: 0,
+        }
+    }
+
+    fn text_row(values: &[&str]) -> Vec<u8> {
+        let mut p = Vec::new();
+        for v in values {
+            proto::put_lenenc_str(&mut p, v.as_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn whole_rows_up_to_the_limit_of_the_first_result_set() {
+        let cols = [column("a"), column("b")];
+        let mut c = Capture::new(12);
+        assert!(c.begin(&cols, RowPlan::passthrough));
+        c.row(&cols, &text_row(&["x", "yy"]), false).unwrap();
+        c.row(&cols, &text_row(&["1234", "5678"]), false).unwrap();
+        c.row(&cols, &text_row(&["z", "z"]), false).unwrap();
+        assert!(!c.begin(&cols, RowPlan::passthrough), "a second set");
+        let cap = c.finish().unwrap();
+        assert_eq!(cap.columns, ["a", "b"]);
+        assert_eq!(cap.rows, [serde_json::json!(["x", "yy"])]);
+        assert!(cap.truncated);
+    }
 }
