@@ -176,7 +176,7 @@ impl Event for ReviewEvent {
     }
 }
 
-/// A held PostgreSQL command that did not run (`review.refused`).
+/// A held command (SQL of either adapter) that did not run (`review.refused`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ReviewRefused {
     pub n: u64,
@@ -499,6 +499,9 @@ pub struct SqlResult {
     /// Values masked, and the rules or detectors that fired.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub masked: Option<Value>,
+    /// The first rows, masked with every rule (`resources.capture_results`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<RowCapture>,
     pub duration_us: u64,
 }
 

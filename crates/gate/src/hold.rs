@@ -68,17 +68,17 @@ pub fn open(
     reviews.request_by(new, req.principal).map(Opened::Pending)
 }
 
-/// Wait for the decision on `review`; when `client_gone` completes first, the review is
-/// withdrawn.
+/// Wait for the decision on `review`; when `withdrawn` completes first (the client went away
+/// or cancelled), the review is withdrawn with the reason it gives.
 pub async fn hold(
     reviews: &Reviews,
     review: &str,
-    client_gone: impl Future<Output = ()>,
+    withdrawn: impl Future<Output = String>,
 ) -> HoldOutcome {
     tokio::select! {
         v = reviews.wait(review) => v,
-        _ = client_gone => {
-            reviews.withdraw(review);
+        why = withdrawn => {
+            reviews.withdraw_because(review, &why);
             Verdict::Withdrawn
         }
     }

@@ -8,6 +8,7 @@
 //! [`tollgate_policy`], [`tollgate_mask`]); it must not decide policy or implement masking
 //! itself, and it never logs secrets.
 
+mod capture;
 pub mod classify;
 pub mod errmask;
 pub mod io;
@@ -139,6 +140,8 @@ pub struct ThreadEntry {
     pub subject: String,
     pub resource: String,
     pub upstream_thread: u32,
+    /// Wakes the session so that a held statement is withdrawn.
+    pub cancelled: Arc<tokio::sync::Notify>,
 }
 
 impl Threads {

@@ -49,6 +49,20 @@ pub mod caps {
 }
 
 /// Command bytes.
+/// MariaDB's extended capabilities: in the greeting's and the handshake's reserved bytes,
+/// when `LONG_PASSWORD` (MySQL's `CLIENT_MYSQL`) is clear.
+pub mod ext_caps {
+    /// `COM_STMT_BULK_EXECUTE`, answered with OK or ERR.
+    pub const STMT_BULK_OPERATIONS: u32 = 1 << 2;
+    /// What the gateway relays (the others change the shape of what the server sends).
+    pub const OFFERED: u32 = STMT_BULK_OPERATIONS;
+}
+
+/// Where MariaDB's extended capabilities are, if `caps` says they are sent at all.
+fn has_ext_caps(caps: u32) -> bool {
+    caps & caps::LONG_PASSWORD == 0
+}
+
 pub mod com {
     pub const QUIT: u8 = 0x01;
     pub const INIT_DB: u8 = 0x02;
@@ -205,6 +219,8 @@ pub struct Greeting {
     pub thread_id: u32,
     pub scramble: Vec<u8>,
     pub caps: u32,
+    /// MariaDB's extended capabilities (0 when `caps` has `LONG_PASSWORD`).
+    pub ext_caps: u32,
     pub charset: u8,
     pub status: u16,
     pub plugin: String,
@@ -224,7 +240,8 @@ impl Greeting {
         out.extend_from_slice(&self.status.to_le_bytes());
         out.extend_from_slice(&((self.caps >> 16) as u16).to_le_bytes());
         out.push(self.scramble.len() as u8 + 1);
-        out.extend_from_slice(&[0; 10]);
+        out.extend_from_slice(&[0; 6]);
+        out.extend_from_slice(&self.ext_caps.to_le_bytes());
         out.extend_from_slice(&self.scramble[8..]);
         out.push(0);
         out.extend_from_slice(self.plugin.as_bytes());
@@ -246,7 +263,11 @@ impl Greeting {
         let status = r.u16()?;
         caps |= u32::from(r.u16()?) << 16;
         let auth_len = r.u8()?;
-        r.bytes(10)?;
+        let reserved = r.bytes(10)?;
+        let ext_caps = match has_ext_caps(caps) {
+            true => u32::from_le_bytes(reserved[6..].try_into().expect("4 bytes")),
+            false => 0,
+        };
         if caps & caps::SECURE_CONNECTION != 0 {
             let n = (usize::from(auth_len).saturating_sub(8)).max(13);
             let part = r.bytes(n.min(r.remaining()))?;
@@ -264,6 +285,7 @@ impl Greeting {
             thread_id,
             scramble,
             caps,
+            ext_caps,
             charset,
             status,
             plugin,
@@ -277,6 +299,8 @@ pub struct SslRequest {
     pub caps: u32,
     pub max_packet: u32,
     pub charset: u8,
+    /// MariaDB's extended capabilities (0 when `caps` has `LONG_PASSWORD`).
+    pub ext_caps: u32,
 }
 
 impl SslRequest {
@@ -290,11 +314,16 @@ impl SslRequest {
         }
         let max_packet = r.u32()?;
         let charset = r.u8()?;
-        r.bytes(23)?;
+        let reserved = r.bytes(23)?;
+        let ext_caps = match has_ext_caps(caps) {
+            true => u32::from_le_bytes(reserved[19..].try_into().expect("4 bytes")),
+            false => 0,
+        };
         Ok(SslRequest {
             caps,
             max_packet,
             charset,
+            ext_caps,
         })
     }
 
@@ -303,7 +332,8 @@ impl SslRequest {
         out.extend_from_slice(&self.caps.to_le_bytes());
         out.extend_from_slice(&self.max_packet.to_le_bytes());
         out.push(self.charset);
-        out.extend_from_slice(&[0; 23]);
+        out.extend_from_slice(&[0; 19]);
+        out.extend_from_slice(&self.ext_caps.to_le_bytes());
         out
     }
 }
@@ -799,7 +829,8 @@ mod tests {
             server_version: "8.0.40-tollgate".into(),
             thread_id: 7,
             scramble: (1..=20).collect(),
-            caps: caps::OFFERED,
+            caps: caps::OFFERED & !caps::LONG_PASSWORD,
+            ext_caps: ext_caps::OFFERED,
             charset: UTF8MB4_GENERAL_CI,
             status: SERVER_STATUS_AUTOCOMMIT,
             plugin: "caching_sha2_password".into(),
@@ -811,9 +842,10 @@ mod tests {
     fn handshake_response_round_trips() {
         let h = HandshakeResponse {
             head: SslRequest {
-                caps: caps::OFFERED,
+                caps: caps::OFFERED & !caps::LONG_PASSWORD,
                 max_packet: 1 << 24,
                 charset: UTF8MB4_GENERAL_CI,
+                ext_caps: ext_caps::OFFERED,
             },
             user: "alice".into(),
             auth: vec![1, 2, 3],

@@ -2,6 +2,7 @@
 //! one client command, judges it, forwards it (or answers it itself), and relays the server's
 //! whole answer, masking rows, before it reads the next command.
 
+use crate::capture::{binary_value, Capture};
 use crate::classify::{self, Scope, SqlMode};
 use crate::errmask::ErrorMasker;
 use crate::io::{frame, read_packet, write_packet, IoError};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tollgate_gate::event::{ReviewEvent, SessionTerminated, SqlCommand, SqlResult};
+use tollgate_gate::event::{ReviewEvent, ReviewRefused, SessionTerminated, SqlCommand, SqlResult};
 use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::standing::{Ended, Standing};
 use tollgate_gate::{Decision, SessionLog};
@@ -38,6 +39,8 @@ const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
 /// MariaDB's ER_CONNECTION_KILLED: what a session whose standing ended is told.
 const ER_CONNECTION_KILLED: u16 = 1927;
 const CONNECTION_KILLED_STATE: &str = "70100";
+/// ER_QUERY_INTERRUPTED: what a held statement cancelled by `KILL QUERY` answers.
+const ER_QUERY_INTERRUPTED: u16 = 1317;
 
 pub(crate) struct End {
     pub outcome: &'static str,
@@ -61,6 +64,8 @@ struct Summary {
     error: Option<ErrPacket>,
     masked: u64,
     reasons: BTreeSet<String>,
+    /// The captured copy of the rows (`resources.capture_results`).
+    capture: Option<Capture>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,13 @@ pub(crate) struct Relay<'a> {
     executing: Option<u32>,
     /// The upstream's connection id (stopped with `KILL` when the session is terminated).
     upstream_thread: Option<u32>,
+    /// Woken by a `KILL [QUERY]` of this session from another connection: withdraws a held
+    /// statement (nothing of it runs upstream yet).
+    cancelled: Arc<tokio::sync::Notify>,
+    /// The statement held for review right now, if any: withdrawn if the session ends.
+    holding: Option<Holding>,
+    /// Whether the last judged command was sent upstream.
+    forwarded: bool,
     /// How the server reads this session's SQL text (read from it, re-read after changes).
     mode: SqlMode,
     /// Masks values echoed in server errors (`None`: nothing to mask for this viewer).
@@ -98,6 +110,14 @@ pub(crate) struct Relay<'a> {
     out: Vec<u8>,
     cseq: u8,
     useq: u8,
+}
+
+/// A statement waiting for its review.
+struct Holding {
+    n: u64,
+    review: String,
+    rule: String,
+    since: Instant,
 }
 
 enum Verdicts {
@@ -127,6 +147,9 @@ impl<'a> Relay<'a> {
             last_prepared: None,
             executing: None,
             upstream_thread: None,
+            cancelled: Arc::default(),
+            holding: None,
+            forwarded: false,
             mode: SqlMode::default(),
             errors: match (&target.mask, unmasked) {
                 (Some(policy), false) => ErrorMasker::new(policy, &who.groups),
@@ -142,6 +165,12 @@ impl<'a> Relay<'a> {
     /// The upstream's connection id, stopped if the session is terminated mid-command.
     pub(crate) fn upstream_thread(mut self, id: u32) -> Self {
         self.upstream_thread = Some(id);
+        self
+    }
+
+    /// What another connection's `KILL` of this session wakes.
+    pub(crate) fn cancelled_by(mut self, cancelled: Arc<tokio::sync::Notify>) -> Self {
+        self.cancelled = cancelled;
         self
     }
 
@@ -273,18 +302,37 @@ impl<'a> Relay<'a> {
             sqlstate: Some(CONNECTION_KILLED_STATE),
             message: Some(msg.clone()),
         });
-        self.answer_err(
-            ER_CONNECTION_KILLED,
-            CONNECTION_KILLED_STATE,
-            format!("tollgate: {msg} ({hint})"),
-        );
+        let held = self.withdraw_held(&msg);
+        let msg = match &held {
+            Some(review) => format!("tollgate: {msg}; the statement held as review {review} was withdrawn and not run ({hint})"),
+            None => format!("tollgate: {msg} ({hint})"),
+        };
+        self.answer_err(ER_CONNECTION_KILLED, CONNECTION_KILLED_STATE, msg);
         let _ = up.shutdown().await;
-        // A statement still running upstream would outlive the closed connection.
-        if let (true, Some(thread)) = (running, self.upstream_thread) {
+        // A statement still running upstream would outlive the closed connection (a held
+        // one never reached it).
+        if let (true, None, Some(thread)) = (running, held, self.upstream_thread) {
             if let Err(e) = target.kill(thread, self.gw.max_message).await {
                 tracing::warn!(session = %self.log.id, error = %e, "could not stop the upstream connection of a terminated session");
             }
         }
+    }
+
+    /// Withdraws the review of the statement held when the session ended (the relay stopped
+    /// waiting for it), recording why; its id, if one was held.
+    fn withdraw_held(&mut self, ended: &str) -> Option<String> {
+        let h = self.holding.take()?;
+        if let Some(reviews) = &self.gw.reviews {
+            reviews.withdraw_because(&h.review, &format!("the held session ended: {ended}"));
+        }
+        self.log.record(&ReviewRefused {
+            n: h.n,
+            review: h.review.clone(),
+            outcome: "withdrawn",
+            waited_ms: h.since.elapsed().as_millis() as u64,
+        });
+        tracing::info!(session = %self.log.id, review = %h.review, rule = %h.rule, "held statement withdrawn: its session ended");
+        Some(h.review)
     }
 
     async fn flush(&mut self, w: &mut WriteHalf<Client>) -> std::io::Result<()> {
@@ -404,7 +452,7 @@ impl<'a> Relay<'a> {
                 self.executing = Some(id);
                 let mut s = Summary::default();
                 let plan = self.plan(&columns);
-                let res = self.rows(up, &columns, true, &plan, &mut s).await;
+                let res = self.rows(up, &columns, true, &plan, false, &mut s).await;
                 self.executing = None;
                 res.map(|_| ())
             }
@@ -588,7 +636,7 @@ impl<'a> Relay<'a> {
             ..Default::default()
         };
         self.to_client(&ok.encode());
-        self.record_result(n, &Summary::default(), started);
+        self.record_result(n, &mut Summary::default(), started);
         Ok(true)
     }
 
@@ -697,6 +745,7 @@ impl<'a> Relay<'a> {
         self.n += 1;
         let n = self.n;
         let started = Instant::now();
+        self.forwarded = false;
         let j = self.decide(c, refusal);
         let ev = SqlCommand {
             n,
@@ -715,10 +764,11 @@ impl<'a> Relay<'a> {
             return Ok(());
         }
         self.up_send(up, wire).await?;
+        self.forwarded = true;
         self.executing = statement_id;
         let s = self.result(up, protocol == "field_list").await;
         self.executing = None;
-        let s = s?;
+        let mut s = s?;
         let how = if s.error.is_some() {
             Confirmation::Failed
         } else {
@@ -727,7 +777,7 @@ impl<'a> Relay<'a> {
         for e in j.effects {
             self.policy.confirm(e, how);
         }
-        self.record_result(n, &s, started);
+        self.record_result(n, &mut s, started);
         if classify::may_change_reading(c) {
             self.read_reading(up).await?;
         }
@@ -858,16 +908,34 @@ impl<'a> Relay<'a> {
             waited_ms: None,
         });
         let held = Instant::now();
-        let gone = async {
-            // Completes when the client closes its connection (data it sends waits its turn).
-            match r.fill_buf().await {
-                Ok(b) if !b.is_empty() => std::future::pending::<()>().await,
-                _ => {}
+        self.holding = Some(Holding {
+            n,
+            review: review.id.clone(),
+            rule: rule.to_string(),
+            since: held,
+        });
+        let cancelled = self.cancelled.clone();
+        let mut killed = false;
+        let withdrawn = async {
+            tokio::select! {
+                _ = cancelled.notified() => {
+                    killed = true;
+                    "the client cancelled the held statement (KILL QUERY)".to_string()
+                }
+                // The client closed its connection (data it sends waits its turn).
+                _ = async {
+                    if let Ok(b) = r.fill_buf().await {
+                        if !b.is_empty() {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                } => "the client disconnected while the statement was held".to_string(),
             }
         };
-        let verdict = hold::hold(&reviews, &review.id, gone).await;
+        let verdict = hold::hold(&reviews, &review.id, withdrawn).await;
+        self.holding = None;
         let waited_ms = held.elapsed().as_millis() as u64;
-        let msg = match verdict {
+        let (outcome, msg) = match verdict {
             Verdict::Approved { reviewers } => {
                 self.log.record(&ReviewEvent {
                     kind: "review.approved",
@@ -878,33 +946,52 @@ impl<'a> Relay<'a> {
                 });
                 return Verdicts::Forward;
             }
-            Verdict::Denied { reviewer, reason } => format!(
-                "review {} denied by {reviewer}: {}",
-                review.id,
-                reason.as_deref().unwrap_or("no reason given")
+            Verdict::Denied { reviewer, reason } => (
+                "denied",
+                format!(
+                    "review {} denied by {reviewer}: {}",
+                    review.id,
+                    reason.as_deref().unwrap_or("no reason given")
+                ),
             ),
-            Verdict::Expired => format!(
-                "review {} expired after {} without a decision; the statement was not run",
-                review.id,
-                tollgate_review::format_duration(timeout)
+            Verdict::Expired => (
+                "expired",
+                format!(
+                    "review {} expired after {} without a decision; the statement was not run",
+                    review.id,
+                    tollgate_review::format_duration(timeout)
+                ),
             ),
-            Verdict::Withdrawn => format!("review {} was withdrawn", review.id),
-            Verdict::Unavailable(_) => format!(
-                "review {} cannot be read; the statement was not run",
-                review.id
+            Verdict::Withdrawn => (
+                "withdrawn",
+                format!(
+                    "review {} was withdrawn: the statement was cancelled while held and not run",
+                    review.id
+                ),
+            ),
+            Verdict::Unavailable(_) => (
+                "unavailable",
+                format!(
+                    "review {} cannot be read; the statement was not run",
+                    review.id
+                ),
             ),
         };
-        self.log.record(&ReviewEvent {
-            kind: "review.refused",
+        self.log.record(&ReviewRefused {
             n,
             review: review.id.clone(),
-            reviewers: vec![],
-            waited_ms: Some(waited_ms),
+            outcome,
+            waited_ms,
         });
+        let (code, state) = if killed {
+            (ER_QUERY_INTERRUPTED, CONNECTION_KILLED_STATE)
+        } else {
+            (ER_SPECIFIC_ACCESS_DENIED, "42000")
+        };
         self.refuse(
             n,
-            ER_SPECIFIC_ACCESS_DENIED,
-            "42000",
+            code,
+            state,
             format!("tollgate: {msg} (rule \"{rule}\")"),
             started,
         );
@@ -922,11 +1009,12 @@ impl<'a> Relay<'a> {
             sqlstate: Some(sqlstate.into()),
             message: Some(message),
             masked: None,
+            capture: None,
             duration_us: started.elapsed().as_micros() as u64,
         });
     }
 
-    fn record_result(&self, n: u64, s: &Summary, started: Instant) {
+    fn record_result(&self, n: u64, s: &mut Summary, started: Instant) {
         if !self.gw.record_commands {
             return;
         }
@@ -946,6 +1034,7 @@ impl<'a> Relay<'a> {
             sqlstate: s.error.as_ref().map(|e| e.sqlstate().to_string()),
             message: s.error.as_ref().map(|e| e.message.clone()),
             masked,
+            capture: s.capture.take().and_then(Capture::finish),
             duration_us: started.elapsed().as_micros() as u64,
         });
     }
@@ -985,7 +1074,12 @@ impl<'a> Relay<'a> {
             .classification
             .into();
         self.judged(r, up, "query", text, None, &c, None, &wire)
-            .await
+            .await?;
+        // A statement held for review is not upstream yet: the KILL withdraws it.
+        if self.forwarded {
+            e.cancelled.notify_waiters();
+        }
+        Ok(())
     }
 
     async fn prepare(
@@ -1031,7 +1125,7 @@ impl<'a> Relay<'a> {
             self.last_prepared = None;
             let mut s = Summary::default();
             self.server_error(&first, &mut s);
-            self.record_result(n, &s, started);
+            self.record_result(n, &mut s, started);
             return Ok(());
         }
         self.to_client(&first);
@@ -1065,32 +1159,37 @@ impl<'a> Relay<'a> {
             },
         );
         self.last_prepared = Some(ok.statement_id);
-        self.record_result(n, &Summary::default(), started);
+        self.record_result(n, &mut Summary::default(), started);
         Ok(())
     }
 
     fn plan(&self, columns: &[Column]) -> RowPlan {
         match (&self.target.mask, self.unmasked) {
-            (Some(policy), false) => {
-                let infos: Vec<ColumnInfo> = columns
-                    .iter()
-                    .map(|c| ColumnInfo {
-                        name: c.mask_name().to_string(),
-                        table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
-                        type_oid: c.mask_type(),
-                        format: Format::Text,
-                    })
-                    .collect();
-                policy.plan(&infos, &self.who.groups)
-            }
+            (Some(policy), false) => plan_for(policy, columns, &self.who.groups),
             _ => RowPlan::passthrough(),
         }
+    }
+
+    /// How captured rows are masked: every rule, whoever the viewer is.
+    fn audit_plan(&self, columns: &[Column]) -> RowPlan {
+        match &self.target.audit_mask {
+            Some(policy) => plan_for(policy, columns, &[]),
+            None => RowPlan::passthrough(),
+        }
+    }
+
+    fn capturing(&self) -> Option<Capture> {
+        let r = &self.target.resource;
+        r.capture_results.then(|| Capture::new(r.capture_bytes))
     }
 
     /// Relays the answer to a query or an execution: OKs, errors and result sets (text or
     /// binary rows), as many as the server sends.
     async fn result(&mut self, up: &mut UpStream, field_list: bool) -> Result<Summary, Broken> {
-        let mut s = Summary::default();
+        let mut s = Summary {
+            capture: self.capturing(),
+            ..Default::default()
+        };
         let eof = self.caps & proto::caps::DEPRECATE_EOF == 0;
         if field_list {
             loop {
@@ -1158,7 +1257,13 @@ impl<'a> Relay<'a> {
                     }
                     let binary = self.binary_pending();
                     let plan = self.plan(&columns);
-                    let status = self.rows(up, &columns, binary, &plan, &mut s).await?;
+                    let capture = s
+                        .capture
+                        .as_mut()
+                        .is_some_and(|c| c.begin(&columns, || self.audit_plan(&columns)));
+                    let status = self
+                        .rows(up, &columns, binary, &plan, capture, &mut s)
+                        .await?;
                     if binary {
                         self.remember_columns(columns);
                     }
@@ -1184,13 +1289,15 @@ impl<'a> Relay<'a> {
         }
     }
 
-    /// Relays rows until their end; returns the end's status flags.
+    /// Relays rows until their end (a copy to `s.capture` if `capture`); returns the end's
+    /// status flags.
     async fn rows(
         &mut self,
         up: &mut UpStream,
         columns: &[Column],
         binary: bool,
         plan: &RowPlan,
+        capture: bool,
         s: &mut Summary,
     ) -> Result<u16, Broken> {
         let mut masked = Vec::new();
@@ -1205,6 +1312,9 @@ impl<'a> Relay<'a> {
                 return Ok(0);
             }
             s.rows += 1;
+            if let Some(c) = s.capture.as_mut().filter(|_| capture) {
+                c.row(columns, &p, binary).map_err(|_| Broken::Malformed)?;
+            }
             if !plan.is_active() {
                 self.to_client(&p);
                 continue;
@@ -1225,6 +1335,19 @@ impl<'a> Relay<'a> {
             }
         }
     }
+}
+
+fn plan_for(policy: &tollgate_mask::Policy, columns: &[Column], groups: &[String]) -> RowPlan {
+    let infos: Vec<ColumnInfo> = columns
+        .iter()
+        .map(|c| ColumnInfo {
+            name: c.mask_name().to_string(),
+            table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
+            type_oid: c.mask_type(),
+            format: Format::Text,
+        })
+        .collect();
+    policy.plan(&infos, groups)
 }
 
 fn note(s: &mut Summary, reason: tollgate_mask::Reason) {
@@ -1293,32 +1416,10 @@ fn mask_binary_row(
             continue;
         }
         let start = r.pos();
-        let (value, rendered): (&[u8], Option<String>) = match c.binary_layout() {
-            Layout::Fixed(k) => (r.bytes(k)?, None),
-            Layout::Int(k) => {
-                let b = r.bytes(k)?;
-                let mut le = [0u8; 8];
-                le[..k].copy_from_slice(b);
-                let unsigned = c.flags & proto::UNSIGNED_FLAG != 0;
-                let text = if unsigned {
-                    u64::from_le_bytes(le).to_string()
-                } else {
-                    // Sign-extend.
-                    let shift = 64 - 8 * k as u32;
-                    ((i64::from_le_bytes(le) << shift) >> shift).to_string()
-                };
-                (b, Some(text))
-            }
-            Layout::Counted => {
-                let len = r.u8()?;
-                (r.bytes(usize::from(len))?, None)
-            }
-            Layout::String => (r.lenenc_str()?.unwrap_or_default(), None),
-        };
+        let value = binary_value(&mut r, c)?;
         let raw = &p[start..r.pos()];
         m.clear();
-        let seen = rendered.as_deref().map_or(value, str::as_bytes);
-        match plan.mask_value(i, seen, &mut m) {
+        match plan.mask_value(i, value.as_bytes(), &mut m) {
             Outcome::Unchanged => values.extend_from_slice(raw),
             Outcome::Masked(reason) if c.binary_layout() == Layout::String => {
                 proto::put_lenenc_str(&mut values, &m);

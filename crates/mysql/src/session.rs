@@ -93,7 +93,10 @@ impl MysqlGateway {
             server_version: self.announced.get(),
             thread_id,
             scramble: scramble(),
-            caps: caps::OFFERED,
+            // As MariaDB greets: without CLIENT_MYSQL, so that its clients send their
+            // extended capabilities (bulk execution).
+            caps: caps::OFFERED & !caps::LONG_PASSWORD,
+            ext_caps: proto::ext_caps::OFFERED,
             charset: proto::UTF8MB4_GENERAL_CI,
             status: proto::SERVER_STATUS_AUTOCOMMIT,
             plugin: CACHING_SHA2.into(),
@@ -294,7 +297,10 @@ impl MysqlGateway {
         drop(targets);
         access.audit_fields(&mut open.extra);
 
-        let mut upstream = match target.connect(hello.head.caps, self.max_message).await {
+        let mut upstream = match target
+            .connect(hello.head.caps, hello.head.ext_caps, self.max_message)
+            .await
+        {
             Ok(u) => u,
             Err(e) => {
                 registry()
@@ -345,12 +351,14 @@ impl MysqlGateway {
             return;
         }
         log.record(&open);
+        let cancelled = Arc::new(tokio::sync::Notify::new());
         self.threads.register(
             thread_id,
             ThreadEntry {
                 subject: identity.subject.clone(),
                 resource: target.resource.name.clone(),
                 upstream_thread: upstream.thread_id,
+                cancelled: cancelled.clone(),
             },
         );
         tracing::debug!(session = %log.id, subject = %identity.subject, resource = %target.resource.name, "mysql session open");
@@ -371,6 +379,7 @@ impl MysqlGateway {
             hello.head.caps & caps::OFFERED,
         )
         .upstream_thread(upstream.thread_id)
+        .cancelled_by(cancelled)
         .run(tls, &mut upstream.stream, standing)
         .await;
         self.threads.remove(thread_id);

@@ -325,9 +325,14 @@ impl Target {
             .server_version)
     }
 
-    /// Connect, negotiate TLS, authenticate. `client_caps` are the capabilities the client
-    /// chose with the gateway: the upstream session gets the same shape.
-    pub async fn connect(&self, client_caps: u32, max: usize) -> Result<Upstream, ConnectError> {
+    /// Connect, negotiate TLS, authenticate. `client_caps` (and MariaDB's `client_ext`) are the
+    /// capabilities the client chose with the gateway: the upstream session gets the same shape.
+    pub async fn connect(
+        &self,
+        client_caps: u32,
+        client_ext: u32,
+        max: usize,
+    ) -> Result<Upstream, ConnectError> {
         let r = &self.resource;
         let tcp = tokio::time::timeout(
             r.connect_timeout,
@@ -360,10 +365,12 @@ impl Target {
             )));
         }
         let mut our_caps = wanted & greeting.caps;
+        let ext = client_ext & proto::ext_caps::OFFERED & greeting.ext_caps;
         let head = |c: u32| SslRequest {
             caps: c,
             max_packet: 1 << 24,
             charset: proto::UTF8MB4_GENERAL_CI,
+            ext_caps: ext,
         };
         let mut tls_info = None;
         if let Some(config) = &self.tls {
@@ -453,7 +460,7 @@ impl Target {
     /// Stops an upstream connection of this resource from a connection of its own (`KILL
     /// CONNECTION`), for a session the gateway ends while a statement runs there.
     pub async fn kill(&self, thread: u32, max: usize) -> Result<(), ConnectError> {
-        let mut u = self.connect(caps::PROTOCOL_41, max).await?;
+        let mut u = self.connect(caps::PROTOCOL_41, 0, max).await?;
         let mut q = vec![proto::com::QUERY];
         q.extend_from_slice(format!("KILL CONNECTION {thread}").as_bytes());
         let mut seq = 0;

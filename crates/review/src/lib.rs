@@ -878,8 +878,8 @@ impl Reviews {
         self.withdraw_because(id, "the client disconnected while the command was held");
     }
 
-    /// Withdraw a pending review, saying why.
-    pub(crate) fn withdraw_because(&self, id: &str, reason: &str) {
+    /// Withdraw a pending review, saying why (recorded in `review.withdrawn` and the review).
+    pub fn withdraw_because(&self, id: &str, reason: &str) {
         match self
             .store
             .review_close(id, REVIEW_WITHDRAWN, self.now(), Some(reason))

@@ -62,6 +62,8 @@ fn statements_smuggled_past_the_judgement_are_refused() {
         // Several statements in one string, each judged.
         "SELECT 1; DROP TABLE victim",
         "SELECT 1;DELETE FROM victim",
+        // A refused statement in the middle: nothing of the string runs, not even the first.
+        "INSERT INTO victim VALUES (9, 'x'); DROP TABLE victim; SELECT 1",
         // Version comments are SQL to the server (MariaDB's /*M! too).
         "SELECT 1 /*! ; DROP TABLE victim */",
         "SELECT 1 /*M!100000 ; DROP TABLE victim */",
@@ -263,6 +265,63 @@ fn prepared_statements_run_only_what_the_server_confirmed() {
     assert!(evs.iter().any(|e| e["kind"] == "command"
         && e["payload"]["protocol"] == "execute"
         && e["payload"]["text"] == "SELECT id, email FROM customers WHERE id = ?"));
+}
+
+/// The commands that carry a confirmed statement's parameters apart from COM_STMT_EXECUTE run
+/// through the gateway as the server defines them: long data (`COM_STMT_SEND_LONG_DATA`,
+/// sent in pieces and joined by the server) and MariaDB's `COM_STMT_BULK_EXECUTE` (one
+/// packet, many rows), each recorded as the statement it runs.
+#[test]
+fn long_data_and_bulk_execution_run_the_confirmed_statement() {
+    let env = start(&[]);
+    let mut s = env.raw();
+    let st = s
+        .prepare("INSERT INTO victim VALUES (?, ?)")
+        .expect("prepared");
+    assert_eq!(st.params, 2);
+    for piece in ["long-", "data"] {
+        let mut long = vec![0x18];
+        long.extend_from_slice(&st.id.to_le_bytes());
+        long.extend_from_slice(&1u16.to_le_bytes());
+        long.extend_from_slice(piece.as_bytes());
+        s.send(0, &long);
+    }
+    // The second parameter came as long data: its value is not in the execution.
+    let mut execute = vec![0x17];
+    execute.extend_from_slice(&st.id.to_le_bytes());
+    execute.push(0);
+    execute.extend_from_slice(&1u32.to_le_bytes());
+    execute.extend_from_slice(&[0, 1, 0xfd, 0, 0xfd, 0, 1, b'6']);
+    let a = s.command(&execute);
+    assert!(matches!(a, Answer::Ok), "{a:?}");
+    // Two rows in one bulk execution: flags SEND_TYPES, the types, then per row and
+    // parameter an indicator (0: a value follows) and the value.
+    let mut bulk = vec![0xfa];
+    bulk.extend_from_slice(&st.id.to_le_bytes());
+    bulk.extend_from_slice(&128u16.to_le_bytes());
+    bulk.extend_from_slice(&[0xfd, 0, 0xfd, 0]);
+    for (id, note) in [("7", "g"), ("8", "h")] {
+        for v in [id, note] {
+            bulk.extend_from_slice(&[0, v.len() as u8]);
+            bulk.extend_from_slice(v.as_bytes());
+        }
+    }
+    let a = s.command(&bulk);
+    assert!(matches!(a, Answer::Ok), "{a:?}");
+    let rows = env
+        .db
+        .sql("SELECT GROUP_CONCAT(id, '=', note ORDER BY id) FROM victim WHERE id > 5")
+        .unwrap();
+    assert_eq!(rows.trim(), "6=long-data,7=g,8=h");
+    let evs = env.events();
+    for protocol in ["execute", "bulk_execute"] {
+        assert!(
+            evs.iter().any(|e| e["kind"] == "command"
+                && e["payload"]["protocol"] == protocol
+                && e["payload"]["text"] == "INSERT INTO victim VALUES (?, ?)"),
+            "no {protocol} recorded"
+        );
+    }
 }
 
 fn change_user(s: &mut Raw, database: &str, plugin: &str, auth: &[u8]) -> Vec<u8> {

@@ -7,8 +7,11 @@
 
 mod common;
 
-use common::mysql::{closed, err, err_answer, node_modules, out, Login, MyEnv, MyOptions, Raw};
-use common::{pending_review, reviews_cli, stderr, TOKEN};
+use common::mysql::mariadb;
+use common::mysql::{
+    closed, err, err_answer, node_modules, out, Answer, Login, MyEnv, MyOptions, Raw,
+};
+use common::{gateway_cli, pending_review, reviews_cli, stderr, stdout, TOKEN};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tollgate_tls::pki::IssuedFiles;
@@ -45,6 +48,20 @@ fn start_held() -> Setup {
 impl Setup {
     fn reviews(&self, who: &IssuedFiles, args: &[&str]) -> Output {
         reviews_cli(self.https, &self.env.pki.ca, who, args)
+    }
+
+    /// The review once it reaches `status` (waits up to 10 s).
+    fn review_when(&self, id: &str, status: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = self.reviews(&self.env.alice, &["show", id, "--json"]);
+            let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            if r["status"] == status {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "not {status}: {r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn pending(&self, prefix: &str) -> String {
@@ -101,16 +118,8 @@ fn a_held_delete_waits_runs_when_approved_and_names_its_review_when_denied() {
     let id = s.pending("DELETE FROM customers WHERE id = 1 AND");
     child.kill().unwrap();
     let _ = child.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let o = s.reviews(&s.env.alice, &["show", &id, "--json"]);
-        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        if r["status"] == "withdrawn" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not withdrawn: {r}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let r = s.review_when(&id, "withdrawn");
+    assert!(r.to_string().contains("the client disconnected"), "{r}");
     assert_eq!(s.env.customers(), "1");
 
     let evs = s.env.events();
@@ -119,6 +128,79 @@ fn a_held_delete_waits_runs_when_approved_and_names_its_review_when_denied() {
     }
     // The review id went to the log at once (MySQL has no notices).
     assert!(s.env.gw.logs().contains("statement held for review"));
+}
+
+/// A held statement never stays pending for a session that cannot run it: another connection
+/// of the same identity cancels it with `KILL QUERY` (the held client gets ER_QUERY_INTERRUPTED
+/// naming the review, and its session goes on), and a reload that removes the session's token
+/// ends the session and withdraws its review (the client is told which review).
+#[test]
+fn a_held_statement_is_withdrawn_by_kill_query_or_when_its_session_ends() {
+    let s = start_held();
+    let mut held = Raw::connect(&s.env, Login::Cert(&s.bob), "app").expect("bob's session");
+    held.send(0, b"\x03DELETE FROM customers WHERE id = 2");
+    let id = s.pending("DELETE FROM customers WHERE id = 2");
+    let mut other = Raw::connect(&s.env, Login::Cert(&s.bob), "app").expect("bob again");
+    let a = other.query(&format!("KILL QUERY {}", held.thread_id));
+    assert!(matches!(a, Answer::Ok), "{a:?}");
+    let a = err_answer(&held.read());
+    assert_eq!(a.code(), Some(1317), "{a:?}");
+    assert!(
+        a.message().contains(&id) && a.message().contains("withdrawn"),
+        "{a:?}"
+    );
+    assert_eq!(held.query("SELECT 1").text_rows(), [["1"]]);
+    let r = s.review_when(&id, "withdrawn");
+    assert!(r.to_string().contains("KILL QUERY"), "{r}");
+
+    // The token's session holds a DELETE when a reload removes the token.
+    let mut t = Raw::connect(&s.env, Login::Token(TOKEN), "app").expect("token session");
+    t.send(0, b"\x03DELETE FROM customers WHERE id = 1");
+    let token_id = s.pending("DELETE FROM customers WHERE id = 1");
+    reassign_token(&s.env);
+    let a = err_answer(&t.read());
+    assert_eq!(a.code(), Some(1927), "{a:?}");
+    assert!(a.message().contains("no longer accepted"), "{a:?}");
+    assert!(a.message().contains(&token_id), "{a:?}");
+    assert!(closed(&mut t.s));
+    let r = s.review_when(&token_id, "withdrawn");
+    assert!(r.to_string().contains("no longer accepted"), "{r}");
+    // Approving it now changes nothing: it is closed, and nothing ran.
+    let o = s.reviews(&s.env.alice, &["approve", &token_id]);
+    assert!(!o.status.success());
+    assert_eq!(s.env.customers(), "2");
+
+    let evs = s.env.events();
+    for review in [&id, &token_id] {
+        assert!(
+            evs.iter().any(|e| e["kind"] == "review.refused"
+                && e["payload"]["review"] == review.as_str()
+                && e["payload"]["outcome"] == "withdrawn"),
+            "no withdrawn review.refused for {review}"
+        );
+        assert!(
+            evs.iter()
+                .any(|e| e["kind"] == "review.withdrawn"
+                    && e["payload"]["review"] == review.as_str()),
+            "no review.withdrawn for {review}"
+        );
+    }
+    assert!(evs
+        .iter()
+        .any(|e| e["kind"] == "session.terminated" && e["payload"]["reason"] == "token_removed"));
+}
+
+/// Reload the gateway with `TOKEN` configured for another subject: ci-bot's sessions end.
+fn reassign_token(env: &MyEnv) {
+    let path = &env.gw.config_path;
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(
+        path,
+        text.replace("subject = \"ci-bot\"", "subject = \"other-bot\""),
+    )
+    .unwrap();
+    let rc = unsafe { libc::kill(env.gw.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0, "SIGHUP");
 }
 
 const MASKS: &str = r#"[[resources.masks]]
@@ -237,15 +319,7 @@ fn sessions_end_when_their_certificate_expires_or_their_token_is_removed() {
     assert!(closed(&mut c.s));
 
     // The token is configured for someone else now.
-    let path = &env.gw.config_path;
-    let text = std::fs::read_to_string(path).unwrap();
-    std::fs::write(
-        path,
-        text.replace("subject = \"ci-bot\"", "subject = \"other-bot\""),
-    )
-    .unwrap();
-    let rc = unsafe { libc::kill(env.gw.pid() as libc::pid_t, libc::SIGHUP) };
-    assert_eq!(rc, 0, "SIGHUP");
+    reassign_token(&env);
     let a = err_answer(&t.read());
     assert_eq!(a.code(), Some(1927), "{a:?}");
     assert!(a.message().contains("no longer accepted"), "{a:?}");
@@ -298,23 +372,9 @@ fn scan_tells_gateway_sessions_from_direct_ones() {
             .to_string();
         !direct_id.is_empty()
     });
-    let scan = Command::new(common::BIN)
-        .args(["scan", "--json", "--min-days", "3", "--config"])
-        .arg(&env.gw.config_path)
-        .env_remove("TOLLGATE_CONFIG")
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("tollgate scan");
+    let doc = scan(&env);
     let _ = direct.kill();
     let _ = direct.wait();
-    assert_eq!(
-        scan.status.code(),
-        Some(1),
-        "{}\n{}",
-        out(&scan),
-        err(&scan)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&scan.stdout).unwrap();
     let app = &doc["resources"][0];
     assert_eq!(app["resource"], "app");
     assert_eq!(app["plaintext_accepted"], false, "{app:#}");
@@ -340,4 +400,176 @@ fn scan_tells_gateway_sessions_from_direct_ones() {
     assert_eq!(app["sessions"]["through_gateway"], 1, "{app:#}");
     assert_eq!(app["sessions"]["total"], 2, "{app:#}");
     assert!(!doc.to_string().contains(&env.db.password));
+}
+
+/// An upstream MariaDB that also lets sessions in without TLS (`require_secure_transport`
+/// off, the server's default) is a critical finding of `tollgate scan`; the one above (ON) is
+/// not flagged.
+#[test]
+fn scan_flags_an_upstream_that_accepts_plaintext() {
+    let env = MyEnv::start_with(MyOptions {
+        plaintext: true,
+        ..Default::default()
+    });
+    let doc = scan(&env);
+    let app = &doc["resources"][0];
+    assert_eq!(app["plaintext_accepted"], true, "{app:#}");
+    let finding = doc["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "plaintext_accepted")
+        .unwrap_or_else(|| panic!("no plaintext finding: {doc:#}"));
+    assert_eq!(finding["severity"], "critical", "{finding}");
+    assert_eq!(finding["resource"], "app", "{finding}");
+    let msg = finding["message"].as_str().unwrap();
+    assert!(msg.contains("accepts unencrypted connections"), "{msg}");
+    assert!(!doc.to_string().contains(&env.db.password));
+}
+
+/// `tollgate scan --json` of the gateway's config: it found something (exit 1).
+fn scan(env: &MyEnv) -> serde_json::Value {
+    let scan = Command::new(common::BIN)
+        .args(["scan", "--json", "--min-days", "3", "--config"])
+        .arg(&env.gw.config_path)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("tollgate scan");
+    assert_eq!(
+        scan.status.code(),
+        Some(1),
+        "{}\n{}",
+        out(&scan),
+        err(&scan)
+    );
+    serde_json::from_slice(&scan.stdout).unwrap()
+}
+
+const CAPTURED: &str = r#"capture_results = true
+[[resources.masks]]
+columns = ["email"]
+strategy = "redact"
+except_groups = ["sre"]
+"#;
+
+/// A MySQL session is recorded as a PostgreSQL one: `tollgate sessions show` and `replay` give
+/// the rows its client saw, masked, from the text and the binary protocol, and masked with
+/// every rule even when the viewer was exempt or held an unmask grant; an approved unmask
+/// review lifts masking for its requester only; `tollgate audit verify` checks the chain.
+#[test]
+fn sessions_replay_masked_rows_unmask_grants_apply_and_the_audit_verifies() {
+    let https = tollgate_testsupport::free_port();
+    let env = MyEnv::start_with(MyOptions {
+        server_extra: format!(
+            "https_listen = \"127.0.0.1:{https}\"\n\n[roles]\nadmin_groups = [\"sre\"]\n"
+        ),
+        resource_extra: CAPTURED.into(),
+        ..Default::default()
+    });
+    let cli = |who: &IssuedFiles, args: &[&str]| gateway_cli(https, &env.pki.ca, who, args);
+    let bob = env.pki.client("bob", &["ci"]);
+    let select = "SELECT id, email FROM customers ORDER BY id";
+    let as_bob = || mariadb(&env.args_as(&bob, "app", select));
+    let o = as_bob();
+    assert_eq!(out(&o), "1\t****\n2\t****\n", "{}", err(&o));
+    // The binary protocol, through a prepared statement.
+    let mut raw = env.raw_as(&bob, "app");
+    let st = raw
+        .prepare("SELECT id, email FROM customers WHERE id = ?")
+        .unwrap();
+    let Answer::Rows(rows) = raw.execute(st.id, 0, &["2"]) else {
+        panic!("no rows")
+    };
+    assert_eq!(rows.len(), 1);
+    drop(raw);
+    // alice (sre) is exempt: she sees the e-mails, her record does not.
+    let o = env.as_alice("app", select);
+    assert!(out(&o).contains("ada@example.com"), "{}", err(&o));
+
+    // bob asks for an unmasked view; pending, he is still masked; approved, he is not.
+    let o = cli(
+        &bob,
+        &[
+            "access", "request", "app", "--unmask", "--for", "10m", "--reason", "case 7", "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let review: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = review["id"].as_str().unwrap();
+    assert_eq!(review["kind"], "unmask");
+    assert!(!out(&as_bob()).contains("ada@"));
+    let o = cli(&env.alice, &["reviews", "approve", id, "--reason", "ok"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = as_bob();
+    assert_eq!(
+        out(&o),
+        "1\tada@example.com\n2\tbob@example.org\n",
+        "{}",
+        err(&o)
+    );
+    let carol = env.pki.client("carol", &["ci"]);
+    let o = mariadb(&env.args_as(&carol, "app", select));
+    assert!(!out(&o).contains("ada@"), "{}", out(&o));
+
+    let evs = env.events();
+    let granted = evs
+        .iter()
+        .find(|e| e["kind"] == "session.open" && e["payload"]["unmask_grant"].is_object())
+        .expect("the unmasked session records its grant");
+    assert_eq!(granted["payload"]["unmask_grant"]["review"], id);
+    // Every captured row is masked: bob's, his binary one, alice's, bob's unmasked one.
+    let captures: Vec<_> = evs
+        .iter()
+        .filter(|e| e["kind"] == "result" && e["payload"]["capture"].is_object())
+        .map(|e| e["payload"]["capture"].clone())
+        .collect();
+    assert!(captures.len() >= 5, "{captures:?}");
+    let record = serde_json::to_string(&captures).unwrap();
+    assert!(!record.contains("@example"), "{record}");
+    assert_eq!(captures[0]["columns"], serde_json::json!(["id", "email"]));
+    assert_eq!(
+        captures[0]["rows"],
+        serde_json::json!([["1", "****"], ["2", "****"]])
+    );
+    assert_eq!(captures[1]["rows"], serde_json::json!([["2", "****"]]));
+
+    // The same through the HTTPS API: show and replay of bob's first session.
+    let session = evs
+        .iter()
+        .find(|e| e["kind"] == "result" && e["payload"]["capture"].is_object())
+        .unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = cli(&env.alice, &["sessions", "show", &session, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let results: Vec<_> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| (e["kind"] == "result").then(|| e["payload"]["capture"].clone()))
+        .collect();
+    assert_eq!(results, [captures[0].clone()]);
+    let o = cli(
+        &env.alice,
+        &["sessions", "replay", &session, "--speed", "0"],
+    );
+    let text = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains(&format!("SQL> {select}")), "{text}");
+    assert!(
+        text.contains("****") && !text.contains("@example"),
+        "{text}"
+    );
+
+    let o = Command::new(common::BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&env.gw.config_path)
+        .env_remove("TOLLGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("ok: "), "{}", stdout(&o));
 }

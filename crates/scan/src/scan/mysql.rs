@@ -37,6 +37,7 @@ fn head(c: u32) -> SslRequest {
         caps: c,
         max_packet: 1 << 24,
         charset: tollgate_mysql::proto::UTF8MB4_GENERAL_CI,
+        ext_caps: 0,
     }
 }
 
@@ -155,7 +156,7 @@ async fn requires_tls(r: &Resource) -> Result<(bool, String), String> {
     let target = Target::new(r.clone())?;
     let max = 1 << 24;
     let mut up = target
-        .connect(caps::PROTOCOL_41, max)
+        .connect(caps::PROTOCOL_41, 0, max)
         .await
         .map_err(|e| format!("cannot log in to read the server's settings: {e}"))?;
     let global = query_rows(
@@ -209,7 +210,7 @@ pub(super) async fn list_sessions(
 ) -> Result<Vec<SessionRow>, String> {
     let target = Target::new(r.clone())?;
     let mut up = target
-        .connect(caps::PROTOCOL_41, opts.max_message)
+        .connect(caps::PROTOCOL_41, 0, opts.max_message)
         .await
         .map_err(|e| e.to_string())?;
     // Inside the gateway, the scanner's own session is one of the gateway's connections.

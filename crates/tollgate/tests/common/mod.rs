@@ -215,8 +215,15 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// `tollgate reviews ARGS` against the gateway's HTTPS listener on `https`, as `who`.
 pub fn reviews_cli(https: u16, ca: &Path, who: &IssuedFiles, args: &[&str]) -> Output {
+    let mut all = vec!["reviews"];
+    all.extend_from_slice(args);
+    gateway_cli(https, ca, who, &all)
+}
+
+/// `tollgate ARGS` (a client of the gateway: reviews, access, sessions) against the HTTPS
+/// listener on `https`, as `who`.
+pub fn gateway_cli(https: u16, ca: &Path, who: &IssuedFiles, args: &[&str]) -> Output {
     Command::new(BIN)
-        .arg("reviews")
         .args(args)
         .env("TOLLGATE_GATEWAY", format!("https://localhost:{https}"))
         .env("TOLLGATE_CA", ca)
@@ -226,7 +233,7 @@ pub fn reviews_cli(https: u16, ca: &Path, who: &IssuedFiles, args: &[&str]) -> O
         .arg(&who.key)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("run tollgate reviews")
+        .expect("run tollgate")
 }
 
 /// The pending review whose statement starts with `statement_prefix`, as `viewer` lists it,

@@ -91,6 +91,8 @@ pub struct MyOptions {
     /// `[mariadbd]` settings, e.g. a global `sql_mode`.
     pub extra_conf: Vec<String>,
     pub ed25519: bool,
+    /// The MariaDB also lets sessions in without TLS (`require_secure_transport = OFF`).
+    pub plaintext: bool,
     pub server_extra: String,
     pub resource_extra: String,
 }
@@ -136,6 +138,7 @@ impl MyEnv {
         let db = MariaDb::start(MariaDbOptions {
             init_sql,
             extra_conf: opts.extra_conf,
+            require_secure_transport: !opts.plaintext,
             ..Default::default()
         })
         .expect("start MariaDB (is mariadb-server installed?)");
@@ -392,7 +395,9 @@ impl Raw {
         head.extend_from_slice(&RAW_CAPS.to_le_bytes());
         head.extend_from_slice(&(1u32 << 24).to_le_bytes());
         head.push(45);
-        head.extend_from_slice(&[0; 23]);
+        // Reserved, then MariaDB's extended capabilities: bulk execution.
+        head.extend_from_slice(&[0; 19]);
+        head.extend_from_slice(&(1u32 << 2).to_le_bytes());
         write_packet(&mut tcp, 1, &head);
         let cert = match login {
             Login::Cert(who) => Some(who),
