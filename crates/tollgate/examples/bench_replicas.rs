@@ -9,6 +9,7 @@
 //! scripts/bench-replicas                          # 2 rounds x 10 s per workload and target
 //! scripts/bench-replicas --seconds 3 --rounds 1   # quick look
 //! scripts/bench-replicas --audit-durability store # forward only once the event is in the store
+//!                                                 # (also `fsync`; default `written`)
 //! ```
 //!
 //! What it does:
@@ -28,8 +29,8 @@
 //!    PostgreSQL per 1000 transactions;
 //! 5. prints medians per workload and target, the ratio against one replica and against direct.
 //!
-//! Workloads: `-S` (one point SELECT per transaction) and `-N` (pgbench's simple update: three
-//! statements that write and a SELECT per transaction). The replicas record every command, so
+//! Workloads: `-S` (one point SELECT per transaction) and `-N` (pgbench's simple update: BEGIN,
+//! UPDATE, SELECT, INSERT, END per transaction). The replicas record every command, so
 //! each statement is an event for the store. On a small machine pgbench, HAProxy, the replicas
 //! and both PostgreSQL clusters share the cores: more replicas cannot add throughput there, the
 //! ratios show what the extra processes and the shared store cost; on a machine with cores to
@@ -70,8 +71,8 @@ struct Opts {
     /// Seconds of unmeasured `-S` load against each target before the first round.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// `server.audit_durability` of every replica: `journal` (default) or `store`.
-    #[arg(long, default_value = "journal")]
+    /// `server.audit_durability` of every replica: `written` (default), `fsync` or `store`.
+    #[arg(long, default_value = "written")]
     audit_durability: String,
     /// The tollgate binary; default: `tollgate` next to this program's directory.
     #[arg(long, env = "TOLLGATE_BIN")]
@@ -96,7 +97,7 @@ const WORKLOADS: &[Workload] = &[
         args: &["-S"],
     },
     Workload {
-        label: "-N (simple update: 3 writes + 1 SELECT per transaction)",
+        label: "-N (simple update: BEGIN, UPDATE, SELECT, INSERT, END per transaction)",
         args: &["-N"],
     },
 ];
@@ -148,8 +149,11 @@ fn run(opts: &Opts) -> Result<()> {
     if opts.rounds == 0 || opts.seconds == 0 || opts.clients == 0 {
         bail!("--rounds, --seconds and --clients must be at least 1");
     }
-    if !matches!(opts.audit_durability.as_str(), "journal" | "store") {
-        bail!("--audit-durability is `journal` or `store`");
+    if !matches!(
+        opts.audit_durability.as_str(),
+        "written" | "fsync" | "store"
+    ) {
+        bail!("--audit-durability is `written`, `fsync` or `store`");
     }
     let pgbench = which("pgbench").context(
         "pgbench not found in $PATH; install it with: \
