@@ -22,6 +22,7 @@
 #                        (psycopg and asyncpg are installed by pip, node-pg by npm, under
 #                        target/tmp)
 #   need_sysbench        sysbench, for scripts/bench-mysql
+#   need_haproxy         HAProxy (TCP mode), the load balancer of scripts/bench-replicas
 #   need_python_httpx    httpx for a python3 on PATH that is not the system's (after install)
 #   need_python_pysaml2  pysaml2 (PyPI) for the python3 on PATH: the IdP of tests/saml.rs
 #   install_needed       installs what the calls above found missing
@@ -82,6 +83,10 @@ need_pg_clients() {
 
 need_sysbench() {
   command -v sysbench >/dev/null 2>&1 || missing+=(sysbench)
+}
+
+need_haproxy() {
+  { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || missing+=(haproxy)
 }
 
 # After install_needed: a python3 first on PATH that is not the system's (pyenv, a venv) gets

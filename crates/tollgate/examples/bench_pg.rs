@@ -69,16 +69,15 @@ use clap::Parser;
 use serde_json::{json, Value};
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use support::*;
 use tollgate_testsupport::{ClusterOptions, PgCluster};
-use tollgate_tls::pki::{self, ClientCertSpec, ServerCertSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -222,12 +221,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
+    catch_signals();
     if let Some(upstream) = std::env::var_os(RELAY_ENV) {
         // Re-executed by `Relay::start`: serve until killed.
         let upstream = upstream.to_string_lossy().into_owned();
@@ -269,23 +263,7 @@ fn run(opts: &Opts) -> Result<()> {
     } else {
         None
     };
-    let tollgate = match &opts.tollgate {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("tollgate"))
-            .context("cannot locate the tollgate binary; pass --tollgate PATH")?,
-    };
-    // Absolute, because the gateway runs with its temporary directory as working directory.
-    let tollgate = fs::canonicalize(&tollgate).unwrap_or(tollgate);
-    if !tollgate.is_file() {
-        bail!(
-            "{} not found; build it with `cargo build --release -p tollgate --bins --examples` \
-             or pass --tollgate PATH",
-            tollgate.display()
-        );
-    }
+    let tollgate = tollgate_binary(opts.tollgate.as_deref())?;
     let tmp = tempfile::Builder::new()
         .prefix("tollgate-bench-")
         .tempdir()?;
@@ -296,17 +274,7 @@ fn run(opts: &Opts) -> Result<()> {
     let cluster = PgCluster::start(ClusterOptions {
         database: "bench".into(),
         user: "bench_owner".into(),
-        extra_conf: [
-            "max_connections = 100",
-            "shared_buffers = 128MB",
-            "fsync = off",
-            "synchronous_commit = off",
-            "autovacuum = off",
-            "jit = off",
-            "log_min_messages = warning",
-        ]
-        .map(String::from)
-        .to_vec(),
+        extra_conf: BENCH_PG_CONF.map(String::from).to_vec(),
         ..ClusterOptions::default()
     })
     .context("start PostgreSQL")?;
@@ -326,29 +294,7 @@ fn run(opts: &Opts) -> Result<()> {
         .context("postmaster.pid is missing")?;
 
     // 2. The gateway PKI, config and process.
-    let pki_dir = tmp.path().join("pki");
-    let ca = pki::init_ca(&pki_dir, "tollgate bench CA")?.cert;
-    let server = pki::issue_server(
-        &pki_dir,
-        &ServerCertSpec {
-            dns: vec!["localhost".into()],
-            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            ttl: Duration::from_secs(86400),
-            not_before: None,
-        },
-        &pki_dir.join("gateway"),
-    )?;
-    let client = pki::issue_client(
-        &pki_dir,
-        &ClientCertSpec {
-            name: CLIENT.into(),
-            spiffe: None,
-            groups: vec![CLIENT.into()],
-            ttl: Duration::from_secs(86400),
-            not_before: None,
-        },
-        &pki_dir.join(CLIENT),
-    )?;
+    let BenchPki { ca, server, client } = bench_pki(&tmp.path().join("pki"), CLIENT)?;
     let password_file = tmp.path().join("upstream.password");
     fs::write(&password_file, &cluster.password)?;
     let rules = if opts.guardrails { GUARDRAILS } else { "" };
@@ -894,36 +840,11 @@ fn progress(msg: std::fmt::Arguments) {
     eprintln!("bench_pg: {msg}");
 }
 
-/// Waits for `child`, killing it when we are interrupted or it outlives `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            check_interrupted()?;
-            bail!("timed out after {} s", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 struct Target<'a> {
     name: &'static str,
     bench: Pgbench<'a>,
     /// CPU readings around each run (the proxy is the one this target goes through).
     probe: CpuProbe,
-}
-
-/// pgbench against one conninfo; connection settings come from the conninfo only.
-struct Pgbench<'a> {
-    program: &'a Path,
-    dir: &'a Path,
-    conninfo: &'a str,
-    password: Option<&'a str>,
 }
 
 /// What one pgbench run measured.
@@ -950,52 +871,7 @@ impl Sample {
     }
 }
 
-impl<'a> Pgbench<'a> {
-    fn new(program: &'a Path, dir: &'a Path, conninfo: &'a str, password: Option<&'a str>) -> Self {
-        Pgbench {
-            program,
-            dir,
-            conninfo,
-            password,
-        }
-    }
-
-    /// Runs pgbench with `args` and returns its stdout, or an error with its stderr.
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out_path = self.dir.join("pgbench.out");
-        let err_path = self.dir.join("pgbench.err");
-        let mut cmd = Command::new(self.program);
-        cmd.args(args)
-            .arg(self.conninfo)
-            .stdin(Stdio::null())
-            // Files rather than pipes: we poll the child, and a full pipe would stall it.
-            .stdout(fs::File::create(&out_path)?)
-            .stderr(fs::File::create(&err_path)?)
-            .current_dir(self.dir);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("PG") {
-                cmd.env_remove(key);
-            }
-        }
-        if let Some(p) = self.password {
-            cmd.env("PGPASSWORD", p);
-        }
-        let mut child = die_with_parent(&mut cmd)
-            .spawn()
-            .with_context(|| format!("spawn {}", self.program.display()))?;
-        let status = wait_child(&mut child, Duration::from_secs(3600))?;
-        let stdout = fs::read_to_string(&out_path).unwrap_or_default();
-        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
-        if !status.success() {
-            bail!(
-                "pgbench failed ({status}):\n{}\n{}",
-                stdout.trim(),
-                stderr.trim()
-            );
-        }
-        Ok(stdout)
-    }
-
+impl Pgbench<'_> {
     /// A timed, read-only run (`-n`: no vacuum of the pgbench tables before it).
     fn measure(&self, args: &[&str], seconds: u64, probe: &CpuProbe) -> Result<Sample> {
         let secs = seconds.to_string();
@@ -1028,18 +904,6 @@ impl<'a> Pgbench<'a> {
     }
 }
 
-/// The number that follows `prefix` on the first line containing it.
-fn parse_after(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = &line[line.find(prefix)? + prefix.len()..];
-        let num: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.')
-            .collect();
-        num.parse().ok()
-    })
-}
-
 /// CPU time of the proxy (the gateway or pgbouncer; for the direct target the idle gateway),
 /// of PostgreSQL (postmaster, its live children and the reaped ones), and of our own reaped
 /// children (pgbench).
@@ -1057,18 +921,10 @@ struct CpuReading {
 
 impl CpuProbe {
     fn read(&self) -> CpuReading {
-        let pg = self.postmaster as u32;
-        let live_children: f64 = children_of(pg)
-            .into_iter()
-            .filter_map(|pid| proc_stat(pid).map(|s| s.utime + s.stime))
-            .sum();
-        let postmaster = proc_stat(pg)
-            .map(|s| s.utime + s.stime + s.cutime + s.cstime)
-            .unwrap_or(0.0);
         CpuReading {
             proxy: process_cpu_seconds(self.proxy).unwrap_or(0.0),
             proxy_switches: context_switches(self.proxy),
-            postgres: postmaster + live_children,
+            postgres: postgres_cpu_seconds(self.postmaster as u32),
             children: own_children_cpu(),
         }
     }

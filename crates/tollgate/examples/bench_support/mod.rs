@@ -5,17 +5,28 @@
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use tollgate_tls::pki::{self, ClientCertSpec, IssuedFiles, ServerCertSpec};
 
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 pub extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT, SIGTERM and SIGHUP set [`INTERRUPTED`]; the benchmark cleans up and exits.
+pub fn catch_signals() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
 }
 
 pub fn check_interrupted() -> Result<()> {
@@ -218,4 +229,172 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// Waits for `child`, killing it when we are interrupted or it outlives `timeout`.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if INTERRUPTED.load(Ordering::SeqCst) || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_interrupted()?;
+            bail!("timed out after {} s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// pgbench against one conninfo; connection settings come from the conninfo only.
+pub struct Pgbench<'a> {
+    program: &'a Path,
+    dir: &'a Path,
+    conninfo: &'a str,
+    password: Option<&'a str>,
+}
+
+impl<'a> Pgbench<'a> {
+    pub fn new(
+        program: &'a Path,
+        dir: &'a Path,
+        conninfo: &'a str,
+        password: Option<&'a str>,
+    ) -> Self {
+        Pgbench {
+            program,
+            dir,
+            conninfo,
+            password,
+        }
+    }
+
+    /// Runs pgbench with `args` and returns its stdout, or an error with its stderr.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out_path = self.dir.join("pgbench.out");
+        let err_path = self.dir.join("pgbench.err");
+        let mut cmd = Command::new(self.program);
+        cmd.args(args)
+            .arg(self.conninfo)
+            .stdin(Stdio::null())
+            // Files rather than pipes: we poll the child, and a full pipe would stall it.
+            .stdout(fs::File::create(&out_path)?)
+            .stderr(fs::File::create(&err_path)?)
+            .current_dir(self.dir);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(key);
+            }
+        }
+        if let Some(p) = self.password {
+            cmd.env("PGPASSWORD", p);
+        }
+        let mut child = die_with_parent(&mut cmd)
+            .spawn()
+            .with_context(|| format!("spawn {}", self.program.display()))?;
+        let status = wait_child(&mut child, Duration::from_secs(3600))?;
+        let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+        let stderr = fs::read_to_string(&err_path).unwrap_or_default();
+        if !status.success() {
+            bail!(
+                "pgbench failed ({status}):\n{}\n{}",
+                stdout.trim(),
+                stderr.trim()
+            );
+        }
+        Ok(stdout)
+    }
+}
+
+/// The number that follows `prefix` on the first line containing it.
+pub fn parse_after(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = &line[line.find(prefix)? + prefix.len()..];
+        let num: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        num.parse().ok()
+    })
+}
+
+/// The gateway PKI of a benchmark: a CA, a server certificate for localhost/127.0.0.1 and a
+/// client certificate `client` in group `client`.
+pub struct BenchPki {
+    pub ca: PathBuf,
+    pub server: IssuedFiles,
+    pub client: IssuedFiles,
+}
+
+pub fn bench_pki(dir: &Path, client: &str) -> Result<BenchPki> {
+    let ca = pki::init_ca(dir, "tollgate bench CA")?.cert;
+    let server = pki::issue_server(
+        dir,
+        &ServerCertSpec {
+            dns: vec!["localhost".into()],
+            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            ttl: Duration::from_secs(86400),
+            not_before: None,
+        },
+        &dir.join("gateway"),
+    )?;
+    let client = pki::issue_client(
+        dir,
+        &ClientCertSpec {
+            name: client.into(),
+            spiffe: None,
+            groups: vec![client.into()],
+            ttl: Duration::from_secs(86400),
+            not_before: None,
+        },
+        &dir.join(client),
+    )?;
+    Ok(BenchPki { ca, server, client })
+}
+
+/// CPU seconds of a PostgreSQL cluster: the postmaster, its live children and the reaped ones.
+pub fn postgres_cpu_seconds(postmaster: u32) -> f64 {
+    let live_children: f64 = children_of(postmaster)
+        .into_iter()
+        .filter_map(|pid| proc_stat(pid).map(|s| s.utime + s.stime))
+        .sum();
+    let own = proc_stat(postmaster)
+        .map(|s| s.utime + s.stime + s.cutime + s.cstime)
+        .unwrap_or(0.0);
+    own + live_children
+}
+
+/// postgresql.conf lines of a throwaway PostgreSQL tuned for benchmarking (no fsync).
+pub const BENCH_PG_CONF: [&str; 7] = [
+    "max_connections = 100",
+    "shared_buffers = 128MB",
+    "fsync = off",
+    "synchronous_commit = off",
+    "autovacuum = off",
+    "jit = off",
+    "log_min_messages = warning",
+];
+
+/// `--tollgate PATH`, else `tollgate` in the directory above this program's (`target/release`).
+pub fn tollgate_binary(given: Option<&Path>) -> Result<PathBuf> {
+    let tollgate = match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("tollgate"))
+            .context("cannot locate the tollgate binary; pass --tollgate PATH")?,
+    };
+    // Absolute, because the gateway runs with its temporary directory as working directory.
+    let tollgate = fs::canonicalize(&tollgate).unwrap_or(tollgate);
+    if !tollgate.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build --release -p tollgate --bins --examples` \
+             or pass --tollgate PATH",
+            tollgate.display()
+        );
+    }
+    Ok(tollgate)
 }
