@@ -501,8 +501,8 @@ fn help_lists_only_working_commands() {
     assert_eq!(
         commands,
         [
-            "serve", "demo", "pki", "check", "scan", "audit", "store", "sessions", "reviews",
-            "access", "login", "help"
+            "serve", "demo", "pki", "check", "scan", "audit", "store", "sessions", "mcp",
+            "reviews", "access", "login", "help"
         ],
         "{help}"
     );
