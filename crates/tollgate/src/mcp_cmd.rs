@@ -2,6 +2,7 @@
 //! them: the gateway's own MCP client asks the configured upstream) and `tollgate mcp pins
 //! RESOURCE` (the pins the store holds). Both read the config and the store directly.
 
+use crate::sessions_cmd::terminal_safe;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
@@ -83,7 +84,9 @@ fn pin(config: &Path, resource: &str, json: bool) -> anyhow::Result<()> {
                 ),
                 _ => String::new(),
             };
-            println!("{state:<9} {} sha256 {}{note}", t.name, &t.sha256[..16]);
+            // Tool names come from the upstream server: no escape sequence reaches the terminal.
+            let name = terminal_safe(&t.name, true);
+            println!("{state:<9} {name} sha256 {}{note}", &t.sha256[..16]);
         }
         out.push(
             json!({"tool": t.name, "state": state, "sha256": t.sha256, "pinned_sha256": pinned}),
@@ -130,10 +133,10 @@ fn show(config: &Path, resource: &str, json: bool) -> anyhow::Result<()> {
             .unwrap_or_default();
         println!(
             "{} sha256 {} pinned {} by {}{changed}",
-            p.tool,
+            terminal_safe(&p.tool, true),
             &p.pinned_sha256[..16.min(p.pinned_sha256.len())],
             tollgate_api::params::format_time(p.pinned_at_unix_ms),
-            p.pinned_by.as_deref().unwrap_or("first sight"),
+            terminal_safe(p.pinned_by.as_deref().unwrap_or("first sight"), true),
         );
     }
     Ok(())
