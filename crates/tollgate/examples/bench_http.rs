@@ -248,23 +248,7 @@ fn run(opts: &Opts) -> Result<()> {
                 .join(", ")
         );
     }
-    let tollgate = match &opts.tollgate {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("tollgate"))
-            .context("cannot locate the tollgate binary; pass --tollgate PATH")?,
-    };
-    // Absolute, because the gateway runs with its temporary directory as working directory.
-    let tollgate = fs::canonicalize(&tollgate).unwrap_or(tollgate);
-    if !tollgate.is_file() {
-        bail!(
-            "{} not found; build it with `cargo build --release -p tollgate --bins --examples` \
-             or pass --tollgate PATH",
-            tollgate.display()
-        );
-    }
+    let tollgate = support::tollgate_binary(opts.tollgate.as_deref())?;
     // The reference proxy, or why there is none.
     let nginx_bin: Result<PathBuf, String> = if opts.no_nginx {
         Err("--no-nginx".into())
