@@ -141,7 +141,17 @@ pub struct ThreadEntry {
     pub resource: String,
     pub upstream_thread: u32,
     /// Wakes the session so that a held statement is withdrawn.
-    pub cancelled: Arc<tokio::sync::Notify>,
+    pub cancelled: Arc<Kill>,
+}
+
+/// A `KILL` of a session from another connection.
+#[derive(Default)]
+pub struct Kill {
+    /// Woken by each `KILL`.
+    pub notify: tokio::sync::Notify,
+    /// Set (before the wake-up) by `KILL [CONNECTION]`, which ends the connection, not only
+    /// its statement.
+    pub connection: std::sync::atomic::AtomicBool,
 }
 
 impl Threads {

@@ -96,7 +96,7 @@ pub(crate) struct Relay<'a> {
     upstream_thread: Option<u32>,
     /// Woken by a `KILL [QUERY]` of this session from another connection: withdraws a held
     /// statement (nothing of it runs upstream yet).
-    cancelled: Arc<tokio::sync::Notify>,
+    cancelled: Arc<crate::Kill>,
     /// The statement held for review right now, if any: withdrawn if the session ends.
     holding: Option<Holding>,
     /// Whether the last judged command was sent upstream.
@@ -169,7 +169,7 @@ impl<'a> Relay<'a> {
     }
 
     /// What another connection's `KILL` of this session wakes.
-    pub(crate) fn cancelled_by(mut self, cancelled: Arc<tokio::sync::Notify>) -> Self {
+    pub(crate) fn cancelled_by(mut self, cancelled: Arc<crate::Kill>) -> Self {
         self.cancelled = cancelled;
         self
     }
@@ -272,6 +272,15 @@ impl<'a> Relay<'a> {
             }
             if let Err(e) = res {
                 break ("error", Some(e.to_string()));
+            }
+            // `KILL CONNECTION` from another connection ended its upstream connection; the
+            // client's connection ends too, as it would without the gateway.
+            if self
+                .cancelled
+                .connection
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                break ("terminated", Some("kill_connection".into()));
             }
         };
         let _ = w.shutdown().await;
@@ -918,9 +927,14 @@ impl<'a> Relay<'a> {
         let mut killed = false;
         let withdrawn = async {
             tokio::select! {
-                _ = cancelled.notified() => {
+                _ = cancelled.notify.notified() => {
                     killed = true;
-                    "the client cancelled the held statement (KILL QUERY)".to_string()
+                    if cancelled.connection.load(std::sync::atomic::Ordering::SeqCst) {
+                        "the connection was killed (KILL CONNECTION) while the statement was held"
+                    } else {
+                        "the client cancelled the held statement (KILL QUERY)"
+                    }
+                    .to_string()
                 }
                 // The client closed its connection (data it sends waits its turn).
                 _ = async {
@@ -964,10 +978,22 @@ impl<'a> Relay<'a> {
             ),
             Verdict::Withdrawn => (
                 "withdrawn",
-                format!(
-                    "review {} was withdrawn: the statement was cancelled while held and not run",
-                    review.id
-                ),
+                if killed
+                    && self
+                        .cancelled
+                        .connection
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    format!(
+                        "review {} was withdrawn: the connection was killed (KILL CONNECTION) while the statement was held; it was not run",
+                        review.id
+                    )
+                } else {
+                    format!(
+                        "review {} was withdrawn: the statement was cancelled while held and not run",
+                        review.id
+                    )
+                },
             ),
             Verdict::Unavailable(_) => (
                 "unavailable",
@@ -984,7 +1010,15 @@ impl<'a> Relay<'a> {
             waited_ms,
         });
         let (code, state) = if killed {
-            (ER_QUERY_INTERRUPTED, CONNECTION_KILLED_STATE)
+            if self
+                .cancelled
+                .connection
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                (ER_CONNECTION_KILLED, CONNECTION_KILLED_STATE)
+            } else {
+                (ER_QUERY_INTERRUPTED, CONNECTION_KILLED_STATE)
+            }
         } else {
             (ER_SPECIFIC_ACCESS_DENIED, "42000")
         };
@@ -1077,7 +1111,12 @@ impl<'a> Relay<'a> {
             .await?;
         // A statement held for review is not upstream yet: the KILL withdraws it.
         if self.forwarded {
-            e.cancelled.notify_waiters();
+            if !query {
+                e.cancelled
+                    .connection
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            e.cancelled.notify.notify_waiters();
         }
         Ok(())
     }

@@ -351,7 +351,7 @@ impl MysqlGateway {
             return;
         }
         log.record(&open);
-        let cancelled = Arc::new(tokio::sync::Notify::new());
+        let cancelled = Arc::new(crate::Kill::default());
         self.threads.register(
             thread_id,
             ThreadEntry {

@@ -131,6 +131,16 @@ struct Opts {
     /// gateway's RSS and upstream connections (the issue's 10,000-idle-clients row).
     #[arg(long, default_value_t = 0)]
     idle: usize,
+    /// Also run the masking engine's own benchmark (`mask_bench`, next to this program: build
+    /// it with `cargo build --release -p tollgate-pg --example mask_bench`) and report its
+    /// realistic-mix row.
+    #[arg(long)]
+    mask_engine: bool,
+    /// Every workload of issue 19's table in one invocation: `--pgbouncer --relay
+    /// --mask-engine`, and `--idle 10000` unless `--idle` is given; ends with the table of
+    /// targets, each with its same-run measurement.
+    #[arg(long)]
+    all: bool,
     /// Measure nothing: set up the database and the gateway, print how to reach both (pgbench
     /// connection strings, the gateway's pid for `perf record -p`), and wait for Ctrl-C.
     #[arg(long)]
@@ -231,7 +241,15 @@ fn main() {
         }
         return;
     }
-    let opts = Opts::parse();
+    let mut opts = Opts::parse();
+    if opts.all {
+        opts.pgbouncer = true;
+        opts.relay = true;
+        opts.mask_engine = true;
+        if opts.idle == 0 {
+            opts.idle = ALL_IDLE_CLIENTS;
+        }
+    }
     // All cleanup lives in Drop impls of values owned by `run`, so it has happened by now.
     if let Err(e) = run(&opts) {
         eprintln!("bench_pg: {e:#}");
@@ -654,12 +672,7 @@ password_file = "{password_file}"
         gateway_log_tail,
         pgbouncer: pgbouncer_summary,
     };
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
-    } else {
-        report.print_table();
-    }
-    if opts.idle > 0 {
+    let idle = if opts.idle > 0 {
         let dir = tmp.path().join("idle");
         fs::create_dir_all(&dir)?;
         let (pg, admin) = (
@@ -684,13 +697,34 @@ password_file = "{password_file}"
             cert: client.cert.clone(),
             key: client.key.clone(),
         };
-        let idle = idle_clients(opts.idle, pg, &tls, &gw, &cluster)?;
-        let line = idle.line(opts.idle);
-        if opts.json {
-            progress(format_args!("{line}"));
-        } else {
-            println!("\n{line}");
+        Some(idle_clients(opts.idle, pg, &tls, &gw, &cluster)?)
+    } else {
+        None
+    };
+    let mask_engine = if opts.mask_engine {
+        progress(format_args!(
+            "running mask_bench (the masking engine alone) ..."
+        ));
+        Some(mask_engine_mbps()?)
+    } else {
+        None
+    };
+    let goals = report.goals(idle.as_ref().map(|i| (opts.idle, i)), mask_engine);
+    if opts.json {
+        let mut json = report.to_json();
+        json["idle"] = idle.as_ref().map_or(Value::Null, |i| i.json(opts.idle));
+        json["mask_engine_mb_per_s"] = json!(mask_engine);
+        json["targets"] = Value::Array(goals.iter().map(Goal::json).collect());
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        report.print_table();
+        if let Some(idle) = &idle {
+            println!("\n{}", idle.line(opts.idle));
         }
+        if let Some(mbps) = mask_engine {
+            println!("\nmasking engine (mask_bench, realistic mix, all detectors, 1 thread): {mbps:.0} MB/s per core");
+        }
+        print_goals(&goals);
     }
     // Explicit order: proxies first (they hold upstream connections), then the cluster, then files.
     drop(targets);
@@ -704,6 +738,9 @@ password_file = "{password_file}"
     drop(tmp);
     Ok(())
 }
+
+/// Idle client sessions of `--all` (the issue's row).
+const ALL_IDLE_CLIENTS: usize = 10_000;
 
 /// `pool_size` of the `--idle` gateway (the issue's target: at most 20 upstream connections).
 const IDLE_POOL_SIZE: usize = 20;
@@ -726,6 +763,18 @@ struct IdleReport {
 }
 
 impl IdleReport {
+    fn json(&self, n: usize) -> Value {
+        json!({
+            "clients": n,
+            "pool_size": IDLE_POOL_SIZE,
+            "rss_kib": self.rss_idle_kib,
+            "rss_empty_kib": self.rss_before_kib,
+            "upstream_connections": self.backends,
+            "new_server_connections": self.upstream_delta,
+            "connect_seconds": self.connect_secs,
+        })
+    }
+
     fn line(&self, n: usize) -> String {
         let per_client = (self.rss_idle_kib.saturating_sub(self.rss_before_kib)) as f64 / n as f64;
         format!(
@@ -834,6 +883,214 @@ fn cluster_backends(cluster: &PgCluster) -> Result<usize> {
         ))?
         .trim()
         .parse()?)
+}
+
+/// The masking engine's own benchmark: `mask_bench` (next to this program) with a 16 MB set
+/// and 7 iterations; its realistic-mix, all-detectors median in MB/s per core.
+fn mask_engine_mbps() -> Result<f64> {
+    let bin = std::env::current_exe()?.with_file_name("mask_bench");
+    if !bin.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build --release -p tollgate-pg --example mask_bench`",
+            bin.display()
+        );
+    }
+    let out = std::process::Command::new(&bin)
+        .args(["16", "7"])
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("realistic mix, all detectors")?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .with_context(|| format!("no 'realistic mix, all detectors' line in:\n{text}"))
+}
+
+/// One row of issue 19's table: what was measured in this run against its target.
+struct Goal {
+    workload: String,
+    measured: String,
+    target: String,
+    /// `None` when the run lacks what the row needs (say, no `--pgbouncer`).
+    met: Option<bool>,
+}
+
+impl Goal {
+    fn json(&self) -> Value {
+        json!({
+            "workload": self.workload,
+            "measured": self.measured,
+            "target": self.target,
+            "met": self.met,
+        })
+    }
+}
+
+fn print_goals(goals: &[Goal]) {
+    println!();
+    println!("issue 19 targets, each against what this run measured (medians, same-run ratios):");
+    println!(
+        "{:<52} {:<52} {:<30} {}",
+        "workload", "measured", "target", ""
+    );
+    for t in goals {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        println!(
+            "{:<52} {:<52} {:<30} {verdict}",
+            t.workload, t.measured, t.target
+        );
+    }
+}
+
+impl Report<'_> {
+    fn row(&self, key: &str) -> Option<&Row> {
+        self.scenarios.iter().find(|r| r.sc.key == key)
+    }
+
+    /// Issue 19's table, row by row.
+    fn goals(&self, idle: Option<(usize, &IdleReport)>, mask_mbps: Option<f64>) -> Vec<Goal> {
+        let missing = |workload: &str, target: &str, why: &str| Goal {
+            workload: workload.into(),
+            measured: why.into(),
+            target: target.into(),
+            met: None,
+        };
+        let mut out = Vec::new();
+        for (key, workload) in [
+            ("select_c8", "pgbench -S, 8 clients, audit on"),
+            (
+                "select_prepared_c8",
+                "pgbench -S -M prepared, 8 clients, audit on",
+            ),
+        ] {
+            let target = ">= 1.00x PgBouncer";
+            match self.row(key).and_then(|r| Some((r, r.pgbouncer.as_ref()?))) {
+                Some((r, pgb)) => {
+                    let x = r.gateway.tps / pgb.tps;
+                    out.push(Goal {
+                        workload: workload.into(),
+                        measured: format!(
+                            "{x:.2}x PgBouncer ({:.0} vs {:.0} tps)",
+                            r.gateway.tps, pgb.tps
+                        ),
+                        target: target.into(),
+                        met: Some(x >= 1.0),
+                    });
+                }
+                None => out.push(missing(workload, target, "needs --pgbouncer")),
+            }
+            if key == "select_c8" {
+                let target = ">= 0.90x the TCP relay";
+                match self.row(key).and_then(|r| Some((r, r.relay.as_ref()?))) {
+                    Some((r, relay)) => {
+                        let x = r.gateway.tps / relay.tps;
+                        out.push(Goal {
+                            workload: workload.into(),
+                            measured: format!("{x:.2}x the relay ({:.0} tps)", relay.tps),
+                            target: target.into(),
+                            met: Some(x >= 0.90),
+                        });
+                    }
+                    None => out.push(missing(workload, target, "needs --relay")),
+                }
+            }
+        }
+        for (key, workload) in [
+            ("select_c1", "1 client (-S), added latency"),
+            (
+                "select_prepared_c1",
+                "1 client (-S -M prepared), added latency",
+            ),
+        ] {
+            let target = "<= PgBouncer's";
+            match self
+                .row(key)
+                .and_then(|r| Some((r, r.vs_reference(r.pgbouncer.as_ref())?)))
+            {
+                Some((r, (_, _, pgb_added))) => out.push(Goal {
+                    workload: workload.into(),
+                    measured: format!("+{:.0} µs (PgBouncer +{pgb_added:.0} µs)", r.added_us),
+                    target: target.into(),
+                    met: Some(r.added_us <= pgb_added),
+                }),
+                None => out.push(missing(workload, target, "needs --pgbouncer")),
+            }
+        }
+        let workload = "gateway CPU per query, audit on (-S, 8 clients)";
+        let target = "<= PgBouncer's";
+        match self
+            .row("select_c8")
+            .and_then(|r| Some((r, r.pgbouncer.as_ref()?)))
+        {
+            Some((r, pgb)) => out.push(Goal {
+                workload: workload.into(),
+                measured: format!(
+                    "{:.0} µs (PgBouncer {:.0} µs)",
+                    r.gateway.proxy_cpu_1k, pgb.proxy_cpu_1k
+                ),
+                target: target.into(),
+                met: Some(r.gateway.proxy_cpu_1k <= pgb.proxy_cpu_1k),
+            }),
+            None => out.push(missing(workload, target, "needs --pgbouncer")),
+        }
+        if let Some(r) = self.row("connect_per_transaction_c4") {
+            let pgb = r
+                .pgbouncer
+                .as_ref()
+                .map(|p| format!(" (PgBouncer {:.2}x)", p.tps / r.direct.tps))
+                .unwrap_or_default();
+            out.push(Goal {
+                workload: "new connection per transaction (-S -C, 4 clients)".into(),
+                measured: format!("{:.2}x direct{pgb}", r.ratio),
+                target: ">= 2x direct".into(),
+                met: Some(r.ratio >= 2.0),
+            });
+        }
+        let workload = "10,000 idle TLS client connections";
+        let target = "< 1 GiB gateway RSS, <= 20 backends";
+        match idle {
+            Some((n, i)) => out.push(Goal {
+                workload: workload.into(),
+                measured: format!(
+                    "{n} clients: {:.0} MiB RSS, {} backends",
+                    i.rss_idle_kib as f64 / 1024.0,
+                    i.backends
+                ),
+                target: target.into(),
+                met: Some(
+                    n >= ALL_IDLE_CLIENTS
+                        && i.rss_idle_kib < 1 << 20
+                        && i.backends <= IDLE_POOL_SIZE,
+                ),
+            }),
+            None => out.push(missing(workload, target, "needs --idle 10000")),
+        }
+        let workload = "masking engine, realistic mix, all detectors";
+        let target = ">= 500 MB/s per core";
+        match mask_mbps {
+            Some(v) => out.push(Goal {
+                workload: workload.into(),
+                measured: format!("{v:.0} MB/s per core"),
+                target: target.into(),
+                met: Some(v >= 500.0),
+            }),
+            None => out.push(missing(workload, target, "needs --mask-engine")),
+        }
+        out
+    }
 }
 
 fn progress(msg: std::fmt::Arguments) {

@@ -132,7 +132,8 @@ fn a_held_delete_waits_runs_when_approved_and_names_its_review_when_denied() {
 
 /// A held statement never stays pending for a session that cannot run it: another connection
 /// of the same identity cancels it with `KILL QUERY` (the held client gets ER_QUERY_INTERRUPTED
-/// naming the review, and its session goes on), and a reload that removes the session's token
+/// naming the review, and its session goes on) or `KILL` (ER_CONNECTION_KILLED, and its
+/// connection ends), and a reload that removes the session's token
 /// ends the session and withdraws its review (the client is told which review).
 #[test]
 fn a_held_statement_is_withdrawn_by_kill_query_or_when_its_session_ends() {
@@ -152,6 +153,23 @@ fn a_held_statement_is_withdrawn_by_kill_query_or_when_its_session_ends() {
     assert_eq!(held.query("SELECT 1").text_rows(), [["1"]]);
     let r = s.review_when(&id, "withdrawn");
     assert!(r.to_string().contains("KILL QUERY"), "{r}");
+
+    // `KILL <id>` (CONNECTION) withdraws the held statement too, and ends the connection.
+    let mut killed = Raw::connect(&s.env, Login::Cert(&s.bob), "app").expect("bob's third");
+    killed.send(0, b"\x03DELETE FROM customers WHERE id = 2");
+    let kill_id = s.pending("DELETE FROM customers WHERE id = 2");
+    let a = other.query(&format!("KILL {}", killed.thread_id));
+    assert!(matches!(a, Answer::Ok), "{a:?}");
+    let a = err_answer(&killed.read());
+    assert_eq!(a.code(), Some(1927), "{a:?}");
+    assert!(
+        a.message().contains(&kill_id) && a.message().contains("KILL CONNECTION"),
+        "{a:?}"
+    );
+    assert!(closed(&mut killed.s));
+    let r = s.review_when(&kill_id, "withdrawn");
+    assert!(r.to_string().contains("KILL CONNECTION"), "{r}");
+    assert_eq!(other.query("SELECT 1").text_rows(), [["1"]]);
 
     // The token's session holds a DELETE when a reload removes the token.
     let mut t = Raw::connect(&s.env, Login::Token(TOKEN), "app").expect("token session");

@@ -363,6 +363,25 @@ max_cert_ttl = "2h"
             "{reason}: generic page: {}",
             a.body
         );
+        self.assert_logged_refusal(a, reason);
+    }
+
+    /// The ACS refused the answer to a `tollgate login --saml` and sent the browser back to
+    /// the CLI's loopback listener with the refusal; the log says `reason`.
+    fn assert_refused_to_cli(&self, a: &Answer, reason: &str) {
+        assert_eq!(a.status, 303, "{reason}: {}", a.body);
+        let back = a.location();
+        assert!(
+            back.starts_with("http://127.0.0.1:")
+                && back.contains("error=access_denied")
+                && back.contains("state=")
+                && !back.contains("code="),
+            "{back}"
+        );
+        self.assert_logged_refusal(a, reason);
+    }
+
+    fn assert_logged_refusal(&self, a: &Answer, reason: &str) {
         assert!(
             a.header("set-cookie")
                 .is_none_or(|c| !c.contains("tollgate_console=")),
@@ -513,11 +532,17 @@ fn console_sign_in_with_saml_and_the_attacks_it_refuses() {
         .contains("POST /login"));
 }
 
-/// `tollgate login --saml`: the CLI's own browser URL, printed, is driven by the test.
-#[test]
-fn login_with_saml_becomes_a_certificate_for_psql() {
-    let env = Env::start(true);
-    let out_dir = env.dir.path().join("home/.tollgate");
+/// Starts `tollgate login --saml --no-browser`; returns it, its stderr, the sign-in URL it
+/// printed, and what it printed up to that.
+fn cli_login(
+    env: &Env,
+    out_dir: &Path,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    String,
+    String,
+) {
     let mut cli = Command::new(common::BIN)
         .args([
             "login",
@@ -529,7 +554,7 @@ fn login_with_saml_becomes_a_certificate_for_psql() {
         ])
         .arg(&env.pki.ca)
         .arg("--out-dir")
-        .arg(&out_dir)
+        .arg(out_dir)
         .env_remove("TOLLGATE_GATEWAY")
         .env_remove("TOLLGATE_CA")
         .stdout(Stdio::piped())
@@ -550,6 +575,48 @@ fn login_with_saml_becomes_a_certificate_for_psql() {
             url = format!("{}{u}", env.url("/saml/login?"));
         }
     }
+    (cli, err, url, seen)
+}
+
+/// A `tollgate login --saml` whose IdP answer the gateway refuses is told so at once (the
+/// browser is sent back to its loopback listener with the refusal), not after its timeout;
+/// no certificate is written.
+#[test]
+fn a_refused_saml_login_ends_the_waiting_cli_at_once() {
+    let env = Env::start(false);
+    let out_dir = env.dir.path().join("home/.tollgate");
+    let (cli, mut err, url, _) = cli_login(&env, &out_dir);
+    let b = env.browser("cli-user");
+    let (acs, fields) = b.sign_in_at_idp(&url, "alice", "unsigned");
+    let answer = b.post(&acs, &fields);
+    env.assert_refused_to_cli(&answer, "signature");
+    let back = answer.location();
+    let started = std::time::Instant::now();
+    let loopback = b.get(&back);
+    assert_eq!(loopback.status, 400, "{}", loopback.body);
+    assert!(
+        loopback.body.contains("Sign-in failed"),
+        "{}",
+        loopback.body
+    );
+    let out = cli.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(!out.status.success(), "{rest}");
+    assert!(
+        rest.contains("access_denied") && rest.contains("(signature)"),
+        "{rest}"
+    );
+    assert!(!out_dir.join("alice.crt").exists());
+}
+
+/// `tollgate login --saml`: the CLI's own browser URL, printed, is driven by the test.
+#[test]
+fn login_with_saml_becomes_a_certificate_for_psql() {
+    let env = Env::start(true);
+    let out_dir = env.dir.path().join("home/.tollgate");
+    let (cli, mut err, url, seen) = cli_login(&env, &out_dir);
     let b = env.browser("cli-user");
     let (acs, fields) = b.sign_in_at_idp(&url, "alice", "");
     let answer = b.post(&acs, &fields);

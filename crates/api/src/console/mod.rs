@@ -235,6 +235,22 @@ fn redirect(location: &str) -> Answer {
     }
 }
 
+/// The end of a browser sign-in (OIDC or SAML): the session cookie `sid` is set, the
+/// sign-in's pre-login cookie `pre_login` cleared, and the browser sent on to `next`.
+fn signed_in(next: &str, sid: &str, pre_login: &str) -> Response<ApiBody> {
+    let mut a = redirect(next);
+    add_cookie(
+        &mut a.resp,
+        &auth::set_cookie(COOKIE_NAME, sid, auth::SESSION_TTL),
+    );
+    add_cookie(
+        &mut a.resp,
+        &auth::set_cookie(pre_login, "", std::time::Duration::ZERO),
+    );
+    secure(&mut a.resp);
+    a.resp
+}
+
 fn problem(status: StatusCode, viewer: Option<&Viewer>, text: &str, hint: Option<&str>) -> Answer {
     let title = match status {
         StatusCode::FORBIDDEN => "Not allowed",

@@ -18,8 +18,8 @@ use serde_json::json;
 use tollgate_identity::oidc_login::{AuthorizationRequest, Provider, DEFAULT_SCOPE};
 use tollgate_identity::Identity;
 
-use super::auth::{self, Credential, COOKIE_NAME};
-use super::{add_cookie, html, pages, redirect, secure};
+use super::auth::{self, Credential};
+use super::{add_cookie, html, pages, redirect, secure, signed_in};
 use crate::params;
 use crate::routes::{api_event, ApiBody};
 use crate::{ApiState, Conn, KIND_API_WRITE};
@@ -418,15 +418,6 @@ async fn finish(
             ),
         );
     };
-    let mut a = redirect(&pending.next);
-    add_cookie(
-        &mut a.resp,
-        &auth::set_cookie(COOKIE_NAME, &sid, auth::SESSION_TTL),
-    );
-    add_cookie(
-        &mut a.resp,
-        &auth::set_cookie(OIDC_COOKIE, "", Duration::ZERO),
-    );
-    secure(&mut a.resp);
-    (StatusCode::SEE_OTHER, Some(who), "signed_in", a.resp)
+    let resp = signed_in(&pending.next, &sid, OIDC_COOKIE);
+    (StatusCode::SEE_OTHER, Some(who), "signed_in", resp)
 }

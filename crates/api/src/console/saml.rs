@@ -27,7 +27,7 @@ use serde_json::json;
 use tollgate_identity::saml::SamlSp;
 use tollgate_identity::Identity;
 
-use super::auth::{self, Credential, COOKIE_NAME};
+use super::auth::{self, Credential};
 use super::oidc::query_param;
 use super::{add_cookie, body, redirect, secure};
 use crate::routes::{api_event, ApiBody};
@@ -336,6 +336,40 @@ fn refuse(
     )
 }
 
+/// [`refuse`] for an answer to a request this gateway sent: a `tollgate login --saml`
+/// waiting on its loopback listener is sent the refusal (its browser is redirected there with
+/// an OAuth-style `error`), so the CLI says so at once instead of waiting for its timeout.
+fn refused(
+    outstanding: &Outstanding,
+    reason: &'static str,
+    why: &str,
+) -> (
+    StatusCode,
+    Option<Identity>,
+    &'static str,
+    Response<ApiBody>,
+) {
+    let (status, who, reason, resp) = refuse(reason, why);
+    let Some(cli) = &outstanding.cli else {
+        return (status, who, reason, resp);
+    };
+    let location = format!(
+        "http://127.0.0.1:{}/callback?{}",
+        cli.port,
+        tollgate_identity::oidc_login::form(&[
+            ("error", "access_denied"),
+            (
+                "error_description",
+                &format!("the gateway refused the identity provider's answer ({reason}); its log says why"),
+            ),
+            ("state", &cli.state),
+        ])
+    );
+    let mut a = redirect(&location);
+    secure(&mut a.resp);
+    (status, who, reason, a.resp)
+}
+
 async fn consume(
     state: &ApiState,
     sp: &std::sync::Arc<SamlSp>,
@@ -386,8 +420,8 @@ async fn consume(
         tokio::task::spawn_blocking(move || verifier.verify(&response, &request_id)).await;
     let login = match verified {
         Ok(Ok(l)) => l,
-        Ok(Err(e)) => return refuse(e.reason(), &e.to_string()),
-        Err(e) => return refuse("internal", &e.to_string()),
+        Ok(Err(e)) => return refused(&outstanding, e.reason(), &e.to_string()),
+        Err(e) => return refused(&outstanding, "internal", &e.to_string()),
     };
     // The replay cache: an assertion is accepted once, by whichever replica sees it first.
     let store = state.store.clone();
@@ -404,7 +438,13 @@ async fn consume(
                 ),
             )
         }
-        Err(e) => return refuse("store", &format!("the store is unavailable: {e}")),
+        Err(e) => {
+            return refused(
+                &outstanding,
+                "store",
+                &format!("the store is unavailable: {e}"),
+            )
+        }
     }
     // One answer per request: the request stays (so a replayed POST meets the replay cache
     // above and is named as such), and is marked answered here.
@@ -418,7 +458,13 @@ async fn consume(
                 "the AuthnRequest was answered already (a second response to one request)",
             )
         }
-        Err(e) => return refuse("store", &format!("the store is unavailable: {e}")),
+        Err(e) => {
+            return refused(
+                &outstanding,
+                "store",
+                &format!("the store is unavailable: {e}"),
+            )
+        }
     }
     let who = login.identity;
     tracing::info!(subject = %who.subject, groups = ?who.groups, idp = sp.idp_entity_id(), "SAML sign-in verified");
@@ -522,17 +568,9 @@ pub(super) async fn finish(
                     ),
                 ),
                 Some((sid, _)) => {
-                    let mut a = redirect(&auth::local_next(s.next.as_deref()));
-                    add_cookie(
-                        &mut a.resp,
-                        &auth::set_cookie(COOKIE_NAME, &sid, auth::SESSION_TTL),
-                    );
-                    add_cookie(
-                        &mut a.resp,
-                        &auth::set_cookie(SAML_COOKIE, "", Duration::ZERO),
-                    );
-                    secure(&mut a.resp);
-                    (StatusCode::SEE_OTHER, Some(who), "signed_in", a.resp)
+                    let next = auth::local_next(s.next.as_deref());
+                    let resp = super::signed_in(&next, &sid, SAML_COOKIE);
+                    (StatusCode::SEE_OTHER, Some(who), "signed_in", resp)
                 }
             }
         }
