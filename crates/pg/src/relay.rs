@@ -799,6 +799,10 @@ where
 /// Make room for more of a large message whose header is already buffered: as its bytes
 /// arrive (at most doubling what is buffered), never what its header merely claims, so a
 /// 5-byte header cannot make the gateway hold `max_message_bytes` it was never sent.
+///
+/// Once a large message has gone through, the buffer shrinks back to [`READ_BUF`] (what is
+/// left in it is copied), so a session that once relayed a big row or COPY does not hold that
+/// much memory while it idles.
 fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
     if let Ok(None) = next_frame(buf, limit) {
         if buf.len() >= 5 {
@@ -808,10 +812,19 @@ fn reserve_for_next(buf: &mut BytesMut, limit: usize) {
             return;
         }
     }
+    if buf.capacity() > SHRINK_ABOVE && buf.len() <= READ_BUF / 2 {
+        let mut fresh = BytesMut::with_capacity(READ_BUF);
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+        return;
+    }
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(READ_BUF);
     }
 }
+
+/// A read buffer larger than this shrinks back to [`READ_BUF`] between messages.
+const SHRINK_ABOVE: usize = 4 * READ_BUF;
 
 /// The session's guardrails as one message needs them, and where their judgement goes.
 type PolicyArgs<'p, 'a> = (
@@ -1517,5 +1530,31 @@ mod tests {
         reserve_for_next(&mut buf, 128 * 1024 * 1024);
         assert!(buf.capacity() <= 4 * 1024 * 1024, "{}", buf.capacity());
         assert!(buf.capacity() >= 2 * 1024 * 1024 - 16);
+    }
+
+    #[test]
+    fn the_read_buffer_shrinks_back_after_a_large_message() {
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let body = vec![b'x'; 3 * 1024 * 1024];
+        buf.extend_from_slice(b"d");
+        buf.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        buf.extend_from_slice(&body);
+        buf.extend_from_slice(b"c\0\0"); // the start of the next message
+        let frame = buf.split_to(5 + body.len());
+        drop(frame);
+        // A large buffer is reclaimed by `reserve`: make it so, as the relay's reads would.
+        buf.reserve(2 * 1024 * 1024);
+        assert!(buf.capacity() > SHRINK_ABOVE, "{}", buf.capacity());
+        reserve_for_next(&mut buf, 128 * 1024 * 1024);
+        assert!(buf.capacity() <= 2 * READ_BUF, "{}", buf.capacity());
+        assert_eq!(&buf[..], b"c\0\0", "what was buffered is kept");
+        // A large message still arriving is not shrunk under it.
+        let mut big = BytesMut::with_capacity(8 * READ_BUF);
+        big.extend_from_slice(b"d");
+        big.extend_from_slice(&(1024 * 1024i32).to_be_bytes());
+        big.resize(1000, b'x');
+        let cap = big.capacity();
+        reserve_for_next(&mut big, 128 * 1024 * 1024);
+        assert!(big.capacity() >= cap, "{} < {cap}", big.capacity());
     }
 }
