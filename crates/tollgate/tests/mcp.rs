@@ -2042,6 +2042,60 @@ fn a_held_call_of_a_client_that_asks_for_a_task_becomes_a_task() {
     );
 }
 
+/// A held task lives for the ttl the client asked: when it runs out before the review is
+/// decided, the task is forgotten (`tasks/get`: not found), its review is withdrawn, and the
+/// call never runs. The ttl the gateway granted is what `tasks/get` shows.
+#[test]
+fn a_held_task_whose_ttl_runs_out_is_forgotten_and_its_review_withdrawn() {
+    let env = McpEnv::start_with(true, "off", "5m", true);
+    let mine = open_session(&env, None);
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"close_ticket","arguments":{"project":"prod-eu","id":"9"},"task":{"ttl":3000}}}"#;
+    let (code, _, body) = env.post(None, Some(&mine), &[], body);
+    assert_eq!(code, 200, "{body}");
+    let task = messages(&body)[0]["result"]["task"].clone();
+    assert_eq!(task["status"], "working", "{body}");
+    assert_eq!(task["ttl"], 3000, "{body}");
+    let id = task["taskId"].as_str().unwrap().to_string();
+    let review = env.pending_review();
+    let review_id = review["id"].as_str().unwrap().to_string();
+    let get = || {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":8,"method":"tasks/get","params":{{"taskId":"{id}"}}}}"#
+        );
+        let (code, _, body) = env.post(None, Some(&mine), &[], &body);
+        assert_eq!(code, 200, "{body}");
+        messages(&body)[0].clone()
+    };
+    assert_eq!(get()["result"]["status"], "working");
+    wait_for(
+        Duration::from_secs(20),
+        "the review to be withdrawn",
+        || {
+            let args = ["reviews", "list", "--json", "--status", "withdrawn"];
+            let out = env.cli(&env.alice, &args);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            v["reviews"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["id"] == review_id.as_str())
+        },
+    );
+    let gone = get();
+    assert!(gone["error"]["code"].is_number(), "{gone}");
+    assert!(
+        gone["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not found"),
+        "{gone}"
+    );
+    let late = env.cli(&env.alice, &["reviews", "approve", &review_id]);
+    assert!(!late.status.success(), "a withdrawn review is not approved");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.tools_run().is_empty(), "the call never ran");
+}
+
 /// `tollgate mcp pin` pins a resource's tools before any client lists them, through the
 /// configured upstream (its TLS and credential); a definition changed after that is blocked
 /// at the first listing through the gateway, reported (not re-pinned) by a second

@@ -6,6 +6,12 @@
 //! the task fails with the error naming the review; cancelled, its review is withdrawn.
 //! `tasks/get`, `tasks/result` and `tasks/cancel` of such a task are answered here; whose task
 //! it is was checked before.
+//!
+//! A task lives for its `ttl` from creation (the client's, at most [`MAX_TTL`]; without one,
+//! the review's timeout plus [`KEEP_RESULT`]), as the specification lets a receiver: past it
+//! the task is forgotten (`tasks/get` answers "task not found"), and a task still held when its
+//! ttl runs out is cancelled, which withdraws its review: nothing runs for a task the client
+//! can no longer see.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +35,10 @@ const PREFIX: &str = "tollgate-task-";
 const POLL_MS: u64 = 2000;
 /// Most tasks kept; past it the finished ones are forgotten.
 const MAX_TASKS: usize = 10_000;
+/// The longest ttl granted, whatever a client asks.
+const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Without a ttl from the client, how long a task is kept after its review's timeout.
+const KEEP_RESULT: Duration = Duration::from_secs(3600);
 
 /// The gateway's own tasks, by id.
 #[derive(Default)]
@@ -36,7 +46,10 @@ pub(crate) struct HeldTasks(Mutex<HashMap<String, Arc<HeldTask>>>);
 
 pub(crate) struct HeldTask {
     created: String,
-    ttl: Option<u64>,
+    /// The ttl granted, in milliseconds (what `tasks/get` shows).
+    ttl: u64,
+    /// When the ttl runs out.
+    expires: tokio::time::Instant,
     state: watch::Sender<State>,
 }
 
@@ -56,6 +69,10 @@ fn now() -> String {
 }
 
 impl HeldTask {
+    fn expired(&self) -> bool {
+        tokio::time::Instant::now() >= self.expires
+    }
+
     fn set(&self, status: &'static str, message: String, answer: Option<Value>) {
         self.state.send_modify(|s| {
             if s.status == "working" {
@@ -88,18 +105,21 @@ impl HeldTask {
 }
 
 impl HeldTasks {
+    /// The task `id`, unless its ttl has run out (then it is forgotten).
     fn get(&self, id: &str) -> Option<Arc<HeldTask>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let task = m.get(id)?;
+        if task.expired() {
+            m.remove(id);
+            return None;
+        }
+        Some(task.clone())
     }
 
     fn add(&self, id: &str, task: Arc<HeldTask>) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= MAX_TASKS {
-            m.retain(|_, t| t.state.borrow().status == "working");
+            m.retain(|_, t| !t.expired() && t.state.borrow().status == "working");
         }
         m.insert(id.to_string(), task);
     }
@@ -131,9 +151,14 @@ pub(super) fn hold_as_task(
         unreachable!("wants_task checked it")
     };
     let created = now();
+    let ttl = match judged[0].msg.task_ttl {
+        Some(ms) => Duration::from_millis(ms).min(MAX_TTL),
+        None => (timeout + KEEP_RESULT).min(MAX_TTL),
+    };
     let task = Arc::new(HeldTask {
         created: created.clone(),
-        ttl: judged[0].msg.task_ttl,
+        ttl: ttl.as_millis() as u64,
+        expires: tokio::time::Instant::now() + ttl,
         state: watch::Sender::new(State {
             status: "working",
             message: format!("held for review (rule \"{rule}\"): it runs once an approver approves it (`tollgate reviews list`)"),
@@ -158,6 +183,15 @@ pub(super) fn hold_as_task(
         let outcome = tokio::select! {
             r = held(&x, &reviewed, audit_plan.as_ref(), wait) => r,
             _ = state.wait_for(|s| s.status == "cancelled") => return,
+            _ = tokio::time::sleep_until(task.expires) => {
+                let m = format!(
+                    "the task's ttl of {} ms ran out before its review was decided: the call will not run",
+                    task.ttl
+                );
+                let error = jsonrpc::error_response(None, jsonrpc::NOT_APPROVED, &m, None);
+                task.set("cancelled", m, Some(error));
+                return;
+            }
         };
         if let Err((message, review)) = outcome {
             let data = json!({"rule": rule, "review": review, "session": x.session.log.id});
