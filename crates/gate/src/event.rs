@@ -413,41 +413,16 @@ impl Event for McpPin {
     }
 }
 
-/// A SQL command as judged, recorded before it is forwarded (MySQL adapter; PostgreSQL's
-/// relay writes the same kind and field names untyped).
-#[derive(Debug, Clone, Serialize)]
-pub struct SqlCommand {
-    pub n: u64,
-    /// The wire command: `query`, `prepare`, `execute`, `init_db`, `field_list`, ...
-    pub protocol: &'static str,
-    /// The SQL text, clipped (a prepared statement's execution shows the prepared text).
-    pub text: String,
-    /// SHA-256 of the full text when `text` was clipped.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub statement_id: Option<u32>,
-    /// One line per statement: kind, tables, functions.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub classified: Option<String>,
-    pub decision: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dry_run: Option<Value>,
-}
-
-impl Event for SqlCommand {
-    fn kind(&self) -> &'static str {
-        "command"
-    }
-}
-
-/// A PostgreSQL client command (Query, Execute, FunctionCall), as judged: recorded before it
-/// is forwarded (a command whose record cannot be written does not run under fail-closed audit).
+/// A SQL client command as judged (PostgreSQL: Query, Execute, FunctionCall; MySQL: a query,
+/// a prepare or execution of a prepared statement, ...): recorded before it is forwarded (a
+/// command whose record cannot be written does not run under fail-closed audit).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Command {
     /// The session's command number (from 1), which its `result` repeats.
     pub n: u64,
-    /// `simple` (Query), `extended` (Execute of a portal) or `function_call`.
+    /// The wire command. PostgreSQL: `simple` (Query), `extended` (Execute of a portal) or
+    /// `function_call`; MySQL: `query`, `prepare`, `execute`, `init_db`, `field_list`,
+    /// `change_user`, ...
     pub protocol: &'static str,
     /// The statement, clipped, its values masked by the resource's content detectors.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -473,41 +448,14 @@ pub struct Command {
     /// The review that holds it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub review: Option<String>,
+    /// MySQL: the prepared statement an execution runs (its text is the prepared text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement_id: Option<u32>,
 }
 
 impl Event for Command {
     fn kind(&self) -> &'static str {
         "command"
-    }
-}
-
-/// How a SQL command ended, as the client saw it (rows masked).
-#[derive(Debug, Clone, Serialize)]
-pub struct SqlResult {
-    pub n: u64,
-    /// `ok`, `error` (from the server) or `refused` (by the gateway).
-    pub outcome: &'static str,
-    pub rows: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tag: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sqlstate: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Values masked, and the rules or detectors that fired.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub masked: Option<Value>,
-    /// The first rows, masked with every rule (`resources.capture_results`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub capture: Option<RowCapture>,
-    pub duration_us: u64,
-}
-
-impl Event for SqlResult {
-    fn kind(&self) -> &'static str {
-        "result"
     }
 }
 
@@ -528,7 +476,8 @@ pub struct RowCapture {
     pub truncated: bool,
 }
 
-/// The answer to a PostgreSQL command, recorded once it is on its way to the client.
+/// The answer to a SQL command (PostgreSQL or MySQL), recorded once it is on its way to the
+/// client, rows masked.
 #[derive(Debug, Clone, Serialize)]
 pub struct CommandResult {
     pub n: u64,
@@ -545,6 +494,12 @@ pub struct CommandResult {
     pub masked: Vec<MaskedCount>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capture: Option<RowCapture>,
+    /// MySQL: the server's (or the gateway's) error number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u16>,
+    /// MySQL: the error message the client got (values in it masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Event for CommandResult {
@@ -557,7 +512,11 @@ impl CommandResult {
     /// The payload [`to_input`] makes, as canonical JSON, written field by field when there is
     /// nothing masked or captured (the relay's hot path: no `Value` is built).
     pub fn canonical_payload(&self, t_us: u64) -> String {
-        if !self.masked.is_empty() || self.capture.is_some() {
+        if !self.masked.is_empty()
+            || self.capture.is_some()
+            || self.error_code.is_some()
+            || self.message.is_some()
+        {
             let input = to_input("", self, SystemTime::UNIX_EPOCH, t_us);
             return canonical_json(&input.payload);
         }
@@ -765,6 +724,7 @@ mod tests {
             classified: Some("delete on public.t".into()),
             classification: Some(json!({"statements": []})),
             review: Some("rv1".into()),
+            statement_id: None,
         };
         assert_eq!(
             payload(&held),
@@ -805,6 +765,8 @@ mod tests {
             duration_us: 1234,
             masked: vec![],
             capture: None,
+            error_code: None,
+            message: None,
         };
         assert_eq!(plain.kind(), "result");
         assert_eq!(
@@ -838,7 +800,16 @@ mod tests {
                 "capture": {"columns": ["email"], "rows": [["[REDACTED]"], [null]], "truncated": false},
             })
         );
-        for r in [plain, failed, masked] {
+        let mysql_error = CommandResult {
+            outcome: "error",
+            sqlstate: Some("23000".into()),
+            tag: None,
+            error_code: Some(1062),
+            message: Some("Duplicate entry '[REDACTED]' for key 'PRIMARY'".into()),
+            ..plain.clone()
+        };
+        assert_eq!(payload(&mysql_error)["error_code"], 1062);
+        for r in [plain, failed, masked, mysql_error] {
             let want = canonical_json(&to_input("s", &r, SystemTime::UNIX_EPOCH, u64::MAX).payload);
             assert_eq!(r.canonical_payload(u64::MAX), want);
         }

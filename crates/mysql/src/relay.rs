@@ -10,13 +10,14 @@ use crate::proto::{self, com, Column, ErrPacket, Layout, OkPacket, Reader};
 use crate::session::{codes, err};
 use crate::upstream::{Target, UpStream};
 use crate::MysqlGateway;
-use serde_json::json;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tollgate_gate::event::{ReviewEvent, ReviewRefused, SessionTerminated, SqlCommand, SqlResult};
+use tollgate_gate::event::{
+    Command, CommandResult, MaskedCount, ReviewEvent, ReviewRefused, SessionTerminated,
+};
 use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::standing::{Ended, Standing};
 use tollgate_gate::{Decision, SessionLog};
@@ -62,8 +63,8 @@ struct Summary {
     rows: u64,
     affected: u64,
     error: Option<ErrPacket>,
-    masked: u64,
-    reasons: BTreeSet<String>,
+    /// Values masked: (column, rule or detector, values); an error message's are under `error`.
+    masked: Vec<(String, String, u64)>,
     /// The captured copy of the rows (`resources.capture_results`).
     capture: Option<Capture>,
 }
@@ -605,15 +606,12 @@ impl<'a> Relay<'a> {
                 message: format!("COM_CHANGE_USER refused ({reason})"),
             },
         };
-        self.log.record(&SqlCommand {
+        self.log.record(&Command {
             n,
             protocol: "change_user",
-            text: format!("COM_CHANGE_USER database={database}"),
-            digest: None,
-            statement_id: None,
-            classified: None,
-            decision: decision.summary(),
-            dry_run: None,
+            text: Some(format!("COM_CHANGE_USER database={database}")),
+            decision: Some(decision.summary()),
+            ..Command::default()
         });
         self.cseq = seq;
         if let Err(reason) = who {
@@ -670,7 +668,7 @@ impl<'a> Relay<'a> {
         if let Some((text, reasons)) = self.errors.as_ref().and_then(|m| m.mask(&e.message)) {
             e.message = text;
             for r in reasons {
-                note(s, r);
+                note(s, "error", r);
             }
             self.to_client(&e.encode());
         } else {
@@ -756,15 +754,19 @@ impl<'a> Relay<'a> {
         let started = Instant::now();
         self.forwarded = false;
         let j = self.decide(c, refusal);
-        let ev = SqlCommand {
+        let mut decision = j.decision.summary();
+        if let Some(dry) = &j.dry_run {
+            decision["dry_run"] = dry.summary();
+        }
+        let ev = Command {
             n,
             protocol,
-            text: clip(text),
+            text: Some(clip(text)),
             digest: (text.len() > MAX_TEXT).then(|| sha256_hex(text.as_bytes())),
             statement_id,
             classified: Some(c.line().to_string()),
-            decision: j.decision.summary(),
-            dry_run: j.dry_run.as_ref().map(Decision::summary),
+            decision: Some(decision),
+            ..Command::default()
         };
         if let Verdicts::Answered = self.gate(r, &ev, &j.decision, text, started).await {
             for e in j.effects {
@@ -798,7 +800,7 @@ impl<'a> Relay<'a> {
     async fn gate(
         &mut self,
         r: &mut BufReader<ReadHalf<Client>>,
-        ev: &SqlCommand,
+        ev: &Command,
         decision: &Decision,
         text: &str,
         started: Instant,
@@ -1034,28 +1036,46 @@ impl<'a> Relay<'a> {
 
     fn refuse(&mut self, n: u64, code: u16, sqlstate: &str, message: String, started: Instant) {
         self.answer_err(code, sqlstate, message.clone());
-        self.log.record(&SqlResult {
+        self.log.record(&CommandResult {
             n,
             outcome: "refused",
+            sqlstate: Some(sqlstate.into()),
             rows: 0,
             tag: None,
-            error_code: Some(code),
-            sqlstate: Some(sqlstate.into()),
-            message: Some(message),
-            masked: None,
-            capture: None,
             duration_us: started.elapsed().as_micros() as u64,
+            masked: Vec::new(),
+            capture: None,
+            error_code: Some(code),
+            message: Some(message),
         });
     }
 
     fn record_result(&self, n: u64, s: &mut Summary, started: Instant) {
+        for (_, by, values) in &s.masked {
+            let kind = if by.starts_with("mask rule") {
+                "column"
+            } else {
+                by.as_str()
+            };
+            registry()
+                .counter(
+                    "tollgate_masked_values_total",
+                    "Values masked in responses, by resource and detector (or column rule).",
+                    &[("resource", &self.target.resource.name), ("by", kind)],
+                )
+                .add(*values as i64);
+        }
         if !self.gw.record_commands {
             return;
         }
-        let masked = (s.masked > 0).then(|| json!({"values": s.masked, "by": s.reasons}));
-        self.log.record(&SqlResult {
+        let masked = std::mem::take(&mut s.masked)
+            .into_iter()
+            .map(|(column, by, values)| MaskedCount { column, by, values })
+            .collect();
+        self.log.record(&CommandResult {
             n,
             outcome: if s.error.is_some() { "error" } else { "ok" },
+            sqlstate: s.error.as_ref().map(|e| e.sqlstate().to_string()),
             rows: s.rows.max(s.affected),
             tag: s.error.is_none().then(|| {
                 if s.rows > 0 {
@@ -1064,12 +1084,11 @@ impl<'a> Relay<'a> {
                     format!("OK {}", s.affected)
                 }
             }),
-            error_code: s.error.as_ref().map(|e| e.code),
-            sqlstate: s.error.as_ref().map(|e| e.sqlstate().to_string()),
-            message: s.error.as_ref().map(|e| e.message.clone()),
+            duration_us: started.elapsed().as_micros() as u64,
             masked,
             capture: s.capture.take().and_then(Capture::finish),
-            duration_us: started.elapsed().as_micros() as u64,
+            error_code: s.error.as_ref().map(|e| e.code),
+            message: s.error.as_ref().map(|e| e.message.clone()),
         });
     }
 
@@ -1133,15 +1152,14 @@ impl<'a> Relay<'a> {
         let n = self.n;
         let started = Instant::now();
         let j = self.decide(&c, refusal.as_deref());
-        let ev = SqlCommand {
+        let ev = Command {
             n,
             protocol: "prepare",
-            text: clip(&text),
+            text: Some(clip(&text)),
             digest: (text.len() > MAX_TEXT).then(|| sha256_hex(text.as_bytes())),
-            statement_id: None,
             classified: Some(c.line().to_string()),
-            decision: j.decision.summary(),
-            dry_run: None,
+            decision: Some(j.decision.summary()),
+            ..Command::default()
         };
         // Preparing runs nothing: a statement held for review waits when it is executed.
         if self.gw.record_commands || j.decision.is_deny() {
@@ -1362,7 +1380,7 @@ impl<'a> Relay<'a> {
             let changed = if binary {
                 mask_binary_row(plan, columns, &p, &mut masked, s)
             } else {
-                mask_text_row(plan, &p, &mut masked, s)
+                mask_text_row(plan, columns, &p, &mut masked, s)
             }
             .map_err(|_| Broken::Malformed)?;
             if changed {
@@ -1389,14 +1407,27 @@ fn plan_for(policy: &tollgate_mask::Policy, columns: &[Column], groups: &[String
     policy.plan(&infos, groups)
 }
 
-fn note(s: &mut Summary, reason: tollgate_mask::Reason) {
-    s.masked += 1;
-    s.reasons.insert(reason.to_string());
+fn note(s: &mut Summary, column: &str, reason: tollgate_mask::Reason) {
+    let by = reason.to_string();
+    match s
+        .masked
+        .iter_mut()
+        .find(|(c, b, _)| c == column && *b == by)
+    {
+        Some(e) => e.2 += 1,
+        None => s.masked.push((column.to_string(), by, 1)),
+    }
+}
+
+/// The name the client sees for column `i` (its alias), for the audit's `masked` counts.
+fn column_name(columns: &[Column], i: usize) -> &str {
+    columns.get(i).map_or("", |c| c.name.as_str())
 }
 
 /// A text-protocol row: each value a length-encoded string, or 0xfb for NULL.
 fn mask_text_row(
     plan: &RowPlan,
+    columns: &[Column],
     p: &[u8],
     out: &mut Vec<u8>,
     s: &mut Summary,
@@ -1414,12 +1445,12 @@ fn mask_text_row(
                     Outcome::Unchanged => proto::put_lenenc_str(out, v),
                     Outcome::Masked(reason) => {
                         proto::put_lenenc_str(out, &m);
-                        note(s, reason);
+                        note(s, column_name(columns, col), reason);
                         changed = true;
                     }
                     Outcome::Null(reason) => {
                         out.push(0xfb);
-                        note(s, reason);
+                        note(s, column_name(columns, col), reason);
                         changed = true;
                     }
                 }
@@ -1462,12 +1493,12 @@ fn mask_binary_row(
             Outcome::Unchanged => values.extend_from_slice(raw),
             Outcome::Masked(reason) if c.binary_layout() == Layout::String => {
                 proto::put_lenenc_str(&mut values, &m);
-                note(s, reason);
+                note(s, &c.name, reason);
                 changed = true;
             }
             Outcome::Masked(reason) | Outcome::Null(reason) => {
                 bitmap[bit / 8] |= 1 << (bit % 8);
-                note(s, reason);
+                note(s, &c.name, reason);
                 changed = true;
             }
         }

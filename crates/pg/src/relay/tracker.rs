@@ -238,6 +238,8 @@ impl Tracker<'_> {
             duration_us: p.started.elapsed().as_micros() as u64,
             masked,
             capture,
+            error_code: None,
+            message: None,
         };
         self.results
             .lock()

@@ -555,6 +555,17 @@ pub fn refused_count(evs: &[serde_json::Value], reason: &str) -> u64 {
 }
 
 /// Events from a SQLite audit store, oldest first: {session_id, kind, payload}.
+/// Values a SQL `result` event says were masked (its `masked` list summed over columns).
+#[allow(dead_code)]
+pub fn masked_values(payload: &serde_json::Value) -> u64 {
+    payload["masked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["values"].as_u64())
+        .sum()
+}
+
 pub fn read_events(db: &Path) -> Vec<serde_json::Value> {
     let out = Command::new("python3")
         .arg("-c")
