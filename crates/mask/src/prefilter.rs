@@ -132,6 +132,9 @@ struct Features {
     wide: [u32; LANES],
     /// A block of 8 token-alphabet bytes: a run of 15 or more contains an aligned one.
     token_block: bool,
+    /// Bit `k`: block `k` (bytes `8k..8k + 8`) is all token-alphabet bytes (the first 64
+    /// blocks; see [`TOKEN_BLOCKS_MAX`]).
+    token_blocks: u64,
     /// A block of capitals, digits and at most 2 spaces: an IBAN (15 or more characters, a
     /// single space at most every 4) contains an aligned one.
     iban_block: bool,
@@ -145,6 +148,8 @@ impl Features {
         // Per block, bit 3 of a biased lane is set when the block fails a test; ANDed over the
         // blocks, a clear bit means some block passed.
         let mut fail = !0u64;
+        let mut blocks = 0u64;
+        let mut block = 0u32;
         let whole = t.len() & !7;
         // A byte lane gains at most 8 per block: 30 blocks (240 bytes) and the tail fit in a
         // byte; longer values fold their counts every 240 bytes.
@@ -165,6 +170,9 @@ impl Features {
                 // NON_IBAN's bit joins SPACE's; a token block has no space, so SPACE's bit
                 // cannot reach NON_TOKEN's.
                 fail &= biased | (biased >> 4);
+                // NON_TOKEN's biased bit is clear when the block is all token bytes.
+                blocks |= (!biased >> (NON_TOKEN + 3) & 1) << (block & 63);
+                block += 1;
                 even += s & NIBBLES;
                 odd += (s >> 4) & NIBBLES;
             }
@@ -182,6 +190,7 @@ impl Features {
             odd,
             wide,
             token_block: fail & TOKEN_TEST == 0,
+            token_blocks: blocks,
             iban_block: fail & IBAN_TEST == 0,
         }
     }
@@ -204,6 +213,7 @@ impl Features {
             pluses: self.lane(PLUS),
             capitals: self.lane(UPPER) + j,
             token_block: self.token_block,
+            token_blocks: self.token_blocks,
             iban_block: self.iban_block,
         }
     }
@@ -224,6 +234,7 @@ struct Counts {
     /// `A` to `Z`, `J` included.
     capitals: u32,
     token_block: bool,
+    token_blocks: u64,
     iban_block: bool,
 }
 
@@ -279,8 +290,12 @@ fn refine(set: DetectorSet, t: &[u8], n: usize, f: &Counts) -> DetectorSet {
         possible = possible.without(Detector::Ipv6);
     }
     if possible.contains(Detector::SecretToken) || possible.contains(Detector::AwsKey) {
-        // A run of 15 contains 3 consecutive aligned 4-byte groups of token bytes.
-        let run = if token_quads(t) >= 3 {
+        // A run of 15 contains an aligned block of 8 token bytes: look around the blocks the
+        // first pass marked. Longer values: a run of 15 contains 3 consecutive aligned 4-byte
+        // groups of token bytes.
+        let run = if n / 8 <= TOKEN_BLOCKS_MAX {
+            token_run_around(t, f.token_blocks)
+        } else if token_quads(t) >= 3 {
             longest_token_run(t)
         } else {
             0
@@ -318,6 +333,40 @@ fn fold(wide: &mut [u32; LANES], even: &mut u64, odd: &mut u64) {
         *total += ((bytes >> (8 * (k / 2))) & 0xFF) as u32;
     }
     (*even, *odd) = (0, 0);
+}
+
+/// Blocks of 8 bytes the first pass marks in [`Features::token_blocks`].
+const TOKEN_BLOCKS_MAX: usize = 64;
+
+/// The longest run of secret-token bytes through the blocks of `blocks` (bit `k`: `t[8k..8k+8]`
+/// is all token bytes), counted up to 20. Every run of 15 or more contains an aligned block,
+/// so the answer agrees with [`longest_token_run`] wherever either reaches 15.
+fn token_run_around(t: &[u8], mut blocks: u64) -> usize {
+    const CAP: usize = 20;
+    let is_token = |c: u8| FEATURES[c as usize] & (1 << NON_TOKEN) == 0;
+    let mut longest = 0;
+    let mut covered = 0;
+    while blocks != 0 {
+        let start = 8 * blocks.trailing_zeros() as usize;
+        blocks &= blocks - 1;
+        if start + 8 <= covered {
+            continue;
+        }
+        let mut s = start;
+        while s > covered && start - s < CAP && is_token(t[s - 1]) {
+            s -= 1;
+        }
+        let mut e = start + 8;
+        while e < t.len() && e - s < CAP && is_token(t[e]) {
+            e += 1;
+        }
+        longest = longest.max(e - s);
+        if longest >= CAP {
+            return CAP;
+        }
+        covered = e;
+    }
+    longest
 }
 
 /// The most consecutive aligned 4-byte groups of secret-token bytes, counted up to 3.
@@ -419,6 +468,62 @@ mod tests {
                 prop_assert_eq!(short_has_punctuation(&t), naive);
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn token_runs_around_marked_blocks_agree_with_bytewise(
+            t in proptest::collection::vec(
+                proptest::sample::select(b"aZ9_-+/= .:@\xc3\xa9".to_vec()), 0..200),
+            pad in 0usize..12,
+        ) {
+            let mut t = t;
+            t.extend(std::iter::repeat_n(b' ', pad));
+            let core = trim_trailing_spaces(&t);
+            let f = Features::of(core);
+            let naive = longest_token_run(&t);
+            let around = token_run_around(&t, f.token_blocks);
+            prop_assert_eq!(naive >= 15, around >= 15, "{:?}", String::from_utf8_lossy(&t));
+            prop_assert_eq!(naive >= 20, around >= 20);
+            if naive >= 15 {
+                prop_assert_eq!(naive, around);
+            }
+            prop_assert_eq!(f.token_block, f.token_blocks != 0 || core.len() / 8 > 64);
+        }
+    }
+
+    #[test]
+    fn token_runs_at_block_edges() {
+        let run = |s: &[u8]| {
+            let core = trim_trailing_spaces(s);
+            token_run_around(s, Features::of(core).token_blocks)
+        };
+        // 15 token bytes from the first byte, and ending on the last one.
+        assert_eq!(run(b"abcdefghijklmno"), 15);
+        assert_eq!(run(b"abcdefghijklmn"), 14);
+        assert_eq!(run(b" abcdefghijklmno"), 15);
+        assert_eq!(run(b"x abcdefghijklmno   "), 15);
+        // A run of 15 that starts one byte after a block boundary still contains a block.
+        assert_eq!(run(b"1234567 abcdefghijklmno"), 15);
+        assert_eq!(run(b"1234567 abcdefghijklmn"), 14);
+        // Multibyte UTF-8 ends a run on both sides.
+        assert_eq!(run("é0123456789abcdeé".as_bytes()), 15);
+        assert_eq!(run("é0123456789abcdé".as_bytes()), 14);
+        // Capped at 20; two blocks of one run count once.
+        assert_eq!(run(&[b'A'; 40]), 20);
+        assert_eq!(run(b"AKIAIOSFODNN7EXAMPLE"), 20);
+        assert_eq!(run(b"AKIAIOSFODNN7EXAMPL"), 19);
+        // The last marked block (bytes 504..512) of a value of 64 blocks, and one more.
+        let mut long = vec![b' '; 497];
+        long.extend_from_slice(b"abcdefghijklmno");
+        assert_eq!(long.len(), 512);
+        assert_eq!(run(&long), 15);
+        let token = |t: &[u8]| candidates(DetectorSet::all(), t).contains(Detector::SecretToken);
+        assert!(token(&long));
+        long.insert(0, b' ');
+        assert!(token(&long), "513 bytes: the bytewise count");
+        long.pop();
+        assert!(!token(&long), "a run of 14");
     }
 
     #[test]
