@@ -126,6 +126,43 @@ pub fn setting_change(sql: &str) -> Option<SettingChange> {
     }
 }
 
+/// The resets in a text of several statements (as a driver's pool runs when a connection goes
+/// back to it: `...; UNLISTEN *; RESET ALL`): `RESET name`, `RESET ALL`, `DISCARD ALL`, in
+/// order. Empty when there are none (a `SET` with a value among other statements is not carried
+/// at all: [`session_state`] refuses it).
+pub fn resets(sql: &str) -> Vec<SettingChange> {
+    let lower = sql.to_ascii_lowercase();
+    if !lower.contains("reset") && !lower.contains("discard") {
+        return Vec::new();
+    }
+    let Some(parsed) = std::panic::catch_unwind(|| pg_query::parse(sql))
+        .ok()
+        .and_then(Result::ok)
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        match raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+            Some(NodeEnum::DiscardStmt(d)) if d.target == DiscardMode::DiscardAll as i32 => {
+                out.push(SettingChange::ResetAll)
+            }
+            Some(NodeEnum::VariableSetStmt(s)) if !s.is_local => {
+                let name = s.name.to_ascii_lowercase();
+                match VariableSetKind::try_from(s.kind) {
+                    Ok(VariableSetKind::VarResetAll) => out.push(SettingChange::ResetAll),
+                    Ok(VariableSetKind::VarReset) if !NOT_CARRIED.contains(&name.as_str()) => {
+                        out.push(SettingChange::Reset { name })
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The statement that returns `name` to its default, as the gateway sends it (quoted).
 pub fn reset_statement(name: &str) -> String {
     format!("RESET {}", quote_ident(name))
@@ -434,6 +471,20 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(setting_change(sql), want, "{sql}");
         }
+        assert_eq!(
+            resets("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"),
+            [SettingChange::ResetAll]
+        );
+        assert_eq!(
+            resets("RESET work_mem; RESET role; SELECT 'reset'; DISCARD ALL"),
+            [
+                SettingChange::Reset {
+                    name: "work_mem".into()
+                },
+                SettingChange::ResetAll
+            ]
+        );
+        assert_eq!(resets("SELECT 'reset'"), []);
         assert_eq!(reset_statement("datestyle"), "RESET \"datestyle\"");
         assert_eq!(reset_statement("a\"b"), "RESET \"a\"\"b\"");
     }

@@ -331,6 +331,24 @@ async fn session_settings_are_carried_between_clients_on_one_connection() {
     assert_eq!(code, SqlState::FEATURE_NOT_SUPPORTED);
     assert!(message.contains("pool_mode"), "{message}");
     assert_eq!(pid(&a).await, pid(&b).await);
+    // A driver pool's reset among other statements (asyncpg's) is followed too.
+    a.batch_execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "work_mem").await, show(&a, "work_mem").await);
+    assert_ne!(show(&a, "work_mem").await, "5MB");
+    // A prepared SET run inside a transaction block may be kept or undone by its end: the
+    // session's settings are unknown, and it ends (saying why) before its next transaction.
+    let set = a.prepare("SET work_mem = '6MB'").await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute(&set, &[]).await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    let err = a.batch_execute("SELECT 1").await.unwrap_err();
+    let db = err.as_db_error().expect("a FATAL from the gateway");
+    assert_eq!(db.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+    assert!(db.message().contains("pool_mode"), "{}", db.message());
+    // Its connection was closed, not handed on with a setting no one tracks.
+    assert_ne!(show(&b, "work_mem").await, "6MB");
     env.wait_pool_idle();
 }
 

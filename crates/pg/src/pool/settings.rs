@@ -52,8 +52,9 @@ enum Sent {
     /// An Execute: answered by CommandComplete, EmptyQueryResponse, PortalSuspended, or skipped
     /// after an error; with the change its portal runs.
     Execute(Option<SettingChange>),
-    /// A Query or FunctionCall, answered by ReadyForQuery; a Query with its change.
-    Query(Option<SettingChange>),
+    /// A Query or FunctionCall, answered by ReadyForQuery; a Query with its changes (one `SET`
+    /// or `RESET`, or the resets among its statements), in the order they run.
+    Query(VecDeque<SettingChange>),
     /// A Sync, answered by ReadyForQuery; whether an Execute was sent before it (since the
     /// Sync before).
     Sync { ran: bool },
@@ -81,10 +82,13 @@ pub(crate) struct Tracker {
     /// An Execute was sent since the last Sync.
     ran: bool,
     /// Changes the server confirmed since the last ReadyForQuery, and whether that stretch
-    /// failed or ran transaction control after them.
+    /// failed, or ran one inside a transaction block or transaction control after one.
     done: Vec<SettingChange>,
     failed: bool,
     doubtful: bool,
+    /// Whether the statements now answered run inside a transaction block: from the last
+    /// ReadyForQuery, then the transaction control the server confirms.
+    in_block: bool,
 }
 
 fn split_name(body: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
@@ -92,19 +96,23 @@ fn split_name(body: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
     Ok((&body[..end], &body[end + 1..]))
 }
 
-/// Transaction control: what the server tags it with.
-fn transaction_control(tag: &[u8]) -> bool {
-    [
-        &b"BEGIN"[..],
-        b"START TRANSACTION",
-        b"COMMIT",
-        b"ROLLBACK",
-        b"SAVEPOINT",
-        b"RELEASE",
-        b"PREPARE TRANSACTION",
-    ]
-    .iter()
-    .any(|t| tag.starts_with(t))
+/// Transaction control, by the server's command tag: `Some(in a block after it)`.
+fn transaction_control(tag: &[u8]) -> Option<bool> {
+    match tag {
+        b"BEGIN" | b"START TRANSACTION" | b"SAVEPOINT" | b"RELEASE" => Some(true),
+        // ROLLBACK TO SAVEPOINT is tagged ROLLBACK too: a ReadyForQuery in a block tells.
+        b"COMMIT"
+        | b"ROLLBACK"
+        | b"PREPARE TRANSACTION"
+        | b"COMMIT PREPARED"
+        | b"ROLLBACK PREPARED" => Some(false),
+        _ => None,
+    }
+}
+
+/// The command tags of setting changes.
+fn is_change(tag: &[u8]) -> bool {
+    matches!(tag, b"SET" | b"RESET" | b"DISCARD ALL")
 }
 
 impl Tracker {
@@ -115,6 +123,7 @@ impl Tracker {
         self.done.clear();
         self.failed = false;
         self.doubtful = false;
+        self.in_block = false;
     }
 
     /// Whether a change that starts now runs outside any transaction block: the connection was
@@ -142,14 +151,20 @@ impl Tracker {
                 // A simple query replaces the unnamed statement.
                 self.statements.remove(&b""[..]);
                 let (text, _) = split_name(body)?;
-                let change = setting_change(&String::from_utf8_lossy(text));
-                if change.is_some() && !clean {
-                    self.sent.push_back(Sent::Query(None));
-                    let mut refused = SET_IN_TRANSACTION.as_bytes().to_vec();
-                    refused.push(0);
-                    return Ok(Some(refused));
-                }
-                self.sent.push_back(Sent::Query(change));
+                let text = String::from_utf8_lossy(text);
+                let changes = match setting_change(&text) {
+                    Some(_) if !clean => {
+                        self.sent.push_back(Sent::Query(VecDeque::new()));
+                        let mut refused = SET_IN_TRANSACTION.as_bytes().to_vec();
+                        refused.push(0);
+                        return Ok(Some(refused));
+                    }
+                    Some(change) => VecDeque::from([change]),
+                    // A driver's own reset among other statements (as its pool sends when a
+                    // connection goes back to it, with a ROLLBACK first if need be).
+                    None => tollgate_policy::resets(&text).into(),
+                };
+                self.sent.push_back(Sent::Query(changes));
             }
             b'P' => {
                 let (name, rest) = split_name(body)?;
@@ -202,7 +217,7 @@ impl Tracker {
                 let ran = std::mem::take(&mut self.ran);
                 self.sent.push_back(Sent::Sync { ran });
             }
-            b'F' => self.sent.push_back(Sent::Query(None)),
+            b'F' => self.sent.push_back(Sent::Query(VecDeque::new())),
             _ => {}
         }
         Ok(None)
@@ -210,19 +225,21 @@ impl Tracker {
 
     /// CommandComplete (`tag`: its command tag), EmptyQueryResponse or PortalSuspended.
     pub fn completed(&mut self, tag: Option<&[u8]>) {
-        let change = match self.sent.front() {
+        let change = match self.sent.front_mut() {
             Some(Sent::Execute(_)) => match self.sent.pop_front() {
                 Some(Sent::Execute(c)) => c,
                 _ => None,
             },
-            Some(Sent::Query(c)) => c.clone(),
-            Some(Sent::Sync { .. }) | None => None,
+            Some(Sent::Query(changes)) if tag.is_some_and(is_change) => changes.pop_front(),
+            Some(_) | None => None,
         };
         let Some(tag) = tag else { return };
-        if transaction_control(tag) && !self.done.is_empty() {
-            self.doubtful = true;
+        if let Some(in_block) = transaction_control(tag) {
+            self.doubtful |= !self.done.is_empty();
+            self.in_block = in_block;
         }
         if let Some(c) = change {
+            self.doubtful |= self.in_block;
             self.done.push(c);
         }
     }
@@ -235,8 +252,9 @@ impl Tracker {
         }
     }
 
-    /// ReadyForQuery: `before` the connection's status at the one before, `now` this one's.
-    pub fn ready(&mut self, before: u8, now: u8) -> Settled {
+    /// ReadyForQuery with the connection's status `now`.
+    pub fn ready(&mut self, now: u8) -> Settled {
+        self.in_block = now != b'I';
         while let Some(s) = self.sent.pop_front() {
             if !matches!(s, Sent::Execute(_)) {
                 break;
@@ -249,7 +267,7 @@ impl Tracker {
         );
         if done.is_empty() {
             Settled::Nothing
-        } else if doubtful || before != b'I' || now != b'I' {
+        } else if doubtful || now != b'I' {
             Settled::Unknown
         } else if failed {
             // Outside a block the stretch ran as one implicit transaction: rolled back.
@@ -306,18 +324,18 @@ mod tests {
         );
         t.completed(Some(b"SET"));
         assert_eq!(
-            t.ready(b'I', b'I'),
+            t.ready(b'I'),
             Settled::Changes(vec![set("datestyle", "SET \"datestyle\" TO 'SQL, DMY'")])
         );
         // A failed one is not.
         t.outgoing(b'Q', &q("SET DateStyle = 'nonsense'"), true)
             .unwrap();
         t.error();
-        assert_eq!(t.ready(b'I', b'I'), Settled::Nothing);
+        assert_eq!(t.ready(b'I'), Settled::Nothing);
         // Other queries record nothing.
         t.outgoing(b'Q', &q("SELECT 1"), true).unwrap();
         t.completed(Some(b"SELECT 1"));
-        assert_eq!(t.ready(b'I', b'I'), Settled::Nothing);
+        assert_eq!(t.ready(b'I'), Settled::Nothing);
     }
 
     #[test]
@@ -334,7 +352,7 @@ mod tests {
         t.completed(Some(b"SET"));
         t.completed(Some(b"SELECT 1"));
         assert_eq!(
-            t.ready(b'I', b'I'),
+            t.ready(b'I'),
             Settled::Changes(vec![set(
                 "extra_float_digits",
                 "SET \"extra_float_digits\" TO 3"
@@ -348,20 +366,72 @@ mod tests {
         t.outgoing(b'S', &[], false).unwrap();
         t.completed(Some(b"SET"));
         t.error();
-        assert_eq!(t.ready(b'I', b'I'), Settled::Nothing);
-        // Run again inside a transaction block: unknown.
-        t.outgoing(b'B', &bind("", ""), true).unwrap();
+        assert_eq!(t.ready(b'I'), Settled::Nothing);
+        // A named one run inside a transaction block: unknown.
+        t.outgoing(b'P', &parse("s2", "SET extra_float_digits = 3"), true)
+            .unwrap();
+        t.outgoing(b'S', &[], false).unwrap();
+        assert_eq!(t.ready(b'I'), Settled::Nothing);
+        t.outgoing(b'Q', &q("BEGIN"), true).unwrap();
+        t.completed(Some(b"BEGIN"));
+        assert_eq!(t.ready(b'T'), Settled::Nothing);
+        t.outgoing(b'B', &bind("", "s2"), false).unwrap();
         t.outgoing(b'E', &execute(""), false).unwrap();
         t.outgoing(b'S', &[], false).unwrap();
         t.completed(Some(b"SET"));
-        assert_eq!(t.ready(b'T', b'T'), Settled::Unknown);
+        assert_eq!(t.ready(b'T'), Settled::Unknown);
+        t.outgoing(b'Q', &q("COMMIT"), false).unwrap();
+        t.completed(Some(b"COMMIT"));
+        assert_eq!(t.ready(b'I'), Settled::Nothing);
         // Followed by a ROLLBACK in the same pipeline: unknown too.
-        t.outgoing(b'B', &bind("", ""), true).unwrap();
+        t.outgoing(b'B', &bind("", "s2"), true).unwrap();
         t.outgoing(b'E', &execute(""), false).unwrap();
         t.outgoing(b'S', &[], false).unwrap();
         t.completed(Some(b"SET"));
         t.completed(Some(b"ROLLBACK"));
-        assert_eq!(t.ready(b'I', b'I'), Settled::Unknown);
+        assert_eq!(t.ready(b'I'), Settled::Unknown);
+    }
+
+    #[test]
+    fn a_drivers_reset_among_other_statements_is_recorded() {
+        let reset = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;";
+        let mut t = Tracker::default();
+        t.outgoing(b'Q', &q(reset), true).unwrap();
+        for tag in [&b"SELECT 1"[..], b"CLOSE CURSOR ALL", b"UNLISTEN", b"RESET"] {
+            t.completed(Some(tag));
+        }
+        assert_eq!(
+            t.ready(b'I'),
+            Settled::Changes(vec![SettingChange::ResetAll])
+        );
+        // After a ROLLBACK of the transaction the client left open (asyncpg does so).
+        t.outgoing(b'Q', &q("BEGIN"), true).unwrap();
+        t.completed(Some(b"BEGIN"));
+        assert_eq!(t.ready(b'T'), Settled::Nothing);
+        let reset = format!("ROLLBACK;\n{reset}");
+        assert_eq!(t.outgoing(b'Q', &q(&reset), false), Ok(None));
+        for tag in [
+            &b"ROLLBACK"[..],
+            b"SELECT 1",
+            b"CLOSE CURSOR ALL",
+            b"UNLISTEN",
+            b"RESET",
+        ] {
+            t.completed(Some(tag));
+        }
+        assert_eq!(
+            t.ready(b'I'),
+            Settled::Changes(vec![SettingChange::ResetAll])
+        );
+        // ROLLBACK TO SAVEPOINT is tagged ROLLBACK, but the block goes on: unknown.
+        t.outgoing(b'Q', &q("BEGIN"), true).unwrap();
+        t.completed(Some(b"BEGIN"));
+        assert_eq!(t.ready(b'T'), Settled::Nothing);
+        t.outgoing(b'Q', &q("ROLLBACK TO s; RESET ALL"), false)
+            .unwrap();
+        t.completed(Some(b"ROLLBACK"));
+        t.completed(Some(b"RESET"));
+        assert_eq!(t.ready(b'T'), Settled::Unknown);
     }
 
     #[test]
@@ -370,7 +440,7 @@ mod tests {
         let sent = t.outgoing(b'Q', &q("SET work_mem = '1MB'"), false).unwrap();
         assert_eq!(sent, Some(q(SET_IN_TRANSACTION)));
         t.error();
-        assert_eq!(t.ready(b'T', b'E'), Settled::Nothing);
+        assert_eq!(t.ready(b'E'), Settled::Nothing);
         let sent = t
             .outgoing(b'P', &parse("", "RESET ALL"), false)
             .unwrap()
@@ -381,7 +451,7 @@ mod tests {
         t.outgoing(b'E', &execute(""), false).unwrap();
         t.outgoing(b'S', &[], false).unwrap();
         t.error();
-        assert_eq!(t.ready(b'T', b'E'), Settled::Nothing);
+        assert_eq!(t.ready(b'E'), Settled::Nothing);
         assert!(t.statements.is_empty() && t.portals.is_empty());
         // After a BEGIN not yet answered (simple or extended), or a statement earlier in the
         // pipeline, the status is unknown: replaced too.

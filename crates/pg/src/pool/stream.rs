@@ -307,7 +307,7 @@ impl PoolStream {
     /// Record what the server confirmed of the client's setting changes, for the client and
     /// for the connection they ran on.
     fn settle(&mut self, now: u8) {
-        match self.changes.ready(self.status, now) {
+        match self.changes.ready(now) {
             settings::Settled::Nothing => {}
             settings::Settled::Changes(done) => {
                 let backend = self.lease.as_mut().map(|l| &mut l.backend_mut().settings);
