@@ -131,8 +131,13 @@ pub fn setting_change(sql: &str) -> Option<SettingChange> {
 /// order. Empty when there are none (a `SET` with a value among other statements is not carried
 /// at all: [`session_state`] refuses it).
 pub fn resets(sql: &str) -> Vec<SettingChange> {
-    let lower = sql.to_ascii_lowercase();
-    if !lower.contains("reset") && !lower.contains("discard") {
+    // Most queries name neither word: no allocation, no parse.
+    let names = |word: &[u8]| {
+        sql.as_bytes()
+            .windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    };
+    if !names(b"reset") && !names(b"discard") {
         return Vec::new();
     }
     let Some(parsed) = std::panic::catch_unwind(|| pg_query::parse(sql))
