@@ -209,7 +209,7 @@ impl CommandRefusal {
             CommandRefusal::ReviewNotOpened => Some("try again later or contact the gateway's operator"),
             CommandRefusal::ReviewExpired { .. } => Some("ask a reviewer to decide sooner, then run it again"),
             CommandRefusal::CopyUnderColumnRules { .. } => Some("select the rows with SELECT instead, which tollgate can mask column by column"),
-            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), pass settings as start-up parameters (options=-c..., or for the JDBC driver assumeMinServerVersion=9.0), or use a resource with pool_mode = \"session\""),
+            CommandRefusal::PoolMode(_) => Some("keep such state inside one transaction (SET LOCAL, set_config(..., true), pg_advisory_xact_lock), send a plain SET on its own (the gateway carries it), or use a resource with pool_mode = \"session\""),
             CommandRefusal::Rule(_)
             | CommandRefusal::NoReviewService { .. }
             | CommandRefusal::ReviewDenied { .. }
@@ -256,6 +256,14 @@ pub(crate) enum SessionEnd<'a> {
     PoolConnectFailed {
         resource: &'a str,
     },
+    /// `pool_mode = "transaction"`: the session's settings could not be applied to the
+    /// connection leased for its next transaction.
+    PoolSettingsFailed {
+        resource: &'a str,
+    },
+    /// `pool_mode = "transaction"`: a prepared `SET` ran where a transaction block may keep or
+    /// undo it, so the session's settings are unknown.
+    PoolSettingsUnknown,
 }
 
 impl SessionEnd<'_> {
@@ -267,6 +275,8 @@ impl SessionEnd<'_> {
             SessionEnd::LimitReached(_) => "54000",
             SessionEnd::PoolTimeout { .. } => "53300",
             SessionEnd::PoolConnectFailed { .. } => "08001",
+            SessionEnd::PoolSettingsFailed { .. } => "08006",
+            SessionEnd::PoolSettingsUnknown => "0A000",
         }
     }
 
@@ -298,6 +308,10 @@ impl SessionEnd<'_> {
             SessionEnd::PoolConnectFailed { resource } => {
                 format!("tollgate could not connect to resource \"{resource}\"")
             }
+            SessionEnd::PoolSettingsFailed { resource } => format!(
+                "tollgate could not apply this session's settings (its earlier SETs) to a connection of resource \"{resource}\" (pool_mode = \"transaction\")"
+            ),
+            SessionEnd::PoolSettingsUnknown => "tollgate ended this session: a session-level SET ran inside a transaction block, which is not supported on this resource: its connections are shared between transactions (pool_mode = \"transaction\")".into(),
         }
     }
 
@@ -305,7 +319,9 @@ impl SessionEnd<'_> {
         match self {
             SessionEnd::UpstreamLost { .. }
             | SessionEnd::Protocol(_)
-            | SessionEnd::PoolConnectFailed { .. } => None,
+            | SessionEnd::PoolConnectFailed { .. }
+            | SessionEnd::PoolSettingsFailed { .. } => None,
+            SessionEnd::PoolSettingsUnknown => Some("reconnect; use SET LOCAL inside a transaction, or send SET on its own outside it"),
             SessionEnd::PoolTimeout { .. } => Some("retry later; an administrator can raise pool_size, reserve_pool or pool_timeout"),
             SessionEnd::AuditUnavailable => Some("the gateway's audit store is unavailable; try again later or contact the gateway's operator"),
             SessionEnd::DialectChanged(_) => Some("reconnect; standard_conforming_strings must stay on and client_encoding UTF8 through the gateway"),

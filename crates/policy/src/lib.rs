@@ -28,5 +28,7 @@ pub use engine::{
     ResourcePolicy, SessionPolicy, CATALOG_QUERY, WRITING_FUNCTIONS,
 };
 pub use literals::{copy_to_stdout_source, value_spans};
-pub use pooling::{session_state, SessionState};
+pub use pooling::{
+    reset_statement, resets, session_state, setting_change, SessionState, SettingChange,
+};
 pub use walk::Dml;

@@ -1,6 +1,7 @@
 //! Pooled upstream connections (`pool_mode`): a session's connection reused by the next client
 //! after `DISCARD ALL`; many clients on a few connections between transactions, each still with
-//! its own identity, guardrails, holds, prepared statements, cancel key and audit session.
+//! its own identity, guardrails, holds, prepared statements, settings, cancel key and audit
+//! session.
 
 mod common;
 use common::*;
@@ -173,7 +174,12 @@ message = "no drops here"
     .await;
     let c = env.client().await;
     for sql in [
-        "SET search_path = public",
+        "SET ROLE alice",
+        "SET SESSION AUTHORIZATION alice",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "SET standard_conforming_strings = off",
+        "SET client_encoding = 'LATIN1'",
+        "SET work_mem = '1MB'; SET search_path = public",
         "LISTEN jobs",
         "SELECT pg_advisory_lock(7)",
         "CREATE TEMP TABLE t (a int)",
@@ -193,7 +199,7 @@ message = "no drops here"
         );
     }
     // The same through the extended protocol (refused at its Parse).
-    let (code, message) = refused(c.query("SET work_mem = '8MB'", &[]).await.unwrap_err());
+    let (code, message) = refused(c.query("SET ROLE alice", &[]).await.unwrap_err());
     assert_eq!(code, SqlState::FEATURE_NOT_SUPPORTED, "{message}");
     assert!(message.contains("session-level SET"), "{message}");
     // What lasts only for a transaction is fine.
@@ -224,6 +230,126 @@ message = "no drops here"
         assert_eq!(unchanged.as_deref(), Some("t"));
         assert_eq!(locks.as_deref(), Some("0"));
     }
+}
+
+async fn show(c: &tokio_postgres::Client, setting: &str) -> String {
+    first_value(c, &format!("SHOW {setting}"))
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_settings_are_carried_between_clients_on_one_connection() {
+    let env = start("pool_mode = \"transaction\"\npool_size = 1").await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let (style, zone, digits) = (
+        show(&b, "DateStyle").await,
+        show(&b, "TimeZone").await,
+        show(&b, "extra_float_digits").await,
+    );
+    assert_ne!(style, "SQL, DMY");
+    a.batch_execute("SET DateStyle = 'SQL, DMY'").await.unwrap();
+    // Through the extended protocol too (as pgjdbc, node-pg and psycopg send it).
+    a.execute("SET TimeZone TO 'Asia/Tokyo'", &[])
+        .await
+        .unwrap();
+    a.execute("set session extra_float_digits = 1", &[])
+        .await
+        .unwrap();
+    let date = "SELECT '2024-03-01 12:00+00'::timestamptz::text";
+    for round in 0..3 {
+        // One connection serves both, each sees its own settings every time.
+        assert_eq!(pid(&a).await, pid(&b).await, "round {round}");
+        assert_eq!(show(&a, "DateStyle").await, "SQL, DMY", "round {round}");
+        assert_eq!(
+            first_value(&a, date).await.as_deref(),
+            Some("01/03/2024 21:00:00 JST")
+        );
+        assert_eq!(show(&a, "extra_float_digits").await, "1");
+        assert_eq!(show(&b, "DateStyle").await, style, "round {round}");
+        assert_eq!(show(&b, "TimeZone").await, zone, "round {round}");
+        assert_eq!(show(&b, "extra_float_digits").await, digits);
+        let shown = first_value(&b, "SELECT current_setting('TimeZone')").await;
+        assert_eq!(shown.as_deref(), Some(zone.as_str()));
+    }
+    // A SET the server refuses is the server's error and changes nothing.
+    let err = a
+        .batch_execute("SET DateStyle = 'bogus'")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_PARAMETER_VALUE),
+        "{err}"
+    );
+    let err = a.execute("SET work_mem = 'lots'", &[]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_PARAMETER_VALUE),
+        "{err}"
+    );
+    assert_eq!(show(&b, "DateStyle").await, style);
+    assert_eq!(show(&a, "DateStyle").await, "SQL, DMY");
+    // RESET name, SET name TO DEFAULT, RESET ALL.
+    a.batch_execute("RESET DateStyle").await.unwrap();
+    assert_eq!(show(&b, "extra_float_digits").await, digits);
+    assert_eq!(show(&a, "DateStyle").await, style);
+    assert_eq!(show(&a, "TimeZone").await, "Asia/Tokyo");
+    a.execute("SET TimeZone TO DEFAULT", &[]).await.unwrap();
+    assert_eq!(show(&b, "DateStyle").await, style);
+    assert_eq!(show(&a, "TimeZone").await, zone);
+    assert_eq!(show(&a, "extra_float_digits").await, "1");
+    a.batch_execute("SET search_path = 'my schema', public")
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "DateStyle").await, style);
+    assert_eq!(show(&a, "search_path").await, "\"my schema\", public");
+    a.batch_execute("RESET ALL").await.unwrap();
+    for c in [&a, &b] {
+        assert_eq!(show(c, "extra_float_digits").await, digits);
+        assert_eq!(show(c, "search_path").await, "\"$user\", public");
+    }
+    // Inside a transaction block a session-level SET is refused (the server would keep or undo
+    // it at COMMIT or ROLLBACK); SET LOCAL is the way.
+    a.batch_execute("BEGIN").await.unwrap();
+    let (code, message) = refused(a.batch_execute("SET work_mem = '3MB'").await.unwrap_err());
+    assert_eq!(code, SqlState::FEATURE_NOT_SUPPORTED, "{message}");
+    assert!(
+        message.contains("transaction block") && message.contains("pool_mode = \"transaction\""),
+        "{message}"
+    );
+    a.batch_execute("ROLLBACK; BEGIN").await.unwrap();
+    let (code, _) = refused(a.execute("RESET ALL", &[]).await.unwrap_err());
+    assert_eq!(code, SqlState::FEATURE_NOT_SUPPORTED);
+    a.batch_execute("ROLLBACK").await.unwrap();
+    a.batch_execute("SET work_mem = '5MB'").await.unwrap();
+    assert_ne!(show(&b, "work_mem").await, "5MB");
+    assert_eq!(show(&a, "work_mem").await, "5MB");
+    // SET ROLE still is refused, saying why.
+    let (code, message) = refused(a.batch_execute("SET ROLE alice").await.unwrap_err());
+    assert_eq!(code, SqlState::FEATURE_NOT_SUPPORTED);
+    assert!(message.contains("pool_mode"), "{message}");
+    assert_eq!(pid(&a).await, pid(&b).await);
+    // A driver pool's reset among other statements (asyncpg's) is followed too.
+    a.batch_execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
+        .await
+        .unwrap();
+    assert_eq!(show(&b, "work_mem").await, show(&a, "work_mem").await);
+    assert_ne!(show(&a, "work_mem").await, "5MB");
+    // A prepared SET run inside a transaction block may be kept or undone by its end: the
+    // session's settings are unknown, and it ends (saying why) before its next transaction.
+    let set = a.prepare("SET work_mem = '6MB'").await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    a.execute(&set, &[]).await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    let err = a.batch_execute("SELECT 1").await.unwrap_err();
+    let db = err.as_db_error().expect("a FATAL from the gateway");
+    assert_eq!(db.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+    assert!(db.message().contains("pool_mode"), "{}", db.message());
+    // Its connection was closed, not handed on with a setting no one tracks.
+    assert_ne!(show(&b, "work_mem").await, "6MB");
+    env.wait_pool_idle();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,9 @@
 //! PostgreSQL drivers through a transaction-pooled resource: psycopg 3 (server-side prepared
 //! statements), asyncpg (its statement cache, the default, and its own pool with its reset
 //! query), the PostgreSQL JDBC driver (server-prepared from the first execution) and node-pg
-//! (named queries). pgjdbc connects with `assumeMinServerVersion=9.0`, so that it sends its
-//! settings as start-up parameters rather than session-level SETs, which a transaction pool
-//! refuses (asserted too). Six clients of each driver at once on two upstream connections run
+//! (named queries). pgjdbc connects with its default URL, so it sends its settings as
+//! session-level SETs once connected, which the gateway carries from connection to connection
+//! (asserted every round). Six clients of each driver at once on two upstream connections run
 //! parameterised queries, committed and rolled-back transactions, errors inside and outside a
 //! transaction and the query after; the drivers' statements are prepared again on whichever
 //! connection serves them. The drivers are scripts in tests/pg_pool/, installed under
@@ -161,7 +161,7 @@ fn jdbc_through_a_transaction_pool() {
             .expect("openssl"),
         "openssl pkcs8",
     );
-    let java = |probe: bool| {
+    let java = || {
         let mut cmd = Command::new("java");
         for (k, v) in config(&env)["conn"].as_object().unwrap() {
             let v = v
@@ -173,25 +173,21 @@ fn jdbc_through_a_transaction_pool() {
         cmd.arg(format!("-Dtg.pk8={}", pk8.display()))
             .arg(format!("-Dtg.clients={CLIENTS}"))
             .arg(format!("-Dtg.rounds={ROUNDS}"))
-            .arg(format!("-Dtg.probe={probe}"))
             .arg("-Dtg.table=hits")
             .arg("-cp")
             .arg(format!("{PG_JDBC}:{}", classes.display()))
             .arg("Clients");
         output(cmd, &env, "JDBC")
     };
-    let out = java(false);
+    let out = java();
     check("JDBC", &env, &out);
-    // Without assumeMinServerVersion pgjdbc sends `SET extra_float_digits = 3` once connected:
-    // refused, saying why (last: its other start-up parameters make a pool of their own).
-    let probe = java(true);
-    assert_eq!(probe["sqlstate"], "0A000", "{probe}");
-    assert!(
-        probe["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("pool_mode = \"transaction\"")
-                && m.contains("assumeMinServerVersion=9.0")),
-        "{probe}"
-    );
+    // The settings pgjdbc SETs once connected hold on every connection its transactions ran on.
+    for c in out["clients"].as_array().unwrap() {
+        assert_eq!(
+            c["settings"],
+            json!(vec!["3|PostgreSQL JDBC Driver"; ROUNDS as usize]),
+            "{c}"
+        );
+    }
     let _ = std::fs::remove_file(&pk8);
 }

@@ -7,8 +7,11 @@
 //! with `"transaction"` a client session leases one per transaction through a [`PoolStream`],
 //! at most `pool_size` at once. A connection that ended dirty (in a transaction, in COPY, with
 //! requests unanswered, or after a setting the guardrails pin changed) is closed, never reused.
+//! Under `"transaction"` a client's own `SET`s are carried: each connection knows the settings
+//! left on it, and one leased for a client whose settings differ gets them applied first.
 
 mod carry;
+mod settings;
 mod stream;
 
 pub use stream::PoolStream;
@@ -20,6 +23,7 @@ use crate::proto::frontend;
 use crate::refusal::SessionEnd;
 use crate::upstream::{Connected, UpStream, UpstreamError, UpstreamTarget};
 use carry::BackendStatements;
+use settings::Settings;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -51,6 +55,9 @@ pub(crate) enum PoolError {
     Timeout(Duration),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The client's settings could not be applied to the connection leased for it.
+    #[error("applying the session's settings failed: {0}")]
+    Settings(String),
 }
 
 impl PoolError {
@@ -58,6 +65,7 @@ impl PoolError {
         match self {
             PoolError::Timeout(_) => "pool_timeout",
             PoolError::Upstream(e) => e.label(),
+            PoolError::Settings(_) => "pool_settings",
         }
     }
 }
@@ -202,6 +210,8 @@ pub(crate) struct Backend {
     secret: Vec<u8>,
     facts: Facts,
     statements: BackendStatements,
+    /// What carried client `SET`s left on the connection (under `transaction`).
+    settings: Settings,
     idle_since: Instant,
     _entry: Option<UpstreamGuard>,
 }
@@ -346,6 +356,28 @@ impl Pool {
         Ok(Lease::new(self, b, permit))
     }
 
+    /// A connection for a client with these settings: when the connection's differ, one simple
+    /// query moves it to them first (its answers go nowhere); if that fails the connection is
+    /// closed and the client is told, never left half-applied.
+    pub(crate) async fn lease_for(self: Arc<Self>, wanted: Settings) -> Result<Lease, PoolError> {
+        let mut lease = self.clone().lease().await?;
+        let Some(sql) = settings::reapply(&lease.backend().settings, &wanted) else {
+            return Ok(lease);
+        };
+        let b = lease.backend_mut();
+        match run_quietly(b, &sql, self.guarded(), self.max_message).await {
+            Ok(()) => {
+                b.settings = wanted;
+                Ok(lease)
+            }
+            Err(why) => {
+                tracing::warn!(resource = %self.resource(), backend_pid = b.pid, error = %why, "a pooled connection did not take a session's settings; closing it");
+                lease.finish(End::Close);
+                Err(PoolError::Settings(why.into()))
+            }
+        }
+    }
+
     /// One of the `pool_size` places, or (once the client has waited `reserve_pool_timeout`)
     /// one of the `reserve_pool` extra ones, whichever frees first; at most `pool_timeout` in all.
     async fn place(&self, slots: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, PoolError> {
@@ -407,6 +439,7 @@ impl Pool {
             secret: c.secret,
             facts,
             statements: BackendStatements::default(),
+            settings: Settings::new(),
             idle_since: Instant::now(),
             _entry: entry,
         })
@@ -523,38 +556,58 @@ impl Drop for Lease {
     }
 }
 
+/// Run the gateway's own simple query on an idle connection, its answers kept from every
+/// client; `Ok` when it succeeded and left the connection idle, with no setting the guardrails
+/// pin moved.
+async fn run_quietly(
+    b: &mut Backend,
+    sql: &str,
+    guarded: bool,
+    limit: usize,
+) -> Result<(), &'static str> {
+    let run = async {
+        b.stream
+            .write_all(&frontend::query(sql))
+            .await
+            .map_err(|_| "write failed")?;
+        b.stream.flush().await.map_err(|_| "write failed")?;
+        let mut fb = FrameBuf::new();
+        let mut failed = false;
+        loop {
+            let (tag, body) = crate::io::read_frame(&mut b.stream, &mut fb, limit)
+                .await
+                .map_err(|_| "read failed")?;
+            match tag {
+                b'C' | b'N' => {}
+                b'E' => failed = true,
+                b'S' => {
+                    let (name, value) =
+                        backend::parse_parameter_status(&body).map_err(|_| "malformed answer")?;
+                    if guarded && crate::relay::dialect_change(&name, &value).is_some() {
+                        return Err("a pinned setting changed");
+                    }
+                }
+                b'Z' if failed => return Err("the server refused it"),
+                b'Z' if body.first() == Some(&b'I') && fb.take_rest().is_empty() => return Ok(()),
+                _ => return Err("unexpected answer"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap_or(Err("no answer within 5s"))
+}
+
 /// `DISCARD ALL` on a connection whose session ended cleanly: everything the session set up
 /// (settings, prepared statements, temporary tables, LISTEN, advisory locks) is gone, and the
 /// settings the guardrails pin are checked again. `None`: it is closed instead.
 async fn reset(mut b: Backend, guarded: bool, limit: usize) -> Option<Backend> {
-    let done = tokio::time::timeout(Duration::from_secs(5), async {
-        b.stream
-            .write_all(&frontend::query("DISCARD ALL"))
-            .await
-            .ok()?;
-        b.stream.flush().await.ok()?;
-        let mut fb = FrameBuf::new();
-        loop {
-            let (tag, body) = crate::io::read_frame(&mut b.stream, &mut fb, limit)
-                .await
-                .ok()?;
-            match tag {
-                b'C' | b'N' => {}
-                b'S' => {
-                    let (name, value) = backend::parse_parameter_status(&body).ok()?;
-                    if guarded && crate::relay::dialect_change(&name, &value).is_some() {
-                        return None;
-                    }
-                }
-                b'Z' if body.first() == Some(&b'I') && fb.take_rest().is_empty() => return Some(()),
-                _ => return None,
-            }
+    match run_quietly(&mut b, "DISCARD ALL", guarded, limit).await {
+        Ok(()) => {
+            b.settings.clear();
+            Some(b)
         }
-    })
-    .await;
-    match done {
-        Ok(Some(())) => Some(b),
-        _ => {
+        Err(_) => {
             tracing::debug!(
                 backend_pid = b.pid,
                 "a pooled connection failed its reset; closing it"
@@ -574,6 +627,7 @@ pub(crate) fn unavailable(pool: &Pool, e: &PoolError) -> Vec<u8> {
             pool_size: pool.cfg.size,
         },
         PoolError::Upstream(_) => SessionEnd::PoolConnectFailed { resource },
+        PoolError::Settings(_) => SessionEnd::PoolSettingsFailed { resource },
     }
     .fatal()
 }

@@ -6,6 +6,7 @@
 //! boundaries, and carries protocol-level prepared statements across connections.
 
 use super::carry::{Carry, ClientStatements};
+use super::settings::{self, Settings, Tracker};
 use super::{End, Lease, Pool, PoolError};
 use crate::cancel::BackendKey;
 use crate::proto::next_frame;
@@ -29,6 +30,12 @@ pub struct PoolStream {
     leasing: Option<Leasing>,
     carry: Carry,
     client: ClientStatements,
+    /// `transaction`: the client's settings (its confirmed `SET`s), applied to each connection
+    /// it leases, and its setting changes in flight. `unknown`: a `SET` ran inside a transaction
+    /// block where the gateway cannot tell whether it stays; the session ends at its next lease.
+    settings: Settings,
+    changes: Tracker,
+    unknown: bool,
     /// From the client: messages not yet sent (whole ones, then perhaps the start of one).
     pending: BytesMut,
     /// To the backend: bytes not yet written.
@@ -71,6 +78,9 @@ impl PoolStream {
             leasing: None,
             carry: Carry::default(),
             client: ClientStatements::default(),
+            settings: Settings::new(),
+            changes: Tracker::default(),
+            unknown: false,
             pending: BytesMut::new(),
             out: Vec::new(),
             out_pos: 0,
@@ -99,6 +109,7 @@ impl PoolStream {
         self.key.set(Some((b.pid, b.secret.clone())));
         self.lease = Some(lease);
         self.carry = Carry::default();
+        self.changes.detach();
         self.sent = 0;
         self.answered = 0;
         self.status = b'I';
@@ -171,6 +182,7 @@ impl PoolStream {
                 self.pending.advance(f.total_len);
                 continue;
             }
+            let idle = self.status == b'I';
             match tag {
                 b'Q' | b'S' | b'F' => {
                     self.sent += 1;
@@ -182,6 +194,11 @@ impl PoolStream {
             if self.transaction {
                 let lease = self.lease.as_mut().expect("encode runs with a backend");
                 let body = &self.pending[5..f.total_len];
+                let replaced = self
+                    .changes
+                    .outgoing(tag, body, idle)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let body = replaced.as_deref().unwrap_or(body);
                 self.carry
                     .outgoing(
                         &mut self.client,
@@ -244,10 +261,20 @@ impl PoolStream {
                 break;
             }
             if self.lease.is_none() {
+                if self.unknown {
+                    self.unknown = false;
+                    self.failed = Some(crate::refusal::SessionEnd::PoolSettingsUnknown.fatal());
+                    self.pending.clear();
+                    if let Some(w) = self.reader.take() {
+                        w.wake();
+                    }
+                    continue;
+                }
                 let pool = self.pool.clone();
+                let wanted = &self.settings;
                 let leasing = self
                     .leasing
-                    .get_or_insert_with(|| -> Leasing { Box::pin(pool.lease()) });
+                    .get_or_insert_with(|| -> Leasing { Box::pin(pool.lease_for(wanted.clone())) });
                 match leasing.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(r) => {
@@ -277,6 +304,30 @@ impl PoolStream {
         Poll::Ready(Ok(()))
     }
 
+    /// Record what the server confirmed of the client's setting changes, for the client and
+    /// for the connection they ran on.
+    fn settle(&mut self, now: u8) {
+        match self.changes.ready(now) {
+            settings::Settled::Nothing => {}
+            settings::Settled::Changes(done) => {
+                let backend = self.lease.as_mut().map(|l| &mut l.backend_mut().settings);
+                for change in &done {
+                    settings::apply(&mut self.settings, change);
+                }
+                if let Some(backend) = backend {
+                    for change in &done {
+                        settings::apply(backend, change);
+                    }
+                }
+            }
+            settings::Settled::Unknown => {
+                tracing::warn!(resource = %self.pool.resource(), "a session-level SET ran inside a transaction block under transaction pooling; the session ends at its next transaction");
+                self.tainted = true;
+                self.unknown = true;
+            }
+        }
+    }
+
     /// Look at what the backend sent: the messages that matter here are read whole, the rest
     /// passed on as they come (into `ready`).
     fn scan(&mut self) -> io::Result<()> {
@@ -304,7 +355,13 @@ impl PoolStream {
                 ));
             }
             let total = len as usize + 1;
-            if !matches!(tag, b'1' | b'2' | b'3' | b'Z' | b'E' | b'S') {
+            let followed = match tag {
+                b'1' | b'2' | b'3' | b'Z' | b'E' | b'S' => true,
+                // Under transaction pooling the ends of commands settle carried SETs.
+                b'C' | b'I' | b's' => self.transaction,
+                _ => false,
+            };
+            if !followed {
                 self.passthrough = total;
                 continue;
             }
@@ -329,10 +386,29 @@ impl PoolStream {
             if forward {
                 self.ready.extend_from_slice(&frame);
             }
+            if self.transaction {
+                match tag {
+                    b'C' => self
+                        .changes
+                        .completed(Some(frame[5..].strip_suffix(&[0]).unwrap_or(&frame[5..]))),
+                    b'I' | b's' => self.changes.completed(None),
+                    b'E' => self.changes.error(),
+                    b'Z' => {
+                        let now = frame.get(5).copied().unwrap_or(b'I');
+                        self.settle(now);
+                    }
+                    _ => {}
+                }
+            }
             if tag == b'Z' {
                 self.answered += 1;
                 self.status = frame.get(5).copied().unwrap_or(b'I');
-                if self.transaction && self.idle() && !self.tainted && !self.needs_backend() {
+                // A connection whose settings are unknown is closed as soon as it is idle.
+                if self.transaction
+                    && self.idle()
+                    && (!self.tainted || self.unknown)
+                    && !self.needs_backend()
+                {
                     // Anything after it is asynchronous (a NOTICE, a ParameterStatus).
                     self.inbuf.clear();
                     self.release();

@@ -1,11 +1,10 @@
 // The PostgreSQL JDBC driver through a transaction-pooled resource (tests/pg_pool_clients.rs):
 // server-prepared statements (prepareThreshold=1: named from the first execution), transactions
 // with autocommit off, errors and recovery, several clients at once on their own threads.
-// pgjdbc sets extra_float_digits and application_name with session-level SETs after connecting
-// unless assumeMinServerVersion >= 9.0, when it sends them as start-up parameters; a transaction
-// pool refuses the SETs, so the clients connect with it (-Dtg.probe=true: a connection without
-// it, printing the error). Reads the flat settings it needs from system properties; prints what
-// each client saw as JSON.
+// The clients connect with the driver's defaults: pgjdbc then sets extra_float_digits and
+// application_name with session-level SETs after connecting, which the gateway carries to every
+// connection a client's transactions run on (each round checks them). Reads the flat settings it
+// needs from system properties; prints what each client saw as JSON.
 import java.sql.*;
 import java.util.*;
 import java.util.concurrent.*;
@@ -13,9 +12,8 @@ import java.util.concurrent.*;
 public class Clients {
     static String prop(String k) { return System.getProperty("tg." + k); }
 
-    static Connection connect(boolean startupParameters) throws SQLException {
+    static Connection connect() throws SQLException {
         Properties p = new Properties();
-        if (startupParameters) p.setProperty("assumeMinServerVersion", "9.0");
         p.setProperty("user", prop("user"));
         p.setProperty("ssl", "true");
         p.setProperty("sslmode", "verify-full");
@@ -29,9 +27,9 @@ public class Clients {
 
     static String client(int i, int rounds, String table) throws SQLException {
         List<String> values = new ArrayList<>(), pids = new ArrayList<>(),
-            errors = new ArrayList<>(), after = new ArrayList<>();
+            errors = new ArrayList<>(), after = new ArrayList<>(), settings = new ArrayList<>();
         long count;
-        try (Connection c = connect(true)) {
+        try (Connection c = connect()) {
             PreparedStatement doubled = c.prepareStatement("SELECT ?::int * 2, pg_backend_pid()");
             PreparedStatement insert =
                 c.prepareStatement("INSERT INTO " + table + " (client, round) VALUES (?, ?)");
@@ -72,6 +70,12 @@ public class Clients {
                     rs.next();
                     after.add(Integer.toString(rs.getInt(1)));
                 }
+                try (Statement st = c.createStatement();
+                     ResultSet rs = st.executeQuery("SELECT current_setting('extra_float_digits')"
+                         + " || '|' || current_setting('application_name')")) {
+                    rs.next();
+                    settings.add('"' + rs.getString(1) + '"');
+                }
             }
             try (PreparedStatement q =
                      c.prepareStatement("SELECT count(*) FROM " + table + " WHERE client = ?")) {
@@ -83,20 +87,11 @@ public class Clients {
             }
         }
         return "{\"values\":" + values + ",\"pids\":" + pids + ",\"errors\":" + errors
-            + ",\"after_error\":" + after + ",\"count\":" + count + "}";
+            + ",\"after_error\":" + after + ",\"settings\":" + settings + ",\"count\":" + count
+            + "}";
     }
 
     public static void main(String[] args) throws Exception {
-        if (Boolean.getBoolean("tg.probe")) {
-            try (Connection c = connect(false)) {
-                System.out.println("{\"connected\":true}");
-            } catch (SQLException e) {
-                String m = e.getMessage().replace("\\", "\\\\").replace("\"", "\\\"")
-                    .replace("\n", " ");
-                System.out.println("{\"sqlstate\":\"" + e.getSQLState() + "\",\"message\":\"" + m + "\"}");
-            }
-            return;
-        }
         int n = Integer.parseInt(prop("clients")), rounds = Integer.parseInt(prop("rounds"));
         String table = prop("table");
         ExecutorService ex = Executors.newFixedThreadPool(n);
