@@ -21,7 +21,7 @@ use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::standing::{Ended, Standing};
 use tollgate_gate::{Decision, SessionLog};
 use tollgate_identity::Identity;
-use tollgate_mask::{ColumnInfo, Format, Outcome, RowPlan};
+use tollgate_mask::{ColumnInfo, Outcome, RowPlan};
 use tollgate_metrics::registry;
 use tollgate_policy::{Classification, Classified, Confirmation, SessionPolicy};
 use tollgate_review::Verdict;
@@ -1343,8 +1343,8 @@ fn plan_for(policy: &tollgate_mask::Policy, columns: &[Column], groups: &[String
         .map(|c| ColumnInfo {
             name: c.mask_name().to_string(),
             table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
-            type_oid: c.mask_type(),
-            format: Format::Text,
+            field_type: Some(c.mask_type()),
+            encoding: c.mask_encoding(),
         })
         .collect();
     policy.plan(&infos, groups)
