@@ -295,7 +295,7 @@ impl<'a> Relay<'a> {
                 &[("reason", why.label())],
             )
             .inc();
-        let (_, msg, hint) = why.client_error(resource);
+        let (msg, hint) = why.client_message(resource);
         self.log.record(&SessionTerminated {
             reason: why.label(),
             detail: why.detail(),
