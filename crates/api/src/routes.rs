@@ -87,7 +87,7 @@ pub(crate) fn refusal(status: StatusCode, error: impl Into<String>, hint: Option
             error: error.into(),
             hint: hint.map(str::to_string),
         },
-        challenge: tollgate_gate::authn::CHALLENGE,
+        challenge: tollgate_http::CHALLENGE,
     }
 }
 
@@ -174,7 +174,7 @@ pub(crate) async fn authenticate(
             _ => HINT,
         };
         Refusal {
-            challenge: e.challenge(),
+            challenge: tollgate_http::challenge_for(&e),
             ..refusal(StatusCode::UNAUTHORIZED, e.to_string(), Some(hint))
         }
     })

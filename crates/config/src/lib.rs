@@ -1063,7 +1063,8 @@ pub struct Mask {
     /// Column name globs (`email`, `*ssn*`, `customers.card_*`): the whole value is masked.
     #[serde(default)]
     pub columns: Vec<String>,
-    /// PostgreSQL type names (`text`, `jsonb`, ...): the whole value of such columns is masked.
+    /// Column type names (`text`, `jsonb`, `inet`, ...; see `tollgate_mask::FieldType`): the
+    /// whole value of such columns is masked.
     #[serde(default)]
     pub types: Vec<String>,
     /// Content detectors: matches inside any column's value are masked.

@@ -32,23 +32,6 @@ impl AuthError {
     }
 }
 
-/// The `WWW-Authenticate` challenge of a 401 that names no error (no credential was sent).
-pub const CHALLENGE: &str = "Bearer realm=\"tollgate\"";
-
-impl AuthError {
-    /// The `WWW-Authenticate` challenge of the 401 this refusal gets, with its RFC 6750 error
-    /// code (`invalid_token` for a token that is not valid, whatever the reason).
-    pub fn challenge(&self) -> &'static str {
-        match self {
-            AuthError::InvalidToken => "Bearer realm=\"tollgate\", error=\"invalid_token\"",
-            AuthError::MalformedAuthorization => {
-                "Bearer realm=\"tollgate\", error=\"invalid_request\""
-            }
-            AuthError::BadCertificate(_) | AuthError::Missing => CHALLENGE,
-        }
-    }
-}
-
 /// The bearer token of an `Authorization` header value (`Err` when the header is something else).
 pub fn bearer(header: &[u8]) -> Result<&str, AuthError> {
     let v = std::str::from_utf8(header).map_err(|_| AuthError::MalformedAuthorization)?;

@@ -25,6 +25,16 @@ pub trait Authorities {
     fn grant_recheck(&self) -> Duration;
 }
 
+/// What an ended session's standing rested on: each adapter answers the two with its own error
+/// code (SQLSTATE, MySQL error number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndCause {
+    /// The credential it authenticated with (certificate, token, issuer) no longer holds.
+    Credential,
+    /// A reviewer's grant it depended on ran out or was revoked.
+    Grant,
+}
+
 /// Why a session was ended from outside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ended {
@@ -60,41 +70,45 @@ impl Ended {
         }
     }
 
-    /// SQLSTATE, message and hint of the FATAL the client receives.
-    pub fn client_error(&self, resource: &str) -> (&'static str, String, String) {
+    pub fn cause(&self) -> EndCause {
+        match self {
+            Ended::CertExpired
+            | Ended::CertRevoked
+            | Ended::TokenRemoved
+            | Ended::TokenExpired
+            | Ended::IssuerRemoved => EndCause::Credential,
+            Ended::AccessGrant { .. } | Ended::UnmaskGrant { .. } => EndCause::Grant,
+        }
+    }
+
+    /// The message and hint the client receives (the adapter adds its error code).
+    pub fn client_message(&self, resource: &str) -> (String, String) {
         match self {
             Ended::CertExpired => (
-                "28000",
                 "terminating connection: your client certificate has expired".into(),
                 "reconnect with a renewed certificate (e.g. `tollgate login` or `tollgate pki issue`)".into(),
             ),
             Ended::CertRevoked => (
-                "28000",
                 "terminating connection: your client certificate has been revoked".into(),
                 "ask an administrator for a new certificate".into(),
             ),
             Ended::TokenRemoved => (
-                "28000",
                 "terminating connection: the service token this session authenticated with is no longer accepted".into(),
                 "reconnect with a current token".into(),
             ),
             Ended::TokenExpired => (
-                "28000",
                 "terminating connection: the token this session authenticated with has expired".into(),
                 "reconnect with a new token from your identity provider".into(),
             ),
             Ended::IssuerRemoved => (
-                "28000",
                 "terminating connection: the identity provider that issued this session's token is no longer accepted".into(),
                 "reconnect with a certificate or a token tollgate accepts".into(),
             ),
             Ended::AccessGrant { review, revoked } => (
-                "57P01",
                 format!("terminating connection: your temporary access to resource \"{resource}\" (review {review}) {}", ended_or_revoked(*revoked)),
                 format!("request access again with `tollgate access request {resource}`"),
             ),
             Ended::UnmaskGrant { review, revoked } => (
-                "57P01",
                 format!("terminating connection: your unmasked view of resource \"{resource}\" (review {review}) {}", ended_or_revoked(*revoked)),
                 "reconnect to continue with masked results, or request an unmasked view again".into(),
             ),

@@ -8,6 +8,20 @@ use hyper::{header, Response, StatusCode};
 use serde::Serialize;
 
 use crate::upstream::UpstreamBody;
+use tollgate_gate::AuthError;
+
+/// The `WWW-Authenticate` challenge of a 401 that names no error (no credential was sent).
+pub const CHALLENGE: &str = "Bearer realm=\"tollgate\"";
+
+/// The `WWW-Authenticate` challenge of the 401 an authentication failure gets, with its
+/// RFC 6750 error code (`invalid_token` for a token that is not valid, whatever the reason).
+pub fn challenge_for(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::InvalidToken => "Bearer realm=\"tollgate\", error=\"invalid_token\"",
+        AuthError::MalformedAuthorization => "Bearer realm=\"tollgate\", error=\"invalid_request\"",
+        AuthError::BadCertificate(_) | AuthError::Missing => CHALLENGE,
+    }
+}
 
 /// A refusal, as the client will see it.
 #[derive(Debug, Clone, Serialize)]
@@ -48,7 +62,7 @@ impl Refusal {
             review_url: None,
             session: None,
             close: false,
-            challenge: tollgate_gate::authn::CHALLENGE.into(),
+            challenge: CHALLENGE.into(),
         }
     }
 
@@ -88,9 +102,8 @@ impl Refusal {
             h.insert(header::CONNECTION, "close".parse().unwrap());
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            let challenge = header::HeaderValue::from_str(&self.challenge).unwrap_or(
-                header::HeaderValue::from_static(tollgate_gate::authn::CHALLENGE),
-            );
+            let challenge = header::HeaderValue::from_str(&self.challenge)
+                .unwrap_or(header::HeaderValue::from_static(CHALLENGE));
             h.insert(header::WWW_AUTHENTICATE, challenge);
         }
         r

@@ -28,7 +28,7 @@ mod serve;
 mod upstream;
 mod websocket;
 
-pub use error::Refusal;
+pub use error::{challenge_for, Refusal, CHALLENGE};
 pub use mcp::pin::{upstream_tools, ListedTool};
 pub use mcp::protected_resource_metadata;
 pub use normalize::{normalize_path, query_pairs, BadTarget};

@@ -272,7 +272,7 @@ fn auth_refusal(e: AuthError) -> Refusal {
         )
         .inc();
     Refusal::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
-        .challenge(e.challenge())
+        .challenge(crate::error::challenge_for(&e))
         .hint(
         "present a client certificate issued by the gateway's CA, or a token as \"Authorization: Bearer <token>\"",
     )

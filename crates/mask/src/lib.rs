@@ -9,7 +9,8 @@
 //! as they stream ([`BodyMasker`]: JSON with paths and detectors, or text).
 //!
 //! It must not do I/O, parse a wire protocol, hold session state, or decide access: a protocol
-//! adapter describes the columns ([`ColumnInfo`]), asks the policy for a [`RowPlan`] once per
+//! adapter describes the columns ([`ColumnInfo`]: a neutral [`FieldType`] and [`Encoding`]
+//! it maps from its own column types), asks the policy for a [`RowPlan`] once per
 //! result shape, and passes each value through it (PostgreSQL's DataRow and COPY formats are
 //! walked by the PostgreSQL adapter). It never logs, stores or returns an original value;
 //! [`Reason`]s for the audit record name the rule or detector, not the data, and the
@@ -32,7 +33,7 @@ pub use detect::{find, matches, Detector, DetectorSet, Match, Matches, UnknownDe
 pub use glob::Glob;
 pub use json_path::{BadJsonPath, JsonPath, PathSeg};
 pub use policy::{
-    ColumnInfo, Format, MaskSpec, Outcome, Policy, PolicyError, Reason, RowPlan, Rule, TYPE_NAMES,
+    ColumnInfo, Encoding, FieldType, MaskSpec, Outcome, Policy, PolicyError, Reason, RowPlan, Rule,
 };
 pub use strategy::{
     KeyError, MaskKey, Strategy, UnknownStrategy, DEFAULT_KEEP_LAST, MIN_KEY_BYTES, REDACTED,

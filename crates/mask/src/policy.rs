@@ -1,8 +1,8 @@
 //! Masking rules as configured, compiled into a [`Policy`], and planned per result shape.
 //!
 //! A rule selects what it masks in two independent ways:
-//! - `columns` (globs) and `types` (PostgreSQL type names): the *whole value* of every
-//!   matching column is masked;
+//! - `columns` (globs) and `types` ([`FieldType`] names, onto which each protocol adapter maps
+//!   its own column types): the *whole value* of every matching column is masked;
 //! - `detectors`: matches in the *content* of every column of the result are masked (only the
 //!   matched spans, so `notes` keeps its prose and loses the card number).
 //!
@@ -49,7 +49,7 @@ fn default_strategy() -> String {
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub columns: Vec<Glob>,
-    pub type_oids: Vec<u32>,
+    pub types: Vec<FieldType>,
     pub detectors: DetectorSet,
     pub json_paths: Vec<crate::json_path::JsonPath>,
     pub strategy: Strategy,
@@ -71,7 +71,7 @@ impl Rule {
     }
 
     fn matches_column(&self, col: &ColumnInfo) -> bool {
-        self.type_oids.contains(&col.type_oid)
+        col.field_type.is_some_and(|t| self.types.contains(&t))
             || self
                 .columns
                 .iter()
@@ -110,35 +110,91 @@ pub enum PolicyError {
     },
 }
 
-/// PostgreSQL type names accepted in `types`, with their OIDs.
-pub const TYPE_NAMES: &[(&str, u32)] = &[
-    ("bool", 16),
-    ("bytea", 17),
-    ("name", 19),
-    ("int8", 20),
-    ("int2", 21),
-    ("int4", 23),
-    ("text", 25),
-    ("oid", 26),
-    ("json", 114),
-    ("xml", 142),
-    ("cidr", 650),
-    ("float4", 700),
-    ("float8", 701),
-    ("money", 790),
-    ("macaddr", 829),
-    ("inet", 869),
-    ("bpchar", 1042),
-    ("varchar", 1043),
-    ("date", 1082),
-    ("time", 1083),
-    ("timestamp", 1114),
-    ("timestamptz", 1184),
-    ("interval", 1186),
-    ("numeric", 1700),
-    ("uuid", 2950),
-    ("jsonb", 3802),
-];
+/// A column type as masking rules name it (`types = ["inet"]`). The names are the SQL ones
+/// PostgreSQL spells; each protocol adapter maps its own column types onto them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FieldType {
+    Bool,
+    Bytea,
+    Name,
+    Int8,
+    Int2,
+    Int4,
+    Text,
+    Oid,
+    Json,
+    Xml,
+    Cidr,
+    Float4,
+    Float8,
+    Money,
+    Macaddr,
+    Inet,
+    Bpchar,
+    Varchar,
+    Date,
+    Time,
+    Timestamp,
+    Timestamptz,
+    Interval,
+    Numeric,
+    Uuid,
+    Jsonb,
+}
+
+impl FieldType {
+    /// Every type `types` accepts, with its configuration name.
+    pub const ALL: &'static [(&'static str, FieldType)] = &[
+        ("bool", FieldType::Bool),
+        ("bytea", FieldType::Bytea),
+        ("name", FieldType::Name),
+        ("int8", FieldType::Int8),
+        ("int2", FieldType::Int2),
+        ("int4", FieldType::Int4),
+        ("text", FieldType::Text),
+        ("oid", FieldType::Oid),
+        ("json", FieldType::Json),
+        ("xml", FieldType::Xml),
+        ("cidr", FieldType::Cidr),
+        ("float4", FieldType::Float4),
+        ("float8", FieldType::Float8),
+        ("money", FieldType::Money),
+        ("macaddr", FieldType::Macaddr),
+        ("inet", FieldType::Inet),
+        ("bpchar", FieldType::Bpchar),
+        ("varchar", FieldType::Varchar),
+        ("date", FieldType::Date),
+        ("time", FieldType::Time),
+        ("timestamp", FieldType::Timestamp),
+        ("timestamptz", FieldType::Timestamptz),
+        ("interval", FieldType::Interval),
+        ("numeric", FieldType::Numeric),
+        ("uuid", FieldType::Uuid),
+        ("jsonb", FieldType::Jsonb),
+    ];
+
+    /// The type a configuration name (any case) stands for.
+    pub fn from_name(name: &str) -> Option<FieldType> {
+        FieldType::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, t)| *t)
+    }
+
+    /// The configuration name.
+    pub fn name(self) -> &'static str {
+        FieldType::ALL
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+impl std::fmt::Display for FieldType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The masking rules of one resource, and the key for `hash`.
 #[derive(Debug, Clone, Default)]
@@ -179,23 +235,19 @@ impl Policy {
                 .map(|d| d.parse::<Detector>())
                 .collect::<Result<DetectorSet, _>>()
                 .map_err(|source| PolicyError::Detector { rule, source })?;
-            let type_oids = spec
+            let types = spec
                 .types
                 .iter()
                 .map(|name| {
-                    TYPE_NAMES
-                        .iter()
-                        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                        .map(|(_, oid)| *oid)
-                        .ok_or_else(|| PolicyError::Type {
-                            rule,
-                            name: name.clone(),
-                            known: TYPE_NAMES
-                                .iter()
-                                .map(|(n, _)| *n)
-                                .collect::<Vec<_>>()
-                                .join(", "),
-                        })
+                    FieldType::from_name(name).ok_or_else(|| PolicyError::Type {
+                        rule,
+                        name: name.clone(),
+                        known: FieldType::ALL
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let json_paths = spec
@@ -205,7 +257,7 @@ impl Policy {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| PolicyError::JsonPath { rule, source })?;
             if spec.columns.is_empty()
-                && type_oids.is_empty()
+                && types.is_empty()
                 && detectors.is_empty()
                 && json_paths.is_empty()
             {
@@ -213,7 +265,7 @@ impl Policy {
             }
             rules.push(Rule {
                 columns: spec.columns.iter().map(|c| Glob::new(c)).collect(),
-                type_oids,
+                types,
                 detectors,
                 json_paths,
                 strategy,
@@ -270,8 +322,8 @@ impl Policy {
         let anon = ColumnInfo {
             name: String::new(),
             table: None,
-            type_oid: 0,
-            format: Format::Text,
+            field_type: None,
+            encoding: Encoding::Text,
         };
         let mut plan = self.column_plan(&anon, &applicable);
         plan.whole = None;
@@ -291,21 +343,21 @@ impl Policy {
 
     fn column_plan(&self, col: &ColumnInfo, rules: &[(usize, &Rule)]) -> ColumnPlan {
         let mut plan = ColumnPlan {
-            kind: ValueKind::of(col.type_oid, col.format),
+            kind: col.encoding,
             whole: None,
             detectors: DetectorSet::EMPTY,
             strategies: [Strategy::Redact; 11],
             json_paths: Vec::new(),
         };
-        let json = matches!(plan.kind, ValueKind::Json | ValueKind::JsonbBinary);
+        let json = matches!(plan.kind, Encoding::Json | Encoding::VersionedJson);
         for &(idx, rule) in rules {
             if plan.whole.is_none() && rule.selects_column(col) {
                 plan.whole = Some((rule.strategy, Reason::Column { rule: idx }));
             }
             let in_scope =
-                rule.columns.is_empty() && rule.type_oids.is_empty() || rule.matches_column(col);
+                rule.columns.is_empty() && rule.types.is_empty() || rule.matches_column(col);
             // A column the rule names is searched for its paths even as text (`profile::text`).
-            let named_text = plan.kind == ValueKind::Text && rule.matches_column(col);
+            let named_text = plan.kind == Encoding::Text && rule.matches_column(col);
             if (json && in_scope) || named_text {
                 plan.json_paths.extend(
                     rule.json_paths
@@ -333,15 +385,10 @@ pub struct ColumnInfo {
     pub name: String,
     /// The source table (`customers` or `public.customers`) when known.
     pub table: Option<String>,
-    /// PostgreSQL type OID; 0 when unknown.
-    pub type_oid: u32,
-    pub format: Format,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Binary,
+    /// The type `types` rules match; `None` when the adapter has no name for it.
+    pub field_type: Option<FieldType>,
+    /// How the column's values are written, as the adapter receives them.
+    pub encoding: Encoding,
 }
 
 /// Why a value was masked (for the audit record; never carries the value).
@@ -374,58 +421,37 @@ pub enum Outcome {
     Null(Reason),
 }
 
-/// How a column's bytes can be masked, from its type and format.
+/// How a column's values are written, which decides how they can be masked. The adapter
+/// derives it from its column type and wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ValueKind {
-    /// Text (any format), or bytes where any replacement is type-correct: mask in place.
+pub enum Encoding {
+    /// Text, or bytes where any replacement is type-correct: masked in place.
     Text,
-    /// JSON text: mask inside strings and numbers, keep it valid JSON.
+    /// JSON text: masked inside strings and numbers, kept valid JSON.
     Json,
-    /// jsonb binary: a version byte, then JSON text.
-    JsonbBinary,
-    /// Text rendering of a non-text type (int8, inet, ...): a match makes it NULL.
+    /// One version byte, then JSON text (PostgreSQL's binary jsonb).
+    VersionedJson,
+    /// The text rendering of a non-text type (a number, an address): a match makes it NULL.
     TypedText,
-    /// Binary int8: rendered in decimal for the digit detectors; a match makes it NULL.
-    Int8Binary,
-    /// Binary of an unknown type: scanned raw; a match makes it NULL.
-    OpaqueBinary,
-    /// Binary of a known non-text type (int4, float8, timestamp, uuid, ...): nothing to scan.
+    /// A big-endian 64-bit signed integer: rendered in decimal for the digit detectors; a match
+    /// makes it NULL.
+    BigEndianI64,
+    /// Bytes of an unknown layout: scanned raw; a match makes it NULL.
+    Opaque,
+    /// A value that cannot carry free text (a binary number, a date, a boolean, a UUID):
+    /// nothing to scan.
     Fixed,
 }
 
-const NON_TEXT_TYPES: &[u32] = &[
-    16, 20, 21, 23, 26, 650, 700, 701, 790, 829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700,
-    2950,
-];
-const UNSCANNED_TEXT_TYPES: &[u32] = &[16, 1082, 1083, 1114, 1184, 1186, 1266, 2950];
-const TEXT_TYPES: &[u32] = &[18, 19, 25, 705, 1042, 1043, 17];
-
-impl ValueKind {
-    fn of(oid: u32, format: Format) -> ValueKind {
-        match (format, oid) {
-            (_, 114) => ValueKind::Json,
-            (Format::Text, 3802) => ValueKind::Json,
-            (Format::Binary, 3802) => ValueKind::JsonbBinary,
-            // Dates, times, booleans and UUIDs cannot carry free text, and their digits would
-            // look like phone numbers (`…05.532057-05`): nothing to scan, as in binary.
-            (Format::Text, o) if UNSCANNED_TEXT_TYPES.contains(&o) => ValueKind::Fixed,
-            (Format::Text, o) if NON_TEXT_TYPES.contains(&o) => ValueKind::TypedText,
-            (Format::Text, _) => ValueKind::Text,
-            (Format::Binary, o) if TEXT_TYPES.contains(&o) => ValueKind::Text,
-            (Format::Binary, 20) => ValueKind::Int8Binary,
-            (Format::Binary, o) if NON_TEXT_TYPES.contains(&o) => ValueKind::Fixed,
-            (Format::Binary, _) => ValueKind::OpaqueBinary,
-        }
-    }
-
+impl Encoding {
     fn scannable(self) -> bool {
-        self != ValueKind::Fixed
+        self != Encoding::Fixed
     }
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ColumnPlan {
-    pub(crate) kind: ValueKind,
+    pub(crate) kind: Encoding,
     pub(crate) whole: Option<(Strategy, Reason)>,
     pub(crate) detectors: DetectorSet,
     pub(crate) strategies: [Strategy; 11],
@@ -499,7 +525,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timestamps_in_text_are_not_scanned_by_the_digit_detectors() {
+    fn fixed_values_are_not_scanned_by_the_digit_detectors() {
         let p = Policy::from_specs(
             &[MaskSpec {
                 detectors: vec!["phone".into(), "credit_card".into()],
@@ -513,14 +539,14 @@ mod tests {
             ColumnInfo {
                 name: "at".into(),
                 table: None,
-                type_oid: 1184,
-                format: Format::Text,
+                field_type: Some(FieldType::Timestamptz),
+                encoding: Encoding::Fixed,
             },
             ColumnInfo {
                 name: "note".into(),
                 table: None,
-                type_oid: 25,
-                format: Format::Text,
+                field_type: Some(FieldType::Text),
+                encoding: Encoding::Text,
             },
         ];
         let plan = p.plan(&cols, &[]);
@@ -535,12 +561,12 @@ mod tests {
         );
     }
 
-    fn col(name: &str, table: Option<&str>, oid: u32) -> ColumnInfo {
+    fn col(name: &str, table: Option<&str>, field_type: FieldType) -> ColumnInfo {
         ColumnInfo {
             name: name.into(),
             table: table.map(Into::into),
-            type_oid: oid,
-            format: Format::Text,
+            field_type: Some(field_type),
+            encoding: Encoding::Text,
         }
     }
 
@@ -612,7 +638,10 @@ mod tests {
         let mut sre_sees = spec(&["email"], &[], "partial");
         sre_sees.except_groups = vec!["sre".into()];
         let p = Policy::from_specs(&[sre_sees, spec(&["e*"], &["iban"], "redact")], None).unwrap();
-        let cols = [col("email", Some("users"), 25), col("name", None, 25)];
+        let cols = [
+            col("email", Some("users"), FieldType::Text),
+            col("name", None, FieldType::Text),
+        ];
         let agent = p.plan(&cols, &["agents".into()]);
         assert_eq!(
             agent.cols[0].whole,
@@ -636,7 +665,7 @@ mod tests {
         s.types = vec!["INET".into()];
         s.only_groups = vec!["contractors".into()];
         let p = Policy::from_specs(&[s], None).unwrap();
-        let cols = [col("client_addr", None, 869)];
+        let cols = [col("client_addr", None, FieldType::Inet)];
         assert!(p.plan(&cols, &["contractors".into()]).is_active());
         assert!(!p.plan(&cols, &["staff".into()]).is_active());
     }

@@ -2,7 +2,7 @@
 //! whole values, and the type-correct fallback (NULL) for non-text types.
 
 use crate::detect::{first_match, scan, try_matches, Detector, DetectorSet, Matches};
-use crate::policy::{ColumnPlan, Outcome, Reason, ValueKind};
+use crate::policy::{ColumnPlan, Encoding, Outcome, Reason};
 use crate::prefilter::candidates;
 use crate::strategy::{write_mask, MaskKey, Strategy, REDACTED};
 use std::borrow::Cow;
@@ -91,7 +91,7 @@ pub(crate) fn mask_value(
     }
     // The first pass alone settles most values, before any call into the masking below.
     let set = match plan.kind {
-        ValueKind::Text | ValueKind::Json | ValueKind::TypedText | ValueKind::OpaqueBinary => {
+        Encoding::Text | Encoding::Json | Encoding::TypedText | Encoding::Opaque => {
             candidates(plan.detectors, value)
         }
         _ => plan.detectors,
@@ -114,17 +114,17 @@ fn mask_content(
 ) -> Outcome {
     let strategy_of = |d: Detector| plan.strategies[d as usize];
     match plan.kind {
-        ValueKind::Text => match write_spans(&[], value, scan(set, value), strategy_of, key, out) {
+        Encoding::Text => match write_spans(&[], value, scan(set, value), strategy_of, key, out) {
             Some(d) => Outcome::Masked(Reason::Detector(d)),
             None => Outcome::Unchanged,
         },
-        ValueKind::Json => {
+        Encoding::Json => {
             match mask_json_scanned(value, set, plan.detectors, strategy_of, key, out) {
                 Some(d) => Outcome::Masked(Reason::Detector(d)),
                 None => Outcome::Unchanged,
             }
         }
-        ValueKind::JsonbBinary => {
+        Encoding::VersionedJson => {
             let Some((&version, json)) = value.split_first() else {
                 return Outcome::Unchanged;
             };
@@ -138,11 +138,11 @@ fn mask_content(
                 None => Outcome::Unchanged,
             }
         }
-        ValueKind::TypedText | ValueKind::OpaqueBinary => match scan(set, value).next() {
+        Encoding::TypedText | Encoding::Opaque => match scan(set, value).next() {
             Some(m) => Outcome::Null(Reason::Detector(m.detector)),
             None => Outcome::Unchanged,
         },
-        ValueKind::Int8Binary => {
+        Encoding::BigEndianI64 => {
             let Ok(bytes) = <[u8; 8]>::try_from(value) else {
                 return Outcome::Unchanged;
             };
@@ -153,7 +153,7 @@ fn mask_content(
                 None => Outcome::Unchanged,
             }
         }
-        ValueKind::Fixed => Outcome::Unchanged,
+        Encoding::Fixed => Outcome::Unchanged,
     }
 }
 
@@ -167,7 +167,7 @@ fn mask_json_paths(
     out: &mut Vec<u8>,
 ) -> Option<Outcome> {
     let (version, doc) = match plan.kind {
-        ValueKind::JsonbBinary => {
+        Encoding::VersionedJson => {
             let (v, d) = value.split_first()?;
             (Some(*v), d)
         }
@@ -188,7 +188,7 @@ fn mask_json_paths(
 }
 
 fn mask_whole(
-    kind: ValueKind,
+    kind: Encoding,
     strategy: Strategy,
     reason: Reason,
     key: Option<&MaskKey>,
@@ -199,7 +199,7 @@ fn mask_whole(
         return Outcome::Null(reason);
     }
     match kind {
-        ValueKind::Text => {
+        Encoding::Text => {
             // A value that is exactly one detected item keeps that item's partial shape
             // (an e-mail keeps its domain).
             let detector = match strategy {
@@ -211,9 +211,9 @@ fn mask_whole(
             write_mask(strategy, detector, value, key, out);
             Outcome::Masked(reason)
         }
-        ValueKind::Json | ValueKind::JsonbBinary => {
+        Encoding::Json | Encoding::VersionedJson => {
             // The JSON string "****" or "h:...": valid json/jsonb, never the original.
-            if kind == ValueKind::JsonbBinary {
+            if kind == Encoding::VersionedJson {
                 out.push(value.first().copied().unwrap_or(1));
             }
             out.push(b'"');

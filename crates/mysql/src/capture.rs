@@ -5,7 +5,7 @@
 use crate::proto::{self, Column, Layout, Malformed, Reader};
 use serde_json::Value;
 use tollgate_gate::event::RowCapture;
-use tollgate_mask::{Outcome, RowPlan};
+use tollgate_mask::{FieldType, Outcome, RowPlan};
 
 pub(crate) struct Capture {
     limit: usize,
@@ -95,7 +95,7 @@ fn shown(c: Option<&Column>, v: &Cell<'_>) -> Value {
     let text = match v {
         Cell::Binary(_) => None,
         // Bytes (BLOB, BINARY): the masking engine's bytea.
-        _ if c.is_some_and(|c| c.mask_type() == 17) => None,
+        _ if c.is_some_and(|c| c.mask_type() == FieldType::Bytea) => None,
         _ => std::str::from_utf8(v.as_bytes()).ok(),
     };
     match text {

@@ -23,9 +23,10 @@ pub struct ErrorMasker {
 impl ErrorMasker {
     /// `None` when nothing would be masked for a viewer in `groups`.
     pub fn new(policy: &Policy, groups: &[String]) -> Option<ErrorMasker> {
-        let withhold = policy.rules().iter().position(|r| {
-            r.applies_to(groups) && (!r.columns.is_empty() || !r.type_oids.is_empty())
-        });
+        let withhold = policy
+            .rules()
+            .iter()
+            .position(|r| r.applies_to(groups) && (!r.columns.is_empty() || !r.types.is_empty()));
         let text = policy.text_plan(groups);
         (withhold.is_some() || text.is_active()).then_some(ErrorMasker { text, withhold })
     }

@@ -2,6 +2,8 @@
 //! no sockets (framing lives in [`crate::io`]). Every length read from the wire is checked
 //! against what is left of the buffer before anything is sliced or allocated.
 
+use tollgate_mask::{Encoding, FieldType};
+
 /// Capability flags (the subset the gateway speaks).
 pub mod caps {
     pub const LONG_PASSWORD: u32 = 1;
@@ -678,20 +680,35 @@ impl Column {
         }
     }
 
-    /// The PostgreSQL type the masking engine knows that reads this column's text the same
-    /// way: text, bytes, JSON, a number (masked whole, to NULL) or a date (never scanned).
-    pub fn mask_type(&self) -> u32 {
+    /// The type masking rules know this column as (`types = ["int8"]` selects MySQL's integers).
+    pub fn mask_type(&self) -> FieldType {
         match self.column_type {
-            types::TINY | types::SHORT | types::LONG | types::LONGLONG | types::INT24 => 20,
-            types::YEAR => 21,
-            types::DECIMAL | 246 => 1700,
-            types::FLOAT | types::DOUBLE => 701,
-            types::DATE => 1082,
-            types::TIME => 1083,
-            types::DATETIME | types::TIMESTAMP => 1114,
-            types::JSON => 114,
-            _ if self.charset == BINARY_CHARSET => 17,
-            _ => 25,
+            types::TINY | types::SHORT | types::LONG | types::LONGLONG | types::INT24 => {
+                FieldType::Int8
+            }
+            types::YEAR => FieldType::Int2,
+            types::DECIMAL | 246 => FieldType::Numeric,
+            types::FLOAT | types::DOUBLE => FieldType::Float8,
+            types::DATE => FieldType::Date,
+            types::TIME => FieldType::Time,
+            types::DATETIME | types::TIMESTAMP => FieldType::Timestamp,
+            types::JSON => FieldType::Json,
+            _ if self.charset == BINARY_CHARSET => FieldType::Bytea,
+            _ => FieldType::Text,
+        }
+    }
+
+    /// How masking reads the value as relayed (as text; binary-protocol integers are rendered
+    /// in decimal first): text, bytes, JSON, a number (masked whole, to NULL) or a date (never
+    /// scanned).
+    pub fn mask_encoding(&self) -> Encoding {
+        match self.mask_type() {
+            FieldType::Int8 | FieldType::Int2 | FieldType::Numeric | FieldType::Float8 => {
+                Encoding::TypedText
+            }
+            FieldType::Date | FieldType::Time | FieldType::Timestamp => Encoding::Fixed,
+            FieldType::Json => Encoding::Json,
+            _ => Encoding::Text,
         }
     }
 

@@ -22,7 +22,7 @@ use tollgate_gate::hold::{self, HoldRequest, Opened};
 use tollgate_gate::standing::{Ended, Standing};
 use tollgate_gate::{Decision, SessionLog};
 use tollgate_identity::Identity;
-use tollgate_mask::{ColumnInfo, Format, Outcome, RowPlan};
+use tollgate_mask::{ColumnInfo, Outcome, RowPlan};
 use tollgate_metrics::registry;
 use tollgate_policy::{Classification, Classified, Confirmation, SessionPolicy};
 use tollgate_review::Verdict;
@@ -305,7 +305,7 @@ impl<'a> Relay<'a> {
                 &[("reason", why.label())],
             )
             .inc();
-        let (_, msg, hint) = why.client_error(resource);
+        let (msg, hint) = why.client_message(resource);
         self.log.record(&SessionTerminated {
             reason: why.label(),
             detail: why.detail(),
@@ -1400,8 +1400,8 @@ fn plan_for(policy: &tollgate_mask::Policy, columns: &[Column], groups: &[String
         .map(|c| ColumnInfo {
             name: c.mask_name().to_string(),
             table: (!c.org_table.is_empty()).then(|| c.org_table.clone()),
-            type_oid: c.mask_type(),
-            format: Format::Text,
+            field_type: Some(c.mask_type()),
+            encoding: c.mask_encoding(),
         })
         .collect();
     policy.plan(&infos, groups)

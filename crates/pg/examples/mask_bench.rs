@@ -16,8 +16,8 @@
 
 use std::hint::black_box;
 use std::time::Instant;
-use tollgate_mask::{ColumnInfo, Detector, Format, MaskKey, MaskSpec, Policy, RowPlan};
-use tollgate_pg::rows::{RowMasking, RowOutcome};
+use tollgate_mask::{ColumnInfo, Detector, MaskKey, MaskSpec, Policy, RowPlan};
+use tollgate_pg::rows::{column_info, Format, RowMasking, RowOutcome};
 
 struct XorShift(u64);
 
@@ -377,12 +377,7 @@ fn columns(table: &Table) -> Vec<ColumnInfo> {
     table
         .columns
         .iter()
-        .map(|(name, oid)| ColumnInfo {
-            name: name.to_string(),
-            table: Some(table.name.into()),
-            type_oid: *oid,
-            format: Format::Text,
-        })
+        .map(|(name, oid)| column_info(name, Some(table.name), *oid, Format::Text))
         .collect()
 }
 

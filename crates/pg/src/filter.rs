@@ -10,12 +10,12 @@
 
 use crate::proto::backend::{self, RowField};
 use crate::refusal::CommandRefusal;
-use crate::rows::{CopyFormat, RowMasking, RowOutcome};
+use crate::rows::{column_info, CopyFormat, Format, RowMasking, RowOutcome};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use tollgate_gate::event::{MaskedCount, RowCapture};
-use tollgate_mask::{ColumnInfo, Format, Policy, Reason, RowPlan, REDACTED};
+use tollgate_mask::{ColumnInfo, Policy, Reason, RowPlan, REDACTED};
 
 /// What to do with one backend message.
 #[derive(Debug, PartialEq, Eq)]
@@ -141,7 +141,7 @@ impl Filter {
         }
         let column_rules = applicable
             .iter()
-            .any(|r| !r.columns.is_empty() || !r.type_oids.is_empty());
+            .any(|r| !r.columns.is_empty() || !r.types.is_empty());
         // Exempt from some rule (or unmasked by an approved review: no policy at all).
         let exempt = policy.is_empty() || policy.rules().iter().any(|r| !r.applies_to(groups));
         let audit = audit.filter(|_| exempt && capture_budget.is_some());
@@ -317,24 +317,7 @@ impl Filter {
                 return p.clone();
             }
         }
-        let columns: Vec<ColumnInfo> = shape
-            .fields
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let code = format_code(formats, i);
-                ColumnInfo {
-                    name: f.name.clone(),
-                    table: None,
-                    type_oid: f.type_oid,
-                    format: if code == 1 {
-                        Format::Binary
-                    } else {
-                        Format::Text
-                    },
-                }
-            })
-            .collect();
+        let columns = columns_of(shape, formats);
         let plan = Arc::new(self.policy.plan(&columns, &self.groups));
         if all_text {
             let _ = shape.text_plan.set(plan.clone());
@@ -351,21 +334,7 @@ impl Filter {
                 return Some(p.clone());
             }
         }
-        let columns: Vec<ColumnInfo> = shape
-            .fields
-            .iter()
-            .enumerate()
-            .map(|(i, f)| ColumnInfo {
-                name: f.name.clone(),
-                table: None,
-                type_oid: f.type_oid,
-                format: if format_code(formats, i) == 1 {
-                    Format::Binary
-                } else {
-                    Format::Text
-                },
-            })
-            .collect();
+        let columns = columns_of(shape, formats);
         let plan = Arc::new(audit.plan(&columns, &[]));
         if all_text {
             let _ = shape.audit_text_plan.set(plan.clone());
@@ -640,7 +609,7 @@ impl Filter {
         let (cols, _) = rest.split_once(")=(")?;
         let masked_column = self.policy.rules().iter().any(|r| {
             r.applies_to(&self.groups)
-                && (!r.type_oids.is_empty()
+                && (!r.types.is_empty()
                     || cols.split(',').any(|c| {
                         let c = c.trim().trim_matches('"');
                         r.columns.iter().any(|g| g.matches_column(None, c))
@@ -791,6 +760,19 @@ impl Shape {
 
 /// Distinct result shapes a session keeps (a session with more starts over).
 const MAX_SHAPES: usize = 256;
+
+/// The columns of a result, in the formats Bind asked for, as the masking engine sees them.
+fn columns_of(shape: &Shape, formats: &[i16]) -> Vec<ColumnInfo> {
+    shape
+        .fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let format = Format::from_code(format_code(formats, i));
+            column_info(&f.name, None, f.type_oid, format)
+        })
+        .collect()
+}
 
 /// The format code of column `i` under Bind's result-format rules (none: text; one: all).
 fn format_code(formats: &[i16], i: usize) -> i16 {

@@ -5,6 +5,7 @@
 
 use crate::limits::Cap;
 use crate::proto::backend::{self, Severity};
+use tollgate_gate::standing::{EndCause, Ended};
 
 #[derive(Debug)]
 pub(crate) enum Refusal {
@@ -340,6 +341,32 @@ impl SessionEnd<'_> {
     }
 }
 
+/// A session ended because what its standing rested on went (certificate, token, issuer,
+/// grant): the FATAL the client receives.
+pub(crate) struct StandingLost<'a> {
+    pub ended: &'a Ended,
+    pub resource: &'a str,
+}
+
+impl StandingLost<'_> {
+    pub fn sqlstate(&self) -> &'static str {
+        match self.ended.cause() {
+            // invalid_authorization_specification
+            EndCause::Credential => "28000",
+            // admin_shutdown: a reviewer's decision ended it
+            EndCause::Grant => "57P01",
+        }
+    }
+
+    /// The SQLSTATE, the message (also recorded in the audit event) and the FATAL message.
+    pub fn fatal(&self) -> (&'static str, String, Vec<u8>) {
+        let (msg, hint) = self.ended.client_message(self.resource);
+        let code = self.sqlstate();
+        let fatal = backend::error(Severity::Fatal, code, &msg, Some(&hint));
+        (code, msg, fatal)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +402,42 @@ mod tests {
             "tollgate could not connect to resource \"app\""
         );
         assert!(up.hint().unwrap().contains("s1"));
+    }
+
+    #[test]
+    fn a_lost_standing_ends_with_an_authorization_or_shutdown_sqlstate() {
+        let lost = |ended: &Ended| {
+            let (code, msg, fatal) = StandingLost {
+                ended,
+                resource: "app",
+            }
+            .fatal();
+            assert!(String::from_utf8_lossy(&fatal).contains(&msg));
+            (code, msg)
+        };
+        for ended in [
+            Ended::CertExpired,
+            Ended::CertRevoked,
+            Ended::TokenRemoved,
+            Ended::TokenExpired,
+            Ended::IssuerRemoved,
+        ] {
+            assert_eq!(lost(&ended).0, "28000", "{ended:?}");
+        }
+        let (code, msg) = lost(&Ended::AccessGrant {
+            review: "rv1".into(),
+            revoked: true,
+        });
+        assert_eq!(code, "57P01");
+        assert!(
+            msg.contains("resource \"app\" (review rv1) was revoked"),
+            "{msg}"
+        );
+        let unmask = Ended::UnmaskGrant {
+            review: "rv2".into(),
+            revoked: false,
+        };
+        assert_eq!(lost(&unmask).0, "57P01");
     }
 
     #[test]

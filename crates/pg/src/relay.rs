@@ -39,10 +39,12 @@ use tollgate_review::{Review, Reviews, Verdict as ReviewVerdict};
 use tollgate_store::EventInput;
 
 mod audit;
+mod client;
 mod review;
 mod tracker;
 
 use audit::*;
+use client::client_to_upstream;
 use review::*;
 use tracker::*;
 
@@ -219,7 +221,40 @@ pub(crate) async fn run(
         Stop::Limit(e) => (Outcome::LimitReached, Some(e)),
     };
     let pending = tracker.interrupt_pending();
-    let resource = target.resource.name.as_str();
+    close_legs(
+        log,
+        &target.resource.name,
+        outcome,
+        &error,
+        &mut cwr,
+        &mut uwr,
+    )
+    .await;
+    RelayEnd {
+        outcome,
+        pending,
+        error,
+        commands: tracker.next.load(Ordering::Relaxed),
+        bytes_from_client: from_client.load(Ordering::Relaxed),
+        bytes_to_client: to_client.load(Ordering::Relaxed),
+        upstream_pid,
+        upstream_secret,
+    }
+}
+
+/// Ends both legs: the client is told why the gateway ended its session (with the audit event
+/// of a dialect change or limit), the upstream backend that the session is over.
+async fn close_legs<C, U>(
+    log: &SessionLog,
+    resource: &str,
+    outcome: Outcome,
+    error: &Option<String>,
+    cwr: &mut C,
+    uwr: &mut U,
+) where
+    C: AsyncWrite + Unpin,
+    U: AsyncWrite + Unpin,
+{
     let detail = error.as_deref();
     let end = match outcome {
         Outcome::UpstreamLost => {
@@ -260,16 +295,6 @@ pub(crate) async fn run(
     }
     let _ = cwr.shutdown().await;
     let _ = uwr.shutdown().await;
-    RelayEnd {
-        outcome,
-        pending,
-        error,
-        commands: tracker.next.load(Ordering::Relaxed),
-        bytes_from_client: from_client.load(Ordering::Relaxed),
-        bytes_to_client: to_client.load(Ordering::Relaxed),
-        upstream_pid,
-        upstream_secret,
-    }
 }
 
 /// Reads the upstream's function catalog for the guardrails ([`CATALOG_QUERY`]) on a session's
@@ -447,299 +472,6 @@ fn failing_stand_in(msg: ClientMsg) -> Vec<u8> {
         m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         m.extend_from_slice(body);
         m
-    }
-}
-
-async fn client_to_upstream<R, W, CW>(
-    side: &ClientSide<'_>,
-    rd: &mut R,
-    wr: &mut W,
-    mut guard: Option<Guard<'_, CW>>,
-) -> Stop
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-    CW: AsyncWrite + Unpin,
-{
-    let ClientSide {
-        gw,
-        tracker,
-        bytes,
-        commands,
-        track,
-        shapes,
-        redact,
-        limits,
-        copy_columns,
-        transaction_pooled,
-    } = *side;
-    let limit = gw.max_message;
-    let mut buf = BytesMut::with_capacity(READ_BUF);
-    let mut prepared = Prepared::default();
-    let mut events: Vec<Stamped<event::Command>> = Vec::new();
-    let mut splice = Splice::default();
-    // ReadyForQuery messages the requests forwarded so far will bring (one per Query,
-    // FunctionCall and Sync), and the pipeline state of a command that may change settings.
-    let mut boundaries: u64 = 0;
-    let mut segment: u64 = 0;
-    let mut risky_pipeline = false;
-    loop {
-        match rd.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Stop::Outcome(Outcome::ClientGone),
-            Ok(n) => {
-                bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
-        }
-        let mut pos = 0;
-        // Set when the batch ends the session; the valid messages before it are still forwarded.
-        let mut stop = None;
-        loop {
-            let f = match next_frame(&buf[pos..], limit) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    stop = Some(Stop::Protocol(e.to_string()));
-                    break;
-                }
-            };
-            let body = f.body(&buf[pos..]);
-            // What the server settled since: prepared statements, portals, finished pipelines.
-            for settled in tracker.take_settled() {
-                if let Settled::Idle(seg) = settled {
-                    prepared.portals.retain(|_, p| p.segment > seg);
-                }
-                if let Some(g) = guard.as_mut() {
-                    match settled {
-                        Settled::Change(seq, how) => g.session.confirm(seq, how),
-                        Settled::Idle(seg) => g.session.idle(seg),
-                    }
-                }
-            }
-            let end = pos + f.total_len;
-            let msg = f.client();
-            let parse_refusal = if msg != ClientMsg::Parse {
-                None
-            } else if guard.is_some() && risky_pipeline {
-                // The server parses this after a command that may have changed how SQL reads,
-                // before the gateway can see the outcome: refused.
-                Some(("unsettled_pipeline", CommandRefusal::UnsettledPipeline))
-            } else if transaction_pooled {
-                frontend::parse_parse(body)
-                    .ok()
-                    .and_then(|p| tollgate_policy::session_state(&p.query))
-                    .map(|st| ("pool_mode", CommandRefusal::PoolMode(st.what())))
-            } else {
-                None
-            };
-            if let Some((reason, refusal)) = parse_refusal {
-                // Always queued: the client's answer is the refusal, not the stand-in's error.
-                let name = frontend::parse_parse(body)
-                    .map(|p| p.statement)
-                    .unwrap_or_default();
-                tracker.push(Kind::Parse { name, seq: None });
-                tracker.deny_last(refusal.error());
-                tracker.log.record(&StatementRefused {
-                    reason,
-                    protocol: "extended",
-                });
-                splice.replace(&buf, pos, end, &failing_stand_in(ClientMsg::Execute));
-                pos = end;
-                continue;
-            }
-            let mut inject = None;
-            let mut judged = Judged::default();
-            let ctx = Inspect {
-                track,
-                copy_columns,
-                segment,
-                limits,
-            };
-            match inspect_client(
-                msg,
-                body,
-                &mut prepared,
-                tracker,
-                &mut events,
-                shapes.then_some(&mut inject),
-                &ctx,
-                guard.as_mut().map(|g| {
-                    let who = Caller {
-                        subject: g.subject,
-                        groups: g.groups,
-                    };
-                    (&mut g.session, g.policy, who, &mut judged)
-                }),
-            ) {
-                Ok(true) => {
-                    commands.inc();
-                    if let (Some(plan), Some(ev)) = (redact, events.last_mut()) {
-                        redact_command(&mut ev.event, plan);
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    stop = Some(e);
-                    break;
-                }
-            }
-            if let Some(e) = judged.limit.take() {
-                stop = Some(Stop::Limit(e));
-                break;
-            }
-            if matches!(
-                msg,
-                ClientMsg::Query | ClientMsg::FunctionCall | ClientMsg::Sync
-            ) {
-                boundaries += 1;
-            }
-            if msg == ClientMsg::Query && inject.is_some() {
-                // The Sync of the gateway's own COPY shape request.
-                boundaries += 1;
-            }
-            if msg == ClientMsg::Sync {
-                segment += 1;
-            }
-            if guard.is_some()
-                && risky_pipeline
-                && msg == ClientMsg::Query
-                && judged.decision.is_none()
-            {
-                judged.decision = Some(Decision::Deny {
-                    rule: "sql_safety".into(),
-                    message: UNSETTLED_PIPELINE.into(),
-                });
-                judged.unsettled = true;
-            }
-            let n = events.last().map_or(0, |e| e.event.n);
-            let pool_refusal = (transaction_pooled && msg == ClientMsg::Query)
-                .then(|| frontend::parse_query(body).ok())
-                .flatten()
-                .and_then(|text| tollgate_policy::session_state(&text))
-                .map(|st| CommandRefusal::PoolMode(st.what()));
-            if pool_refusal.is_some() {
-                judged.decision = None;
-                tracker.log.record(&StatementRefused {
-                    reason: "pool_mode",
-                    protocol: "simple",
-                });
-            }
-            let refusal = match judged.decision.take() {
-                _ if pool_refusal.is_some() => pool_refusal,
-                None | Some(Decision::Allow { .. }) => None,
-                Some(Decision::Deny { .. }) if judged.unsettled => {
-                    Some(CommandRefusal::UnsettledPipeline)
-                }
-                Some(Decision::Deny { message, .. }) => Some(CommandRefusal::Rule(message)),
-                Some(Decision::Review {
-                    rule,
-                    approvers,
-                    min_approvals,
-                    timeout,
-                }) => {
-                    let g = guard.as_mut().expect("a decision comes from a guard");
-                    let ask = Ask {
-                        n,
-                        shown: review_text(
-                            msg,
-                            body,
-                            &prepared,
-                            &g.session,
-                            events.last().map(|e| &e.event),
-                            redact,
-                        ),
-                        sha256: events
-                            .last()
-                            .and_then(|e| e.event.digest.as_deref())
-                            .map(|d| d.trim_start_matches("sha256:").to_string())
-                            .unwrap_or_default(),
-                        rule,
-                        approvers,
-                        min_approvals,
-                        timeout,
-                    };
-                    match open_review(g, tracker, &ask) {
-                        Err(Held::Run) => None,
-                        Err(Held::Refuse(r)) => Some(r),
-                        Err(Held::ClientGone) => return Stop::Outcome(Outcome::ClientGone),
-                        Ok(review) => {
-                            if let Some(ev) = events.last_mut() {
-                                ev.event.review = Some(review.id.clone());
-                            }
-                            // Everything before the held command goes upstream now, with the
-                            // events (the held command's too: it is recorded before it waits).
-                            if let Err(stop) =
-                                forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events)
-                                    .await
-                            {
-                                return stop;
-                            }
-                            pos = 0;
-                            match await_review(
-                                g, tracker, rd, &mut buf, bytes, limit, &ask, &review,
-                            )
-                            .await
-                            {
-                                Held::Run => None,
-                                Held::Refuse(r) => Some(r),
-                                Held::ClientGone => return Stop::Outcome(Outcome::ClientGone),
-                            }
-                        }
-                    }
-                }
-            };
-            let end = pos + f.total_len;
-            let refused = refusal.is_some();
-            if let Some(refusal) = refusal {
-                // A Describe queued for this Execute still goes first: its answer is expected.
-                let mut with = inject.unwrap_or_default();
-                with.extend_from_slice(&failing_stand_in(msg));
-                splice.replace(&buf, pos, end, &with);
-                tracker.deny(n, refusal.error());
-            } else if let Some(describe) = inject {
-                let mut with = describe;
-                with.extend_from_slice(&buf[pos..end]);
-                splice.replace(&buf, pos, end, &with);
-            }
-            pos = end;
-            if msg == ClientMsg::Terminate {
-                stop = Some(Stop::Outcome(Outcome::Closed));
-                break;
-            }
-            // A command that may change a setting the parser depends on: nothing after it is
-            // read until the server's answer (and its ParameterStatus) has been checked. In a
-            // pipeline, the wait is at its Sync, and no statement may be parsed before it.
-            let settle_now = match msg {
-                ClientMsg::Query | ClientMsg::FunctionCall => {
-                    judged.may_change_settings && !refused
-                }
-                ClientMsg::Execute => {
-                    risky_pipeline |= judged.may_change_settings && !refused;
-                    false
-                }
-                ClientMsg::Sync => std::mem::take(&mut risky_pipeline),
-                _ => false,
-            };
-            if settle_now {
-                if let Err(stop) =
-                    forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events).await
-                {
-                    return stop;
-                }
-                pos = 0;
-                if let Err(stop) =
-                    await_settled(tracker, rd, wr, &mut buf, bytes, limit, boundaries).await
-                {
-                    return stop;
-                }
-            }
-        }
-        if let Err(stop) = forward(gw, tracker, wr, &mut buf, &mut splice, pos, &mut events).await {
-            return stop;
-        }
-        if let Some(stop) = stop {
-            return stop;
-        }
-        reserve_for_next(&mut buf, limit);
     }
 }
 

@@ -1,13 +1,107 @@
 //! PostgreSQL's row formats through a masking plan: a DataRow body, and COPY TO data (text,
-//! CSV, binary). The masking engine ([`tollgate_mask`]) masks values; this module finds them in
-//! PostgreSQL's encodings and writes them back.
+//! CSV, binary). The masking engine ([`tollgate_mask`]) masks values; this module describes
+//! PostgreSQL's columns to it ([`column_info`]: type OID and format to a neutral type and
+//! encoding), finds the values in PostgreSQL's encodings and writes them back.
 //!
 //! Every rewrite is lazy: nothing is written to `out` (and nothing is allocated) until a field
 //! actually changes, so the common clean row costs one scan and returns
 //! [`RowOutcome::Unchanged`], and the caller forwards the original bytes.
 
 use std::borrow::Cow;
-use tollgate_mask::{Outcome, Reason, RowPlan};
+use tollgate_mask::{ColumnInfo, Encoding, FieldType, Outcome, Reason, RowPlan};
+
+/// The format code of a column in RowDescription, Bind or CopyOutResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Binary,
+}
+
+impl Format {
+    /// Format code 1 is binary; anything else is read as text.
+    pub fn from_code(code: i16) -> Format {
+        if code == 1 {
+            Format::Binary
+        } else {
+            Format::Text
+        }
+    }
+}
+
+/// A PostgreSQL result column as the masking engine sees it.
+pub fn column_info(name: &str, table: Option<&str>, type_oid: u32, format: Format) -> ColumnInfo {
+    ColumnInfo {
+        name: name.to_string(),
+        table: table.map(str::to_string),
+        field_type: field_type(type_oid),
+        encoding: encoding(type_oid, format),
+    }
+}
+
+/// The neutral type of a built-in PostgreSQL type OID (`None` for the others).
+pub fn field_type(type_oid: u32) -> Option<FieldType> {
+    Some(match type_oid {
+        16 => FieldType::Bool,
+        17 => FieldType::Bytea,
+        19 => FieldType::Name,
+        20 => FieldType::Int8,
+        21 => FieldType::Int2,
+        23 => FieldType::Int4,
+        25 => FieldType::Text,
+        26 => FieldType::Oid,
+        114 => FieldType::Json,
+        142 => FieldType::Xml,
+        650 => FieldType::Cidr,
+        700 => FieldType::Float4,
+        701 => FieldType::Float8,
+        790 => FieldType::Money,
+        829 => FieldType::Macaddr,
+        869 => FieldType::Inet,
+        1042 => FieldType::Bpchar,
+        1043 => FieldType::Varchar,
+        1082 => FieldType::Date,
+        1083 => FieldType::Time,
+        1114 => FieldType::Timestamp,
+        1184 => FieldType::Timestamptz,
+        1186 => FieldType::Interval,
+        1700 => FieldType::Numeric,
+        2950 => FieldType::Uuid,
+        3802 => FieldType::Jsonb,
+        _ => return None,
+    })
+}
+
+/// Types whose values are not free text (bool, integers, oid, network and money types, floats,
+/// dates and times, numeric, uuid).
+const NON_TEXT_TYPES: &[u32] = &[
+    16, 20, 21, 23, 26, 650, 700, 701, 790, 829, 869, 1082, 1083, 1114, 1184, 1186, 1266, 1700,
+    2950,
+];
+/// Of those, the ones whose text cannot carry anything to find (bool, dates and times, uuid).
+const UNSCANNED_TEXT_TYPES: &[u32] = &[16, 1082, 1083, 1114, 1184, 1186, 1266, 2950];
+/// Types whose binary form is their text (char, name, text, unknown, bpchar, varchar) or raw
+/// bytes (bytea).
+const TEXT_TYPES: &[u32] = &[18, 19, 25, 705, 1042, 1043, 17];
+
+/// How values of a type arrive in a format.
+pub fn encoding(type_oid: u32, format: Format) -> Encoding {
+    match (format, type_oid) {
+        (_, 114) => Encoding::Json,
+        (Format::Text, 3802) => Encoding::Json,
+        // Binary jsonb: a version byte, then JSON text.
+        (Format::Binary, 3802) => Encoding::VersionedJson,
+        // Dates, times, booleans and UUIDs cannot carry free text, and their digits would
+        // look like phone numbers (`…05.532057-05`): nothing to scan, as in binary.
+        (Format::Text, o) if UNSCANNED_TEXT_TYPES.contains(&o) => Encoding::Fixed,
+        (Format::Text, o) if NON_TEXT_TYPES.contains(&o) => Encoding::TypedText,
+        (Format::Text, _) => Encoding::Text,
+        (Format::Binary, o) if TEXT_TYPES.contains(&o) => Encoding::Text,
+        // Binary int8 is a big-endian i64.
+        (Format::Binary, 20) => Encoding::BigEndianI64,
+        (Format::Binary, o) if NON_TEXT_TYPES.contains(&o) => Encoding::Fixed,
+        (Format::Binary, _) => Encoding::Opaque,
+    }
+}
 
 /// The result of rewriting a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -565,6 +659,37 @@ fn csv_quote(v: &[u8], quote: u8, escape: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_configurable_type_has_its_postgresql_oid() {
+        let oids: Vec<(u32, FieldType)> = (0..4000)
+            .filter_map(|oid| field_type(oid).map(|t| (oid, t)))
+            .collect();
+        for (name, t) in FieldType::ALL {
+            assert_eq!(
+                oids.iter().filter(|(_, o)| o == t).count(),
+                1,
+                "{name} has one OID"
+            );
+        }
+        assert_eq!(field_type(869), Some(FieldType::Inet));
+        assert_eq!(field_type(0), None);
+    }
+
+    #[test]
+    fn encodings_follow_type_and_format() {
+        // A timestamp's digits would look like a phone number: its text is not scanned.
+        assert_eq!(encoding(1184, Format::Text), Encoding::Fixed);
+        assert_eq!(encoding(20, Format::Text), Encoding::TypedText);
+        assert_eq!(encoding(20, Format::Binary), Encoding::BigEndianI64);
+        assert_eq!(encoding(3802, Format::Text), Encoding::Json);
+        assert_eq!(encoding(3802, Format::Binary), Encoding::VersionedJson);
+        assert_eq!(encoding(114, Format::Binary), Encoding::Json);
+        assert_eq!(encoding(1043, Format::Binary), Encoding::Text);
+        assert_eq!(encoding(701, Format::Binary), Encoding::Fixed);
+        assert_eq!(encoding(99999, Format::Binary), Encoding::Opaque);
+        assert_eq!(encoding(99999, Format::Text), Encoding::Text);
+    }
 
     #[test]
     fn copy_escapes_round_trip() {

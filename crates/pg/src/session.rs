@@ -9,7 +9,7 @@ use crate::pool::PoolError;
 use crate::proto::backend::{self, Severity};
 use crate::proto::frontend;
 use crate::proto::startup::{self, Startup, StartupPacket};
-use crate::refusal::Refusal;
+use crate::refusal::{Refusal, StandingLost};
 use crate::relay::{self, RelayEnd};
 use crate::standing::{Ended, Standing};
 use crate::upstream::UpStream;
@@ -848,14 +848,18 @@ impl PgGateway {
                 &[("reason", why.label())],
             )
             .inc();
-        let (code, msg, hint) = why.client_error(resource);
+        let (code, msg, fatal) = StandingLost {
+            ended: why,
+            resource,
+        }
+        .fatal();
         log.record(&SessionTerminated {
             reason: why.label(),
             detail: why.detail(),
             sqlstate: Some(code),
-            message: Some(msg.clone()),
+            message: Some(msg),
         });
-        interrupt.fire(backend::error(Severity::Fatal, code, &msg, Some(&hint)));
+        interrupt.fire(fatal);
         held.notify_waiters();
         let Some((pid, secret)) = running else { return };
         if let Err(e) = target.cancel(pid, &secret).await {

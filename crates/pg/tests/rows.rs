@@ -3,15 +3,10 @@
 use proptest::prelude::*;
 use tollgate_mask::Strategy as Mask;
 use tollgate_mask::*;
-use tollgate_pg::rows::{CopyFormat, Malformed, RowMasking, RowOutcome};
+use tollgate_pg::rows::{column_info, CopyFormat, Format, Malformed, RowMasking, RowOutcome};
 
 fn col(name: &str, table: Option<&str>, oid: u32, format: Format) -> ColumnInfo {
-    ColumnInfo {
-        name: name.into(),
-        table: table.map(Into::into),
-        type_oid: oid,
-        format,
-    }
+    column_info(name, table, oid, format)
 }
 
 fn spec(columns: &[&str], detectors: &[&str], strategy: &str) -> MaskSpec {
