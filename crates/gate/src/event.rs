@@ -19,6 +19,13 @@ use tollgate_store::{canonical_json, CanonicalObject, EventInput};
 /// An audit event: its kind, and a payload serialized as a JSON object.
 pub trait Event: Serialize {
     fn kind(&self) -> &'static str;
+
+    /// The payload [`to_input`] makes, written as canonical JSON field by field, for the events
+    /// of every request (`None`: it goes through a `Value`). Byte for byte what
+    /// `canonical_json(&to_input(..).payload)` is: that is the text the chain hash covers.
+    fn canonical(&self, _t_us: u64) -> Option<String> {
+        None
+    }
 }
 
 /// The one serializer: the stored form of `event` in session `session_id`, made `at`, `t_us`
@@ -132,6 +139,48 @@ impl Event for HttpRequest {
     fn kind(&self) -> &'static str {
         "http.request"
     }
+
+    fn canonical(&self, t_us: u64) -> Option<String> {
+        let capture = self.body.capture.as_ref().map_or(0, String::len);
+        let mut o = CanonicalObject::with_capacity(
+            256 + capture + self.path.len() + headers_len(&self.headers),
+        );
+        o.opt_str("authority", self.authority.as_deref())
+            .object("body", |b| self.body.write(b))
+            .value("decision", &self.decision);
+        if !self.dry_run.is_empty() {
+            o.values("dry_run", &self.dry_run);
+        }
+        o.str_pairs("headers", &self.headers)
+            .str("method", &self.method)
+            .uint("n", self.n)
+            .str("path", &self.path);
+        if let Some(q) = &self.query {
+            o.str("query", q);
+        }
+        o.uint("t_us", t_us).str("version", self.version);
+        Some(o.finish())
+    }
+}
+
+fn headers_len(headers: &[(String, String)]) -> usize {
+    headers.iter().map(|(k, v)| k.len() + v.len() + 8).sum()
+}
+
+impl BodyRecord {
+    /// The fields as serde writes them, in canonical order.
+    fn write(&self, o: &mut CanonicalObject) {
+        o.uint("bytes", self.bytes);
+        if let Some(c) = &self.capture {
+            o.str("capture", c);
+        }
+        if let Some(sha) = &self.sha256 {
+            o.str("sha256", sha);
+        }
+        if self.truncated {
+            o.bool("truncated", true);
+        }
+    }
 }
 
 /// The answer to an HTTP request, recorded once its body has passed.
@@ -154,6 +203,25 @@ pub struct HttpResponse {
 impl Event for HttpResponse {
     fn kind(&self) -> &'static str {
         "http.response"
+    }
+
+    fn canonical(&self, t_us: u64) -> Option<String> {
+        let capture = self.body.capture.as_ref().map_or(0, String::len);
+        let mut o = CanonicalObject::with_capacity(256 + capture + headers_len(&self.headers));
+        o.object("body", |b| self.body.write(b))
+            .uint("duration_us", self.duration_us);
+        if let Some(e) = &self.error {
+            o.str("error", e);
+        }
+        o.str_pairs("headers", &self.headers);
+        if let Some(m) = &self.masked {
+            o.value("masked", m);
+        }
+        o.uint("n", self.n)
+            .str("outcome", self.outcome)
+            .uint("status", u64::from(self.status))
+            .uint("t_us", t_us);
+        Some(o.finish())
     }
 }
 
@@ -812,6 +880,74 @@ mod tests {
         for r in [plain, failed, masked, mysql_error] {
             let want = canonical_json(&to_input("s", &r, SystemTime::UNIX_EPOCH, u64::MAX).payload);
             assert_eq!(r.canonical_payload(u64::MAX), want);
+        }
+    }
+
+    #[test]
+    fn http_events_written_directly_are_the_canonical_json_of_their_serialized_form() {
+        let odd = "q\"b\\s\u{0}\u{1f}é😀\r\n";
+        let headers = vec![
+            ("accept".to_string(), "*/*".to_string()),
+            ("authorization".to_string(), "[redacted]".to_string()),
+            ("x-odd".to_string(), odd.to_string()),
+        ];
+        let body = BodyRecord {
+            bytes: 12,
+            sha256: Some("ab".repeat(32)),
+            capture: Some(odd.to_string()),
+            truncated: true,
+        };
+        let request = HttpRequest {
+            n: 3,
+            method: "POST as DELETE".into(),
+            path: "/a b/é".into(),
+            query: Some("x=1&y=\"".into()),
+            version: "HTTP/2",
+            authority: Some("api.example:8443".into()),
+            headers: headers.clone(),
+            body: body.clone(),
+            decision: json!({"action": "deny", "rule": odd, "n": [1, 2.5, null]}),
+            dry_run: vec![json!({"action": "review", "rule": "r"}), json!(null)],
+        };
+        let bare = HttpRequest {
+            query: None,
+            authority: None,
+            headers: vec![],
+            body: BodyRecord::default(),
+            dry_run: vec![],
+            ..request.clone()
+        };
+        let response = HttpResponse {
+            n: 3,
+            outcome: "ok",
+            status: 200,
+            headers,
+            body,
+            masked: Some(json!({"values": 2, "by": ["email"]})),
+            duration_us: 1234,
+            error: Some(odd.into()),
+        };
+        let plain = HttpResponse {
+            masked: None,
+            error: None,
+            headers: vec![],
+            body: BodyRecord {
+                bytes: 0,
+                sha256: None,
+                capture: None,
+                truncated: false,
+            },
+            ..response.clone()
+        };
+        for t_us in [0, u64::MAX] {
+            for r in [&request, &bare] {
+                let want = canonical_json(&to_input("s", r, SystemTime::UNIX_EPOCH, t_us).payload);
+                assert_eq!(r.canonical(t_us).as_deref(), Some(want.as_str()));
+            }
+            for r in [&response, &plain] {
+                let want = canonical_json(&to_input("s", r, SystemTime::UNIX_EPOCH, t_us).payload);
+                assert_eq!(r.canonical(t_us).as_deref(), Some(want.as_str()));
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 
 use crate::event::Event;
 use std::time::{Instant, SystemTime};
-use tollgate_store::{EventInput, Recorder, StoreError};
+use tollgate_store::{CanonicalEvent, EventInput, Recorder, StoreError};
 
 pub struct SessionLog {
     pub id: String,
@@ -43,15 +43,33 @@ impl SessionLog {
         crate::event::to_input(&self.id, event, SystemTime::now(), self.t_us())
     }
 
+    /// The stored form of `event` with its payload written as canonical JSON directly, when
+    /// its kind can be (see [`Event::canonical`]).
+    fn canonical_input(&self, event: &impl Event) -> Option<CanonicalEvent> {
+        let payload = event.canonical(self.t_us())?;
+        Some(CanonicalEvent {
+            session_id: self.id.clone(),
+            kind: event.kind().into(),
+            at: SystemTime::now(),
+            payload,
+        })
+    }
+
     /// Record an event that gates nothing (it is journaled even while the store is stalled).
     pub fn record(&self, event: &impl Event) {
-        self.recorder.record(self.input(event));
+        match self.canonical_input(event) {
+            Some(ev) => self.recorder.record_canonical(vec![ev]),
+            None => self.recorder.record(self.input(event)),
+        }
     }
 
     /// Record an event that gates a command: `Err` means it may not be recorded, and the
     /// command it describes must not run (fail closed).
     pub async fn append(&self, event: &impl Event) -> Result<(), StoreError> {
-        self.recorder.append_async(&[self.input(event)]).await
+        match self.canonical_input(event) {
+            Some(ev) => self.recorder.append_canonical_async(vec![ev]).await,
+            None => self.recorder.append_async(&[self.input(event)]).await,
+        }
     }
 
     /// [`SessionLog::append`]'s input, recorded anyway as refused (the evidence is kept).

@@ -56,8 +56,6 @@ pub(crate) struct Target {
     pub rules: RuleSet,
     /// The resource's masks (`None`: it has none).
     pub mask: Option<Policy>,
-    /// The same masks for everyone: what audit captures are masked with.
-    pub audit_mask: Option<Policy>,
     pub client: upstream::UpstreamClient,
     /// The credential header and its value (never logged: marked sensitive).
     pub inject: Option<(HeaderName, HeaderValue)>,
@@ -69,16 +67,20 @@ pub(crate) struct Target {
     pub host: String,
     /// The host names the gateway serves (its certificate's), for `X-Forwarded-Host`.
     pub served: Arc<names::ServedNames>,
+    /// `host` as the header the upstream is sent (`None`: not a valid header value).
+    pub host_header: Option<HeaderValue>,
+    /// The resource's masks for everyone, as audit captures are masked ([`Target::audit_plan`]).
+    audit_plan: Option<BodyPlan>,
+    /// `tollgate_http_requests_total` of this resource by decision (allow, deny, review),
+    /// looked up once rather than per request.
+    pub requests_total: [Arc<tollgate_metrics::Cell>; 3],
 }
 
 impl Target {
     /// The plan audit captures are masked with (`None`: nothing to mask). Group exceptions do
     /// not apply: no original value reaches the audit trail, whoever the caller was.
     pub(crate) fn audit_plan(&self) -> Option<BodyPlan> {
-        self.audit_mask
-            .as_ref()
-            .map(|p| p.body_plan(&[]))
-            .filter(BodyPlan::is_active)
+        self.audit_plan.clone()
     }
 
     fn new(
@@ -129,10 +131,23 @@ impl Target {
             ),
             (None, _) => None,
         };
+        let audit_plan = audit_mask
+            .as_ref()
+            .map(|p| p.body_plan(&[]))
+            .filter(BodyPlan::is_active);
+        let requests_total = ["allow", "deny", "review"].map(|decision| {
+            tollgate_metrics::registry().counter(
+                "tollgate_http_requests_total",
+                "HTTP resource requests judged, by resource and decision.",
+                &[("resource", &resource.name), ("decision", decision)],
+            )
+        });
         Ok(Target {
             served: served.clone(),
             identity,
-            audit_mask,
+            audit_plan,
+            requests_total,
+            host_header: HeaderValue::from_str(&host).ok(),
             rules: RuleSet::try_new(&resource.rules, resource.review_timeout, resource.dry_run)
                 .map_err(|e| anyhow::anyhow!("resource {:?}: rules: {e}", resource.name))?,
             mask,
@@ -310,9 +325,21 @@ impl HttpGateway {
     ) -> Result<tollgate_gate::Access, tollgate_gate::Forbidden> {
         let needs_store =
             target.is_some_and(|t| t.mask.is_some() || !who.in_any(&t.resource.allow_groups));
+        let decide = || {
+            tollgate_gate::authorize(
+                who,
+                target.map(|t| (t.resource.name.as_str(), t.resource.allow_groups.as_slice())),
+                Some(&self.reviews),
+                target.is_some_and(|t| t.mask.is_some()),
+                asked,
+            )
+        };
+        if !needs_store {
+            return decide();
+        }
         let key = (who.principal.to_string(), asked.to_string());
         let revocations = *self.reviews.revocations().borrow();
-        if needs_store {
+        {
             let cache = self.access_cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cache.get(&key) {
                 let grant_live = c
@@ -333,14 +360,8 @@ impl HttpGateway {
                 }
             }
         }
-        let access = tollgate_gate::authorize(
-            who,
-            target.map(|t| (t.resource.name.as_str(), t.resource.allow_groups.as_slice())),
-            Some(&self.reviews),
-            target.is_some_and(|t| t.mask.is_some()),
-            asked,
-        )?;
-        if needs_store {
+        let access = decide()?;
+        {
             let mut cache = self.access_cache.lock().unwrap_or_else(|p| p.into_inner());
             if cache.len() > 10_000 {
                 cache.retain(|_, c| c.at.elapsed() < ACCESS_RECHECK);

@@ -135,7 +135,7 @@ pub async fn handle(
 fn route<'a>(
     gw: &HttpGateway,
     ctx: &ConnCtx,
-    req: &'a Request<Incoming>,
+    req: &'a Request<()>,
 ) -> Result<(String, &'a str), Refusal> {
     let path = req.uri().path();
     match ctx.mount {
@@ -209,7 +209,7 @@ fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
 /// Userinfo (`user:password@`) in the target or the Host is an error (RFC 9110 §4.2.4,
 /// RFC 9112 §3.2): a credential that would otherwise travel on in X-Forwarded-Host and into
 /// the audit record.
-fn check_authority(req: &Request<Incoming>) -> Result<(), Refusal> {
+fn check_authority(req: &Request<()>) -> Result<(), Refusal> {
     let in_target = req
         .uri()
         .authority()
@@ -282,6 +282,42 @@ async fn run(
     gw: &Arc<HttpGateway>,
     ctx: &Arc<ConnCtx>,
     req: Request<Incoming>,
+) -> Result<Response<UpstreamBody>, Refusal> {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let result = judge_and_forward(gw, ctx, Request::from_parts(parts, ()), &mut body).await;
+    if let (Err(_), Some(body)) = (&result, body) {
+        if ctx.http_version == "HTTP/2" {
+            discard_body(body).await;
+        }
+    }
+    result
+}
+
+/// An HTTP/2 request refused before its body was read: this much of it, within this long, is
+/// read and dropped before the answer goes out, so that the stream ends cleanly (a client whose
+/// stream is reset while it uploads reports a framing error instead of the refusal). A larger
+/// or slower body is not waited for: its stream is reset.
+const REFUSED_BODY_DISCARD: usize = 64 * 1024;
+const REFUSED_BODY_DISCARD_TIME: Duration = Duration::from_secs(2);
+
+async fn discard_body(body: Incoming) {
+    if body.is_end_stream() || body.size_hint().lower() > REFUSED_BODY_DISCARD as u64 {
+        return;
+    }
+    let mut body = Limited::new(body, REFUSED_BODY_DISCARD);
+    let _ = tokio::time::timeout(REFUSED_BODY_DISCARD_TIME, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
+/// [`run`] with the request's head; `body` is taken when the request is read whole.
+async fn judge_and_forward(
+    gw: &Arc<HttpGateway>,
+    ctx: &Arc<ConnCtx>,
+    req: Request<()>,
+    body: &mut Option<Incoming>,
 ) -> Result<Response<UpstreamBody>, Refusal> {
     let started = Instant::now();
     // A malformed head (400) is said before the host is weighed (421).
@@ -383,10 +419,13 @@ async fn run(
             ),
         ));
     }
-    // Every header, as rules see them (what is recorded is redacted separately).
+    // The headers some rule looks at, as rules see them (what is recorded is redacted
+    // separately); no rule and no approval digest reads any other.
+    let rule_headers: Vec<&str> = target.rules.header_names().collect();
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
+        .filter(|(k, _)| rule_headers.contains(&k.as_str()))
         .map(|(k, v)| {
             (
                 k.as_str().to_string(),
@@ -397,7 +436,8 @@ async fn run(
 
     // The body is read whole (up to max_request_body): the approval of a held request binds to
     // its digest, and nothing is forwarded before it is judged and recorded.
-    let (parts, body) = req.into_parts();
+    let (parts, ()) = req.into_parts();
+    let body = body.take().expect("the body is read once");
     let limit = target
         .resource
         .http
@@ -530,16 +570,12 @@ async fn run(
             .hint("try again later; the gateway's audit store is unavailable"));
         }
     }
-    registry()
-        .counter(
-            "tollgate_http_requests_total",
-            "HTTP resource requests judged, by resource and decision.",
-            &[
-                ("resource", &target.resource.name),
-                ("decision", decision_label(&judgement.decision)),
-            ],
-        )
-        .inc();
+    target.requests_total[match judgement.decision {
+        Decision::Allow { .. } => 0,
+        Decision::Deny { .. } => 1,
+        Decision::Review { .. } => 2,
+    }]
+    .inc();
 
     match &judgement.decision {
         Decision::Allow { .. } => {}
@@ -670,14 +706,6 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
                 )
             }
         }
-    }
-}
-
-fn decision_label(d: &Decision) -> &'static str {
-    match d {
-        Decision::Allow { .. } => "allow",
-        Decision::Deny { .. } => "deny",
-        Decision::Review { .. } => "review",
     }
 }
 
@@ -1074,11 +1102,13 @@ pub(crate) fn forwarded_headers(
     }
     h.insert(
         header::HOST,
-        HeaderValue::from_str(&target.host)
-            .map_err(|_| Refusal::bad_request("bad upstream host"))?,
+        target
+            .host_header
+            .clone()
+            .ok_or_else(|| Refusal::bad_request("bad upstream host"))?,
     );
-    if let Ok(v) = HeaderValue::from_str(&ctx.peer.ip().to_string()) {
-        h.insert("x-forwarded-for", v);
+    if let Some(v) = &ctx.forwarded_for {
+        h.insert("x-forwarded-for", v.clone());
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
     if let Some(host) = parts.uri.authority().map(|a| a.to_string()).or_else(|| {

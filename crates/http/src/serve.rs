@@ -50,6 +50,8 @@ pub struct ConnCtx {
     pub mount: Mount,
     /// `HTTP/2` or `HTTP/1.1`, by ALPN.
     pub http_version: &'static str,
+    /// The peer's address as `X-Forwarded-For` carries it upstream.
+    pub forwarded_for: Option<hyper::header::HeaderValue>,
 }
 
 impl ConnCtx {
@@ -71,6 +73,7 @@ impl ConnCtx {
             },
             tls: crate::tls_leg(&info),
             mount,
+            forwarded_for: hyper::header::HeaderValue::from_str(&peer.ip().to_string()).ok(),
         }
     }
 }

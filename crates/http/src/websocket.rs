@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper::{Method, Request, Response, StatusCode, Version};
@@ -49,7 +48,7 @@ const SEC_ACCEPT: &str = "sec-websocket-accept";
 const SEC_PROTOCOL: &str = "sec-websocket-protocol";
 const SEC_EXTENSIONS: &str = "sec-websocket-extensions";
 
-fn has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+fn has_token<B>(req: &Request<B>, name: header::HeaderName, token: &str) -> bool {
     req.headers()
         .get_all(name)
         .iter()
@@ -60,7 +59,7 @@ fn has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> 
 
 /// Whether a request asks to become a WebSocket: an HTTP/1.1 GET with `Connection: Upgrade`
 /// and `Upgrade: websocket`.
-pub(crate) fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::GET
         && req.version() == Version::HTTP_11
         && has_token(req, header::CONNECTION, "upgrade")

@@ -167,6 +167,8 @@ pub(crate) fn push_int(n: i64, out: &mut Vec<u8>) {
 pub struct CanonicalObject {
     out: Vec<u8>,
     last_key: &'static str,
+    /// No key written yet at this depth.
+    first: bool,
 }
 
 impl Default for CanonicalObject {
@@ -177,23 +179,99 @@ impl Default for CanonicalObject {
 
 impl CanonicalObject {
     pub fn new() -> Self {
-        let mut out = Vec::with_capacity(160);
+        CanonicalObject::with_capacity(160)
+    }
+
+    /// An object whose text is expected to take about `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut out = Vec::with_capacity(bytes);
         out.push(b'{');
-        CanonicalObject { out, last_key: "" }
+        CanonicalObject {
+            out,
+            last_key: "",
+            first: true,
+        }
     }
 
     fn key(&mut self, key: &'static str) {
         debug_assert!(
-            self.out.len() == 1 || self.last_key.as_bytes() < key.as_bytes(),
+            self.first || self.last_key.as_bytes() < key.as_bytes(),
             "canonical keys go in byte order: {key:?} after {:?}",
             self.last_key
         );
         self.last_key = key;
-        if self.out.len() > 1 {
+        if !self.first {
             self.out.push(b',');
         }
+        self.first = false;
         push_json_str(key, &mut self.out);
         self.out.push(b':');
+    }
+
+    pub fn bool(&mut self, key: &'static str, value: bool) -> &mut Self {
+        self.key(key);
+        self.out
+            .extend_from_slice(if value { b"true" } else { b"false" });
+        self
+    }
+
+    /// Any JSON value, in canonical form.
+    pub fn value(&mut self, key: &'static str, value: &Value) -> &mut Self {
+        self.key(key);
+        write_canonical(value, &mut self.out);
+        self
+    }
+
+    /// An array of JSON values, in canonical form.
+    pub fn values(&mut self, key: &'static str, values: &[Value]) -> &mut Self {
+        self.key(key);
+        self.out.push(b'[');
+        for (i, v) in values.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            write_canonical(v, &mut self.out);
+        }
+        self.out.push(b']');
+        self
+    }
+
+    /// Pairs of strings as an array of two-element arrays (`[["k","v"],...]`), as serde writes
+    /// a `Vec<(String, String)>`.
+    pub fn str_pairs(&mut self, key: &'static str, pairs: &[(String, String)]) -> &mut Self {
+        self.key(key);
+        self.out.push(b'[');
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            self.out.push(b'[');
+            push_json_str(k, &mut self.out);
+            self.out.push(b',');
+            push_json_str(v, &mut self.out);
+            self.out.push(b']');
+        }
+        self.out.push(b']');
+        self
+    }
+
+    /// A nested object, written field by field by `fill` (keys in byte order there too).
+    pub fn object(
+        &mut self,
+        key: &'static str,
+        fill: impl FnOnce(&mut CanonicalObject),
+    ) -> &mut Self {
+        self.key(key);
+        let mut inner = CanonicalObject {
+            out: std::mem::take(&mut self.out),
+            last_key: "",
+            first: true,
+        };
+        inner.out.push(b'{');
+        fill(&mut inner);
+        inner.out.push(b'}');
+        self.out = inner.out;
+        self
     }
 
     pub fn uint(&mut self, key: &'static str, value: u64) -> &mut Self {
@@ -268,6 +346,40 @@ mod tests {
             assert_eq!(o.finish(), canonical_json(&v));
         }
         assert_eq!(CanonicalObject::new().finish(), canonical_json(&json!({})));
+    }
+
+    #[test]
+    fn nested_objects_pairs_and_values_written_field_by_field_are_canonical_json() {
+        let text = "q\"b\\s\u{0}é\n";
+        let pairs = vec![
+            ("x-a".to_string(), text.to_string()),
+            ("b".to_string(), String::new()),
+        ];
+        let decision = json!({"rule": text, "action": "allow", "n": [1, 2.5]});
+        let mut o = CanonicalObject::new();
+        o.object("a", |b| {
+            b.uint("bytes", 3)
+                .opt_str("sha", Some("ab"))
+                .bool("z", true);
+        })
+        .object("b_empty", |_| {})
+        .value("c", &decision)
+        .values("d", &[decision.clone(), json!(null)])
+        .str_pairs("e", &pairs)
+        .str_pairs("f", &[])
+        .bool("g", false)
+        .uint("h", 9);
+        let v = json!({
+            "a": {"bytes": 3, "sha": "ab", "z": true},
+            "b_empty": {},
+            "c": decision.clone(),
+            "d": [decision, null],
+            "e": pairs,
+            "f": [],
+            "g": false,
+            "h": 9,
+        });
+        assert_eq!(o.finish(), canonical_json(&v));
     }
 
     #[test]

@@ -426,7 +426,25 @@ impl Recorder {
     /// [`Recorder::append`] for async callers: the write happens at once, the wait for its
     /// fsync (with [`Durability::Fsync`]) yields instead of blocking the runtime's thread.
     pub async fn append_async(&self, events: &[EventInput]) -> Result<(), StoreError> {
-        let Written { gen, last_seq } = self.write(events, true)?;
+        let written = self.write(events, true)?;
+        self.wait_durable_async(written).await
+    }
+
+    /// [`Recorder::append_async`] for events whose payloads are already canonical JSON (see
+    /// [`Recorder::record_canonical`]): the same numbering, chain and durability wait.
+    pub async fn append_canonical_async(
+        &self,
+        events: Vec<CanonicalEvent>,
+    ) -> Result<(), StoreError> {
+        let mut hashed = self.unchain_canonical(events);
+        let written = self.write_hashed(&mut hashed, true)?;
+        self.wait_durable_async(written).await
+    }
+
+    /// Waits, without blocking the runtime's thread, until a write is as durable as the
+    /// recorder's [`Durability`] asks.
+    async fn wait_durable_async(&self, written: Written) -> Result<(), StoreError> {
+        let Written { gen, last_seq } = written;
         match self.inner.durability {
             Durability::Written => return Ok(()),
             Durability::Store => return self.wait_stored_async(last_seq).await,
@@ -516,6 +534,12 @@ impl Recorder {
     /// is built or walked. Debug builds check that each payload is what [`canonical_json`]
     /// writes for it.
     pub fn record_canonical(&self, events: Vec<CanonicalEvent>) {
+        self.record_unchained(self.unchain_canonical(events));
+    }
+
+    /// Canonical events ready for the chain. Debug builds check that each payload is what
+    /// [`canonical_json`] writes for it.
+    fn unchain_canonical(&self, events: Vec<CanonicalEvent>) -> Vec<HashedEvent> {
         for ev in &events {
             debug_assert!(
                 serde_json::from_str::<serde_json::Value>(&ev.payload)
@@ -524,11 +548,10 @@ impl Recorder {
                 ev.payload
             );
         }
-        let hashed = events
+        events
             .into_iter()
             .map(|ev| self.unchained(ev.session_id, ev.kind, ev.at, ev.payload))
-            .collect();
-        self.record_unchained(hashed);
+            .collect()
     }
 
     /// Journals events that gate nothing; only a journal write failure loses them, loudly.

@@ -963,6 +963,58 @@ fn slow_upstreams_time_out_and_refused_callers_are_recorded() {
 }
 
 #[test]
+fn an_http2_upload_refused_before_its_body_is_read_gets_a_clean_answer() {
+    // The gateway answers before it reads the body (no credentials, or a caller who may not
+    // reach the resource): the client still gets the JSON error, not a reset stream.
+    let env = HttpEnv::start("", "");
+    let body = "x".repeat(20_000);
+    let post = |who: Option<&IssuedFiles>| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--http2",
+            "-w",
+            "\n%{http_code} %{http_version}",
+            "--cacert",
+        ])
+        .arg(&env.pki.ca);
+        if let Some(w) = who {
+            cmd.arg("--cert").arg(&w.cert).arg("--key").arg(&w.key);
+        }
+        let out = cmd
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+            ])
+            .arg(env.url("/echo"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "curl failed: {stderr}\n{text}");
+        let (json, status) = text.rsplit_once('\n').unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        (status.to_string(), v)
+    };
+    let (status, v) = post(None);
+    assert_eq!(status, "401 2", "{v}");
+    assert_eq!(v["code"], "unauthenticated", "{v}");
+    let (status, v) = post(Some(&env.bob));
+    assert_eq!(status, "403 2", "{v}");
+    assert_eq!(v["code"], "forbidden", "{v}");
+    // An authorised upload on HTTP/2 reaches the upstream.
+    let (code, v) = env.json(
+        Some(&env.alice),
+        &["--http2", "--data-binary", &body, &env.url("/echo")],
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(env.up.seen.count(), 1);
+}
+
+#[test]
 fn https_listeners_cap_connections_per_source() {
     let env = HttpEnv::start_opts(HttpEnvOptions {
         server_extra: "max_connections_per_source = 2",
